@@ -1,0 +1,1 @@
+// Placeholder: this manifest exists only to fetch sources.

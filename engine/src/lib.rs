@@ -1,0 +1,2 @@
+//! lmspec engine.
+pub mod runtime;

@@ -1,0 +1,1 @@
+//! lmspec porting tools.

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{:?}", lmspec_engine::runtime::smoke());
+}
