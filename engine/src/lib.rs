@@ -1,2 +1,20 @@
-//! lmspec engine.
+//! lmspec engine: language-model architectures as data.
+//!
+//! A spec (YAML, see `docs/spec-language.md`) is parsed ([`spec`]),
+//! validated and expanded for a checkpoint's config ([`graph`]), bound to
+//! weights ([`weights`]) and compiled into a [`plan::Plan`] that runs on MLX.
+//! [`Model`] is the public entry point.
+pub mod cache;
+pub mod error;
+pub mod graph;
+pub mod model;
+pub mod ops;
+pub mod plan;
 pub mod runtime;
+pub mod spec;
+pub mod weights;
+
+pub use cache::ModelCache;
+pub use error::{Error, Result};
+pub use model::Model;
+pub use spec::library::{Spec, SpecLibrary};

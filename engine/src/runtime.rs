@@ -1,11 +1,153 @@
-//! Facts about the MLX runtime this process is linked against.
+//! Facts about the MLX runtime this process runs on: version, backend,
+//! default device, which BLAS serves MLX's CPU matmuls, and a quick speed
+//! figure. Used by `lmspec doctor`.
+use std::ffi::CStr;
+use std::time::Instant;
+
+use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
-/// Adds two small arrays; used by `doctor` as a smoke test of the binding.
-pub fn smoke() -> Result<Vec<f32>, mlx_rs::error::Exception> {
+/// MLX's version string.
+pub fn mlx_version() -> String {
+    // SAFETY: mlx_version fills a fresh mlx_string that we read and free.
+    unsafe {
+        let mut s = mlx_sys::mlx_string_new();
+        if mlx_sys::mlx_version(&mut s) != 0 {
+            return "unknown".into();
+        }
+        let data = mlx_sys::mlx_string_data(s);
+        let out = if data.is_null() {
+            "unknown".into()
+        } else {
+            CStr::from_ptr(data).to_string_lossy().into_owned()
+        };
+        mlx_sys::mlx_string_free(s);
+        out
+    }
+}
+
+/// Whether libmlx was built with a CUDA backend and sees a GPU.
+pub fn cuda_available() -> bool {
+    let mut avail = false;
+    // SAFETY: writes one bool.
+    let rc = unsafe { mlx_sys::mlx_cuda_is_available(&mut avail) };
+    rc == 0 && avail
+}
+
+/// Number of GPU devices MLX sees.
+pub fn gpu_count() -> i32 {
+    let mut n = 0;
+    // SAFETY: writes one int.
+    let rc = unsafe { mlx_sys::mlx_device_count(&mut n, mlx_sys::mlx_device_type__MLX_GPU) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
+}
+
+/// The default device's kind ("cpu" or "gpu").
+pub fn default_device() -> &'static str {
+    // SAFETY: the device handle is created, queried and freed here.
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        let mut kind = mlx_sys::mlx_device_type__MLX_CPU;
+        let ok = mlx_sys::mlx_get_default_device(&mut dev) == 0
+            && mlx_sys::mlx_device_get_type(&mut kind, dev) == 0;
+        mlx_sys::mlx_device_free(dev);
+        match (ok, kind) {
+            (true, mlx_sys::mlx_device_type__MLX_GPU) => "gpu",
+            (true, _) => "cpu",
+            _ => "unknown",
+        }
+    }
+}
+
+/// The shared library that provides `cblas_sgemm` to MLX (first definition
+/// in the process's global symbol scope), or `None` if none is loaded.
+pub fn blas_library() -> Option<String> {
+    // SAFETY: dlsym/dladdr only read the loader's tables.
+    unsafe {
+        let sym = libc::dlsym(libc::RTLD_DEFAULT, c"cblas_sgemm".as_ptr());
+        if sym.is_null() {
+            return None;
+        }
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(sym, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let path = CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned();
+        Some(
+            std::fs::canonicalize(&path)
+                .map(|p| p.display().to_string())
+                .unwrap_or(path),
+        )
+    }
+}
+
+/// A short name for a BLAS library path.
+pub fn blas_kind(path: &str) -> &'static str {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("openblas") {
+        "OpenBLAS"
+    } else if lower.contains("mkl") {
+        "MKL"
+    } else if lower.contains("blis") {
+        "BLIS"
+    } else if lower.contains("libblas") {
+        "reference BLAS (netlib)"
+    } else {
+        "unknown BLAS"
+    }
+}
+
+/// GFLOP/s of an `n`x`n` float32 matmul on the default device (median of
+/// `reps` timed runs after one warm-up).
+pub fn matmul_gflops(n: i32, reps: usize) -> Result<f64, Exception> {
+    let a = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?;
+    let b = mlx_rs::random::normal::<f32>(&[n, n], None, None, None)?;
+    a.eval()?;
+    b.eval()?;
+    mlx_rs::ops::matmul(&a, &b)?.eval()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        mlx_rs::ops::matmul(&a, &b)?.eval()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let t = times[times.len() / 2];
+    Ok(2.0 * (n as f64).powi(3) / t / 1e9)
+}
+
+/// Adds two small arrays and reads the result back: the binding works.
+pub fn smoke() -> Result<Vec<f32>, Exception> {
     let a = Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]);
     let b = Array::from_slice(&[10.0f32, 20.0, 30.0], &[3]);
     let c = mlx_rs::ops::add(&a, &b)?;
     c.eval()?;
     Ok(c.as_slice::<f32>().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_adds_on_cpu() {
+        assert_eq!(smoke().unwrap(), vec![11.0, 22.0, 33.0]);
+        let m = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
+        let p = mlx_rs::ops::matmul(&m, &m).unwrap();
+        p.eval().unwrap();
+        assert_eq!(p.as_slice::<f32>(), &[7.0, 10.0, 15.0, 22.0]);
+    }
+
+    #[test]
+    fn version_and_blas_are_reported() {
+        assert!(mlx_version().starts_with("0."), "{}", mlx_version());
+        let blas = blas_library().expect("MLX's CPU backend links a BLAS");
+        assert_ne!(blas_kind(&blas), "unknown BLAS", "{blas}");
+    }
 }

@@ -1,0 +1,299 @@
+//! Elementwise ops: `add`, `mul`, `scale`, `activation` and the gated `glu`.
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+use super::{Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved, ValueInfo};
+use crate::spec::config::Ty;
+
+fn same_layout(inputs: &[ValueInfo]) -> Result<ValueInfo, OpError> {
+    let first = inputs[0];
+    for (k, v) in inputs.iter().enumerate().skip(1) {
+        if *v != first {
+            return Err(OpError::new(
+                "in",
+                format!("input {k} has layout {v:?}, input 0 has {first:?}"),
+            ));
+        }
+    }
+    Ok(first)
+}
+
+#[derive(Debug)]
+pub struct Add;
+
+impl OpKind for Add {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+    fn doc(&self) -> &'static str {
+        "Sum of its inputs (residual connections)."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        &[]
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 8)
+    }
+    fn resolve(&self, _p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        same_layout(inputs).map(Resolved::pure)
+    }
+    fn build(
+        &self,
+        _p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(AddOp))
+    }
+}
+
+#[derive(Debug)]
+struct AddOp;
+
+impl Op for AddOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let mut acc = mlx_rs::ops::add(inputs[0], inputs[1])?;
+        for x in &inputs[2..] {
+            acc = mlx_rs::ops::add(&acc, x)?;
+        }
+        Ok(acc)
+    }
+}
+
+#[derive(Debug)]
+pub struct Mul;
+
+impl OpKind for Mul {
+    fn name(&self) -> &'static str {
+        "mul"
+    }
+    fn doc(&self) -> &'static str {
+        "Elementwise product of two inputs."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        &[]
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn resolve(&self, _p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        same_layout(inputs).map(Resolved::pure)
+    }
+    fn build(
+        &self,
+        _p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(MulOp))
+    }
+}
+
+#[derive(Debug)]
+struct MulOp;
+
+impl Op for MulOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        mlx_rs::ops::multiply(inputs[0], inputs[1])
+    }
+}
+
+#[derive(Debug)]
+pub struct Scale;
+
+static SCALE_PARAMS: &[ParamDef] = &[ParamDef {
+    name: "factor",
+    kind: ParamKind::Expr(Ty::Float),
+    default: None,
+    doc: "constant multiplier",
+}];
+
+impl OpKind for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+    fn doc(&self) -> &'static str {
+        "Multiplies by a constant (embedding scales, residual multipliers)."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        SCALE_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, _p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        Ok(Resolved::pure(inputs[0]))
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(ScaleOp {
+            factor: p.float("factor")? as f32,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct ScaleOp {
+    factor: f32,
+}
+
+impl Op for ScaleOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let f = Array::from_f32(self.factor).as_dtype(inputs[0].dtype())?;
+        mlx_rs::ops::multiply(inputs[0], &f)
+    }
+}
+
+/// Activation functions by spec name.
+const ACTIVATIONS: &[&str] = &[
+    "silu",
+    "gelu",
+    "gelu_approx",
+    "gelu_fast",
+    "relu",
+    "sigmoid",
+    "tanh",
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Silu,
+    Gelu,
+    GeluApprox,
+    GeluFast,
+    Relu,
+    Sigmoid,
+    Tanh,
+}
+
+impl Act {
+    fn parse(name: &str) -> Result<Act, OpError> {
+        Ok(match name {
+            "silu" => Act::Silu,
+            "gelu" => Act::Gelu,
+            "gelu_approx" => Act::GeluApprox,
+            "gelu_fast" => Act::GeluFast,
+            "relu" => Act::Relu,
+            "sigmoid" => Act::Sigmoid,
+            "tanh" => Act::Tanh,
+            other => {
+                return Err(OpError::new(
+                    "fn",
+                    format!(
+                        "unknown activation '{other}' (known: {})",
+                        ACTIVATIONS.join(", ")
+                    ),
+                ))
+            }
+        })
+    }
+
+    fn apply(self, x: &Array) -> Result<Array, Exception> {
+        match self {
+            Act::Silu => mlx_rs::nn::silu(x),
+            Act::Gelu => mlx_rs::nn::gelu(x),
+            Act::GeluApprox => mlx_rs::nn::gelu_approximate(x),
+            Act::GeluFast => mlx_rs::nn::gelu_fast_approximate(x),
+            Act::Relu => mlx_rs::nn::relu(x),
+            Act::Sigmoid => mlx_rs::ops::sigmoid(x),
+            Act::Tanh => mlx_rs::ops::tanh(x),
+        }
+    }
+}
+
+static ACT_PARAMS: &[ParamDef] = &[ParamDef {
+    name: "fn",
+    kind: ParamKind::Choice(ACTIVATIONS),
+    default: None,
+    doc: "activation function",
+}];
+
+#[derive(Debug)]
+pub struct Activation;
+
+impl OpKind for Activation {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+    fn doc(&self) -> &'static str {
+        "Applies an activation function elementwise."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        ACT_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        Act::parse(p.str("fn")?)?;
+        Ok(Resolved::pure(inputs[0]))
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(ActOp {
+            act: Act::parse(p.str("fn")?)?,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct ActOp {
+    act: Act,
+}
+
+impl Op for ActOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        self.act.apply(inputs[0])
+    }
+}
+
+#[derive(Debug)]
+pub struct Glu;
+
+impl OpKind for Glu {
+    fn name(&self) -> &'static str {
+        "glu"
+    }
+    fn doc(&self) -> &'static str {
+        "Gated unit: fn(gate) * up, with inputs [gate, up] (SwiGLU, GeGLU)."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        ACT_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn resolve(&self, p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        Act::parse(p.str("fn")?)?;
+        same_layout(inputs).map(Resolved::pure)
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(GluOp {
+            act: Act::parse(p.str("fn")?)?,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct GluOp {
+    act: Act,
+}
+
+impl Op for GluOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        mlx_rs::ops::multiply(self.act.apply(inputs[0])?, inputs[1])
+    }
+}

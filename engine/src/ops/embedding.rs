@@ -1,0 +1,97 @@
+//! `embedding`: token ids -> rows of a table (dequantized rows when the table
+//! is quantized, as mlx-lm's `nn.QuantizedEmbedding`).
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+use super::{
+    join_scope, take_one, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved,
+    ValueInfo, WeightReq,
+};
+use crate::spec::config::Ty;
+
+#[derive(Debug)]
+pub struct Embedding;
+
+static PARAMS: &[ParamDef] = &[
+    ParamDef {
+        name: "weight",
+        kind: ParamKind::Weight,
+        default: None,
+        doc: "module holding `weight` [vocab, dim]",
+    },
+    ParamDef {
+        name: "vocab",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "rows of the table",
+    },
+    ParamDef {
+        name: "dim",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "width of a row",
+    },
+];
+
+impl OpKind for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+    fn doc(&self) -> &'static str {
+        "Looks up token ids [B, T] in a table, giving [B, T, dim]."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, p: &Params, scope: &str, _inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let dim = p.int("dim")?;
+        let mut r = Resolved::pure(ValueInfo::flat(dim));
+        r.weights.push(WeightReq {
+            field: "weight",
+            module: join_scope(scope, p.str("weight")?),
+            suffix: "weight",
+            shape: vec![p.int("vocab")?, dim],
+            quantizable: true,
+        });
+        Ok(r)
+    }
+    fn build(
+        &self,
+        _p: &Params,
+        _inputs: &[ValueInfo],
+        weights: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(EmbeddingOp {
+            table: take_one(weights)?,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct EmbeddingOp {
+    table: Param,
+}
+
+impl Op for EmbeddingOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let ids = inputs[0];
+        match &self.table {
+            Param::Dense(t) => t.take_axis(ids, 0),
+            Param::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => {
+                let w = w.take_axis(ids, 0)?;
+                let s = scales.take_axis(ids, 0)?;
+                let b = biases.take_axis(ids, 0)?;
+                mlx_rs::ops::dequantize(&w, &s, &b, *group_size, *bits)
+            }
+        }
+    }
+}

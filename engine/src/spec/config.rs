@@ -1,0 +1,143 @@
+//! Config binding: turning a checkpoint's `config.json` into the typed values
+//! a spec's expressions read.
+use std::path::Path;
+
+use indexmap::IndexMap;
+
+use super::expr::{Expr, Value};
+use super::library::Spec;
+use crate::error::{Error, Result};
+
+/// Value types of config bindings and op parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    Int,
+    Float,
+    Bool,
+    Str,
+    List,
+    Map,
+    Any,
+}
+
+impl Ty {
+    pub fn parse(s: &str) -> Option<Ty> {
+        Some(match s {
+            "int" => Ty::Int,
+            "float" => Ty::Float,
+            "bool" => Ty::Bool,
+            "str" => Ty::Str,
+            "list" => Ty::List,
+            "map" => Ty::Map,
+            "any" => Ty::Any,
+            _ => return None,
+        })
+    }
+
+    /// Converts `v` to this type (ints widen to floats, integral floats
+    /// narrow to ints); `null` passes through.
+    pub fn coerce(self, v: Value) -> std::result::Result<Value, String> {
+        let bad =
+            |v: &Value| Err(format!("expected {self:?}, got {} {v}", v.type_name()).to_lowercase());
+        match (self, v) {
+            (_, Value::Null) => Ok(Value::Null),
+            (Ty::Any, v) => Ok(v),
+            (Ty::Int, v) => match v.as_i64() {
+                Some(i) => Ok(Value::Int(i)),
+                None => bad(&v),
+            },
+            (Ty::Float, v) => match v.as_f64() {
+                Some(f) => Ok(Value::Float(f)),
+                None => bad(&v),
+            },
+            (Ty::Bool, Value::Bool(b)) => Ok(Value::Bool(b)),
+            (Ty::Str, Value::Str(s)) => Ok(Value::Str(s)),
+            (Ty::List, Value::List(l)) => Ok(Value::List(l)),
+            (Ty::Map, Value::Map(m)) => Ok(Value::Map(m)),
+            (_, v) => bad(&v),
+        }
+    }
+}
+
+/// A spec value: a literal, or an expression. A YAML string is an expression
+/// where the expected type is a number, bool, list, map or any; for `str` it
+/// is an expression only when it starts with `=`.
+pub fn literal_or_expr(v: &serde_yaml::Value, ty: Ty) -> std::result::Result<Expr, String> {
+    match v {
+        serde_yaml::Value::String(s) => match (ty, s.strip_prefix('=')) {
+            (_, Some(e)) => Expr::parse(e),
+            (Ty::Str, None) => Ok(Expr::Lit(Value::Str(s.clone()))),
+            _ => Expr::parse(s),
+        },
+        other => Ok(Expr::Lit(Value::from_yaml(other))),
+    }
+}
+
+fn lookup<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    let mut cur = config;
+    for part in key.split('.') {
+        cur = cur.get(part)?;
+    }
+    (!cur.is_null()).then_some(cur)
+}
+
+/// Binds every config entry of `spec` in declaration order; later entries
+/// may read earlier ones.
+pub fn bind(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+) -> Result<IndexMap<String, Value>> {
+    let mut out: IndexMap<String, Value> = IndexMap::new();
+    for (name, def) in &spec.config {
+        let b = &def.item;
+        let ty = Ty::parse(&b.ty).ok_or_else(|| {
+            Error::spec(
+                &def.file,
+                format!("config.{name}"),
+                "type",
+                format!("unknown type '{}'", b.ty),
+            )
+        })?;
+        let spec_err =
+            |field: &str, msg: String| Error::spec(&def.file, format!("config.{name}"), field, msg);
+        let eval = |v: &serde_yaml::Value, field: &str, out: &IndexMap<String, Value>| {
+            literal_or_expr(v, ty)
+                .and_then(|e| e.eval(out))
+                .map_err(|m| spec_err(field, m))
+        };
+        let value = if let Some(v) = &b.value {
+            eval(v, "value", &out)?
+        } else {
+            let keys = match b.from.as_ref().map(|f| f.to_vec()) {
+                Some(k) if !k.is_empty() => k,
+                _ => vec![name.clone()],
+            };
+            match keys.iter().find_map(|k| lookup(config, k)) {
+                Some(found) => Value::from_json(found),
+                None => match &b.default {
+                    Some(d) => eval(d, "default", &out)?,
+                    None if b.optional => Value::Null,
+                    None => {
+                        return Err(Error::Config {
+                            file: config_file.to_path_buf(),
+                            key: name.clone(),
+                            msg: format!(
+                                "missing (looked for {}) and spec {} gives no default",
+                                keys.join(", "),
+                                def.file.display()
+                            ),
+                        })
+                    }
+                },
+            }
+        };
+        let value = ty.coerce(value).map_err(|msg| Error::Config {
+            file: config_file.to_path_buf(),
+            key: name.clone(),
+            msg,
+        })?;
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+//! The spec language: file format, expressions, config binding, library.
+pub mod config;
+pub mod expr;
+pub mod library;
+pub mod raw;

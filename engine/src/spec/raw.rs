@@ -1,0 +1,226 @@
+//! The spec file format as serde structs: what a YAML file may contain,
+//! before any validation. `docs/spec-language.md` documents each field.
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+/// The spec language version this engine reads.
+pub const SPEC_VERSION: u32 = 1;
+
+/// One YAML file: an architecture (`specs/models/`) or a block library
+/// (`specs/blocks/`, only `spec_version` and `blocks`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpec {
+    pub spec_version: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub model_types: Vec<String>,
+    #[serde(default)]
+    pub extends: Option<String>,
+    #[serde(default)]
+    pub config: IndexMap<String, RawBinding>,
+    #[serde(default)]
+    pub blocks: IndexMap<String, RawBlock>,
+    #[serde(default)]
+    pub layers: Option<RawLayers>,
+    #[serde(default)]
+    pub model: Option<RawBlock>,
+    #[serde(default)]
+    pub weights: RawWeights,
+}
+
+/// A config binding: `name: int` (shorthand) or the full form.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawBinding {
+    Type(String),
+    Full(BindingDef),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingDef {
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Config keys to read, first present wins (dotted paths reach nested maps).
+    #[serde(default)]
+    pub from: Option<OneOrMany>,
+    /// Used when no key is present: a literal, or an expression where the
+    /// type is a number or bool and the YAML value is a string.
+    #[serde(default)]
+    pub default: Option<serde_yaml::Value>,
+    /// Always computed, never read from the config.
+    #[serde(default)]
+    pub value: Option<serde_yaml::Value>,
+    /// Absent with no default binds `null` instead of failing.
+    #[serde(default)]
+    pub optional: bool,
+    #[serde(default)]
+    pub doc: Option<String>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A block: named dataflow over primitives and other blocks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBlock {
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    pub nodes: IndexMap<String, RawNode>,
+    pub output: String,
+}
+
+/// One node: `op` (a primitive) or `block` (a call), its inputs, and the
+/// op's parameters inline.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawNode {
+    #[serde(default)]
+    pub op: Option<String>,
+    #[serde(default)]
+    pub block: Option<String>,
+    #[serde(rename = "in", default)]
+    pub inputs: OneOrMany,
+    /// Weight scope added for this node (and everything inside a called block).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// When this evaluates false, the node passes its first input through.
+    #[serde(default)]
+    pub when: Option<serde_yaml::Value>,
+    #[serde(flatten)]
+    pub params: IndexMap<String, serde_yaml::Value>,
+}
+
+/// The layer schedule: how many layers and which block each one runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLayers {
+    pub count: serde_yaml::Value,
+    /// Weight scope of layer `i`, e.g. `model.layers.{i}`.
+    pub prefix: String,
+    #[serde(default)]
+    pub block: Option<String>,
+    /// First matching entry wins; an entry without `when` always matches.
+    #[serde(default)]
+    pub select: Vec<RawSelect>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSelect {
+    #[serde(default)]
+    pub when: Option<serde_yaml::Value>,
+    pub block: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeights {
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// A weight rule, applied in order to checkpoint tensor names. Written as
+/// a one-key map: `- drop: PATTERN`, `- rename: {from, to}`, ...
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RuleRepr")]
+pub enum RawRule {
+    /// Drop tensors whose name matches the pattern.
+    Drop(String),
+    /// Rename matching tensors; captures like `{i}` carry over.
+    Rename { from: String, to: String },
+    /// Make `target` an alias of `source` (all its tensors), dropping any
+    /// checkpoint tensors of `target`, when the condition holds.
+    Tie {
+        target: String,
+        source: String,
+        #[serde(default)]
+        when: Option<serde_yaml::Value>,
+    },
+    /// Skip the rest of the rules when a tensor with this pattern exists
+    /// (the checkpoint is already in the spec's naming).
+    SkipIfPresent(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleRepr {
+    #[serde(default)]
+    drop: Option<String>,
+    #[serde(default)]
+    rename: Option<RenameRepr>,
+    #[serde(default)]
+    tie: Option<TieRepr>,
+    #[serde(default)]
+    skip_if_present: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameRepr {
+    from: String,
+    to: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TieRepr {
+    target: String,
+    source: String,
+    #[serde(default)]
+    when: Option<serde_yaml::Value>,
+}
+
+impl TryFrom<RuleRepr> for RawRule {
+    type Error = String;
+
+    fn try_from(r: RuleRepr) -> Result<RawRule, String> {
+        let mut rules = Vec::new();
+        if let Some(p) = r.drop {
+            rules.push(RawRule::Drop(p));
+        }
+        if let Some(x) = r.rename {
+            rules.push(RawRule::Rename {
+                from: x.from,
+                to: x.to,
+            });
+        }
+        if let Some(t) = r.tie {
+            rules.push(RawRule::Tie {
+                target: t.target,
+                source: t.source,
+                when: t.when,
+            });
+        }
+        if let Some(p) = r.skip_if_present {
+            rules.push(RawRule::SkipIfPresent(p));
+        }
+        match (rules.pop(), rules.is_empty()) {
+            (Some(rule), true) => Ok(rule),
+            _ => Err(
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present".into(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Checkpoint loading and the exact weight inventory.
+//!
+//! A model directory holds `config.json` and `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`. Tensors are renamed by the
+//! spec's rules into the spec's names, then every tensor a node needs is
+//! looked up (dense, or MLX affine-quantized with `scales`/`biases`) and
+//! every tensor left over is an error.
+pub mod rules;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use mlx_rs::Array;
+
+use crate::error::{read_to_string, Error, Result};
+use crate::graph::Graph;
+use crate::ops::{Param, WeightReq};
+
+/// Tensors of a checkpoint under their original names.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The file named in errors (the single file, or the index).
+    pub file: PathBuf,
+    pub tensors: IndexMap<String, Array>,
+}
+
+/// Reads the safetensors of a model directory.
+pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
+    let index = dir.join("model.safetensors.index.json");
+    let (file, files) = if index.exists() {
+        let text = read_to_string(&index)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+            file: index.clone(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Weights {
+                file: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for f in map.values() {
+            let f = dir.join(f.as_str().unwrap_or_default());
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
+        (index, files)
+    } else {
+        let single = dir.join("model.safetensors");
+        let mut files: Vec<PathBuf> = Vec::new();
+        if single.exists() {
+            files.push(single.clone());
+        } else if let Ok(rd) = std::fs::read_dir(dir) {
+            files = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+        }
+        if files.is_empty() {
+            return Err(Error::Weights {
+                file: dir.to_path_buf(),
+                msg: "no model.safetensors, index or *.safetensors files".into(),
+            });
+        }
+        (single, files)
+    };
+    let mut tensors = IndexMap::new();
+    for f in files {
+        if !f.exists() {
+            return Err(Error::Weights {
+                file: file.clone(),
+                msg: format!("shard {} is missing", f.display()),
+            });
+        }
+        let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
+            file: f.clone(),
+            msg: format!("cannot read safetensors: {e}"),
+        })?;
+        let mut names: Vec<_> = loaded.into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors.extend(names);
+    }
+    Ok(Checkpoint { file, tensors })
+}
+
+/// Quantization settings from `config.json`'s `quantization` block.
+#[derive(Debug, Clone, Default)]
+pub struct Quantization {
+    default: Option<(i32, i32)>,
+    /// Per-module overrides; `None` marks a module left unquantized.
+    overrides: IndexMap<String, Option<(i32, i32)>>,
+}
+
+impl Quantization {
+    pub fn from_config(config: &serde_json::Value, file: &Path) -> Result<Quantization> {
+        let Some(block) = config.get("quantization").and_then(|q| q.as_object()) else {
+            return Ok(Quantization::default());
+        };
+        let err = |key: &str, msg: &str| Error::Config {
+            file: file.to_path_buf(),
+            key: format!("quantization.{key}"),
+            msg: msg.to_string(),
+        };
+        let pair =
+            |key: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(i32, i32)> {
+                let g = v
+                    .get("group_size")
+                    .and_then(|x| x.as_i64())
+                    .ok_or_else(|| err(key, "needs integer group_size"))?;
+                let b = v
+                    .get("bits")
+                    .and_then(|x| x.as_i64())
+                    .ok_or_else(|| err(key, "needs integer bits"))?;
+                if let Some(mode) = v.get("mode").and_then(|m| m.as_str()) {
+                    if mode != "affine" {
+                        return Err(err(
+                            key,
+                            &format!("mode '{mode}' is not supported (only affine)"),
+                        ));
+                    }
+                }
+                Ok((g as i32, b as i32))
+            };
+        let mut q = Quantization {
+            default: Some(pair("", block)?),
+            overrides: IndexMap::new(),
+        };
+        for (k, v) in block {
+            match v {
+                serde_json::Value::Object(o) => {
+                    q.overrides.insert(k.clone(), Some(pair(k, o)?));
+                }
+                serde_json::Value::Bool(false) => {
+                    q.overrides.insert(k.clone(), None);
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    fn for_module(&self, module: &str) -> Option<(i32, i32)> {
+        match self.overrides.get(module) {
+            Some(o) => *o,
+            None => self.default,
+        }
+    }
+}
+
+fn shape_of(a: &Array) -> Vec<i64> {
+    a.shape().iter().map(|&d| d as i64).collect()
+}
+
+/// Finds every node's weights; checks shapes and that nothing is left over.
+pub fn bind(
+    graph: &Graph,
+    tensors: &IndexMap<String, Array>,
+    quant: &Quantization,
+    file: &Path,
+) -> Result<Vec<Vec<Param>>> {
+    let mut used: HashSet<String> = HashSet::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut out = Vec::with_capacity(graph.nodes.len());
+    for node in &graph.nodes {
+        let mut params = Vec::new();
+        for req in &node.resolved.weights {
+            let at = || {
+                format!(
+                    "node {} (field {} of {} in {})",
+                    node.path,
+                    req.field,
+                    node.origin,
+                    node.file.display()
+                )
+            };
+            match find(req, tensors, quant, &mut used) {
+                Ok(Some(p)) => params.push(p),
+                Ok(None) => missing.push(format!("{} needed by {}", req.tensor(), at())),
+                Err(msg) => {
+                    return Err(Error::Weights {
+                        file: file.to_path_buf(),
+                        msg: format!("{}: {msg}, needed by {}", req.tensor(), at()),
+                    })
+                }
+            }
+        }
+        out.push(params);
+    }
+    if !missing.is_empty() {
+        return Err(Error::Weights {
+            file: file.to_path_buf(),
+            msg: format!(
+                "{} tensor(s) missing:\n  {}",
+                missing.len(),
+                missing.join("\n  ")
+            ),
+        });
+    }
+    let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !unused.is_empty() {
+        let list: Vec<&str> = unused.iter().map(|s| s.as_str()).collect();
+        return Err(Error::Weights {
+            file: file.to_path_buf(),
+            msg: format!(
+                "{} tensor(s) not used by the spec (add a rule to drop them if intended):\n  {}",
+                list.len(),
+                list.join("\n  ")
+            ),
+        });
+    }
+    Ok(out)
+}
+
+fn find(
+    req: &WeightReq,
+    tensors: &IndexMap<String, Array>,
+    quant: &Quantization,
+    used: &mut HashSet<String>,
+) -> std::result::Result<Option<Param>, String> {
+    let name = req.tensor();
+    let Some(w) = tensors.get(&name) else {
+        return Ok(None);
+    };
+    let scales_name = format!("{}.scales", req.module);
+    let biases_name = format!("{}.biases", req.module);
+    match tensors.get(&scales_name) {
+        Some(scales) if req.quantizable => {
+            let (group_size, bits) = quant.for_module(&req.module).ok_or_else(|| {
+                format!(
+                    "has `scales` but config.json's quantization does not cover module '{}'",
+                    req.module
+                )
+            })?;
+            let biases = tensors
+                .get(&biases_name)
+                .ok_or_else(|| format!("quantized but `{biases_name}` is missing"))?;
+            let (out, inp) = (req.shape[0], req.shape[1]);
+            let want_w = vec![out, inp * bits as i64 / 32];
+            let want_s = vec![out, inp / group_size as i64];
+            if shape_of(w) != want_w || shape_of(scales) != want_s || shape_of(biases) != want_s {
+                return Err(format!(
+                    "quantized shapes weight {:?} / scales {:?} do not match [{out}, {inp}] at {bits} bits, group {group_size} (expected {want_w:?} / {want_s:?})",
+                    shape_of(w),
+                    shape_of(scales)
+                ));
+            }
+            used.extend([name.clone(), scales_name, biases_name]);
+            Ok(Some(Param::Quantized {
+                w: w.clone(),
+                scales: scales.clone(),
+                biases: biases.clone(),
+                group_size,
+                bits,
+            }))
+        }
+        _ => {
+            if shape_of(w) != req.shape {
+                return Err(format!(
+                    "shape mismatch: checkpoint has {:?}, spec expects {:?}",
+                    shape_of(w),
+                    req.shape
+                ));
+            }
+            used.insert(name);
+            Ok(Some(Param::Dense(w.clone())))
+        }
+    }
+}

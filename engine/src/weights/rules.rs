@@ -1,0 +1,208 @@
+//! Weight-name rules: patterns with captures (`{i}` matches one dotted
+//! segment, `{rest*}` any tail) applied to checkpoint tensor names.
+use indexmap::IndexMap;
+use mlx_rs::Array;
+
+use crate::spec::raw::RawRule;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Lit(String),
+    Cap { name: String, greedy: bool },
+}
+
+/// A compiled name pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pattern {
+    parts: Vec<Part>,
+}
+
+impl Pattern {
+    pub fn parse(src: &str) -> Result<Pattern, String> {
+        let mut parts = Vec::new();
+        let mut rest = src;
+        while !rest.is_empty() {
+            match rest.find('{') {
+                Some(0) => {
+                    let end = rest
+                        .find('}')
+                        .ok_or_else(|| format!("unclosed '{{' in pattern '{src}'"))?;
+                    let inner = &rest[1..end];
+                    let (name, greedy) = match inner.strip_suffix('*') {
+                        Some(n) => (n, true),
+                        None => (inner, false),
+                    };
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return Err(format!("bad capture '{{{inner}}}' in pattern '{src}'"));
+                    }
+                    if matches!(parts.last(), Some(Part::Cap { .. })) {
+                        return Err(format!("two captures in a row in pattern '{src}'"));
+                    }
+                    parts.push(Part::Cap {
+                        name: name.to_string(),
+                        greedy,
+                    });
+                    rest = &rest[end + 1..];
+                }
+                Some(k) => {
+                    parts.push(Part::Lit(rest[..k].to_string()));
+                    rest = &rest[k..];
+                }
+                None => {
+                    parts.push(Part::Lit(rest.to_string()));
+                    rest = "";
+                }
+            }
+        }
+        if src.contains('}') && !parts.iter().any(|p| matches!(p, Part::Cap { .. })) {
+            return Err(format!("stray '}}' in pattern '{src}'"));
+        }
+        Ok(Pattern { parts })
+    }
+
+    /// Captures when `name` matches the whole pattern.
+    pub fn matches(&self, name: &str) -> Option<IndexMap<String, String>> {
+        let mut caps = IndexMap::new();
+        match_from(&self.parts, name, &mut caps).then_some(caps)
+    }
+
+    /// Fills the pattern's captures from `caps`.
+    pub fn fill(&self, caps: &IndexMap<String, String>) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Cap { name, .. } => out.push_str(caps.get(name).ok_or_else(|| {
+                    format!("capture '{{{name}}}' is not set by the source pattern")
+                })?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn match_from(parts: &[Part], s: &str, caps: &mut IndexMap<String, String>) -> bool {
+    let Some((first, rest)) = parts.split_first() else {
+        return s.is_empty();
+    };
+    match first {
+        Part::Lit(l) => s
+            .strip_prefix(l.as_str())
+            .is_some_and(|t| match_from(rest, t, caps)),
+        Part::Cap { name, greedy } => {
+            let limit = if *greedy {
+                s.len()
+            } else {
+                s.find('.').unwrap_or(s.len())
+            };
+            for end in (1..=limit).rev() {
+                if !s.is_char_boundary(end) {
+                    continue;
+                }
+                if match_from(rest, &s[end..], caps) {
+                    caps.insert(name.clone(), s[..end].to_string());
+                    return true;
+                }
+            }
+            false
+        }
+    }
+}
+
+/// Applies rules in order to a name -> tensor map. `truthy` evaluates a
+/// rule's `when` condition.
+pub fn apply(
+    rules: &[&RawRule],
+    mut tensors: IndexMap<String, Array>,
+    truthy: &dyn Fn(&serde_yaml::Value) -> Result<bool, String>,
+) -> Result<IndexMap<String, Array>, String> {
+    for rule in rules {
+        match rule {
+            RawRule::SkipIfPresent(p) => {
+                let p = Pattern::parse(p)?;
+                if tensors.keys().any(|k| p.matches(k).is_some()) {
+                    break;
+                }
+            }
+            RawRule::Drop(p) => {
+                let p = Pattern::parse(p)?;
+                tensors.retain(|k, _| p.matches(k).is_none());
+            }
+            RawRule::Rename { from, to } => {
+                let (from, to) = (Pattern::parse(from)?, Pattern::parse(to)?);
+                let mut out = IndexMap::with_capacity(tensors.len());
+                for (k, v) in tensors {
+                    let name = match from.matches(&k) {
+                        Some(caps) => to.fill(&caps)?,
+                        None => k,
+                    };
+                    if out.insert(name.clone(), v).is_some() {
+                        return Err(format!("rename gives two tensors the name '{name}'"));
+                    }
+                }
+                tensors = out;
+            }
+            RawRule::Tie {
+                target,
+                source,
+                when,
+            } => {
+                if let Some(w) = when {
+                    if !truthy(w)? {
+                        continue;
+                    }
+                }
+                let tprefix = format!("{target}.");
+                let sprefix = format!("{source}.");
+                tensors.retain(|k, _| !k.starts_with(&tprefix));
+                let tied: Vec<(String, Array)> = tensors
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix(&sprefix)
+                            .map(|s| (format!("{tprefix}{s}"), v.clone()))
+                    })
+                    .collect();
+                if tied.is_empty() {
+                    return Err(format!(
+                        "tie: no tensors under '{source}' to tie '{target}' to"
+                    ));
+                }
+                tensors.extend(tied);
+            }
+        }
+    }
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_and_fill() {
+        let p = Pattern::parse("blk.{i}.attn_q.{s}").unwrap();
+        let caps = p.matches("blk.12.attn_q.weight").unwrap();
+        assert_eq!(caps["i"], "12");
+        assert_eq!(caps["s"], "weight");
+        assert!(p.matches("blk.12.attn_k.weight").is_none());
+        assert!(p.matches("blk.1.2.attn_q.weight").is_none());
+        let to = Pattern::parse("model.layers.{i}.self_attn.q_proj.{s}").unwrap();
+        assert_eq!(
+            to.fill(&caps).unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        let tail = Pattern::parse("transformer.{rest*}").unwrap();
+        assert_eq!(tail.matches("transformer.h.0.x").unwrap()["rest"], "h.0.x");
+    }
+
+    #[test]
+    fn bad_patterns() {
+        assert!(Pattern::parse("a.{i").is_err());
+        assert!(Pattern::parse("a.{}.b").is_err());
+        assert!(Pattern::parse("a.{i}{j}").is_err());
+        let caps = IndexMap::new();
+        assert!(Pattern::parse("x.{i}").unwrap().fill(&caps).is_err());
+    }
+}

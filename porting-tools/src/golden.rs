@@ -1,0 +1,168 @@
+//! Golden cases: a folder under `goldens/` with `meta.json`, a model
+//! directory and `golden.safetensors` written by
+//! `porting-tools/python/make_golden.py` from mlx-lm.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lmspec_engine::{Model, SpecLibrary};
+use mlx_rs::{Array, Dtype};
+
+use crate::tolerance::{compare, Stats, Tolerance};
+
+/// One golden case as stored on disk.
+#[derive(Debug)]
+pub struct Golden {
+    pub dir: PathBuf,
+    pub meta: serde_json::Value,
+    pub tokens: Vec<i32>,
+    pub logits: Array,
+    pub prefill_decode_logits: Array,
+    pub greedy: Vec<i32>,
+}
+
+fn ints(a: &Array) -> Result<Vec<i32>> {
+    let a = a.as_dtype(Dtype::Int32)?;
+    a.eval()?;
+    Ok(a.as_slice::<i32>().to_vec())
+}
+
+impl Golden {
+    pub fn load(dir: &Path) -> Result<Golden> {
+        let meta_path = dir.join("meta.json");
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&meta_path)
+                .with_context(|| meta_path.display().to_string())?,
+        )
+        .with_context(|| meta_path.display().to_string())?;
+        let file = dir.join("golden.safetensors");
+        let mut t: HashMap<String, Array> =
+            Array::load_safetensors(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+        let mut take = |k: &str| {
+            t.remove(k)
+                .ok_or_else(|| anyhow!("{}: no tensor '{k}'", file.display()))
+        };
+        Ok(Golden {
+            dir: dir.to_path_buf(),
+            tokens: ints(&take("tokens")?)?,
+            logits: take("logits")?,
+            prefill_decode_logits: take("prefill_decode_logits")?,
+            greedy: ints(&take("greedy")?)?,
+            meta,
+        })
+    }
+
+    /// Every case folder under `root`, sorted.
+    pub fn cases(root: &Path) -> Result<Vec<PathBuf>> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(root)
+            .with_context(|| root.display().to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("meta.json").exists() && p.join("golden.safetensors").exists())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn model_dir(&self) -> PathBuf {
+        self.dir.join("model")
+    }
+
+    /// The tolerance the case is held to.
+    pub fn tolerance(&self) -> Tolerance {
+        if self.meta.get("quantization").is_some_and(|q| !q.is_null()) {
+            return Tolerance::Quantized;
+        }
+        match self.meta.get("dtype").and_then(|d| d.as_str()) {
+            Some("bfloat16") => Tolerance::Bf16,
+            Some("float16") => Tolerance::F16,
+            _ => Tolerance::F32,
+        }
+    }
+
+    fn prefill_split(&self) -> usize {
+        self.meta
+            .get("prefill_split")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(self.tokens.len() as u64 / 2) as usize
+    }
+}
+
+/// Results of running one golden case through the engine.
+#[derive(Debug)]
+pub struct Report {
+    pub case: String,
+    pub spec: String,
+    pub tolerance: Tolerance,
+    pub forward: Stats,
+    pub prefill_decode: Stats,
+    pub greedy: Vec<i32>,
+    pub expected_greedy: Vec<i32>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.forward.within(self.tolerance)
+            && self.prefill_decode.within(self.tolerance)
+            && self.greedy == self.expected_greedy
+    }
+}
+
+fn row(tokens: &[i32]) -> Array {
+    Array::from_slice(tokens, &[1, tokens.len() as i32])
+}
+
+/// Greedy continuation the way mlx-lm's generate_step feeds it: all prompt
+/// tokens but the last in one call, then one token at a time.
+pub fn greedy(model: &Model, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
+    let mut cache = model.new_cache();
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    if !head.is_empty() {
+        model.forward(&row(head), Some(&mut cache))?.eval()?;
+    }
+    let mut next = last[0];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let logits = model.forward(&row(&[next]), Some(&mut cache))?;
+        let id = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)?;
+        next = ints(&id)?[0];
+        out.push(next);
+    }
+    Ok(out)
+}
+
+/// Runs a golden case: a whole-prompt forward, a prefill-then-decode with
+/// the cache, and the greedy continuation.
+pub fn run(case: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Report> {
+    let g = Golden::load(case)?;
+    let model = Model::load_with(&g.model_dir(), lib, spec)?;
+    let logits = model.forward(&row(&g.tokens), None)?;
+    let shape = g.logits.shape().to_vec();
+    let logits = logits.reshape(&shape)?;
+    let forward = compare(&logits, &g.logits).map_err(|e| anyhow!("logits: {e}"))?;
+
+    let split = g.prefill_split();
+    let mut cache = model.new_cache();
+    let mut parts = vec![model.forward(&row(&g.tokens[..split]), Some(&mut cache))?];
+    for &t in &g.tokens[split..] {
+        parts.push(model.forward(&row(&[t]), Some(&mut cache))?);
+    }
+    let stacked = mlx_rs::ops::concatenate(&parts, 1)?.reshape(&shape)?;
+    let prefill_decode =
+        compare(&stacked, &g.prefill_decode_logits).map_err(|e| anyhow!("prefill/decode: {e}"))?;
+    if g.greedy.is_empty() {
+        bail!("{}: no greedy tokens", case.display());
+    }
+    let greedy = greedy(&model, &g.tokens, g.greedy.len())?;
+    Ok(Report {
+        case: case
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        spec: model.spec.name.clone(),
+        tolerance: g.tolerance(),
+        forward,
+        prefill_decode,
+        greedy,
+        expected_greedy: g.greedy,
+    })
+}

@@ -1,0 +1,5 @@
+//! Integration tests of lmspec: one binary, one module per area.
+mod bad_input;
+mod cli;
+mod golden;
+mod support;
