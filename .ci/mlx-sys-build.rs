@@ -8,6 +8,7 @@
 use std::env;
 use std::path::PathBuf;
 
+#[allow(dead_code)]
 #[path = "src/bindgen_config.rs"]
 mod bindgen_config;
 

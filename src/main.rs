@@ -1,3 +1,6 @@
-fn main() {
-    println!("{:?}", lmspec_engine::runtime::smoke());
+//! The `lmspec` command line.
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

@@ -1,1 +1,272 @@
+//! Bad input gives an error naming the file, the node and the field, never
+//! a panic: one test per kind of bad input.
+use std::fs;
+use std::path::{Path, PathBuf};
 
+use lmspec::engine::{graph, Error, Model, SpecLibrary};
+use tempfile::TempDir;
+
+use crate::support::{goldens, mlx_lock, root};
+
+/// A spec library in a temp dir: the real shared blocks plus `models`.
+fn library_with(models: &[(&str, &str)]) -> (TempDir, SpecLibrary) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(dir.path().join("blocks")).expect("mkdir");
+    fs::create_dir_all(dir.path().join("models")).expect("mkdir");
+    for entry in fs::read_dir(root().join("specs/blocks")).expect("blocks") {
+        let p = entry.expect("entry").path();
+        fs::copy(
+            &p,
+            dir.path().join("blocks").join(p.file_name().expect("name")),
+        )
+        .expect("copy");
+    }
+    for entry in fs::read_dir(root().join("specs/models")).expect("models") {
+        let p = entry.expect("entry").path();
+        fs::copy(
+            &p,
+            dir.path().join("models").join(p.file_name().expect("name")),
+        )
+        .expect("copy");
+    }
+    for (name, text) in models {
+        fs::write(dir.path().join("models").join(format!("{name}.yaml")), text).expect("write");
+    }
+    let lib = SpecLibrary::open(dir.path());
+    (dir, lib.expect("library opens"))
+}
+
+/// A copy of a golden model directory with `edit` applied to its config.
+fn model_copy(case: &str, edit: impl FnOnce(&mut serde_json::Value)) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = goldens().join(case).join("model");
+    for entry in fs::read_dir(&src).expect("model dir") {
+        let p = entry.expect("entry").path();
+        fs::copy(&p, dir.path().join(p.file_name().expect("name"))).expect("copy");
+    }
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&cfg_path).expect("read")).expect("json");
+    edit(&mut cfg);
+    fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("ser")).expect("write");
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}
+
+fn spec_error(lib: &SpecLibrary, name: &str) -> (PathBuf, String, String, String) {
+    let err = lib
+        .load(name)
+        .and_then(|s| graph::check(&s))
+        .expect_err("the spec is invalid");
+    match err {
+        Error::Spec {
+            file,
+            node,
+            field,
+            msg,
+        } => (file, node, field, msg),
+        other => panic!("expected a spec error, got {other:?}"),
+    }
+}
+
+const LLAMA_LIKE: &str = "spec_version: 1\nextends: llama\nmodel_types: [bad]\n";
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(dir.path().join("models")).expect("mkdir");
+    let file = dir.path().join("models/broken.yaml");
+    fs::write(&file, "spec_version: 1\nconfig:\n  hidden_size: [int\n").expect("write");
+    match SpecLibrary::open(dir.path()).expect_err("malformed") {
+        Error::Spec {
+            file: f,
+            node,
+            field,
+            ..
+        } => {
+            assert_eq!(f, file);
+            assert!(node.starts_with("line "), "{node}");
+            assert_eq!(field, "yaml");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_primitive() {
+    let text = format!(
+        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: frobnicate, in: x}}\n    output: up\n"
+    );
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (file, node, field, msg) = spec_error(&lib, "bad");
+    assert!(file.ends_with("models/bad.yaml"), "{file:?}");
+    assert_eq!(node, "blocks.swiglu_mlp.nodes.up");
+    assert_eq!(field, "op");
+    assert!(
+        msg.contains("unknown primitive 'frobnicate'") && msg.contains("linear"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn dangling_value_name() {
+    let text = format!(
+        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: nowhere, weight: up_proj, out: hidden_size}}\n    output: up\n"
+    );
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_, node, field, msg) = spec_error(&lib, "bad");
+    assert_eq!(
+        (node.as_str(), field.as_str()),
+        ("blocks.swiglu_mlp.nodes.up", "in")
+    );
+    assert!(msg.contains("unknown value 'nowhere'"), "{msg}");
+}
+
+#[test]
+fn cycle_between_nodes() {
+    let text = format!(
+        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      a: {{op: add, in: [x, b]}}\n      b: {{op: add, in: [x, a]}}\n    output: b\n"
+    );
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_, node, field, msg) = spec_error(&lib, "bad");
+    assert!(node.starts_with("blocks.swiglu_mlp.nodes."), "{node}");
+    assert_eq!(field, "in");
+    assert!(msg.contains("cycle"), "{msg}");
+}
+
+#[test]
+fn unknown_parameter_and_unknown_config_name() {
+    let text = format!(
+        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hiden_size}}\n    output: up\n"
+    );
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_, _, field, msg) = spec_error(&lib, "bad");
+    assert_eq!(field, "out");
+    assert!(msg.contains("unknown name 'hiden_size'"), "{msg}");
+
+    let text = format!(
+        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hidden_size, colour: red}}\n    output: up\n"
+    );
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_, _, field, msg) = spec_error(&lib, "bad");
+    assert_eq!(field, "colour");
+    assert!(msg.contains("no parameter 'colour'"), "{msg}");
+}
+
+fn weights_error(model: &Path, lib: &SpecLibrary, spec: Option<&str>) -> (PathBuf, String) {
+    let _guard = mlx_lock();
+    match Model::load_with(model, lib, spec).expect_err("load fails") {
+        Error::Weights { file, msg } => (file, msg),
+        other => panic!("expected a weights error, got {other}"),
+    }
+}
+
+#[test]
+fn missing_weight_names_tensor_node_and_field() {
+    let text = format!("{LLAMA_LIKE}config:\n  qk_norm: {{type: bool, value: true}}\n");
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_m, model) = model_copy("llama", |_| {});
+    let (file, msg) = weights_error(&model, &lib, Some("bad"));
+    assert!(file.ends_with("model.safetensors"), "{file:?}");
+    assert!(msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.self_attn.q_norm.weight needed by node layers.0.attn.q_norm (field weight of blocks.attention.nodes.q_norm"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unused_checkpoint_weight_is_listed() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("qwen3", |_| {});
+    let (_, msg) = weights_error(&model, &lib, Some("llama"));
+    assert!(msg.contains("not used by the spec"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.self_attn.k_norm.weight"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn shape_mismatch_names_node_and_field() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("llama", |c| c["intermediate_size"] = 96.into());
+    let (_, msg) = weights_error(&model, &lib, None);
+    assert!(msg.contains("shape mismatch"), "{msg}");
+    assert!(
+        msg.contains("[128, 64]") && msg.contains("[96, 64]"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("node layers.0.mlp.gate (field weight"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_model_type_lists_known_ones() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("llama", |c| c["model_type"] = "nope".into());
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &lib, None).expect_err("unknown type") {
+        Error::UnknownModelType {
+            file,
+            model_type,
+            known,
+        } => {
+            assert!(file.ends_with("config.json"));
+            assert_eq!(model_type, "nope");
+            assert!(known.contains(&"llama".to_string()) && known.contains(&"qwen3".to_string()));
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn missing_config_key_without_default() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("llama", |c| {
+        c.as_object_mut().expect("object").remove("hidden_size");
+    });
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &lib, None).expect_err("missing key") {
+        Error::Config { file, key, msg } => {
+            assert!(file.ends_with("config.json"));
+            assert_eq!(key, "hidden_size");
+            assert!(msg.contains("no default"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn config_value_of_wrong_type() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("llama", |c| c["num_attention_heads"] = "four".into());
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &lib, None).expect_err("bad type") {
+        Error::Config { key, msg, .. } => {
+            assert_eq!(key, "n_heads");
+            assert!(msg.contains("expected int"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn heads_that_do_not_group_are_a_spec_error_at_the_node() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("llama", |c| c["num_key_value_heads"] = 3.into());
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &lib, None).expect_err("bad heads") {
+        Error::Spec {
+            node, field, msg, ..
+        } => {
+            assert_eq!(node, "blocks.attention.nodes.attn");
+            assert_eq!(field, "in");
+            assert!(msg.contains("4 query heads do not group over 3"), "{msg}");
+            assert!(msg.contains("at layers.0.attn.attn"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}

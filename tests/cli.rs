@@ -1,1 +1,122 @@
+//! The `lmspec` binary, end to end.
+use std::process::{Command, Output};
 
+use lmspec::port::golden::Golden;
+
+use crate::support::{goldens, mlx_lock, root};
+
+fn lmspec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("lmspec runs")
+}
+
+fn stdout(args: &[&str]) -> String {
+    let out = lmspec(args);
+    assert!(
+        out.status.success(),
+        "lmspec {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn spec_list_and_check_all() {
+    insta::assert_snapshot!("spec_list", stdout(&["spec", "list"]));
+    let checked = stdout(&["spec", "check", "--all"]);
+    assert_eq!(
+        checked.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{checked}"
+    );
+}
+
+#[test]
+fn spec_check_fails_on_a_bad_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "spec_version: 1\nextends: llama\nlayers: {count: n_layers, prefix: x, block: nope}\n",
+    )
+    .expect("write");
+    let out = lmspec(&["spec", "check", bad.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bad.yaml: layers: block: unknown block 'nope'"),
+        "{text}"
+    );
+}
+
+#[test]
+fn spec_graph_and_taps() {
+    let config = goldens().join("qwen3/model/config.json");
+    let config = config.to_str().expect("utf-8");
+    let dot = stdout(&["spec", "graph", "qwen3", "--config", config]);
+    assert!(dot.starts_with("digraph \"qwen3\""), "{dot}");
+    assert!(dot.contains("cluster_layers.1"), "{dot}");
+    assert!(
+        dot.contains("layers.0.attn.q_norm\\nrms_norm [4x16]"),
+        "{dot}"
+    );
+    insta::assert_snapshot!(
+        "qwen3_taps",
+        stdout(&["spec", "taps", "qwen3", "--config", config])
+    );
+}
+
+#[test]
+fn logits_prints_shape_and_the_reference_argmax() {
+    let _guard = mlx_lock();
+    let case = goldens().join("llama");
+    let g = Golden::load(&case).expect("golden");
+    let tokens: Vec<String> = g.tokens.iter().map(|t| t.to_string()).collect();
+    let model = case.join("model");
+    let text = stdout(&[
+        "logits",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--tokens",
+        &tokens.join(","),
+    ]);
+    assert!(
+        text.contains(&format!("logits shape: [1, {}, 256]", tokens.len())),
+        "{text}"
+    );
+    let last = g.logits.reshape(&[-1, 256]).expect("reshape");
+    let last = mlx_rs::ops::indexing::argmax_axis(&last, -1, None).expect("argmax");
+    last.eval().expect("eval");
+    let expected = *last.as_slice::<u32>().last().expect("rows");
+    let first_row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("last row"))
+        .nth(1)
+        .expect("top-5");
+    assert_eq!(
+        first_row.split_whitespace().next(),
+        Some(expected.to_string().as_str()),
+        "{text}"
+    );
+}
+
+#[test]
+fn doctor_reports_an_optimised_blas() {
+    let _guard = mlx_lock();
+    let text = stdout(&["doctor"]);
+    assert!(text.contains("MLX:            0.32.2"), "{text}");
+    assert!(text.contains("binding test:   ok"), "{text}");
+    assert!(text.contains("BLAS:           OpenBLAS"), "{text}");
+    assert!(text.contains("GFLOP/s"), "{text}");
+}
+
+#[test]
+fn errors_exit_nonzero_with_a_message() {
+    let out = lmspec(&["logits", "--model", "/nonexistent", "--tokens", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/config.json"), "{err}");
+}

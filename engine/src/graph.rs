@@ -106,11 +106,52 @@ fn block_label(name: &str) -> String {
     }
 }
 
+/// Evaluates a condition; anything but a bool is an error.
+pub fn eval_bool(v: &serde_yaml::Value, scope: &dyn Scope) -> std::result::Result<bool, String> {
+    match literal_or_expr(v, Ty::Bool)?.eval(scope)? {
+        Value::Bool(b) => Ok(b),
+        other => Err(format!(
+            "condition gave {} {other}, expected a bool",
+            other.type_name()
+        )),
+    }
+}
+
 fn expr_names(v: &serde_yaml::Value, ty: Ty) -> std::result::Result<Vec<String>, String> {
     let e = literal_or_expr(v, ty)?;
     let mut names = Vec::new();
     e.names(&mut names);
     Ok(names)
+}
+
+/// Blocks the spec can run: called from the model block or the layer
+/// schedule, directly or through other blocks. Library blocks a spec never
+/// uses are not its concern.
+fn reachable_blocks(spec: &Spec) -> HashSet<&str> {
+    let mut todo: Vec<&str> = Vec::new();
+    if let Some(l) = &spec.layers {
+        todo.extend(l.item.block.iter().map(String::as_str));
+        todo.extend(l.item.select.iter().map(|s| s.block.as_str()));
+    }
+    let callees = |b: &RawBlock| -> Vec<String> {
+        b.nodes.values().filter_map(|n| n.block.clone()).collect()
+    };
+    let mut pending = callees(&spec.model.item);
+    let mut seen: HashSet<&str> = HashSet::new();
+    loop {
+        for c in pending.drain(..) {
+            if let Some((k, _)) = spec.blocks.get_key_value(c.as_str()) {
+                todo.push(k.as_str());
+            }
+        }
+        let Some(name) = todo.pop() else { break };
+        if seen.insert(name) {
+            if let Some(b) = spec.blocks.get(name) {
+                pending = callees(&b.item);
+            }
+        }
+    }
+    seen
 }
 
 /// Validates a spec without a config.
@@ -149,8 +190,13 @@ pub fn check(spec: &Spec) -> Result<()> {
     known.insert("i".to_string());
 
     let mut calls: DiGraphMap<&str, (), RandomState> = DiGraphMap::new();
-    let mut all: Vec<(&str, &Sourced<RawBlock>)> =
-        spec.blocks.iter().map(|(k, b)| (k.as_str(), b)).collect();
+    let used = reachable_blocks(spec);
+    let mut all: Vec<(&str, &Sourced<RawBlock>)> = spec
+        .blocks
+        .iter()
+        .filter(|(k, _)| used.contains(k.as_str()))
+        .map(|(k, b)| (k.as_str(), b))
+        .collect();
     all.push(("model", &spec.model));
     for (name, block) in &all {
         calls.add_node(name);
@@ -191,9 +237,17 @@ pub fn check(spec: &Spec) -> Result<()> {
         for (k, s) in l.select.iter().enumerate() {
             blocks.push((s.block.clone(), "select"));
             if let Some(w) = &s.when {
-                expr_names(w, Ty::Bool).map_err(|m| {
-                    Error::spec(&layers.file, format!("layers.select[{k}]"), "when", m)
-                })?;
+                let at = format!("layers.select[{k}]");
+                let names = expr_names(w, Ty::Bool)
+                    .map_err(|m| Error::spec(&layers.file, &at, "when", m))?;
+                if let Some(n) = names.iter().find(|n| !known.contains(*n)) {
+                    return Err(Error::spec(
+                        &layers.file,
+                        &at,
+                        "when",
+                        format!("unknown name '{n}'"),
+                    ));
+                }
             }
         }
         if blocks.is_empty() {
@@ -468,6 +522,34 @@ fn eval_params(
     Ok(Params { values })
 }
 
+/// Nodes in declaration order, except that a node waits for the nodes it
+/// reads (a stable topological order). Errors with a node on a cycle.
+fn declaration_order(b: &RawBlock) -> std::result::Result<Vec<&str>, String> {
+    let mut done: HashSet<&str> = HashSet::new();
+    let mut order = Vec::with_capacity(b.nodes.len());
+    while order.len() < b.nodes.len() {
+        let next = b.nodes.iter().find(|(name, node)| {
+            !done.contains(name.as_str())
+                && node
+                    .inputs
+                    .to_vec()
+                    .iter()
+                    .all(|i| !b.nodes.contains_key(i) || done.contains(i.as_str()))
+        });
+        match next {
+            Some((name, _)) => {
+                done.insert(name);
+                order.push(name.as_str());
+            }
+            None => {
+                let stuck = b.nodes.keys().find(|n| !done.contains(n.as_str()));
+                return Err(stuck.cloned().unwrap_or_default());
+            }
+        }
+    }
+    Ok(order)
+}
+
 struct Expander<'a> {
     spec: &'a Spec,
     config: &'a IndexMap<String, Value>,
@@ -507,18 +589,15 @@ impl Expander<'_> {
         for (n, s) in input_names.iter().zip(inputs) {
             env.insert(n.to_string(), *s);
         }
-        let mut order: DiGraphMap<&str, (), RandomState> = DiGraphMap::new();
-        for (n, node) in &b.nodes {
-            order.add_node(n);
-            for i in node.inputs.to_vec() {
-                if let Some((k, _, _)) = b.nodes.get_full(&i) {
-                    let (src_name, _) = b.nodes.get_index(k).expect("index from get_full");
-                    order.add_edge(src_name.as_str(), n.as_str(), ());
-                }
-            }
-        }
-        let sorted = toposort(&order, None)
-            .map_err(|c| node_err(&block.file, &label, c.node_id(), "in", "cycle"))?;
+        let sorted = declaration_order(b).map_err(|n| {
+            node_err(
+                &block.file,
+                &label,
+                &n,
+                "in",
+                "the node depends on itself (cycle)",
+            )
+        })?;
         let config = self.config;
         let scope_vals: Box<dyn Scope> = match layer {
             Some(i) => Box::new(With {
@@ -555,11 +634,8 @@ impl Expander<'_> {
                 .map(|i| env[i.as_str()])
                 .collect();
             if let Some(w) = &node.when {
-                let on = literal_or_expr(w, Ty::Bool)
-                    .and_then(|e| e.eval(scope_vals.as_ref()))
-                    .and_then(|v| Ty::Bool.coerce(v))
-                    .map_err(|m| err("when", m))?;
-                if on != Value::Bool(true) {
+                let on = eval_bool(w, scope_vals.as_ref()).map_err(|m| err("when", m))?;
+                if !on {
                     env.insert(node_name.to_string(), srcs[0]);
                     continue;
                 }
@@ -575,7 +651,11 @@ impl Expander<'_> {
                     self.graph.aliases.insert(here.clone(), out);
                     out
                 }
-                (Some(op), _) if op == LAYERS_OP => self.layers(srcs[0], &here)?,
+                (Some(op), _) if op == LAYERS_OP => {
+                    let out = self.layers(srcs[0], &here)?;
+                    self.graph.aliases.insert(here.clone(), out);
+                    out
+                }
                 (Some(op), _) => {
                     let kind = ops::lookup(op)
                         .ok_or_else(|| err("op", format!("unknown primitive '{op}'")))?;
@@ -625,7 +705,15 @@ impl Expander<'_> {
             .and_then(|v| Ty::Int.coerce(v))
             .map_err(|m| Error::spec(&layers.file, "layers", "count", m))?
             .as_i64()
-            .unwrap_or(0);
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                Error::spec(
+                    &layers.file,
+                    "layers",
+                    "count",
+                    "must be a non-negative int",
+                )
+            })?;
         let mut x = input;
         for i in 0..count {
             let scope = With {
@@ -637,14 +725,9 @@ impl Expander<'_> {
             for (k, s) in l.select.iter().enumerate() {
                 let hit = match &s.when {
                     None => true,
-                    Some(w) => {
-                        literal_or_expr(w, Ty::Bool)
-                            .and_then(|e| e.eval(&scope))
-                            .map_err(|m| {
-                                Error::spec(&layers.file, format!("layers.select[{k}]"), "when", m)
-                            })?
-                            == Value::Bool(true)
-                    }
+                    Some(w) => eval_bool(w, &scope).map_err(|m| {
+                        Error::spec(&layers.file, format!("layers.select[{k}]"), "when", m)
+                    })?,
                 };
                 if hit {
                     chosen = Some(s.block.clone());

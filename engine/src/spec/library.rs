@@ -66,7 +66,7 @@ fn binding_def(b: &RawBinding) -> BindingDef {
             optional: false,
             doc: None,
         },
-        RawBinding::Full(def) => def.clone(),
+        RawBinding::Full(def) => (**def).clone(),
     }
 }
 
@@ -119,6 +119,27 @@ impl SpecLibrary {
         for path in yaml_files(&root.join("models"))? {
             let raw = parse_file(&path)?;
             let name = spec_name(&raw, &path);
+            for mt in &raw.model_types {
+                if let Some((other, _)) = models
+                    .iter()
+                    .find(|(_, (_, r)): &(&String, &(PathBuf, RawSpec))| r.model_types.contains(mt))
+                {
+                    return Err(Error::spec(
+                        &path,
+                        "<document>",
+                        "model_types",
+                        format!("model_type '{mt}' is already claimed by spec '{other}'"),
+                    ));
+                }
+            }
+            if let Some((other, _)) = models.get(&name) {
+                return Err(Error::spec(
+                    &path,
+                    "<document>",
+                    "name",
+                    format!("spec name '{name}' is already used by {}", other.display()),
+                ));
+            }
             models.insert(name, (path, raw));
         }
         Ok(SpecLibrary {

@@ -37,7 +37,7 @@ pub struct RawSpec {
 #[serde(untagged)]
 pub enum RawBinding {
     Type(String),
-    Full(BindingDef),
+    Full(Box<BindingDef>),
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -94,16 +94,26 @@ pub struct Quantization {
     default: Option<(i32, i32)>,
     /// Per-module overrides; `None` marks a module left unquantized.
     overrides: IndexMap<String, Option<(i32, i32)>>,
+    /// Tied modules (target, source): a target without an override of its
+    /// own is quantized like its source.
+    ties: Vec<(String, String)>,
 }
 
 impl Quantization {
     pub fn from_config(config: &serde_json::Value, file: &Path) -> Result<Quantization> {
-        let Some(block) = config.get("quantization").and_then(|q| q.as_object()) else {
+        let found = ["quantization", "quantization_config"]
+            .into_iter()
+            .find_map(|k| config.get(k).and_then(|q| q.as_object()).map(|q| (k, q)));
+        let Some((block_key, block)) = found else {
             return Ok(Quantization::default());
         };
         let err = |key: &str, msg: &str| Error::Config {
             file: file.to_path_buf(),
-            key: format!("quantization.{key}"),
+            key: if key.is_empty() {
+                block_key.to_string()
+            } else {
+                format!("{block_key}.{key}")
+            },
             msg: msg.to_string(),
         };
         let pair =
@@ -129,6 +139,7 @@ impl Quantization {
         let mut q = Quantization {
             default: Some(pair("", block)?),
             overrides: IndexMap::new(),
+            ties: Vec::new(),
         };
         for (k, v) in block {
             match v {
@@ -144,9 +155,18 @@ impl Quantization {
         Ok(q)
     }
 
+    /// Records the ties the weight rules made.
+    pub fn with_ties(mut self, ties: Vec<(String, String)>) -> Quantization {
+        self.ties = ties;
+        self
+    }
+
     fn for_module(&self, module: &str) -> Option<(i32, i32)> {
-        match self.overrides.get(module) {
-            Some(o) => *o,
+        if let Some(o) = self.overrides.get(module) {
+            return *o;
+        }
+        match self.ties.iter().find(|(target, _)| target == module) {
+            Some((_, source)) => self.for_module(source),
             None => self.default,
         }
     }

@@ -111,13 +111,21 @@ fn match_from(parts: &[Part], s: &str, caps: &mut IndexMap<String, String>) -> b
     }
 }
 
+/// Tensors after the rules, and the ties that were made (target, source).
+#[derive(Debug)]
+pub struct Applied {
+    pub tensors: IndexMap<String, Array>,
+    pub ties: Vec<(String, String)>,
+}
+
 /// Applies rules in order to a name -> tensor map. `truthy` evaluates a
 /// rule's `when` condition.
 pub fn apply(
     rules: &[&RawRule],
     mut tensors: IndexMap<String, Array>,
     truthy: &dyn Fn(&serde_yaml::Value) -> Result<bool, String>,
-) -> Result<IndexMap<String, Array>, String> {
+) -> Result<Applied, String> {
+    let mut ties = Vec::new();
     for rule in rules {
         match rule {
             RawRule::SkipIfPresent(p) => {
@@ -170,10 +178,11 @@ pub fn apply(
                     ));
                 }
                 tensors.extend(tied);
+                ties.push((target.to_string(), source.to_string()));
             }
         }
     }
-    Ok(tensors)
+    Ok(Applied { tensors, ties })
 }
 
 #[cfg(test)]

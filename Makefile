@@ -1,0 +1,23 @@
+# The two commands of the README, plus helpers. Every target sets up what is
+# missing first (.ci/setup.sh is idempotent and quick when nothing is).
+.PHONY: setup run test lint golden
+
+setup:
+	@bash .ci/setup.sh
+
+# The main job: for now the doctor report (MLX, BLAS, specs, default model).
+run: setup
+	cargo run --quiet -- doctor
+
+# Every test: engine unit tests, porting tools, golden regression, CLI.
+# MLX work is serialised (one test thread).
+test: setup
+	cargo test --workspace -- --test-threads=1
+
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# Regenerate every golden case with mlx-lm (needs the setup's .venv).
+golden: setup
+	.venv/bin/python porting-tools/python/make_golden.py --all

@@ -1,0 +1,304 @@
+//! Command definitions and their implementations.
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lmspec::engine::{graph, model, runtime, Model, SpecLibrary};
+use mlx_rs::Array;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lmspec",
+    version,
+    about = "Language-model architectures as data, run on MLX"
+)]
+struct Cli {
+    /// Spec folder (default: $LMSPEC_SPECS or the source tree's specs/).
+    #[arg(long, global = true)]
+    specs: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report MLX, backend, BLAS, specs and the default model.
+    Doctor,
+    /// Work with spec files.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Run one forward pass and print the logits' shape and last-row top-5.
+    Logits {
+        /// Model directory (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<i32>,
+        /// Spec name or file (default: chosen by the config's model_type).
+        #[arg(long)]
+        spec: Option<String>,
+    },
+    /// Check golden cases (default: every case under goldens/) against the engine.
+    Golden {
+        /// Case folders to check.
+        cases: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpecCommand {
+    /// List architecture specs and the model types they claim.
+    List,
+    /// Validate spec files (names or paths), or every spec with --all.
+    Check {
+        #[arg(value_name = "SPEC")]
+        names: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print the resolved layer graph for a config as Graphviz DOT.
+    Graph {
+        spec: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the tap names of a spec for a config, in execution order.
+    Taps {
+        spec: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
+    let root = cli_specs.clone().unwrap_or_else(SpecLibrary::default_root);
+    Ok(SpecLibrary::open(&root)?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Doctor => doctor(&cli.specs),
+        Command::Spec(SpecCommand::List) => {
+            let lib = library(&cli.specs)?;
+            for name in lib.names() {
+                let spec = lib.load(name)?;
+                println!(
+                    "{:<12} {:<28} {}",
+                    name,
+                    spec.model_types.join(", "),
+                    spec.description.unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spec(SpecCommand::Check { names, all }) => {
+            let lib = library(&cli.specs)?;
+            let names: Vec<String> = if all {
+                lib.names().map(str::to_string).collect()
+            } else if names.is_empty() {
+                bail!("name spec files to check, or pass --all");
+            } else {
+                names
+            };
+            let mut failed = 0;
+            for name in &names {
+                match lib.load(name).and_then(|s| graph::check(&s).map(|_| s)) {
+                    Ok(s) => println!("ok    {} ({})", s.name, s.file.display()),
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAIL  {e}");
+                    }
+                }
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Spec(SpecCommand::Graph { spec, config }) => {
+            let (s, g) = expand(&cli.specs, &spec, &config)?;
+            print!("{}", graph::to_dot(&g, &s));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spec(SpecCommand::Taps { spec, config }) => {
+            let (_, g) = expand(&cli.specs, &spec, &config)?;
+            for name in g.tap_names() {
+                println!("{name}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logits {
+            model,
+            tokens,
+            spec,
+        } => logits(&cli.specs, &model, &tokens, spec.as_deref()),
+        Command::Golden { cases } => golden(&cli.specs, cases),
+    }
+}
+
+fn expand(specs: &Option<PathBuf>, spec: &str, config: &Path) -> Result<(String, graph::Graph)> {
+    let lib = library(specs)?;
+    let s = lib.load(spec)?;
+    let text = std::fs::read_to_string(config).with_context(|| config.display().to_string())?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", config.display()))?;
+    let (_, g) = model::expand_for(&s, &json, config)?;
+    Ok((s.name, g))
+}
+
+fn logits(
+    specs: &Option<PathBuf>,
+    dir: &Path,
+    tokens: &[i32],
+    spec: Option<&str>,
+) -> Result<ExitCode> {
+    let lib = library(specs)?;
+    let model = Model::load_with(dir, &lib, spec)?;
+    let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]);
+    let logits = model.forward(&ids, None)?;
+    logits.eval()?;
+    let shape = logits.shape().to_vec();
+    let vocab = *shape.last().ok_or_else(|| anyhow!("logits have no axes"))?;
+    let last = logits
+        .reshape(&[-1, vocab])?
+        .as_dtype(mlx_rs::Dtype::Float32)?;
+    last.eval()?;
+    let rows = last.as_slice::<f32>();
+    let row = &rows[rows.len() - vocab as usize..];
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|a, b| row[*b].total_cmp(&row[*a]));
+    println!("spec: {}", model.spec.name);
+    println!("logits shape: {shape:?}");
+    println!("last row top-5:");
+    for &k in order.iter().take(5) {
+        println!("  {k:>8}  {:>12.6}", row[k]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
+    let lib = library(specs)?;
+    let cases = if cases.is_empty() {
+        lmspec::port::golden::Golden::cases(&Path::new(env!("CARGO_MANIFEST_DIR")).join("goldens"))?
+    } else {
+        cases
+    };
+    let mut failed = 0;
+    println!(
+        "{:<22} {:<8} {:<10} {:>12} {:>12} {:>8}  result",
+        "case", "spec", "tolerance", "fwd max_rel", "p/d max_rel", "greedy"
+    );
+    for case in cases {
+        let r = lmspec::port::golden::run(&case, &lib, None)?;
+        let ok = r.passed();
+        failed += usize::from(!ok);
+        println!(
+            "{:<22} {:<8} {:<10} {:>12.2e} {:>12.2e} {:>8}  {}",
+            r.case,
+            r.spec,
+            r.tolerance.name(),
+            r.forward.max_rel(),
+            r.prefill_decode.max_rel(),
+            if r.greedy == r.expected_greedy {
+                "same"
+            } else {
+                "differs"
+            },
+            if ok { "pass" } else { "FAIL" }
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn doctor(specs: &Option<PathBuf>) -> Result<ExitCode> {
+    println!("lmspec {}", env!("CARGO_PKG_VERSION"));
+    let binding = runtime::smoke()
+        .map(|v| v == [11.0, 22.0, 33.0])
+        .unwrap_or(false);
+    println!(
+        "MLX:            {} ({})",
+        runtime::mlx_version(),
+        runtime::loaded_library("libmlx").unwrap_or_else(|| "libmlx not found".into())
+    );
+    let cuda = runtime::cuda_available();
+    println!(
+        "backend:        {} (GPUs visible: {})",
+        if cuda { "cuda" } else { "cpu" },
+        runtime::gpu_count()
+    );
+    println!("default device: {}", runtime::default_device());
+    match runtime::blas_library() {
+        Some(path) => println!("BLAS:           {} ({path})", runtime::blas_kind(&path)),
+        None => println!("BLAS:           none found"),
+    }
+    match runtime::matmul_gflops(512, 10) {
+        Ok(g) => println!(
+            "matmul:         512x512 f32 on {}: {g:.1} GFLOP/s",
+            runtime::default_device()
+        ),
+        Err(e) => println!("matmul:         failed: {e}"),
+    }
+    if cuda {
+        match runtime::matmul_gflops(4096, 10) {
+            Ok(g) => println!("matmul:         4096x4096 f32 on gpu: {g:.1} GFLOP/s"),
+            Err(e) => println!("matmul:         4096 failed: {e}"),
+        }
+    }
+    println!(
+        "binding test:   {}",
+        if binding {
+            "ok (1+10, 2+20, 3+30)"
+        } else {
+            "FAILED"
+        }
+    );
+    match library(specs) {
+        Ok(lib) => {
+            let types: Vec<String> = lib.model_types().into_iter().map(|(m, _)| m).collect();
+            println!(
+                "specs:          {} architectures in {} (model types: {})",
+                lib.names().count(),
+                lib.root.display(),
+                types.join(", ")
+            );
+        }
+        Err(e) => println!("specs:          error: {e}"),
+    }
+    match runtime::default_model() {
+        Some(p) if p.exists() => println!("default model:  found {}", p.display()),
+        Some(p) => println!("default model:  missing ({})", p.display()),
+        None => println!("default model:  missing (run the setup: make setup)"),
+    }
+    Ok(if binding {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
