@@ -40,6 +40,9 @@ enum Command {
         #[arg(long)]
         spec: Option<String>,
     },
+    /// Porting tools: node-by-node diffs, spec drafts, coverage.
+    #[command(subcommand)]
+    Port(PortCommand),
     /// Check golden cases (default: every case under goldens/) against the engine.
     Golden {
         /// Case folders to check.
@@ -69,6 +72,48 @@ enum SpecCommand {
         spec: String,
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Dump the validated, expanded graph for a config (ops, layouts, weights).
+    Dump {
+        spec: String,
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PortCommand {
+    /// Compare the engine with a golden case node by node; exit 1 on divergence.
+    Diff {
+        /// Golden case folder (meta.json, golden.safetensors).
+        #[arg(long)]
+        golden: PathBuf,
+        /// Model directory (default: the golden's own model/).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Spec name or file (default: chosen by the config's model_type).
+        #[arg(long)]
+        spec: Option<String>,
+        /// Also write a self-contained HTML report here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Draft a spec for a checkpoint from its config and weight names.
+    Scaffold {
+        #[arg(long)]
+        model: PathBuf,
+        /// Write the draft here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Table of mlx-lm model types: claimed by a spec? golden passing?
+    Coverage {
+        /// Write Markdown here (e.g. docs/coverage.md) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The installed mlx_lm package folder (default: found in .venv).
+        #[arg(long)]
+        mlx_lm: Option<PathBuf>,
     },
 }
 
@@ -134,6 +179,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", graph::to_dot(&g, &s));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Spec(SpecCommand::Dump { spec, config }) => {
+            let (_, g) = expand(&cli.specs, &spec, &config)?;
+            print!("{}", graph::dump(&g));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Port(cmd) => port(&cli.specs, cmd),
         Command::Spec(SpecCommand::Taps { spec, config }) => {
             let (_, g) = expand(&cli.specs, &spec, &config)?;
             for name in g.tap_names() {
@@ -147,6 +198,78 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spec,
         } => logits(&cli.specs, &model, &tokens, spec.as_deref()),
         Command::Golden { cases } => golden(&cli.specs, cases),
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
+    let lib = library(specs)?;
+    match cmd {
+        PortCommand::Diff {
+            golden,
+            model,
+            spec,
+            html,
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => lmspec::port::golden::Golden::load(&golden)?.model_dir(),
+            };
+            let report = lmspec::port::diff::diff(&model, &golden, &lib, spec.as_deref(), None)?;
+            print!("{}", report.table());
+            if let Some(path) = html {
+                std::fs::write(&path, lmspec::port::report::html(&report))
+                    .with_context(|| path.display().to_string())?;
+                println!("report written to {}", path.display());
+            }
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PortCommand::Scaffold { model, out } => {
+            let draft = lmspec::port::scaffold::scaffold(&model, &lib)?;
+            eprintln!("spec ranking by weight-inventory fit:");
+            for f in &draft.ranking {
+                match &f.error {
+                    Some(e) => eprintln!("  {:<10} cannot expand: {e}", f.spec),
+                    None => eprintln!("  {:<10} {:.3}", f.spec, f.score),
+                }
+            }
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &draft.yaml)
+                        .with_context(|| path.display().to_string())?;
+                    eprintln!("draft written to {}", path.display());
+                }
+                None => print!("{}", draft.yaml),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PortCommand::Coverage { out, mlx_lm } => {
+            let mlx_lm = match mlx_lm {
+                Some(p) => p,
+                None => lmspec::port::coverage::find_mlx_lm(&repo_root().join(".venv"))
+                    .ok_or_else(|| {
+                        anyhow!("mlx_lm not found in .venv; run `make setup` or pass --mlx-lm")
+                    })?,
+            };
+            let rows =
+                lmspec::port::coverage::coverage(&lib, &mlx_lm, &repo_root().join("goldens"))?;
+            let md = lmspec::port::coverage::markdown(&rows);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &md).with_context(|| path.display().to_string())?;
+                    println!("coverage written to {}", path.display());
+                }
+                None => print!("{md}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

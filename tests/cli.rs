@@ -120,3 +120,37 @@ fn errors_exit_nonzero_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/config.json"), "{err}");
 }
+
+#[test]
+fn structure_snapshots() {
+    let config = goldens().join("llama/model/config.json");
+    let config = config.to_str().expect("utf-8");
+    insta::assert_snapshot!(
+        "llama_ir_dump",
+        stdout(&["spec", "dump", "llama", "--config", config])
+    );
+    insta::assert_snapshot!("help", stdout(&["--help"]));
+    insta::assert_snapshot!("port_help", stdout(&["port", "--help"]));
+}
+
+#[test]
+fn error_text_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("malformed", "spec_version: 1\nconfig:\n  hidden_size: [int\n"),
+        ("unknown_op", "spec_version: 1\nextends: llama\nblocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {op: frobnicate, in: x}\n    output: up\n"),
+        ("dangling", "spec_version: 1\nextends: llama\nblocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {op: linear, in: y, weight: up_proj, out: hidden_size}\n    output: up\n"),
+        ("bad_expr", "spec_version: 1\nextends: llama\nconfig:\n  head_dim: {type: int, default: hidden_size //}\n"),
+    ];
+    let mut text = String::new();
+    for (name, body) in cases {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, body).expect("write");
+        let out = lmspec(&["spec", "check", file.to_str().expect("utf-8")]);
+        assert!(!out.status.success(), "{name} should fail");
+        let shown = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.push_str(&shown.replace(&dir.path().display().to_string(), "<tmp>"));
+    }
+    insta::assert_snapshot!("spec_error_texts", text);
+}

@@ -2,4 +2,5 @@
 mod bad_input;
 mod cli;
 mod golden;
+mod port;
 mod support;

@@ -819,3 +819,44 @@ pub fn to_dot(graph: &Graph, title: &str) -> String {
     out.push_str("}\n");
     out
 }
+
+/// A text dump of an expanded graph: one line per node with its op, inputs,
+/// output layout, evaluated parameters and the tensors it needs.
+pub fn dump(graph: &Graph) -> String {
+    let name = |s: &Src| match s {
+        Src::Tokens => TOKENS.to_string(),
+        Src::Node(k) => graph.nodes[*k].path.clone(),
+    };
+    let mut out = String::new();
+    for n in &graph.nodes {
+        let layout = match n.resolved.out.heads {
+            Some(h) => format!("[B, {h}, T, {}]", n.resolved.out.dim),
+            None => format!("[B, T, {}]", n.resolved.out.dim),
+        };
+        let ins: Vec<String> = n.inputs.iter().map(name).collect();
+        let params: Vec<String> = n
+            .params
+            .values
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        out.push_str(&format!(
+            "{} = {}({}) -> {layout}",
+            n.path,
+            n.op.name(),
+            ins.join(", ")
+        ));
+        if !params.is_empty() {
+            out.push_str(&format!(" {{{}}}", params.join(", ")));
+        }
+        for w in &n.resolved.weights {
+            out.push_str(&format!("\n    {} {:?}", w.tensor(), w.shape));
+        }
+        if let Some(c) = n.resolved.cache {
+            out.push_str(&format!("\n    state: {c:?}"));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!("output = {}\n", name(&graph.output)));
+    out
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use indexmap::IndexMap;
 use lmspec_engine::{Model, SpecLibrary};
 use mlx_rs::{Array, Dtype};
 
@@ -19,6 +20,9 @@ pub struct Golden {
     pub logits: Array,
     pub prefill_decode_logits: Array,
     pub greedy: Vec<i32>,
+    /// Named intermediate values (`tap.<name>` in the file), in forward
+    /// order when `meta.json` lists them.
+    pub taps: IndexMap<String, Array>,
 }
 
 fn ints(a: &Array) -> Result<Vec<i32>> {
@@ -42,12 +46,35 @@ impl Golden {
             t.remove(k)
                 .ok_or_else(|| anyhow!("{}: no tensor '{k}'", file.display()))
         };
+        let tokens = ints(&take("tokens")?)?;
+        let logits = take("logits")?;
+        let prefill_decode_logits = take("prefill_decode_logits")?;
+        let greedy = ints(&take("greedy")?)?;
+        let mut found: Vec<(String, Array)> = t
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("tap.").map(|n| (n.to_string(), v)))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut taps: IndexMap<String, Array> = IndexMap::new();
+        let listed = meta
+            .get("taps")
+            .and_then(|t| t.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for name in listed.iter().filter_map(|n| n.as_str()) {
+            if let Some(k) = found.iter().position(|(n, _)| n == name) {
+                let (n, a) = found.remove(k);
+                taps.insert(n, a);
+            }
+        }
+        taps.extend(found);
         Ok(Golden {
             dir: dir.to_path_buf(),
-            tokens: ints(&take("tokens")?)?,
-            logits: take("logits")?,
-            prefill_decode_logits: take("prefill_decode_logits")?,
-            greedy: ints(&take("greedy")?)?,
+            tokens,
+            logits,
+            prefill_decode_logits,
+            greedy,
+            taps,
             meta,
         })
     }
@@ -63,8 +90,12 @@ impl Golden {
         Ok(out)
     }
 
+    /// The golden's own model folder, or the one `meta.json` names.
     pub fn model_dir(&self) -> PathBuf {
-        self.dir.join("model")
+        match self.meta.get("model_dir").and_then(|d| d.as_str()) {
+            Some(d) if !self.dir.join("model").exists() => PathBuf::from(d),
+            _ => self.dir.join("model"),
+        }
     }
 
     /// The tolerance the case is held to.

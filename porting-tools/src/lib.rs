@@ -1,4 +1,9 @@
 //! lmspec porting tools: golden cases made by mlx-lm, tensor comparison with
-//! named tolerance levels.
+//! named tolerance levels, node-by-node diffs with reports, spec scaffolding
+//! and the coverage table.
+pub mod coverage;
+pub mod diff;
 pub mod golden;
+pub mod report;
+pub mod scaffold;
 pub mod tolerance;

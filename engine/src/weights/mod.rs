@@ -25,10 +25,11 @@ pub struct Checkpoint {
     pub tensors: IndexMap<String, Array>,
 }
 
-/// Reads the safetensors of a model directory.
-pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
+/// The safetensors files of a model directory and the file named in errors
+/// (the index when sharded, else `model.safetensors`).
+pub fn safetensors_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     let index = dir.join("model.safetensors.index.json");
-    let (file, files) = if index.exists() {
+    if index.exists() {
         let text = read_to_string(&index)?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
             file: index.clone(),
@@ -48,35 +49,41 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
                 files.push(f);
             }
         }
-        (index, files)
-    } else {
-        let single = dir.join("model.safetensors");
-        let mut files: Vec<PathBuf> = Vec::new();
-        if single.exists() {
-            files.push(single.clone());
-        } else if let Ok(rd) = std::fs::read_dir(dir) {
-            files = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            files.sort();
+        for f in &files {
+            if !f.exists() {
+                return Err(Error::Weights {
+                    file: index.clone(),
+                    msg: format!("shard {} is missing", f.display()),
+                });
+            }
         }
-        if files.is_empty() {
-            return Err(Error::Weights {
-                file: dir.to_path_buf(),
-                msg: "no model.safetensors, index or *.safetensors files".into(),
-            });
-        }
-        (single, files)
-    };
+        return Ok((index, files));
+    }
+    let single = dir.join("model.safetensors");
+    let mut files: Vec<PathBuf> = Vec::new();
+    if single.exists() {
+        files.push(single.clone());
+    } else if let Ok(rd) = std::fs::read_dir(dir) {
+        files = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+    }
+    if files.is_empty() {
+        return Err(Error::Weights {
+            file: dir.to_path_buf(),
+            msg: "no model.safetensors, index or *.safetensors files".into(),
+        });
+    }
+    Ok((single, files))
+}
+
+/// Reads the safetensors of a model directory.
+pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
+    let (file, files) = safetensors_files(dir)?;
     let mut tensors = IndexMap::new();
     for f in files {
-        if !f.exists() {
-            return Err(Error::Weights {
-                file: file.clone(),
-                msg: format!("shard {} is missing", f.display()),
-            });
-        }
         let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
             file: f.clone(),
             msg: format!("cannot read safetensors: {e}"),
@@ -86,6 +93,48 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
         tensors.extend(names);
     }
     Ok(Checkpoint { file, tensors })
+}
+
+/// Tensor names and shapes of a model directory, read from the safetensors
+/// headers only (no tensor data).
+pub fn read_shapes(dir: &Path) -> Result<IndexMap<String, Vec<i64>>> {
+    use std::io::Read;
+    let (_, files) = safetensors_files(dir)?;
+    let mut out = IndexMap::new();
+    for f in files {
+        let bad = |msg: String| Error::Weights {
+            file: f.clone(),
+            msg,
+        };
+        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100_000_000 {
+            return Err(bad(format!("header length {len} is not plausible")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| bad(format!("truncated header: {e}")))?;
+        let json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let mut names: Vec<(String, Vec<i64>)> = json
+            .into_iter()
+            .filter(|(k, _)| k != "__metadata__")
+            .map(|(k, v)| {
+                let shape = v
+                    .get("shape")
+                    .and_then(|s| s.as_array())
+                    .map(|s| s.iter().filter_map(|d| d.as_i64()).collect())
+                    .unwrap_or_default();
+                (k, shape)
+            })
+            .collect();
+        names.sort();
+        out.extend(names);
+    }
+    Ok(out)
 }
 
 /// Quantization settings from `config.json`'s `quantization` block.

@@ -113,18 +113,18 @@ fn match_from(parts: &[Part], s: &str, caps: &mut IndexMap<String, String>) -> b
 
 /// Tensors after the rules, and the ties that were made (target, source).
 #[derive(Debug)]
-pub struct Applied {
-    pub tensors: IndexMap<String, Array>,
+pub struct Applied<T = Array> {
+    pub tensors: IndexMap<String, T>,
     pub ties: Vec<(String, String)>,
 }
 
-/// Applies rules in order to a name -> tensor map. `truthy` evaluates a
-/// rule's `when` condition.
-pub fn apply(
+/// Applies rules in order to a name -> tensor map (or any name -> value map,
+/// e.g. shapes read from headers). `truthy` evaluates a rule's `when`.
+pub fn apply<T: Clone>(
     rules: &[&RawRule],
-    mut tensors: IndexMap<String, Array>,
+    mut tensors: IndexMap<String, T>,
     truthy: &dyn Fn(&serde_yaml::Value) -> Result<bool, String>,
-) -> Result<Applied, String> {
+) -> Result<Applied<T>, String> {
     let mut ties = Vec::new();
     for rule in rules {
         match rule {
@@ -165,7 +165,7 @@ pub fn apply(
                 let tprefix = format!("{target}.");
                 let sprefix = format!("{source}.");
                 tensors.retain(|k, _| !k.starts_with(&tprefix));
-                let tied: Vec<(String, Array)> = tensors
+                let tied: Vec<(String, T)> = tensors
                     .iter()
                     .filter_map(|(k, v)| {
                         k.strip_prefix(&sprefix)

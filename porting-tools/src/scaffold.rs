@@ -1,0 +1,306 @@
+//! `port scaffold`: draft a spec for a checkpoint of an architecture lmspec
+//! lacks. Reads only `config.json` and the safetensors headers, ranks the
+//! existing specs by how exactly their weight inventory fits, then searches
+//! the best specs' boolean config switches (biases, q/k norms, ties...) for
+//! the setting that fits best, and writes a draft that extends the winner.
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use indexmap::IndexMap;
+use lmspec_engine::graph;
+use lmspec_engine::model::{expand_for, read_config};
+use lmspec_engine::spec::expr::Value;
+use lmspec_engine::weights::{read_shapes, rules};
+use lmspec_engine::{Spec, SpecLibrary};
+
+/// How well one spec (with some switches set) fits the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Fit {
+    pub spec: String,
+    /// Matched tensors / (needed + unused).
+    pub score: f64,
+    pub overrides: Vec<(String, bool)>,
+    pub missing: Vec<String>,
+    pub unused: Vec<String>,
+    pub mismatched: Vec<String>,
+    /// Why the spec could not be expanded for this config, if it could not.
+    pub error: Option<String>,
+}
+
+/// A drafted spec and what is left for its author.
+#[derive(Debug)]
+pub struct Draft {
+    pub model_type: String,
+    pub best: Fit,
+    /// Every spec's fit before switch search, best first.
+    pub ranking: Vec<Fit>,
+    /// Top-level config keys the drafted spec reads from nowhere.
+    pub unread_config_keys: Vec<String>,
+    pub yaml: String,
+}
+
+fn evaluate(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+    shapes: &IndexMap<String, Vec<i64>>,
+) -> Fit {
+    let mut fit = Fit {
+        spec: spec.name.clone(),
+        score: 0.0,
+        overrides: Vec::new(),
+        missing: Vec::new(),
+        unused: Vec::new(),
+        mismatched: Vec::new(),
+        error: None,
+    };
+    let (bound, g) = match expand_for(spec, config, config_file) {
+        Ok(x) => x,
+        Err(e) => {
+            fit.error = Some(e.to_string());
+            return fit;
+        }
+    };
+    let rule_refs: Vec<_> = spec.rules.iter().map(|r| &r.item).collect();
+    let truthy = |v: &serde_yaml::Value| graph::eval_bool(v, &bound);
+    let applied = match rules::apply(&rule_refs, shapes.clone(), &truthy) {
+        Ok(a) => a,
+        Err(e) => {
+            fit.error = Some(e);
+            return fit;
+        }
+    };
+    let have = applied.tensors;
+    let mut used: HashSet<String> = HashSet::new();
+    let mut needed = 0usize;
+    let mut matched = 0usize;
+    for node in &g.nodes {
+        for req in &node.resolved.weights {
+            needed += 1;
+            let name = req.tensor();
+            let scales = format!("{}.scales", req.module);
+            match have.get(&name) {
+                None => fit.missing.push(name),
+                Some(_) if req.quantizable && have.contains_key(&scales) => {
+                    matched += 1;
+                    used.extend([name, scales, format!("{}.biases", req.module)]);
+                }
+                Some(shape) if *shape == req.shape => {
+                    matched += 1;
+                    used.insert(name);
+                }
+                Some(shape) => {
+                    fit.mismatched.push(format!(
+                        "{name}: checkpoint {shape:?}, spec {:?}",
+                        req.shape
+                    ));
+                    used.insert(name);
+                }
+            }
+        }
+    }
+    fit.missing.sort();
+    fit.missing.dedup();
+    fit.unused = have
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
+    let total = needed + fit.unused.len();
+    fit.score = if total == 0 {
+        0.0
+    } else {
+        matched as f64 / total as f64
+    };
+    fit
+}
+
+/// Current values of the spec's boolean config entries for this config.
+fn bool_switches(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+) -> Vec<(String, bool)> {
+    let Ok((bound, _)) = expand_for(spec, config, config_file) else {
+        return Vec::new();
+    };
+    spec.config
+        .iter()
+        .filter(|(_, d)| d.item.ty == "bool")
+        .filter_map(|(k, _)| match bound.get(k) {
+            Some(Value::Bool(b)) => Some((k.clone(), *b)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn with_overrides(spec: &Spec, overrides: &[(String, bool)]) -> Spec {
+    let mut s = spec.clone();
+    for (name, v) in overrides {
+        if let Some(def) = s.config.get_mut(name) {
+            def.item.value = Some(serde_yaml::Value::Bool(*v));
+        }
+    }
+    s
+}
+
+/// Greedy search over boolean switches: flip the one that helps most until
+/// nothing helps.
+fn search(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+    shapes: &IndexMap<String, Vec<i64>>,
+) -> Fit {
+    let mut overrides: Vec<(String, bool)> = Vec::new();
+    let mut best = evaluate(spec, config, config_file, shapes);
+    let switches = bool_switches(spec, config, config_file);
+    loop {
+        let mut improved: Option<(Fit, Vec<(String, bool)>)> = None;
+        for (name, current) in &switches {
+            if overrides.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let mut trial = overrides.clone();
+            trial.push((name.clone(), !current));
+            let fit = evaluate(&with_overrides(spec, &trial), config, config_file, shapes);
+            let bar = improved.as_ref().map_or(best.score, |(f, _)| f.score);
+            if fit.error.is_none() && fit.score > bar {
+                improved = Some((fit, trial));
+            }
+        }
+        match improved {
+            Some((fit, trial)) => {
+                best = fit;
+                overrides = trial;
+            }
+            None => break,
+        }
+    }
+    best.overrides = overrides;
+    best
+}
+
+fn yaml_list(title: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        return format!("# {title}: none\n");
+    }
+    let mut s = format!("# {title}:\n");
+    for i in items {
+        s.push_str(&format!("#   - {i}\n"));
+    }
+    s
+}
+
+/// Drafts a spec for the checkpoint in `model_dir`.
+pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
+    let (config_file, config) = read_config(model_dir)?;
+    let shapes = read_shapes(model_dir)?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|m| m.as_str())
+        .ok_or_else(|| anyhow!("{}: no model_type", config_file.display()))?
+        .to_string();
+    let specs: Vec<Spec> = lib
+        .names()
+        .map(|n| lib.load(n))
+        .collect::<Result<_, _>>()
+        .context("loading the spec library")?;
+    let mut ranking: Vec<Fit> = specs
+        .iter()
+        .map(|s| evaluate(s, &config, &config_file, &shapes))
+        .collect();
+    ranking.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut best: Option<Fit> = None;
+    for fit in ranking.iter().take(3).filter(|f| f.error.is_none()) {
+        let spec = specs
+            .iter()
+            .find(|s| s.name == fit.spec)
+            .expect("ranked from specs");
+        let searched = search(spec, &config, &config_file, &shapes);
+        if best.as_ref().is_none_or(|b| searched.score > b.score) {
+            best = Some(searched);
+        }
+    }
+    let best = best.ok_or_else(|| {
+        let reasons: Vec<String> = ranking
+            .iter()
+            .map(|f| format!("{}: {}", f.spec, f.error.clone().unwrap_or_default()))
+            .collect();
+        anyhow!(
+            "no spec could be expanded for this config:\n  {}",
+            reasons.join("\n  ")
+        )
+    })?;
+    let base = specs
+        .iter()
+        .find(|s| s.name == best.spec)
+        .expect("best is a spec");
+    let read: HashSet<String> = base
+        .config
+        .iter()
+        .flat_map(|(k, d)| {
+            let keys = d
+                .item
+                .from
+                .as_ref()
+                .map(|f| f.to_vec())
+                .filter(|v| !v.is_empty());
+            keys.unwrap_or_else(|| vec![k.clone()])
+        })
+        .map(|k| k.split('.').next().unwrap_or_default().to_string())
+        .collect();
+    let mut unread: Vec<String> = config
+        .as_object()
+        .map(|o| {
+            o.keys()
+                .filter(|k| !read.contains(*k) && *k != "model_type")
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    unread.sort();
+    let first = ranking
+        .iter()
+        .find(|f| f.spec == best.spec)
+        .map_or(0.0, |f| f.score);
+    let mut yaml = format!(
+        "# Draft spec written by `lmspec port scaffold` for {}.\n\
+         # Nearest spec: {} (weight inventory fit {:.3}; {:.3} with the switches below).\n\
+         # Check it with: lmspec port diff --golden <case> --spec <this file>\n\
+         spec_version: 1\nname: {mt}\nextends: {}\nmodel_types: [{mt}]\n",
+        model_dir.display(),
+        best.spec,
+        first,
+        best.score,
+        best.spec,
+        mt = model_type,
+    );
+    if !best.overrides.is_empty() {
+        yaml.push_str("config:\n");
+        for (name, v) in &best.overrides {
+            yaml.push_str(&format!("  {name}: {{type: bool, value: {v}}}\n"));
+        }
+    }
+    yaml.push_str(&yaml_list(
+        "config keys the spec does not read (check whether they matter)",
+        &unread,
+    ));
+    yaml.push_str(&yaml_list(
+        "tensors the spec needs that the checkpoint lacks",
+        &best.missing,
+    ));
+    yaml.push_str(&yaml_list(
+        "checkpoint tensors the spec does not use",
+        &best.unused,
+    ));
+    yaml.push_str(&yaml_list("tensors whose shape differs", &best.mismatched));
+    Ok(Draft {
+        model_type,
+        best,
+        ranking,
+        unread_config_keys: unread,
+        yaml,
+    })
+}
