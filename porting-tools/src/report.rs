@@ -6,8 +6,10 @@ use indexmap::IndexMap;
 
 use crate::diff::DiffReport;
 
-const PALETTE: [&str; 8] = [
+const PALETTE: [&str; 20] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+    "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d",
+    "#31a354", "#756bb1", "#636363", "#9c9ede",
 ];
 
 fn escape(s: &str) -> String {
