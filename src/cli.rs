@@ -40,6 +40,22 @@ enum Command {
         #[arg(long)]
         spec: Option<String>,
     },
+    /// Generate text (chat-templated by default) with a model.
+    Generate {
+        #[command(flatten)]
+        gen: GenArgs,
+        /// The prompt (a user message unless --raw).
+        #[arg(long, short)]
+        prompt: String,
+        /// Feed the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Chat on the terminal: one user message per line, empty line or EOF ends.
+    Chat {
+        #[command(flatten)]
+        gen: GenArgs,
+    },
     /// Porting tools: node-by-node diffs, spec drafts, coverage.
     #[command(subcommand)]
     Port(PortCommand),
@@ -48,6 +64,155 @@ enum Command {
         /// Case folders to check.
         cases: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct GenArgs {
+    /// Model directory or .gguf file (default: the SmolLM2 GGUF installed by the setup).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// System instructions.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep at most this many positions in the KV cache (rotating).
+    #[arg(long)]
+    max_kv_size: Option<i32>,
+    /// Quantize the KV cache to this many bits.
+    #[arg(long)]
+    kv_bits: Option<i32>,
+    #[arg(long, default_value_t = 64)]
+    kv_group_size: i32,
+    #[arg(long, default_value_t = 5000)]
+    quantized_kv_start: i32,
+    #[arg(long, default_value_t = 2048)]
+    prefill_step_size: usize,
+    /// Extra text that ends generation (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Enable the template's thinking mode (`enable_thinking`).
+    #[arg(long)]
+    thinking: Option<bool>,
+}
+
+impl GenArgs {
+    fn params(&self) -> lmspec::engine::generate::GenerateParams {
+        use lmspec::engine::generate::GenerateParams;
+        use lmspec::engine::sampling::{ProcessorParams, SamplingParams};
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temp,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                min_p: self.min_p,
+                seed: self.seed,
+                ..Default::default()
+            },
+            processors: ProcessorParams {
+                repetition_penalty: self.repetition_penalty,
+                ..Default::default()
+            },
+            prefill_step_size: self.prefill_step_size,
+            cache: lmspec::engine::cache::CacheOptions {
+                max_kv_size: self.max_kv_size,
+            },
+            kv_bits: self.kv_bits,
+            kv_group_size: self.kv_group_size,
+            quantized_kv_start: self.quantized_kv_start,
+            stop_strings: self.stop.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => runtime::default_model()
+                .filter(|p| p.exists())
+                .ok_or_else(|| anyhow!("no --model given and the default model is not installed (run `make setup`)")),
+        }
+    }
+
+    fn context(&self) -> lmspec::engine::template::ChatContext {
+        let mut ctx = lmspec::engine::template::ChatContext {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        if let Some(t) = self.thinking {
+            ctx.extra.insert("enable_thinking".into(), t.into());
+        }
+        ctx
+    }
+}
+
+fn print_event(e: lmspec::engine::generate::Event) {
+    use std::io::Write;
+    match e {
+        lmspec::engine::generate::Event::Text(t) => {
+            print!("{t}");
+            let _ = std::io::stdout().flush();
+        }
+        lmspec::engine::generate::Event::Info(i) => eprintln!(
+            "\n[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | peak memory {:.1} MB | stop: {:?}]",
+            i.prompt_tokens,
+            i.prompt_tps,
+            i.generated_tokens,
+            i.generation_tps,
+            i.peak_memory_bytes as f64 / 1e6,
+            i.stop
+        ),
+        lmspec::engine::generate::Event::PromptProgress(..) => {}
+    }
+}
+
+fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
+    let lib = library(specs)?;
+    let lm = lmspec::engine::LanguageModel::load_with(&gen.model_path()?, &lib, None)?;
+    let ids = if raw {
+        lm.tokenizer.encode(prompt)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &gen.system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": prompt}));
+        lm.chat_prompt(&serde_json::Value::Array(messages), &gen.context())?
+    };
+    lm.generate(&ids, &gen.params(), None, None, &mut print_event)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
+    use std::io::BufRead;
+    let lib = library(specs)?;
+    let lm = lmspec::engine::LanguageModel::load_with(&gen.model_path()?, &lib, None)?;
+    let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
+    session.context = gen.context();
+    eprintln!("chatting with {} (empty line to quit)", lm.path.display());
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            break;
+        }
+        session.respond_stream(&line, None, &mut print_event)?;
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +350,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
+        Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
+        Command::Chat { gen } => chat(&cli.specs, &gen),
         Command::Spec(SpecCommand::Taps { spec, config }) => {
             let (_, g) = expand(&cli.specs, &spec, &config)?;
             for name in g.tap_names() {

@@ -1,5 +1,7 @@
 //! Per-op state kept between forward calls. Ops declare the kind they need
-//! (see `Resolved::cache`); a model's cache is derived from its plan.
+//! (see `Resolved::cache`); a model's cache is derived from its plan, with
+//! options choosing the attention cache flavour (standard, rotating window,
+//! quantized) as mlx-lm's `make_prompt_cache` / `maybe_quantize_kv_cache` do.
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp, TryIndexUpdateOp, UpdateMode};
 use mlx_rs::Array;
@@ -7,21 +9,119 @@ use mlx_rs::Array;
 /// A kind of state an op declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheKind {
-    /// Keys and values of every position so far, grown in steps.
+    /// Keys and values of the positions so far.
     Kv,
 }
 
+/// How attention caches are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Keep at most this many positions (a rotating window that pins the
+    /// first 4 tokens), as mlx-lm's `max_kv_size`.
+    pub max_kv_size: Option<i32>,
+}
+
+/// Positions a rotating cache made from `max_kv_size` always keeps.
+pub const ROTATING_KEEP: i32 = 4;
+
 impl CacheKind {
-    pub fn create(self) -> CacheState {
-        match self {
-            CacheKind::Kv => CacheState::Kv(KvCache::default()),
+    pub fn create(self, opts: CacheOptions) -> CacheState {
+        match (self, opts.max_kv_size) {
+            (CacheKind::Kv, Some(max)) => {
+                CacheState::Rotating(RotatingKvCache::new(max, ROTATING_KEEP))
+            }
+            (CacheKind::Kv, None) => CacheState::Kv(KvCache::default()),
         }
     }
+}
+
+/// The mask attention needs for a call of `t` new positions.
+#[derive(Debug)]
+pub enum Mask {
+    None,
+    Causal,
+    /// Boolean [t, keys]: true where attention is allowed.
+    Array(Array),
+}
+
+/// Keys and values for attention, dense or quantized (data, scales, biases).
+#[derive(Debug)]
+pub enum KvView {
+    Dense(Array, Array),
+    Quantized {
+        keys: [Array; 3],
+        values: [Array; 3],
+        group_size: i32,
+        bits: i32,
+    },
 }
 
 #[derive(Debug)]
 pub enum CacheState {
     Kv(KvCache),
+    Rotating(RotatingKvCache),
+    Quantized(QuantizedKvCache),
+}
+
+impl CacheState {
+    /// Positions processed so far.
+    pub fn offset(&self) -> i32 {
+        match self {
+            CacheState::Kv(c) => c.offset,
+            CacheState::Rotating(c) => c.offset,
+            CacheState::Quantized(c) => c.offset,
+        }
+    }
+
+    /// The mask for a call of `t` positions, decided before the update.
+    pub fn mask(&self, t: i32) -> Result<Mask, Exception> {
+        match self {
+            CacheState::Rotating(c) => c.mask(t),
+            _ if t > 1 => Ok(Mask::Causal),
+            _ => Ok(Mask::None),
+        }
+    }
+
+    /// Stores new keys/values ([B, H, T, D]) and returns all keys/values.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<KvView, Exception> {
+        match self {
+            CacheState::Kv(c) => c
+                .update_and_fetch(keys, values)
+                .map(|(k, v)| KvView::Dense(k, v)),
+            CacheState::Rotating(c) => c
+                .update_and_fetch(keys, values)
+                .map(|(k, v)| KvView::Dense(k, v)),
+            CacheState::Quantized(c) => c.update_and_fetch(keys, values),
+        }
+    }
+}
+
+fn exception(e: impl std::fmt::Display) -> Exception {
+    Exception::custom(e.to_string())
+}
+
+/// `x[..., a:b, :]` on the sequence axis.
+fn seq(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
+    x.try_index(&[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..])
+}
+
+/// `x[..., a:b, :] = update`, returning the new array.
+fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Exception> {
+    x.try_index_update(
+        &[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..],
+        update,
+        UpdateMode::Replace,
+    )
+    .map_err(exception)
+}
+
+fn cat(parts: &[&Array]) -> Result<Array, Exception> {
+    mlx_rs::ops::concatenate(parts, 2)
+}
+
+fn zeros_like_steps(x: &Array, steps: i32) -> Result<Array, Exception> {
+    let s = x.shape();
+    mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps, s[3]], x.dtype())
 }
 
 /// Grows its buffers `STEP` positions at a time, as mlx-lm's `KVCache` does,
@@ -40,7 +140,6 @@ impl KvCache {
         self.offset
     }
 
-    /// Appends `keys`/`values` ([B, H, T, D]) and returns everything so far.
     pub fn update_and_fetch(
         &mut self,
         keys: &Array,
@@ -50,44 +149,26 @@ impl KvCache {
         let prev = self.offset;
         let capacity = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
         if self.keys.is_none() || prev + t > capacity {
-            let steps = (Self::STEP + t - 1) / Self::STEP;
+            let steps = (Self::STEP + t - 1) / Self::STEP * Self::STEP;
             let grow = |x: &Array, old: Option<&Array>| -> Result<Array, Exception> {
-                let s = x.shape();
-                let fresh =
-                    mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps * Self::STEP, s[3]], x.dtype())?;
+                let fresh = zeros_like_steps(x, steps)?;
                 match old {
                     None => Ok(fresh),
-                    Some(old) => {
-                        let old = if prev % Self::STEP != 0 {
-                            upto(old, prev)?
-                        } else {
-                            old.clone()
-                        };
-                        mlx_rs::ops::concatenate(&[&old, &fresh], 2)
-                    }
+                    Some(old) if prev % Self::STEP != 0 => cat(&[&seq(old, 0, prev)?, &fresh]),
+                    Some(old) => cat(&[old, &fresh]),
                 }
             };
             self.keys = Some(grow(keys, self.keys.as_ref())?);
             self.values = Some(grow(values, self.values.as_ref())?);
         }
         self.offset += t;
-        let window = [
-            Ellipsis.index_op(),
-            (prev..self.offset).index_op(),
-            (..).index_op(),
-        ];
-        let (k, v) = match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => (k, v),
-            _ => unreachable!("buffers allocated above"),
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("buffers allocated above")
         };
-        let k = k
-            .try_index_update(&window[..], keys, UpdateMode::Replace)
-            .map_err(|e| Exception::custom(e.to_string()))?;
-        let v = v
-            .try_index_update(&window[..], values, UpdateMode::Replace)
-            .map_err(|e| Exception::custom(e.to_string()))?;
+        let k = seq_update(k, prev, self.offset, keys)?;
+        let v = seq_update(v, prev, self.offset, values)?;
         let out = if self.offset < k.shape()[2] {
-            (upto(&k, self.offset)?, upto(&v, self.offset)?)
+            (seq(&k, 0, self.offset)?, seq(&v, 0, self.offset)?)
         } else {
             (k.clone(), v.clone())
         };
@@ -95,11 +176,279 @@ impl KvCache {
         self.values = Some(v);
         Ok(out)
     }
+
+    /// The same cache with keys/values quantized (mlx-lm `to_quantized`).
+    pub fn to_quantized(&self, group_size: i32, bits: i32) -> Result<QuantizedKvCache, Exception> {
+        let q = |x: &Option<Array>| -> Result<Option<[Array; 3]>, Exception> {
+            x.as_ref()
+                .map(|a| mlx_rs::ops::quantize(a, group_size, bits).map(|(w, s, b)| [w, s, b]))
+                .transpose()
+        };
+        Ok(QuantizedKvCache {
+            keys: q(&self.keys)?,
+            values: q(&self.values)?,
+            offset: self.offset,
+            group_size,
+            bits,
+        })
+    }
 }
 
-/// `x[..., :n, :]`
-fn upto(x: &Array, n: i32) -> Result<Array, Exception> {
-    x.try_index(&[Ellipsis.index_op(), (..n).index_op(), (..).index_op()][..])
+/// A sliding window over the last `max_size` positions that always keeps the
+/// first `keep`; mlx-lm's `RotatingKVCache` (multi-token calls concatenate in
+/// temporal order, single tokens write in place and rotate).
+#[derive(Debug)]
+pub struct RotatingKvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+    max_size: i32,
+    keep: i32,
+    idx: i32,
+}
+
+impl RotatingKvCache {
+    pub const STEP: i32 = 256;
+
+    pub fn new(max_size: i32, keep: i32) -> RotatingKvCache {
+        RotatingKvCache {
+            keys: None,
+            values: None,
+            offset: 0,
+            max_size,
+            keep,
+            idx: 0,
+        }
+    }
+
+    fn trim(&self, trim: i32, v: &Array, append: Option<&Array>) -> Result<Array, Exception> {
+        let mut parts: Vec<Array> = if trim > 0 {
+            let len = v.shape()[2];
+            vec![seq(v, 0, self.keep)?, seq(v, trim + self.keep, len)?]
+        } else {
+            vec![v.clone()]
+        };
+        if let Some(a) = append {
+            parts.push(a.clone());
+        }
+        let refs: Vec<&Array> = parts.iter().collect();
+        cat(&refs)
+    }
+
+    fn temporal_order(&self, v: &Array) -> Result<Array, Exception> {
+        let len = v.shape()[2];
+        if self.idx == len {
+            Ok(v.clone())
+        } else if self.idx < self.offset {
+            cat(&[
+                &seq(v, 0, self.keep)?,
+                &seq(v, self.idx, len)?,
+                &seq(v, self.keep, self.idx)?,
+            ])
+        } else {
+            seq(v, 0, self.idx)
+        }
+    }
+
+    fn update_concat(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array), Exception> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => {
+                let k = self.temporal_order(k)?;
+                let v = self.temporal_order(v)?;
+                self.idx = k.shape()[2];
+                let trim = self.idx - self.max_size + 1;
+                self.keys = Some(self.trim(trim, &k, Some(keys))?);
+                self.values = Some(self.trim(trim, &v, Some(values))?);
+            }
+            _ => {
+                self.keys = Some(keys.clone());
+                self.values = Some(values.clone());
+            }
+        }
+        self.offset += keys.shape()[2];
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("set above")
+        };
+        self.idx = k.shape()[2];
+        Ok((k.clone(), v.clone()))
+    }
+
+    fn update_in_place(
+        &mut self,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array), Exception> {
+        let s = keys.shape()[2];
+        let prev = self.offset;
+        let len = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
+        if self.keys.is_none() || (prev >= len && len < self.max_size) {
+            let new_size = Self::STEP.min(self.max_size - prev);
+            let nk = zeros_like_steps(keys, new_size)?;
+            let nv = zeros_like_steps(values, new_size)?;
+            match (&self.keys, &self.values) {
+                (Some(k), Some(v)) => {
+                    self.keys = Some(cat(&[k, &nk])?);
+                    self.values = Some(cat(&[v, &nv])?);
+                }
+                _ => {
+                    self.keys = Some(nk);
+                    self.values = Some(nv);
+                }
+            }
+            self.idx = prev;
+        }
+        let (Some(k), Some(v)) = (self.keys.clone(), self.values.clone()) else {
+            unreachable!("allocated above")
+        };
+        let trim = k.shape()[2] - self.max_size;
+        let (k, v) = if trim > 0 {
+            self.idx = self.max_size;
+            (self.trim(trim, &k, None)?, self.trim(trim, &v, None)?)
+        } else {
+            (k, v)
+        };
+        if self.idx == self.max_size {
+            self.idx = self.keep;
+        }
+        let k = seq_update(&k, self.idx, self.idx + s, keys)?;
+        let v = seq_update(&v, self.idx, self.idx + s, values)?;
+        self.offset += s;
+        self.idx += s;
+        let out = if self.offset < k.shape()[2] {
+            (seq(&k, 0, self.offset)?, seq(&v, 0, self.offset)?)
+        } else {
+            (k.clone(), v.clone())
+        };
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(out)
+    }
+
+    pub fn update_and_fetch(
+        &mut self,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array), Exception> {
+        if keys.shape()[2] == 1 {
+            self.update_in_place(keys, values)
+        } else {
+            self.update_concat(keys, values)
+        }
+    }
+
+    /// mlx-lm's `make_mask` for the rotating cache (window = max_size).
+    fn mask(&self, t: i32) -> Result<Mask, Exception> {
+        if t <= 1 {
+            return Ok(Mask::None);
+        }
+        let window = self.max_size;
+        let offset = (self.max_size - 1).min(self.offset);
+        if offset + t <= window {
+            return Ok(Mask::Causal);
+        }
+        let cols = offset + t;
+        let mut allowed = Vec::with_capacity((t * cols) as usize);
+        for row in 0..t {
+            let l = offset + row;
+            for r in 0..cols {
+                allowed.push(l >= r && l < r + window);
+            }
+        }
+        Ok(Mask::Array(Array::from_slice(&allowed, &[t, cols])))
+    }
+}
+
+/// Keys and values stored MLX-affine-quantized along the head dimension
+/// (mlx-lm's `QuantizedKVCache`); attention runs through quantized matmuls.
+#[derive(Debug)]
+pub struct QuantizedKvCache {
+    keys: Option<[Array; 3]>,
+    values: Option<[Array; 3]>,
+    offset: i32,
+    group_size: i32,
+    bits: i32,
+}
+
+impl QuantizedKvCache {
+    pub const STEP: i32 = 256;
+
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<KvView, Exception> {
+        let shape = keys.shape().to_vec();
+        let (b, h, t) = (shape[0], shape[1], shape[2]);
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map_or(0, |k| k[0].shape()[2]);
+        if self.keys.is_none() || prev + t > capacity {
+            let per_int = 32 / self.bits;
+            let steps = (Self::STEP + t - 1) / Self::STEP * Self::STEP;
+            let g = self.group_size;
+            let init = |dim: i32, dtype| -> Result<[Array; 3], Exception> {
+                Ok([
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / per_int], mlx_rs::Dtype::Uint32)?,
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / g], dtype)?,
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / g], dtype)?,
+                ])
+            };
+            let expand = |old: &[Array; 3]| -> Result<[Array; 3], Exception> {
+                let grow = |x: &Array| -> Result<Array, Exception> {
+                    let x = if prev % Self::STEP != 0 {
+                        seq(x, 0, prev)?
+                    } else {
+                        x.clone()
+                    };
+                    let s = x.shape();
+                    let fresh = mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps, s[3]], x.dtype())?;
+                    cat(&[&x, &fresh])
+                };
+                Ok([grow(&old[0])?, grow(&old[1])?, grow(&old[2])?])
+            };
+            match (&self.keys, &self.values) {
+                (Some(k), Some(v)) => {
+                    self.keys = Some(expand(k)?);
+                    self.values = Some(expand(v)?);
+                }
+                _ => {
+                    self.keys = Some(init(shape[3], keys.dtype())?);
+                    self.values = Some(init(values.shape()[3], values.dtype())?);
+                }
+            }
+        }
+        self.offset += t;
+        let qk = mlx_rs::ops::quantize(keys, self.group_size, self.bits)?;
+        let qv = mlx_rs::ops::quantize(values, self.group_size, self.bits)?;
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("allocated above")
+        };
+        let put =
+            |buf: &[Array; 3], new: &(Array, Array, Array)| -> Result<[Array; 3], Exception> {
+                Ok([
+                    seq_update(&buf[0], prev, self.offset, &new.0)?,
+                    seq_update(&buf[1], prev, self.offset, &new.1)?,
+                    seq_update(&buf[2], prev, self.offset, &new.2)?,
+                ])
+            };
+        let k = put(k, &qk)?;
+        let v = put(v, &qv)?;
+        let view = |x: &[Array; 3]| -> Result<[Array; 3], Exception> {
+            if self.offset == x[0].shape()[2] {
+                Ok(x.clone())
+            } else {
+                Ok([
+                    seq(&x[0], 0, self.offset)?,
+                    seq(&x[1], 0, self.offset)?,
+                    seq(&x[2], 0, self.offset)?,
+                ])
+            }
+        };
+        let out = KvView::Quantized {
+            keys: view(&k)?,
+            values: view(&v)?,
+            group_size: self.group_size,
+            bits: self.bits,
+        };
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(out)
+    }
 }
 
 /// The state of every stateful op of a model, in plan order, plus the number
@@ -111,9 +460,9 @@ pub struct ModelCache {
 }
 
 impl ModelCache {
-    pub fn new(kinds: &[CacheKind]) -> ModelCache {
+    pub fn new(kinds: &[CacheKind], opts: CacheOptions) -> ModelCache {
         ModelCache {
-            slots: kinds.iter().map(|k| k.create()).collect(),
+            slots: kinds.iter().map(|k| k.create(opts)).collect(),
             offset: 0,
         }
     }
@@ -129,5 +478,63 @@ impl ModelCache {
 
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// Removes the last `n` positions, when every slot can (standard and
+    /// quantized caches can; a rotating one only before it wraps).
+    pub fn trim(&mut self, n: usize) -> bool {
+        let n = n as i32;
+        let ok = self.slots.iter().all(|s| match s {
+            CacheState::Rotating(c) => c.offset < c.max_size,
+            _ => true,
+        });
+        if !ok || n > self.offset {
+            return false;
+        }
+        for s in &mut self.slots {
+            match s {
+                CacheState::Kv(c) => c.offset -= n,
+                CacheState::Quantized(c) => c.offset -= n,
+                CacheState::Rotating(c) => {
+                    c.offset -= n;
+                    c.idx -= n;
+                }
+            }
+        }
+        self.offset -= n;
+        true
+    }
+
+    /// Converts standard KV caches to quantized ones once they hold at least
+    /// `start` positions (mlx-lm's `maybe_quantize_kv_cache`).
+    pub fn maybe_quantize(
+        &mut self,
+        start: i32,
+        group_size: i32,
+        bits: i32,
+    ) -> Result<(), Exception> {
+        for slot in &mut self.slots {
+            if let CacheState::Kv(c) = slot {
+                if c.offset >= start {
+                    *slot = CacheState::Quantized(c.to_quantized(group_size, bits)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Arrays holding the state, for evaluating it between prefill chunks.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            match s {
+                CacheState::Kv(c) => out.extend(c.keys.iter().chain(c.values.iter())),
+                CacheState::Rotating(c) => out.extend(c.keys.iter().chain(c.values.iter())),
+                CacheState::Quantized(c) => {
+                    out.extend(c.keys.iter().flatten().chain(c.values.iter().flatten()))
+                }
+            }
+        }
+        out
     }
 }

@@ -32,6 +32,12 @@ pub enum Error {
         model_type: String,
         known: Vec<String>,
     },
+    /// A tokenizer is missing or broken.
+    #[error("{}: tokenizer: {msg}", file.display())]
+    Tokenizer { file: PathBuf, msg: String },
+    /// A chat template failed to parse or render.
+    #[error("{}: chat template: {msg}", file.display())]
+    Template { file: PathBuf, msg: String },
     /// Reading a file failed.
     #[error("{}: {source}", path.display())]
     Io {

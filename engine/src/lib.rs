@@ -6,15 +6,22 @@
 //! [`Model`] is the public entry point.
 pub mod cache;
 pub mod error;
+pub mod generate;
+pub mod gguf;
 pub mod graph;
+pub mod lm;
 pub mod model;
 pub mod ops;
 pub mod plan;
 pub mod runtime;
+pub mod sampling;
 pub mod spec;
+pub mod template;
+pub mod tokenizer;
 pub mod weights;
 
 pub use cache::ModelCache;
 pub use error::{Error, Result};
+pub use lm::{ChatSession, LanguageModel, Message, ModelContainer};
 pub use model::Model;
 pub use spec::library::{Spec, SpecLibrary};

@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use mlx_rs::Array;
 
-use crate::cache::ModelCache;
+use crate::cache::{CacheOptions, ModelCache};
 use crate::error::{read_to_string, Error, Result};
+use crate::gguf::{GgufReader, GgufTokenizerData};
 use crate::graph::{self, Graph};
 use crate::plan::Plan;
 use crate::spec::config;
 use crate::spec::expr::Value;
 use crate::spec::library::{Spec, SpecLibrary};
+use crate::spec::raw::RawRule;
 use crate::weights::{self, rules, Quantization};
 
 /// A loaded model: spec, bound config, expanded graph and runnable plan.
@@ -22,6 +24,14 @@ pub struct Model {
     pub config: IndexMap<String, Value>,
     pub graph: Graph,
     plan: Plan,
+}
+
+/// Whether `path` names a GGUF file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// Reads `config.json` of a model directory.
@@ -72,30 +82,85 @@ pub fn expand_for(
 }
 
 impl Model {
-    /// Loads `dir` with the default spec library.
-    pub fn load(dir: &Path) -> Result<Model> {
-        Model::load_with(dir, &SpecLibrary::open_default()?, None)
+    /// Loads `path` (a model directory or a `.gguf` file) with the default
+    /// spec library.
+    pub fn load(path: &Path) -> Result<Model> {
+        Model::load_with(path, &SpecLibrary::open_default()?, None)
     }
 
-    /// Loads `dir` with `lib`, using `spec` (a name or a path) when given.
-    pub fn load_with(dir: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Model> {
-        let (config_file, json) = read_config(dir)?;
+    /// Loads `path` with `lib`, using `spec` (a name or a path) when given.
+    pub fn load_with(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Model> {
+        if is_gguf(path) {
+            return Ok(Model::load_gguf(path, lib, spec)?.0);
+        }
+        let (config_file, json) = read_config(path)?;
         let spec = resolve_spec(lib, &json, &config_file, spec)?;
-        let (bound, graph) = expand_for(&spec, &json, &config_file)?;
-        let checkpoint = weights::load_safetensors_dir(dir)?;
-        let rule_refs: Vec<_> = spec.rules.iter().map(|r| &r.item).collect();
+        let checkpoint = weights::load_safetensors_dir(path)?;
+        Model::assemble(
+            path,
+            spec,
+            &json,
+            &config_file,
+            checkpoint.tensors,
+            &checkpoint.file,
+            &[],
+        )
+    }
+
+    /// Loads a GGUF file; also returns what it holds besides the model
+    /// (tokenizer data, chat template).
+    pub fn load_gguf(
+        path: &Path,
+        lib: &SpecLibrary,
+        spec: Option<&str>,
+    ) -> Result<(Model, GgufTokenizerData)> {
+        let reader = GgufReader::open(path)?;
+        let spec = match spec {
+            Some(s) => lib.load(s)?,
+            None => lib.for_gguf_architecture(&reader.architecture()?, path)?,
+        };
+        let ckpt = reader.read(&spec)?;
+        let gguf_rules: Vec<RawRule> = spec
+            .gguf
+            .as_ref()
+            .map(|g| g.item.rules.clone())
+            .unwrap_or_default();
+        let model = Model::assemble(
+            path,
+            spec,
+            &ckpt.config,
+            path,
+            ckpt.tensors,
+            path,
+            &gguf_rules,
+        )?;
+        Ok((model, ckpt.tokenizer))
+    }
+
+    fn assemble(
+        path: &Path,
+        spec: Spec,
+        json: &serde_json::Value,
+        config_file: &Path,
+        tensors: IndexMap<String, Array>,
+        tensor_file: &Path,
+        first_rules: &[RawRule],
+    ) -> Result<Model> {
+        let (bound, graph) = expand_for(&spec, json, config_file)?;
+        let rule_refs: Vec<&RawRule> = first_rules
+            .iter()
+            .chain(spec.rules.iter().map(|r| &r.item))
+            .collect();
         let truthy = |v: &serde_yaml::Value| graph::eval_bool(v, &bound);
-        let applied = rules::apply(&rule_refs, checkpoint.tensors, &truthy).map_err(|msg| {
-            Error::Weights {
-                file: checkpoint.file.clone(),
-                msg: format!("weight rules of {}: {msg}", spec.file.display()),
-            }
+        let applied = rules::apply(&rule_refs, tensors, &truthy).map_err(|msg| Error::Weights {
+            file: tensor_file.to_path_buf(),
+            msg: format!("weight rules of {}: {msg}", spec.file.display()),
         })?;
-        let quant = Quantization::from_config(&json, &config_file)?.with_ties(applied.ties);
-        let params = weights::bind(&graph, &applied.tensors, &quant, &checkpoint.file)?;
+        let quant = Quantization::from_config(json, config_file)?.with_ties(applied.ties);
+        let params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
         let plan = Plan::build(&graph, params)?;
         Ok(Model {
-            dir: dir.to_path_buf(),
+            dir: path.to_path_buf(),
             spec,
             config: bound,
             graph,
@@ -105,7 +170,12 @@ impl Model {
 
     /// A fresh cache with the slots this model's ops declared.
     pub fn new_cache(&self) -> ModelCache {
-        ModelCache::new(self.plan.cache_kinds())
+        self.new_cache_with(CacheOptions::default())
+    }
+
+    /// A fresh cache with the given options (e.g. a rotating window).
+    pub fn new_cache_with(&self, opts: CacheOptions) -> ModelCache {
+        ModelCache::new(self.plan.cache_kinds(), opts)
     }
 
     /// Logits [B, T, vocab] for token ids [B, T] (or [T]). Without a cache,

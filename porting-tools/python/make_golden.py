@@ -163,6 +163,13 @@ CASES = [
         "model_type": "llama",
         "config": {"rope_scaling": {"type": "linear", "factor": 2.0}},
     },
+    # head_dim 32: a quantized KV cache (group size 32) needs head_dim
+    # divisible by the group size; used by make_generation_goldens.py.
+    {
+        "name": "llama_hd32",
+        "model_type": "llama",
+        "config": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
+    },
 ]
 
 

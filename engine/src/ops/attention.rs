@@ -8,7 +8,7 @@ use mlx_rs::Array;
 use super::{
     expect_heads, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved, ValueInfo,
 };
-use crate::cache::{CacheKind, CacheState};
+use crate::cache::{CacheKind, KvView, Mask};
 use crate::spec::config::Ty;
 
 #[derive(Debug)]
@@ -93,11 +93,91 @@ impl Op for AttentionOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let t = q.shape()[2];
-        let (k, v) = match ctx.cache.as_deref_mut() {
-            Some(CacheState::Kv(cache)) => cache.update_and_fetch(k, v)?,
-            None => (k.clone(), v.clone()),
+        let (mask, kv) = match ctx.cache.as_deref_mut() {
+            Some(cache) => (cache.mask(t)?, cache.update_and_fetch(k, v)?),
+            None => (
+                if t > 1 { Mask::Causal } else { Mask::None },
+                KvView::Dense(k.clone(), v.clone()),
+            ),
         };
-        let mask = (self.causal && t > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, self.scale, mask, None)
+        let mask = if self.causal { mask } else { Mask::None };
+        match kv {
+            KvView::Dense(k, v) => {
+                let m = match &mask {
+                    Mask::None => None,
+                    Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
+                    Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
+                };
+                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, self.scale, m, None)
+            }
+            KvView::Quantized {
+                keys,
+                values,
+                group_size,
+                bits,
+            } => quantized_attention(q, &keys, &values, self.scale, &mask, group_size, bits),
+        }
+    }
+}
+
+/// Attention over quantized keys/values: scores and output through
+/// `quantized_matmul`, precise softmax, as mlx-lm's quantized path.
+fn quantized_attention(
+    q: &Array,
+    keys: &[Array; 3],
+    values: &[Array; 3],
+    scale: f32,
+    mask: &Mask,
+    group_size: i32,
+    bits: i32,
+) -> Result<Array, Exception> {
+    let s = q.shape().to_vec();
+    let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
+    let hkv = keys[0].shape()[1];
+    let repeats = hq / hkv;
+    let mut q = mlx_rs::ops::multiply(q, Array::from_f32(scale).as_dtype(q.dtype())?)?;
+    let expand = |x: &[Array; 3]| -> Result<[Array; 3], Exception> {
+        if repeats > 1 {
+            Ok([
+                x[0].expand_dims(-3)?,
+                x[1].expand_dims(-3)?,
+                x[2].expand_dims(-3)?,
+            ])
+        } else {
+            Ok(x.clone())
+        }
+    };
+    let (keys, values) = (expand(keys)?, expand(values)?);
+    if repeats > 1 {
+        q = q.reshape(&[b, hkv, repeats, l, d])?;
+    }
+    let mut scores =
+        mlx_rs::ops::quantized_matmul(&q, &keys[0], &keys[1], &keys[2], true, group_size, bits)?;
+    let kl = *scores.shape().last().unwrap_or(&0);
+    let allowed = match mask {
+        Mask::None => None,
+        Mask::Causal => {
+            let mut m = Vec::with_capacity((l * kl) as usize);
+            for row in 0..l {
+                for col in 0..kl {
+                    m.push(kl - l + row >= col);
+                }
+            }
+            Some(Array::from_slice(&m, &[l, kl]))
+        }
+        Mask::Array(a) => Some(a.clone()),
+    };
+    if let Some(m) = allowed {
+        let floor = Array::from_f32(f32::MIN).as_dtype(scores.dtype())?;
+        scores = mlx_rs::ops::select(&m, &scores, &floor)?;
+    }
+    let probs = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
+    let out = mlx_rs::ops::quantized_matmul(
+        &probs, &values[0], &values[1], &values[2], false, group_size, bits,
+    )?;
+    if repeats > 1 {
+        out.reshape(&[b, hq, l, d])
+    } else {
+        Ok(out)
     }
 }

@@ -199,7 +199,7 @@ pub struct Ctx<'a> {
 }
 
 /// A built op, ready to run on the hot path.
-pub trait Op: Debug {
+pub trait Op: Debug + Send {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception>;
 }
 

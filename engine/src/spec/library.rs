@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 
-use super::raw::{BindingDef, RawBinding, RawBlock, RawLayers, RawRule, RawSpec, SPEC_VERSION};
+use super::raw::{
+    BindingDef, RawBinding, RawBlock, RawGguf, RawLayers, RawRule, RawSpec, SPEC_VERSION,
+};
 use crate::error::{read_to_string, Error, Result};
 
 /// Something defined in a spec file, with the file it came from.
@@ -26,6 +28,7 @@ pub struct Spec {
     pub layers: Option<Sourced<RawLayers>>,
     pub model: Sourced<RawBlock>,
     pub rules: Vec<Sourced<RawRule>>,
+    pub gguf: Option<Sourced<RawGguf>>,
 }
 
 /// Parses one spec file, naming the file and position on error.
@@ -181,6 +184,32 @@ impl SpecLibrary {
         )))
     }
 
+    /// The spec serving GGUF files of `arch` (`general.architecture`).
+    pub fn for_gguf_architecture(&self, arch: &str, file: &Path) -> Result<Spec> {
+        for (name, (_, raw)) in &self.models {
+            if raw
+                .gguf
+                .as_ref()
+                .is_some_and(|g| g.architectures.iter().any(|a| a == arch))
+            {
+                return self.load(name);
+            }
+        }
+        let known: Vec<String> = self
+            .models
+            .values()
+            .filter_map(|(_, r)| r.gguf.as_ref())
+            .flat_map(|g| g.architectures.clone())
+            .collect();
+        Err(Error::Weights {
+            file: file.to_path_buf(),
+            msg: format!(
+                "GGUF architecture '{arch}' is not served by any spec (known: {})",
+                known.join(", ")
+            ),
+        })
+    }
+
     /// The spec claiming `model_type`; `config_file` is named in the error.
     pub fn for_model_type(&self, model_type: &str, config_file: &Path) -> Result<Spec> {
         for (name, (_, raw)) in &self.models {
@@ -251,6 +280,7 @@ impl SpecLibrary {
                     },
                 },
                 rules: Vec::new(),
+                gguf: None,
             },
         };
         spec.name = name;
@@ -268,6 +298,9 @@ impl SpecLibrary {
         }
         if let Some(m) = raw.model {
             spec.model = sourced(path, m);
+        }
+        if let Some(g) = raw.gguf {
+            spec.gguf = Some(sourced(path, g));
         }
         spec.rules
             .extend(raw.weights.rules.into_iter().map(|r| sourced(path, r)));

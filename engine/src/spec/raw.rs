@@ -30,6 +30,38 @@ pub struct RawSpec {
     pub model: Option<RawBlock>,
     #[serde(default)]
     pub weights: RawWeights,
+    /// How GGUF checkpoints map onto this spec.
+    #[serde(default)]
+    pub gguf: Option<RawGguf>,
+}
+
+/// GGUF support: which `general.architecture` values the spec serves, how
+/// config entries come from GGUF metadata, and the tensor renames from GGUF
+/// names to the spec's (applied before the spec's own weight rules).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGguf {
+    pub architectures: Vec<String>,
+    /// config.json key -> source. `{arch}` in a metadata key is replaced by
+    /// the file's architecture.
+    #[serde(default)]
+    pub config: indexmap::IndexMap<String, GgufSource>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// Where a config value comes from in a GGUF file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GgufSource {
+    /// A metadata key.
+    Key(String),
+    /// The length of a metadata array (`{len: tokenizer.ggml.tokens}`).
+    Len { len: String },
+    /// Whether a tensor is absent (`{absent: output.weight}`).
+    Absent { absent: String },
+    /// A constant.
+    Value { value: serde_yaml::Value },
 }
 
 /// A config binding: `name: int` (shorthand) or the full form.

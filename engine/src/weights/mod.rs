@@ -285,6 +285,19 @@ pub fn bind(
     Ok(out)
 }
 
+/// Group size and bits of an affine-quantized matrix with `inp` input
+/// features, worked out from its packed shapes (as mlx-lm does when the
+/// config does not say).
+fn infer_quantization(inp: i64, w: &Array, scales: &Array) -> Option<(i32, i32)> {
+    let (packed, groups) = (*shape_of(w).last()?, *shape_of(scales).last()?);
+    if groups == 0 || inp % groups != 0 || (packed * 32) % inp != 0 {
+        return None;
+    }
+    let (group, bits) = (inp / groups, packed * 32 / inp);
+    let ok = [32, 64, 128].contains(&group) && [2, 3, 4, 5, 6, 8].contains(&bits);
+    ok.then_some((group as i32, bits as i32))
+}
+
 fn find(
     req: &WeightReq,
     tensors: &IndexMap<String, Array>,
@@ -299,16 +312,21 @@ fn find(
     let biases_name = format!("{}.biases", req.module);
     match tensors.get(&scales_name) {
         Some(scales) if req.quantizable => {
-            let (group_size, bits) = quant.for_module(&req.module).ok_or_else(|| {
-                format!(
-                    "has `scales` but config.json's quantization does not cover module '{}'",
-                    req.module
-                )
-            })?;
+            let (out, inp) = (req.shape[0], req.shape[1]);
+            let (group_size, bits) = match quant.for_module(&req.module) {
+                Some(gb) => gb,
+                None => infer_quantization(inp, w, scales).ok_or_else(|| {
+                    format!(
+                        "has `scales` but no quantization settings cover module '{}' and the shapes {:?} / {:?} fit no MLX affine layout",
+                        req.module,
+                        shape_of(w),
+                        shape_of(scales)
+                    )
+                })?,
+            };
             let biases = tensors
                 .get(&biases_name)
                 .ok_or_else(|| format!("quantized but `{biases_name}` is missing"))?;
-            let (out, inp) = (req.shape[0], req.shape[1]);
             let want_w = vec![out, inp * bits as i64 / 32];
             let want_s = vec![out, inp / group_size as i64];
             if shape_of(w) != want_w || shape_of(scales) != want_s || shape_of(biases) != want_s {
