@@ -5,9 +5,13 @@
 setup:
 	@bash .ci/setup.sh
 
-# The main job: for now the doctor report (MLX, BLAS, specs, default model).
+# The main job: the doctor report (MLX, BLAS, specs, default model), then a
+# chat answer from the default model (SmolLM2-135M-Instruct, installed by the
+# setup). PROMPT="..." asks something else.
+PROMPT ?= What is the capital of France?
 run: setup
 	cargo run --quiet -- doctor
+	cargo run --quiet -- generate --prompt "$(PROMPT)"
 
 # Every test: engine unit tests, porting tools, golden regression, CLI.
 # MLX work is serialised (one test thread).
