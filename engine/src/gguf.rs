@@ -82,7 +82,16 @@ impl GgufReader {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
-        let gguf = GgufFile::load(path).map_err(|e| bad(path, format!("cannot read GGUF: {e}")))?;
+        let gguf = GgufFile::load(path).map_err(|e| {
+            let e = e.to_string();
+            // MLX's own message carries its source location; keep the cause.
+            let cause = e.split(" at /").next().unwrap_or(&e).trim_matches('"').to_string();
+            if cause.contains("gguf_tensor_to_f16") {
+                bad(path, format!("cannot read GGUF: a tensor type is not supported by MLX's GGUF reader ({cause})"))
+            } else {
+                bad(path, format!("cannot read GGUF: {cause}"))
+            }
+        })?;
         Ok(GgufReader {
             file: path.to_path_buf(),
             gguf,
