@@ -4,4 +4,5 @@ mod cli;
 mod generation;
 mod golden;
 mod port;
+mod references;
 mod support;
