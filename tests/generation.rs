@@ -124,10 +124,9 @@ fn stop_strings_end_generation_and_are_not_emitted() {
         let prompt = lm
             .chat_prompt(
                 &serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]),
-                &{
-                    let mut c = lmspec::engine::template::ChatContext::default();
-                    c.add_generation_prompt = true;
-                    c
+                &lmspec::engine::template::ChatContext {
+                    add_generation_prompt: true,
+                    ..Default::default()
                 },
             )
             .expect("prompt");
