@@ -56,6 +56,28 @@ enum Command {
         #[command(flatten)]
         gen: GenArgs,
     },
+        /// Measure load, prefill and decode speed (optionally against mlx-lm).
+    Bench {
+        /// Model directory or .gguf file (default: the default model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Weight representation: auto (dense float32 on CPU when memory
+        /// allows), quantized (as stored) or dense.
+        #[arg(long, default_value = "auto")]
+        weights: String,
+        /// Also run mlx-lm on the same prompt and weights (`mlx-lm`).
+        #[arg(long)]
+        against: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Porting tools: node-by-node diffs, spec drafts, coverage.
     #[command(subcommand)]
     Port(PortCommand),
@@ -104,9 +126,13 @@ struct GenArgs {
     /// Extra text that ends generation (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Enable the template's thinking mode (`enable_thinking`).
+        /// Enable the template's thinking mode (`enable_thinking`).
     #[arg(long)]
     thinking: Option<bool>,
+    /// Weight representation: auto (dense float32 on CPU when memory
+    /// allows), quantized (as stored) or dense.
+    #[arg(long, default_value = "auto")]
+    weights: String,
 }
 
 impl GenArgs {
@@ -148,6 +174,12 @@ impl GenArgs {
         }
     }
 
+        fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::engine::LanguageModel> {
+        let plan = lmspec::engine::model::WeightPlan::parse(&self.weights)
+            .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
+        Ok(lmspec::engine::LanguageModel::load_planned(&self.model_path()?, &library(specs)?, None, plan)?)
+    }
+
     fn context(&self) -> lmspec::engine::template::ChatContext {
         let mut ctx = lmspec::engine::template::ChatContext {
             add_generation_prompt: true,
@@ -181,8 +213,7 @@ fn print_event(e: lmspec::engine::generate::Event) {
 }
 
 fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
-    let lib = library(specs)?;
-    let lm = lmspec::engine::LanguageModel::load_with(&gen.model_path()?, &lib, None)?;
+        let lm = gen.load(specs)?;
     let ids = if raw {
         lm.tokenizer.encode(prompt)?
     } else {
@@ -199,8 +230,7 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
 
 fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     use std::io::BufRead;
-    let lib = library(specs)?;
-    let lm = lmspec::engine::LanguageModel::load_with(&gen.model_path()?, &lib, None)?;
+        let lm = gen.load(specs)?;
     let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
@@ -351,7 +381,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
         Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
-        Command::Chat { gen } => chat(&cli.specs, &gen),
+                Command::Chat { gen } => chat(&cli.specs, &gen),
+        Command::Bench { model, prompt_tokens, gen_tokens, repeat, weights, against, json } => {
+            let lib = library(&cli.specs)?;
+            let model = match model {
+                Some(m) => m,
+                None => runtime::default_model()
+                    .filter(|p| p.exists())
+                    .ok_or_else(|| anyhow!("no --model and the default model is not installed"))?,
+            };
+            let weights = lmspec::engine::model::WeightPlan::parse(&weights)
+                .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
+            let args = crate::bench::BenchArgs { model, prompt_tokens, gen_tokens, repeat, weights };
+            let ours = crate::bench::run_lmspec(&lib, &args)?;
+            let theirs = match against.as_deref() {
+                None => None,
+                Some("mlx-lm") => Some(crate::bench::run_mlx_lm(&repo_root(), &args, &ours)?),
+                Some(other) => bail!("--against {other}: only mlx-lm is supported"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"lmspec": ours, "mlx_lm": theirs}))?);
+            } else {
+                match &theirs {
+                    Some(t) => print!("{}", crate::bench::ratio_table(&ours, t)),
+                    None => println!("{}", serde_json::to_string_pretty(&ours)?),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Spec(SpecCommand::Taps { spec, config }) => {
             let (_, g) = expand(&cli.specs, &spec, &config)?;
             for name in g.tap_names() {

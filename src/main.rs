@@ -1,4 +1,5 @@
 //! The `lmspec` command line.
+mod bench;
 mod cli;
 
 fn main() -> std::process::ExitCode {

@@ -193,6 +193,17 @@ impl<'a> TokenGenerator<'a> {
     }
 }
 
+impl Drop for TokenGenerator<'_> {
+    /// The step after the last returned token may still be running (it was
+    /// launched ahead); finish it so that its work neither spills into
+    /// whatever runs next nor leaves the cache half-written.
+    fn drop(&mut self) {
+        if let Some(Next::Device(y)) = &self.next {
+            let _ = y.eval();
+        }
+    }
+}
+
 trait LastRow {
     fn try_index_last_row(&self) -> std::result::Result<Array, mlx_rs::error::Exception>;
 }

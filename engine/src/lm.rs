@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::cache::ModelCache;
 use crate::error::{Error, Result};
 use crate::generate::{generate, Event, GenerateParams, Generation};
-use crate::model::{is_gguf, Model};
+use crate::model::{is_gguf, Model, WeightPlan};
 use crate::spec::library::SpecLibrary;
 use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
@@ -24,19 +24,23 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
+        /// Loads with the default spec library and the device's faster weight
+    /// representation ([`WeightPlan::Auto`]).
     pub fn load(path: &Path) -> Result<LanguageModel> {
-        LanguageModel::load_with(path, &SpecLibrary::open_default()?, None)
+        LanguageModel::load_planned(path, &SpecLibrary::open_default()?, None, WeightPlan::Auto)
     }
 
+    /// Loads with weights as stored.
     pub fn load_with(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<LanguageModel> {
+        LanguageModel::load_planned(path, lib, spec, WeightPlan::AsStored)
+    }
+
+    pub fn load_planned(path: &Path, lib: &SpecLibrary, spec: Option<&str>, plan: WeightPlan) -> Result<LanguageModel> {
         let (model, tokenizer) = if is_gguf(path) {
-            let (model, data) = Model::load_gguf(path, lib, spec)?;
+            let (model, data) = Model::load_gguf(path, lib, spec, plan)?;
             (model, Tokenizer::from_gguf(&data, path)?)
         } else {
-            (
-                Model::load_with(path, lib, spec)?,
-                Tokenizer::from_dir(path)?,
-            )
+            (Model::load_planned(path, lib, spec, plan)?, Tokenizer::from_dir(path)?)
         };
         let template = match &tokenizer.chat_template {
             Some(t) => Some(ChatTemplate::new(t, &tokenizer.source)?),

@@ -22,8 +22,50 @@ pub struct Model {
     pub dir: PathBuf,
     pub spec: Spec,
     pub config: IndexMap<String, Value>,
-    pub graph: Graph,
+        pub graph: Graph,
     plan: Plan,
+    /// Whether quantized weights were expanded to float32 at load.
+    pub dequantized: bool,
+}
+
+/// Which representation quantized weights are run in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightPlan {
+    /// As the checkpoint stores them.
+    #[default]
+    AsStored,
+    /// Dequantized to float32 (BLAS matmuls on CPU).
+    Dense,
+    /// Dense on the CPU when the float32 weights take at most half of the
+    /// available memory; as stored on a GPU.
+    Auto,
+}
+
+impl WeightPlan {
+    pub fn parse(s: &str) -> Option<WeightPlan> {
+        Some(match s {
+            "auto" => WeightPlan::Auto,
+            "quantized" | "as-stored" => WeightPlan::AsStored,
+            "dense" | "f32" => WeightPlan::Dense,
+            _ => return None,
+        })
+    }
+
+    /// Whether this plan expands the quantized weights among `params`.
+    pub fn dequantizes(self, params: &[Vec<crate::ops::Param>]) -> bool {
+        match self {
+            WeightPlan::AsStored => false,
+            WeightPlan::Dense => true,
+            WeightPlan::Auto => {
+                if crate::runtime::default_device() != "cpu" {
+                    return false;
+                }
+                let dense_bytes = weights::dense_bytes(params);
+                let available = crate::runtime::available_memory().unwrap_or(0);
+                weights::has_quantized(params) && dense_bytes * 2 <= available
+            }
+        }
+    }
 }
 
 /// Whether `path` names a GGUF file.
@@ -83,15 +125,21 @@ pub fn expand_for(
 
 impl Model {
     /// Loads `path` (a model directory or a `.gguf` file) with the default
-    /// spec library.
+    /// spec library and the device's faster weight representation.
     pub fn load(path: &Path) -> Result<Model> {
-        Model::load_with(path, &SpecLibrary::open_default()?, None)
+        Model::load_planned(path, &SpecLibrary::open_default()?, None, WeightPlan::Auto)
     }
 
-    /// Loads `path` with `lib`, using `spec` (a name or a path) when given.
+    /// Loads `path` with `lib`, using `spec` (a name or a path) when given;
+    /// weights stay as stored.
     pub fn load_with(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Model> {
+        Model::load_planned(path, lib, spec, WeightPlan::AsStored)
+    }
+
+    /// Loads `path` with an explicit weight plan.
+    pub fn load_planned(path: &Path, lib: &SpecLibrary, spec: Option<&str>, plan: WeightPlan) -> Result<Model> {
         if is_gguf(path) {
-            return Ok(Model::load_gguf(path, lib, spec)?.0);
+            return Ok(Model::load_gguf(path, lib, spec, plan)?.0);
         }
         let (config_file, json) = read_config(path)?;
         let spec = resolve_spec(lib, &json, &config_file, spec)?;
@@ -104,6 +152,7 @@ impl Model {
             checkpoint.tensors,
             &checkpoint.file,
             &[],
+            plan,
         )
     }
 
@@ -113,6 +162,7 @@ impl Model {
         path: &Path,
         lib: &SpecLibrary,
         spec: Option<&str>,
+        plan: WeightPlan,
     ) -> Result<(Model, GgufTokenizerData)> {
         let reader = GgufReader::open(path)?;
         let spec = match spec {
@@ -133,6 +183,7 @@ impl Model {
             ckpt.tensors,
             path,
             &gguf_rules,
+            plan,
         )?;
         Ok((model, ckpt.tokenizer))
     }
@@ -145,6 +196,7 @@ impl Model {
         tensors: IndexMap<String, Array>,
         tensor_file: &Path,
         first_rules: &[RawRule],
+        weight_plan: WeightPlan,
     ) -> Result<Model> {
         let (bound, graph) = expand_for(&spec, json, config_file)?;
         let rule_refs: Vec<&RawRule> = first_rules
@@ -157,7 +209,11 @@ impl Model {
             msg: format!("weight rules of {}: {msg}", spec.file.display()),
         })?;
         let quant = Quantization::from_config(json, config_file)?.with_ties(applied.ties);
-        let params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
+        let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
+        let dense = weight_plan.dequantizes(&params);
+        if dense {
+            weights::dequantize_all(&mut params)?;
+        }
         let plan = Plan::build(&graph, params)?;
         Ok(Model {
             dir: path.to_path_buf(),
@@ -165,6 +221,7 @@ impl Model {
             config: bound,
             graph,
             plan,
+            dequantized: dense,
         })
     }
 

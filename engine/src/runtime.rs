@@ -131,6 +131,14 @@ pub fn smoke() -> Result<Vec<f32>, Exception> {
     Ok(c.as_slice::<f32>().to_vec())
 }
 
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+pub fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Path of a loaded shared library whose file name contains `fragment`
 /// (read from `/proc/self/maps`).
 pub fn loaded_library(fragment: &str) -> Option<String> {

@@ -358,3 +358,37 @@ fn find(
         }
     }
 }
+
+/// Whether any loaded weight is quantized.
+pub fn has_quantized(params: &[Vec<Param>]) -> bool {
+    params.iter().flatten().any(|p| matches!(p, Param::Quantized { .. }))
+}
+
+/// Bytes the quantized weights would take as float32.
+pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
+    params
+        .iter()
+        .flatten()
+        .map(|p| match p {
+            Param::Quantized { w, bits, .. } => {
+                let s = w.shape();
+                let cols = *s.last().unwrap_or(&0) as usize * 32 / (*bits).max(1) as usize;
+                s.iter().rev().skip(1).map(|d| *d as usize).product::<usize>() * cols * 4
+            }
+            Param::Dense(_) => 0,
+        })
+        .sum()
+}
+
+/// Replaces every quantized weight by its float32 dequantization, evaluated
+/// now so that no quantized buffer stays alive.
+pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
+    for p in params.iter_mut().flatten() {
+        if let Param::Quantized { .. } = p {
+            let dense = p.dense()?.as_dtype(mlx_rs::Dtype::Float32)?;
+            dense.eval()?;
+            *p = Param::Dense(dense);
+        }
+    }
+    Ok(())
+}
