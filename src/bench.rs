@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use lmspec::engine::generate::{GenerateParams, TokenGenerator};
 use lmspec::engine::model::WeightPlan;
-use lmspec::engine::{runtime, LanguageModel, SpecLibrary};
+use lmspec::engine::{runtime, Model, SpecLibrary};
 use serde_json::{json, Value};
 
 /// Median (mean of the middle two for even counts), min and max.
@@ -49,12 +49,15 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
         bail!("--gen-tokens must be at least 2 and --repeat at least 1");
     }
     let start = Instant::now();
-    let lm = LanguageModel::load_planned(&a.model, lib, None, a.weights)?;
+        let model = Model::load_planned(&a.model, lib, None, a.weights)?;
     // Materialise the weights with one single-token forward.
-    let warm = lm.model.forward(&mlx_rs::Array::from_slice(&[0i32], &[1, 1]), None)?;
+    let warm = model.forward(&mlx_rs::Array::from_slice(&[0i32], &[1, 1]), None)?;
     warm.eval()?;
     let load_s = start.elapsed().as_secs_f64();
-    let vocab = lm.tokenizer.vocab_size().max(2);
+    let vocab = match model.config.get("vocab_size") {
+        Some(lmspec::engine::spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
+        _ => bail!("the model's config has no vocab_size"),
+    };
     let prompt = prompt_tokens(a.prompt_tokens, vocab);
     let params = GenerateParams {
         max_tokens: a.gen_tokens,
@@ -64,9 +67,9 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
     let mut first_tokens = Vec::new();
     for r in 0..a.repeat {
         mlx_rs::memory::reset_peak_memory()?;
-        let mut cache = lm.model.new_cache_with(params.cache);
+                let mut cache = model.new_cache_with(params.cache);
         let t0 = Instant::now();
-        let mut g = TokenGenerator::new(&lm.model, &mut cache, &prompt, &params, &mut |_, _| {})?;
+                let mut g = TokenGenerator::new(&model, &mut cache, &prompt, &params, &mut |_, _| {})?;
         let mut tokens = Vec::with_capacity(a.gen_tokens);
         tokens.push(g.next_token().ok_or_else(|| anyhow!("no first token"))??);
         let t1 = Instant::now();
@@ -87,7 +90,7 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
     Ok(json!({
         "engine": "lmspec",
         "model": a.model.display().to_string(),
-        "weights": if lm.model.dequantized { "dense" } else { "quantized" },
+                "weights": if model.dequantized { "dense" } else { "quantized" },
         "device": runtime::default_device(),
         "prompt_tokens": prompt.len(),
         "gen_tokens": a.gen_tokens,
@@ -103,9 +106,12 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
     }))
 }
 
-/// Runs the mlx-lm side on the same prompt and representation.
+/// Runs the mlx-lm side on the same prompt and representation, with
+/// `$LMSPEC_PYTHON` (default: the setup's `.venv/bin/python`).
 pub fn run_mlx_lm(root: &Path, a: &BenchArgs, ours: &Value) -> Result<Value> {
-    let python = root.join(".venv/bin/python");
+        let python = std::env::var_os("LMSPEC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
     let script = root.join("porting-tools/python/bench_mlx_lm.py");
     let dir = tempfile::tempdir()?;
     let tokens = dir.path().join("prompt.json");

@@ -381,12 +381,23 @@ pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
 }
 
 /// Replaces every quantized weight by its float32 dequantization, evaluated
-/// now so that no quantized buffer stays alive.
+/// now so that no quantized buffer stays alive. Weights shared by several
+/// nodes (a tied embedding and head) are dequantized once and stay shared.
 pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
+    let mut done: Vec<(*const u32, Array)> = Vec::new();
     for p in params.iter_mut().flatten() {
-        if let Param::Quantized { .. } = p {
-            let dense = p.dense()?.as_dtype(mlx_rs::Dtype::Float32)?;
-            dense.eval()?;
+        if let Param::Quantized { w, .. } = p {
+            w.eval()?;
+            let key = w.as_slice::<u32>().as_ptr();
+            let dense = match done.iter().find(|(k, _)| *k == key) {
+                Some((_, d)) => d.clone(),
+                None => {
+                    let d = p.dense()?.as_dtype(mlx_rs::Dtype::Float32)?;
+                    d.eval()?;
+                    done.push((key, d.clone()));
+                    d
+                }
+            };
             *p = Param::Dense(dense);
         }
     }
