@@ -30,7 +30,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, a, b in rows:
         print(
-            f"| {label} | {a['weights']} / {b['weights']} "
+            f"| {label} | {a['weights'].replace('quantized', 'as stored')} / {b['weights'].replace('quantized', 'as stored')} "
             f"| {med(a, 'prefill_tps'):.1f} ({spread(a, 'prefill_tps')}) | {med(b, 'prefill_tps'):.1f} ({spread(b, 'prefill_tps')}) "
             f"| {med(a, 'prefill_tps') / med(b, 'prefill_tps'):.2f}x "
             f"| {med(a, 'decode_tps'):.1f} ({spread(a, 'decode_tps')}) | {med(b, 'decode_tps'):.1f} ({spread(b, 'decode_tps')}) "
