@@ -294,6 +294,19 @@ struct GluOp {
 
 impl Op for GluOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        mlx_rs::ops::multiply(self.act.apply(inputs[0])?, inputs[1])
+        match self.act {
+            // One fused kernel, as mlx-lm's compiled `swiglu`.
+            Act::Silu => swiglu(inputs[0], inputs[1]),
+            act => mlx_rs::ops::multiply(act.apply(inputs[0])?, inputs[1]),
+        }
     }
+}
+
+/// `silu(gate) * up`, compiled shapeless so MLX fuses it.
+fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    let f = |(g, u): (&Array, &Array)| -> Result<Array, Exception> {
+        mlx_rs::ops::multiply(mlx_rs::ops::multiply(g, mlx_rs::ops::sigmoid(g)?)?, u)
+    };
+    let mut compiled = mlx_rs::transforms::compile::compile(f, true);
+    compiled((gate, up))
 }
