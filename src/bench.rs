@@ -31,7 +31,9 @@ pub fn spread(xs: &[f64]) -> Value {
 /// A deterministic prompt of `n` token ids below `vocab` (SplitMix64 from 0).
 pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
     let mut rng = lmspec::engine::sampling::Rng::new(Some(0));
-    (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
 }
 
 #[derive(Debug)]
@@ -49,7 +51,7 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
         bail!("--gen-tokens must be at least 2 and --repeat at least 1");
     }
     let start = Instant::now();
-        let model = Model::load_planned(&a.model, lib, None, a.weights)?;
+    let model = Model::load_planned(&a.model, lib, None, a.weights)?;
     // Materialise the weights with one single-token forward.
     let warm = model.forward(&mlx_rs::Array::from_slice(&[0i32], &[1, 1]), None)?;
     warm.eval()?;
@@ -63,20 +65,21 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
         max_tokens: a.gen_tokens,
         ..Default::default()
     };
-    let (mut ttft, mut prefill, mut decode, mut peak) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
+    let (mut ttft, mut prefill, mut decode, mut peak) =
+        (Vec::new(), Vec::new(), Vec::new(), 0usize);
     let mut first_tokens = Vec::new();
     for r in 0..a.repeat {
         mlx_rs::memory::reset_peak_memory()?;
-                let mut cache = model.new_cache_with(params.cache);
+        let mut cache = model.new_cache_with(params.cache);
         let t0 = Instant::now();
-                let mut g = TokenGenerator::new(&model, &mut cache, &prompt, &params, &mut |_, _| {})?;
+        let mut g = TokenGenerator::new(&model, &mut cache, &prompt, &params, &mut |_, _| {})?;
         let mut tokens = Vec::with_capacity(a.gen_tokens);
         tokens.push(g.next_token().ok_or_else(|| anyhow!("no first token"))??);
         let t1 = Instant::now();
         while let Some(t) = g.next_token() {
             tokens.push(t?);
         }
-                let t2 = Instant::now();
+        let t2 = Instant::now();
         drop(g);
         let first = (t1 - t0).as_secs_f64();
         ttft.push(first);
@@ -109,7 +112,7 @@ pub fn run_lmspec(lib: &SpecLibrary, a: &BenchArgs) -> Result<Value> {
 /// Runs the mlx-lm side on the same prompt and representation, with
 /// `$LMSPEC_PYTHON` (default: the setup's `.venv/bin/python`).
 pub fn run_mlx_lm(root: &Path, a: &BenchArgs, ours: &Value) -> Result<Value> {
-        let python = std::env::var_os("LMSPEC_PYTHON")
+    let python = std::env::var_os("LMSPEC_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".venv/bin/python"));
     let script = root.join("porting-tools/python/bench_mlx_lm.py");
@@ -117,7 +120,7 @@ pub fn run_mlx_lm(root: &Path, a: &BenchArgs, ours: &Value) -> Result<Value> {
     let tokens = dir.path().join("prompt.json");
     std::fs::write(&tokens, ours["prompt"].to_string())?;
     let weights = ours["weights"].as_str().unwrap_or("quantized");
-        let mut cmd = Command::new(&python);
+    let mut cmd = Command::new(&python);
     // Same libmlx, same BLAS: give the Python process the BLAS this one uses.
     if let Some(blas) = runtime::blas_library() {
         if runtime::blas_kind(&blas) != "reference BLAS (netlib)" {
@@ -136,7 +139,10 @@ pub fn run_mlx_lm(root: &Path, a: &BenchArgs, ours: &Value) -> Result<Value> {
         .output()
         .with_context(|| format!("running {}", python.display()))?;
     if !out.status.success() {
-        bail!("mlx-lm benchmark failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "mlx-lm benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     serde_json::from_slice(&out.stdout).context("mlx-lm benchmark output is not JSON")
 }
@@ -157,13 +163,41 @@ pub fn ratio_table(ours: &Value, theirs: &Value) -> String {
         ours["gen_tokens"],
         ours["repeat"]
     );
-    s.push_str(&format!("{:<22} {:>12} {:>12} {:>8}\n", "metric", "lmspec", "mlx-lm", "ratio"));
+    s.push_str(&format!(
+        "{:<22} {:>12} {:>12} {:>8}\n",
+        "metric", "lmspec", "mlx-lm", "ratio"
+    ));
     let rows = [
-        ("prefill tokens/s", med(ours, "prefill_tps"), med(theirs, "prefill_tps"), false),
-        ("decode tokens/s", med(ours, "decode_tps"), med(theirs, "decode_tps"), false),
-        ("time to first token s", med(ours, "ttft_s"), med(theirs, "ttft_s"), true),
-        ("load s", ours["load_s"].as_f64().unwrap_or(f64::NAN), theirs["load_s"].as_f64().unwrap_or(f64::NAN), true),
-        ("peak memory MB", ours["peak_memory_mb"].as_f64().unwrap_or(f64::NAN), theirs["peak_memory_mb"].as_f64().unwrap_or(f64::NAN), true),
+        (
+            "prefill tokens/s",
+            med(ours, "prefill_tps"),
+            med(theirs, "prefill_tps"),
+            false,
+        ),
+        (
+            "decode tokens/s",
+            med(ours, "decode_tps"),
+            med(theirs, "decode_tps"),
+            false,
+        ),
+        (
+            "time to first token s",
+            med(ours, "ttft_s"),
+            med(theirs, "ttft_s"),
+            true,
+        ),
+        (
+            "load s",
+            ours["load_s"].as_f64().unwrap_or(f64::NAN),
+            theirs["load_s"].as_f64().unwrap_or(f64::NAN),
+            true,
+        ),
+        (
+            "peak memory MB",
+            ours["peak_memory_mb"].as_f64().unwrap_or(f64::NAN),
+            theirs["peak_memory_mb"].as_f64().unwrap_or(f64::NAN),
+            true,
+        ),
     ];
     for (name, a, b, lower_better) in rows {
         let ratio = if lower_better { b / a } else { a / b };

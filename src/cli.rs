@@ -56,7 +56,7 @@ enum Command {
         #[command(flatten)]
         gen: GenArgs,
     },
-        /// Measure load, prefill and decode speed (optionally against mlx-lm).
+    /// Measure load, prefill and decode speed (optionally against mlx-lm).
     Bench {
         /// Model directory or .gguf file (default: the default model).
         #[arg(long)]
@@ -126,7 +126,7 @@ struct GenArgs {
     /// Extra text that ends generation (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-        /// Enable the template's thinking mode (`enable_thinking`).
+    /// Enable the template's thinking mode (`enable_thinking`).
     #[arg(long)]
     thinking: Option<bool>,
     /// Weight representation: auto (dense float32 on CPU when memory
@@ -174,10 +174,15 @@ impl GenArgs {
         }
     }
 
-        fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::engine::LanguageModel> {
+    fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::engine::LanguageModel> {
         let plan = lmspec::engine::model::WeightPlan::parse(&self.weights)
             .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-        Ok(lmspec::engine::LanguageModel::load_planned(&self.model_path()?, &library(specs)?, None, plan)?)
+        Ok(lmspec::engine::LanguageModel::load_planned(
+            &self.model_path()?,
+            &library(specs)?,
+            None,
+            plan,
+        )?)
     }
 
     fn context(&self) -> lmspec::engine::template::ChatContext {
@@ -213,7 +218,7 @@ fn print_event(e: lmspec::engine::generate::Event) {
 }
 
 fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
-        let lm = gen.load(specs)?;
+    let lm = gen.load(specs)?;
     let ids = if raw {
         lm.tokenizer.encode(prompt)?
     } else {
@@ -230,7 +235,7 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
 
 fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     use std::io::BufRead;
-        let lm = gen.load(specs)?;
+    let lm = gen.load(specs)?;
     let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
@@ -381,8 +386,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
         Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
-                Command::Chat { gen } => chat(&cli.specs, &gen),
-        Command::Bench { model, prompt_tokens, gen_tokens, repeat, weights, against, json } => {
+        Command::Chat { gen } => chat(&cli.specs, &gen),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            repeat,
+            weights,
+            against,
+            json,
+        } => {
             let lib = library(&cli.specs)?;
             let model = match model {
                 Some(m) => m,
@@ -392,7 +405,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let weights = lmspec::engine::model::WeightPlan::parse(&weights)
                 .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-            let args = crate::bench::BenchArgs { model, prompt_tokens, gen_tokens, repeat, weights };
+            let args = crate::bench::BenchArgs {
+                model,
+                prompt_tokens,
+                gen_tokens,
+                repeat,
+                weights,
+            };
             let ours = crate::bench::run_lmspec(&lib, &args)?;
             let theirs = match against.as_deref() {
                 None => None,
@@ -400,7 +419,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(other) => bail!("--against {other}: only mlx-lm is supported"),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"lmspec": ours, "mlx_lm": theirs}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"lmspec": ours, "mlx_lm": theirs})
+                    )?
+                );
             } else {
                 match &theirs {
                     Some(t) => print!("{}", crate::bench::ratio_table(&ours, t)),

@@ -24,7 +24,7 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-        /// Loads with the default spec library and the device's faster weight
+    /// Loads with the default spec library and the device's faster weight
     /// representation ([`WeightPlan::Auto`]).
     pub fn load(path: &Path) -> Result<LanguageModel> {
         LanguageModel::load_planned(path, &SpecLibrary::open_default()?, None, WeightPlan::Auto)
@@ -35,12 +35,20 @@ impl LanguageModel {
         LanguageModel::load_planned(path, lib, spec, WeightPlan::AsStored)
     }
 
-    pub fn load_planned(path: &Path, lib: &SpecLibrary, spec: Option<&str>, plan: WeightPlan) -> Result<LanguageModel> {
+    pub fn load_planned(
+        path: &Path,
+        lib: &SpecLibrary,
+        spec: Option<&str>,
+        plan: WeightPlan,
+    ) -> Result<LanguageModel> {
         let (model, tokenizer) = if is_gguf(path) {
             let (model, data) = Model::load_gguf(path, lib, spec, plan)?;
             (model, Tokenizer::from_gguf(&data, path)?)
         } else {
-            (Model::load_planned(path, lib, spec, plan)?, Tokenizer::from_dir(path)?)
+            (
+                Model::load_planned(path, lib, spec, plan)?,
+                Tokenizer::from_dir(path)?,
+            )
         };
         let template = match &tokenizer.chat_template {
             Some(t) => Some(ChatTemplate::new(t, &tokenizer.source)?),

@@ -22,10 +22,21 @@ pub struct Model {
     pub dir: PathBuf,
     pub spec: Spec,
     pub config: IndexMap<String, Value>,
-        pub graph: Graph,
+    pub graph: Graph,
     plan: Plan,
     /// Whether quantized weights were expanded to float32 at load.
     pub dequantized: bool,
+}
+
+/// What a checkpoint provides to [`Model::assemble`].
+struct Source<'a> {
+    path: &'a Path,
+    config: &'a serde_json::Value,
+    config_file: &'a Path,
+    tensors: IndexMap<String, Array>,
+    tensor_file: &'a Path,
+    /// Rules applied before the spec's own (GGUF renames).
+    first_rules: &'a [RawRule],
 }
 
 /// Which representation quantized weights are run in.
@@ -137,23 +148,27 @@ impl Model {
     }
 
     /// Loads `path` with an explicit weight plan.
-    pub fn load_planned(path: &Path, lib: &SpecLibrary, spec: Option<&str>, plan: WeightPlan) -> Result<Model> {
+    pub fn load_planned(
+        path: &Path,
+        lib: &SpecLibrary,
+        spec: Option<&str>,
+        plan: WeightPlan,
+    ) -> Result<Model> {
         if is_gguf(path) {
             return Ok(Model::load_gguf(path, lib, spec, plan)?.0);
         }
         let (config_file, json) = read_config(path)?;
         let spec = resolve_spec(lib, &json, &config_file, spec)?;
         let checkpoint = weights::load_safetensors_dir(path)?;
-        Model::assemble(
+        let source = Source {
             path,
-            spec,
-            &json,
-            &config_file,
-            checkpoint.tensors,
-            &checkpoint.file,
-            &[],
-            plan,
-        )
+            config: &json,
+            config_file: &config_file,
+            tensors: checkpoint.tensors,
+            tensor_file: &checkpoint.file,
+            first_rules: &[],
+        };
+        Model::assemble(spec, source, plan)
     }
 
     /// Loads a GGUF file; also returns what it holds besides the model
@@ -175,29 +190,27 @@ impl Model {
             .as_ref()
             .map(|g| g.item.rules.clone())
             .unwrap_or_default();
-        let model = Model::assemble(
+        let source = Source {
             path,
-            spec,
-            &ckpt.config,
-            path,
-            ckpt.tensors,
-            path,
-            &gguf_rules,
-            plan,
-        )?;
+            config: &ckpt.config,
+            config_file: path,
+            tensors: ckpt.tensors,
+            tensor_file: path,
+            first_rules: &gguf_rules,
+        };
+        let model = Model::assemble(spec, source, plan)?;
         Ok((model, ckpt.tokenizer))
     }
 
-    fn assemble(
-        path: &Path,
-        spec: Spec,
-        json: &serde_json::Value,
-        config_file: &Path,
-        tensors: IndexMap<String, Array>,
-        tensor_file: &Path,
-        first_rules: &[RawRule],
-        weight_plan: WeightPlan,
-    ) -> Result<Model> {
+    fn assemble(spec: Spec, src: Source<'_>, weight_plan: WeightPlan) -> Result<Model> {
+        let Source {
+            path,
+            config: json,
+            config_file,
+            tensors,
+            tensor_file,
+            first_rules,
+        } = src;
         let (bound, graph) = expand_for(&spec, json, config_file)?;
         let rule_refs: Vec<&RawRule> = first_rules
             .iter()

@@ -361,7 +361,10 @@ fn find(
 
 /// Whether any loaded weight is quantized.
 pub fn has_quantized(params: &[Vec<Param>]) -> bool {
-    params.iter().flatten().any(|p| matches!(p, Param::Quantized { .. }))
+    params
+        .iter()
+        .flatten()
+        .any(|p| matches!(p, Param::Quantized { .. }))
 }
 
 /// Bytes the quantized weights would take as float32.
@@ -373,7 +376,13 @@ pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
             Param::Quantized { w, bits, .. } => {
                 let s = w.shape();
                 let cols = *s.last().unwrap_or(&0) as usize * 32 / (*bits).max(1) as usize;
-                s.iter().rev().skip(1).map(|d| *d as usize).product::<usize>() * cols * 4
+                s.iter()
+                    .rev()
+                    .skip(1)
+                    .map(|d| *d as usize)
+                    .product::<usize>()
+                    * cols
+                    * 4
             }
             Param::Dense(_) => 0,
         })
