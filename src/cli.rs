@@ -168,7 +168,7 @@ impl GenArgs {
     fn model_path(&self) -> Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),
-            None => runtime::default_model()
+            None => lmspec::default_model()
                 .filter(|p| p.exists())
                 .ok_or_else(|| anyhow!("no --model given and the default model is not installed (run `make setup`)")),
         }
@@ -399,7 +399,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let lib = library(&cli.specs)?;
             let model = match model {
                 Some(m) => m,
-                None => runtime::default_model()
+                None => lmspec::default_model()
                     .filter(|p| p.exists())
                     .ok_or_else(|| anyhow!("no --model and the default model is not installed"))?,
             };
@@ -653,7 +653,7 @@ fn doctor(specs: &Option<PathBuf>) -> Result<ExitCode> {
         }
         Err(e) => println!("specs:          error: {e}"),
     }
-    match runtime::default_model() {
+    match lmspec::default_model() {
         Some(p) if p.exists() => println!("default model:  found {}", p.display()),
         Some(p) => println!("default model:  missing ({})", p.display()),
         None => println!("default model:  missing (run the setup: make setup)"),

@@ -6,12 +6,12 @@ use std::sync::OnceLock;
 
 use lmspec::engine::generate::{Event, GenerateParams, StopReason};
 use lmspec::engine::tokenizer::StreamingDetokenizer;
-use lmspec::engine::{runtime, ChatSession, Error, LanguageModel, Model, ModelContainer};
+use lmspec::engine::{ChatSession, Error, LanguageModel, Model, ModelContainer};
 
 use crate::support::{goldens, library, mlx_lock};
 
 pub fn default_model() -> PathBuf {
-    runtime::default_model()
+    lmspec::default_model()
         .filter(|p| p.exists())
         .expect("the default model is installed by the setup")
 }
