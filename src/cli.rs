@@ -485,7 +485,12 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
             for f in &draft.ranking {
                 match &f.error {
                     Some(e) => eprintln!("  {:<10} cannot expand: {e}", f.spec),
-                    None => eprintln!("  {:<10} {:.3}", f.spec, f.score),
+                    None => eprintln!(
+                        "  {:<10} weights {:.3}, config keys {:.0}%",
+                        f.spec,
+                        f.score,
+                        f.config_fit * 100.0
+                    ),
                 }
             }
             match out {

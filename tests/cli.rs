@@ -67,6 +67,7 @@ fn spec_graph_and_taps() {
         "qwen3_taps",
         stdout(&["spec", "taps", "qwen3", "--config", config])
     );
+    insta::assert_snapshot!("qwen3_graph_dot", dot);
 }
 
 #[test]

@@ -20,6 +20,9 @@ pub struct Fit {
     pub spec: String,
     /// Matched tensors / (needed + unused).
     pub score: f64,
+    /// Share of the config keys the spec reads that the config has (breaks
+    /// ties between specs that fit the weights equally).
+    pub config_fit: f64,
     pub overrides: Vec<(String, bool)>,
     pub missing: Vec<String>,
     pub unused: Vec<String>,
@@ -49,6 +52,7 @@ fn evaluate(
     let mut fit = Fit {
         spec: spec.name.clone(),
         score: 0.0,
+        config_fit: config_fit(spec, config),
         overrides: Vec::new(),
         missing: Vec::new(),
         unused: Vec::new(),
@@ -114,6 +118,36 @@ fn evaluate(
         matched as f64 / total as f64
     };
     fit
+}
+
+/// Share of the top-level config keys a spec reads (its bindings' `from`
+/// keys, or their names) that `config` holds; bindings with a constant
+/// `value` read nothing.
+fn config_fit(spec: &Spec, config: &serde_json::Value) -> f64 {
+    let keys: Vec<String> = spec
+        .config
+        .iter()
+        .filter(|(_, d)| d.item.value.is_none())
+        .map(|(k, d)| {
+            let from = d
+                .item
+                .from
+                .as_ref()
+                .map(|f| f.to_vec())
+                .filter(|v| !v.is_empty());
+            from.and_then(|v| v.first().cloned())
+                .unwrap_or_else(|| k.clone())
+        })
+        .map(|k| k.split('.').next().unwrap_or_default().to_string())
+        .collect();
+    if keys.is_empty() {
+        return 0.0;
+    }
+    let present = keys
+        .iter()
+        .filter(|k| config.get(k.as_str()).is_some())
+        .count();
+    present as f64 / keys.len() as f64
 }
 
 /// Current values of the spec's boolean config entries for this config.
@@ -211,7 +245,11 @@ pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
         .iter()
         .map(|s| evaluate(s, &config, &config_file, &shapes))
         .collect();
-    ranking.sort_by(|a, b| b.score.total_cmp(&a.score));
+    ranking.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(b.config_fit.total_cmp(&a.config_fit))
+    });
     let mut best: Option<Fit> = None;
     for fit in ranking.iter().take(3).filter(|f| f.error.is_none()) {
         let spec = specs
@@ -219,7 +257,11 @@ pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
             .find(|s| s.name == fit.spec)
             .expect("ranked from specs");
         let searched = search(spec, &config, &config_file, &shapes);
-        if best.as_ref().is_none_or(|b| searched.score > b.score) {
+        let better = best.as_ref().is_none_or(|b| {
+            searched.score > b.score
+                || (searched.score == b.score && searched.config_fit > b.config_fit)
+        });
+        if better {
             best = Some(searched);
         }
     }
@@ -267,13 +309,15 @@ pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
         .map_or(0.0, |f| f.score);
     let mut yaml = format!(
         "# Draft spec written by `lmspec port scaffold` for {}.\n\
-         # Nearest spec: {} (weight inventory fit {:.3}; {:.3} with the switches below).\n\
+                  # Nearest spec: {} (weight inventory fit {:.3}; {:.3} with the switches below;\n\
+         # config keys it reads present: {:.0}%).\n\
          # Check it with: lmspec port diff --golden <case> --spec <this file>\n\
          spec_version: 1\nname: {mt}\nextends: {}\nmodel_types: [{mt}]\n",
         model_dir.display(),
         best.spec,
         first,
         best.score,
+        best.config_fit * 100.0,
         best.spec,
         mt = model_type,
     );
