@@ -6,3 +6,4 @@ mod golden;
 mod port;
 mod references;
 mod support;
+mod tools;

@@ -18,6 +18,7 @@ pub mod sampling;
 pub mod spec;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use cache::ModelCache;

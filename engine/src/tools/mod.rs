@@ -1,0 +1,293 @@
+//! Tool calls as data: a format file (`specs/tool-formats/*.yaml`) names the
+//! start and end markers of a call and the payload syntax between them; one
+//! streaming parser turns generated text into ordered events (text, calls,
+//! rejected calls), whatever the chunking.
+mod payload;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{read_to_string, Error, Result};
+
+/// A tool-call format, as written in a format file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolFormat {
+    pub spec_version: u32,
+    pub name: String,
+    /// Text that opens a call.
+    pub start: String,
+    /// Text that closes a call; absent: the call runs to the end of output.
+    #[serde(default)]
+    pub end: Option<String>,
+    /// Payload syntax (see [`payload::KINDS`]).
+    pub payload: String,
+    /// Payload options (e.g. the string escape of Gemma calls).
+    #[serde(default)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+    /// Marker texts removed from the output (section wrappers).
+    #[serde(default)]
+    pub drop: Vec<String>,
+    /// Texts whose presence in a chat template selects this format.
+    #[serde(default)]
+    pub template_markers: Vec<String>,
+}
+
+/// One parsed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: serde_json::Value,
+    pub id: Option<String>,
+}
+
+/// Why a call was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Malformed,
+    Incomplete,
+    UndeclaredTool,
+}
+
+/// What the parser emits, in output order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolEvent {
+    Text(String),
+    Call(ToolCall),
+    Rejected {
+        reason: RejectReason,
+        text: String,
+        detail: String,
+    },
+}
+
+impl ToolFormat {
+    pub fn load(path: &Path) -> Result<ToolFormat> {
+        let text = read_to_string(path)?;
+        let f: ToolFormat = serde_yaml::from_str(&text).map_err(|e| {
+            let node = e
+                .location()
+                .map(|l| format!("line {}, column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "<document>".into());
+            Error::spec(path, node, "yaml", e.to_string())
+        })?;
+        if !payload::KINDS.contains(&f.payload.as_str()) {
+            return Err(Error::spec(
+                path,
+                "<document>",
+                "payload",
+                format!(
+                    "unknown payload '{}' (known: {})",
+                    f.payload,
+                    payload::KINDS.join(", ")
+                ),
+            ));
+        }
+        if f.start.is_empty() {
+            return Err(Error::spec(
+                path,
+                "<document>",
+                "start",
+                "must not be empty",
+            ));
+        }
+        Ok(f)
+    }
+
+    /// The formats in a folder, by file order.
+    pub fn load_dir(dir: &Path) -> Result<Vec<ToolFormat>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        files.iter().map(|f| ToolFormat::load(f)).collect()
+    }
+
+    /// The format a chat template implies: the first whose markers all occur.
+    pub fn infer<'a>(formats: &'a [ToolFormat], template: &str) -> Option<&'a ToolFormat> {
+        let mut best: Option<&ToolFormat> = None;
+        for f in formats {
+            let hits = !f.template_markers.is_empty()
+                && f.template_markers
+                    .iter()
+                    .all(|m| template.contains(m.as_str()));
+            let specific = best.is_none_or(|b| f.template_markers.len() > b.template_markers.len());
+            if hits && specific {
+                best = Some(f);
+            }
+        }
+        best
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum State {
+    Text,
+    Call,
+}
+
+/// The streaming parser: feed chunks, then `finish` at the end of output.
+#[derive(Debug)]
+pub struct ToolParser<'a> {
+    format: &'a ToolFormat,
+    /// Declared tool names; empty accepts any.
+    tools: Vec<String>,
+    state: State,
+    buf: String,
+}
+
+/// Length of the longest suffix of `s` that is a proper prefix of `marker`.
+fn partial_suffix(s: &str, marker: &str) -> usize {
+    (1..marker.len().min(s.len() + 1))
+        .rev()
+        .find(|k| marker.is_char_boundary(*k) && s.ends_with(&marker[..*k]))
+        .unwrap_or(0)
+}
+
+impl<'a> ToolParser<'a> {
+    pub fn new(format: &'a ToolFormat, tools: &[String]) -> ToolParser<'a> {
+        ToolParser {
+            format,
+            tools: tools.to_vec(),
+            state: State::Text,
+            buf: String::new(),
+        }
+    }
+
+    fn strip_drops(&self, s: &str) -> String {
+        let mut out = s.to_string();
+        for d in &self.format.drop {
+            out = out.replace(d.as_str(), "");
+        }
+        out
+    }
+
+    fn emit_text(&self, text: &str, out: &mut Vec<ToolEvent>) {
+        let text = self.strip_drops(text);
+        if text.is_empty() {
+            return;
+        }
+        match out.last_mut() {
+            Some(ToolEvent::Text(t)) => t.push_str(&text),
+            _ => out.push(ToolEvent::Text(text)),
+        }
+    }
+
+    fn emit_call(&self, body: &str, out: &mut Vec<ToolEvent>) {
+        let raw = format!(
+            "{}{}{}",
+            self.format.start,
+            body,
+            self.format.end.as_deref().unwrap_or("")
+        );
+        match payload::parse(self.format, body) {
+            Ok(calls) if calls.is_empty() => out.push(ToolEvent::Rejected {
+                reason: RejectReason::Malformed,
+                text: raw,
+                detail: "no call in the payload".into(),
+            }),
+            Ok(calls) => {
+                for c in calls {
+                    if !self.tools.is_empty() && !self.tools.contains(&c.name) {
+                        out.push(ToolEvent::Rejected {
+                            reason: RejectReason::UndeclaredTool,
+                            text: raw.clone(),
+                            detail: format!("tool '{}' is not declared", c.name),
+                        });
+                    } else {
+                        out.push(ToolEvent::Call(c));
+                    }
+                }
+            }
+            Err(detail) => out.push(ToolEvent::Rejected {
+                reason: RejectReason::Malformed,
+                text: raw,
+                detail,
+            }),
+        }
+    }
+
+    /// Feeds a chunk of generated text.
+    pub fn push(&mut self, chunk: &str) -> Vec<ToolEvent> {
+        self.buf.push_str(chunk);
+        let mut out = Vec::new();
+        loop {
+            match self.state {
+                State::Text => {
+                    let start = self.format.start.as_str();
+                    if let Some(pos) = self.buf.find(start) {
+                        let before = self.buf[..pos].to_string();
+                        self.emit_text(&before, &mut out);
+                        self.buf.drain(..pos + start.len());
+                        self.state = State::Call;
+                        continue;
+                    }
+                    let mut keep = partial_suffix(&self.buf, start);
+                    for d in &self.format.drop {
+                        keep = keep.max(partial_suffix(&self.buf, d));
+                    }
+                    let cut = self.buf.len() - keep;
+                    let text = self.buf[..cut].to_string();
+                    self.emit_text(&text, &mut out);
+                    self.buf.drain(..cut);
+                    return out;
+                }
+                State::Call => {
+                    let Some(end) = self.format.end.as_deref() else {
+                        return out;
+                    };
+                    match self.buf.find(end) {
+                        Some(pos) => {
+                            let body = self.buf[..pos].to_string();
+                            self.emit_call(&body, &mut out);
+                            self.buf.drain(..pos + end.len());
+                            self.state = State::Text;
+                        }
+                        None => return out,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the output: a call without its end marker is parsed when the
+    /// format ends at the end of output, else rejected as incomplete.
+    pub fn finish(&mut self) -> Vec<ToolEvent> {
+        let mut out = Vec::new();
+        let rest = std::mem::take(&mut self.buf);
+        match self.state {
+            State::Text => self.emit_text(&rest, &mut out),
+            State::Call if self.format.end.is_none() => self.emit_call(&rest, &mut out),
+            State::Call => out.push(ToolEvent::Rejected {
+                reason: RejectReason::Incomplete,
+                text: format!("{}{rest}", self.format.start),
+                detail: "the output ended inside a call".into(),
+            }),
+        }
+        self.state = State::Text;
+        out
+    }
+}
+
+/// Parses a whole output at once.
+pub fn parse_all(format: &ToolFormat, tools: &[String], text: &str) -> Vec<ToolEvent> {
+    let mut p = ToolParser::new(format, tools);
+    let mut events = p.push(text);
+    events.extend(p.finish());
+    merge_text(events)
+}
+
+/// Joins adjacent text events (chunking splits text arbitrarily).
+pub fn merge_text(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
+    let mut out: Vec<ToolEvent> = Vec::new();
+    for e in events {
+        match (out.last_mut(), e) {
+            (Some(ToolEvent::Text(a)), ToolEvent::Text(b)) => a.push_str(&b),
+            (_, e) => out.push(e),
+        }
+    }
+    out
+}

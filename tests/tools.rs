@@ -1,0 +1,208 @@
+//! Tool-call formats as data: fixtures per format, fed whole and one
+//! character at a time; arbitrary text and chunking never panic.
+use lmspec::engine::tools::{
+    merge_text, RejectReason, ToolCall, ToolEvent, ToolFormat, ToolParser,
+};
+use serde_json::Value;
+
+use crate::support::root;
+
+fn formats() -> Vec<ToolFormat> {
+    ToolFormat::load_dir(&root().join("specs/tool-formats")).expect("tool formats load")
+}
+
+fn expected(events: &[serde_yaml::Value]) -> Vec<ToolEvent> {
+    events
+        .iter()
+        .map(|e| {
+            let e: Value = serde_json::to_value(e).expect("json");
+            if let Some(t) = e.get("text") {
+                ToolEvent::Text(t.as_str().expect("text").to_string())
+            } else if let Some(c) = e.get("call") {
+                ToolEvent::Call(ToolCall {
+                    name: c["name"].as_str().expect("name").to_string(),
+                    arguments: c["arguments"].clone(),
+                    id: c.get("id").and_then(|i| i.as_str()).map(str::to_string),
+                })
+            } else {
+                let reason = match e["rejected"].as_str().expect("reason") {
+                    "malformed" => RejectReason::Malformed,
+                    "incomplete" => RejectReason::Incomplete,
+                    "undeclared" => RejectReason::UndeclaredTool,
+                    r => panic!("unknown reason {r}"),
+                };
+                ToolEvent::Rejected {
+                    reason,
+                    text: String::new(),
+                    detail: String::new(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Rejections compare by reason only.
+fn normalise(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
+    merge_text(events)
+        .into_iter()
+        .map(|e| match e {
+            ToolEvent::Rejected { reason, .. } => ToolEvent::Rejected {
+                reason,
+                text: String::new(),
+                detail: String::new(),
+            },
+            e => e,
+        })
+        .collect()
+}
+
+fn run(format: &ToolFormat, tools: &[String], chunks: &[&str]) -> Vec<ToolEvent> {
+    let mut p = ToolParser::new(format, tools);
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend(p.push(c));
+    }
+    out.extend(p.finish());
+    out
+}
+
+#[test]
+fn fixtures_parse_the_same_whole_and_char_by_char() {
+    let formats = formats();
+    let cases: Vec<serde_yaml::Value> = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/tool_calls.yaml")).expect("fixtures"),
+    )
+    .expect("yaml");
+    let mut seen = std::collections::BTreeSet::new();
+    for case in &cases {
+        let fname = case["format"].as_str().expect("format");
+        let name = case["name"].as_str().expect("name");
+        let format = formats
+            .iter()
+            .find(|f| f.name == fname)
+            .unwrap_or_else(|| panic!("no format {fname}"));
+        seen.insert(fname.to_string());
+        let tools: Vec<String> = case
+            .get("tools")
+            .and_then(|t| t.as_sequence())
+            .map(|s| {
+                s.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text = case["text"].as_str().expect("text");
+        let want = expected(case["events"].as_sequence().expect("events"));
+        let whole = normalise(run(format, &tools, &[text]));
+        assert_eq!(whole, want, "{fname}/{name} fed whole");
+        let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
+        let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        assert_eq!(
+            normalise(run(format, &tools, &refs)),
+            want,
+            "{fname}/{name} fed by character"
+        );
+    }
+    let all: std::collections::BTreeSet<String> = formats.iter().map(|f| f.name.clone()).collect();
+    assert_eq!(seen, all, "every format has fixtures");
+}
+
+#[test]
+fn arbitrary_text_and_chunking_never_panic_and_plain_text_passes_through() {
+    let formats = formats();
+    let mut rng = lmspec::engine::sampling::Rng::new(Some(42));
+    let pieces = [
+        "<",
+        ">",
+        "|",
+        "tool",
+        "_call",
+        "[",
+        "]",
+        "{",
+        "}",
+        "\"",
+        "é",
+        "🌍",
+        " ",
+        "\n",
+        "call:",
+        "<escape>",
+        "x",
+        "=",
+        "TOOL_CALLS",
+        "python_tag",
+    ];
+    for round in 0..400 {
+        let format = &formats[round % formats.len()];
+        let mut text = String::new();
+        for _ in 0..(rng.next_u64() % 40) {
+            text.push_str(pieces[(rng.next_u64() % pieces.len() as u64) as usize]);
+        }
+        if round % 3 == 0 {
+            text.push_str(&format.start);
+        }
+        let mut chunks = Vec::new();
+        let chars: Vec<char> = text.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let n = 1 + (rng.next_u64() % 5) as usize;
+            chunks.push(
+                chars[i..(i + n).min(chars.len())]
+                    .iter()
+                    .collect::<String>(),
+            );
+            i += n;
+        }
+        let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+        let events = merge_text(run(format, &[], &refs));
+        let has_marker = text.contains(format.start.as_str())
+            || format.drop.iter().any(|d| text.contains(d.as_str()));
+        if !has_marker {
+            let want = if text.is_empty() {
+                vec![]
+            } else {
+                vec![ToolEvent::Text(text.clone())]
+            };
+            assert_eq!(events, want, "{}: {text:?}", format.name);
+        }
+    }
+}
+
+#[test]
+fn formats_are_inferred_from_chat_templates() {
+    let formats = formats();
+    let pick = |t: &str| ToolFormat::infer(&formats, t).map(|f| f.name.clone());
+    assert_eq!(
+        pick("{{ '<tool_call>' }}{{ tool_call.name }}").as_deref(),
+        Some("json")
+    );
+    assert_eq!(
+        pick("<tool_call>\n<function={{ name }}>").as_deref(),
+        Some("xml_function")
+    );
+    assert_eq!(
+        pick("<|tool_calls_section_begin|>").as_deref(),
+        Some("kimi_k2")
+    );
+    assert_eq!(pick("[TOOL_CALLS]").as_deref(), Some("mistral"));
+    assert_eq!(pick("no markers here"), None);
+}
+
+#[test]
+fn a_bad_format_file_names_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "spec_version: 1\nname: bad\nstart: '<x>'\npayload: telepathy\n",
+    )
+    .expect("write");
+    let err = ToolFormat::load(&f)
+        .expect_err("unknown payload")
+        .to_string();
+    assert!(
+        err.contains("bad.yaml: <document>: payload: unknown payload 'telepathy'"),
+        "{err}"
+    );
+}
