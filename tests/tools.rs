@@ -206,3 +206,83 @@ fn a_bad_format_file_names_the_field() {
         "{err}"
     );
 }
+
+fn weather_tool(calls: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> lmspec::engine::Tool {
+    lmspec::engine::Tool::new(
+        "get_weather",
+        "Current weather for a city.",
+        serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        move |args| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match args["city"].as_str() {
+                Some(city) => Ok(serde_json::json!({"city": city, "sky": "sunny"})),
+                None => Err("city is required".into()),
+            }
+        },
+    )
+}
+
+#[test]
+fn the_tool_loop_runs_a_call_through_the_handler_and_back() {
+    let formats = formats();
+    let json = formats
+        .iter()
+        .find(|f| f.name == "json")
+        .expect("json format");
+    let lm = crate::generation::smollm2();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tools = vec![weather_tool(calls.clone())];
+    lm.perform(|lm| {
+        // A scripted model: the first answer calls the tool, the second uses
+        // the result, which must be in the rendered prompt by then.
+        let mut round = 0;
+        let mut prompts = Vec::new();
+        let mut generate = |history: &[lmspec::engine::Message]| {
+            let msgs: Vec<Value> = history.iter().map(|m| m.to_json()).collect();
+            let ctx = lmspec::engine::template::ChatContext {
+                add_generation_prompt: true,
+                tools: Some(tools.iter().map(|t| t.spec()).collect()),
+                ..Default::default()
+            };
+            prompts.push(lm.render(&Value::Array(msgs), &ctx)?);
+            round += 1;
+            Ok(if round == 1 {
+                "Checking.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>".to_string()
+            } else {
+                "It is sunny in Paris.".to_string()
+            })
+        };
+        let mut history = vec![lmspec::engine::Message::new("user", "Weather in Paris?")];
+        let mut events = Vec::new();
+        let answer = lmspec::engine::run_tool_loop(&mut history, &tools, json, 4, &mut generate, &mut |e| events.push(e))
+            .expect("tool loop");
+        assert_eq!(answer, "It is sunny in Paris.");
+        assert_eq!(prompts.len(), 2);
+        assert!(prompts[1].contains("{\"city\":\"Paris\",\"sky\":\"sunny\"}"), "{}", prompts[1]);
+        let roles: Vec<&str> = history.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+        assert_eq!(history[1].tool_calls[0].name, "get_weather");
+        assert!(events.iter().any(|e| matches!(e, ToolEvent::Call(c) if c.arguments["city"] == "Paris")));
+    });
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The same loop on real generation: the session renders the tools into
+    // the prompt and ends when an answer has no call.
+    let _guard = crate::support::mlx_lock();
+    lm.perform(|lm| {
+        let params = lmspec::engine::generate::GenerateParams {
+            max_tokens: 24,
+            ..Default::default()
+        };
+        let mut s = lmspec::engine::ChatSession::new(lm, None, params);
+        let out = s
+            .respond_with_tools("Say hello.", &tools, json, 3, &mut |_| {})
+            .expect("session loop");
+        assert!(!out.is_empty());
+        assert_eq!(s.history().first().map(|m| m.role.as_str()), Some("user"));
+        assert_eq!(
+            s.history().last().map(|m| m.role.as_str()),
+            Some("assistant")
+        );
+    });
+}

@@ -23,6 +23,6 @@ pub mod weights;
 
 pub use cache::ModelCache;
 pub use error::{Error, Result};
-pub use lm::{ChatSession, LanguageModel, Message, ModelContainer};
+pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};
 pub use model::Model;
 pub use spec::library::{Spec, SpecLibrary};

@@ -13,6 +13,7 @@ use crate::model::{is_gguf, Model, WeightPlan};
 use crate::spec::library::SpecLibrary;
 use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
+use crate::tools::{ToolCall, ToolEvent, ToolFormat};
 
 /// A model with its tokenizer and chat template.
 #[derive(Debug)]
@@ -121,6 +122,10 @@ impl LanguageModel {
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// Calls an assistant message made.
+    pub tool_calls: Vec<ToolCall>,
+    /// The tool a `tool` message answers for.
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -128,8 +133,119 @@ impl Message {
         Message {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: Vec::new(),
+            name: None,
         }
     }
+
+    /// The message as chat templates see it (OpenAI shape).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            m["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+        }
+        if let Some(n) = &self.name {
+            m["name"] = n.clone().into();
+        }
+        m
+    }
+}
+
+/// A tool the model may call: a name, a description, JSON-schema parameters
+/// and a handler from arguments to a JSON result.
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+    #[allow(clippy::type_complexity)]
+    pub handler: Box<
+        dyn Fn(&serde_json::Value) -> std::result::Result<serde_json::Value, String> + Send + Sync,
+    >,
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tool({})", self.name)
+    }
+}
+
+impl Tool {
+    pub fn new(
+        name: &str,
+        description: &str,
+        parameters: serde_json::Value,
+        handler: impl Fn(&serde_json::Value) -> std::result::Result<serde_json::Value, String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Tool {
+        Tool {
+            name: name.to_string(),
+            description: description.to_string(),
+            parameters,
+            handler: Box::new(handler),
+        }
+    }
+
+    /// The tool as chat templates expect it in `tools`.
+    pub fn spec(&self) -> serde_json::Value {
+        serde_json::json!({"type": "function", "function": {
+            "name": self.name, "description": self.description, "parameters": self.parameters}})
+    }
+}
+
+/// The tool loop: generate, parse calls in `format`, run the handlers, add
+/// the results as `tool` messages, and generate again, until an answer has no
+/// call or `max_rounds` generations were made. `generate` produces the raw
+/// output for the conversation so far.
+pub fn run_tool_loop(
+    history: &mut Vec<Message>,
+    tools: &[Tool],
+    format: &ToolFormat,
+    max_rounds: usize,
+    generate: &mut dyn FnMut(&[Message]) -> Result<String>,
+    on_event: &mut dyn FnMut(ToolEvent),
+) -> Result<String> {
+    let names: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
+    for _ in 0..max_rounds {
+        let raw = generate(history)?;
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for e in crate::tools::parse_all(format, &names, &raw) {
+            match &e {
+                ToolEvent::Text(t) => text.push_str(t),
+                ToolEvent::Call(c) => calls.push(c.clone()),
+                _ => {}
+            }
+            on_event(e);
+        }
+        let mut reply = Message::new("assistant", text.trim());
+        reply.tool_calls = calls.clone();
+        history.push(reply);
+        if calls.is_empty() {
+            return Ok(text.trim().to_string());
+        }
+        for c in calls {
+            let tool = tools
+                .iter()
+                .find(|t| t.name == c.name)
+                .expect("parser accepts declared tools only");
+            let result = match (tool.handler)(&c.arguments) {
+                Ok(v) => v,
+                Err(e) => serde_json::json!({"error": e}),
+            };
+            let mut msg = Message::new("tool", &result.to_string());
+            msg.name = Some(c.name.clone());
+            history.push(msg);
+        }
+    }
+    Err(Error::Usage(format!(
+        "the tool loop did not end within {max_rounds} rounds"
+    )))
 }
 
 /// A multi-turn conversation that keeps the KV cache between turns: each
@@ -186,20 +302,17 @@ impl<'a> ChatSession<'a> {
         if let Some(i) = &self.instructions {
             out.push(serde_json::json!({"role": "system", "content": i}));
         }
-        for m in &self.history {
-            out.push(serde_json::json!({"role": m.role, "content": m.content}));
-        }
+        out.extend(self.history.iter().map(Message::to_json));
         serde_json::Value::Array(out)
     }
 
-    /// Sends a user message; streams the answer to `on_event`.
-    pub fn respond_stream(
+    /// Generates the assistant's next message for the conversation so far,
+    /// feeding only the prompt tokens the cache does not hold yet.
+    fn generate_turn(
         &mut self,
-        user: &str,
         cancel: Option<&AtomicBool>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<String> {
-        self.history.push(Message::new("user", user));
         let prompt = self.lm.chat_prompt(&self.messages(), &self.context)?;
         let common = prompt
             .iter()
@@ -216,24 +329,73 @@ impl<'a> ChatSession<'a> {
         self.cached.truncate(reuse);
         let fresh = &prompt[reuse..];
         self.last_fed_tokens = fresh.len();
-        let out = self
+        match self
             .lm
-            .generate(fresh, &self.params, Some(&mut self.cache), cancel, on_event);
-        match out {
+            .generate(fresh, &self.params, Some(&mut self.cache), cancel, on_event)
+        {
             Ok(g) => {
                 // The token loop feeds every token it returns.
                 self.cached.extend_from_slice(fresh);
                 self.cached.extend_from_slice(&g.tokens);
-                self.history.push(Message::new("assistant", &g.text));
                 Ok(g.text)
             }
             Err(e) => {
-                self.history.pop();
                 self.cache = self.lm.model.new_cache_with(self.params.cache);
                 self.cached.clear();
                 Err(e)
             }
         }
+    }
+
+    /// Sends a user message; streams the answer to `on_event`.
+    pub fn respond_stream(
+        &mut self,
+        user: &str,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<String> {
+        self.history.push(Message::new("user", user));
+        match self.generate_turn(cancel, on_event) {
+            Ok(text) => {
+                self.history.push(Message::new("assistant", &text));
+                Ok(text)
+            }
+            Err(e) => {
+                self.history.pop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a user message with `tools` offered (passed to the chat
+    /// template) and runs the tool loop: calls in `format` go to the tools'
+    /// handlers and their results back to the model, for at most
+    /// `max_rounds` generations. Parsed events go to `on_event`.
+    pub fn respond_with_tools(
+        &mut self,
+        user: &str,
+        tools: &[Tool],
+        format: &ToolFormat,
+        max_rounds: usize,
+        on_event: &mut dyn FnMut(ToolEvent),
+    ) -> Result<String> {
+        self.history.push(Message::new("user", user));
+        self.context.tools = Some(tools.iter().map(Tool::spec).collect());
+        let mut history = std::mem::take(&mut self.history);
+        let out = run_tool_loop(
+            &mut history,
+            tools,
+            format,
+            max_rounds,
+            &mut |h| {
+                self.history = h.to_vec();
+                self.generate_turn(None, &mut |_| {})
+            },
+            on_event,
+        );
+        self.history = history;
+        self.context.tools = None;
+        out
     }
 
     /// Sends a user message and returns the whole answer.

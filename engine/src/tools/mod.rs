@@ -3,6 +3,7 @@
 //! streaming parser turns generated text into ordered events (text, calls,
 //! rejected calls), whatever the chunking.
 mod payload;
+pub mod reasoning;
 
 use std::path::{Path, PathBuf};
 
@@ -140,7 +141,7 @@ pub struct ToolParser<'a> {
 }
 
 /// Length of the longest suffix of `s` that is a proper prefix of `marker`.
-fn partial_suffix(s: &str, marker: &str) -> usize {
+pub(crate) fn partial_suffix(s: &str, marker: &str) -> usize {
     (1..marker.len().min(s.len() + 1))
         .rev()
         .find(|k| marker.is_char_boundary(*k) && s.ends_with(&marker[..*k]))
