@@ -55,6 +55,14 @@ enum Command {
     Chat {
         #[command(flatten)]
         gen: GenArgs,
+        /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
+        /// the model makes are shown, not executed.
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// Tool-call format (default: resolved from the tokenizer config,
+        /// the chat template, the spec, else json).
+        #[arg(long)]
+        tool_format: Option<String>,
     },
     /// Measure load, prefill and decode speed (optionally against mlx-lm).
     Bench {
@@ -233,9 +241,66 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
+fn chat_tools(
+    specs: &Option<PathBuf>,
+    lm: &lmspec::engine::LanguageModel,
+    file: &Path,
+    explicit: Option<&str>,
+) -> Result<(Vec<lmspec::engine::Tool>, lmspec::engine::tools::ToolFormat)> {
+    use lmspec::engine::tools::ToolFormat;
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of tool specs", file.display()))?;
+    let mut tools = Vec::new();
+    for (k, spec) in list.iter().enumerate() {
+        let f = spec.get("function").unwrap_or(spec);
+        let name = f
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| anyhow!("{}: tool {k}: missing function.name", file.display()))?;
+        tools.push(lmspec::engine::Tool::new(
+            name,
+            f.get("description").and_then(|d| d.as_str()).unwrap_or(""),
+            f.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"})),
+            |_| Ok(serde_json::json!({"error": "lmspec chat shows tool calls but does not run them"})),
+        ));
+    }
+    let root = specs.clone().unwrap_or_else(SpecLibrary::default_root);
+    let formats = ToolFormat::load_dir(&root.join("tool-formats"))?;
+    let format = ToolFormat::resolve(
+        &formats,
+        explicit,
+        lm.tokenizer.tool_parser_type.as_deref(),
+        lm.tokenizer.chat_template.as_deref(),
+        lm.model.spec.tool_format.as_deref(),
+    )
+    .ok_or_else(|| {
+        anyhow!(
+            "no tool-call format found in {}",
+            root.join("tool-formats").display()
+        )
+    })?
+    .clone();
+    if let Some(e) = explicit {
+        if format.name != e {
+            bail!("unknown tool format '{e}'");
+        }
+    }
+    Ok((tools, format))
+}
+
+fn chat(
+    specs: &Option<PathBuf>,
+    gen: &GenArgs,
+    tools: Option<&Path>,
+    tool_format: Option<&str>,
+) -> Result<ExitCode> {
     use std::io::BufRead;
     let lm = gen.load(specs)?;
+    let tools = match tools {
+        Some(f) => Some(chat_tools(specs, &lm, f, tool_format)?),
+        None => None,
+    };
     let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
@@ -244,8 +309,25 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
         if line.trim().is_empty() {
             break;
         }
-        session.respond_stream(&line, None, &mut print_event)?;
-        println!();
+        match &tools {
+            Some((tools, format)) => {
+                let answer = session.respond_with_tools(&line, tools, format, 3, &mut |e| {
+                    use lmspec::engine::tools::ToolEvent;
+                    match e {
+                        ToolEvent::Call(c) => println!("[tool call] {}({})", c.name, c.arguments),
+                        ToolEvent::Rejected { reason, detail, .. } => {
+                            println!("[rejected tool call: {reason:?}] {detail}")
+                        }
+                        _ => {}
+                    }
+                })?;
+                println!("{answer}");
+            }
+            None => {
+                session.respond_stream(&line, None, &mut print_event)?;
+                println!();
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -386,7 +468,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
         Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
-        Command::Chat { gen } => chat(&cli.specs, &gen),
+        Command::Chat {
+            gen,
+            tools,
+            tool_format,
+        } => chat(&cli.specs, &gen, tools.as_deref(), tool_format.as_deref()),
         Command::Bench {
             model,
             prompt_tokens,

@@ -29,6 +29,7 @@ fn expected(events: &[serde_yaml::Value]) -> Vec<ToolEvent> {
                     "malformed" => RejectReason::Malformed,
                     "incomplete" => RejectReason::Incomplete,
                     "undeclared" => RejectReason::UndeclaredTool,
+                    "invalid" => RejectReason::InvalidArguments,
                     r => panic!("unknown reason {r}"),
                 };
                 ToolEvent::Rejected {
@@ -57,7 +58,19 @@ fn normalise(events: Vec<ToolEvent>) -> Vec<ToolEvent> {
 }
 
 fn run(format: &ToolFormat, tools: &[String], chunks: &[&str]) -> Vec<ToolEvent> {
+    run_with(format, tools, &[], chunks)
+}
+
+fn run_with(
+    format: &ToolFormat,
+    tools: &[String],
+    schemas: &[(String, Value)],
+    chunks: &[&str],
+) -> Vec<ToolEvent> {
     let mut p = ToolParser::new(format, tools);
+    if !schemas.is_empty() {
+        p = p.with_schemas(schemas);
+    }
     let mut out = Vec::new();
     for c in chunks {
         out.extend(p.push(c));
@@ -91,14 +104,28 @@ fn fixtures_parse_the_same_whole_and_char_by_char() {
                     .collect()
             })
             .unwrap_or_default();
+        let schemas: Vec<(String, Value)> = case
+            .get("schemas")
+            .and_then(|s| s.as_mapping())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().expect("tool name").to_string(),
+                            serde_json::to_value(v).expect("schema"),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let text = case["text"].as_str().expect("text");
         let want = expected(case["events"].as_sequence().expect("events"));
-        let whole = normalise(run(format, &tools, &[text]));
+        let whole = normalise(run_with(format, &tools, &schemas, &[text]));
         assert_eq!(whole, want, "{fname}/{name} fed whole");
         let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
         let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
         assert_eq!(
-            normalise(run(format, &tools, &refs)),
+            normalise(run_with(format, &tools, &schemas, &refs)),
             want,
             "{fname}/{name} fed by character"
         );
@@ -285,4 +312,22 @@ fn the_tool_loop_runs_a_call_through_the_handler_and_back() {
             Some("assistant")
         );
     });
+}
+
+#[test]
+fn format_resolution_order() {
+    let formats = formats();
+    let pick = |e, t, tpl, d| ToolFormat::resolve(&formats, e, t, tpl, d).map(|f| f.name.as_str());
+    let tpl = Some("{{ '[TOOL_CALLS]' }}");
+    assert_eq!(
+        pick(Some("glm4"), Some("lfm2"), tpl, Some("gemma")),
+        Some("glm4")
+    );
+    assert_eq!(pick(None, Some("lfm2"), tpl, Some("gemma")), Some("lfm2"));
+    assert_eq!(pick(None, None, tpl, Some("gemma")), Some("mistral"));
+    assert_eq!(
+        pick(None, None, Some("plain"), Some("gemma")),
+        Some("gemma")
+    );
+    assert_eq!(pick(None, None, None, None), Some("json"));
 }

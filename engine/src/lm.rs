@@ -210,12 +210,18 @@ pub fn run_tool_loop(
     generate: &mut dyn FnMut(&[Message]) -> Result<String>,
     on_event: &mut dyn FnMut(ToolEvent),
 ) -> Result<String> {
-    let names: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
+    let schemas: Vec<(String, serde_json::Value)> = tools
+        .iter()
+        .map(|t| (t.name.clone(), t.parameters.clone()))
+        .collect();
     for _ in 0..max_rounds {
         let raw = generate(history)?;
         let mut text = String::new();
         let mut calls = Vec::new();
-        for e in crate::tools::parse_all(format, &names, &raw) {
+        let mut parser = crate::tools::ToolParser::new(format, &[]).with_schemas(&schemas);
+        let mut events = parser.push(&raw);
+        events.extend(parser.finish());
+        for e in crate::tools::merge_text(events) {
             match &e {
                 ToolEvent::Text(t) => text.push_str(t),
                 ToolEvent::Call(c) => calls.push(c.clone()),

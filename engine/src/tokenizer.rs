@@ -31,6 +31,8 @@ pub struct Tokenizer {
     /// Whether encoding a prompt prepends BOS.
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// `tool_parser_type` from `tokenizer_config.json`, if any.
+    pub tool_parser_type: Option<String>,
 }
 
 fn tok_err(source: &Path, msg: impl Into<String>) -> Error {
@@ -120,6 +122,10 @@ impl Tokenizer {
             .get("add_bos_token")
             .and_then(|b| b.as_bool())
             .unwrap_or(false);
+        let tool_parser_type = cfg
+            .get("tool_parser_type")
+            .and_then(|t| t.as_str())
+            .map(str::to_string);
         Ok(Tokenizer {
             inner,
             source: file,
@@ -129,6 +135,7 @@ impl Tokenizer {
             eos_ids,
             add_bos,
             chat_template,
+            tool_parser_type,
         })
     }
 
@@ -200,6 +207,7 @@ impl Tokenizer {
             eos_ids: data.eos_id.into_iter().collect(),
             add_bos: data.add_bos,
             chat_template: data.chat_template.clone(),
+            tool_parser_type: None,
         })
     }
 

@@ -29,6 +29,7 @@ pub struct Spec {
     pub model: Sourced<RawBlock>,
     pub rules: Vec<Sourced<RawRule>>,
     pub gguf: Option<Sourced<RawGguf>>,
+    pub tool_format: Option<String>,
 }
 
 /// Parses one spec file, naming the file and position on error.
@@ -281,6 +282,7 @@ impl SpecLibrary {
                 },
                 rules: Vec::new(),
                 gguf: None,
+                tool_format: None,
             },
         };
         spec.name = name;
@@ -301,6 +303,9 @@ impl SpecLibrary {
         }
         if let Some(g) = raw.gguf {
             spec.gguf = Some(sourced(path, g));
+        }
+        if raw.tool_format.is_some() {
+            spec.tool_format = raw.tool_format;
         }
         spec.rules
             .extend(raw.weights.rules.into_iter().map(|r| sourced(path, r)));

@@ -33,6 +33,10 @@ pub struct RawSpec {
     /// How GGUF checkpoints map onto this spec.
     #[serde(default)]
     pub gguf: Option<RawGguf>,
+    /// Tool-call format used when neither the tokenizer config nor the chat
+    /// template names one (a file name in `specs/tool-formats/`).
+    #[serde(default)]
+    pub tool_format: Option<String>,
 }
 
 /// GGUF support: which `general.architecture` values the spec serves, how

@@ -49,6 +49,8 @@ pub enum RejectReason {
     Malformed,
     Incomplete,
     UndeclaredTool,
+    /// The arguments do not fit the tool's JSON schema.
+    InvalidArguments,
 }
 
 /// What the parser emits, in output order.
@@ -107,6 +109,25 @@ impl ToolFormat {
         files.iter().map(|f| ToolFormat::load(f)).collect()
     }
 
+    /// Picks the format in this order: `explicit`; the tokenizer config's
+    /// `tool_parser_type`; the chat template's markers; the spec's default;
+    /// `json`.
+    pub fn resolve<'a>(
+        formats: &'a [ToolFormat],
+        explicit: Option<&str>,
+        tool_parser_type: Option<&str>,
+        template: Option<&str>,
+        spec_default: Option<&str>,
+    ) -> Option<&'a ToolFormat> {
+        let by_name = |n: &str| formats.iter().find(|f| f.name == n);
+        explicit
+            .and_then(by_name)
+            .or_else(|| tool_parser_type.and_then(by_name))
+            .or_else(|| template.and_then(|t| ToolFormat::infer(formats, t)))
+            .or_else(|| spec_default.and_then(by_name))
+            .or_else(|| by_name("json"))
+    }
+
     /// The format a chat template implies: the first whose markers all occur.
     pub fn infer<'a>(formats: &'a [ToolFormat], template: &str) -> Option<&'a ToolFormat> {
         let mut best: Option<&ToolFormat> = None;
@@ -136,6 +157,8 @@ pub struct ToolParser<'a> {
     format: &'a ToolFormat,
     /// Declared tool names; empty accepts any.
     tools: Vec<String>,
+    /// JSON-schema `parameters` by tool name, for typing arguments.
+    schemas: Vec<(String, serde_json::Value)>,
     state: State,
     buf: String,
 }
@@ -153,9 +176,18 @@ impl<'a> ToolParser<'a> {
         ToolParser {
             format,
             tools: tools.to_vec(),
+            schemas: Vec::new(),
             state: State::Text,
             buf: String::new(),
         }
+    }
+
+    /// Declares tools with their JSON-schema parameters: string arguments
+    /// are typed by the schema and calls missing required ones rejected.
+    pub fn with_schemas(mut self, schemas: &[(String, serde_json::Value)]) -> ToolParser<'a> {
+        self.tools = schemas.iter().map(|(n, _)| n.clone()).collect();
+        self.schemas = schemas.to_vec();
+        self
     }
 
     fn strip_drops(&self, s: &str) -> String {
@@ -191,15 +223,27 @@ impl<'a> ToolParser<'a> {
                 detail: "no call in the payload".into(),
             }),
             Ok(calls) => {
-                for c in calls {
+                for mut c in calls {
                     if !self.tools.is_empty() && !self.tools.contains(&c.name) {
                         out.push(ToolEvent::Rejected {
                             reason: RejectReason::UndeclaredTool,
                             text: raw.clone(),
                             detail: format!("tool '{}' is not declared", c.name),
                         });
-                    } else {
-                        out.push(ToolEvent::Call(c));
+                        continue;
+                    }
+                    let schema = self
+                        .schemas
+                        .iter()
+                        .find(|(n, _)| *n == c.name)
+                        .map(|(_, s)| s);
+                    match schema.map(|s| type_arguments(&mut c.arguments, s)) {
+                        Some(Err(detail)) => out.push(ToolEvent::Rejected {
+                            reason: RejectReason::InvalidArguments,
+                            text: raw.clone(),
+                            detail,
+                        }),
+                        _ => out.push(ToolEvent::Call(c)),
                     }
                 }
             }
@@ -271,6 +315,49 @@ impl<'a> ToolParser<'a> {
         self.state = State::Text;
         out
     }
+}
+
+/// Types argument values by a JSON schema's `properties` (formats that
+/// carry every value as text give `"3"` for an integer, `3` for a string
+/// that looks numeric) and checks `required`.
+pub fn type_arguments(
+    args: &mut serde_json::Value,
+    schema: &serde_json::Value,
+) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    let Some(obj) = args.as_object_mut() else {
+        return Err("arguments must be an object".into());
+    };
+    if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+        for (key, prop) in props {
+            let Some(v) = obj.get_mut(key) else { continue };
+            let ty = prop.get("type").and_then(|t| t.as_str()).unwrap_or("");
+            let typed = match (ty, &*v) {
+                ("string", Value::String(_)) => None,
+                ("string", other) => Some(Value::String(match other {
+                    Value::Number(n) => n.to_string(),
+                    o => o.to_string(),
+                })),
+                ("integer" | "number" | "boolean" | "object" | "array", Value::String(s)) => {
+                    let parsed: Value = serde_json::from_str(s.trim())
+                        .map_err(|_| format!("argument '{key}' = {s:?} is not a {ty}"))?;
+                    Some(parsed)
+                }
+                _ => None,
+            };
+            if let Some(t) = typed {
+                *v = t;
+            }
+        }
+    }
+    if let Some(required) = schema.get("required").and_then(|r| r.as_array()) {
+        for r in required.iter().filter_map(|r| r.as_str()) {
+            if !obj.contains_key(r) {
+                return Err(format!("required argument '{r}' is missing"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses a whole output at once.
