@@ -236,13 +236,12 @@ pub fn run_tool_loop(
             return Ok(text.trim().to_string());
         }
         for c in calls {
-            let tool = tools
-                .iter()
-                .find(|t| t.name == c.name)
-                .expect("parser accepts declared tools only");
-            let result = match (tool.handler)(&c.arguments) {
-                Ok(v) => v,
-                Err(e) => serde_json::json!({"error": e}),
+            let result = match tools.iter().find(|t| t.name == c.name) {
+                Some(tool) => match (tool.handler)(&c.arguments) {
+                    Ok(v) => v,
+                    Err(e) => serde_json::json!({"error": e}),
+                },
+                None => serde_json::json!({"error": format!("no tool named '{}'", c.name)}),
             };
             let mut msg = Message::new("tool", &result.to_string());
             msg.name = Some(c.name.clone());
