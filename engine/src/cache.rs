@@ -115,6 +115,16 @@ fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Except
     .map_err(exception)
 }
 
+/// The first `offset` positions of full buffers (the buffers themselves
+/// when they hold exactly that many).
+fn upto_offset(k: &Array, v: &Array, offset: i32) -> Result<(Array, Array), Exception> {
+    if offset < k.shape()[2] {
+        Ok((seq(k, 0, offset)?, seq(v, 0, offset)?))
+    } else {
+        Ok((k.clone(), v.clone()))
+    }
+}
+
 fn cat(parts: &[&Array]) -> Result<Array, Exception> {
     mlx_rs::ops::concatenate(parts, 2)
 }
@@ -167,11 +177,7 @@ impl KvCache {
         };
         let k = seq_update(k, prev, self.offset, keys)?;
         let v = seq_update(v, prev, self.offset, values)?;
-        let out = if self.offset < k.shape()[2] {
-            (seq(&k, 0, self.offset)?, seq(&v, 0, self.offset)?)
-        } else {
-            (k.clone(), v.clone())
-        };
+        let out = upto_offset(&k, &v, self.offset)?;
         self.keys = Some(k);
         self.values = Some(v);
         Ok(out)
@@ -314,11 +320,7 @@ impl RotatingKvCache {
         let v = seq_update(&v, self.idx, self.idx + s, values)?;
         self.offset += s;
         self.idx += s;
-        let out = if self.offset < k.shape()[2] {
-            (seq(&k, 0, self.offset)?, seq(&v, 0, self.offset)?)
-        } else {
-            (k.clone(), v.clone())
-        };
+        let out = upto_offset(&k, &v, self.offset)?;
         self.keys = Some(k);
         self.values = Some(v);
         Ok(out)

@@ -136,11 +136,7 @@ impl<'a> TokenGenerator<'a> {
         let v = *logits.shape().last().unwrap_or(&0);
         let t = logits.shape()[1];
         let last = logits.reshape(&[-1, v])?;
-        let last = if t > 1 {
-            last.try_index_last_row()?
-        } else {
-            last
-        };
+        let last = if t > 1 { last_row(&last)? } else { last };
         if let Some(h) = host {
             self.history.push(h);
         }
@@ -204,17 +200,11 @@ impl Drop for TokenGenerator<'_> {
     }
 }
 
-trait LastRow {
-    fn try_index_last_row(&self) -> std::result::Result<Array, mlx_rs::error::Exception>;
-}
-
-impl LastRow for Array {
-    /// `x[-1:]` of a 2-D array.
-    fn try_index_last_row(&self) -> std::result::Result<Array, mlx_rs::error::Exception> {
-        use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
-        let n = self.shape()[0];
-        self.try_index(&[(n - 1..n).index_op()][..])
-    }
+/// `x[-1:]` of a 2-D array.
+fn last_row(x: &Array) -> std::result::Result<Array, mlx_rs::error::Exception> {
+    use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
+    let n = x.shape()[0];
+    x.try_index(&[(n - 1..n).index_op()][..])
 }
 
 /// Why generation ended.

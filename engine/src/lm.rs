@@ -78,22 +78,8 @@ impl LanguageModel {
     /// Token ids of a chat prompt (template, then encoding without adding
     /// special tokens, as mlx-lm does).
     pub fn chat_prompt(&self, messages: &serde_json::Value, ctx: &ChatContext) -> Result<Vec<u32>> {
-        let text = self.render(messages, ctx)?;
-        let enc = self.tokenizer.encode(&text)?;
-        let enc = match (self.tokenizer.add_bos, self.tokenizer.bos_id) {
-            (true, Some(bos))
-                if text.starts_with(self.tokenizer.bos_token.as_deref().unwrap_or("\0")) =>
-            {
-                // The template already wrote BOS; do not add another.
-                let mut e = enc;
-                if e.len() > 1 && e[0] == bos && e[1] == bos {
-                    e.remove(0);
-                }
-                e
-            }
-            _ => enc,
-        };
-        Ok(enc)
+        // `encode` adds BOS only when the rendered text does not start with it.
+        self.tokenizer.encode(&self.render(messages, ctx)?)
     }
 
     /// Generates from token ids.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indexmap::IndexMap;
+use lmspec_engine::generate::{GenerateParams, TokenGenerator};
 use lmspec_engine::{Model, SpecLibrary};
 use mlx_rs::{Array, Dtype};
 
@@ -142,21 +143,20 @@ fn row(tokens: &[i32]) -> Array {
     Array::from_slice(tokens, &[1, tokens.len() as i32])
 }
 
-/// Greedy continuation the way mlx-lm's generate_step feeds it: all prompt
-/// tokens but the last in one call, then one token at a time.
+/// Greedy continuation through the engine's token loop, which feeds tokens
+/// the way mlx-lm's generate_step does (the prompt but its last token, then
+/// one token at a time).
 pub fn greedy(model: &Model, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
+    let params = GenerateParams {
+        max_tokens: n,
+        ..Default::default()
+    };
+    let prompt: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
     let mut cache = model.new_cache();
-    let (head, last) = prompt.split_at(prompt.len() - 1);
-    if !head.is_empty() {
-        model.forward(&row(head), Some(&mut cache))?.eval()?;
-    }
-    let mut next = last[0];
+    let mut g = TokenGenerator::new(model, &mut cache, &prompt, &params, &mut |_, _| {})?;
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let logits = model.forward(&row(&[next]), Some(&mut cache))?;
-        let id = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)?;
-        next = ints(&id)?[0];
-        out.push(next);
+    while let Some(t) = g.next_token() {
+        out.push(t? as i32);
     }
     Ok(out)
 }

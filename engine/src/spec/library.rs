@@ -38,14 +38,17 @@ pub fn parse_file(path: &Path) -> Result<RawSpec> {
     parse_str(&text, path)
 }
 
+/// A YAML syntax or shape error in `path`, located by line and column.
+pub fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Error {
+    let node = match e.location() {
+        Some(l) => format!("line {}, column {}", l.line(), l.column()),
+        None => "<document>".to_string(),
+    };
+    Error::spec(path, node, "yaml", e.to_string())
+}
+
 pub fn parse_str(text: &str, path: &Path) -> Result<RawSpec> {
-    let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| {
-        let node = match e.location() {
-            Some(l) => format!("line {}, column {}", l.line(), l.column()),
-            None => "<document>".to_string(),
-        };
-        Error::spec(path, node, "yaml", e.to_string())
-    })?;
+    let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
     if raw.spec_version != SPEC_VERSION {
         return Err(Error::spec(
             path,

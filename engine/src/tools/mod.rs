@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{read_to_string, Error, Result};
+use crate::spec::library::yaml_error;
 
 /// A tool-call format, as written in a format file.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,13 +69,7 @@ pub enum ToolEvent {
 impl ToolFormat {
     pub fn load(path: &Path) -> Result<ToolFormat> {
         let text = read_to_string(path)?;
-        let f: ToolFormat = serde_yaml::from_str(&text).map_err(|e| {
-            let node = e
-                .location()
-                .map(|l| format!("line {}, column {}", l.line(), l.column()))
-                .unwrap_or_else(|| "<document>".into());
-            Error::spec(path, node, "yaml", e.to_string())
-        })?;
+        let f: ToolFormat = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &e))?;
         if !payload::KINDS.contains(&f.payload.as_str()) {
             return Err(Error::spec(
                 path,
