@@ -11,6 +11,9 @@ use mlx_rs::Array;
 pub enum CacheKind {
     /// Keys and values of the positions so far.
     Kv,
+    /// Keys and values of the last `n` positions only (sliding-window
+    /// attention): a rotating cache of that size, whatever the options.
+    Window(i32),
 }
 
 /// How attention caches are made.
@@ -31,6 +34,7 @@ impl CacheKind {
                 CacheState::Rotating(RotatingKvCache::new(max, ROTATING_KEEP))
             }
             (CacheKind::Kv, None) => CacheState::Kv(KvCache::default()),
+            (CacheKind::Window(n), _) => CacheState::Rotating(RotatingKvCache::new(n, 0)),
         }
     }
 }
@@ -42,6 +46,21 @@ pub enum Mask {
     Causal,
     /// Boolean [t, keys]: true where attention is allowed.
     Array(Array),
+}
+
+/// The boolean mask of `t` query positions starting at `offset` over the
+/// `offset + t` keys so far: causal, and within `window` positions when
+/// given (mlx-lm's `create_causal_mask`).
+pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
+    let cols = offset + t;
+    let mut allowed = Vec::with_capacity((t * cols).max(0) as usize);
+    for row in 0..t {
+        let l = offset + row;
+        for r in 0..cols {
+            allowed.push(l >= r && window.is_none_or(|w| l < r + w));
+        }
+    }
+    Array::from_slice(&allowed, &[t, cols])
 }
 
 /// Keys and values for attention, dense or quantized (data, scales, biases).
@@ -348,15 +367,7 @@ impl RotatingKvCache {
         if offset + t <= window {
             return Ok(Mask::Causal);
         }
-        let cols = offset + t;
-        let mut allowed = Vec::with_capacity((t * cols) as usize);
-        for row in 0..t {
-            let l = offset + row;
-            for r in 0..cols {
-                allowed.push(l >= r && l < r + window);
-            }
-        }
-        Ok(Mask::Array(Array::from_slice(&allowed, &[t, cols])))
+        Ok(Mask::Array(causal_mask(t, offset, Some(window))))
     }
 }
 

@@ -171,7 +171,14 @@ pub fn check(spec: &Spec) -> Result<()> {
                 ),
             )
         })?;
-        for (field, v) in [("default", &b.default), ("value", &b.value)] {
+        if b.per_layer.is_some() {
+            known.insert("i".to_string());
+        }
+        for (field, v) in [
+            ("default", &b.default),
+            ("value", &b.value),
+            ("per_layer", &b.per_layer),
+        ] {
             if let Some(v) = v {
                 let names =
                     expr_names(v, ty).map_err(|m| Error::spec(&def.file, &here, field, m))?;
@@ -286,6 +293,7 @@ pub fn check(spec: &Spec) -> Result<()> {
             RawRule::Rename { from, to } => ("rename", vec![from, to]),
             RawRule::Tie { target, source, .. } => ("tie", vec![target, source]),
             RawRule::SkipIfPresent(p) => ("skip_if_present", vec![p]),
+            RawRule::Transpose(p) => ("transpose", vec![p]),
         };
         for p in patterns {
             crate::weights::rules::Pattern::parse(p)
@@ -475,6 +483,12 @@ fn check_params(
                     return Err((def.name.to_string(), "expected a weight name".into()));
                 }
             }
+            ParamKind::Choice(_) if v.as_str().is_some_and(|s| s.starts_with('=')) => {
+                let names = expr_names(v, Ty::Str).map_err(|m| (def.name.to_string(), m))?;
+                if let Some(n) = names.iter().find(|n| !known.contains(*n)) {
+                    return Err((def.name.to_string(), format!("unknown name '{n}'")));
+                }
+            }
             ParamKind::Choice(options) => match v.as_str() {
                 Some(s) if options.contains(&s) => {}
                 _ => {
@@ -510,6 +524,20 @@ fn eval_params(
                     .and_then(|e| e.eval(scope))
                     .and_then(|v| ty.coerce(v))
                     .map_err(|m| (field(), m))?
+            }
+            (Some(v), ParamKind::Choice(options)) => {
+                let value = literal_or_expr(v, Ty::Str)
+                    .and_then(|e| e.eval(scope))
+                    .map_err(|m| (field(), m))?;
+                match value.as_str() {
+                    Some(s) if options.contains(&s) => value,
+                    _ => {
+                        return Err((
+                            field(),
+                            format!("{value} is not one of: {}", options.join(", ")),
+                        ))
+                    }
+                }
             }
             (Some(v), _) => Value::from_yaml(v),
             (None, _) => match def.default {
@@ -600,11 +628,7 @@ impl Expander<'_> {
         })?;
         let config = self.config;
         let scope_vals: Box<dyn Scope> = match layer {
-            Some(i) => Box::new(With {
-                name: "i",
-                value: Value::Int(i),
-                base: config,
-            }),
+            Some(i) => Box::new(self.layer_scope(i)?),
             None => Box::new(With {
                 name: "i",
                 value: Value::Null,
@@ -695,6 +719,11 @@ impl Expander<'_> {
         })
     }
 
+    fn layer_scope(&self, i: i64) -> Result<IndexMap<String, Value>> {
+        crate::spec::config::layer_scope(self.spec, self.config, i)
+            .map_err(|(node, msg)| Error::spec(&self.spec.file, node, "per_layer", msg))
+    }
+
     fn layers(&mut self, input: Src, path: &str) -> Result<Src> {
         let layers = self.spec.layers.as_ref().ok_or_else(|| {
             Error::spec(&self.spec.file, "model", "layers", "no `layers` schedule")
@@ -716,11 +745,7 @@ impl Expander<'_> {
             })?;
         let mut x = input;
         for i in 0..count {
-            let scope = With {
-                name: "i",
-                value: Value::Int(i),
-                base: self.config,
-            };
+            let scope = self.layer_scope(i)?;
             let mut chosen = l.block.clone();
             for (k, s) in l.select.iter().enumerate() {
                 let hit = match &s.when {

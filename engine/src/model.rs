@@ -261,6 +261,22 @@ impl Model {
         cache: Option<&mut ModelCache>,
         taps: &[String],
     ) -> Result<(Array, IndexMap<String, Array>)> {
+        self.run(tokens, cache, taps, None)
+    }
+
+    /// The output for a padded batch: `tokens` [B, T] and `key_mask` [B, T]
+    /// (true for real tokens); padding positions are hidden from attention.
+    pub fn forward_masked(&self, tokens: &Array, key_mask: &Array) -> Result<Array> {
+        Ok(self.run(tokens, None, &[], Some(key_mask))?.0)
+    }
+
+    fn run(
+        &self,
+        tokens: &Array,
+        cache: Option<&mut ModelCache>,
+        taps: &[String],
+        key_mask: Option<&Array>,
+    ) -> Result<(Array, IndexMap<String, Array>)> {
         let tokens = match tokens.ndim() {
             1 => tokens.reshape(&[1, -1])?,
             2 => tokens.clone(),
@@ -278,7 +294,7 @@ impl Model {
                 &mut fresh
             }
         };
-        self.plan.run(&tokens, cache, taps)
+        self.plan.run(&tokens, cache, taps, key_mask)
     }
 
     /// Tap names in execution order.

@@ -108,12 +108,15 @@ impl Plan {
         self.taps.keys().map(String::as_str)
     }
 
-    /// Runs the plan on token ids [B, T]. `taps` selects values to return.
+    /// Runs the plan on token ids [B, T]. `taps` selects values to return;
+    /// `key_mask` ([B, T] bool, true for real tokens) hides padding keys
+    /// from every attention.
     pub fn run(
         &self,
         tokens: &Array,
         cache: &mut ModelCache,
         taps: &[String],
+        key_mask: Option<&Array>,
     ) -> Result<(Array, IndexMap<String, Array>)> {
         if cache.slots.len() != self.cache_kinds.len() {
             return Err(Error::Usage(format!(
@@ -146,6 +149,7 @@ impl Plan {
                 .collect();
             let mut ctx = Ctx {
                 offset,
+                key_mask,
                 cache: step.cache.map(|c| &mut cache.slots[c]),
             };
             let y = step.op.forward(&inputs, &mut ctx)?;

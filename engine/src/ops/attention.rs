@@ -1,6 +1,8 @@
 //! `attention`: scaled dot-product attention over per-head q, k, v through
 //! `fast::scaled_dot_product_attention` (grouped-query when k/v have fewer
-//! heads), with a causal mask and a KV cache slot.
+//! heads), with a causal (optionally sliding-window) mask, an optional
+//! key-padding mask and a KV cache slot. With `softcap` the scores are
+//! computed explicitly and capped with `tanh` before the softmax.
 use mlx_rs::error::Exception;
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::Array;
@@ -8,7 +10,7 @@ use mlx_rs::Array;
 use super::{
     expect_heads, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved, ValueInfo,
 };
-use crate::cache::{CacheKind, KvView, Mask};
+use crate::cache::{causal_mask, CacheKind, KvView, Mask};
 use crate::spec::config::Ty;
 
 #[derive(Debug)]
@@ -27,6 +29,18 @@ static PARAMS: &[ParamDef] = &[
         default: Some("true"),
         doc: "mask future positions",
     },
+    ParamDef {
+        name: "window",
+        kind: ParamKind::Expr(Ty::Int),
+        default: Some("null"),
+        doc: "attend to at most this many most recent positions (sliding window; its cache keeps only those)",
+    },
+    ParamDef {
+        name: "softcap",
+        kind: ParamKind::Expr(Ty::Float),
+        default: Some("null"),
+        doc: "cap scores to (-c, c) with c·tanh(s / c) before the softmax",
+    },
 ];
 
 impl OpKind for Attention {
@@ -42,7 +56,9 @@ impl OpKind for Attention {
     fn arity(&self) -> (usize, usize) {
         (3, 3)
     }
-    fn resolve(&self, _p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+    fn resolve(&self, p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let window = window(p)?;
+        softcap(p)?;
         let (hq, dq) = expect_heads(inputs, 0)?;
         let (hk, dk) = expect_heads(inputs, 1)?;
         let (hv, dv) = expect_heads(inputs, 2)?;
@@ -67,7 +83,7 @@ impl OpKind for Attention {
                 heads: Some(hq),
             },
             weights: Vec::new(),
-            cache: Some(CacheKind::Kv),
+            cache: Some(window.map_or(CacheKind::Kv, CacheKind::Window)),
         })
     }
     fn build(
@@ -79,7 +95,31 @@ impl OpKind for Attention {
         Ok(Box::new(AttentionOp {
             scale: p.float("scale")? as f32,
             causal: p.bool("causal")?,
+            window: window(p)?,
+            softcap: softcap(p)?,
         }))
+    }
+}
+
+fn window(p: &Params) -> Result<Option<i32>, OpError> {
+    match p.opt_int("window")? {
+        None => Ok(None),
+        Some(w) if w >= 1 && w <= i32::MAX as i64 => Ok(Some(w as i32)),
+        Some(w) => Err(OpError::new(
+            "window",
+            format!("{w} is not a positive window size"),
+        )),
+    }
+}
+
+fn softcap(p: &Params) -> Result<Option<f32>, OpError> {
+    match p.opt_float("softcap")? {
+        None => Ok(None),
+        Some(c) if c > 0.0 => Ok(Some(c as f32)),
+        Some(c) => Err(OpError::new(
+            "softcap",
+            format!("{c} is not a positive cap"),
+        )),
     }
 }
 
@@ -87,6 +127,8 @@ impl OpKind for Attention {
 struct AttentionOp {
     scale: f32,
     causal: bool,
+    window: Option<i32>,
+    softcap: Option<f32>,
 }
 
 impl Op for AttentionOp {
@@ -95,14 +137,22 @@ impl Op for AttentionOp {
         let t = q.shape()[2];
         let (mask, kv) = match ctx.cache.as_deref_mut() {
             Some(cache) => (cache.mask(t)?, cache.update_and_fetch(k, v)?),
-            None => (
-                if t > 1 { Mask::Causal } else { Mask::None },
-                KvView::Dense(k.clone(), v.clone()),
-            ),
+            None => {
+                let mask = match self.window {
+                    Some(w) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
+                    _ if t > 1 => Mask::Causal,
+                    _ => Mask::None,
+                };
+                (mask, KvView::Dense(k.clone(), v.clone()))
+            }
         };
         let mask = if self.causal { mask } else { Mask::None };
+        let mask = match ctx.key_mask {
+            Some(keys) => with_key_mask(mask, keys, t)?,
+            None => mask,
+        };
         match kv {
-            KvView::Dense(k, v) => {
+            KvView::Dense(k, v) if self.softcap.is_none() => {
                 let m = match &mask {
                     Mask::None => None,
                     Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
@@ -110,61 +160,119 @@ impl Op for AttentionOp {
                 };
                 mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, self.scale, m, None)
             }
+            KvView::Dense(k, v) => {
+                let hkv = k.shape()[1];
+                explicit_attention(q, &k, &v, hkv, self.scale, self.softcap, &mask)
+            }
             KvView::Quantized {
                 keys,
                 values,
                 group_size,
                 bits,
-            } => quantized_attention(q, &keys, &values, self.scale, &mask, group_size, bits),
+            } => {
+                let hkv = keys[0].shape()[1];
+                let wrap = |parts| QuantizedKv {
+                    parts,
+                    group_size,
+                    bits,
+                };
+                let (keys, values) = (wrap(keys), wrap(values));
+                explicit_attention(q, &keys, &values, hkv, self.scale, self.softcap, &mask)
+            }
         }
     }
 }
 
-/// Attention over quantized keys/values: scores and output through
-/// `quantized_matmul`, precise softmax, as mlx-lm's quantized path.
-fn quantized_attention(
-    q: &Array,
-    keys: &[Array; 3],
-    values: &[Array; 3],
-    scale: f32,
-    mask: &Mask,
+/// `mask` restricted to the keys a `[B, S]` key mask allows (true = a real
+/// token); the result is `[B, 1, t, S]` and broadcasts over heads.
+fn with_key_mask(mask: Mask, keys: &Array, t: i32) -> Result<Mask, Exception> {
+    let s = keys.shape();
+    let keys = keys.reshape(&[s[0], 1, 1, s[1]])?;
+    Ok(Mask::Array(match mask {
+        Mask::None => keys,
+        Mask::Causal => mlx_rs::ops::logical_and(&keys, causal_mask(t, s[1] - t, None))?,
+        Mask::Array(a) => mlx_rs::ops::logical_and(&keys, &a)?,
+    }))
+}
+
+/// Keys or values as the explicit attention path multiplies them: dense, or
+/// MLX-affine-quantized along the head dimension.
+trait KvOperand: Sized {
+    /// Inserts a group axis before the head axis (grouped-query attention).
+    fn expand_groups(&self) -> Result<Self, Exception>;
+    /// `lhs @ selfᵀ` (`transpose`) or `lhs @ self`.
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception>;
+}
+
+impl KvOperand for Array {
+    fn expand_groups(&self) -> Result<Array, Exception> {
+        self.expand_dims(-3)
+    }
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception> {
+        if transpose {
+            mlx_rs::ops::matmul(lhs, self.swap_axes(-1, -2)?)
+        } else {
+            mlx_rs::ops::matmul(lhs, self)
+        }
+    }
+}
+
+struct QuantizedKv {
+    parts: [Array; 3],
     group_size: i32,
     bits: i32,
+}
+
+impl KvOperand for QuantizedKv {
+    fn expand_groups(&self) -> Result<Self, Exception> {
+        Ok(QuantizedKv {
+            parts: [
+                self.parts[0].expand_dims(-3)?,
+                self.parts[1].expand_dims(-3)?,
+                self.parts[2].expand_dims(-3)?,
+            ],
+            group_size: self.group_size,
+            bits: self.bits,
+        })
+    }
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception> {
+        let [w, s, b] = &self.parts;
+        mlx_rs::ops::quantized_matmul(lhs, w, s, b, transpose, self.group_size, self.bits)
+    }
+}
+
+/// Attention with the scores materialised (mlx-lm's explicit paths): scale
+/// q, `q kᵀ` per key/value group, optional `tanh` cap, mask, precise
+/// softmax, `· v`.
+fn explicit_attention<K: KvOperand>(
+    q: &Array,
+    keys: &K,
+    values: &K,
+    hkv: i32,
+    scale: f32,
+    softcap: Option<f32>,
+    mask: &Mask,
 ) -> Result<Array, Exception> {
     let s = q.shape().to_vec();
     let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
-    let hkv = keys[0].shape()[1];
     let repeats = hq / hkv;
     let mut q = mlx_rs::ops::multiply(q, Array::from_f32(scale).as_dtype(q.dtype())?)?;
-    let expand = |x: &[Array; 3]| -> Result<[Array; 3], Exception> {
-        if repeats > 1 {
-            Ok([
-                x[0].expand_dims(-3)?,
-                x[1].expand_dims(-3)?,
-                x[2].expand_dims(-3)?,
-            ])
-        } else {
-            Ok(x.clone())
-        }
-    };
-    let (keys, values) = (expand(keys)?, expand(values)?);
-    if repeats > 1 {
+    let grouped;
+    let (keys, values) = if repeats > 1 {
         q = q.reshape(&[b, hkv, repeats, l, d])?;
+        grouped = (keys.expand_groups()?, values.expand_groups()?);
+        (&grouped.0, &grouped.1)
+    } else {
+        (keys, values)
+    };
+    let mut scores = keys.matmul(&q, true)?;
+    if let Some(c) = softcap {
+        scores = super::elementwise::soft_cap(&scores, c)?;
     }
-    let mut scores =
-        mlx_rs::ops::quantized_matmul(&q, &keys[0], &keys[1], &keys[2], true, group_size, bits)?;
     let kl = *scores.shape().last().unwrap_or(&0);
     let allowed = match mask {
         Mask::None => None,
-        Mask::Causal => {
-            let mut m = Vec::with_capacity((l * kl) as usize);
-            for row in 0..l {
-                for col in 0..kl {
-                    m.push(kl - l + row >= col);
-                }
-            }
-            Some(Array::from_slice(&m, &[l, kl]))
-        }
+        Mask::Causal => Some(causal_mask(l, kl - l, None)),
         Mask::Array(a) => Some(a.clone()),
     };
     if let Some(m) = allowed {
@@ -172,11 +280,9 @@ fn quantized_attention(
         scores = mlx_rs::ops::select(&m, &scores, &floor)?;
     }
     let probs = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
-    let out = mlx_rs::ops::quantized_matmul(
-        &probs, &values[0], &values[1], &values[2], false, group_size, bits,
-    )?;
+    let out = values.matmul(&probs, false)?;
     if repeats > 1 {
-        out.reshape(&[b, hq, l, d])
+        out.reshape(&[b, hq, l, -1])
     } else {
         Ok(out)
     }

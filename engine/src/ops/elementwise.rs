@@ -1,4 +1,5 @@
-//! Elementwise ops: `add`, `mul`, `scale`, `activation` and the gated `glu`.
+//! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
+//! gated `glu`.
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -146,6 +147,65 @@ impl Op for ScaleOp {
         let f = Array::from_f32(self.factor).as_dtype(inputs[0].dtype())?;
         mlx_rs::ops::multiply(inputs[0], &f)
     }
+}
+
+#[derive(Debug)]
+pub struct Softcap;
+
+static SOFTCAP_PARAMS: &[ParamDef] = &[ParamDef {
+    name: "cap",
+    kind: ParamKind::Expr(Ty::Float),
+    default: None,
+    doc: "the bound c of c·tanh(x / c)",
+}];
+
+impl OpKind for Softcap {
+    fn name(&self) -> &'static str {
+        "softcap"
+    }
+    fn doc(&self) -> &'static str {
+        "Soft-caps values into (-cap, cap): cap · tanh(x / cap) (final logit capping)."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        SOFTCAP_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let cap = p.float("cap")?;
+        if cap <= 0.0 {
+            return Err(OpError::new("cap", format!("{cap} is not a positive cap")));
+        }
+        Ok(Resolved::pure(inputs[0]))
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(SoftcapOp {
+            cap: p.float("cap")? as f32,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SoftcapOp {
+    cap: f32,
+}
+
+impl Op for SoftcapOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        soft_cap(inputs[0], self.cap)
+    }
+}
+
+/// `cap · tanh(x / cap)` in `x`'s dtype.
+pub(crate) fn soft_cap(x: &Array, cap: f32) -> Result<Array, Exception> {
+    let c = Array::from_f32(cap).as_dtype(x.dtype())?;
+    mlx_rs::ops::multiply(mlx_rs::ops::tanh(mlx_rs::ops::divide(x, &c)?)?, &c)
 }
 
 /// Activation functions by spec name.

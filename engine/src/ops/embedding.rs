@@ -95,3 +95,113 @@ impl Op for EmbeddingOp {
         }
     }
 }
+
+#[derive(Debug)]
+pub struct PositionEmbedding;
+
+static POS_PARAMS: &[ParamDef] = &[
+    ParamDef {
+        name: "weight",
+        kind: ParamKind::Weight,
+        default: None,
+        doc: "module holding `weight` [positions, dim]",
+    },
+    ParamDef {
+        name: "positions",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "rows of the table (the longest sequence)",
+    },
+    ParamDef {
+        name: "dim",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "width of a row",
+    },
+    ParamDef {
+        name: "row",
+        kind: ParamKind::Expr(Ty::Int),
+        default: Some("null"),
+        doc: "when set, every position takes this row (token-type embeddings of segment 0)",
+    },
+];
+
+impl OpKind for PositionEmbedding {
+    fn name(&self) -> &'static str {
+        "position_embedding"
+    }
+    fn doc(&self) -> &'static str {
+        "Learned absolute positions: rows offset..offset+T of a table for an input [B, T], giving [1, T, dim] (added to the token embedding)."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        POS_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, p: &Params, scope: &str, _inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let dim = p.int("dim")?;
+        let positions = p.int("positions")?;
+        if let Some(row) = p.opt_int("row")? {
+            if row < 0 || row >= positions {
+                return Err(OpError::new(
+                    "row",
+                    format!("row {row} is outside the table's {positions} rows"),
+                ));
+            }
+        }
+        let mut r = Resolved::pure(ValueInfo::flat(dim));
+        r.weights.push(WeightReq {
+            field: "weight",
+            module: join_scope(scope, p.str("weight")?),
+            suffix: "weight",
+            shape: vec![positions, dim],
+            quantizable: false,
+        });
+        Ok(r)
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        weights: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        let table = take_one(weights)?
+            .dense()
+            .map_err(|e| OpError::new("weight", e.to_string()))?;
+        let positions = table.shape()[0];
+        Ok(Box::new(PositionOp {
+            table,
+            positions,
+            row: p.opt_int("row")?.map(|r| r as i32),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct PositionOp {
+    table: Array,
+    positions: i32,
+    row: Option<i32>,
+}
+
+impl Op for PositionOp {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let t = inputs[0].shape()[1];
+        let rows = match self.row {
+            Some(r) => Array::from_slice(&vec![r; t as usize], &[t]),
+            None => {
+                let end = ctx.offset + t;
+                if end > self.positions {
+                    return Err(Exception::custom(format!(
+                        "position {} is past the {} learned positions",
+                        end - 1,
+                        self.positions
+                    )));
+                }
+                mlx_rs::ops::arange::<_, i32>(ctx.offset, end, None)?
+            }
+        };
+        self.table.take_axis(&rows, 0)?.expand_dims(0)
+    }
+}

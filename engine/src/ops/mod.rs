@@ -19,6 +19,7 @@ mod heads;
 mod linear;
 mod norm;
 pub mod rope;
+mod slice;
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
@@ -194,6 +195,8 @@ impl Resolved {
 pub struct Ctx<'a> {
     /// Tokens already in the cache before this call (RoPE position offset).
     pub offset: i32,
+    /// Keys attention may see ([B, T] bool), for padded batches.
+    pub key_mask: Option<&'a Array>,
     /// The op's own cache slot, when it declared one.
     pub cache: Option<&'a mut CacheState>,
 }
@@ -225,16 +228,19 @@ pub trait OpKind: Sync {
 /// Every primitive, by name.
 pub static REGISTRY: &[&dyn OpKind] = &[
     &embedding::Embedding,
+    &embedding::PositionEmbedding,
     &linear::Linear,
     &norm::RmsNorm,
     &norm::LayerNorm,
     &elementwise::Add,
     &elementwise::Mul,
     &elementwise::Scale,
+    &elementwise::Softcap,
     &elementwise::Activation,
     &elementwise::Glu,
     &heads::SplitHeads,
     &heads::MergeHeads,
+    &slice::Slice,
     &rope::Rope,
     &attention::Attention,
 ];

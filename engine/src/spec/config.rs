@@ -123,7 +123,15 @@ pub fn bind(
                 .and_then(|e| e.eval(out))
                 .map_err(|m| spec_err(field, m))
         };
-        let value = if let Some(v) = &b.value {
+        let value = if b.per_layer.is_some() {
+            if b.value.is_some() || b.default.is_some() || b.from.is_some() {
+                return Err(spec_err(
+                    "per_layer",
+                    "a per-layer entry takes no value, default or from".into(),
+                ));
+            }
+            Value::Null
+        } else if let Some(v) = &b.value {
             eval(v, "value", &out)?
         } else {
             let keys = match b.from.as_ref().map(|f| f.to_vec()) {
@@ -154,6 +162,28 @@ pub fn bind(
             key: name.clone(),
             msg,
         })?;
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+/// The names layer `i` sees: the bound config, `i`, and every `per_layer`
+/// entry evaluated in declaration order (each may read the ones before it).
+pub fn layer_scope(
+    spec: &Spec,
+    config: &IndexMap<String, Value>,
+    i: i64,
+) -> std::result::Result<IndexMap<String, Value>, (String, String)> {
+    let mut out = config.clone();
+    out.insert("i".to_string(), Value::Int(i));
+    for (name, def) in &spec.config {
+        let b = &def.item;
+        let Some(v) = &b.per_layer else { continue };
+        let ty = Ty::parse(&b.ty).unwrap_or(Ty::Any);
+        let value = literal_or_expr(v, ty)
+            .and_then(|e| e.eval(&out))
+            .and_then(|v| ty.coerce(v))
+            .map_err(|m| (format!("config.{name}"), format!("layer {i}: {m}")))?;
         out.insert(name.clone(), value);
     }
     Ok(out)

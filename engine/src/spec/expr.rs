@@ -492,8 +492,9 @@ impl Parser {
 }
 
 /// Functions callable from expressions.
-pub const FUNCTIONS: [&str; 12] = [
+pub const FUNCTIONS: [&str; 13] = [
     "min", "max", "abs", "int", "float", "sqrt", "log", "exp", "len", "get", "floor", "ceil",
+    "bf16",
 ];
 
 impl Expr {
@@ -698,6 +699,17 @@ fn values_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// `x` rounded to the nearest bfloat16 (ties to even), as a constant
+/// created in bfloat16 and cast back.
+fn round_bf16(x: f64) -> f64 {
+    let bits = (x as f32).to_bits();
+    if (x as f32).is_nan() {
+        return x;
+    }
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+    f64::from(f32::from_bits(rounded))
+}
+
 fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
     let arity = |n: usize| {
         if args.len() == n {
@@ -755,6 +767,10 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 "log" => x.ln(),
                 _ => x.exp(),
             }))
+        }
+        "bf16" => {
+            arity(1)?;
+            Ok(Value::Float(round_bf16(num(&args[0], f)?)))
         }
         "len" => {
             arity(1)?;
@@ -827,6 +843,10 @@ mod tests {
         assert_eq!(eval("1 if n_heads > 2 else 2"), Value::Int(1));
         assert_eq!(eval("max(1, 2.5, 2)"), Value::Float(2.5));
         assert_eq!(eval("[1, 2][0]"), Value::Int(1));
+        // bfloat16 keeps 8 significant bits: 32..64 in steps of 0.25.
+        assert_eq!(eval("bf16(2048 ** 0.5)"), Value::Float(45.25));
+        assert_eq!(eval("bf16(1152 ** 0.5)"), Value::Float(34.0));
+        assert_eq!(eval("bf16(8)"), Value::Float(8.0));
     }
 
     #[test]

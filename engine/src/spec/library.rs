@@ -71,6 +71,7 @@ fn binding_def(b: &RawBinding) -> BindingDef {
             default: None,
             value: None,
             optional: false,
+            per_layer: None,
             doc: None,
         },
         RawBinding::Full(def) => (**def).clone(),

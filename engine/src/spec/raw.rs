@@ -86,16 +86,26 @@ pub struct BindingDef {
     pub from: Option<OneOrMany>,
     /// Used when no key is present: a literal, or an expression where the
     /// type is a number or bool and the YAML value is a string.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub default: Option<serde_yaml::Value>,
     /// Always computed, never read from the config.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub value: Option<serde_yaml::Value>,
     /// Absent with no default binds `null` instead of failing.
     #[serde(default)]
     pub optional: bool,
+    /// An expression evaluated again for each layer with `i` bound (and
+    /// `null` outside layers), e.g. a per-layer window or RoPE base.
+    #[serde(default, deserialize_with = "present")]
+    pub per_layer: Option<serde_yaml::Value>,
     #[serde(default)]
     pub doc: Option<String>,
+}
+
+/// A field that is present: `Some` even when it is YAML `null`
+/// (`value: null` binds null; an absent field stays `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_yaml::Value>, D::Error> {
+    serde_yaml::Value::deserialize(d).map(Some)
 }
 
 /// A string or a list of strings.
@@ -197,6 +207,9 @@ pub enum RawRule {
     /// Skip the rest of the rules when a tensor with this pattern exists
     /// (the checkpoint is already in the spec's naming).
     SkipIfPresent(String),
+    /// Transpose the two axes of matching 2-D tensors ([in, out] layouts
+    /// such as Conv1D projections, to the [out, in] `linear` expects).
+    Transpose(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +223,8 @@ struct RuleRepr {
     tie: Option<TieRepr>,
     #[serde(default)]
     skip_if_present: Option<String>,
+    #[serde(default)]
+    transpose: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,10 +267,13 @@ impl TryFrom<RuleRepr> for RawRule {
         if let Some(p) = r.skip_if_present {
             rules.push(RawRule::SkipIfPresent(p));
         }
+        if let Some(p) = r.transpose {
+            rules.push(RawRule::Transpose(p));
+        }
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose".into(),
             ),
         }
     }

@@ -118,9 +118,36 @@ pub struct Applied<T = Array> {
     pub ties: Vec<(String, String)>,
 }
 
+/// What rules can rewrite: tensors, or their shapes read from headers.
+pub trait RuleValue: Clone {
+    /// The 2-D value with its axes swapped.
+    fn transposed(&self) -> Result<Self, String>;
+}
+
+impl RuleValue for Array {
+    fn transposed(&self) -> Result<Array, String> {
+        match self.ndim() {
+            2 => Ok(self.t()),
+            n => Err(format!("transpose: tensor has {n} axes, expected 2")),
+        }
+    }
+}
+
+impl RuleValue for Vec<i64> {
+    fn transposed(&self) -> Result<Vec<i64>, String> {
+        match self.as_slice() {
+            [a, b] => Ok(vec![*b, *a]),
+            s => Err(format!(
+                "transpose: tensor has {} axes, expected 2",
+                s.len()
+            )),
+        }
+    }
+}
+
 /// Applies rules in order to a name -> tensor map (or any name -> value map,
 /// e.g. shapes read from headers). `truthy` evaluates a rule's `when`.
-pub fn apply<T: Clone>(
+pub fn apply<T: RuleValue>(
     rules: &[&RawRule],
     mut tensors: IndexMap<String, T>,
     truthy: &dyn Fn(&serde_yaml::Value) -> Result<bool, String>,
@@ -137,6 +164,14 @@ pub fn apply<T: Clone>(
             RawRule::Drop(p) => {
                 let p = Pattern::parse(p)?;
                 tensors.retain(|k, _| p.matches(k).is_none());
+            }
+            RawRule::Transpose(p) => {
+                let p = Pattern::parse(p)?;
+                for (k, v) in tensors.iter_mut() {
+                    if p.matches(k).is_some() {
+                        *v = v.transposed().map_err(|e| format!("{e} ('{k}')"))?;
+                    }
+                }
             }
             RawRule::Rename { from, to } => {
                 let (from, to) = (Pattern::parse(from)?, Pattern::parse(to)?);
