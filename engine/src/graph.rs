@@ -160,7 +160,7 @@ pub fn check(spec: &Spec) -> Result<()> {
     for (name, def) in &spec.config {
         let b = &def.item;
         let here = format!("config.{name}");
-        let ty = Ty::parse(&b.ty).ok_or_else(|| {
+        Ty::parse(&b.ty).ok_or_else(|| {
             Error::spec(
                 &def.file,
                 &here,
@@ -171,29 +171,12 @@ pub fn check(spec: &Spec) -> Result<()> {
                 ),
             )
         })?;
-        if b.per_layer.is_some() {
-            known.insert("i".to_string());
-        }
-        for (field, v) in [
-            ("default", &b.default),
-            ("value", &b.value),
-            ("per_layer", &b.per_layer),
-        ] {
-            if let Some(v) = v {
-                let names =
-                    expr_names(v, ty).map_err(|m| Error::spec(&def.file, &here, field, m))?;
-                if let Some(n) = names.iter().find(|n| !known.contains(*n)) {
-                    return Err(Error::spec(
-                        &def.file,
-                        &here,
-                        field,
-                        format!("reads '{n}', which is not a config entry declared before it"),
-                    ));
-                }
-            }
-        }
         known.insert(name.clone());
     }
+    crate::spec::config::config_order(spec).map_err(|(node, field, msg)| {
+        let file = &spec.config[node.trim_start_matches("config.")].file;
+        Error::spec(file, node, &field, msg)
+    })?;
     known.insert("i".to_string());
 
     let mut calls: DiGraphMap<&str, (), RandomState> = DiGraphMap::new();

@@ -5,6 +5,7 @@
 //! weights ([`weights`]) and compiled into a [`plan::Plan`] that runs on MLX.
 //! [`Model`] is the public entry point.
 pub mod cache;
+pub mod embed;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -22,6 +23,7 @@ pub mod tools;
 pub mod weights;
 
 pub use cache::ModelCache;
+pub use embed::{Embedder, Pooling};
 pub use error::{Error, Result};
 pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};
 pub use model::Model;

@@ -228,6 +228,28 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// This tokenizer set up for an encoder: no padding (batches are padded
+    /// by the caller) and truncation to `max_tokens`, whatever the file says.
+    pub fn for_encoder(mut self, max_tokens: usize) -> Result<Tokenizer> {
+        self.inner.with_padding(None);
+        self.inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| tok_err(&self.source, format!("cannot set truncation: {e}")))?;
+        Ok(self)
+    }
+
+    /// Token ids of `text` with the tokenizer's special tokens added by its
+    /// post-processor (e.g. `[CLS] ... [SEP]`), truncated as configured.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| tok_err(&self.source, format!("cannot encode: {e}")))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)

@@ -173,7 +173,7 @@ pub fn variant(
                 input_scale: (get_mscale(mscale) / get_mscale(mscale_all)) as f32,
             })
         }
-        "longrope" => {
+        "longrope" | "su" => {
             let orig = num(map, "original_max_position_embeddings", None)?;
             let long = match map.get("long_factor") {
                 Some(Value::List(l)) => l.iter().filter_map(Value::as_f64).collect::<Vec<_>>(),

@@ -98,15 +98,82 @@ fn lookup<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json
     (!cur.is_null()).then_some(cur)
 }
 
-/// Binds every config entry of `spec` in declaration order; later entries
-/// may read earlier ones.
+/// Config entries in evaluation order: declaration order, except that an
+/// entry waits for the entries its `default`, `value` or `per_layer` reads
+/// (so a child spec's override may read entries the child adds). Errors
+/// (entry, field, message) on an unknown name, on `i` outside `per_layer`
+/// and on a cycle.
+pub fn config_order(spec: &Spec) -> std::result::Result<Vec<&str>, (String, String, String)> {
+    let mut deps: IndexMap<&str, Vec<String>> = IndexMap::new();
+    for (name, def) in &spec.config {
+        let b = &def.item;
+        let ty = Ty::parse(&b.ty).unwrap_or(Ty::Any);
+        let mut reads = Vec::new();
+        for (field, v) in [
+            ("default", &b.default),
+            ("value", &b.value),
+            ("per_layer", &b.per_layer),
+        ] {
+            let Some(v) = v else { continue };
+            let err = |m: String| (format!("config.{name}"), field.to_string(), m);
+            let mut names = Vec::new();
+            literal_or_expr(v, ty).map_err(err)?.names(&mut names);
+            for n in names {
+                if n == "i" && field == "per_layer" {
+                    continue;
+                }
+                if n == "i" {
+                    return Err(err(
+                        "reads 'i', the layer index, which only `per_layer` entries see".into(),
+                    ));
+                }
+                if !spec.config.contains_key(&n) {
+                    return Err(err(format!("reads '{n}', which is not a config entry")));
+                }
+                reads.push(n);
+            }
+        }
+        deps.insert(name.as_str(), reads);
+    }
+    let mut done: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut order = Vec::with_capacity(deps.len());
+    while order.len() < deps.len() {
+        let next = deps.iter().find(|(name, reads)| {
+            !done.contains(*name) && reads.iter().all(|r| done.contains(r.as_str()))
+        });
+        match next {
+            Some((name, _)) => {
+                done.insert(name);
+                order.push(*name);
+            }
+            None => {
+                let stuck = deps.keys().find(|n| !done.contains(*n)).copied();
+                let stuck = stuck.unwrap_or_default();
+                return Err((
+                    format!("config.{stuck}"),
+                    "value".into(),
+                    "config entries read each other in a cycle".into(),
+                ));
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// Binds every config entry of `spec` in [`config_order`].
 pub fn bind(
     spec: &Spec,
     config: &serde_json::Value,
     config_file: &Path,
 ) -> Result<IndexMap<String, Value>> {
+    let order = config_order(spec).map_err(|(node, field, msg)| {
+        let file = spec.config[node.trim_start_matches("config.")].file.clone();
+        Error::spec(&file, node, &field, msg)
+    })?;
     let mut out: IndexMap<String, Value> = IndexMap::new();
-    for (name, def) in &spec.config {
+    for name in order {
+        let def = &spec.config[name];
+        let name = &name.to_string();
         let b = &def.item;
         let ty = Ty::parse(&b.ty).ok_or_else(|| {
             Error::spec(
@@ -176,15 +243,16 @@ pub fn layer_scope(
 ) -> std::result::Result<IndexMap<String, Value>, (String, String)> {
     let mut out = config.clone();
     out.insert("i".to_string(), Value::Int(i));
-    for (name, def) in &spec.config {
-        let b = &def.item;
+    let order = config_order(spec).map_err(|(node, _, msg)| (node, msg))?;
+    for name in order {
+        let b = &spec.config[name].item;
         let Some(v) = &b.per_layer else { continue };
         let ty = Ty::parse(&b.ty).unwrap_or(Ty::Any);
         let value = literal_or_expr(v, ty)
             .and_then(|e| e.eval(&out))
             .and_then(|v| ty.coerce(v))
             .map_err(|m| (format!("config.{name}"), format!("layer {i}: {m}")))?;
-        out.insert(name.clone(), value);
+        out.insert(name.to_string(), value);
     }
     Ok(out)
 }

@@ -492,9 +492,9 @@ impl Parser {
 }
 
 /// Functions callable from expressions.
-pub const FUNCTIONS: [&str; 13] = [
+pub const FUNCTIONS: [&str; 14] = [
     "min", "max", "abs", "int", "float", "sqrt", "log", "exp", "len", "get", "floor", "ceil",
-    "bf16",
+    "bf16", "set",
 ];
 
 impl Expr {
@@ -794,6 +794,26 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 (a, b) => Err(format!("get({}, {}, _)", a.type_name(), b.type_name())),
             }
         }
+        "set" => {
+            let [m, k, v]: [Value; 3] = args
+                .try_into()
+                .map_err(|_| "set(map, key, value) takes 3 arguments".to_string())?;
+            let mut m = match m {
+                Value::Map(m) => m,
+                Value::Null => IndexMap::new(),
+                other => return Err(format!("set({}, _, _)", other.type_name())),
+            };
+            match k {
+                Value::Str(k) => {
+                    m.insert(k, v);
+                    Ok(Value::Map(m))
+                }
+                other => Err(format!(
+                    "set(_, {}, _): the key must be a str",
+                    other.type_name()
+                )),
+            }
+        }
         _ => Err(format!("unknown function '{f}'")),
     }
 }
@@ -847,6 +867,8 @@ mod tests {
         assert_eq!(eval("bf16(2048 ** 0.5)"), Value::Float(45.25));
         assert_eq!(eval("bf16(1152 ** 0.5)"), Value::Float(34.0));
         assert_eq!(eval("bf16(8)"), Value::Float(8.0));
+        assert_eq!(eval("set(scaling, 'factor', 2).factor"), Value::Int(2));
+        assert_eq!(eval("set(null, 'k', 'v').k"), Value::Str("v".into()));
     }
 
     #[test]

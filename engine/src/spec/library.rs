@@ -311,8 +311,16 @@ impl SpecLibrary {
         if raw.tool_format.is_some() {
             spec.tool_format = raw.tool_format;
         }
-        spec.rules
-            .extend(raw.weights.rules.into_iter().map(|r| sourced(path, r)));
+        // The child's rules run first: they bring a checkpoint to the
+        // parent's naming, whose rules (ties, drops) then apply.
+        let inherited = std::mem::take(&mut spec.rules);
+        spec.rules = raw
+            .weights
+            .rules
+            .into_iter()
+            .map(|r| sourced(path, r))
+            .chain(inherited)
+            .collect();
         if spec.model.item.nodes.is_empty() {
             return Err(Error::spec(
                 path,
