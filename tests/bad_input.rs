@@ -95,12 +95,12 @@ fn malformed_yaml_names_file_and_line() {
 #[test]
 fn unknown_primitive() {
     let text = format!(
-        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: frobnicate, in: x}}\n    output: up\n"
+        "{LLAMA_LIKE}blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: frobnicate, in: x}}\n    output: up\n"
     );
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (file, node, field, msg) = spec_error(&lib, "bad");
     assert!(file.ends_with("models/bad.yaml"), "{file:?}");
-    assert_eq!(node, "blocks.swiglu_mlp.nodes.up");
+    assert_eq!(node, "blocks.mlp.nodes.up");
     assert_eq!(field, "op");
     assert!(
         msg.contains("unknown primitive 'frobnicate'") && msg.contains("linear"),
@@ -111,13 +111,13 @@ fn unknown_primitive() {
 #[test]
 fn dangling_value_name() {
     let text = format!(
-        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: nowhere, weight: up_proj, out: hidden_size}}\n    output: up\n"
+        "{LLAMA_LIKE}blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: nowhere, weight: up_proj, out: hidden_size}}\n    output: up\n"
     );
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (_, node, field, msg) = spec_error(&lib, "bad");
     assert_eq!(
         (node.as_str(), field.as_str()),
-        ("blocks.swiglu_mlp.nodes.up", "in")
+        ("blocks.mlp.nodes.up", "in")
     );
     assert!(msg.contains("unknown value 'nowhere'"), "{msg}");
 }
@@ -125,11 +125,11 @@ fn dangling_value_name() {
 #[test]
 fn cycle_between_nodes() {
     let text = format!(
-        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      a: {{op: add, in: [x, b]}}\n      b: {{op: add, in: [x, a]}}\n    output: b\n"
+        "{LLAMA_LIKE}blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      a: {{op: add, in: [x, b]}}\n      b: {{op: add, in: [x, a]}}\n    output: b\n"
     );
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (_, node, field, msg) = spec_error(&lib, "bad");
-    assert!(node.starts_with("blocks.swiglu_mlp.nodes."), "{node}");
+    assert!(node.starts_with("blocks.mlp.nodes."), "{node}");
     assert_eq!(field, "in");
     assert!(msg.contains("cycle"), "{msg}");
 }
@@ -137,7 +137,7 @@ fn cycle_between_nodes() {
 #[test]
 fn unknown_parameter_and_unknown_config_name() {
     let text = format!(
-        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hiden_size}}\n    output: up\n"
+        "{LLAMA_LIKE}blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hiden_size}}\n    output: up\n"
     );
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (_, _, field, msg) = spec_error(&lib, "bad");
@@ -145,7 +145,7 @@ fn unknown_parameter_and_unknown_config_name() {
     assert!(msg.contains("unknown name 'hiden_size'"), "{msg}");
 
     let text = format!(
-        "{LLAMA_LIKE}blocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hidden_size, colour: red}}\n    output: up\n"
+        "{LLAMA_LIKE}blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {{op: linear, in: x, weight: up_proj, out: hidden_size, colour: red}}\n    output: up\n"
     );
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (_, _, field, msg) = spec_error(&lib, "bad");
@@ -269,4 +269,134 @@ fn heads_that_do_not_group_are_a_spec_error_at_the_node() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// The spec error (node, field, message) of loading the llama golden model
+/// with a spec `bad` that extends llama by `extra`.
+fn llama_spec_error(extra: &str) -> (String, String, String) {
+    let text = format!("{LLAMA_LIKE}{extra}");
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_m, model) = model_copy("llama", |_| {});
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &lib, Some("bad")).expect_err("invalid spec") {
+        Error::Spec {
+            file,
+            node,
+            field,
+            msg,
+        } => {
+            assert!(file.extension().is_some_and(|e| e == "yaml"), "{file:?}");
+            (node, field, msg)
+        }
+        other => panic!("expected a spec error, got {other}"),
+    }
+}
+
+#[test]
+fn config_entries_reading_each_other_are_a_cycle() {
+    let (node, field, msg) =
+        llama_spec_error("config:\n  a: {type: int, value: b}\n  b: {type: int, value: a + 1}\n");
+    assert_eq!((node.as_str(), field.as_str()), ("config.a", "value"));
+    assert!(msg.contains("cycle"), "{msg}");
+}
+
+#[test]
+fn per_layer_entry_with_a_value_and_i_outside_per_layer() {
+    let (node, field, msg) =
+        llama_spec_error("config:\n  w: {type: int, value: 1, per_layer: i}\n");
+    assert_eq!((node.as_str(), field.as_str()), ("config.w", "per_layer"));
+    assert!(msg.contains("takes no value"), "{msg}");
+    let (node, _, msg) = llama_spec_error("config:\n  w: {type: int, value: i + 1}\n");
+    assert_eq!(node, "config.w");
+    assert!(msg.contains("only `per_layer` entries"), "{msg}");
+}
+
+#[test]
+fn slice_outside_the_axis_names_node_and_field() {
+    let (node, field, msg) = llama_spec_error(
+        "model:\n  nodes:\n    embed: {op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}\n    part: {op: slice, in: embed, start: 60, size: 8}\n  output: part\n",
+    );
+    assert_eq!(
+        (node.as_str(), field.as_str()),
+        ("model.nodes.part", "size")
+    );
+    assert!(msg.contains("[60, 68) is not inside the 64"), "{msg}");
+}
+
+#[test]
+fn else_without_when_and_unknown_choice_value() {
+    let (node, field, _) = llama_spec_error(
+        "blocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {op: linear, in: x, weight: up_proj, out: hidden_size, else: x}\n    output: up\n",
+    );
+    assert_eq!(
+        (node.as_str(), field.as_str()),
+        ("blocks.mlp.nodes.up", "else")
+    );
+    let (node, field, msg) = llama_spec_error("config:\n  mlp_act: {type: str, value: swish}\n");
+    assert_eq!(
+        (node.as_str(), field.as_str()),
+        ("blocks.mlp.nodes.act", "fn")
+    );
+    assert!(
+        msg.contains("swish") && msg.contains("gelu_approx"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn attention_softcap_and_window_must_be_positive() {
+    let (node, field, msg) =
+        llama_spec_error("config:\n  attn_softcap: {type: float, value: 0.0}\n");
+    assert_eq!(
+        (node.as_str(), field.as_str()),
+        ("blocks.attention.nodes.attn", "softcap")
+    );
+    assert!(msg.contains("not a positive cap"), "{msg}");
+    let (_, field, _) = llama_spec_error("config:\n  attn_window: {type: int, value: 0}\n");
+    assert_eq!(field, "window");
+}
+
+#[test]
+fn transpose_rule_on_a_vector_is_a_weights_error() {
+    let text = format!("{LLAMA_LIKE}weights:\n  rules:\n    - transpose: \"model.norm.weight\"\n");
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_m, model) = model_copy("llama", |_| {});
+    let (_, msg) = weights_error(&model, &lib, Some("bad"));
+    assert!(
+        msg.contains("transpose: tensor has 1 axes") && msg.contains("model.norm.weight"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn embedder_pooling_config_errors_name_the_file() {
+    let src = lmspec::default_embedder().expect("embedder installed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in fs::read_dir(&src).expect("model dir") {
+        let p = entry.expect("entry").path();
+        if p.file_name().is_some_and(|n| n != "1_Pooling") {
+            std::os::unix::fs::symlink(&p, dir.path().join(p.file_name().expect("name")))
+                .expect("link");
+        }
+    }
+    let pooling = dir.path().join("1_Pooling");
+    fs::create_dir_all(&pooling).expect("mkdir");
+    fs::write(
+        pooling.join("config.json"),
+        r#"{"pooling_mode_mean_tokens": true, "pooling_mode_cls_token": true}"#,
+    )
+    .expect("write");
+    let lib = crate::support::library();
+    let _guard = mlx_lock();
+    match lmspec::engine::Embedder::load_with(dir.path(), &lib).expect_err("two modes") {
+        Error::Config { file, key, msg } => {
+            assert!(file.ends_with("1_Pooling/config.json"), "{file:?}");
+            assert_eq!(key, "pooling");
+            assert!(msg.contains("more than one pooling mode"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+    fs::write(pooling.join("config.json"), "{not json").expect("write");
+    let err = lmspec::engine::Embedder::load_with(dir.path(), &lib).expect_err("bad JSON");
+    assert!(err.to_string().contains("invalid JSON"), "{err}");
 }

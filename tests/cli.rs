@@ -27,9 +27,13 @@ fn stdout(args: &[&str]) -> String {
 fn spec_list_and_check_all() {
     insta::assert_snapshot!("spec_list", stdout(&["spec", "list"]));
     let checked = stdout(&["spec", "check", "--all"]);
+    let files = std::fs::read_dir(crate::support::root().join("specs/models"))
+        .expect("specs/models")
+        .count();
+    assert!(files >= 19, "{files} spec files");
     assert_eq!(
         checked.lines().filter(|l| l.starts_with("ok ")).count(),
-        3,
+        files,
         "{checked}"
     );
 }
@@ -139,8 +143,8 @@ fn error_text_snapshots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
         ("malformed", "spec_version: 1\nconfig:\n  hidden_size: [int\n"),
-        ("unknown_op", "spec_version: 1\nextends: llama\nblocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {op: frobnicate, in: x}\n    output: up\n"),
-        ("dangling", "spec_version: 1\nextends: llama\nblocks:\n  swiglu_mlp:\n    inputs: [x]\n    nodes:\n      up: {op: linear, in: y, weight: up_proj, out: hidden_size}\n    output: up\n"),
+        ("unknown_op", "spec_version: 1\nextends: llama\nblocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {op: frobnicate, in: x}\n    output: up\n"),
+        ("dangling", "spec_version: 1\nextends: llama\nblocks:\n  mlp:\n    inputs: [x]\n    nodes:\n      up: {op: linear, in: y, weight: up_proj, out: hidden_size}\n    output: up\n"),
         ("bad_expr", "spec_version: 1\nextends: llama\nconfig:\n  head_dim: {type: int, default: hidden_size //}\n"),
     ];
     let mut text = String::new();

@@ -324,13 +324,17 @@ fn check_block(
     for (node_name, node) in &b.nodes {
         let err = |field: &str, msg: String| node_err(file, &label, node_name, field, msg);
         let ins = node.inputs.to_vec();
-        for i in &ins {
+        if node.otherwise.is_some() && node.when.is_none() {
+            return Err(err("else", "`else` needs a `when`".into()));
+        }
+        for i in &node.reads() {
             if inputs.contains(&i.as_str()) {
                 continue;
             }
             if !b.nodes.contains_key(i) {
+                let field = if ins.contains(i) { "in" } else { "else" };
                 return Err(err(
-                    "in",
+                    field,
                     format!("unknown value '{i}' (not an input or node of this block)"),
                 ));
             }
@@ -542,8 +546,7 @@ fn declaration_order(b: &RawBlock) -> std::result::Result<Vec<&str>, String> {
         let next = b.nodes.iter().find(|(name, node)| {
             !done.contains(name.as_str())
                 && node
-                    .inputs
-                    .to_vec()
+                    .reads()
                     .iter()
                     .all(|i| !b.nodes.contains_key(i) || done.contains(i.as_str()))
         });
@@ -643,7 +646,11 @@ impl Expander<'_> {
             if let Some(w) = &node.when {
                 let on = eval_bool(w, scope_vals.as_ref()).map_err(|m| err("when", m))?;
                 if !on {
-                    env.insert(node_name.to_string(), srcs[0]);
+                    let stands_for = match &node.otherwise {
+                        Some(o) => env[o.as_str()],
+                        None => srcs[0],
+                    };
+                    env.insert(node_name.to_string(), stands_for);
                     continue;
                 }
             }

@@ -10,7 +10,9 @@ together with reference outputs computed by mlx-lm itself:
         model/config.json          mlx-lm style config ("model_type", ...,
                                    "quantization" block when quantized)
         model/model.safetensors    parameters under mlx-lm's names
-                                   (tree_flatten(model.parameters()))
+                                   (tree_flatten(model.parameters())), or in
+                                   a Hugging Face layout for cases with
+                                   "hf_layout" (gpt2; see HF_LAYOUTS)
                                    (model/ only for generated cases)
         golden.safetensors         tokens                int32 [P]
                                    logits                float32 [P, V]
@@ -41,11 +43,13 @@ Usage (from the repository root):
     .venv/bin/python porting-tools/python/make_golden.py --case NAME \\
         --model-type TYPE --config-json '{...}' \\
         [--quantize BITS --group-size G [--quant-overrides '{...}']] \\
+        [--hf-layout gpt2] [--drop-params lm_head.weight] \\
         [--seed 0] [--prompt-tokens 1,2,3] --out goldens/NAME
     .venv/bin/python porting-tools/python/make_golden.py --case NAME \\
         --model-dir DIR [--prompt-tokens 1,2,3] [--out DIR2]
 
-``--case NAME`` alone regenerates the case from the CASES table below.
+``--case NAME`` alone regenerates the case from the CASES table below (an
+entry may also set "seed", "hf_layout" and "drop_params").
 ``--compare-to DIR`` checks, after writing, that every non-tap entry of each
 case equals the one in DIR/CASE (a copy of goldens/ taken before).
 """
@@ -59,7 +63,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,8 +83,10 @@ PREFILL_SPLIT = 8
 GREEDY_TOKENS = 32
 
 # Size budget of a generated case directory (model/ included): over it the
-# per-head ("detail") taps are left out.
+# per-head ("detail") taps are left out, then the wide MLP ones.
 MAX_CASE_BYTES = 600_000
+# Taps of the MLP's intermediate width, left out after the per-head ones.
+WIDE_TAP_SUFFIXES = (".mlp.gate", ".mlp.up", ".mlp.gate_up")
 
 # Scales of the random initialisation: large enough that the logits are far
 # from uniform and the norm weights have a visible effect.
@@ -101,12 +107,62 @@ BASE_CONFIG = {
     "tie_word_embeddings": False,
 }
 
+# BASE_CONFIG keys a model type does not read (mlx-lm ignores them, but an
+# engine reading config.json could be misled): left out of its config.
+TYPE_UNUSED_BASE_KEYS = {
+    # gpt2 names everything differently (n_embd, n_head, ...).
+    "gpt2": list(BASE_CONFIG),
+    # rotary_emb_base / layer_norm_eps; MHA only; the MLP is 4 * hidden.
+    "gpt_neox": ["num_key_value_heads", "rms_norm_eps", "rope_theta"],
+    "phi": ["rms_norm_eps"],
+    "starcoder2": ["rms_norm_eps"],
+    "cohere": ["rms_norm_eps"],
+    "stablelm": ["rms_norm_eps"],
+}
+
 # Extra keys a model type requires beyond BASE_CONFIG.
 TYPE_DEFAULTS = {
     "llama": {"rope_traditional": False},
     "mistral": {"rope_traditional": False},
     "qwen2": {},
     "qwen3": {"head_dim": 16},
+    # mlx-lm's gemma models always tie the head to the embedding.
+    "gemma": {"head_dim": 16, "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 16, "tie_word_embeddings": True},
+    # gemma3_text ties only when the checkpoint has no lm_head.weight (the
+    # config key is ignored); the case drops it (drop_params).
+    "gemma3_text": {"head_dim": 16, "tie_word_embeddings": True},
+    "phi": {"layer_norm_eps": 1e-5},
+    "phi3": {},
+    "starcoder2": {"norm_epsilon": 1e-5, "use_bias": True, "tie_word_embeddings": True},
+    "gpt2": {
+        # Positions 0..43 are used (12 prompt + 32 greedy tokens).
+        "n_ctx": 48,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "n_positions": 48,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 256,
+        "tie_word_embeddings": True,
+    },
+    "gpt_neox": {
+        # mlx-lm's MLP is 4 * hidden_size whatever intermediate_size says.
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "layer_norm_eps": 1e-5,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": True,
+    },
+    "olmo2": {},
+    "cohere": {"layer_norm_eps": 1e-5, "use_qk_norm": False, "layer_norm_bias": False,
+               "tie_word_embeddings": True},
+    "granite": {"attention_bias": False, "mlp_bias": False},
+    "stablelm": {"layer_norm_eps": 1e-5, "use_qkv_bias": True,
+                 "use_parallel_residual": False, "qk_layernorm": False},
+    "internlm2": {"bias": False},
+    "smollm3": {"tie_word_embeddings": True},
+    "minicpm": {},
 }
 
 CASES = [
@@ -170,13 +226,120 @@ CASES = [
         "model_type": "llama",
         "config": {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
     },
+    # One case per further mlx-lm model_type (case name = model_type). Seeds
+    # are picked so that the greedy continuation has no near-tie (smallest
+    # top-2 logit gap of the greedy steps >= 0.005) and is not one repeated
+    # token.
+    # head_dim 32 with 4 heads: the attention is 128 wide, not hidden_size.
+    {
+        "name": "gemma",
+        "model_type": "gemma",
+        "config": {"head_dim": 32, "intermediate_size": 96},
+    },
+    # Both softcaps bite: attention scores reach ~+-5 before the cap, and the
+    # final cap 6 takes the top logits (~9 before it) to ~5.4 (a cap of 3
+    # would squash every top logit to ~2.98).
+    {
+        "name": "gemma2",
+        "model_type": "gemma2",
+        "config": {
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 6.0,
+            "query_pre_attn_scalar": 24,
+        },
+        "seed": 17,
+    },
+    # Layers 0, 1, 3 sliding (window 6, local rope base), layer 2 global
+    # (rope_theta with linear scaling); tied head (no lm_head.weight).
+    {
+        "name": "gemma3_text",
+        "model_type": "gemma3_text",
+        "config": {
+            "num_hidden_layers": 4,
+            "intermediate_size": 32,
+            "rms_norm_eps": 1e-6,
+            "sliding_window": 6,
+            "sliding_window_pattern": 3,
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "query_pre_attn_scalar": 32,
+        },
+        "drop_params": ["lm_head.weight"],
+        "seed": 5,
+    },
+    {"name": "phi", "model_type": "phi", "config": {"partial_rotary_factor": 0.5}, "seed": 1},
+    # longrope: mlx-lm always uses long_factor (short_factor is unused) and
+    # scales the rotated dims by sqrt(1 + ln(512 / 16) / ln(16)) = 1.5.
+    {
+        "name": "phi3",
+        "model_type": "phi3",
+        "config": {
+            "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 16,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0],
+                "long_factor": [1.0, 3.0, 9.0, 27.0],
+            },
+        },
+        "seed": 1,
+    },
+    {
+        "name": "starcoder2",
+        "model_type": "starcoder2",
+        "config": {"rope_theta": 100000.0},
+        "seed": 1,
+    },
+    # model.safetensors in Hugging Face's layout (see gpt2_to_hf).
+    {"name": "gpt2", "model_type": "gpt2", "config": {}, "hf_layout": "gpt2"},
+    {"name": "gpt_neox", "model_type": "gpt_neox", "config": {"rotary_pct": 0.25}, "seed": 4},
+    {"name": "olmo2", "model_type": "olmo2", "config": {}, "seed": 4},
+    {"name": "cohere", "model_type": "cohere", "config": {"logit_scale": 0.5}, "seed": 2},
+    # Untied: with the embedding multiplier the tied head predicts the
+    # current token again (a single repeated greedy token).
+    {
+        "name": "granite",
+        "model_type": "granite",
+        "config": {
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 0.15,
+            "logits_scaling": 2.0,
+        },
+        "seed": 2,
+    },
+    {
+        "name": "stablelm",
+        "model_type": "stablelm",
+        "config": {"partial_rotary_factor": 0.25},
+        "seed": 3,
+    },
+    {"name": "internlm2", "model_type": "internlm2", "config": {}},
+    # NoPE in layers 1 and 3 (the list wins over no_rope_layer_interval,
+    # whose default 4 would give [1, 1, 1, 0]).
+    {
+        "name": "smollm3",
+        "model_type": "smollm3",
+        "config": {"num_hidden_layers": 4, "intermediate_size": 32, "no_rope_layers": [1, 0, 1, 0]},
+        "seed": 4,
+    },
+    # Untied: mlx-lm divides by hidden_size / dim_model_base only before an
+    # untied lm_head.
+    {
+        "name": "minicpm",
+        "model_type": "minicpm",
+        "config": {"scale_emb": 12.0, "scale_depth": 0.7, "dim_model_base": 32},
+        "seed": 4,
+    },
 ]
 
 
 def build_config(model_type, overrides):
     """Merge the base config, the type's defaults and the case overrides."""
     config = {"model_type": model_type}
-    config.update(copy.deepcopy(BASE_CONFIG))
+    unused = TYPE_UNUSED_BASE_KEYS.get(model_type, [])
+    config.update(copy.deepcopy({k: v for k, v in BASE_CONFIG.items() if k not in unused}))
     config.update(copy.deepcopy(TYPE_DEFAULTS.get(model_type, {})))
     config.update(copy.deepcopy(overrides))
     return config
@@ -185,15 +348,25 @@ def build_config(model_type, overrides):
 def randomize_parameters(model, seed):
     """Re-initialise every parameter from a seeded normal distribution.
 
-    Norm weights become 1 + NORM_STD * N(0, 1), biases BIAS_STD * N(0, 1) and
-    all other weights WEIGHT_STD * N(0, 1), all float32.
+    Norm weights become 1 + NORM_STD * N(0, 1), biases (norm biases included)
+    BIAS_STD * N(0, 1) and all other weights WEIGHT_STD * N(0, 1), all
+    float32. A norm is a module whose name ends in "norm" or whose class name
+    contains "Norm" (gpt2's ln_1 / ln_2 / ln_f are nn.LayerNorm).
     """
+    modules = dict(model.named_modules())
+
+    def is_norm(module_name):
+        module = modules.get(module_name)
+        return module_name.split(".")[-1].endswith("norm") or (
+            module is not None and "Norm" in type(module).__name__
+        )
+
     mx.random.seed(seed)
     new_params = []
     for name, value in tree_flatten(model.parameters()):
         module_name, _, leaf = name.rpartition(".")
         noise = mx.random.normal(value.shape, dtype=mx.float32)
-        if module_name.split(".")[-1].endswith("norm"):
+        if is_norm(module_name) and leaf != "bias":
             new_value = 1.0 + NORM_STD * noise
         elif leaf == "bias":
             new_value = BIAS_STD * noise
@@ -280,6 +453,11 @@ class Tap:
                sum inside a layer).
     detail     a per-head attention tap: omitted first when a case would
                exceed its size budget.
+    applies    None (any model), or a predicate (model_type, config) -> bool:
+               for rows whose module exists in several families but means
+               different things (the residual after attention is not
+               x + self_attn(...) in post-norm, scaled-residual or parallel
+               blocks).
     """
 
     module: str
@@ -288,36 +466,142 @@ class Tap:
     transform: Optional[str] = None
     residual: Optional[str] = None
     detail: bool = False
+    applies: Optional[Callable[[Optional[str], dict], bool]] = None
+
+
+# Families whose module names look like llama's but whose layer differs.
+# post_attention_layernorm normalizes the attention output (not the MLP input):
+POST_NORM_TYPES = frozenset({"gemma2", "gemma3_text", "olmo2"})
+# h = x + multiplier * attn:
+SCALED_RESIDUAL_TYPES = frozenset({"granite", "minicpm"})
+# attention and MLP both read the layer input: there is no h.
+PARALLEL_TYPES = frozenset({"phi", "cohere"})
+# q_norm / k_norm run on [B, H, T, D] (after the head transpose):
+HEAD_MAJOR_QK_NORM_TYPES = frozenset({"gemma3_text"})
+# q_norm / k_norm run on the whole projection [B, T, H * D]:
+FULL_WIDTH_QK_NORM_TYPES = frozenset({"olmo2"})
+
+
+def _plain_residual(model_type, config):
+    """The layer is x + attn(norm(x)), then h + mlp(norm(h))."""
+    return (
+        model_type not in POST_NORM_TYPES | SCALED_RESIDUAL_TYPES | PARALLEL_TYPES
+        and not config.get("use_parallel_residual", False)
+    )
+
+
+def _post_norm(model_type, config):
+    return model_type in POST_NORM_TYPES
+
+
+def _not_post_norm(model_type, config):
+    return model_type not in POST_NORM_TYPES
+
+
+def _token_major_qk_norm(model_type, config):
+    return model_type not in HEAD_MAJOR_QK_NORM_TYPES | FULL_WIDTH_QK_NORM_TYPES
+
+
+def _untransposed_qk_norm(model_type, config):
+    return model_type in HEAD_MAJOR_QK_NORM_TYPES | FULL_WIDTH_QK_NORM_TYPES
 
 
 # One table for every architecture, in forward order. Rows whose module does
 # not exist in a model are skipped (q_norm/k_norm outside qwen3), so another
-# architecture is added by adding its rows. Consecutive rows with "{i}" are
-# expanded for each layer in turn (layer 0's rows, then layer 1's, ...).
-# Two rows that exist in one model must not produce the same name.
+# architecture is added by adding its rows. Consecutive rows with "{i}" and
+# the same layer list are expanded for each layer in turn (layer 0's rows,
+# then layer 1's, ...). Two rows that exist in one model (and apply to it)
+# must not produce the same name.
 TAPS = [
-    # llama / mistral / qwen2 / qwen3 (mlx_lm.models.llama, qwen2, qwen3)
+    # llama / mistral / qwen2 / qwen3 (mlx_lm.models.llama, qwen2, qwen3), and
+    # the families with the same module layout (gemma, gemma2, gemma3_text,
+    # phi3, starcoder2, olmo2, cohere, granite, stablelm, smollm3, minicpm;
+    # phi and internlm2 in part).
     Tap("model.embed_tokens", "embed"),
+    Tap("model.tok_embeddings", "embed"),  # internlm2
     Tap("model.layers.{i}.input_layernorm", "layers.{i}.attn_norm"),
+    Tap("model.layers.{i}.attention_norm", "layers.{i}.attn_norm"),  # internlm2
     Tap("model.layers.{i}.self_attn.q_proj", "layers.{i}.attn.q", detail=True),
     Tap("model.layers.{i}.self_attn.k_proj", "layers.{i}.attn.k", detail=True),
     Tap("model.layers.{i}.self_attn.v_proj", "layers.{i}.attn.v", detail=True),
+    # Fused projections: phi3 [q | k | v]; internlm2 grouped per KV head.
+    Tap("model.layers.{i}.self_attn.qkv_proj", "layers.{i}.attn.qkv", detail=True),
+    Tap("model.layers.{i}.attention.wqkv", "layers.{i}.attn.qkv", detail=True),
     Tap("model.layers.{i}.self_attn.q_norm", "layers.{i}.attn.q_norm",
-        transform="transpose_heads", detail=True),
+        transform="transpose_heads", detail=True, applies=_token_major_qk_norm),
     Tap("model.layers.{i}.self_attn.k_norm", "layers.{i}.attn.k_norm",
-        transform="transpose_heads", detail=True),
+        transform="transpose_heads", detail=True, applies=_token_major_qk_norm),
+    # gemma3_text: [B, H, T, D] already; olmo2: [B, T, H * D] (before the split).
+    Tap("model.layers.{i}.self_attn.q_norm", "layers.{i}.attn.q_norm",
+        detail=True, applies=_untransposed_qk_norm),
+    Tap("model.layers.{i}.self_attn.k_norm", "layers.{i}.attn.k_norm",
+        detail=True, applies=_untransposed_qk_norm),
     Tap("model.layers.{i}.self_attn.rope", "layers.{i}.attn.q_rope", call=0, detail=True),
     Tap("model.layers.{i}.self_attn.rope", "layers.{i}.attn.k_rope", call=1, detail=True),
+    Tap("model.layers.{i}.attention.rope", "layers.{i}.attn.q_rope", call=0, detail=True),
+    Tap("model.layers.{i}.attention.rope", "layers.{i}.attn.k_rope", call=1, detail=True),
     Tap("model.layers.{i}.self_attn.o_proj", "layers.{i}.attn.o"),
     Tap("model.layers.{i}.self_attn.o_proj", "layers.{i}.attn"),
-    Tap("model.layers.{i}", "layers.{i}.h", residual="self_attn"),
-    Tap("model.layers.{i}.post_attention_layernorm", "layers.{i}.mlp_norm"),
+    Tap("model.layers.{i}.self_attn.dense", "layers.{i}.attn.o"),  # phi
+    Tap("model.layers.{i}.self_attn.dense", "layers.{i}.attn"),
+    Tap("model.layers.{i}.attention.wo", "layers.{i}.attn.o"),  # internlm2
+    Tap("model.layers.{i}.attention.wo", "layers.{i}.attn"),
+    # gemma2 / gemma3_text / olmo2: the attention output's own norm.
+    Tap("model.layers.{i}.post_attention_layernorm", "layers.{i}.post_attn_norm",
+        applies=_post_norm),
+    Tap("model.layers.{i}", "layers.{i}.h", residual="self_attn", applies=_plain_residual),
+    Tap("model.layers.{i}", "layers.{i}.h", residual="post_attention_layernorm",
+        applies=_post_norm),
+    Tap("model.layers.{i}", "layers.{i}.h", residual="attention"),  # internlm2
+    Tap("model.layers.{i}.post_attention_layernorm", "layers.{i}.mlp_norm",
+        applies=_not_post_norm),
+    Tap("model.layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp_norm"),  # gemma2/3
+    Tap("model.layers.{i}.ffn_norm", "layers.{i}.mlp_norm"),  # internlm2
     Tap("model.layers.{i}.mlp.gate_proj", "layers.{i}.mlp.gate"),
     Tap("model.layers.{i}.mlp.up_proj", "layers.{i}.mlp.up"),
+    Tap("model.layers.{i}.mlp.gate_up_proj", "layers.{i}.mlp.gate_up"),  # phi3 [gate | up]
+    Tap("model.layers.{i}.feed_forward.w1", "layers.{i}.mlp.gate"),  # internlm2
+    Tap("model.layers.{i}.feed_forward.w3", "layers.{i}.mlp.up"),
+    # Non-gated MLPs: the first linear is "up", the second "down".
+    Tap("model.layers.{i}.mlp.fc1", "layers.{i}.mlp.up"),  # phi
+    Tap("model.layers.{i}.mlp.c_fc", "layers.{i}.mlp.up"),  # starcoder2
     Tap("model.layers.{i}.mlp.down_proj", "layers.{i}.mlp.down"),
+    Tap("model.layers.{i}.feed_forward.w2", "layers.{i}.mlp.down"),  # internlm2
+    Tap("model.layers.{i}.mlp.fc2", "layers.{i}.mlp.down"),  # phi
+    Tap("model.layers.{i}.mlp.c_proj", "layers.{i}.mlp.down"),  # starcoder2
     Tap("model.layers.{i}.mlp", "layers.{i}.mlp"),
+    Tap("model.layers.{i}.feed_forward", "layers.{i}.mlp"),  # internlm2
+    # gemma2 / gemma3_text / olmo2: the MLP output's own norm.
+    Tap("model.layers.{i}.post_feedforward_layernorm", "layers.{i}.post_mlp_norm"),
     Tap("model.layers.{i}", "layers.{i}"),
     Tap("model.norm", "norm"),
+    Tap("model.final_layernorm", "norm"),  # phi
+    # gpt2 (model.wte, model.h) and gpt_neox (model.embed_in, model.h).
+    Tap("model.wte", "embed"),
+    Tap("model.wpe", "pos_embed"),
+    Tap("model.embed_in", "embed"),
+    Tap("model.h.{i}.ln_1", "layers.{i}.attn_norm"),
+    Tap("model.h.{i}.input_layernorm", "layers.{i}.attn_norm"),
+    Tap("model.h.{i}.attn.c_attn", "layers.{i}.attn.qkv", detail=True),
+    Tap("model.h.{i}.attention.query_key_value", "layers.{i}.attn.qkv", detail=True),
+    Tap("model.h.{i}.attention.rope", "layers.{i}.attn.q_rope", call=0, detail=True),
+    Tap("model.h.{i}.attention.rope", "layers.{i}.attn.k_rope", call=1, detail=True),
+    Tap("model.h.{i}.attn.c_proj", "layers.{i}.attn.o"),
+    Tap("model.h.{i}.attn", "layers.{i}.attn"),
+    Tap("model.h.{i}.attention.dense", "layers.{i}.attn.o"),
+    Tap("model.h.{i}.attention", "layers.{i}.attn"),
+    Tap("model.h.{i}", "layers.{i}.h", residual="attn"),
+    Tap("model.h.{i}", "layers.{i}.h", residual="attention", applies=_plain_residual),
+    Tap("model.h.{i}.ln_2", "layers.{i}.mlp_norm"),
+    Tap("model.h.{i}.post_attention_layernorm", "layers.{i}.mlp_norm"),
+    Tap("model.h.{i}.mlp.c_fc", "layers.{i}.mlp.up"),
+    Tap("model.h.{i}.mlp.dense_h_to_4h", "layers.{i}.mlp.up"),
+    Tap("model.h.{i}.mlp.c_proj", "layers.{i}.mlp.down"),
+    Tap("model.h.{i}.mlp.dense_4h_to_h", "layers.{i}.mlp.down"),
+    Tap("model.h.{i}.mlp", "layers.{i}.mlp"),
+    Tap("model.h.{i}", "layers.{i}"),
+    Tap("model.ln_f", "norm"),
+    Tap("model.final_layer_norm", "norm"),
     Tap("", "logits"),
 ]
 
@@ -353,8 +637,15 @@ class BoundTap:
     residual_module: Optional[nn.Module] = None
 
 
-def bind_taps(model, table=TAPS):
-    """The rows of ``table`` that exist in ``model``, expanded, in forward order."""
+def bind_taps(model, table=TAPS, model_type=None, config=None):
+    """The rows of ``table`` that exist in ``model`` (and apply to its
+    model_type / config), expanded, in forward order."""
+    config = config or {}
+    table = [row for row in table if row.applies is None or row.applies(model_type, config)]
+
+    def layer_list(row):
+        return row.module.split("{i}")[0]
+
     expanded = []
     k = 0
     while k < len(table):
@@ -362,8 +653,10 @@ def bind_taps(model, table=TAPS):
             expanded.append((table[k], None))
             k += 1
             continue
-        run = []
-        while k < len(table) and "{i}" in table[k].module:
+        run = [table[k]]
+        k += 1
+        while (k < len(table) and "{i}" in table[k].module
+               and layer_list(table[k]) == layer_list(run[0])):
             run.append(table[k])
             k += 1
         layers = walk(model, run[0].module.split("{i}")[0].rstrip("."))
@@ -398,14 +691,23 @@ _RECORDING_CLASSES = {}
 
 
 def _recording_class(cls):
-    """A subclass of ``cls`` whose __call__ logs (first input, output)."""
+    """A subclass of ``cls`` whose __call__ logs (first input, output).
+
+    Arrays are logged through a new handle (``mx.array(a)``, no copy of the
+    data): the caller may update the returned array in place afterwards
+    (gemma3_text's ``h *= scale``, gpt2's ``h += wpe(positions)``), which
+    would otherwise change the logged value too.
+    """
     if cls not in _RECORDING_CLASSES:
+
+        def handle(a):
+            return mx.array(a) if isinstance(a, mx.array) else a
 
         def __call__(self, *args, **kwargs):
             out = cls.__call__(self, *args, **kwargs)
             log = _CALL_LOGS.get(id(self))
             if log is not None:
-                log.append((args[0] if args else None, out))
+                log.append((handle(args[0]) if args else None, handle(out)))
             return out
 
         _RECORDING_CLASSES[cls] = type(
@@ -505,8 +807,98 @@ def _embedding_table(embed):
     return _np(embed.weight)
 
 
-def check_taps(model, tokens, logits, taps):
+# Model types with llama's module names whose math differs from llama's
+# (norm kind, 1 + w norms, activation, embedding or residual scaling, post
+# norms, parallel blocks): the llama checks would not hold for them.
+LLAMA_MATH_EXCLUDED = (
+    POST_NORM_TYPES | SCALED_RESIDUAL_TYPES | PARALLEL_TYPES
+    | {"gemma", "starcoder2", "stablelm"}
+)
+
+
+def _check_generic_taps(model, tokens, taps, model_type, config, bound, compare, have):
+    """Checks that hold for any family: each tap is recomputed from the tap
+    feeding it with the module that produced it (norms, projections), the
+    aliases are equal, and the residual chain adds up where the layer's
+    structure is known (plain, post-norm or parallel residual)."""
+    modules = {t.name: t.module for t in bound}
+
+    def run(name, x):
+        return _np(modules[name](mx.array(x)))
+
+    if have("embed") and isinstance(modules["embed"], (nn.Embedding, nn.QuantizedEmbedding)):
+        table = _embedding_table(modules["embed"])
+        compare("embed == embedding rows of the tokens", taps["embed"][0], table[tokens])
+
+    parallel = model_type in PARALLEL_TYPES or config.get("use_parallel_residual", False)
+    n_layers = 0
+    while f"layers.{n_layers}" in taps:
+        n_layers += 1
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        # Layer 0's input is not a tap where the embedding is scaled or has
+        # positions added.
+        x = taps.get(f"layers.{i - 1}") if i > 0 else None
+        if have(f"{p}.attn_norm") and x is not None:
+            compare(f"{p}.attn_norm == its module(layer input)", taps[f"{p}.attn_norm"],
+                    run(f"{p}.attn_norm", x))
+        attn_in = taps.get(f"{p}.attn_norm", x)
+        for short in ("q", "k", "v", "qkv"):
+            if have(f"{p}.attn.{short}") and attn_in is not None:
+                compare(f"{p}.attn.{short} == its module(attention input)",
+                        taps[f"{p}.attn.{short}"], run(f"{p}.attn.{short}", attn_in))
+        for short in ("q", "k"):
+            name = f"{p}.attn.{short}_norm"
+            if have(name, f"{p}.attn.{short}"):
+                src, want_shape = taps[f"{p}.attn.{short}"], taps[name].shape
+                if src.shape != want_shape:  # per head, [B, H, T, D]
+                    B, H, T, D = want_shape
+                    src = src.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+                compare(f"{name} == its module({short})", taps[name], run(name, src))
+        if have(f"{p}.attn.o", f"{p}.attn"):
+            compare(f"{p}.attn == {p}.attn.o", taps[f"{p}.attn"], taps[f"{p}.attn.o"], exact=True)
+        if have(f"{p}.post_attn_norm", f"{p}.attn"):
+            compare(f"{p}.post_attn_norm == its module({p}.attn)", taps[f"{p}.post_attn_norm"],
+                    run(f"{p}.post_attn_norm", taps[f"{p}.attn"]))
+        attn_out = taps.get(f"{p}.post_attn_norm", taps.get(f"{p}.attn"))
+        if have(f"{p}.h") and x is not None and attn_out is not None:
+            compare(f"{p}.h == layer input + attention output", taps[f"{p}.h"], x + attn_out)
+        mlp_in_of_norm = taps.get(f"{p}.h") if not parallel else x
+        if have(f"{p}.mlp_norm") and mlp_in_of_norm is not None:
+            compare(f"{p}.mlp_norm == its module(its input)", taps[f"{p}.mlp_norm"],
+                    run(f"{p}.mlp_norm", mlp_in_of_norm))
+        mlp_in = taps.get(f"{p}.mlp_norm")
+        if mlp_in is None and parallel:
+            mlp_in = taps.get(f"{p}.attn_norm")
+        if mlp_in is None and model_type in POST_NORM_TYPES:
+            mlp_in = taps.get(f"{p}.h")  # olmo2: no norm before the MLP
+        for short in ("gate", "up", "gate_up"):
+            if have(f"{p}.mlp.{short}") and mlp_in is not None:
+                compare(f"{p}.mlp.{short} == its module(MLP input)", taps[f"{p}.mlp.{short}"],
+                        run(f"{p}.mlp.{short}", mlp_in))
+        if have(f"{p}.mlp", f"{p}.mlp.down"):
+            compare(f"{p}.mlp == {p}.mlp.down", taps[f"{p}.mlp"], taps[f"{p}.mlp.down"], exact=True)
+        if have(f"{p}.post_mlp_norm", f"{p}.mlp"):
+            compare(f"{p}.post_mlp_norm == its module({p}.mlp)", taps[f"{p}.post_mlp_norm"],
+                    run(f"{p}.post_mlp_norm", taps[f"{p}.mlp"]))
+        mlp_out = taps.get(f"{p}.post_mlp_norm", taps.get(f"{p}.mlp"))
+        if have(p, f"{p}.h") and mlp_out is not None:
+            compare(f"{p} == {p}.h + MLP output", taps[p], taps[f"{p}.h"] + mlp_out)
+        if parallel and have(p, f"{p}.attn", f"{p}.mlp") and x is not None:
+            compare(f"{p} == layer input + {p}.attn + {p}.mlp", taps[p],
+                    x + taps[f"{p}.attn"] + taps[f"{p}.mlp"])
+    last = f"layers.{n_layers - 1}"
+    if have("norm", last):
+        compare(f"norm == its module({last})", taps["norm"], run("norm", taps[last]))
+
+
+def check_taps(model, tokens, logits, taps, model_type=None, config=None, bound=None):
     """Check the captured llama-family taps against each other and the model.
+
+    Models whose module layout is llama's but whose layer computes something
+    else (LLAMA_MATH_EXCLUDED) and models with another layout get the
+    generic checks of _check_generic_taps instead (needs ``bound``, the
+    BoundTap list that produced the taps).
 
     Each check recomputes one tap from other taps (with the model's modules,
     or numpy for the norms and the embedding) and compares. Returns
@@ -542,8 +934,13 @@ def check_taps(model, tokens, logits, taps):
         "model.layers.0.self_attn", "model.layers.0.post_attention_layernorm",
         "model.layers.0.mlp",
     ]
-    if not all(isinstance(walk(model, path), nn.Module) for path in llama_family):
-        print("note: not a llama-family module layout; only tap.logits was checked")
+    if model_type in LLAMA_MATH_EXCLUDED or not all(
+        isinstance(walk(model, path), nn.Module) for path in llama_family
+    ):
+        if bound is None:
+            print("note: not a llama-family model; only tap.logits was checked")
+            return results
+        _check_generic_taps(model, tokens, taps, model_type, config or {}, bound, compare, have)
         return results
     inner = model.model
     if have("embed"):
@@ -641,7 +1038,8 @@ def check_taps(model, tokens, logits, taps):
 
 
 def generator_command(name, seed, out_rel, model_type=None, overrides=None, quant=None,
-                      model_dir=None, prompt_tokens=None, max_case_bytes=None):
+                      model_dir=None, prompt_tokens=None, max_case_bytes=None,
+                      hf_layout=None, drop_params=None):
     """The exact command line that regenerates one case."""
     parts = [PYTHON, SCRIPT, "--case", name]
     if model_dir is not None:
@@ -652,6 +1050,10 @@ def generator_command(name, seed, out_rel, model_type=None, overrides=None, quan
         parts += ["--quantize", str(quant["bits"]), "--group-size", str(quant["group_size"])]
         if quant.get("overrides"):
             parts += ["--quant-overrides", json.dumps(quant["overrides"])]
+    if hf_layout is not None:
+        parts += ["--hf-layout", hf_layout]
+    if drop_params:
+        parts += ["--drop-params", ",".join(drop_params)]
     if prompt_tokens is not None:
         parts += ["--prompt-tokens", ",".join(str(t) for t in prompt_tokens)]
     if max_case_bytes is not None:
@@ -678,26 +1080,78 @@ def vocab_size_of(config):
     raise SystemExit("the model config has no vocab_size")
 
 
-def build_random_model(name, model_type, overrides, seed, quant, model_dir):
-    """Build, randomize, optionally quantize and save a model; check it reloads."""
+def gpt2_to_hf(weights, config):
+    """mlx-lm gpt2 parameters in Hugging Face's layout: the inverse of
+    mlx-lm's gpt2 ``sanitize``. Names lose the leading "model.", the four
+    Conv1D weights (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) are stored
+    [in, out], and each layer gets the causal-mask buffer h.{i}.attn.bias
+    ([1, 1, n_positions, n_positions] lower-triangular ones, float32) that HF
+    checkpoints carry and sanitize drops."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    out = {}
+    for key, value in weights.items():
+        if not key.startswith("model."):
+            raise RuntimeError(f"gpt2: unexpected parameter {key}")
+        key = key[len("model."):]
+        if key.startswith("h.") and key.split(".", 2)[2] in conv1d:
+            value = value.transpose(1, 0)
+        out[key] = value
+    n = config["n_positions"]
+    mask = mx.tril(mx.ones((n, n), dtype=mx.float32)).reshape(1, 1, n, n)
+    for i in range(config["n_layer"]):
+        out[f"h.{i}.attn.bias"] = mask
+    return dict(sorted(out.items()))
+
+
+# Per-case "hf_layout": how to store model.safetensors in a Hugging Face
+# checkpoint's layout (which mlx-lm's sanitize turns back into its own)
+# instead of mlx-lm's names. {name: (function(weights, config), metadata)}.
+HF_LAYOUTS = {
+    "gpt2": (gpt2_to_hf, {"format": "pt"}),
+}
+
+
+def build_random_model(name, model_type, overrides, seed, quant, model_dir,
+                       hf_layout=None, drop_params=None):
+    """Build, randomize, optionally quantize and save a model; check it reloads.
+
+    drop_params: parameter names left out of the saved file; the model's
+    ``sanitize`` is then run on the remaining weights so that the in-memory
+    model matches what mlx-lm loads (gemma3_text ties its head this way).
+    hf_layout: a key of HF_LAYOUTS.
+    """
     config = build_config(model_type, overrides)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     model.set_dtype(mx.float32)
     randomize_parameters(model, seed)
 
+    if drop_params:
+        kept = {k: v for k, v in tree_flatten(model.parameters()) if k not in drop_params}
+        missing = sorted(set(drop_params) - {k for k, _ in tree_flatten(model.parameters())})
+        if missing:
+            raise RuntimeError(f"{name}: drop_params {missing} are not parameters")
+        if not hasattr(model, "sanitize"):
+            raise RuntimeError(f"{name}: drop_params needs a model with sanitize")
+        model.sanitize(dict(kept))
+        if sorted(k for k, _ in tree_flatten(model.parameters())) != sorted(kept):
+            raise RuntimeError(f"{name}: sanitize did not remove {drop_params} from the model")
+
     if quant is not None:
         model, config = quantize(
             model, config, quant["bits"], quant["group_size"], quant.get("overrides", {})
         )
 
-    # Save as a converted mlx-lm model directory.
+    # Save as a converted mlx-lm model directory (or in a HF layout).
     model_dir.mkdir(parents=True)
     save_config(copy.deepcopy(config), model_dir / "config.json")
     weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(
-        str(model_dir / "model.safetensors"), weights, metadata={"format": "mlx"}
-    )
+    if hf_layout is None:
+        saved, metadata = weights, {"format": "mlx"}
+    else:
+        convert, metadata = HF_LAYOUTS[hf_layout]
+        saved = convert(weights, config)
+    mx.save_safetensors(str(model_dir / "model.safetensors"), saved, metadata=metadata)
 
     # The saved directory must load back in mlx-lm to the identical model.
     reloaded, _ = load_model(model_dir)
@@ -728,7 +1182,7 @@ def main_dtype(model):
 
 def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None,
               model_dir=None, prompt_tokens=None, max_case_bytes=None,
-              max_case_bytes_flag=None):
+              max_case_bytes_flag=None, hf_layout=None, drop_params=None):
     """Build or load, run, check and record one golden case. Returns a summary.
 
     Either model_type/overrides/quant (a random model, saved under
@@ -736,7 +1190,7 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
     copied). max_case_bytes: if the case directory would be larger, the
     per-head ("detail") taps are left out; None means no limit.
     max_case_bytes_flag: the --max-case-bytes value given, for the
-    recorded command.
+    recorded command. hf_layout / drop_params: see build_random_model.
     """
     out_dir = Path(out_dir)
     if model_dir is not None:
@@ -761,10 +1215,18 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
 
+    built = None  # with hf_layout: the model as built, before the save
     if model_dir is None:
         model, config, reloaded = build_random_model(
-            name, model_type, overrides, seed, quant, out_dir / "model"
+            name, model_type, overrides, seed, quant, out_dir / "model",
+            hf_layout=hf_layout, drop_params=drop_params,
         )
+        if hf_layout is not None:
+            # The reference is the model as mlx-lm loads the folder. Its
+            # sanitize leaves e.g. gpt2's Conv1D weights as transposed views,
+            # for which mlx's CPU addmm rounds differently from the built
+            # model's contiguous weights (same values, logits ~1e-6 apart).
+            built, model = model, reloaded
     else:
         model, config = load_model(model_dir)
         model_type = config.get("model_type")
@@ -774,19 +1236,26 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
     split = min(PREFILL_SPLIT, prompt_len - 1)
 
     logits = forward_logits(model, tokens)
-    taps = bind_taps(model)
+    taps = bind_taps(model, model_type=model_type, config=config)
     tap_logits, tap_values = forward_with_taps(model, tokens, taps)
     if not np.array_equal(tap_logits, logits):
         raise RuntimeError(f"{name}: the tapped forward gives different logits")
     if tuple(tap_values) != tuple(t.name for t in taps):
         raise RuntimeError(f"{name}: taps out of order")
-    tap_checks = check_taps(model, tokens, logits, tap_values)
+    tap_checks = check_taps(model, tokens, logits, tap_values, model_type=model_type,
+                            config=config, bound=taps)
 
     pd_logits = prefill_decode_logits(model, tokens, split)
     greedy = greedy_tokens(model, tokens, GREEDY_TOKENS)
 
     if reloaded is not None and not np.array_equal(forward_logits(reloaded, tokens), logits):
         raise RuntimeError(f"{name}: reloaded model gives different logits")
+    if built is not None:
+        diff = float(np.max(np.abs(forward_logits(built, tokens) - logits)))
+        if diff > 1e-5 * max(1.0, float(np.max(np.abs(logits)))):
+            raise RuntimeError(f"{name}: the built model's logits differ from the "
+                               f"reloaded one's by {diff:.3g}")
+        print(f"{name}: built vs reloaded ({hf_layout} layout) logits: max abs diff {diff:.3g}")
 
     if len(set(greedy.tolist())) == 1:
         message = f"{name}: greedy continuation is a single repeated token"
@@ -818,10 +1287,17 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
     tap_names = [t.name for t in taps]
     omitted = []
     size = write(tap_names)
-    if max_case_bytes is not None and size > max_case_bytes:
-        omitted = [t.name for t in taps if t.row.detail]
-        tap_names = [t.name for t in taps if not t.row.detail]
+    # Over the budget: leave out the per-head taps, then (still over) the
+    # MLP's intermediate-width taps.
+    for tier in (lambda t: t.row.detail, lambda t: t.name.endswith(WIDE_TAP_SUFFIXES)):
+        if max_case_bytes is None or size <= max_case_bytes:
+            break
+        omitted += [t.name for t in taps if t.name in tap_names and tier(t)]
+        tap_names = [n for n in tap_names if n not in omitted]
         size = write(tap_names)
+    if max_case_bytes is not None and size > max_case_bytes:
+        print(f"warning: {name}: {size} bytes even without {len(omitted)} taps "
+              f"(budget {max_case_bytes})")
 
     meta = {
         "case": name,
@@ -836,6 +1312,8 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
             model_dir=None if model_dir is None else repo_relative(model_dir),
             prompt_tokens=prompt_tokens,
             max_case_bytes=max_case_bytes_flag,
+            hf_layout=hf_layout,
+            drop_params=drop_params,
         ),
         "mlx_version": mx.__version__,
         "mlx_lm_version": mlx_lm.__version__,
@@ -848,6 +1326,10 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
     }
     if model_dir is not None:
         meta["model_dir"] = repo_relative(model_dir)
+    if hf_layout is not None:
+        meta["hf_layout"] = hf_layout
+    if drop_params:
+        meta["dropped_params"] = list(drop_params)
     meta["taps"] = tap_names
     meta["taps_omitted_for_size"] = omitted
     with open(out_dir / "meta.json", "w") as f:
@@ -920,6 +1402,22 @@ def parse_prompt_tokens(text):
         raise SystemExit(f"--prompt-tokens: expected comma-separated integers, got {text!r}")
 
 
+def parse_names(text):
+    return [n for n in text.replace(" ", "").split(",") if n] if text else None
+
+
+def case_job(case, args):
+    """make_case arguments of a CASES entry; command-line options win."""
+    return dict(
+        model_type=case["model_type"],
+        overrides=case["config"],
+        quant=case.get("quantize"),
+        seed=args.seed if args.seed is not None else case.get("seed", 0),
+        hf_layout=args.hf_layout or case.get("hf_layout"),
+        drop_params=parse_names(args.drop_params) or case.get("drop_params"),
+    )
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -941,7 +1439,20 @@ def parse_args(argv):
         default="{}",
         help="per-layer quantization as JSON: {path: {group_size, bits} | false}",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int,
+        help="random seed (default: the CASES entry's \"seed\", else 0)",
+    )
+    parser.add_argument(
+        "--hf-layout", choices=sorted(HF_LAYOUTS),
+        help="save model.safetensors in this Hugging Face layout (default: the "
+        "CASES entry's \"hf_layout\", else mlx-lm's names)",
+    )
+    parser.add_argument(
+        "--drop-params", metavar="NAMES",
+        help="comma-separated parameter names left out of the saved model "
+        "(default: the CASES entry's \"drop_params\")",
+    )
     parser.add_argument(
         "--prompt-tokens", metavar="IDS", help="the prompt as comma-separated token ids "
         "(default: PROMPT_LEN random ids from the seed)"
@@ -967,8 +1478,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not args.all and not args.case and not args.model_dir:
         parser.error("one of --all, --case or --model-dir is required")
-    if args.model_dir and (args.all or args.model_type or args.quantize is not None):
-        parser.error("--model-dir cannot be combined with --all, --model-type or --quantize")
+    if args.model_dir and (args.all or args.model_type or args.quantize is not None
+                           or args.hf_layout or args.drop_params):
+        parser.error("--model-dir cannot be combined with --all, --model-type, --quantize, "
+                     "--hf-layout or --drop-params")
     if args.all and args.prompt_tokens:
         parser.error("--prompt-tokens cannot be combined with --all")
     return args
@@ -988,18 +1501,17 @@ def main(argv=None):
     if args.all:
         for case in CASES:
             jobs.append(dict(name=case["name"], out_dir=goldens_dir / case["name"],
-                             model_type=case["model_type"], overrides=case["config"],
-                             quant=case.get("quantize")))
+                             **case_job(case, args)))
     elif args.model_dir:
         name = args.case or Path(args.model_dir).resolve().name
         jobs.append(dict(name=name, out_dir=Path(args.out) if args.out else goldens_dir / name,
-                         model_dir=args.model_dir))
+                         model_dir=args.model_dir,
+                         seed=args.seed if args.seed is not None else 0))
     else:
         out_dir = Path(args.out) if args.out else goldens_dir / args.case
         if args.model_type is None:
             case = find_case(args.case)
-            jobs.append(dict(name=case["name"], out_dir=out_dir, model_type=case["model_type"],
-                             overrides=case["config"], quant=case.get("quantize")))
+            jobs.append(dict(name=case["name"], out_dir=out_dir, **case_job(case, args)))
         else:
             quant = None
             if args.quantize is not None:
@@ -1009,10 +1521,13 @@ def main(argv=None):
                     "overrides": json.loads(args.quant_overrides),
                 }
             jobs.append(dict(name=args.case, out_dir=out_dir, model_type=args.model_type,
-                             overrides=json.loads(args.config_json), quant=quant))
+                             overrides=json.loads(args.config_json), quant=quant,
+                             seed=args.seed if args.seed is not None else 0,
+                             hf_layout=args.hf_layout,
+                             drop_params=parse_names(args.drop_params)))
 
     summaries = [
-        make_case(seed=args.seed, prompt_tokens=prompt_tokens, max_case_bytes=budget,
+        make_case(prompt_tokens=prompt_tokens, max_case_bytes=budget,
                   max_case_bytes_flag=args.max_case_bytes, **job)
         for job in jobs
     ]
@@ -1021,6 +1536,9 @@ def main(argv=None):
         print(f"{len(summaries)} cases, {total} bytes in total")
     if args.compare_to:
         for job in jobs:
+            if not (Path(args.compare_to) / job["name"]).exists():
+                print(f"{job['name']}: not in {args.compare_to} (a new case), nothing to compare")
+                continue
             count = compare_case(job["out_dir"], Path(args.compare_to) / job["name"])
             print(f"{job['name']}: model/ and {count} golden entries identical to {args.compare_to}")
 

@@ -114,6 +114,9 @@ impl DiffReport {
 }
 
 /// Compares the engine on `model_dir` with the golden case `golden_dir`.
+/// The golden tap holding the model's output.
+const OUTPUT_TAP: &str = "logits";
+
 pub fn diff(
     model_dir: &Path,
     golden_dir: &Path,
@@ -130,30 +133,35 @@ pub fn diff(
     }
     let model = Model::load_with(model_dir, lib, spec)?;
     let engine_taps = model.tap_names();
+    // The golden's `logits` tap is the model's output, whatever node makes it.
     let wanted: Vec<String> = engine_taps
         .iter()
-        .filter(|n| g.taps.contains_key(*n))
+        .filter(|n| n.as_str() != OUTPUT_TAP && g.taps.contains_key(*n))
         .cloned()
         .collect();
     let tokens = Array::from_slice(&g.tokens, &[1, g.tokens.len() as i32]);
-    let (_, values) = model.forward_with_taps(&tokens, None, &wanted)?;
+    let (output, values) = model.forward_with_taps(&tokens, None, &wanted)?;
     let tolerance = tolerance.unwrap_or_else(|| g.tolerance());
     let mut rows = Vec::new();
-    for name in &wanted {
-        let ours = &values[name];
+    let pairs = wanted.iter().map(|n| (n.as_str(), &values[n])).chain(
+        g.taps
+            .contains_key(OUTPUT_TAP)
+            .then_some((OUTPUT_TAP, &output)),
+    );
+    for (name, ours) in pairs {
         let theirs = &g.taps[name];
         let row = if ours.size() == theirs.size() {
             let ours = ours.reshape(theirs.shape())?;
             let stats = compare(&ours, theirs).map_err(|e| anyhow!("{name}: {e}"))?;
             NodeDiff {
-                name: name.clone(),
+                name: name.to_string(),
                 shape: theirs.shape().to_vec(),
                 passed: stats.within(tolerance),
                 stats: Some(stats),
             }
         } else {
             NodeDiff {
-                name: name.clone(),
+                name: name.to_string(),
                 shape: ours.shape().to_vec(),
                 stats: None,
                 passed: false,
@@ -164,7 +172,7 @@ pub fn diff(
     let unmatched = g
         .taps
         .keys()
-        .filter(|k| !engine_taps.contains(k))
+        .filter(|k| k.as_str() != OUTPUT_TAP && !engine_taps.contains(k))
         .cloned()
         .collect();
     Ok(DiffReport {

@@ -154,8 +154,21 @@ pub struct RawNode {
     /// When this evaluates false, the node passes its first input through.
     #[serde(default)]
     pub when: Option<serde_yaml::Value>,
+    /// With `when`: the value the skipped node stands for instead of its
+    /// first input.
+    #[serde(rename = "else", default)]
+    pub otherwise: Option<String>,
     #[serde(flatten)]
     pub params: IndexMap<String, serde_yaml::Value>,
+}
+
+impl RawNode {
+    /// Every value the node reads: its inputs, then its `else`.
+    pub fn reads(&self) -> Vec<String> {
+        let mut v = self.inputs.to_vec();
+        v.extend(self.otherwise.iter().cloned());
+        v
+    }
 }
 
 /// The layer schedule: how many layers and which block each one runs.
