@@ -20,6 +20,8 @@ mod linear;
 mod norm;
 pub mod rope;
 mod slice;
+#[cfg(test)]
+mod tests;
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
