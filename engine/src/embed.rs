@@ -3,7 +3,7 @@
 //! sentence-transformers `max_seq_length`), run a padded batch with a key
 //! mask, pool as `1_Pooling/config.json` says and L2-normalise when
 //! `modules.json` lists a `Normalize` module.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
@@ -98,7 +98,6 @@ pub struct Embedder {
     pub normalize: bool,
     /// Longest input in tokens, special tokens included.
     pub max_tokens: usize,
-    dir: PathBuf,
 }
 
 impl Embedder {
@@ -140,12 +139,7 @@ impl Embedder {
             normalize,
             max_tokens,
             model,
-            dir: dir.to_path_buf(),
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Token ids of one text as the encoder sees it (special tokens added,

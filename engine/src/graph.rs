@@ -173,10 +173,7 @@ pub fn check(spec: &Spec) -> Result<()> {
         })?;
         known.insert(name.clone());
     }
-    crate::spec::config::config_order(spec).map_err(|(node, field, msg)| {
-        let file = &spec.config[node.trim_start_matches("config.")].file;
-        Error::spec(file, node, &field, msg)
-    })?;
+    crate::spec::config::config_order(spec)?;
     known.insert("i".to_string());
 
     let mut calls: DiGraphMap<&str, (), RandomState> = DiGraphMap::new();
@@ -590,7 +587,7 @@ impl Expander<'_> {
         inputs: &[Src],
         path: &str,
         scope: &str,
-        layer: Option<i64>,
+        layer: Option<&IndexMap<String, Value>>,
     ) -> Result<Src> {
         let b = &block.item;
         let label = block_label(name);
@@ -612,14 +609,16 @@ impl Expander<'_> {
                 "the node depends on itself (cycle)",
             )
         })?;
-        let config = self.config;
-        let scope_vals: Box<dyn Scope> = match layer {
-            Some(i) => Box::new(self.layer_scope(i)?),
-            None => Box::new(With {
-                name: "i",
-                value: Value::Null,
-                base: config,
-            }),
+        // Inside a layer its scope (config, `i`, per-layer entries);
+        // outside, the config with `i` null.
+        let outside = With {
+            name: "i",
+            value: Value::Null,
+            base: self.config,
+        };
+        let scope_vals: &dyn Scope = match layer {
+            Some(s) => s,
+            None => &outside,
         };
         for node_name in sorted {
             let node = &b.nodes[node_name];
@@ -644,7 +643,7 @@ impl Expander<'_> {
                 .map(|i| env[i.as_str()])
                 .collect();
             if let Some(w) = &node.when {
-                let on = eval_bool(w, scope_vals.as_ref()).map_err(|m| err("when", m))?;
+                let on = eval_bool(w, scope_vals).map_err(|m| err("when", m))?;
                 if !on {
                     let stands_for = match &node.otherwise {
                         Some(o) => env[o.as_str()],
@@ -673,8 +672,8 @@ impl Expander<'_> {
                 (Some(op), _) => {
                     let kind = ops::lookup(op)
                         .ok_or_else(|| err("op", format!("unknown primitive '{op}'")))?;
-                    let params = eval_params(kind, node, scope_vals.as_ref())
-                        .map_err(|(f, m)| err(&f, m))?;
+                    let params =
+                        eval_params(kind, node, scope_vals).map_err(|(f, m)| err(&f, m))?;
                     let infos: Vec<ValueInfo> = srcs
                         .iter()
                         .map(|s| info(&self.graph, *s, TOKENS_INFO))
@@ -709,11 +708,6 @@ impl Expander<'_> {
         })
     }
 
-    fn layer_scope(&self, i: i64) -> Result<IndexMap<String, Value>> {
-        crate::spec::config::layer_scope(self.spec, self.config, i)
-            .map_err(|(node, msg)| Error::spec(&self.spec.file, node, "per_layer", msg))
-    }
-
     fn layers(&mut self, input: Src, path: &str) -> Result<Src> {
         let layers = self.spec.layers.as_ref().ok_or_else(|| {
             Error::spec(&self.spec.file, "model", "layers", "no `layers` schedule")
@@ -733,9 +727,10 @@ impl Expander<'_> {
                     "must be a non-negative int",
                 )
             })?;
+        let order = crate::spec::config::config_order(self.spec)?;
         let mut x = input;
         for i in 0..count {
-            let scope = self.layer_scope(i)?;
+            let scope = crate::spec::config::layer_scope(self.spec, &order, self.config, i)?;
             let mut chosen = l.block.clone();
             for (k, s) in l.select.iter().enumerate() {
                 let hit = match &s.when {
@@ -760,7 +755,7 @@ impl Expander<'_> {
             let def = &self.spec.blocks[name.as_str()];
             let prefix = l.prefix.replace("{i}", &i.to_string());
             let here = format!("{path}.{i}");
-            x = self.block(&name, def, &[x], &here, &prefix, Some(i))?;
+            x = self.block(&name, def, &[x], &here, &prefix, Some(&scope))?;
             self.graph.aliases.insert(here, x);
             self.graph.layer_blocks.push(name);
         }

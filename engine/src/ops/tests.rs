@@ -4,7 +4,7 @@ use indexmap::IndexMap;
 use mlx_rs::Array;
 
 use super::{lookup, Ctx, Op, Param, Params, ValueInfo};
-use crate::spec::expr::Value;
+use crate::spec::expr::{Expr, Value};
 
 fn params(kind: &str, given: &[(&str, Value)]) -> Params {
     let k = lookup(kind).expect("op");
@@ -15,12 +15,11 @@ fn params(kind: &str, given: &[(&str, Value)]) -> Params {
             .find(|(n, _)| *n == def.name)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| match def.default {
-                Some("null") | None => Value::Null,
-                Some(d) => d
-                    .parse::<i64>()
-                    .map(Value::Int)
-                    .or_else(|_| d.parse::<f64>().map(Value::Float))
-                    .unwrap_or_else(|_| Value::Bool(d == "true")),
+                // Defaults are spec text, evaluated as the expander does.
+                Some(d) => Expr::parse(d)
+                    .and_then(|e| e.eval(&IndexMap::<String, Value>::new()))
+                    .unwrap_or(Value::Str(d.to_string())),
+                None => Value::Null,
             });
         values.insert(def.name.to_string(), v);
     }

@@ -100,13 +100,21 @@ fn lookup<'a>(config: &'a serde_json::Value, key: &str) -> Option<&'a serde_json
 
 /// Config entries in evaluation order: declaration order, except that an
 /// entry waits for the entries its `default`, `value` or `per_layer` reads
-/// (so a child spec's override may read entries the child adds). Errors
-/// (entry, field, message) on an unknown name, on `i` outside `per_layer`
-/// and on a cycle.
-pub fn config_order(spec: &Spec) -> std::result::Result<Vec<&str>, (String, String, String)> {
+/// (so a child spec's override may read entries the child adds). An unknown
+/// name, `i` outside `per_layer`, a `per_layer` entry with a value, default
+/// or key, and a cycle are spec errors naming the entry and its file.
+pub fn config_order(spec: &Spec) -> Result<Vec<&str>> {
     let mut deps: IndexMap<&str, Vec<String>> = IndexMap::new();
     for (name, def) in &spec.config {
         let b = &def.item;
+        let err =
+            |field: &str, m: String| Error::spec(&def.file, format!("config.{name}"), field, m);
+        if b.per_layer.is_some() && (b.value.is_some() || b.default.is_some() || b.from.is_some()) {
+            return Err(err(
+                "per_layer",
+                "a per-layer entry takes no value, default or from".into(),
+            ));
+        }
         let ty = Ty::parse(&b.ty).unwrap_or(Ty::Any);
         let mut reads = Vec::new();
         for (field, v) in [
@@ -115,20 +123,25 @@ pub fn config_order(spec: &Spec) -> std::result::Result<Vec<&str>, (String, Stri
             ("per_layer", &b.per_layer),
         ] {
             let Some(v) = v else { continue };
-            let err = |m: String| (format!("config.{name}"), field.to_string(), m);
             let mut names = Vec::new();
-            literal_or_expr(v, ty).map_err(err)?.names(&mut names);
+            literal_or_expr(v, ty)
+                .map_err(|m| err(field, m))?
+                .names(&mut names);
             for n in names {
                 if n == "i" && field == "per_layer" {
                     continue;
                 }
                 if n == "i" {
                     return Err(err(
+                        field,
                         "reads 'i', the layer index, which only `per_layer` entries see".into(),
                     ));
                 }
                 if !spec.config.contains_key(&n) {
-                    return Err(err(format!("reads '{n}', which is not a config entry")));
+                    return Err(err(
+                        field,
+                        format!("reads '{n}', which is not a config entry"),
+                    ));
                 }
                 reads.push(n);
             }
@@ -147,12 +160,16 @@ pub fn config_order(spec: &Spec) -> std::result::Result<Vec<&str>, (String, Stri
                 order.push(*name);
             }
             None => {
-                let stuck = deps.keys().find(|n| !done.contains(*n)).copied();
-                let stuck = stuck.unwrap_or_default();
-                return Err((
+                let (stuck, def) = spec
+                    .config
+                    .iter()
+                    .find(|(n, _)| !done.contains(n.as_str()))
+                    .expect("an entry is left when the order is short");
+                return Err(Error::spec(
+                    &def.file,
                     format!("config.{stuck}"),
-                    "value".into(),
-                    "config entries read each other in a cycle".into(),
+                    "value",
+                    "config entries read each other in a cycle",
                 ));
             }
         }
@@ -166,10 +183,7 @@ pub fn bind(
     config: &serde_json::Value,
     config_file: &Path,
 ) -> Result<IndexMap<String, Value>> {
-    let order = config_order(spec).map_err(|(node, field, msg)| {
-        let file = spec.config[node.trim_start_matches("config.")].file.clone();
-        Error::spec(&file, node, &field, msg)
-    })?;
+    let order = config_order(spec)?;
     let mut out: IndexMap<String, Value> = IndexMap::new();
     for name in order {
         let def = &spec.config[name];
@@ -191,12 +205,6 @@ pub fn bind(
                 .map_err(|m| spec_err(field, m))
         };
         let value = if b.per_layer.is_some() {
-            if b.value.is_some() || b.default.is_some() || b.from.is_some() {
-                return Err(spec_err(
-                    "per_layer",
-                    "a per-layer entry takes no value, default or from".into(),
-                ));
-            }
             Value::Null
         } else if let Some(v) = &b.value {
             eval(v, "value", &out)?
@@ -235,23 +243,32 @@ pub fn bind(
 }
 
 /// The names layer `i` sees: the bound config, `i`, and every `per_layer`
-/// entry evaluated in declaration order (each may read the ones before it).
+/// entry, evaluated in `order` (from [`config_order`]).
 pub fn layer_scope(
     spec: &Spec,
+    order: &[&str],
     config: &IndexMap<String, Value>,
     i: i64,
-) -> std::result::Result<IndexMap<String, Value>, (String, String)> {
+) -> Result<IndexMap<String, Value>> {
     let mut out = config.clone();
     out.insert("i".to_string(), Value::Int(i));
-    let order = config_order(spec).map_err(|(node, _, msg)| (node, msg))?;
-    for name in order {
-        let b = &spec.config[name].item;
-        let Some(v) = &b.per_layer else { continue };
-        let ty = Ty::parse(&b.ty).unwrap_or(Ty::Any);
+    for &name in order {
+        let def = &spec.config[name];
+        let Some(v) = &def.item.per_layer else {
+            continue;
+        };
+        let ty = Ty::parse(&def.item.ty).unwrap_or(Ty::Any);
         let value = literal_or_expr(v, ty)
             .and_then(|e| e.eval(&out))
             .and_then(|v| ty.coerce(v))
-            .map_err(|m| (format!("config.{name}"), format!("layer {i}: {m}")))?;
+            .map_err(|m| {
+                Error::spec(
+                    &def.file,
+                    format!("config.{name}"),
+                    "per_layer",
+                    format!("layer {i}: {m}"),
+                )
+            })?;
         out.insert(name.to_string(), value);
     }
     Ok(out)
