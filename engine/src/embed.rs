@@ -1,8 +1,9 @@
 //! Sentence embeddings from an encoder spec (one whose output is the last
-//! hidden states): tokenize with the folder's tokenizer (special tokens added, no padding, truncation at the
-//! sentence-transformers `max_seq_length`), run a padded batch with a key
-//! mask, pool as `1_Pooling/config.json` says and L2-normalise when
-//! `modules.json` lists a `Normalize` module.
+//! hidden states): tokenize with the folder's tokenizer (special tokens
+//! added, no padding, truncation at the sentence-transformers
+//! `max_seq_length`), run a padded batch with a key mask, pool as
+//! `1_Pooling/config.json` says and L2-normalise when `modules.json` lists a
+//! `Normalize` module.
 use std::path::Path;
 
 use mlx_rs::ops::indexing::TryIndexOp;
