@@ -55,14 +55,6 @@ enum Command {
     Chat {
         #[command(flatten)]
         gen: GenArgs,
-        /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
-        /// the model makes are shown, not executed.
-        #[arg(long)]
-        tools: Option<PathBuf>,
-        /// Tool-call format (default: resolved from the tokenizer config,
-        /// the chat template, the spec, else json).
-        #[arg(long)]
-        tool_format: Option<String>,
     },
     /// Sentence embeddings from an encoder folder (one JSON array per text).
     Embed {
@@ -116,6 +108,14 @@ struct GenArgs {
     /// Model directory or .gguf file (default: the SmolLM2 GGUF installed by the setup).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
+    /// the model makes are shown, not executed.
+    #[arg(long)]
+    tools: Option<PathBuf>,
+    /// Tool-call format (default: resolved from the tokenizer config,
+    /// the chat template, the spec, else json).
+    #[arg(long)]
+    tool_format: Option<String>,
     /// System instructions.
     #[arg(long)]
     system: Option<String>,
@@ -236,12 +236,39 @@ fn print_event(e: lmspec::engine::generate::Event) {
             i.peak_memory_bytes as f64 / 1e6,
             i.stop
         ),
+        lmspec::engine::generate::Event::Reasoning(r) => eprint!("{r}"),
+        lmspec::engine::generate::Event::ToolCall(c) => {
+            println!("[tool call] {}({})", c.name, c.arguments)
+        }
+        lmspec::engine::generate::Event::ToolRejected { reason, detail, .. } => {
+            println!("[rejected tool call: {reason:?}] {detail}")
+        }
         lmspec::engine::generate::Event::PromptProgress(..) => {}
     }
 }
 
+/// Reasoning is reported apart from the answer (to stderr); with `--tools`,
+/// the tools are offered to the template and calls reported.
 fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
+    let mut params = gen.params();
+    let mut context = gen.context();
+    let tools = match &gen.tools {
+        Some(f) => Some(chat_tools(specs, &lm, f, gen.tool_format.as_deref())?),
+        None => None,
+    };
+    let schemas = tools.as_ref().map(|(tools, format)| {
+        context.tools = Some(tools.iter().map(lmspec::engine::Tool::spec).collect());
+        let schemas = tools
+            .iter()
+            .map(|t| (t.name.clone(), t.parameters.clone()))
+            .collect();
+        (format, schemas)
+    });
+    params.output = lmspec::engine::tools::OutputFormat::think(schemas);
+    if let Some(markers) = declared_output(&lm).and_then(|r| r.reasoning) {
+        params.output.reasoning = Some(markers);
+    }
     let ids = if raw {
         lm.tokenizer.encode(prompt)?
     } else {
@@ -250,10 +277,24 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
             messages.push(serde_json::json!({"role": "system", "content": s}));
         }
         messages.push(serde_json::json!({"role": "user", "content": prompt}));
-        lm.chat_prompt(&serde_json::Value::Array(messages), &gen.context())?
+        lm.chat_prompt(&serde_json::Value::Array(messages), &context)?
     };
-    lm.generate(&ids, &gen.params(), None, None, &mut print_event)?;
+    lm.generate(&ids, &params, None, None, &mut print_event)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint's `response_template`, when it has one that can be read
+/// (else a note says why it is not used).
+fn declared_output(
+    lm: &lmspec::engine::LanguageModel,
+) -> Option<lmspec::engine::tools::response::ResponseTemplate> {
+    match lm.response_template()? {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("note: not using the response_template: {e}");
+            None
+        }
+    }
 }
 
 fn chat_tools(
@@ -282,9 +323,11 @@ fn chat_tools(
     }
     let root = specs.clone().unwrap_or_else(SpecLibrary::default_root);
     let formats = ToolFormat::load_dir(&root.join("tool-formats"))?;
+    let declared = declared_output(lm).and_then(|r| r.tools);
     let format = ToolFormat::resolve(
         &formats,
         explicit,
+        declared.as_ref(),
         lm.tokenizer.tool_parser_type.as_deref(),
         lm.tokenizer.chat_template.as_deref(),
         lm.model.spec.tool_format.as_deref(),
@@ -304,16 +347,11 @@ fn chat_tools(
     Ok((tools, format))
 }
 
-fn chat(
-    specs: &Option<PathBuf>,
-    gen: &GenArgs,
-    tools: Option<&Path>,
-    tool_format: Option<&str>,
-) -> Result<ExitCode> {
+fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     use std::io::BufRead;
     let lm = gen.load(specs)?;
-    let tools = match tools {
-        Some(f) => Some(chat_tools(specs, &lm, f, tool_format)?),
+    let tools = match &gen.tools {
+        Some(f) => Some(chat_tools(specs, &lm, f, gen.tool_format.as_deref())?),
         None => None,
     };
     let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
@@ -483,11 +521,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
         Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
-        Command::Chat {
-            gen,
-            tools,
-            tool_format,
-        } => chat(&cli.specs, &gen, tools.as_deref(), tool_format.as_deref()),
+        Command::Chat { gen } => chat(&cli.specs, &gen),
         Command::Bench {
             model,
             prompt_tokens,

@@ -292,32 +292,186 @@ fn the_tool_loop_runs_a_call_through_the_handler_and_back() {
         assert!(events.iter().any(|e| matches!(e, ToolEvent::Call(c) if c.arguments["city"] == "Paris")));
     });
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
 
-    // The same loop on real generation: the session renders the tools into
-    // the prompt and ends when an answer has no call.
+/// Arguments of the typed weather tool: its JSON schema is derived.
+#[derive(serde::Deserialize)]
+struct WeatherArgs {
+    city: String,
+    days: Option<u32>,
+}
+
+#[derive(serde::Serialize)]
+struct Weather {
+    city: String,
+    sky: String,
+    days: u32,
+}
+
+/// A logits processor that makes the model say `replies[round]` token by
+/// token and then end it with EOS: its position is the number of tokens
+/// since the last `<|im_start|>assistant\n` of the history.
+fn forced_replies(
+    lm: &lmspec::engine::LanguageModel,
+    replies: &[&str],
+    round: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> lmspec::engine::sampling::LogitsProcessor {
+    let tok = &lm.tokenizer;
+    let bos = tok.bos_id;
+    let strip_bos = |mut ids: Vec<u32>| {
+        if ids.len() > 1 && ids.first() == bos.as_ref() {
+            ids.remove(0);
+        }
+        ids
+    };
+    let im_start = tok.token_to_id("<|im_start|>").expect("ChatML model");
+    let header = tok.encode("<|im_start|>assistant\n").expect("encode");
+    let header_len = header.len() - header.iter().position(|&t| t == im_start).expect("header");
+    let scripts: Vec<Vec<u32>> = replies
+        .iter()
+        .map(|r| strip_bos(tok.encode(r).expect("encode")))
+        .collect();
+    let eos = tok.eos_ids[0];
+    lmspec::engine::sampling::LogitsProcessor::new(move |history, logits| {
+        let start = history
+            .iter()
+            .rposition(|&t| t == im_start)
+            .map_or(history.len(), |i| i + header_len);
+        let pos = history.len().saturating_sub(start);
+        let k = round.load(std::sync::atomic::Ordering::SeqCst);
+        let next = scripts[k.min(scripts.len() - 1)]
+            .get(pos)
+            .copied()
+            .unwrap_or(eos);
+        for (i, x) in logits.iter_mut().enumerate() {
+            if i as u32 != next {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_forced_tool_call_drives_the_chat_session_tool_loop() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let formats = formats();
+    let json = formats.iter().find(|f| f.name == "json").expect("json");
+    let round = Arc::new(AtomicUsize::new(0));
+    let handler_round = round.clone();
+    let tool = lmspec::engine::Tool::typed(
+        "get_weather",
+        "Weather forecast for a city.",
+        move |a: WeatherArgs| {
+            handler_round.fetch_add(1, Ordering::SeqCst);
+            Ok(Weather {
+                city: a.city,
+                sky: "sunny".into(),
+                days: a.days.unwrap_or(1),
+            })
+        },
+    )
+    .expect("typed tool");
+    assert_eq!(tool.parameters["required"], serde_json::json!(["city"]));
+    assert_eq!(tool.parameters["properties"]["days"]["type"], "integer");
+    let tools = vec![tool];
+    let lm = crate::generation::smollm2();
     let _guard = crate::support::mlx_lock();
     lm.perform(|lm| {
-        let params = lmspec::engine::generate::GenerateParams {
-            max_tokens: 24,
+        let call = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": \"2\"}}</tool_call>";
+        let mut params = lmspec::engine::generate::GenerateParams {
+            max_tokens: 64,
             ..Default::default()
         };
+        params.processors.custom = vec![forced_replies(
+            lm,
+            &[call, "It is sunny in Paris."],
+            round.clone(),
+        )];
         let mut s = lmspec::engine::ChatSession::new(lm, None, params);
-        let out = s
-            .respond_with_tools("Say hello.", &tools, json, 3, &mut |_| {})
-            .expect("session loop");
-        assert!(!out.is_empty());
-        assert_eq!(s.history().first().map(|m| m.role.as_str()), Some("user"));
+        let mut events = Vec::new();
+        let answer = s
+            .respond_with_tools("Weather in Paris?", &tools, json, 3, &mut |e| events.push(e))
+            .expect("tool loop");
+        assert_eq!(answer, "It is sunny in Paris.");
+        assert_eq!(round.load(Ordering::SeqCst), 1, "the handler ran once");
+        let roles: Vec<&str> = s.history().iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+        // "2" was typed by the derived schema before the handler saw it.
         assert_eq!(
-            s.history().last().map(|m| m.role.as_str()),
-            Some("assistant")
+            s.history()[1].tool_calls[0].arguments,
+            serde_json::json!({"city": "Paris", "days": 2})
         );
+        assert_eq!(
+            s.history()[2].content,
+            "{\"city\":\"Paris\",\"sky\":\"sunny\",\"days\":2}"
+        );
+        assert!(events.iter().any(|e| matches!(e, ToolEvent::Call(_))));
+    });
+}
+
+#[test]
+fn the_generation_stream_reports_reasoning_and_tool_calls() {
+    use lmspec::engine::generate::Event;
+    let formats = formats();
+    let json = formats.iter().find(|f| f.name == "json").expect("json");
+    let lm = crate::generation::smollm2();
+    let _guard = crate::support::mlx_lock();
+    lm.perform(|lm| {
+        let reply = "<think>The user wants the weather.</think>Let me check.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call><tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+        let round = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut params = lmspec::engine::generate::GenerateParams {
+            max_tokens: 80,
+            ..Default::default()
+        };
+        params.processors.custom = vec![forced_replies(lm, &[reply], round)];
+        let schema = serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        params.output = lmspec::engine::tools::OutputFormat::think(Some((
+            json,
+            vec![("get_weather".to_string(), schema)],
+        )));
+        let prompt = lm
+            .chat_prompt(
+                &serde_json::json!([{"role": "user", "content": "Weather in Oslo?"}]),
+                &lmspec::engine::template::ChatContext {
+                    add_generation_prompt: true,
+                    ..Default::default()
+                },
+            )
+            .expect("prompt");
+        let mut events = Vec::new();
+        let g = lm
+            .generate(&prompt, &params, None, None, &mut |e| match e {
+                Event::Info(_) | Event::PromptProgress(..) => {}
+                e => events.push(e),
+            })
+            .expect("generate");
+        assert_eq!(g.text, reply, "the whole text is kept");
+        let mut merged: Vec<Event> = Vec::new();
+        for e in events {
+            match (merged.last_mut(), e) {
+                (Some(Event::Text(a)), Event::Text(b)) => a.push_str(&b),
+                (Some(Event::Reasoning(a)), Event::Reasoning(b)) => a.push_str(&b),
+                (_, e) => merged.push(e),
+            }
+        }
+        assert_eq!(merged.len(), 4, "{merged:?}");
+        assert_eq!(merged[0], Event::Reasoning("The user wants the weather.".into()));
+        assert_eq!(merged[1], Event::Text("Let me check.".into()));
+        assert!(matches!(&merged[2], Event::ToolCall(c) if c.arguments["city"] == "Oslo"));
+        assert!(matches!(
+            &merged[3],
+            Event::ToolRejected { reason: RejectReason::UndeclaredTool, .. }
+        ));
+        assert_eq!(g.calls.len(), 1);
     });
 }
 
 #[test]
 fn format_resolution_order() {
     let formats = formats();
-    let pick = |e, t, tpl, d| ToolFormat::resolve(&formats, e, t, tpl, d).map(|f| f.name.as_str());
+    let pick =
+        |e, t, tpl, d| ToolFormat::resolve(&formats, e, None, t, tpl, d).map(|f| f.name.as_str());
     let tpl = Some("{{ '[TOOL_CALLS]' }}");
     assert_eq!(
         pick(Some("glm4"), Some("lfm2"), tpl, Some("gemma")),
@@ -330,4 +484,88 @@ fn format_resolution_order() {
         Some("gemma")
     );
     assert_eq!(pick(None, None, None, None), Some("json"));
+}
+
+/// A tokenizer folder whose `tokenizer_config.json` has `response_template`.
+fn tokenizer_dir(response_template: Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let embedder = lmspec::default_embedder().expect("the embedder is installed by the setup");
+    std::fs::copy(
+        embedder.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .expect("copy tokenizer.json");
+    let cfg = serde_json::json!({"response_template": response_template});
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("write");
+    dir
+}
+
+#[test]
+fn a_checkpoints_response_template_declares_its_format() {
+    use lmspec::engine::tokenizer::Tokenizer;
+    use lmspec::engine::tools::response::ResponseTemplate;
+    let formats = formats();
+    let dir = tokenizer_dir(serde_json::json!({
+        "defaults": {"role": "assistant"},
+        "start_anchor": "<|im_start|>assistant\n",
+        "fields": {
+            "thinking": {"open": "<think>", "close": "</think>", "content": "text"},
+            "tool_calls": {"open": "<tool_call>", "close_pattern": "</tool_call>\\s*",
+                "repeats": true, "content": "json",
+                "transform": {"type": "function", "function": "{content}"}},
+            "content": {"close": "<|im_end|>", "content": "text"}}}));
+    let tok = Tokenizer::from_dir(dir.path()).expect("tokenizer");
+    let (file, t) = tok
+        .response_template
+        .as_ref()
+        .expect("read from tokenizer_config.json");
+    let declared = ResponseTemplate::from_json(t, file).expect("a literal template");
+    assert_eq!(
+        declared.reasoning,
+        Some(("<think>".into(), "</think>".into()))
+    );
+    // The declared format wins over tool_parser_type and the template markers.
+    let f = ToolFormat::resolve(
+        &formats,
+        None,
+        declared.tools.as_ref(),
+        Some("lfm2"),
+        Some("[TOOL_CALLS]"),
+        None,
+    )
+    .expect("a format");
+    assert_eq!(f.name, "response_template");
+    let text = "Sure.<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}</tool_call>\n";
+    let chars: Vec<String> = text.chars().map(String::from).collect();
+    let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+    for chunks in [vec![text], refs] {
+        assert_eq!(
+            merge_text(run(f, &[], &chunks)),
+            vec![
+                ToolEvent::Text("Sure.".into()),
+                ToolEvent::Call(ToolCall {
+                    name: "f".into(),
+                    arguments: serde_json::json!({"x": 1}),
+                    id: None
+                }),
+                ToolEvent::Text("\n".into()),
+            ]
+        );
+    }
+
+    // One the reader does not support names the file, field and key.
+    let dir = tokenizer_dir(serde_json::json!({"fields": {"tool_calls": {
+        "open_pattern": "<\\|channel\\|>commentary to=functions\\.(?P<name>\\w+).*?<\\|message\\|>",
+        "close": "<|call|>", "content": "json"}}}));
+    let tok = Tokenizer::from_dir(dir.path()).expect("tokenizer");
+    let (file, t) = tok.response_template.as_ref().expect("present");
+    let err = ResponseTemplate::from_json(t, file)
+        .expect_err("regex opener")
+        .to_string();
+    assert!(
+        err.contains(
+            "tokenizer_config.json: response_template.fields.tool_calls: open: open_pattern"
+        ),
+        "{err}"
+    );
 }

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::{ProcessorParams, Rng, SamplingParams};
 use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
+use crate::tools::reasoning::{ReasoningSplitter, Span};
+use crate::tools::{OutputFormat, RejectReason, ToolCall, ToolEvent, ToolParser};
 
 /// Generation settings; the defaults are mlx-lm's.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +35,8 @@ pub struct GenerateParams {
     pub extra_eos: Vec<u32>,
     /// Texts that end generation (not included in the output).
     pub stop_strings: Vec<String>,
+    /// Reasoning and tool calls reported as their own events.
+    pub output: OutputFormat,
 }
 
 impl Default for GenerateParams {
@@ -48,6 +52,7 @@ impl Default for GenerateParams {
             quantized_kv_start: 5000,
             extra_eos: Vec::new(),
             stop_strings: Vec::new(),
+            output: OutputFormat::default(),
         }
     }
 }
@@ -237,6 +242,16 @@ pub struct GenerationInfo {
 pub enum Event {
     /// Newly decoded text.
     Text(String),
+    /// Newly decoded reasoning (with [`GenerateParams::output`]'s markers).
+    Reasoning(String),
+    /// A tool call in [`GenerateParams::output`]'s format.
+    ToolCall(ToolCall),
+    /// Text in the tool-call format that is not an acceptable call.
+    ToolRejected {
+        reason: RejectReason,
+        text: String,
+        detail: String,
+    },
     /// Prefill progress: (tokens done, total).
     PromptProgress(usize, usize),
     /// The end, with statistics.
@@ -246,9 +261,91 @@ pub enum Event {
 /// The result of a whole generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The whole output text, reasoning and calls included.
     pub text: String,
     pub tokens: Vec<u32>,
+    /// The tool calls reported as [`Event::ToolCall`].
+    pub calls: Vec<ToolCall>,
     pub info: GenerationInfo,
+}
+
+/// Splits the output text into answer, reasoning and tool-call events.
+struct OutputStream<'a> {
+    reasoning: Option<ReasoningSplitter>,
+    tools: Option<ToolParser<'a>>,
+    calls: Vec<ToolCall>,
+}
+
+impl<'a> OutputStream<'a> {
+    /// `prompt_tail`: the end of the prompt text, which may already have
+    /// opened a reasoning block.
+    fn new(format: &'a OutputFormat, prompt_tail: &str) -> OutputStream<'a> {
+        OutputStream {
+            reasoning: format.reasoning.as_ref().map(|(open, close)| {
+                ReasoningSplitter::new(open, close, prompt_tail.trim_end().ends_with(open.as_str()))
+            }),
+            tools: format
+                .tools
+                .as_ref()
+                .map(|f| ToolParser::new(f, &[]).with_schemas(&format.schemas)),
+            calls: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, text: &str, on_event: &mut dyn FnMut(Event)) {
+        let spans = match &mut self.reasoning {
+            Some(r) => r.push(text),
+            None => vec![Span::Text(text.to_string())],
+        };
+        self.spans(spans, on_event);
+    }
+
+    fn spans(&mut self, spans: Vec<Span>, on_event: &mut dyn FnMut(Event)) {
+        for span in spans {
+            match span {
+                Span::Reasoning(r) => on_event(Event::Reasoning(r)),
+                Span::Text(t) => match &mut self.tools {
+                    Some(p) => {
+                        let events = p.push(&t);
+                        self.tool_events(events, on_event);
+                    }
+                    None => on_event(Event::Text(t)),
+                },
+            }
+        }
+    }
+
+    fn tool_events(&mut self, events: Vec<ToolEvent>, on_event: &mut dyn FnMut(Event)) {
+        for e in events {
+            on_event(match e {
+                ToolEvent::Text(t) => Event::Text(t),
+                ToolEvent::Call(c) => {
+                    self.calls.push(c.clone());
+                    Event::ToolCall(c)
+                }
+                ToolEvent::Rejected {
+                    reason,
+                    text,
+                    detail,
+                } => Event::ToolRejected {
+                    reason,
+                    text,
+                    detail,
+                },
+            });
+        }
+    }
+
+    fn finish(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if let Some(r) = &mut self.reasoning {
+            let spans = r.finish();
+            self.spans(spans, on_event);
+        }
+        if let Some(p) = &mut self.tools {
+            let events = p.finish();
+            self.tool_events(events, on_event);
+        }
+    }
 }
 
 /// Holds back text that might be the start of a stop string.
@@ -326,6 +423,12 @@ pub fn generate(
         stops: params.stop_strings.clone(),
         held: String::new(),
     };
+    let tail_from = prompt.len().saturating_sub(8);
+    let prompt_tail = match &params.output.reasoning {
+        Some(_) => tokenizer.decode(&prompt[tail_from..], false)?,
+        None => String::new(),
+    };
+    let mut output = OutputStream::new(&params.output, &prompt_tail);
     let mut text = String::new();
     let mut tokens = Vec::new();
     let mut first_token_at = None;
@@ -346,7 +449,7 @@ pub fn generate(
         let (emit, hit) = stops.push(&piece);
         if !emit.is_empty() {
             text.push_str(&emit);
-            on_event(Event::Text(emit));
+            output.push(&emit, on_event);
         }
         if hit {
             stop = StopReason::Stop;
@@ -358,9 +461,10 @@ pub fn generate(
         let rest = emit + &stops.flush();
         if !rest.is_empty() {
             text.push_str(&rest);
-            on_event(Event::Text(rest));
+            output.push(&rest, on_event);
         }
     }
+    output.finish(on_event);
     let end = Instant::now();
     let first = first_token_at.unwrap_or(end);
     let prompt_seconds = (first - start).as_secs_f64();
@@ -377,7 +481,12 @@ pub fn generate(
         stop,
     };
     on_event(Event::Info(info.clone()));
-    Ok(Generation { text, tokens, info })
+    Ok(Generation {
+        text,
+        tokens,
+        calls: output.calls,
+        info,
+    })
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use crate::model::{is_gguf, Model, WeightPlan};
 use crate::spec::library::SpecLibrary;
 use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
+use crate::tools::response::ResponseTemplate;
+use crate::tools::schema::schema_for;
 use crate::tools::{ToolCall, ToolEvent, ToolFormat};
 
 /// A model with its tokenizer and chat template.
@@ -61,6 +63,15 @@ impl LanguageModel {
             template,
             path: path.to_path_buf(),
         })
+    }
+
+    /// What the checkpoint's `response_template` declares (tool-call
+    /// format, reasoning markers), if it has one.
+    pub fn response_template(&self) -> Option<Result<ResponseTemplate>> {
+        self.tokenizer
+            .response_template
+            .as_ref()
+            .map(|(file, t)| ResponseTemplate::from_json(t, file))
     }
 
     /// Renders messages with the chat template.
@@ -175,6 +186,28 @@ impl Tool {
             parameters,
             handler: Box::new(handler),
         }
+    }
+
+    /// A tool whose parameters are a Rust type: the JSON schema is derived
+    /// from `A`'s serde shape ([`schema_for`]), the arguments of a call are
+    /// deserialized into `A` and the handler's result serialized back.
+    pub fn typed<A, R>(
+        name: &str,
+        description: &str,
+        handler: impl Fn(A) -> std::result::Result<R, String> + Send + Sync + 'static,
+    ) -> Result<Tool>
+    where
+        A: serde::de::DeserializeOwned,
+        R: serde::Serialize,
+    {
+        let parameters =
+            schema_for::<A>().map_err(|e| Error::Usage(format!("tool '{name}': {e}")))?;
+        Ok(Tool::new(name, description, parameters, move |args| {
+            let args: A = serde_json::from_value(args.clone())
+                .map_err(|e| format!("invalid arguments: {e}"))?;
+            let out = handler(args)?;
+            serde_json::to_value(out).map_err(|e| format!("result: {e}"))
+        }))
     }
 
     /// The tool as chat templates expect it in `tools`.

@@ -3,6 +3,7 @@
 //! window), then log-probabilities, then top-p, min-p and top-k filters on the
 //! untempered log-probabilities, then a categorical draw at `1/temperature`.
 //! Temperature 0 is greedy.
+use std::sync::Arc;
 
 /// Sampling settings (mlx-lm `make_sampler`).
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +30,32 @@ impl Default for SamplingParams {
     }
 }
 
+/// A caller's logits processor (one of mlx-lm's `logits_processors`): it
+/// sees every token so far (prompt and generated) and edits the logits of
+/// the next one in place.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct LogitsProcessor(pub Arc<dyn Fn(&[u32], &mut [f32]) + Send + Sync>);
+
+impl LogitsProcessor {
+    pub fn new(f: impl Fn(&[u32], &mut [f32]) + Send + Sync + 'static) -> LogitsProcessor {
+        LogitsProcessor(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for LogitsProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogitsProcessor")
+    }
+}
+
+/// Two processors are equal when they are the same function object.
+impl PartialEq for LogitsProcessor {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// Logits processors (mlx-lm `make_logits_processors`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessorParams {
@@ -39,6 +66,8 @@ pub struct ProcessorParams {
     pub presence_context: usize,
     pub frequency_penalty: Option<f32>,
     pub frequency_context: usize,
+    /// The caller's processors, run after the ones above, in order.
+    pub custom: Vec<LogitsProcessor>,
 }
 
 impl Default for ProcessorParams {
@@ -51,6 +80,7 @@ impl Default for ProcessorParams {
             presence_context: 20,
             frequency_penalty: None,
             frequency_context: 20,
+            custom: Vec::new(),
         }
     }
 }
@@ -58,6 +88,7 @@ impl Default for ProcessorParams {
 impl ProcessorParams {
     pub fn is_empty(&self) -> bool {
         self.logit_bias.is_empty()
+            && self.custom.is_empty()
             && self.repetition_penalty.is_none_or(|p| p == 0.0)
             && self.presence_penalty.is_none_or(|p| p == 0.0)
             && self.frequency_penalty.is_none_or(|p| p == 0.0)
@@ -97,6 +128,9 @@ impl ProcessorParams {
                     *x -= p;
                 }
             }
+        }
+        for c in &self.custom {
+            (c.0)(history, logits);
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
     /// `tool_parser_type` from `tokenizer_config.json`, if any.
     pub tool_parser_type: Option<String>,
+    /// `response_template` from `tokenizer_config.json`, with that file.
+    pub response_template: Option<(PathBuf, serde_json::Value)>,
 }
 
 fn tok_err(source: &Path, msg: impl Into<String>) -> Error {
@@ -126,6 +128,9 @@ impl Tokenizer {
             .get("tool_parser_type")
             .and_then(|t| t.as_str())
             .map(str::to_string);
+        let response_template = cfg
+            .get("response_template")
+            .map(|t| (dir.join("tokenizer_config.json"), t.clone()));
         Ok(Tokenizer {
             inner,
             source: file,
@@ -136,6 +141,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             tool_parser_type,
+            response_template,
         })
     }
 
@@ -208,6 +214,7 @@ impl Tokenizer {
             add_bos: data.add_bos,
             chat_template: data.chat_template.clone(),
             tool_parser_type: None,
+            response_template: None,
         })
     }
 

@@ -4,6 +4,8 @@
 //! rejected calls), whatever the chunking.
 mod payload;
 pub mod reasoning;
+pub mod response;
+pub mod schema;
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use crate::error::{read_to_string, Error, Result};
 use crate::spec::library::yaml_error;
 
 /// A tool-call format, as written in a format file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolFormat {
     pub spec_version: u32,
@@ -34,6 +36,39 @@ pub struct ToolFormat {
     /// Texts whose presence in a chat template selects this format.
     #[serde(default)]
     pub template_markers: Vec<String>,
+    /// A JSON payload may also stand alone, without the start marker, at
+    /// the start of the output (Llama 3's inline calls): a whole JSON object
+    /// (or list) that reads as calls is taken as calls, anything else stays
+    /// text. Consecutive inline calls may be separated by `;`.
+    #[serde(default)]
+    pub inline: bool,
+}
+
+/// What to take out of generated text besides the answer: reasoning
+/// blocks between two markers and tool calls in a format. The default
+/// takes nothing out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutputFormat {
+    /// Open and close markers of reasoning (`<think>`, `</think>`).
+    pub reasoning: Option<(String, String)>,
+    pub tools: Option<ToolFormat>,
+    /// Declared tools with their JSON-schema parameters (empty: any name).
+    pub schemas: Vec<(String, serde_json::Value)>,
+}
+
+impl OutputFormat {
+    /// `<think>` ... `</think>` reasoning and, when given, tool calls.
+    pub fn think(tools: Option<(&ToolFormat, Vec<(String, serde_json::Value)>)>) -> OutputFormat {
+        let (tools, schemas) = match tools {
+            Some((f, s)) => (Some(f.clone()), s),
+            None => (None, Vec::new()),
+        };
+        OutputFormat {
+            reasoning: Some(("<think>".into(), "</think>".into())),
+            tools,
+            schemas,
+        }
+    }
 }
 
 /// One parsed call.
@@ -82,6 +117,14 @@ impl ToolFormat {
                 ),
             ));
         }
+        if f.inline && f.payload != "json" {
+            return Err(Error::spec(
+                path,
+                "<document>",
+                "inline",
+                format!("inline calls need the json payload, not '{}'", f.payload),
+            ));
+        }
         if f.start.is_empty() {
             return Err(Error::spec(
                 path,
@@ -104,12 +147,14 @@ impl ToolFormat {
         files.iter().map(|f| ToolFormat::load(f)).collect()
     }
 
-    /// Picks the format in this order: `explicit`; the tokenizer config's
+    /// Picks the format in this order: `explicit`; the checkpoint's
+    /// declared format (its `response_template`); the tokenizer config's
     /// `tool_parser_type`; the chat template's markers; the spec's default;
     /// `json`.
     pub fn resolve<'a>(
         formats: &'a [ToolFormat],
         explicit: Option<&str>,
+        declared: Option<&'a ToolFormat>,
         tool_parser_type: Option<&str>,
         template: Option<&str>,
         spec_default: Option<&str>,
@@ -117,6 +162,7 @@ impl ToolFormat {
         let by_name = |n: &str| formats.iter().find(|f| f.name == n);
         explicit
             .and_then(by_name)
+            .or(declared)
             .or_else(|| tool_parser_type.and_then(by_name))
             .or_else(|| template.and_then(|t| ToolFormat::infer(formats, t)))
             .or_else(|| spec_default.and_then(by_name))
@@ -156,6 +202,9 @@ pub struct ToolParser<'a> {
     schemas: Vec<(String, serde_json::Value)>,
     state: State,
     buf: String,
+    /// Nothing but whitespace and inline calls came out yet: an inline
+    /// call may still start (formats with `inline`).
+    inline_ok: bool,
 }
 
 /// Length of the longest suffix of `s` that is a proper prefix of `marker`.
@@ -174,6 +223,7 @@ impl<'a> ToolParser<'a> {
             schemas: Vec::new(),
             state: State::Text,
             buf: String::new(),
+            inline_ok: format.inline,
         }
     }
 
@@ -211,7 +261,16 @@ impl<'a> ToolParser<'a> {
             body,
             self.format.end.as_deref().unwrap_or("")
         );
-        match payload::parse(self.format, body) {
+        self.emit_calls(payload::parse(self.format, body), raw, out);
+    }
+
+    fn emit_calls(
+        &self,
+        parsed: std::result::Result<Vec<ToolCall>, String>,
+        raw: String,
+        out: &mut Vec<ToolEvent>,
+    ) {
+        match parsed {
             Ok(calls) if calls.is_empty() => out.push(ToolEvent::Rejected {
                 reason: RejectReason::Malformed,
                 text: raw,
@@ -257,6 +316,13 @@ impl<'a> ToolParser<'a> {
         loop {
             match self.state {
                 State::Text => {
+                    if self.inline_ok {
+                        match self.inline_call(&mut out) {
+                            Inline::Wait => return out,
+                            Inline::Took => continue,
+                            Inline::NotACall => self.inline_ok = false,
+                        }
+                    }
                     let start = self.format.start.as_str();
                     if let Some(pos) = self.buf.find(start) {
                         let before = self.buf[..pos].to_string();
@@ -293,6 +359,37 @@ impl<'a> ToolParser<'a> {
         }
     }
 
+    /// At the start of the output: takes one inline call off the buffer,
+    /// or says that more text is needed to decide, or that none starts here.
+    fn inline_call(&mut self, out: &mut Vec<ToolEvent>) -> Inline {
+        let lead = self.buf.len()
+            - self
+                .buf
+                .trim_start_matches([' ', '\t', '\r', '\n', ';'])
+                .len();
+        let rest = &self.buf[lead..];
+        if rest.is_empty() {
+            return Inline::Wait;
+        }
+        if !rest.starts_with(['{', '[']) {
+            return Inline::NotACall;
+        }
+        let Some(end) = json_value_end(rest) else {
+            return Inline::Wait;
+        };
+        let shaped = serde_json::from_str(&rest[..end]).is_ok_and(|v| inline_shaped(&v));
+        let calls = match payload::parse(self.format, &rest[..end]) {
+            Ok(calls) if shaped && !calls.is_empty() => calls,
+            _ => return Inline::NotACall,
+        };
+        let raw = rest[..end].to_string();
+        let before: String = self.buf[..lead].chars().filter(|c| *c != ';').collect();
+        self.emit_text(&before, out);
+        self.buf.drain(..lead + end);
+        self.emit_calls(Ok(calls), raw, out);
+        Inline::Took
+    }
+
     /// Ends the output: a call without its end marker is parsed when the
     /// format ends at the end of output, else rejected as incomplete.
     pub fn finish(&mut self) -> Vec<ToolEvent> {
@@ -310,6 +407,57 @@ impl<'a> ToolParser<'a> {
         self.state = State::Text;
         out
     }
+}
+
+/// What [`ToolParser::inline_call`] found.
+enum Inline {
+    Wait,
+    Took,
+    NotACall,
+}
+
+/// Whether a JSON value reads as calls rather than as an answer that
+/// happens to be JSON: objects with a `name` and `parameters` or
+/// `arguments` (or a `function` holding those), alone or in a list.
+fn inline_shaped(v: &serde_json::Value) -> bool {
+    let call = |o: &serde_json::Value| {
+        let f = o.get("function").unwrap_or(o);
+        f.get("name").is_some_and(|n| n.is_string())
+            && (f.get("parameters").is_some() || f.get("arguments").is_some())
+    };
+    match v {
+        serde_json::Value::Array(items) => !items.is_empty() && items.iter().all(call),
+        o => call(o),
+    }
+}
+
+/// The length of the JSON object or array `s` starts with, once its closing
+/// bracket is there (brackets inside strings do not count).
+fn json_value_end(s: &str) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, c) in s.char_indices() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Types argument values by a JSON schema's `properties` (formats that
