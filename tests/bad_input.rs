@@ -400,3 +400,37 @@ fn embedder_pooling_config_errors_name_the_file() {
     let err = lmspec::engine::Embedder::load_with(dir.path(), &lib).expect_err("bad JSON");
     assert!(err.to_string().contains("invalid JSON"), "{err}");
 }
+
+#[test]
+fn stack_rule_index_must_be_a_capture() {
+    let (node, field, msg) = llama_spec_error(
+        "weights:\n  rules:\n    - stack: {from: \"model.layers.{i}.mlp.experts.{e}.{m}.{s}\", to: \"model.layers.{i}.mlp.switch_mlp.{m}.{s}\", index: x}\n",
+    );
+    assert_eq!((node.as_str(), field.as_str()), ("weights.rules", "stack"));
+    assert!(msg.contains("index 'x' is not a capture"), "{msg}");
+}
+
+#[test]
+fn moe_top_k_beyond_the_experts_names_node_and_field() {
+    let (_m, model) = model_copy("qwen3_moe", |c| c["num_experts_per_tok"] = 9.into());
+    let _guard = mlx_lock();
+    match Model::load_with(&model, &crate::support::library(), None).expect_err("top_k > experts") {
+        Error::Spec {
+            file,
+            node,
+            field,
+            msg,
+        } => {
+            assert!(file.ends_with("specs/blocks/moe.yaml"), "{file:?}");
+            assert_eq!(
+                (node.as_str(), field.as_str()),
+                ("blocks.sparse_moe.nodes.routed", "top_k")
+            );
+            assert!(
+                msg.contains("top_k 9 must be between 1 and num_experts 4"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a spec error, got {other}"),
+    }
+}

@@ -109,7 +109,8 @@ fn wrong_rope_theta_is_found_at_the_rope() {
 
 #[test]
 fn scaffold_drafts_qwen3_from_the_other_specs() {
-    let (dir, lib) = specs_copy(&[], &["models/qwen3.yaml"]);
+    // qwen3_moe extends qwen3: it goes too.
+    let (dir, lib) = specs_copy(&[], &["models/qwen3.yaml", "models/qwen3_moe.yaml"]);
     let model = goldens().join("qwen3/model");
     let draft = {
         let _guard = mlx_lock();

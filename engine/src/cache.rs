@@ -14,6 +14,8 @@ pub enum CacheKind {
     /// Keys and values of the last `n` positions only (sliding-window
     /// attention): a rotating cache of that size, whatever the options.
     Window(i32),
+    /// The last `n` input rows of a causal convolution (recurrent state).
+    Conv(i32),
 }
 
 /// How attention caches are made.
@@ -35,6 +37,11 @@ impl CacheKind {
             }
             (CacheKind::Kv, None) => CacheState::Kv(KvCache::default()),
             (CacheKind::Window(n), _) => CacheState::Rotating(RotatingKvCache::new(n, 0)),
+            (CacheKind::Conv(n), _) => CacheState::Conv(ConvState {
+                keep: n,
+                rows: None,
+                offset: 0,
+            }),
         }
     }
 }
@@ -80,6 +87,33 @@ pub enum CacheState {
     Kv(KvCache),
     Rotating(RotatingKvCache),
     Quantized(QuantizedKvCache),
+    Conv(ConvState),
+}
+
+/// A causal convolution's memory: its last `keep` input rows `[B, keep, D]`
+/// (none before the first call: zeros).
+#[derive(Debug)]
+pub struct ConvState {
+    pub keep: i32,
+    pub rows: Option<Array>,
+    pub offset: i32,
+}
+
+impl ConvState {
+    /// `x [B, T, D]` with the remembered rows in front (zeros at first),
+    /// keeping the last `keep` rows of the result for the next call.
+    pub fn extend(&mut self, x: &Array) -> Result<Array, Exception> {
+        let s = x.shape();
+        let prev = match &self.rows {
+            Some(r) => r.clone(),
+            None => mlx_rs::ops::zeros_dtype(&[s[0], self.keep, s[2]], x.dtype())?,
+        };
+        let all = mlx_rs::ops::concatenate(&[&prev, x], 1)?;
+        let n = all.shape()[1];
+        self.rows = Some(seq(&all, n - self.keep, n)?);
+        self.offset += s[1];
+        Ok(all)
+    }
 }
 
 impl CacheState {
@@ -89,6 +123,7 @@ impl CacheState {
             CacheState::Kv(c) => c.offset,
             CacheState::Rotating(c) => c.offset,
             CacheState::Quantized(c) => c.offset,
+            CacheState::Conv(c) => c.offset,
         }
     }
 
@@ -111,6 +146,7 @@ impl CacheState {
                 .update_and_fetch(keys, values)
                 .map(|(k, v)| KvView::Dense(k, v)),
             CacheState::Quantized(c) => c.update_and_fetch(keys, values),
+            CacheState::Conv(_) => Err(exception("a convolution state holds no keys/values")),
         }
     }
 }
@@ -494,11 +530,13 @@ impl ModelCache {
     }
 
     /// Removes the last `n` positions, when every slot can (standard and
-    /// quantized caches can; a rotating one only before it wraps).
+    /// quantized caches can; a rotating one only before it wraps; recurrent
+    /// state cannot be rewound).
     pub fn trim(&mut self, n: usize) -> bool {
         let n = n as i32;
         let ok = self.slots.iter().all(|s| match s {
             CacheState::Rotating(c) => c.offset < c.max_size,
+            CacheState::Conv(_) => n == 0,
             _ => true,
         });
         if !ok || n > self.offset {
@@ -512,6 +550,7 @@ impl ModelCache {
                     c.offset -= n;
                     c.idx -= n;
                 }
+                CacheState::Conv(_) => {}
             }
         }
         self.offset -= n;
@@ -546,6 +585,7 @@ impl ModelCache {
                 CacheState::Quantized(c) => {
                     out.extend(c.keys.iter().flatten().chain(c.values.iter().flatten()))
                 }
+                CacheState::Conv(c) => out.extend(c.rows.iter()),
             }
         }
         out

@@ -274,6 +274,20 @@ pub fn check(spec: &Spec) -> Result<()> {
             RawRule::Tie { target, source, .. } => ("tie", vec![target, source]),
             RawRule::SkipIfPresent(p) => ("skip_if_present", vec![p]),
             RawRule::Transpose(p) => ("transpose", vec![p]),
+            RawRule::Stack { from, to, index } => {
+                let caps = crate::weights::rules::Pattern::parse(from)
+                    .map(|p| p.captures())
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "stack", m))?;
+                if !caps.iter().any(|c| c == index) {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "stack",
+                        format!("index '{index}' is not a capture of '{from}'"),
+                    ));
+                }
+                ("stack", vec![from, to])
+            }
         };
         for p in patterns {
             crate::weights::rules::Pattern::parse(p)

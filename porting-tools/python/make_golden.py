@@ -12,7 +12,8 @@ together with reference outputs computed by mlx-lm itself:
         model/model.safetensors    parameters under mlx-lm's names
                                    (tree_flatten(model.parameters())), or in
                                    a Hugging Face layout for cases with
-                                   "hf_layout" (gpt2; see HF_LAYOUTS)
+                                   "hf_layout" (gpt2, qwen3_moe_hf; see
+                                   HF_LAYOUTS)
                                    (model/ only for generated cases)
         golden.safetensors         tokens                int32 [P]
                                    logits                float32 [P, V]
@@ -20,6 +21,7 @@ together with reference outputs computed by mlx-lm itself:
                                    greedy                int32 [G]
                                    tap.NAME              float32 [1, ...]
         meta.json                  provenance, generation settings, tap list
+                                   (MoE cases: "routing", see make_case)
 
 where P = PROMPT_LEN (or the length of --prompt-tokens), V = vocab_size and
 G = GREEDY_TOKENS.
@@ -30,8 +32,10 @@ G = GREEDY_TOKENS.
   ...); see the TAPS table below and README.md. ``tap.logits`` repeats
   ``logits`` with its batch axis.
 * ``prefill_decode_logits``: the same positions computed with a fresh KV
-  cache (``make_prompt_cache``): the first PREFILL_SPLIT tokens in one
-  forward, then the remaining tokens one at a time.
+  cache (``make_prompt_cache``: the model's own make_cache where it has one,
+  e.g. ArraysCache conv / recurrent states for lfm2, mamba2, qwen3_next):
+  the first PREFILL_SPLIT tokens in one forward, then the remaining tokens
+  one at a time.
 * ``greedy``: GREEDY_TOKENS tokens produced by ``mlx_lm.generate.generate_step``
   with an argmax sampler (it prefills all but the last prompt token, then
   feeds the last prompt token and each generated token one at a time).
@@ -43,7 +47,7 @@ Usage (from the repository root):
     .venv/bin/python porting-tools/python/make_golden.py --case NAME \\
         --model-type TYPE --config-json '{...}' \\
         [--quantize BITS --group-size G [--quant-overrides '{...}']] \\
-        [--hf-layout gpt2] [--drop-params lm_head.weight] \\
+        [--hf-layout gpt2|qwen3_moe] [--drop-params lm_head.weight] \\
         [--seed 0] [--prompt-tokens 1,2,3] --out goldens/NAME
     .venv/bin/python porting-tools/python/make_golden.py --case NAME \\
         --model-dir DIR [--prompt-tokens 1,2,3] [--out DIR2]
@@ -52,11 +56,14 @@ Usage (from the repository root):
 entry may also set "seed", "hf_layout" and "drop_params").
 ``--compare-to DIR`` checks, after writing, that every non-tap entry of each
 case equals the one in DIR/CASE (a copy of goldens/ taken before).
+``--case NAME --search-seeds N`` writes nothing: it reports the first seed
+in 0..N-1 without a greedy or routing near-tie (see MIN_GREEDY_MARGIN).
 """
 
 import argparse
 import copy
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -74,6 +81,28 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, quantize_model, save_config
 
+
+
+def _gather_qmm_without_global_scale():
+    """mlx-lm 0.32.2's QuantizedSwitchLinear (quantized MoE experts) always
+    passes global_scale= (None except for nvfp4 with a per-expert scale) to
+    mx.gather_qmm, which mlx 0.32.2 does not accept: quantized MoE models do
+    not run with this pair of versions. Where mlx lacks the argument, accept
+    and drop it when None (what it means); anything else is an error."""
+    if "global_scale" in (mx.gather_qmm.__doc__ or ""):
+        return
+    gather_qmm = mx.gather_qmm
+
+    def compat(*args, global_scale=None, **kwargs):
+        if global_scale is not None:
+            raise NotImplementedError("this mlx has no gather_qmm(global_scale=...)")
+        return gather_qmm(*args, **kwargs)
+
+    mx.gather_qmm = compat
+
+
+_gather_qmm_without_global_scale()
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "porting-tools/python/make_golden.py"
 PYTHON = ".venv/bin/python"
@@ -81,6 +110,15 @@ PYTHON = ".venv/bin/python"
 PROMPT_LEN = 12
 PREFILL_SPLIT = 8
 GREEDY_TOKENS = 32
+
+# Seeds of generated cases are chosen (--search-seeds) so that no greedy step
+# is a near-tie: smallest top-1 minus top-2 logit over the greedy steps at
+# least MIN_GREEDY_MARGIN; and for MoE models no expert choice is one: the
+# k-th best routing score (softmax / sigmoid probability, mixtral's logit)
+# at least MIN_ROUTING_MARGIN above the next, over the prompt and the greedy
+# tokens, and the same for the group choice of group-limited routing.
+MIN_GREEDY_MARGIN = 0.005
+MIN_ROUTING_MARGIN = 0.001
 
 # Size budget of a generated case directory (model/ included): over it the
 # per-head ("detail") taps are left out, then the wide MLP ones.
@@ -93,6 +131,16 @@ WIDE_TAP_SUFFIXES = (".mlp.gate", ".mlp.up", ".mlp.gate_up")
 WEIGHT_STD = 0.15
 BIAS_STD = 0.1
 NORM_STD = 0.1
+# Depthwise causal convolutions (lfm2's short conv, mamba2's and qwen3_next's
+# conv1d; nn.Conv1d weights [C, K, 1]): with WEIGHT_STD each output is a sum
+# of only K = 3..4 small terms, which shrinks the signal ~3x per conv and
+# leaves mamba2's SSM term negligible next to its D skip; 0.5 ~ 1/sqrt(K).
+CONV_STD = 0.5
+# dt range of the dt_bias init (see SPECIAL_INITS): wider than mamba2's own
+# [0.001, 0.1], whose dt, with these small random B and C, leaves mamba2's
+# SSM term ~5x smaller than its D skip (about 0.6x with this range).
+DT_MIN = 0.01
+DT_MAX = 0.5
 
 BASE_CONFIG = {
     "hidden_size": 64,
@@ -118,6 +166,11 @@ TYPE_UNUSED_BASE_KEYS = {
     "starcoder2": ["rms_norm_eps"],
     "cohere": ["rms_norm_eps"],
     "stablelm": ["rms_norm_eps"],
+    # norm_eps instead; always tied (tie_word_embeddings is not read).
+    "lfm2": ["rms_norm_eps"],
+    # No attention, no rope; layer_norm_epsilon instead.
+    "mamba2": ["num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+               "max_position_embeddings"],
 }
 
 # Extra keys a model type requires beyond BASE_CONFIG.
@@ -163,6 +216,46 @@ TYPE_DEFAULTS = {
     "internlm2": {"bias": False},
     "smollm3": {"tie_word_embeddings": True},
     "minicpm": {},
+    # MoE and hybrid families: the keys their ModelArgs require, small enough
+    # that a case directory (weights included) stays near MAX_CASE_BYTES.
+    "mixtral": {"rope_traditional": False, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "intermediate_size": 32},
+    # mlx-lm's qwen2_moe reads neither decoder_sparse_step (every layer is
+    # sparse) nor norm_topk_prob (the top-k softmax weights are never
+    # renormalized); the values written say what it does (as Qwen1.5-MoE's
+    # config does). intermediate_size is required but unused.
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 40, "decoder_sparse_step": 1,
+                  "norm_topk_prob": False},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": True},
+    # MLA: q 16 (no rope) + 8 (rope) per head, latent kv 32, v 16 per head;
+    # num_key_value_heads is read but unused (as in DeepSeek's configs, = heads).
+    # mlx-lm's v2 attention needs a rope_scaling with a factor (1.0: plain rope).
+    "deepseek_v2": {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": None,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                    "attention_bias": False, "rope_scaling": {"type": "yarn", "factor": 1.0}},
+    "deepseek_v3": {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+                    "attention_bias": False},
+    "lfm2": {"norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": 64,
+             "block_ff_dim": 64, "intermediate_size": 64, "block_multiple_of": 16,
+             "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+             "rope_theta": 1000000.0, "tie_word_embeddings": True,
+             "layer_types": ["conv", "full_attention"]},
+    # intermediate_size is required but unused (the mixer is num_heads *
+    # head_dim wide); time_step_rank is read but unused.
+    "mamba2": {"num_heads": 8, "head_dim": 16, "intermediate_size": 128, "state_size": 16,
+               "layer_norm_epsilon": 1e-5, "conv_kernel": 4, "n_groups": 1, "use_bias": False,
+               "use_conv_bias": True, "time_step_limit": [0.0, 100.0], "time_step_rank": 4,
+               "tie_word_embeddings": True},
+    "qwen3_next": {"head_dim": 16, "partial_rotary_factor": 0.25, "full_attention_interval": 2,
+                   "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                   "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                   "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                   "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 32, "norm_topk_prob": True},
 }
 
 CASES = [
@@ -332,6 +425,158 @@ CASES = [
         "config": {"scale_emb": 12.0, "scale_depth": 0.7, "dim_model_base": 32},
         "seed": 4,
     },
+    # MoE families. The MoE block is "layers.{i}.mlp" whatever mlx-lm calls
+    # it; see the MoE rows of TAPS and check_block_math.
+    # Top-2 of 4 experts; the softmax is over the two chosen logits.
+    {"name": "mixtral", "model_type": "mixtral", "config": {"rope_theta": 1000000.0}, "seed": 1},
+    # Softmax over all 4 experts, top-2 not renormalized; plus the shared
+    # expert scaled by sigmoid(shared_expert_gate); q/k/v biases.
+    {"name": "qwen2_moe", "model_type": "qwen2_moe", "config": {}, "seed": 1},
+    # Every layer sparse (decoder_sparse_step 1, no mlp_only_layers);
+    # softmax over all 4, top-2 renormalized (norm_topk_prob).
+    {"name": "qwen3_moe", "model_type": "qwen3_moe", "config": {}, "seed": 15},
+    # The same model (same seed, same parameters) saved in Hugging Face's
+    # per-expert layout (see qwen3_moe_to_hf); mlx-lm stacks it back.
+    {"name": "qwen3_moe_hf", "model_type": "qwen3_moe", "config": {}, "seed": 15,
+     "hf_layout": "qwen3_moe"},
+    # 4-bit, group 32, as mlx_lm.convert quantizes it: the model's own
+    # quant_predicate applies (see quantize), so the routers mlp.gate are
+    # 8-bit with group 64 and everything else with to_quantized is 4-bit /
+    # 32: embed_tokens, lm_head, q/k/v/o, and the stacked experts
+    # (SwitchLinear -> QuantizedSwitchLinear, run with gather_qmm). The
+    # RMSNorms (q_norm / k_norm included) stay float32.
+    {"name": "qwen3_moe_q4", "model_type": "qwen3_moe", "config": {}, "seed": 15,
+     "quantize": {"bits": 4, "group_size": 32}},
+    # MLA + DeepSeekMoE, 3 layers: layer 0 dense (first_k_dense_replace 1),
+    # layers 1 and 2 MoE: 6 routed experts in 2 groups of 3 (8 would not fit
+    # the size budget with v2's full q_proj), top-2 from the best group
+    # (topk_group 1), scaled by routed_scaling_factor, plus one shared
+    # expert. yarn: factor 4 over an original 64 positions (of the 4 rotated
+    # pairs, 1 keeps its frequency, 1 is blended, 2 are divided by 4);
+    # mscale 1 / mscale_all_dim 0.707 puts a factor 1.037 on q_pe / k_pe and
+    # 1.2056 on the softmax scale (DeepSeek-V2's own 0.707 / 0.707 would
+    # leave q_pe / k_pe unscaled; this exercises both). v2: q_proj (no
+    # q_lora_rank), softmax scores, group_limited_greedy (group score = its
+    # best expert's).
+    {
+        "name": "deepseek_v2",
+        "model_type": "deepseek_v2",
+        "config": {
+            "num_hidden_layers": 3,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 8,
+            "n_routed_experts": 6,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "routed_scaling_factor": 2.5,
+            "topk_method": "group_limited_greedy",
+            "scoring_func": "softmax",
+            "norm_topk_prob": False,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+            "max_position_embeddings": 256,
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.707,
+            },
+        },
+        "seed": 0,
+    },
+    # As deepseek_v2 but 8 experts (2 groups of 4) and: q through the
+    # q_lora_rank 32 bottleneck (q_a_proj,
+    # q_a_layernorm, q_b_proj); sigmoid scores; the expert choice adds
+    # e_score_correction_bias (the weights do not), group score = sum of the
+    # group's 2 best biased scores (noaux_tc); the 2 weights are
+    # renormalized (norm_topk_prob) before routed_scaling_factor. mscale =
+    # mscale_all_dim = 1.0 as DeepSeek-V3's config: q_pe / k_pe unscaled,
+    # softmax scale x 1.1386^2. mlx-lm keeps kv_b_proj split per head as
+    # embed_q / unembed_out (its sanitize converts HF's kv_b_proj).
+    {
+        "name": "deepseek_v3",
+        "model_type": "deepseek_v3",
+        "config": {
+            "num_hidden_layers": 3,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 8,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "routed_scaling_factor": 2.5,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "norm_topk_prob": True,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+            "max_position_embeddings": 256,
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        },
+        "seed": 1,
+    },
+    # Hybrids and state-space models: their caches are ArraysCache (conv
+    # state, recurrent state), which prefill_decode_logits exercises too.
+    # lfm2: short-conv layers 0, 1, 3 and attention at 2 (both keys written,
+    # as LFM2's configs do; full_attn_idxs wins). Feed-forward auto-adjusted:
+    # int(2 * 44 / 3) = 29, x 1.0, rounded up to a multiple of 8 = 32.
+    {
+        "name": "lfm2",
+        "model_type": "lfm2",
+        "config": {
+            "num_hidden_layers": 4,
+            "layer_types": ["conv", "conv", "full_attention", "conv"],
+            "full_attn_idxs": [2],
+            "block_ff_dim": 44,
+            "intermediate_size": 44,
+            "block_auto_adjust_ff_dim": True,
+            "block_multiple_of": 8,
+        },
+        "seed": 0,
+    },
+    # Mamba-2 (SSD): 8 heads of 16 (mixer 128 wide), state 16, 2 groups (B
+    # and C shared by 4 heads each), conv kernel 4. time_step_limit clips dt
+    # (range ~0.001..1.5 with DT_MIN / DT_MAX) at both ends, for ~3% of the
+    # values each (Mamba-2's configs say [0, inf], which JSON cannot hold).
+    {
+        "name": "mamba2",
+        "model_type": "mamba2",
+        "config": {"n_groups": 2, "time_step_limit": [0.005, 1.0]},
+        "seed": 1,
+    },
+    # Gated DeltaNet (layers 0, 1) + gated attention (layer 2:
+    # full_attention_interval 3) + MoE with a shared expert (layers 0 and 2;
+    # layer 1 is a dense MLP through mlp_only_layers). 2 key heads of 16 and
+    # 4 value heads of 16 (each key head serves 2 value heads); attention
+    # rope on 4 of 16 dims (partial_rotary_factor 0.25). Tied head (untied in
+    # Qwen3-Next itself), to fit the size budget.
+    {
+        "name": "qwen3_next",
+        "model_type": "qwen3_next",
+        "config": {
+            "num_hidden_layers": 3,
+            "full_attention_interval": 3,
+            "mlp_only_layers": [1],
+            "intermediate_size": 32,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+        },
+        "seed": 4,
+    },
 ]
 
 
@@ -345,13 +590,56 @@ def build_config(model_type, overrides):
     return config
 
 
+def _uniform_from_normal(noise, low, high):
+    """A uniform draw on [low, high] made from a N(0, 1) draw (through the
+    normal CDF), so that every parameter still takes exactly one normal draw
+    from the seeded stream."""
+    u = 0.5 * (1.0 + mx.erf(noise / math.sqrt(2.0)))
+    return low + (high - low) * u
+
+
+def _inverse_softplus(y):
+    return y + mx.log(-mx.expm1(-y))
+
+
+# Parameters (by their last name component) for which N(0, WEIGHT_STD) would
+# be meaningless, each a function of its N(0, 1) draw. No model of the older
+# cases has such a parameter, so their draws are unchanged.
+SPECIAL_INITS = {
+    # mamba2 / qwen3_next: the per-head decay rate is A = -exp(A_log); A
+    # uniform in [1, 16] as mamba2's (and HF qwen3_next's) own init. (With
+    # A_log ~ N(0, 0.15) every head would decay at the same rate ~1.)
+    "A_log": lambda noise: mx.log(_uniform_from_normal(noise, 1.0, 16.0)),
+    # mamba2 / qwen3_next: dt = softplus(x + dt_bias) is the step size of the
+    # decay exp(-A * dt). As mamba2's init, dt_bias = softplus^-1(dt) with dt
+    # log-uniform, here in [DT_MIN, DT_MAX]. The per-token decays then span
+    # ~0..0.99 (qwen3_next's g: median ~0.2 and ~0.9 in its two DeltaNet
+    # layers): some heads forget at once, some keep the whole prompt. (HF
+    # qwen3_next's dt_bias = 1 gives dt ~ 1 and, with A ~ 8, g ~ exp(-8):
+    # every token forgotten at once.)
+    "dt_bias": lambda noise: _inverse_softplus(
+        mx.exp(_uniform_from_normal(noise, math.log(DT_MIN), math.log(DT_MAX)))
+    ),
+    # mamba2's skip y += D * x: 1 + NORM_STD * N(0, 1) around mamba2's init 1.
+    "D": lambda noise: 1.0 + NORM_STD * noise,
+    # deepseek_v3's router bias (added to the sigmoid scores for the expert
+    # choice only; the weights use the unbiased scores). Against scores
+    # spread over ~0.2..0.8, N(0, WEIGHT_STD) (values ~-0.3..0.2) changes the
+    # chosen experts at 15 and 30 of the 43 positions in the case's two MoE
+    # layers (meta.json "routing": "differs_without_bias"), not everywhere.
+    "e_score_correction_bias": lambda noise: WEIGHT_STD * noise,
+}
+
+
 def randomize_parameters(model, seed):
     """Re-initialise every parameter from a seeded normal distribution.
 
     Norm weights become 1 + NORM_STD * N(0, 1), biases (norm biases included)
-    BIAS_STD * N(0, 1) and all other weights WEIGHT_STD * N(0, 1), all
-    float32. A norm is a module whose name ends in "norm" or whose class name
-    contains "Norm" (gpt2's ln_1 / ln_2 / ln_f are nn.LayerNorm).
+    BIAS_STD * N(0, 1), nn.Conv1d weights CONV_STD * N(0, 1), the parameters
+    of SPECIAL_INITS their function of a N(0, 1) draw, and all other weights
+    WEIGHT_STD * N(0, 1), all float32. A norm is a module whose name ends in
+    "norm" or whose class name contains "Norm" (gpt2's ln_1 / ln_2 / ln_f are
+    nn.LayerNorm). Every parameter takes one draw, in tree_flatten order.
     """
     modules = dict(model.named_modules())
 
@@ -366,10 +654,14 @@ def randomize_parameters(model, seed):
     for name, value in tree_flatten(model.parameters()):
         module_name, _, leaf = name.rpartition(".")
         noise = mx.random.normal(value.shape, dtype=mx.float32)
-        if is_norm(module_name) and leaf != "bias":
+        if leaf in SPECIAL_INITS:
+            new_value = SPECIAL_INITS[leaf](noise)
+        elif is_norm(module_name) and leaf != "bias":
             new_value = 1.0 + NORM_STD * noise
         elif leaf == "bias":
             new_value = BIAS_STD * noise
+        elif leaf == "weight" and isinstance(modules.get(module_name), nn.Conv1d):
+            new_value = CONV_STD * noise
         else:
             new_value = WEIGHT_STD * noise
         new_params.append((name, new_value))
@@ -385,11 +677,20 @@ def quantize(model, config, bits, group_size, overrides):
     only quantizes modules with ``to_quantized`` whose last weight dimension
     is divisible by the group size, and records dict results per layer; the
     False entries are recorded here so the loader sees them explicitly.
+    Layers without an override follow the model's ``quant_predicate`` when
+    it has one, as in mlx_lm.convert.
     """
+
+    # As mlx_lm.convert (without a recipe): the model's own quant_predicate,
+    # if it has one, decides the layers without an override (qwen3_moe: its
+    # routers "*.mlp.gate" 8-bit with group 64). llama has none.
+    model_predicate = getattr(model, "quant_predicate", None)
 
     def predicate(path, module):
         if path in overrides:
             return copy.deepcopy(overrides[path])
+        if model_predicate is not None:
+            return model_predicate(path, module)
         return True
 
     model, config = quantize_model(
@@ -506,6 +807,14 @@ def _untransposed_qk_norm(model_type, config):
     return model_type in HEAD_MAJOR_QK_NORM_TYPES | FULL_WIDTH_QK_NORM_TYPES
 
 
+# MoE routers that are not a Linear (their output is a tuple): no router tap.
+NON_LINEAR_ROUTER_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+
+
+def _linear_router(model_type, config):
+    return model_type not in NON_LINEAR_ROUTER_TYPES
+
+
 # One table for every architecture, in forward order. Rows whose module does
 # not exist in a model are skipped (q_norm/k_norm outside qwen3), so another
 # architecture is added by adding its rows. Consecutive rows with "{i}" and
@@ -521,7 +830,19 @@ TAPS = [
     Tap("model.tok_embeddings", "embed"),  # internlm2
     Tap("model.layers.{i}.input_layernorm", "layers.{i}.attn_norm"),
     Tap("model.layers.{i}.attention_norm", "layers.{i}.attn_norm"),  # internlm2
+    Tap("model.layers.{i}.operator_norm", "layers.{i}.attn_norm"),  # lfm2 (conv or attention)
+    # qwen3_next's q_proj gives [q | gate] per head: [B, T, H * 2D].
     Tap("model.layers.{i}.self_attn.q_proj", "layers.{i}.attn.q", detail=True),
+    # deepseek MLA: q through a low-rank bottleneck when q_lora_rank is set
+    # (v3), then the joint latent kv: kv_a = [latent (kv_lora_rank) | k_pe
+    # (qk_rope_head_dim, one head shared by all)], the latent normed, then
+    # expanded per head by kv_b_proj (v2; v3 holds it as embed_q / unembed_out).
+    Tap("model.layers.{i}.self_attn.q_a_proj", "layers.{i}.attn.q_a", detail=True),
+    Tap("model.layers.{i}.self_attn.q_a_layernorm", "layers.{i}.attn.q_a_norm", detail=True),
+    Tap("model.layers.{i}.self_attn.q_b_proj", "layers.{i}.attn.q_b", detail=True),
+    Tap("model.layers.{i}.self_attn.kv_a_proj_with_mqa", "layers.{i}.attn.kv_a", detail=True),
+    Tap("model.layers.{i}.self_attn.kv_a_layernorm", "layers.{i}.attn.kv_a_norm", detail=True),
+    Tap("model.layers.{i}.self_attn.kv_b_proj", "layers.{i}.attn.kv_b", detail=True),
     Tap("model.layers.{i}.self_attn.k_proj", "layers.{i}.attn.k", detail=True),
     Tap("model.layers.{i}.self_attn.v_proj", "layers.{i}.attn.v", detail=True),
     # Fused projections: phi3 [q | k | v]; internlm2 grouped per KV head.
@@ -531,6 +852,10 @@ TAPS = [
         transform="transpose_heads", detail=True, applies=_token_major_qk_norm),
     Tap("model.layers.{i}.self_attn.k_norm", "layers.{i}.attn.k_norm",
         transform="transpose_heads", detail=True, applies=_token_major_qk_norm),
+    Tap("model.layers.{i}.self_attn.q_layernorm", "layers.{i}.attn.q_norm",  # lfm2
+        transform="transpose_heads", detail=True),
+    Tap("model.layers.{i}.self_attn.k_layernorm", "layers.{i}.attn.k_norm",
+        transform="transpose_heads", detail=True),
     # gemma3_text: [B, H, T, D] already; olmo2: [B, T, H * D] (before the split).
     Tap("model.layers.{i}.self_attn.q_norm", "layers.{i}.attn.q_norm",
         detail=True, applies=_untransposed_qk_norm),
@@ -546,6 +871,24 @@ TAPS = [
     Tap("model.layers.{i}.self_attn.dense", "layers.{i}.attn"),
     Tap("model.layers.{i}.attention.wo", "layers.{i}.attn.o"),  # internlm2
     Tap("model.layers.{i}.attention.wo", "layers.{i}.attn"),
+    Tap("model.layers.{i}.self_attn.out_proj", "layers.{i}.attn.o"),  # lfm2
+    Tap("model.layers.{i}.self_attn.out_proj", "layers.{i}.attn"),
+    # Recurrent mixers stand where the attention does: their output is
+    # "layers.{i}.attn". lfm2's short conv: in_proj = [B | C | x] (3 x
+    # hidden), "conv" the depthwise causal conv of B * x (before C *).
+    Tap("model.layers.{i}.conv.in_proj", "layers.{i}.attn.in_proj", detail=True),
+    Tap("model.layers.{i}.conv.conv", "layers.{i}.attn.conv", detail=True),
+    Tap("model.layers.{i}.conv.out_proj", "layers.{i}.attn.o"),
+    Tap("model.layers.{i}.conv", "layers.{i}.attn"),
+    # qwen3_next's gated DeltaNet: in_proj_qkvz / in_proj_ba grouped per key
+    # head; "conv" = conv1d over [q | k | v] before its silu; "norm" = the
+    # gated RMSNorm rms_norm(y) * w * silu(z), [B, T, Hv, Dv].
+    Tap("model.layers.{i}.linear_attn.in_proj_qkvz", "layers.{i}.attn.qkvz", detail=True),
+    Tap("model.layers.{i}.linear_attn.in_proj_ba", "layers.{i}.attn.ba", detail=True),
+    Tap("model.layers.{i}.linear_attn.conv1d", "layers.{i}.attn.conv", detail=True),
+    Tap("model.layers.{i}.linear_attn.norm", "layers.{i}.attn.norm", detail=True),
+    Tap("model.layers.{i}.linear_attn.out_proj", "layers.{i}.attn.o"),
+    Tap("model.layers.{i}.linear_attn", "layers.{i}.attn"),
     # gemma2 / gemma3_text / olmo2: the attention output's own norm.
     Tap("model.layers.{i}.post_attention_layernorm", "layers.{i}.post_attn_norm",
         applies=_post_norm),
@@ -553,6 +896,8 @@ TAPS = [
     Tap("model.layers.{i}", "layers.{i}.h", residual="post_attention_layernorm",
         applies=_post_norm),
     Tap("model.layers.{i}", "layers.{i}.h", residual="attention"),  # internlm2
+    Tap("model.layers.{i}", "layers.{i}.h", residual="conv"),  # lfm2
+    Tap("model.layers.{i}", "layers.{i}.h", residual="linear_attn"),  # qwen3_next
     Tap("model.layers.{i}.post_attention_layernorm", "layers.{i}.mlp_norm",
         applies=_not_post_norm),
     Tap("model.layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp_norm"),  # gemma2/3
@@ -560,6 +905,16 @@ TAPS = [
     Tap("model.layers.{i}.mlp.gate_proj", "layers.{i}.mlp.gate"),
     Tap("model.layers.{i}.mlp.up_proj", "layers.{i}.mlp.up"),
     Tap("model.layers.{i}.mlp.gate_up_proj", "layers.{i}.mlp.gate_up"),  # phi3 [gate | up]
+    # MoE blocks: the router logits (before any softmax / sigmoid) where the
+    # router is a plain (or quantized) Linear; deepseek's MoEGate returns
+    # (indices, weights) and has no tap. "mlp.shared": the shared expert's
+    # output before its sigmoid gate (qwen2_moe / qwen3_next; deepseek's
+    # ungated shared_experts), "mlp.shared_gate" that gate's logit [B, T, 1].
+    Tap("model.layers.{i}.mlp.gate", "layers.{i}.mlp.router", applies=_linear_router),
+    Tap("model.layers.{i}.block_sparse_moe.gate", "layers.{i}.mlp.router"),  # mixtral
+    Tap("model.layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared"),
+    Tap("model.layers.{i}.mlp.shared_expert_gate", "layers.{i}.mlp.shared_gate"),
+    Tap("model.layers.{i}.mlp.shared_experts", "layers.{i}.mlp.shared"),  # deepseek
     Tap("model.layers.{i}.feed_forward.w1", "layers.{i}.mlp.gate"),  # internlm2
     Tap("model.layers.{i}.feed_forward.w3", "layers.{i}.mlp.up"),
     # Non-gated MLPs: the first linear is "up", the second "down".
@@ -570,12 +925,14 @@ TAPS = [
     Tap("model.layers.{i}.mlp.fc2", "layers.{i}.mlp.down"),  # phi
     Tap("model.layers.{i}.mlp.c_proj", "layers.{i}.mlp.down"),  # starcoder2
     Tap("model.layers.{i}.mlp", "layers.{i}.mlp"),
-    Tap("model.layers.{i}.feed_forward", "layers.{i}.mlp"),  # internlm2
+    Tap("model.layers.{i}.block_sparse_moe", "layers.{i}.mlp"),  # mixtral
+    Tap("model.layers.{i}.feed_forward", "layers.{i}.mlp"),  # internlm2, lfm2
     # gemma2 / gemma3_text / olmo2: the MLP output's own norm.
     Tap("model.layers.{i}.post_feedforward_layernorm", "layers.{i}.post_mlp_norm"),
     Tap("model.layers.{i}", "layers.{i}"),
     Tap("model.norm", "norm"),
     Tap("model.final_layernorm", "norm"),  # phi
+    Tap("model.embedding_norm", "norm"),  # lfm2: the final norm, despite its name
     # gpt2 (model.wte, model.h) and gpt_neox (model.embed_in, model.h).
     Tap("model.wte", "embed"),
     Tap("model.wpe", "pos_embed"),
@@ -602,6 +959,18 @@ TAPS = [
     Tap("model.h.{i}", "layers.{i}"),
     Tap("model.ln_f", "norm"),
     Tap("model.final_layer_norm", "norm"),
+    # mamba2 (model.backbone): each layer is x + mixer(norm(x)), no MLP.
+    # in_proj = [z (gate) | x B C (conv input) | dt]; "conv" = conv1d output
+    # before its silu; "norm" = the gated norm rms_norm(y * silu(z)) * w.
+    Tap("backbone.embeddings", "embed"),
+    Tap("backbone.layers.{i}.norm", "layers.{i}.attn_norm"),
+    Tap("backbone.layers.{i}.mixer.in_proj", "layers.{i}.attn.in_proj", detail=True),
+    Tap("backbone.layers.{i}.mixer.conv1d", "layers.{i}.attn.conv", detail=True),
+    Tap("backbone.layers.{i}.mixer.norm", "layers.{i}.attn.norm", detail=True),
+    Tap("backbone.layers.{i}.mixer.out_proj", "layers.{i}.attn.o"),
+    Tap("backbone.layers.{i}.mixer", "layers.{i}.attn"),
+    Tap("backbone.layers.{i}", "layers.{i}"),
+    Tap("backbone.norm_f", "norm"),
     Tap("", "logits"),
 ]
 
@@ -813,6 +1182,7 @@ def _embedding_table(embed):
 LLAMA_MATH_EXCLUDED = (
     POST_NORM_TYPES | SCALED_RESIDUAL_TYPES | PARALLEL_TYPES
     | {"gemma", "starcoder2", "stablelm"}
+    | {"deepseek_v2", "deepseek_v3"}  # MLA attention
 )
 
 
@@ -853,6 +1223,8 @@ def _check_generic_taps(model, tokens, taps, model_type, config, bound, compare,
                 src, want_shape = taps[f"{p}.attn.{short}"], taps[name].shape
                 if src.shape != want_shape:  # per head, [B, H, T, D]
                     B, H, T, D = want_shape
+                    if src.shape[-1] == 2 * H * D:  # qwen3_next: [q | gate] per head
+                        src = src.reshape(B, T, H, 2 * D)[..., :D]
                     src = src.reshape(B, T, H, D).transpose(0, 2, 1, 3)
                 compare(f"{name} == its module({short})", taps[name], run(name, src))
         if have(f"{p}.attn.o", f"{p}.attn"):
@@ -887,9 +1259,420 @@ def _check_generic_taps(model, tokens, taps, model_type, config, bound, compare,
         if parallel and have(p, f"{p}.attn", f"{p}.mlp") and x is not None:
             compare(f"{p} == layer input + {p}.attn + {p}.mlp", taps[p],
                     x + taps[f"{p}.attn"] + taps[f"{p}.mlp"])
+        if (have(p, f"{p}.attn") and x is not None and f"{p}.mlp" not in taps
+                and f"{p}.h" not in taps):  # mamba2: x + mixer(norm(x))
+            compare(f"{p} == layer input + {p}.attn", taps[p], x + taps[f"{p}.attn"])
     last = f"layers.{n_layers - 1}"
     if have("norm", last):
         compare(f"norm == its module({last})", taps["norm"], run("norm", taps[last]))
+
+
+# ---------------------------------------------------------------------------
+# The MoE, MLA and recurrent blocks recomputed independently (numpy, float64)
+# from their input taps: each is what an engine has to compute, written out
+# from the config and the parameters, and must match mlx-lm's output tap.
+# ---------------------------------------------------------------------------
+
+
+def _f64(a):
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def _dense(module):
+    """A Linear / SwitchLinear / MultiLinear weight as float64 (dequantized if
+    the module is quantized): [out, in], or [E, out, in] for the stacked ones."""
+    if "scales" in module:
+        return _f64(mx.dequantize(module["weight"], module["scales"], module.get("biases"),
+                                  group_size=module.group_size, bits=module.bits,
+                                  mode=getattr(module, "mode", "affine")))
+    return _f64(module["weight"])
+
+
+def _apply_linear(module, x):
+    y = x @ _dense(module).T
+    return y + _f64(module["bias"]) if "bias" in module else y
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _glu_mlp(mlp, x, names=("gate_proj", "up_proj", "down_proj")):
+    gate, up, down = (mlp[n] for n in names)
+    return _apply_linear(down, _silu(_apply_linear(gate, x)) * _apply_linear(up, x))
+
+
+def _topk(scores, k):
+    """Indices of the k largest along the last axis, and the margin between
+    the k-th and the (k+1)-th score (how close the choice was to a tie)."""
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=-1)
+    margin = ranked[..., k - 1] - ranked[..., k] if scores.shape[-1] > k else np.inf
+    return order[..., :k], np.min(margin)
+
+
+def _group_limit(scores, n_group, topk_group, group_score):
+    """Zero the experts outside the topk_group best groups (mlx-lm fills
+    them with 0.0, not -inf, as HF does). Returns (scores, group margin)."""
+    grouped = scores.reshape(*scores.shape[:-1], n_group, -1)
+    gs = group_score(grouped)  # [..., n_group]
+    keep, margin = _topk(gs, topk_group)
+    kept = np.zeros(gs.shape, dtype=bool)
+    np.put_along_axis(kept, keep, True, axis=-1)
+    return np.where(kept[..., None], grouped, 0.0).reshape(scores.shape), margin
+
+
+def moe_reference(block, model_type, config, x):
+    """A MoE block's output for x [B, T, D] (float64).
+
+    Returns (output, routing): routing = {"experts": chosen [B, T, k],
+    "margin": smallest gap between the k-th and (k+1)-th selection score,
+    "group_margin": the same for the group choice, "differs_without_bias" /
+    "differs_without_group_limit": how many tokens would choose other experts
+    without deepseek_v3's correction bias / without the group limit}.
+    """
+    routing = {}
+    if model_type == "mixtral":
+        k = config["num_experts_per_tok"]
+        logits = _apply_linear(block["gate"], x)
+        inds, routing["margin"] = _topk(logits, k)
+        weights = _softmax(np.take_along_axis(logits, inds, axis=-1))  # over the chosen only
+    elif model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
+        k = config["num_experts_per_tok"]
+        probs = _softmax(_apply_linear(block["gate"], x))  # over all experts
+        inds, routing["margin"] = _topk(probs, k)
+        weights = np.take_along_axis(probs, inds, axis=-1)
+        if model_type != "qwen2_moe" and config.get("norm_topk_prob", False):
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+    elif model_type in ("deepseek_v2", "deepseek_v3"):
+        k = config["num_experts_per_tok"]
+        gate = block["gate"]
+        logits = x @ _f64(gate["weight"]).T
+        n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+        if model_type == "deepseek_v2":
+            scores = _softmax(logits)
+            choice = scores
+            limited = config.get("topk_method") == "group_limited_greedy"
+            group_score = lambda g: g.max(axis=-1)  # noqa: E731
+        else:
+            scores = _sigmoid(logits)
+            choice = scores + _f64(gate["e_score_correction_bias"])
+            limited = n_group > 1
+            group_score = lambda g: np.sort(g, axis=-1)[..., -2:].sum(axis=-1)  # noqa: E731
+            plain, _ = _topk(scores, k)
+        unlimited, _ = _topk(choice, k)
+        if limited:
+            choice, routing["group_margin"] = _group_limit(choice, n_group, topk_group, group_score)
+        inds, routing["margin"] = _topk(choice, k)
+        if model_type == "deepseek_v3":
+            if limited:
+                plain, _ = _topk(_group_limit(scores, n_group, topk_group, group_score)[0], k)
+            routing["differs_without_bias"] = int(np.sum(np.any(
+                np.sort(plain, -1) != np.sort(inds, -1), axis=-1)))
+        if limited:
+            routing["differs_without_group_limit"] = int(np.sum(np.any(
+                np.sort(unlimited, -1) != np.sort(inds, -1), axis=-1)))
+        # v2 takes the weights from the (group-masked) softmax, v3 from the
+        # unbiased sigmoid scores.
+        weights = np.take_along_axis(choice if model_type == "deepseek_v2" else scores, inds, -1)
+        if model_type == "deepseek_v3" and k > 1 and config.get("norm_topk_prob", False):
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        weights = weights * config.get("routed_scaling_factor", 1.0)
+    else:
+        raise RuntimeError(f"no MoE reference for {model_type}")
+
+    sw = block["switch_mlp"]
+    wg, wu, wd = _dense(sw["gate_proj"]), _dense(sw["up_proj"]), _dense(sw["down_proj"])
+    # Every expert on every token ([B, T, E, D]), then the chosen ones.
+    hidden = _silu(np.einsum("btd,eid->btei", x, wg)) * np.einsum("btd,eid->btei", x, wu)
+    experts = np.einsum("btei,edi->bted", hidden, wd)
+    chosen = np.take_along_axis(experts, inds[..., None], axis=2)  # [B, T, k, D]
+    y = (chosen * weights[..., None]).sum(axis=2)
+    if "shared_expert" in block:  # qwen2_moe / qwen3_next: sigmoid-gated
+        y = y + _sigmoid(_apply_linear(block["shared_expert_gate"], x)) * _glu_mlp(
+            block["shared_expert"], x)
+    if "shared_experts" in block:  # deepseek: ungated
+        y = y + _glu_mlp(block["shared_experts"], x)
+    routing["experts"] = inds
+    return y, routing
+
+
+def _yarn_get_mscale(scale, mscale):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freqs(dims, base, rs):
+    """deepseek's yarn: per rotated pair, the inverse frequency
+    (angle = position / value), and the factor on q_pe / k_pe."""
+    factor = rs["factor"]
+    omax = rs.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = rs.get("beta_fast", 32), rs.get("beta_slow", 1)
+
+    def correction_dim(rotations):
+        return dims * math.log(omax / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dims // 2) - low) / (high - low), 0.0, 1.0)
+    extrapolate = 1.0 - ramp  # 1: keep the original frequency
+    freq_extra = base ** (np.arange(0, dims, 2) / dims)
+    freq_inter = factor * freq_extra
+    inv = freq_inter * freq_extra / (freq_inter * extrapolate + freq_extra * (1 - extrapolate))
+    mscale = (_yarn_get_mscale(factor, rs.get("mscale", 1))
+              / _yarn_get_mscale(factor, rs.get("mscale_all_dim", 0)))
+    return inv, mscale
+
+
+def _rope_traditional(x, inv_freqs):
+    """Interleaved rope on all of x [..., T, dims]: pairs (2i, 2i + 1)."""
+    T = x.shape[-2]
+    angle = np.arange(T)[:, None] / inv_freqs[None, :]
+    cos, sin = np.cos(angle), np.sin(angle)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = a * cos - b * sin
+    out[..., 1::2] = a * sin + b * cos
+    return out
+
+
+def _rope_half(x, dims, base):
+    """Non-traditional rope on the first dims of x [..., T, D] (halves of
+    those dims rotated together); the rest passes through."""
+    T = x.shape[-2]
+    angle = np.arange(T)[:, None] * base ** (-np.arange(0, dims, 2) / dims)[None, :]
+    cos, sin = np.cos(angle), np.sin(angle)
+    a, b = x[..., : dims // 2], x[..., dims // 2: dims]
+    out = x.copy()
+    out[..., : dims // 2] = a * cos - b * sin
+    out[..., dims // 2: dims] = a * sin + b * cos
+    return out
+
+
+def _causal_attention(scores, v):
+    """softmax over keys of [H, T, S] scores (causal), times v [H, S, Dv]."""
+    T = scores.shape[-2]
+    scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+    return _softmax(scores) @ v
+
+
+def _rms(x, weight, eps):
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * _f64(weight) if weight is not None else y
+
+
+def mla_reference(attn, model_type, config, x):
+    """deepseek v2 / v3 multi-head latent attention of x [1, T, D] (the o_proj
+    output), computed the plain (unabsorbed) way for every position."""
+    x = x[0]
+    T = x.shape[0]
+    H = config["num_attention_heads"]
+    nope, rope_d, vd = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    if config.get("q_lora_rank") is None:
+        q = _apply_linear(attn["q_proj"], x)
+    else:  # the q_a / kv_a norms use eps 1e-6 whatever rms_norm_eps says
+        q_a = _rms(_apply_linear(attn["q_a_proj"], x), attn["q_a_layernorm"]["weight"], 1e-6)
+        q = _apply_linear(attn["q_b_proj"], q_a)
+    q = q.reshape(T, H, nope + rope_d).transpose(1, 0, 2)  # [H, T, nope + rope]
+    q_nope, q_pe = q[..., :nope], q[..., nope:]
+    kv_a = _apply_linear(attn["kv_a_proj_with_mqa"], x)
+    latent = _rms(kv_a[:, : config["kv_lora_rank"]], attn["kv_a_layernorm"]["weight"], 1e-6)
+    k_pe = kv_a[:, config["kv_lora_rank"]:]  # [T, rope], one head for all
+    if "kv_b_proj" in attn:  # v2: [T, H * (nope + v)]
+        kv = _apply_linear(attn["kv_b_proj"], latent).reshape(T, H, nope + vd).transpose(1, 0, 2)
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+    else:  # v3: embed_q [H, kv_lora, nope], unembed_out [H, v, kv_lora]
+        k_nope = np.einsum("tc,hcn->htn", latent, _dense(attn["embed_q"]))
+        v = np.einsum("tc,hvc->htv", latent, _dense(attn["unembed_out"]))
+    rs = config["rope_scaling"]
+    inv_freqs, mscale = _yarn_inv_freqs(rope_d, config.get("rope_theta", 10000.0), rs)
+    q_pe = _rope_traditional(q_pe * mscale, inv_freqs)
+    k_pe = _rope_traditional(k_pe * mscale, inv_freqs)
+    scale = (nope + rope_d) ** -0.5
+    if rs.get("mscale_all_dim", 0):
+        scale *= _yarn_get_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    scores = scale * (q_nope @ k_nope.transpose(0, 2, 1) + q_pe @ k_pe.T[None])
+    out = _causal_attention(scores, v).transpose(1, 0, 2).reshape(T, H * vd)
+    return _apply_linear(attn["o_proj"], out)[None]
+
+
+def gated_attention_reference(attn, config, x):
+    """qwen3_next's full-attention layer of x [1, T, D]: q_proj gives [q |
+    gate] per head; q / k RMS-normed per head; rope on the first
+    head_dim * partial_rotary_factor dims; output * sigmoid(gate) before
+    o_proj."""
+    x = x[0]
+    T = x.shape[0]
+    H, KV, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    eps = config["rms_norm_eps"]
+    qg = _apply_linear(attn["q_proj"], x).reshape(T, H, 2 * D)
+    q, gate = qg[..., :D], qg[..., D:].reshape(T, H * D)
+    k = _apply_linear(attn["k_proj"], x).reshape(T, KV, D)
+    v = _apply_linear(attn["v_proj"], x).reshape(T, KV, D).transpose(1, 0, 2)
+    q = _rms(q, attn["q_norm"]["weight"], eps).transpose(1, 0, 2)
+    k = _rms(k, attn["k_norm"]["weight"], eps).transpose(1, 0, 2)
+    dims = int(D * config["partial_rotary_factor"])
+    q, k = (_rope_half(t, dims, config["rope_theta"]) for t in (q, k))
+    k, v = np.repeat(k, H // KV, axis=0), np.repeat(v, H // KV, axis=0)
+    out = _causal_attention(D ** -0.5 * q @ k.transpose(0, 2, 1), v)
+    out = out.transpose(1, 0, 2).reshape(T, H * D) * _sigmoid(gate)
+    return _apply_linear(attn["o_proj"], out)[None]
+
+
+def _causal_depthwise_conv(x, weight, bias=None):
+    """x [T, C], weight [C, K, 1] (mlx Conv1d, groups = C), zero left padding:
+    out[t, c] = sum_j weight[c, j] * x[t - K + 1 + j, c]."""
+    w = _f64(weight)[:, :, 0]
+    K = w.shape[1]
+    padded = np.concatenate([np.zeros((K - 1, x.shape[1])), x], axis=0)
+    out = sum(w[:, j] * padded[j: j + x.shape[0]] for j in range(K))
+    return out + _f64(bias) if bias is not None else out
+
+
+def short_conv_reference(conv, x):
+    """lfm2's short-conv block of x [1, T, D]: in_proj -> B, C, x (thirds);
+    out_proj(C * conv(B * x))."""
+    b, c, h = np.split(_apply_linear(conv["in_proj"], x[0]), 3, axis=-1)
+    y = c * _causal_depthwise_conv(b * h, conv["conv"]["weight"], conv["conv"].get("bias"))
+    return _apply_linear(conv["out_proj"], y)[None]
+
+
+def mamba2_reference(mixer, config, x):
+    """mamba2's mixer of x [1, T, D] as the plain recurrence (mlx-lm computes
+    it in SSD chunks): per head h (group g = h // (heads / n_groups)),
+    S = exp(dt A) S + dt x_h B_g^T, y_h = S C_g + D_h x_h; then
+    rms_norm(y * silu(z)) * w over the whole mixer width; out_proj."""
+    x = x[0]
+    T = x.shape[0]
+    nh, hd, ng = config["num_heads"], config["head_dim"], config["n_groups"]
+    ds = config.get("ssm_state_size") or config["state_size"]
+    inner = nh * hd
+    proj = _apply_linear(mixer["in_proj"], x)
+    z, xbc, dt = proj[:, :inner], proj[:, inner: -nh], proj[:, -nh:]
+    conv = mixer["conv1d"]
+    xbc = _silu(_causal_depthwise_conv(xbc, conv["weight"], conv.get("bias")))
+    xs = xbc[:, :inner].reshape(T, nh, hd)
+    B = xbc[:, inner: inner + ng * ds].reshape(T, ng, ds)
+    C = xbc[:, inner + ng * ds:].reshape(T, ng, ds)
+    lo, hi = config["time_step_limit"]
+    dt = np.clip(_softplus(dt + _f64(mixer["dt_bias"])), lo, hi)
+    A = -np.exp(_f64(mixer["A_log"]))
+    Dskip = _f64(mixer["D"])
+    group = np.arange(nh) // (nh // ng)
+    state = np.zeros((nh, hd, ds))
+    y = np.zeros((T, nh, hd))
+    for t in range(T):
+        state = (np.exp(dt[t] * A)[:, None, None] * state
+                 + dt[t][:, None, None] * xs[t][:, :, None] * B[t, group][:, None, :])
+        y[t] = (state @ C[t, group][:, :, None])[..., 0] + Dskip[:, None] * xs[t]
+    y = _rms(y.reshape(T, inner) * _silu(z), mixer["norm"]["weight"], config["layer_norm_epsilon"])
+    return _apply_linear(mixer["out_proj"], y)[None]
+
+
+def gated_delta_reference(la, config, x):
+    """qwen3_next's gated DeltaNet of x [1, T, D].
+
+    in_proj_qkvz is grouped per key head: [q (dk) | k (dk) | v (r dv) | z (r dv)]
+    for each of nk key heads, r = nv / nk value heads per key head; in_proj_ba
+    likewise [b (r) | a (r)]. conv1d (no bias) + silu over [q | k | v]
+    (all heads of q, then k, then v). q = l2norm(q) / sqrt(dk), k = l2norm(k)
+    (eps 1e-6 on the sum of squares); value head h reads key head h // r.
+    beta = sigmoid(b), g = exp(-exp(A_log) softplus(a + dt_bias)); per head
+    S [dv, dk]: S = g S; S += beta (v - S k) k^T; y = S q. Output:
+    out_proj(rms_norm(y) * w * silu(z)) (norm per value head, then gate).
+    """
+    x = x[0]
+    T = x.shape[0]
+    nk, nv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    dk, dv = config["linear_key_head_dim"], config["linear_value_head_dim"]
+    r = nv // nk
+    qkvz = _apply_linear(la["in_proj_qkvz"], x).reshape(T, nk, 2 * dk + 2 * r * dv)
+    ba = _apply_linear(la["in_proj_ba"], x).reshape(T, nk, 2 * r)
+    q, k = qkvz[..., :dk], qkvz[..., dk: 2 * dk]
+    v = qkvz[..., 2 * dk: 2 * dk + r * dv].reshape(T, nv, dv)
+    z = qkvz[..., 2 * dk + r * dv:].reshape(T, nv, dv)
+    b, a = ba[..., :r].reshape(T, nv), ba[..., r:].reshape(T, nv)
+    mixed = np.concatenate([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], axis=-1)
+    mixed = _silu(_causal_depthwise_conv(mixed, la["conv1d"]["weight"]))
+    q = mixed[:, : nk * dk].reshape(T, nk, dk)
+    k = mixed[:, nk * dk: 2 * nk * dk].reshape(T, nk, dk)
+    v = mixed[:, 2 * nk * dk:].reshape(T, nv, dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) / math.sqrt(dk)
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    q, k = np.repeat(q, r, axis=1), np.repeat(k, r, axis=1)
+    beta = _sigmoid(b)
+    g = np.exp(-np.exp(_f64(la["A_log"])) * _softplus(a + _f64(la["dt_bias"])))
+    state = np.zeros((nv, dv, dk))
+    y = np.zeros((T, nv, dv))
+    for t in range(T):
+        state = state * g[t][:, None, None]
+        kv_mem = (state * k[t][:, None, :]).sum(-1)
+        delta = (v[t] - kv_mem) * beta[t][:, None]
+        state = state + k[t][:, None, :] * delta[:, :, None]
+        y[t] = (state * q[t][:, None, :]).sum(-1)
+    y = _rms(y, la["norm"]["weight"], config["rms_norm_eps"]) * _silu(z)
+    return _apply_linear(la["out_proj"], y.reshape(T, nv * dv))[None]
+
+
+def _is_moe(block):
+    return isinstance(block, nn.Module) and "switch_mlp" in block
+
+
+def routing_stats(model, model_type, config, taps):
+    """Per MoE layer, the routing of the tapped forward (see moe_reference)."""
+    stats = {}
+    layers = walk(model, "model.layers") or []
+    for i, layer in enumerate(layers):
+        block = layer.get("mlp", layer.get("block_sparse_moe"))
+        if _is_moe(block) and f"layers.{i}.mlp_norm" in taps:
+            _, routing = moe_reference(block, model_type, config,
+                                       taps[f"layers.{i}.mlp_norm"].astype(np.float64))
+            stats[i] = routing
+    return stats
+
+
+def check_block_math(model, model_type, config, taps, compare, have):
+    """Recompute each MoE, MLA, gated-attention, short-conv, mamba2 and gated
+    DeltaNet block from its input tap (numpy, float64) and compare with the
+    block's output tap. Other blocks are left to the other checks."""
+    blocks = walk(model, "model.layers") or walk(model, "backbone.layers") or []
+    for i, layer in enumerate(blocks):
+        p = f"layers.{i}"
+        moe = layer.get("mlp", layer.get("block_sparse_moe"))
+        if _is_moe(moe) and have(f"{p}.mlp_norm", f"{p}.mlp"):
+            want, _ = moe_reference(moe, model_type, config,
+                                    taps[f"{p}.mlp_norm"].astype(np.float64))
+            compare(f"{p}.mlp == MoE reference({p}.mlp_norm)", taps[f"{p}.mlp"], want)
+        if not have(f"{p}.attn_norm", f"{p}.attn"):
+            continue
+        x = taps[f"{p}.attn_norm"].astype(np.float64)
+        want = None
+        if model_type in ("deepseek_v2", "deepseek_v3"):
+            want, what = mla_reference(layer["self_attn"], model_type, config, x), "MLA"
+        elif model_type == "qwen3_next" and "self_attn" in layer:
+            want, what = gated_attention_reference(layer["self_attn"], config, x), "gated attention"
+        elif model_type == "qwen3_next":
+            want, what = gated_delta_reference(layer["linear_attn"], config, x), "gated DeltaNet"
+        elif model_type == "lfm2" and "conv" in layer:
+            want, what = short_conv_reference(layer["conv"], x), "short conv"
+        elif model_type == "mamba2":
+            want, what = mamba2_reference(layer["mixer"], config, x), "mamba2 recurrence"
+        if want is not None:
+            compare(f"{p}.attn == {what} reference({p}.attn_norm)", taps[f"{p}.attn"], want)
 
 
 def check_taps(model, tokens, logits, taps, model_type=None, config=None, bound=None):
@@ -928,6 +1711,8 @@ def check_taps(model, tokens, logits, taps, model_type=None, config=None, bound=
 
     if have("logits"):
         compare("tap.logits == logits", taps["logits"][0], logits, exact=True)
+    # MoE, MLA and recurrent blocks recomputed in numpy (other families: none).
+    check_block_math(model, model_type, config or {}, taps, compare, have)
     # The remaining checks know the llama-family module names only.
     llama_family = [
         "model.embed_tokens", "model.norm", "model.layers.0.input_layernorm",
@@ -1103,11 +1888,38 @@ def gpt2_to_hf(weights, config):
     return dict(sorted(out.items()))
 
 
+def qwen3_moe_to_hf(weights, config):
+    """mlx-lm qwen3_moe parameters in Hugging Face's per-expert layout: the
+    inverse of the expert stacking in mlx-lm's qwen3_moe ``sanitize``. Each
+    MoE layer's model.layers.{i}.mlp.switch_mlp.{gate,up,down}_proj.weight
+    [E, out, in] becomes E tensors model.layers.{i}.mlp.experts.{e}.
+    {gate,up,down}_proj.weight [out, in]; all other names (the router
+    mlp.gate, attention, norms, lm_head) are the same in both layouts.
+    sanitize finds the MoE layers by their experts.0.up_proj.weight and
+    stacks experts 0..num_experts-1 of each projection (weights only: it
+    knows no HF quantized layout)."""
+    out = {}
+    for key, value in weights.items():
+        prefix, sep, rest = key.partition(".mlp.switch_mlp.")
+        if not sep:
+            out[key] = value
+            continue
+        proj, leaf = rest.split(".")
+        if proj not in ("gate_proj", "up_proj", "down_proj") or leaf != "weight":
+            raise RuntimeError(f"qwen3_moe: unexpected parameter {key}")
+        if value.shape[0] != config["num_experts"]:
+            raise RuntimeError(f"qwen3_moe: {key} has {value.shape[0]} experts")
+        for e in range(value.shape[0]):
+            out[f"{prefix}.mlp.experts.{e}.{proj}.weight"] = mx.contiguous(value[e])
+    return dict(sorted(out.items()))
+
+
 # Per-case "hf_layout": how to store model.safetensors in a Hugging Face
 # checkpoint's layout (which mlx-lm's sanitize turns back into its own)
 # instead of mlx-lm's names. {name: (function(weights, config), metadata)}.
 HF_LAYOUTS = {
     "gpt2": (gpt2_to_hf, {"format": "pt"}),
+    "qwen3_moe": (qwen3_moe_to_hf, {"format": "pt"}),
 }
 
 
@@ -1270,6 +2082,28 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
     greedy_margin = float(np.min(top2[:, 1] - top2[:, 0]))
     if not np.array_equal(np.argmax(replay, axis=-1), greedy):
         print(f"warning: {name}: cached greedy differs from an uncached replay")
+    if greedy_margin < MIN_GREEDY_MARGIN:
+        print(f"warning: {name}: a greedy step has a top-2 logit gap of {greedy_margin:.4f} "
+              f"(< {MIN_GREEDY_MARGIN}); see --search-seeds")
+
+    # MoE models: the expert choices over the prompt and the greedy tokens.
+    # A near-tie there (like one in the greedy logits) may flip in another
+    # implementation and change everything after it.
+    routing = None
+    mlp_norm_taps = [t for t in taps if t.name.endswith(".mlp_norm")]
+    stats = routing_stats(model, model_type, config, forward_with_taps(
+        model, np.concatenate([tokens, greedy[:-1]]), mlp_norm_taps)[1])
+    if stats:
+        routing = {
+            "positions": prompt_len + len(greedy) - 1,
+            "min_margin": round(float(min(r["margin"] for r in stats.values())), 6),
+        }
+        group = [r["group_margin"] for r in stats.values() if "group_margin" in r]
+        if group:
+            routing["min_group_margin"] = round(float(min(group)), 6)
+        for key in ("differs_without_bias", "differs_without_group_limit"):
+            if any(key in r for r in stats.values()):
+                routing[key] = {f"layers.{i}": r[key] for i, r in stats.items() if key in r}
 
     def write(tap_names):
         mx.save_safetensors(
@@ -1330,6 +2164,8 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
         meta["hf_layout"] = hf_layout
     if drop_params:
         meta["dropped_params"] = list(drop_params)
+    if routing is not None:
+        meta["routing"] = routing
     meta["taps"] = tap_names
     meta["taps_omitted_for_size"] = omitted
     with open(out_dir / "meta.json", "w") as f:
@@ -1348,6 +2184,7 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
         "logits_std": float(np.std(logits)),
         "distinct_greedy": len(set(greedy.tolist())),
         "greedy_margin": greedy_margin,
+        "routing": routing,
         "greedy": greedy.tolist(),
     }
     print(
@@ -1359,6 +2196,7 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
         f"logits std = {summary['logits_std']:.3f}, "
         f"{summary['distinct_greedy']} distinct greedy tokens, "
         f"min greedy top-2 margin = {summary['greedy_margin']:.4f}"
+        + (f", routing: {json.dumps(routing)}" if routing else "")
     )
     return summary
 
@@ -1418,6 +2256,36 @@ def case_job(case, args):
     )
 
 
+def seed_qualifies(summary):
+    """Whether a case summary has no greedy or routing near-tie (see
+    MIN_GREEDY_MARGIN) and more than one distinct greedy token."""
+    routing = summary["routing"] or {}
+    return (summary["greedy_margin"] >= MIN_GREEDY_MARGIN
+            and summary["distinct_greedy"] > 1
+            and routing.get("min_margin", math.inf) >= MIN_ROUTING_MARGIN
+            and routing.get("min_group_margin", math.inf) >= MIN_ROUTING_MARGIN)
+
+
+def search_seeds(job, count, prompt_tokens, budget):
+    """Build the case with seeds 0..count-1 in a temporary directory and
+    print the first seed that qualifies (seed_qualifies)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(count):
+            try:
+                summary = make_case(**{**job, "seed": seed, "out_dir": Path(tmp) / job["name"]},
+                                    prompt_tokens=prompt_tokens, max_case_bytes=budget)
+            except RuntimeError as e:  # e.g. a single repeated greedy token
+                print(f"seed {seed}: {e}")
+                continue
+            if seed_qualifies(summary):
+                print(f"{job['name']}: seed {seed} qualifies")
+                return seed
+    print(f"{job['name']}: no seed in 0..{count - 1} qualifies")
+    return None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -1464,6 +2332,13 @@ def parse_args(argv):
         f"omitted (default {MAX_CASE_BYTES} for generated cases, none with "
         "--model-dir; 0: no limit)",
     )
+    parser.add_argument(
+        "--search-seeds", type=int, metavar="N",
+        help="instead of writing the case, try seeds 0..N-1 (in a temporary "
+        "directory) and report the first whose greedy continuation has no "
+        f"near-tie (top-2 gap >= {MIN_GREEDY_MARGIN}), is not one repeated token "
+        f"and, for MoE models, has no routing near-tie (>= {MIN_ROUTING_MARGIN})",
+    )
     parser.add_argument("--out", help="output directory (default goldens/CASE)")
     parser.add_argument(
         "--goldens-dir",
@@ -1484,6 +2359,8 @@ def parse_args(argv):
                      "--hf-layout or --drop-params")
     if args.all and args.prompt_tokens:
         parser.error("--prompt-tokens cannot be combined with --all")
+    if args.search_seeds is not None and (args.all or args.model_dir or args.seed is not None):
+        parser.error("--search-seeds needs one generated case (no --all, --model-dir, --seed)")
     return args
 
 
@@ -1525,6 +2402,10 @@ def main(argv=None):
                              seed=args.seed if args.seed is not None else 0,
                              hf_layout=args.hf_layout,
                              drop_params=parse_names(args.drop_params)))
+
+    if args.search_seeds is not None:
+        search_seeds(jobs[0], args.search_seeds, prompt_tokens, budget)
+        return
 
     summaries = [
         make_case(prompt_tokens=prompt_tokens, max_case_bytes=budget,

@@ -6,17 +6,24 @@ use mlx_rs::Array;
 use super::{Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved, ValueInfo};
 use crate::spec::config::Ty;
 
+/// The common layout of elementwise inputs; an input whose last axis has
+/// size 1 (a per-token gate) broadcasts against the others.
 fn same_layout(inputs: &[ValueInfo]) -> Result<ValueInfo, OpError> {
-    let first = inputs[0];
-    for (k, v) in inputs.iter().enumerate().skip(1) {
-        if *v != first {
+    let widest = inputs
+        .iter()
+        .copied()
+        .max_by_key(|v| v.dim)
+        .unwrap_or(inputs[0]);
+    for (k, v) in inputs.iter().enumerate() {
+        let broadcasts = v.dim == 1 && v.heads == widest.heads;
+        if *v != widest && !broadcasts {
             return Err(OpError::new(
                 "in",
-                format!("input {k} has layout {v:?}, input 0 has {first:?}"),
+                format!("input {k} has layout {v:?}, another input has {widest:?}"),
             ));
         }
     }
-    Ok(first)
+    Ok(widest)
 }
 
 #[derive(Debug)]
@@ -209,7 +216,7 @@ pub(crate) fn soft_cap(x: &Array, cap: f32) -> Result<Array, Exception> {
 }
 
 /// Activation functions by spec name.
-const ACTIVATIONS: &[&str] = &[
+pub(crate) const ACTIVATIONS: &[&str] = &[
     "silu",
     "gelu",
     "gelu_approx",
@@ -220,7 +227,7 @@ const ACTIVATIONS: &[&str] = &[
 ];
 
 #[derive(Debug, Clone, Copy)]
-enum Act {
+pub(crate) enum Act {
     Silu,
     Gelu,
     GeluApprox,
@@ -231,7 +238,7 @@ enum Act {
 }
 
 impl Act {
-    fn parse(name: &str) -> Result<Act, OpError> {
+    pub(crate) fn parse(name: &str) -> Result<Act, OpError> {
         Ok(match name {
             "silu" => Act::Silu,
             "gelu" => Act::Gelu,
@@ -252,7 +259,7 @@ impl Act {
         })
     }
 
-    fn apply(self, x: &Array) -> Result<Array, Exception> {
+    pub(crate) fn apply(self, x: &Array) -> Result<Array, Exception> {
         match self {
             Act::Silu => mlx_rs::nn::silu(x),
             Act::Gelu => mlx_rs::nn::gelu(x),

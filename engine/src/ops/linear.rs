@@ -128,3 +128,114 @@ impl Op for LinearOp {
         apply(&self.weight, self.bias.as_ref(), inputs[0])
     }
 }
+
+/// `head_linear`: one projection per head (mlx-lm's `MultiLinear`): input
+/// `[B, H or 1, T, in]`, weight `[H, out, in]` (or `[H, in, out]` with
+/// `transposed: false`), output `[B, H, T, out]`.
+#[derive(Debug)]
+pub struct HeadLinear;
+
+static HEAD_PARAMS: &[ParamDef] = &[
+    ParamDef {
+        name: "weight",
+        kind: ParamKind::Weight,
+        default: None,
+        doc: "module holding `weight` [heads, out, in]",
+    },
+    ParamDef {
+        name: "heads",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "heads (the weight's first axis)",
+    },
+    ParamDef {
+        name: "out",
+        kind: ParamKind::Expr(Ty::Int),
+        default: None,
+        doc: "output features per head",
+    },
+    ParamDef {
+        name: "transposed",
+        kind: ParamKind::Expr(Ty::Bool),
+        default: Some("true"),
+        doc: "the weight is stored [heads, out, in] (false: [heads, in, out])",
+    },
+];
+
+impl OpKind for HeadLinear {
+    fn name(&self) -> &'static str {
+        "head_linear"
+    }
+    fn doc(&self) -> &'static str {
+        "A separate projection per head; a one-head input is shared by every head."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        HEAD_PARAMS
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn resolve(&self, p: &Params, scope: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let (h_in, input) = super::expect_heads(inputs, 0)?;
+        let (heads, out) = (p.int("heads")?, p.int("out")?);
+        if h_in != heads && h_in != 1 {
+            return Err(OpError::new(
+                "heads",
+                format!("the input has {h_in} heads; expected {heads} or 1"),
+            ));
+        }
+        let shape = match p.bool("transposed")? {
+            true => vec![heads, out, input],
+            false => vec![heads, input, out],
+        };
+        Ok(Resolved {
+            weights: vec![WeightReq {
+                field: "weight",
+                module: join_scope(scope, p.str("weight")?),
+                suffix: "weight",
+                shape,
+                quantizable: false,
+            }],
+            ..Resolved::pure(ValueInfo {
+                dim: out,
+                heads: Some(heads),
+            })
+        })
+    }
+    fn build(
+        &self,
+        p: &Params,
+        _inputs: &[ValueInfo],
+        weights: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        let w = match weights.into_iter().next() {
+            Some(Param::Dense(w)) => w,
+            Some(Param::Quantized { .. }) => {
+                return Err(OpError::new(
+                    "weight",
+                    "quantized per-head weights are not supported",
+                ))
+            }
+            None => return Err(OpError::new("weight", "not loaded")),
+        };
+        // Kept as [H, in, out] for x @ w.
+        let w = match p.bool("transposed")? {
+            true => w
+                .swap_axes(-1, -2)
+                .map_err(|e| OpError::new("weight", e.to_string()))?,
+            false => w,
+        };
+        Ok(Box::new(HeadLinearOp { w }))
+    }
+}
+
+#[derive(Debug)]
+struct HeadLinearOp {
+    w: Array,
+}
+
+impl Op for HeadLinearOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        mlx_rs::ops::matmul(inputs[0], &self.w)
+    }
+}

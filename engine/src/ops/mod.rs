@@ -13,10 +13,12 @@ use crate::spec::config::Ty;
 use crate::spec::expr::Value;
 
 mod attention;
+mod conv;
 mod elementwise;
 mod embedding;
 mod heads;
 mod linear;
+mod moe;
 mod norm;
 pub mod rope;
 mod slice;
@@ -232,6 +234,7 @@ pub static REGISTRY: &[&dyn OpKind] = &[
     &embedding::Embedding,
     &embedding::PositionEmbedding,
     &linear::Linear,
+    &linear::HeadLinear,
     &norm::RmsNorm,
     &norm::LayerNorm,
     &elementwise::Add,
@@ -243,8 +246,11 @@ pub static REGISTRY: &[&dyn OpKind] = &[
     &heads::SplitHeads,
     &heads::MergeHeads,
     &slice::Slice,
+    &slice::Concat,
     &rope::Rope,
     &attention::Attention,
+    &moe::Moe,
+    &conv::ShortConv,
 ];
 
 pub fn lookup(name: &str) -> Option<&'static dyn OpKind> {

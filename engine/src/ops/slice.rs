@@ -85,3 +85,94 @@ impl Op for SliceOp {
         inputs[0].try_index(&[Ellipsis.index_op(), (self.start..self.end).index_op()][..])
     }
 }
+
+/// `concat`: inputs joined along the last axis (the inverse of `slice`);
+/// per-head inputs with one head are repeated to the others' head count
+/// (a rotary part shared by every head).
+#[derive(Debug)]
+pub struct Concat;
+
+impl OpKind for Concat {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+    fn doc(&self) -> &'static str {
+        "Joins its inputs along the last axis; a one-head input is shared by every head."
+    }
+    fn params(&self) -> &'static [ParamDef] {
+        &[]
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 8)
+    }
+    fn resolve(&self, _p: &Params, _s: &str, inputs: &[ValueInfo]) -> Result<Resolved, OpError> {
+        let heads = inputs.iter().filter_map(|v| v.heads).max();
+        for (k, v) in inputs.iter().enumerate() {
+            let fits = match (v.heads, heads) {
+                (None, None) => true,
+                (Some(h), Some(most)) => h == most || h == 1,
+                _ => false,
+            };
+            if !fits {
+                return Err(OpError::new(
+                    "in",
+                    format!(
+                        "input {k} has layout {v:?}; inputs must share their heads (or have one)"
+                    ),
+                ));
+            }
+        }
+        Ok(Resolved::pure(ValueInfo {
+            dim: inputs.iter().map(|v| v.dim).sum(),
+            heads,
+        }))
+    }
+    fn build(
+        &self,
+        _p: &Params,
+        inputs: &[ValueInfo],
+        _w: Vec<Param>,
+    ) -> Result<Box<dyn Op>, OpError> {
+        let heads = inputs.iter().filter_map(|v| v.heads).max();
+        Ok(Box::new(ConcatOp {
+            share: heads
+                .filter(|h| *h > 1)
+                .map(|_| inputs.iter().map(|v| v.heads == Some(1)).collect())
+                .unwrap_or_default(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct ConcatOp {
+    /// Which inputs have one head to share (empty: none).
+    share: Vec<bool>,
+}
+
+impl Op for ConcatOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        if !self.share.iter().any(|s| *s) {
+            return mlx_rs::ops::concatenate(inputs, -1);
+        }
+        let full = inputs
+            .iter()
+            .zip(&self.share)
+            .find(|(_, s)| !**s)
+            .map(|(x, _)| x.shape().to_vec())
+            .ok_or_else(|| Exception::custom("concat: every input has one head"))?;
+        let parts = inputs
+            .iter()
+            .zip(&self.share)
+            .map(|(x, s)| match s {
+                true => {
+                    let mut shape = full.clone();
+                    let last = shape.len() - 1;
+                    shape[last] = x.shape()[last];
+                    mlx_rs::ops::broadcast_to(x, &shape)
+                }
+                false => Ok((*x).clone()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        mlx_rs::ops::concatenate(&parts, -1)
+    }
+}

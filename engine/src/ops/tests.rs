@@ -197,3 +197,195 @@ fn attention_window_and_softcap_match_the_reference() {
         close(&run(op.as_ref(), &[&q, &k, &v], 0), &want, 2e-5);
     }
 }
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// mlx-lm's sparse MoE block with a SwitchGLU, in f64: route each token,
+/// run its top-k experts (`down(silu(gate x) * up x)`), sum by score.
+#[allow(clippy::too_many_arguments)]
+fn moe_reference(
+    x: &[f32],
+    tokens: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+    k: usize,
+    w: [&[f32]; 4],
+    topk_softmax: bool,
+    norm: bool,
+) -> Vec<f64> {
+    let [router, gate, up, down] = w;
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum::<f64>()
+    };
+    let softmax = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::MIN, f64::max);
+        let ex: Vec<f64> = v.iter().map(|t| (t - m).exp()).collect();
+        let s: f64 = ex.iter().sum();
+        ex.into_iter().map(|t| t / s).collect::<Vec<_>>()
+    };
+    let mut out = Vec::new();
+    for t in 0..tokens {
+        let xt = &x[t * d..(t + 1) * d];
+        let logits: Vec<f64> = (0..e)
+            .map(|j| dot(&router[j * d..(j + 1) * d], xt))
+            .collect();
+        let ranked_by = if topk_softmax {
+            logits.clone()
+        } else {
+            softmax(&logits)
+        };
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|a, b| ranked_by[*b].total_cmp(&ranked_by[*a]));
+        let chosen = &order[..k];
+        let mut scores: Vec<f64> = if topk_softmax {
+            softmax(&chosen.iter().map(|&j| logits[j]).collect::<Vec<_>>())
+        } else {
+            chosen.iter().map(|&j| ranked_by[j]).collect()
+        };
+        if norm {
+            let s: f64 = scores.iter().sum();
+            scores.iter_mut().for_each(|v| *v /= s);
+        }
+        let mut y = vec![0.0f64; d];
+        for (&j, sc) in chosen.iter().zip(&scores) {
+            let h: Vec<f64> = (0..f)
+                .map(|r| {
+                    let g = dot(&gate[(j * f + r) * d..(j * f + r + 1) * d], xt);
+                    let u = dot(&up[(j * f + r) * d..(j * f + r + 1) * d], xt);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            for (o, yo) in y.iter_mut().enumerate() {
+                let row = &down[(j * d + o) * f..(j * d + o + 1) * f];
+                *yo += sc
+                    * row
+                        .iter()
+                        .zip(&h)
+                        .map(|(p, q)| f64::from(*p) * q)
+                        .sum::<f64>();
+            }
+        }
+        out.extend(y);
+    }
+    out
+}
+
+#[test]
+fn moe_routes_tokens_through_their_top_k_experts() {
+    let (d, e, f, k) = (8usize, 4usize, 6usize, 2usize);
+    let router = noise(e * d, 1);
+    let gate = noise(e * f * d, 2);
+    let up = noise(e * f * d, 3);
+    let down = noise(e * d * f, 4);
+    // 5 tokens: below the sort threshold; 40 tokens (80 routed slots): sorted.
+    for tokens in [5usize, 40] {
+        let x = noise(tokens * d, 5 + tokens as u64);
+        let xa = Array::from_slice(&x, &[1, tokens as i32, d as i32]);
+        for (routing, norm) in [
+            ("softmax_topk", false),
+            ("softmax_topk", true),
+            ("topk_softmax", false),
+        ] {
+            let weights = vec![
+                Param::Dense(Array::from_slice(&router, &[e as i32, d as i32])),
+                Param::Dense(Array::from_slice(&gate, &[e as i32, f as i32, d as i32])),
+                Param::Dense(Array::from_slice(&up, &[e as i32, f as i32, d as i32])),
+                Param::Dense(Array::from_slice(&down, &[e as i32, d as i32, f as i32])),
+            ];
+            let given = [
+                ("router", Value::Str("gate".into())),
+                ("experts", Value::Str("switch_mlp".into())),
+                ("num_experts", Value::Int(e as i64)),
+                ("top_k", Value::Int(k as i64)),
+                ("hidden", Value::Int(f as i64)),
+                ("routing", Value::Str(routing.into())),
+                ("norm_topk", Value::Bool(norm)),
+            ];
+            let op = build("moe", &given, &[ValueInfo::flat(d as i64)], weights);
+            let want = moe_reference(
+                &x,
+                tokens,
+                d,
+                e,
+                f,
+                k,
+                [&router, &gate, &up, &down],
+                routing == "topk_softmax",
+                norm,
+            );
+            close(&run(op.as_ref(), &[&xa], 0), &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn short_conv_is_causal_depthwise_and_streams_through_its_state() {
+    let (t, d, k) = (6usize, 3usize, 3usize);
+    let x = noise(t * d, 11);
+    let w = noise(d * k, 12);
+    let bias = noise(d, 13);
+    let weights = || {
+        vec![
+            Param::Dense(Array::from_slice(&w, &[d as i32, k as i32, 1])),
+            Param::Dense(Array::from_slice(&bias, &[d as i32])),
+        ]
+    };
+    let given = [
+        ("weight", Value::Str("conv".into())),
+        ("kernel", Value::Int(k as i64)),
+        ("bias", Value::Bool(true)),
+    ];
+    // mlx conv1d (cross-correlation) over the input left-padded with k - 1
+    // zeros: out[s, c] = b[c] + sum_j w[c, j] * x[s + j - (k - 1), c].
+    let mut want = Vec::new();
+    for s in 0..t {
+        for c in 0..d {
+            let mut acc = f64::from(bias[c]);
+            for j in 0..k {
+                let src = s as i64 + j as i64 - (k as i64 - 1);
+                if src >= 0 {
+                    acc += f64::from(w[c * k + j]) * f64::from(x[src as usize * d + c]);
+                }
+            }
+            want.push(acc);
+        }
+    }
+    let op = build(
+        "short_conv",
+        &given,
+        &[ValueInfo::flat(d as i64)],
+        weights(),
+    );
+    let xa = Array::from_slice(&x, &[1, t as i32, d as i32]);
+    close(&run(op.as_ref(), &[&xa], 0), &want, 1e-6);
+    // The same positions two, then one at a time, through the cache slot.
+    let mut state = crate::cache::CacheKind::Conv(k as i32 - 1).create(Default::default());
+    let mut got = Vec::new();
+    for (a, b) in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
+        let part = Array::from_slice(&x[a * d..b * d], &[1, (b - a) as i32, d as i32]);
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            cache: Some(&mut state),
+        };
+        let y = op.forward(&[&part], &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-6);
+}

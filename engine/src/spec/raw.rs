@@ -223,6 +223,14 @@ pub enum RawRule {
     /// Transpose the two axes of matching 2-D tensors ([in, out] layouts
     /// such as Conv1D projections, to the [out, in] `linear` expects).
     Transpose(String),
+    /// Stack the tensors matching `from` that fill `to` to one name along a
+    /// new first axis, ordered by the integer capture `index` (per-expert
+    /// tensors into one `[E, ...]` tensor).
+    Stack {
+        from: String,
+        to: String,
+        index: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +246,16 @@ struct RuleRepr {
     skip_if_present: Option<String>,
     #[serde(default)]
     transpose: Option<String>,
+    #[serde(default)]
+    stack: Option<StackRepr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StackRepr {
+    from: String,
+    to: String,
+    index: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,10 +301,17 @@ impl TryFrom<RuleRepr> for RawRule {
         if let Some(p) = r.transpose {
             rules.push(RawRule::Transpose(p));
         }
+        if let Some(x) = r.stack {
+            rules.push(RawRule::Stack {
+                from: x.from,
+                to: x.to,
+                index: x.index,
+            });
+        }
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack".into(),
             ),
         }
     }

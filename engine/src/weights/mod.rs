@@ -312,7 +312,13 @@ fn find(
     let biases_name = format!("{}.biases", req.module);
     match tensors.get(&scales_name) {
         Some(scales) if req.quantizable => {
-            let (out, inp) = (req.shape[0], req.shape[1]);
+            // Leading axes (rows, and experts when stacked) stay; the last
+            // (input features) is packed and grouped.
+            let (inp, lead) = req
+                .shape
+                .split_last()
+                .ok_or_else(|| "a quantized weight needs at least one axis".to_string())?;
+            let inp = *inp;
             let (group_size, bits) = match quant.for_module(&req.module) {
                 Some(gb) => gb,
                 None => infer_quantization(inp, w, scales).ok_or_else(|| {
@@ -327,13 +333,15 @@ fn find(
             let biases = tensors
                 .get(&biases_name)
                 .ok_or_else(|| format!("quantized but `{biases_name}` is missing"))?;
-            let want_w = vec![out, inp * bits as i64 / 32];
-            let want_s = vec![out, inp / group_size as i64];
+            let with_last = |last: i64| lead.iter().copied().chain([last]).collect::<Vec<_>>();
+            let want_w = with_last(inp * bits as i64 / 32);
+            let want_s = with_last(inp / group_size as i64);
             if shape_of(w) != want_w || shape_of(scales) != want_s || shape_of(biases) != want_s {
                 return Err(format!(
-                    "quantized shapes weight {:?} / scales {:?} do not match [{out}, {inp}] at {bits} bits, group {group_size} (expected {want_w:?} / {want_s:?})",
+                    "quantized shapes weight {:?} / scales {:?} do not match {:?} at {bits} bits, group {group_size} (expected {want_w:?} / {want_s:?})",
                     shape_of(w),
-                    shape_of(scales)
+                    shape_of(scales),
+                    req.shape
                 ));
             }
             used.extend([name.clone(), scales_name, biases_name]);

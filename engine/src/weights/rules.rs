@@ -68,6 +68,17 @@ impl Pattern {
         match_from(&self.parts, name, &mut caps).then_some(caps)
     }
 
+    /// The capture names, in order.
+    pub fn captures(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Cap { name, .. } => Some(name.clone()),
+                Part::Lit(_) => None,
+            })
+            .collect()
+    }
+
     /// Fills the pattern's captures from `caps`.
     pub fn fill(&self, caps: &IndexMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
@@ -122,6 +133,8 @@ pub struct Applied<T = Array> {
 pub trait RuleValue: Clone {
     /// The 2-D value with its axes swapped.
     fn transposed(&self) -> Result<Self, String>;
+    /// Values of one shape stacked along a new first axis.
+    fn stacked(items: &[Self]) -> Result<Self, String>;
 }
 
 impl RuleValue for Array {
@@ -130,6 +143,13 @@ impl RuleValue for Array {
             2 => Ok(self.t()),
             n => Err(format!("transpose: tensor has {n} axes, expected 2")),
         }
+    }
+
+    fn stacked(items: &[Array]) -> Result<Array, String> {
+        if items.windows(2).any(|w| w[0].shape() != w[1].shape()) {
+            return Err("stack: the tensors differ in shape".into());
+        }
+        mlx_rs::ops::stack(items, 0).map_err(|e| format!("stack: {e}"))
     }
 }
 
@@ -142,6 +162,16 @@ impl RuleValue for Vec<i64> {
                 s.len()
             )),
         }
+    }
+
+    fn stacked(items: &[Vec<i64>]) -> Result<Vec<i64>, String> {
+        let first = items.first().ok_or("stack: nothing to stack")?;
+        if items.iter().any(|s| s != first) {
+            return Err("stack: the tensors differ in shape".into());
+        }
+        Ok(std::iter::once(items.len() as i64)
+            .chain(first.iter().copied())
+            .collect())
     }
 }
 
@@ -187,6 +217,9 @@ pub fn apply<T: RuleValue>(
                 }
                 tensors = out;
             }
+            RawRule::Stack { from, to, index } => {
+                tensors = stack(tensors, &Pattern::parse(from)?, &Pattern::parse(to)?, index)?;
+            }
             RawRule::Tie {
                 target,
                 source,
@@ -220,6 +253,65 @@ pub fn apply<T: RuleValue>(
     Ok(Applied { tensors, ties })
 }
 
+/// The `stack` rule: tensors matching `from` grouped by their `to` name,
+/// each group stacked in `index` order, which must run 0, 1, ... n-1. The
+/// stacked tensor takes the place of the group's first member.
+fn stack<T: RuleValue>(
+    tensors: IndexMap<String, T>,
+    from: &Pattern,
+    to: &Pattern,
+    index: &str,
+) -> Result<IndexMap<String, T>, String> {
+    let mut groups: IndexMap<String, Vec<(usize, String)>> = IndexMap::new();
+    for k in tensors.keys() {
+        if let Some(caps) = from.matches(k) {
+            let i: usize = caps[index]
+                .parse()
+                .map_err(|_| format!("stack: '{k}': index '{}' is not a number", caps[index]))?;
+            groups
+                .entry(to.fill(&caps)?)
+                .or_default()
+                .push((i, k.clone()));
+        }
+    }
+    if groups.is_empty() {
+        return Ok(tensors);
+    }
+    let mut members: IndexMap<String, String> = IndexMap::new();
+    for (name, list) in &mut groups {
+        list.sort();
+        if let Some((pos, _)) = list.iter().enumerate().find(|(pos, (i, _))| pos != i) {
+            return Err(format!(
+                "stack: '{name}' has no member {pos} (members {:?})",
+                list.iter().map(|(i, _)| *i).collect::<Vec<_>>()
+            ));
+        }
+        for (_, k) in list.iter() {
+            members.insert(k.clone(), name.clone());
+        }
+    }
+    let mut out = IndexMap::with_capacity(tensors.len());
+    for (k, v) in &tensors {
+        match members.get(k) {
+            None => {
+                if out.insert(k.clone(), v.clone()).is_some() || groups.contains_key(k) {
+                    return Err(format!("stack gives two tensors the name '{k}'"));
+                }
+            }
+            Some(name) if !out.contains_key(name) => {
+                let items: Vec<T> = groups[name]
+                    .iter()
+                    .map(|(_, m)| tensors[m].clone())
+                    .collect();
+                let stacked = T::stacked(&items).map_err(|e| format!("{e} ('{name}')"))?;
+                out.insert(name.clone(), stacked);
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +340,47 @@ mod tests {
         assert!(Pattern::parse("a.{i}{j}").is_err());
         let caps = IndexMap::new();
         assert!(Pattern::parse("x.{i}").unwrap().fill(&caps).is_err());
+    }
+
+    #[test]
+    fn stack_groups_by_target_in_index_order() {
+        let rule = RawRule::Stack {
+            from: "l.{l}.experts.{e}.{m}.weight".into(),
+            to: "l.{l}.switch.{m}.weight".into(),
+            index: "e".into(),
+        };
+        let mut t: IndexMap<String, Vec<i64>> = IndexMap::new();
+        for e in [1, 0, 2] {
+            for m in ["up", "down"] {
+                t.insert(format!("l.0.experts.{e}.{m}.weight"), vec![4, 8]);
+            }
+        }
+        t.insert("l.0.gate.weight".into(), vec![3, 8]);
+        let out = apply(&[&rule], t, &|_| Ok(true)).expect("stacks").tensors;
+        let names: Vec<&str> = out.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "l.0.switch.up.weight",
+                "l.0.switch.down.weight",
+                "l.0.gate.weight"
+            ]
+        );
+        assert_eq!(out["l.0.switch.up.weight"], vec![3, 4, 8]);
+
+        let mut gap: IndexMap<String, Vec<i64>> = IndexMap::new();
+        gap.insert("l.0.experts.0.up.weight".into(), vec![4, 8]);
+        gap.insert("l.0.experts.2.up.weight".into(), vec![4, 8]);
+        let e = apply(&[&rule], gap, &|_| Ok(true)).unwrap_err();
+        assert!(e.contains("has no member 1"), "{e}");
+    }
+
+    #[test]
+    fn stacked_arrays_keep_member_order() {
+        let a = Array::from_slice(&[1.0f32, 2.0], &[2]);
+        let b = Array::from_slice(&[3.0f32, 4.0], &[2]);
+        let s = Array::stacked(&[a, b]).expect("stack");
+        assert_eq!(s.shape(), &[2, 2]);
+        assert_eq!(s.as_slice::<f32>(), &[1.0, 2.0, 3.0, 4.0]);
     }
 }
