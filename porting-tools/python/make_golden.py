@@ -557,6 +557,7 @@ CASES = [
         "model_type": "mamba2",
         "config": {"n_groups": 2, "time_step_limit": [0.005, 1.0]},
         "seed": 1,
+        "pending_spec": True,
     },
     # Gated DeltaNet (layers 0, 1) + gated attention (layer 2:
     # full_attention_interval 3) + MoE with a shared expert (layers 0 and 2;
@@ -576,6 +577,7 @@ CASES = [
             "tie_word_embeddings": True,
         },
         "seed": 4,
+        "pending_spec": True,
     },
 ]
 
@@ -2376,7 +2378,9 @@ def main(argv=None):
 
     jobs = []
     if args.all:
-        for case in CASES:
+        # Cases marked pending_spec wait for their spec (the golden test
+        # checks every folder in goldens/); --case writes them.
+        for case in [c for c in CASES if not c.get("pending_spec")]:
             jobs.append(dict(name=case["name"], out_dir=goldens_dir / case["name"],
                              **case_job(case, args)))
     elif args.model_dir:
