@@ -16,6 +16,9 @@ pub enum CacheKind {
     Window(i32),
     /// The last `n` input rows of a causal convolution (recurrent state).
     Conv(i32),
+    /// A recurrence's float32 state array (state-space and linear-attention
+    /// mixers), whatever its shape.
+    Recurrent,
 }
 
 /// How attention caches are made.
@@ -42,6 +45,10 @@ impl CacheKind {
                 rows: None,
                 offset: 0,
             }),
+            (CacheKind::Recurrent, _) => CacheState::Recurrent {
+                state: None,
+                offset: 0,
+            },
         }
     }
 }
@@ -88,6 +95,11 @@ pub enum CacheState {
     Rotating(RotatingKvCache),
     Quantized(QuantizedKvCache),
     Conv(ConvState),
+    /// A recurrence's state (none before the first call).
+    Recurrent {
+        state: Option<Array>,
+        offset: i32,
+    },
 }
 
 /// A causal convolution's memory: its last `keep` input rows `[B, keep, D]`
@@ -124,6 +136,7 @@ impl CacheState {
             CacheState::Rotating(c) => c.offset,
             CacheState::Quantized(c) => c.offset,
             CacheState::Conv(c) => c.offset,
+            CacheState::Recurrent { offset, .. } => *offset,
         }
     }
 
@@ -146,7 +159,9 @@ impl CacheState {
                 .update_and_fetch(keys, values)
                 .map(|(k, v)| KvView::Dense(k, v)),
             CacheState::Quantized(c) => c.update_and_fetch(keys, values),
-            CacheState::Conv(_) => Err(exception("a convolution state holds no keys/values")),
+            CacheState::Conv(_) | CacheState::Recurrent { .. } => {
+                Err(exception("a recurrent state holds no keys/values"))
+            }
         }
     }
 }
@@ -536,7 +551,7 @@ impl ModelCache {
         let n = n as i32;
         let ok = self.slots.iter().all(|s| match s {
             CacheState::Rotating(c) => c.offset < c.max_size,
-            CacheState::Conv(_) => n == 0,
+            CacheState::Conv(_) | CacheState::Recurrent { .. } => n == 0,
             _ => true,
         });
         if !ok || n > self.offset {
@@ -550,7 +565,7 @@ impl ModelCache {
                     c.offset -= n;
                     c.idx -= n;
                 }
-                CacheState::Conv(_) => {}
+                CacheState::Conv(_) | CacheState::Recurrent { .. } => {}
             }
         }
         self.offset -= n;
@@ -586,6 +601,7 @@ impl ModelCache {
                     out.extend(c.keys.iter().flatten().chain(c.values.iter().flatten()))
                 }
                 CacheState::Conv(c) => out.extend(c.rows.iter()),
+                CacheState::Recurrent { state, .. } => out.extend(state.iter()),
             }
         }
         out

@@ -557,7 +557,6 @@ CASES = [
         "model_type": "mamba2",
         "config": {"n_groups": 2, "time_step_limit": [0.005, 1.0]},
         "seed": 1,
-        "pending_spec": True,
     },
     # Gated DeltaNet (layers 0, 1) + gated attention (layer 2:
     # full_attention_interval 3) + MoE with a shared expert (layers 0 and 2;

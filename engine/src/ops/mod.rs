@@ -22,6 +22,7 @@ mod moe;
 mod norm;
 pub mod rope;
 mod slice;
+mod ssm;
 #[cfg(test)]
 mod tests;
 
@@ -251,6 +252,7 @@ pub static REGISTRY: &[&dyn OpKind] = &[
     &attention::Attention,
     &moe::Moe,
     &conv::ShortConv,
+    &ssm::Ssm,
 ];
 
 pub fn lookup(name: &str) -> Option<&'static dyn OpKind> {
