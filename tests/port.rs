@@ -109,8 +109,15 @@ fn wrong_rope_theta_is_found_at_the_rope() {
 
 #[test]
 fn scaffold_drafts_qwen3_from_the_other_specs() {
-    // qwen3_moe extends qwen3: it goes too.
-    let (dir, lib) = specs_copy(&[], &["models/qwen3.yaml", "models/qwen3_moe.yaml"]);
+    // qwen3_moe (and qwen3_next, through it) extend qwen3: they go too.
+    let (dir, lib) = specs_copy(
+        &[],
+        &[
+            "models/qwen3.yaml",
+            "models/qwen3_moe.yaml",
+            "models/qwen3_next.yaml",
+        ],
+    );
     let model = goldens().join("qwen3/model");
     let draft = {
         let _guard = mlx_lock();

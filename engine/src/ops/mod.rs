@@ -14,6 +14,7 @@ use crate::spec::expr::Value;
 
 mod attention;
 mod conv;
+mod delta;
 mod elementwise;
 mod embedding;
 mod heads;
@@ -253,6 +254,7 @@ pub static REGISTRY: &[&dyn OpKind] = &[
     &moe::Moe,
     &conv::ShortConv,
     &ssm::Ssm,
+    &delta::GatedDelta,
 ];
 
 pub fn lookup(name: &str) -> Option<&'static dyn OpKind> {

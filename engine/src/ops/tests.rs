@@ -503,3 +503,104 @@ fn ssm_matches_the_recurrence_across_chunks_and_decode_steps() {
     }
     close(&got, &want, 1e-4);
 }
+
+/// The gated delta rule in f64, one position at a time: value head j uses
+/// key head j / (hv / hk); q and k unit length (q times dk^-0.5).
+#[allow(clippy::too_many_arguments)]
+fn gated_delta_reference(
+    [q, k, v, a, b]: [&[f32]; 5],
+    [a_log, dt_bias]: [&[f32]; 2],
+    (t, hk, hv, dk, dv): (usize, usize, usize, usize, usize),
+) -> Vec<f64> {
+    let rep = hv / hk;
+    let mut s = vec![0.0f64; hv * dv * dk];
+    let mut out = Vec::new();
+    let unit = |x: &[f32], scale: f64| {
+        let n = (x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() + 1e-6).sqrt();
+        x.iter()
+            .map(|v| f64::from(*v) / n * scale)
+            .collect::<Vec<_>>()
+    };
+    for p in 0..t {
+        for j in 0..hv {
+            let h = j / rep;
+            let qh = unit(
+                &q[(p * hk + h) * dk..(p * hk + h + 1) * dk],
+                (dk as f64).powf(-0.5),
+            );
+            let kh = unit(&k[(p * hk + h) * dk..(p * hk + h + 1) * dk], 1.0);
+            let beta = 1.0 / (1.0 + (-f64::from(b[p * hv + j])).exp());
+            let sp = (f64::from(a[p * hv + j]) + f64::from(dt_bias[j]))
+                .exp()
+                .ln_1p();
+            let g = (-f64::from(a_log[j]).exp() * sp).exp();
+            for r in 0..dv {
+                let row = &mut s[(j * dv + r) * dk..(j * dv + r + 1) * dk];
+                row.iter_mut().for_each(|x| *x *= g);
+                let mem: f64 = row.iter().zip(&kh).map(|(x, y)| x * y).sum();
+                let delta = (f64::from(v[(p * hv + j) * dv + r]) - mem) * beta;
+                row.iter_mut().zip(&kh).for_each(|(x, y)| *x += y * delta);
+                out.push(row.iter().zip(&qh).map(|(x, y)| x * y).sum());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gated_delta_matches_the_recurrence_whole_and_step_by_step() {
+    let (t, hk, hv, dk, dv) = (7usize, 2usize, 4usize, 3usize, 2usize);
+    let q = noise(t * hk * dk, 31);
+    let k = noise(t * hk * dk, 32);
+    let v = noise(t * hv * dv, 33);
+    let a = noise(t * hv, 34);
+    let b = noise(t * hv, 35);
+    let a_log = noise(hv, 36);
+    let dt_bias = noise(hv, 37);
+    let want = gated_delta_reference(
+        [&q, &k, &v, &a, &b],
+        [&a_log, &dt_bias],
+        (t, hk, hv, dk, dv),
+    );
+    let given = [
+        ("weight", Value::Str("linear_attn".into())),
+        ("key_heads", Value::Int(hk as i64)),
+        ("value_heads", Value::Int(hv as i64)),
+        ("key_dim", Value::Int(dk as i64)),
+        ("value_dim", Value::Int(dv as i64)),
+    ];
+    let infos = [hk * dk, hk * dk, hv * dv, hv, hv].map(|w| ValueInfo::flat(w as i64));
+    let weights = vec![
+        Param::Dense(Array::from_slice(&a_log, &[hv as i32])),
+        Param::Dense(Array::from_slice(&dt_bias, &[hv as i32])),
+    ];
+    let op = build("gated_delta", &given, &infos, weights);
+    let args = |x: usize, y: usize| {
+        [
+            (&q, hk * dk),
+            (&k, hk * dk),
+            (&v, hv * dv),
+            (&a, hv),
+            (&b, hv),
+        ]
+        .map(|(s, w)| Array::from_slice(&s[x * w..y * w], &[1, (y - x) as i32, w as i32]))
+    };
+    let whole = args(0, t);
+    let refs: Vec<&Array> = whole.iter().collect();
+    close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
+    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
+    let mut got = Vec::new();
+    for (x, y) in [(0, 4), (4, 5), (5, 6), (6, 7)] {
+        let part = args(x, y);
+        let refs: Vec<&Array> = part.iter().collect();
+        let mut ctx = Ctx {
+            offset: x as i32,
+            key_mask: None,
+            cache: Some(&mut slot),
+        };
+        let y = op.forward(&refs, &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-5);
+}
