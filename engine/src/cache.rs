@@ -607,3 +607,32 @@ impl ModelCache {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recurrent_state_refuses_to_be_rewound() {
+        let kinds = [CacheKind::Kv, CacheKind::Conv(2), CacheKind::Recurrent];
+        let mut c = ModelCache::new(&kinds, CacheOptions::default());
+        c.offset = 3;
+        assert!(
+            !c.trim(1),
+            "conv rows and recurrent state cannot be rewound"
+        );
+        assert_eq!(c.offset(), 3);
+        assert!(c.trim(0));
+        let mut state = CacheKind::Conv(2).create(CacheOptions::default());
+        let CacheState::Conv(conv) = &mut state else {
+            panic!("a conv slot")
+        };
+        let x = Array::from_slice(&[1.0f32, 2.0, 3.0], &[1, 3, 1]);
+        let all = conv.extend(&x).expect("extend");
+        assert_eq!(all.shape(), &[1, 5, 1], "two zero rows in front");
+        let kept = conv.rows.as_ref().expect("rows");
+        kept.eval().expect("eval");
+        assert_eq!(kept.as_slice::<f32>(), &[2.0, 3.0]);
+        assert_eq!(state.offset(), 3);
+    }
+}

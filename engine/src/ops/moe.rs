@@ -314,8 +314,9 @@ struct MoeOp {
     act: Act,
 }
 
-/// Routed (token, slot) pairs from which on the experts' inputs are sorted
-/// by expert, so each expert's weights are read once per call.
+/// From this many routed (token, expert) pairs on, the rows are sorted by
+/// expert first (mlx-lm's threshold), so each expert's weights are read
+/// once per call.
 const SORT_FROM: i32 = 64;
 
 impl MoeOp {
