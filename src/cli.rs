@@ -253,8 +253,15 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
     let lm = gen.load(specs)?;
     let mut params = gen.params();
     let mut context = gen.context();
+    let declared = declared_output(&lm);
     let tools = match &gen.tools {
-        Some(f) => Some(chat_tools(specs, &lm, f, gen.tool_format.as_deref())?),
+        Some(f) => Some(chat_tools(
+            specs,
+            &lm,
+            f,
+            gen.tool_format.as_deref(),
+            declared.as_ref(),
+        )?),
         None => None,
     };
     let schemas = tools.as_ref().map(|(tools, format)| {
@@ -266,7 +273,7 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
         (format, schemas)
     });
     params.output = lmspec::engine::tools::OutputFormat::think(schemas);
-    if let Some(markers) = declared_output(&lm).and_then(|r| r.reasoning) {
+    if let Some(markers) = declared.and_then(|r| r.reasoning) {
         params.output.reasoning = Some(markers);
     }
     let ids = if raw {
@@ -297,11 +304,14 @@ fn declared_output(
     }
 }
 
+/// The tools of `file` and the call format: `--tool-format`, else resolved
+/// from the checkpoint (`declared`: its response_template) and the specs.
 fn chat_tools(
     specs: &Option<PathBuf>,
     lm: &lmspec::engine::LanguageModel,
     file: &Path,
     explicit: Option<&str>,
+    declared: Option<&lmspec::engine::tools::response::ResponseTemplate>,
 ) -> Result<(Vec<lmspec::engine::Tool>, lmspec::engine::tools::ToolFormat)> {
     use lmspec::engine::tools::ToolFormat;
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
@@ -323,11 +333,10 @@ fn chat_tools(
     }
     let root = specs.clone().unwrap_or_else(SpecLibrary::default_root);
     let formats = ToolFormat::load_dir(&root.join("tool-formats"))?;
-    let declared = declared_output(lm).and_then(|r| r.tools);
     let format = ToolFormat::resolve(
         &formats,
         explicit,
-        declared.as_ref(),
+        declared.and_then(|r| r.tools.as_ref()),
         lm.tokenizer.tool_parser_type.as_deref(),
         lm.tokenizer.chat_template.as_deref(),
         lm.model.spec.tool_format.as_deref(),
@@ -351,7 +360,13 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     use std::io::BufRead;
     let lm = gen.load(specs)?;
     let tools = match &gen.tools {
-        Some(f) => Some(chat_tools(specs, &lm, f, gen.tool_format.as_deref())?),
+        Some(f) => Some(chat_tools(
+            specs,
+            &lm,
+            f,
+            gen.tool_format.as_deref(),
+            declared_output(&lm).as_ref(),
+        )?),
         None => None,
     };
     let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());

@@ -8,7 +8,7 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::Array;
 
 use super::{
-    expect_flat, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
+    dense, expect_flat, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
     Resolved, ValueInfo, WeightReq,
 };
 use crate::cache::{CacheKind, CacheState};
@@ -90,11 +90,6 @@ impl OpKind for ShortConv {
         weights: Vec<Param>,
     ) -> Result<Box<dyn Op>, OpError> {
         let mut it = weights.into_iter();
-        let dense = |p: Option<Param>, field: &str| match p {
-            Some(Param::Dense(a)) => Ok(a),
-            Some(Param::Quantized { .. }) => Err(OpError::new(field, "cannot be quantized")),
-            None => Err(OpError::new(field, "not loaded")),
-        };
         let w = dense(it.next(), "weight")?;
         let bias = it.next().map(|b| dense(Some(b), "bias")).transpose()?;
         // [D, K, 1] -> [K, D]: row j is tap j of every channel.

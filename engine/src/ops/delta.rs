@@ -10,7 +10,7 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{
-    expect_flat, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
+    dense, expect_widths, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
     Resolved, ValueInfo, WeightReq,
 };
 use crate::cache::{CacheKind, CacheState};
@@ -81,16 +81,11 @@ impl OpKind for GatedDelta {
                 format!("{hv} value heads do not group over {hk} key heads"),
             ));
         }
-        let want = [hk * dk, hk * dk, hv * dv, hv, hv];
-        for (k, (name, w)) in ["q", "k", "v", "a", "b"].iter().zip(want).enumerate() {
-            let d = expect_flat(inputs, k)?;
-            if d != w {
-                return Err(OpError::new(
-                    "in",
-                    format!("input {k} ({name}) is {d} wide; expected {w}"),
-                ));
-            }
-        }
+        expect_widths(
+            inputs,
+            &["q", "k", "v", "a", "b"],
+            &[hk * dk, hk * dk, hv * dv, hv, hv],
+        )?;
         let module = join_scope(scope, p.str("weight")?);
         let req = |suffix| WeightReq {
             field: "weight",
@@ -111,15 +106,8 @@ impl OpKind for GatedDelta {
         _inputs: &[ValueInfo],
         weights: Vec<Param>,
     ) -> Result<Box<dyn Op>, OpError> {
-        let mut it = weights.into_iter().map(|w| match w {
-            Param::Dense(a) => Ok(a),
-            Param::Quantized { .. } => Err(OpError::new("weight", "cannot be quantized")),
-        });
-        let mut next = || {
-            it.next()
-                .unwrap_or_else(|| Err(OpError::new("weight", "not loaded")))
-        };
-        let (a_log, dt_bias) = (next()?, next()?);
+        let mut it = weights.into_iter();
+        let (a_log, dt_bias) = (dense(it.next(), "weight")?, dense(it.next(), "weight")?);
         let e = |e: Exception| OpError::new("weight", e.to_string());
         let neg_a = mlx_rs::ops::negative(
             mlx_rs::ops::exp(a_log.as_dtype(Dtype::Float32).map_err(e)?).map_err(e)?,

@@ -297,6 +297,33 @@ pub(crate) fn expect_heads(inputs: &[ValueInfo], k: usize) -> Result<(i64, i64),
     }
 }
 
+/// A weight that must be dense (norm scales, biases, per-head vectors).
+pub(crate) fn dense(p: Option<Param>, field: &str) -> Result<Array, OpError> {
+    match p {
+        Some(Param::Dense(a)) => Ok(a),
+        Some(Param::Quantized { .. }) => Err(OpError::new(field, "cannot be quantized")),
+        None => Err(OpError::new(field, "not loaded")),
+    }
+}
+
+/// Checks that flat inputs named `names` have the last-axis sizes `want`.
+pub(crate) fn expect_widths(
+    inputs: &[ValueInfo],
+    names: &[&str],
+    want: &[i64],
+) -> Result<(), OpError> {
+    for (k, (name, w)) in names.iter().zip(want).enumerate() {
+        let d = expect_flat(inputs, k)?;
+        if d != *w {
+            return Err(OpError::new(
+                "in",
+                format!("input {k} ({name}) is {d} wide; expected {w}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn take_one(weights: Vec<Param>) -> Result<Param, OpError> {
     weights
         .into_iter()

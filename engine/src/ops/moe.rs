@@ -10,8 +10,8 @@ use mlx_rs::Array;
 
 use super::elementwise::{Act, ACTIVATIONS};
 use super::{
-    expect_flat, join_scope, linear, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
-    Resolved, ValueInfo, WeightReq,
+    dense, expect_flat, join_scope, linear, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind,
+    Params, Resolved, ValueInfo, WeightReq,
 };
 use crate::spec::config::Ty;
 
@@ -194,12 +194,7 @@ impl OpKind for Moe {
         };
         let (router, gate, up, down) = (next()?, next()?, next()?, next()?);
         let correction = match p.bool("correction_bias")? {
-            true => match next()? {
-                Param::Dense(b) => Some(b),
-                Param::Quantized { .. } => {
-                    return Err(OpError::new("correction_bias", "cannot be quantized"))
-                }
-            },
+            true => Some(dense(Some(next()?), "correction_bias")?),
             false => None,
         };
         let router = match router {
@@ -208,9 +203,9 @@ impl OpKind for Moe {
         };
         Ok(Box::new(MoeOp {
             router,
-            gate: Expert::new(gate).map_err(|e| OpError::new("experts", e.to_string()))?,
-            up: Expert::new(up).map_err(|e| OpError::new("experts", e.to_string()))?,
-            down: Expert::new(down).map_err(|e| OpError::new("experts", e.to_string()))?,
+            gate: stacked(gate)?,
+            up: stacked(up)?,
+            down: stacked(down)?,
             top_k: p.int("top_k")? as i32,
             routing: routing(p)?,
             norm_topk: p.bool("norm_topk")?,
@@ -238,63 +233,41 @@ fn routing(p: &Params) -> Result<Routing, OpError> {
     }
 }
 
-/// One stacked projection of every expert.
-#[derive(Debug)]
-enum Expert {
-    /// `[E, in, out]` (transposed once at load).
-    Dense(Array),
-    Quantized {
-        w: Array,
-        scales: Array,
-        biases: Array,
-        group_size: i32,
-        bits: i32,
-    },
+/// A stacked expert projection as the gather matmuls take it: dense
+/// weights transposed once to `[E, in, out]`, quantized ones as stored.
+fn stacked(p: Param) -> Result<Param, OpError> {
+    match p {
+        Param::Dense(w) => w
+            .swap_axes(-1, -2)
+            .map(Param::Dense)
+            .map_err(|e| OpError::new("experts", e.to_string())),
+        q => Ok(q),
+    }
 }
 
-impl Expert {
-    fn new(p: Param) -> Result<Expert, Exception> {
-        Ok(match p {
-            Param::Dense(w) => Expert::Dense(w.swap_axes(-1, -2)?),
-            Param::Quantized {
-                w,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => Expert::Quantized {
-                w,
-                scales,
-                biases,
-                group_size,
-                bits,
-            },
-        })
-    }
-
-    /// `x [..., 1, in]` through the experts `idx [...]`: `[..., 1, out]`.
-    fn apply(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
-        match self {
-            Expert::Dense(w) => mlx_rs::ops::gather_mm(x, w, None, idx, sorted),
-            Expert::Quantized {
-                w,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => mlx_rs::ops::gather_qmm(
-                x,
-                w,
-                scales,
-                biases,
-                None,
-                idx,
-                true,
-                *group_size,
-                *bits,
-                sorted,
-            ),
-        }
+/// `x [..., 1, in]` through the experts `idx [...]` of one stacked
+/// projection: `[..., 1, out]`.
+fn gather(p: &Param, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
+    match p {
+        Param::Dense(w) => mlx_rs::ops::gather_mm(x, w, None, idx, sorted),
+        Param::Quantized {
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+        } => mlx_rs::ops::gather_qmm(
+            x,
+            w,
+            scales,
+            biases,
+            None,
+            idx,
+            true,
+            *group_size,
+            *bits,
+            sorted,
+        ),
     }
 }
 
@@ -302,9 +275,9 @@ impl Expert {
 struct MoeOp {
     /// Dense router weights are kept transposed, `[in, experts]`.
     router: Param,
-    gate: Expert,
-    up: Expert,
-    down: Expert,
+    gate: Param,
+    up: Param,
+    down: Param,
     top_k: i32,
     routing: Routing,
     norm_topk: bool,
@@ -411,10 +384,10 @@ impl MoeOp {
     }
 
     fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
-        let up = self.up.apply(x, idx, sorted)?;
-        let gate = self.gate.apply(x, idx, sorted)?;
+        let up = gather(&self.up, x, idx, sorted)?;
+        let gate = gather(&self.gate, x, idx, sorted)?;
         let h = mlx_rs::ops::multiply(self.act.apply(&gate)?, &up)?;
-        self.down.apply(&h, idx, sorted)
+        gather(&self.down, &h, idx, sorted)
     }
 }
 

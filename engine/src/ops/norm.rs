@@ -4,8 +4,8 @@ use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
 use super::{
-    join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved, ValueInfo,
-    WeightReq,
+    dense, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params, Resolved,
+    ValueInfo, WeightReq,
 };
 use crate::spec::config::Ty;
 
@@ -40,14 +40,6 @@ fn vector(field: &'static str, module: String, suffix: &'static str, dim: i64) -
         suffix,
         shape: vec![dim],
         quantizable: false,
-    }
-}
-
-fn dense(p: Option<Param>, field: &str) -> Result<Array, OpError> {
-    match p {
-        Some(Param::Dense(a)) => Ok(a),
-        Some(Param::Quantized { .. }) => Err(OpError::new(field, "cannot be quantized")),
-        None => Err(OpError::new(field, "not loaded")),
     }
 }
 

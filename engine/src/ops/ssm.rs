@@ -10,7 +10,7 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{
-    expect_flat, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
+    dense, expect_widths, join_scope, Ctx, Op, OpError, OpKind, Param, ParamDef, ParamKind, Params,
     Resolved, ValueInfo, WeightReq,
 };
 use crate::cache::{CacheKind, CacheState};
@@ -93,16 +93,7 @@ impl OpKind for Ssm {
                 format!("{g} groups do not divide {h} heads"),
             ));
         }
-        let want = [h * hd, g * n, g * n, h];
-        for (k, (name, w)) in ["x", "B", "C", "dt"].iter().zip(want).enumerate() {
-            let d = expect_flat(inputs, k)?;
-            if d != w {
-                return Err(OpError::new(
-                    "in",
-                    format!("input {k} ({name}) is {d} wide; expected {w}"),
-                ));
-            }
-        }
+        expect_widths(inputs, &["x", "B", "C", "dt"], &[h * hd, g * n, g * n, h])?;
         let module = join_scope(scope, p.str("weight")?);
         let req = |suffix| WeightReq {
             field: "weight",
@@ -123,14 +114,8 @@ impl OpKind for Ssm {
         _inputs: &[ValueInfo],
         weights: Vec<Param>,
     ) -> Result<Box<dyn Op>, OpError> {
-        let mut it = weights.into_iter().map(|w| match w {
-            Param::Dense(a) => Ok(a),
-            Param::Quantized { .. } => Err(OpError::new("weight", "cannot be quantized")),
-        });
-        let mut next = || {
-            it.next()
-                .unwrap_or_else(|| Err(OpError::new("weight", "not loaded")))
-        };
+        let mut it = weights.into_iter();
+        let mut next = || dense(it.next(), "weight");
         let (a_log, d, dt_bias) = (next()?, next()?, next()?);
         let e = |e: Exception| OpError::new("weight", e.to_string());
         // A = -exp(A_log), computed in A_log's dtype and then made float32.
