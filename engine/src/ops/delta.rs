@@ -1,5 +1,5 @@
-//! `gated_delta`: the gated delta rule of Gated DeltaNet (Qwen3-Next's
-//! linear attention), as mlx-lm's `gated_delta_update` ops path. Per value
+//! `gated_delta`: the gated delta rule of Gated DeltaNet linear
+//! attention, as mlx-lm's `gated_delta_update` ops path. Per value
 //! head j (key head j / (value_heads / key_heads)), with q, k normalised
 //! to unit length (q also scaled by `key_dim^-0.5`), `beta = sigmoid(b)`
 //! and `g = exp(-exp(A_log) softplus(a + dt_bias))`:

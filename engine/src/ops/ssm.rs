@@ -1,4 +1,4 @@
-//! `ssm`: the selective state-space scan of Mamba-2 (SSD), as mlx-lm's
+//! `ssm`: the selective state-space scan (SSD), as mlx-lm's
 //! `ssm_attn`: per head h (group g = h / (heads / groups)),
 //! `dt = clip(softplus(dt_raw + dt_bias))`, `S_t = exp(dt A) S_{t-1} + (dt x_t) ⊗ B_t`,
 //! `y_t = S_t · C_t + D x_t`, with `A = -exp(A_log)`. Prefill runs in chunks of
@@ -72,7 +72,7 @@ impl OpKind for Ssm {
         "ssm"
     }
     fn doc(&self) -> &'static str {
-        "Mamba-2 selective scan of [x, B, C, dt]; keeps a float32 state."
+        "Selective state-space (SSD) scan of [x, B, C, dt]; keeps a float32 state."
     }
     fn params(&self) -> &'static [ParamDef] {
         PARAMS

@@ -390,8 +390,8 @@ fn short_conv_is_causal_depthwise_and_streams_through_its_state() {
     close(&got, &want, 1e-6);
 }
 
-/// Mamba-2's recurrence, one position at a time in f64 (head h reads group
-/// h / (heads / groups)): `S = exp(dt A) S + (dt x) ⊗ B`, `y = S · C + D x`.
+/// The state-space (SSD) recurrence, one position at a time in f64 (head h
+/// reads group h / (heads / groups)): `S = exp(dt A) S + (dt x) ⊗ B`, `y = S · C + D x`.
 #[allow(clippy::too_many_arguments)]
 fn ssm_reference(
     x: &[f32],

@@ -37,9 +37,9 @@ pub struct ToolFormat {
     #[serde(default)]
     pub template_markers: Vec<String>,
     /// A JSON payload may also stand alone, without the start marker, at
-    /// the start of the output (Llama 3's inline calls): a whole JSON object
-    /// (or list) that reads as calls is taken as calls, anything else stays
-    /// text. Consecutive inline calls may be separated by `;`.
+    /// the start of the output: a whole JSON object (or list) that reads as
+    /// calls is taken as calls, anything else stays text. Consecutive inline
+    /// calls may be separated by `;`.
     #[serde(default)]
     pub inline: bool,
 }
