@@ -3,6 +3,10 @@
 # build of libmlx (docs/benchmarks.md). Needs what gpu-env.sh needs, the
 # lmspec release binary in $LMSPEC_BIN (default .gpu/b/bin) and the mlx
 # (cp312) and mlx-lm wheels in $LMSPEC_WHEELS (default /tmp/lmspec-wheels).
+# Each case's JSON report goes to $BENCH_OUT (default /tmp/lmspec-bench-out),
+# its table to stdout; $BENCH_FLAGS are added to each `lmspec bench`, and
+# $PIN prefixes it (e.g. `taskset -c 2-5`; the mlx-lm process inherits the
+# affinity).
 set -euo pipefail
 source .ci/gpu-env.sh
 bin="${LMSPEC_BIN:-.gpu/b/bin}"
@@ -24,7 +28,12 @@ mk_model() {  # name, extra args
 }
 mk_model llama1b-q4 --dtype bfloat16 --bits 4 --group-size 64
 mk_model llama1b-bf16 --dtype bfloat16
+out="${BENCH_OUT:-/tmp/lmspec-bench-out}"
+mkdir -p "$out"
 for m in goldens/llama/model "$models/llama1b-q4" "$models/llama1b-bf16"; do
+  case "$m" in goldens/*) name=tiny ;; *) name="$(basename "$m")" ;; esac
   echo "== $m"
-  "$bin"/lmspec bench --model "$m" --prompt-tokens "${PROMPT:-512}" --gen-tokens "${GEN:-128}" --repeat "${REPEAT:-5}" --weights quantized --against mlx-lm
+  ${PIN:-} "$bin"/lmspec bench --model "$m" --prompt-tokens "${PROMPT:-512}" --gen-tokens "${GEN:-128}" \
+    --repeat "${REPEAT:-5}" --weights quantized --against mlx-lm --json ${BENCH_FLAGS:-} > "$out/$name.json"
+  python3 porting-tools/python/bench_table.py --summary "$out/$name.json"
 done

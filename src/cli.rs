@@ -86,12 +86,17 @@ enum Command {
         /// allows), quantized (as stored) or dense.
         #[arg(long, default_value = "auto")]
         weights: String,
-        /// Also run mlx-lm on the same prompt and weights (`mlx-lm`).
+        /// Also run mlx-lm on the same prompt and weights (`mlx-lm`); the
+        /// two engines' repeats alternate.
         #[arg(long)]
         against: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also report the host time each primitive takes to build its part
+        /// of the graph, per forward call (`build_us_by_op`).
+        #[arg(long)]
+        profile_ops: bool,
     },
     /// Porting tools: node-by-node diffs, spec drafts, coverage.
     #[command(subcommand)]
@@ -545,6 +550,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             weights,
             against,
             json,
+            profile_ops,
         } => {
             let lib = library(&cli.specs)?;
             let model = match model {
@@ -561,13 +567,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gen_tokens,
                 repeat,
                 weights,
+                profile_ops,
             };
-            let ours = crate::bench::run_lmspec(&lib, &args)?;
-            let theirs = match against.as_deref() {
-                None => None,
-                Some("mlx-lm") => Some(crate::bench::run_mlx_lm(&repo_root(), &args, &ours)?),
+            let against_mlx_lm = match against.as_deref() {
+                None => false,
+                Some("mlx-lm") => true,
                 Some(other) => bail!("--against {other}: only mlx-lm is supported"),
             };
+            let crate::bench::Report { ours, theirs } =
+                crate::bench::run(&lib, &repo_root(), &args, against_mlx_lm)?;
             if json {
                 println!(
                     "{}",
@@ -729,7 +737,8 @@ fn logits(
     let vocab = *shape.last().ok_or_else(|| anyhow!("logits have no axes"))?;
     let last = logits
         .reshape(&[-1, vocab])?
-        .as_dtype(mlx_rs::Dtype::Float32)?;
+        .as_dtype(mlx_rs::Dtype::Float32)?
+        .contiguous()?;
     last.eval()?;
     let rows = last.as_slice::<f32>();
     let row = &rows[rows.len() - vocab as usize..];

@@ -38,3 +38,51 @@ fn every_golden_case_matches_mlx_lm() {
         failures.join("\n")
     );
 }
+
+/// Linear layers that read one value run as one projection (on the CPU by
+/// default): same logits as separate projections, fewer matmuls per step.
+#[test]
+fn fused_projections_match_separate_ones() {
+    use lmspec::engine::model::WeightPlan;
+    use lmspec::engine::{runtime, Model};
+    use mlx_rs::Array;
+
+    let _guard = mlx_lock();
+    let lib = library();
+    for case in ["llama", "llama_q4", "qwen2"] {
+        let dir = goldens().join(case).join("model");
+        let mut runs = Vec::new();
+        for fuse in ["1", "0"] {
+            std::env::set_var("LMSPEC_FUSE_PROJECTIONS", fuse);
+            let model = Model::load_planned(&dir, &lib, None, WeightPlan::AsStored);
+            std::env::remove_var("LMSPEC_FUSE_PROJECTIONS");
+            let model = model.unwrap_or_else(|e| panic!("{case}: {e}"));
+            let tokens = Array::from_slice(&[1i32, 5, 9, 2, 7], &[1, 5]);
+            let logits = model.forward(&tokens, None).expect("forward");
+            let dot = runtime::graph_dot(&[&logits]).expect("graph");
+            let matmuls = runtime::primitive_census(&dot)
+                .iter()
+                .filter(|(k, _)| k.contains("Matmul"))
+                .map(|(_, n)| *n)
+                .sum::<usize>();
+            let logits = logits.contiguous().expect("logits");
+            logits.eval().expect("eval");
+            runs.push((logits.as_slice::<f32>().to_vec(), matmuls));
+        }
+        let (fused, separate) = (&runs[0], &runs[1]);
+        let worst = fused
+            .0
+            .iter()
+            .zip(&separate.0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "{case}: fused logits differ by {worst}");
+        // Per layer q/k/v become one matmul and gate/up another.
+        assert!(
+            fused.1 < separate.1,
+            "{case}: {} matmuls fused vs {} separate",
+            fused.1,
+            separate.1
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! options choosing the attention cache flavour (standard, rotating window,
 //! quantized) as mlx-lm's `make_prompt_cache` / `maybe_quantize_kv_cache` do.
 use mlx_rs::error::Exception;
-use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp, TryIndexUpdateOp, UpdateMode};
+use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp};
 use mlx_rs::Array;
 
 /// A kind of state an op declares.
@@ -175,14 +175,49 @@ fn seq(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
     x.try_index(&[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..])
 }
 
-/// `x[..., a:b, :] = update`, returning the new array.
+/// `x[..., a:b, :] = update` for `[B, H, T, D]` buffers, returning the new
+/// array: one `SliceUpdate` primitive (the generic index-update path adds
+/// two reshapes per call, which a decode step pays per layer).
 fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Exception> {
-    x.try_index_update(
-        &[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..],
-        update,
-        UpdateMode::Replace,
-    )
-    .map_err(exception)
+    let (xs, us) = (x.shape(), update.shape());
+    if xs.len() != 4
+        || us.len() != 4
+        || us[2] != b - a
+        || us[0] != xs[0]
+        || us[1] != xs[1]
+        || us[3] != xs[3]
+    {
+        return Err(exception(format!(
+            "cache update of shape {us:?} does not fit positions {a}..{b} of a buffer of shape {xs:?}"
+        )));
+    }
+    let start = [0, 0, a, 0];
+    let stop = [xs[0], xs[1], b, xs[3]];
+    let strides = [1; 4];
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: `res` is a fresh handle that the call fills (or leaves empty
+    // on failure, when it is freed here); the inputs are borrowed for the
+    // call; the start/stop/stride arrays hold four entries each.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let rc = mlx_sys::mlx_slice_update(
+            &mut res,
+            x.as_ptr(),
+            update.as_ptr(),
+            start.as_ptr(),
+            4,
+            stop.as_ptr(),
+            4,
+            strides.as_ptr(),
+            4,
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(exception("slice_update failed"));
+        }
+        Ok(Array::from_ptr(res))
+    }
 }
 
 /// The first `offset` positions of full buffers (the buffers themselves

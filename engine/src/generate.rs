@@ -4,7 +4,7 @@
 //! greedy decode), and text generation on top of it (streaming detokenizer,
 //! EOS ids, stop strings, statistics, cancellation).
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mlx_rs::{Array, Dtype};
 
@@ -69,6 +69,20 @@ enum Next {
     Host(u32),
 }
 
+/// Where a generator's decode steps spent their time on the host, summed
+/// over steps: building the step's graph (the forward and the token
+/// choice), handing it to MLX (`async_eval`, which encodes its kernels),
+/// and waiting for a token to be read back. A host-bound loop shows
+/// `build + launch` close to the time per token; a device-bound one shows
+/// most of it in `wait`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub steps: usize,
+    pub build: Duration,
+    pub launch: Duration,
+    pub wait: Duration,
+}
+
 /// Produces tokens one at a time.
 #[derive(Debug)]
 pub struct TokenGenerator<'a> {
@@ -79,6 +93,7 @@ pub struct TokenGenerator<'a> {
     rng: Rng,
     next: Option<Next>,
     produced: usize,
+    times: StepTimes,
 }
 
 impl<'a> TokenGenerator<'a> {
@@ -102,6 +117,7 @@ impl<'a> TokenGenerator<'a> {
             rng: Rng::new(params.sampling.seed),
             next: None,
             produced: 0,
+            times: StepTimes::default(),
         };
         let total = prompt.len();
         let step = params.prefill_step_size.max(1);
@@ -137,6 +153,7 @@ impl<'a> TokenGenerator<'a> {
 
     /// Feeds one token and works out the next.
     fn step(&mut self, input: &Array, host: Option<u32>) -> Result<Next> {
+        let t0 = Instant::now();
         let logits = self.model.forward(input, Some(self.cache))?;
         let v = *logits.shape().last().unwrap_or(&0);
         let t = logits.shape()[1];
@@ -149,14 +166,24 @@ impl<'a> TokenGenerator<'a> {
         let p = self.params;
         if p.sampling.is_greedy() && p.processors.is_empty() {
             let id = mlx_rs::ops::indexing::argmax_axis(&last, -1, None)?;
+            let t1 = Instant::now();
             mlx_rs::transforms::async_eval([&id])?;
+            self.times.steps += 1;
+            self.times.build += t1 - t0;
+            self.times.launch += t1.elapsed();
             return Ok(Next::Device(id));
         }
-        let last = last.as_dtype(Dtype::Float32)?;
+        let last = last.as_dtype(Dtype::Float32)?.contiguous()?;
         last.eval()?;
         let mut values = last.as_slice::<f32>().to_vec();
         p.processors.apply(&self.history, &mut values);
         Ok(Next::Host(p.sampling.sample(&values, &mut self.rng)))
+    }
+
+    /// Host time of the greedy decode steps so far (sampled steps, which
+    /// read the logits back at once, are not counted).
+    pub fn step_times(&self) -> StepTimes {
+        self.times
     }
 
     /// The next token, or `None` once `max_tokens` were produced.
@@ -172,9 +199,11 @@ impl<'a> TokenGenerator<'a> {
                     // one token is always in flight.
                     let input = y.reshape(&[1, 1])?;
                     let following = self.step(&input, None)?;
+                    let t = Instant::now();
                     let id = y
                         .try_item_cast::<u32>()
                         .map_err(|e| Error::Usage(format!("token id: {e}")))?;
+                    self.times.wait += t.elapsed();
                     self.history.push(id);
                     self.next = Some(following);
                     id

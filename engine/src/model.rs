@@ -79,6 +79,19 @@ impl WeightPlan {
     }
 }
 
+/// Whether linear layers that read the same value run as one projection
+/// (see [`Plan::build`]). `LMSPEC_FUSE_PROJECTIONS=1` or `0` decides; by
+/// default it is on for the CPU and off on a GPU: with MLX 0.32.2's CUDA
+/// backend, a 4-bit model decoding through the split views of fused
+/// projections stopped with an illegal memory access (a float32 one ran).
+pub fn fuse_projections() -> bool {
+    match std::env::var("LMSPEC_FUSE_PROJECTIONS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => crate::runtime::default_device() == "cpu",
+    }
+}
+
 /// Whether `path` names a GGUF file.
 pub fn is_gguf(path: &Path) -> bool {
     path.is_file()
@@ -227,7 +240,7 @@ impl Model {
         if dense {
             weights::dequantize_all(&mut params)?;
         }
-        let plan = Plan::build(&graph, params)?;
+        let plan = Plan::build(&graph, params, fuse_projections())?;
         Ok(Model {
             dir: path.to_path_buf(),
             spec,

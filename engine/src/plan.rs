@@ -14,11 +14,138 @@ use crate::ops::{Ctx, Op, Param};
 #[derive(Debug)]
 struct Step {
     op: Box<dyn Op>,
+    /// The primitive's name (for [`OpTimes`]).
+    kind: &'static str,
     inputs: Vec<usize>,
-    out: usize,
+    /// The slot of the op's value; with `split`, the slots of its parts.
+    outs: Vec<usize>,
+    /// Split points on the last axis, one fewer than `outs` (fused
+    /// projections); empty when the op's value goes to one slot.
+    split: Vec<i32>,
     cache: Option<usize>,
     /// Slots whose last reader is this step.
     free: Vec<usize>,
+}
+
+/// Groups of `linear` nodes to run as one projection, keyed by the first
+/// member (in node order): nodes that read the same value, each without a
+/// cache slot, with weights of one kind — all dense of one dtype, or all
+/// quantized alike — and all with or all without a bias. Members are
+/// listed in node order.
+fn fusion_groups(graph: &Graph, weights: &[Vec<Param>]) -> HashMap<usize, Vec<usize>> {
+    let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
+    for (k, node) in graph.nodes.iter().enumerate() {
+        if node.op.name() != "linear" || node.inputs.len() != 1 || node.resolved.cache.is_some() {
+            continue;
+        }
+        if let Some(kind) = fusable(&weights[k]) {
+            by_input.entry((node.inputs[0], kind)).or_default().push(k);
+        }
+    }
+    by_input
+        .into_values()
+        .filter(|members| members.len() > 1)
+        .map(|members| (members[0], members))
+        .collect()
+}
+
+/// What a linear layer's weights must share with others to be fused:
+/// representation, dtype, quantization and whether there is a bias.
+fn fusable(params: &[Param]) -> Option<String> {
+    let bias = match params.get(1) {
+        Some(Param::Dense(b)) => format!("bias {:?}", b.dtype()),
+        Some(Param::Quantized { .. }) => return None,
+        None => "no bias".into(),
+    };
+    let weight = match params.first()? {
+        Param::Dense(w) if w.ndim() == 2 => format!("dense {:?}", w.dtype()),
+        Param::Quantized {
+            w,
+            scales,
+            group_size,
+            bits,
+            ..
+        } if w.ndim() == 2 => format!("q{bits}/{group_size} {:?}", scales.dtype()),
+        _ => return None,
+    };
+    Some(format!("{weight}, {bias}"))
+}
+
+/// A dense param's array, or a quantized one's packed weight.
+fn first_array(p: &Param) -> &Array {
+    match p {
+        Param::Dense(a) => a,
+        Param::Quantized { w, .. } => w,
+    }
+}
+
+/// Stacks the weights (and biases) of fused linear layers along their
+/// output axis.
+fn concat_params(
+    parts: Vec<Vec<Param>>,
+) -> std::result::Result<Vec<Param>, mlx_rs::error::Exception> {
+    let cat = |xs: Vec<&Array>| -> std::result::Result<Array, mlx_rs::error::Exception> {
+        let y = mlx_rs::ops::concatenate(&xs, 0)?;
+        y.eval()?;
+        Ok(y)
+    };
+    let weight = match &parts[0][0] {
+        Param::Dense(_) => Param::Dense(cat(parts.iter().map(|p| first_array(&p[0])).collect())?),
+        Param::Quantized {
+            group_size, bits, ..
+        } => {
+            let field = |i: usize| -> Vec<&Array> {
+                parts
+                    .iter()
+                    .map(|p| match &p[0] {
+                        Param::Quantized {
+                            w, scales, biases, ..
+                        } => [w, scales, biases][i],
+                        Param::Dense(a) => a,
+                    })
+                    .collect()
+            };
+            Param::Quantized {
+                w: cat(field(0))?,
+                scales: cat(field(1))?,
+                biases: cat(field(2))?,
+                group_size: *group_size,
+                bits: *bits,
+            }
+        }
+    };
+    let mut out = vec![weight];
+    if parts[0].len() > 1 {
+        out.push(Param::Dense(cat(parts
+            .iter()
+            .map(|p| first_array(&p[1]))
+            .collect())?));
+    }
+    Ok(out)
+}
+
+thread_local! {
+    static PROFILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static OP_TIMES: std::cell::RefCell<OpTimes> = std::cell::RefCell::new(OpTimes::new());
+}
+
+/// Host time spent building each primitive's part of the graph (its
+/// `forward`, which records MLX operations without running them), by
+/// primitive name: total time and calls.
+pub type OpTimes = IndexMap<&'static str, (std::time::Duration, usize)>;
+
+/// Starts (clearing what was recorded) or stops recording [`OpTimes`] for
+/// plans run on this thread.
+pub fn profile_ops(on: bool) {
+    PROFILING.set(on);
+    if on {
+        OP_TIMES.with_borrow_mut(|m| m.clear());
+    }
+}
+
+/// What [`profile_ops`] recorded on this thread.
+pub fn op_times() -> OpTimes {
+    OP_TIMES.with_borrow(|m| m.clone())
 }
 
 /// A runnable model body.
@@ -40,10 +167,28 @@ fn slot(s: Src) -> usize {
 }
 
 impl Plan {
-    pub fn build(graph: &Graph, weights: Vec<Vec<Param>>) -> Result<Plan> {
+    /// Builds the plan. With `fuse`, `linear` nodes that read the same
+    /// value and hold weights of one kind (see [`fusable`]) run as one
+    /// projection whose output is split: fewer matmul kernels per step.
+    pub fn build(graph: &Graph, mut weights: Vec<Vec<Param>>, fuse: bool) -> Result<Plan> {
+        let groups = if fuse {
+            fusion_groups(graph, &weights)
+        } else {
+            HashMap::new()
+        };
+        let mut fused_into: HashMap<usize, usize> = HashMap::new();
+        for (&first, members) in &groups {
+            for &m in members {
+                fused_into.insert(m, first);
+            }
+        }
         let mut steps = Vec::with_capacity(graph.nodes.len());
         let mut cache_kinds = Vec::new();
-        for (k, (node, params)) in graph.nodes.iter().zip(weights).enumerate() {
+        for k in 0..graph.nodes.len() {
+            let node = &graph.nodes[k];
+            if fused_into.get(&k).is_some_and(|&first| first != k) {
+                continue;
+            }
             let infos: Vec<_> = node
                 .inputs
                 .iter()
@@ -52,6 +197,30 @@ impl Plan {
                     Src::Node(j) => graph.nodes[*j].resolved.out,
                 })
                 .collect();
+            let (params, outs, split) = match groups.get(&k) {
+                Some(members) => {
+                    let parts: Vec<Vec<Param>> = members
+                        .iter()
+                        .map(|&m| std::mem::take(&mut weights[m]))
+                        .collect();
+                    let mut split = Vec::new();
+                    let mut at = 0;
+                    for &m in &members[..members.len() - 1] {
+                        at += graph.nodes[m].resolved.out.dim as i32;
+                        split.push(at);
+                    }
+                    let fused = concat_params(parts).map_err(|e| {
+                        Error::spec(
+                            &node.file,
+                            &node.origin,
+                            "weight",
+                            format!("{e} (at {})", node.path),
+                        )
+                    })?;
+                    (fused, members.iter().map(|&m| m + 1).collect(), split)
+                }
+                None => (std::mem::take(&mut weights[k]), vec![k + 1], Vec::new()),
+            };
             let op = node.op.build(&node.params, &infos, params).map_err(|e| {
                 Error::spec(
                     &node.file,
@@ -66,8 +235,10 @@ impl Plan {
             });
             steps.push(Step {
                 op,
+                kind: node.op.name(),
                 inputs: node.inputs.iter().map(|s| slot(*s)).collect(),
-                out: k + 1,
+                outs,
+                split,
                 cache,
                 free: Vec::new(),
             });
@@ -137,6 +308,7 @@ impl Plan {
         values[0] = Some(tokens.clone());
         let offset = cache.offset;
         let t = tokens.shape().last().copied().unwrap_or(0);
+        let profiling = PROFILING.get();
         for step in &self.steps {
             let inputs: Vec<&Array> = step
                 .inputs
@@ -152,13 +324,28 @@ impl Plan {
                 key_mask,
                 cache: step.cache.map(|c| &mut cache.slots[c]),
             };
+            let started = profiling.then(std::time::Instant::now);
             let y = step.op.forward(&inputs, &mut ctx)?;
-            if let Some(names) = wanted.get(&step.out) {
-                for n in names {
-                    captured.insert(n.to_string(), y.clone());
-                }
+            if let Some(t) = started {
+                OP_TIMES.with_borrow_mut(|m| {
+                    let e = m.entry(step.kind).or_default();
+                    e.0 += t.elapsed();
+                    e.1 += 1;
+                });
             }
-            values[step.out] = Some(y);
+            let parts = if step.split.is_empty() {
+                vec![y]
+            } else {
+                y.split_at_indices(&step.split, -1)?
+            };
+            for (&out, y) in step.outs.iter().zip(parts) {
+                if let Some(names) = wanted.get(&out) {
+                    for n in names {
+                        captured.insert(n.to_string(), y.clone());
+                    }
+                }
+                values[out] = Some(y);
+            }
             for &f in &step.free {
                 values[f] = None;
             }

@@ -131,6 +131,55 @@ pub fn smoke() -> Result<Vec<f32>, Exception> {
     Ok(c.as_slice::<f32>().to_vec())
 }
 
+/// MLX's graph of `outputs` in Graphviz DOT form (`mx.export_to_dot`).
+pub fn graph_dot(outputs: &[&Array]) -> Result<String, Exception> {
+    let handles: Vec<mlx_sys::mlx_array> = outputs.iter().map(|a| a.as_ptr()).collect();
+    // SAFETY: the vector borrows the arrays' handles for the call and is
+    // freed after; the memory stream is closed before its buffer is read,
+    // and the buffer is freed with `free` as open_memstream requires.
+    unsafe {
+        let vec = mlx_sys::mlx_vector_array_new_data(handles.as_ptr(), handles.len());
+        let namer = mlx_sys::mlx_node_namer_new();
+        let mut buf: *mut libc::c_char = std::ptr::null_mut();
+        let mut len: libc::size_t = 0;
+        let stream = libc::open_memstream(&mut buf, &mut len);
+        let rc = if stream.is_null() {
+            -1
+        } else {
+            let rc = mlx_sys::mlx_export_to_dot(stream.cast(), namer, vec);
+            libc::fclose(stream);
+            rc
+        };
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(vec);
+        let text = if buf.is_null() {
+            String::new()
+        } else {
+            let bytes = std::slice::from_raw_parts(buf.cast::<u8>(), len);
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            libc::free(buf.cast());
+            text
+        };
+        if rc != 0 {
+            return Err(Exception::custom("mlx_export_to_dot failed"));
+        }
+        Ok(text)
+    }
+}
+
+/// How many primitives of each kind a DOT graph from [`graph_dot`] holds
+/// (the operations MLX runs to evaluate it, before its own fusion).
+pub fn primitive_census(dot: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut census = std::collections::BTreeMap::new();
+    for line in dot.lines().filter(|l| l.contains("shape=rectangle")) {
+        if let Some(rest) = line.split("label =\"").nth(1) {
+            let name = rest.split('"').next().unwrap_or("");
+            *census.entry(name.to_string()).or_insert(0) += 1;
+        }
+    }
+    census
+}
+
 /// `MemAvailable` from `/proc/meminfo`, in bytes.
 pub fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -171,5 +220,18 @@ mod tests {
         assert!(mlx_version().starts_with("0."), "{}", mlx_version());
         let blas = blas_library().expect("MLX's CPU backend links a BLAS");
         assert_ne!(blas_kind(&blas), "unknown BLAS", "{blas}");
+    }
+
+    #[test]
+    fn graph_census_counts_primitives() {
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
+        let b = mlx_rs::ops::add(&mlx_rs::ops::exp(&a).unwrap(), &a).unwrap();
+        let c = mlx_rs::ops::matmul(&b, &b).unwrap();
+        let census = primitive_census(&graph_dot(&[&c]).unwrap());
+        let expected: Vec<(&str, usize)> = vec![("Add", 1), ("Exp", 1), ("Matmul", 1)];
+        let got: Vec<(&str, usize)> = census.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(got, expected);
+        c.eval().unwrap();
+        assert!(primitive_census(&graph_dot(&[&c]).unwrap()).is_empty());
     }
 }

@@ -32,7 +32,19 @@ Benchmark (the protocol is the same as the Rust side's):
   load_s, ttft_s / prefill_tps / decode_tps as {median, min, max} over the
   repeats (median of an even count = mean of the two middle values),
   peak_memory_mb (max over the repeats), tokens (the first repeat's ids),
-  mlx_version, mlx_lm_version.
+  decode_graph (the primitives of one decode step by kind, counted on
+  ``mx.export_to_dot``), mlx_version, mlx_lm_version.
+
+Interleaved mode (what ``lmspec bench --against mlx-lm`` runs):
+
+    bench_mlx_lm.py --serve --model PATH --tokens-file FILE --gen-tokens N \
+        --weights {quantized,dense}
+
+loads as above and prints the fields that do not depend on repeats as one
+JSON line; then each line ``repeat`` on stdin runs one repeat and prints its
+ttft_s, prefill_tps, decode_tps, peak_memory_mb and tokens as one JSON line.
+The caller alternates these repeats with its own, so both engines meet the
+same machine state.
 
 Random model directory (no benchmark):
 
@@ -49,6 +61,7 @@ Prints {"path", "bytes", ...} as JSON on stdout.
 """
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -175,13 +188,32 @@ def read_tokens(path):
     return tokens
 
 
-def bench(args, out):
-    prompt = read_tokens(args.tokens_file)
-    if args.gen_tokens < 2:
-        raise SystemExit("--gen-tokens must be at least 2 (decode speed needs two tokens)")
-    if args.repeat < 1:
-        raise SystemExit("--repeat must be at least 1")
+def decode_graph(model, prompt):
+    """Primitives of one decode step as generate_step builds it, by kind.
 
+    The prompt is prefilled into a fresh cache; then one token goes through
+    the model and generate_step's own work on the logits (last row,
+    log-softmax, the greedy sampler), counted on ``mx.export_to_dot``.
+    """
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([prompt]), cache=cache))
+    mx.eval([c.state for c in cache])
+    logits = model(mx.array([prompt[:1]]), cache=cache)[:, -1, :]
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    token = argmax_sampler(logprobs)
+    dot = io.StringIO()
+    mx.export_to_dot(dot, token)
+    census = {}
+    for line in dot.getvalue().splitlines():
+        if "shape=rectangle" in line and 'label ="' in line:
+            name = line.split('label ="', 1)[1].split('"', 1)[0]
+            census[name] = census.get(name, 0) + 1
+    return {"total": sum(census.values()), "by_kind": dict(sorted(census.items()))}
+
+
+def load_for_bench(args, prompt):
+    """(model, header): the model loaded, materialised and warmed as the
+    protocol says, and the report fields that do not depend on repeats."""
     t_load = time.perf_counter()
     model, config = load_any(args.model)
     replaced = dequantize_to_float32(model) if args.weights == "dense" else 0
@@ -200,57 +232,140 @@ def bench(args, out):
         kinds[key] = kinds.get(key, 0) + 1
     log(f"loaded {args.model} ({args.weights}; {replaced} layers dequantized) in {load_s:.3f} s; "
         f"arrays by dtype {kinds}; device {mx.default_device()}")
-
-    ttft, prefill, decode, peaks = [], [], [], []
-    first_tokens = None
-    for r in range(args.repeat):
-        mx.reset_peak_memory()
-        cache = make_prompt_cache(model)
-        tokens = []
-        t1 = t2 = None
-        t0 = time.perf_counter()
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.gen_tokens,
-                                      sampler=argmax_sampler, prompt_cache=cache):
-            tokens.append(int(token))
-            if len(tokens) == 1:
-                t1 = time.perf_counter()
-            if len(tokens) == args.gen_tokens:
-                t2 = time.perf_counter()
-        mx.synchronize(generation_stream)
-        mx.synchronize()
-        if len(tokens) != args.gen_tokens:
-            raise RuntimeError(f"generate_step gave {len(tokens)} tokens, not {args.gen_tokens}")
-        peak = mx.get_peak_memory() / 1e6
-        ttft.append(t1 - t0)
-        prefill.append(len(prompt) / (t1 - t0))
-        decode.append((args.gen_tokens - 1) / (t2 - t1))
-        peaks.append(peak)
-        if first_tokens is None:
-            first_tokens = tokens
-        elif tokens != first_tokens:
-            log(f"warning: repeat {r} generated different tokens than repeat 0")
-        log(f"repeat {r}: ttft {ttft[-1]:.4f} s, prefill {prefill[-1]:.1f} tok/s, "
-            f"decode {decode[-1]:.2f} tok/s, peak {peak:.1f} MB")
-        del cache
-
-    result = {
+    graph = decode_graph(model, prompt)
+    log(f"decode step: {graph['total']} primitives")
+    profile_decode(model, prompt, args.gen_tokens)  # warm-up: kernels, memory pool
+    step_us = profile_decode(model, prompt, args.gen_tokens)
+    log(f"decode step host time (us): {step_us}")
+    header = {
         "engine": "mlx-lm",
         "model": args.model,
         "weights": args.weights,
         "device": str(mx.default_device()),
         "prompt_tokens": len(prompt),
         "gen_tokens": args.gen_tokens,
-        "repeat": args.repeat,
         "load_s": load_s,
-        "ttft_s": stats(ttft),
-        "prefill_tps": stats(prefill),
-        "decode_tps": stats(decode),
-        "peak_memory_mb": max(peaks),
-        "tokens": first_tokens,
+        "decode_graph": graph,
+        "decode_step_us": step_us,
         "mlx_version": mx.__version__,
         "mlx_lm_version": mlx_lm.__version__,
     }
+    return model, header
+
+
+def one_repeat(model, prompt, gen_tokens):
+    """One timed repeat: fresh cache, prefill, greedy decode of gen_tokens."""
+    mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
+    tokens = []
+    t1 = t2 = None
+    t0 = time.perf_counter()
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=gen_tokens,
+                                  sampler=argmax_sampler, prompt_cache=cache):
+        tokens.append(int(token))
+        if len(tokens) == 1:
+            t1 = time.perf_counter()
+        if len(tokens) == gen_tokens:
+            t2 = time.perf_counter()
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+    if len(tokens) != gen_tokens:
+        raise RuntimeError(f"generate_step gave {len(tokens)} tokens, not {gen_tokens}")
+    del cache
+    return {
+        "ttft_s": t1 - t0,
+        "prefill_tps": len(prompt) / (t1 - t0),
+        "decode_tps": (gen_tokens - 1) / (t2 - t1),
+        "peak_memory_mb": mx.get_peak_memory() / 1e6,
+        "tokens": tokens,
+    }
+
+
+def profile_decode(model, prompt, steps):
+    """Mean host microseconds per decode step, split as lmspec's generator
+    splits them: build (the forward and generate_step's work on the logits),
+    launch (``mx.async_eval``) and wait (reading the token back).
+
+    generate_step cannot be timed from outside, so this is a copy of its
+    greedy loop (same stream, same one-token-in-flight order), run once
+    outside the timed repeats.
+    """
+    cache = make_prompt_cache(model)
+    build = launch = wait = 0.0
+
+    def step(y):
+        nonlocal build, launch
+        t0 = time.perf_counter()
+        logits = model(y[None], cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        token = argmax_sampler(logprobs)
+        t1 = time.perf_counter()
+        mx.async_eval(token, logprobs)
+        build += t1 - t0
+        launch += time.perf_counter() - t1
+        return token
+
+    with mx.stream(generation_stream):
+        if len(prompt) > 1:
+            model(mx.array([prompt[:-1]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        y = step(mx.array(prompt[-1:]))
+        for _ in range(steps - 1):
+            following = step(y)
+            t = time.perf_counter()
+            y.item()
+            wait += time.perf_counter() - t
+            y = following
+        y.item()
+    mx.synchronize()
+    return {"build": build * 1e6 / steps, "launch": launch * 1e6 / steps, "wait": wait * 1e6 / steps}
+
+
+def check_args(args):
+    prompt = read_tokens(args.tokens_file)
+    if args.gen_tokens < 2:
+        raise SystemExit("--gen-tokens must be at least 2 (decode speed needs two tokens)")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
+    return prompt
+
+
+def bench(args, out):
+    prompt = check_args(args)
+    model, header = load_for_bench(args, prompt)
+    samples = []
+    for r in range(args.repeat):
+        sample = one_repeat(model, prompt, args.gen_tokens)
+        if samples and sample["tokens"] != samples[0]["tokens"]:
+            log(f"warning: repeat {r} generated different tokens than repeat 0")
+        log(f"repeat {r}: ttft {sample['ttft_s']:.4f} s, prefill {sample['prefill_tps']:.1f} tok/s, "
+            f"decode {sample['decode_tps']:.2f} tok/s, peak {sample['peak_memory_mb']:.1f} MB")
+        samples.append(sample)
+    result = {
+        **header,
+        "repeat": args.repeat,
+        "ttft_s": stats([s["ttft_s"] for s in samples]),
+        "prefill_tps": stats([s["prefill_tps"] for s in samples]),
+        "decode_tps": stats([s["decode_tps"] for s in samples]),
+        "peak_memory_mb": max(s["peak_memory_mb"] for s in samples),
+        "tokens": samples[0]["tokens"],
+    }
     print(json.dumps(result), file=out, flush=True)
+
+
+def serve(args, out):
+    """Interleaved mode: load once, print the header as one JSON line, then
+    answer each ``repeat`` line on stdin with one repeat's JSON line, until
+    end of input. The caller alternates these repeats with its own."""
+    prompt = check_args(args)
+    model, header = load_for_bench(args, prompt)
+    print(json.dumps(header), file=out, flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "repeat":
+            print(json.dumps(one_repeat(model, prompt, args.gen_tokens)), file=out, flush=True)
+        elif command:
+            raise SystemExit(f"unknown command {command!r} (expected 'repeat')")
 
 
 def like_config(like):
@@ -342,6 +457,8 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="timed repeats (default 3)")
     parser.add_argument("--weights", choices=["quantized", "dense"], default="quantized",
                         help="quantized: as stored; dense: quantized layers dequantized to float32")
+    parser.add_argument("--serve", action="store_true",
+                        help="interleaved mode: one repeat per 'repeat' line on stdin")
     parser.add_argument("--make-random-llama", metavar="OUTDIR",
                         help="write a random llama model directory instead of benchmarking")
     parser.add_argument("--like", help="with --make-random-llama: a .gguf, a model directory or 'llama-1b'")
@@ -361,7 +478,7 @@ def main(argv=None):
         else:
             if not args.model or not args.tokens_file:
                 parser.error("--model and --tokens-file are required")
-            bench(args, out)
+            (serve if args.serve else bench)(args, out)
     finally:
         sys.stdout = out
 

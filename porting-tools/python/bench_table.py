@@ -3,6 +3,11 @@ table and the SVG chart of docs/benchmarks.md.
 
 Usage: bench_table.py --svg OUT.svg LABEL=FILE.json [LABEL=FILE.json ...]
 Prints the Markdown table on stdout.
+
+       bench_table.py --summary FILE.json [...]
+Prints one block per report: medians, their ratio, the median ratio of
+neighbouring (interleaved) repeats, primitives per decode step and whether
+the greedy tokens agree.
 """
 import argparse
 import json
@@ -16,11 +21,36 @@ def spread(side, key):
     return f"{side[key]['min']:.1f}–{side[key]['max']:.1f}"
 
 
+def summary(path):
+    d = json.load(open(path))
+    a, b = d["lmspec"], d["mlx_lm"]
+    print(f"{path}: {a['model']} on {a['device']}, {a['repeat']} interleaved repeats")
+    for key in ("prefill_tps", "decode_tps"):
+        paired = a.get("paired_ratio", {}).get(key)
+        pair = (f"; neighbouring repeats {paired['median']:.3f}x "
+                f"({paired['min']:.2f}x-{paired['max']:.2f}x)" if paired else "")
+        print(f"  {key}: lmspec {med(a, key):.1f} ({spread(a, key)}), mlx-lm {med(b, key):.1f} "
+              f"({spread(b, key)}), ratio {med(a, key) / med(b, key):.3f}x{pair}")
+    ga, gb = a.get("decode_graph", {}), b.get("decode_graph", {})
+    print(f"  primitives per decode step: lmspec {ga.get('total')}, mlx-lm {gb.get('total')}")
+    for name, side in (("lmspec", a), ("mlx-lm", b)):
+        us = side.get("decode_step_us")
+        if us:
+            print(f"  {name} host us per decode step: build {us['build']:.1f}, "
+                  f"launch {us['launch']:.1f}, wait {us['wait']:.1f}")
+    print(f"  greedy tokens equal: {a['tokens'] == b['tokens']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--svg")
+    ap.add_argument("--summary", action="store_true")
     ap.add_argument("runs", nargs="+")
     args = ap.parse_args()
+    if args.summary:
+        for path in args.runs:
+            summary(path)
+        return
     rows = []
     for item in args.runs:
         label, path = item.split("=", 1)

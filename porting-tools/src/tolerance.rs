@@ -87,7 +87,8 @@ impl Stats {
 }
 
 fn host(a: &Array) -> Result<Vec<f32>, Exception> {
-    let a = a.as_dtype(Dtype::Float32)?;
+    // Values may be views (parts of a fused projection): copy them dense.
+    let a = a.as_dtype(Dtype::Float32)?.contiguous()?;
     a.eval()?;
     Ok(a.as_slice::<f32>().to_vec())
 }

@@ -369,11 +369,23 @@ impl Op for GluOp {
     }
 }
 
-/// `silu(gate) * up`, compiled shapeless so MLX fuses it.
+/// `silu(gate) * up`, compiled shapeless so MLX fuses it. One compiled
+/// function serves every call: MLX caches a compiled graph by the
+/// function's id, and each new compiled closure gets a fresh id, so a
+/// closure made per call would be traced and compiled again every time.
 fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
-    let f = |(g, u): (&Array, &Array)| -> Result<Array, Exception> {
+    type Swiglu = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array, Exception>>;
+    fn f((g, u): (&Array, &Array)) -> Result<Array, Exception> {
         mlx_rs::ops::multiply(mlx_rs::ops::multiply(g, mlx_rs::ops::sigmoid(g)?)?, u)
-    };
-    let mut compiled = mlx_rs::transforms::compile::compile(f, true);
-    compiled((gate, up))
+    }
+    // The compiled closure is not `Send` (it holds MLX handles), so each
+    // thread keeps its own.
+    thread_local! {
+        static COMPILED: std::cell::RefCell<Option<Swiglu>> = const { std::cell::RefCell::new(None) };
+    }
+    COMPILED.with_borrow_mut(|slot| {
+        let call =
+            slot.get_or_insert_with(|| Box::new(mlx_rs::transforms::compile::compile(f, true)));
+        call((gate, up))
+    })
 }

@@ -66,6 +66,11 @@ impl Op for SplitOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
         let s = x.shape();
+        if s[1] == 1 {
+            // One position: [B, 1, H*D] and [B, H, 1, D] share a layout, so
+            // one reshape does it (a decode step saves a primitive per call).
+            return x.reshape(&[s[0], self.heads, 1, -1]);
+        }
         x.reshape(&[s[0], s[1], self.heads, -1])?
             .transpose_axes(&[0, 2, 1, 3])
     }
@@ -108,6 +113,9 @@ impl Op for MergeOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
         let s = x.shape();
+        if s[2] == 1 {
+            return x.reshape(&[s[0], 1, -1]);
+        }
         x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[s[0], s[2], -1])
     }
 }
