@@ -159,3 +159,60 @@ fn error_text_snapshots() {
     }
     insta::assert_snapshot!("spec_error_texts", text);
 }
+
+/// `lmspec bench --against mlx-lm` on a tiny golden model: both engines
+/// report, their repeats pair up, the greedy tokens agree, and the
+/// profiles (primitives per step, host time per step, per-op build time)
+/// are there and add up.
+#[test]
+fn bench_against_mlx_lm_pairs_repeats_and_profiles_the_step() {
+    let _guard = mlx_lock();
+    let model = goldens().join("llama/model");
+    let text = stdout(&[
+        "bench",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--repeat",
+        "2",
+        "--against",
+        "mlx-lm",
+        "--profile-ops",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let (ours, theirs) = (&v["lmspec"], &v["mlx_lm"]);
+    assert_eq!(ours["repeat"], 2, "{ours}");
+    assert_eq!(theirs["repeat"], 2, "{theirs}");
+    assert_eq!(ours["tokens"].as_array().map(Vec::len), Some(8));
+    assert_eq!(ours["tokens"], theirs["tokens"], "greedy tokens differ");
+    assert_eq!(ours["tokens_equal_every_repeat"], true);
+    for side in [ours, theirs] {
+        let tps = side["decode_tps"]["median"].as_f64().expect("decode_tps");
+        assert!(tps > 0.0, "{side}");
+        let graph = &side["decode_graph"];
+        let total = graph["total"].as_u64().expect("primitive total");
+        let by_kind: u64 = graph["by_kind"]
+            .as_object()
+            .expect("by_kind")
+            .values()
+            .filter_map(|n| n.as_u64())
+            .sum();
+        assert_eq!(total, by_kind, "{graph}");
+        assert!(graph["by_kind"]["ArgReduce"].as_u64() == Some(1), "{graph}");
+        for part in ["build", "launch", "wait"] {
+            assert!(side["decode_step_us"][part].as_f64().is_some(), "{side}");
+        }
+    }
+    let ratio = ours["paired_ratio"]["decode_tps"]["median"]
+        .as_f64()
+        .expect("paired ratio");
+    assert!(ratio > 0.0);
+    let ops = ours["build_us_by_op"].as_object().expect("build_us_by_op");
+    for op in ["linear", "attention", "rms_norm"] {
+        assert!(ops.contains_key(op), "{ops:?}");
+    }
+}

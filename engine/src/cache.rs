@@ -670,4 +670,24 @@ mod tests {
         assert_eq!(kept.as_slice::<f32>(), &[2.0, 3.0]);
         assert_eq!(state.offset(), 3);
     }
+
+    #[test]
+    fn seq_update_writes_positions_and_checks_shapes() {
+        let buf = mlx_rs::ops::zeros::<f32>(&[1, 2, 4, 3]).expect("zeros");
+        let upd = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[1, 2, 1, 3]);
+        let out = seq_update(&buf, 2, 3, &upd).expect("update");
+        let out = out.contiguous().expect("contiguous");
+        out.eval().expect("eval");
+        let v = out.as_slice::<f32>();
+        // Head 0 position 2, head 1 position 2; everything else zero.
+        assert_eq!(&v[6..9], &[1.0, 2.0, 3.0]);
+        assert_eq!(&v[18..21], &[4.0, 5.0, 6.0]);
+        assert_eq!(v.iter().filter(|x| **x != 0.0).count(), 6);
+        let err = seq_update(&buf, 1, 3, &upd).expect_err("two positions, one given");
+        assert!(
+            err.what().contains("does not fit positions 1..3"),
+            "{}",
+            err.what()
+        );
+    }
 }

@@ -21,6 +21,11 @@ def spread(side, key):
     return f"{side[key]['min']:.1f}–{side[key]['max']:.1f}"
 
 
+def paired(side):
+    p = side.get("paired_ratio", {}).get("decode_tps")
+    return f"{p['median']:.2f}x ({p['min']:.2f}–{p['max']:.2f})" if p else "–"
+
+
 def summary(path):
     d = json.load(open(path))
     a, b = d["lmspec"], d["mlx_lm"]
@@ -56,8 +61,8 @@ def main():
         label, path = item.split("=", 1)
         d = json.load(open(path))
         rows.append((label, d["lmspec"], d["mlx_lm"]))
-    print("| case | weights | prefill tok/s lmspec (range) | mlx-lm (range) | ratio | decode tok/s lmspec (range) | mlx-lm (range) | ratio | TTFT s lmspec / mlx-lm | peak MB lmspec / mlx-lm | greedy tokens equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | weights | prefill tok/s lmspec (range) | mlx-lm (range) | ratio | decode tok/s lmspec (range) | mlx-lm (range) | ratio | paired decode ratio (range) | primitives/step lmspec / mlx-lm | TTFT s lmspec / mlx-lm | peak MB lmspec / mlx-lm | greedy tokens equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, a, b in rows:
         print(
             f"| {label} | {a['weights'].replace('quantized', 'as stored')} / {b['weights'].replace('quantized', 'as stored')} "
@@ -65,6 +70,7 @@ def main():
             f"| {med(a, 'prefill_tps') / med(b, 'prefill_tps'):.2f}x "
             f"| {med(a, 'decode_tps'):.1f} ({spread(a, 'decode_tps')}) | {med(b, 'decode_tps'):.1f} ({spread(b, 'decode_tps')}) "
             f"| {med(a, 'decode_tps') / med(b, 'decode_tps'):.2f}x "
+            f"| {paired(a)} | {a.get('decode_graph', {}).get('total', '?')} / {b.get('decode_graph', {}).get('total', '?')} "
             f"| {med(a, 'ttft_s'):.3f} / {med(b, 'ttft_s'):.3f} | {a['peak_memory_mb']:.0f} / {b['peak_memory_mb']:.0f} "
             f"| {'yes' if a['tokens'] == b['tokens'] else 'no'} |"
         )
