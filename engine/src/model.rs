@@ -82,8 +82,9 @@ impl WeightPlan {
 /// Whether linear layers that read the same value run as one projection
 /// (see [`Plan::build`]). `LMSPEC_FUSE_PROJECTIONS=1` or `0` decides; by
 /// default it is on for the CPU and off on a GPU: with MLX 0.32.2's CUDA
-/// backend, RoPE over a part of a fused projection gave wrong values and
-/// some models stopped with an illegal memory access (docs/gpu.md).
+/// backend, RoPE over a part of a fused projection's `Split` gave wrong
+/// values and some models stopped with an illegal memory access
+/// (docs/gpu.md).
 pub fn fuse_projections() -> bool {
     match std::env::var("LMSPEC_FUSE_PROJECTIONS").as_deref() {
         Ok("0") => false,
