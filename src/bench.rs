@@ -334,11 +334,12 @@ pub fn run(lib: &SpecLibrary, root: &Path, a: &BenchArgs, against_mlx_lm: bool) 
     let mut ours_report = summarise(ours.header.clone(), &mine);
     if a.profile_ops {
         lmspec::engine::plan::profile_ops(false);
-        // Forward calls: one per decode step, plus the prefill chunk of each repeat.
-        let calls = (a.gen_tokens * mine.len()).max(1) as f64;
-        let mut by_op: Vec<(&str, f64)> = lmspec::engine::plan::op_times()
+        let times = lmspec::engine::plan::op_times();
+        let forwards = times.forwards.max(1) as f64;
+        let mut by_op: Vec<(&str, f64)> = times
+            .by_op
             .into_iter()
-            .map(|(k, (d, _))| (k, d.as_secs_f64() * 1e6 / calls))
+            .map(|(k, d)| (k, d.as_secs_f64() * 1e6 / forwards))
             .collect();
         by_op.sort_by(|x, y| y.1.total_cmp(&x.1));
         let by_op: serde_json::Map<String, Value> = by_op

@@ -126,20 +126,24 @@ fn concat_params(
 
 thread_local! {
     static PROFILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static OP_TIMES: std::cell::RefCell<OpTimes> = std::cell::RefCell::new(OpTimes::new());
+    static OP_TIMES: std::cell::RefCell<OpTimes> = std::cell::RefCell::new(OpTimes::default());
 }
 
 /// Host time spent building each primitive's part of the graph (its
-/// `forward`, which records MLX operations without running them), by
-/// primitive name: total time and calls.
-pub type OpTimes = IndexMap<&'static str, (std::time::Duration, usize)>;
+/// `forward`, which records MLX operations without running them), summed
+/// by primitive name over `forwards` runs of a plan.
+#[derive(Debug, Clone, Default)]
+pub struct OpTimes {
+    pub forwards: usize,
+    pub by_op: IndexMap<&'static str, std::time::Duration>,
+}
 
 /// Starts (clearing what was recorded) or stops recording [`OpTimes`] for
 /// plans run on this thread.
 pub fn profile_ops(on: bool) {
     PROFILING.set(on);
     if on {
-        OP_TIMES.with_borrow_mut(|m| m.clear());
+        OP_TIMES.with_borrow_mut(|m| *m = OpTimes::default());
     }
 }
 
@@ -176,17 +180,16 @@ impl Plan {
         } else {
             HashMap::new()
         };
-        let mut fused_into: HashMap<usize, usize> = HashMap::new();
-        for (&first, members) in &groups {
-            for &m in members {
-                fused_into.insert(m, first);
-            }
-        }
+        // Members after the first run inside the first one's step.
+        let merged: std::collections::HashSet<usize> = groups
+            .values()
+            .flat_map(|members| members[1..].iter().copied())
+            .collect();
         let mut steps = Vec::with_capacity(graph.nodes.len());
         let mut cache_kinds = Vec::new();
         for k in 0..graph.nodes.len() {
             let node = &graph.nodes[k];
-            if fused_into.get(&k).is_some_and(|&first| first != k) {
+            if merged.contains(&k) {
                 continue;
             }
             let infos: Vec<_> = node
@@ -309,6 +312,9 @@ impl Plan {
         let offset = cache.offset;
         let t = tokens.shape().last().copied().unwrap_or(0);
         let profiling = PROFILING.get();
+        if profiling {
+            OP_TIMES.with_borrow_mut(|m| m.forwards += 1);
+        }
         for step in &self.steps {
             let inputs: Vec<&Array> = step
                 .inputs
@@ -327,11 +333,7 @@ impl Plan {
             let started = profiling.then(std::time::Instant::now);
             let y = step.op.forward(&inputs, &mut ctx)?;
             if let Some(t) = started {
-                OP_TIMES.with_borrow_mut(|m| {
-                    let e = m.entry(step.kind).or_default();
-                    e.0 += t.elapsed();
-                    e.1 += 1;
-                });
+                OP_TIMES.with_borrow_mut(|m| *m.by_op.entry(step.kind).or_default() += t.elapsed());
             }
             let parts = if step.split.is_empty() {
                 vec![y]
