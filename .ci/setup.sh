@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: Debian packages, the Python venv (.venv) with the MLX
-# wheels and model packages, and the patched MLX crates under target/patched.
+# wheels and model packages, and the patched MLX crates under target/patched
+# with the git-ignored .cargo/config.toml that points Cargo at them.
 # Each step is skipped when its result is already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."

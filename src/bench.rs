@@ -9,9 +9,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use lmspec::engine::generate::{GenerateParams, TokenGenerator};
 use lmspec::engine::model::WeightPlan;
-use lmspec::engine::{runtime, Model, SpecLibrary};
+use lmspec::engine::{runtime, LoadOptions, Model, SpecLibrary};
+use lmspec::lm::generate::{GenerateParams, TokenGenerator};
 use serde_json::{json, Value};
 
 /// Median (mean of the middle two for even counts), min and max.
@@ -31,7 +31,7 @@ pub fn spread(xs: &[f64]) -> Value {
 
 /// A deterministic prompt of `n` token ids below `vocab` (SplitMix64 from 0).
 pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    let mut rng = lmspec::engine::sampling::Rng::new(Some(0));
+    let mut rng = lmspec::lm::sampling::Rng::new(Some(0));
     (0..n)
         .map(|_| (rng.next_u64() % vocab as u64) as u32)
         .collect()
@@ -119,13 +119,16 @@ impl Ours {
             bail!("--gen-tokens must be at least 2 and --repeat at least 1");
         }
         let start = Instant::now();
-        let model = Model::load_planned(&a.model, lib, None, a.weights)?;
+        let opts = LoadOptions::default()
+            .with_library(lib.clone())
+            .with_weights(a.weights);
+        let model = Model::load(&a.model, &opts)?;
         // Materialise the weights with one single-token forward.
         let warm = model.forward(&mlx_rs::Array::from_slice(&[0i32], &[1, 1]), None)?;
         warm.eval()?;
         let load_s = start.elapsed().as_secs_f64();
         let vocab = match model.config.get("vocab_size") {
-            Some(lmspec::engine::spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
+            Some(lmspec::spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
             _ => bail!("the model's config has no vocab_size"),
         };
         let prompt = prompt_tokens(a.prompt_tokens, vocab);

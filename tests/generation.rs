@@ -4,9 +4,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use lmspec::engine::generate::{Event, GenerateParams, StopReason};
-use lmspec::engine::tokenizer::StreamingDetokenizer;
-use lmspec::engine::{ChatSession, Error, LanguageModel, Model, ModelContainer};
+use lmspec::engine::Error;
+use lmspec::lm::generate::{Event, GenerateParams, StopReason};
+use lmspec::lm::tokenizer::StreamingDetokenizer;
+use lmspec::lm::{ChatSession, ModelContainer};
 
 use crate::support::{goldens, library, mlx_lock};
 
@@ -22,7 +23,7 @@ pub fn smollm2() -> &'static ModelContainer {
     LM.get_or_init(|| {
         let _guard = mlx_lock();
         ModelContainer::new(
-            LanguageModel::load_with(&default_model(), &library(), None).expect("SmolLM2 loads"),
+            crate::support::load_lm(&default_model(), &library(), None).expect("SmolLM2 loads"),
         )
     })
 }
@@ -124,7 +125,7 @@ fn stop_strings_end_generation_and_are_not_emitted() {
         let prompt = lm
             .chat_prompt(
                 &serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]),
-                &lmspec::engine::template::ChatContext {
+                &lmspec::lm::template::ChatContext {
                     add_generation_prompt: true,
                     ..Default::default()
                 },
@@ -162,7 +163,7 @@ fn temp_model_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 fn missing_or_broken_tokenizer_is_a_clear_error() {
     let _guard = mlx_lock();
     let dir = temp_model_dir(&[]);
-    match LanguageModel::load_with(dir.path(), &library(), None).expect_err("no tokenizer") {
+    match crate::support::load_lm(dir.path(), &library(), None).expect_err("no tokenizer") {
         Error::Tokenizer { file, msg } => {
             assert!(file.ends_with("tokenizer.json"), "{file:?}");
             assert!(msg.contains("missing"), "{msg}");
@@ -170,7 +171,7 @@ fn missing_or_broken_tokenizer_is_a_clear_error() {
         other => panic!("{other}"),
     }
     let dir = temp_model_dir(&[("tokenizer.json", "{\"version\": \"1.0\", \"model\": 42}")]);
-    let err = LanguageModel::load_with(dir.path(), &library(), None).expect_err("broken");
+    let err = crate::support::load_lm(dir.path(), &library(), None).expect_err("broken");
     assert!(matches!(err, Error::Tokenizer { .. }), "{err}");
     assert!(
         err.to_string()
@@ -190,7 +191,7 @@ fn template_errors_name_the_template_source() {
             r#"{"chat_template": "{% for m in messages %}{{ m.content }"}"#,
         ),
     ]);
-    let err = LanguageModel::load_with(dir.path(), &library(), None).expect_err("bad template");
+    let err = crate::support::load_lm(dir.path(), &library(), None).expect_err("bad template");
     assert!(matches!(err, Error::Template { .. }), "{err}");
     assert!(
         err.to_string().contains("tokenizer.json: chat template:"),
@@ -204,7 +205,7 @@ fn template_errors_name_the_template_source() {
             r#"{"chat_template": "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('tool messages are not supported') }}{% endif %}{{ m.content }}{% endfor %}"}"#,
         ),
     ]);
-    let lm = LanguageModel::load_with(dir.path(), &library(), None).expect("loads");
+    let lm = crate::support::load_lm(dir.path(), &library(), None).expect("loads");
     let msgs = serde_json::json!([{"role": "tool", "content": "a"}]);
     let err = lm.render(&msgs, &Default::default()).expect_err("raises");
     assert!(
@@ -257,7 +258,7 @@ fn unknown_gguf_tensor_type_is_a_clear_error() {
     // Type 16 is IQ2_XXS (256-value blocks of 66 bytes), which MLX cannot
     // read (K-quants it converts to float16).
     write_gguf(&file, 16, &[256], 66);
-    let err = Model::load_with(&file, &library(), None).expect_err("unsupported type");
+    let err = crate::support::load_model(&file, &library(), None).expect_err("unsupported type");
     match &err {
         Error::Weights { file: f, msg } => {
             assert_eq!(f, &file);
@@ -270,7 +271,7 @@ fn unknown_gguf_tensor_type_is_a_clear_error() {
     }
     let garbage = dir.path().join("garbage.gguf");
     fs::write(&garbage, b"not a gguf file at all").expect("write");
-    let err = Model::load_with(&garbage, &library(), None).expect_err("garbage");
+    let err = crate::support::load_model(&garbage, &library(), None).expect_err("garbage");
     assert!(
         matches!(err, Error::Weights { .. }) && err.to_string().contains("garbage.gguf"),
         "{err}"

@@ -43,7 +43,6 @@ fn every_golden_case_matches_mlx_lm() {
 /// default): same logits as separate projections, fewer matmuls per step.
 #[test]
 fn fused_projections_match_separate_ones() {
-    use lmspec::engine::model::WeightPlan;
     use lmspec::engine::{runtime, Model};
     use mlx_rs::Array;
 
@@ -52,10 +51,9 @@ fn fused_projections_match_separate_ones() {
     for case in ["llama", "llama_q4", "qwen2"] {
         let dir = goldens().join(case).join("model");
         let mut runs = Vec::new();
-        for fuse in ["1", "0"] {
-            std::env::set_var("LMSPEC_FUSE_PROJECTIONS", fuse);
-            let model = Model::load_planned(&dir, &lib, None, WeightPlan::AsStored);
-            std::env::remove_var("LMSPEC_FUSE_PROJECTIONS");
+        for fuse in [true, false] {
+            let opts = crate::support::opts(&lib, None).with_fusion(fuse);
+            let model = Model::load(&dir, &opts);
             let model = model.unwrap_or_else(|e| panic!("{case}: {e}"));
             let tokens = Array::from_slice(&[1i32, 5, 9, 2, 7], &[1, 5]);
             let logits = model.forward(&tokens, None).expect("forward");

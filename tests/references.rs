@@ -3,9 +3,9 @@
 use std::fs;
 
 use lmspec::engine::cache::CacheOptions;
-use lmspec::engine::generate::{GenerateParams, TokenGenerator};
-use lmspec::engine::template::{ChatContext, ChatTemplate};
 use lmspec::engine::Model;
+use lmspec::lm::generate::{GenerateParams, TokenGenerator};
+use lmspec::lm::template::{ChatContext, ChatTemplate};
 use serde_json::Value;
 
 use crate::generation::smollm2;
@@ -46,7 +46,7 @@ fn tiny_greedy_matches_mlx_lm_with_every_cache() {
     let mut failures = Vec::new();
     for case in cases.as_array().expect("cases") {
         let name = case["name"].as_str().expect("name");
-        let model = Model::load_with(
+        let model = crate::support::load_model(
             &root().join(case["model"].as_str().expect("model")),
             &library(),
             None,

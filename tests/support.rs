@@ -1,8 +1,9 @@
 //! Paths and helpers shared by the integration tests.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use lmspec::engine::SpecLibrary;
+use lmspec::engine::{Error, LoadOptions, Model, SpecLibrary};
+use lmspec::lm::LanguageModel;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,4 +22,20 @@ static MLX: Mutex<()> = Mutex::new(());
 /// MLX work in tests is serialised through this lock.
 pub fn mlx_lock() -> MutexGuard<'static, ()> {
     MLX.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Load options: weights as stored, the source tree's specs, an optional
+/// explicit spec.
+pub fn opts(lib: &SpecLibrary, spec: Option<&str>) -> LoadOptions {
+    let mut o = LoadOptions::as_stored().with_library(lib.clone());
+    o.spec = spec.map(str::to_string);
+    o
+}
+
+pub fn load_model(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Model, Error> {
+    Model::load(path, &opts(lib, spec))
+}
+
+pub fn load_lm(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<LanguageModel, Error> {
+    LanguageModel::load(path, &opts(lib, spec))
 }

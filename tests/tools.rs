@@ -1,8 +1,6 @@
 //! Tool-call formats as data: fixtures per format, fed whole and one
 //! character at a time; arbitrary text and chunking never panic.
-use lmspec::engine::tools::{
-    merge_text, RejectReason, ToolCall, ToolEvent, ToolFormat, ToolParser,
-};
+use lmspec::lm::tools::{merge_text, RejectReason, ToolCall, ToolEvent, ToolFormat, ToolParser};
 use serde_json::Value;
 
 use crate::support::root;
@@ -137,7 +135,7 @@ fn fixtures_parse_the_same_whole_and_char_by_char() {
 #[test]
 fn arbitrary_text_and_chunking_never_panic_and_plain_text_passes_through() {
     let formats = formats();
-    let mut rng = lmspec::engine::sampling::Rng::new(Some(42));
+    let mut rng = lmspec::lm::sampling::Rng::new(Some(42));
     let pieces = [
         "<",
         ">",
@@ -234,8 +232,8 @@ fn a_bad_format_file_names_the_field() {
     );
 }
 
-fn weather_tool(calls: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> lmspec::engine::Tool {
-    lmspec::engine::Tool::new(
+fn weather_tool(calls: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> lmspec::lm::Tool {
+    lmspec::lm::Tool::new(
         "get_weather",
         "Current weather for a city.",
         serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
@@ -264,9 +262,9 @@ fn the_tool_loop_runs_a_call_through_the_handler_and_back() {
         // the result, which must be in the rendered prompt by then.
         let mut round = 0;
         let mut prompts = Vec::new();
-        let mut generate = |history: &[lmspec::engine::Message]| {
+        let mut generate = |history: &[lmspec::lm::Message]| {
             let msgs: Vec<Value> = history.iter().map(|m| m.to_json()).collect();
-            let ctx = lmspec::engine::template::ChatContext {
+            let ctx = lmspec::lm::template::ChatContext {
                 add_generation_prompt: true,
                 tools: Some(tools.iter().map(|t| t.spec()).collect()),
                 ..Default::default()
@@ -279,9 +277,9 @@ fn the_tool_loop_runs_a_call_through_the_handler_and_back() {
                 "It is sunny in Paris.".to_string()
             })
         };
-        let mut history = vec![lmspec::engine::Message::new("user", "Weather in Paris?")];
+        let mut history = vec![lmspec::lm::Message::new("user", "Weather in Paris?")];
         let mut events = Vec::new();
-        let answer = lmspec::engine::run_tool_loop(&mut history, &tools, json, 4, &mut generate, &mut |e| events.push(e))
+        let answer = lmspec::lm::run_tool_loop(&mut history, &tools, json, 4, &mut generate, &mut |e| events.push(e))
             .expect("tool loop");
         assert_eq!(answer, "It is sunny in Paris.");
         assert_eq!(prompts.len(), 2);
@@ -312,10 +310,10 @@ struct Weather {
 /// token and then end it with EOS: its position is the number of tokens
 /// since the last `<|im_start|>assistant\n` of the history.
 fn forced_replies(
-    lm: &lmspec::engine::LanguageModel,
+    lm: &lmspec::lm::LanguageModel,
     replies: &[&str],
     round: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> lmspec::engine::sampling::LogitsProcessor {
+) -> lmspec::lm::sampling::LogitsProcessor {
     let tok = &lm.tokenizer;
     let bos = tok.bos_id;
     let strip_bos = |mut ids: Vec<u32>| {
@@ -332,7 +330,7 @@ fn forced_replies(
         .map(|r| strip_bos(tok.encode(r).expect("encode")))
         .collect();
     let eos = tok.eos_ids[0];
-    lmspec::engine::sampling::LogitsProcessor::new(move |history, logits| {
+    lmspec::lm::sampling::LogitsProcessor::new(move |history, logits| {
         let start = history
             .iter()
             .rposition(|&t| t == im_start)
@@ -359,7 +357,7 @@ fn a_forced_tool_call_drives_the_chat_session_tool_loop() {
     let json = formats.iter().find(|f| f.name == "json").expect("json");
     let round = Arc::new(AtomicUsize::new(0));
     let handler_round = round.clone();
-    let tool = lmspec::engine::Tool::typed(
+    let tool = lmspec::lm::Tool::typed(
         "get_weather",
         "Weather forecast for a city.",
         move |a: WeatherArgs| {
@@ -379,7 +377,7 @@ fn a_forced_tool_call_drives_the_chat_session_tool_loop() {
     let _guard = crate::support::mlx_lock();
     lm.perform(|lm| {
         let call = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": \"2\"}}</tool_call>";
-        let mut params = lmspec::engine::generate::GenerateParams {
+        let mut params = lmspec::lm::generate::GenerateParams {
             max_tokens: 64,
             ..Default::default()
         };
@@ -388,7 +386,7 @@ fn a_forced_tool_call_drives_the_chat_session_tool_loop() {
             &[call, "It is sunny in Paris."],
             round.clone(),
         )];
-        let mut s = lmspec::engine::ChatSession::new(lm, None, params);
+        let mut s = lmspec::lm::ChatSession::new(lm, None, params);
         let mut events = Vec::new();
         let answer = s
             .respond_with_tools("Weather in Paris?", &tools, json, 3, &mut |e| events.push(e))
@@ -412,7 +410,7 @@ fn a_forced_tool_call_drives_the_chat_session_tool_loop() {
 
 #[test]
 fn the_generation_stream_reports_reasoning_and_tool_calls() {
-    use lmspec::engine::generate::Event;
+    use lmspec::lm::generate::Event;
     let formats = formats();
     let json = formats.iter().find(|f| f.name == "json").expect("json");
     let lm = crate::generation::smollm2();
@@ -420,20 +418,20 @@ fn the_generation_stream_reports_reasoning_and_tool_calls() {
     lm.perform(|lm| {
         let reply = "<think>The user wants the weather.</think>Let me check.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call><tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
         let round = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut params = lmspec::engine::generate::GenerateParams {
+        let mut params = lmspec::lm::generate::GenerateParams {
             max_tokens: 80,
             ..Default::default()
         };
         params.processors.custom = vec![forced_replies(lm, &[reply], round)];
         let schema = serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}});
-        params.output = lmspec::engine::tools::OutputFormat::think(Some((
+        params.output = lmspec::lm::tools::OutputFormat::think(Some((
             json,
             vec![("get_weather".to_string(), schema)],
         )));
         let prompt = lm
             .chat_prompt(
                 &serde_json::json!([{"role": "user", "content": "Weather in Oslo?"}]),
-                &lmspec::engine::template::ChatContext {
+                &lmspec::lm::template::ChatContext {
                     add_generation_prompt: true,
                     ..Default::default()
                 },
@@ -502,8 +500,8 @@ fn tokenizer_dir(response_template: Value) -> tempfile::TempDir {
 
 #[test]
 fn a_checkpoints_response_template_declares_its_format() {
-    use lmspec::engine::tokenizer::Tokenizer;
-    use lmspec::engine::tools::response::ResponseTemplate;
+    use lmspec::lm::tokenizer::Tokenizer;
+    use lmspec::lm::tools::response::ResponseTemplate;
     let formats = formats();
     let dir = tokenizer_dir(serde_json::json!({
         "defaults": {"role": "assistant"},

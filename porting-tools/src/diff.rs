@@ -131,7 +131,7 @@ pub fn diff(
             golden_dir.display()
         ));
     }
-    let model = Model::load_with(model_dir, lib, spec)?;
+    let model = Model::load(model_dir, &crate::golden::load_options(lib, spec))?;
     let engine_taps = model.tap_names();
     // The golden's `logits` tap is the model's output, whatever node makes it.
     let wanted: Vec<String> = engine_taps

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use indexmap::IndexMap;
-use lmspec_engine::graph;
 use lmspec_engine::model::{expand_for, read_config};
 use lmspec_engine::spec::expr::Value;
 use lmspec_engine::weights::{read_shapes, rules};
@@ -67,7 +66,7 @@ fn evaluate(
         }
     };
     let rule_refs: Vec<_> = spec.rules.iter().map(|r| &r.item).collect();
-    let truthy = |v: &serde_yaml::Value| graph::eval_bool(v, &bound);
+    let truthy = |v: &serde_yaml::Value| lmspec_spec::config::eval_bool(v, &bound);
     let applied = match rules::apply(&rule_refs, shapes.clone(), &truthy) {
         Ok(a) => a,
         Err(e) => {

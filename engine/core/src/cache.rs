@@ -1,0 +1,686 @@
+//! Per-op state kept between forward calls. Ops declare the kind they need
+//! (see `Resolved::state`); a model's cache is derived from its plan, with
+//! options choosing the attention cache flavour (standard, rotating window,
+//! quantized) as mlx-lm's `make_prompt_cache` / `maybe_quantize_kv_cache` do.
+use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp};
+use mlx_rs::Array;
+
+/// A kind of state an op declares (its cache slot).
+pub use lmspec_spec::ops::StateKind as CacheKind;
+
+/// How attention caches are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Keep at most this many positions (a rotating window that pins the
+    /// first 4 tokens), as mlx-lm's `max_kv_size`.
+    pub max_kv_size: Option<i32>,
+}
+
+/// Positions a rotating cache made from `max_kv_size` always keeps.
+pub const ROTATING_KEEP: i32 = 4;
+
+/// Making the state a [`CacheKind`] declares.
+pub trait CreateState {
+    fn create(self, opts: CacheOptions) -> CacheState;
+}
+
+impl CreateState for CacheKind {
+    fn create(self, opts: CacheOptions) -> CacheState {
+        match (self, opts.max_kv_size) {
+            (CacheKind::Kv, Some(max)) => {
+                CacheState::Rotating(RotatingKvCache::new(max, ROTATING_KEEP))
+            }
+            (CacheKind::Kv, None) => CacheState::Kv(KvCache::default()),
+            (CacheKind::Window(n), _) => CacheState::Rotating(RotatingKvCache::new(n, 0)),
+            (CacheKind::Conv(n), _) => CacheState::Conv(ConvState {
+                keep: n,
+                rows: None,
+                offset: 0,
+            }),
+            (CacheKind::Recurrent, _) => CacheState::Recurrent {
+                state: None,
+                offset: 0,
+            },
+        }
+    }
+}
+
+/// The mask attention needs for a call of `t` new positions.
+#[derive(Debug)]
+pub enum Mask {
+    None,
+    Causal,
+    /// Boolean [t, keys]: true where attention is allowed.
+    Array(Array),
+}
+
+/// The boolean mask of `t` query positions starting at `offset` over the
+/// `offset + t` keys so far: causal, and within `window` positions when
+/// given (mlx-lm's `create_causal_mask`).
+pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
+    let cols = offset + t;
+    let mut allowed = Vec::with_capacity((t * cols).max(0) as usize);
+    for row in 0..t {
+        let l = offset + row;
+        for r in 0..cols {
+            allowed.push(l >= r && window.is_none_or(|w| l < r + w));
+        }
+    }
+    Array::from_slice(&allowed, &[t, cols])
+}
+
+/// Keys and values for attention, dense or quantized (data, scales, biases).
+#[derive(Debug)]
+pub enum KvView {
+    Dense(Array, Array),
+    Quantized {
+        keys: [Array; 3],
+        values: [Array; 3],
+        group_size: i32,
+        bits: i32,
+    },
+}
+
+#[derive(Debug)]
+pub enum CacheState {
+    Kv(KvCache),
+    Rotating(RotatingKvCache),
+    Quantized(QuantizedKvCache),
+    Conv(ConvState),
+    /// A recurrence's state (none before the first call).
+    Recurrent {
+        state: Option<Array>,
+        offset: i32,
+    },
+}
+
+/// A causal convolution's memory: its last `keep` input rows `[B, keep, D]`
+/// (none before the first call: zeros).
+#[derive(Debug)]
+pub struct ConvState {
+    pub keep: i32,
+    pub rows: Option<Array>,
+    pub offset: i32,
+}
+
+impl ConvState {
+    /// `x [B, T, D]` with the remembered rows in front (zeros at first),
+    /// keeping the last `keep` rows of the result for the next call.
+    pub fn extend(&mut self, x: &Array) -> Result<Array, Exception> {
+        let s = x.shape();
+        let prev = match &self.rows {
+            Some(r) => r.clone(),
+            None => mlx_rs::ops::zeros_dtype(&[s[0], self.keep, s[2]], x.dtype())?,
+        };
+        let all = mlx_rs::ops::concatenate(&[&prev, x], 1)?;
+        let n = all.shape()[1];
+        self.rows = Some(seq(&all, n - self.keep, n)?);
+        self.offset += s[1];
+        Ok(all)
+    }
+}
+
+impl CacheState {
+    /// Positions processed so far.
+    pub fn offset(&self) -> i32 {
+        match self {
+            CacheState::Kv(c) => c.offset,
+            CacheState::Rotating(c) => c.offset,
+            CacheState::Quantized(c) => c.offset,
+            CacheState::Conv(c) => c.offset,
+            CacheState::Recurrent { offset, .. } => *offset,
+        }
+    }
+
+    /// The mask for a call of `t` positions, decided before the update.
+    pub fn mask(&self, t: i32) -> Result<Mask, Exception> {
+        match self {
+            CacheState::Rotating(c) => c.mask(t),
+            _ if t > 1 => Ok(Mask::Causal),
+            _ => Ok(Mask::None),
+        }
+    }
+
+    /// Stores new keys/values ([B, H, T, D]) and returns all keys/values.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<KvView, Exception> {
+        match self {
+            CacheState::Kv(c) => c
+                .update_and_fetch(keys, values)
+                .map(|(k, v)| KvView::Dense(k, v)),
+            CacheState::Rotating(c) => c
+                .update_and_fetch(keys, values)
+                .map(|(k, v)| KvView::Dense(k, v)),
+            CacheState::Quantized(c) => c.update_and_fetch(keys, values),
+            CacheState::Conv(_) | CacheState::Recurrent { .. } => {
+                Err(exception("a recurrent state holds no keys/values"))
+            }
+        }
+    }
+}
+
+fn exception(e: impl std::fmt::Display) -> Exception {
+    Exception::custom(e.to_string())
+}
+
+/// `x[..., a:b, :]` on the sequence axis.
+fn seq(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
+    x.try_index(&[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..])
+}
+
+/// `x[..., a:b, :] = update` for `[B, H, T, D]` buffers, returning the new
+/// array: one `SliceUpdate` primitive (the generic index-update path adds
+/// two reshapes per call, which a decode step pays per layer).
+fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Exception> {
+    let (xs, us) = (x.shape(), update.shape());
+    if xs.len() != 4
+        || us.len() != 4
+        || us[2] != b - a
+        || us[0] != xs[0]
+        || us[1] != xs[1]
+        || us[3] != xs[3]
+    {
+        return Err(exception(format!(
+            "cache update of shape {us:?} does not fit positions {a}..{b} of a buffer of shape {xs:?}"
+        )));
+    }
+    let start = [0, 0, a, 0];
+    let stop = [xs[0], xs[1], b, xs[3]];
+    let strides = [1; 4];
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: `res` is a fresh handle that the call fills (or leaves empty
+    // on failure, when it is freed here); the inputs are borrowed for the
+    // call; the start/stop/stride arrays hold four entries each.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let rc = mlx_sys::mlx_slice_update(
+            &mut res,
+            x.as_ptr(),
+            update.as_ptr(),
+            start.as_ptr(),
+            4,
+            stop.as_ptr(),
+            4,
+            strides.as_ptr(),
+            4,
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(exception("slice_update failed"));
+        }
+        Ok(Array::from_ptr(res))
+    }
+}
+
+/// The first `offset` positions of full buffers (the buffers themselves
+/// when they hold exactly that many).
+fn upto_offset(k: &Array, v: &Array, offset: i32) -> Result<(Array, Array), Exception> {
+    if offset < k.shape()[2] {
+        Ok((seq(k, 0, offset)?, seq(v, 0, offset)?))
+    } else {
+        Ok((k.clone(), v.clone()))
+    }
+}
+
+fn cat(parts: &[&Array]) -> Result<Array, Exception> {
+    mlx_rs::ops::concatenate(parts, 2)
+}
+
+fn zeros_like_steps(x: &Array, steps: i32) -> Result<Array, Exception> {
+    let s = x.shape();
+    mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps, s[3]], x.dtype())
+}
+
+/// Grows its buffers `STEP` positions at a time, as mlx-lm's `KVCache` does,
+/// so that decoding one token writes into preallocated space.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+}
+
+impl KvCache {
+    pub const STEP: i32 = 256;
+
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    pub fn update_and_fetch(
+        &mut self,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array), Exception> {
+        let t = keys.shape()[2];
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
+        if self.keys.is_none() || prev + t > capacity {
+            let steps = (Self::STEP + t - 1) / Self::STEP * Self::STEP;
+            let grow = |x: &Array, old: Option<&Array>| -> Result<Array, Exception> {
+                let fresh = zeros_like_steps(x, steps)?;
+                match old {
+                    None => Ok(fresh),
+                    Some(old) if prev % Self::STEP != 0 => cat(&[&seq(old, 0, prev)?, &fresh]),
+                    Some(old) => cat(&[old, &fresh]),
+                }
+            };
+            self.keys = Some(grow(keys, self.keys.as_ref())?);
+            self.values = Some(grow(values, self.values.as_ref())?);
+        }
+        self.offset += t;
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("buffers allocated above")
+        };
+        let k = seq_update(k, prev, self.offset, keys)?;
+        let v = seq_update(v, prev, self.offset, values)?;
+        let out = upto_offset(&k, &v, self.offset)?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(out)
+    }
+
+    /// The same cache with keys/values quantized (mlx-lm `to_quantized`).
+    pub fn to_quantized(&self, group_size: i32, bits: i32) -> Result<QuantizedKvCache, Exception> {
+        let q = |x: &Option<Array>| -> Result<Option<[Array; 3]>, Exception> {
+            x.as_ref()
+                .map(|a| mlx_rs::ops::quantize(a, group_size, bits).map(|(w, s, b)| [w, s, b]))
+                .transpose()
+        };
+        Ok(QuantizedKvCache {
+            keys: q(&self.keys)?,
+            values: q(&self.values)?,
+            offset: self.offset,
+            group_size,
+            bits,
+        })
+    }
+}
+
+/// A sliding window over the last `max_size` positions that always keeps the
+/// first `keep`; mlx-lm's `RotatingKVCache` (multi-token calls concatenate in
+/// temporal order, single tokens write in place and rotate).
+#[derive(Debug)]
+pub struct RotatingKvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    offset: i32,
+    max_size: i32,
+    keep: i32,
+    idx: i32,
+}
+
+impl RotatingKvCache {
+    pub const STEP: i32 = 256;
+
+    pub fn new(max_size: i32, keep: i32) -> RotatingKvCache {
+        RotatingKvCache {
+            keys: None,
+            values: None,
+            offset: 0,
+            max_size,
+            keep,
+            idx: 0,
+        }
+    }
+
+    fn trim(&self, trim: i32, v: &Array, append: Option<&Array>) -> Result<Array, Exception> {
+        let mut parts: Vec<Array> = if trim > 0 {
+            let len = v.shape()[2];
+            vec![seq(v, 0, self.keep)?, seq(v, trim + self.keep, len)?]
+        } else {
+            vec![v.clone()]
+        };
+        if let Some(a) = append {
+            parts.push(a.clone());
+        }
+        let refs: Vec<&Array> = parts.iter().collect();
+        cat(&refs)
+    }
+
+    fn temporal_order(&self, v: &Array) -> Result<Array, Exception> {
+        let len = v.shape()[2];
+        if self.idx == len {
+            Ok(v.clone())
+        } else if self.idx < self.offset {
+            cat(&[
+                &seq(v, 0, self.keep)?,
+                &seq(v, self.idx, len)?,
+                &seq(v, self.keep, self.idx)?,
+            ])
+        } else {
+            seq(v, 0, self.idx)
+        }
+    }
+
+    fn update_concat(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array), Exception> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => {
+                let k = self.temporal_order(k)?;
+                let v = self.temporal_order(v)?;
+                self.idx = k.shape()[2];
+                let trim = self.idx - self.max_size + 1;
+                self.keys = Some(self.trim(trim, &k, Some(keys))?);
+                self.values = Some(self.trim(trim, &v, Some(values))?);
+            }
+            _ => {
+                self.keys = Some(keys.clone());
+                self.values = Some(values.clone());
+            }
+        }
+        self.offset += keys.shape()[2];
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("set above")
+        };
+        self.idx = k.shape()[2];
+        Ok((k.clone(), v.clone()))
+    }
+
+    fn update_in_place(
+        &mut self,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array), Exception> {
+        let s = keys.shape()[2];
+        let prev = self.offset;
+        let len = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
+        if self.keys.is_none() || (prev >= len && len < self.max_size) {
+            let new_size = Self::STEP.min(self.max_size - prev);
+            let nk = zeros_like_steps(keys, new_size)?;
+            let nv = zeros_like_steps(values, new_size)?;
+            match (&self.keys, &self.values) {
+                (Some(k), Some(v)) => {
+                    self.keys = Some(cat(&[k, &nk])?);
+                    self.values = Some(cat(&[v, &nv])?);
+                }
+                _ => {
+                    self.keys = Some(nk);
+                    self.values = Some(nv);
+                }
+            }
+            self.idx = prev;
+        }
+        let (Some(k), Some(v)) = (self.keys.clone(), self.values.clone()) else {
+            unreachable!("allocated above")
+        };
+        let trim = k.shape()[2] - self.max_size;
+        let (k, v) = if trim > 0 {
+            self.idx = self.max_size;
+            (self.trim(trim, &k, None)?, self.trim(trim, &v, None)?)
+        } else {
+            (k, v)
+        };
+        if self.idx == self.max_size {
+            self.idx = self.keep;
+        }
+        let k = seq_update(&k, self.idx, self.idx + s, keys)?;
+        let v = seq_update(&v, self.idx, self.idx + s, values)?;
+        self.offset += s;
+        self.idx += s;
+        let out = upto_offset(&k, &v, self.offset)?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(out)
+    }
+
+    pub fn update_and_fetch(
+        &mut self,
+        keys: &Array,
+        values: &Array,
+    ) -> Result<(Array, Array), Exception> {
+        if keys.shape()[2] == 1 {
+            self.update_in_place(keys, values)
+        } else {
+            self.update_concat(keys, values)
+        }
+    }
+
+    /// mlx-lm's `make_mask` for the rotating cache (window = max_size).
+    fn mask(&self, t: i32) -> Result<Mask, Exception> {
+        if t <= 1 {
+            return Ok(Mask::None);
+        }
+        let window = self.max_size;
+        let offset = (self.max_size - 1).min(self.offset);
+        if offset + t <= window {
+            return Ok(Mask::Causal);
+        }
+        Ok(Mask::Array(causal_mask(t, offset, Some(window))))
+    }
+}
+
+/// Keys and values stored MLX-affine-quantized along the head dimension
+/// (mlx-lm's `QuantizedKVCache`); attention runs through quantized matmuls.
+#[derive(Debug)]
+pub struct QuantizedKvCache {
+    keys: Option<[Array; 3]>,
+    values: Option<[Array; 3]>,
+    offset: i32,
+    group_size: i32,
+    bits: i32,
+}
+
+impl QuantizedKvCache {
+    pub const STEP: i32 = 256;
+
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<KvView, Exception> {
+        let shape = keys.shape().to_vec();
+        let (b, h, t) = (shape[0], shape[1], shape[2]);
+        let prev = self.offset;
+        let capacity = self.keys.as_ref().map_or(0, |k| k[0].shape()[2]);
+        if self.keys.is_none() || prev + t > capacity {
+            let per_int = 32 / self.bits;
+            let steps = (Self::STEP + t - 1) / Self::STEP * Self::STEP;
+            let g = self.group_size;
+            let init = |dim: i32, dtype| -> Result<[Array; 3], Exception> {
+                Ok([
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / per_int], mlx_rs::Dtype::Uint32)?,
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / g], dtype)?,
+                    mlx_rs::ops::zeros_dtype(&[b, h, steps, dim / g], dtype)?,
+                ])
+            };
+            let expand = |old: &[Array; 3]| -> Result<[Array; 3], Exception> {
+                let grow = |x: &Array| -> Result<Array, Exception> {
+                    let x = if prev % Self::STEP != 0 {
+                        seq(x, 0, prev)?
+                    } else {
+                        x.clone()
+                    };
+                    let s = x.shape();
+                    let fresh = mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps, s[3]], x.dtype())?;
+                    cat(&[&x, &fresh])
+                };
+                Ok([grow(&old[0])?, grow(&old[1])?, grow(&old[2])?])
+            };
+            match (&self.keys, &self.values) {
+                (Some(k), Some(v)) => {
+                    self.keys = Some(expand(k)?);
+                    self.values = Some(expand(v)?);
+                }
+                _ => {
+                    self.keys = Some(init(shape[3], keys.dtype())?);
+                    self.values = Some(init(values.shape()[3], values.dtype())?);
+                }
+            }
+        }
+        self.offset += t;
+        let qk = mlx_rs::ops::quantize(keys, self.group_size, self.bits)?;
+        let qv = mlx_rs::ops::quantize(values, self.group_size, self.bits)?;
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            unreachable!("allocated above")
+        };
+        let put =
+            |buf: &[Array; 3], new: &(Array, Array, Array)| -> Result<[Array; 3], Exception> {
+                Ok([
+                    seq_update(&buf[0], prev, self.offset, &new.0)?,
+                    seq_update(&buf[1], prev, self.offset, &new.1)?,
+                    seq_update(&buf[2], prev, self.offset, &new.2)?,
+                ])
+            };
+        let k = put(k, &qk)?;
+        let v = put(v, &qv)?;
+        let view = |x: &[Array; 3]| -> Result<[Array; 3], Exception> {
+            if self.offset == x[0].shape()[2] {
+                Ok(x.clone())
+            } else {
+                Ok([
+                    seq(&x[0], 0, self.offset)?,
+                    seq(&x[1], 0, self.offset)?,
+                    seq(&x[2], 0, self.offset)?,
+                ])
+            }
+        };
+        let out = KvView::Quantized {
+            keys: view(&k)?,
+            values: view(&v)?,
+            group_size: self.group_size,
+            bits: self.bits,
+        };
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(out)
+    }
+}
+
+/// The state of every stateful op of a model, in plan order, plus the number
+/// of positions already processed.
+#[derive(Debug)]
+pub struct ModelCache {
+    pub(crate) slots: Vec<CacheState>,
+    pub(crate) offset: i32,
+}
+
+impl ModelCache {
+    pub fn new(kinds: &[CacheKind], opts: CacheOptions) -> ModelCache {
+        ModelCache {
+            slots: kinds.iter().map(|k| k.create(opts)).collect(),
+            offset: 0,
+        }
+    }
+
+    /// Positions processed so far.
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Removes the last `n` positions, when every slot can (standard and
+    /// quantized caches can; a rotating one only before it wraps; recurrent
+    /// state cannot be rewound).
+    pub fn trim(&mut self, n: usize) -> bool {
+        let n = n as i32;
+        let ok = self.slots.iter().all(|s| match s {
+            CacheState::Rotating(c) => c.offset < c.max_size,
+            CacheState::Conv(_) | CacheState::Recurrent { .. } => n == 0,
+            _ => true,
+        });
+        if !ok || n > self.offset {
+            return false;
+        }
+        for s in &mut self.slots {
+            match s {
+                CacheState::Kv(c) => c.offset -= n,
+                CacheState::Quantized(c) => c.offset -= n,
+                CacheState::Rotating(c) => {
+                    c.offset -= n;
+                    c.idx -= n;
+                }
+                CacheState::Conv(_) | CacheState::Recurrent { .. } => {}
+            }
+        }
+        self.offset -= n;
+        true
+    }
+
+    /// Converts standard KV caches to quantized ones once they hold at least
+    /// `start` positions (mlx-lm's `maybe_quantize_kv_cache`).
+    pub fn maybe_quantize(
+        &mut self,
+        start: i32,
+        group_size: i32,
+        bits: i32,
+    ) -> Result<(), Exception> {
+        for slot in &mut self.slots {
+            if let CacheState::Kv(c) = slot {
+                if c.offset >= start {
+                    *slot = CacheState::Quantized(c.to_quantized(group_size, bits)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Arrays holding the state, for evaluating it between prefill chunks.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            match s {
+                CacheState::Kv(c) => out.extend(c.keys.iter().chain(c.values.iter())),
+                CacheState::Rotating(c) => out.extend(c.keys.iter().chain(c.values.iter())),
+                CacheState::Quantized(c) => {
+                    out.extend(c.keys.iter().flatten().chain(c.values.iter().flatten()))
+                }
+                CacheState::Conv(c) => out.extend(c.rows.iter()),
+                CacheState::Recurrent { state, .. } => out.extend(state.iter()),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recurrent_state_refuses_to_be_rewound() {
+        let kinds = [CacheKind::Kv, CacheKind::Conv(2), CacheKind::Recurrent];
+        let mut c = ModelCache::new(&kinds, CacheOptions::default());
+        c.offset = 3;
+        assert!(
+            !c.trim(1),
+            "conv rows and recurrent state cannot be rewound"
+        );
+        assert_eq!(c.offset(), 3);
+        assert!(c.trim(0));
+        let mut state = CacheKind::Conv(2).create(CacheOptions::default());
+        let CacheState::Conv(conv) = &mut state else {
+            panic!("a conv slot")
+        };
+        let x = Array::from_slice(&[1.0f32, 2.0, 3.0], &[1, 3, 1]);
+        let all = conv.extend(&x).expect("extend");
+        assert_eq!(all.shape(), &[1, 5, 1], "two zero rows in front");
+        let kept = conv.rows.as_ref().expect("rows");
+        kept.eval().expect("eval");
+        assert_eq!(kept.as_slice::<f32>(), &[2.0, 3.0]);
+        assert_eq!(state.offset(), 3);
+    }
+
+    #[test]
+    fn seq_update_writes_positions_and_checks_shapes() {
+        let buf = mlx_rs::ops::zeros::<f32>(&[1, 2, 4, 3]).expect("zeros");
+        let upd = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[1, 2, 1, 3]);
+        let out = seq_update(&buf, 2, 3, &upd).expect("update");
+        let out = out.contiguous().expect("contiguous");
+        out.eval().expect("eval");
+        let v = out.as_slice::<f32>();
+        // Head 0 position 2, head 1 position 2; everything else zero.
+        assert_eq!(&v[6..9], &[1.0, 2.0, 3.0]);
+        assert_eq!(&v[18..21], &[4.0, 5.0, 6.0]);
+        assert_eq!(v.iter().filter(|x| **x != 0.0).count(), 6);
+        let err = seq_update(&buf, 1, 3, &upd).expect_err("two positions, one given");
+        assert!(
+            err.what().contains("does not fit positions 1..3"),
+            "{}",
+            err.what()
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! lmspec-engine: runs specs on MLX.
+//!
+//! A spec is parsed, checked and expanded for a checkpoint's config by
+//! `lmspec-spec` (no MLX there); this crate loads the checkpoint's weights
+//! ([`weights`], [`gguf`]), binds them to the expanded graph, builds each op
+//! on MLX ([`ops`]) into a [`plan::Plan`] and runs it with per-op state
+//! ([`cache`]). [`Model`] is the public entry point, configured by
+//! [`LoadOptions`].
+pub mod cache;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod ops;
+pub mod plan;
+pub mod runtime;
+pub mod weights;
+
+pub use cache::ModelCache;
+pub use error::{Error, Result};
+pub use lmspec_spec as spec;
+pub use lmspec_spec::{Spec, SpecLibrary};
+pub use model::{LoadOptions, Model, WeightPlan};

@@ -1,0 +1,347 @@
+//! The generic Model API: load a model directory with the spec its
+//! `model_type` names (or one given explicitly) and run it.
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use mlx_rs::Array;
+
+use crate::cache::{CacheOptions, ModelCache};
+use crate::error::{read_to_string, Error, Result};
+use crate::gguf::{GgufReader, GgufTokenizerData};
+use crate::plan::Plan;
+use crate::weights::{self, rules, Quantization};
+use lmspec_spec::config;
+use lmspec_spec::expr::Value;
+use lmspec_spec::library::{Spec, SpecLibrary};
+use lmspec_spec::raw::RawRule;
+use lmspec_spec::Graph;
+
+/// A loaded model: spec, bound config, expanded graph and runnable plan.
+#[derive(Debug)]
+pub struct Model {
+    pub dir: PathBuf,
+    pub spec: Spec,
+    pub config: IndexMap<String, Value>,
+    pub graph: Graph,
+    plan: Plan,
+    /// Whether quantized weights were expanded to float32 at load.
+    pub dequantized: bool,
+}
+
+/// What a checkpoint provides to [`Model::assemble`].
+struct Source<'a> {
+    path: &'a Path,
+    config: &'a serde_json::Value,
+    config_file: &'a Path,
+    tensors: IndexMap<String, Array>,
+    tensor_file: &'a Path,
+    /// Rules applied before the spec's own (GGUF renames).
+    first_rules: &'a [RawRule],
+}
+
+/// Which representation quantized weights are run in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightPlan {
+    /// As the checkpoint stores them.
+    AsStored,
+    /// Dequantized to float32 (BLAS matmuls on CPU).
+    Dense,
+    /// Dense on the CPU when the float32 weights take at most half of the
+    /// available memory; as stored on a GPU.
+    #[default]
+    Auto,
+}
+
+impl WeightPlan {
+    pub fn parse(s: &str) -> Option<WeightPlan> {
+        Some(match s {
+            "auto" => WeightPlan::Auto,
+            "quantized" | "as-stored" => WeightPlan::AsStored,
+            "dense" | "f32" => WeightPlan::Dense,
+            _ => return None,
+        })
+    }
+
+    /// Whether this plan expands the quantized weights among `params`.
+    pub fn dequantizes(self, params: &[Vec<crate::ops::Param>]) -> bool {
+        match self {
+            WeightPlan::AsStored => false,
+            WeightPlan::Dense => true,
+            WeightPlan::Auto => {
+                if crate::runtime::default_device() != "cpu" {
+                    return false;
+                }
+                let dense_bytes = weights::dense_bytes(params);
+                let available = crate::runtime::available_memory().unwrap_or(0);
+                weights::has_quantized(params) && dense_bytes * 2 <= available
+            }
+        }
+    }
+}
+
+/// How a model is loaded: one set of options for [`Model`], the language
+/// model and the embedder.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// The spec to use (a name in the library or a path to a YAML file);
+    /// `None`: the one claiming the checkpoint's `model_type` (or GGUF
+    /// architecture).
+    pub spec: Option<String>,
+    /// Which representation quantized weights run in.
+    pub weights: WeightPlan,
+    /// Whether linear layers that read the same value run as one
+    /// projection (see [`Plan::build`]); `None`: on for the CPU, off on a
+    /// GPU (with MLX 0.32.2's CUDA backend, RoPE over a part of a fused
+    /// projection's `Split` gave wrong values: docs/gpu.md).
+    pub fuse_projections: Option<bool>,
+    /// The spec library; `None`: [`SpecLibrary::open_default`]
+    /// (`$LMSPEC_SPECS`, else the library built into the binary).
+    pub library: Option<SpecLibrary>,
+}
+
+impl LoadOptions {
+    /// Options with weights kept as stored.
+    pub fn as_stored() -> LoadOptions {
+        LoadOptions {
+            weights: WeightPlan::AsStored,
+            ..LoadOptions::default()
+        }
+    }
+
+    pub fn with_spec(mut self, spec: impl Into<String>) -> LoadOptions {
+        self.spec = Some(spec.into());
+        self
+    }
+
+    pub fn with_weights(mut self, weights: WeightPlan) -> LoadOptions {
+        self.weights = weights;
+        self
+    }
+
+    pub fn with_library(mut self, library: SpecLibrary) -> LoadOptions {
+        self.library = Some(library);
+        self
+    }
+
+    pub fn with_fusion(mut self, fuse: bool) -> LoadOptions {
+        self.fuse_projections = Some(fuse);
+        self
+    }
+
+    /// The library these options name (opened when none was given).
+    pub fn library(&self) -> Result<std::borrow::Cow<'_, SpecLibrary>> {
+        Ok(match &self.library {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => std::borrow::Cow::Owned(SpecLibrary::open_default()?),
+        })
+    }
+
+    fn fuse(&self) -> bool {
+        self.fuse_projections
+            .unwrap_or_else(|| crate::runtime::default_device() == "cpu")
+    }
+}
+
+/// Whether `path` names a GGUF file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Reads `config.json` of a model directory.
+pub fn read_config(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+    let file = dir.join("config.json");
+    let text = read_to_string(&file)?;
+    let json = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: file.clone(),
+        key: "<document>".into(),
+        msg: format!("invalid JSON: {e}"),
+    })?;
+    Ok((file, json))
+}
+
+/// The spec a config asks for: `spec` when given, else its `model_type`.
+pub fn resolve_spec(
+    lib: &SpecLibrary,
+    config: &serde_json::Value,
+    config_file: &Path,
+    spec: Option<&str>,
+) -> Result<Spec> {
+    match spec {
+        Some(s) => Ok(lib.load(s)?),
+        None => {
+            let mt = config
+                .get("model_type")
+                .and_then(|m| m.as_str())
+                .ok_or_else(|| Error::Config {
+                    file: config_file.to_path_buf(),
+                    key: "model_type".into(),
+                    msg: "missing; pass a spec explicitly".into(),
+                })?;
+            Ok(lib.for_model_type(mt, config_file)?)
+        }
+    }
+}
+
+/// Checks a spec, binds a config and expands the graph (no weights).
+pub fn expand_for(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+) -> Result<(IndexMap<String, Value>, Graph)> {
+    let checked = lmspec_spec::check(spec)?;
+    let bound = config::bind(spec, config, config_file)?;
+    let g = lmspec_spec::expand(&checked, &bound)?;
+    Ok((bound, g))
+}
+
+impl Model {
+    /// Loads `path` (a model directory or a `.gguf` file).
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        if is_gguf(path) {
+            return Ok(Model::load_gguf(path, opts)?.0);
+        }
+        let lib = opts.library()?;
+        let (config_file, json) = read_config(path)?;
+        let spec = resolve_spec(&lib, &json, &config_file, opts.spec.as_deref())?;
+        let checkpoint = weights::load_safetensors_dir(path)?;
+        let source = Source {
+            path,
+            config: &json,
+            config_file: &config_file,
+            tensors: checkpoint.tensors,
+            tensor_file: &checkpoint.file,
+            first_rules: &[],
+        };
+        Model::assemble(spec, source, opts)
+    }
+
+    /// Loads a GGUF file; also returns what it holds besides the model
+    /// (tokenizer data, chat template).
+    pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<(Model, GgufTokenizerData)> {
+        let lib = opts.library()?;
+        let reader = GgufReader::open(path)?;
+        let spec = match opts.spec.as_deref() {
+            Some(s) => lib.load(s)?,
+            None => lib.for_gguf_architecture(&reader.architecture()?, path)?,
+        };
+        let ckpt = reader.read(&spec)?;
+        let gguf_rules: Vec<RawRule> = spec
+            .gguf
+            .as_ref()
+            .map(|g| g.item.rules.clone())
+            .unwrap_or_default();
+        let source = Source {
+            path,
+            config: &ckpt.config,
+            config_file: path,
+            tensors: ckpt.tensors,
+            tensor_file: path,
+            first_rules: &gguf_rules,
+        };
+        let model = Model::assemble(spec, source, opts)?;
+        Ok((model, ckpt.tokenizer))
+    }
+
+    fn assemble(spec: Spec, src: Source<'_>, opts: &LoadOptions) -> Result<Model> {
+        let Source {
+            path,
+            config: json,
+            config_file,
+            tensors,
+            tensor_file,
+            first_rules,
+        } = src;
+        let (bound, graph) = expand_for(&spec, json, config_file)?;
+        let rule_refs: Vec<&RawRule> = first_rules
+            .iter()
+            .chain(spec.rules.iter().map(|r| &r.item))
+            .collect();
+        let truthy = |v: &serde_yaml::Value| config::eval_bool(v, &bound);
+        let applied = rules::apply(&rule_refs, tensors, &truthy).map_err(|msg| Error::Weights {
+            file: tensor_file.to_path_buf(),
+            msg: format!("weight rules of {}: {msg}", spec.file.display()),
+        })?;
+        let quant = Quantization::from_config(json, config_file)?.with_ties(applied.ties);
+        let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
+        let dense = opts.weights.dequantizes(&params);
+        if dense {
+            weights::dequantize_all(&mut params)?;
+        }
+        let plan = Plan::build(&graph, params, opts.fuse())?;
+        Ok(Model {
+            dir: path.to_path_buf(),
+            spec,
+            config: bound,
+            graph,
+            plan,
+            dequantized: dense,
+        })
+    }
+
+    /// A fresh cache with the slots this model's ops declared.
+    pub fn new_cache(&self) -> ModelCache {
+        self.new_cache_with(CacheOptions::default())
+    }
+
+    /// A fresh cache with the given options (e.g. a rotating window).
+    pub fn new_cache_with(&self, opts: CacheOptions) -> ModelCache {
+        ModelCache::new(self.plan.cache_kinds(), opts)
+    }
+
+    /// Logits [B, T, vocab] for token ids [B, T] (or [T]). Without a cache,
+    /// the tokens are the whole sequence.
+    pub fn forward(&self, tokens: &Array, cache: Option<&mut ModelCache>) -> Result<Array> {
+        Ok(self.forward_with_taps(tokens, cache, &[])?.0)
+    }
+
+    /// Like [`Model::forward`], also returning the named taps.
+    pub fn forward_with_taps(
+        &self,
+        tokens: &Array,
+        cache: Option<&mut ModelCache>,
+        taps: &[String],
+    ) -> Result<(Array, IndexMap<String, Array>)> {
+        self.run(tokens, cache, taps, None)
+    }
+
+    /// The output for a padded batch: `tokens` [B, T] and `key_mask` [B, T]
+    /// (true for real tokens); padding positions are hidden from attention.
+    pub fn forward_masked(&self, tokens: &Array, key_mask: &Array) -> Result<Array> {
+        Ok(self.run(tokens, None, &[], Some(key_mask))?.0)
+    }
+
+    fn run(
+        &self,
+        tokens: &Array,
+        cache: Option<&mut ModelCache>,
+        taps: &[String],
+        key_mask: Option<&Array>,
+    ) -> Result<(Array, IndexMap<String, Array>)> {
+        let tokens = match tokens.ndim() {
+            1 => tokens.reshape(&[1, -1])?,
+            2 => tokens.clone(),
+            n => {
+                return Err(Error::Usage(format!(
+                    "tokens must be [T] or [B, T], got {n} axes"
+                )))
+            }
+        };
+        let mut fresh;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                fresh = self.new_cache();
+                &mut fresh
+            }
+        };
+        self.plan.run(&tokens, cache, taps, key_mask)
+    }
+
+    /// Tap names in execution order.
+    pub fn tap_names(&self) -> Vec<String> {
+        self.plan.tap_names().map(str::to_string).collect()
+    }
+}

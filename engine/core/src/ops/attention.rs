@@ -1,0 +1,188 @@
+//! `attention`: scaled dot-product attention over per-head q, k, v through
+//! `fast::scaled_dot_product_attention` (grouped-query when k/v have fewer
+//! heads), with a causal (optionally sliding-window) mask, an optional
+//! key-padding mask and a KV cache slot. With `softcap` the scores are
+//! computed explicitly and capped with `tanh` before the softmax.
+use lmspec_spec::ops::{Attention, Layout, OpError};
+use mlx_rs::error::Exception;
+use mlx_rs::fast::ScaledDotProductAttentionMask;
+use mlx_rs::Array;
+
+use super::{Build, Ctx, Op, Weights};
+use crate::cache::{causal_mask, KvView, Mask};
+
+impl Build for Attention {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(AttentionOp {
+            scale: self.scale as f32,
+            causal: self.causal,
+            window: self.window_size(),
+            softcap: self.softcap.map(|c| c.0 as f32),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct AttentionOp {
+    scale: f32,
+    causal: bool,
+    window: Option<i32>,
+    softcap: Option<f32>,
+}
+
+impl Op for AttentionOp {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+        let t = q.shape()[2];
+        let (mask, kv) = match ctx.cache.as_deref_mut() {
+            Some(cache) => (cache.mask(t)?, cache.update_and_fetch(k, v)?),
+            None => {
+                let mask = match self.window {
+                    Some(w) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
+                    _ if t > 1 => Mask::Causal,
+                    _ => Mask::None,
+                };
+                (mask, KvView::Dense(k.clone(), v.clone()))
+            }
+        };
+        let mask = if self.causal { mask } else { Mask::None };
+        let mask = match ctx.key_mask {
+            Some(keys) => with_key_mask(mask, keys, t)?,
+            None => mask,
+        };
+        match kv {
+            KvView::Dense(k, v) if self.softcap.is_none() => {
+                let m = match &mask {
+                    Mask::None => None,
+                    Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
+                    Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
+                };
+                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, self.scale, m, None)
+            }
+            KvView::Dense(k, v) => {
+                let hkv = k.shape()[1];
+                explicit_attention(q, &k, &v, hkv, self.scale, self.softcap, &mask)
+            }
+            KvView::Quantized {
+                keys,
+                values,
+                group_size,
+                bits,
+            } => {
+                let hkv = keys[0].shape()[1];
+                let wrap = |parts| QuantizedKv {
+                    parts,
+                    group_size,
+                    bits,
+                };
+                let (keys, values) = (wrap(keys), wrap(values));
+                explicit_attention(q, &keys, &values, hkv, self.scale, self.softcap, &mask)
+            }
+        }
+    }
+}
+
+/// `mask` restricted to the keys a `[B, S]` key mask allows (true = a real
+/// token); the result is `[B, 1, t, S]` and broadcasts over heads.
+fn with_key_mask(mask: Mask, keys: &Array, t: i32) -> Result<Mask, Exception> {
+    let s = keys.shape();
+    let keys = keys.reshape(&[s[0], 1, 1, s[1]])?;
+    Ok(Mask::Array(match mask {
+        Mask::None => keys,
+        Mask::Causal => mlx_rs::ops::logical_and(&keys, causal_mask(t, s[1] - t, None))?,
+        Mask::Array(a) => mlx_rs::ops::logical_and(&keys, &a)?,
+    }))
+}
+
+/// Keys or values as the explicit attention path multiplies them: dense, or
+/// MLX-affine-quantized along the head dimension.
+trait KvOperand: Sized {
+    /// Inserts a group axis before the head axis (grouped-query attention).
+    fn expand_groups(&self) -> Result<Self, Exception>;
+    /// `lhs @ selfᵀ` (`transpose`) or `lhs @ self`.
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception>;
+}
+
+impl KvOperand for Array {
+    fn expand_groups(&self) -> Result<Array, Exception> {
+        self.expand_dims(-3)
+    }
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception> {
+        if transpose {
+            mlx_rs::ops::matmul(lhs, self.swap_axes(-1, -2)?)
+        } else {
+            mlx_rs::ops::matmul(lhs, self)
+        }
+    }
+}
+
+struct QuantizedKv {
+    parts: [Array; 3],
+    group_size: i32,
+    bits: i32,
+}
+
+impl KvOperand for QuantizedKv {
+    fn expand_groups(&self) -> Result<Self, Exception> {
+        Ok(QuantizedKv {
+            parts: [
+                self.parts[0].expand_dims(-3)?,
+                self.parts[1].expand_dims(-3)?,
+                self.parts[2].expand_dims(-3)?,
+            ],
+            group_size: self.group_size,
+            bits: self.bits,
+        })
+    }
+    fn matmul(&self, lhs: &Array, transpose: bool) -> Result<Array, Exception> {
+        let [w, s, b] = &self.parts;
+        mlx_rs::ops::quantized_matmul(lhs, w, s, b, transpose, self.group_size, self.bits)
+    }
+}
+
+/// Attention with the scores materialised (mlx-lm's explicit paths): scale
+/// q, `q kᵀ` per key/value group, optional `tanh` cap, mask, precise
+/// softmax, `· v`.
+fn explicit_attention<K: KvOperand>(
+    q: &Array,
+    keys: &K,
+    values: &K,
+    hkv: i32,
+    scale: f32,
+    softcap: Option<f32>,
+    mask: &Mask,
+) -> Result<Array, Exception> {
+    let s = q.shape().to_vec();
+    let (b, hq, l, d) = (s[0], s[1], s[2], s[3]);
+    let repeats = hq / hkv;
+    let mut q = mlx_rs::ops::multiply(q, Array::from_f32(scale).as_dtype(q.dtype())?)?;
+    let grouped;
+    let (keys, values) = if repeats > 1 {
+        q = q.reshape(&[b, hkv, repeats, l, d])?;
+        grouped = (keys.expand_groups()?, values.expand_groups()?);
+        (&grouped.0, &grouped.1)
+    } else {
+        (keys, values)
+    };
+    let mut scores = keys.matmul(&q, true)?;
+    if let Some(c) = softcap {
+        scores = super::elementwise::soft_cap(&scores, c)?;
+    }
+    let kl = *scores.shape().last().unwrap_or(&0);
+    let allowed = match mask {
+        Mask::None => None,
+        Mask::Causal => Some(causal_mask(l, kl - l, None)),
+        Mask::Array(a) => Some(a.clone()),
+    };
+    if let Some(m) = allowed {
+        let floor = Array::from_f32(f32::MIN).as_dtype(scores.dtype())?;
+        scores = mlx_rs::ops::select(&m, &scores, &floor)?;
+    }
+    let probs = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
+    let out = values.matmul(&probs, false)?;
+    if repeats > 1 {
+        out.reshape(&[b, hq, l, -1])
+    } else {
+        Ok(out)
+    }
+}

@@ -1,0 +1,121 @@
+//! `gated_delta`: the gated delta rule of Gated DeltaNet linear
+//! attention, as mlx-lm's `gated_delta_update` ops path. Per value
+//! head j (key head j / (value_heads / key_heads)), with q, k normalised
+//! to unit length (q also scaled by `key_dim^-0.5`), `beta = sigmoid(b)`
+//! and `g = exp(-exp(A_log) softplus(a + dt_bias))`:
+//! `S = g S + beta (v - g S k) kᵀ`, `y = S q`. The float32 state
+//! `[B, value_heads, value_dim, key_dim]` is the op's cache slot.
+use lmspec_spec::ops::{GatedDelta, Layout, OpError};
+use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
+use mlx_rs::{Array, Dtype};
+
+use super::{Build, Ctx, Op, Weights};
+use crate::cache::CacheState;
+
+/// Added to the squared length before q and k are normalised.
+const NORM_EPS: f32 = 1e-6;
+
+impl Build for GatedDelta {
+    fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let (a_log, dt_bias) = (w.dense("weight")?, w.dense("weight")?);
+        let e = |e: Exception| OpError::new("weight", e.to_string());
+        let neg_a = mlx_rs::ops::negative(
+            mlx_rs::ops::exp(a_log.as_dtype(Dtype::Float32).map_err(e)?).map_err(e)?,
+        )
+        .map_err(e)?;
+        Ok(Box::new(GatedDeltaOp {
+            neg_a,
+            dt_bias,
+            key_heads: self.key_heads as i32,
+            value_heads: self.value_heads as i32,
+            key_dim: self.key_dim as i32,
+            value_dim: self.value_dim as i32,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct GatedDeltaOp {
+    /// `-exp(A_log)`, float32 `[value_heads]`.
+    neg_a: Array,
+    dt_bias: Array,
+    key_heads: i32,
+    value_heads: i32,
+    key_dim: i32,
+    value_dim: i32,
+}
+
+/// `x / sqrt(sum(x²) + eps)` over the last axis (a head), times `scale`.
+fn unit(x: &Array, scale: f32) -> Result<Array, Exception> {
+    let sq = mlx_rs::ops::square(x.as_dtype(Dtype::Float32)?)?.sum_axis(-1, true)?;
+    let inv = mlx_rs::ops::rsqrt(mlx_rs::ops::add(&sq, Array::from_f32(NORM_EPS))?)?;
+    let inv = mlx_rs::ops::multiply(&inv, Array::from_f32(scale))?;
+    mlx_rs::ops::multiply(x, &inv)?.as_dtype(x.dtype())
+}
+
+impl GatedDeltaOp {
+    /// `[B, T, Hk * Dk]` as `[B, T, Hv, Dk]`, each key head normalised
+    /// (times `scale`) and serving its value heads.
+    fn per_value_head(&self, x: &Array, scale: f32) -> Result<Array, Exception> {
+        let s = x.shape();
+        let (b, t) = (s[0], s[1]);
+        let rep = self.value_heads / self.key_heads;
+        let x = unit(&x.reshape(&[b, t, self.key_heads, self.key_dim])?, scale)?;
+        let x = x.reshape(&[b, t, self.key_heads, 1, self.key_dim])?;
+        let x = mlx_rs::ops::broadcast_to(&x, &[b, t, self.key_heads, rep, self.key_dim])?;
+        x.reshape(&[b, t, self.value_heads, self.key_dim])
+    }
+}
+
+impl Op for GatedDeltaOp {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let (q, k, v, a, b) = (inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]);
+        let s = q.shape();
+        let (bsz, t) = (s[0], s[1]);
+        let (hv, dk, dv) = (self.value_heads, self.key_dim, self.value_dim);
+        let q = self.per_value_head(q, (dk as f32).powf(-0.5))?;
+        let k = self.per_value_head(k, 1.0)?;
+        let v = v.reshape(&[bsz, t, hv, dv])?;
+        let beta = mlx_rs::ops::sigmoid(b)?;
+        // softplus(a + dt_bias) = logaddexp(., 0)
+        let sp = mlx_rs::ops::logaddexp(mlx_rs::ops::add(a, &self.dt_bias)?, Array::from_f32(0.0))?;
+        let g = mlx_rs::ops::exp(mlx_rs::ops::multiply(
+            &self.neg_a,
+            sp.as_dtype(Dtype::Float32)?,
+        )?)?;
+        let mut state = match ctx.cache.as_deref() {
+            Some(CacheState::Recurrent { state, .. }) => state.clone(),
+            Some(_) => return Err(Exception::custom("gated_delta: wrong cache slot")),
+            None => None,
+        }
+        .map_or_else(
+            || mlx_rs::ops::zeros_dtype(&[bsz, hv, dv, dk], Dtype::Float32),
+            Ok,
+        )?;
+        let at = |x: &Array, i: i32| x.try_index(&[(..).index_op(), i.index_op()][..]);
+        let mut ys = Vec::with_capacity(t as usize);
+        for i in 0..t {
+            let (qt, kt, vt) = (at(&q, i)?, at(&k, i)?, at(&v, i)?);
+            let (gt, bt) = (at(&g, i)?, at(&beta, i)?);
+            // [B, Hv, Dv, Dk] scaled by g; k and q along the last axis.
+            state = mlx_rs::ops::multiply(&state, gt.reshape(&[bsz, hv, 1, 1])?)?;
+            let k4 = kt.expand_dims(-2)?;
+            let kv_mem = mlx_rs::ops::multiply(&state, &k4)?.sum_axis(-1, false)?;
+            let delta =
+                mlx_rs::ops::multiply(mlx_rs::ops::subtract(&vt, &kv_mem)?, bt.expand_dims(-1)?)?;
+            state = mlx_rs::ops::add(&state, mlx_rs::ops::multiply(&k4, delta.expand_dims(-1)?)?)?;
+            let y = mlx_rs::ops::multiply(&state, qt.expand_dims(-2)?)?.sum_axis(-1, false)?;
+            ys.push(y.as_dtype(q.dtype())?);
+        }
+        if let Some(CacheState::Recurrent {
+            state: slot,
+            offset,
+        }) = ctx.cache.as_deref_mut()
+        {
+            *slot = Some(state);
+            *offset += t;
+        }
+        mlx_rs::ops::stack(&ys, 1)?.reshape(&[bsz, t, hv * dv])
+    }
+}

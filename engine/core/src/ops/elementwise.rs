@@ -1,0 +1,158 @@
+//! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
+//! gated `glu`.
+use lmspec_spec::ops::{Act, Activation, Add, Glu, Layout, Mul, OpError, Scale, Softcap};
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+use super::{Build, Ctx, Op, Weights};
+
+impl Build for Add {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(AddOp))
+    }
+}
+
+#[derive(Debug)]
+struct AddOp;
+
+impl Op for AddOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let mut acc = mlx_rs::ops::add(inputs[0], inputs[1])?;
+        for x in &inputs[2..] {
+            acc = mlx_rs::ops::add(&acc, x)?;
+        }
+        Ok(acc)
+    }
+}
+
+impl Build for Mul {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(MulOp))
+    }
+}
+
+#[derive(Debug)]
+struct MulOp;
+
+impl Op for MulOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        mlx_rs::ops::multiply(inputs[0], inputs[1])
+    }
+}
+
+impl Build for Scale {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(ScaleOp {
+            factor: self.factor as f32,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct ScaleOp {
+    factor: f32,
+}
+
+impl Op for ScaleOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let f = Array::from_f32(self.factor).as_dtype(inputs[0].dtype())?;
+        mlx_rs::ops::multiply(inputs[0], &f)
+    }
+}
+
+impl Build for Softcap {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(SoftcapOp {
+            cap: self.cap as f32,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct SoftcapOp {
+    cap: f32,
+}
+
+impl Op for SoftcapOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        soft_cap(inputs[0], self.cap)
+    }
+}
+
+/// `cap · tanh(x / cap)` in `x`'s dtype.
+pub(crate) fn soft_cap(x: &Array, cap: f32) -> Result<Array, Exception> {
+    let c = Array::from_f32(cap).as_dtype(x.dtype())?;
+    mlx_rs::ops::multiply(mlx_rs::ops::tanh(mlx_rs::ops::divide(x, &c)?)?, &c)
+}
+
+/// Applies an activation function.
+pub(crate) fn activate(act: Act, x: &Array) -> Result<Array, Exception> {
+    match act {
+        Act::Silu => mlx_rs::nn::silu(x),
+        Act::Gelu => mlx_rs::nn::gelu(x),
+        Act::GeluApprox => mlx_rs::nn::gelu_approximate(x),
+        Act::GeluFast => mlx_rs::nn::gelu_fast_approximate(x),
+        Act::Relu => mlx_rs::nn::relu(x),
+        Act::Sigmoid => mlx_rs::ops::sigmoid(x),
+        Act::Tanh => mlx_rs::ops::tanh(x),
+    }
+}
+
+impl Build for Activation {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(ActOp { act: self.r#fn }))
+    }
+}
+
+#[derive(Debug)]
+struct ActOp {
+    act: Act,
+}
+
+impl Op for ActOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        activate(self.act, inputs[0])
+    }
+}
+
+impl Build for Glu {
+    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        Ok(Box::new(GluOp { act: self.r#fn }))
+    }
+}
+
+#[derive(Debug)]
+struct GluOp {
+    act: Act,
+}
+
+impl Op for GluOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        match self.act {
+            // One fused kernel, as mlx-lm's compiled `swiglu`.
+            Act::Silu => swiglu(inputs[0], inputs[1]),
+            act => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),
+        }
+    }
+}
+
+/// `silu(gate) * up`, compiled shapeless so MLX fuses it. One compiled
+/// function serves every call: MLX caches a compiled graph by the
+/// function's id, and each new compiled closure gets a fresh id, so a
+/// closure made per call would be traced and compiled again every time.
+fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    type Swiglu = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array, Exception>>;
+    fn f((g, u): (&Array, &Array)) -> Result<Array, Exception> {
+        mlx_rs::ops::multiply(mlx_rs::ops::multiply(g, mlx_rs::ops::sigmoid(g)?)?, u)
+    }
+    // The compiled closure is not `Send` (it holds MLX handles), so each
+    // thread keeps its own.
+    thread_local! {
+        static COMPILED: std::cell::RefCell<Option<Swiglu>> = const { std::cell::RefCell::new(None) };
+    }
+    COMPILED.with_borrow_mut(|slot| {
+        let call =
+            slot.get_or_insert_with(|| Box::new(mlx_rs::transforms::compile::compile(f, true)));
+        call((gate, up))
+    })
+}

@@ -1,0 +1,88 @@
+//! `rope`: rotary position embeddings through `fast::rope`, with the scaling
+//! variants of HF `rope_scaling` (default, linear, dynamic NTK, llama3, yarn,
+//! longrope, proportional), traditional or half-split rotation, and partial
+//! rotary (`dims` < head size). Positions start at the cache offset.
+use lmspec_spec::ops::{Layout, OpError, Rope, RopeScaling};
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+use super::{Build, Ctx, Op, Weights};
+
+impl Build for Rope {
+    fn build(&self, inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let dims = self.rotated_dims(inputs)?;
+        let v = self.variant(dims)?;
+        let freqs = match &v {
+            RopeScaling::Freqs { freqs, .. } => {
+                Some(Array::from_slice(freqs, &[freqs.len() as i32]))
+            }
+            _ => None,
+        };
+        Ok(Box::new(RopeOp {
+            dims: dims as i32,
+            traditional: self.traditional,
+            variant: v,
+            freqs,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct RopeOp {
+    dims: i32,
+    traditional: bool,
+    variant: RopeScaling,
+    freqs: Option<Array>,
+}
+
+impl Op for RopeOp {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let (x, dims, offset) = (inputs[0], self.dims, ctx.offset);
+        match &self.variant {
+            RopeScaling::Base { base, scale } => {
+                mlx_rs::fast::rope(x, dims, self.traditional, *base, *scale, offset, None)
+            }
+            RopeScaling::Dynamic {
+                base,
+                factor,
+                max_position,
+            } => {
+                let t = x.shape()[x.ndim() - 2] as f64;
+                let seq = (t + offset as f64).max(*max_position);
+                let d = dims as f64;
+                let b = base * ((factor * seq / max_position) - (factor - 1.0)).powf(d / (d - 2.0));
+                mlx_rs::fast::rope(x, dims, self.traditional, b as f32, 1.0, offset, None)
+            }
+            RopeScaling::Freqs { input_scale, .. } => {
+                let scaled;
+                let x = if *input_scale != 1.0 {
+                    scaled = scale_leading(x, dims, *input_scale)?;
+                    &scaled
+                } else {
+                    x
+                };
+                mlx_rs::fast::rope(
+                    x,
+                    dims,
+                    self.traditional,
+                    None,
+                    1.0,
+                    offset,
+                    self.freqs.as_ref(),
+                )
+            }
+        }
+    }
+}
+
+/// Multiplies the first `dims` features of the last axis by `s`.
+fn scale_leading(x: &Array, dims: i32, s: f32) -> Result<Array, Exception> {
+    let width = *x.shape().last().unwrap_or(&0);
+    let s = Array::from_f32(s).as_dtype(x.dtype())?;
+    if dims >= width {
+        return mlx_rs::ops::multiply(x, &s);
+    }
+    let parts = x.split_at_indices(&[dims], -1)?;
+    let head = mlx_rs::ops::multiply(&parts[0], &s)?;
+    mlx_rs::ops::concatenate(&[&head, &parts[1]], -1)
+}

@@ -1,0 +1,603 @@
+//! The newer primitives against reference computations written out here
+//! (the formulas of the corresponding mlx / mlx-lm code, in f64).
+use lmspec_spec::expr::Value;
+use lmspec_spec::ops::{lookup, Layout as ValueInfo};
+use mlx_rs::Array;
+
+use super::{Ctx, Op, Param, Weights};
+use crate::cache::CreateState;
+
+/// Resolves and builds `kind` with the `given` parameters (the rest take
+/// their schema defaults, as the expander gives them).
+fn build(kind: &str, given: &[(&str, Value)], inputs: &[ValueInfo], w: Vec<Param>) -> Box<dyn Op> {
+    let entry = lookup(kind).expect("op");
+    let values: Vec<Value> = entry
+        .schema
+        .params
+        .iter()
+        .map(|def| {
+            given
+                .iter()
+                .find(|(n, _)| *n == def.name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| def.default.map(|d| d()))
+                .unwrap_or(Value::Null)
+        })
+        .collect();
+    let op = (entry.parse)(&values).expect("parse");
+    let resolved = op.resolve("", inputs).expect("resolve");
+    let fields = resolved.weights.iter().map(|r| r.field);
+    super::build(&op, inputs, Weights::new(fields.zip(w).collect())).expect("build")
+}
+
+fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
+    let mut ctx = Ctx {
+        offset,
+        key_mask: None,
+        cache: None,
+    };
+    let y = op
+        .forward(inputs, &mut ctx)
+        .and_then(|y| y.contiguous())
+        .expect("forward");
+    y.eval().expect("eval");
+    y.as_slice::<f32>().to_vec()
+}
+
+fn close(a: &[f32], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((f64::from(*x) - y).abs() <= tol, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn softcap_is_cap_tanh_x_over_cap() {
+    let xs = [-10.0f32, -1.0, 0.0, 2.0, 50.0];
+    let x = Array::from_slice(&xs, &[1, 1, 5]);
+    let op = build(
+        "softcap",
+        &[("cap", Value::Float(5.0))],
+        &[ValueInfo::flat(5)],
+        vec![],
+    );
+    let want: Vec<f64> = xs
+        .iter()
+        .map(|&v| 5.0 * (f64::from(v) / 5.0).tanh())
+        .collect();
+    close(&run(op.as_ref(), &[&x], 0), &want, 1e-6);
+}
+
+#[test]
+fn slice_takes_a_range_of_the_last_axis() {
+    let xs: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let x = Array::from_slice(&xs, &[1, 2, 6]);
+    let given = [("start", Value::Int(2)), ("size", Value::Int(3))];
+    let op = build("slice", &given, &[ValueInfo::flat(6)], vec![]);
+    close(
+        &run(op.as_ref(), &[&x], 0),
+        &[2.0, 3.0, 4.0, 8.0, 9.0, 10.0],
+        0.0,
+    );
+}
+
+#[test]
+fn position_embedding_rows_follow_the_offset() {
+    let table: Vec<f32> = (0..8).map(|v| v as f32).collect();
+    let w = || vec![Param::Dense(Array::from_slice(&table, &[4, 2]))];
+    let tokens = Array::from_slice(&[7i32, 7], &[1, 2]);
+    let given = [
+        ("positions", Value::Int(4)),
+        ("dim", Value::Int(2)),
+        ("weight", Value::Str("p".into())),
+    ];
+    let op = build("position_embedding", &given, &[ValueInfo::flat(1)], w());
+    close(&run(op.as_ref(), &[&tokens], 1), &[2.0, 3.0, 4.0, 5.0], 0.0);
+    let mut ctx = Ctx {
+        offset: 3,
+        key_mask: None,
+        cache: None,
+    };
+    assert!(op.forward(&[&tokens], &mut ctx).is_err(), "past the table");
+    let fixed = [
+        given[0].clone(),
+        given[1].clone(),
+        given[2].clone(),
+        ("row", Value::Int(0)),
+    ];
+    let op = build("position_embedding", &fixed, &[ValueInfo::flat(1)], w());
+    close(&run(op.as_ref(), &[&tokens], 3), &[0.0, 1.0, 0.0, 1.0], 0.0);
+}
+
+/// softmax(cap(scale · q kᵀ)) v over the keys a causal window allows, in f64,
+/// for q [Hq, T, D] and k, v [Hk, T, D] (grouped-query heads).
+fn reference_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (hq, hk, t, d): (usize, usize, usize, usize),
+    scale: f64,
+    window: Option<usize>,
+    cap: Option<f64>,
+) -> Vec<f64> {
+    let mut out = vec![0.0; hq * t * d];
+    for h in 0..hq {
+        let g = h / (hq / hk);
+        for i in 0..t {
+            let keys: Vec<usize> = (0..=i)
+                .filter(|j| window.is_none_or(|w| i - j < w))
+                .collect();
+            let scores: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let s: f64 = (0..d)
+                        .map(|x| {
+                            f64::from(q[(h * t + i) * d + x]) * f64::from(k[(g * t + j) * d + x])
+                        })
+                        .sum::<f64>()
+                        * scale;
+                    cap.map_or(s, |c| c * (s / c).tanh())
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (p, &j) in e.iter().zip(&keys) {
+                for x in 0..d {
+                    out[(h * t + i) * d + x] += p / z * f64::from(v[(g * t + j) * d + x]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_window_and_softcap_match_the_reference() {
+    let (hq, hk, t, d) = (4usize, 2usize, 7usize, 8usize);
+    let gen = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 250.0
+                    - 2.0
+            })
+            .collect()
+    };
+    let (qs, ks, vs) = (gen(hq * t * d, 1), gen(hk * t * d, 2), gen(hk * t * d, 3));
+    let q = Array::from_slice(&qs, &[1, hq as i32, t as i32, d as i32]);
+    let k = Array::from_slice(&ks, &[1, hk as i32, t as i32, d as i32]);
+    let v = Array::from_slice(&vs, &[1, hk as i32, t as i32, d as i32]);
+    let heads = |h: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let infos = [heads(hq), heads(hk), heads(hk)];
+    let scale = 0.35;
+    for (window, cap) in [
+        (None, None),
+        (Some(3), None),
+        (None, Some(1.5)),
+        (Some(2), Some(1.5)),
+    ] {
+        let given = [
+            ("scale", Value::Float(scale)),
+            ("causal", Value::Bool(true)),
+            (
+                "window",
+                window.map_or(Value::Null, |w| Value::Int(w as i64)),
+            ),
+            ("softcap", cap.map_or(Value::Null, Value::Float)),
+        ];
+        let op = build("attention", &given, &infos, vec![]);
+        let want = reference_attention(&qs, &ks, &vs, (hq, hk, t, d), scale, window, cap);
+        close(&run(op.as_ref(), &[&q, &k, &v], 0), &want, 2e-5);
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// mlx-lm's sparse MoE block with a SwitchGLU, in f64: route each token,
+/// run its top-k experts (`down(silu(gate x) * up x)`), sum by score.
+#[allow(clippy::too_many_arguments)]
+fn moe_reference(
+    x: &[f32],
+    tokens: usize,
+    d: usize,
+    e: usize,
+    f: usize,
+    k: usize,
+    w: [&[f32]; 4],
+    topk_softmax: bool,
+    norm: bool,
+) -> Vec<f64> {
+    let [router, gate, up, down] = w;
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum::<f64>()
+    };
+    let softmax = |v: &[f64]| {
+        let m = v.iter().cloned().fold(f64::MIN, f64::max);
+        let ex: Vec<f64> = v.iter().map(|t| (t - m).exp()).collect();
+        let s: f64 = ex.iter().sum();
+        ex.into_iter().map(|t| t / s).collect::<Vec<_>>()
+    };
+    let mut out = Vec::new();
+    for t in 0..tokens {
+        let xt = &x[t * d..(t + 1) * d];
+        let logits: Vec<f64> = (0..e)
+            .map(|j| dot(&router[j * d..(j + 1) * d], xt))
+            .collect();
+        let ranked_by = if topk_softmax {
+            logits.clone()
+        } else {
+            softmax(&logits)
+        };
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|a, b| ranked_by[*b].total_cmp(&ranked_by[*a]));
+        let chosen = &order[..k];
+        let mut scores: Vec<f64> = if topk_softmax {
+            softmax(&chosen.iter().map(|&j| logits[j]).collect::<Vec<_>>())
+        } else {
+            chosen.iter().map(|&j| ranked_by[j]).collect()
+        };
+        if norm {
+            let s: f64 = scores.iter().sum();
+            scores.iter_mut().for_each(|v| *v /= s);
+        }
+        let mut y = vec![0.0f64; d];
+        for (&j, sc) in chosen.iter().zip(&scores) {
+            let h: Vec<f64> = (0..f)
+                .map(|r| {
+                    let g = dot(&gate[(j * f + r) * d..(j * f + r + 1) * d], xt);
+                    let u = dot(&up[(j * f + r) * d..(j * f + r + 1) * d], xt);
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            for (o, yo) in y.iter_mut().enumerate() {
+                let row = &down[(j * d + o) * f..(j * d + o + 1) * f];
+                *yo += sc
+                    * row
+                        .iter()
+                        .zip(&h)
+                        .map(|(p, q)| f64::from(*p) * q)
+                        .sum::<f64>();
+            }
+        }
+        out.extend(y);
+    }
+    out
+}
+
+#[test]
+fn moe_routes_tokens_through_their_top_k_experts() {
+    let (d, e, f, k) = (8usize, 4usize, 6usize, 2usize);
+    let router = noise(e * d, 1);
+    let gate = noise(e * f * d, 2);
+    let up = noise(e * f * d, 3);
+    let down = noise(e * d * f, 4);
+    // 5 tokens: below the sort threshold; 40 tokens (80 routed slots): sorted.
+    for tokens in [5usize, 40] {
+        let x = noise(tokens * d, 5 + tokens as u64);
+        let xa = Array::from_slice(&x, &[1, tokens as i32, d as i32]);
+        for (routing, norm) in [
+            ("softmax_topk", false),
+            ("softmax_topk", true),
+            ("topk_softmax", false),
+        ] {
+            let weights = vec![
+                Param::Dense(Array::from_slice(&router, &[e as i32, d as i32])),
+                Param::Dense(Array::from_slice(&gate, &[e as i32, f as i32, d as i32])),
+                Param::Dense(Array::from_slice(&up, &[e as i32, f as i32, d as i32])),
+                Param::Dense(Array::from_slice(&down, &[e as i32, d as i32, f as i32])),
+            ];
+            let given = [
+                ("router", Value::Str("gate".into())),
+                ("experts", Value::Str("switch_mlp".into())),
+                ("num_experts", Value::Int(e as i64)),
+                ("top_k", Value::Int(k as i64)),
+                ("hidden", Value::Int(f as i64)),
+                ("routing", Value::Str(routing.into())),
+                ("norm_topk", Value::Bool(norm)),
+            ];
+            let op = build("moe", &given, &[ValueInfo::flat(d as i64)], weights);
+            let want = moe_reference(
+                &x,
+                tokens,
+                d,
+                e,
+                f,
+                k,
+                [&router, &gate, &up, &down],
+                routing == "topk_softmax",
+                norm,
+            );
+            close(&run(op.as_ref(), &[&xa], 0), &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn short_conv_is_causal_depthwise_and_streams_through_its_state() {
+    let (t, d, k) = (6usize, 3usize, 3usize);
+    let x = noise(t * d, 11);
+    let w = noise(d * k, 12);
+    let bias = noise(d, 13);
+    let weights = || {
+        vec![
+            Param::Dense(Array::from_slice(&w, &[d as i32, k as i32, 1])),
+            Param::Dense(Array::from_slice(&bias, &[d as i32])),
+        ]
+    };
+    let given = [
+        ("weight", Value::Str("conv".into())),
+        ("kernel", Value::Int(k as i64)),
+        ("bias", Value::Bool(true)),
+    ];
+    // mlx conv1d (cross-correlation) over the input left-padded with k - 1
+    // zeros: out[s, c] = b[c] + sum_j w[c, j] * x[s + j - (k - 1), c].
+    let mut want = Vec::new();
+    for s in 0..t {
+        for c in 0..d {
+            let mut acc = f64::from(bias[c]);
+            for j in 0..k {
+                let src = s as i64 + j as i64 - (k as i64 - 1);
+                if src >= 0 {
+                    acc += f64::from(w[c * k + j]) * f64::from(x[src as usize * d + c]);
+                }
+            }
+            want.push(acc);
+        }
+    }
+    let op = build(
+        "short_conv",
+        &given,
+        &[ValueInfo::flat(d as i64)],
+        weights(),
+    );
+    let xa = Array::from_slice(&x, &[1, t as i32, d as i32]);
+    close(&run(op.as_ref(), &[&xa], 0), &want, 1e-6);
+    // The same positions two, then one at a time, through the cache slot.
+    let mut state = crate::cache::CacheKind::Conv(k as i32 - 1).create(Default::default());
+    let mut got = Vec::new();
+    for (a, b) in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)] {
+        let part = Array::from_slice(&x[a * d..b * d], &[1, (b - a) as i32, d as i32]);
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            cache: Some(&mut state),
+        };
+        let y = op.forward(&[&part], &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-6);
+}
+
+/// The state-space (SSD) recurrence, one position at a time in f64 (head h
+/// reads group h / (heads / groups)): `S = exp(dt A) S + (dt x) ⊗ B`, `y = S · C + D x`.
+#[allow(clippy::too_many_arguments)]
+fn ssm_reference(
+    x: &[f32],
+    bm: &[f32],
+    cm: &[f32],
+    dt_raw: &[f32],
+    [a_log, d, dt_bias]: [&[f32]; 3],
+    (t, h, p, g, n): (usize, usize, usize, usize, usize),
+    (lo, hi): (f64, f64),
+) -> Vec<f64> {
+    let rep = h / g;
+    let mut state = vec![0.0f64; h * p * n];
+    let mut out = Vec::new();
+    for s in 0..t {
+        for hh in 0..h {
+            let gg = hh / rep;
+            let v = f64::from(dt_raw[s * h + hh]) + f64::from(dt_bias[hh]);
+            let dt = (v.exp().ln_1p()).clamp(lo, hi);
+            let a = -f64::from(a_log[hh]).exp();
+            let decay = (dt * a).exp();
+            for pp in 0..p {
+                let xv = f64::from(x[(s * h + hh) * p + pp]);
+                let mut y = 0.0;
+                for nn in 0..n {
+                    let st = &mut state[(hh * p + pp) * n + nn];
+                    *st = decay * *st + dt * xv * f64::from(bm[(s * g + gg) * n + nn]);
+                    y += *st * f64::from(cm[(s * g + gg) * n + nn]);
+                }
+                out.push(y + f64::from(d[hh]) * xv);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ssm_matches_the_recurrence_across_chunks_and_decode_steps() {
+    let (t, h, p, g, n) = (260usize, 4usize, 2usize, 2usize, 3usize);
+    let x = noise(t * h * p, 21);
+    let bm = noise(t * g * n, 22);
+    let cm = noise(t * g * n, 23);
+    let dt_raw = noise(t * h, 24);
+    let a_log: Vec<f32> = noise(h, 25).iter().map(|v| v.abs()).collect();
+    let d = noise(h, 26);
+    let dt_bias = noise(h, 27);
+    let (lo, hi) = (0.05f64, 0.8f64);
+    let want = ssm_reference(
+        &x,
+        &bm,
+        &cm,
+        &dt_raw,
+        [&a_log, &d, &dt_bias],
+        (t, h, p, g, n),
+        (lo, hi),
+    );
+    let weights = || {
+        [&a_log, &d, &dt_bias]
+            .iter()
+            .map(|w| Param::Dense(Array::from_slice(w, &[h as i32])))
+            .collect::<Vec<_>>()
+    };
+    let given = [
+        ("weight", Value::Str("mixer".into())),
+        ("heads", Value::Int(h as i64)),
+        ("head_dim", Value::Int(p as i64)),
+        ("groups", Value::Int(g as i64)),
+        ("state", Value::Int(n as i64)),
+        ("dt_min", Value::Float(lo)),
+        ("dt_max", Value::Float(hi)),
+    ];
+    let infos = [
+        ValueInfo::flat((h * p) as i64),
+        ValueInfo::flat((g * n) as i64),
+        ValueInfo::flat((g * n) as i64),
+        ValueInfo::flat(h as i64),
+    ];
+    let op = build("ssm", &given, &infos, weights());
+    let part = |v: &[f32], w: usize, a: usize, b: usize| {
+        Array::from_slice(&v[a * w..b * w], &[1, (b - a) as i32, w as i32])
+    };
+    // Whole sequence without a cache: two chunks (256 + 4 positions).
+    let args = |a, b| {
+        [
+            part(&x, h * p, a, b),
+            part(&bm, g * n, a, b),
+            part(&cm, g * n, a, b),
+            part(&dt_raw, h, a, b),
+        ]
+    };
+    let whole = args(0, t);
+    let refs: Vec<&Array> = whole.iter().collect();
+    close(&run(op.as_ref(), &refs, 0), &want, 1e-4);
+    // Prefill of 257 positions, then one at a time through the state slot.
+    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
+    let mut got = Vec::new();
+    let mut bounds = vec![(0, 257)];
+    bounds.extend((257..t).map(|s| (s, s + 1)));
+    for (a, b) in bounds {
+        let xs = args(a, b);
+        let refs: Vec<&Array> = xs.iter().collect();
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            cache: Some(&mut slot),
+        };
+        let y = op.forward(&refs, &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-4);
+}
+
+/// The gated delta rule in f64, one position at a time: value head j uses
+/// key head j / (hv / hk); q and k unit length (q times dk^-0.5).
+#[allow(clippy::too_many_arguments)]
+fn gated_delta_reference(
+    [q, k, v, a, b]: [&[f32]; 5],
+    [a_log, dt_bias]: [&[f32]; 2],
+    (t, hk, hv, dk, dv): (usize, usize, usize, usize, usize),
+) -> Vec<f64> {
+    let rep = hv / hk;
+    let mut s = vec![0.0f64; hv * dv * dk];
+    let mut out = Vec::new();
+    let unit = |x: &[f32], scale: f64| {
+        let n = (x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() + 1e-6).sqrt();
+        x.iter()
+            .map(|v| f64::from(*v) / n * scale)
+            .collect::<Vec<_>>()
+    };
+    for p in 0..t {
+        for j in 0..hv {
+            let h = j / rep;
+            let qh = unit(
+                &q[(p * hk + h) * dk..(p * hk + h + 1) * dk],
+                (dk as f64).powf(-0.5),
+            );
+            let kh = unit(&k[(p * hk + h) * dk..(p * hk + h + 1) * dk], 1.0);
+            let beta = 1.0 / (1.0 + (-f64::from(b[p * hv + j])).exp());
+            let sp = (f64::from(a[p * hv + j]) + f64::from(dt_bias[j]))
+                .exp()
+                .ln_1p();
+            let g = (-f64::from(a_log[j]).exp() * sp).exp();
+            for r in 0..dv {
+                let row = &mut s[(j * dv + r) * dk..(j * dv + r + 1) * dk];
+                row.iter_mut().for_each(|x| *x *= g);
+                let mem: f64 = row.iter().zip(&kh).map(|(x, y)| x * y).sum();
+                let delta = (f64::from(v[(p * hv + j) * dv + r]) - mem) * beta;
+                row.iter_mut().zip(&kh).for_each(|(x, y)| *x += y * delta);
+                out.push(row.iter().zip(&qh).map(|(x, y)| x * y).sum());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gated_delta_matches_the_recurrence_whole_and_step_by_step() {
+    let (t, hk, hv, dk, dv) = (7usize, 2usize, 4usize, 3usize, 2usize);
+    let q = noise(t * hk * dk, 31);
+    let k = noise(t * hk * dk, 32);
+    let v = noise(t * hv * dv, 33);
+    let a = noise(t * hv, 34);
+    let b = noise(t * hv, 35);
+    let a_log = noise(hv, 36);
+    let dt_bias = noise(hv, 37);
+    let want = gated_delta_reference(
+        [&q, &k, &v, &a, &b],
+        [&a_log, &dt_bias],
+        (t, hk, hv, dk, dv),
+    );
+    let given = [
+        ("weight", Value::Str("linear_attn".into())),
+        ("key_heads", Value::Int(hk as i64)),
+        ("value_heads", Value::Int(hv as i64)),
+        ("key_dim", Value::Int(dk as i64)),
+        ("value_dim", Value::Int(dv as i64)),
+    ];
+    let infos = [hk * dk, hk * dk, hv * dv, hv, hv].map(|w| ValueInfo::flat(w as i64));
+    let weights = vec![
+        Param::Dense(Array::from_slice(&a_log, &[hv as i32])),
+        Param::Dense(Array::from_slice(&dt_bias, &[hv as i32])),
+    ];
+    let op = build("gated_delta", &given, &infos, weights);
+    let args = |x: usize, y: usize| {
+        [
+            (&q, hk * dk),
+            (&k, hk * dk),
+            (&v, hv * dv),
+            (&a, hv),
+            (&b, hv),
+        ]
+        .map(|(s, w)| Array::from_slice(&s[x * w..y * w], &[1, (y - x) as i32, w as i32]))
+    };
+    let whole = args(0, t);
+    let refs: Vec<&Array> = whole.iter().collect();
+    close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
+    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
+    let mut got = Vec::new();
+    for (x, y) in [(0, 4), (4, 5), (5, 6), (6, 7)] {
+        let part = args(x, y);
+        let refs: Vec<&Array> = part.iter().collect();
+        let mut ctx = Ctx {
+            offset: x as i32,
+            key_mask: None,
+            cache: Some(&mut slot),
+        };
+        let y = op.forward(&refs, &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-5);
+}

@@ -1,0 +1,373 @@
+//! The execution plan: ops built with their weights, inputs resolved to
+//! value slots, cache slots assigned, and values freed after their last use.
+//! Running it touches no strings and no spec data.
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+use mlx_rs::Array;
+
+use crate::cache::{CacheKind, ModelCache};
+use crate::error::{Error, Result};
+use crate::ops::{Ctx, Op, Param, Weights};
+use lmspec_spec::ops::Layout;
+use lmspec_spec::{Graph, Src};
+
+#[derive(Debug)]
+struct Step {
+    op: Box<dyn Op>,
+    /// The primitive's name (for [`OpTimes`]).
+    kind: &'static str,
+    inputs: Vec<usize>,
+    /// The slot of the op's value; with `split`, the slots of its parts.
+    outs: Vec<usize>,
+    /// Split points on the last axis, one fewer than `outs` (fused
+    /// projections); empty when the op's value goes to one slot.
+    split: Vec<i32>,
+    cache: Option<usize>,
+    /// Slots whose last reader is this step.
+    free: Vec<usize>,
+}
+
+/// Groups of `linear` nodes to run as one projection, keyed by the first
+/// member (in node order): nodes that read the same value, each without a
+/// cache slot, with weights of one kind — all dense of one dtype, or all
+/// quantized alike — and all with or all without a bias. Members are
+/// listed in node order.
+fn fusion_groups(graph: &Graph, weights: &[Vec<Param>]) -> HashMap<usize, Vec<usize>> {
+    let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
+    for (k, node) in graph.nodes.iter().enumerate() {
+        if node.op.as_projection().is_none()
+            || node.inputs.len() != 1
+            || node.resolved.state.is_some()
+        {
+            continue;
+        }
+        if let Some(kind) = fusable(&weights[k]) {
+            by_input.entry((node.inputs[0], kind)).or_default().push(k);
+        }
+    }
+    by_input
+        .into_values()
+        .filter(|members| members.len() > 1)
+        .map(|members| (members[0], members))
+        .collect()
+}
+
+/// What a linear layer's weights must share with others to be fused:
+/// representation, dtype, quantization and whether there is a bias.
+fn fusable(params: &[Param]) -> Option<String> {
+    let bias = match params.get(1) {
+        Some(Param::Dense(b)) => format!("bias {:?}", b.dtype()),
+        Some(Param::Quantized { .. }) => return None,
+        None => "no bias".into(),
+    };
+    let weight = match params.first()? {
+        Param::Dense(w) if w.ndim() == 2 => format!("dense {:?}", w.dtype()),
+        Param::Quantized {
+            w,
+            scales,
+            group_size,
+            bits,
+            ..
+        } if w.ndim() == 2 => format!("q{bits}/{group_size} {:?}", scales.dtype()),
+        _ => return None,
+    };
+    Some(format!("{weight}, {bias}"))
+}
+
+/// A dense param's array, or a quantized one's packed weight.
+fn first_array(p: &Param) -> &Array {
+    match p {
+        Param::Dense(a) => a,
+        Param::Quantized { w, .. } => w,
+    }
+}
+
+/// Stacks the weights (and biases) of fused linear layers along their
+/// output axis.
+fn concat_params(
+    parts: Vec<Vec<Param>>,
+) -> std::result::Result<Vec<Param>, mlx_rs::error::Exception> {
+    let cat = |xs: Vec<&Array>| -> std::result::Result<Array, mlx_rs::error::Exception> {
+        let y = mlx_rs::ops::concatenate(&xs, 0)?;
+        y.eval()?;
+        Ok(y)
+    };
+    let weight = match &parts[0][0] {
+        Param::Dense(_) => Param::Dense(cat(parts.iter().map(|p| first_array(&p[0])).collect())?),
+        Param::Quantized {
+            group_size, bits, ..
+        } => {
+            let field = |i: usize| -> Vec<&Array> {
+                parts
+                    .iter()
+                    .map(|p| match &p[0] {
+                        Param::Quantized {
+                            w, scales, biases, ..
+                        } => [w, scales, biases][i],
+                        Param::Dense(a) => a,
+                    })
+                    .collect()
+            };
+            Param::Quantized {
+                w: cat(field(0))?,
+                scales: cat(field(1))?,
+                biases: cat(field(2))?,
+                group_size: *group_size,
+                bits: *bits,
+            }
+        }
+    };
+    let mut out = vec![weight];
+    if parts[0].len() > 1 {
+        out.push(Param::Dense(cat(parts
+            .iter()
+            .map(|p| first_array(&p[1]))
+            .collect())?));
+    }
+    Ok(out)
+}
+
+thread_local! {
+    static PROFILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static OP_TIMES: std::cell::RefCell<OpTimes> = std::cell::RefCell::new(OpTimes::default());
+}
+
+/// Host time spent building each primitive's part of the graph (its
+/// `forward`, which records MLX operations without running them), summed
+/// by primitive name over `forwards` runs of a plan.
+#[derive(Debug, Clone, Default)]
+pub struct OpTimes {
+    pub forwards: usize,
+    pub by_op: IndexMap<&'static str, std::time::Duration>,
+}
+
+/// Starts (clearing what was recorded) or stops recording [`OpTimes`] for
+/// plans run on this thread.
+pub fn profile_ops(on: bool) {
+    PROFILING.set(on);
+    if on {
+        OP_TIMES.with_borrow_mut(|m| *m = OpTimes::default());
+    }
+}
+
+/// What [`profile_ops`] recorded on this thread.
+pub fn op_times() -> OpTimes {
+    OP_TIMES.with_borrow(|m| m.clone())
+}
+
+/// A runnable model body.
+#[derive(Debug)]
+pub struct Plan {
+    steps: Vec<Step>,
+    slots: usize,
+    output: usize,
+    cache_kinds: Vec<CacheKind>,
+    /// Tap name -> slot.
+    taps: IndexMap<String, usize>,
+}
+
+fn slot(s: Src) -> usize {
+    match s {
+        Src::Tokens => 0,
+        Src::Node(k) => k + 1,
+    }
+}
+
+impl Plan {
+    /// Builds the plan. With `fuse`, `linear` nodes that read the same
+    /// value and hold weights of one kind (see [`fusable`]) run as one
+    /// projection whose output is split: fewer matmul kernels per step.
+    pub fn build(graph: &Graph, mut weights: Vec<Vec<Param>>, fuse: bool) -> Result<Plan> {
+        let groups = if fuse {
+            fusion_groups(graph, &weights)
+        } else {
+            HashMap::new()
+        };
+        // Members after the first run inside the first one's step.
+        let merged: std::collections::HashSet<usize> = groups
+            .values()
+            .flat_map(|members| members[1..].iter().copied())
+            .collect();
+        let mut steps = Vec::with_capacity(graph.nodes.len());
+        let mut cache_kinds = Vec::new();
+        for k in 0..graph.nodes.len() {
+            let node = &graph.nodes[k];
+            if merged.contains(&k) {
+                continue;
+            }
+            let infos: Vec<_> = node
+                .inputs
+                .iter()
+                .map(|s| match s {
+                    Src::Tokens => Layout::flat(1),
+                    Src::Node(j) => graph.nodes[*j].resolved.out,
+                })
+                .collect();
+            let (params, outs, split) = match groups.get(&k) {
+                Some(members) => {
+                    let parts: Vec<Vec<Param>> = members
+                        .iter()
+                        .map(|&m| std::mem::take(&mut weights[m]))
+                        .collect();
+                    let mut split = Vec::new();
+                    let mut at = 0;
+                    for &m in &members[..members.len() - 1] {
+                        at += graph.nodes[m].resolved.out.dim as i32;
+                        split.push(at);
+                    }
+                    let fused = concat_params(parts).map_err(|e| {
+                        Error::spec(
+                            &node.file,
+                            &node.origin,
+                            "weight",
+                            format!("{e} (at {})", node.path),
+                        )
+                    })?;
+                    (fused, members.iter().map(|&m| m + 1).collect(), split)
+                }
+                None => (std::mem::take(&mut weights[k]), vec![k + 1], Vec::new()),
+            };
+            let fields = node.resolved.weights.iter().map(|r| r.field);
+            let weights = Weights::new(fields.zip(params).collect());
+            let op = crate::ops::build(&node.op, &infos, weights).map_err(|e| {
+                Error::spec(
+                    &node.file,
+                    &node.origin,
+                    e.field,
+                    format!("{} (at {})", e.msg, node.path),
+                )
+            })?;
+            let cache = node.resolved.state.map(|kind| {
+                cache_kinds.push(kind);
+                cache_kinds.len() - 1
+            });
+            steps.push(Step {
+                op,
+                kind: node.op.name(),
+                inputs: node.inputs.iter().map(|s| slot(*s)).collect(),
+                outs,
+                split,
+                cache,
+                free: Vec::new(),
+            });
+        }
+        let output = slot(graph.output);
+        let mut last_use: HashMap<usize, usize> = HashMap::new();
+        for (k, step) in steps.iter().enumerate() {
+            for &i in &step.inputs {
+                last_use.insert(i, k);
+            }
+        }
+        for (s, k) in last_use {
+            if s != output {
+                steps[k].free.push(s);
+            }
+        }
+        let mut taps = IndexMap::new();
+        for name in graph.tap_names() {
+            if let Some(src) = graph.find(&name) {
+                taps.insert(name, slot(src));
+            }
+        }
+        Ok(Plan {
+            slots: graph.nodes.len() + 1,
+            steps,
+            output,
+            cache_kinds,
+            taps,
+        })
+    }
+
+    pub fn cache_kinds(&self) -> &[CacheKind] {
+        &self.cache_kinds
+    }
+
+    /// Tap names in execution order.
+    pub fn tap_names(&self) -> impl Iterator<Item = &str> {
+        self.taps.keys().map(String::as_str)
+    }
+
+    /// Runs the plan on token ids [B, T]. `taps` selects values to return;
+    /// `key_mask` ([B, T] bool, true for real tokens) hides padding keys
+    /// from every attention.
+    pub fn run(
+        &self,
+        tokens: &Array,
+        cache: &mut ModelCache,
+        taps: &[String],
+        key_mask: Option<&Array>,
+    ) -> Result<(Array, IndexMap<String, Array>)> {
+        if cache.slots.len() != self.cache_kinds.len() {
+            return Err(Error::Usage(format!(
+                "cache has {} slots, this model needs {}",
+                cache.slots.len(),
+                self.cache_kinds.len()
+            )));
+        }
+        let mut wanted: HashMap<usize, Vec<&str>> = HashMap::new();
+        for name in taps {
+            let s = *self.taps.get(name).ok_or_else(|| {
+                Error::Usage(format!("unknown tap '{name}' (see `lmspec spec taps`)"))
+            })?;
+            wanted.entry(s).or_default().push(name);
+        }
+        let mut captured = IndexMap::new();
+        let mut values: Vec<Option<Array>> = vec![None; self.slots];
+        values[0] = Some(tokens.clone());
+        let offset = cache.offset;
+        let t = tokens.shape().last().copied().unwrap_or(0);
+        let profiling = PROFILING.get();
+        if profiling {
+            OP_TIMES.with_borrow_mut(|m| m.forwards += 1);
+        }
+        for step in &self.steps {
+            let inputs: Vec<&Array> = step
+                .inputs
+                .iter()
+                .map(|&i| {
+                    values[i]
+                        .as_ref()
+                        .expect("plan orders producers before readers")
+                })
+                .collect();
+            let mut ctx = Ctx {
+                offset,
+                key_mask,
+                cache: step.cache.map(|c| &mut cache.slots[c]),
+            };
+            let started = profiling.then(std::time::Instant::now);
+            let y = step.op.forward(&inputs, &mut ctx)?;
+            if let Some(t) = started {
+                OP_TIMES.with_borrow_mut(|m| *m.by_op.entry(step.kind).or_default() += t.elapsed());
+            }
+            let parts = if step.split.is_empty() {
+                vec![y]
+            } else {
+                y.split_at_indices(&step.split, -1)?
+            };
+            for (&out, y) in step.outs.iter().zip(parts) {
+                if let Some(names) = wanted.get(&out) {
+                    for n in names {
+                        captured.insert(n.to_string(), y.clone());
+                    }
+                }
+                values[out] = Some(y);
+            }
+            for &f in &step.free {
+                values[f] = None;
+            }
+        }
+        cache.offset += t;
+        let out = values[self.output]
+            .take()
+            .ok_or_else(|| Error::Usage("the model produced no output".into()))?;
+        // Taps of the model's input come straight from the tokens.
+        if let Some(names) = wanted.get(&0) {
+            for n in names {
+                captured.insert(n.to_string(), tokens.clone());
+            }
+        }
+        Ok((out, captured))
+    }
+}

@@ -1,0 +1,423 @@
+//! Checkpoint loading and the exact weight inventory.
+//!
+//! A model directory holds `config.json` and `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`. Tensors are renamed by the
+//! spec's rules into the spec's names, then every tensor a node needs is
+//! looked up (dense, or MLX affine-quantized with `scales`/`biases`) and
+//! every tensor left over is an error.
+pub mod rules;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use mlx_rs::Array;
+
+use crate::error::{read_to_string, Error, Result};
+use crate::ops::Param;
+use lmspec_spec::ops::WeightReq;
+use lmspec_spec::Graph;
+
+/// Tensors of a checkpoint under their original names.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The file named in errors (the single file, or the index).
+    pub file: PathBuf,
+    pub tensors: IndexMap<String, Array>,
+}
+
+/// The safetensors files of a model directory and the file named in errors
+/// (the index when sharded, else `model.safetensors`).
+pub fn safetensors_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = read_to_string(&index)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+            file: index.clone(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Weights {
+                file: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for f in map.values() {
+            let f = dir.join(f.as_str().unwrap_or_default());
+            if !files.contains(&f) {
+                files.push(f);
+            }
+        }
+        for f in &files {
+            if !f.exists() {
+                return Err(Error::Weights {
+                    file: index.clone(),
+                    msg: format!("shard {} is missing", f.display()),
+                });
+            }
+        }
+        return Ok((index, files));
+    }
+    let single = dir.join("model.safetensors");
+    let mut files: Vec<PathBuf> = Vec::new();
+    if single.exists() {
+        files.push(single.clone());
+    } else if let Ok(rd) = std::fs::read_dir(dir) {
+        files = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+    }
+    if files.is_empty() {
+        return Err(Error::Weights {
+            file: dir.to_path_buf(),
+            msg: "no model.safetensors, index or *.safetensors files".into(),
+        });
+    }
+    Ok((single, files))
+}
+
+/// Reads the safetensors of a model directory.
+pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
+    let (file, files) = safetensors_files(dir)?;
+    let mut tensors = IndexMap::new();
+    for f in files {
+        let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
+            file: f.clone(),
+            msg: format!("cannot read safetensors: {e}"),
+        })?;
+        let mut names: Vec<_> = loaded.into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors.extend(names);
+    }
+    Ok(Checkpoint { file, tensors })
+}
+
+/// Tensor names and shapes of a model directory, read from the safetensors
+/// headers only (no tensor data).
+pub fn read_shapes(dir: &Path) -> Result<IndexMap<String, Vec<i64>>> {
+    use std::io::Read;
+    let (_, files) = safetensors_files(dir)?;
+    let mut out = IndexMap::new();
+    for f in files {
+        let bad = |msg: String| Error::Weights {
+            file: f.clone(),
+            msg,
+        };
+        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100_000_000 {
+            return Err(bad(format!("header length {len} is not plausible")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| bad(format!("truncated header: {e}")))?;
+        let json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+        let mut names: Vec<(String, Vec<i64>)> = json
+            .into_iter()
+            .filter(|(k, _)| k != "__metadata__")
+            .map(|(k, v)| {
+                let shape = v
+                    .get("shape")
+                    .and_then(|s| s.as_array())
+                    .map(|s| s.iter().filter_map(|d| d.as_i64()).collect())
+                    .unwrap_or_default();
+                (k, shape)
+            })
+            .collect();
+        names.sort();
+        out.extend(names);
+    }
+    Ok(out)
+}
+
+/// Quantization settings from `config.json`'s `quantization` block.
+#[derive(Debug, Clone, Default)]
+pub struct Quantization {
+    default: Option<(i32, i32)>,
+    /// Per-module overrides; `None` marks a module left unquantized.
+    overrides: IndexMap<String, Option<(i32, i32)>>,
+    /// Tied modules (target, source): a target without an override of its
+    /// own is quantized like its source.
+    ties: Vec<(String, String)>,
+}
+
+impl Quantization {
+    pub fn from_config(config: &serde_json::Value, file: &Path) -> Result<Quantization> {
+        let found = ["quantization", "quantization_config"]
+            .into_iter()
+            .find_map(|k| config.get(k).and_then(|q| q.as_object()).map(|q| (k, q)));
+        let Some((block_key, block)) = found else {
+            return Ok(Quantization::default());
+        };
+        let err = |key: &str, msg: &str| Error::Config {
+            file: file.to_path_buf(),
+            key: if key.is_empty() {
+                block_key.to_string()
+            } else {
+                format!("{block_key}.{key}")
+            },
+            msg: msg.to_string(),
+        };
+        let pair =
+            |key: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(i32, i32)> {
+                let g = v
+                    .get("group_size")
+                    .and_then(|x| x.as_i64())
+                    .ok_or_else(|| err(key, "needs integer group_size"))?;
+                let b = v
+                    .get("bits")
+                    .and_then(|x| x.as_i64())
+                    .ok_or_else(|| err(key, "needs integer bits"))?;
+                if let Some(mode) = v.get("mode").and_then(|m| m.as_str()) {
+                    if mode != "affine" {
+                        return Err(err(
+                            key,
+                            &format!("mode '{mode}' is not supported (only affine)"),
+                        ));
+                    }
+                }
+                Ok((g as i32, b as i32))
+            };
+        let mut q = Quantization {
+            default: Some(pair("", block)?),
+            overrides: IndexMap::new(),
+            ties: Vec::new(),
+        };
+        for (k, v) in block {
+            match v {
+                serde_json::Value::Object(o) => {
+                    q.overrides.insert(k.clone(), Some(pair(k, o)?));
+                }
+                serde_json::Value::Bool(false) => {
+                    q.overrides.insert(k.clone(), None);
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    /// Records the ties the weight rules made.
+    pub fn with_ties(mut self, ties: Vec<(String, String)>) -> Quantization {
+        self.ties = ties;
+        self
+    }
+
+    fn for_module(&self, module: &str) -> Option<(i32, i32)> {
+        if let Some(o) = self.overrides.get(module) {
+            return *o;
+        }
+        match self.ties.iter().find(|(target, _)| target == module) {
+            Some((_, source)) => self.for_module(source),
+            None => self.default,
+        }
+    }
+}
+
+fn shape_of(a: &Array) -> Vec<i64> {
+    a.shape().iter().map(|&d| d as i64).collect()
+}
+
+/// Finds every node's weights; checks shapes and that nothing is left over.
+pub fn bind(
+    graph: &Graph,
+    tensors: &IndexMap<String, Array>,
+    quant: &Quantization,
+    file: &Path,
+) -> Result<Vec<Vec<Param>>> {
+    let mut used: HashSet<String> = HashSet::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut out = Vec::with_capacity(graph.nodes.len());
+    for node in &graph.nodes {
+        let mut params = Vec::new();
+        for req in &node.resolved.weights {
+            let at = || {
+                format!(
+                    "node {} (field {} of {} in {})",
+                    node.path,
+                    req.field,
+                    node.origin,
+                    node.file.display()
+                )
+            };
+            match find(req, tensors, quant, &mut used) {
+                Ok(Some(p)) => params.push(p),
+                Ok(None) => missing.push(format!("{} needed by {}", req.tensor(), at())),
+                Err(msg) => {
+                    return Err(Error::Weights {
+                        file: file.to_path_buf(),
+                        msg: format!("{}: {msg}, needed by {}", req.tensor(), at()),
+                    })
+                }
+            }
+        }
+        out.push(params);
+    }
+    if !missing.is_empty() {
+        return Err(Error::Weights {
+            file: file.to_path_buf(),
+            msg: format!(
+                "{} tensor(s) missing:\n  {}",
+                missing.len(),
+                missing.join("\n  ")
+            ),
+        });
+    }
+    let unused: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !unused.is_empty() {
+        let list: Vec<&str> = unused.iter().map(|s| s.as_str()).collect();
+        return Err(Error::Weights {
+            file: file.to_path_buf(),
+            msg: format!(
+                "{} tensor(s) not used by the spec (add a rule to drop them if intended):\n  {}",
+                list.len(),
+                list.join("\n  ")
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Group size and bits of an affine-quantized matrix with `inp` input
+/// features, worked out from its packed shapes (as mlx-lm does when the
+/// config does not say).
+fn infer_quantization(inp: i64, w: &Array, scales: &Array) -> Option<(i32, i32)> {
+    let (packed, groups) = (*shape_of(w).last()?, *shape_of(scales).last()?);
+    if groups == 0 || inp % groups != 0 || (packed * 32) % inp != 0 {
+        return None;
+    }
+    let (group, bits) = (inp / groups, packed * 32 / inp);
+    let ok = [32, 64, 128].contains(&group) && [2, 3, 4, 5, 6, 8].contains(&bits);
+    ok.then_some((group as i32, bits as i32))
+}
+
+fn find(
+    req: &WeightReq,
+    tensors: &IndexMap<String, Array>,
+    quant: &Quantization,
+    used: &mut HashSet<String>,
+) -> std::result::Result<Option<Param>, String> {
+    let name = req.tensor();
+    let Some(w) = tensors.get(&name) else {
+        return Ok(None);
+    };
+    let scales_name = format!("{}.scales", req.module);
+    let biases_name = format!("{}.biases", req.module);
+    match tensors.get(&scales_name) {
+        Some(scales) if req.quantizable => {
+            // Leading axes (rows, and experts when stacked) stay; the last
+            // (input features) is packed and grouped.
+            let (inp, lead) = req
+                .shape
+                .split_last()
+                .ok_or_else(|| "a quantized weight needs at least one axis".to_string())?;
+            let inp = *inp;
+            let (group_size, bits) = match quant.for_module(&req.module) {
+                Some(gb) => gb,
+                None => infer_quantization(inp, w, scales).ok_or_else(|| {
+                    format!(
+                        "has `scales` but no quantization settings cover module '{}' and the shapes {:?} / {:?} fit no MLX affine layout",
+                        req.module,
+                        shape_of(w),
+                        shape_of(scales)
+                    )
+                })?,
+            };
+            let biases = tensors
+                .get(&biases_name)
+                .ok_or_else(|| format!("quantized but `{biases_name}` is missing"))?;
+            let with_last = |last: i64| lead.iter().copied().chain([last]).collect::<Vec<_>>();
+            let want_w = with_last(inp * bits as i64 / 32);
+            let want_s = with_last(inp / group_size as i64);
+            if shape_of(w) != want_w || shape_of(scales) != want_s || shape_of(biases) != want_s {
+                return Err(format!(
+                    "quantized shapes weight {:?} / scales {:?} do not match {:?} at {bits} bits, group {group_size} (expected {want_w:?} / {want_s:?})",
+                    shape_of(w),
+                    shape_of(scales),
+                    req.shape
+                ));
+            }
+            used.extend([name.clone(), scales_name, biases_name]);
+            Ok(Some(Param::Quantized {
+                w: w.clone(),
+                scales: scales.clone(),
+                biases: biases.clone(),
+                group_size,
+                bits,
+            }))
+        }
+        _ => {
+            if shape_of(w) != req.shape {
+                return Err(format!(
+                    "shape mismatch: checkpoint has {:?}, spec expects {:?}",
+                    shape_of(w),
+                    req.shape
+                ));
+            }
+            used.insert(name);
+            Ok(Some(Param::Dense(w.clone())))
+        }
+    }
+}
+
+/// Whether any loaded weight is quantized.
+pub fn has_quantized(params: &[Vec<Param>]) -> bool {
+    params
+        .iter()
+        .flatten()
+        .any(|p| matches!(p, Param::Quantized { .. }))
+}
+
+/// Bytes the quantized weights would take as float32.
+pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
+    params
+        .iter()
+        .flatten()
+        .map(|p| match p {
+            Param::Quantized { w, bits, .. } => {
+                let s = w.shape();
+                let cols = *s.last().unwrap_or(&0) as usize * 32 / (*bits).max(1) as usize;
+                s.iter()
+                    .rev()
+                    .skip(1)
+                    .map(|d| *d as usize)
+                    .product::<usize>()
+                    * cols
+                    * 4
+            }
+            Param::Dense(_) => 0,
+        })
+        .sum()
+}
+
+/// Replaces every quantized weight by its float32 dequantization, evaluated
+/// now so that no quantized buffer stays alive. Weights shared by several
+/// nodes (a tied embedding and head) are dequantized once and stay shared.
+pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
+    let mut done: Vec<(*const u32, Array)> = Vec::new();
+    for p in params.iter_mut().flatten() {
+        if let Param::Quantized { w, .. } = p {
+            w.eval()?;
+            let key = w.as_slice::<u32>().as_ptr();
+            let dense = match done.iter().find(|(k, _)| *k == key) {
+                Some((_, d)) => d.clone(),
+                None => {
+                    let d = p.dense()?.as_dtype(mlx_rs::Dtype::Float32)?;
+                    d.eval()?;
+                    done.push((key, d.clone()));
+                    d
+                }
+            };
+            *p = Param::Dense(dense);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! Generation: the token loop with mlx-lm's `generate_step` semantics
+//! (chunked prefill of all prompt tokens but the last, cache quantization
+//! once it holds `quantized_kv_start` positions, one token in flight during
+//! greedy decode), and text generation on top of it (streaming detokenizer,
+//! EOS ids, stop strings, statistics, cancellation).
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mlx_rs::{Array, Dtype};
+
+use crate::sampling::{ProcessorParams, Rng, SamplingParams};
+use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
+use crate::tools::reasoning::{ReasoningSplitter, Span};
+use crate::tools::{OutputFormat, RejectReason, ToolCall, ToolEvent, ToolParser};
+use lmspec_engine::cache::{CacheOptions, ModelCache};
+use lmspec_engine::error::{Error, Result};
+use lmspec_engine::model::Model;
+
+/// Generation settings; the defaults are mlx-lm's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub processors: ProcessorParams,
+    /// Prompt tokens per prefill forward.
+    pub prefill_step_size: usize,
+    /// Options of a cache made for this generation (e.g. `max_kv_size`).
+    pub cache: CacheOptions,
+    /// Quantize the KV cache to this many bits once it holds
+    /// `quantized_kv_start` positions.
+    pub kv_bits: Option<i32>,
+    pub kv_group_size: i32,
+    pub quantized_kv_start: i32,
+    /// Token ids that end generation besides the tokenizer's EOS ids.
+    pub extra_eos: Vec<u32>,
+    /// Texts that end generation (not included in the output).
+    pub stop_strings: Vec<String>,
+    /// Reasoning and tool calls reported as their own events.
+    pub output: OutputFormat,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            processors: ProcessorParams::default(),
+            prefill_step_size: 2048,
+            cache: CacheOptions::default(),
+            kv_bits: None,
+            kv_group_size: 64,
+            quantized_kv_start: 5000,
+            extra_eos: Vec::new(),
+            stop_strings: Vec::new(),
+            output: OutputFormat::default(),
+        }
+    }
+}
+
+fn row(tokens: &[u32]) -> Array {
+    let t: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
+    Array::from_slice(&t, &[1, t.len() as i32])
+}
+
+/// The next token, still on the device (greedy, pipelined) or already read.
+#[derive(Debug)]
+enum Next {
+    Device(Array),
+    Host(u32),
+}
+
+/// Where a generator's decode steps spent their time on the host, summed
+/// over steps: building the step's graph (the forward and the token
+/// choice), handing it to MLX (`async_eval`, which encodes its kernels),
+/// and waiting for a token to be read back. A host-bound loop shows
+/// `build + launch` close to the time per token; a device-bound one shows
+/// most of it in `wait`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub steps: usize,
+    pub build: Duration,
+    pub launch: Duration,
+    pub wait: Duration,
+}
+
+/// Produces tokens one at a time.
+#[derive(Debug)]
+pub struct TokenGenerator<'a> {
+    model: &'a Model,
+    cache: &'a mut ModelCache,
+    params: &'a GenerateParams,
+    history: Vec<u32>,
+    rng: Rng,
+    next: Option<Next>,
+    produced: usize,
+    times: StepTimes,
+}
+
+impl<'a> TokenGenerator<'a> {
+    /// Prefills `prompt` (which must not be empty) and prepares the first
+    /// token. `progress(done, total)` is called after each prefill chunk.
+    pub fn new(
+        model: &'a Model,
+        cache: &'a mut ModelCache,
+        prompt: &[u32],
+        params: &'a GenerateParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<TokenGenerator<'a>> {
+        if prompt.is_empty() {
+            return Err(Error::Usage("the prompt has no tokens".into()));
+        }
+        let mut g = TokenGenerator {
+            model,
+            cache,
+            params,
+            history: Vec::with_capacity(prompt.len() + params.max_tokens),
+            rng: Rng::new(params.sampling.seed),
+            next: None,
+            produced: 0,
+            times: StepTimes::default(),
+        };
+        let total = prompt.len();
+        let step = params.prefill_step_size.max(1);
+        let mut done = 0;
+        progress(0, total);
+        while total - done > 1 {
+            let n = step.min(total - done - 1);
+            let chunk = &prompt[done..done + n];
+            g.model.forward(&row(chunk), Some(g.cache))?;
+            g.maybe_quantize()?;
+            mlx_rs::transforms::eval(g.cache.arrays())?;
+            mlx_rs::memory::clear_cache()?;
+            g.history.extend_from_slice(chunk);
+            done += n;
+            progress(done, total);
+        }
+        let last = prompt[total - 1];
+        g.next = Some(g.step(&row(&[last]), Some(last))?);
+        progress(total, total);
+        Ok(g)
+    }
+
+    fn maybe_quantize(&mut self) -> Result<()> {
+        if let Some(bits) = self.params.kv_bits {
+            self.cache.maybe_quantize(
+                self.params.quantized_kv_start,
+                self.params.kv_group_size,
+                bits,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Feeds one token and works out the next.
+    fn step(&mut self, input: &Array, host: Option<u32>) -> Result<Next> {
+        let t0 = Instant::now();
+        let logits = self.model.forward(input, Some(self.cache))?;
+        let v = *logits.shape().last().unwrap_or(&0);
+        let t = logits.shape()[1];
+        let last = logits.reshape(&[-1, v])?;
+        let last = if t > 1 { last_row(&last)? } else { last };
+        if let Some(h) = host {
+            self.history.push(h);
+        }
+        self.maybe_quantize()?;
+        let p = self.params;
+        if p.sampling.is_greedy() && p.processors.is_empty() {
+            let id = mlx_rs::ops::indexing::argmax_axis(&last, -1, None)?;
+            let t1 = Instant::now();
+            mlx_rs::transforms::async_eval([&id])?;
+            self.times.steps += 1;
+            self.times.build += t1 - t0;
+            self.times.launch += t1.elapsed();
+            return Ok(Next::Device(id));
+        }
+        let last = last.as_dtype(Dtype::Float32)?.contiguous()?;
+        last.eval()?;
+        let mut values = last.as_slice::<f32>().to_vec();
+        p.processors.apply(&self.history, &mut values);
+        Ok(Next::Host(p.sampling.sample(&values, &mut self.rng)))
+    }
+
+    /// Host time of the greedy decode steps so far (sampled steps, which
+    /// read the logits back at once, are not counted).
+    pub fn step_times(&self) -> StepTimes {
+        self.times
+    }
+
+    /// The next token, or `None` once `max_tokens` were produced.
+    pub fn next_token(&mut self) -> Option<Result<u32>> {
+        if self.produced >= self.params.max_tokens {
+            return None;
+        }
+        let current = self.next.take()?;
+        let out = (|| -> Result<u32> {
+            let id = match current {
+                Next::Device(y) => {
+                    // Launch the following step before reading this one, so
+                    // one token is always in flight.
+                    let input = y.reshape(&[1, 1])?;
+                    let following = self.step(&input, None)?;
+                    let t = Instant::now();
+                    let id = y
+                        .try_item_cast::<u32>()
+                        .map_err(|e| Error::Usage(format!("token id: {e}")))?;
+                    self.times.wait += t.elapsed();
+                    self.history.push(id);
+                    self.next = Some(following);
+                    id
+                }
+                Next::Host(id) => {
+                    self.next = Some(self.step(&row(&[id]), Some(id))?);
+                    id
+                }
+            };
+            self.produced += 1;
+            if self.produced % 256 == 0 {
+                mlx_rs::memory::clear_cache()?;
+            }
+            Ok(id)
+        })();
+        Some(out)
+    }
+}
+
+impl Drop for TokenGenerator<'_> {
+    /// The step after the last returned token may still be running (it was
+    /// launched ahead); finish it so that its work neither spills into
+    /// whatever runs next nor leaves the cache half-written.
+    fn drop(&mut self) {
+        if let Some(Next::Device(y)) = &self.next {
+            let _ = y.eval();
+        }
+    }
+}
+
+/// `x[-1:]` of a 2-D array.
+fn last_row(x: &Array) -> std::result::Result<Array, mlx_rs::error::Exception> {
+    use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
+    let n = x.shape()[0];
+    x.try_index(&[(n - 1..n).index_op()][..])
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+/// Statistics of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationInfo {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Prompt processing time (to the first token), seconds.
+    pub prompt_seconds: f64,
+    pub generation_seconds: f64,
+    pub prompt_tps: f64,
+    pub generation_tps: f64,
+    pub peak_memory_bytes: usize,
+    pub stop: StopReason,
+}
+
+/// What a streaming generation reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Newly decoded text.
+    Text(String),
+    /// Newly decoded reasoning (with [`GenerateParams::output`]'s markers).
+    Reasoning(String),
+    /// A tool call in [`GenerateParams::output`]'s format.
+    ToolCall(ToolCall),
+    /// Text in the tool-call format that is not an acceptable call.
+    ToolRejected {
+        reason: RejectReason,
+        text: String,
+        detail: String,
+    },
+    /// Prefill progress: (tokens done, total).
+    PromptProgress(usize, usize),
+    /// The end, with statistics.
+    Info(GenerationInfo),
+}
+
+/// The result of a whole generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The whole output text, reasoning and calls included.
+    pub text: String,
+    pub tokens: Vec<u32>,
+    /// The tool calls reported as [`Event::ToolCall`].
+    pub calls: Vec<ToolCall>,
+    pub info: GenerationInfo,
+}
+
+/// Splits the output text into answer, reasoning and tool-call events.
+struct OutputStream<'a> {
+    reasoning: Option<ReasoningSplitter>,
+    tools: Option<ToolParser<'a>>,
+    calls: Vec<ToolCall>,
+}
+
+impl<'a> OutputStream<'a> {
+    /// `prompt_tail`: the end of the prompt text, which may already have
+    /// opened a reasoning block.
+    fn new(format: &'a OutputFormat, prompt_tail: &str) -> OutputStream<'a> {
+        OutputStream {
+            reasoning: format.reasoning.as_ref().map(|(open, close)| {
+                ReasoningSplitter::new(open, close, prompt_tail.trim_end().ends_with(open.as_str()))
+            }),
+            tools: format
+                .tools
+                .as_ref()
+                .map(|f| ToolParser::new(f, &[]).with_schemas(&format.schemas)),
+            calls: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, text: &str, on_event: &mut dyn FnMut(Event)) {
+        let spans = match &mut self.reasoning {
+            Some(r) => r.push(text),
+            None => vec![Span::Text(text.to_string())],
+        };
+        self.spans(spans, on_event);
+    }
+
+    fn spans(&mut self, spans: Vec<Span>, on_event: &mut dyn FnMut(Event)) {
+        for span in spans {
+            match span {
+                Span::Reasoning(r) => on_event(Event::Reasoning(r)),
+                Span::Text(t) => match &mut self.tools {
+                    Some(p) => {
+                        let events = p.push(&t);
+                        self.tool_events(events, on_event);
+                    }
+                    None => on_event(Event::Text(t)),
+                },
+            }
+        }
+    }
+
+    fn tool_events(&mut self, events: Vec<ToolEvent>, on_event: &mut dyn FnMut(Event)) {
+        for e in events {
+            on_event(match e {
+                ToolEvent::Text(t) => Event::Text(t),
+                ToolEvent::Call(c) => {
+                    self.calls.push(c.clone());
+                    Event::ToolCall(c)
+                }
+                ToolEvent::Rejected {
+                    reason,
+                    text,
+                    detail,
+                } => Event::ToolRejected {
+                    reason,
+                    text,
+                    detail,
+                },
+            });
+        }
+    }
+
+    fn finish(&mut self, on_event: &mut dyn FnMut(Event)) {
+        if let Some(r) = &mut self.reasoning {
+            let spans = r.finish();
+            self.spans(spans, on_event);
+        }
+        if let Some(p) = &mut self.tools {
+            let events = p.finish();
+            self.tool_events(events, on_event);
+        }
+    }
+}
+
+/// Holds back text that might be the start of a stop string.
+#[derive(Debug, Default)]
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Returns (text safe to emit, whether a stop string was hit).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(move |k| s.is_char_boundary(*k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|p| self.held.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Generates text for `prompt` token ids, streaming events to `on_event`.
+/// With `cache`, generation continues that cache (its positions must be the
+/// tokens before `prompt`); without, a fresh one is made from `params`.
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    cache: Option<&mut ModelCache>,
+    cancel: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generation> {
+    let start = Instant::now();
+    mlx_rs::memory::reset_peak_memory()?;
+    let mut fresh;
+    let cache = match cache {
+        Some(c) => c,
+        None => {
+            fresh = model.new_cache_with(params.cache);
+            &mut fresh
+        }
+    };
+    let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
+    let mut gen = TokenGenerator::new(model, cache, prompt, params, &mut progress)?;
+    let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
+    eos.extend(&params.extra_eos);
+    let mut detok = StreamingDetokenizer::new();
+    let mut stops = StopMatcher {
+        stops: params.stop_strings.clone(),
+        held: String::new(),
+    };
+    let tail_from = prompt.len().saturating_sub(8);
+    let prompt_tail = match &params.output.reasoning {
+        Some(_) => tokenizer.decode(&prompt[tail_from..], false)?,
+        None => String::new(),
+    };
+    let mut output = OutputStream::new(&params.output, &prompt_tail);
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut first_token_at = None;
+    let mut stop = StopReason::Length;
+    while let Some(tok) = gen.next_token() {
+        let tok = tok?;
+        first_token_at.get_or_insert_with(Instant::now);
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            stop = StopReason::Cancelled;
+            break;
+        }
+        tokens.push(tok);
+        if eos.contains(&tok) {
+            stop = StopReason::Stop;
+            break;
+        }
+        let piece = detok.push(tokenizer, tok)?;
+        let (emit, hit) = stops.push(&piece);
+        if !emit.is_empty() {
+            text.push_str(&emit);
+            output.push(&emit, on_event);
+        }
+        if hit {
+            stop = StopReason::Stop;
+            break;
+        }
+    }
+    if stop != StopReason::Stop {
+        let (emit, _) = stops.push(&detok.finish(tokenizer)?);
+        let rest = emit + &stops.flush();
+        if !rest.is_empty() {
+            text.push_str(&rest);
+            output.push(&rest, on_event);
+        }
+    }
+    output.finish(on_event);
+    let end = Instant::now();
+    let first = first_token_at.unwrap_or(end);
+    let prompt_seconds = (first - start).as_secs_f64();
+    let generation_seconds = (end - first).as_secs_f64();
+    let n = tokens.len();
+    let info = GenerationInfo {
+        prompt_tokens: prompt.len(),
+        generated_tokens: n,
+        prompt_seconds,
+        generation_seconds,
+        prompt_tps: prompt.len() as f64 / prompt_seconds.max(1e-9),
+        generation_tps: n.saturating_sub(1) as f64 / generation_seconds.max(1e-9),
+        peak_memory_bytes: mlx_rs::memory::peak_memory()?,
+        stop,
+    };
+    on_event(Event::Info(info.clone()));
+    Ok(Generation {
+        text,
+        tokens,
+        calls: output.calls,
+        info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_held_back_and_cut() {
+        let mut m = StopMatcher {
+            stops: vec!["</end>".into()],
+            held: String::new(),
+        };
+        assert_eq!(m.push("hello </"), ("hello ".into(), false));
+        assert_eq!(m.push("en"), (String::new(), false));
+        assert_eq!(m.push("d> more"), (String::new(), true));
+        let mut m = StopMatcher {
+            stops: vec!["</end>".into()],
+            held: String::new(),
+        };
+        assert_eq!(m.push("a </b"), ("a </b".into(), false));
+        assert_eq!(m.push("<"), (String::new(), false));
+        assert_eq!(m.flush(), "<");
+    }
+}

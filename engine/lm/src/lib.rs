@@ -1,0 +1,14 @@
+//! lmspec-lm: the language-model layer over `lmspec-engine`: tokenizers,
+//! chat templates, sampling, the token loop and text generation, chat
+//! sessions with the tool loop, the model container, tool-call formats and
+//! the embedder.
+pub mod embed;
+pub mod generate;
+pub mod lm;
+pub mod sampling;
+pub mod template;
+pub mod tokenizer;
+pub mod tools;
+
+pub use embed::{Embedder, Pooling};
+pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};

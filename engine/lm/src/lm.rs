@@ -1,0 +1,455 @@
+//! A language model ready for generation: the model, its tokenizer and chat
+//! template, from a model directory or a GGUF file. [`ChatSession`] keeps a
+//! conversation and reuses the KV cache across turns; [`ModelContainer`] is
+//! a handle many threads can share, with cancellation.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::generate::{generate, Event, GenerateParams, Generation};
+use crate::template::{ChatContext, ChatTemplate};
+use crate::tokenizer::Tokenizer;
+use crate::tools::response::ResponseTemplate;
+use crate::tools::schema::schema_for;
+use crate::tools::{ToolCall, ToolEvent, ToolFormat};
+use lmspec_engine::cache::ModelCache;
+use lmspec_engine::error::{Error, Result};
+use lmspec_engine::model::{is_gguf, LoadOptions, Model};
+
+/// A model with its tokenizer and chat template.
+#[derive(Debug)]
+pub struct LanguageModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub path: PathBuf,
+}
+
+impl LanguageModel {
+    /// Loads a model directory or GGUF file with its tokenizer and chat
+    /// template.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<LanguageModel> {
+        let (model, tokenizer) = if is_gguf(path) {
+            let (model, data) = Model::load_gguf(path, opts)?;
+            (model, Tokenizer::from_gguf(&data, path)?)
+        } else {
+            (Model::load(path, opts)?, Tokenizer::from_dir(path)?)
+        };
+        let template = match &tokenizer.chat_template {
+            Some(t) => Some(ChatTemplate::new(t, &tokenizer.source)?),
+            None => None,
+        };
+        Ok(LanguageModel {
+            model,
+            tokenizer,
+            template,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// What the checkpoint's `response_template` declares (tool-call
+    /// format, reasoning markers), if it has one.
+    pub fn response_template(&self) -> Option<Result<ResponseTemplate>> {
+        self.tokenizer
+            .response_template
+            .as_ref()
+            .map(|(file, t)| ResponseTemplate::from_json(t, file))
+    }
+
+    /// Renders messages with the chat template.
+    pub fn render(&self, messages: &serde_json::Value, ctx: &ChatContext) -> Result<String> {
+        let template = self.template.as_ref().ok_or_else(|| Error::Template {
+            file: self.tokenizer.source.clone(),
+            msg: "missing: the model has no chat template".into(),
+        })?;
+        let mut ctx = ctx.clone();
+        ctx.bos_token = ctx.bos_token.or_else(|| self.tokenizer.bos_token.clone());
+        ctx.eos_token = ctx.eos_token.or_else(|| self.tokenizer.eos_token.clone());
+        template.render(messages, &ctx)
+    }
+
+    /// Token ids of a chat prompt (template, then encoding without adding
+    /// special tokens, as mlx-lm does).
+    pub fn chat_prompt(&self, messages: &serde_json::Value, ctx: &ChatContext) -> Result<Vec<u32>> {
+        // `encode` adds BOS only when the rendered text does not start with it.
+        self.tokenizer.encode(&self.render(messages, ctx)?)
+    }
+
+    /// Generates from token ids.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        cache: Option<&mut ModelCache>,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        generate(
+            &self.model,
+            &self.tokenizer,
+            prompt,
+            params,
+            cache,
+            cancel,
+            on_event,
+        )
+    }
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    /// Calls an assistant message made.
+    pub tool_calls: Vec<ToolCall>,
+    /// The tool a `tool` message answers for.
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+            tool_calls: Vec::new(),
+            name: None,
+        }
+    }
+
+    /// The message as chat templates see it (OpenAI shape).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            m["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|c| serde_json::json!({"type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+        }
+        if let Some(n) = &self.name {
+            m["name"] = n.clone().into();
+        }
+        m
+    }
+}
+
+/// A tool the model may call: a name, a description, JSON-schema parameters
+/// and a handler from arguments to a JSON result.
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+    #[allow(clippy::type_complexity)]
+    pub handler: Box<
+        dyn Fn(&serde_json::Value) -> std::result::Result<serde_json::Value, String> + Send + Sync,
+    >,
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tool({})", self.name)
+    }
+}
+
+impl Tool {
+    pub fn new(
+        name: &str,
+        description: &str,
+        parameters: serde_json::Value,
+        handler: impl Fn(&serde_json::Value) -> std::result::Result<serde_json::Value, String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Tool {
+        Tool {
+            name: name.to_string(),
+            description: description.to_string(),
+            parameters,
+            handler: Box::new(handler),
+        }
+    }
+
+    /// A tool whose parameters are a Rust type: the JSON schema is derived
+    /// from `A`'s serde shape ([`schema_for`]), the arguments of a call are
+    /// deserialized into `A` and the handler's result serialized back.
+    pub fn typed<A, R>(
+        name: &str,
+        description: &str,
+        handler: impl Fn(A) -> std::result::Result<R, String> + Send + Sync + 'static,
+    ) -> Result<Tool>
+    where
+        A: serde::de::DeserializeOwned,
+        R: serde::Serialize,
+    {
+        let parameters =
+            schema_for::<A>().map_err(|e| Error::Usage(format!("tool '{name}': {e}")))?;
+        Ok(Tool::new(name, description, parameters, move |args| {
+            let args: A = serde_json::from_value(args.clone())
+                .map_err(|e| format!("invalid arguments: {e}"))?;
+            let out = handler(args)?;
+            serde_json::to_value(out).map_err(|e| format!("result: {e}"))
+        }))
+    }
+
+    /// The tool as chat templates expect it in `tools`.
+    pub fn spec(&self) -> serde_json::Value {
+        serde_json::json!({"type": "function", "function": {
+            "name": self.name, "description": self.description, "parameters": self.parameters}})
+    }
+}
+
+/// The tool loop: generate, parse calls in `format`, run the handlers, add
+/// the results as `tool` messages, and generate again, until an answer has no
+/// call or `max_rounds` generations were made. `generate` produces the raw
+/// output for the conversation so far.
+pub fn run_tool_loop(
+    history: &mut Vec<Message>,
+    tools: &[Tool],
+    format: &ToolFormat,
+    max_rounds: usize,
+    generate: &mut dyn FnMut(&[Message]) -> Result<String>,
+    on_event: &mut dyn FnMut(ToolEvent),
+) -> Result<String> {
+    let schemas: Vec<(String, serde_json::Value)> = tools
+        .iter()
+        .map(|t| (t.name.clone(), t.parameters.clone()))
+        .collect();
+    for _ in 0..max_rounds {
+        let raw = generate(history)?;
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        let mut parser = crate::tools::ToolParser::new(format, &[]).with_schemas(&schemas);
+        let mut events = parser.push(&raw);
+        events.extend(parser.finish());
+        for e in crate::tools::merge_text(events) {
+            match &e {
+                ToolEvent::Text(t) => text.push_str(t),
+                ToolEvent::Call(c) => calls.push(c.clone()),
+                _ => {}
+            }
+            on_event(e);
+        }
+        let mut reply = Message::new("assistant", text.trim());
+        reply.tool_calls = calls.clone();
+        history.push(reply);
+        if calls.is_empty() {
+            return Ok(text.trim().to_string());
+        }
+        for c in calls {
+            let result = match tools.iter().find(|t| t.name == c.name) {
+                Some(tool) => match (tool.handler)(&c.arguments) {
+                    Ok(v) => v,
+                    Err(e) => serde_json::json!({"error": e}),
+                },
+                None => serde_json::json!({"error": format!("no tool named '{}'", c.name)}),
+            };
+            let mut msg = Message::new("tool", &result.to_string());
+            msg.name = Some(c.name.clone());
+            history.push(msg);
+        }
+    }
+    Err(Error::Usage(format!(
+        "the tool loop did not end within {max_rounds} rounds"
+    )))
+}
+
+/// A multi-turn conversation that keeps the KV cache between turns: each
+/// turn feeds only the tokens after the longest common prefix of the new
+/// prompt and what the cache already holds.
+#[derive(Debug)]
+pub struct ChatSession<'a> {
+    lm: &'a LanguageModel,
+    pub instructions: Option<String>,
+    pub params: GenerateParams,
+    pub context: ChatContext,
+    history: Vec<Message>,
+    cache: ModelCache,
+    /// Tokens whose keys/values the cache holds, in order.
+    cached: Vec<u32>,
+    /// Prompt tokens fed on the last turn (after reuse).
+    pub last_fed_tokens: usize,
+}
+
+impl<'a> ChatSession<'a> {
+    pub fn new(
+        lm: &'a LanguageModel,
+        instructions: Option<&str>,
+        params: GenerateParams,
+    ) -> ChatSession<'a> {
+        ChatSession {
+            lm,
+            instructions: instructions.map(str::to_string),
+            cache: lm.model.new_cache_with(params.cache),
+            params,
+            context: ChatContext {
+                add_generation_prompt: true,
+                ..Default::default()
+            },
+            history: Vec::new(),
+            cached: Vec::new(),
+            last_fed_tokens: 0,
+        }
+    }
+
+    pub fn history(&self) -> &[Message] {
+        &self.history
+    }
+
+    /// Forgets the conversation and the cache.
+    pub fn clear(&mut self) {
+        self.history.clear();
+        self.cached.clear();
+        self.cache = self.lm.model.new_cache_with(self.params.cache);
+    }
+
+    fn messages(&self) -> serde_json::Value {
+        let mut out = Vec::new();
+        if let Some(i) = &self.instructions {
+            out.push(serde_json::json!({"role": "system", "content": i}));
+        }
+        out.extend(self.history.iter().map(Message::to_json));
+        serde_json::Value::Array(out)
+    }
+
+    /// Generates the assistant's next message for the conversation so far,
+    /// feeding only the prompt tokens the cache does not hold yet.
+    fn generate_turn(
+        &mut self,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<String> {
+        let prompt = self.lm.chat_prompt(&self.messages(), &self.context)?;
+        let common = prompt
+            .iter()
+            .zip(&self.cached)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Keep at least one token to feed.
+        let common = common.min(prompt.len() - 1);
+        if common < self.cached.len() && !self.cache.trim(self.cached.len() - common) {
+            self.cache = self.lm.model.new_cache_with(self.params.cache);
+            self.cached.clear();
+        }
+        let reuse = common.min(self.cached.len());
+        self.cached.truncate(reuse);
+        let fresh = &prompt[reuse..];
+        self.last_fed_tokens = fresh.len();
+        match self
+            .lm
+            .generate(fresh, &self.params, Some(&mut self.cache), cancel, on_event)
+        {
+            Ok(g) => {
+                // The token loop feeds every token it returns.
+                self.cached.extend_from_slice(fresh);
+                self.cached.extend_from_slice(&g.tokens);
+                Ok(g.text)
+            }
+            Err(e) => {
+                self.cache = self.lm.model.new_cache_with(self.params.cache);
+                self.cached.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a user message; streams the answer to `on_event`.
+    pub fn respond_stream(
+        &mut self,
+        user: &str,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<String> {
+        self.history.push(Message::new("user", user));
+        match self.generate_turn(cancel, on_event) {
+            Ok(text) => {
+                self.history.push(Message::new("assistant", &text));
+                Ok(text)
+            }
+            Err(e) => {
+                self.history.pop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a user message with `tools` offered (passed to the chat
+    /// template) and runs the tool loop: calls in `format` go to the tools'
+    /// handlers and their results back to the model, for at most
+    /// `max_rounds` generations. Parsed events go to `on_event`.
+    pub fn respond_with_tools(
+        &mut self,
+        user: &str,
+        tools: &[Tool],
+        format: &ToolFormat,
+        max_rounds: usize,
+        on_event: &mut dyn FnMut(ToolEvent),
+    ) -> Result<String> {
+        self.history.push(Message::new("user", user));
+        self.context.tools = Some(tools.iter().map(Tool::spec).collect());
+        let mut history = std::mem::take(&mut self.history);
+        let out = run_tool_loop(
+            &mut history,
+            tools,
+            format,
+            max_rounds,
+            &mut |h| {
+                self.history = h.to_vec();
+                self.generate_turn(None, &mut |_| {})
+            },
+            on_event,
+        );
+        self.history = history;
+        self.context.tools = None;
+        out
+    }
+
+    /// Sends a user message and returns the whole answer.
+    pub fn respond(&mut self, user: &str) -> Result<String> {
+        self.respond_stream(user, None, &mut |_| {})
+    }
+}
+
+/// A shared handle to a language model: any thread may run work on it (one
+/// at a time) and cancel a running generation.
+#[derive(Debug, Clone)]
+pub struct ModelContainer {
+    inner: Arc<Mutex<LanguageModel>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl ModelContainer {
+    pub fn new(lm: LanguageModel) -> ModelContainer {
+        ModelContainer {
+            inner: Arc::new(Mutex::new(lm)),
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<ModelContainer> {
+        Ok(ModelContainer::new(LanguageModel::load(path, opts)?))
+    }
+
+    /// Runs `f` with exclusive access to the model.
+    pub fn perform<T>(&self, f: impl FnOnce(&LanguageModel) -> T) -> T {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&guard)
+    }
+
+    /// Generates with cancellation through [`ModelContainer::cancel`].
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.cancel.store(false, Ordering::Relaxed);
+        guard.generate(prompt, params, None, Some(&self.cancel), on_event)
+    }
+
+    /// Asks a running generation to stop after its current token.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,47 @@
+//! `attention`: scaled dot-product attention over per-head q, k, v.
+use super::{expect_heads, op, Layout, OpError, Positive, Resolved, StateKind};
+
+op! {
+    /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache.
+    "attention" (3..=3) => Attention {
+        scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
+        causal: bool = true, "mask future positions";
+        window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those)";
+        softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
+    }
+}
+
+impl Attention {
+    /// The sliding window as the cache counts it.
+    pub fn window_size(&self) -> Option<i32> {
+        self.window.map(|w| w.0.min(i32::MAX as i64) as i32)
+    }
+
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (hq, dq) = expect_heads(inputs, 0)?;
+        let (hk, dk) = expect_heads(inputs, 1)?;
+        let (hv, dv) = expect_heads(inputs, 2)?;
+        if dq != dk {
+            return Err(OpError::new(
+                "in",
+                format!("q head size {dq} != k head size {dk}"),
+            ));
+        }
+        if hk != hv {
+            return Err(OpError::new("in", format!("k has {hk} heads, v has {hv}")));
+        }
+        if hk == 0 || hq % hk != 0 {
+            return Err(OpError::new(
+                "in",
+                format!("{hq} query heads do not group over {hk} key/value heads"),
+            ));
+        }
+        Ok(Resolved {
+            state: Some(self.window_size().map_or(StateKind::Kv, StateKind::Window)),
+            ..Resolved::pure(Layout {
+                dim: dv,
+                heads: Some(hq),
+            })
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
+//! gated `glu`.
+use super::norm::first;
+use super::{choice, op, Layout, OpError, Resolved};
+
+choice! {
+    /// Activation functions by spec name.
+    pub enum Act {
+        Silu = "silu",
+        Gelu = "gelu",
+        GeluApprox = "gelu_approx",
+        GeluFast = "gelu_fast",
+        Relu = "relu",
+        Sigmoid = "sigmoid",
+        Tanh = "tanh",
+    }
+}
+
+op! {
+    /// Sum of its inputs (residual connections).
+    "add" (2..=8) => Add {}
+}
+
+op! {
+    /// Elementwise product of two inputs.
+    "mul" (2..=2) => Mul {}
+}
+
+op! {
+    /// Multiplies by a constant (embedding scales, residual multipliers).
+    "scale" (1..=1) => Scale {
+        factor: f64, "constant multiplier";
+    }
+}
+
+op! {
+    /// Soft-caps values into (-cap, cap): cap · tanh(x / cap) (final logit capping).
+    "softcap" (1..=1) => Softcap {
+        cap: f64, "the bound c of c·tanh(x / c)";
+    }
+}
+
+op! {
+    /// Applies an activation function elementwise.
+    "activation" (1..=1) => Activation {
+        r#fn: Act, "activation function";
+    }
+}
+
+op! {
+    /// Gated unit: fn(gate) * up, with inputs [gate, up] (SwiGLU, GeGLU).
+    "glu" (2..=2) => Glu {
+        r#fn: Act, "activation function";
+    }
+}
+
+/// The common layout of elementwise inputs; an input whose last axis has
+/// size 1 (a per-token gate) broadcasts against the others.
+fn same_layout(inputs: &[Layout]) -> Result<Layout, OpError> {
+    let widest = inputs
+        .iter()
+        .copied()
+        .max_by_key(|v| v.dim)
+        .ok_or_else(|| OpError::new("in", "missing input"))?;
+    for (k, v) in inputs.iter().enumerate() {
+        let broadcasts = v.dim == 1 && v.heads == widest.heads;
+        if *v != widest && !broadcasts {
+            return Err(OpError::new(
+                "in",
+                format!("input {k} has layout {v:?}, another input has {widest:?}"),
+            ));
+        }
+    }
+    Ok(widest)
+}
+
+impl Add {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        same_layout(inputs).map(Resolved::pure)
+    }
+}
+
+impl Mul {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        same_layout(inputs).map(Resolved::pure)
+    }
+}
+
+impl Scale {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        first(inputs).map(Resolved::pure)
+    }
+}
+
+impl Softcap {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let cap = self.cap;
+        if cap <= 0.0 {
+            return Err(OpError::new("cap", format!("{cap} is not a positive cap")));
+        }
+        first(inputs).map(Resolved::pure)
+    }
+}
+
+impl Activation {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        first(inputs).map(Resolved::pure)
+    }
+}
+
+impl Glu {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        same_layout(inputs).map(Resolved::pure)
+    }
+}

@@ -1,0 +1,38 @@
+//! `split_heads` ([B, T, H*D] -> [B, H, T, D]) and `merge_heads` (inverse).
+use super::{expect_flat, expect_heads, op, Layout, OpError, Resolved};
+
+op! {
+    /// Reshapes [B, T, H*D] to [B, H, T, D].
+    "split_heads" (1..=1) => SplitHeads {
+        heads: i64, "number of heads H; the last axis must divide by it";
+    }
+}
+
+op! {
+    /// Reshapes [B, H, T, D] back to [B, T, H*D].
+    "merge_heads" (1..=1) => MergeHeads {}
+}
+
+impl SplitHeads {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let dim = expect_flat(inputs, 0)?;
+        let heads = self.heads;
+        if heads <= 0 || dim % heads != 0 {
+            return Err(OpError::new(
+                "heads",
+                format!("{dim} features do not split into {heads} heads"),
+            ));
+        }
+        Ok(Resolved::pure(Layout {
+            dim: dim / heads,
+            heads: Some(heads),
+        }))
+    }
+}
+
+impl MergeHeads {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (h, d) = expect_heads(inputs, 0)?;
+        Ok(Resolved::pure(Layout::flat(h * d)))
+    }
+}

@@ -1,0 +1,118 @@
+//! Rendering an expanded graph: Graphviz DOT, the text dump that snapshots
+//! pin, and the explanation of skipped nodes.
+use crate::graph::{Graph, Src};
+
+/// Graphviz DOT of an expanded graph, one cluster per layer.
+pub fn to_dot(graph: &Graph, title: &str) -> String {
+    let mut out = format!("digraph \"{title}\" {{\n  rankdir=TB;\n  node [shape=box, fontsize=10];\n  tokens [shape=oval];\n");
+    let mut current: Option<String> = None;
+    for (k, n) in graph.nodes.iter().enumerate() {
+        let layer = n.path.split('.').take(2).collect::<Vec<_>>();
+        let cluster =
+            (layer.len() == 2 && layer[1].parse::<usize>().is_ok()).then(|| layer.join("."));
+        if cluster != current {
+            if current.is_some() {
+                out.push_str("  }\n");
+            }
+            if let Some(c) = &cluster {
+                out.push_str(&format!(
+                    "  subgraph \"cluster_{c}\" {{\n    label=\"{c} ({})\";\n",
+                    graph
+                        .layer_blocks
+                        .get(layer[1].parse::<usize>().unwrap_or(0))
+                        .map(String::as_str)
+                        .unwrap_or("")
+                ));
+            }
+            current = cluster;
+        }
+        let dims = match n.resolved.out.heads {
+            Some(h) => format!("{h}x{}", n.resolved.out.dim),
+            None => n.resolved.out.dim.to_string(),
+        };
+        out.push_str(&format!(
+            "    n{k} [label=\"{}\\n{} [{dims}]\"];\n",
+            n.path,
+            n.op.name()
+        ));
+    }
+    if current.is_some() {
+        out.push_str("  }\n");
+    }
+    for (k, n) in graph.nodes.iter().enumerate() {
+        for s in &n.inputs {
+            let from = match s {
+                Src::Tokens => "tokens".to_string(),
+                Src::Node(j) => format!("n{j}"),
+            };
+            out.push_str(&format!("  {from} -> n{k};\n"));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// A text dump of an expanded graph: one line per node with its op, inputs,
+/// output layout, evaluated parameters and the tensors it needs. With
+/// `explain`, each node also names the spec file and node it came from, and
+/// every skipped node is listed with the value that stands for it.
+pub fn dump(graph: &Graph, explain: bool) -> String {
+    let mut out = String::new();
+    let mut skipped = graph.skipped.iter().peekable();
+    for (k, n) in graph.nodes.iter().enumerate() {
+        if explain {
+            // Skipped nodes are listed before the first node made after them.
+            while let Some(s) = skipped.next_if(|s| s.before <= k) {
+                out.push_str(&format!(
+                    "# skipped {} (when false at {}: {}) = {}\n",
+                    s.path,
+                    s.file.display(),
+                    s.origin,
+                    graph.name_of(s.stands_for)
+                ));
+            }
+        }
+        let layout = match n.resolved.out.heads {
+            Some(h) => format!("[B, {h}, T, {}]", n.resolved.out.dim),
+            None => format!("[B, T, {}]", n.resolved.out.dim),
+        };
+        let ins: Vec<&str> = n.inputs.iter().map(|s| graph.name_of(*s)).collect();
+        let params: Vec<String> =
+            n.op.values()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+        out.push_str(&format!(
+            "{} = {}({}) -> {layout}",
+            n.path,
+            n.op.name(),
+            ins.join(", ")
+        ));
+        if !params.is_empty() {
+            out.push_str(&format!(" {{{}}}", params.join(", ")));
+        }
+        if explain {
+            out.push_str(&format!("  # {}: {}", n.file.display(), n.origin));
+        }
+        for w in &n.resolved.weights {
+            out.push_str(&format!("\n    {} {:?}", w.tensor(), w.shape));
+        }
+        if let Some(c) = n.resolved.state {
+            out.push_str(&format!("\n    state: {c:?}"));
+        }
+        out.push('\n');
+    }
+    if explain {
+        for s in skipped {
+            out.push_str(&format!(
+                "# skipped {} (when false at {}: {}) = {}\n",
+                s.path,
+                s.file.display(),
+                s.origin,
+                graph.name_of(s.stands_for)
+            ));
+        }
+    }
+    out.push_str(&format!("output = {}\n", graph.name_of(graph.output)));
+    out
+}
