@@ -355,7 +355,7 @@ fn attention_softcap_and_window_must_be_positive() {
         (node.as_str(), field.as_str()),
         ("blocks.attention.nodes.attn", "softcap")
     );
-    assert!(msg.contains("not a positive cap"), "{msg}");
+    assert!(msg.contains("0 is not positive"), "{msg}");
     let (_, field, _) = llama_spec_error("config:\n  attn_window: {type: int, value: 0}\n");
     assert_eq!(field, "window");
 }

@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn graph_census_counts_primitives() {
         let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
-        let b = mlx_rs::ops::add(&mlx_rs::ops::exp(&a).unwrap(), &a).unwrap();
+        let b = mlx_rs::ops::add(mlx_rs::ops::exp(&a).unwrap(), &a).unwrap();
         let c = mlx_rs::ops::matmul(&b, &b).unwrap();
         let census = primitive_census(&graph_dot(&[&c]).unwrap());
         let expected: Vec<(&str, usize)> = vec![("Add", 1), ("Exp", 1), ("Matmul", 1)];

@@ -1,0 +1,204 @@
+//! Spec-language behaviour that needs no MLX: `split`, block-owned knobs,
+//! the built-in library, `--explain`, the op reference.
+use std::path::{Path, PathBuf};
+
+use lmspec_spec::{check, config, expand, render, Error, SpecLibrary};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A library folder holding the repository's blocks plus `models`.
+fn library_with(models: &[(&str, &str)]) -> (tempfile::TempDir, SpecLibrary) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("models")).expect("mkdir");
+    std::fs::create_dir_all(dir.path().join("blocks")).expect("mkdir");
+    for entry in std::fs::read_dir(root().join("specs/blocks")).expect("blocks") {
+        let p = entry.expect("entry").path();
+        std::fs::copy(
+            &p,
+            dir.path().join("blocks").join(p.file_name().expect("name")),
+        )
+        .expect("copy");
+    }
+    for (name, text) in models {
+        std::fs::write(dir.path().join("models").join(name), text).expect("write");
+    }
+    let lib = SpecLibrary::open(dir.path()).expect("library");
+    (dir, lib)
+}
+
+const SPLIT: &str = "spec_version: 1
+name: tiny
+model_types: [tiny]
+config:
+  d: {type: int, value: 8}
+model:
+  inputs: [tokens]
+  nodes:
+    embed: {op: embedding, in: tokens, weight: emb, vocab: 10, dim: 3 * d}
+    parts: {op: split, in: embed, sizes: [d, 2 * d], out: [a, b]}
+    a2: {op: scale, in: a, factor: 2.0}
+    both: {op: concat, in: [a2, b]}
+  output: both
+";
+
+#[test]
+fn split_cuts_a_value_into_named_parts() {
+    let (_dir, lib) = library_with(&[("tiny.yaml", SPLIT)]);
+    let spec = lib.load("tiny").expect("load");
+    let checked = check(&spec).expect("check");
+    let bound =
+        config::bind(&spec, &serde_json::json!({}), Path::new("config.json")).expect("bind");
+    let g = expand(&checked, &bound).expect("expand");
+    let text = render::dump(&g, false);
+    assert!(
+        text.contains("a = slice(embed) -> [B, T, 8] {start=0, size=8}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("b = slice(embed) -> [B, T, 16] {start=8, size=16}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("both = concat(a2, b) -> [B, T, 24]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn split_errors_name_the_field() {
+    let bad = SPLIT.replace("out: [a, b]", "out: [a]");
+    let (_dir, lib) = library_with(&[("tiny.yaml", &bad)]);
+    let spec = lib.load("tiny").expect("load");
+    match check(&spec).expect_err("one name for two sizes") {
+        Error::Spec {
+            node, field, msg, ..
+        } => {
+            assert_eq!(
+                (node.as_str(), field.as_str()),
+                ("model.nodes.parts", "out")
+            );
+            assert!(msg.contains("1 names for 2 sizes"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn blocks_own_their_knobs() {
+    let lib = SpecLibrary::open(&root().join("specs")).expect("library");
+    let llama = lib.load("llama").expect("llama");
+    // The attention block's knob comes from the block library file...
+    let fused = llama
+        .config
+        .get("fused_qkv")
+        .expect("fused_qkv is declared");
+    assert!(
+        fused.file.ends_with("blocks/transformer.yaml"),
+        "{}",
+        fused.file.display()
+    );
+    // ...and a child that sets it overrides the library's value.
+    let phi3 = lib.load("phi3").expect("phi3");
+    let fused = phi3.config.get("fused_qkv").expect("fused_qkv");
+    assert!(
+        fused.file.ends_with("models/phi3.yaml"),
+        "{}",
+        fused.file.display()
+    );
+    // A spec that runs none of those blocks does not get their knobs.
+    let mamba = lib.load("mamba2").expect("mamba2");
+    assert!(!mamba.config.contains_key("fused_qkv"));
+}
+
+#[test]
+fn llama_declares_no_knob_only_other_specs_read() {
+    let text = std::fs::read_to_string(root().join("specs/models/llama.yaml")).expect("llama");
+    let llama: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let own = serde_yaml::to_string(&llama["model"]).expect("model block")
+        + &serde_yaml::to_string(&llama["layers"]).expect("layers")
+        + &serde_yaml::to_string(&llama["weights"]).expect("weights");
+    let blocks: String = std::fs::read_dir(root().join("specs/blocks"))
+        .expect("blocks")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
+        .collect();
+    let config = llama["config"].as_mapping().expect("config");
+    for key in config.keys() {
+        let name = key.as_str().expect("name");
+        let read_by_others = config
+            .values()
+            .any(|v| serde_yaml::to_string(v).expect("v").contains(name));
+        assert!(
+            own.contains(name) || blocks.contains(name) || read_by_others,
+            "llama.yaml declares '{name}' but neither llama nor the blocks it runs read it"
+        );
+    }
+}
+
+#[test]
+fn the_built_in_library_is_the_source_tree() {
+    let built_in = SpecLibrary::embedded().expect("embedded");
+    let tree = SpecLibrary::open(&root().join("specs")).expect("tree");
+    let a: Vec<&str> = built_in.names().collect();
+    let b: Vec<&str> = tree.names().collect();
+    assert_eq!(a, b);
+    for name in a {
+        let (x, y) = (
+            built_in.load(name).expect(name),
+            tree.load(name).expect(name),
+        );
+        assert_eq!(x.config.len(), y.config.len(), "{name}");
+        assert!(x.file.starts_with("specs/models"), "{}", x.file.display());
+    }
+    assert!(!built_in
+        .root
+        .files("tool-formats")
+        .expect("formats")
+        .is_empty());
+}
+
+#[test]
+fn explain_lists_skipped_nodes_and_origins() {
+    let lib = SpecLibrary::open(&root().join("specs")).expect("library");
+    let spec = lib.load("llama").expect("llama");
+    let file = root().join("goldens/llama/model/config.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    let g = expand(
+        &check(&spec).expect("check"),
+        &config::bind(&spec, &json, &file).expect("bind"),
+    )
+    .expect("expand");
+    let text = render::dump(&g, true);
+    assert!(
+        text.contains("# skipped layers.0.attn.qkv (when false at"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blocks.attention.nodes.qkv) = layers.0.attn_norm"),
+        "{text}"
+    );
+    assert!(
+        text.contains("layers.0.attn.q = linear(layers.0.attn_norm)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blocks/transformer.yaml: blocks.attention.nodes.q"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_op_reference_is_current() {
+    let want = lmspec_spec::ops::reference();
+    let path = root().join("docs/ops.md");
+    if std::env::var_os("LMSPEC_WRITE_DOCS").is_some() {
+        std::fs::write(&path, &want).expect("write docs/ops.md");
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "docs/ops.md is stale: run LMSPEC_WRITE_DOCS=1 cargo test -p lmspec-spec the_op_reference_is_current"
+    );
+}
