@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use lmspec::engine::model::WeightPlan;
-use lmspec::engine::{runtime, LoadOptions, Model, SpecLibrary};
+use lmspec::engine::{runtime, LoadOptions, Model};
 use lmspec::lm::generate::{GenerateParams, TokenGenerator};
 use serde_json::{json, Value};
 
@@ -114,15 +114,12 @@ struct Ours {
 }
 
 impl Ours {
-    fn load(lib: &SpecLibrary, a: &BenchArgs) -> Result<Ours> {
+    fn load(opts: &LoadOptions, a: &BenchArgs) -> Result<Ours> {
         if a.gen_tokens < 2 || a.repeat == 0 {
             bail!("--gen-tokens must be at least 2 and --repeat at least 1");
         }
         let start = Instant::now();
-        let opts = LoadOptions::default()
-            .with_library(lib.clone())
-            .with_weights(a.weights);
-        let model = Model::load(&a.model, &opts)?;
+        let model = Model::load(&a.model, &opts.clone().with_weights(a.weights))?;
         // Materialise the weights with one single-token forward.
         let warm = model.forward(&mlx_rs::Array::from_slice(&[0i32], &[1, 1]), None)?;
         warm.eval()?;
@@ -313,8 +310,8 @@ pub struct Report {
 /// and their repeats alternate (lmspec, mlx-lm, mlx-lm, lmspec, ...), so
 /// slow drifts of the machine meet both alike; the per-repeat ratios of
 /// neighbouring repeats are reported besides the medians.
-pub fn run(lib: &SpecLibrary, root: &Path, a: &BenchArgs, against_mlx_lm: bool) -> Result<Report> {
-    let ours = Ours::load(lib, a)?;
+pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool) -> Result<Report> {
+    let ours = Ours::load(opts, a)?;
     lmspec::engine::plan::profile_ops(a.profile_ops);
     let mut theirs = match against_mlx_lm {
         true => Some(Theirs::start(root, a, &ours.header)?),

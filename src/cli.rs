@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use lmspec::engine::{model, runtime, LoadOptions, Model, SpecLibrary};
+use lmspec::engine::{runtime, LoadOptions, Model, SpecLibrary, WeightPlan};
+use lmspec::spec::library::SpecRoot;
 use lmspec::spec::render;
 use mlx_rs::Array;
 
@@ -204,11 +205,9 @@ impl GenArgs {
     }
 
     fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
-        let plan = lmspec::engine::model::WeightPlan::parse(&self.weights)
+        let plan = WeightPlan::parse(&self.weights)
             .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-        let opts = LoadOptions::default()
-            .with_library(library(specs)?)
-            .with_weights(plan);
+        let opts = load_options(specs, plan)?;
         Ok(lmspec::lm::LanguageModel::load(&self.model_path()?, &opts)?)
     }
 
@@ -335,7 +334,7 @@ fn chat_tools(
             |_| Ok(serde_json::json!({"error": "lmspec chat shows tool calls but does not run them"})),
         ));
     }
-    let formats = ToolFormat::load_library(&library(specs)?)?;
+    let formats = ToolFormat::load_all(&spec_root(specs))?;
     let format = ToolFormat::resolve(
         &formats,
         explicit,
@@ -480,12 +479,32 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Load options of every command that loads a model: the spec library
+/// ([`library`]), `weights`, and `$LMSPEC_FUSE_PROJECTIONS` (`1` or `0`)
+/// forcing fused projections on or off (default: on for the CPU, off on a
+/// GPU).
+fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOptions> {
+    let mut opts = LoadOptions::default()
+        .with_library(library(specs)?)
+        .with_weights(weights);
+    opts.fuse_projections = match std::env::var("LMSPEC_FUSE_PROJECTIONS").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    };
+    Ok(opts)
+}
+
 /// `--specs` when given, else `$LMSPEC_SPECS`, else the built-in library.
+fn spec_root(cli_specs: &Option<PathBuf>) -> SpecRoot {
+    match cli_specs {
+        Some(root) => SpecRoot::Dir(root.clone()),
+        None => SpecRoot::from_env(),
+    }
+}
+
 fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
-    Ok(match cli_specs {
-        Some(root) => SpecLibrary::open(root)?,
-        None => SpecLibrary::open_default()?,
-    })
+    Ok(SpecLibrary::from_root(spec_root(cli_specs))?)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -559,14 +578,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             profile_ops,
         } => {
-            let lib = library(&cli.specs)?;
             let model = match model {
                 Some(m) => m,
                 None => lmspec::default_model()
                     .filter(|p| p.exists())
                     .ok_or_else(|| anyhow!("no --model and the default model is not installed"))?,
             };
-            let weights = lmspec::engine::model::WeightPlan::parse(&weights)
+            let weights = WeightPlan::parse(&weights)
                 .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
             let args = crate::bench::BenchArgs {
                 model,
@@ -581,8 +599,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some("mlx-lm") => true,
                 Some(other) => bail!("--against {other}: only mlx-lm is supported"),
             };
-            let crate::bench::Report { ours, theirs } =
-                crate::bench::run(&lib, &repo_root(), &args, against_mlx_lm)?;
+            let crate::bench::Report { ours, theirs } = crate::bench::run(
+                &load_options(&cli.specs, weights)?,
+                &repo_root(),
+                &args,
+                against_mlx_lm,
+            )?;
             if json {
                 println!(
                     "{}",
@@ -627,7 +649,7 @@ fn embed(
     pooling: Option<&str>,
     normalize: Option<bool>,
 ) -> Result<ExitCode> {
-    let opts = LoadOptions::as_stored().with_library(library(specs)?);
+    let opts = load_options(specs, WeightPlan::AsStored)?;
     let mut e = lmspec::lm::Embedder::load(dir, &opts)?;
     if let Some(p) = pooling {
         e.pooling = lmspec::lm::Pooling::parse(p)
@@ -660,7 +682,9 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
                 Some(m) => m,
                 None => lmspec::port::golden::Golden::load(&golden)?.model_dir(),
             };
-            let report = lmspec::port::diff::diff(&model, &golden, &lib, spec.as_deref(), None)?;
+            let mut opts = load_options(specs, WeightPlan::AsStored)?;
+            opts.spec = spec;
+            let report = lmspec::port::diff::diff(&model, &golden, &opts, None)?;
             print!("{}", report.table());
             if let Some(path) = html {
                 std::fs::write(&path, lmspec::port::report::html(&report))
@@ -730,7 +754,7 @@ fn expand(
     let text = std::fs::read_to_string(config).with_context(|| config.display().to_string())?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid JSON", config.display()))?;
-    let (_, g) = model::expand_for(&s, &json, config)?;
+    let (_, g) = lmspec::spec::expand_for(&s, &json, config)?;
     Ok((s.name, g))
 }
 
@@ -740,7 +764,7 @@ fn logits(
     tokens: &[i32],
     spec: Option<&str>,
 ) -> Result<ExitCode> {
-    let mut opts = LoadOptions::as_stored().with_library(library(specs)?);
+    let mut opts = load_options(specs, WeightPlan::AsStored)?;
     opts.spec = spec.map(str::to_string);
     let model = Model::load(dir, &opts)?;
     let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]);
@@ -767,7 +791,7 @@ fn logits(
 }
 
 fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
-    let lib = library(specs)?;
+    let opts = load_options(specs, WeightPlan::AsStored)?;
     let cases = if cases.is_empty() {
         lmspec::port::golden::Golden::cases(&Path::new(env!("CARGO_MANIFEST_DIR")).join("goldens"))?
     } else {
@@ -779,7 +803,7 @@ fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
         "case", "spec", "tolerance", "fwd max_rel", "p/d max_rel", "greedy"
     );
     for case in cases {
-        let r = lmspec::port::golden::run(&case, &lib, None)?;
+        let r = lmspec::port::golden::run(&case, &opts)?;
         let ok = r.passed();
         failed += usize::from(!ok);
         println!(

@@ -16,8 +16,8 @@ fn every_golden_case_matches_mlx_lm() {
     );
     let mut failures = Vec::new();
     for case in &cases {
-        let r =
-            golden::run(case, &lib, None).unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
+        let r = golden::run(case, &crate::support::opts(&lib, None))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
         eprintln!(
             "{:<20} {:<8} {:<9} forward max_rel {:.2e} cos {:.9} | prefill/decode max_rel {:.2e} | greedy {}",
             r.case,

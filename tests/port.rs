@@ -35,7 +35,13 @@ fn specs_copy(edit: &[(&str, &dyn Fn(String) -> String)], drop: &[&str]) -> (Tem
 fn run_diff(case: &str, lib: &SpecLibrary, spec: Option<&str>) -> diff::DiffReport {
     let _guard = mlx_lock();
     let golden = goldens().join(case);
-    diff::diff(&golden.join("model"), &golden, lib, spec, None).expect("diff runs")
+    diff::diff(
+        &golden.join("model"),
+        &golden,
+        &crate::support::opts(lib, spec),
+        None,
+    )
+    .expect("diff runs")
 }
 
 #[test]

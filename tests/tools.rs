@@ -1,12 +1,13 @@
 //! Tool-call formats as data: fixtures per format, fed whole and one
 //! character at a time; arbitrary text and chunking never panic.
 use lmspec::lm::tools::{merge_text, RejectReason, ToolCall, ToolEvent, ToolFormat, ToolParser};
+use lmspec::spec::library::SpecRoot;
 use serde_json::Value;
 
 use crate::support::root;
 
 fn formats() -> Vec<ToolFormat> {
-    ToolFormat::load_dir(&root().join("specs/tool-formats")).expect("tool formats load")
+    ToolFormat::load_all(&SpecRoot::Dir(root().join("specs"))).expect("tool formats load")
 }
 
 fn expected(events: &[serde_yaml::Value]) -> Vec<ToolEvent> {

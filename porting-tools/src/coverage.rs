@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use lmspec_engine::SpecLibrary;
+use lmspec_engine::{LoadOptions, SpecLibrary};
 
 use crate::golden::{self, Golden};
 
@@ -87,8 +87,8 @@ pub fn coverage(lib: &SpecLibrary, mlx_lm: &Path, goldens: &Path) -> Result<Vec<
             .and_then(|m| m.as_str())
             .unwrap_or_default()
             .to_string();
-        let report =
-            golden::run(&case, lib, None).map_err(|e| anyhow!("{}: {e:#}", case.display()))?;
+        let report = golden::run(&case, &LoadOptions::as_stored().with_library(lib.clone()))
+            .map_err(|e| anyhow!("{}: {e:#}", case.display()))?;
         golden_results
             .entry(mt)
             .or_default()

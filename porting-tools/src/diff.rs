@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
-use lmspec_engine::{Model, SpecLibrary};
+use lmspec_engine::{LoadOptions, Model};
 use mlx_rs::Array;
 
 use crate::golden::Golden;
@@ -120,8 +120,7 @@ const OUTPUT_TAP: &str = "logits";
 pub fn diff(
     model_dir: &Path,
     golden_dir: &Path,
-    lib: &SpecLibrary,
-    spec: Option<&str>,
+    opts: &LoadOptions,
     tolerance: Option<Tolerance>,
 ) -> Result<DiffReport> {
     let g = Golden::load(golden_dir)?;
@@ -131,7 +130,7 @@ pub fn diff(
             golden_dir.display()
         ));
     }
-    let model = Model::load(model_dir, &crate::golden::load_options(lib, spec))?;
+    let model = Model::load(model_dir, opts)?;
     let engine_taps = model.tap_names();
     // The golden's `logits` tap is the model's output, whatever node makes it.
     let wanted: Vec<String> = engine_taps

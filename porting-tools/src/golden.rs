@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indexmap::IndexMap;
-use lmspec_engine::{LoadOptions, Model, SpecLibrary};
+use lmspec_engine::{LoadOptions, Model};
 use lmspec_lm::generate::{GenerateParams, TokenGenerator};
 use mlx_rs::{Array, Dtype};
 
@@ -163,9 +163,9 @@ pub fn greedy(model: &Model, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
 
 /// Runs a golden case: a whole-prompt forward, a prefill-then-decode with
 /// the cache, and the greedy continuation.
-pub fn run(case: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Report> {
+pub fn run(case: &Path, opts: &LoadOptions) -> Result<Report> {
     let g = Golden::load(case)?;
-    let model = Model::load(&g.model_dir(), &load_options(lib, spec))?;
+    let model = Model::load(&g.model_dir(), opts)?;
     let logits = model.forward(&row(&g.tokens), None)?;
     let shape = g.logits.shape().to_vec();
     let logits = logits.reshape(&shape)?;
@@ -196,13 +196,4 @@ pub fn run(case: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<Report>
         greedy,
         expected_greedy: g.greedy,
     })
-}
-
-/// Weights as stored, with `lib` and an optional explicit spec.
-pub fn load_options(lib: &SpecLibrary, spec: Option<&str>) -> LoadOptions {
-    let opts = LoadOptions::as_stored().with_library(lib.clone());
-    match spec {
-        Some(s) => opts.with_spec(s),
-        None => opts,
-    }
 }

@@ -8,10 +8,11 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use indexmap::IndexMap;
-use lmspec_engine::model::{expand_for, read_config};
+use lmspec_engine::model::read_config;
 use lmspec_engine::spec::expr::Value;
 use lmspec_engine::weights::{read_shapes, rules};
 use lmspec_engine::{Spec, SpecLibrary};
+use lmspec_spec::expand_for;
 
 /// How well one spec (with some switches set) fits the checkpoint.
 #[derive(Debug, Clone)]

@@ -185,18 +185,6 @@ pub fn resolve_spec(
     }
 }
 
-/// Checks a spec, binds a config and expands the graph (no weights).
-pub fn expand_for(
-    spec: &Spec,
-    config: &serde_json::Value,
-    config_file: &Path,
-) -> Result<(IndexMap<String, Value>, Graph)> {
-    let checked = lmspec_spec::check(spec)?;
-    let bound = config::bind(spec, config, config_file)?;
-    let g = lmspec_spec::expand(&checked, &bound)?;
-    Ok((bound, g))
-}
-
 impl Model {
     /// Loads `path` (a model directory or a `.gguf` file).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -254,7 +242,7 @@ impl Model {
             tensor_file,
             first_rules,
         } = src;
-        let (bound, graph) = expand_for(&spec, json, config_file)?;
+        let (bound, graph) = lmspec_spec::expand_for(&spec, json, config_file)?;
         let rule_refs: Vec<&RawRule> = first_rules
             .iter()
             .chain(spec.rules.iter().map(|r| &r.item))

@@ -2,6 +2,8 @@
 //! flat [`Graph`]: the layer schedule run, `when`s decided, parameters
 //! evaluated into typed op configs, layouts and weight needs resolved. Every
 //! lookup is checked, so a spec that passed `check` cannot make it panic.
+use std::path::Path;
+
 use indexmap::IndexMap;
 
 use crate::check::{block_label, CheckedBlock, CheckedSpec, NodeKind, ParamSource};
@@ -9,12 +11,26 @@ use crate::config::{eval_cond, layer_scope, Ty};
 use crate::error::{Error, Result};
 use crate::expr::{Scope, Value, With};
 use crate::graph::{Graph, Node, Skipped, Src};
-use crate::ops::{join_scope, Layout, OpConfig, OpError, Slice};
+use crate::library::Spec;
+use crate::ops::{join_scope, Layout, OpConfig, OpError, ParamDef, Slice};
 
 const TOKENS_LAYOUT: Layout = Layout {
     dim: 1,
     heads: None,
 };
+
+/// Checks `spec`, binds a checkpoint's config (`config_file` names it in
+/// errors) and expands the graph: all a model needs short of weights.
+pub fn expand_for(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+) -> Result<(IndexMap<String, Value>, Graph)> {
+    let checked = crate::check(spec)?;
+    let bound = crate::config::bind(spec, config, config_file)?;
+    let graph = expand(&checked, &bound)?;
+    Ok((bound, graph))
+}
 
 /// Expands a checked spec for bound config values.
 pub fn expand(spec: &CheckedSpec, config: &IndexMap<String, Value>) -> Result<Graph> {
@@ -44,16 +60,17 @@ struct Expander<'a> {
     graph: Graph,
 }
 
+/// The node's parameters evaluated in `scope`, in schema order.
 fn eval_params(
     params: &[ParamSource],
+    defs: &[ParamDef],
     scope: &dyn Scope,
-    names: &[&'static str],
 ) -> std::result::Result<Vec<Value>, OpError> {
     params
         .iter()
-        .zip(names)
-        .map(|(p, name)| {
-            let err = |m: String| OpError::new(*name, m);
+        .zip(defs)
+        .map(|(p, def)| {
+            let err = |m: String| OpError::new(def.name, m);
             match p {
                 ParamSource::Expr(ty, e) => e.eval(scope).and_then(|v| ty.coerce(v)).map_err(err),
                 ParamSource::Choice(options, e) => {
@@ -207,9 +224,7 @@ impl Expander<'_> {
                     }
                 }
                 NodeKind::Op { entry, params } => {
-                    let names: Vec<&'static str> =
-                        entry.schema.params.iter().map(|p| p.name).collect();
-                    let values = eval_params(params, scope_vals, &names)
+                    let values = eval_params(params, entry.schema.params, scope_vals)
                         .map_err(|e| err(&e.field, e.msg))?;
                     let op = (entry.parse)(&values).map_err(|e| err(&e.field, e.msg))?;
                     let layouts: Vec<Layout> = srcs.iter().map(|s| self.layout(*s)).collect();

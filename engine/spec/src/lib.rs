@@ -28,6 +28,6 @@ pub mod render;
 
 pub use check::{check, CheckedSpec};
 pub use error::{Error, Result};
-pub use expand::expand;
+pub use expand::{expand, expand_for};
 pub use graph::{Graph, Node, Src};
 pub use library::{Sourced, Spec, SpecLibrary};

@@ -94,6 +94,14 @@ mod embedded {
 const EMBEDDED_PREFIX: &str = "specs";
 
 impl SpecRoot {
+    /// `$LMSPEC_SPECS` when set, else the built-in copy.
+    pub fn from_env() -> SpecRoot {
+        match std::env::var_os("LMSPEC_SPECS") {
+            Some(p) => SpecRoot::Dir(PathBuf::from(p)),
+            None => SpecRoot::Embedded,
+        }
+    }
+
     /// The YAML files of a subfolder (`models`, `blocks`, `tool-formats`),
     /// sorted by name.
     pub fn files(&self, sub: &str) -> Result<Vec<PathBuf>> {
@@ -122,11 +130,6 @@ impl SpecRoot {
         }
         read_to_string(path)
     }
-
-    /// Whether `path` names a spec file here.
-    fn has(&self, path: &Path) -> bool {
-        self.read(path).is_ok()
-    }
 }
 
 impl std::fmt::Display for SpecRoot {
@@ -153,23 +156,21 @@ pub struct SpecLibrary {
 impl SpecLibrary {
     /// `$LMSPEC_SPECS` when set, else the built-in library.
     pub fn open_default() -> Result<SpecLibrary> {
-        match std::env::var_os("LMSPEC_SPECS") {
-            Some(p) => SpecLibrary::open(Path::new(&p)),
-            None => SpecLibrary::embedded(),
-        }
+        SpecLibrary::from_root(SpecRoot::from_env())
     }
 
     /// The library built into the binary.
     pub fn embedded() -> Result<SpecLibrary> {
-        SpecLibrary::read(SpecRoot::Embedded)
+        SpecLibrary::from_root(SpecRoot::Embedded)
     }
 
     /// A spec folder on disk.
     pub fn open(root: &Path) -> Result<SpecLibrary> {
-        SpecLibrary::read(SpecRoot::Dir(root.to_path_buf()))
+        SpecLibrary::from_root(SpecRoot::Dir(root.to_path_buf()))
     }
 
-    fn read(root: SpecRoot) -> Result<SpecLibrary> {
+    /// The library at `root`: its blocks and models, parsed.
+    pub fn from_root(root: SpecRoot) -> Result<SpecLibrary> {
         let mut blocks = IndexMap::new();
         let mut block_config = IndexMap::new();
         for path in root.files("blocks")? {
@@ -363,15 +364,20 @@ impl SpecLibrary {
                     Some((p, r)) => (p.clone(), r.clone()),
                     None => {
                         let p = path.parent().unwrap_or(Path::new(".")).join(parent);
-                        if !self.root.has(&p) {
-                            return Err(Error::spec(
-                                path,
-                                "<document>",
-                                "extends",
-                                format!("no spec named '{parent}'"),
-                            ));
-                        }
-                        let r = parse_str(&self.root.read(&p)?, &p)?;
+                        let text = match self.root.read(&p) {
+                            Err(Error::Io { source, .. })
+                                if source.kind() == std::io::ErrorKind::NotFound =>
+                            {
+                                return Err(Error::spec(
+                                    path,
+                                    "<document>",
+                                    "extends",
+                                    format!("no spec named '{parent}'"),
+                                ))
+                            }
+                            other => other?,
+                        };
+                        let r = parse_str(&text, &p)?;
                         (p, r)
                     }
                 };

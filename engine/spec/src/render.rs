@@ -1,6 +1,6 @@
 //! Rendering an expanded graph: Graphviz DOT, the text dump that snapshots
 //! pin, and the explanation of skipped nodes.
-use crate::graph::{Graph, Src};
+use crate::graph::{Graph, Skipped, Src};
 
 /// Graphviz DOT of an expanded graph, one cluster per layer.
 pub fn to_dot(graph: &Graph, title: &str) -> String {
@@ -63,13 +63,7 @@ pub fn dump(graph: &Graph, explain: bool) -> String {
         if explain {
             // Skipped nodes are listed before the first node made after them.
             while let Some(s) = skipped.next_if(|s| s.before <= k) {
-                out.push_str(&format!(
-                    "# skipped {} (when false at {}: {}) = {}\n",
-                    s.path,
-                    s.file.display(),
-                    s.origin,
-                    graph.name_of(s.stands_for)
-                ));
+                out.push_str(&skipped_line(graph, s));
             }
         }
         let layout = match n.resolved.out.heads {
@@ -104,15 +98,20 @@ pub fn dump(graph: &Graph, explain: bool) -> String {
     }
     if explain {
         for s in skipped {
-            out.push_str(&format!(
-                "# skipped {} (when false at {}: {}) = {}\n",
-                s.path,
-                s.file.display(),
-                s.origin,
-                graph.name_of(s.stands_for)
-            ));
+            out.push_str(&skipped_line(graph, s));
         }
     }
     out.push_str(&format!("output = {}\n", graph.name_of(graph.output)));
     out
+}
+
+/// The `--explain` line of a skipped node.
+fn skipped_line(graph: &Graph, s: &Skipped) -> String {
+    format!(
+        "# skipped {} (when false at {}: {}) = {}\n",
+        s.path,
+        s.file.display(),
+        s.origin,
+        graph.name_of(s.stands_for)
+    )
 }

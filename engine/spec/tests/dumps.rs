@@ -3,7 +3,7 @@
 //! no MLX and no weights.
 use std::path::{Path, PathBuf};
 
-use lmspec_spec::{check, config, expand, render, SpecLibrary};
+use lmspec_spec::{expand_for, render, SpecLibrary};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -16,9 +16,7 @@ fn dump(case: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(&text).expect("json");
     let model_type = json["model_type"].as_str().expect("model_type");
     let spec = lib.for_model_type(model_type, &file).expect("spec");
-    let checked = check(&spec).expect("check");
-    let bound = config::bind(&spec, &json, &file).expect("bind");
-    let graph = expand(&checked, &bound).expect("expand");
+    let (_, graph) = expand_for(&spec, &json, &file).expect("expand");
     render::dump(&graph, false)
 }
 

@@ -2,7 +2,7 @@
 //! the built-in library, `--explain`, the op reference.
 use std::path::{Path, PathBuf};
 
-use lmspec_spec::{check, config, expand, render, Error, SpecLibrary};
+use lmspec_spec::{check, expand_for, render, Error, SpecLibrary};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -47,10 +47,8 @@ model:
 fn split_cuts_a_value_into_named_parts() {
     let (_dir, lib) = library_with(&[("tiny.yaml", SPLIT)]);
     let spec = lib.load("tiny").expect("load");
-    let checked = check(&spec).expect("check");
-    let bound =
-        config::bind(&spec, &serde_json::json!({}), Path::new("config.json")).expect("bind");
-    let g = expand(&checked, &bound).expect("expand");
+    let (_, g) =
+        expand_for(&spec, &serde_json::json!({}), Path::new("config.json")).expect("expand");
     let text = render::dump(&g, false);
     assert!(
         text.contains("a = slice(embed) -> [B, T, 8] {start=0, size=8}"),
@@ -165,11 +163,7 @@ fn explain_lists_skipped_nodes_and_origins() {
     let file = root().join("goldens/llama/model/config.json");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
-    let g = expand(
-        &check(&spec).expect("check"),
-        &config::bind(&spec, &json, &file).expect("bind"),
-    )
-    .expect("expand");
+    let (_, g) = expand_for(&spec, &json, &file).expect("expand");
     let text = render::dump(&g, true);
     assert!(
         text.contains("# skipped layers.0.attn.qkv (when false at"),
@@ -201,4 +195,23 @@ fn the_op_reference_is_current() {
         have == want,
         "docs/ops.md is stale: run LMSPEC_WRITE_DOCS=1 cargo test -p lmspec-spec the_op_reference_is_current"
     );
+}
+
+#[test]
+fn a_missing_parent_names_the_extends_field() {
+    let child = "spec_version: 1\nextends: nowhere.yaml\nmodel_types: [orphan]\n";
+    let (_dir, lib) = library_with(&[("orphan.yaml", child)]);
+    match lib.load("orphan").expect_err("no parent") {
+        Error::Spec {
+            file,
+            node,
+            field,
+            msg,
+        } => {
+            assert!(file.ends_with("models/orphan.yaml"), "{}", file.display());
+            assert_eq!((node.as_str(), field.as_str()), ("<document>", "extends"));
+            assert_eq!(msg, "no spec named 'nowhere.yaml'");
+        }
+        other => panic!("{other}"),
+    }
 }

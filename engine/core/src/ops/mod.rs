@@ -94,14 +94,6 @@ impl Weights {
             Some(Param::Quantized { .. }) => Err(OpError::new(field, "cannot be quantized")),
         }
     }
-
-    pub fn params(&self) -> impl Iterator<Item = &Param> {
-        self.items.iter().map(|(_, p)| p)
-    }
-
-    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
-        self.items.iter_mut().map(|(_, p)| p)
-    }
 }
 
 /// Per-call state handed to a running op.

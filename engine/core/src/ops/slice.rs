@@ -39,9 +39,8 @@ impl Op for SliceOp {
 /// (a rotary part shared by every head).
 impl Build for Concat {
     fn build(&self, inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let heads = inputs.iter().filter_map(|v| v.heads).max();
         Ok(Box::new(ConcatOp {
-            share: heads
+            share: Concat::heads(inputs)
                 .filter(|h| *h > 1)
                 .map(|_| inputs.iter().map(|v| v.heads == Some(1)).collect())
                 .unwrap_or_default(),

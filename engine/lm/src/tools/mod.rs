@@ -7,12 +7,12 @@ pub mod reasoning;
 pub mod response;
 pub mod schema;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
 use lmspec_engine::error::{read_to_string, Error, Result};
-use lmspec_spec::library::{yaml_error, SpecLibrary};
+use lmspec_spec::library::{yaml_error, SpecRoot};
 
 /// A tool-call format, as written in a format file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -106,11 +106,11 @@ impl ToolFormat {
         ToolFormat::parse(&read_to_string(path)?, path)
     }
 
-    /// Every format of a spec library (`tool-formats/`), by file order.
-    pub fn load_library(lib: &SpecLibrary) -> Result<Vec<ToolFormat>> {
+    /// Every format of a spec library root (`tool-formats/`), by file order.
+    pub fn load_all(root: &SpecRoot) -> Result<Vec<ToolFormat>> {
         let mut out = Vec::new();
-        for path in lib.root.files("tool-formats")? {
-            out.push(ToolFormat::parse(&lib.root.read(&path)?, &path)?);
+        for path in root.files("tool-formats")? {
+            out.push(ToolFormat::parse(&root.read(&path)?, &path)?);
         }
         Ok(out)
     }
@@ -147,17 +147,6 @@ impl ToolFormat {
             ));
         }
         Ok(f)
-    }
-
-    /// The formats in a folder, by file order.
-    pub fn load_dir(dir: &Path) -> Result<Vec<ToolFormat>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-            .collect();
-        files.sort();
-        files.iter().map(|f| ToolFormat::load(f)).collect()
     }
 
     /// Picks the format in this order: `explicit`; the checkpoint's
