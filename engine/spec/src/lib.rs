@@ -6,7 +6,8 @@
 //! 2. [`library`]: finding spec files, `extends`, the shared block library
 //!    (with the config entries its blocks own) into one [`Spec`];
 //! 3. [`check`]: validation without a config, giving a [`CheckedSpec`]
-//!    (parsed expressions, typed op schemas from [`ops`]);
+//!    (parsed expressions, typed op schemas from [`ops`], declared with
+//!    [`schema`]);
 //! 4. [`config`]: binding a checkpoint's `config.json` to typed values
 //!    ([`expr`] is the expression language they are computed in);
 //! 5. [`expand`]: the checked spec unrolled for one config into a
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod pattern;
 pub mod raw;
 pub mod render;
+pub mod schema;
 
 pub use check::{check, CheckedSpec};
 pub use error::{Error, Result};

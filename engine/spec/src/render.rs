@@ -1,6 +1,7 @@
 //! Rendering an expanded graph: Graphviz DOT, the text dump that snapshots
 //! pin, and the explanation of skipped nodes.
 use crate::graph::{Graph, Skipped, Src};
+use crate::ops::{ParamKind, REGISTRY};
 
 /// Graphviz DOT of an expanded graph, one cluster per layer.
 pub fn to_dot(graph: &Graph, title: &str) -> String {
@@ -114,4 +115,47 @@ fn skipped_line(graph: &Graph, s: &Skipped) -> String {
         s.origin,
         graph.name_of(s.stands_for)
     )
+}
+
+/// The op reference (`docs/ops.md`), generated from the op schemas.
+pub fn op_reference() -> String {
+    let mut out = String::from(
+        "# Op reference\n\nGenerated from the op schemas in `engine/spec/src/ops/` \
+         (a test keeps this file current). Parameters without a default are required. \
+         Besides these primitives a node may be `layers` (the layer schedule) or \
+         `split` (see docs/spec-language.md).\n",
+    );
+    for e in REGISTRY {
+        let s = e.schema;
+        let (lo, hi) = s.arity;
+        let inputs = if lo == hi {
+            format!("{lo}")
+        } else {
+            format!("{lo} to {hi}")
+        };
+        out.push_str(&format!(
+            "\n## `{}`\n\n{} Inputs: {inputs}.\n",
+            s.name,
+            s.doc.trim()
+        ));
+        if s.params.is_empty() {
+            continue;
+        }
+        out.push_str("\n| parameter | kind | default | meaning |\n| --- | --- | --- | --- |\n");
+        for p in s.params {
+            let kind = match p.kind {
+                ParamKind::Expr(ty) => ty.name().to_string(),
+                ParamKind::Weight => "weight".to_string(),
+                ParamKind::Choice(words) => words.join(" \\| "),
+            };
+            let default = p
+                .default
+                .map_or("required".to_string(), |d| format!("`{}`", d()));
+            out.push_str(&format!(
+                "| `{}` | {kind} | {default} | {} |\n",
+                p.name, p.doc
+            ));
+        }
+    }
+    out
 }

@@ -185,7 +185,7 @@ fn explain_lists_skipped_nodes_and_origins() {
 
 #[test]
 fn the_op_reference_is_current() {
-    let want = lmspec_spec::ops::reference();
+    let want = lmspec_spec::render::op_reference();
     let path = root().join("docs/ops.md");
     if std::env::var_os("LMSPEC_WRITE_DOCS").is_some() {
         std::fs::write(&path, &want).expect("write docs/ops.md");

@@ -3,41 +3,24 @@
 //! heads), with a causal (optionally sliding-window) mask, an optional
 //! key-padding mask and a KV cache slot. With `softcap` the scores are
 //! computed explicitly and capped with `tanh` before the softmax.
-use lmspec_spec::ops::{Attention, Layout, OpError};
+use lmspec_spec::ops::Attention;
 use mlx_rs::error::Exception;
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::Array;
 
-use super::{Build, Ctx, Op, Weights};
+use super::{Ctx, Op};
 use crate::cache::{causal_mask, KvView, Mask};
 
-impl Build for Attention {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(AttentionOp {
-            scale: self.scale as f32,
-            causal: self.causal,
-            window: self.window_size(),
-            softcap: self.softcap.map(|c| c.0 as f32),
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct AttentionOp {
-    scale: f32,
-    causal: bool,
-    window: Option<i32>,
-    softcap: Option<f32>,
-}
-
-impl Op for AttentionOp {
+impl Op for Attention {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let scale = self.scale as f32;
+        let softcap = self.softcap.map(|c| c.0 as f32);
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let t = q.shape()[2];
         let (mask, kv) = match ctx.cache.as_deref_mut() {
             Some(cache) => (cache.mask(t)?, cache.update_and_fetch(k, v)?),
             None => {
-                let mask = match self.window {
+                let mask = match self.window_size() {
                     Some(w) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
                     _ if t > 1 => Mask::Causal,
                     _ => Mask::None,
@@ -51,17 +34,17 @@ impl Op for AttentionOp {
             None => mask,
         };
         match kv {
-            KvView::Dense(k, v) if self.softcap.is_none() => {
+            KvView::Dense(k, v) if softcap.is_none() => {
                 let m = match &mask {
                     Mask::None => None,
                     Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
                     Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
                 };
-                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, self.scale, m, None)
+                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, scale, m, None)
             }
             KvView::Dense(k, v) => {
                 let hkv = k.shape()[1];
-                explicit_attention(q, &k, &v, hkv, self.scale, self.softcap, &mask)
+                explicit_attention(q, &k, &v, hkv, scale, softcap, &mask)
             }
             KvView::Quantized {
                 keys,
@@ -76,7 +59,7 @@ impl Op for AttentionOp {
                     bits,
                 };
                 let (keys, values) = (wrap(keys), wrap(values));
-                explicit_attention(q, &keys, &values, hkv, self.scale, self.softcap, &mask)
+                explicit_attention(q, &keys, &values, hkv, scale, softcap, &mask)
             }
         }
     }

@@ -10,7 +10,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
-use super::{Build, Ctx, Op, Weights};
+use super::{mlx_err, Build, Ctx, Op, Weights};
 use crate::cache::CacheState;
 
 /// Added to the squared length before q and k are normalised.
@@ -19,11 +19,11 @@ const NORM_EPS: f32 = 1e-6;
 impl Build for GatedDelta {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         let (a_log, dt_bias) = (w.dense("weight")?, w.dense("weight")?);
-        let e = |e: Exception| OpError::new("weight", e.to_string());
-        let neg_a = mlx_rs::ops::negative(
-            mlx_rs::ops::exp(a_log.as_dtype(Dtype::Float32).map_err(e)?).map_err(e)?,
-        )
-        .map_err(e)?;
+        let neg_a = a_log
+            .as_dtype(Dtype::Float32)
+            .and_then(|a| mlx_rs::ops::exp(&a))
+            .and_then(|a| mlx_rs::ops::negative(&a))
+            .map_err(mlx_err("weight"))?;
         Ok(Box::new(GatedDeltaOp {
             neg_a,
             dt_bias,

@@ -1,21 +1,12 @@
 //! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
 //! gated `glu`.
-use lmspec_spec::ops::{Act, Activation, Add, Glu, Layout, Mul, OpError, Scale, Softcap};
+use lmspec_spec::ops::{Act, Activation, Add, Glu, Mul, Scale, Softcap};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
-use super::{Build, Ctx, Op, Weights};
+use super::{Ctx, Op};
 
-impl Build for Add {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(AddOp))
-    }
-}
-
-#[derive(Debug)]
-struct AddOp;
-
-impl Op for AddOp {
+impl Op for Add {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let mut acc = mlx_rs::ops::add(inputs[0], inputs[1])?;
         for x in &inputs[2..] {
@@ -25,57 +16,22 @@ impl Op for AddOp {
     }
 }
 
-impl Build for Mul {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(MulOp))
-    }
-}
-
-#[derive(Debug)]
-struct MulOp;
-
-impl Op for MulOp {
+impl Op for Mul {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         mlx_rs::ops::multiply(inputs[0], inputs[1])
     }
 }
 
-impl Build for Scale {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(ScaleOp {
-            factor: self.factor as f32,
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct ScaleOp {
-    factor: f32,
-}
-
-impl Op for ScaleOp {
+impl Op for Scale {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        let f = Array::from_f32(self.factor).as_dtype(inputs[0].dtype())?;
+        let f = Array::from_f32(self.factor as f32).as_dtype(inputs[0].dtype())?;
         mlx_rs::ops::multiply(inputs[0], &f)
     }
 }
 
-impl Build for Softcap {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(SoftcapOp {
-            cap: self.cap as f32,
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct SoftcapOp {
-    cap: f32,
-}
-
-impl Op for SoftcapOp {
+impl Op for Softcap {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        soft_cap(inputs[0], self.cap)
+        soft_cap(inputs[0], self.cap as f32)
     }
 }
 
@@ -98,37 +54,15 @@ pub(crate) fn activate(act: Act, x: &Array) -> Result<Array, Exception> {
     }
 }
 
-impl Build for Activation {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(ActOp { act: self.r#fn }))
-    }
-}
-
-#[derive(Debug)]
-struct ActOp {
-    act: Act,
-}
-
-impl Op for ActOp {
+impl Op for Activation {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        activate(self.act, inputs[0])
+        activate(self.r#fn, inputs[0])
     }
 }
 
-impl Build for Glu {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(GluOp { act: self.r#fn }))
-    }
-}
-
-#[derive(Debug)]
-struct GluOp {
-    act: Act,
-}
-
-impl Op for GluOp {
+impl Op for Glu {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        match self.act {
+        match self.r#fn {
             // One fused kernel, as mlx-lm's compiled `swiglu`.
             Act::Silu => swiglu(inputs[0], inputs[1]),
             act => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),

@@ -1,47 +1,26 @@
 //! `split_heads` ([B, T, H*D] -> [B, H, T, D]) and `merge_heads` (inverse).
-use lmspec_spec::ops::{Layout, MergeHeads, OpError, SplitHeads};
+use lmspec_spec::ops::{MergeHeads, SplitHeads};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
-use super::{Build, Ctx, Op, Weights};
+use super::{Ctx, Op};
 
-impl Build for SplitHeads {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(SplitOp {
-            heads: self.heads as i32,
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct SplitOp {
-    heads: i32,
-}
-
-impl Op for SplitOp {
+impl Op for SplitHeads {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
         let s = x.shape();
+        let heads = self.heads as i32;
         if s[1] == 1 {
             // One position: [B, 1, H*D] and [B, H, 1, D] share a layout, so
             // one reshape does it (a decode step saves a primitive per call).
-            return x.reshape(&[s[0], self.heads, 1, -1]);
+            return x.reshape(&[s[0], heads, 1, -1]);
         }
-        x.reshape(&[s[0], s[1], self.heads, -1])?
+        x.reshape(&[s[0], s[1], heads, -1])?
             .transpose_axes(&[0, 2, 1, 3])
     }
 }
 
-impl Build for MergeHeads {
-    fn build(&self, _inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        Ok(Box::new(MergeOp))
-    }
-}
-
-#[derive(Debug)]
-struct MergeOp;
-
-impl Op for MergeOp {
+impl Op for MergeHeads {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
         let s = x.shape();

@@ -3,22 +3,14 @@
 //! run through stacked expert weights (`[E, out, in]`) with gather matmuls
 //! (`gather_mm`, or `gather_qmm` when quantized), and their outputs summed
 //! weighted by the routing scores.
-use lmspec_spec::ops::{Act, GroupScore, Layout, Moe, OpError, Routing};
+use lmspec_spec::ops::{GroupScore, Layout, Moe, OpError, Routing};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::argpartition_axis;
 use mlx_rs::ops::indexing::{IndexOp, TryIndexOp};
 use mlx_rs::Array;
 
 use super::elementwise::activate;
-use super::{linear, Build, Ctx, Op, Param, Weights};
-
-/// Group-limited routing: only experts of the `keep` best groups compete.
-#[derive(Debug, Clone, Copy)]
-struct Groups {
-    count: i32,
-    keep: i32,
-    top2_sum: bool,
-}
+use super::{linear, mlx_err, Build, Ctx, Op, Param, Weights};
 
 impl Build for Moe {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -30,21 +22,12 @@ impl Build for Moe {
             q => q,
         };
         Ok(Box::new(MoeOp {
+            cfg: self.clone(),
             router,
             gate: stacked(gate)?,
             up: stacked(up)?,
             down: stacked(down)?,
-            top_k: self.top_k as i32,
-            routing: self.routing,
-            norm_topk: self.norm_topk,
-            scale: self.scale as f32,
             correction,
-            groups: Groups {
-                count: self.groups as i32,
-                keep: self.topk_groups as i32,
-                top2_sum: self.group_score == GroupScore::Top2Sum,
-            },
-            act: self.act,
         }))
     }
 }
@@ -56,7 +39,7 @@ fn stacked(p: Param) -> Result<Param, OpError> {
         Param::Dense(w) => w
             .swap_axes(-1, -2)
             .map(Param::Dense)
-            .map_err(|e| OpError::new("experts", e.to_string())),
+            .map_err(mlx_err("experts")),
         q => Ok(q),
     }
 }
@@ -89,18 +72,13 @@ fn gather(p: &Param, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exce
 
 #[derive(Debug)]
 struct MoeOp {
+    cfg: Moe,
     /// Dense router weights are kept transposed, `[in, experts]`.
     router: Param,
     gate: Param,
     up: Param,
     down: Param,
-    top_k: i32,
-    routing: Routing,
-    norm_topk: bool,
-    scale: f32,
     correction: Option<Array>,
-    groups: Groups,
-    act: Act,
 }
 
 /// From this many routed (token, expert) pairs on, the rows are sorted by
@@ -112,8 +90,8 @@ impl MoeOp {
     /// Expert indices `[B, T, k]` and their weights `[B, T, k]`.
     fn route(&self, x: &Array) -> Result<(Array, Array), Exception> {
         let logits = linear::apply(&self.router, None, x)?;
-        let k = self.top_k;
-        let scores = match self.routing {
+        let k = self.cfg.top_k as i32;
+        let scores = match self.cfg.routing {
             Routing::SoftmaxTopk => mlx_rs::ops::softmax_axis(&logits, -1, true)?,
             Routing::TopkSoftmax => logits.clone(),
             Routing::SigmoidTopk => {
@@ -124,22 +102,22 @@ impl MoeOp {
             Some(b) => mlx_rs::ops::add(&scores, b)?,
             None => scores.clone(),
         };
-        if self.groups.count > 1 {
+        if self.cfg.groups > 1 {
             choice = self.limit_groups(&choice)?;
         }
         let neg = mlx_rs::ops::negative(&choice)?;
         let inds = argpartition_axis(&neg, k - 1, -1)?.try_index((.., .., ..k))?;
         let picked = scores.take_along_axis(&inds, -1)?;
-        let mut weights = match self.routing {
+        let mut weights = match self.cfg.routing {
             Routing::TopkSoftmax => mlx_rs::ops::softmax_axis(&picked, -1, true)?,
             _ => picked,
         };
-        if self.norm_topk {
+        if self.cfg.norm_topk {
             let total = weights.sum_axis(-1, true)?;
             weights = mlx_rs::ops::divide(&weights, &total)?;
         }
-        if self.scale != 1.0 {
-            let s = Array::from_f32(self.scale).as_dtype(weights.dtype())?;
+        if self.cfg.scale != 1.0 {
+            let s = Array::from_f32(self.cfg.scale as f32).as_dtype(weights.dtype())?;
             weights = mlx_rs::ops::multiply(&weights, &s)?;
         }
         Ok((inds, weights))
@@ -147,11 +125,8 @@ impl MoeOp {
 
     /// Zeroes the scores of every expert outside the `keep` best groups.
     fn limit_groups(&self, scores: &Array) -> Result<Array, Exception> {
-        let Groups {
-            count,
-            keep,
-            top2_sum,
-        } = self.groups;
+        let (count, keep) = (self.cfg.groups as i32, self.cfg.topk_groups as i32);
+        let top2_sum = self.cfg.group_score == GroupScore::Top2Sum;
         let s = scores.shape().to_vec();
         let grouped = scores.reshape(&[s[0], s[1], count, -1])?;
         let group_scores = if top2_sum {
@@ -202,7 +177,7 @@ impl MoeOp {
     fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         let up = gather(&self.up, x, idx, sorted)?;
         let gate = gather(&self.gate, x, idx, sorted)?;
-        let h = mlx_rs::ops::multiply(activate(self.act, &gate)?, &up)?;
+        let h = mlx_rs::ops::multiply(activate(self.cfg.act, &gate)?, &up)?;
         gather(&self.down, &h, idx, sorted)
     }
 }

@@ -7,30 +7,14 @@ use mlx_rs::Array;
 
 use super::{Build, Ctx, Op, Weights};
 
-impl Build for Slice {
-    fn build(&self, inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let (start, size) = (self.start as i32, self.size as i32);
-        Ok(Box::new(SliceOp {
-            start,
-            end: start + size,
-            whole: start == 0 && inputs.first().is_some_and(|x| i64::from(size) == x.dim),
-        }))
-    }
-}
-
-#[derive(Debug)]
-struct SliceOp {
-    start: i32,
-    end: i32,
-    whole: bool,
-}
-
-impl Op for SliceOp {
+impl Op for Slice {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        if self.whole {
-            return Ok(inputs[0].clone());
+        let x = inputs[0];
+        let (start, size) = (self.start as i32, self.size as i32);
+        if start == 0 && x.shape().last() == Some(&size) {
+            return Ok(x.clone());
         }
-        inputs[0].try_index(&[Ellipsis.index_op(), (self.start..self.end).index_op()][..])
+        x.try_index(&[Ellipsis.index_op(), (start..start + size).index_op()][..])
     }
 }
 

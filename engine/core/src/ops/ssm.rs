@@ -10,7 +10,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
-use super::{Build, Ctx, Op, Weights};
+use super::{mlx_err, Build, Ctx, Op, Weights};
 use crate::cache::CacheState;
 
 /// Positions per quadratic block.
@@ -19,14 +19,11 @@ const CHUNK: i32 = 256;
 impl Build for Ssm {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         let (a_log, d, dt_bias) = (w.dense("weight")?, w.dense("weight")?, w.dense("weight")?);
-        let e = |e: Exception| OpError::new("weight", e.to_string());
         // A = -exp(A_log), computed in A_log's dtype and then made float32.
-        let a = mlx_rs::ops::negative(
-            mlx_rs::ops::exp(&a_log)
-                .and_then(|x| x.as_dtype(Dtype::Float32))
-                .map_err(e)?,
-        )
-        .map_err(e)?;
+        let a = mlx_rs::ops::exp(&a_log)
+            .and_then(|x| x.as_dtype(Dtype::Float32))
+            .and_then(|x| mlx_rs::ops::negative(&x))
+            .map_err(mlx_err("weight"))?;
         Ok(Box::new(SsmOp {
             a,
             d,

@@ -14,9 +14,80 @@ use indexmap::IndexMap;
 use mlx_rs::Array;
 
 use crate::error::{read_to_string, Error, Result};
-use crate::ops::Param;
-use lmspec_spec::ops::WeightReq;
+use lmspec_spec::ops::{OpError, WeightReq};
 use lmspec_spec::Graph;
+use mlx_rs::error::Exception;
+
+/// A loaded weight, dense or MLX affine-quantized.
+#[derive(Debug, Clone)]
+pub enum Param {
+    Dense(Array),
+    Quantized {
+        w: Array,
+        scales: Array,
+        biases: Array,
+        group_size: i32,
+        bits: i32,
+    },
+}
+
+impl Param {
+    /// The dense array, or a dequantized copy.
+    pub fn dense(&self) -> Result<Array, Exception> {
+        match self {
+            Param::Dense(a) => Ok(a.clone()),
+            Param::Quantized {
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => mlx_rs::ops::dequantize(w, scales, biases, *group_size, *bits),
+        }
+    }
+}
+
+/// The weights of one node, each under the parameter (`field`) that
+/// required it.
+#[derive(Debug, Default)]
+pub struct Weights {
+    items: Vec<(&'static str, Param)>,
+}
+
+impl Weights {
+    pub fn new(items: Vec<(&'static str, Param)>) -> Weights {
+        Weights { items }
+    }
+
+    /// The weight required under `field`, if it was.
+    pub fn take_opt(&mut self, field: &str) -> Option<Param> {
+        let k = self.items.iter().position(|(f, _)| *f == field)?;
+        Some(self.items.remove(k).1)
+    }
+
+    /// The weight required under `field`.
+    pub fn take(&mut self, field: &str) -> Result<Param, OpError> {
+        self.take_opt(field)
+            .ok_or_else(|| OpError::new(field, "not loaded"))
+    }
+
+    /// A weight that must be dense (norm scales, biases, per-head vectors).
+    pub fn dense(&mut self, field: &str) -> Result<Array, OpError> {
+        match self.take(field)? {
+            Param::Dense(a) => Ok(a),
+            Param::Quantized { .. } => Err(OpError::new(field, "cannot be quantized")),
+        }
+    }
+
+    /// An optional weight that must be dense.
+    pub fn dense_opt(&mut self, field: &str) -> Result<Option<Array>, OpError> {
+        match self.take_opt(field) {
+            None => Ok(None),
+            Some(Param::Dense(a)) => Ok(Some(a)),
+            Some(Param::Quantized { .. }) => Err(OpError::new(field, "cannot be quantized")),
+        }
+    }
+}
 
 /// Tensors of a checkpoint under their original names.
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! Normalisations: `rms_norm` and `layer_norm`.
-use super::{join_scope, op, Layout, OpError, Resolved, WeightName, WeightReq};
+use super::{op, Layout, OpError, Resolved, WeightName, WeightReq};
 
 op! {
     /// RMS normalisation of the last axis, scaled by (offset + weight).
@@ -22,12 +22,7 @@ op! {
 impl RmsNorm {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let x = first(inputs)?;
-        let w = WeightReq::dense(
-            "weight",
-            join_scope(scope, &self.weight.0),
-            "weight",
-            vec![x.dim],
-        );
+        let w = WeightReq::dense("weight", self.weight.under(scope), "weight", vec![x.dim]);
         Ok(Resolved {
             weights: vec![w],
             ..Resolved::pure(x)
@@ -38,7 +33,7 @@ impl RmsNorm {
 impl LayerNorm {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let x = first(inputs)?;
-        let module = join_scope(scope, &self.weight.0);
+        let module = self.weight.under(scope);
         let mut weights = vec![WeightReq::dense(
             "weight",
             module.clone(),
