@@ -216,3 +216,22 @@ fn bench_against_mlx_lm_pairs_repeats_and_profiles_the_step() {
         assert!(ops.contains_key(op), "{ops:?}");
     }
 }
+
+/// A reader that stops early closes the pipe: lmspec ends quietly (by
+/// SIGPIPE, as other tools do), without a panic message.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args(["spec", "list"])
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lmspec runs");
+    // Close the read end before lmspec has written anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("lmspec ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -4,39 +4,91 @@ use lmspec::port::golden::{self, Golden};
 
 use crate::support::{goldens, library, mlx_lock};
 
-#[test]
-fn every_golden_case_matches_mlx_lm() {
+/// Runs one case against mlx-lm's tensors and asserts it passes its level.
+fn check_case(name: &str) {
     let _guard = mlx_lock();
-    let lib = library();
+    let case = goldens().join(name);
+    let r = golden::run(&case, &crate::support::opts(&library(), None))
+        .unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
+    eprintln!(
+        "{:<20} {:<8} {:<9} forward max_rel {:.2e} cos {:.9} | prefill/decode max_rel {:.2e} | greedy {}",
+        r.case,
+        r.spec,
+        r.tolerance.name(),
+        r.forward.max_rel(),
+        r.forward.cosine,
+        r.prefill_decode.max_rel(),
+        if r.greedy == r.expected_greedy { "identical" } else { "DIFFERS" }
+    );
+    assert!(r.passed(), "golden failure:\n{r:?}");
+}
+
+/// One test per case, so a case runs and reports alone
+/// (`cargo test golden::case::qwen3`).
+macro_rules! golden_cases {
+    ($($case:ident),+ $(,)?) => {
+        mod case {
+            $(
+                #[test]
+                fn $case() {
+                    super::check_case(stringify!($case));
+                }
+            )+
+        }
+        const CASES: &[&str] = &[$(stringify!($case)),+];
+    };
+}
+
+golden_cases!(
+    cohere,
+    deepseek_v2,
+    deepseek_v3,
+    gemma,
+    gemma2,
+    gemma3_text,
+    gpt2,
+    gpt_neox,
+    granite,
+    internlm2,
+    lfm2,
+    llama,
+    llama_hd32,
+    llama_linear_rope,
+    llama_q4,
+    llama_rope_llama3,
+    llama_yarn,
+    mamba2,
+    minicpm,
+    mistral,
+    mixtral,
+    olmo2,
+    phi,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    qwen3_moe_hf,
+    qwen3_moe_q4,
+    qwen3_next,
+    smollm3,
+    stablelm,
+    starcoder2,
+);
+
+/// Every case under `goldens/` has its test above.
+#[test]
+fn every_golden_case_has_a_test() {
     let cases = Golden::cases(&goldens()).expect("goldens folder");
     assert!(
         cases.len() >= 5,
         "expected golden cases, found {}",
         cases.len()
     );
-    let mut failures = Vec::new();
     for case in &cases {
-        let r = golden::run(case, &crate::support::opts(&lib, None))
-            .unwrap_or_else(|e| panic!("{}: {e:#}", case.display()));
-        eprintln!(
-            "{:<20} {:<8} {:<9} forward max_rel {:.2e} cos {:.9} | prefill/decode max_rel {:.2e} | greedy {}",
-            r.case,
-            r.spec,
-            r.tolerance.name(),
-            r.forward.max_rel(),
-            r.forward.cosine,
-            r.prefill_decode.max_rel(),
-            if r.greedy == r.expected_greedy { "identical" } else { "DIFFERS" }
-        );
-        if !r.passed() {
-            failures.push(format!("{r:?}"));
-        }
+        let name = case.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(CASES.contains(&name), "goldens/{name} has no test in tests/golden.rs");
     }
-    assert!(
-        failures.is_empty(),
-        "golden failures:\n{}",
-        failures.join("\n")
-    );
 }
 
 /// Linear layers that read one value run as one projection (on the CPU by

@@ -27,7 +27,7 @@ pub struct ToolFormat {
     pub end: Option<String>,
     /// Payload syntax (see [`payload::KINDS`]).
     pub payload: String,
-    /// Payload options (e.g. the string escape of Gemma calls).
+    /// Payload options (e.g. the string escape of `call_braces` payloads).
     #[serde(default)]
     pub options: serde_json::Map<String, serde_json::Value>,
     /// Marker texts removed from the output (section wrappers).

@@ -9,11 +9,11 @@ pub const KINDS: &[&str] = &[
     "json",
     "xml_function",
     "pythonic",
-    "glm4",
-    "gemma_call",
-    "kimi",
+    "key_value_tags",
+    "call_braces",
+    "indexed_name",
     "invoke_xml",
-    "mistral",
+    "args_marker",
 ];
 
 pub fn parse(format: &ToolFormat, body: &str) -> Result<Vec<ToolCall>, String> {
@@ -21,18 +21,18 @@ pub fn parse(format: &ToolFormat, body: &str) -> Result<Vec<ToolCall>, String> {
         "json" => json_calls(body),
         "xml_function" => xml_function(body),
         "pythonic" => pythonic(body),
-        "glm4" => glm4(body),
-        "gemma_call" => {
+        "key_value_tags" => key_value_tags(body),
+        "call_braces" => {
             let esc = format
                 .options
                 .get("escape")
                 .and_then(|e| e.as_str())
                 .unwrap_or("\"");
-            gemma_call(body, esc)
+            call_braces(body, esc)
         }
-        "kimi" => kimi(body),
+        "indexed_name" => indexed_name(body),
         "invoke_xml" => invoke_xml(body),
-        "mistral" => mistral(body),
+        "args_marker" => args_marker(body),
         other => Err(format!("unknown payload '{other}'")),
     }
 }
@@ -119,7 +119,7 @@ fn xml_function(body: &str) -> Result<Vec<ToolCall>, String> {
     Ok(calls)
 }
 
-fn glm4(body: &str) -> Result<Vec<ToolCall>, String> {
+fn key_value_tags(body: &str) -> Result<Vec<ToolCall>, String> {
     let body = body.trim();
     let name_end = body.find("<arg_key>").unwrap_or(body.len());
     let name = body[..name_end].trim();
@@ -168,7 +168,7 @@ fn invoke_xml(body: &str) -> Result<Vec<ToolCall>, String> {
     Ok(calls)
 }
 
-fn kimi(body: &str) -> Result<Vec<ToolCall>, String> {
+fn indexed_name(body: &str) -> Result<Vec<ToolCall>, String> {
     let (head, args) = body
         .split_once("<|tool_call_argument_begin|>")
         .ok_or("missing <|tool_call_argument_begin|>")?;
@@ -185,7 +185,7 @@ fn kimi(body: &str) -> Result<Vec<ToolCall>, String> {
     }])
 }
 
-fn mistral(body: &str) -> Result<Vec<ToolCall>, String> {
+fn args_marker(body: &str) -> Result<Vec<ToolCall>, String> {
     let body = body.trim();
     if body.starts_with('[') || body.starts_with('{') {
         return json_calls(body);
@@ -363,7 +363,7 @@ fn pythonic(body: &str) -> Result<Vec<ToolCall>, String> {
 
 /// `call:NAME{k:v,...}` with strings delimited by `esc`, bare keys, nested
 /// braces for objects and brackets for lists.
-fn gemma_call(body: &str, esc: &str) -> Result<Vec<ToolCall>, String> {
+fn call_braces(body: &str, esc: &str) -> Result<Vec<ToolCall>, String> {
     let body = body.trim();
     let rest = body
         .strip_prefix("call:")
