@@ -254,30 +254,12 @@ fn print_event(e: lmspec::lm::generate::Event) {
 /// the tools are offered to the template and calls reported.
 fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
+    let (tools, output) = gen.output(specs, &lm)?;
     let mut params = gen.params();
+    params.output = output;
     let mut context = gen.context();
-    let declared = declared_output(&lm);
-    let tools = match &gen.tools {
-        Some(f) => Some(chat_tools(
-            specs,
-            &lm,
-            f,
-            gen.tool_format.as_deref(),
-            declared.as_ref(),
-        )?),
-        None => None,
-    };
-    let schemas = tools.as_ref().map(|(tools, format)| {
+    if !tools.is_empty() {
         context.tools = Some(tools.iter().map(lmspec::lm::Tool::spec).collect());
-        let schemas = tools
-            .iter()
-            .map(|t| (t.name.clone(), t.parameters.clone()))
-            .collect();
-        (format, schemas)
-    });
-    params.output = lmspec::lm::tools::OutputFormat::think(schemas);
-    if let Some(markers) = declared.and_then(|r| r.reasoning) {
-        params.output.reasoning = Some(markers);
     }
     let ids = if raw {
         lm.tokenizer.encode(prompt)?
@@ -293,80 +275,63 @@ fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The checkpoint's `response_template`, when it has one that can be read
-/// (else a note says why it is not used).
-fn declared_output(
-    lm: &lmspec::lm::LanguageModel,
-) -> Option<lmspec::lm::tools::response::ResponseTemplate> {
-    match lm.response_template()? {
-        Ok(r) => Some(r),
-        Err(e) => {
-            eprintln!("note: not using the response_template: {e}");
-            None
-        }
+impl GenArgs {
+    /// The tools of `--tools` (offered, not run) and how the model's output
+    /// is read ([`lmspec::lm::LanguageModel::output_format`]): the same for
+    /// `generate` and `chat`.
+    fn output(
+        &self,
+        specs: &Option<PathBuf>,
+        lm: &lmspec::lm::LanguageModel,
+    ) -> Result<(Vec<lmspec::lm::Tool>, lmspec::lm::tools::OutputFormat)> {
+        let declared = match lm.response_template() {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                eprintln!("note: not using the response_template: {e}");
+                None
+            }
+            None => None,
+        };
+        let tools = match &self.tools {
+            Some(file) => read_tools(file)?,
+            None => Vec::new(),
+        };
+        let formats = lmspec::lm::tools::ToolFormat::load_all(&spec_root(specs))?;
+        let output = lm.output_format(
+            &formats,
+            declared.as_ref(),
+            &tools,
+            self.tool_format.as_deref(),
+        )?;
+        Ok((tools, output))
     }
 }
 
-/// The tools of `file` and the call format: `--tool-format`, else resolved
-/// from the checkpoint (`declared`: its response_template) and the specs.
-fn chat_tools(
-    specs: &Option<PathBuf>,
-    lm: &lmspec::lm::LanguageModel,
-    file: &Path,
-    explicit: Option<&str>,
-    declared: Option<&lmspec::lm::tools::response::ResponseTemplate>,
-) -> Result<(Vec<lmspec::lm::Tool>, lmspec::lm::tools::ToolFormat)> {
-    use lmspec::lm::tools::ToolFormat;
+/// The tools of an OpenAI-style JSON list; the CLI shows their calls but
+/// does not run them.
+fn read_tools(file: &Path) -> Result<Vec<lmspec::lm::Tool>> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON list of tool specs", file.display()))?;
-    let mut tools = Vec::new();
-    for (k, spec) in list.iter().enumerate() {
-        let f = spec.get("function").unwrap_or(spec);
-        let name = f
-            .get("name")
-            .and_then(|n| n.as_str())
-            .ok_or_else(|| anyhow!("{}: tool {k}: missing function.name", file.display()))?;
-        tools.push(lmspec::lm::Tool::new(
-            name,
-            f.get("description").and_then(|d| d.as_str()).unwrap_or(""),
-            f.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"})),
-            |_| Ok(serde_json::json!({"error": "lmspec chat shows tool calls but does not run them"})),
-        ));
-    }
-    let formats = ToolFormat::load_all(&spec_root(specs))?;
-    let format = ToolFormat::resolve(
-        &formats,
-        explicit,
-        declared.and_then(|r| r.tools.as_ref()),
-        lm.tokenizer.tool_parser_type.as_deref(),
-        lm.tokenizer.chat_template.as_deref(),
-        lm.model.spec.tool_format.as_deref(),
-    )
-    .ok_or_else(|| anyhow!("no tool-call format found in the spec library's tool-formats/"))?
-    .clone();
-    if let Some(e) = explicit {
-        if format.name != e {
-            bail!("unknown tool format '{e}'");
-        }
-    }
-    Ok((tools, format))
+    list.iter()
+        .enumerate()
+        .map(|(k, spec)| {
+            lmspec::lm::Tool::from_openai_json(spec, |_| {
+                Ok(serde_json::json!({"error": "lmspec chat shows tool calls but does not run them"}))
+            })
+            .map_err(|e| anyhow!("{}: tool {k}: {e}", file.display()))
+        })
+        .collect()
 }
 
 fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     use std::io::BufRead;
     let lm = gen.load(specs)?;
-    let tools = match &gen.tools {
-        Some(f) => Some(chat_tools(
-            specs,
-            &lm,
-            f,
-            gen.tool_format.as_deref(),
-            declared_output(&lm).as_ref(),
-        )?),
-        None => None,
-    };
-    let mut session = lmspec::lm::ChatSession::new(&lm, gen.system.as_deref(), gen.params());
+    let (tools, output) = gen.output(specs, &lm)?;
+    let format = output.tools.clone();
+    let mut params = gen.params();
+    params.output = output;
+    let mut session = lmspec::lm::ChatSession::new(&lm, gen.system.as_deref(), params);
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
     for line in std::io::stdin().lock().lines() {
@@ -374,9 +339,9 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
         if line.trim().is_empty() {
             break;
         }
-        match &tools {
-            Some((tools, format)) => {
-                let answer = session.respond_with_tools(&line, tools, format, 3, &mut |e| {
+        match &format {
+            Some(format) => {
+                let answer = session.respond_with_tools(&line, &tools, format, 3, &mut |e| {
                     use lmspec::lm::tools::ToolEvent;
                     match e {
                         ToolEvent::Call(c) => println!("[tool call] {}({})", c.name, c.arguments),

@@ -87,7 +87,10 @@ fn every_golden_case_has_a_test() {
     );
     for case in &cases {
         let name = case.file_name().and_then(|n| n.to_str()).expect("name");
-        assert!(CASES.contains(&name), "goldens/{name} has no test in tests/golden.rs");
+        assert!(
+            CASES.contains(&name),
+            "goldens/{name} has no test in tests/golden.rs"
+        );
     }
 }
 

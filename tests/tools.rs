@@ -568,3 +568,48 @@ fn a_checkpoints_response_template_declares_its_format() {
         "{err}"
     );
 }
+
+/// One description of how output is read serves `generate`, `chat` and the
+/// chat session: reasoning markers, and with tools the resolved format and
+/// the tools' schemas; an unknown explicit format is an error.
+#[test]
+fn the_output_format_resolves_reasoning_tools_and_schemas() {
+    let formats = formats();
+    let lm = crate::generation::smollm2();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tools = [weather_tool(calls)];
+    lm.perform(|lm| {
+        let plain = lm
+            .output_format(&formats, None, &[], None)
+            .expect("no tools");
+        assert_eq!(plain.reasoning, Some(("<think>".into(), "</think>".into())));
+        assert!(plain.tools.is_none() && plain.schemas.is_empty());
+        let json = lm
+            .output_format(&formats, None, &tools, Some("json"))
+            .expect("json format");
+        assert_eq!(json.tools.as_ref().map(|f| f.name.as_str()), Some("json"));
+        assert_eq!(json.schemas.len(), 1);
+        assert_eq!(json.schemas[0].0, tools[0].name);
+        let err = lm
+            .output_format(&formats, None, &tools, Some("telepathy"))
+            .expect_err("unknown format");
+        assert!(
+            err.to_string().contains("unknown tool format 'telepathy'"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn an_openai_tool_spec_becomes_a_tool() {
+    let spec = serde_json::json!({"type": "function", "function": {
+        "name": "get_weather", "description": "Weather.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let tool = lmspec::lm::Tool::from_openai_json(&spec, |_| Ok(Value::Null)).expect("tool");
+    assert_eq!(tool.spec(), spec);
+    let err = lmspec::lm::Tool::from_openai_json(&serde_json::json!({"function": {}}), |_| {
+        Ok(Value::Null)
+    })
+    .expect_err("no name");
+    assert_eq!(err, "missing function.name");
+}

@@ -11,7 +11,7 @@ use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 use crate::tools::response::ResponseTemplate;
 use crate::tools::schema::schema_for;
-use crate::tools::{ToolCall, ToolEvent, ToolFormat};
+use crate::tools::{OutputFormat, ToolCall, ToolEvent, ToolFormat};
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::{is_gguf, LoadOptions, Model};
@@ -54,6 +54,46 @@ impl LanguageModel {
             .response_template
             .as_ref()
             .map(|(file, t)| ResponseTemplate::from_json(t, file))
+    }
+
+    /// How this model's output is read: reasoning between the markers the
+    /// checkpoint declares (`declared`, its `response_template`), else
+    /// `<think>`...`</think>`; with `tools` (none: no calls are read), calls in the format
+    /// [`ToolFormat::resolve`] picks among `formats` (`explicit` first),
+    /// checked against the tools' schemas. `generate`, chat sessions and the
+    /// CLI read output through this one description.
+    pub fn output_format(
+        &self,
+        formats: &[ToolFormat],
+        declared: Option<&ResponseTemplate>,
+        tools: &[Tool],
+        explicit: Option<&str>,
+    ) -> Result<OutputFormat> {
+        let mut out = OutputFormat::think(None);
+        if let Some(markers) = declared.and_then(|r| r.reasoning.clone()) {
+            out.reasoning = Some(markers);
+        }
+        if tools.is_empty() {
+            return Ok(out);
+        }
+        let format = ToolFormat::resolve(
+            formats,
+            explicit,
+            declared.and_then(|r| r.tools.as_ref()),
+            self.tokenizer.tool_parser_type.as_deref(),
+            self.tokenizer.chat_template.as_deref(),
+            self.model.spec.tool_format.as_deref(),
+        )
+        .ok_or_else(|| Error::Usage("no tool-call format found in the spec library".into()))?;
+        if let Some(e) = explicit.filter(|e| *e != format.name) {
+            return Err(Error::Usage(format!("unknown tool format '{e}'")));
+        }
+        out.tools = Some(format.clone());
+        out.schemas = tools
+            .iter()
+            .map(|t| (t.name.clone(), t.parameters.clone()))
+            .collect();
+        Ok(out)
     }
 
     /// Renders messages with the chat template.
@@ -190,6 +230,28 @@ impl Tool {
             let out = handler(args)?;
             serde_json::to_value(out).map_err(|e| format!("result: {e}"))
         }))
+    }
+
+    /// A tool from an OpenAI tool spec (`{"type": "function", "function":
+    /// {"name", "description", "parameters"}}`, or the inner object alone).
+    pub fn from_openai_json(
+        spec: &serde_json::Value,
+        handler: impl Fn(&serde_json::Value) -> std::result::Result<serde_json::Value, String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> std::result::Result<Tool, String> {
+        let f = spec.get("function").unwrap_or(spec);
+        let name = f
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or("missing function.name")?;
+        let description = f.get("description").and_then(|d| d.as_str()).unwrap_or("");
+        let parameters = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        Ok(Tool::new(name, description, parameters, handler))
     }
 
     /// The tool as chat templates expect it in `tools`.
