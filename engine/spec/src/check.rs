@@ -167,8 +167,9 @@ pub fn check(spec: &Spec) -> Result<CheckedSpec> {
                 format!("config.{name}"),
                 "type",
                 format!(
-                    "unknown type '{}' (known: int, float, bool, str, list, map, any)",
-                    b.ty
+                    "unknown type '{}' (known: {})",
+                    b.ty,
+                    Ty::names().join(", ")
                 ),
             )
         })?;
@@ -486,7 +487,7 @@ fn check_block(
                         format!("'{op}' takes {lo}..={hi} inputs, got {}", ins.len()),
                     ));
                 }
-                let params = check_params(entry, node, known).map_err(|(f, m)| err(&f, m))?;
+                let params = check_params(spec, entry, node, known).map_err(|(f, m)| err(&f, m))?;
                 NodeKind::Op { entry, params }
             }
         };
@@ -569,6 +570,7 @@ fn check_split(
 }
 
 fn check_params(
+    spec: &Spec,
     entry: &OpEntry,
     node: &RawNode,
     known: &HashSet<String>,
@@ -608,10 +610,9 @@ fn check_params(
                 ParamSource::Weight(Value::from_yaml(v))
             }
             ParamKind::Choice(options) if v.as_str().is_some_and(|s| s.starts_with('=')) => {
-                ParamSource::Choice(
-                    options,
-                    parse_known(v, Ty::Str, known).map_err(|m| (field(), m))?,
-                )
+                let e = parse_known(v, Ty::Str, known).map_err(|m| (field(), m))?;
+                check_choice_entry(spec, &e, options).map_err(|m| (field(), m))?;
+                ParamSource::Choice(options, e)
             }
             ParamKind::Choice(options) => match v.as_str() {
                 Some(s) if options.contains(&s) => {
@@ -622,6 +623,24 @@ fn check_params(
         });
     }
     Ok(out)
+}
+
+/// A choice parameter read from a config entry typed with a choice enum
+/// (`fn: =mlp_act` with `mlp_act: {type: act}`): every word of that enum
+/// must be one the parameter takes, so no config can make it fail later.
+fn check_choice_entry(spec: &Spec, e: &Expr, options: &[&str]) -> std::result::Result<(), String> {
+    let Expr::Name(n) = e else { return Ok(()) };
+    let Some(Ty::Choice(name, words)) = spec.config.get(n).and_then(|d| Ty::parse(&d.item.ty))
+    else {
+        return Ok(());
+    };
+    match words.iter().find(|w| !options.contains(w)) {
+        Some(w) => Err(format!(
+            "config entry '{n}' is of type {name}, which allows '{w}'; this parameter takes: {}",
+            options.join(", ")
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Nodes in declaration order, except that a node waits for the nodes it

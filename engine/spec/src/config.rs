@@ -18,6 +18,9 @@ pub enum Ty {
     List,
     Map,
     Any,
+    /// One word of an op's choice enum (`act`, `routing`, `group_score`):
+    /// its name and spellings.
+    Choice(&'static str, &'static [&'static str]),
 }
 
 impl Ty {
@@ -30,8 +33,18 @@ impl Ty {
             "list" => Ty::List,
             "map" => Ty::Map,
             "any" => Ty::Any,
-            _ => return None,
+            other => {
+                let (name, words) = crate::ops::CHOICES.iter().find(|(n, _)| *n == other)?;
+                Ty::Choice(name, words)
+            }
         })
+    }
+
+    /// Every type name a config entry may give.
+    pub fn names() -> Vec<&'static str> {
+        let mut out = vec!["int", "float", "bool", "str", "list", "map", "any"];
+        out.extend(crate::ops::CHOICES.iter().map(|(n, _)| *n));
+        out
     }
 
     pub fn name(self) -> &'static str {
@@ -43,6 +56,7 @@ impl Ty {
             Ty::List => "list",
             Ty::Map => "map",
             Ty::Any => "any",
+            Ty::Choice(name, _) => name,
         }
     }
 
@@ -69,6 +83,13 @@ impl Ty {
             },
             (Ty::Bool, Value::Bool(b)) => Ok(Value::Bool(b)),
             (Ty::Str, Value::Str(s)) => Ok(Value::Str(s)),
+            (Ty::Choice(name, words), Value::Str(s)) => match words.contains(&s.as_str()) {
+                true => Ok(Value::Str(s)),
+                false => Err(format!(
+                    "'{s}' is not one of the {name} words ({})",
+                    words.join(", ")
+                )),
+            },
             (Ty::List, Value::List(l)) => Ok(Value::List(l)),
             (Ty::Map, Value::Map(m)) => Ok(Value::Map(m)),
             (_, v) => bad(&v),
@@ -83,7 +104,7 @@ pub fn literal_or_expr(v: &serde_yaml::Value, ty: Ty) -> std::result::Result<Exp
     match v {
         serde_yaml::Value::String(s) => match (ty, s.strip_prefix('=')) {
             (_, Some(e)) => Expr::parse(e),
-            (Ty::Str, None) => Ok(Expr::Lit(Value::Str(s.clone()))),
+            (Ty::Str | Ty::Choice(..), None) => Ok(Expr::Lit(Value::Str(s.clone()))),
             _ => Expr::parse(s),
         },
         other => Ok(Expr::Lit(Value::from_yaml(other))),

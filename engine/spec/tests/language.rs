@@ -215,3 +215,61 @@ fn a_missing_parent_names_the_extends_field() {
         other => panic!("{other}"),
     }
 }
+
+const CHOICE: &str = "spec_version: 1
+name: tiny
+model_types: [tiny]
+config:
+  act_kind: {type: act, default: silu}
+model:
+  inputs: [tokens]
+  nodes:
+    embed: {op: embedding, in: tokens, weight: emb, vocab: 10, dim: 4}
+    out: {op: activation, in: embed, fn: =act_kind}
+  output: out
+";
+
+#[test]
+fn an_enum_typed_entry_is_checked_when_bound() {
+    let (_dir, lib) = library_with(&[("tiny.yaml", CHOICE)]);
+    let spec = lib.load("tiny").expect("load");
+    let file = Path::new("config.json");
+    let ok = expand_for(&spec, &serde_json::json!({"act_kind": "gelu"}), file).expect("gelu");
+    assert!(render::dump(&ok.1, false).contains("{fn='gelu'}"));
+    match expand_for(&spec, &serde_json::json!({"act_kind": "telepathy"}), file)
+        .expect_err("not an activation")
+    {
+        Error::Config { key, msg, .. } => {
+            assert_eq!(key, "act_kind");
+            assert!(
+                msg.starts_with("'telepathy' is not one of the act words (silu, gelu"),
+                "{msg}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn check_refuses_an_enum_entry_the_parameter_cannot_take() {
+    let bad = CHOICE.replace(
+        "{type: act, default: silu}",
+        "{type: routing, default: softmax_topk}",
+    );
+    let (_dir, lib) = library_with(&[("tiny.yaml", &bad)]);
+    let spec = lib.load("tiny").expect("load");
+    match check(&spec).expect_err("a routing is no activation") {
+        Error::Spec {
+            node, field, msg, ..
+        } => {
+            assert_eq!((node.as_str(), field.as_str()), ("model.nodes.out", "fn"));
+            assert!(
+                msg.starts_with(
+                    "config entry 'act_kind' is of type routing, which allows 'softmax_topk'"
+                ),
+                "{msg}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+}
