@@ -8,6 +8,16 @@ use crate::error::{Error, Result};
 use crate::expr::{Expr, Scope, Value};
 use crate::library::Spec;
 
+/// The choice enums config entries may be typed with (`type: act`), by
+/// name: a config value of such a type is checked against the spellings
+/// when it is bound, and `check` verifies that an op parameter reading it
+/// (`fn: =mlp_act`) takes every one of them.
+pub static CHOICES: &[(&str, &[&str])] = &[
+    ("act", crate::ops::Act::SPELLINGS),
+    ("routing", crate::ops::Routing::SPELLINGS),
+    ("group_score", crate::ops::GroupScore::SPELLINGS),
+];
+
 /// Value types of config bindings and op parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ty {
@@ -34,7 +44,7 @@ impl Ty {
             "map" => Ty::Map,
             "any" => Ty::Any,
             other => {
-                let (name, words) = crate::ops::CHOICES.iter().find(|(n, _)| *n == other)?;
+                let (name, words) = CHOICES.iter().find(|(n, _)| *n == other)?;
                 Ty::Choice(name, words)
             }
         })
@@ -43,7 +53,7 @@ impl Ty {
     /// Every type name a config entry may give.
     pub fn names() -> Vec<&'static str> {
         let mut out = vec!["int", "float", "bool", "str", "list", "map", "any"];
-        out.extend(crate::ops::CHOICES.iter().map(|(n, _)| *n));
+        out.extend(CHOICES.iter().map(|(n, _)| *n));
         out
     }
 

@@ -193,7 +193,27 @@ pub(crate) use choice;
 
 /// Declares an op: a typed config struct with one field per parameter, and
 /// its schema. `field: Type = default, "doc";` (no `= default`: required).
+/// A trailing `layout: f` makes the op's output layout `f(inputs)`, with no
+/// weights and no state (elementwise ops).
 macro_rules! op {
+    (
+        $(#[doc = $doc:literal])*
+        $name:literal ($lo:literal ..= $hi:literal) => $ty:ident {
+            $( $field:ident : $fty:ty $(= $default:expr)? , $pdoc:literal ; )*
+        } layout: $layout:path
+    ) => {
+        op! { $(#[doc = $doc])* $name ($lo..=$hi) => $ty { $( $field : $fty $(= $default)? , $pdoc ; )* } }
+
+        impl $ty {
+            pub fn resolve(
+                &self,
+                _scope: &str,
+                inputs: &[$crate::ops::Layout],
+            ) -> Result<$crate::ops::Resolved, $crate::ops::OpError> {
+                $layout(inputs).map($crate::ops::Resolved::pure)
+            }
+        }
+    };
     (
         $(#[doc = $doc:literal])*
         $name:literal ($lo:literal ..= $hi:literal) => $ty:ident {

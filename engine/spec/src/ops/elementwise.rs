@@ -18,19 +18,19 @@ choice! {
 
 op! {
     /// Sum of its inputs (residual connections).
-    "add" (2..=8) => Add {}
+    "add" (2..=8) => Add {} layout: same_layout
 }
 
 op! {
     /// Elementwise product of two inputs.
-    "mul" (2..=2) => Mul {}
+    "mul" (2..=2) => Mul {} layout: same_layout
 }
 
 op! {
     /// Multiplies by a constant (embedding scales, residual multipliers).
     "scale" (1..=1) => Scale {
         factor: f64, "constant multiplier";
-    }
+    } layout: first
 }
 
 op! {
@@ -44,14 +44,14 @@ op! {
     /// Applies an activation function elementwise.
     "activation" (1..=1) => Activation {
         r#fn: Act, "activation function";
-    }
+    } layout: first
 }
 
 op! {
     /// Gated unit: fn(gate) * up, with inputs [gate, up] (SwiGLU, GeGLU).
     "glu" (2..=2) => Glu {
         r#fn: Act, "activation function";
-    }
+    } layout: same_layout
 }
 
 /// The common layout of elementwise inputs; an input whose last axis has
@@ -74,24 +74,6 @@ fn same_layout(inputs: &[Layout]) -> Result<Layout, OpError> {
     Ok(widest)
 }
 
-impl Add {
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        same_layout(inputs).map(Resolved::pure)
-    }
-}
-
-impl Mul {
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        same_layout(inputs).map(Resolved::pure)
-    }
-}
-
-impl Scale {
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        first(inputs).map(Resolved::pure)
-    }
-}
-
 impl Softcap {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let cap = self.cap;
@@ -99,17 +81,5 @@ impl Softcap {
             return Err(OpError::new("cap", format!("{cap} is not a positive cap")));
         }
         first(inputs).map(Resolved::pure)
-    }
-}
-
-impl Activation {
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        first(inputs).map(Resolved::pure)
-    }
-}
-
-impl Glu {
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        same_layout(inputs).map(Resolved::pure)
     }
 }

@@ -132,16 +132,6 @@ registry!(
     GatedDelta,
 );
 
-/// The choice enums config entries may be typed with (`type: act`), by
-/// name: a config value of such a type is checked against the spellings
-/// when it is bound, and `check` verifies that an op parameter reading it
-/// (`fn: =mlp_act`) takes every one of them.
-pub static CHOICES: &[(&str, &[&str])] = &[
-    ("act", Act::SPELLINGS),
-    ("routing", Routing::SPELLINGS),
-    ("group_score", GroupScore::SPELLINGS),
-];
-
 /// A registered op: its schema and how its typed config is read.
 #[derive(Debug)]
 pub struct OpEntry {
