@@ -551,7 +551,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let weights = WeightPlan::parse(&weights)
                 .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-            let args = crate::bench::BenchArgs {
+            let args = lmspec::port::bench::BenchArgs {
                 model,
                 prompt_tokens,
                 gen_tokens,
@@ -564,23 +564,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some("mlx-lm") => true,
                 Some(other) => bail!("--against {other}: only mlx-lm is supported"),
             };
-            let crate::bench::Report { ours, theirs } = crate::bench::run(
+            let report = lmspec::port::bench::run(
                 &load_options(&cli.specs, weights)?,
                 &repo_root(),
                 &args,
                 against_mlx_lm,
             )?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"lmspec": ours, "mlx_lm": theirs})
-                    )?
-                );
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                match &theirs {
-                    Some(t) => print!("{}", crate::bench::ratio_table(&ours, t)),
-                    None => println!("{}", serde_json::to_string_pretty(&ours)?),
+                match &report.theirs {
+                    Some(t) => print!("{}", lmspec::port::bench::ratio_table(&report.ours, t)),
+                    None => println!("{}", serde_json::to_string_pretty(&report.ours)?),
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -1,5 +1,4 @@
 //! The `lmspec` command line.
-mod bench;
 mod cli;
 
 fn main() -> std::process::ExitCode {

@@ -1,6 +1,7 @@
 //! lmspec porting tools: golden cases made by mlx-lm, tensor comparison with
-//! named tolerance levels, node-by-node diffs with reports, spec scaffolding
-//! and the coverage table.
+//! named tolerance levels, node-by-node diffs with reports, spec scaffolding,
+//! the coverage table, and the benchmark beside mlx-lm.
+pub mod bench;
 pub mod coverage;
 pub mod diff;
 pub mod golden;

@@ -3,35 +3,117 @@
 //! same measured with mlx-lm (`porting-tools/python/bench_mlx_lm.py`) on the
 //! same prompt, with a ratio table. Every timing ends on a read-back of a
 //! token, so MLX's lazy work is inside it.
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use lmspec::engine::model::WeightPlan;
-use lmspec::engine::{runtime, LoadOptions, Model};
-use lmspec::lm::generate::{GenerateParams, TokenGenerator};
-use serde_json::{json, Value};
+use indexmap::IndexMap;
+use lmspec_engine::model::WeightPlan;
+use lmspec_engine::{runtime, LoadOptions, Model};
+use lmspec_lm::generate::{GenerateParams, TokenGenerator};
+use serde::{Deserialize, Serialize};
 
 /// Median (mean of the middle two for even counts), min and max.
-pub fn spread(xs: &[f64]) -> Value {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    let median = if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    json!({"median": median, "min": v.first().copied().unwrap_or(0.0), "max": v.last().copied().unwrap_or(0.0)})
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(xs: &[f64]) -> Spread {
+        let mut v = xs.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n == 0 {
+            0.0
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: v.first().copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The primitives MLX runs for one decode step, by kind, with their total.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DecodeGraph {
+    pub total: usize,
+    pub by_kind: BTreeMap<String, usize>,
+}
+
+/// Mean host microseconds per decode step.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StepUs {
+    pub build: f64,
+    pub launch: f64,
+    pub wait: f64,
+}
+
+/// What an engine is and how it loaded: lmspec's, or the first line of
+/// `bench_mlx_lm.py --serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub engine: String,
+    pub model: String,
+    pub weights: String,
+    pub device: String,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub load_s: f64,
+    pub decode_graph: DecodeGraph,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_step_us: Option<StepUs>,
+    pub mlx_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlx_lm_version: Option<String>,
+    /// The prompt's token ids (lmspec's header; mlx-lm reads them from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<u32>>,
+}
+
+/// Neighbouring repeats' lmspec / mlx-lm ratios.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PairedRatio {
+    pub prefill_tps: Spread,
+    pub decode_tps: Spread,
+}
+
+/// One engine's measurements (the JSON `lmspec bench --json` prints and
+/// `porting-tools/python/bench_table.py` reads).
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    #[serde(flatten)]
+    pub header: Header,
+    pub repeat: usize,
+    pub ttft_s: Spread,
+    pub prefill_tps: Spread,
+    pub decode_tps: Spread,
+    pub peak_memory_mb: f64,
+    /// The greedy tokens of the first repeat.
+    pub tokens: Vec<u32>,
+    /// Host microseconds of graph building per decode step, by primitive
+    /// (`--profile-ops`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_us_by_op: Option<IndexMap<String, f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired_ratio: Option<PairedRatio>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_equal_every_repeat: Option<bool>,
 }
 
 /// A deterministic prompt of `n` token ids below `vocab` (SplitMix64 from 0).
 pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    let mut rng = lmspec::lm::sampling::Rng::new(Some(0));
+    let mut rng = lmspec_lm::sampling::Rng::new(Some(0));
     (0..n)
         .map(|_| (rng.next_u64() % vocab as u64) as u32)
         .collect()
@@ -60,49 +142,57 @@ pub struct Sample {
     pub step_us: Option<[f64; 3]>,
 }
 
-impl Sample {
-    fn from_json(v: &Value) -> Result<Sample> {
-        let num = |k: &str| {
-            v[k].as_f64()
-                .ok_or_else(|| anyhow!("mlx-lm repeat has no number `{k}`: {v}"))
-        };
-        let tokens = v["tokens"]
-            .as_array()
-            .ok_or_else(|| anyhow!("mlx-lm repeat has no `tokens`: {v}"))?
-            .iter()
-            .map(|t| t.as_u64().map(|t| t as u32))
-            .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| anyhow!("mlx-lm repeat has a non-integer token: {v}"))?;
-        Ok(Sample {
-            ttft_s: num("ttft_s")?,
-            prefill_tps: num("prefill_tps")?,
-            decode_tps: num("decode_tps")?,
-            peak_memory_mb: num("peak_memory_mb")?,
-            tokens,
+/// One repeat as `bench_mlx_lm.py --serve` reports it.
+#[derive(Debug, Deserialize)]
+struct RepeatLine {
+    ttft_s: f64,
+    prefill_tps: f64,
+    decode_tps: f64,
+    peak_memory_mb: f64,
+    tokens: Vec<u32>,
+}
+
+impl From<RepeatLine> for Sample {
+    fn from(r: RepeatLine) -> Sample {
+        Sample {
+            ttft_s: r.ttft_s,
+            prefill_tps: r.prefill_tps,
+            decode_tps: r.decode_tps,
+            peak_memory_mb: r.peak_memory_mb,
+            tokens: r.tokens,
             step_us: None,
-        })
+        }
     }
 }
 
-/// Fills the per-repeat fields of `report` from `samples`.
-fn summarise(mut report: Value, samples: &[Sample]) -> Value {
-    let pick = |f: fn(&Sample) -> f64| spread(&samples.iter().map(f).collect::<Vec<_>>());
-    report["repeat"] = json!(samples.len());
-    report["ttft_s"] = pick(|s| s.ttft_s);
-    report["prefill_tps"] = pick(|s| s.prefill_tps);
-    report["decode_tps"] = pick(|s| s.decode_tps);
-    report["peak_memory_mb"] = json!(samples.iter().map(|s| s.peak_memory_mb).fold(0.0, f64::max));
-    report["tokens"] = json!(samples
-        .first()
-        .map(|s| s.tokens.clone())
-        .unwrap_or_default());
+/// An engine's report from its header and repeats; the step split of the
+/// repeats (lmspec's) replaces the header's (mlx-lm measures its own once).
+fn summarise(mut header: Header, samples: &[Sample]) -> EngineReport {
+    let pick = |f: fn(&Sample) -> f64| Spread::of(&samples.iter().map(f).collect::<Vec<_>>());
     let steps: Vec<[f64; 3]> = samples.iter().filter_map(|s| s.step_us).collect();
     if !steps.is_empty() {
-        let part =
-            |i: usize| spread(&steps.iter().map(|s| s[i]).collect::<Vec<_>>())["median"].clone();
-        report["decode_step_us"] = json!({"build": part(0), "launch": part(1), "wait": part(2)});
+        let part = |i: usize| Spread::of(&steps.iter().map(|s| s[i]).collect::<Vec<_>>()).median;
+        header.decode_step_us = Some(StepUs {
+            build: part(0),
+            launch: part(1),
+            wait: part(2),
+        });
     }
-    report
+    EngineReport {
+        header,
+        repeat: samples.len(),
+        ttft_s: pick(|s| s.ttft_s),
+        prefill_tps: pick(|s| s.prefill_tps),
+        decode_tps: pick(|s| s.decode_tps),
+        peak_memory_mb: samples.iter().map(|s| s.peak_memory_mb).fold(0.0, f64::max),
+        tokens: samples
+            .first()
+            .map(|s| s.tokens.clone())
+            .unwrap_or_default(),
+        build_us_by_op: None,
+        paired_ratio: None,
+        tokens_equal_every_repeat: None,
+    }
 }
 
 /// The lmspec side: a loaded model and its prompt.
@@ -110,7 +200,7 @@ struct Ours {
     model: Model,
     prompt: Vec<u32>,
     params: GenerateParams,
-    header: Value,
+    header: Header,
 }
 
 impl Ours {
@@ -125,23 +215,30 @@ impl Ours {
         warm.eval()?;
         let load_s = start.elapsed().as_secs_f64();
         let vocab = match model.config.get("vocab_size") {
-            Some(lmspec::spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
+            Some(lmspec_spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
             _ => bail!("the model's config has no vocab_size"),
         };
         let prompt = prompt_tokens(a.prompt_tokens, vocab);
         let graph = decode_graph(&model, &prompt)?;
-        let header = json!({
-            "engine": "lmspec",
-            "model": a.model.display().to_string(),
-            "weights": if model.dequantized { "dense" } else { "quantized" },
-            "device": runtime::default_device(),
-            "prompt_tokens": prompt.len(),
-            "gen_tokens": a.gen_tokens,
-            "load_s": load_s,
-            "decode_graph": graph,
-            "mlx_version": runtime::mlx_version(),
-            "prompt": prompt,
-        });
+        let header = Header {
+            engine: "lmspec".into(),
+            model: a.model.display().to_string(),
+            weights: if model.dequantized {
+                "dense"
+            } else {
+                "quantized"
+            }
+            .into(),
+            device: runtime::default_device().to_string(),
+            prompt_tokens: prompt.len(),
+            gen_tokens: a.gen_tokens,
+            load_s,
+            decode_graph: graph,
+            decode_step_us: None,
+            mlx_version: runtime::mlx_version(),
+            mlx_lm_version: None,
+            prompt: Some(prompt.clone()),
+        };
         let params = GenerateParams {
             max_tokens: a.gen_tokens,
             ..Default::default()
@@ -193,7 +290,7 @@ impl Ours {
 
 /// The primitives MLX runs for one decode step (a one-token forward after
 /// the prompt, and the greedy choice), by kind, with their total.
-fn decode_graph(model: &Model, prompt: &[u32]) -> Result<Value> {
+fn decode_graph(model: &Model, prompt: &[u32]) -> Result<DecodeGraph> {
     let mut cache = model.new_cache();
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let n = ids.len() as i32;
@@ -207,9 +304,11 @@ fn decode_graph(model: &Model, prompt: &[u32]) -> Result<Value> {
     )?;
     let v = *logits.shape().last().unwrap_or(&0);
     let id = mlx_rs::ops::indexing::argmax_axis(&logits.reshape(&[-1, v])?, -1, None)?;
-    let census = runtime::primitive_census(&runtime::graph_dot(&[&id])?);
-    let total: usize = census.values().sum();
-    Ok(json!({"total": total, "by_kind": census}))
+    let by_kind = runtime::primitive_census(&runtime::graph_dot(&[&id])?);
+    Ok(DecodeGraph {
+        total: by_kind.values().sum(),
+        by_kind,
+    })
 }
 
 /// The mlx-lm side: `porting-tools/python/bench_mlx_lm.py --serve` run by
@@ -219,20 +318,20 @@ struct Theirs {
     child: Child,
     input: ChildStdin,
     output: BufReader<ChildStdout>,
-    header: Value,
+    header: Header,
     _dir: tempfile::TempDir,
 }
 
 impl Theirs {
-    fn start(root: &Path, a: &BenchArgs, ours: &Value) -> Result<Theirs> {
+    fn start(root: &Path, a: &BenchArgs, ours: &Header) -> Result<Theirs> {
         let python = std::env::var_os("LMSPEC_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join(".venv/bin/python"));
         let script = root.join("porting-tools/python/bench_mlx_lm.py");
         let dir = tempfile::tempdir()?;
         let tokens = dir.path().join("prompt.json");
-        std::fs::write(&tokens, ours["prompt"].to_string())?;
-        let weights = ours["weights"].as_str().unwrap_or("quantized");
+        std::fs::write(&tokens, serde_json::to_string(&ours.prompt)?)?;
+        let weights = ours.weights.as_str();
         let mut cmd = Command::new(&python);
         // Same libmlx, same BLAS: give the Python process the BLAS this one uses.
         if let Some(blas) = runtime::blas_library() {
@@ -256,34 +355,25 @@ impl Theirs {
             .with_context(|| format!("running {}", python.display()))?;
         let input = child.stdin.take().context("mlx-lm benchmark: no stdin")?;
         let output = BufReader::new(child.stdout.take().context("mlx-lm benchmark: no stdout")?);
-        let mut theirs = Theirs {
+        let mut output = output;
+        let header = read_line(&mut child, &mut output)?;
+        Ok(Theirs {
             child,
             input,
             output,
-            header: Value::Null,
+            header,
             _dir: dir,
-        };
-        theirs.header = theirs.read_line()?;
-        Ok(theirs)
-    }
-
-    fn read_line(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        if self.output.read_line(&mut line)? == 0 {
-            let status = self.child.wait()?;
-            bail!("the mlx-lm benchmark ended early ({status}); its messages are above");
-        }
-        serde_json::from_str(&line)
-            .with_context(|| format!("mlx-lm benchmark output is not JSON: {line}"))
+        })
     }
 
     fn repeat(&mut self) -> Result<Sample> {
         writeln!(self.input, "repeat")?;
         self.input.flush()?;
-        Sample::from_json(&self.read_line()?)
+        let line: RepeatLine = read_line(&mut self.child, &mut self.output)?;
+        Ok(line.into())
     }
 
-    fn finish(self) -> Result<Value> {
+    fn finish(self) -> Result<Header> {
         let Theirs {
             mut child,
             input,
@@ -299,11 +389,27 @@ impl Theirs {
     }
 }
 
+/// The next JSON line of the mlx-lm benchmark.
+fn read_line<T: serde::de::DeserializeOwned>(
+    child: &mut Child,
+    output: &mut BufReader<ChildStdout>,
+) -> Result<T> {
+    let mut line = String::new();
+    if output.read_line(&mut line)? == 0 {
+        let status = child.wait()?;
+        bail!("the mlx-lm benchmark ended early ({status}); its messages are above");
+    }
+    serde_json::from_str(&line)
+        .with_context(|| format!("mlx-lm benchmark output is not what lmspec reads: {line}"))
+}
+
 /// What one `lmspec bench` run measured.
-#[derive(Debug)]
+#[derive(Debug, Serialize)]
 pub struct Report {
-    pub ours: Value,
-    pub theirs: Option<Value>,
+    #[serde(rename = "lmspec")]
+    pub ours: EngineReport,
+    #[serde(rename = "mlx_lm")]
+    pub theirs: Option<EngineReport>,
 }
 
 /// Runs the benchmark. With `against_mlx_lm`, both engines stay loaded
@@ -312,7 +418,7 @@ pub struct Report {
 /// neighbouring repeats are reported besides the medians.
 pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool) -> Result<Report> {
     let ours = Ours::load(opts, a)?;
-    lmspec::engine::plan::profile_ops(a.profile_ops);
+    lmspec_engine::plan::profile_ops(a.profile_ops);
     let mut theirs = match against_mlx_lm {
         true => Some(Theirs::start(root, a, &ours.header)?),
         false => None,
@@ -333,8 +439,8 @@ pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool)
     }
     let mut ours_report = summarise(ours.header.clone(), &mine);
     if a.profile_ops {
-        lmspec::engine::plan::profile_ops(false);
-        let times = lmspec::engine::plan::op_times();
+        lmspec_engine::plan::profile_ops(false);
+        let times = lmspec_engine::plan::op_times();
         let forwards = times.forwards.max(1) as f64;
         let mut by_op: Vec<(&str, f64)> = times
             .by_op
@@ -342,17 +448,18 @@ pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool)
             .map(|(k, d)| (k, d.as_secs_f64() * 1e6 / forwards))
             .collect();
         by_op.sort_by(|x, y| y.1.total_cmp(&x.1));
-        let by_op: serde_json::Map<String, Value> = by_op
-            .into_iter()
-            .map(|(k, us)| (k.to_string(), json!(us)))
-            .collect();
-        ours_report["build_us_by_op"] = Value::Object(by_op);
+        ours_report.build_us_by_op = Some(
+            by_op
+                .into_iter()
+                .map(|(k, us)| (k.to_string(), us))
+                .collect(),
+        );
     }
     let theirs_report = match theirs {
         Some(t) => {
             let report = summarise(t.finish()?, &other);
             let paired = |f: fn(&Sample) -> f64| {
-                spread(
+                Spread::of(
                     &mine
                         .iter()
                         .zip(&other)
@@ -360,12 +467,12 @@ pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool)
                         .collect::<Vec<_>>(),
                 )
             };
-            ours_report["paired_ratio"] = json!({
-                "prefill_tps": paired(|s| s.prefill_tps),
-                "decode_tps": paired(|s| s.decode_tps),
+            ours_report.paired_ratio = Some(PairedRatio {
+                prefill_tps: paired(|s| s.prefill_tps),
+                decode_tps: paired(|s| s.decode_tps),
             });
-            ours_report["tokens_equal_every_repeat"] =
-                json!(mine.iter().zip(&other).all(|(m, o)| m.tokens == o.tokens));
+            ours_report.tokens_equal_every_repeat =
+                Some(mine.iter().zip(&other).all(|(m, o)| m.tokens == o.tokens));
             Some(report)
         }
         None => None,
@@ -376,21 +483,12 @@ pub fn run(opts: &LoadOptions, root: &Path, a: &BenchArgs, against_mlx_lm: bool)
     })
 }
 
-fn med(v: &Value, key: &str) -> f64 {
-    v[key]["median"].as_f64().unwrap_or(f64::NAN)
-}
-
 /// A side-by-side table of two reports.
-pub fn ratio_table(ours: &Value, theirs: &Value) -> String {
+pub fn ratio_table(ours: &EngineReport, theirs: &EngineReport) -> String {
+    let (h, t) = (&ours.header, &theirs.header);
     let mut s = format!(
         "model {}  weights lmspec={} mlx-lm={}  device {}  prompt {} tokens, {} generated, {} repeats\n",
-        ours["model"].as_str().unwrap_or(""),
-        ours["weights"].as_str().unwrap_or(""),
-        theirs["weights"].as_str().unwrap_or(""),
-        ours["device"].as_str().unwrap_or(""),
-        ours["prompt_tokens"],
-        ours["gen_tokens"],
-        ours["repeat"]
+        h.model, h.weights, t.weights, h.device, h.prompt_tokens, h.gen_tokens, ours.repeat
     );
     s.push_str(&format!(
         "{:<22} {:>12} {:>12} {:>8}\n",
@@ -399,38 +497,33 @@ pub fn ratio_table(ours: &Value, theirs: &Value) -> String {
     let rows = [
         (
             "prefill tokens/s",
-            med(ours, "prefill_tps"),
-            med(theirs, "prefill_tps"),
+            ours.prefill_tps.median,
+            theirs.prefill_tps.median,
             false,
         ),
         (
             "decode tokens/s",
-            med(ours, "decode_tps"),
-            med(theirs, "decode_tps"),
+            ours.decode_tps.median,
+            theirs.decode_tps.median,
             false,
         ),
         (
             "time to first token s",
-            med(ours, "ttft_s"),
-            med(theirs, "ttft_s"),
+            ours.ttft_s.median,
+            theirs.ttft_s.median,
             true,
         ),
-        (
-            "load s",
-            ours["load_s"].as_f64().unwrap_or(f64::NAN),
-            theirs["load_s"].as_f64().unwrap_or(f64::NAN),
-            true,
-        ),
+        ("load s", h.load_s, t.load_s, true),
         (
             "peak memory MB",
-            ours["peak_memory_mb"].as_f64().unwrap_or(f64::NAN),
-            theirs["peak_memory_mb"].as_f64().unwrap_or(f64::NAN),
+            ours.peak_memory_mb,
+            theirs.peak_memory_mb,
             true,
         ),
         (
             "primitives per decode",
-            ours["decode_graph"]["total"].as_f64().unwrap_or(f64::NAN),
-            theirs["decode_graph"]["total"].as_f64().unwrap_or(f64::NAN),
+            h.decode_graph.total as f64,
+            t.decode_graph.total as f64,
             true,
         ),
     ];
@@ -438,17 +531,15 @@ pub fn ratio_table(ours: &Value, theirs: &Value) -> String {
         let ratio = if lower_better { b / a } else { a / b };
         s.push_str(&format!("{name:<22} {a:>12.3} {b:>12.3} {ratio:>7.2}x\n"));
     }
-    for (name, key) in [("prefill", "prefill_tps"), ("decode", "decode_tps")] {
-        let p = &ours["paired_ratio"][key];
-        if let (Some(m), Some(lo), Some(hi)) =
-            (p["median"].as_f64(), p["min"].as_f64(), p["max"].as_f64())
-        {
+    if let Some(p) = &ours.paired_ratio {
+        for (name, r) in [("prefill", p.prefill_tps), ("decode", p.decode_tps)] {
             s.push_str(&format!(
-                "{name} ratio of neighbouring repeats: median {m:.2}x (range {lo:.2}x-{hi:.2}x)\n"
+                "{name} ratio of neighbouring repeats: median {:.2}x (range {:.2}x-{:.2}x)\n",
+                r.median, r.min, r.max
             ));
         }
     }
-    let same = ours["tokens"] == theirs["tokens"];
+    let same = ours.tokens == theirs.tokens;
     s.push_str(&format!(
         "greedy tokens identical: {}\n(ratio > 1 means lmspec is better)\n",
         if same { "yes" } else { "NO" }
