@@ -1,6 +1,6 @@
 # The two commands of the README, plus helpers. Every target sets up what is
 # missing first (.ci/setup.sh is idempotent and quick when nothing is).
-.PHONY: setup run test lint deny golden
+.PHONY: setup run test test-spec lint deny golden
 
 setup:
 	@bash .ci/setup.sh
@@ -17,6 +17,11 @@ run: setup
 # MLX work is serialised (one test thread).
 test: setup
 	cargo test --workspace -- --test-threads=1
+
+# The fast tier: the spec language's tests (every golden case's expanded
+# graph among them). Needs no setup: no .venv, no MLX build.
+test-spec:
+	cargo test -p lmspec-spec
 
 lint: setup
 	cargo fmt --all --check
