@@ -52,34 +52,25 @@ fn expected<T>(ty: &str, v: &Value) -> Result<T, String> {
     Err(format!("expected {ty}, got {} {v}", v.type_name()))
 }
 
-impl ParamType for bool {
-    const KIND: ParamKind = ParamKind::Expr(Ty::Bool);
-    fn from_value(v: &Value) -> Result<bool, String> {
-        v.as_bool().map_or_else(|| expected("bool", v), Ok)
-    }
-    fn to_value(&self) -> Value {
-        Value::Bool(*self)
-    }
+/// Scalars: written as a literal or an expression of their type.
+macro_rules! scalar {
+    ($($t:ty: $ty:ident, $as:ident, $variant:ident, $name:literal;)+) => {$(
+        impl ParamType for $t {
+            const KIND: ParamKind = ParamKind::Expr(Ty::$ty);
+            fn from_value(v: &Value) -> Result<$t, String> {
+                v.$as().map_or_else(|| expected($name, v), Ok)
+            }
+            fn to_value(&self) -> Value {
+                Value::$variant(*self)
+            }
+        }
+    )+};
 }
 
-impl ParamType for i64 {
-    const KIND: ParamKind = ParamKind::Expr(Ty::Int);
-    fn from_value(v: &Value) -> Result<i64, String> {
-        v.as_i64().map_or_else(|| expected("int", v), Ok)
-    }
-    fn to_value(&self) -> Value {
-        Value::Int(*self)
-    }
-}
-
-impl ParamType for f64 {
-    const KIND: ParamKind = ParamKind::Expr(Ty::Float);
-    fn from_value(v: &Value) -> Result<f64, String> {
-        v.as_f64().map_or_else(|| expected("float", v), Ok)
-    }
-    fn to_value(&self) -> Value {
-        Value::Float(*self)
-    }
+scalar! {
+    bool: Bool, as_bool, Bool, "bool";
+    i64: Int, as_i64, Int, "int";
+    f64: Float, as_f64, Float, "float";
 }
 
 /// `null` is `None`.
