@@ -244,6 +244,13 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
     let b = src.as_bytes();
     let mut i = 0;
     while i < b.len() {
+        if !b[i].is_ascii() {
+            let c = src[i..]
+                .chars()
+                .next()
+                .unwrap_or(char::REPLACEMENT_CHARACTER);
+            return Err(format!("unexpected character '{c}'"));
+        }
         let c = b[i] as char;
         if c.is_whitespace() {
             i += 1;
@@ -300,9 +307,16 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
     Ok(out)
 }
 
+/// Most tokens an expression may have; a spec's expressions are short, and
+/// the bound keeps evaluation (recursive over the tree) shallow.
+pub const MAX_TOKENS: usize = 1024;
+/// Deepest nesting of parentheses, brackets, calls and unary operators.
+pub const MAX_DEPTH: usize = 64;
+
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -324,7 +338,21 @@ impl Parser {
         }
     }
 
+    /// Counts one level of nesting for the duration of `f`.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(format!("nested more than {MAX_DEPTH} levels deep"));
+        }
+        self.depth += 1;
+        let out = f(self);
+        self.depth -= 1;
+        out
+    }
+
     fn cond(&mut self) -> Result<Expr, String> {
+        self.nested(Self::cond_inner)
+    }
+    fn cond_inner(&mut self) -> Result<Expr, String> {
         let value = self.or()?;
         if self.is_kw("if") {
             self.pos += 1;
@@ -403,6 +431,9 @@ impl Parser {
         }
     }
     fn unary(&mut self) -> Result<Expr, String> {
+        self.nested(Self::unary_inner)
+    }
+    fn unary_inner(&mut self) -> Result<Expr, String> {
         if self.is_sym("-") {
             self.pos += 1;
             return Ok(Expr::Neg(Box::new(self.unary()?)));
@@ -500,7 +531,17 @@ pub const FUNCTIONS: [&str; 14] = [
 impl Expr {
     pub fn parse(src: &str) -> Result<Expr, String> {
         let toks = lex(src)?;
-        let mut p = Parser { toks, pos: 0 };
+        if toks.len() > MAX_TOKENS {
+            return Err(format!(
+                "expression has {} tokens, more than the limit of {MAX_TOKENS}",
+                toks.len()
+            ));
+        }
+        let mut p = Parser {
+            toks,
+            pos: 0,
+            depth: 0,
+        };
         let e = p.cond()?;
         if p.pos != p.toks.len() {
             return Err(format!("unexpected trailing input in '{src}'"));
@@ -532,7 +573,10 @@ impl Expr {
             Expr::Lit(v) => Ok(v.clone()),
             Expr::Name(n) => scope.get(n).ok_or_else(|| format!("unknown name '{n}'")),
             Expr::Neg(e) => match e.eval(scope)? {
-                Value::Int(i) => Ok(Value::Int(-i)),
+                Value::Int(i) => i
+                    .checked_neg()
+                    .map(Value::Int)
+                    .ok_or_else(|| format!("integer overflow in -({i})")),
                 Value::Float(f) => Ok(Value::Float(-f)),
                 v => Err(format!("cannot negate {}", v.type_name())),
             },
@@ -632,8 +676,8 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
                 if b == 0 {
                     return Err(zero());
                 }
-                if a % b == 0 {
-                    Value::Int(a / b)
+                if a.checked_rem(b) == Some(0) {
+                    Value::Int(a.checked_div(b).ok_or_else(overflow)?)
                 } else {
                     Value::Float(a as f64 / b as f64)
                 }
@@ -642,13 +686,19 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
                 if b == 0 {
                     return Err(zero());
                 }
-                Value::Int(floor_div(a, b))
+                Value::Int(floor_div(a, b).ok_or_else(overflow)?)
             }
             Mod => {
                 if b == 0 {
                     return Err(zero());
                 }
-                Value::Int(a - b * floor_div(a, b))
+                // Python's sign convention: the remainder takes the divisor's sign.
+                let r = a.checked_rem(b).ok_or_else(overflow)?;
+                Value::Int(if r != 0 && (r < 0) != (b < 0) {
+                    r + b
+                } else {
+                    r
+                })
             }
             Pow if b >= 0 => Value::Int(
                 u32::try_from(b)
@@ -682,13 +732,14 @@ fn binary(op: BinOp, l: Value, r: Value) -> Result<Value, String> {
     })
 }
 
-/// Integer division rounding toward negative infinity, as Python's `//`.
-fn floor_div(a: i64, b: i64) -> i64 {
-    let q = a / b;
+/// Integer division rounding toward negative infinity, as Python's `//`
+/// (`None` on overflow; `b` is not zero).
+fn floor_div(a: i64, b: i64) -> Option<i64> {
+    let q = a.checked_div(b)?;
     if a % b != 0 && ((a < 0) != (b < 0)) {
-        q - 1
+        q.checked_sub(1)
     } else {
-        q
+        Some(q)
     }
 }
 
@@ -740,20 +791,26 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
         "abs" => {
             arity(1)?;
             match &args[0] {
-                Value::Int(i) => Ok(Value::Int(i.abs())),
+                Value::Int(i) => i
+                    .checked_abs()
+                    .map(Value::Int)
+                    .ok_or_else(|| format!("integer overflow in abs({i})")),
                 v => Ok(Value::Float(num(v, f)?.abs())),
             }
         }
-        "int" => {
-            arity(1)?;
-            Ok(Value::Int(num(&args[0], f)?.trunc() as i64))
-        }
-        "floor" | "ceil" => {
+        "int" | "floor" | "ceil" => {
             arity(1)?;
             let x = num(&args[0], f)?;
-            Ok(Value::Int(
-                if f == "floor" { x.floor() } else { x.ceil() } as i64
-            ))
+            let r = match f {
+                "int" => x.trunc(),
+                "floor" => x.floor(),
+                _ => x.ceil(),
+            };
+            // i64's range is [-2^63, 2^63); beyond it (or NaN) there is no integer.
+            if !(-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(&r) {
+                return Err(format!("{f}({x}) has no 64-bit integer value"));
+            }
+            Ok(Value::Int(r as i64))
         }
         "float" => {
             arity(1)?;
@@ -886,5 +943,36 @@ mod tests {
             .and_then(|e| e.eval(&s))
             .is_err());
         assert!(Expr::parse("2 ** 100").and_then(|e| e.eval(&s)).is_err());
+    }
+
+    #[test]
+    fn hostile_expressions_are_errors() {
+        let s: IndexMap<String, Value> = IndexMap::new();
+        let run = |src: &str| Expr::parse(src).and_then(|e| e.eval(&s));
+        let min = "(-9223372036854775807 - 1)";
+        for src in [
+            format!("{min} // -1"),
+            format!("{min} % -1"),
+            format!("-{min}"),
+            format!("abs({min})"),
+            "int(1e300)".to_string(),
+            "floor(-1e19)".to_string(),
+            "int(float('nan'))".to_string(),
+            "é + 1".to_string(),
+            "1 \u{85} 2".to_string(),
+        ] {
+            assert!(run(&src).is_err(), "{src} should be an error");
+        }
+        let deep = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert!(run(&deep).unwrap_err().contains("tokens"));
+        let nested = format!("{}1{}", "(".repeat(200), ")".repeat(200));
+        assert!(run(&nested).unwrap_err().contains("nested"));
+        assert!(run(&"-".repeat(500)).unwrap_err().contains("nested"));
+        let long = vec!["1"; 600].join(" + ");
+        assert!(run(&long).unwrap_err().contains("tokens"));
+        // Python's signs for % and //.
+        assert_eq!(run("-7 % 2"), Ok(Value::Int(1)));
+        assert_eq!(run("7 % -2"), Ok(Value::Int(-1)));
+        assert_eq!(run("-7 // 2"), Ok(Value::Int(-4)));
     }
 }
