@@ -39,6 +39,71 @@ impl CheckedSpec {
     pub fn config_order(&self) -> &[String] {
         &self.order
     }
+
+    /// The names read by `field` of `node` (as errors name them:
+    /// `model.nodes.x`, `blocks.b.nodes.x`, `layers`); every name the node
+    /// reads when that field reads none.
+    pub fn names_read(&self, node: &str, field: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if node == "layers" || node.starts_with("layers.select") {
+            if let Some(l) = &self.layers {
+                l.count.names(&mut out);
+                l.select
+                    .iter()
+                    .flat_map(|s| &s.0)
+                    .for_each(|e| e.names(&mut out));
+            }
+            return out;
+        }
+        let Some((label, name)) = node.rsplit_once(".nodes.") else {
+            return out;
+        };
+        let Some(n) = self
+            .blocks
+            .values()
+            .find(|b| b.label == label)
+            .and_then(|b| b.nodes.iter().find(|n| n.name == name))
+        else {
+            return out;
+        };
+        let exprs: Vec<(&str, &Expr)> = match &n.kind {
+            NodeKind::Op { entry, params } => entry
+                .schema
+                .params
+                .iter()
+                .zip(params)
+                .filter_map(|(def, p)| match p {
+                    ParamSource::Expr(_, e) | ParamSource::Choice(_, e) => Some((def.name, e)),
+                    _ => None,
+                })
+                .collect(),
+            NodeKind::Split { sizes, .. } => sizes.iter().map(|e| ("sizes", e)).collect(),
+            _ => Vec::new(),
+        };
+        if let Some((_, e)) = exprs.iter().find(|(f, _)| *f == field) {
+            // The field's own expression: what it reads (a constant reads
+            // nothing: then the spec, not the checkpoint, is at fault).
+            e.names(&mut out);
+        } else {
+            // Not an expression (an input's layout, say): whatever the
+            // block's nodes read may have shaped it.
+            for node in self
+                .blocks
+                .values()
+                .filter(|b| b.label == label)
+                .flat_map(|b| &b.nodes)
+            {
+                if let NodeKind::Op { params, .. } = &node.kind {
+                    for p in params {
+                        if let ParamSource::Expr(Ty::Int, e) = p {
+                            e.names(&mut out);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +300,24 @@ fn check_layers(
     let file = &layers.file;
     let count = parse_known(&l.count, Ty::Int, known)
         .map_err(|m| Error::spec(file, "layers", "count", m))?;
+    let mut reads = Vec::new();
+    count.names(&mut reads);
+    if reads.is_empty() {
+        // A constant count: its value is known now, limit included.
+        let empty: IndexMap<String, crate::expr::Value> = IndexMap::new();
+        let n = count
+            .eval(&empty)
+            .map_err(|m| Error::spec(file, "layers", "count", m))?;
+        let max = crate::limits::limits()?.max_layers;
+        if n.as_i64().is_some_and(|n| n < 0 || n as u64 > max) {
+            return Err(Error::spec(
+                file,
+                "layers",
+                "count",
+                format!("{n} layers are not within 0..={max} (LMSPEC_MAX_LAYERS)"),
+            ));
+        }
+    }
     let mut blocks: Vec<(String, &str)> = l.block.iter().map(|b| (b.clone(), "block")).collect();
     let mut select = Vec::new();
     for (k, s) in l.select.iter().enumerate() {

@@ -23,6 +23,12 @@ pub static CHOICES: &[(&str, &[&str])] = &[
 pub enum Ty {
     Int,
     Float,
+    /// A size: an int from 1 to 2^31-1 (MLX shapes are 32-bit).
+    Dim,
+    /// How many of something: an int from 0 to 2^31-1.
+    Count,
+    /// A finite float above zero (epsilons, rotary bases, scales).
+    Positive,
     Bool,
     Str,
     List,
@@ -38,6 +44,9 @@ impl Ty {
         Some(match s {
             "int" => Ty::Int,
             "float" => Ty::Float,
+            "dim" => Ty::Dim,
+            "count" => Ty::Count,
+            "positive" => Ty::Positive,
             "bool" => Ty::Bool,
             "str" => Ty::Str,
             "list" => Ty::List,
@@ -52,7 +61,9 @@ impl Ty {
 
     /// Every type name a config entry may give.
     pub fn names() -> Vec<&'static str> {
-        let mut out = vec!["int", "float", "bool", "str", "list", "map", "any"];
+        let mut out = vec![
+            "int", "float", "dim", "count", "positive", "bool", "str", "list", "map", "any",
+        ];
         out.extend(CHOICES.iter().map(|(n, _)| *n));
         out
     }
@@ -61,6 +72,9 @@ impl Ty {
         match self {
             Ty::Int => "int",
             Ty::Float => "float",
+            Ty::Dim => "dim",
+            Ty::Count => "count",
+            Ty::Positive => "positive",
             Ty::Bool => "bool",
             Ty::Str => "str",
             Ty::List => "list",
@@ -89,6 +103,23 @@ impl Ty {
             },
             (Ty::Float, v) => match v.as_f64() {
                 Some(f) => Ok(Value::Float(f)),
+                None => bad(&v),
+            },
+            (Ty::Dim | Ty::Count, v) => {
+                let low = i64::from(self == Ty::Dim);
+                match v.as_i64() {
+                    Some(i) if (low..=i64::from(i32::MAX)).contains(&i) => Ok(Value::Int(i)),
+                    Some(i) => Err(format!(
+                        "{i} is outside {low}..={} (a {})",
+                        i32::MAX,
+                        self.name()
+                    )),
+                    None => bad(&v),
+                }
+            }
+            (Ty::Positive, v) => match v.as_f64() {
+                Some(f) if f.is_finite() && f > 0.0 => Ok(Value::Float(f)),
+                Some(f) => Err(format!("{f} is not a finite number above zero")),
                 None => bad(&v),
             },
             (Ty::Bool, Value::Bool(b)) => Ok(Value::Bool(b)),
@@ -155,9 +186,15 @@ pub fn config_order(spec: &Spec) -> Result<Vec<&str>> {
         ] {
             let Some(v) = v else { continue };
             let mut names = Vec::new();
-            literal_or_expr(v, ty)
-                .map_err(|m| err(field, m))?
-                .names(&mut names);
+            let e = literal_or_expr(v, ty).map_err(|m| err(field, m))?;
+            e.names(&mut names);
+            if names.is_empty() && field != "per_layer" {
+                // A constant: its value (or its error) is known now.
+                let empty: IndexMap<String, Value> = IndexMap::new();
+                e.eval(&empty)
+                    .and_then(|v| ty.coerce(v))
+                    .map_err(|m| err(field, m))?;
+            }
             for n in names {
                 if n == "i" && field == "per_layer" {
                     continue;
@@ -208,14 +245,55 @@ pub fn config_order(spec: &Spec) -> Result<Vec<&str>> {
     Ok(order)
 }
 
+/// Where bound config values came from: for each entry, the checkpoint
+/// keys it was read or computed from, with their values as written.
+pub type Provenance = IndexMap<String, Vec<(String, String)>>;
+
 /// Binds every config entry of `spec` in [`config_order`].
 pub fn bind(
     spec: &Spec,
     config: &serde_json::Value,
     config_file: &Path,
 ) -> Result<IndexMap<String, Value>> {
+    Ok(bind_traced(spec, config, config_file)?.0)
+}
+
+/// The checkpoint keys (with values) behind `names`, without repeats.
+pub fn sources_of(prov: &Provenance, names: &[String]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for n in names {
+        for kv in prov.get(n).into_iter().flatten() {
+            if !out.contains(kv) {
+                out.push(kv.clone());
+            }
+        }
+    }
+    out
+}
+
+/// An error caused by checkpoint values: blamed on the config file and
+/// the keys, with the spec's own words after them.
+pub fn blame(config_file: &Path, sources: &[(String, String)], spec_error: &Error) -> Error {
+    let keys: Vec<&str> = sources.iter().map(|(k, _)| k.as_str()).collect();
+    let values: Vec<String> = sources.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+    Error::Config {
+        file: config_file.to_path_buf(),
+        key: keys.join(", "),
+        msg: format!("{} is not supported: {spec_error}", values.join(", ")),
+    }
+}
+
+/// [`bind`], also saying which checkpoint keys each entry came from. An
+/// entry computed from checkpoint values that fails (a division by zero, a
+/// range) is blamed on those keys.
+pub fn bind_traced(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+) -> Result<(IndexMap<String, Value>, Provenance)> {
     let order = config_order(spec)?;
     let mut out: IndexMap<String, Value> = IndexMap::new();
+    let mut prov: Provenance = IndexMap::new();
     for name in order {
         let def = &spec.config[name];
         let name = &name.to_string();
@@ -230,24 +308,48 @@ pub fn bind(
         })?;
         let spec_err =
             |field: &str, msg: String| Error::spec(&def.file, format!("config.{name}"), field, msg);
+        // The checkpoint keys behind an expression of this entry.
+        let reads = |v: &serde_yaml::Value| {
+            let mut names = Vec::new();
+            if let Ok(e) = literal_or_expr(v, ty) {
+                e.names(&mut names);
+            }
+            sources_of(&prov, &names)
+        };
         let eval = |v: &serde_yaml::Value, field: &str, out: &IndexMap<String, Value>| {
             literal_or_expr(v, ty)
                 .and_then(|e| e.eval(out))
-                .map_err(|m| spec_err(field, m))
+                .map_err(|m| {
+                    let err = spec_err(field, m);
+                    match reads(v) {
+                        s if s.is_empty() => err,
+                        s => blame(config_file, &s, &err),
+                    }
+                })
         };
+        let mut sources = Vec::new();
+        let mut direct = None;
         let value = if b.per_layer.is_some() {
             Value::Null
         } else if let Some(v) = &b.value {
+            sources = reads(v);
             eval(v, "value", &out)?
         } else {
             let keys = match b.from.as_ref().map(|f| f.to_vec()) {
                 Some(k) if !k.is_empty() => k,
                 _ => vec![name.clone()],
             };
-            match keys.iter().find_map(|k| lookup(config, k)) {
-                Some(found) => Value::from_json(found),
+            match keys.iter().find_map(|k| lookup(config, k).map(|v| (k, v))) {
+                Some((k, found)) => {
+                    sources = vec![(k.clone(), found.to_string())];
+                    direct = Some(k.clone());
+                    Value::from_json(found)
+                }
                 None => match &b.default {
-                    Some(d) => eval(d, "default", &out)?,
+                    Some(d) => {
+                        sources = reads(d);
+                        eval(d, "default", &out)?
+                    }
                     None if b.optional => Value::Null,
                     None => {
                         return Err(Error::Config {
@@ -263,14 +365,19 @@ pub fn bind(
                 },
             }
         };
-        let value = ty.coerce(value).map_err(|msg| Error::Config {
-            file: config_file.to_path_buf(),
-            key: name.clone(),
-            msg,
+        let value = ty.coerce(value).map_err(|msg| match &direct {
+            Some(k) => Error::Config {
+                file: config_file.to_path_buf(),
+                key: k.clone(),
+                msg,
+            },
+            None if sources.is_empty() => spec_err("value", msg),
+            None => blame(config_file, &sources, &spec_err("value", msg)),
         })?;
         out.insert(name.clone(), value);
+        prov.insert(name.clone(), sources);
     }
-    Ok(out)
+    Ok((out, prov))
 }
 
 /// The names layer `i` sees: the bound config, `i`, and every `per_layer`

@@ -7,7 +7,7 @@ use std::path::Path;
 use indexmap::IndexMap;
 
 use crate::check::{block_label, CheckedBlock, CheckedSpec, NodeKind, ParamSource};
-use crate::config::{eval_cond, layer_scope, Ty};
+use crate::config::{blame, eval_cond, layer_scope, sources_of, Ty};
 use crate::error::{Error, Result};
 use crate::expr::{Scope, Value, With};
 use crate::graph::{Graph, Node, Skipped, Src};
@@ -27,8 +27,20 @@ pub fn expand_for(
     config_file: &Path,
 ) -> Result<(IndexMap<String, Value>, Graph)> {
     let checked = crate::check(spec)?;
-    let bound = crate::config::bind(spec, config, config_file)?;
-    let graph = expand(&checked, &bound)?;
+    let (bound, prov) = crate::config::bind_traced(spec, config, config_file)?;
+    // A node that cannot be built from these values is the values' fault
+    // when the field at fault reads checkpoint keys: blame those.
+    let graph = expand(&checked, &bound).map_err(|e| match &e {
+        Error::Spec { node, field, .. } => {
+            let sources = sources_of(&prov, &checked.names_read(node, field));
+            if sources.is_empty() {
+                e
+            } else {
+                blame(config_file, &sources, &e)
+            }
+        }
+        _ => e,
+    })?;
     Ok((bound, graph))
 }
 
@@ -266,6 +278,15 @@ impl Expander<'_> {
             .as_i64()
             .filter(|n| *n >= 0)
             .ok_or_else(|| Error::spec(&l.file, "layers", "count", "must be a non-negative int"))?;
+        let max = crate::limits::limits()?.max_layers;
+        if count as u64 > max {
+            return Err(Error::spec(
+                &l.file,
+                "layers",
+                "count",
+                format!("{count} layers are over the limit of {max} (LMSPEC_MAX_LAYERS)"),
+            ));
+        }
         let mut x = input;
         for i in 0..count {
             let scope = layer_scope(&spec.spec, &spec.order, self.config, i)?;

@@ -807,7 +807,8 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 _ => x.ceil(),
             };
             // i64's range is [-2^63, 2^63); beyond it (or NaN) there is no integer.
-            if !(-9.223_372_036_854_775_808e18..9.223_372_036_854_775_808e18).contains(&r) {
+            const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+            if !(-TWO_63..TWO_63).contains(&r) {
                 return Err(format!("{f}({x}) has no 64-bit integer value"));
             }
             Ok(Value::Int(r as i64))

@@ -94,3 +94,30 @@ impl Graph {
         names.into_iter().map(|(_, n)| n).collect()
     }
 }
+
+impl Graph {
+    /// Rows of the tables that token ids index (the fewest when several
+    /// do): every id must be below it.
+    pub fn token_rows(&self) -> Option<i64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.inputs.first() == Some(&Src::Tokens))
+            .filter_map(|n| match &n.op {
+                OpConfig::Embedding(e) => Some(e.vocab),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Rows of learned position tables (the fewest when several): no
+    /// sequence may be longer.
+    pub fn position_rows(&self) -> Option<i64> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                OpConfig::PositionEmbedding(p) if p.row.is_none() => Some(p.positions),
+                _ => None,
+            })
+            .min()
+    }
+}

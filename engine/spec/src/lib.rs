@@ -22,6 +22,7 @@ pub mod expand;
 pub mod expr;
 pub mod graph;
 pub mod library;
+pub mod limits;
 pub mod ops;
 pub mod pattern;
 pub mod raw;

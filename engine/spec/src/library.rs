@@ -47,8 +47,65 @@ pub fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Error {
     Error::spec(path, node, "yaml", e.to_string())
 }
 
+/// Longest `extends` chain: a spec and the parents it extends.
+pub const MAX_EXTENDS: usize = 16;
+
+/// Deepest nesting of YAML flow collections (`[...]`, `{...}`) a file may
+/// have; deeper input is refused before the YAML parser sees it.
+pub const MAX_YAML_NESTING: usize = 64;
+
+/// The line of the first place `text` nests flow collections deeper than
+/// `max`, skipping quoted text and comments.
+fn too_deep(text: &str, max: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\n') => {
+                line += 1;
+                if quote == Some('#') {
+                    quote = None;
+                }
+            }
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q && q != '#' => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') if prev.is_whitespace() => quote = Some('#'),
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > max {
+                    return Some(line);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    None
+}
+
+/// Parses a YAML file of ours (a spec, a tool format) into `T`, refusing
+/// input nested deeper than [`MAX_YAML_NESTING`].
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    if let Some(line) = too_deep(text, MAX_YAML_NESTING) {
+        return Err(Error::spec(
+            path,
+            format!("line {line}"),
+            "yaml",
+            format!("nested more than {MAX_YAML_NESTING} levels deep"),
+        ));
+    }
+    serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))
+}
+
 pub fn parse_str(text: &str, path: &Path) -> Result<RawSpec> {
-    let raw: RawSpec = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+    let raw: RawSpec = parse_yaml(text, path)?;
     if raw.spec_version != SPEC_VERSION {
         return Err(Error::spec(
             path,
@@ -171,6 +228,17 @@ impl SpecLibrary {
 
     /// The library at `root`: its blocks and models, parsed.
     pub fn from_root(root: SpecRoot) -> Result<SpecLibrary> {
+        if let SpecRoot::Dir(dir) = &root {
+            if !dir.is_dir() {
+                return Err(Error::Io {
+                    path: dir.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "the spec folder does not exist",
+                    ),
+                });
+            }
+        }
         let mut blocks = IndexMap::new();
         let mut block_config = IndexMap::new();
         for path in root.files("blocks")? {
@@ -350,6 +418,14 @@ impl SpecLibrary {
                 "extends chain loops back to this file",
             ));
         }
+        if seen.len() >= MAX_EXTENDS {
+            return Err(Error::spec(
+                path,
+                "<document>",
+                "extends",
+                format!("the extends chain is longer than {MAX_EXTENDS} files"),
+            ));
+        }
         seen.push(path.to_path_buf());
         let name = spec_name(&raw, path);
         fn sourced<T>(path: &Path, item: T) -> Sourced<T> {
@@ -365,15 +441,18 @@ impl SpecLibrary {
                     None => {
                         let p = path.parent().unwrap_or(Path::new(".")).join(parent);
                         let text = match self.root.read(&p) {
-                            Err(Error::Io { source, .. })
-                                if source.kind() == std::io::ErrorKind::NotFound =>
-                            {
+                            Err(Error::Io { source, .. }) => {
+                                let shown: String = parent.chars().take(80).collect();
+                                let why = match source.kind() {
+                                    std::io::ErrorKind::NotFound => "no spec has this name".into(),
+                                    _ => source.to_string(),
+                                };
                                 return Err(Error::spec(
                                     path,
                                     "<document>",
                                     "extends",
-                                    format!("no spec named '{parent}'"),
-                                ))
+                                    format!("'{shown}': {why}"),
+                                ));
                             }
                             other => other?,
                         };

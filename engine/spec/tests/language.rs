@@ -210,7 +210,7 @@ fn a_missing_parent_names_the_extends_field() {
         } => {
             assert!(file.ends_with("models/orphan.yaml"), "{}", file.display());
             assert_eq!((node.as_str(), field.as_str()), ("<document>", "extends"));
-            assert_eq!(msg, "no spec named 'nowhere.yaml'");
+            assert_eq!(msg, "'nowhere.yaml': no spec has this name");
         }
         other => panic!("{other}"),
     }

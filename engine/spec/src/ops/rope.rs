@@ -187,9 +187,19 @@ impl Rope {
 }
 
 fn num(map: &IndexMap<String, Value>, key: &str, default: Option<f64>) -> Result<f64, OpError> {
-    match map.get(key).and_then(Value::as_f64) {
-        Some(v) => Ok(v),
-        None => default.ok_or_else(|| OpError::new("scaling", format!("missing '{key}'"))),
+    let bad = |msg: String| Err(OpError::new("scaling", format!("'{key}': {msg}")));
+    match map.get(key) {
+        None | Some(Value::Null) => {
+            default.ok_or_else(|| OpError::new("scaling", format!("missing '{key}'")))
+        }
+        Some(v) => match v.as_f64() {
+            None => bad(format!("{v} is not a number")),
+            Some(x) if !x.is_finite() => bad(format!("{x} is not finite")),
+            // Scale factors divide or multiply frequencies: zero or less
+            // has no meaning.
+            Some(x) if key.ends_with("factor") && x <= 0.0 => bad(format!("{x} is not above zero")),
+            Some(x) => Ok(x),
+        },
     }
 }
 

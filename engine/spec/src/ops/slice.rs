@@ -22,12 +22,12 @@ impl Slice {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let (start, size) = (self.start, self.size);
         let x = first(inputs)?;
-        if start < 0 || size <= 0 || start + size > x.dim {
+        let end = start.checked_add(size);
+        if start < 0 || size <= 0 || end.is_none_or(|e| e > x.dim) {
             return Err(OpError::new(
                 "size",
                 format!(
-                    "[{start}, {}) is not inside the {} entries of the last axis",
-                    start + size,
+                    "{size} entries from {start} are not inside the {} entries of the last axis",
                     x.dim
                 ),
             ));
