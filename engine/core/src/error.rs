@@ -48,8 +48,16 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// MLX raised an error while running a plan.
-    #[error("mlx: {0}")]
+    #[error("mlx: {}", mlx_message(.0))]
     Mlx(#[from] mlx_rs::error::Exception),
+}
+
+/// MLX's message without the source locations it appends (build paths of
+/// MLX and of Rust's standard library mean nothing to a user).
+pub fn mlx_message(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let cut = text.find(" at /").unwrap_or(text.len());
+    text[..cut].trim_matches('"').to_string()
 }
 
 impl From<lmspec_spec::Error> for Error {

@@ -37,9 +37,13 @@ pub struct GgufTokenizerData {
     pub chat_template: Option<String>,
 }
 
+/// Tensor types MLX's GGUF reader loads (others abort inside it).
+const MLX_GGUF_TYPES: [&str; 6] = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"];
+
 /// An open GGUF file, before a spec is chosen.
 pub struct GgufReader {
     file: PathBuf,
+    header: lmspec_formats::gguf::Header,
     gguf: GgufFile,
 }
 
@@ -82,6 +86,23 @@ impl GgufReader {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
+        // Our own bounds-checked read of the header first: MLX's reader
+        // trusts counts and lengths and crashes on a lying file.
+        let header = lmspec_formats::gguf::check_file(path, &lmspec_formats::Limits::default())
+            .map_err(|e| bad(path, e.to_string()))?;
+        for t in &header.tensors {
+            if !MLX_GGUF_TYPES.contains(&t.type_name) {
+                return Err(bad(
+                    path,
+                    format!(
+                        "tensor '{}': type: {} is not supported by MLX's GGUF reader (supported: {})",
+                        t.name,
+                        t.type_name,
+                        MLX_GGUF_TYPES.join(", ")
+                    ),
+                ));
+            }
+        }
         let gguf = GgufFile::load(path).map_err(|e| {
             let e = e.to_string();
             // MLX's own message carries its source location; keep the cause.
@@ -94,6 +115,7 @@ impl GgufReader {
         })?;
         Ok(GgufReader {
             file: path.to_path_buf(),
+            header,
             gguf,
         })
     }
@@ -138,12 +160,16 @@ impl GgufReader {
             .ok_or_else(|| bad(&self.file, "no general.architecture in the metadata"))
     }
 
+    /// The length of an array in the metadata (read from our own header
+    /// parse: MLX shows a scalar and a one-element array alike).
     fn len_of(&self, key: &str) -> Result<Option<usize>> {
-        match self.gguf.get_metadata(key) {
-            Ok(Some(GgufMetadataValue::Strings(s))) => Ok(Some(s.len())),
-            Ok(Some(GgufMetadataValue::Array(a))) => Ok(Some(a.size())),
-            Ok(_) => Ok(None),
-            Err(e) => Err(bad(&self.file, format!("metadata '{key}': {e}"))),
+        match self.header.get(key) {
+            None => Ok(None),
+            Some(lmspec_formats::gguf::Value::Array(a)) => Ok(Some(a.len())),
+            Some(other) => Err(bad(
+                &self.file,
+                format!("metadata '{key}': expected an array, got {other:?}"),
+            )),
         }
     }
 

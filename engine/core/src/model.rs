@@ -328,6 +328,40 @@ impl Model {
         self.plan.run(&tokens, cache, taps, key_mask)
     }
 
+    /// Checks token ids before they reach the model: each must index the
+    /// embedding table (an id past it would read outside the table), and
+    /// a sequence may not outrun a learned position table. `what` names the
+    /// ids' source in errors (`--tokens`, `the prompt`).
+    pub fn check_tokens(&self, ids: &[i64], what: &str) -> Result<()> {
+        if let Some(rows) = self.graph.token_rows() {
+            if let Some((k, id)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t >= rows) {
+                return Err(Error::Usage(format!(
+                    "{what}: token {k} is id {id}, outside the model's vocabulary of {rows} ids (0..{rows})"
+                )));
+            }
+        }
+        if let Some(rows) = self.graph.position_rows() {
+            if ids.len() as i64 > rows {
+                return Err(Error::Usage(format!(
+                    "{what}: {} tokens are more than the model's {rows} learned positions",
+                    ids.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The longest sequence the model declares it was made for: its
+    /// learned positions, else the config's `max_position_embeddings`.
+    pub fn context_length(&self) -> Option<u64> {
+        self.graph.position_rows().map(|r| r as u64).or_else(|| {
+            self.config
+                .get("max_position_embeddings")
+                .and_then(Value::as_i64)
+                .map(|v| v as u64)
+        })
+    }
+
     /// Tap names in execution order.
     pub fn tap_names(&self) -> Vec<String> {
         self.plan.tap_names().map(str::to_string).collect()

@@ -115,8 +115,17 @@ pub fn safetensors_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
                 msg: "no `weight_map` object".into(),
             })?;
         let mut files: Vec<PathBuf> = Vec::new();
-        for f in map.values() {
-            let f = dir.join(f.as_str().unwrap_or_default());
+        for (tensor, f) in map {
+            let name = f.as_str().filter(|s| is_plain_file_name(s));
+            let Some(name) = name else {
+                return Err(Error::Weights {
+                    file: index.clone(),
+                    msg: format!(
+                        "weight_map: '{tensor}': {f} is not a file name in the model folder"
+                    ),
+                });
+            };
+            let f = dir.join(name);
             if !files.contains(&f) {
                 files.push(f);
             }
@@ -151,14 +160,31 @@ pub fn safetensors_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     Ok((single, files))
 }
 
+/// A shard name that stays inside its folder: no separators, not `.`/`..`.
+fn is_plain_file_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
+}
+
+/// Checks a safetensors file's header (lengths, offsets, overlaps) before
+/// MLX reads it.
+fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
+    lmspec_formats::safetensors::check_file(f, &lmspec_formats::Limits::default()).map_err(|e| {
+        Error::Weights {
+            file: f.to_path_buf(),
+            msg: e.to_string(),
+        }
+    })
+}
+
 /// Reads the safetensors of a model directory.
 pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
     let (file, files) = safetensors_files(dir)?;
     let mut tensors = IndexMap::new();
     for f in files {
+        check_safetensors(&f)?;
         let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
             file: f.clone(),
-            msg: format!("cannot read safetensors: {e}"),
+            msg: format!("cannot read safetensors: {}", crate::error::mlx_message(&e)),
         })?;
         let mut names: Vec<_> = loaded.into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
@@ -170,37 +196,16 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
 /// Tensor names and shapes of a model directory, read from the safetensors
 /// headers only (no tensor data).
 pub fn read_shapes(dir: &Path) -> Result<IndexMap<String, Vec<i64>>> {
-    use std::io::Read;
     let (_, files) = safetensors_files(dir)?;
     let mut out = IndexMap::new();
     for f in files {
-        let bad = |msg: String| Error::Weights {
-            file: f.clone(),
-            msg,
-        };
-        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .map_err(|e| bad(format!("no safetensors header: {e}")))?;
-        let len = u64::from_le_bytes(len);
-        if len > 100_000_000 {
-            return Err(bad(format!("header length {len} is not plausible")));
-        }
-        let mut header = vec![0u8; len as usize];
-        file.read_exact(&mut header)
-            .map_err(|e| bad(format!("truncated header: {e}")))?;
-        let json: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-        let mut names: Vec<(String, Vec<i64>)> = json
+        let header = check_safetensors(&f)?;
+        let mut names: Vec<(String, Vec<i64>)> = header
+            .tensors
             .into_iter()
-            .filter(|(k, _)| k != "__metadata__")
-            .map(|(k, v)| {
-                let shape = v
-                    .get("shape")
-                    .and_then(|s| s.as_array())
-                    .map(|s| s.iter().filter_map(|d| d.as_i64()).collect())
-                    .unwrap_or_default();
-                (k, shape)
+            .map(|t| {
+                let shape = t.shape.iter().map(|&d| d as i64).collect();
+                (t.name, shape)
             })
             .collect();
         names.sort();
@@ -224,10 +229,15 @@ impl Quantization {
     pub fn from_config(config: &serde_json::Value, file: &Path) -> Result<Quantization> {
         let found = ["quantization", "quantization_config"]
             .into_iter()
-            .find_map(|k| config.get(k).and_then(|q| q.as_object()).map(|q| (k, q)));
+            .find_map(|k| config.get(k).filter(|q| !q.is_null()).map(|q| (k, q)));
         let Some((block_key, block)) = found else {
             return Ok(Quantization::default());
         };
+        let block = block.as_object().ok_or_else(|| Error::Config {
+            file: file.to_path_buf(),
+            key: block_key.to_string(),
+            msg: format!("expected an object with group_size and bits, got {block}"),
+        })?;
         let err = |key: &str, msg: &str| Error::Config {
             file: file.to_path_buf(),
             key: if key.is_empty() {
@@ -254,6 +264,18 @@ impl Quantization {
                             &format!("mode '{mode}' is not supported (only affine)"),
                         ));
                     }
+                }
+                if ![32, 64, 128].contains(&g) {
+                    return Err(err(
+                        key,
+                        &format!("group_size {g} is not supported (32, 64 or 128)"),
+                    ));
+                }
+                if ![2, 3, 4, 5, 6, 8].contains(&b) {
+                    return Err(err(
+                        key,
+                        &format!("bits {b} is not supported (2, 3, 4, 5, 6 or 8)"),
+                    ));
                 }
                 Ok((g as i32, b as i32))
             };
