@@ -31,6 +31,7 @@ enum Command {
     #[command(subcommand)]
     Spec(SpecCommand),
     /// Run one forward pass and print the logits' shape and last-row top-5.
+    #[command(allow_negative_numbers = true)]
     Logits {
         /// Model directory (config.json + safetensors).
         #[arg(long)]
@@ -43,6 +44,7 @@ enum Command {
         spec: Option<String>,
     },
     /// Generate text (chat-templated by default) with a model.
+    #[command(allow_negative_numbers = true)]
     Generate {
         #[command(flatten)]
         gen: GenArgs,
@@ -54,6 +56,7 @@ enum Command {
         raw: bool,
     },
     /// Chat on the terminal: one user message per line, empty line or EOF ends.
+    #[command(allow_negative_numbers = true)]
     Chat {
         #[command(flatten)]
         gen: GenArgs,
@@ -129,29 +132,30 @@ struct GenArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative)]
     temp: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::unit)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::unit)]
     min_p: f32,
-    #[arg(long)]
+    #[arg(long, value_parser = args::positive)]
     repetition_penalty: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
     /// Keep at most this many positions in the KV cache (rotating).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     max_kv_size: Option<i32>,
-    /// Quantize the KV cache to this many bits.
-    #[arg(long)]
+    /// Quantize the KV cache to this many bits (2, 3, 4, 5, 6 or 8).
+    #[arg(long, value_parser = args::kv_bits)]
     kv_bits: Option<i32>,
-    #[arg(long, default_value_t = 64)]
+    /// Values per quantization group of the KV cache (32, 64 or 128).
+    #[arg(long, default_value_t = 64, value_parser = args::group_size)]
     kv_group_size: i32,
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(i32).range(0..))]
     quantized_kv_start: i32,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = args::at_least_one)]
     prefill_step_size: usize,
     /// Extra text that ends generation (repeatable).
     #[arg(long)]
@@ -161,8 +165,71 @@ struct GenArgs {
     thinking: Option<bool>,
     /// Weight representation: auto (dense float32 on CPU when memory
     /// allows), quantized (as stored) or dense.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
     weights: String,
+}
+
+/// Parsers of numeric arguments: a value out of range is refused by clap,
+/// naming the argument.
+mod args {
+    fn float(s: &str) -> Result<f32, String> {
+        s.parse::<f32>()
+            .ok()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("'{s}' is not a finite number"))
+    }
+
+    pub fn non_negative(s: &str) -> Result<f32, String> {
+        float(s).and_then(|x| {
+            if x >= 0.0 {
+                Ok(x)
+            } else {
+                Err("must be 0 or more".into())
+            }
+        })
+    }
+
+    pub fn positive(s: &str) -> Result<f32, String> {
+        float(s).and_then(|x| {
+            if x > 0.0 {
+                Ok(x)
+            } else {
+                Err("must be above 0".into())
+            }
+        })
+    }
+
+    pub fn unit(s: &str) -> Result<f32, String> {
+        float(s).and_then(|x| {
+            if (0.0..=1.0).contains(&x) {
+                Ok(x)
+            } else {
+                Err("must be between 0 and 1".into())
+            }
+        })
+    }
+
+    fn one_of(s: &str, allowed: &[i32]) -> Result<i32, String> {
+        s.parse::<i32>()
+            .ok()
+            .filter(|v| allowed.contains(v))
+            .ok_or_else(|| format!("must be one of {allowed:?}"))
+    }
+
+    pub fn kv_bits(s: &str) -> Result<i32, String> {
+        one_of(s, &[2, 3, 4, 5, 6, 8])
+    }
+
+    pub fn group_size(s: &str) -> Result<i32, String> {
+        one_of(s, &[32, 64, 128])
+    }
+
+    pub fn at_least_one(s: &str) -> Result<usize, String> {
+        match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err("must be a whole number of 1 or more".into()),
+        }
+    }
 }
 
 impl GenArgs {
@@ -297,6 +364,15 @@ impl GenArgs {
             None => Vec::new(),
         };
         let formats = lmspec::lm::tools::ToolFormat::load_all(&spec_root(specs))?;
+        if let Some(f) = &self.tool_format {
+            if !formats.iter().any(|k| &k.name == f) {
+                let known: Vec<&str> = formats.iter().map(|k| k.name.as_str()).collect();
+                bail!(
+                    "--tool-format: no tool format is named '{f}' (known: {})",
+                    known.join(", ")
+                );
+            }
+        }
         let output = lm.output_format(
             &formats,
             declared.as_ref(),
@@ -313,7 +389,8 @@ fn read_tools(file: &Path) -> Result<Vec<lmspec::lm::Tool>> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON list of tool specs", file.display()))?;
-    list.iter()
+    let tools: Vec<lmspec::lm::Tool> = list
+        .iter()
         .enumerate()
         .map(|(k, spec)| {
             lmspec::lm::Tool::from_openai_json(spec, |_| {
@@ -321,11 +398,43 @@ fn read_tools(file: &Path) -> Result<Vec<lmspec::lm::Tool>> {
             })
             .map_err(|e| anyhow!("{}: tool {k}: {e}", file.display()))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    for (k, t) in tools.iter().enumerate() {
+        if tools[..k].iter().any(|u| u.name == t.name) {
+            bail!(
+                "{}: tool {k}: the name '{}' is offered twice",
+                file.display(),
+                t.name
+            );
+        }
+    }
+    Ok(tools)
+}
+
+/// One line of `input` without its end (`None` at the end of input); a
+/// line longer than `max` bytes or not UTF-8 is an error naming stdin.
+fn read_line(input: &mut impl std::io::BufRead, max: u64) -> Result<Option<String>> {
+    use std::io::{BufRead, Read};
+    let mut buf = Vec::new();
+    let n = input
+        .by_ref()
+        .take(max + 1)
+        .read_until(b'\n', &mut buf)
+        .context("stdin")?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() as u64 > max {
+        bail!("stdin: a line is longer than {max} bytes (LMSPEC_MAX_LINE_BYTES)");
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| anyhow!("stdin: a line is not UTF-8"))
 }
 
 fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
-    use std::io::BufRead;
     let lm = gen.load(specs)?;
     let (tools, output) = gen.output(specs, &lm)?;
     let format = output.tools.clone();
@@ -334,8 +443,9 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     let mut session = lmspec::lm::ChatSession::new(&lm, gen.system.as_deref(), params);
     session.context = gen.context();
     eprintln!("chatting with {} (empty line to quit)", lm.path.display());
-    for line in std::io::stdin().lock().lines() {
-        let line = line?;
+    let max = lmspec::spec::limits::limits()?.max_line_bytes;
+    let mut input = std::io::stdin().lock();
+    while let Some(line) = read_line(&mut input, max)? {
         if line.trim().is_empty() {
             break;
         }
@@ -438,7 +548,17 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The causes, each once: an error that already quotes its
+            // cause (`path: reason`) is not followed by it again.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -506,7 +626,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(s) => println!("ok    {} ({})", s.name, s.file.display()),
                     Err(e) => {
                         failed += 1;
-                        println!("FAIL  {e}");
+                        eprintln!("FAIL  {e}");
                     }
                 }
             }
@@ -609,11 +729,17 @@ fn embed(
     pooling: Option<&str>,
     normalize: Option<bool>,
 ) -> Result<ExitCode> {
+    let pooling = match pooling {
+        Some(p) => Some(
+            lmspec::lm::Pooling::parse(p)
+                .ok_or_else(|| anyhow!("--pooling: '{p}' is not one of mean, cls, max, last"))?,
+        ),
+        None => None,
+    };
     let opts = load_options(specs, WeightPlan::AsStored)?;
     let mut e = lmspec::lm::Embedder::load(dir, &opts)?;
     if let Some(p) = pooling {
-        e.pooling = lmspec::lm::Pooling::parse(p)
-            .ok_or_else(|| anyhow!("--pooling: '{p}' is not one of mean, cls, max, last"))?;
+        e.pooling = p;
     }
     if let Some(n) = normalize {
         e.normalize = n;
@@ -727,6 +853,8 @@ fn logits(
     let mut opts = load_options(specs, WeightPlan::AsStored)?;
     opts.spec = spec.map(str::to_string);
     let model = Model::load(dir, &opts)?;
+    let wide: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    model.check_tokens(&wide, "--tokens")?;
     let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]);
     let logits = model.forward(&ids, None)?;
     logits.eval()?;

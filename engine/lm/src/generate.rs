@@ -57,6 +57,71 @@ impl Default for GenerateParams {
     }
 }
 
+impl GenerateParams {
+    /// Checks every setting's range; an error names the field. Values out
+    /// of range would otherwise reach MLX (a group size of 0 divides by
+    /// zero) or sample from nonsense.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, v: &dyn std::fmt::Display, want: &str| {
+            Err(Error::Usage(format!("{field}: {v} {want}")))
+        };
+        let s = &self.sampling;
+        if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+            return bad(
+                "temperature",
+                &s.temperature,
+                "must be a finite number of 0 or more",
+            );
+        }
+        for (field, v) in [("top_p", s.top_p), ("min_p", s.min_p)] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(field, &v, "must be between 0 and 1");
+            }
+        }
+        let p = &self.processors;
+        for (field, v) in [
+            ("repetition_penalty", p.repetition_penalty),
+            (
+                "presence_penalty",
+                p.presence_penalty.map(|x| x.abs() + 1.0),
+            ),
+            (
+                "frequency_penalty",
+                p.frequency_penalty.map(|x| x.abs() + 1.0),
+            ),
+        ] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return bad(field, &v, "must be a finite number above 0");
+            }
+        }
+        if let Some(bits) = self.kv_bits.filter(|b| ![2, 3, 4, 5, 6, 8].contains(b)) {
+            return bad("kv_bits", &bits, "must be one of 2, 3, 4, 5, 6, 8");
+        }
+        if ![32, 64, 128].contains(&self.kv_group_size) {
+            return bad(
+                "kv_group_size",
+                &self.kv_group_size,
+                "must be one of 32, 64, 128",
+            );
+        }
+        if self.quantized_kv_start < 0 {
+            return bad(
+                "quantized_kv_start",
+                &self.quantized_kv_start,
+                "must be 0 or more",
+            );
+        }
+        if let Some(n) = self.cache.max_kv_size.filter(|n| *n < 1) {
+            return bad("max_kv_size", &n, "must be 1 or more");
+        }
+        Ok(())
+    }
+}
+
+/// Most positions a generation's token history reserves up front (it grows
+/// past this as needed).
+const HISTORY_RESERVE: usize = 1 << 16;
+
 fn row(tokens: &[u32]) -> Array {
     let t: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
     Array::from_slice(&t, &[1, t.len() as i32])
@@ -89,6 +154,8 @@ pub struct TokenGenerator<'a> {
     model: &'a Model,
     cache: &'a mut ModelCache,
     params: &'a GenerateParams,
+    /// `max_tokens`, or fewer where the context ends first.
+    max_tokens: usize,
     history: Vec<u32>,
     rng: Rng,
     next: Option<Next>,
@@ -109,11 +176,39 @@ impl<'a> TokenGenerator<'a> {
         if prompt.is_empty() {
             return Err(Error::Usage("the prompt has no tokens".into()));
         }
+        params.validate()?;
+        let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        model.check_tokens(&ids, "the prompt")?;
+        let limits = lmspec_spec::limits::limits()?;
+        let context = model.context_length();
+        if let Some(max) = limits.max_prompt_tokens.or(context) {
+            if prompt.len() as u64 > max {
+                let why = match limits.max_prompt_tokens {
+                    Some(_) => "the limit LMSPEC_MAX_PROMPT_TOKENS".to_string(),
+                    None => format!(
+                        "the model's context of {max} positions (its config's \
+                         max_position_embeddings or learned positions; LMSPEC_MAX_PROMPT_TOKENS \
+                         overrides)"
+                    ),
+                };
+                return Err(Error::Usage(format!(
+                    "the prompt: {} tokens are more than {why}",
+                    prompt.len()
+                )));
+            }
+        }
+        // Without a rotating cache, generation stops where the model's
+        // context ends (llama.cpp's rule).
+        let room = match (params.cache.max_kv_size, context) {
+            (None, Some(c)) => (c as usize).saturating_sub(prompt.len()),
+            _ => usize::MAX,
+        };
         let mut g = TokenGenerator {
             model,
             cache,
             params,
-            history: Vec::with_capacity(prompt.len() + params.max_tokens),
+            max_tokens: params.max_tokens.min(room),
+            history: Vec::with_capacity(prompt.len() + params.max_tokens.min(HISTORY_RESERVE)),
             rng: Rng::new(params.sampling.seed),
             next: None,
             produced: 0,
@@ -188,7 +283,7 @@ impl<'a> TokenGenerator<'a> {
 
     /// The next token, or `None` once `max_tokens` were produced.
     pub fn next_token(&mut self) -> Option<Result<u32>> {
-        if self.produced >= self.params.max_tokens {
+        if self.produced >= self.max_tokens {
             return None;
         }
         let current = self.next.take()?;
@@ -443,6 +538,11 @@ pub fn generate(
             &mut fresh
         }
     };
+    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    model.check_tokens(
+        &ids,
+        &format!("the prompt (as {} encodes it)", tokenizer.source.display()),
+    )?;
     let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
     let mut gen = TokenGenerator::new(model, cache, prompt, params, &mut progress)?;
     let mut eos: Vec<u32> = tokenizer.eos_ids.clone();

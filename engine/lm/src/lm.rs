@@ -36,7 +36,7 @@ impl LanguageModel {
             (Model::load(path, opts)?, Tokenizer::from_dir(path)?)
         };
         let template = match &tokenizer.chat_template {
-            Some(t) => Some(ChatTemplate::new(t, &tokenizer.source)?),
+            Some(t) => Some(ChatTemplate::new(t, &tokenizer.chat_template_file)?),
             None => None,
         };
         Ok(LanguageModel {
@@ -99,7 +99,7 @@ impl LanguageModel {
     /// Renders messages with the chat template.
     pub fn render(&self, messages: &serde_json::Value, ctx: &ChatContext) -> Result<String> {
         let template = self.template.as_ref().ok_or_else(|| Error::Template {
-            file: self.tokenizer.source.clone(),
+            file: self.tokenizer.chat_template_file.clone(),
             msg: "missing: the model has no chat template".into(),
         })?;
         let mut ctx = ctx.clone();
@@ -241,16 +241,32 @@ impl Tool {
             + Sync
             + 'static,
     ) -> std::result::Result<Tool, String> {
+        if !spec.is_object() {
+            return Err(format!("expected an object, got {spec}"));
+        }
+        if let Some(t) = spec.get("type").filter(|t| t.as_str() != Some("function")) {
+            return Err(format!("type: {t} is not supported (only \"function\")"));
+        }
         let f = spec.get("function").unwrap_or(spec);
-        let name = f
-            .get("name")
-            .and_then(|n| n.as_str())
-            .ok_or("missing function.name")?;
-        let description = f.get("description").and_then(|d| d.as_str()).unwrap_or("");
-        let parameters = f
-            .get("parameters")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        let name = match f.get("name") {
+            Some(serde_json::Value::String(n)) if !n.trim().is_empty() => n.as_str(),
+            Some(other) => return Err(format!("function.name: {other} is not a tool name")),
+            None => return Err("function.name: missing".into()),
+        };
+        let description = match f.get("description") {
+            None | Some(serde_json::Value::Null) => "",
+            Some(serde_json::Value::String(d)) => d.as_str(),
+            Some(other) => return Err(format!("function.description: {other} is not a string")),
+        };
+        let parameters = match f.get("parameters") {
+            None | Some(serde_json::Value::Null) => serde_json::json!({"type": "object"}),
+            Some(p @ serde_json::Value::Object(_)) => p.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "function.parameters: {other} is not a JSON schema object"
+                ))
+            }
+        };
         Ok(Tool::new(name, description, parameters, handler))
     }
 

@@ -37,6 +37,9 @@ fn template_error(source: &Path, e: &minijinja::Error) -> Error {
         msg.push_str(&format!(": {c}"));
         cause = c.source();
     }
+    if e.kind() == ErrorKind::OutOfFuel {
+        msg.push_str(" (the template ran longer than LMSPEC_TEMPLATE_FUEL allows)");
+    }
     Error::Template {
         file: source.to_path_buf(),
         msg,
@@ -53,6 +56,10 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(python_methods);
+        // Bounded work per render: a template that loops without end runs
+        // out of fuel instead of hanging.
+        let fuel = lmspec_spec::limits::limits()?.template_fuel;
+        env.set_fuel(Some(fuel));
         env.add_template_owned(NAME, text.to_string())
             .map_err(|e| template_error(source, &e))?;
         Ok(ChatTemplate {
@@ -237,8 +244,17 @@ fn write_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &
     }
 }
 
+/// Widest indent `tojson` accepts (each level repeats it).
+const MAX_INDENT: usize = 64;
+
 fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if let Some(n) = indent.filter(|n| *n > MAX_INDENT) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {n} is over {MAX_INDENT}"),
+        ));
+    }
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(&value)

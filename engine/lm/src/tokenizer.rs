@@ -31,6 +31,8 @@ pub struct Tokenizer {
     /// Whether encoding a prompt prepends BOS.
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// The file the chat template came from (named in template errors).
+    pub chat_template_file: PathBuf,
     /// `tool_parser_type` from `tokenizer_config.json`, if any.
     pub tool_parser_type: Option<String>,
     /// `response_template` from `tokenizer_config.json`, with that file.
@@ -63,17 +65,24 @@ fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+/// Token ids given as one id or a list (`eos_token_id`); anything else,
+/// a negative id or one past 32 bits, is an error naming `file` and `key`.
+fn ids(v: Option<&serde_json::Value>, file: &Path, key: &str) -> Result<Vec<u32>> {
+    let bad = |v: &serde_json::Value| {
+        tok_err(
+            file,
+            format!("{key}: {v} is not a token id or a list of token ids"),
+        )
+    };
+    let one = |x: &serde_json::Value| {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(x))
+    };
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => Vec::new(),
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
 }
 
@@ -104,16 +113,25 @@ impl Tokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
             _ => None,
         };
+        let mut chat_template_file = dir.join("tokenizer_config.json");
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
             chat_template = Some(read_to_string(&jinja)?);
+            chat_template_file = jinja;
         }
         let gen = json_file(&dir.join("generation_config.json"))?;
         let model_cfg = json_file(&dir.join("config.json"))?.unwrap_or_default();
-        let mut eos_ids = match gen.as_ref().map(|g| ids(g.get("eos_token_id"))) {
-            Some(v) if !v.is_empty() => v,
-            _ => ids(model_cfg.get("eos_token_id")),
+        let gen_file = dir.join("generation_config.json");
+        let gen_ids = match &gen {
+            Some(g) => ids(g.get("eos_token_id"), &gen_file, "eos_token_id")?,
+            None => Vec::new(),
         };
+        let cfg_ids = ids(
+            model_cfg.get("eos_token_id"),
+            &dir.join("config.json"),
+            "eos_token_id",
+        )?;
+        let mut eos_ids = if gen_ids.is_empty() { cfg_ids } else { gen_ids };
         if let Some(id) = eos_token.as_ref().and_then(|t| inner.token_to_id(t)) {
             if !eos_ids.contains(&id) {
                 eos_ids.push(id);
@@ -140,6 +158,7 @@ impl Tokenizer {
             eos_ids,
             add_bos,
             chat_template,
+            chat_template_file,
             tool_parser_type,
             response_template,
         })
@@ -213,6 +232,7 @@ impl Tokenizer {
             eos_ids: data.eos_id.into_iter().collect(),
             add_bos: data.add_bos,
             chat_template: data.chat_template.clone(),
+            chat_template_file: file.to_path_buf(),
             tool_parser_type: None,
             response_template: None,
         })

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use lmspec_engine::error::{read_to_string, Error, Result};
-use lmspec_spec::library::{yaml_error, SpecRoot};
+use lmspec_spec::library::SpecRoot;
 
 /// A tool-call format, as written in a format file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -117,7 +117,7 @@ impl ToolFormat {
 
     /// A format from its YAML text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<ToolFormat> {
-        let f: ToolFormat = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        let f: ToolFormat = lmspec_spec::library::parse_yaml(text, path)?;
         if !payload::KINDS.contains(&f.payload.as_str()) {
             return Err(Error::spec(
                 path,
