@@ -49,7 +49,7 @@ fn spec_check_fails_on_a_bad_file() {
     .expect("write");
     let out = lmspec(&["spec", "check", bad.to_str().expect("utf-8")]);
     assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("bad.yaml: layers: block: unknown block 'nope'"),
         "{text}"

@@ -4,6 +4,7 @@ mod cli;
 mod embed;
 mod generation;
 mod golden;
+mod hostile;
 mod port;
 mod references;
 mod support;

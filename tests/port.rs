@@ -94,8 +94,8 @@ fn swapped_q_k_norm_is_found_at_q_norm() {
 fn wrong_rope_theta_is_found_at_the_rope() {
     let theta = |t: String| {
         t.replace(
-            "rope_theta: {type: float, default: 10000.0}",
-            "rope_theta: {type: float, value: 500000.0}",
+            "rope_theta: {type: positive, default: 10000.0}",
+            "rope_theta: {type: positive, value: 500000.0}",
         )
     };
     let (_d, lib) = specs_copy(&[("models/llama.yaml", &theta)], &[]);

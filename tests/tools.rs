@@ -611,5 +611,5 @@ fn an_openai_tool_spec_becomes_a_tool() {
         Ok(Value::Null)
     })
     .expect_err("no name");
-    assert_eq!(err, "missing function.name");
+    assert_eq!(err, "function.name: missing");
 }
