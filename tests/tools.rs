@@ -613,3 +613,46 @@ fn an_openai_tool_spec_becomes_a_tool() {
     .expect_err("no name");
     assert_eq!(err, "function.name: missing");
 }
+
+#[test]
+fn deeply_nested_arguments_are_malformed_not_a_crash() {
+    let formats = formats();
+    let fmt = |name: &str| {
+        formats
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("format {name}"))
+    };
+    let deep = 100_000;
+    let cases = [
+        (
+            "lfm2",
+            format!(
+                "<|tool_call_start|>[f(a={}1{})]<|tool_call_end|>",
+                "[".repeat(deep),
+                "]".repeat(deep)
+            ),
+        ),
+        (
+            "gemma",
+            format!(
+                "<start_function_call>call:f{{a:{}1{}}}<end_function_call>",
+                "[".repeat(deep),
+                "]".repeat(deep)
+            ),
+        ),
+    ];
+    for (name, text) in cases {
+        let events = lmspec::lm::tools::parse_all(fmt(name), &["f".to_string()], &text);
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                ToolEvent::Rejected {
+                    reason: RejectReason::Malformed,
+                    ..
+                }
+            )),
+            "{name}: {events:?}"
+        );
+    }
+}

@@ -214,10 +214,15 @@ fn args_marker(body: &str) -> Result<Vec<ToolCall>, String> {
     Ok(calls)
 }
 
+/// Deepest nesting of lists and dicts inside a call's arguments (as
+/// serde_json's own limit for JSON payloads).
+const MAX_NESTING: usize = 128;
+
 /// A small reader for Python literals and call syntax.
 struct Py<'s> {
     s: &'s [u8],
     i: usize,
+    depth: usize,
 }
 
 impl Py<'_> {
@@ -246,6 +251,17 @@ impl Py<'_> {
         (self.i > start).then(|| String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
     }
     fn value(&mut self) -> Result<Value, String> {
+        if self.depth >= MAX_NESTING {
+            return Err(format!(
+                "arguments nested more than {MAX_NESTING} levels deep"
+            ));
+        }
+        self.depth += 1;
+        let v = self.value_inner();
+        self.depth -= 1;
+        v
+    }
+    fn value_inner(&mut self) -> Result<Value, String> {
         self.ws();
         match self.s.get(self.i) {
             Some(b'\'') | Some(b'"') => {
@@ -345,6 +361,7 @@ fn pythonic(body: &str) -> Result<Vec<ToolCall>, String> {
     let mut p = Py {
         s: body.trim().as_bytes(),
         i: 0,
+        depth: 0,
     };
     let listed = p.eat(b'[');
     let mut calls = vec![p.call()?];
@@ -371,7 +388,7 @@ fn call_braces(body: &str, esc: &str) -> Result<Vec<ToolCall>, String> {
     let open = rest.find('{').ok_or("expected '{' after the name")?;
     let name = rest[..open].trim().to_string();
     let mut pos = open;
-    let v = gemma_value(rest, &mut pos, esc)?;
+    let v = gemma_value(rest, &mut pos, esc, 0)?;
     if rest[pos..].trim() != "" {
         return Err("unexpected text after the arguments".into());
     }
@@ -382,7 +399,12 @@ fn call_braces(body: &str, esc: &str) -> Result<Vec<ToolCall>, String> {
     }])
 }
 
-fn gemma_value(s: &str, pos: &mut usize, esc: &str) -> Result<Value, String> {
+fn gemma_value(s: &str, pos: &mut usize, esc: &str, depth: usize) -> Result<Value, String> {
+    if depth >= MAX_NESTING {
+        return Err(format!(
+            "arguments nested more than {MAX_NESTING} levels deep"
+        ));
+    }
     let skip_ws = |pos: &mut usize| {
         while s[*pos..].starts_with(char::is_whitespace) {
             *pos += s[*pos..].chars().next().map_or(1, char::len_utf8);
@@ -407,7 +429,7 @@ fn gemma_value(s: &str, pos: &mut usize, esc: &str) -> Result<Value, String> {
             let colon = s[*pos..].find(':').ok_or("expected key:value")? + *pos;
             let key = s[*pos..colon].trim().to_string();
             *pos = colon + 1;
-            map.insert(key, gemma_value(s, pos, esc)?);
+            map.insert(key, gemma_value(s, pos, esc, depth + 1)?);
             skip_ws(pos);
             if s[*pos..].starts_with(',') {
                 *pos += 1;
@@ -423,7 +445,7 @@ fn gemma_value(s: &str, pos: &mut usize, esc: &str) -> Result<Value, String> {
                 *pos += 1;
                 return Ok(Value::Array(items));
             }
-            items.push(gemma_value(s, pos, esc)?);
+            items.push(gemma_value(s, pos, esc, depth + 1)?);
             skip_ws(pos);
             if s[*pos..].starts_with(',') {
                 *pos += 1;
