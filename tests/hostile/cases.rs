@@ -733,6 +733,12 @@ pub fn template_tokenizer(s: &Scratch) -> Vec<Case> {
         &[],
     );
     tok(
+        "tokenizer_decoder_not_an_object",
+        "tokenizer.json",
+        tokenizer_json(256).replace("\"decoder\":null", "\"decoder\":5"),
+        &["cannot load"],
+    );
+    tok(
         "tokenizer_config_not_json",
         "tokenizer_config.json",
         "{".into(),

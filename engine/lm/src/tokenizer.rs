@@ -56,6 +56,41 @@ fn json_file(path: &Path) -> Result<Option<serde_json::Value>> {
         .map_err(|e| tok_err(path, format!("invalid JSON: {e}")))
 }
 
+thread_local! {
+    /// How many [`guarded`] calls this thread is inside.
+    static GUARDED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, a call into the tokenizers library, turning a panic inside it
+/// (some malformed `tokenizer.json` files make it panic rather than fail)
+/// into an error naming `file`. The panic's default report is kept quiet
+/// for these calls only; every other panic reports as before.
+fn guarded<T>(file: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    out.map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown cause");
+        tok_err(
+            file,
+            format!("cannot {what}: the tokenizer library failed ({why})"),
+        )
+    })
+}
+
 /// A token given as a string or as `{"content": ...}` (tokenizer_config.json).
 fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
@@ -100,7 +135,7 @@ impl Tokenizer {
                 "missing: the model folder has no tokenizer.json",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
+        let inner = guarded(&file, "load", || tokenizers::Tokenizer::from_file(&file))?
             .map_err(|e| tok_err(&file, format!("cannot load: {e}")))?;
         let cfg = json_file(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
         let bos_token = token_text(cfg.get("bos_token"));
@@ -238,13 +273,32 @@ impl Tokenizer {
         })
     }
 
+    /// A bare tokenizer from the text of a `tokenizer.json` (`file` names
+    /// it in errors): no chat template, no EOS ids beyond what the caller
+    /// adds.
+    pub fn from_json(json: &[u8], file: &Path) -> Result<Tokenizer> {
+        let inner = guarded(file, "load", || tokenizers::Tokenizer::from_bytes(json))?
+            .map_err(|e| tok_err(file, format!("cannot load: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            source: file.to_path_buf(),
+            bos_token: None,
+            eos_token: None,
+            bos_id: None,
+            eos_ids: Vec::new(),
+            add_bos: false,
+            chat_template: None,
+            chat_template_file: file.to_path_buf(),
+            tool_parser_type: None,
+            response_template: None,
+        })
+    }
+
     /// Token ids of `text`; special tokens in the text are matched whole.
     /// BOS is prepended when the tokenizer asks for it and the text does not
     /// already start with it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
+        let enc = guarded(&self.source, "encode", || self.inner.encode(text, false))?
             .map_err(|e| tok_err(&self.source, format!("cannot encode: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
@@ -271,16 +325,16 @@ impl Tokenizer {
     /// Token ids of `text` with the tokenizer's special tokens added by its
     /// post-processor (e.g. `[CLS] ... [SEP]`), truncated as configured.
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, true)
+        guarded(&self.source, "encode", || self.inner.encode(text, true))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| tok_err(&self.source, format!("cannot encode: {e}")))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| tok_err(&self.source, format!("cannot decode: {e}")))
+        guarded(&self.source, "decode", || {
+            self.inner.decode(ids, skip_special)
+        })?
+        .map_err(|e| tok_err(&self.source, format!("cannot decode: {e}")))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -327,14 +327,20 @@ impl SpecLibrary {
         }
         let path = Path::new(name_or_path);
         if path.exists() {
-            let raw = parse_file(path)?;
-            let spec = self.resolve(path, raw, &mut Vec::new())?;
-            return Ok(self.with_block_config(spec));
+            return self.load_text(&read_to_string(path)?, path);
         }
         Err(Error::Usage(format!(
             "no spec named '{name_or_path}' (known: {})",
             self.models.keys().cloned().collect::<Vec<_>>().join(", ")
         )))
+    }
+
+    /// A spec from its text (`path` names it in errors and anchors a
+    /// relative `extends`), resolved against this library.
+    pub fn load_text(&self, text: &str, path: &Path) -> Result<Spec> {
+        let raw = parse_str(text, path)?;
+        let spec = self.resolve(path, raw, &mut Vec::new())?;
+        Ok(self.with_block_config(spec))
     }
 
     /// The spec serving GGUF files of `arch` (`general.architecture`).
