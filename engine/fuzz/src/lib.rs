@@ -15,8 +15,11 @@ use lmspec_lm::tokenizer::Tokenizer;
 use lmspec_lm::tools::ToolFormat;
 use lmspec_spec::library::{SpecLibrary, SpecRoot};
 
+/// A fuzz target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, in the order `make fuzz` runs them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("expr", expr),
     ("spec_yaml", spec_yaml),
     ("config_bind", config_bind),
