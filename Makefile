@@ -1,6 +1,6 @@
 # The two commands of the README, plus helpers. Every target sets up what is
 # missing first (.ci/setup.sh is idempotent and quick when nothing is).
-.PHONY: setup run test test-spec lint deny golden
+.PHONY: setup run test test-spec lint deny golden fuzz
 
 setup:
 	@bash .ci/setup.sh
@@ -35,3 +35,9 @@ deny: setup
 # Regenerate every golden case with mlx-lm (needs the setup's .venv).
 golden: setup
 	.venv/bin/python porting-tools/python/make_golden.py --all
+
+# Every fuzz target under libFuzzer, FUZZ_SECONDS each (nightly toolchain;
+# installs cargo-fuzz on first use). Results: target/fuzz/summary.txt.
+FUZZ_SECONDS ?= 80
+fuzz: setup
+	@bash .ci/fuzz.sh $(FUZZ_SECONDS)

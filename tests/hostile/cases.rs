@@ -266,6 +266,24 @@ pub fn safetensors(s: &Scratch) -> Vec<Case> {
         }),
         &[],
     );
+    // A quantized checkpoint whose tensors lie about their types.
+    for (name, tensor, dtype) in [
+        ("q4_weight_as_f32", "lm_head.weight", "F32"),
+        ("q4_scales_as_u32", "lm_head.scales", "U32"),
+        ("q4_biases_as_i32", "model.embed_tokens.biases", "I32"),
+        ("dense_norm_as_i32", "model.norm.weight", "I32"),
+    ] {
+        let m = s.model_of("llama_q4", name, |_| {});
+        s.file(
+            &format!("{name}/model.safetensors"),
+            super::files::safetensors_of_with("llama_q4", |h, _| h[tensor]["dtype"] = json!(dtype)),
+        );
+        out.push(case(
+            name,
+            logits(&m),
+            &["model.safetensors", tensor, "dtype"],
+        ));
+    }
     // Sharded checkpoints: a broken index.
     for (name, index) in [
         ("index_not_json", "{".to_string()),

@@ -48,7 +48,12 @@ pub fn tokenizer_json(n: usize) -> String {
 
 /// The golden llama's safetensors, split into its header and data.
 pub fn golden_safetensors() -> (Map<String, Value>, Vec<u8>) {
-    let bytes = fs::read(goldens().join("llama/model/model.safetensors")).expect("read");
+    safetensors_of("llama")
+}
+
+/// A golden case's safetensors, split into its header and data.
+pub fn safetensors_of(case: &str) -> (Map<String, Value>, Vec<u8>) {
+    let bytes = fs::read(goldens().join(case).join("model/model.safetensors")).expect("read");
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
     (header, bytes[8 + n..].to_vec())
@@ -62,9 +67,17 @@ pub fn safetensors_raw(header: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The golden safetensors after `edit` changed its header and data.
+/// The golden llama's safetensors after `edit` changed its header and data.
 pub fn safetensors_with(edit: impl FnOnce(&mut Map<String, Value>, &mut Vec<u8>)) -> Vec<u8> {
-    let (mut header, mut data) = golden_safetensors();
+    safetensors_of_with("llama", edit)
+}
+
+/// A golden case's safetensors after `edit` changed its header and data.
+pub fn safetensors_of_with(
+    case: &str,
+    edit: impl FnOnce(&mut Map<String, Value>, &mut Vec<u8>),
+) -> Vec<u8> {
+    let (mut header, mut data) = safetensors_of(case);
     edit(&mut header, &mut data);
     safetensors_raw(&Value::Object(header).to_string(), &data)
 }

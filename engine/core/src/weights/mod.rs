@@ -438,6 +438,22 @@ fn find(
                     req.shape
                 ));
             }
+            // MLX's affine layout: packed 32-bit words, float scales and
+            // biases. Other types would reach MLX's kernels unchecked.
+            if w.dtype() != mlx_rs::Dtype::Uint32 {
+                return Err(format!(
+                    "dtype: a quantized weight is packed in U32 words, this one is {:?}",
+                    w.dtype()
+                ));
+            }
+            for (part, a) in [(&scales_name, scales), (&biases_name, biases)] {
+                if !is_float(a.dtype()) {
+                    return Err(format!(
+                        "dtype: `{part}` must hold floats, it holds {:?}",
+                        a.dtype()
+                    ));
+                }
+            }
             used.extend([name.clone(), scales_name, biases_name]);
             Ok(Some(Param::Quantized {
                 w: w.clone(),
@@ -455,10 +471,21 @@ fn find(
                     req.shape
                 ));
             }
+            if !is_float(w.dtype()) {
+                return Err(format!(
+                    "dtype: a weight must hold floats, this one holds {:?}",
+                    w.dtype()
+                ));
+            }
             used.insert(name);
             Ok(Some(Param::Dense(w.clone())))
         }
     }
+}
+
+fn is_float(d: mlx_rs::Dtype) -> bool {
+    use mlx_rs::Dtype::*;
+    matches!(d, Float16 | Bfloat16 | Float32 | Float64)
 }
 
 /// Whether any loaded weight is quantized.
