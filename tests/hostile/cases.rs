@@ -1009,45 +1009,34 @@ pub fn tools(s: &Scratch) -> Vec<Case> {
         generate(&m, &["--tools", &file, "--tool-format", "no_such_format"]),
         &["no_such_format"],
     ));
-    let fmt_dir = s.specs_with(
-        "bad_formats",
-        "tool-formats/broken.yaml",
-        "name: broken\npayload: [\n",
-    );
-    out.push(case(
-        "tool_format_file_broken",
-        generate(&m, &["--tools", &file])
-            .into_iter()
-            .chain(["--specs".to_string(), fmt_dir])
-            .collect(),
-        &["broken.yaml"],
-    ));
-    let dir2 = s.specs_with(
-        "bad_formats2",
-        "tool-formats/unknown_payload.yaml",
-        "name: unknown_payload\nopen: \"<c>\"\nclose: \"</c>\"\npayload: telepathy\n",
-    );
-    out.push(case(
-        "tool_format_unknown_payload",
-        generate(&m, &["--tools", &file])
-            .into_iter()
-            .chain(["--specs".to_string(), dir2])
-            .collect(),
-        &["unknown_payload.yaml"],
-    ));
-    let dir3 = s.specs_with(
-        "bad_formats3",
-        "tool-formats/deep.yaml",
-        format!("name: deep\npayload: {}", "[".repeat(10_000)),
-    );
-    out.push(case(
-        "tool_format_deep_yaml",
-        generate(&m, &["--tools", &file])
-            .into_iter()
-            .chain(["--specs".to_string(), dir3])
-            .collect(),
-        &["deep.yaml", "nested"],
-    ));
+    // A spec folder with one broken tool format, given to a run with tools.
+    for (name, text, want) in [
+        (
+            "broken",
+            "name: broken\npayload: [\n".to_string(),
+            "broken.yaml",
+        ),
+        (
+            "unknown_payload",
+            "name: unknown_payload\nopen: \"<c>\"\nclose: \"</c>\"\npayload: telepathy\n"
+                .to_string(),
+            "unknown_payload.yaml",
+        ),
+        (
+            "deep",
+            format!("name: deep\npayload: {}", "[".repeat(10_000)),
+            "deep.yaml",
+        ),
+    ] {
+        let dir = s.specs_with(
+            &format!("formats_{name}"),
+            &format!("tool-formats/{name}.yaml"),
+            text,
+        );
+        let mut args = generate(&m, &["--tools", &file]);
+        args.extend(["--specs".to_string(), dir]);
+        out.push(case(format!("tool_format_{name}"), args, &[want]));
+    }
     out
 }
 

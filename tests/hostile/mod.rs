@@ -229,68 +229,35 @@ impl Scratch {
     }
 }
 
-#[test]
-fn config_values() {
-    let s = Scratch::new();
-    run_all(cases::config(&s));
+/// One test per category, and one that counts them all.
+macro_rules! categories {
+    ($($test:ident => $cases:ident,)+) => {
+        $(
+            #[test]
+            fn $test() {
+                let s = Scratch::new();
+                run_all(cases::$cases(&s));
+            }
+        )+
+
+        #[test]
+        fn the_corpus_has_at_least_150_cases() {
+            let s = Scratch::new();
+            let counts = [$((stringify!($cases), cases::$cases(&s).len())),+];
+            let n: usize = counts.iter().map(|(_, k)| k).sum();
+            eprintln!("hostile cases: {n} {counts:?}");
+            assert!(n >= 150, "{n} cases");
+        }
+    };
 }
 
-#[test]
-fn safetensors_files() {
-    let s = Scratch::new();
-    run_all(cases::safetensors(&s));
-}
-
-#[test]
-fn gguf_files() {
-    let s = Scratch::new();
-    run_all(cases::gguf(&s));
-}
-
-#[test]
-fn spec_files() {
-    let s = Scratch::new();
-    run_all(cases::spec(&s));
-}
-
-#[test]
-fn templates_and_tokenizers() {
-    let s = Scratch::new();
-    run_all(cases::template_tokenizer(&s));
-}
-
-#[test]
-fn prompts_and_parameters() {
-    let s = Scratch::new();
-    run_all(cases::prompts_parameters(&s));
-}
-
-#[test]
-fn tools() {
-    let s = Scratch::new();
-    run_all(cases::tools(&s));
-}
-
-#[test]
-fn resources() {
-    let s = Scratch::new();
-    run_all(cases::resources(&s));
-}
-
-#[test]
-fn the_corpus_has_at_least_150_cases() {
-    let s = Scratch::new();
-    let counts = [
-        ("config", cases::config(&s).len()),
-        ("safetensors", cases::safetensors(&s).len()),
-        ("gguf", cases::gguf(&s).len()),
-        ("spec", cases::spec(&s).len()),
-        ("template/tokenizer", cases::template_tokenizer(&s).len()),
-        ("prompts/parameters", cases::prompts_parameters(&s).len()),
-        ("tools", cases::tools(&s).len()),
-        ("resources", cases::resources(&s).len()),
-    ];
-    let n: usize = counts.iter().map(|(_, k)| k).sum();
-    eprintln!("hostile cases: {n} {counts:?}");
-    assert!(n >= 150, "{n} cases");
+categories! {
+    config_values => config,
+    safetensors_files => safetensors,
+    gguf_files => gguf,
+    spec_files => spec,
+    templates_and_tokenizers => template_tokenizer,
+    prompts_and_parameters => prompts_parameters,
+    tools => tools,
+    resources => resources,
 }
