@@ -1115,6 +1115,14 @@ pub fn resources(s: &Scratch) -> Vec<Case> {
         .env("LMSPEC_TEMPLATE_FUEL", "10"),
     );
     out.push(
+        case(
+            "header_over_the_limit",
+            logits(&m),
+            &["model.safetensors", "limit"],
+        )
+        .env("LMSPEC_MAX_HEADER_BYTES", "100"),
+    );
+    out.push(
         case("bad_limit_value", generate(&m, &[]), &["LMSPEC_MAX_LAYERS"])
             .env("LMSPEC_MAX_LAYERS", "many"),
     );

@@ -88,7 +88,7 @@ impl GgufReader {
         }
         // Our own bounds-checked read of the header first: MLX's reader
         // trusts counts and lengths and crashes on a lying file.
-        let header = lmspec_formats::gguf::check_file(path, &lmspec_formats::Limits::default())
+        let header = lmspec_formats::gguf::check_file(path, &crate::weights::format_limits()?)
             .map_err(|e| bad(path, e.to_string()))?;
         for t in &header.tensors {
             if !MLX_GGUF_TYPES.contains(&t.type_name) {

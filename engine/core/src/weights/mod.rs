@@ -165,14 +165,21 @@ fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
 }
 
+/// The header limits in force (`LMSPEC_MAX_HEADER_BYTES` overrides the
+/// header size).
+pub fn format_limits() -> Result<lmspec_formats::Limits> {
+    Ok(lmspec_formats::Limits {
+        max_header_bytes: lmspec_spec::limits::limits()?.max_header_bytes,
+        ..lmspec_formats::Limits::default()
+    })
+}
+
 /// Checks a safetensors file's header (lengths, offsets, overlaps) before
 /// MLX reads it.
 fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
-    lmspec_formats::safetensors::check_file(f, &lmspec_formats::Limits::default()).map_err(|e| {
-        Error::Weights {
-            file: f.to_path_buf(),
-            msg: e.to_string(),
-        }
+    lmspec_formats::safetensors::check_file(f, &format_limits()?).map_err(|e| Error::Weights {
+        file: f.to_path_buf(),
+        msg: e.to_string(),
     })
 }
 
