@@ -825,7 +825,22 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
                 }
                 None => print!("{md}"),
             }
-            Ok(ExitCode::SUCCESS)
+            let mut undeclared = 0;
+            for r in rows.iter().filter(|r| r.spec.is_some()) {
+                if let Some((_, keys)) = r.keys.as_ref().filter(|(_, k)| !k.is_empty()) {
+                    undeclared += keys.len();
+                    eprintln!(
+                        "{}: undeclared config keys: {}",
+                        r.model_type,
+                        keys.join(", ")
+                    );
+                }
+            }
+            Ok(if undeclared == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -444,3 +444,27 @@ fn moe_top_k_beyond_the_experts_names_node_and_field() {
         other => panic!("expected a config error, got {other}"),
     }
 }
+
+#[test]
+fn a_key_the_spec_supports_with_one_value_only_is_refused_by_name() {
+    let lib = crate::support::library();
+    for (case, key) in [("cohere", "use_qk_norm"), ("stablelm", "qk_layernorm")] {
+        let (_m, model) = model_copy(case, |c| c[key] = true.into());
+        let _guard = mlx_lock();
+        match crate::support::load_model(&model, &lib, None).expect_err("unsupported value") {
+            Error::Config { file, key: k, msg } => {
+                assert!(file.ends_with("config.json"), "{file:?}");
+                assert_eq!(k, key);
+                assert!(
+                    msg.contains(&format!("true is not supported by spec '{case}'")),
+                    "{msg}"
+                );
+                assert!(msg.contains("only false is"), "{msg}");
+            }
+            other => panic!("{other}"),
+        }
+        // The supported value (and its absence) load.
+        let (_m, model) = model_copy(case, |c| c[key] = false.into());
+        crate::support::load_model(&model, &lib, None).expect("the supported value loads");
+    }
+}

@@ -41,6 +41,7 @@ macro_rules! golden_cases {
 
 golden_cases!(
     cohere,
+    cohere_ln_bias,
     deepseek_v2,
     deepseek_v3,
     gemma,
@@ -56,6 +57,7 @@ golden_cases!(
     llama_linear_rope,
     llama_q4,
     llama_rope_llama3,
+    llama_sliding,
     llama_yarn,
     mamba2,
     minicpm,
@@ -71,8 +73,10 @@ golden_cases!(
     qwen3_moe_hf,
     qwen3_moe_q4,
     qwen3_next,
+    qwen3_rope_parameters,
     smollm3,
     stablelm,
+    stablelm_parallel,
     starcoder2,
 );
 

@@ -389,6 +389,18 @@ CASES = [
     {"name": "gpt_neox", "model_type": "gpt_neox", "config": {"rotary_pct": 0.25}, "seed": 4},
     {"name": "olmo2", "model_type": "olmo2", "config": {}, "seed": 4},
     {"name": "cohere", "model_type": "cohere", "config": {"logit_scale": 0.5}, "seed": 2},
+    # LayerNorms with a bias (layer_norm_bias).
+    {"name": "cohere_ln_bias", "model_type": "cohere",
+     "config": {"logit_scale": 0.5, "layer_norm_bias": True}, "seed": 0},
+    # One LayerNorm feeding attention and MLP in parallel.
+    {"name": "stablelm_parallel", "model_type": "stablelm",
+     "config": {"partial_rotary_factor": 0.25, "use_parallel_residual": True}, "seed": 3},
+    # A sliding-window layer (window shorter than the prompt) before a full one.
+    {"name": "llama_sliding", "model_type": "llama",
+     "config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3}},
+    # rope_theta only under rope_parameters (transformers >= 5 layout).
+    {"name": "qwen3_rope_parameters", "model_type": "qwen3",
+     "config": {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}},
     # Untied: with the embedding multiplier the tied head predicts the
     # current token again (a single repeated greedy token).
     {
@@ -1771,12 +1783,23 @@ def check_taps(model, tokens, logits, taps, model_type=None, config=None, bound=
                 compare(f"{p}.attn.{short}_rope == rope(its input)", taps[f"{p}.attn.{short}_rope"],
                         _np(attn.rope(mx.array(src))))
         if have(f"{p}.attn.q_rope", f"{p}.attn.k_rope", f"{p}.attn.o") and "v" in heads_in:
+            # A "sliding_attention" layer (llama's layer_types) sees the last
+            # sliding_window positions only.
+            mask = "causal"
+            layer_index = int(p.split(".")[1])
+            kinds = config.get("layer_types") or []
+            if layer_index < len(kinds) and kinds[layer_index] == "sliding_attention":
+                T = taps[f"{p}.attn.q_rope"].shape[2]
+                rows = np.arange(T)[:, None]
+                cols = np.arange(T)[None, :]
+                window = config["sliding_window"]
+                mask = mx.array((cols <= rows) & (rows - cols < window))
             out = mx.fast.scaled_dot_product_attention(
                 mx.array(taps[f"{p}.attn.q_rope"]),
                 mx.array(taps[f"{p}.attn.k_rope"]),
                 mx.array(heads_in["v"].transpose(0, 2, 1, 3)),
                 scale=attn.scale,
-                mask="causal",
+                mask=mask,
             )
             B, _, T, _ = out.shape
             merged = out.transpose(0, 2, 1, 3).reshape(B, T, -1)

@@ -52,6 +52,51 @@ pub fn mlx_lm_model_types(mlx_lm: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// The config keys an mlx-lm model module reads: the fields of its
+/// `ModelArgs` dataclass (`BaseModelArgs.from_dict` passes exactly those).
+pub fn reference_keys(module_source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in module_source.lines() {
+        if line.starts_with("class ModelArgs(") {
+            inside = true;
+            continue;
+        }
+        if !inside || line.trim().is_empty() {
+            continue;
+        }
+        if !line.starts_with("    ") {
+            break;
+        }
+        // A field: four spaces, a name, a colon (not a method or decorator).
+        let field = line.strip_prefix("    ").unwrap_or(line);
+        if let Some((name, _)) = field.split_once(':') {
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Keys every model reads through the engine rather than its spec.
+const ENGINE_KEYS: [&str; 3] = ["model_type", "quantization", "quantization_config"];
+
+/// The reference keys a spec neither reads nor declares (`config_keys`).
+pub fn undeclared_keys(spec: &lmspec_spec::Spec, reference: &[String]) -> Vec<String> {
+    let read = spec.checkpoint_keys();
+    reference
+        .iter()
+        .filter(|k| {
+            !read.contains(k.as_str())
+                && !spec.only_keys.contains_key(k.as_str())
+                && !spec.ignored_keys.contains_key(k.as_str())
+                && !ENGINE_KEYS.contains(&k.as_str())
+        })
+        .cloned()
+        .collect()
+}
+
 /// One row of the coverage table.
 #[derive(Debug)]
 pub struct Row {
@@ -60,12 +105,17 @@ pub struct Row {
     pub spec: Option<String>,
     pub spec_lines: Option<usize>,
     pub goldens: Vec<(String, bool)>,
+    /// Config keys mlx-lm reads for this type: how many, and those the spec
+    /// neither reads nor declares (claimed types with an mlx-lm module).
+    pub keys: Option<(usize, Vec<String>)>,
 }
 
 impl Row {
     pub fn status(&self) -> &'static str {
+        let undeclared = self.keys.as_ref().is_some_and(|(_, u)| !u.is_empty());
         match (&self.spec, self.goldens.is_empty()) {
             (None, _) => "",
+            (Some(_), _) if undeclared => "undeclared keys",
             (Some(_), true) => "no golden",
             (Some(_), false) if self.goldens.iter().all(|(_, ok)| *ok) => "pass",
             _ => "FAIL",
@@ -101,14 +151,26 @@ pub fn coverage(lib: &SpecLibrary, mlx_lm: &Path, goldens: &Path) -> Result<Vec<
     let mut rows = Vec::new();
     for (mt, module) in all {
         let spec = claims.get(&mt).cloned();
-        let spec_lines = match &spec {
+        let (spec_lines, keys) = match &spec {
             Some(name) => {
                 let s = lib.load(name)?;
-                Some(std::fs::read_to_string(&s.file)?.lines().count())
+                let source = mlx_lm.join("models").join(format!("{module}.py"));
+                let keys = match std::fs::read_to_string(&source) {
+                    Ok(text) => {
+                        let reference = reference_keys(&text);
+                        Some((reference.len(), undeclared_keys(&s, &reference)))
+                    }
+                    Err(_) => None,
+                };
+                (
+                    Some(std::fs::read_to_string(&s.file)?.lines().count()),
+                    keys,
+                )
             }
-            None => None,
+            None => (None, None),
         };
         rows.push(Row {
+            keys,
             goldens: golden_results.remove(&mt).unwrap_or_default(),
             model_type: mt,
             module,
@@ -130,15 +192,22 @@ pub fn markdown(rows: &[Row]) -> String {
         claimed.len(),
         passing
     ));
-    s.push_str("## Claimed by a spec\n\n| model_type | mlx-lm module | spec | spec lines | golden cases | status |\n|---|---|---|---|---|---|\n");
+    s.push_str("\"config keys\" counts the fields of the type's `ModelArgs` in mlx-lm; each is read by the spec, accepted with one value only, or ignored for a stated reason (the spec's `config_keys`). A key that is none of these is listed, and the type does not pass.\n\n");
+    s.push_str("## Claimed by a spec\n\n| model_type | mlx-lm module | spec | spec lines | config keys | golden cases | status |\n|---|---|---|---|---|---|---|\n");
     for r in &claimed {
         let cases: Vec<String> = r.goldens.iter().map(|(c, _)| format!("`{c}`")).collect();
+        let keys = match &r.keys {
+            None => "-".to_string(),
+            Some((n, u)) if u.is_empty() => format!("{n}, all declared"),
+            Some((n, u)) => format!("{n}; undeclared: {}", u.join(", ")),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.model_type,
             r.module,
             r.spec.as_deref().unwrap_or(""),
             r.spec_lines.map(|n| n.to_string()).unwrap_or_default(),
+            keys,
             cases.join(", "),
             r.status()
         ));
@@ -158,4 +227,18 @@ pub fn markdown(rows: &[Row]) -> String {
     s.push_str(&open.join(", "));
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_keys_are_the_model_args_fields() {
+        let src = "import x\n\n@dataclass\nclass ModelArgs(BaseModelArgs):\n    model_type: str\n    hidden_size: int = 4\n    rope_scaling: Optional[Dict[str, float]] = None\n\n    def __post_init__(self):\n        self.extra: int = 3\n\nclass Model(nn.Module):\n    x: int\n";
+        assert_eq!(
+            reference_keys(src),
+            ["model_type", "hidden_size", "rope_scaling"]
+        );
+    }
 }

@@ -377,6 +377,7 @@ pub fn bind_traced(
         out.insert(name.clone(), value);
         prov.insert(name.clone(), sources);
     }
+    check_only_keys(spec, config, config_file)?;
     Ok((out, prov))
 }
 
@@ -428,5 +429,38 @@ pub fn eval_cond(e: &Expr, scope: &dyn Scope) -> std::result::Result<bool, Strin
             "condition gave {} {other}, expected a bool",
             other.type_name()
         )),
+    }
+}
+
+/// Refuses a checkpoint that sets a key of `config_keys.only` to another
+/// value than the one the spec supports.
+fn check_only_keys(spec: &Spec, config: &serde_json::Value, config_file: &Path) -> Result<()> {
+    for (key, allowed) in &spec.only_keys {
+        let Some(found) = lookup(config, key) else {
+            continue;
+        };
+        let want = Value::from_yaml(&allowed.item);
+        if !values_equal(&Value::from_json(found), &want) {
+            return Err(Error::Config {
+                file: config_file.to_path_buf(),
+                key: key.clone(),
+                msg: format!(
+                    "{found} is not supported by spec '{}' ({}): only {want} is",
+                    spec.name,
+                    allowed.file.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Equality of config values, numbers compared by value (1 == 1.0).
+fn values_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) if !matches!(a, Value::Bool(_)) && !matches!(b, Value::Bool(_)) => {
+            x == y
+        }
+        _ => a == b,
     }
 }

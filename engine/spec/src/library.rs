@@ -16,6 +16,32 @@ pub struct Sourced<T> {
     pub item: T,
 }
 
+impl Spec {
+    /// The checkpoint keys the spec's config entries read: each entry's
+    /// `from` keys (the top-level key of a dotted path), or its own name;
+    /// entries with a `value` or `per_layer` read none.
+    pub fn checkpoint_keys(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (name, def) in &self.config {
+            let b = &def.item;
+            if b.value.is_some() || b.per_layer.is_some() {
+                continue;
+            }
+            match b.from.as_ref().map(|f| f.to_vec()) {
+                Some(keys) if !keys.is_empty() => {
+                    for k in keys {
+                        out.insert(k.split('.').next().unwrap_or(&k).to_string());
+                    }
+                }
+                _ => {
+                    out.insert(name.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// An architecture after `extends` and library blocks are resolved.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -30,6 +56,10 @@ pub struct Spec {
     pub rules: Vec<Sourced<RawRule>>,
     pub gguf: Option<Sourced<RawGguf>>,
     pub tool_format: Option<String>,
+    /// Keys the spec accepts with one value only (`config_keys.only`).
+    pub only_keys: IndexMap<String, Sourced<serde_yaml::Value>>,
+    /// Keys the spec knows and ignores, with the reason (`config_keys.ignored`).
+    pub ignored_keys: IndexMap<String, Sourced<String>>,
 }
 
 /// Parses one spec file, naming the file and position on error.
@@ -487,6 +517,8 @@ impl SpecLibrary {
                 rules: Vec::new(),
                 gguf: None,
                 tool_format: None,
+                only_keys: IndexMap::new(),
+                ignored_keys: IndexMap::new(),
             },
         };
         spec.name = name;
@@ -510,6 +542,14 @@ impl SpecLibrary {
         }
         if raw.tool_format.is_some() {
             spec.tool_format = raw.tool_format;
+        }
+        for (k, v) in raw.config_keys.only {
+            spec.ignored_keys.shift_remove(&k);
+            spec.only_keys.insert(k, sourced(path, v));
+        }
+        for (k, why) in raw.config_keys.ignored {
+            spec.only_keys.shift_remove(&k);
+            spec.ignored_keys.insert(k, sourced(path, why));
         }
         // The child's rules run first: they bring a checkpoint to the
         // parent's naming, whose rules (ties, drops) then apply.

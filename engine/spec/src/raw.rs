@@ -37,6 +37,23 @@ pub struct RawSpec {
     /// template names one (a file name in `specs/tool-formats/`).
     #[serde(default)]
     pub tool_format: Option<String>,
+    /// Checkpoint keys the reference reads that this spec does not compute
+    /// with: accepted with one value only, or ignored for a reason.
+    #[serde(default)]
+    pub config_keys: RawConfigKeys,
+}
+
+/// `config_keys`: what the spec says about checkpoint keys it does not read.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfigKeys {
+    /// Accepted when absent, null or equal to this value; any other value
+    /// is refused, naming the key, the value and the spec.
+    #[serde(default)]
+    pub only: IndexMap<String, serde_yaml::Value>,
+    /// Read by the reference but without effect here; the reason says why.
+    #[serde(default)]
+    pub ignored: IndexMap<String, String>,
 }
 
 /// GGUF support: which `general.architecture` values the spec serves, how

@@ -31,6 +31,7 @@ macro_rules! dump_tests {
 
 dump_tests!(
     cohere,
+    cohere_ln_bias,
     deepseek_v2,
     deepseek_v3,
     gemma,
@@ -46,6 +47,7 @@ dump_tests!(
     llama_linear_rope,
     llama_q4,
     llama_rope_llama3,
+    llama_sliding,
     llama_yarn,
     mamba2,
     minicpm,
@@ -61,8 +63,10 @@ dump_tests!(
     qwen3_moe_hf,
     qwen3_moe_q4,
     qwen3_next,
+    qwen3_rope_parameters,
     smollm3,
     stablelm,
+    stablelm_parallel,
     starcoder2,
 );
 
