@@ -1,6 +1,6 @@
 # The two commands of the README, plus helpers. Every target sets up what is
 # missing first (.ci/setup.sh is idempotent and quick when nothing is).
-.PHONY: setup run test test-spec lint deny golden fuzz
+.PHONY: setup run test test-spec lint deny golden fuzz fuzz-configs
 
 setup:
 	@bash .ci/setup.sh
@@ -41,3 +41,11 @@ golden: setup
 FUZZ_SECONDS ?= 80
 fuzz: setup
 	@bash .ci/fuzz.sh $(FUZZ_SECONDS)
+
+# Differential fuzzing of config handling against mlx-lm: N random configs
+# per claimed model type (docs/porting.md). SEED picks the sample.
+N ?= 40
+SEED ?= 1
+fuzz-configs: setup
+	cargo build --quiet
+	.venv/bin/python porting-tools/python/fuzz_configs.py --per-type $(N) --seed $(SEED) --lmspec target/debug/lmspec

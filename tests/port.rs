@@ -171,6 +171,13 @@ fn coverage_lists_mlx_lm_types_and_passing_specs() {
         let row = rows.iter().find(|r| r.model_type == mt).expect(mt);
         assert_eq!(row.status(), "pass", "{mt}: {row:?}");
     }
+    // Every claimed type reads or declares every key mlx-lm reads.
+    for row in rows.iter().filter(|r| r.spec.is_some()) {
+        if let Some((n, undeclared)) = &row.keys {
+            assert!(*n > 0, "{}: no reference keys parsed", row.model_type);
+            assert!(undeclared.is_empty(), "{}: {undeclared:?}", row.model_type);
+        }
+    }
     let md = coverage::markdown(&rows);
     assert!(md.contains("| qwen3 | qwen3 | qwen3 |"), "{md}");
     assert!(md.contains("`gemma2`"), "unclaimed types listed");
@@ -179,4 +186,51 @@ fn coverage_lists_mlx_lm_types_and_passing_specs() {
         committed, md,
         "docs/coverage.md is stale: run `lmspec port coverage --out docs/coverage.md`"
     );
+}
+
+#[test]
+fn a_reference_key_a_spec_does_not_declare_is_listed() {
+    let mlx_lm =
+        coverage::find_mlx_lm(&root().join(".venv")).expect("mlx_lm in .venv (run the setup)");
+    let source = fs::read_to_string(mlx_lm.join("models/cohere.py")).expect("cohere.py");
+    let reference = coverage::reference_keys(&source);
+    let drop_declaration = |t: String| {
+        t.replace("    use_qk_norm: false\n", "")
+            .replace("config_keys:\n  only:\n", "")
+    };
+    let (_d, lib) = specs_copy(&[("models/cohere.yaml", &drop_declaration)], &[]);
+    let spec = lib.load("cohere").expect("cohere loads");
+    assert_eq!(
+        coverage::undeclared_keys(&spec, &reference),
+        ["use_qk_norm"]
+    );
+    let spec = library().load("cohere").expect("cohere loads");
+    assert!(coverage::undeclared_keys(&spec, &reference).is_empty());
+}
+
+/// A fixed-seed sample of the differential config fuzzer: one random config
+/// per claimed type, built with mlx-lm and compared with lmspec
+/// (`make fuzz-configs` runs 40 per type).
+#[test]
+fn differential_config_fuzzing_sample() {
+    let out = std::process::Command::new(root().join(".venv/bin/python"))
+        .args([
+            "porting-tools/python/fuzz_configs.py",
+            "--per-type",
+            "1",
+            "--seed",
+            "7",
+            "--lmspec",
+            env!("CARGO_BIN_EXE_lmspec"),
+        ])
+        .current_dir(root())
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("0 MISMATCH, 0 UNCLEAR"), "{stdout}");
 }

@@ -592,6 +592,26 @@ CASES = [
 ]
 
 
+def _derived(base_name, name, config=None, **fields):
+    """A case that differs from CASES entry `base_name` in a few keys."""
+    base = next(c for c in CASES if c["name"] == base_name)
+    case = {**copy.deepcopy(base), "name": name, **fields}
+    case["config"] = {**base["config"], **(config or {})}
+    return case
+
+
+# Configs the differential fuzzer (fuzz_configs.py) found misread, pinned.
+CASES += [
+    # Four experts from one kept group of three: the fourth comes from the
+    # dropped group and weighs nothing (mlx-lm zeroed its score).
+    _derived("deepseek_v2", "deepseek_v2_group_overflow", {"num_experts_per_tok": 4}),
+    # longrope rotates halves, never interleaved, whatever rope_traditional says.
+    _derived("phi3", "phi3_longrope_traditional", {"rope_traditional": True}),
+    # A checkpoint with its own lm_head keeps it (mlx-lm ties only a missing one).
+    _derived("gemma3_text", "gemma3_text_untied", drop_params=None),
+]
+
+
 def build_config(model_type, overrides):
     """Merge the base config, the type's defaults and the case overrides."""
     config = {"model_type": model_type}

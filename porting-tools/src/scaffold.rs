@@ -120,14 +120,15 @@ fn evaluate(
     fit
 }
 
-/// Share of the top-level config keys a spec reads (its bindings' `from`
+/// Share of the top-level config keys a spec needs (its bindings' `from`
 /// keys, or their names) that `config` holds; bindings with a constant
-/// `value` read nothing.
+/// `value` or a `per_layer` expression read nothing, optional ones are not
+/// needed.
 fn config_fit(spec: &Spec, config: &serde_json::Value) -> f64 {
     let keys: Vec<String> = spec
         .config
         .iter()
-        .filter(|(_, d)| d.item.value.is_none())
+        .filter(|(_, d)| d.item.value.is_none() && d.item.per_layer.is_none() && !d.item.optional)
         .map(|(k, d)| {
             let from = d
                 .item

@@ -233,6 +233,10 @@ pub enum RawRule {
         source: String,
         #[serde(default)]
         when: Option<serde_yaml::Value>,
+        /// Tie only when the checkpoint has no tensor of `target` (mlx-lm
+        /// models that tie a missing head and keep a present one).
+        #[serde(default)]
+        if_missing: bool,
     },
     /// Skip the rest of the rules when a tensor with this pattern exists
     /// (the checkpoint is already in the spec's naming).
@@ -289,6 +293,8 @@ struct TieRepr {
     source: String,
     #[serde(default)]
     when: Option<serde_yaml::Value>,
+    #[serde(default)]
+    if_missing: bool,
 }
 
 impl TryFrom<RuleRepr> for RawRule {
@@ -310,6 +316,7 @@ impl TryFrom<RuleRepr> for RawRule {
                 target: t.target,
                 source: t.source,
                 when: t.when,
+                if_missing: t.if_missing,
             });
         }
         if let Some(p) = r.skip_if_present {

@@ -107,7 +107,14 @@ impl MoeOp {
         }
         let neg = mlx_rs::ops::negative(&choice)?;
         let inds = argpartition_axis(&neg, k - 1, -1)?.try_index((.., .., ..k))?;
-        let picked = scores.take_along_axis(&inds, -1)?;
+        // Weights come from the scores the choice was made on, dropped
+        // groups zeroed (so an expert of a dropped group that fills the top
+        // k weighs nothing); with a correction bias, from the scores alone.
+        let weighed = match &self.correction {
+            Some(_) => &scores,
+            None => &choice,
+        };
+        let picked = weighed.take_along_axis(&inds, -1)?;
         let mut weights = match self.cfg.routing {
             Routing::TopkSoftmax => mlx_rs::ops::softmax_axis(&picked, -1, true)?,
             _ => picked,

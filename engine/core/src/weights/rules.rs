@@ -108,6 +108,7 @@ pub fn apply<T: RuleValue>(
                 target,
                 source,
                 when,
+                if_missing,
             } => {
                 if let Some(w) = when {
                     if !truthy(w)? {
@@ -116,6 +117,9 @@ pub fn apply<T: RuleValue>(
                 }
                 let tprefix = format!("{target}.");
                 let sprefix = format!("{source}.");
+                if *if_missing && tensors.keys().any(|k| k.starts_with(&tprefix)) {
+                    continue;
+                }
                 tensors.retain(|k, _| !k.starts_with(&tprefix));
                 let tied: Vec<(String, T)> = tensors
                     .iter()
