@@ -5,7 +5,8 @@ For each model type a spec claims, samples random valid configs from the
 keys mlx-lm's ModelArgs reads (head counts and widths, GQA ratios, tied or
 untied heads, rope scaling kinds and both config layouts, per-layer sliding
 windows shorter than the prompt, biases and other switches, norm epsilons,
-MoE top-k), builds a tiny random float32 model with mlx-lm for each, records
+MoE expert counts, top-k and groups, 4- and 8-bit affine quantization for a
+fifth of the samples), builds a tiny random float32 model with mlx-lm for each, records
 mlx-lm's whole-prompt logits, prefill-then-decode logits and greedy tokens
 (as a golden case without taps), and asks `lmspec golden` for the same.
 
@@ -130,20 +131,33 @@ def sample(rng, model_type, fields, base):
             out[name] = float(rng.choice([1e-6, 1e-5, 1e-3]))
     if "partial_rotary_factor" in fields and rng.rand() < 0.5:
         out["partial_rotary_factor"] = float(rng.choice([0.25, 0.5, 1.0]))
-    experts = next((base.get(k) for k in EXPERT_KEYS if base.get(k)), None)
-    if experts and "num_experts_per_tok" in fields and rng.rand() < 0.5:
+    expert_key = next((k for k in EXPERT_KEYS if base.get(k) and k in fields), None)
+    if expert_key and rng.rand() < 0.6:
+        experts = int(rng.choice([2, 4, 6, 8]))
+        out[expert_key] = experts
         out["num_experts_per_tok"] = int(rng.randint(1, experts + 1))
+        if "n_group" in fields and base.get("n_group"):
+            groups = int(rng.choice([g for g in (1, 2, 3, 4) if experts % g == 0]))
+            out["n_group"] = groups
+            out["topk_group"] = int(rng.randint(1, groups + 1))
     return out
 
 
-def record(model_type, overrides, seed, case_dir):
+def sample_quant(rng):
+    """A quantization for some samples (mlx-lm's affine, as mlx_lm.convert)."""
+    if rng.rand() < 0.2:
+        return {"bits": int(rng.choice([4, 8])), "group_size": int(rng.choice([32, 64]))}
+    return None
+
+
+def record(model_type, overrides, seed, case_dir, quant=None):
     """Builds the model with mlx-lm and writes a golden case (no taps).
     Returns the smallest top-2 gap of the greedy steps."""
     if case_dir.exists():
         shutil.rmtree(case_dir)
     case_dir.mkdir(parents=True)
     model, config, _ = mg.build_random_model(
-        case_dir.name, model_type, overrides, seed, None, case_dir / "model")
+        case_dir.name, model_type, overrides, seed, quant, case_dir / "model")
     vocab = mg.vocab_size_of(config)
     tokens = np.random.RandomState(seed).randint(1, vocab, size=mg.PROMPT_LEN).astype(np.int32)
     split = min(mg.PREFILL_SPLIT, len(tokens) - 1)
@@ -162,7 +176,7 @@ def record(model_type, overrides, seed, case_dir):
         "greedy": mx.array(greedy, dtype=mx.int32),
     })
     meta = {"case": case_dir.name, "model_type": model_type, "seed": seed, "dtype": "float32",
-            "quantization": None, "prompt_len": len(tokens), "prefill_split": split,
+            "quantization": quant, "prompt_len": len(tokens), "prefill_split": split,
             "greedy_tokens": GREEDY, "taps": [], "overrides": overrides}
     (case_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return margin
@@ -185,11 +199,11 @@ def judge(lmspec, case_dir, keys):
     return "MISMATCH", (row[-1] if row else run.stdout.strip()[-300:])
 
 
-def attempt(lmspec, model_type, overrides, seed, case_dir, tries=6):
+def attempt(lmspec, model_type, overrides, seed, case_dir, quant=None, tries=6):
     """Records and judges one sample; None when mlx-lm rejects the config."""
     for k in range(tries):
         try:
-            margin = record(model_type, overrides, seed + 1000 * k, case_dir)
+            margin = record(model_type, overrides, seed + 1000 * k, case_dir, quant)
         except Exception as e:  # the reference's own refusal: not a sample
             return None, f"{type(e).__name__}: {e}"
         if margin >= mg.MIN_GREEDY_MARGIN:
@@ -197,12 +211,12 @@ def attempt(lmspec, model_type, overrides, seed, case_dir, tries=6):
     return None, "greedy near-ties with every seed tried"
 
 
-def minimise(lmspec, model_type, overrides, seed, case_dir, outcome):
+def minimise(lmspec, model_type, overrides, seed, case_dir, outcome, quant=None):
     """The keys that keep the failure when the others go back to the base."""
     keys = dict(overrides)
     for key in list(keys):
         trial = {k: v for k, v in keys.items() if k != key}
-        result, _ = attempt(lmspec, model_type, trial, seed, case_dir)
+        result, _ = attempt(lmspec, model_type, trial, seed, case_dir, quant)
         if result is not None and result[0] == outcome:
             keys = trial
     return keys
@@ -237,10 +251,11 @@ def main(argv=None):
         rejected, k = 0, 0
         while sum(counts.values()) < args.per_type and rejected < 10 * args.per_type:
             overrides = {**case.get("config", {}), **sample(rng, model_type, fields, base)}
+            quant = sample_quant(rng)
             seed = int(rng.randint(1 << 30))
             case_dir = work / f"{model_type}-{k:03d}"
             k += 1
-            result, why = attempt(args.lmspec, model_type, overrides, seed, case_dir)
+            result, why = attempt(args.lmspec, model_type, overrides, seed, case_dir, quant)
             if result is None:
                 rejected += 1
                 continue
@@ -249,7 +264,9 @@ def main(argv=None):
             if args.verbose and outcome == "refused":
                 print(f"  refused {model_type}: {detail[:300]}")
             if outcome in ("MISMATCH", "UNCLEAR"):
-                keys = minimise(args.lmspec, model_type, overrides, seed, case_dir, outcome)
+                keys = minimise(args.lmspec, model_type, overrides, seed, case_dir, outcome, quant)
+                if quant:
+                    keys["(quantization)"] = quant
                 failures.append((model_type, outcome, keys, detail))
         for o in totals:
             totals[o] += counts[o]

@@ -609,6 +609,11 @@ CASES += [
     _derived("phi3", "phi3_longrope_traditional", {"rope_traditional": True}),
     # A checkpoint with its own lm_head keeps it (mlx-lm ties only a missing one).
     _derived("gemma3_text", "gemma3_text_untied", drop_params=None),
+    # Quantized position table (mlx-lm quantizes every embedding), in
+    # mlx-lm's own layout.
+    _derived("gpt2", "gpt2_q4", hf_layout=None, quantize={"bits": 4, "group_size": 32}, seed=1),
+    # Quantized per-head projections (QuantizedMultiLinear embed_q / unembed_out).
+    _derived("deepseek_v3", "deepseek_v3_q4", quantize={"bits": 4, "group_size": 32}, seed=9),
 ]
 
 

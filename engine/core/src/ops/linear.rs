@@ -64,15 +64,8 @@ impl Op for LinearOp {
 /// `transposed: false`), output `[B, H, T, out]`.
 impl Build for HeadLinear {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let weight = match w.take("weight")? {
-            Param::Dense(w) => w,
-            Param::Quantized { .. } => {
-                return Err(OpError::new(
-                    "weight",
-                    "quantized per-head weights are not supported",
-                ))
-            }
-        };
+        // A quantized per-head weight is dequantized once, here.
+        let weight = w.take("weight")?.dense().map_err(mlx_err("weight"))?;
         let w = match self.transposed {
             true => weight.swap_axes(-1, -2).map_err(mlx_err("weight"))?,
             false => weight,

@@ -47,7 +47,9 @@ impl PositionEmbedding {
                 ));
             }
         }
-        let w = WeightReq::dense(
+        // mlx-lm quantizes a position table like any embedding; the engine
+        // dequantizes it once.
+        let w = WeightReq::matrix(
             "weight",
             self.weight.under(scope),
             "weight",

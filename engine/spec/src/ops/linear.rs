@@ -55,8 +55,10 @@ impl HeadLinear {
             true => vec![heads, out, input],
             false => vec![heads, input, out],
         };
+        // Quantizable as mlx-lm's QuantizedMultiLinear stores it (along
+        // the stored last axis); the engine dequantizes it once.
         Ok(Resolved {
-            weights: vec![WeightReq::dense(
+            weights: vec![WeightReq::matrix(
                 "weight",
                 self.weight.under(scope),
                 "weight",
