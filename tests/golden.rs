@@ -42,6 +42,7 @@ macro_rules! golden_cases {
 golden_cases!(
     cohere,
     cohere_ln_bias,
+    cohere_qk_norm,
     deepseek_v2,
     deepseek_v2_group_overflow,
     deepseek_v3,
@@ -82,6 +83,7 @@ golden_cases!(
     smollm3,
     stablelm,
     stablelm_parallel,
+    stablelm_qk_layernorm,
     starcoder2,
 );
 

@@ -614,6 +614,10 @@ CASES += [
     _derived("gpt2", "gpt2_q4", hf_layout=None, quantize={"bits": 4, "group_size": 32}, seed=1),
     # Quantized per-head projections (QuantizedMultiLinear embed_q / unembed_out).
     _derived("deepseek_v3", "deepseek_v3_q4", quantize={"bits": 4, "group_size": 32}, seed=9),
+    # Per-head LayerNorm q/k norms: cohere's LayerNorm2D ([heads, head_dim]
+    # weights), stablelm's LayerNormPerHead (one LayerNorm per head).
+    _derived("cohere", "cohere_qk_norm", {"use_qk_norm": True}, seed=3),
+    _derived("stablelm", "stablelm_qk_layernorm", {"qk_layernorm": True}),
 ]
 
 
@@ -836,8 +840,16 @@ def _not_post_norm(model_type, config):
     return model_type not in POST_NORM_TYPES
 
 
+def _per_head_layernorm(model_type, config):
+    """q/k LayerNorms with a weight row per head (cohere's LayerNorm2D,
+    stablelm's LayerNormPerHead): the engine's q_head_ln / k_head_ln."""
+    return bool((model_type == "cohere" and config.get("use_qk_norm"))
+                or (model_type == "stablelm" and config.get("qk_layernorm")))
+
+
 def _token_major_qk_norm(model_type, config):
-    return model_type not in HEAD_MAJOR_QK_NORM_TYPES | FULL_WIDTH_QK_NORM_TYPES
+    return (model_type not in HEAD_MAJOR_QK_NORM_TYPES | FULL_WIDTH_QK_NORM_TYPES
+            and not _per_head_layernorm(model_type, config))
 
 
 def _untransposed_qk_norm(model_type, config):
@@ -890,9 +902,19 @@ TAPS = [
     Tap("model.layers.{i}.self_attn.k_norm", "layers.{i}.attn.k_norm",
         transform="transpose_heads", detail=True, applies=_token_major_qk_norm),
     Tap("model.layers.{i}.self_attn.q_layernorm", "layers.{i}.attn.q_norm",  # lfm2
-        transform="transpose_heads", detail=True),
+        transform="transpose_heads", detail=True,
+        applies=lambda t, c: not _per_head_layernorm(t, c)),
     Tap("model.layers.{i}.self_attn.k_layernorm", "layers.{i}.attn.k_norm",
-        transform="transpose_heads", detail=True),
+        transform="transpose_heads", detail=True,
+        applies=lambda t, c: not _per_head_layernorm(t, c)),
+    Tap("model.layers.{i}.self_attn.q_norm", "layers.{i}.attn.q_head_ln",
+        transform="transpose_heads", detail=True, applies=_per_head_layernorm),
+    Tap("model.layers.{i}.self_attn.k_norm", "layers.{i}.attn.k_head_ln",
+        transform="transpose_heads", detail=True, applies=_per_head_layernorm),
+    Tap("model.layers.{i}.self_attn.q_layernorm", "layers.{i}.attn.q_head_ln",
+        transform="transpose_heads", detail=True, applies=_per_head_layernorm),
+    Tap("model.layers.{i}.self_attn.k_layernorm", "layers.{i}.attn.k_head_ln",
+        transform="transpose_heads", detail=True, applies=_per_head_layernorm),
     # gemma3_text: [B, H, T, D] already; olmo2: [B, T, H * D] (before the split).
     Tap("model.layers.{i}.self_attn.q_norm", "layers.{i}.attn.q_norm",
         detail=True, applies=_untransposed_qk_norm),
@@ -1801,7 +1823,7 @@ def check_taps(model, tokens, logits, taps, model_type=None, config=None, bound=
                         _rms_norm(heads_in[short], _np(norm.weight), norm.eps)
                         .transpose(0, 2, 1, 3))
         for short in ("q", "k"):
-            src = taps.get(f"{p}.attn.{short}_norm")
+            src = taps.get(f"{p}.attn.{short}_head_ln", taps.get(f"{p}.attn.{short}_norm"))
             if src is None and short in heads_in:
                 src = heads_in[short].transpose(0, 2, 1, 3)
             if have(f"{p}.attn.{short}_rope") and src is not None:

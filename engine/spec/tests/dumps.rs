@@ -32,6 +32,7 @@ macro_rules! dump_tests {
 dump_tests!(
     cohere,
     cohere_ln_bias,
+    cohere_qk_norm,
     deepseek_v2,
     deepseek_v2_group_overflow,
     deepseek_v3,
@@ -72,6 +73,7 @@ dump_tests!(
     smollm3,
     stablelm,
     stablelm_parallel,
+    stablelm_qk_layernorm,
     starcoder2,
 );
 

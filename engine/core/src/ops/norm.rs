@@ -34,8 +34,20 @@ impl Op for RmsNormOp {
 
 impl Build for LayerNorm {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let weight = w.dense("weight")?;
+        if self.per_head {
+            // [heads, dim] -> [heads, 1, dim]: one row per head of [B, H, T, dim].
+            let s = weight.shape().to_vec();
+            let rows = weight
+                .reshape(&[s[0], 1, s[1]])
+                .map_err(mlx_err("weight"))?;
+            return Ok(Box::new(PerHeadLayerNormOp {
+                weight: rows,
+                eps: self.eps as f32,
+            }));
+        }
         Ok(Box::new(LayerNormOp {
-            weight: w.dense("weight")?,
+            weight,
             bias: w.dense_opt("bias")?,
             eps: self.eps as f32,
         }))
@@ -52,5 +64,19 @@ struct LayerNormOp {
 impl Op for LayerNormOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         mlx_rs::fast::layer_norm(inputs[0], &self.weight, self.bias.as_ref(), self.eps)
+    }
+}
+
+/// Layer normalisation of each head's features, scaled by that head's row.
+#[derive(Debug)]
+struct PerHeadLayerNormOp {
+    weight: Array,
+    eps: f32,
+}
+
+impl Op for PerHeadLayerNormOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let normed = mlx_rs::fast::layer_norm(inputs[0], None, None, self.eps)?;
+        mlx_rs::ops::multiply(&normed, &self.weight)
     }
 }

@@ -109,6 +109,36 @@ fn position_embedding_rows_follow_the_offset() {
     close(&run(op.as_ref(), &[&tokens], 3), &[0.0, 1.0, 0.0, 1.0], 0.0);
 }
 
+#[test]
+fn per_head_layer_norm_scales_each_head_by_its_row() {
+    // x [B=1, H=2, T=1, D=3]; weight [2, 3]: head h's features normalised
+    // (mean 0, variance 1 + eps), times row h (mlx-lm's LayerNorm2D).
+    let xs = [1.0f32, 2.0, 6.0, -3.0, 0.0, 3.0];
+    let ws = [1.0f32, 2.0, 3.0, 0.5, 0.5, 0.5];
+    let x = Array::from_slice(&xs, &[1, 2, 1, 3]);
+    let w = vec![Param::Dense(Array::from_slice(&ws, &[2, 3]))];
+    let given = [
+        ("weight", Value::Str("q_norm".into())),
+        ("bias", Value::Bool(false)),
+        ("per_head", Value::Bool(true)),
+    ];
+    let input = ValueInfo {
+        dim: 3,
+        heads: Some(2),
+    };
+    let op = build("layer_norm", &given, &[input], w);
+    let mut want = Vec::new();
+    for h in 0..2 {
+        let row: Vec<f64> = xs[h * 3..h * 3 + 3].iter().map(|&v| f64::from(v)).collect();
+        let mean = row.iter().sum::<f64>() / 3.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0;
+        for (k, v) in row.iter().enumerate() {
+            want.push((v - mean) / (var + 1e-5).sqrt() * f64::from(ws[h * 3 + k]));
+        }
+    }
+    close(&run(op.as_ref(), &[&x], 0), &want, 1e-5);
+}
+
 /// softmax(cap(scale · q kᵀ)) v over the keys a causal window allows, in f64,
 /// for q [Hq, T, D] and k, v [Hk, T, D] (grouped-query heads).
 fn reference_attention(

@@ -16,6 +16,7 @@ op! {
         weight: WeightName, "module holding `weight` [dim] (and `bias` [dim])";
         eps: f64 = 1e-5, "added to the variance";
         bias: bool = true, "whether the module has a bias";
+        per_head: bool = false, "a per-head input, one weight row per head: `weight` [heads, dim], no bias (mlx-lm's LayerNorm2D / LayerNormPerHead)";
     }
 }
 
@@ -34,6 +35,19 @@ impl LayerNorm {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let x = first(inputs)?;
         let module = self.weight.under(scope);
+        if self.per_head {
+            let heads = x
+                .heads
+                .ok_or_else(|| OpError::new("per_head", "the input is not split into heads"))?;
+            if self.bias {
+                return Err(OpError::new("bias", "a per-head LayerNorm has no bias"));
+            }
+            let w = WeightReq::dense("weight", module, "weight", vec![heads, x.dim]);
+            return Ok(Resolved {
+                weights: vec![w],
+                ..Resolved::pure(x)
+            });
+        }
         let mut weights = vec![WeightReq::dense(
             "weight",
             module.clone(),
