@@ -4,11 +4,13 @@ use serde_json::{json, Value};
 use super::files::{safetensors_raw, safetensors_with, tokenizer_json, Gguf, Gv};
 use super::{Case, Scratch};
 
+/// Owned command-line arguments.
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 fn logits(model: &str) -> Vec<String> {
-    ["logits", "--model", model, "--tokens", "1,2,3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    args(&["logits", "--model", model, "--tokens", "1,2,3"])
 }
 
 fn case(name: impl Into<String>, args: Vec<String>, expect: &[&str]) -> Case {
@@ -18,10 +20,7 @@ fn case(name: impl Into<String>, args: Vec<String>, expect: &[&str]) -> Case {
 }
 
 fn generate(model: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["generate", "--model", model, "--prompt", "hello world"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a = args(&["generate", "--model", model, "--prompt", "hello world"]);
     if !extra.contains(&"--max-tokens") {
         a.extend(["--max-tokens".to_string(), "2".to_string()]);
     }
@@ -474,14 +473,7 @@ pub fn spec(s: &Scratch) -> Vec<Case> {
         let mut want = vec![format!("{name}.yaml")];
         want.extend(expect.iter().map(|e| e.to_string()));
         let want: Vec<&str> = want.iter().map(String::as_str).collect();
-        out.push(case(
-            name,
-            ["spec", "check", p.as_str()]
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
-            &want,
-        ));
+        out.push(case(name, args(&["spec", "check", p.as_str()]), &want));
     };
     let head = |name: &str| {
         format!("spec_version: 1\nname: {name}\nextends: llama\nmodel_types: [{name}]\n")
@@ -599,7 +591,7 @@ pub fn spec(s: &Scratch) -> Vec<Case> {
     let m = s.model("slicer_model", |_| {});
     out.push(case(
         "slice_overflow",
-        [
+        args(&[
             "logits",
             "--model",
             m.as_str(),
@@ -607,10 +599,7 @@ pub fn spec(s: &Scratch) -> Vec<Case> {
             "1",
             "--spec",
             slicer.as_str(),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect(),
+        ]),
         &["slicer.yaml", "nodes.cut", "size"],
     ));
     // A spec folder given to a model run.
@@ -645,10 +634,7 @@ pub fn spec(s: &Scratch) -> Vec<Case> {
     ));
     out.push(case(
         "spec_name_unknown",
-        ["spec", "check", "no_such_spec_name"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
+        args(&["spec", "check", "no_such_spec_name"]),
         &["no_such_spec_name"],
     ));
     out
@@ -928,7 +914,7 @@ pub fn prompts_parameters(s: &Scratch) -> Vec<Case> {
     }
     out.push(case(
         "spec_unknown",
-        [
+        args(&[
             "logits",
             "--model",
             m.as_str(),
@@ -936,25 +922,19 @@ pub fn prompts_parameters(s: &Scratch) -> Vec<Case> {
             "1",
             "--spec",
             "no_such_spec",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect(),
+        ]),
         &["no_such_spec"],
     ));
     out.push(case(
         "embed_bad_pooling",
-        [
+        args(&[
             "embed",
             "--model",
             m.as_str(),
             "--pooling",
             "median",
             "hello",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect(),
+        ]),
         &["--pooling"],
     ));
     out
@@ -1079,10 +1059,7 @@ pub fn resources(s: &Scratch) -> Vec<Case> {
     let long = "hello ".repeat(20_000);
     out.push(case(
         "prompt_longer_than_context",
-        ["generate", "--model", m.as_str(), "--prompt", long.as_str()]
-            .iter()
-            .map(|a| a.to_string())
-            .collect(),
+        args(&["generate", "--model", m.as_str(), "--prompt", long.as_str()]),
         &["max_position_embeddings"],
     ));
     let mut line = "hello ".repeat(200_000).into_bytes();
@@ -1090,10 +1067,7 @@ pub fn resources(s: &Scratch) -> Vec<Case> {
     out.push(
         case(
             "chat_megabyte_line",
-            ["chat", "--model", m.as_str(), "--max-tokens", "2"]
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
+            args(&["chat", "--model", m.as_str(), "--max-tokens", "2"]),
             &["stdin"],
         )
         .stdin(line),
