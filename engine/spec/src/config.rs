@@ -464,3 +464,21 @@ fn values_equal(a: &Value, b: &Value) -> bool {
         _ => a == b,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranged_types_refuse_values_outside_their_range() {
+        let ok = |ty: Ty, v: Value| ty.coerce(v).is_ok();
+        assert!(ok(Ty::Dim, Value::Int(1)) && !ok(Ty::Dim, Value::Int(0)));
+        assert!(!ok(Ty::Dim, Value::Int(1 << 31)) && ok(Ty::Dim, Value::Float(4.0)));
+        assert!(ok(Ty::Count, Value::Int(0)) && !ok(Ty::Count, Value::Int(-1)));
+        assert!(ok(Ty::Positive, Value::Float(1e-6)) && ok(Ty::Positive, Value::Int(2)));
+        for bad in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+            assert!(!ok(Ty::Positive, Value::Float(bad)), "{bad}");
+        }
+        assert!(!ok(Ty::Dim, Value::Str("4".into())) && ok(Ty::Dim, Value::Null));
+    }
+}
