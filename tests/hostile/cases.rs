@@ -879,6 +879,21 @@ pub fn prompts_parameters(s: &Scratch) -> Vec<Case> {
     for (name, extra, want) in bad_args {
         out.push(case(*name, generate(&m, extra), &[want]));
     }
+    out.push(case(
+        "kv_group_wider_than_the_heads",
+        generate(
+            &m,
+            &[
+                "--kv-bits",
+                "4",
+                "--kv-group-size",
+                "32",
+                "--quantized-kv-start",
+                "0",
+            ],
+        ),
+        &["kv_group_size", "head width 16"],
+    ));
     // Accepted: generation ends where the model's context does.
     out.push(
         case(

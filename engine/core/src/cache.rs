@@ -618,6 +618,20 @@ impl ModelCache {
         Ok(())
     }
 
+    /// The last-axis widths of the keys and values the standard KV slots
+    /// hold so far (what quantizing them groups).
+    pub fn kv_widths(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            if let CacheState::Kv(c) = s {
+                for a in c.keys.iter().chain(c.values.iter()) {
+                    out.extend(a.shape().last().copied());
+                }
+            }
+        }
+        out
+    }
+
     /// Arrays holding the state, for evaluating it between prefill chunks.
     pub fn arrays(&self) -> Vec<&Array> {
         let mut out = Vec::new();

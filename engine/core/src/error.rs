@@ -57,7 +57,14 @@ pub enum Error {
 pub fn mlx_message(e: &impl std::fmt::Display) -> String {
     let text = e.to_string();
     let cut = text.find(" at /").unwrap_or(text.len());
-    text[..cut].trim_matches('"').to_string()
+    let text = text[..cut].trim_matches('"');
+    // Some messages come as `what: "what at location"`: keep one copy.
+    match text.split_once(": \"") {
+        Some((what, rest)) if rest.starts_with(&what.chars().take(30).collect::<String>()) => {
+            what.to_string()
+        }
+        _ => text.to_string(),
+    }
 }
 
 impl From<lmspec_spec::Error> for Error {

@@ -237,6 +237,13 @@ impl<'a> TokenGenerator<'a> {
 
     fn maybe_quantize(&mut self) -> Result<()> {
         if let Some(bits) = self.params.kv_bits {
+            let group = self.params.kv_group_size;
+            if let Some(w) = self.cache.kv_widths().into_iter().find(|w| w % group != 0) {
+                return Err(Error::Usage(format!(
+                    "kv_group_size: {group} does not divide this model's key/value head width {w}; \
+                     choose a group size that does (32, 64 or 128)"
+                )));
+            }
             self.cache.maybe_quantize(
                 self.params.quantized_kv_start,
                 self.params.kv_group_size,

@@ -6,7 +6,7 @@
 use lmspec_spec::ops::{GroupScore, Layout, Moe, OpError, Routing};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::argpartition_axis;
-use mlx_rs::ops::indexing::{IndexOp, TryIndexOp};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use super::elementwise::activate;
@@ -173,9 +173,9 @@ impl MoeOp {
         let order = mlx_rs::ops::argsort_axis(&flat, 0)?;
         let inverse = mlx_rs::ops::argsort_axis(&order, 0)?;
         let tokens = mlx_rs::ops::floor_divide(&order, Array::from_int(k))?;
-        let x = x.reshape(&[-1, 1, d])?.index(&tokens);
-        let idx = flat.index(&order);
-        let y = self.glu(&x, &idx, true)?.index(&inverse);
+        let x = x.reshape(&[-1, 1, d])?.try_index(&tokens)?;
+        let idx = flat.try_index(&order)?;
+        let y = self.glu(&x, &idx, true)?.try_index(&inverse)?;
         let mut out = shape;
         out.push(d);
         y.reshape(&out)
