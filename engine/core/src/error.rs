@@ -126,3 +126,20 @@ impl Error {
 pub fn read_to_string(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mlx_messages_lose_locations_and_repeats() {
+        let m = |s: &str| super::mlx_message(&s.to_string());
+        assert_eq!(
+            m("[read] no file. at /build/mlx/io.cpp:76"),
+            "[read] no file."
+        );
+        assert_eq!(
+            m("[quantize] bad group 32 (1,16): \"[quantize] bad group 32 (1,16) at /x.cpp:9\""),
+            "[quantize] bad group 32 (1,16)"
+        );
+        assert_eq!(m("a plain message"), "a plain message");
+    }
+}
