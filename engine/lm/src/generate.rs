@@ -79,19 +79,18 @@ impl GenerateParams {
             }
         }
         let p = &self.processors;
+        if let Some(v) = p
+            .repetition_penalty
+            .filter(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return bad("repetition_penalty", &v, "must be a finite number above 0");
+        }
         for (field, v) in [
-            ("repetition_penalty", p.repetition_penalty),
-            (
-                "presence_penalty",
-                p.presence_penalty.map(|x| x.abs() + 1.0),
-            ),
-            (
-                "frequency_penalty",
-                p.frequency_penalty.map(|x| x.abs() + 1.0),
-            ),
+            ("presence_penalty", p.presence_penalty),
+            ("frequency_penalty", p.frequency_penalty),
         ] {
-            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
-                return bad(field, &v, "must be a finite number above 0");
+            if let Some(v) = v.filter(|v| !v.is_finite()) {
+                return bad(field, &v, "must be a finite number");
             }
         }
         if let Some(bits) = self.kv_bits.filter(|b| ![2, 3, 4, 5, 6, 8].contains(b)) {
