@@ -646,3 +646,36 @@ mod tests {
         assert_eq!(m.flush(), "<");
     }
 }
+
+#[cfg(test)]
+mod validate_tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_refused_by_field() {
+        let err = |edit: &dyn Fn(&mut GenerateParams)| {
+            let mut p = GenerateParams::default();
+            edit(&mut p);
+            p.validate().expect_err("refused").to_string()
+        };
+        assert!(GenerateParams::default().validate().is_ok());
+        assert!(err(&|p| p.sampling.temperature = f32::NAN).starts_with("temperature:"));
+        assert!(err(&|p| p.sampling.top_p = 1.5).starts_with("top_p:"));
+        assert!(err(&|p| p.processors.repetition_penalty = Some(0.0))
+            .starts_with("repetition_penalty:"));
+        assert!(
+            err(&|p| p.processors.presence_penalty = Some(f32::INFINITY))
+                .starts_with("presence_penalty:")
+        );
+        assert!(err(&|p| p.kv_bits = Some(7)).starts_with("kv_bits:"));
+        assert!(err(&|p| p.kv_group_size = 0).starts_with("kv_group_size:"));
+        assert!(err(&|p| p.quantized_kv_start = -1).starts_with("quantized_kv_start:"));
+        assert!(err(&|p| p.cache.max_kv_size = Some(0)).starts_with("max_kv_size:"));
+        let mut ok = GenerateParams::default();
+        ok.processors.presence_penalty = Some(-0.5);
+        assert!(
+            ok.validate().is_ok(),
+            "a negative presence penalty is allowed"
+        );
+    }
+}
