@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Differential fuzzing of config handling: lmspec against mlx-lm.
+"""Differential fuzzing of config handling: lmspec against its references.
 
 For each model type a spec claims, samples random valid configs from the
-keys mlx-lm's ModelArgs reads (head counts and widths, GQA ratios, tied or
+keys the reference's ModelArgs reads (mlx-lm's; mlx-embeddings' for the
+encoders mlx-lm lacks) (head counts and widths, GQA ratios, tied or
 untied heads, rope scaling kinds and both config layouts, per-layer sliding
 windows shorter than the prompt, biases and other switches, norm epsilons,
 MoE expert counts, top-k and groups, 4- and 8-bit affine quantization for a
-fifth of the samples), builds a tiny random float32 model with mlx-lm for each, records
-mlx-lm's whole-prompt logits, prefill-then-decode logits and greedy tokens
-(as a golden case without taps), and asks `lmspec golden` for the same.
+fifth of the samples), builds a tiny random float32 model with the reference
+for each, records its whole-prompt logits, prefill-then-decode logits and
+greedy tokens (an encoder: its last hidden states) as a golden case without
+taps, and asks `lmspec golden` for the same.
 
 Each sample ends as one of:
 
@@ -20,7 +22,7 @@ Each sample ends as one of:
 
 A MISMATCH or UNCLEAR sample is minimised: its keys are put back to the
 base config one at a time while the failure stays, and the keys left are
-reported. A sample mlx-lm itself cannot build or run is drawn again. Samples
+reported. A sample the reference itself cannot build or run is drawn again. Samples
 whose greedy choice is a near tie are drawn again with another seed.
 
 Usage (from the repository root):
@@ -46,6 +48,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_golden as mg  # noqa: E402
+import mlx_lm  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 GREEDY = 8
 ROPE_SCALINGS = [
@@ -65,9 +69,33 @@ FIXED_DIMS = {"deepseek_v2", "deepseek_v3", "mamba2", "lfm2", "qwen3_next", "gpt
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
+# Encoders mlx-lm lacks, held to mlx-embeddings: a small base config each.
+ENCODERS = {
+    "bert": {"model_type": "bert", "num_hidden_layers": 2, "num_attention_heads": 4,
+             "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 64,
+             "vocab_size": 256, "type_vocab_size": 2, "layer_norm_eps": 1e-12},
+}
+
+
+def embeddings_module(model_type):
+    """mlx-embeddings' model module, imported without the package's own
+    __init__ (whose dependencies the setup does not install)."""
+    import importlib
+    import types
+    name = "_mlx_embeddings_models"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(Path(mlx_lm.__file__).parent.parent / "mlx_embeddings" / "models")]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.{model_type}")
+
+
 def reference_fields(model_type):
-    config = mg.build_config(model_type, {})
-    _, args_class = mg._get_classes(config)
+    if model_type in ENCODERS:
+        args_class = embeddings_module(model_type).ModelArgs
+    else:
+        config = mg.build_config(model_type, {})
+        _, args_class = mg._get_classes(config)
     return {f.name: f for f in dataclasses.fields(args_class)}
 
 
@@ -129,6 +157,10 @@ def sample(rng, model_type, fields, base):
     for name in fields:
         if (name.endswith("eps") or name.endswith("epsilon")) and rng.rand() < 0.3:
             out[name] = float(rng.choice([1e-6, 1e-5, 1e-3]))
+    if "type_vocab_size" in fields and rng.rand() < 0.5:
+        out["type_vocab_size"] = int(rng.choice([1, 2, 3]))
+    if model_type in ENCODERS and rng.rand() < 0.5:
+        out["max_position_embeddings"] = int(rng.choice([16, 64, 512]))
     if "partial_rotary_factor" in fields and rng.rand() < 0.5:
         out["partial_rotary_factor"] = float(rng.choice([0.25, 0.5, 1.0]))
     expert_key = next((k for k in EXPERT_KEYS if base.get(k) and k in fields), None)
@@ -182,6 +214,35 @@ def record(model_type, overrides, seed, case_dir, quant=None):
     return margin
 
 
+def record_encoder(model_type, overrides, seed, case_dir):
+    """An encoder's case: mlx-embeddings' last hidden states for one input."""
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    (case_dir / "model").mkdir(parents=True)
+    config = {**ENCODERS[model_type], **overrides}
+    config = {k: v for k, v in config.items() if v is not None}
+    module = embeddings_module(model_type)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model.eval()  # no dropout
+    model.set_dtype(mx.float32)
+    mg.randomize_parameters(model, seed)
+    mx.save_safetensors(str(case_dir / "model" / "model.safetensors"),
+                        dict(tree_flatten(model.parameters())))
+    (case_dir / "model" / "config.json").write_text(json.dumps(config, indent=2))
+    tokens = np.random.RandomState(seed).randint(1, config["vocab_size"], size=mg.PROMPT_LEN)
+    out = np.array(model(mx.array(tokens[None].astype(np.int32))).last_hidden_state[0])
+    if not np.all(np.isfinite(out)):
+        raise ValueError("mlx-embeddings gives non-finite outputs")
+    mx.save_safetensors(str(case_dir / "golden.safetensors"), {
+        "tokens": mx.array(tokens, dtype=mx.int32),
+        "logits": mx.array(out, dtype=mx.float32),
+    })
+    meta = {"case": case_dir.name, "model_type": model_type, "seed": seed, "dtype": "float32",
+            "quantization": None, "encoder": True, "taps": [], "overrides": overrides}
+    (case_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return float("inf")
+
+
 def judge(lmspec, case_dir, keys):
     """lmspec's verdict on a recorded case: (outcome, detail)."""
     run = subprocess.run([lmspec, "golden", str(case_dir)], capture_output=True, text=True,
@@ -203,7 +264,10 @@ def attempt(lmspec, model_type, overrides, seed, case_dir, quant=None, tries=6):
     """Records and judges one sample; None when mlx-lm rejects the config."""
     for k in range(tries):
         try:
-            margin = record(model_type, overrides, seed + 1000 * k, case_dir, quant)
+            if model_type in ENCODERS:
+                margin = record_encoder(model_type, overrides, seed + 1000 * k, case_dir)
+            else:
+                margin = record(model_type, overrides, seed + 1000 * k, case_dir, quant)
         except Exception as e:  # the reference's own refusal: not a sample
             return None, f"{type(e).__name__}: {e}"
         if margin >= mg.MIN_GREEDY_MARGIN:
@@ -235,7 +299,7 @@ def main(argv=None):
     claimed = subprocess.run([args.lmspec, "spec", "list"], capture_output=True, text=True,
                              check=True).stdout
     types = sorted({t.strip(",") for line in claimed.splitlines() for t in line.split()[1:3]
-                    if t.strip(",") and base_case(t.strip(","))})
+                    if t.strip(",") in ENCODERS or base_case(t.strip(","))})
     if args.types:
         types = [t for t in args.types.split(",") if t]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lmspec-fuzz-configs-"))
@@ -243,15 +307,18 @@ def main(argv=None):
     failures = []
     start = time.time()
     for model_type in types:
-        case = base_case(model_type)
+        if model_type in ENCODERS:
+            case, base = {"config": {}}, dict(ENCODERS[model_type])
+        else:
+            case = base_case(model_type)
+            base = mg.build_config(model_type, case.get("config", {}))
         fields = reference_fields(model_type)
-        base = mg.build_config(model_type, case.get("config", {}))
         rng = np.random.RandomState([args.seed, sum(map(ord, model_type))])
         counts = dict.fromkeys(totals, 0)
         rejected, k = 0, 0
         while sum(counts.values()) < args.per_type and rejected < 10 * args.per_type:
             overrides = {**case.get("config", {}), **sample(rng, model_type, fields, base)}
-            quant = sample_quant(rng)
+            quant = None if model_type in ENCODERS else sample_quant(rng)
             seed = int(rng.randint(1 << 30))
             case_dir = work / f"{model_type}-{k:03d}"
             k += 1
@@ -271,7 +338,7 @@ def main(argv=None):
         for o in totals:
             totals[o] += counts[o]
         print(f"{model_type:14} " + "  ".join(f"{o} {n}" for o, n in counts.items())
-              + f"  (mlx-lm rejected {rejected})", flush=True)
+              + f"  (reference rejected {rejected})", flush=True)
     print(f"\n{sum(totals.values())} samples in {time.time() - start:.0f} s: "
           + ", ".join(f"{n} {o}" for o, n in totals.items()))
     for model_type, outcome, keys, detail in failures:

@@ -49,8 +49,12 @@ impl Golden {
         };
         let tokens = ints(&take("tokens")?)?;
         let logits = take("logits")?;
-        let prefill_decode_logits = take("prefill_decode_logits")?;
-        let greedy = ints(&take("greedy")?)?;
+        // An encoder's case holds its output for the whole input only.
+        let (prefill_decode_logits, greedy) = if is_encoder(&meta) {
+            (logits.clone(), Vec::new())
+        } else {
+            (take("prefill_decode_logits")?, ints(&take("greedy")?)?)
+        };
         let mut found: Vec<(String, Array)> = t
             .into_iter()
             .filter_map(|(k, v)| k.strip_prefix("tap.").map(|n| (n.to_string(), v)))
@@ -161,8 +165,14 @@ pub fn greedy(model: &Model, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
     Ok(out)
 }
 
+/// Whether `meta.json` marks an encoder's case (`"encoder": true`): the
+/// output of one whole forward, no cached path, no continuation.
+fn is_encoder(meta: &serde_json::Value) -> bool {
+    meta.get("encoder").and_then(|e| e.as_bool()) == Some(true)
+}
+
 /// Runs a golden case: a whole-prompt forward, a prefill-then-decode with
-/// the cache, and the greedy continuation.
+/// the cache, and the greedy continuation (an encoder's: the forward only).
 pub fn run(case: &Path, opts: &LoadOptions) -> Result<Report> {
     let g = Golden::load(case)?;
     let model = Model::load(&g.model_dir(), opts)?;
@@ -170,6 +180,21 @@ pub fn run(case: &Path, opts: &LoadOptions) -> Result<Report> {
     let shape = g.logits.shape().to_vec();
     let logits = logits.reshape(&shape)?;
     let forward = compare(&logits, &g.logits).map_err(|e| anyhow!("logits: {e}"))?;
+    let name = case
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if is_encoder(&g.meta) {
+        return Ok(Report {
+            case: name,
+            spec: model.spec.name.clone(),
+            tolerance: g.tolerance(),
+            prefill_decode: forward,
+            forward,
+            greedy: Vec::new(),
+            expected_greedy: Vec::new(),
+        });
+    }
 
     let split = g.prefill_split();
     let mut cache = model.new_cache();
@@ -185,10 +210,7 @@ pub fn run(case: &Path, opts: &LoadOptions) -> Result<Report> {
     }
     let greedy = greedy(&model, &g.tokens, g.greedy.len())?;
     Ok(Report {
-        case: case
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        case: name,
         spec: model.spec.name.clone(),
         tolerance: g.tolerance(),
         forward,

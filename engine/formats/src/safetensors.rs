@@ -107,7 +107,10 @@ pub fn check<R: Read>(mut r: R, file_len: u64, limits: &Limits) -> Result<Header
     let mut metadata = None;
     for (name, value) in json {
         if name == "__metadata__" {
-            metadata = Some(check_metadata(value)?);
+            // MLX writes `null` when there is no metadata.
+            if !value.is_null() {
+                metadata = Some(check_metadata(value)?);
+            }
         } else if tensors.len() as u64 >= limits.max_tensors {
             bail!(H, "tensors", "more than {} tensors", limits.max_tensors);
         } else {

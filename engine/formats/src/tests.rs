@@ -341,6 +341,12 @@ fn safetensors_valid() {
         st_check(&st(&format!("{ST}    "), 408)).is_ok(),
         "space padding"
     );
+    // MLX writes a null `__metadata__` when there is none.
+    let null_meta = st(
+        r#"{"__metadata__":null,"x":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
+        2,
+    );
+    assert_eq!(st_check(&null_meta).map(|h| h.metadata), Ok(None));
 }
 
 #[test]
