@@ -217,11 +217,11 @@ mod args {
     }
 
     pub fn kv_bits(s: &str) -> Result<i32, String> {
-        one_of(s, &[2, 3, 4, 5, 6, 8])
+        one_of(s, &lmspec::engine::weights::QUANT_BITS)
     }
 
     pub fn group_size(s: &str) -> Result<i32, String> {
-        one_of(s, &[32, 64, 128])
+        one_of(s, &lmspec::engine::weights::QUANT_GROUP_SIZES)
     }
 
     pub fn at_least_one(s: &str) -> Result<usize, String> {

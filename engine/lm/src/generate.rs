@@ -15,6 +15,7 @@ use crate::tools::{OutputFormat, RejectReason, ToolCall, ToolEvent, ToolParser};
 use lmspec_engine::cache::{CacheOptions, ModelCache};
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::Model;
+use lmspec_engine::weights::{QUANT_BITS, QUANT_GROUP_SIZES};
 
 /// Generation settings; the defaults are mlx-lm's.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,10 +94,10 @@ impl GenerateParams {
                 return bad(field, &v, "must be a finite number");
             }
         }
-        if let Some(bits) = self.kv_bits.filter(|b| ![2, 3, 4, 5, 6, 8].contains(b)) {
+        if let Some(bits) = self.kv_bits.filter(|b| !QUANT_BITS.contains(b)) {
             return bad("kv_bits", &bits, "must be one of 2, 3, 4, 5, 6, 8");
         }
-        if ![32, 64, 128].contains(&self.kv_group_size) {
+        if !QUANT_GROUP_SIZES.contains(&self.kv_group_size) {
             return bad(
                 "kv_group_size",
                 &self.kv_group_size,
@@ -172,12 +173,24 @@ impl<'a> TokenGenerator<'a> {
         params: &'a GenerateParams,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<TokenGenerator<'a>> {
+        TokenGenerator::start(model, cache, prompt, params, progress, "the prompt")
+    }
+
+    /// [`TokenGenerator::new`], naming the prompt's ids `what` in errors.
+    fn start(
+        model: &'a Model,
+        cache: &'a mut ModelCache,
+        prompt: &[u32],
+        params: &'a GenerateParams,
+        progress: &mut dyn FnMut(usize, usize),
+        what: &str,
+    ) -> Result<TokenGenerator<'a>> {
         if prompt.is_empty() {
             return Err(Error::Usage("the prompt has no tokens".into()));
         }
         params.validate()?;
         let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-        model.check_tokens(&ids, "the prompt")?;
+        model.check_tokens(&ids, what)?;
         let limits = lmspec_spec::limits::limits()?;
         let context = model.context_length();
         if let Some(max) = limits.max_prompt_tokens.or(context) {
@@ -544,13 +557,9 @@ pub fn generate(
             &mut fresh
         }
     };
-    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-    model.check_tokens(
-        &ids,
-        &format!("the prompt (as {} encodes it)", tokenizer.source.display()),
-    )?;
     let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
-    let mut gen = TokenGenerator::new(model, cache, prompt, params, &mut progress)?;
+    let what = format!("the prompt (as {} encodes it)", tokenizer.source.display());
+    let mut gen = TokenGenerator::start(model, cache, prompt, params, &mut progress, &what)?;
     let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
     eos.extend(&params.extra_eos);
     let mut detok = StreamingDetokenizer::new();

@@ -440,7 +440,7 @@ fn check_only_keys(spec: &Spec, config: &serde_json::Value, config_file: &Path) 
             continue;
         };
         let want = Value::from_yaml(&allowed.item);
-        if !values_equal(&Value::from_json(found), &want) {
+        if !crate::expr::values_eq(&Value::from_json(found), &want) {
             return Err(Error::Config {
                 file: config_file.to_path_buf(),
                 key: key.clone(),
@@ -453,16 +453,6 @@ fn check_only_keys(spec: &Spec, config: &serde_json::Value, config_file: &Path) 
         }
     }
     Ok(())
-}
-
-/// Equality of config values, numbers compared by value (1 == 1.0).
-fn values_equal(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) if !matches!(a, Value::Bool(_)) && !matches!(b, Value::Bool(_)) => {
-            x == y
-        }
-        _ => a == b,
-    }
 }
 
 #[cfg(test)]

@@ -743,7 +743,8 @@ fn floor_div(a: i64, b: i64) -> Option<i64> {
     }
 }
 
-fn values_eq(a: &Value, b: &Value) -> bool {
+/// Equality of values, numbers compared by value (`1 == 1.0`).
+pub(crate) fn values_eq(a: &Value, b: &Value) -> bool {
     match (a.as_f64(), b.as_f64()) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,

@@ -221,6 +221,11 @@ pub fn read_shapes(dir: &Path) -> Result<IndexMap<String, Vec<i64>>> {
     Ok(out)
 }
 
+/// Bit widths of MLX's affine quantization.
+pub const QUANT_BITS: [i32; 6] = [2, 3, 4, 5, 6, 8];
+/// Group sizes of MLX's affine quantization.
+pub const QUANT_GROUP_SIZES: [i32; 3] = [32, 64, 128];
+
 /// Quantization settings from `config.json`'s `quantization` block.
 #[derive(Debug, Clone, Default)]
 pub struct Quantization {
@@ -272,13 +277,13 @@ impl Quantization {
                         ));
                     }
                 }
-                if ![32, 64, 128].contains(&g) {
+                if !i32::try_from(g).is_ok_and(|g| QUANT_GROUP_SIZES.contains(&g)) {
                     return Err(err(
                         key,
                         &format!("group_size {g} is not supported (32, 64 or 128)"),
                     ));
                 }
-                if ![2, 3, 4, 5, 6, 8].contains(&b) {
+                if !i32::try_from(b).is_ok_and(|b| QUANT_BITS.contains(&b)) {
                     return Err(err(
                         key,
                         &format!("bits {b} is not supported (2, 3, 4, 5, 6 or 8)"),
@@ -395,7 +400,8 @@ fn infer_quantization(inp: i64, w: &Array, scales: &Array) -> Option<(i32, i32)>
         return None;
     }
     let (group, bits) = (inp / groups, packed * 32 / inp);
-    let ok = [32, 64, 128].contains(&group) && [2, 3, 4, 5, 6, 8].contains(&bits);
+    let ok = i32::try_from(group).is_ok_and(|g| QUANT_GROUP_SIZES.contains(&g))
+        && i32::try_from(bits).is_ok_and(|b| QUANT_BITS.contains(&b));
     ok.then_some((group as i32, bits as i32))
 }
 
