@@ -50,7 +50,7 @@ fn file(kvs: &[Vec<u8>], tis: &[Vec<u8>], data: usize) -> Vec<u8> {
 fn valid_kvs() -> Vec<Vec<u8>> {
     let nested = arr(9, &[arr(0, &[vec![1], vec![2]]), arr(0, &[vec![3]])]);
     vec![
-        kv("general.architecture", 8, &s("llama")),
+        kv("general.architecture", 8, &s("arch")),
         kv("general.alignment", 4, &le(32u32, 4)),
         kv("tokenizer.ggml.tokens", 9, &arr(8, &[s("a"), s("bc")])),
         kv("flag", 7, &[1]),
@@ -157,7 +157,7 @@ fn gguf_valid() {
     assert_eq!((h.version, h.alignment, h.metadata.len()), (3, 32, 6));
     assert_eq!(
         h.get("general.architecture").and_then(Value::as_str),
-        Some("llama")
+        Some("arch")
     );
     assert_eq!(h.get("general.alignment").and_then(Value::as_u64), Some(32));
     assert_eq!(h.get("flag"), Some(&Value::Bool(true)));

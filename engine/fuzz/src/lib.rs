@@ -48,7 +48,7 @@ pub fn expr(data: &[u8]) {
         ("hidden_size", Value::Int(64)),
         ("n_heads", Value::Int(4)),
         ("eps", Value::Float(1e-5)),
-        ("name", Value::Str("llama".into())),
+        ("name", Value::Str("decoder".into())),
         ("i", Value::Int(3)),
         ("list", Value::List(vec![Value::Int(1), Value::Null])),
     ]
@@ -165,7 +165,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             "hidden_size // n_heads",
             "eps * 2 if i % 2 == 0 else -eps",
             "max(1, min(hidden_size, 7)) ** 2",
-            "name in ['llama', 'qwen'] and not (list[0] == 1)",
+            "name in ['decoder', 'encoder'] and not (list[0] == 1)",
             "get(set(null, 'a', 1), 'a', 0) + len('abc')",
             "int(sqrt(float(hidden_size))) - abs(-3) + floor(2.5) + ceil(bf16(0.1))",
         ]),
@@ -226,8 +226,8 @@ fn small_gguf() -> Vec<u8> {
     out.extend_from_slice(&3u64.to_le_bytes());
     string(&mut out, "general.architecture");
     out.extend_from_slice(&8u32.to_le_bytes());
-    string(&mut out, "llama");
-    string(&mut out, "llama.block_count");
+    string(&mut out, "arch");
+    string(&mut out, "arch.block_count");
     out.extend_from_slice(&4u32.to_le_bytes());
     out.extend_from_slice(&1u32.to_le_bytes());
     string(&mut out, "tokenizer.ggml.tokens");
