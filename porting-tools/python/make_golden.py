@@ -2494,5 +2494,29 @@ def main(argv=None):
             print(f"{job['name']}: model/ and {count} golden entries identical to {args.compare_to}")
 
 
+def _register_case_modules():
+    """Load `cases/*.py` beside this script. Each module defines
+    `register(mg)`, which receives this module and extends its tables in
+    place: `mg.CASES`, `mg.TYPE_DEFAULTS`, `mg.TYPE_UNUSED_BASE_KEYS`,
+    `mg.TAPS` (insert rows where they belong in forward order), and the
+    family sets (`mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {...}`), so that
+    families of model types keep their cases, defaults and tap rows in one
+    file each."""
+    import importlib.util
+
+    for path in sorted((Path(__file__).resolve().parent / "cases").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"golden_cases_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.register(sys.modules[__name__])
+    names = [c["name"] for c in CASES]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RuntimeError(f"two CASES entries named {dupes}")
+
+
+_register_case_modules()
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
