@@ -66,6 +66,7 @@ ROPE_SCALINGS = [
 # spaces, hybrids): their dims stay as in the base case.
 FIXED_DIMS = {"deepseek_v2", "deepseek_v3", "mamba2", "lfm2", "qwen3_next", "gpt2", "gpt_neox",
               "internlm2", "phi", "phi3", "qwen2_moe", "qwen3_moe", "mixtral", "olmo2"}
+FIXED_DIMS |= mg.FUZZ_FIXED_DIMS
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 

@@ -2494,6 +2494,11 @@ def main(argv=None):
             print(f"{job['name']}: model/ and {count} golden entries identical to {args.compare_to}")
 
 
+# Model types whose widths fuzz_configs.py keeps as in the base case (sizes
+# tied to many others); case modules add theirs.
+FUZZ_FIXED_DIMS = set()
+
+
 def _register_case_modules():
     """Load `cases/*.py` beside this script. Each module defines
     `register(mg)`, which receives this module and extends its tables in
