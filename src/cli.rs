@@ -19,6 +19,10 @@ struct Cli {
     /// Spec folder (default: $LMSPEC_SPECS, else the library built into the binary).
     #[arg(long, global = true)]
     specs: Option<PathBuf>,
+    /// For a hub id of a GGUF repository: the file, or a quantization
+    /// such as Q4_K_M (default: the only .gguf, else Q4_K_M, Q4_0, ...).
+    #[arg(long, global = true)]
+    gguf_file: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,9 +37,9 @@ enum Command {
     /// Run one forward pass and print the logits' shape and last-row top-5.
     #[command(allow_negative_numbers = true)]
     Logits {
-        /// Model directory (config.json + safetensors).
+        /// Model directory, .gguf file or hub id ORG/NAME[@REVISION].
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Comma-separated token ids.
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<i32>,
@@ -63,9 +67,10 @@ enum Command {
     },
     /// Sentence embeddings from an encoder folder (one JSON array per text).
     Embed {
-        /// Model directory (a sentence-transformers / Hugging Face folder).
+        /// Model directory (a sentence-transformers / Hugging Face folder)
+        /// or hub id.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// The texts, embedded as one padded batch.
         #[arg(required = true)]
         texts: Vec<String>,
@@ -78,9 +83,9 @@ enum Command {
     },
     /// Measure load, prefill and decode speed (optionally against mlx-lm).
     Bench {
-        /// Model directory or .gguf file (default: the default model).
+        /// Model directory, .gguf file or hub id (default: the default model).
         #[arg(long)]
-        model: Option<PathBuf>,
+        model: Option<String>,
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 64)]
@@ -111,13 +116,26 @@ enum Command {
         /// Case folders to check.
         cases: Vec<PathBuf>,
     },
+    /// Fetch a model from the hub into the cache (re-checking cached files).
+    Pull {
+        /// Hub id ORG/NAME[@REVISION].
+        id: String,
+    },
+    /// List the models in the hub cache: size, revisions, claiming spec.
+    Ls,
+    /// Remove a model (every revision) from the hub cache.
+    Rm {
+        /// Hub id ORG/NAME.
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
 struct GenArgs {
-    /// Model directory or .gguf file (default: the SmolLM2 GGUF installed by the setup).
+    /// Model directory, .gguf file or hub id ORG/NAME[@REVISION]
+    /// (default: the SmolLM2 GGUF installed by the setup).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
     /// the model makes are shown, not executed.
     #[arg(long)]
@@ -167,6 +185,136 @@ struct GenArgs {
     /// allows), quantized (as stored) or dense.
     #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
     weights: String,
+    /// The global `--gguf-file`.
+    #[arg(skip)]
+    gguf_file: Option<String>,
+}
+
+/// A `--model` value as a local path: a path as given; a hub id
+/// (`ORG/NAME[@REVISION]`) as its folder or `.gguf` file in the hub cache,
+/// fetched first when the cache lacks a file the model needs.
+fn model_path(text: &str, gguf_file: &Option<String>) -> Result<PathBuf> {
+    let source = lmspec::hub::ModelSource::parse(text);
+    let mut opts = lmspec::hub::HubOptions::from_env();
+    opts.gguf_file = gguf_file.clone();
+    Ok(lmspec::hub::resolve(&source, &opts)?)
+}
+
+/// Hub commands: `pull`, `ls`, `rm`.
+fn hub_command(
+    specs: &Option<PathBuf>,
+    gguf_file: &Option<String>,
+    cmd: Command,
+) -> Result<ExitCode> {
+    let mut opts = lmspec::hub::HubOptions::from_env();
+    opts.gguf_file = gguf_file.clone();
+    let cache = lmspec::hub::HubCache::new(&opts.cache);
+    match cmd {
+        Command::Pull { id } => {
+            let id = lmspec::hub::HubId::parse(&id)?;
+            let path = lmspec::hub::pull(&id.repo, &id.revision, &opts)?;
+            println!("{}", path.display());
+        }
+        Command::Rm { id } => {
+            let id = lmspec::hub::HubId::parse(&id)?;
+            if !cache.remove(&id.repo)? {
+                bail!(
+                    "{}: not in the hub cache at {}",
+                    id.repo,
+                    opts.cache.display()
+                );
+            }
+            println!("removed {}", id.repo);
+        }
+        Command::Ls => {
+            let lib = library(specs)?;
+            let repos = cache.list()?;
+            if repos.is_empty() {
+                println!("no models in {}", opts.cache.display());
+            }
+            for r in repos {
+                let refs: Vec<String> = r
+                    .refs
+                    .iter()
+                    .map(|(name, commit)| format!("{name}={}", &commit[..commit.len().min(7)]))
+                    .collect();
+                let spec = r
+                    .snapshots
+                    .last()
+                    .map(|snap| claiming_spec(&lib, snap))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<48} {:>10}  {:<24} {}",
+                    r.repo,
+                    human_bytes(r.size),
+                    spec,
+                    refs.join(" ")
+                );
+            }
+        }
+        _ => unreachable!("hub_command is called for hub commands only"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The spec that claims a cached snapshot (by config.json's model_type or
+/// a GGUF file's architecture), or why none does.
+fn claiming_spec(lib: &SpecLibrary, snap: &Path) -> String {
+    let config = snap.join("config.json");
+    let found = if config.is_file() {
+        std::fs::read_to_string(&config)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
+            .map(|mt| {
+                lib.for_model_type(&mt, &config)
+                    .map(|s| s.name)
+                    .map_err(|_| mt)
+            })
+    } else {
+        let gguf = std::fs::read_dir(snap).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| lmspec::engine::model::is_gguf(p))
+        });
+        gguf.and_then(|p| {
+            let arch = gguf_architecture(&p)?;
+            Some(
+                lib.for_gguf_architecture(&arch, &p)
+                    .map(|s| s.name)
+                    .map_err(|_| arch),
+            )
+        })
+    };
+    match found {
+        Some(Ok(name)) => format!("spec {name}"),
+        Some(Err(kind)) => format!("unclaimed ({kind})"),
+        None => "no config".into(),
+    }
+}
+
+fn gguf_architecture(path: &Path) -> Option<String> {
+    let limits = lmspec::engine::weights::format_limits().ok()?;
+    let header = lmspec_formats::gguf::check_file(path, &limits).ok()?;
+    header
+        .get("general.architecture")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
 }
 
 /// Parsers of numeric arguments: a value out of range is refused by clap,
@@ -264,7 +412,7 @@ impl GenArgs {
 
     fn model_path(&self) -> Result<PathBuf> {
         match &self.model {
-            Some(p) => Ok(p.clone()),
+            Some(m) => model_path(m, &self.gguf_file),
             None => lmspec::default_model()
                 .filter(|p| p.exists())
                 .ok_or_else(|| anyhow!("no --model given and the default model is not installed (run `make setup`)")),
@@ -651,8 +799,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Port(cmd) => port(&cli.specs, cmd),
-        Command::Generate { gen, prompt, raw } => generate(&cli.specs, &gen, &prompt, raw),
-        Command::Chat { gen } => chat(&cli.specs, &gen),
+        Command::Generate {
+            mut gen,
+            prompt,
+            raw,
+        } => {
+            gen.gguf_file = cli.gguf_file.clone();
+            generate(&cli.specs, &gen, &prompt, raw)
+        }
+        Command::Chat { mut gen } => {
+            gen.gguf_file = cli.gguf_file.clone();
+            chat(&cli.specs, &gen)
+        }
+        cmd @ (Command::Pull { .. } | Command::Ls | Command::Rm { .. }) => {
+            hub_command(&cli.specs, &cli.gguf_file, cmd)
+        }
         Command::Bench {
             model,
             prompt_tokens,
@@ -664,7 +825,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             profile_ops,
         } => {
             let model = match model {
-                Some(m) => m,
+                Some(m) => model_path(&m, &cli.gguf_file)?,
                 None => lmspec::default_model()
                     .filter(|p| p.exists())
                     .ok_or_else(|| anyhow!("no --model and the default model is not installed"))?,
@@ -711,14 +872,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             model,
             tokens,
             spec,
-        } => logits(&cli.specs, &model, &tokens, spec.as_deref()),
+        } => logits(
+            &cli.specs,
+            &model_path(&model, &cli.gguf_file)?,
+            &tokens,
+            spec.as_deref(),
+        ),
         Command::Golden { cases } => golden(&cli.specs, cases),
         Command::Embed {
             model,
             texts,
             pooling,
             normalize,
-        } => embed(&cli.specs, &model, &texts, pooling.as_deref(), normalize),
+        } => embed(
+            &cli.specs,
+            &model_path(&model, &cli.gguf_file)?,
+            &texts,
+            pooling.as_deref(),
+            normalize,
+        ),
     }
 }
 

@@ -6,6 +6,7 @@
 //! ([`port`]) that compare the engine with mlx-lm. The `lmspec` binary is
 //! the CLI over them.
 pub use lmspec_engine as engine;
+pub use lmspec_hub as hub;
 pub use lmspec_lm as lm;
 pub use lmspec_port as port;
 pub use lmspec_spec as spec;

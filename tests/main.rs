@@ -5,6 +5,8 @@ mod embed;
 mod generation;
 mod golden;
 mod hostile;
+mod hub;
+mod hub_server;
 mod port;
 mod references;
 mod support;

@@ -56,34 +56,12 @@ fn json_file(path: &Path) -> Result<Option<serde_json::Value>> {
         .map_err(|e| tok_err(path, format!("invalid JSON: {e}")))
 }
 
-thread_local! {
-    /// How many [`guarded`] calls this thread is inside.
-    static GUARDED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
 /// Runs `f`, a call into the tokenizers library, turning a panic inside it
 /// (some malformed `tokenizer.json` files make it panic rather than fail)
 /// into an error naming `file`. The panic's default report is kept quiet
 /// for these calls only; every other panic reports as before.
 fn guarded<T>(file: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if GUARDED.with(|g| g.get()) == 0 {
-                previous(info);
-            }
-        }));
-    });
-    GUARDED.with(|g| g.set(g.get() + 1));
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    GUARDED.with(|g| g.set(g.get() - 1));
-    out.map_err(|p| {
-        let why = p
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown cause");
+    lmspec_formats::guard::catch_quietly(f).map_err(|why| {
         tok_err(
             file,
             format!("cannot {what}: the tokenizer library failed ({why})"),
