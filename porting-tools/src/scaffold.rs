@@ -67,8 +67,15 @@ fn evaluate(
         }
     };
     let rule_refs: Vec<_> = spec.rules.iter().map(|r| &r.item).collect();
-    let truthy = |v: &serde_yaml::Value| lmspec_spec::config::eval_bool(v, &bound);
-    let applied = match rules::apply(&rule_refs, shapes.clone(), &truthy) {
+    let scope = match lmspec_spec::config::RuleScope::new(spec, &bound) {
+        Ok(s) => s,
+        Err(e) => {
+            fit.error = Some(e.to_string());
+            return fit;
+        }
+    };
+    let eval = |v: &serde_yaml::Value, ty, layer| scope.eval(v, ty, layer);
+    let applied = match rules::apply(&rule_refs, shapes.clone(), &eval) {
         Ok(a) => a,
         Err(e) => {
             fit.error = Some(e);

@@ -247,8 +247,9 @@ impl Model {
             .iter()
             .chain(spec.rules.iter().map(|r| &r.item))
             .collect();
-        let truthy = |v: &serde_yaml::Value| config::eval_bool(v, &bound);
-        let applied = rules::apply(&rule_refs, tensors, &truthy).map_err(|msg| Error::Weights {
+        let scope = config::RuleScope::new(&spec, &bound)?;
+        let eval = |v: &serde_yaml::Value, ty, layer| scope.eval(v, ty, layer);
+        let applied = rules::apply(&rule_refs, tensors, &eval).map_err(|msg| Error::Weights {
             file: tensor_file.to_path_buf(),
             msg: format!("weight rules of {}: {msg}", spec.file.display()),
         })?;

@@ -392,6 +392,38 @@ fn check_rules(spec: &Spec) -> Result<()> {
                 }
                 ("stack", vec![from, to])
             }
+            RawRule::Reshape { pattern, shape } => {
+                let exprs = shape.iter().map(|v| literal_or_expr(v, Ty::Int));
+                if let Some(Err(m)) = exprs.into_iter().find(|e| e.is_err()) {
+                    return Err(Error::spec(&rule.file, "weights.rules", "reshape", m));
+                }
+                let unknown = shape.iter().filter(|v| v.as_i64() == Some(-1)).count();
+                if unknown > 1 {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "reshape",
+                        "shape: at most one size may be -1",
+                    ));
+                }
+                ("reshape", vec![pattern])
+            }
+            RawRule::Repeat { pattern, times, .. } => {
+                literal_or_expr(times, Ty::Int)
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "repeat", m))?;
+                ("repeat", vec![pattern])
+            }
+            RawRule::L2Normalize { pattern, eps, .. } => {
+                if !(eps.is_finite() && *eps >= 0.0) {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "l2_normalize",
+                        format!("eps: {eps} is not a finite number at least 0"),
+                    ));
+                }
+                ("l2_normalize", vec![pattern])
+            }
         };
         for p in patterns {
             Pattern::parse(p).map_err(|m| Error::spec(&rule.file, "weights.rules", field, m))?;

@@ -415,6 +415,46 @@ pub fn layer_scope(
     Ok(out)
 }
 
+/// Evaluates the expressions of a spec's weight rules against a bound
+/// config; with a layer index, in the scope that layer's blocks see
+/// ([`layer_scope`]).
+#[derive(Debug)]
+pub struct RuleScope<'a> {
+    spec: &'a Spec,
+    order: Vec<String>,
+    config: &'a IndexMap<String, Value>,
+}
+
+impl<'a> RuleScope<'a> {
+    pub fn new(spec: &'a Spec, config: &'a IndexMap<String, Value>) -> Result<RuleScope<'a>> {
+        let order = config_order(spec)?.into_iter().map(String::from).collect();
+        Ok(RuleScope {
+            spec,
+            order,
+            config,
+        })
+    }
+
+    /// `v` (a literal or an expression) as a value of type `ty`.
+    pub fn eval(
+        &self,
+        v: &serde_yaml::Value,
+        ty: Ty,
+        layer: Option<i64>,
+    ) -> std::result::Result<Value, String> {
+        let e = literal_or_expr(v, ty)?;
+        let value = match layer {
+            Some(i) => {
+                let scope = layer_scope(self.spec, &self.order, self.config, i)
+                    .map_err(|e| e.to_string())?;
+                e.eval(&scope)?
+            }
+            None => e.eval(self.config)?,
+        };
+        ty.coerce(value)
+    }
+}
+
 /// Evaluates a condition written in a spec (a weight rule's `when`);
 /// anything but a bool is an error.
 pub fn eval_bool(v: &serde_yaml::Value, scope: &dyn Scope) -> std::result::Result<bool, String> {

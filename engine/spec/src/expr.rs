@@ -604,6 +604,15 @@ impl Expr {
                             .ok_or_else(|| format!("index {k} out of range (len {})", l.len()))
                     }
                     (Value::Map(m), Value::Str(k)) => Ok(m.get(k).cloned().unwrap_or(Value::Null)),
+                    (Value::Str(s), Value::Int(k)) => {
+                        let n = s.chars().count() as i64;
+                        let k = if *k < 0 { n + k } else { *k };
+                        usize::try_from(k)
+                            .ok()
+                            .and_then(|k| s.chars().nth(k))
+                            .map(|c| Value::Str(c.to_string()))
+                            .ok_or_else(|| format!("index {k} out of range (len {n})"))
+                    }
                     _ => Err(format!(
                         "cannot index {} with {}",
                         base.type_name(),
@@ -836,7 +845,7 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
             match &args[0] {
                 Value::List(l) => Ok(Value::Int(l.len() as i64)),
                 Value::Map(m) => Ok(Value::Int(m.len() as i64)),
-                Value::Str(s) => Ok(Value::Int(s.len() as i64)),
+                Value::Str(s) => Ok(Value::Int(s.chars().count() as i64)),
                 v => Err(format!("len() of {}", v.type_name())),
             }
         }
@@ -922,6 +931,12 @@ mod tests {
         assert_eq!(eval("1 if n_heads > 2 else 2"), Value::Int(1));
         assert_eq!(eval("max(1, 2.5, 2)"), Value::Float(2.5));
         assert_eq!(eval("[1, 2][0]"), Value::Int(1));
+        // Strings index by character, negative from the end (a layer
+        // pattern such as 'LLLG').
+        assert_eq!(eval("'LLLG'[3]"), Value::Str("G".into()));
+        assert_eq!(eval("'LLLG'[5 % len('LLLG')] == 'L'"), Value::Bool(true));
+        assert_eq!(eval("'LG'[-1]"), Value::Str("G".into()));
+        assert_eq!(eval("len('Zü')"), Value::Int(2));
         // bfloat16 keeps 8 significant bits: 32..64 in steps of 0.25.
         assert_eq!(eval("bf16(2048 ** 0.5)"), Value::Float(45.25));
         assert_eq!(eval("bf16(1152 ** 0.5)"), Value::Float(34.0));
@@ -941,6 +956,9 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("unknown name 'nope'"), "{err}");
         assert!(Expr::parse("1 / 0").and_then(|e| e.eval(&s)).is_err());
+        for src in ["'LG'[2]", "'LG'[-3]", "'LG'['a']"] {
+            assert!(Expr::parse(src).and_then(|e| e.eval(&s)).is_err(), "{src}");
+        }
         assert!(Expr::parse("9223372036854775807 + 1")
             .and_then(|e| e.eval(&s))
             .is_err());

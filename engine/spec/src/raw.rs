@@ -252,6 +252,28 @@ pub enum RawRule {
         to: String,
         index: String,
     },
+    /// Reshape matching tensors to `shape` (int literals or expressions,
+    /// one of them may be -1: the size that keeps the element count).
+    Reshape {
+        pattern: String,
+        shape: Vec<serde_yaml::Value>,
+    },
+    /// Repeat every element of matching tensors `times` times along `axis`
+    /// (numpy's `repeat`: per-head values widened to per-channel ones).
+    Repeat {
+        pattern: String,
+        axis: i64,
+        times: serde_yaml::Value,
+    },
+    /// Divide matching floating-point tensors by their L2 norm along `axis`
+    /// plus `eps`, computed in float32 (a normalised head); integer
+    /// (quantized) tensors are left alone.
+    L2Normalize {
+        pattern: String,
+        axis: i64,
+        eps: f64,
+        when: Option<serde_yaml::Value>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +291,46 @@ struct RuleRepr {
     transpose: Option<String>,
     #[serde(default)]
     stack: Option<StackRepr>,
+    #[serde(default)]
+    reshape: Option<ReshapeRepr>,
+    #[serde(default)]
+    repeat: Option<RepeatRepr>,
+    #[serde(default)]
+    l2_normalize: Option<L2NormalizeRepr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReshapeRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    shape: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepeatRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    axis: i64,
+    times: serde_yaml::Value,
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct L2NormalizeRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    #[serde(default = "minus_one")]
+    axis: i64,
+    #[serde(default)]
+    eps: f64,
+    #[serde(default)]
+    when: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,10 +394,31 @@ impl TryFrom<RuleRepr> for RawRule {
                 index: x.index,
             });
         }
+        if let Some(x) = r.reshape {
+            rules.push(RawRule::Reshape {
+                pattern: x.pattern,
+                shape: x.shape,
+            });
+        }
+        if let Some(x) = r.repeat {
+            rules.push(RawRule::Repeat {
+                pattern: x.pattern,
+                axis: x.axis,
+                times: x.times,
+            });
+        }
+        if let Some(x) = r.l2_normalize {
+            rules.push(RawRule::L2Normalize {
+                pattern: x.pattern,
+                axis: x.axis,
+                eps: x.eps,
+                when: x.when,
+            });
+        }
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize".into(),
             ),
         }
     }

@@ -273,3 +273,30 @@ fn check_refuses_an_enum_entry_the_parameter_cannot_take() {
         other => panic!("{other}"),
     }
 }
+
+#[test]
+fn reshape_repeat_and_l2_normalize_rules_are_checked() {
+    let rules = "weights:
+  rules:
+    - reshape: {match: \"l.{i}.conv\", shape: [-1, d, 1]}
+    - repeat: {match: \"l.{i}.conv\", axis: 0, times: d // 2}
+    - l2_normalize: {match: head.weight, eps: 1e-7}
+";
+    let good = format!("{SPLIT}{rules}");
+    let (_dir, lib) = library_with(&[("tiny.yaml", &good)]);
+    check(&lib.load("tiny").expect("load")).expect("the rules check");
+
+    let two_unknown = good.replace("[-1, d, 1]", "[-1, -1]");
+    let (_dir, lib) = library_with(&[("tiny.yaml", &two_unknown)]);
+    match check(&lib.load("tiny").expect("load")).expect_err("two -1 sizes") {
+        Error::Spec { field, msg, .. } => {
+            assert_eq!(field, "reshape");
+            assert!(msg.contains("at most one size may be -1"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+    let bad_eps = good.replace("eps: 1e-7", "eps: -1.0");
+    let (_dir, lib) = library_with(&[("tiny.yaml", &bad_eps)]);
+    let e = check(&lib.load("tiny").expect("load")).expect_err("negative eps");
+    assert!(e.to_string().contains("l2_normalize"), "{e}");
+}

@@ -1,10 +1,17 @@
 //! Weight-name rules: patterns with captures (`{i}` matches one dotted
 //! segment, `{rest*}` any tail) applied to checkpoint tensor names.
 use indexmap::IndexMap;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
+use lmspec_spec::config::Ty;
+use lmspec_spec::expr::Value;
 pub use lmspec_spec::pattern::Pattern;
 use lmspec_spec::raw::RawRule;
+
+/// Evaluates an expression of a rule (a `when`, a size) as the given type;
+/// the layer index is set when the tensor's name captured `{i}` as an
+/// integer, so the expression sees that layer's `per_layer` entries.
+pub type RuleEval<'a> = &'a dyn Fn(&serde_yaml::Value, Ty, Option<i64>) -> Result<Value, String>;
 
 /// Tensors after the rules, and the ties that were made (target, source).
 #[derive(Debug)]
@@ -19,6 +26,18 @@ pub trait RuleValue: Clone {
     fn transposed(&self) -> Result<Self, String>;
     /// Values of one shape stacked along a new first axis.
     fn stacked(items: &[Self]) -> Result<Self, String>;
+    /// The shape.
+    fn dims(&self) -> Vec<i64>;
+    /// The value with a new shape of the same element count.
+    fn reshaped(&self, shape: &[i64]) -> Result<Self, String>;
+    /// Every element repeated `times` times along `axis` (in range).
+    fn repeated(&self, axis: usize, times: i64) -> Result<Self, String>;
+    /// Divided by its L2 norm along `axis` (in range) plus `eps`.
+    fn l2_normalized(&self, axis: usize, eps: f64) -> Result<Self, String>;
+}
+
+fn to_i32(v: i64) -> Result<i32, String> {
+    i32::try_from(v).map_err(|_| format!("size {v} is out of range"))
 }
 
 impl RuleValue for Array {
@@ -34,6 +53,37 @@ impl RuleValue for Array {
             return Err("stack: the tensors differ in shape".into());
         }
         mlx_rs::ops::stack(items, 0).map_err(|e| format!("stack: {e}"))
+    }
+
+    fn dims(&self) -> Vec<i64> {
+        self.shape().iter().map(|&d| d as i64).collect()
+    }
+
+    fn reshaped(&self, shape: &[i64]) -> Result<Array, String> {
+        let shape = shape
+            .iter()
+            .map(|&d| to_i32(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.reshape(&shape).map_err(|e| format!("reshape: {e}"))
+    }
+
+    fn repeated(&self, axis: usize, times: i64) -> Result<Array, String> {
+        Array::repeat_axis::<f32>(self.clone(), to_i32(times)?, axis as i32)
+            .map_err(|e| format!("repeat: {e}"))
+    }
+
+    fn l2_normalized(&self, axis: usize, eps: f64) -> Result<Array, String> {
+        let dtype = self.dtype();
+        if !dtype.is_float() {
+            return Ok(self.clone());
+        }
+        let go = || -> mlx_rs::error::Result<Array> {
+            let w = self.as_dtype(Dtype::Float32)?;
+            let norm = w.square()?.sum_axis(axis as i32, true)?.sqrt()?;
+            w.divide(norm.add(Array::from_f32(eps as f32))?)?
+                .as_dtype(dtype)
+        };
+        go().map_err(|e| format!("l2_normalize: {e}"))
     }
 }
 
@@ -57,18 +107,147 @@ impl RuleValue for Vec<i64> {
             .chain(first.iter().copied())
             .collect())
     }
+
+    fn dims(&self) -> Vec<i64> {
+        self.clone()
+    }
+
+    fn reshaped(&self, shape: &[i64]) -> Result<Vec<i64>, String> {
+        Ok(shape.to_vec())
+    }
+
+    fn repeated(&self, axis: usize, times: i64) -> Result<Vec<i64>, String> {
+        let mut s = self.clone();
+        s[axis] *= times;
+        Ok(s)
+    }
+
+    fn l2_normalized(&self, _axis: usize, _eps: f64) -> Result<Vec<i64>, String> {
+        Ok(self.clone())
+    }
+}
+
+/// The layer index a tensor name's `{i}` capture gives, if any.
+fn layer_of(caps: &IndexMap<String, String>) -> Option<i64> {
+    caps.get("i").and_then(|s| s.parse().ok())
+}
+
+/// `axis` (negative from the end) as an index into `ndim` axes.
+fn axis_index(axis: i64, ndim: usize) -> Result<usize, String> {
+    let a = if axis < 0 { ndim as i64 + axis } else { axis };
+    usize::try_from(a)
+        .ok()
+        .filter(|&a| a < ndim)
+        .ok_or_else(|| format!("axis {axis} is out of range for {ndim} axes"))
+}
+
+fn eval_int(eval: RuleEval<'_>, v: &serde_yaml::Value, layer: Option<i64>) -> Result<i64, String> {
+    match eval(v, Ty::Int, layer)? {
+        Value::Int(n) => Ok(n),
+        other => Err(format!(
+            "gave {} {other}, expected an int",
+            other.type_name()
+        )),
+    }
+}
+
+/// `shape` evaluated for a tensor of shape `dims`, its -1 worked out.
+fn resolve_shape(
+    shape: &[serde_yaml::Value],
+    dims: &[i64],
+    eval: RuleEval<'_>,
+    layer: Option<i64>,
+) -> Result<Vec<i64>, String> {
+    let mut out = shape
+        .iter()
+        .map(|v| eval_int(eval, v, layer))
+        .collect::<Result<Vec<i64>, String>>()?;
+    let count: i64 = dims.iter().product();
+    let known: i64 = out.iter().filter(|&&d| d != -1).product();
+    if out.iter().any(|&d| d < -1 || d == 0) || out.iter().filter(|&&d| d == -1).count() > 1 {
+        return Err(format!(
+            "shape {out:?}: sizes must be positive, one may be -1"
+        ));
+    }
+    if let Some(pos) = out.iter().position(|&d| d == -1) {
+        if count % known != 0 {
+            return Err(format!("cannot reshape {dims:?} to {out:?}"));
+        }
+        out[pos] = count / known;
+    }
+    if out.iter().product::<i64>() != count {
+        return Err(format!("cannot reshape {dims:?} to {out:?}"));
+    }
+    Ok(out)
+}
+
+/// Rewrites every tensor matching `p` with `f(value, layer index)`.
+fn rewrite<T: RuleValue>(
+    tensors: &mut IndexMap<String, T>,
+    p: &str,
+    what: &str,
+    f: impl Fn(&T, Option<i64>) -> Result<T, String>,
+) -> Result<(), String> {
+    let p = Pattern::parse(p)?;
+    for (k, v) in tensors.iter_mut() {
+        if let Some(caps) = p.matches(k) {
+            *v = f(v, layer_of(&caps)).map_err(|e| format!("{what}: {e} ('{k}')"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Applies rules in order to a name -> tensor map (or any name -> value map,
-/// e.g. shapes read from headers). `truthy` evaluates a rule's `when`.
+/// e.g. shapes read from headers). `eval` evaluates a rule's expressions.
 pub fn apply<T: RuleValue>(
     rules: &[&RawRule],
     mut tensors: IndexMap<String, T>,
-    truthy: &dyn Fn(&serde_yaml::Value) -> Result<bool, String>,
+    eval: RuleEval<'_>,
 ) -> Result<Applied<T>, String> {
+    let truthy = |w: &serde_yaml::Value| match eval(w, Ty::Bool, None)? {
+        Value::Bool(b) => Ok(b),
+        other => Err(format!(
+            "condition gave {} {other}, expected a bool",
+            other.type_name()
+        )),
+    };
     let mut ties = Vec::new();
     for rule in rules {
         match rule {
+            RawRule::Reshape { pattern, shape } => {
+                rewrite(&mut tensors, pattern, "reshape", |v, layer| {
+                    let dims = v.dims();
+                    v.reshaped(&resolve_shape(shape, &dims, eval, layer)?)
+                })?;
+            }
+            RawRule::Repeat {
+                pattern,
+                axis,
+                times,
+            } => {
+                rewrite(&mut tensors, pattern, "repeat", |v, layer| {
+                    let axis = axis_index(*axis, v.dims().len())?;
+                    match eval_int(eval, times, layer)? {
+                        n if n >= 1 => v.repeated(axis, n),
+                        n => Err(format!("times: {n} is not at least 1")),
+                    }
+                })?;
+            }
+            RawRule::L2Normalize {
+                pattern,
+                axis,
+                eps,
+                when,
+            } => {
+                if let Some(w) = when {
+                    if !truthy(w)? {
+                        continue;
+                    }
+                }
+                rewrite(&mut tensors, pattern, "l2_normalize", |v, _| {
+                    v.l2_normalized(axis_index(*axis, v.dims().len())?, *eps)
+                })?;
+            }
             RawRule::SkipIfPresent(p) => {
                 let p = Pattern::parse(p)?;
                 if tensors.keys().any(|k| p.matches(k).is_some()) {
@@ -244,7 +423,7 @@ mod tests {
             }
         }
         t.insert("l.0.gate.weight".into(), vec![3, 8]);
-        let out = apply(&[&rule], t, &|_| Ok(true)).expect("stacks").tensors;
+        let out = apply(&[&rule], t, &no_eval).expect("stacks").tensors;
         let names: Vec<&str> = out.keys().map(String::as_str).collect();
         assert_eq!(
             names,
@@ -259,8 +438,89 @@ mod tests {
         let mut gap: IndexMap<String, Vec<i64>> = IndexMap::new();
         gap.insert("l.0.experts.0.up.weight".into(), vec![4, 8]);
         gap.insert("l.0.experts.2.up.weight".into(), vec![4, 8]);
-        let e = apply(&[&rule], gap, &|_| Ok(true)).unwrap_err();
+        let e = apply(&[&rule], gap, &no_eval).unwrap_err();
         assert!(e.contains("has no member 1"), "{e}");
+    }
+
+    fn no_eval(v: &serde_yaml::Value, _: Ty, _: Option<i64>) -> Result<Value, String> {
+        Ok(Value::from_yaml(v))
+    }
+
+    /// Sizes read the layer index of the name's `{i}` (here: 2 + i).
+    fn layer_eval(v: &serde_yaml::Value, ty: Ty, layer: Option<i64>) -> Result<Value, String> {
+        let e = lmspec_spec::config::literal_or_expr(v, ty)?;
+        let mut scope = IndexMap::new();
+        scope.insert("i".to_string(), layer.map_or(Value::Null, Value::Int));
+        e.eval(&scope)
+    }
+
+    #[test]
+    fn reshape_and_repeat_per_layer() {
+        let rules = [
+            RawRule::Reshape {
+                pattern: "l.{i}.conv".into(),
+                shape: vec![
+                    serde_yaml::Value::from(-1),
+                    serde_yaml::Value::from(2),
+                    1.into(),
+                ],
+            },
+            RawRule::Repeat {
+                pattern: "l.{i}.conv".into(),
+                axis: 0,
+                times: serde_yaml::Value::from("2 + i"),
+            },
+        ];
+        let refs: Vec<&RawRule> = rules.iter().collect();
+        let mut t: IndexMap<String, Vec<i64>> = IndexMap::new();
+        t.insert("l.0.conv".into(), vec![1, 1, 3, 1, 2]);
+        t.insert("l.1.conv".into(), vec![1, 1, 3, 1, 2]);
+        let out = apply(&refs, t, &layer_eval).expect("applies").tensors;
+        assert_eq!(out["l.0.conv"], vec![6, 2, 1]);
+        assert_eq!(out["l.1.conv"], vec![9, 2, 1]);
+
+        // Arrays: each head's pair repeated for its channels, in order.
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[1, 1, 2, 1, 2]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.0.conv".into(), a);
+        let out = apply(&refs, t, &layer_eval).expect("applies").tensors;
+        let c = &out["l.0.conv"];
+        assert_eq!(c.shape(), &[4, 2, 1]);
+        assert_eq!(
+            c.as_slice::<f32>(),
+            &[1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]
+        );
+
+        let bad = RawRule::Reshape {
+            pattern: "x".into(),
+            shape: vec![serde_yaml::Value::from(3), serde_yaml::Value::from(-1)],
+        };
+        let mut t: IndexMap<String, Vec<i64>> = IndexMap::new();
+        t.insert("x".into(), vec![2, 2]);
+        let e = apply(&[&bad], t, &no_eval).unwrap_err();
+        assert!(e.contains("cannot reshape"), "{e}");
+    }
+
+    #[test]
+    fn l2_normalize_rows_of_float_tensors_only() {
+        let rule = RawRule::L2Normalize {
+            pattern: "head.weight".into(),
+            axis: -1,
+            eps: 0.0,
+            when: None,
+        };
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert(
+            "head.weight".into(),
+            Array::from_slice(&[3.0f32, 4.0, 0.0, 2.0], &[2, 2]),
+        );
+        let out = apply(&[&rule], t, &no_eval).expect("applies").tensors;
+        assert_eq!(out["head.weight"].as_slice::<f32>(), &[0.6, 0.8, 0.0, 1.0]);
+        // A packed quantized weight is left as it is.
+        let mut q: IndexMap<String, Array> = IndexMap::new();
+        q.insert("head.weight".into(), Array::from_slice(&[7u32, 9], &[1, 2]));
+        let out = apply(&[&rule], q, &no_eval).expect("applies").tensors;
+        assert_eq!(out["head.weight"].as_slice::<u32>(), &[7, 9]);
     }
 
     #[test]
