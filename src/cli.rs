@@ -52,9 +52,10 @@ enum Command {
     Generate {
         #[command(flatten)]
         gen: GenArgs,
-        /// The prompt (a user message unless --raw).
+        /// The prompt (a user message unless --raw; default: the model's
+        /// registry entry's default prompt).
         #[arg(long, short)]
-        prompt: String,
+        prompt: Option<String>,
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
@@ -423,7 +424,15 @@ impl GenArgs {
         let plan = WeightPlan::parse(&self.weights)
             .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
         let opts = load_options(specs, plan)?;
-        Ok(lmspec::lm::LanguageModel::load(&self.model_path()?, &opts)?)
+        let source = match &self.model {
+            Some(m) => lmspec::hub::ModelSource::parse(m),
+            None => lmspec::hub::ModelSource::Path(self.model_path()?),
+        };
+        let mut hub = lmspec::hub::HubOptions::from_env();
+        hub.gguf_file = self.gguf_file.clone();
+        Ok(lmspec::lm::LanguageModel::load_source(
+            &source, &hub, &opts,
+        )?)
     }
 
     fn context(&self) -> lmspec::lm::template::ChatContext {
@@ -467,8 +476,18 @@ fn print_event(e: lmspec::lm::generate::Event) {
 
 /// Reasoning is reported apart from the answer (to stderr); with `--tools`,
 /// the tools are offered to the template and calls reported.
-fn generate(specs: &Option<PathBuf>, gen: &GenArgs, prompt: &str, raw: bool) -> Result<ExitCode> {
+fn generate(
+    specs: &Option<PathBuf>,
+    gen: &GenArgs,
+    prompt: Option<&str>,
+    raw: bool,
+) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
+    let prompt = match prompt.or(lm.defaults.default_prompt.as_deref()) {
+        Some(p) => p.to_string(),
+        None => bail!("give a prompt with -p (the model has no default prompt in the registry)"),
+    };
+    let prompt = prompt.as_str();
     let (tools, output) = gen.output(specs, &lm)?;
     let mut params = gen.params();
     params.output = output;
@@ -805,7 +824,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             raw,
         } => {
             gen.gguf_file = cli.gguf_file.clone();
-            generate(&cli.specs, &gen, &prompt, raw)
+            generate(&cli.specs, &gen, prompt.as_deref(), raw)
         }
         Command::Chat { mut gen } => {
             gen.gguf_file = cli.gguf_file.clone();

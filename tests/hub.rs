@@ -90,6 +90,18 @@ fn sharded_files() -> Vec<(&'static str, Vec<u8>)> {
     files
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
 fn default_gguf() -> PathBuf {
     lmspec::default_model()
         .filter(|p| p.exists())
@@ -154,6 +166,38 @@ fn a_hub_id_downloads_once_then_runs_from_the_cache_and_offline() {
         );
     }
 
+    // A registry entry (a spec folder of its own) supplies the default
+    // prompt; without one, no prompt is an error.
+    let specs = tempfile::tempdir().expect("tempdir");
+    copy_dir(&root().join("specs"), specs.path());
+    std::fs::write(
+        specs.path().join("registry/test.yaml"),
+        "registry_version: 1\nmodels:\n  - ids: [test-org/smollm2-gguf]\n    default_prompt: What is the capital of France?\n    extra_eos: [\"<|im_end|>\"]\n",
+    )
+    .expect("write");
+    let specs_arg = specs.path().to_str().expect("utf-8");
+    let (ok, out, err) = run(&mut lmspec_cmd(
+        &hub,
+        home.path(),
+        &[
+            "--specs",
+            specs_arg,
+            "generate",
+            "--model",
+            "test-org/smollm2-gguf",
+            "--max-tokens",
+            "12",
+        ],
+    ));
+    assert!(ok, "{err}");
+    assert!(out.contains("Paris"), "{out}");
+    let (ok, _, err) = run(&mut lmspec_cmd(
+        &hub,
+        home.path(),
+        &["generate", "--model", "test-org/smollm2-gguf"],
+    ));
+    assert!(!ok && err.contains("give a prompt with -p"), "{err}");
+    assert!(!file_requests(&hub.take_log()).is_empty());
     let prompt = [
         "generate",
         "--model",
@@ -166,7 +210,7 @@ fn a_hub_id_downloads_once_then_runs_from_the_cache_and_offline() {
     let (ok, out, err) = run(&mut lmspec_cmd(&hub, home.path(), &prompt));
     assert!(ok, "{err}");
     assert!(out.contains("Paris"), "{out}");
-    assert!(!file_requests(&hub.take_log()).is_empty());
+    assert!(hub.take_log().is_empty(), "cached by the first run");
     let (ok, out, err) = run(lmspec_cmd(&hub, home.path(), &prompt).env("HF_HUB_OFFLINE", "1"));
     assert!(ok && out.contains("Paris"), "{out}{err}");
     assert!(hub.take_log().is_empty());

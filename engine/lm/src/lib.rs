@@ -5,6 +5,7 @@
 pub mod embed;
 pub mod generate;
 pub mod lm;
+pub mod registry;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::generate::{generate, Event, GenerateParams, Generation};
+use crate::registry::{ModelDefaults, Registry};
 use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 use crate::tools::response::ResponseTemplate;
@@ -15,6 +16,8 @@ use crate::tools::{OutputFormat, ToolCall, ToolEvent, ToolFormat};
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::{is_gguf, LoadOptions, Model};
+use lmspec_hub::{HubOptions, ModelSource};
+use lmspec_spec::library::SpecRoot;
 
 /// A model with its tokenizer and chat template.
 #[derive(Debug)]
@@ -23,6 +26,9 @@ pub struct LanguageModel {
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     pub path: PathBuf,
+    /// Defaults of a known hub id (`specs/registry/`), applied by
+    /// [`LanguageModel::load_source`] or [`LanguageModel::apply_defaults`].
+    pub defaults: ModelDefaults,
 }
 
 impl LanguageModel {
@@ -44,7 +50,45 @@ impl LanguageModel {
             tokenizer,
             template,
             path: path.to_path_buf(),
+            defaults: ModelDefaults::default(),
         })
+    }
+
+    /// Loads a model from a local path or a hub id (fetched into the hub
+    /// cache when missing, see [`lmspec_hub::resolve`]); a hub id listed in
+    /// the spec library's registry gets its defaults.
+    pub fn load_source(
+        source: &ModelSource,
+        hub: &HubOptions,
+        opts: &LoadOptions,
+    ) -> Result<LanguageModel> {
+        let path = lmspec_hub::resolve(source, hub).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut lm = LanguageModel::load(&path, opts)?;
+        if let ModelSource::Hub { repo, .. } = source {
+            let root = match &opts.library {
+                Some(lib) => lib.root().clone(),
+                None => SpecRoot::from_env(),
+            };
+            let registry = Registry::load(&root, &ToolFormat::load_all(&root)?)?;
+            if let Some(d) = registry.lookup(repo) {
+                lm.apply_defaults(d);
+            }
+        }
+        Ok(lm)
+    }
+
+    /// Takes a registry entry's defaults: its extra end tokens (those in
+    /// the vocabulary) end generation; its tool format and reasoning
+    /// markers apply unless asked otherwise.
+    pub fn apply_defaults(&mut self, defaults: &ModelDefaults) {
+        for token in &defaults.extra_eos {
+            if let Some(id) = self.tokenizer.token_to_id(token) {
+                if !self.tokenizer.eos_ids.contains(&id) {
+                    self.tokenizer.eos_ids.push(id);
+                }
+            }
+        }
+        self.defaults = defaults.clone();
     }
 
     /// What the checkpoint's `response_template` declares (tool-call
@@ -70,9 +114,13 @@ impl LanguageModel {
         explicit: Option<&str>,
     ) -> Result<OutputFormat> {
         let mut out = OutputFormat::think(None);
-        if let Some(markers) = declared.and_then(|r| r.reasoning.clone()) {
+        if let Some(markers) = declared
+            .and_then(|r| r.reasoning.clone())
+            .or_else(|| self.defaults.reasoning.clone())
+        {
             out.reasoning = Some(markers);
         }
+        let explicit = explicit.or(self.defaults.tool_format.as_deref());
         if tools.is_empty() {
             return Ok(out);
         }

@@ -333,6 +333,11 @@ impl SpecLibrary {
         })
     }
 
+    /// Where the library's files come from.
+    pub fn root(&self) -> &SpecRoot {
+        &self.root
+    }
+
     /// Names of the architecture specs, in file order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
