@@ -447,7 +447,9 @@ impl GenArgs {
     }
 }
 
-fn print_event(e: lmspec::lm::generate::Event) {
+/// Prints a generation event; `step` is the prefill chunk size (prompts of
+/// more than one chunk report their prefill).
+fn print_event(e: lmspec::lm::generate::Event, step: usize) {
     use std::io::Write;
     match e {
         lmspec::lm::generate::Event::Text(t) => {
@@ -470,7 +472,25 @@ fn print_event(e: lmspec::lm::generate::Event) {
         lmspec::lm::generate::Event::ToolRejected { reason, detail, .. } => {
             println!("[rejected tool call: {reason:?}] {detail}")
         }
-        lmspec::lm::generate::Event::PromptProgress(..) => {}
+        lmspec::lm::generate::Event::PromptProgress(done, total) => {
+            if total > step + 1 {
+                progress_line("prefill", done, total, "tokens");
+            }
+        }
+    }
+}
+
+/// Progress of long local work on stderr: one line rewritten in place on a
+/// terminal, a line per step otherwise.
+fn progress_line(what: &str, done: usize, total: usize, unit: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[K{what}: {done}/{total} {unit}");
+        if done >= total {
+            eprint!("\r\x1b[K");
+        }
+    } else {
+        eprintln!("{what}: {done}/{total} {unit}");
     }
 }
 
@@ -505,7 +525,8 @@ fn generate(
         messages.push(serde_json::json!({"role": "user", "content": prompt}));
         lm.chat_prompt(&serde_json::Value::Array(messages), &context)?
     };
-    lm.generate(&ids, &params, None, None, &mut print_event)?;
+    let step = gen.prefill_step_size;
+    lm.generate(&ids, &params, None, None, &mut |e| print_event(e, step))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -631,7 +652,8 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
                 println!("{answer}");
             }
             None => {
-                session.respond_stream(&line, None, &mut print_event)?;
+                session
+                    .respond_stream(&line, None, &mut |e| print_event(e, gen.prefill_step_size))?;
                 println!();
             }
         }
@@ -739,6 +761,14 @@ fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOpti
     let mut opts = LoadOptions::default()
         .with_library(library(specs)?)
         .with_weights(weights);
+    // Sharded checkpoints report each file read.
+    opts.progress = Some(lmspec::engine::weights::LoadProgress(std::sync::Arc::new(
+        |done, total, _file| {
+            if total > 1 {
+                progress_line("loading weights", done, total, "files");
+            }
+        },
+    )));
     opts.fuse_projections = match std::env::var("LMSPEC_FUSE_PROJECTIONS").as_deref() {
         Ok("0") => Some(false),
         Ok("1") => Some(true),
@@ -1096,8 +1126,17 @@ fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
         "{:<22} {:<8} {:<10} {:>12} {:>12} {:>8}  result",
         "case", "spec", "tolerance", "fwd max_rel", "p/d max_rel", "greedy"
     );
+    let total = cases.len();
     for case in cases {
-        let r = lmspec::port::golden::run(&case, &opts)?;
+        // A case that cannot run is a failure of its own; the rest still run.
+        let r = match lmspec::port::golden::run(&case, &opts) {
+            Ok(r) => r,
+            Err(e) => {
+                failed += 1;
+                println!("{:<22} ERROR: {e:#}", display_name(&case));
+                continue;
+            }
+        };
         let ok = r.passed();
         failed += usize::from(!ok);
         println!(
@@ -1115,11 +1154,18 @@ fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
             if ok { "pass" } else { "FAIL" }
         );
     }
+    println!("{total} cases: {} pass, {failed} fail", total - failed);
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn display_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 fn doctor(specs: &Option<PathBuf>) -> Result<ExitCode> {

@@ -235,3 +235,45 @@ fn a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+/// Long local work reports progress on stderr: a prompt of several prefill
+/// chunks, one line per chunk when stderr is not a terminal.
+#[test]
+fn a_prompt_of_several_chunks_reports_its_prefill() {
+    let out = lmspec(&[
+        "generate",
+        "--raw",
+        "-p",
+        "The sky is blue because of the way the light",
+        "--max-tokens",
+        "2",
+        "--prefill-step-size",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for line in ["prefill: 0/", "prefill: 3/", "prefill: 6/"] {
+        assert!(err.contains(line), "{line} in {err}");
+    }
+}
+
+/// `lmspec golden` runs every case it is given: one that cannot run is
+/// reported as an error of its own, the others still run.
+#[test]
+fn golden_reports_a_broken_case_and_runs_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).expect("mkdir");
+    std::fs::write(broken.join("meta.json"), "{ not json").expect("write");
+    let good = goldens().join("llama");
+    let out = lmspec(&[
+        "golden",
+        broken.to_str().expect("utf-8"),
+        good.to_str().expect("utf-8"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("broken") && text.contains("ERROR"), "{text}");
+    assert!(text.contains("pass"), "{text}");
+    assert!(text.contains("2 cases: 1 pass, 1 fail"), "{text}");
+}

@@ -97,6 +97,8 @@ pub struct LoadOptions {
     /// The spec library; `None`: [`SpecLibrary::open_default`]
     /// (`$LMSPEC_SPECS`, else the library built into the binary).
     pub library: Option<SpecLibrary>,
+    /// Told of each safetensors file read.
+    pub progress: Option<weights::LoadProgress>,
 }
 
 impl LoadOptions {
@@ -194,7 +196,7 @@ impl Model {
         let lib = opts.library()?;
         let (config_file, json) = read_config(path)?;
         let spec = resolve_spec(&lib, &json, &config_file, opts.spec.as_deref())?;
-        let checkpoint = weights::load_safetensors_dir(path)?;
+        let checkpoint = weights::load_safetensors_dir(path, opts.progress.as_ref())?;
         let source = Source {
             path,
             config: &json,

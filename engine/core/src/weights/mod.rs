@@ -183,11 +183,16 @@ fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
     })
 }
 
-/// Reads the safetensors of a model directory.
-pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
+/// Reads the safetensors of a model directory, telling `progress` (when
+/// given) of each file read.
+pub fn load_safetensors_dir(dir: &Path, progress: Option<&LoadProgress>) -> Result<Checkpoint> {
     let (file, files) = safetensors_files(dir)?;
     let mut tensors = IndexMap::new();
-    for f in files {
+    let count = files.len();
+    for (i, f) in files.into_iter().enumerate() {
+        if let Some(p) = progress {
+            (p.0)(i, count, &f);
+        }
         check_safetensors(&f)?;
         let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
             file: f.clone(),
@@ -197,7 +202,21 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Checkpoint> {
         names.sort_by(|a, b| a.0.cmp(&b.0));
         tensors.extend(names);
     }
+    if let Some(p) = progress {
+        (p.0)(count, count, &file);
+    }
     Ok(Checkpoint { file, tensors })
+}
+
+/// A callback told of weight-loading progress: (files read, files, the
+/// file being read next, or the checkpoint at the end).
+#[derive(Clone)]
+pub struct LoadProgress(pub std::sync::Arc<dyn Fn(usize, usize, &Path) + Send + Sync>);
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
+    }
 }
 
 /// Tensor names and shapes of a model directory, read from the safetensors
