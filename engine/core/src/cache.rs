@@ -133,10 +133,12 @@ impl CacheState {
         }
     }
 
-    /// The mask for a call of `t` positions, decided before the update.
-    pub fn mask(&self, t: i32) -> Result<Mask, Exception> {
+    /// The mask for a call of `t` positions, decided before the update;
+    /// `window` widens a rotating cache's window for multi-token calls
+    /// (mlx-lm's `make_mask(N, window_size=...)`).
+    pub fn mask(&self, t: i32, window: Option<i32>) -> Result<Mask, Exception> {
         match self {
-            CacheState::Rotating(c) => c.mask(t),
+            CacheState::Rotating(c) => c.mask(t, window),
             _ if t > 1 => Ok(Mask::Causal),
             _ => Ok(Mask::None),
         }
@@ -436,12 +438,15 @@ impl RotatingKvCache {
         }
     }
 
-    /// mlx-lm's `make_mask` for the rotating cache (window = max_size).
-    fn mask(&self, t: i32) -> Result<Mask, Exception> {
+    /// mlx-lm's `make_mask` for the rotating cache: a multi-token call sees
+    /// `window` positions (default `max_size`), of which the cache holds at
+    /// most `max_size - 1` from before the call; a single token sees the
+    /// `max_size` the cache keeps.
+    fn mask(&self, t: i32, window: Option<i32>) -> Result<Mask, Exception> {
         if t <= 1 {
             return Ok(Mask::None);
         }
-        let window = self.max_size;
+        let window = window.unwrap_or(self.max_size);
         let offset = (self.max_size - 1).min(self.offset);
         if offset + t <= window {
             return Ok(Mask::Causal);

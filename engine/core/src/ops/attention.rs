@@ -1,6 +1,7 @@
 //! `attention`: scaled dot-product attention over per-head q, k, v through
 //! `fast::scaled_dot_product_attention` (grouped-query when k/v have fewer
-//! heads), with a causal (optionally sliding-window) mask, an optional
+//! heads), with a causal (optionally sliding-window, optionally wider for
+//! multi-token calls than for single tokens) mask, an optional
 //! key-padding mask and a KV cache slot. With `softcap` the scores are
 //! computed explicitly and capped with `tanh` before the softmax.
 use lmspec_spec::ops::Attention;
@@ -18,9 +19,12 @@ impl Op for Attention {
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let t = q.shape()[2];
         let (mask, kv) = match ctx.cache.as_deref_mut() {
-            Some(cache) => (cache.mask(t)?, cache.update_and_fetch(k, v)?),
+            Some(cache) => (
+                cache.mask(t, self.chunk_window_size())?,
+                cache.update_and_fetch(k, v)?,
+            ),
             None => {
-                let mask = match self.window_size() {
+                let mask = match self.chunk_window_size() {
                     Some(w) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
                     _ if t > 1 => Mask::Causal,
                     _ => Mask::None,

@@ -145,18 +145,31 @@ fn reference_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    (hq, hk, t, d): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     scale: f64,
     window: Option<usize>,
     cap: Option<f64>,
+) -> Vec<f64> {
+    let allowed = |i: usize, j: usize| window.is_none_or(|w| i - j < w);
+    reference_attention_by(q, k, v, dims, scale, cap, allowed)
+}
+
+/// [`reference_attention`] over the keys `j <= i` that `allowed(i, j)` lets
+/// query `i` see.
+fn reference_attention_by(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (hq, hk, t, d): (usize, usize, usize, usize),
+    scale: f64,
+    cap: Option<f64>,
+    allowed: impl Fn(usize, usize) -> bool,
 ) -> Vec<f64> {
     let mut out = vec![0.0; hq * t * d];
     for h in 0..hq {
         let g = h / (hq / hk);
         for i in 0..t {
-            let keys: Vec<usize> = (0..=i)
-                .filter(|j| window.is_none_or(|w| i - j < w))
-                .collect();
+            let keys: Vec<usize> = (0..=i).filter(|&j| allowed(i, j)).collect();
             let scores: Vec<f64> = keys
                 .iter()
                 .map(|&j| {
@@ -222,6 +235,107 @@ fn attention_window_and_softcap_match_the_reference() {
         let op = build("attention", &given, &infos, vec![]);
         let want = reference_attention(&qs, &ks, &vs, (hq, hk, t, d), scale, window, cap);
         close(&run(op.as_ref(), &[&q, &k, &v], 0), &want, 2e-5);
+    }
+}
+
+#[test]
+fn attention_chunk_window_widens_multi_token_calls_only() {
+    let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
+    let (window, chunk) = (3usize, 4usize);
+    let (qs, ks, vs) = (
+        noise(hq * t * d, 31),
+        noise(hk * t * d, 32),
+        noise(hk * t * d, 33),
+    );
+    // Positions a..b of every head of a [h, t, d] buffer, as [1, h, b - a, d].
+    let part = |x: &[f32], h: usize, a: usize, b: usize| {
+        let rows: Vec<f32> = (0..h)
+            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
+            .collect();
+        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
+    };
+    let heads = |h: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let infos = [heads(hq), heads(hk), heads(hk)];
+    let scale = 0.5;
+    let given = [
+        ("scale", Value::Float(scale)),
+        ("window", Value::Int(window as i64)),
+        ("chunk_window", Value::Int(chunk as i64)),
+    ];
+    let op = build("attention", &given, &infos, vec![]);
+    let dims = (hq, hk, t, d);
+    // A whole forward is one multi-token call: every query sees `chunk`.
+    let whole = [
+        part(&qs, hq, 0, t),
+        part(&ks, hk, 0, t),
+        part(&vs, hk, 0, t),
+    ];
+    let want = reference_attention(&qs, &ks, &vs, dims, scale, Some(chunk), None);
+    close(
+        &run(op.as_ref(), &[&whole[0], &whole[1], &whole[2]], 0),
+        &want,
+        2e-5,
+    );
+    // Through the rotating cache of `window` positions: two chunks, then
+    // single steps. A chunk's queries see `chunk` positions, but only the
+    // `window - 1` cached ones before the chunk (so its first query sees
+    // `window`); a single step sees the `window` the cache keeps.
+    let calls = [(0, 4), (4, 8), (8, 9), (9, 10), (10, 11)];
+    let call_of = |i: usize| calls.iter().copied().find(|&(a, b)| a <= i && i < b);
+    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |i, j| {
+        let (a, b) = call_of(i).expect("a call");
+        let w = if b - a > 1 { chunk } else { window };
+        i - j < w && j + window > a
+    });
+    let mut slot = crate::cache::CacheKind::Window(window as i32).create(Default::default());
+    let mut got = vec![0.0f32; hq * t * d];
+    for (a, b) in calls {
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            cache: Some(&mut slot),
+        };
+        let xs = [
+            part(&qs, hq, a, b),
+            part(&ks, hk, a, b),
+            part(&vs, hk, a, b),
+        ];
+        let y = op
+            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
+            .and_then(|y| y.contiguous())
+            .expect("forward");
+        y.eval().expect("eval");
+        let y = y.as_slice::<f32>();
+        for h in 0..hq {
+            let rows = (b - a) * d;
+            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
+        }
+    }
+    close(&got, &want, 2e-5);
+    // A chunk window needs a window, and cannot be narrower than it.
+    for (w, c, msg) in [
+        (Value::Null, 4, "needs a window"),
+        (Value::Int(3), 2, "2 is below window 3"),
+    ] {
+        let entry = lookup("attention").expect("op");
+        let values: Vec<Value> = entry
+            .schema
+            .params
+            .iter()
+            .map(|def| match def.name {
+                "scale" => Value::Float(scale),
+                "window" => w.clone(),
+                "chunk_window" => Value::Int(c),
+                _ => def.default.map_or(Value::Null, |d| d()),
+            })
+            .collect();
+        let op = (entry.parse)(&values).expect("parse");
+        let err = op.resolve("", &infos).expect_err("refused");
+        assert_eq!(err.field, "chunk_window");
+        assert!(err.msg.contains(msg), "{}", err.msg);
     }
 }
 

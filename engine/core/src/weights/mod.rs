@@ -211,7 +211,10 @@ pub fn load_safetensors_dir(dir: &Path, progress: Option<&LoadProgress>) -> Resu
 /// A callback told of weight-loading progress: (files read, files, the
 /// file being read next, or the checkpoint at the end).
 #[derive(Clone)]
-pub struct LoadProgress(pub std::sync::Arc<dyn Fn(usize, usize, &Path) + Send + Sync>);
+pub struct LoadProgress(pub std::sync::Arc<ProgressFn>);
+
+/// See [`LoadProgress`].
+pub type ProgressFn = dyn Fn(usize, usize, &Path) + Send + Sync;
 
 impl std::fmt::Debug for LoadProgress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -7,6 +7,7 @@ op! {
         scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
         causal: bool = true, "mask future positions";
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those)";
+        chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
     }
 }
@@ -15,6 +16,13 @@ impl Attention {
     /// The sliding window as the cache counts it.
     pub fn window_size(&self) -> Option<i32> {
         self.window.map(|w| w.0.min(i32::MAX as i64) as i32)
+    }
+
+    /// The window the mask of a multi-token call allows.
+    pub fn chunk_window_size(&self) -> Option<i32> {
+        self.chunk_window
+            .map(|w| w.0.min(i32::MAX as i64) as i32)
+            .or(self.window_size())
     }
 
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
@@ -26,6 +34,21 @@ impl Attention {
                 "in",
                 format!("q head size {dq} != k head size {dk}"),
             ));
+        }
+        match (self.chunk_window, self.window) {
+            (Some(_), None) => {
+                return Err(OpError::new(
+                    "chunk_window",
+                    "needs a window (the positions the cache keeps)",
+                ))
+            }
+            (Some(c), Some(w)) if c.0 < w.0 => {
+                return Err(OpError::new(
+                    "chunk_window",
+                    format!("{} is below window {}", c.0, w.0),
+                ))
+            }
+            _ => {}
         }
         if hk != hv {
             return Err(OpError::new("in", format!("k has {hk} heads, v has {hv}")));
