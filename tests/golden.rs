@@ -24,39 +24,92 @@ fn check_case(name: &str) {
 }
 
 /// One test per case, so a case runs and reports alone
-/// (`cargo test golden::case::qwen3`).
+/// (`cargo test golden::case::qwen3`); `test_name = "folder"` where the
+/// folder's name is not a Rust name.
 macro_rules! golden_cases {
-    ($($case:ident),+ $(,)?) => {
+    ($($case:ident $(= $dir:literal)?),+ $(,)?) => {
         mod case {
             $(
                 #[test]
                 fn $case() {
-                    super::check_case(stringify!($case));
+                    super::check_case(golden_cases!(@dir $case $($dir)?));
                 }
             )+
         }
-        const CASES: &[&str] = &[$(stringify!($case)),+];
+        const CASES: &[&str] = &[$(golden_cases!(@dir $case $($dir)?)),+];
     };
+    (@dir $case:ident $dir:literal) => { $dir };
+    (@dir $case:ident) => { stringify!($case) };
 }
 
 golden_cases!(
+    afmoe,
+    afmoe_q4,
+    afmoe_softmax_groups,
+    baichuan_m1,
+    bailing_moe,
+    bailing_moe_q4,
+    bailing_moe_sigmoid,
     cohere,
+    cohere2,
     cohere_ln_bias,
     cohere_qk_norm,
+    deepseek,
+    deepseek_hf,
     deepseek_v2,
     deepseek_v2_group_overflow,
     deepseek_v3,
     deepseek_v3_q4,
+    dots1,
+    dots1_hf,
+    ernie4_5,
+    ernie4_5_moe,
+    ernie4_5_moe_sigmoid,
+    exaone,
+    exaone4,
+    exaone4_global,
+    exaone_moe,
+    falcon_h1,
+    falcon_h1_norm_before_gate,
+    falcon_h1_rms_norm,
     gemma,
     gemma2,
+    gemma3,
     gemma3_text,
     gemma3_text_untied,
+    gemma3_untied,
+    glm,
+    glm4,
+    glm4_moe,
+    glm4_moe_lite,
     gpt2,
     gpt2_q4,
+    gpt_bigcode,
+    gpt_bigcode_mha,
     gpt_neox,
+    gptj,
+    gptj_hf,
     granite,
+    granitemoe,
+    granitemoe_q4,
+    granitemoehybrid,
+    granitemoehybrid_dense,
+    granitemoehybrid_q4,
+    helium,
+    hunyuan_v1_dense,
     internlm2,
+    internlm3,
+    iquestcoder,
+    joyai_llm_flash,
+    kimi_k2,
+    kimi_k25,
+    kimi_vl,
+    klear = "Klear",
+    klear_hf = "Klear_hf",
     lfm2,
+    lfm2_moe,
+    lfm2_vl = "lfm2-vl",
+    lille_130m = "lille-130m",
     llama,
     llama_hd32,
     llama_linear_rope,
@@ -64,27 +117,56 @@ golden_cases!(
     llama_rope_llama3,
     llama_sliding,
     llama_yarn,
+    llava,
     mamba2,
+    mellum,
+    mimo,
     minicpm,
+    minicpm3,
+    minimax,
+    minimax_m2,
     mistral,
+    mistral3,
     mixtral,
+    nemotron_nas = "nemotron-nas",
     olmo2,
+    olmo3,
+    olmoe,
+    openelm,
     phi,
     phi3,
     phi3_longrope_traditional,
+    pixtral,
+    plamo3,
+    plamo3_short_window,
+    qwen,
     qwen2,
+    qwen2_5_vl,
     qwen2_moe,
+    qwen2_vl,
     qwen3,
+    qwen3_5,
+    qwen3_5_moe,
+    qwen3_5_moe_q4,
     qwen3_moe,
     qwen3_moe_hf,
     qwen3_moe_q4,
     qwen3_next,
     qwen3_rope_parameters,
+    qwen3_vl,
+    qwen3_vl_moe,
+    qwen3_vl_moe_q4,
+    seed_oss,
     smollm3,
+    spark2_5,
+    spark2_5_hf,
     stablelm,
     stablelm_parallel,
     stablelm_qk_layernorm,
     starcoder2,
+    telechat3,
+    xverse,
+    youtu_llm,
 );
 
 /// Every case under `goldens/` has its test above.
