@@ -12,6 +12,13 @@ for each, records its whole-prompt logits, prefill-then-decode logits and
 greedy tokens (an encoder: its last hidden states) as a golden case without
 taps, and asks `lmspec golden` for the same.
 
+A VLM wrapper whose ModelArgs holds only model_type and text_config (gemma3,
+qwen2_vl, pixtral, kimi_vl, qwen3_5, ...) is sampled from its text model's
+keys instead: those of the text type its base case names
+(text_config.model_type), else of the wrapper's own text class, drawn under
+text_config ("text_config.KEY" in the reports), or at the top level where
+the base case keeps the text keys there (qwen2_vl, qwen3_5).
+
 Each sample ends as one of:
 
     match     lmspec agrees (float32 tolerance, identical greedy tokens)
@@ -35,6 +42,7 @@ Exit status 0 when no sample was a MISMATCH or UNCLEAR; 1 otherwise.
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import shutil
 import subprocess
@@ -98,6 +106,70 @@ def reference_fields(model_type):
         config = mg.build_config(model_type, {})
         _, args_class = mg._get_classes(config)
     return {f.name: f for f in dataclasses.fields(args_class)}
+
+
+TEXT = "text_config."
+TEXT_ARGS_NAMES = ("TextArgs", "TextModelArgs", "TextConfig")
+
+
+def text_reference(model_type, base):
+    """For a VLM wrapper whose ModelArgs reads text_config: (prefix, the
+    fields of the class that reads the text keys, the base text config);
+    prefix is "text_config." or "" when the base case has the text keys at
+    the top level (the wrapper's from_dict then takes them as text_config).
+    None for other types."""
+    if model_type in ENCODERS:
+        return None
+    model_class, args_class = mg._get_classes(base)
+    if "text_config" not in {f.name for f in dataclasses.fields(args_class)}:
+        return None
+    nested = isinstance(base.get("text_config"), dict)
+    text_base = base["text_config"] if nested else base
+    text_class = None
+    if nested:  # the text type the base case names
+        try:
+            text_class = mg._get_classes({"model_type": text_base.get("model_type")})[1]
+        except (ValueError, TypeError):
+            pass
+    # Else the wrapper's own text class (kimi_vl's TextArgs, qwen3_5's
+    # TextModelArgs, also where qwen3_5_moe's Model comes from), else the
+    # text model module it imports (qwen2_vl: qwen2).
+    modules = [sys.modules[args_class.__module__]]
+    modules += [sys.modules[c.__module__] for c in model_class.__mro__
+                if c.__module__.startswith("mlx_lm.models.")]
+    for module in modules:
+        if text_class is None:
+            text_class = next((getattr(module, n) for n in TEXT_ARGS_NAMES
+                               if dataclasses.is_dataclass(getattr(module, n, None))), None)
+    if text_class is None:
+        imported = {m.ModelArgs for m in vars(modules[0]).values()
+                    if inspect.ismodule(m) and m.__name__.startswith("mlx_lm.models.")
+                    and hasattr(m, "ModelArgs")}
+        if len(imported) != 1:
+            raise RuntimeError(f"{model_type}: no text model class found")
+        text_class = imported.pop()
+    fields = {f.name: f for f in dataclasses.fields(text_class) if f.name != "model_type"}
+    return (TEXT if nested else ""), fields, text_base
+
+
+def config_overrides(overrides, text_base):
+    """A sample's overrides as make_golden takes them: "text_config.KEY"
+    entries go into a copy of the base text_config."""
+    out = {k: v for k, v in overrides.items() if not k.startswith(TEXT)}
+    nested = {k[len(TEXT):]: v for k, v in overrides.items() if k.startswith(TEXT)}
+    if nested:
+        out["text_config"] = {**copy.deepcopy(out.get("text_config", text_base)), **nested}
+    return out
+
+
+def set_keys(overrides):
+    """The key names a sample sets, as lmspec may name them in a refusal."""
+    keys = list(overrides)
+    keys += [k[len(TEXT):] for k in overrides if k.startswith(TEXT)]
+    if isinstance(overrides.get("text_config"), dict):
+        keys += list(overrides["text_config"])
+        keys += [TEXT + k for k in overrides["text_config"]]
+    return keys
 
 
 def base_case(model_type):
@@ -250,9 +322,14 @@ def judge(lmspec, case_dir, keys):
                          timeout=300)
     if run.returncode == 0:
         return "match", ""
-    err = run.stderr.strip().splitlines()
-    if any(line.startswith("error:") for line in err):
-        message = next(line for line in err if line.startswith("error:"))
+    # A case lmspec cannot run: an "error:" line on stderr, or (since
+    # `lmspec golden` runs the remaining cases on) its row's "ERROR: ..."
+    # on stdout.
+    errors = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
+    errors += ["error: " + line.split(" ERROR: ", 1)[1] for line in run.stdout.splitlines()
+               if " ERROR: " in line]
+    if errors:
+        message = errors[0]
         if any(f"config.json: {k}" in message or f"config.json: {k}," in message
                or f" {k}: " in message or f"{k} = " in message for k in keys):
             return "refused", message
@@ -261,30 +338,42 @@ def judge(lmspec, case_dir, keys):
     return "MISMATCH", (row[-1] if row else run.stdout.strip()[-300:])
 
 
-def attempt(lmspec, model_type, overrides, seed, case_dir, quant=None, tries=6):
+def attempt(lmspec, model_type, overrides, seed, case_dir, quant=None, tries=6, text_base=None):
     """Records and judges one sample; None when mlx-lm rejects the config."""
+    config = config_overrides(overrides, text_base)
     for k in range(tries):
         try:
             if model_type in ENCODERS:
-                margin = record_encoder(model_type, overrides, seed + 1000 * k, case_dir)
+                margin = record_encoder(model_type, config, seed + 1000 * k, case_dir)
             else:
-                margin = record(model_type, overrides, seed + 1000 * k, case_dir, quant)
+                margin = record(model_type, config, seed + 1000 * k, case_dir, quant)
         except Exception as e:  # the reference's own refusal: not a sample
             return None, f"{type(e).__name__}: {e}"
         if margin >= mg.MIN_GREEDY_MARGIN:
-            return judge(lmspec, case_dir, [key for key in overrides]), ""
+            return judge(lmspec, case_dir, set_keys(overrides)), ""
     return None, "greedy near-ties with every seed tried"
 
 
-def minimise(lmspec, model_type, overrides, seed, case_dir, outcome, quant=None):
+def minimise(lmspec, model_type, overrides, seed, case_dir, outcome, quant=None, text_base=None):
     """The keys that keep the failure when the others go back to the base."""
     keys = dict(overrides)
     for key in list(keys):
         trial = {k: v for k, v in keys.items() if k != key}
-        result, _ = attempt(lmspec, model_type, trial, seed, case_dir, quant)
+        result, _ = attempt(lmspec, model_type, trial, seed, case_dir, quant, text_base=text_base)
         if result is not None and result[0] == outcome:
             keys = trial
     return keys
+
+
+def claimed_types(line):
+    """The model types of one `lmspec spec list` row: the comma-separated
+    list after the spec's name ("llama, mistral, iquestcoder, xverse")."""
+    types = []
+    for word in line.split()[1:]:
+        types.append(word.rstrip(","))
+        if not word.endswith(","):
+            break
+    return types
 
 
 def main(argv=None):
@@ -299,8 +388,8 @@ def main(argv=None):
 
     claimed = subprocess.run([args.lmspec, "spec", "list"], capture_output=True, text=True,
                              check=True).stdout
-    types = sorted({t.strip(",") for line in claimed.splitlines() for t in line.split()[1:3]
-                    if t.strip(",") in ENCODERS or base_case(t.strip(","))})
+    types = sorted({t for line in claimed.splitlines() for t in claimed_types(line)
+                    if t in ENCODERS or base_case(t)})
     if args.types:
         types = [t for t in args.types.split(",") if t]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lmspec-fuzz-configs-"))
@@ -314,16 +403,23 @@ def main(argv=None):
             case = base_case(model_type)
             base = mg.build_config(model_type, case.get("config", {}))
         fields = reference_fields(model_type)
+        text = text_reference(model_type, base)
+        prefix, text_base = "", None
+        if text is not None:  # a VLM wrapper: its text model's keys
+            prefix, fields, text_base = text
+            base = text_base
         rng = np.random.RandomState([args.seed, sum(map(ord, model_type))])
         counts = dict.fromkeys(totals, 0)
         rejected, k = 0, 0
         while sum(counts.values()) < args.per_type and rejected < 10 * args.per_type:
-            overrides = {**case.get("config", {}), **sample(rng, model_type, fields, base)}
+            drawn = sample(rng, model_type, fields, base)
+            overrides = {**case.get("config", {}), **{prefix + key: v for key, v in drawn.items()}}
             quant = None if model_type in ENCODERS else sample_quant(rng)
             seed = int(rng.randint(1 << 30))
             case_dir = work / f"{model_type}-{k:03d}"
             k += 1
-            result, why = attempt(args.lmspec, model_type, overrides, seed, case_dir, quant)
+            result, why = attempt(args.lmspec, model_type, overrides, seed, case_dir, quant,
+                                  text_base=text_base)
             if result is None:
                 rejected += 1
                 continue
@@ -332,7 +428,8 @@ def main(argv=None):
             if args.verbose and outcome == "refused":
                 print(f"  refused {model_type}: {detail[:300]}")
             if outcome in ("MISMATCH", "UNCLEAR"):
-                keys = minimise(args.lmspec, model_type, overrides, seed, case_dir, outcome, quant)
+                keys = minimise(args.lmspec, model_type, overrides, seed, case_dir, outcome, quant,
+                                text_base=text_base)
                 if quant:
                     keys["(quantization)"] = quant
                 failures.append((model_type, outcome, keys, detail))

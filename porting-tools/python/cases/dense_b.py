@@ -82,11 +82,17 @@ CASES = [
 
 
 def register(mg):
+    # mlx-lm's olmo3 needs a full and a sliding layer: its 4 layers (every
+    # 4th full) stay as in the base case.
+    mg.FUZZ_FIXED_DIMS.add("olmo3")
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["gptj"] = list(mg.BASE_CONFIG)
     mg.TYPE_UNUSED_BASE_KEYS["gpt_bigcode"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
+    # A window (3) shorter than the prompt: plamo3's sliding layer sees 4
+    # keys in a multi-token call, 3 in a decode step (attention chunk_window).
+    mg.CASES.append(mg._derived("plamo3", "plamo3_short_window", {"sliding_window": 3}, seed=0))
     mg.HF_LAYOUTS["gptj"] = (gptj_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["spark2_5"] = (spark2_5_to_hf, {"format": "pt"})
     mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"olmo3"}
@@ -158,8 +164,10 @@ def register(mg):
         mg.Tap("model.layers.layers.{i}.post_mlp_norm", "layers.{i}.post_mlp_norm"),
         mg.Tap("model.layers.layers.{i}", "layers.{i}"),
     ]
-    # gpt_bigcode: gpt2's layout under transformer.*.
-    mg.TAPS[_after(mg, "model.final_layer_norm", "norm"):0] = [
+    # gpt_bigcode: gpt2's layout under transformer.*. Only for gpt_bigcode:
+    # exaone and qwen (dense_a) share these paths, with other meanings
+    # (exaone's attn is a holder whose attn.attention does the work).
+    rows = [
         mg.Tap("transformer.wte", "embed"),
         mg.Tap("transformer.wpe", "pos_embed"),
         mg.Tap("transformer.h.{i}.ln_1", "layers.{i}.attn_norm"),
@@ -174,6 +182,8 @@ def register(mg):
         mg.Tap("transformer.h.{i}", "layers.{i}"),
         mg.Tap("transformer.ln_f", "norm"),
     ]
+    at = _after(mg, "model.final_layer_norm", "norm")
+    mg.TAPS[at:at] = [dataclasses.replace(row, applies=_bigcode) for row in rows]
     _skip_layer_walks(mg, {"plamo3"})
     for k, row in enumerate(mg.TAPS):
         types = skip.get((row.module, row.name, row.residual))
@@ -222,6 +232,10 @@ def _skip_layer_walks(mg, types):
             check_block_math(model, model_type, config, taps, compare, have)
 
     mg.routing_stats, mg.check_block_math = routing_stats_, check_block_math_
+
+
+def _bigcode(model_type, config):
+    return model_type == "gpt_bigcode"
 
 
 def _after(mg, module, name):

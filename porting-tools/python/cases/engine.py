@@ -10,6 +10,8 @@ mlx-lm conversion) it loads back bit for bit; the "baichuan_m1" layout
 saves the raw matrix instead (as a Hugging Face checkpoint stores it), so
 the engine's own normalisation is what the case checks.
 """
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 
@@ -120,6 +122,10 @@ def _baichuan_raw_head(weights, config):
     return out
 
 
+def _openelm(model_type, config):
+    return model_type == "openelm"
+
+
 def _index(mg, module, name):
     return next(k for k, r in enumerate(mg.TAPS) if r.module == module and r.name == name)
 
@@ -169,8 +175,9 @@ def register(mg):
     _insert_after(mg, "model.layers.{i}.mlp.down_proj", "layers.{i}.mlp.down", [
         Tap("model.layers.{i}.mlp.linear", "layers.{i}.mlp_linear")])
     # openelm (transformer.*): fused qkv_proj, q/k norms on [B, H, T, D],
-    # fused proj_1 = [gate | up].
-    mg.TAPS[_index(mg, "", "logits"):0] = [
+    # fused proj_1 = [gate | up]. Only for openelm: lille-130m (dense_a)
+    # has transformer.layers.{i} and transformer.norm too.
+    rows = [
         Tap("transformer.token_embeddings", "embed"),
         Tap("transformer.layers.{i}.attn_norm", "layers.{i}.attn_norm"),
         Tap("transformer.layers.{i}.attn.qkv_proj", "layers.{i}.attn.qkv", detail=True),
@@ -188,3 +195,5 @@ def register(mg):
         Tap("transformer.layers.{i}", "layers.{i}"),
         Tap("transformer.norm", "norm"),
     ]
+    at = _index(mg, "", "logits")
+    mg.TAPS[at:at] = [dataclasses.replace(row, applies=_openelm) for row in rows]
