@@ -342,6 +342,45 @@ fn a_file_whose_content_does_not_match_its_hash_is_rejected() {
     assert!(left.is_empty(), "the bad blob stays: {left:?}");
 }
 
+/// A download that fails its check once is fetched again; a cached file
+/// damaged later is found and fetched again by `pull`.
+#[test]
+fn a_bad_download_or_a_damaged_cached_file_is_fetched_again() {
+    let hub = HubServer::start();
+    let files = tiny_files();
+    let weights = files[1].1.clone();
+    hub.add_repo("test-org/tiny", files);
+    hub.corrupt_times("model.safetensors", 1);
+    let home = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = run(&mut lmspec_cmd(
+        &hub,
+        home.path(),
+        &["pull", "test-org/tiny"],
+    ));
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("model.safetensors: sha256") && err.contains("fetching it again"),
+        "{err}"
+    );
+    let file = PathBuf::from(out.trim()).join("model.safetensors");
+    assert_eq!(std::fs::read(&file).expect("read"), weights);
+    // Damage the cached blob: a plain run uses the cache as is, `pull`
+    // re-checks it and fetches it again.
+    let blob = std::fs::canonicalize(&file).expect("blob");
+    let mut damaged = weights.clone();
+    damaged[100] ^= 1;
+    std::fs::write(&blob, &damaged).expect("write");
+    hub.take_log();
+    let (ok, _, err) = run(&mut lmspec_cmd(
+        &hub,
+        home.path(),
+        &["pull", "test-org/tiny"],
+    ));
+    assert!(ok, "{err}");
+    assert!(err.contains("fetching it again"), "{err}");
+    assert_eq!(std::fs::read(&file).expect("read"), weights);
+}
+
 #[test]
 fn a_cache_written_by_python_huggingface_hub_is_used_as_is() {
     let hub = HubServer::start();

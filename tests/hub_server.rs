@@ -12,7 +12,7 @@
 //!   repositories (401 without a token, 403 with a wrong one), and faults:
 //!   a file that stalls or drops the connection after some bytes, or whose
 //!   content does not match its advertised hash.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,7 @@ struct State {
     gated: HashMap<String, String>,
     stall: Option<(String, usize)>,
     drop_after: Option<(String, usize)>,
-    corrupt: HashSet<String>,
+    corrupt: HashMap<String, usize>,
     log: Vec<String>,
 }
 
@@ -129,7 +129,12 @@ impl HubServer {
 
     /// `file` is served with one byte changed (its advertised hash kept).
     pub fn corrupt(&self, file: &str) {
-        self.lock().corrupt.insert(file.into());
+        self.corrupt_times(file, usize::MAX);
+    }
+
+    /// Like [`Self::corrupt`] for the next `times` times it is served.
+    pub fn corrupt_times(&self, file: &str, times: usize) {
+        self.lock().corrupt.insert(file.into(), times);
     }
 
     /// Requests so far, as `METHOD PATH [range]`, and clears the log.
@@ -425,9 +430,17 @@ fn send_file(
     headers.push(("Content-Length".into(), (end - start).to_string()));
     let mut body = file.content[start..end].to_vec();
     let (corrupt, stall, drop_after) = {
-        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        // The size probe (one byte) does not count as a serving.
+        let corrupt = match st.corrupt.get_mut(name) {
+            Some(n) if *n > 0 && end - start > 1 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
         (
-            st.corrupt.contains(name),
+            corrupt,
             st.stall.clone().filter(|(f, _)| f == name),
             st.drop_after.clone().filter(|(f, _)| f == name),
         )

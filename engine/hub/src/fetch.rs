@@ -291,26 +291,62 @@ impl Ctx<'_> {
             }
         }
         let what = format!("downloading {file}");
-        let mut attempt = 0;
+        // A download that fails its check is fetched once more before the
+        // run fails.
+        let mut attempts = 0;
+        let path = loop {
+            attempts += 1;
+            let path = self.download(handle, file, &local, sib, reporter, &what)?;
+            match check(&path, sib) {
+                Ok(()) => break path,
+                Err(detail) => {
+                    remove_with_blob(&path);
+                    if attempts >= 2 {
+                        return Err(HubError::Corrupt {
+                            repo: self.repo.into(),
+                            file: file.into(),
+                            detail,
+                        });
+                    }
+                    eprintln!("lmspec: {}: {file}: {detail}; fetching it again", self.repo);
+                }
+            }
+        };
+        fetched.0 += 1;
+        fetched.1 += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Ok(path)
+    }
+
+    /// One download of `file` through hf-hub into the snapshot.
+    fn download(
+        &self,
+        handle: &ApiRepo,
+        file: &str,
+        local: &Path,
+        sib: Option<&Sibling>,
+        reporter: &Reporter,
+        what: &str,
+    ) -> Result<PathBuf, HubError> {
+        let mut restarted = false;
         let path = loop {
             let out = catch_quietly(|| handle.download_with_progress(file, reporter.file(file)))
                 .map_err(|why| {
-                    self.network(&what, format!("the download library failed ({why})"))
+                    self.network(what, format!("the download library failed ({why})"))
                 })?;
             match out {
                 Ok(p) => break p,
                 // A partial download longer than the file: start over once.
-                Err(ApiError::InvalidResume) if attempt == 0 => {
-                    attempt += 1;
-                    remove_oversized_parts(&local, sib.and_then(Sibling::size));
+                Err(ApiError::InvalidResume) if !restarted => {
+                    restarted = true;
+                    remove_oversized_parts(local, sib.and_then(Sibling::size));
                 }
-                Err(e) => return Err(self.api_error(&what, e)),
+                Err(e) => return Err(self.api_error(what, e)),
             }
         };
         if path != local {
             remove_with_blob(&path);
             return Err(self.network(
-                &what,
+                what,
                 format!(
                     "the revision moved while fetching (now {}); run again",
                     path.parent()
@@ -319,16 +355,6 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        if let Err(detail) = check(&path, sib) {
-            remove_with_blob(&path);
-            return Err(HubError::Corrupt {
-                repo: self.repo.into(),
-                file: file.into(),
-                detail,
-            });
-        }
-        fetched.0 += 1;
-        fetched.1 += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         Ok(path)
     }
 
