@@ -69,6 +69,7 @@ golden_cases!(
     exaone4,
     exaone4_global,
     exaone_moe,
+    exaone_q4,
     falcon_h1,
     falcon_h1_norm_before_gate,
     falcon_h1_rms_norm,

@@ -255,7 +255,9 @@ impl Model {
             file: tensor_file.to_path_buf(),
             msg: format!("weight rules of {}: {msg}", spec.file.display()),
         })?;
-        let quant = Quantization::from_config(json, config_file)?.with_ties(applied.ties);
+        let quant = Quantization::from_config(json, config_file)?
+            .with_renames(&applied.renames)
+            .with_ties(applied.ties);
         let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
         let dense = opts.weights.dequantizes(&params);
         if dense {

@@ -59,6 +59,7 @@ dump_tests!(
     exaone4,
     exaone4_global,
     exaone_moe,
+    exaone_q4,
     falcon_h1,
     falcon_h1_norm_before_gate,
     falcon_h1_rms_norm,

@@ -146,6 +146,11 @@ def register(mg):
         {"name": "mimo", "model_type": "mimo", "seed": 2, "config": {"num_nextn_predict_layers": 1},
          "hf_layout": "mimo_mtp"},
     ]
+    # 4-bit with one module at 8 bits under mlx-lm's name: the spec renames
+    # that module, and the override follows the rename.
+    mg.CASES.append(mg._derived("exaone", "exaone_q4", quantize={
+        "bits": 4, "group_size": 32,
+        "overrides": {"transformer.h.1.attn.attention.q_proj": {"group_size": 32, "bits": 8}}}))
 
     rows = [
         # exaone / qwen (transformer.h.{i}).

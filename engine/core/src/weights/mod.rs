@@ -338,7 +338,20 @@ impl Quantization {
         self
     }
 
-    fn for_module(&self, module: &str) -> Option<(i32, i32)> {
+    /// Follows the weight rules' module renames (old, new; in rule order):
+    /// an override written under a checkpoint's module name also applies
+    /// under the name the rules gave that module.
+    pub fn with_renames(mut self, renames: &[(String, String)]) -> Quantization {
+        for (old, new) in renames {
+            if let Some(o) = self.overrides.get(old).copied() {
+                self.overrides.entry(new.clone()).or_insert(o);
+            }
+        }
+        self
+    }
+
+    /// The (group size, bits) of a module; `None`: not quantized.
+    pub fn for_module(&self, module: &str) -> Option<(i32, i32)> {
         if let Some(o) = self.overrides.get(module) {
             return *o;
         }
@@ -575,4 +588,37 @@ pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_follow_the_rules_renames_and_ties() {
+        let config = serde_json::json!({"quantization": {
+            "group_size": 64, "bits": 4,
+            "transformer.h.0.attn": {"group_size": 32, "bits": 8},
+            "transformer.h.1.attn": false,
+        }});
+        let renames = [
+            (
+                "transformer.h.0.attn".to_string(),
+                "model.layers.0.self_attn".to_string(),
+            ),
+            (
+                "transformer.h.1.attn".to_string(),
+                "model.layers.1.self_attn".to_string(),
+            ),
+        ];
+        let q = Quantization::from_config(&config, Path::new("config.json"))
+            .expect("valid")
+            .with_renames(&renames)
+            .with_ties(vec![("lm_head".into(), "model.layers.0.self_attn".into())]);
+        assert_eq!(q.for_module("model.layers.0.self_attn"), Some((32, 8)));
+        assert_eq!(q.for_module("transformer.h.0.attn"), Some((32, 8)));
+        assert_eq!(q.for_module("model.layers.1.self_attn"), None);
+        assert_eq!(q.for_module("lm_head"), Some((32, 8)));
+        assert_eq!(q.for_module("model.embed_tokens"), Some((64, 4)));
+    }
 }

@@ -13,11 +13,13 @@ use lmspec_spec::raw::RawRule;
 /// integer, so the expression sees that layer's `per_layer` entries.
 pub type RuleEval<'a> = &'a dyn Fn(&serde_yaml::Value, Ty, Option<i64>) -> Result<Value, String>;
 
-/// Tensors after the rules, and the ties that were made (target, source).
+/// Tensors after the rules, the ties that were made (target, source), and
+/// the modules renamed (old, new), in the order the rules ran.
 #[derive(Debug)]
 pub struct Applied<T = Array> {
     pub tensors: IndexMap<String, T>,
     pub ties: Vec<(String, String)>,
+    pub renames: Vec<(String, String)>,
 }
 
 /// What rules can rewrite: tensors, or their shapes read from headers.
@@ -212,6 +214,7 @@ pub fn apply<T: RuleValue>(
         )),
     };
     let mut ties = Vec::new();
+    let mut renames = Vec::new();
     for rule in rules {
         match rule {
             RawRule::Reshape { pattern, shape } => {
@@ -272,8 +275,13 @@ pub fn apply<T: RuleValue>(
                 for (k, v) in tensors {
                     let name = match from.matches(&k) {
                         Some(caps) => to.fill(&caps)?,
-                        None => k,
+                        None => k.clone(),
                     };
+                    if let Some(pair) = module_rename(&k, &name) {
+                        if !renames.contains(&pair) {
+                            renames.push(pair);
+                        }
+                    }
                     if out.insert(name.clone(), v).is_some() {
                         return Err(format!("rename gives two tensors the name '{name}'"));
                     }
@@ -317,7 +325,20 @@ pub fn apply<T: RuleValue>(
             }
         }
     }
-    Ok(Applied { tensors, ties })
+    Ok(Applied {
+        tensors,
+        ties,
+        renames,
+    })
+}
+
+/// The module rename behind a tensor rename (`a.b.weight` -> `c.weight`
+/// gives `a.b` -> `c`), when both names end in the same parameter name.
+fn module_rename(old: &str, new: &str) -> Option<(String, String)> {
+    let (old_module, old_param) = old.rsplit_once('.')?;
+    let (new_module, new_param) = new.rsplit_once('.')?;
+    (old != new && old_param == new_param && old_module != new_module)
+        .then(|| (old_module.to_string(), new_module.to_string()))
 }
 
 /// The `stack` rule: tensors matching `from` grouped by their `to` name,
@@ -407,6 +428,27 @@ mod tests {
         assert!(Pattern::parse("a.{i}{j}").is_err());
         let caps = IndexMap::new();
         assert!(Pattern::parse("x.{i}").unwrap().fill(&caps).is_err());
+    }
+
+    #[test]
+    fn renames_report_the_modules_they_move() {
+        let rule = RawRule::Rename {
+            from: "transformer.h.{i}.attn.{s}".into(),
+            to: "model.layers.{i}.self_attn.{s}".into(),
+        };
+        let mut t: IndexMap<String, Vec<i64>> = IndexMap::new();
+        for s in ["weight", "scales", "biases"] {
+            t.insert(format!("transformer.h.0.attn.{s}"), vec![4, 8]);
+        }
+        t.insert("lm_head.weight".into(), vec![3, 8]);
+        let out = apply(&[&rule], t, &no_eval).expect("renames");
+        assert_eq!(
+            out.renames,
+            vec![(
+                "transformer.h.0.attn".to_string(),
+                "model.layers.0.self_attn".to_string()
+            )]
+        );
     }
 
     #[test]
