@@ -256,15 +256,17 @@ fn unknown_gguf_tensor_type_is_a_clear_error() {
     let _guard = mlx_lock();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("odd.gguf");
-    // Type 16 is IQ2_XXS (256-value blocks of 66 bytes), which MLX cannot
-    // read (K-quants it converts to float16).
+    // Type 16 is IQ2_XXS (256-value blocks of 66 bytes), which our GGUF
+    // reader does not read.
     write_gguf(&file, 16, &[256], 66);
     let err = crate::support::load_model(&file, &library(), None).expect_err("unsupported type");
     match &err {
         Error::Weights { file: f, msg } => {
             assert_eq!(f, &file);
             assert!(
-                msg.contains("type: IQ2_XXS is not supported by MLX's GGUF reader"),
+                msg.contains(
+                    "tensor 'blk.0.attn_q.weight': type: IQ2_XXS (ggml type 16) is not supported"
+                ),
                 "{msg}"
             );
         }

@@ -3,6 +3,8 @@ mod bad_input;
 mod cli;
 mod embed;
 mod generation;
+mod gguf_quants;
+mod gguf_tokenizer;
 mod golden;
 mod hostile;
 mod hub;

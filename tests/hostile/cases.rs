@@ -437,13 +437,51 @@ pub fn gguf(s: &Scratch) -> Vec<Case> {
     let mut g = valid.clone();
     g.tensors[3].1 = vec![8, 4];
     add("gguf_wrong_shape", g.bytes(), &["q_proj"]);
+    // A type our reader does not read (IQ2_XXS), ids beyond ggml's table.
     let mut g = valid.clone();
-    g.tensors[3].2 = 12;
+    g.tensors[3].2 = 16;
     g.tensors[3].1 = vec![256, 1];
     add(
         "gguf_type_beyond_reader",
         g.bytes(),
-        &["blk.0.attn_q.weight"],
+        &["blk.0.attn_q.weight", "IQ2_XXS", "not supported"],
+    );
+    for id in [40u32, 1000, u32::MAX] {
+        let mut g = valid.clone();
+        g.tensors[3].2 = id;
+        add(
+            &format!("gguf_type_id_{id}"),
+            g.bytes(),
+            &["blk.0.attn_q.weight", "type", &id.to_string()],
+        );
+    }
+    // A K-quant tensor whose last blocks are cut off by the end of the file.
+    let mut g = valid.clone();
+    let last = g.tensors.len() - 1;
+    g.tensors[last].2 = 12;
+    g.tensors[last].1 = vec![256, 4];
+    add(
+        "gguf_kquant_truncated",
+        g.bytes(),
+        &["blk.0.ffn_down.weight", "past the end"],
+    );
+    // Byte sizes that disagree with the shape: more blocks than the space
+    // before the next tensor; a row that is not whole blocks.
+    let mut g = valid.clone();
+    g.tensors[3].2 = 8;
+    g.tensors[3].1 = vec![32, 16];
+    add(
+        "gguf_q8_0_size_vs_shape",
+        g.bytes(),
+        &["blk.0.attn_q.weight", "overlap"],
+    );
+    let mut g = valid.clone();
+    g.tensors[3].2 = 12;
+    g.tensors[3].1 = vec![100, 1];
+    add(
+        "gguf_kquant_partial_block",
+        g.bytes(),
+        &["blk.0.attn_q.weight", "Q4_K block size"],
     );
     let mut g = valid.clone();
     g.set("tokenizer.ggml.tokens", Gv::U32(5));

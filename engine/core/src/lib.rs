@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod error;
 pub mod gguf;
+pub mod gguf_tensors;
 pub mod model;
 pub mod ops;
 pub mod plan;

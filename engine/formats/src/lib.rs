@@ -20,6 +20,7 @@ macro_rules! bail {
 }
 
 pub mod gguf;
+pub mod gguf_data;
 pub mod guard;
 pub mod safetensors;
 #[cfg(test)]

@@ -84,9 +84,21 @@ pub fn safetensors_header(data: &[u8]) {
     let _ = lmspec_formats::safetensors::check_bytes(data, &Limits::default());
 }
 
-/// A GGUF file's header and tensor table.
+/// A GGUF file's header and tensor table, then each tensor's data.
 pub fn gguf_header(data: &[u8]) {
-    let _ = lmspec_formats::gguf::check_bytes(data, &Limits::default());
+    let Ok(h) = lmspec_formats::gguf::check_bytes(data, &Limits::default()) else {
+        return;
+    };
+    for t in &h.tensors {
+        let start = h.data_start.saturating_add(t.offset);
+        let end = start.saturating_add(t.bytes);
+        let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
+            continue;
+        };
+        if let Some(bytes) = data.get(start..end) {
+            let _ = lmspec_formats::gguf_data::decode(t, bytes);
+        }
+    }
 }
 
 /// A chat template, rendered over a conversation with tools.
