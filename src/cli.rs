@@ -133,8 +133,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct GenArgs {
-    /// Model directory, .gguf file or hub id ORG/NAME[@REVISION]
-    /// (default: the SmolLM2 GGUF installed by the setup).
+    /// Model directory, .gguf file, hub id ORG/NAME[@REVISION], or an
+    /// installed model's name: smollm2-135m (the default), gemma3-270m.
     #[arg(long)]
     model: Option<String>,
     /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
@@ -195,6 +195,11 @@ struct GenArgs {
 /// (`ORG/NAME[@REVISION]`) as its folder or `.gguf` file in the hub cache,
 /// fetched first when the cache lacks a file the model needs.
 fn model_path(text: &str, gguf_file: &Option<String>) -> Result<PathBuf> {
+    if !Path::new(text).exists() {
+        if let Some(p) = lmspec::installed_model(text) {
+            return Ok(p);
+        }
+    }
     let source = lmspec::hub::ModelSource::parse(text);
     let mut opts = lmspec::hub::HubOptions::from_env();
     opts.gguf_file = gguf_file.clone();
@@ -425,8 +430,10 @@ impl GenArgs {
             .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
         let opts = load_options(specs, plan)?;
         let source = match &self.model {
-            Some(m) => lmspec::hub::ModelSource::parse(m),
-            None => lmspec::hub::ModelSource::Path(self.model_path()?),
+            Some(m) if Path::new(m).exists() || lmspec::installed_model(m).is_none() => {
+                lmspec::hub::ModelSource::parse(m)
+            }
+            _ => lmspec::hub::ModelSource::Path(self.model_path()?),
         };
         let mut hub = lmspec::hub::HubOptions::from_env();
         hub.gguf_file = self.gguf_file.clone();

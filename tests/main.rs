@@ -4,6 +4,7 @@ mod cli;
 mod embed;
 mod generation;
 mod gguf_quants;
+mod gguf_reference;
 mod gguf_tokenizer;
 mod golden;
 mod hostile;
