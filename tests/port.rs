@@ -32,6 +32,43 @@ fn specs_copy(edit: &[(&str, &dyn Fn(String) -> String)], drop: &[&str]) -> (Tem
     (dir, lib)
 }
 
+/// `models/NAME.yaml` of `base` and of every spec whose `extends` chain
+/// reaches it.
+fn extending(base: &str) -> Vec<String> {
+    let mut parents: Vec<(String, Option<String>, String)> = Vec::new();
+    for entry in fs::read_dir(root().join("specs/models")).expect("specs") {
+        let p = entry.expect("entry").path();
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&fs::read_to_string(&p).expect("read")).expect("yaml");
+        let stem = p.file_stem().expect("stem").to_string_lossy().to_string();
+        let name = doc["name"].as_str().map(str::to_string).unwrap_or(stem);
+        let file = format!("models/{}", p.file_name().expect("name").to_string_lossy());
+        parents.push((name, doc["extends"].as_str().map(str::to_string), file));
+    }
+    let reaches = |start: &str| {
+        let mut name = start.to_string();
+        for _ in 0..parents.len() {
+            if name == base {
+                return true;
+            }
+            match parents
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .and_then(|(_, e, _)| e.clone())
+            {
+                Some(parent) => name = parent,
+                None => return false,
+            }
+        }
+        false
+    };
+    parents
+        .iter()
+        .filter(|(n, _, _)| reaches(n))
+        .map(|(_, _, f)| f.clone())
+        .collect()
+}
+
 fn run_diff(case: &str, lib: &SpecLibrary, spec: Option<&str>) -> diff::DiffReport {
     let _guard = mlx_lock();
     let golden = goldens().join(case);
@@ -115,15 +152,11 @@ fn wrong_rope_theta_is_found_at_the_rope() {
 
 #[test]
 fn scaffold_drafts_qwen3_from_the_other_specs() {
-    // qwen3_moe (and qwen3_next, through it) extend qwen3: they go too.
-    let (dir, lib) = specs_copy(
-        &[],
-        &[
-            "models/qwen3.yaml",
-            "models/qwen3_moe.yaml",
-            "models/qwen3_next.yaml",
-        ],
-    );
+    // Every spec that extends qwen3, directly or not, goes too.
+    let gone = extending("qwen3");
+    let drop: Vec<&str> = gone.iter().map(String::as_str).collect();
+    assert!(drop.contains(&"models/qwen3_moe.yaml"), "{drop:?}");
+    let (dir, lib) = specs_copy(&[], &drop);
     let model = goldens().join("qwen3/model");
     let draft = {
         let _guard = mlx_lock();

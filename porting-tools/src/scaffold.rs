@@ -127,12 +127,14 @@ fn evaluate(
     fit
 }
 
-/// Share of the top-level config keys a spec needs (its bindings' `from`
-/// keys, or their names) that `config` holds; bindings with a constant
-/// `value` or a `per_layer` expression read nothing, optional ones are not
-/// needed.
+/// How well a spec's config keys and the checkpoint's agree: the harmonic
+/// mean of the share of the keys the spec needs (its bindings' `from` keys,
+/// or their names; constant `value`s, `per_layer` expressions and optional
+/// ones need nothing) that `config` holds, and the share of `config`'s keys
+/// (but `model_type` and quantization) that the spec reads at all.
 fn config_fit(spec: &Spec, config: &serde_json::Value) -> f64 {
-    let keys: Vec<String> = spec
+    let top = |k: &str| k.split('.').next().unwrap_or_default().to_string();
+    let needed: Vec<String> = spec
         .config
         .iter()
         .filter(|(_, d)| d.item.value.is_none() && d.item.per_layer.is_none() && !d.item.optional)
@@ -143,19 +145,36 @@ fn config_fit(spec: &Spec, config: &serde_json::Value) -> f64 {
                 .as_ref()
                 .map(|f| f.to_vec())
                 .filter(|v| !v.is_empty());
-            from.and_then(|v| v.first().cloned())
-                .unwrap_or_else(|| k.clone())
+            top(&from
+                .and_then(|v| v.first().cloned())
+                .unwrap_or_else(|| k.clone()))
         })
-        .map(|k| k.split('.').next().unwrap_or_default().to_string())
         .collect();
-    if keys.is_empty() {
+    let read = spec.checkpoint_keys();
+    let given: Vec<&String> = config
+        .as_object()
+        .map(|o| {
+            o.keys()
+                .filter(|k| {
+                    !["model_type", "quantization", "quantization_config"].contains(&k.as_str())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if needed.is_empty() || given.is_empty() {
         return 0.0;
     }
-    let present = keys
+    let precision = needed
         .iter()
         .filter(|k| config.get(k.as_str()).is_some())
-        .count();
-    present as f64 / keys.len() as f64
+        .count() as f64
+        / needed.len() as f64;
+    let recall =
+        given.iter().filter(|k| read.contains(k.as_str())).count() as f64 / given.len() as f64;
+    if precision + recall == 0.0 {
+        return 0.0;
+    }
+    2.0 * precision * recall / (precision + recall)
 }
 
 /// Current values of the spec's boolean config entries for this config.
@@ -318,7 +337,7 @@ pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
     let mut yaml = format!(
         "# Draft spec written by `lmspec port scaffold` for {}.\n\
                   # Nearest spec: {} (weight inventory fit {:.3}; {:.3} with the switches below;\n\
-         # config keys it reads present: {:.0}%).\n\
+         # config key agreement: {:.0}%).\n\
          # Check it with: lmspec port diff --golden <case> --spec <this file>\n\
          spec_version: 1\nname: {mt}\nextends: {}\nmodel_types: [{mt}]\n",
         model_dir.display(),
