@@ -79,6 +79,9 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_reference_strings import PROMPTS, TOKENIZE_STRINGS  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "porting-tools/python/make_llama_cpp_reference.py"
 DEFAULT_MODEL = ".venv/models/gemma-3-270m-q4_k_m.gguf"
@@ -94,56 +97,6 @@ SEED = 0
 GEN_TOKENS = 32
 TOP_K_FIRST = 5
 
-PROMPTS = [
-    "Water boils at a temperature of",
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Shopping list:\n1. Milk\n2. Eggs\n3.",
-    "La tour Eiffel est située à Paris. Elle a été construite en",
-]
-
-TOKENIZE_STRINGS = [
-    "",
-    " ",
-    "  ",
-    "Hello",
-    " Hello",
-    "Hello world",
-    "Hello  world",
-    "   leading spaces",
-    "trailing spaces   ",
-    "\t",
-    "tab\tseparated\tvalues",
-    "\n",
-    "line one\nline two\n\nline four",
-    "\r\n windows line end",
-    "0",
-    "1234567890",
-    "3.14159 and -42 and 1,000,000 and 1e-9",
-    "Hello, world! How are you? (fine); [ok] {yes} \"quoted\" 'single'",
-    "...!!!???---___***",
-    "https://www.example.com/path?query=1&x=y#frag",
-    "user@example.org",
-    "def f(x):\n    return x ** 2  # square",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "<div class=\"a\">&amp;</div>",
-    "café naïve résumé Ångström",
-    "Straße über Mädchen",
-    "Привет, мир!",
-    "你好，世界",
-    "日本語のテキストです。",
-    "안녕하세요",
-    "مرحبا بالعالم",
-    "😀👍🏽 🇫🇷 👨‍👩‍👧",
-    "\U0001D518\U0001D52B\U0001D526\U0001D520\U0001D52C\U0001D521\U0001D522",
-    "\U00013000\U0001F9EC\u2E80\u0FFF\U0010FFFD",
-    "\u200b\u00a0\ufeff\u2028",
-    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-    "<bos>text<eos>",
-    "<pad><unk><mask>",
-    "▁already▁has▁metaspace",
-    "ALLCAPS camelCaseWord snake_case_word kebab-case",
-]
 
 
 def sha256_of(path):

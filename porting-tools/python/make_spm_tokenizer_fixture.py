@@ -33,62 +33,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import gguf
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_reference_strings import PROMPTS, TOKENIZE_STRINGS  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ".venv/models/gemma-3-270m-q4_k_m.gguf"
 DEFAULT_OUT = "goldens/gemma3_270m_gguf/spm_tokenize.json"
 
-STRINGS = [
-    "",
-    " ",
-    "  ",
-    "Hello",
-    " Hello",
-    "Hello world",
-    "Hello  world",
-    "   leading spaces",
-    "trailing spaces   ",
-    "\t",
-    "tab\tseparated\tvalues",
-    "\n",
-    "line one\nline two\n\nline four",
-    "\r\n windows line end",
-    "0",
-    "1234567890",
-    "3.14159 and -42 and 1,000,000 and 1e-9",
-    "Hello, world! How are you? (fine); [ok] {yes} \"quoted\" 'single'",
-    "...!!!???---___***",
-    "https://www.example.com/path?query=1&x=y#frag",
-    "user@example.org",
-    "def f(x):\n    return x ** 2  # square",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "<div class=\"a\">&amp;</div>",
-    "café naïve résumé Ångström",
-    "Straße über Mädchen",
-    "Привет, мир!",
-    "你好，世界",
-    "日本語のテキストです。",
-    "안녕하세요",
-    "مرحبا بالعالم",
-    "😀👍🏽 🇫🇷 👨‍👩‍👧",
-    "\U0001D518\U0001D52B\U0001D526\U0001D520\U0001D52C\U0001D521\U0001D522",
-    "\U00013000\U0001F9EC\u2E80\u0FFF\U0010FFFD",
-    "\u200b\u00a0\ufeff\u2028",
-    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-    "<bos>text<eos>",
-    "<pad><unk><mask>",
-    "▁already▁has▁metaspace",
-    "ALLCAPS camelCaseWord snake_case_word kebab-case",
-    "Water boils at a temperature of",
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Shopping list:\n1. Milk\n2. Eggs\n3.",
-    "La tour Eiffel est située à Paris. Elle a été construite en",
+# llama.cpp's strings and prompts, then a few more.
+STRINGS = TOKENIZE_STRINGS + PROMPTS + [
     "a<b>bold</b> and <table><tr><td>x</td></tr></table>",
     "\x00\x01\x7f control bytes",
     "mixed\t \n \t\n  indentation",
