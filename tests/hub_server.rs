@@ -183,16 +183,22 @@ fn read_request(conn: &TcpStream) -> Option<Request> {
 }
 
 fn respond(conn: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) {
+    let _ = conn.write_all(head(status, headers, body.len()).as_bytes());
+    let _ = conn.write_all(body);
+}
+
+/// A response's status line and headers, with a `Content-Length` of
+/// `body_len` unless `headers` has one.
+fn head(status: &str, headers: &[(String, String)], body_len: usize) -> String {
     let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     if !headers.iter().any(|(k, _)| k == "Content-Length") {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        head.push_str(&format!("Content-Length: {body_len}\r\n"));
     }
     head.push_str("\r\n");
-    let _ = conn.write_all(head.as_bytes());
-    let _ = conn.write_all(body);
+    head
 }
 
 fn error(conn: &mut TcpStream, status: &str, code: &str, msg: &str) {
@@ -461,12 +467,8 @@ fn send_file(
     let Some(cut) = cut else {
         return respond(conn, status, &headers, &body);
     };
-    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-    for (k, v) in &headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let _ = conn.write_all(head.as_bytes());
+    // Content-Length promises the whole body; only `cut` bytes follow.
+    let _ = conn.write_all(head(status, &headers, body.len()).as_bytes());
     let _ = conn.write_all(&body[..cut]);
     let _ = conn.flush();
     if stall.is_some() {
