@@ -6,6 +6,8 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp};
 use mlx_rs::Array;
 
+pub use crate::batch::BatchKv;
+
 /// A kind of state an op declares (its cache slot).
 pub use lmspec_spec::ops::StateKind as CacheKind;
 
@@ -82,7 +84,7 @@ pub enum KvView {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum CacheState {
     Kv(KvCache),
     Rotating(RotatingKvCache),
@@ -93,11 +95,13 @@ pub enum CacheState {
         state: Option<Array>,
         offset: i32,
     },
+    /// Keys/values of several sequences at once (see [`BatchCache`]).
+    Batch(BatchKv),
 }
 
 /// A causal convolution's memory: its last `keep` input rows `[B, keep, D]`
 /// (none before the first call: zeros).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConvState {
     pub keep: i32,
     pub rows: Option<Array>,
@@ -130,6 +134,7 @@ impl CacheState {
             CacheState::Quantized(c) => c.offset,
             CacheState::Conv(c) => c.offset,
             CacheState::Recurrent { offset, .. } => *offset,
+            CacheState::Batch(c) => c.len,
         }
     }
 
@@ -139,6 +144,7 @@ impl CacheState {
     pub fn mask(&self, t: i32, window: Option<i32>) -> Result<Mask, Exception> {
         match self {
             CacheState::Rotating(c) => c.mask(t, window),
+            CacheState::Batch(c) => c.mask(t),
             _ if t > 1 => Ok(Mask::Causal),
             _ => Ok(Mask::None),
         }
@@ -154,6 +160,9 @@ impl CacheState {
                 .update_and_fetch(keys, values)
                 .map(|(k, v)| KvView::Dense(k, v)),
             CacheState::Quantized(c) => c.update_and_fetch(keys, values),
+            CacheState::Batch(c) => c
+                .update_and_fetch(keys, values)
+                .map(|(k, v)| KvView::Dense(k, v)),
             CacheState::Conv(_) | CacheState::Recurrent { .. } => {
                 Err(exception("a recurrent state holds no keys/values"))
             }
@@ -161,19 +170,19 @@ impl CacheState {
     }
 }
 
-fn exception(e: impl std::fmt::Display) -> Exception {
+pub(crate) fn exception(e: impl std::fmt::Display) -> Exception {
     Exception::custom(e.to_string())
 }
 
 /// `x[..., a:b, :]` on the sequence axis.
-fn seq(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
+pub(crate) fn seq(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
     x.try_index(&[Ellipsis.index_op(), (a..b).index_op(), (..).index_op()][..])
 }
 
 /// `x[..., a:b, :] = update` for `[B, H, T, D]` buffers, returning the new
 /// array: one `SliceUpdate` primitive (the generic index-update path adds
 /// two reshapes per call, which a decode step pays per layer).
-fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Exception> {
+pub(crate) fn seq_update(x: &Array, a: i32, b: i32, update: &Array) -> Result<Array, Exception> {
     let (xs, us) = (x.shape(), update.shape());
     if xs.len() != 4
         || us.len() != 4
@@ -225,18 +234,18 @@ fn upto_offset(k: &Array, v: &Array, offset: i32) -> Result<(Array, Array), Exce
     }
 }
 
-fn cat(parts: &[&Array]) -> Result<Array, Exception> {
+pub(crate) fn cat(parts: &[&Array]) -> Result<Array, Exception> {
     mlx_rs::ops::concatenate(parts, 2)
 }
 
-fn zeros_like_steps(x: &Array, steps: i32) -> Result<Array, Exception> {
+pub(crate) fn zeros_like_steps(x: &Array, steps: i32) -> Result<Array, Exception> {
     let s = x.shape();
     mlx_rs::ops::zeros_dtype(&[s[0], s[1], steps, s[3]], x.dtype())
 }
 
 /// Grows its buffers `STEP` positions at a time, as mlx-lm's `KVCache` does,
 /// so that decoding one token writes into preallocated space.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
     keys: Option<Array>,
     values: Option<Array>,
@@ -283,6 +292,14 @@ impl KvCache {
         Ok(out)
     }
 
+    /// The keys and values of the positions held, in order.
+    pub(crate) fn held(&self) -> Result<Option<(Array, Array)>, Exception> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => upto_offset(k, v, self.offset).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// The same cache with keys/values quantized (mlx-lm `to_quantized`).
     pub fn to_quantized(&self, group_size: i32, bits: i32) -> Result<QuantizedKvCache, Exception> {
         let q = |x: &Option<Array>| -> Result<Option<[Array; 3]>, Exception> {
@@ -303,7 +320,7 @@ impl KvCache {
 /// A sliding window over the last `max_size` positions that always keeps the
 /// first `keep`; mlx-lm's `RotatingKVCache` (multi-token calls concatenate in
 /// temporal order, single tokens write in place and rotate).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RotatingKvCache {
     keys: Option<Array>,
     values: Option<Array>,
@@ -426,6 +443,21 @@ impl RotatingKvCache {
         Ok(out)
     }
 
+    /// The window, the pinned first positions, the positions seen, and the
+    /// keys and values held in temporal order (the last ones seen).
+    pub(crate) fn held(&self) -> Result<RotatingHeld, Exception> {
+        let kv = match (&self.keys, &self.values) {
+            (Some(k), Some(v)) => Some((self.temporal_order(k)?, self.temporal_order(v)?)),
+            _ => None,
+        };
+        Ok(RotatingHeld {
+            max_size: self.max_size,
+            keep: self.keep,
+            offset: self.offset,
+            kv,
+        })
+    }
+
     pub fn update_and_fetch(
         &mut self,
         keys: &Array,
@@ -455,9 +487,17 @@ impl RotatingKvCache {
     }
 }
 
+/// What a rotating cache holds (see [`RotatingKvCache::held`]).
+pub(crate) struct RotatingHeld {
+    pub max_size: i32,
+    pub keep: i32,
+    pub offset: i32,
+    pub kv: Option<(Array, Array)>,
+}
+
 /// Keys and values stored MLX-affine-quantized along the head dimension
 /// (mlx-lm's `QuantizedKVCache`); attention runs through quantized matmuls.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct QuantizedKvCache {
     keys: Option<[Array; 3]>,
     values: Option<[Array; 3]>,
@@ -550,7 +590,7 @@ impl QuantizedKvCache {
 
 /// The state of every stateful op of a model, in plan order, plus the number
 /// of positions already processed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ModelCache {
     pub(crate) slots: Vec<CacheState>,
     pub(crate) offset: i32,
@@ -584,7 +624,7 @@ impl ModelCache {
         let n = n as i32;
         let ok = self.slots.iter().all(|s| match s {
             CacheState::Rotating(c) => c.offset < c.max_size,
-            CacheState::Conv(_) | CacheState::Recurrent { .. } => n == 0,
+            CacheState::Conv(_) | CacheState::Recurrent { .. } | CacheState::Batch(_) => n == 0,
             _ => true,
         });
         if !ok || n > self.offset {
@@ -598,7 +638,7 @@ impl ModelCache {
                     c.offset -= n;
                     c.idx -= n;
                 }
-                CacheState::Conv(_) | CacheState::Recurrent { .. } => {}
+                CacheState::Conv(_) | CacheState::Recurrent { .. } | CacheState::Batch(_) => {}
             }
         }
         self.offset -= n;
@@ -649,6 +689,7 @@ impl ModelCache {
                 }
                 CacheState::Conv(c) => out.extend(c.rows.iter()),
                 CacheState::Recurrent { state, .. } => out.extend(state.iter()),
+                CacheState::Batch(c) => out.extend([&c.keys, &c.values]),
             }
         }
         out

@@ -6,6 +6,7 @@
 //! on MLX ([`ops`]) into a [`plan::Plan`] and runs it with per-op state
 //! ([`cache`]). [`Model`] is the public entry point, configured by
 //! [`LoadOptions`].
+pub mod batch;
 pub mod cache;
 pub mod error;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod plan;
 pub mod runtime;
 pub mod weights;
 
+pub use batch::BatchCache;
 pub use cache::ModelCache;
 pub use error::{Error, Result};
 pub use lmspec_spec as spec;

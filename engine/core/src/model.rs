@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use mlx_rs::Array;
 
+use crate::batch::BatchCache;
 use crate::cache::{CacheOptions, ModelCache};
 use crate::error::{read_to_string, Error, Result};
 use crate::gguf::{GgufReader, GgufTokenizerData};
@@ -330,7 +331,27 @@ impl Model {
                 &mut fresh
             }
         };
-        self.plan.run(&tokens, cache, taps, key_mask)
+        self.plan.run(&tokens, cache, taps, key_mask, None)
+    }
+
+    /// Logits [B, T, vocab] for the next tokens [B, T] of a batch of
+    /// sequences at their own positions (see [`BatchCache`]).
+    pub fn forward_batch(&self, tokens: &Array, cache: &mut BatchCache) -> Result<Array> {
+        let s = tokens.shape();
+        if s.len() != 2 || s[0] as usize != cache.rows() {
+            return Err(Error::Usage(format!(
+                "a batch of {} rows takes tokens [{}, T], got {s:?}",
+                cache.rows(),
+                cache.rows()
+            )));
+        }
+        let mask = cache.key_mask(s[1]);
+        let positions = cache.positions();
+        let (out, _) =
+            self.plan
+                .run(tokens, &mut cache.cache, &[], Some(&mask), Some(&positions))?;
+        cache.advance(s[1]);
+        Ok(out)
     }
 
     /// Checks token ids before they reach the model: each must index the

@@ -297,6 +297,7 @@ impl Plan {
         cache: &mut ModelCache,
         taps: &[String],
         key_mask: Option<&Array>,
+        positions: Option<&crate::batch::Positions>,
     ) -> Result<(Array, IndexMap<String, Array>)> {
         if cache.slots.len() != self.cache_kinds.len() {
             return Err(Error::Usage(format!(
@@ -334,6 +335,7 @@ impl Plan {
             let mut ctx = Ctx {
                 offset,
                 key_mask,
+                positions,
                 cache: step.cache.map(|c| &mut cache.slots[c]),
             };
             let started = profiling.then(std::time::Instant::now);

@@ -11,7 +11,7 @@ use mlx_rs::{Array, Dtype};
 use crate::sampling::{ProcessorParams, Rng, SamplingParams};
 use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
 use crate::tools::reasoning::{ReasoningSplitter, Span};
-use crate::tools::{OutputFormat, RejectReason, ToolCall, ToolEvent, ToolParser};
+use crate::tools::{OutputFormat, RejectReason, ToolCall, ToolEvent, ToolFormat, ToolParser};
 use lmspec_engine::cache::{CacheOptions, ModelCache};
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::Model;
@@ -413,6 +413,7 @@ pub struct Generation {
 }
 
 /// Splits the output text into answer, reasoning and tool-call events.
+#[derive(Debug)]
 struct OutputStream<'a> {
     reasoning: Option<ReasoningSplitter>,
     tools: Option<ToolParser<'a>>,
@@ -421,16 +422,18 @@ struct OutputStream<'a> {
 
 impl<'a> OutputStream<'a> {
     /// `prompt_tail`: the end of the prompt text, which may already have
-    /// opened a reasoning block.
-    fn new(format: &'a OutputFormat, prompt_tail: &str) -> OutputStream<'a> {
+    /// opened a reasoning block; `tools`: the format of `format.tools`
+    /// (borrowed for as long as the stream lives).
+    fn new(
+        format: &OutputFormat,
+        tools: Option<&'a ToolFormat>,
+        prompt_tail: &str,
+    ) -> OutputStream<'a> {
         OutputStream {
             reasoning: format.reasoning.as_ref().map(|(open, close)| {
                 ReasoningSplitter::new(open, close, prompt_tail.trim_end().ends_with(open.as_str()))
             }),
-            tools: format
-                .tools
-                .as_ref()
-                .map(|f| ToolParser::new(f, &[]).with_schemas(&format.schemas)),
+            tools: tools.map(|f| ToolParser::new(f, &[]).with_schemas(&format.schemas)),
             calls: Vec::new(),
         }
     }
@@ -535,6 +538,89 @@ impl StopMatcher {
     }
 }
 
+/// The text side of a generation: turns tokens into text as they come,
+/// cuts the output at stop strings and splits it into answer, reasoning and
+/// tool-call [`Event`]s.
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    detok: StreamingDetokenizer,
+    stops: StopMatcher,
+    output: OutputStream<'a>,
+    /// The output text so far (reasoning and calls included, stop strings
+    /// not).
+    pub text: String,
+}
+
+impl<'a> TextStream<'a> {
+    /// A stream for the output after `prompt`. `tools` is the format of
+    /// `format.tools` borrowed for the stream's life (`None`: no calls are
+    /// read).
+    pub fn new(
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        stop_strings: &[String],
+        format: &OutputFormat,
+        tools: Option<&'a ToolFormat>,
+    ) -> Result<TextStream<'a>> {
+        let tail_from = prompt.len().saturating_sub(8);
+        let prompt_tail = match &format.reasoning {
+            Some(_) => tokenizer.decode(&prompt[tail_from..], false)?,
+            None => String::new(),
+        };
+        Ok(TextStream {
+            detok: StreamingDetokenizer::new(),
+            stops: StopMatcher {
+                stops: stop_strings.to_vec(),
+                held: String::new(),
+            },
+            output: OutputStream::new(format, tools, &prompt_tail),
+            text: String::new(),
+        })
+    }
+
+    /// Adds a generated token (not an end-of-sequence one); returns whether
+    /// a stop string ended the output.
+    pub fn push(
+        &mut self,
+        tokenizer: &Tokenizer,
+        tok: u32,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<bool> {
+        let piece = self.detok.push(tokenizer, tok)?;
+        let (emit, hit) = self.stops.push(&piece);
+        if !emit.is_empty() {
+            self.text.push_str(&emit);
+            self.output.push(&emit, on_event);
+        }
+        Ok(hit)
+    }
+
+    /// Ends the output: text held back (unless a stop ended it, `stopped`)
+    /// and open reasoning or calls come out.
+    pub fn finish(
+        &mut self,
+        tokenizer: &Tokenizer,
+        stopped: bool,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        if !stopped {
+            let (emit, _) = self.stops.push(&self.detok.finish(tokenizer)?);
+            let rest = emit + &self.stops.flush();
+            if !rest.is_empty() {
+                self.text.push_str(&rest);
+                self.output.push(&rest, on_event);
+            }
+        }
+        self.output.finish(on_event);
+        Ok(())
+    }
+
+    /// The tool calls reported so far.
+    pub fn calls(&self) -> &[ToolCall] {
+        &self.output.calls
+    }
+}
+
 /// Generates text for `prompt` token ids, streaming events to `on_event`.
 /// With `cache`, generation continues that cache (its positions must be the
 /// tokens before `prompt`); without, a fresh one is made from `params`.
@@ -562,18 +648,14 @@ pub fn generate(
     let mut gen = TokenGenerator::start(model, cache, prompt, params, &mut progress, &what)?;
     let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
     eos.extend(&params.extra_eos);
-    let mut detok = StreamingDetokenizer::new();
-    let mut stops = StopMatcher {
-        stops: params.stop_strings.clone(),
-        held: String::new(),
-    };
-    let tail_from = prompt.len().saturating_sub(8);
-    let prompt_tail = match &params.output.reasoning {
-        Some(_) => tokenizer.decode(&prompt[tail_from..], false)?,
-        None => String::new(),
-    };
-    let mut output = OutputStream::new(&params.output, &prompt_tail);
-    let mut text = String::new();
+    let output = &params.output;
+    let mut text = TextStream::new(
+        tokenizer,
+        prompt,
+        &params.stop_strings,
+        output,
+        output.tools.as_ref(),
+    )?;
     let mut tokens = Vec::new();
     let mut first_token_at = None;
     let mut stop = StopReason::Length;
@@ -589,26 +671,12 @@ pub fn generate(
             stop = StopReason::Stop;
             break;
         }
-        let piece = detok.push(tokenizer, tok)?;
-        let (emit, hit) = stops.push(&piece);
-        if !emit.is_empty() {
-            text.push_str(&emit);
-            output.push(&emit, on_event);
-        }
-        if hit {
+        if text.push(tokenizer, tok, on_event)? {
             stop = StopReason::Stop;
             break;
         }
     }
-    if stop != StopReason::Stop {
-        let (emit, _) = stops.push(&detok.finish(tokenizer)?);
-        let rest = emit + &stops.flush();
-        if !rest.is_empty() {
-            text.push_str(&rest);
-            output.push(&rest, on_event);
-        }
-    }
-    output.finish(on_event);
+    text.finish(tokenizer, stop == StopReason::Stop, on_event)?;
     let end = Instant::now();
     let first = first_token_at.unwrap_or(end);
     let prompt_seconds = (first - start).as_secs_f64();
@@ -626,9 +694,9 @@ pub fn generate(
     };
     on_event(Event::Info(info.clone()));
     Ok(Generation {
-        text,
+        calls: text.calls().to_vec(),
+        text: text.text,
         tokens,
-        calls: output.calls,
         info,
     })
 }

@@ -2,6 +2,8 @@
 //! chat templates, sampling, the token loop and text generation, chat
 //! sessions with the tool loop, the model container, tool-call formats and
 //! the embedder.
+pub mod batch;
+pub mod constrain;
 pub mod embed;
 pub mod generate;
 pub mod lm;

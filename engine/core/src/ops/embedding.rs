@@ -59,20 +59,41 @@ struct PositionOp {
     row: Option<i32>,
 }
 
+impl PositionOp {
+    /// Errors when rows up to `end` (exclusive) outrun the table.
+    fn check_within(&self, end: i32) -> Result<(), Exception> {
+        if end > self.positions {
+            return Err(Exception::custom(format!(
+                "position {} is past the {} learned positions",
+                end - 1,
+                self.positions
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Op for PositionOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let t = inputs[0].shape()[1];
+        if let Some(p) = ctx.positions {
+            // One row of positions per sequence: [B, t].
+            let rows = match self.row {
+                Some(r) => mlx_rs::ops::full::<i32>(&[p.host.len() as i32, t], Array::from_int(r))?,
+                None => {
+                    let last = p.host.iter().max().copied().unwrap_or(0) + t;
+                    self.check_within(last)?;
+                    let start = p.array.reshape(&[-1, 1])?;
+                    mlx_rs::ops::add(&start, mlx_rs::ops::arange::<_, i32>(0, t, None)?)?
+                }
+            };
+            return self.table.take_axis(&rows, 0);
+        }
         let rows = match self.row {
             Some(r) => Array::from_slice(&vec![r; t as usize], &[t]),
             None => {
                 let end = ctx.offset + t;
-                if end > self.positions {
-                    return Err(Exception::custom(format!(
-                        "position {} is past the {} learned positions",
-                        end - 1,
-                        self.positions
-                    )));
-                }
+                self.check_within(end)?;
                 mlx_rs::ops::arange::<_, i32>(ctx.offset, end, None)?
             }
         };

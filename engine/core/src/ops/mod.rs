@@ -33,6 +33,9 @@ pub struct Ctx<'a> {
     pub offset: i32,
     /// Keys attention may see ([B, T] bool), for padded batches.
     pub key_mask: Option<&'a Array>,
+    /// Per-row positions before this call, for a batch of sequences at
+    /// different positions (then `offset` is not used).
+    pub positions: Option<&'a crate::batch::Positions>,
     /// The op's own cache slot, when it declared one.
     pub cache: Option<&'a mut CacheState>,
 }

@@ -37,21 +37,32 @@ struct RopeOp {
 
 impl Op for RopeOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        let (x, dims, offset) = (inputs[0], self.dims, ctx.offset);
-        match &self.variant {
-            RopeScaling::Base { base, scale } => {
-                mlx_rs::fast::rope(x, dims, self.traditional, *base, *scale, offset, None)
+        let (x, dims) = (inputs[0], self.dims);
+        let at = |x: &Array, base: Option<f32>, scale: f32, freqs: Option<&Array>| match ctx
+            .positions
+        {
+            Some(p) => {
+                mlx_rs::fast::rope_dynamic(x, dims, self.traditional, base, scale, &p.array, freqs)
             }
+            None => mlx_rs::fast::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs),
+        };
+        match &self.variant {
+            RopeScaling::Base { base, scale } => at(x, Some(*base), *scale, None),
             RopeScaling::Dynamic {
                 base,
                 factor,
                 max_position,
             } => {
+                if ctx.positions.is_some() {
+                    return Err(Exception::custom(
+                        "dynamic NTK RoPE scales by sequence length: sequences at different positions cannot share a batch",
+                    ));
+                }
                 let t = x.shape()[x.ndim() - 2] as f64;
-                let seq = (t + offset as f64).max(*max_position);
+                let seq = (t + ctx.offset as f64).max(*max_position);
                 let d = dims as f64;
                 let b = base * ((factor * seq / max_position) - (factor - 1.0)).powf(d / (d - 2.0));
-                mlx_rs::fast::rope(x, dims, self.traditional, b as f32, 1.0, offset, None)
+                at(x, Some(b as f32), 1.0, None)
             }
             RopeScaling::Freqs { input_scale, .. } => {
                 let scaled;
@@ -61,15 +72,7 @@ impl Op for RopeOp {
                 } else {
                     x
                 };
-                mlx_rs::fast::rope(
-                    x,
-                    dims,
-                    self.traditional,
-                    None,
-                    1.0,
-                    offset,
-                    self.freqs.as_ref(),
-                )
+                at(x, None, 1.0, self.freqs.as_ref())
             }
         }
     }

@@ -34,6 +34,7 @@ fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
     let mut ctx = Ctx {
         offset,
         key_mask: None,
+        positions: None,
         cache: None,
     };
     let y = op
@@ -96,6 +97,7 @@ fn position_embedding_rows_follow_the_offset() {
     let mut ctx = Ctx {
         offset: 3,
         key_mask: None,
+        positions: None,
         cache: None,
     };
     assert!(op.forward(&[&tokens], &mut ctx).is_err(), "past the table");
@@ -296,6 +298,7 @@ fn attention_chunk_window_widens_multi_token_calls_only() {
         let mut ctx = Ctx {
             offset: a as i32,
             key_mask: None,
+            positions: None,
             cache: Some(&mut slot),
         };
         let xs = [
@@ -522,6 +525,7 @@ fn short_conv_is_causal_depthwise_and_streams_through_its_state() {
         let mut ctx = Ctx {
             offset: a as i32,
             key_mask: None,
+            positions: None,
             cache: Some(&mut state),
         };
         let y = op.forward(&[&part], &mut ctx).expect("forward");
@@ -636,6 +640,7 @@ fn ssm_matches_the_recurrence_across_chunks_and_decode_steps() {
         let mut ctx = Ctx {
             offset: a as i32,
             key_mask: None,
+            positions: None,
             cache: Some(&mut slot),
         };
         let y = op.forward(&refs, &mut ctx).expect("forward");
@@ -737,6 +742,7 @@ fn gated_delta_matches_the_recurrence_whole_and_step_by_step() {
         let mut ctx = Ctx {
             offset: x as i32,
             key_mask: None,
+            positions: None,
             cache: Some(&mut slot),
         };
         let y = op.forward(&refs, &mut ctx).expect("forward");

@@ -1,0 +1,166 @@
+//! Continuous batching is exact: each sequence decoded in a batch, joining
+//! and leaving at different steps, gets the tokens it gets decoded alone.
+use lmspec::engine::model::Model;
+use lmspec::lm::batch::{BatchGenerator, Finish, SeqParams, SeqToken};
+
+use crate::support::{goldens, library, load_model, mlx_lock};
+
+/// Prompts of different lengths drawn from `vocab` (a fixed LCG).
+fn prompts(n: usize, vocab: u32) -> Vec<Vec<u32>> {
+    let mut x: u64 = 12345;
+    (0..n)
+        .map(|i| {
+            (0..3 + 5 * i)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 33) % u64::from(vocab)) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> SeqParams {
+    SeqParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Tokens of `prompt` decoded alone.
+fn alone(model: &Model, eos: &[u32], prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut g = BatchGenerator::new(model, eos.to_vec(), 0).expect("generator");
+    let first = g.insert(0, prompt, greedy(max_tokens)).expect("insert");
+    let mut out = vec![first.token];
+    let mut done = first.finish.is_some();
+    while !done {
+        let step = g.step().expect("step");
+        assert_eq!(step.len(), 1);
+        out.push(step[0].token);
+        done = step[0].finish.is_some();
+    }
+    out
+}
+
+/// All prompts together: half join at the start, the rest one per step;
+/// sequence 1 is removed after 3 steps. Returns each sequence's tokens.
+fn together(
+    model: &Model,
+    eos: &[u32],
+    prompts: &[Vec<u32>],
+    max_tokens: &[usize],
+) -> Vec<Vec<u32>> {
+    let mut g = BatchGenerator::new(model, eos.to_vec(), 4).expect("generator");
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let record = |t: SeqToken, out: &mut Vec<Vec<u32>>| out[t.seq as usize].push(t.token);
+    let half = prompts.len() / 2;
+    for (i, p) in prompts.iter().enumerate().take(half) {
+        record(
+            g.insert(i as u64, p, greedy(max_tokens[i]))
+                .expect("insert"),
+            &mut out,
+        );
+    }
+    let mut joining = half;
+    let mut steps = 0;
+    while !g.is_empty() || joining < prompts.len() {
+        if joining < prompts.len() {
+            let p = &prompts[joining];
+            record(
+                g.insert(joining as u64, p, greedy(max_tokens[joining]))
+                    .expect("insert"),
+                &mut out,
+            );
+            joining += 1;
+        }
+        for t in g.step().expect("step") {
+            record(t, &mut out);
+        }
+        steps += 1;
+        if steps == 3 {
+            assert!(g.remove(1).expect("remove"), "sequence 1 was decoding");
+        }
+    }
+    out
+}
+
+fn check_model(name: &str, vocab: u32) {
+    let _guard = mlx_lock();
+    let model = load_model(&goldens().join(name).join("model"), &library(), None)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let ps = prompts(8, vocab);
+    let max: Vec<usize> = (0..ps.len()).map(|i| 6 + (i % 3) * 4).collect();
+    let batched = together(&model, &[], &ps, &max);
+    for (i, p) in ps.iter().enumerate() {
+        let solo = alone(&model, &[], p, max[i]);
+        if i == 1 {
+            assert!(
+                solo.starts_with(&batched[1]),
+                "{name}: removed sequence 1 diverged"
+            );
+            assert!(
+                batched[1].len() < solo.len(),
+                "{name}: sequence 1 was removed early"
+            );
+            continue;
+        }
+        assert_eq!(
+            batched[i],
+            solo,
+            "{name}: sequence {i} (prompt of {} tokens)",
+            p.len()
+        );
+    }
+}
+
+macro_rules! batch_cases {
+    ($($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                check_model(stringify!($case), 64);
+            }
+        )+
+    };
+}
+
+// Dense, sliding windows, learned positions, convolution and recurrent
+// state, MoE and latent attention.
+batch_cases!(
+    llama,
+    qwen3,
+    gemma3,
+    gpt2,
+    lfm2,
+    mamba2,
+    qwen3_next,
+    mixtral,
+    deepseek_v3
+);
+
+#[test]
+fn end_of_sequence_and_length_finish_a_sequence() {
+    let _guard = mlx_lock();
+    let model = load_model(&goldens().join("llama/model"), &library(), None).expect("llama");
+    let p = &prompts(1, 256)[0];
+    let solo = alone(&model, &[], p, 5);
+    assert_eq!(solo.len(), 5);
+    // The third token as end of sequence: the sequence stops there.
+    let eos = solo[2];
+    let mut g = BatchGenerator::new(&model, vec![eos], 0).expect("generator");
+    let first = g.insert(7, p, greedy(5)).expect("insert");
+    assert_eq!(first.finish, None);
+    let mut got = vec![first];
+    while !g.is_empty() {
+        got.extend(g.step().expect("step"));
+    }
+    let first_eos = solo.iter().position(|&t| t == eos).expect("eos");
+    assert_eq!(got.len(), first_eos + 1);
+    assert_eq!(got.last().map(|t| t.finish), Some(Some(Finish::Stop)));
+    let mut g = BatchGenerator::new(&model, Vec::new(), 0).expect("generator");
+    let one = g.insert(0, p, greedy(1)).expect("insert");
+    assert_eq!(one.finish, Some(Finish::Length));
+    assert!(g.is_empty(), "a finished sequence does not join");
+}
