@@ -263,11 +263,15 @@ pub fn scaffold(model_dir: &Path, lib: &SpecLibrary) -> Result<Draft> {
         .and_then(|m| m.as_str())
         .ok_or_else(|| anyhow!("{}: no model_type", config_file.display()))?
         .to_string();
+    // Language-model specs only: an embedder's (task embed) lacks the head.
     let specs: Vec<Spec> = lib
         .names()
         .map(|n| lib.load(n))
-        .collect::<Result<_, _>>()
-        .context("loading the spec library")?;
+        .collect::<Result<Vec<_>, _>>()
+        .context("loading the spec library")?
+        .into_iter()
+        .filter(|s| s.task == lmspec_spec::raw::Task::Generate)
+        .collect();
     let mut ranking: Vec<Fit> = specs
         .iter()
         .map(|s| evaluate(s, &config, &config_file, &shapes))

@@ -990,6 +990,171 @@ pub fn prompts_parameters(s: &Scratch) -> Vec<Case> {
         ]),
         &["--pooling"],
     ));
+    out.extend(embedder_files(s));
+    out
+}
+
+/// A copy of the tiny EmbeddingGemma golden (Pooling, two Dense layers,
+/// Normalize) as folder `name`, with `file` written as `text`.
+fn embedder_with(s: &Scratch, name: &str, file: &str, text: &str) -> String {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read_dir") {
+            let p = e.expect("entry").path();
+            let dest = to.join(p.file_name().expect("name"));
+            if p.is_dir() {
+                copy(&p, &dest);
+            } else {
+                std::fs::copy(&p, &dest).expect("copy");
+            }
+        }
+    }
+    let src = crate::support::goldens().join("embeddings/gemma3_embedding/model");
+    copy(&src, &s.path(name));
+    s.file(&format!("{name}/{file}"), text);
+    s.path(name).display().to_string()
+}
+
+/// Sentence-transformers files of an embedder and the embed / rerank
+/// arguments.
+fn embedder_files(s: &Scratch) -> Vec<Case> {
+    let mut out = Vec::new();
+    let dense = r#"{"in_features": 32, "out_features": 64, "bias": false, "activation_function": "torch.nn.modules.linear.Identity"}"#;
+    for (name, file, text, expect) in [
+        (
+            "st_modules_garbage",
+            "modules.json",
+            "\u{0}\u{1}garbage",
+            &["modules.json", "invalid JSON"][..],
+        ),
+        (
+            "st_modules_object",
+            "modules.json",
+            "{}",
+            &["modules.json", "not a JSON list"][..],
+        ),
+        (
+            "st_modules_no_type",
+            "modules.json",
+            r#"[{"path": ""}]"#,
+            &["modules.json", "[0].type"][..],
+        ),
+        (
+            "st_modules_unknown",
+            "modules.json",
+            r#"[{"type": "sentence_transformers.models.Transformer"}, {"type": "x.CNN", "path": "1_Pooling"}]"#,
+            &["modules.json", "[1].type", "x.CNN"][..],
+        ),
+        (
+            "st_modules_escape",
+            "modules.json",
+            r#"[{"type": "sentence_transformers.models.Transformer"}, {"type": "sentence_transformers.models.Pooling", "path": "/etc"}]"#,
+            &["modules.json", "[1].path"][..],
+        ),
+        (
+            "st_pooling_unknown_mode",
+            "1_Pooling/config.json",
+            r#"{"pooling_mode": "median"}"#,
+            &["1_Pooling/config.json", "pooling_mode", "median"][..],
+        ),
+        (
+            "st_pooling_two_modes",
+            "1_Pooling/config.json",
+            r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true}"#,
+            &["1_Pooling/config.json", "more than one pooling mode"][..],
+        ),
+        (
+            "st_pooling_width",
+            "1_Pooling/config.json",
+            r#"{"word_embedding_dimension": -3, "pooling_mode_mean_tokens": true}"#,
+            &["1_Pooling/config.json", "word_embedding_dimension"][..],
+        ),
+        (
+            "st_dense_wrong_shape",
+            "2_Dense/config.json",
+            dense,
+            &["2_Dense/model.safetensors", "linear.weight", "[64, 32]"][..],
+        ),
+        (
+            "st_dense_huge",
+            "2_Dense/config.json",
+            r#"{"in_features": 32, "out_features": 99999999999}"#,
+            &["2_Dense/config.json", "out_features"][..],
+        ),
+        (
+            "st_dense_weights_garbage",
+            "2_Dense/model.safetensors",
+            "not a safetensors file",
+            &["2_Dense/model.safetensors"][..],
+        ),
+        (
+            "st_max_seq_length",
+            "sentence_bert_config.json",
+            r#"{"max_seq_length": "long"}"#,
+            &["sentence_bert_config.json", "max_seq_length"][..],
+        ),
+        (
+            "st_prompts",
+            "config_sentence_transformers.json",
+            r#"{"prompts": {"query": 3}}"#,
+            &["config_sentence_transformers.json", "prompts.query"][..],
+        ),
+    ] {
+        let m = embedder_with(s, name, file, text);
+        out.push(case(
+            name,
+            args(&["embed", "--model", m.as_str(), "hello"]),
+            expect,
+        ));
+    }
+    let m = embedder_with(s, "st_ok", "unused.txt", "");
+    let empty = s.file("empty_lines.txt", "");
+    out.push(case(
+        "embed_empty_file",
+        args(&["embed", "--model", m.as_str(), "--file", empty.as_str()]),
+        &["empty_lines.txt", "no lines"],
+    ));
+    out.push(case(
+        "embed_too_many_dimensions",
+        args(&[
+            "embed",
+            "--model",
+            m.as_str(),
+            "--dimensions",
+            "4096",
+            "hello",
+        ]),
+        &["--dimensions 4096"],
+    ));
+    out.push(case(
+        "embed_unknown_prompt",
+        args(&["embed", "--model", m.as_str(), "--prompt", "nope", "hello"]),
+        &["config_sentence_transformers.json", "nope"],
+    ));
+    out.push(case(
+        "embed_missing_file",
+        args(&[
+            "embed",
+            "--model",
+            m.as_str(),
+            "--file",
+            "/no/such/lines.txt",
+        ]),
+        &["/no/such/lines.txt"],
+    ));
+    out.push(case(
+        "rerank_empty_file",
+        args(&[
+            "rerank",
+            "--model",
+            m.as_str(),
+            "--query",
+            "q",
+            "--file",
+            empty.as_str(),
+        ]),
+        &["empty_lines.txt", "no lines"],
+    ));
     out
 }
 

@@ -19,7 +19,21 @@ const SIDE_FILES: &[&str] = &[
     "processor_config.json",
     "modules.json",
     "1_Pooling/config.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 ];
+
+/// A sentence-transformers Dense module's file (`2_Dense/config.json`,
+/// `2_Dense/model.safetensors`).
+fn is_dense_file(f: &str) -> bool {
+    let Some((folder, name)) = f.split_once('/') else {
+        return false;
+    };
+    let numbered = folder
+        .strip_suffix("_Dense")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    numbered && matches!(name, "config.json" | "model.safetensors")
+}
 
 /// The sharded-checkpoint index.
 pub const INDEX: &str = "model.safetensors.index.json";
@@ -69,11 +83,12 @@ impl Plan {
 /// repository.
 pub fn plan(files: &[String], gguf: Option<&str>) -> Result<Plan, String> {
     let has = |f: &str| files.iter().any(|x| x == f);
-    let side: Vec<String> = SIDE_FILES
+    let mut side: Vec<String> = SIDE_FILES
         .iter()
         .filter(|f| has(f))
         .map(|f| f.to_string())
         .collect();
+    side.extend(files.iter().filter(|f| is_dense_file(f)).cloned());
     let ggufs: Vec<&String> = files
         .iter()
         .filter(|f| f.to_ascii_lowercase().ends_with(".gguf"))
@@ -259,6 +274,34 @@ mod tests {
                 "config.json",
                 "tokenizer.json",
                 "tokenizer_config.json",
+                "model.safetensors"
+            ])
+        );
+    }
+
+    #[test]
+    fn an_embedding_repo_fetches_its_sentence_transformers_files() {
+        let files = names(&[
+            "config.json",
+            "model.safetensors",
+            "modules.json",
+            "1_Pooling/config.json",
+            "2_Dense/config.json",
+            "2_Dense/model.safetensors",
+            "2_Dense/pytorch_model.bin",
+            "x_Dense/config.json",
+            "config_sentence_transformers.json",
+        ]);
+        let plan = plan(&files, None).unwrap();
+        assert_eq!(
+            plan.files(),
+            names(&[
+                "config.json",
+                "modules.json",
+                "1_Pooling/config.json",
+                "config_sentence_transformers.json",
+                "2_Dense/config.json",
+                "2_Dense/model.safetensors",
                 "model.safetensors"
             ])
         );

@@ -415,6 +415,21 @@ impl Tokenizer {
         }
     }
 
+    /// Token ids and token-type (segment) ids of a text pair with the
+    /// post-processor's pair template (`[CLS] a [SEP] b [SEP]`, `<s> a </s></s>
+    /// b </s>`), truncated longest-first as configured.
+    pub fn encode_pair_with_special(&self, a: &str, b: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        match &self.inner {
+            Inner::Hf(t) => guarded(&self.source, "encode", || t.encode((a, b), true))?
+                .map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec()))
+                .map_err(|e| tok_err(&self.source, format!("cannot encode a pair: {e}"))),
+            Inner::Spm { .. } => Err(tok_err(
+                &self.source,
+                "text pairs need a tokenizer.json with a pair template",
+            )),
+        }
+    }
+
     /// Text of `ids`; `skip_special` leaves out special tokens (for a GGUF
     /// SentencePiece vocabulary: control and unknown tokens, as llama.cpp's
     /// `llama_detokenize(remove_special, !unparse_special)`).

@@ -109,13 +109,21 @@ impl Graph {
             .min()
     }
 
+    /// The layout of the model's output (`None` when it is the tokens).
+    pub fn output_layout(&self) -> Option<crate::ops::Layout> {
+        match self.output {
+            Src::Node(i) => self.nodes.get(i).map(|n| n.resolved.out),
+            Src::Tokens => None,
+        }
+    }
+
     /// Rows of learned position tables (the fewest when several): no
     /// sequence may be longer.
     pub fn position_rows(&self) -> Option<i64> {
         self.nodes
             .iter()
             .filter_map(|n| match &n.op {
-                OpConfig::PositionEmbedding(p) if p.row.is_none() => Some(p.positions),
+                OpConfig::PositionEmbedding(p) if p.row.is_none() => Some(p.positions - p.offset),
                 _ => None,
             })
             .min()

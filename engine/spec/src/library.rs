@@ -6,7 +6,7 @@ use indexmap::IndexMap;
 
 use crate::error::{read_to_string, Error, Result};
 use crate::raw::{
-    BindingDef, RawBinding, RawBlock, RawGguf, RawLayers, RawRule, RawSpec, SPEC_VERSION,
+    BindingDef, RawBinding, RawBlock, RawGguf, RawLayers, RawRule, RawSpec, Task, SPEC_VERSION,
 };
 
 /// Something defined in a spec file, with the file it came from.
@@ -49,6 +49,8 @@ pub struct Spec {
     pub file: PathBuf,
     pub description: Option<String>,
     pub model_types: Vec<String>,
+    /// What the output is for (`task:`, not inherited through `extends`).
+    pub task: Task,
     pub config: IndexMap<String, Sourced<BindingDef>>,
     pub blocks: IndexMap<String, Sourced<RawBlock>>,
     pub layers: Option<Sourced<RawLayers>>,
@@ -303,15 +305,22 @@ impl SpecLibrary {
             let raw = parse_str(&root.read(&path)?, &path)?;
             let name = spec_name(&raw, &path);
             for mt in &raw.model_types {
-                if let Some((other, _)) = models
-                    .iter()
-                    .find(|(_, (_, r)): &(&String, &(PathBuf, RawSpec))| r.model_types.contains(mt))
+                if let Some((other, _)) =
+                    models
+                        .iter()
+                        .find(|(_, (_, r)): &(&String, &(PathBuf, RawSpec))| {
+                            r.model_types.contains(mt)
+                                && r.task.unwrap_or_default() == raw.task.unwrap_or_default()
+                        })
                 {
                     return Err(Error::spec(
                         &path,
                         "<document>",
                         "model_types",
-                        format!("model_type '{mt}' is already claimed by spec '{other}'"),
+                        format!(
+                            "model_type '{mt}' is already claimed by spec '{other}' for task '{}'",
+                            raw.task.unwrap_or_default().name()
+                        ),
                     ));
                 }
             }
@@ -343,12 +352,20 @@ impl SpecLibrary {
         self.models.keys().map(String::as_str)
     }
 
-    /// Every `model_type` some spec claims, with the spec's name.
+    /// Every `model_type` some spec claims, once, with the spec's name:
+    /// the `generate` spec where there is one, else the first other claim.
     pub fn model_types(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for (name, (_, raw)) in &self.models {
-            for mt in &raw.model_types {
-                out.push((mt.clone(), name.clone()));
+        let mut out: Vec<(String, String)> = Vec::new();
+        for pass_generate in [true, false] {
+            for (name, (_, raw)) in &self.models {
+                if (raw.task.unwrap_or_default() == Task::Generate) != pass_generate {
+                    continue;
+                }
+                for mt in &raw.model_types {
+                    if !out.iter().any(|(m, _)| m == mt) {
+                        out.push((mt.clone(), name.clone()));
+                    }
+                }
             }
         }
         out
@@ -405,11 +422,31 @@ impl SpecLibrary {
     }
 
     /// The spec claiming `model_type`; `config_file` is named in the error.
+    /// A `generate` spec is preferred when several tasks claim it.
     pub fn for_model_type(&self, model_type: &str, config_file: &Path) -> Result<Spec> {
+        self.for_model_type_task(model_type, Task::Generate, config_file)
+    }
+
+    /// The spec claiming `model_type` for `task`, else any spec claiming it
+    /// (the `generate` one first); `config_file` is named in the error.
+    pub fn for_model_type_task(
+        &self,
+        model_type: &str,
+        task: Task,
+        config_file: &Path,
+    ) -> Result<Spec> {
+        let claims = |raw: &RawSpec| raw.model_types.iter().any(|m| m == model_type);
         for (name, (_, raw)) in &self.models {
-            if raw.model_types.iter().any(|m| m == model_type) {
+            if claims(raw) && raw.task.unwrap_or_default() == task {
                 return self.load(name);
             }
+        }
+        if let Some((name, _)) = self
+            .model_types()
+            .into_iter()
+            .find(|(m, _)| m == model_type)
+        {
+            return self.load(&name);
         }
         let mut known: Vec<String> = self.model_types().into_iter().map(|(m, _)| m).collect();
         known.sort();
@@ -508,6 +545,7 @@ impl SpecLibrary {
                 file: path.to_path_buf(),
                 description: None,
                 model_types: Vec::new(),
+                task: Task::Generate,
                 config: IndexMap::new(),
                 blocks: self.blocks.clone(),
                 layers: None,
@@ -530,6 +568,7 @@ impl SpecLibrary {
         spec.file = path.to_path_buf();
         spec.description = raw.description.or(spec.description);
         spec.model_types = raw.model_types;
+        spec.task = raw.task.unwrap_or_default();
         for (k, b) in &raw.config {
             spec.config.insert(k.clone(), sourced(path, binding_def(b)));
         }

@@ -18,6 +18,11 @@ pub struct RawSpec {
     pub description: Option<String>,
     #[serde(default)]
     pub model_types: Vec<String>,
+    /// What the spec's output is for (`generate`: logits; `embed`: hidden
+    /// states an embedder pools; `classify`: per-token class scores). Two
+    /// specs may claim one `model_type` when their tasks differ.
+    #[serde(default)]
+    pub task: Option<Task>,
     #[serde(default)]
     pub extends: Option<String>,
     #[serde(default)]
@@ -41,6 +46,29 @@ pub struct RawSpec {
     /// with: accepted with one value only, or ignored for a reason.
     #[serde(default)]
     pub config_keys: RawConfigKeys,
+}
+
+/// A spec's task: which loader picks it for a `model_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Logits over the vocabulary (language models).
+    #[default]
+    Generate,
+    /// Last hidden states, pooled into sentence vectors by an embedder.
+    Embed,
+    /// Class scores per position (cross-encoder rerankers).
+    Classify,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Generate => "generate",
+            Task::Embed => "embed",
+            Task::Classify => "classify",
+        }
+    }
 }
 
 /// `config_keys`: what the spec says about checkpoint keys it does not read.

@@ -300,3 +300,54 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
     let e = check(&lib.load("tiny").expect("load")).expect_err("negative eps");
     assert!(e.to_string().contains("l2_normalize"), "{e}");
 }
+
+/// One `model_type`, several tasks: each loader gets the spec of its task,
+/// else the other claims (the `generate` one first); two claims of one
+/// type for one task are an error naming the file and the task.
+#[test]
+fn specs_of_different_tasks_share_a_model_type() {
+    use lmspec_spec::raw::Task;
+    let lib = SpecLibrary::open(&root().join("specs")).expect("library");
+    let file = Path::new("config.json");
+    let name = |mt: &str, task: Task| lib.for_model_type_task(mt, task, file).expect(mt).name;
+    assert_eq!(name("qwen3", Task::Generate), "qwen3");
+    assert_eq!(name("qwen3", Task::Embed), "qwen3_embed");
+    assert_eq!(name("qwen3", Task::Classify), "qwen3");
+    assert_eq!(name("gemma3_text", Task::Embed), "gemma3_embed");
+    assert_eq!(name("xlm-roberta", Task::Classify), "roberta_rerank");
+    assert_eq!(name("xlm-roberta", Task::Embed), "roberta");
+    assert_eq!(name("roberta", Task::Generate), "roberta");
+    assert_eq!(lib.for_model_type("bert", file).expect("bert").name, "bert");
+    let types = lib.model_types();
+    let qwen3: Vec<&(String, String)> = types.iter().filter(|(m, _)| m == "qwen3").collect();
+    assert_eq!(qwen3, [&("qwen3".to_string(), "qwen3".to_string())]);
+
+    const A: &str = "spec_version: 1\nname: a\nmodel_types: [t]\ntask: embed\nmodel:\n  inputs: [tokens]\n  nodes:\n    e: {op: embedding, in: tokens, weight: e, vocab: 4, dim: 2}\n  output: e\n";
+    let b = A.replace("name: a", "name: b");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("models")).expect("mkdir");
+    std::fs::write(dir.path().join("models/a.yaml"), A).expect("write");
+    std::fs::write(dir.path().join("models/b.yaml"), &b).expect("write");
+    let err = SpecLibrary::open(dir.path()).expect_err("claimed twice");
+    assert!(
+        err.to_string()
+            .contains("model_type 't' is already claimed by spec 'a' for task 'embed'"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("models/b.yaml"),
+        b.replace("task: embed", "task: classify"),
+    )
+    .expect("write");
+    assert!(SpecLibrary::open(dir.path()).is_ok());
+    std::fs::write(
+        dir.path().join("models/b.yaml"),
+        b.replace("task: embed", "task: pool"),
+    )
+    .expect("write");
+    let err = SpecLibrary::open(dir.path()).expect_err("unknown task");
+    assert!(
+        err.to_string().contains("b.yaml") && err.to_string().contains("pool"),
+        "{err}"
+    );
+}

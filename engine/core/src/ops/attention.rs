@@ -2,7 +2,9 @@
 //! `fast::scaled_dot_product_attention` (grouped-query when k/v have fewer
 //! heads), with a causal (optionally sliding-window, optionally wider for
 //! multi-token calls than for single tokens) mask, an optional
-//! key-padding mask and a KV cache slot. With `softcap` the scores are
+//! key-padding mask and a KV cache slot. Non-causal attention (encoders)
+//! sees every key, or with `window` a band around the query, and keeps no
+//! cache. With `softcap` the scores are
 //! computed explicitly and capped with `tanh` before the softmax.
 use lmspec_spec::ops::Attention;
 use mlx_rs::error::Exception;
@@ -19,6 +21,15 @@ impl Op for Attention {
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let t = q.shape()[2];
         let (mask, kv) = match ctx.cache.as_deref_mut() {
+            // Bidirectional attention (encoders) sees the whole input, or a
+            // band of it; it neither reads nor grows a cache.
+            _ if !self.causal => {
+                let mask = match self.window_size() {
+                    Some(w) if t > w => Mask::Array(band_mask(t, w)),
+                    _ => Mask::None,
+                };
+                (mask, KvView::Dense(k.clone(), v.clone()))
+            }
             Some(cache) => (
                 cache.mask(t, self.chunk_window_size())?,
                 cache.update_and_fetch(k, v)?,
@@ -32,7 +43,6 @@ impl Op for Attention {
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
         };
-        let mask = if self.causal { mask } else { Mask::None };
         let mask = match ctx.key_mask {
             Some(keys) => with_key_mask(mask, keys, t)?,
             None => mask,
@@ -67,6 +77,18 @@ impl Op for Attention {
             }
         }
     }
+}
+
+/// The bidirectional band of a non-causal `window`: query `i` sees key `j`
+/// when `|i - j| < window` (ModernBERT's local attention).
+pub(crate) fn band_mask(t: i32, window: i32) -> Array {
+    let mut allowed = Vec::with_capacity((t * t).max(0) as usize);
+    for i in 0..t {
+        for j in 0..t {
+            allowed.push((i - j).abs() < window);
+        }
+    }
+    Array::from_slice(&allowed, &[t, t])
 }
 
 /// `mask` restricted to the keys a `[B, S]` key mask allows (true = a real

@@ -183,6 +183,19 @@ fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
     })
 }
 
+/// Reads one safetensors file (its header checked first), its tensors by
+/// name in name order.
+pub fn load_safetensors_file(f: &Path) -> Result<Vec<(String, Array)>> {
+    check_safetensors(f)?;
+    let loaded = Array::load_safetensors(f).map_err(|e| Error::Weights {
+        file: f.to_path_buf(),
+        msg: format!("cannot read safetensors: {}", crate::error::mlx_message(&e)),
+    })?;
+    let mut names: Vec<_> = loaded.into_iter().collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(names)
+}
+
 /// Reads the safetensors of a model directory, telling `progress` (when
 /// given) of each file read.
 pub fn load_safetensors_dir(dir: &Path, progress: Option<&LoadProgress>) -> Result<Checkpoint> {

@@ -6,7 +6,7 @@ op! {
     "attention" (3..=3) => Attention {
         scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
         causal: bool = true, "mask future positions";
-        window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those)";
+        window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
         chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
     }

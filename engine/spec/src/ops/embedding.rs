@@ -18,6 +18,7 @@ op! {
         positions: i64, "rows of the table (the longest sequence)";
         dim: i64, "width of a row";
         row: Option<i64> = None, "when set, every position takes this row (token-type embeddings of segment 0)";
+        offset: i64 = 0, "row of position 0 (RoBERTa's padding_idx + 1); the sequence may use positions - offset rows";
     }
 }
 
@@ -39,6 +40,15 @@ impl Embedding {
 impl PositionEmbedding {
     pub fn resolve(&self, scope: &str, _inputs: &[Layout]) -> Result<Resolved, OpError> {
         let positions = self.positions;
+        if self.offset < 0 || self.offset >= positions {
+            return Err(OpError::new(
+                "offset",
+                format!(
+                    "offset {} is outside the table's {positions} rows",
+                    self.offset
+                ),
+            ));
+        }
         if let Some(row) = self.row {
             if row < 0 || row >= positions {
                 return Err(OpError::new(
