@@ -66,22 +66,12 @@ enum Command {
         #[command(flatten)]
         gen: GenArgs,
     },
-    /// Sentence embeddings from an encoder folder (one JSON array per text).
-    Embed {
-        /// Model directory (a sentence-transformers / Hugging Face folder)
-        /// or hub id.
-        #[arg(long)]
-        model: String,
-        /// The texts, embedded as one padded batch.
-        #[arg(required = true)]
-        texts: Vec<String>,
-        /// Pooling: mean, cls, max or last (default: 1_Pooling/config.json).
-        #[arg(long)]
-        pooling: Option<String>,
-        /// L2-normalise: true or false (default: whether modules.json lists Normalize).
-        #[arg(long)]
-        normalize: Option<bool>,
-    },
+    /// Sentence embeddings from an encoder folder (one JSON array per text,
+    /// or --out FILE.npy|.jsonl).
+    Embed(crate::embed_cmd::EmbedArgs),
+    /// Rank documents by relevance to a query with a cross-encoder (JSON
+    /// lines: index, score, document; best first).
+    Rerank(crate::embed_cmd::RerankArgs),
     /// Measure load, prefill and decode speed (optionally against mlx-lm).
     Bench {
         /// Model directory, .gguf file or hub id (default: the default model).
@@ -109,6 +99,9 @@ enum Command {
         #[arg(long)]
         profile_ops: bool,
     },
+    /// Serve a model over HTTP: OpenAI- and Anthropic-compatible APIs with
+    /// continuous batching.
+    Serve(crate::serve_cmd::ServeArgs),
     /// Porting tools: node-by-node diffs, spec drafts, coverage.
     #[command(subcommand)]
     Port(PortCommand),
@@ -191,10 +184,37 @@ struct GenArgs {
     gguf_file: Option<String>,
 }
 
+/// The language model of a `--model` value (a path, a hub id, an installed
+/// model's name; none: the default model) with the `--weights` plan.
+pub(crate) fn load_language_model(
+    model: &Option<String>,
+    gguf_file: &Option<String>,
+    weights: &str,
+    specs: &Option<PathBuf>,
+) -> Result<lmspec::lm::LanguageModel> {
+    let plan = WeightPlan::parse(weights)
+        .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
+    let opts = load_options(specs, plan)?;
+    let source = match model {
+        Some(m) if Path::new(m).exists() || lmspec::installed_model(m).is_none() => {
+            lmspec::hub::ModelSource::parse(m)
+        }
+        Some(m) => lmspec::hub::ModelSource::Path(model_path(m, gguf_file)?),
+        None => lmspec::hub::ModelSource::Path(lmspec::default_model().filter(|p| p.exists()).ok_or_else(
+            || anyhow!("no --model given and the default model is not installed (run `make setup`)"),
+        )?),
+    };
+    let mut hub = lmspec::hub::HubOptions::from_env();
+    hub.gguf_file = gguf_file.clone();
+    Ok(lmspec::lm::LanguageModel::load_source(
+        &source, &hub, &opts,
+    )?)
+}
+
 /// A `--model` value as a local path: a path as given; a hub id
 /// (`ORG/NAME[@REVISION]`) as its folder or `.gguf` file in the hub cache,
 /// fetched first when the cache lacks a file the model needs.
-fn model_path(text: &str, gguf_file: &Option<String>) -> Result<PathBuf> {
+pub(crate) fn model_path(text: &str, gguf_file: &Option<String>) -> Result<PathBuf> {
     if !Path::new(text).exists() {
         if let Some(p) = lmspec::installed_model(text) {
             return Ok(p);
@@ -416,30 +436,8 @@ impl GenArgs {
         }
     }
 
-    fn model_path(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(m) => model_path(m, &self.gguf_file),
-            None => lmspec::default_model()
-                .filter(|p| p.exists())
-                .ok_or_else(|| anyhow!("no --model given and the default model is not installed (run `make setup`)")),
-        }
-    }
-
     fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
-        let plan = WeightPlan::parse(&self.weights)
-            .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-        let opts = load_options(specs, plan)?;
-        let source = match &self.model {
-            Some(m) if Path::new(m).exists() || lmspec::installed_model(m).is_none() => {
-                lmspec::hub::ModelSource::parse(m)
-            }
-            _ => lmspec::hub::ModelSource::Path(self.model_path()?),
-        };
-        let mut hub = lmspec::hub::HubOptions::from_env();
-        hub.gguf_file = self.gguf_file.clone();
-        Ok(lmspec::lm::LanguageModel::load_source(
-            &source, &hub, &opts,
-        )?)
+        load_language_model(&self.model, &self.gguf_file, &self.weights, specs)
     }
 
     fn context(&self) -> lmspec::lm::template::ChatContext {
@@ -764,7 +762,7 @@ pub fn main() -> ExitCode {
 /// ([`library`]), `weights`, and `$LMSPEC_FUSE_PROJECTIONS` (`1` or `0`)
 /// forcing fused projections on or off (default: on for the CPU, off on a
 /// GPU).
-fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOptions> {
+pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOptions> {
     let mut opts = LoadOptions::default()
         .with_library(library(specs)?)
         .with_weights(weights);
@@ -785,7 +783,7 @@ fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOpti
 }
 
 /// `--specs` when given, else `$LMSPEC_SPECS`, else the built-in library.
-fn spec_root(cli_specs: &Option<PathBuf>) -> SpecRoot {
+pub(crate) fn spec_root(cli_specs: &Option<PathBuf>) -> SpecRoot {
     match cli_specs {
         Some(root) => SpecRoot::Dir(root.clone()),
         None => SpecRoot::from_env(),
@@ -799,6 +797,7 @@ fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor(&cli.specs),
+        Command::Serve(args) => crate::serve_cmd::run(args, &cli.specs, &cli.gguf_file),
         Command::Spec(SpecCommand::List) => {
             let lib = library(&cli.specs)?;
             for name in lib.names() {
@@ -935,48 +934,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spec.as_deref(),
         ),
         Command::Golden { cases } => golden(&cli.specs, cases),
-        Command::Embed {
-            model,
-            texts,
-            pooling,
-            normalize,
-        } => embed(
-            &cli.specs,
-            &model_path(&model, &cli.gguf_file)?,
-            &texts,
-            pooling.as_deref(),
-            normalize,
+        Command::Embed(args) => crate::embed_cmd::embed(
+            &model_path(&args.model, &cli.gguf_file)?,
+            &load_options(&cli.specs, WeightPlan::AsStored)?,
+            &args,
+        ),
+        Command::Rerank(args) => crate::embed_cmd::rerank(
+            &model_path(&args.model, &cli.gguf_file)?,
+            &load_options(&cli.specs, WeightPlan::AsStored)?,
+            &args,
         ),
     }
-}
-
-fn embed(
-    specs: &Option<PathBuf>,
-    dir: &Path,
-    texts: &[String],
-    pooling: Option<&str>,
-    normalize: Option<bool>,
-) -> Result<ExitCode> {
-    let pooling = match pooling {
-        Some(p) => Some(
-            lmspec::lm::Pooling::parse(p)
-                .ok_or_else(|| anyhow!("--pooling: '{p}' is not one of mean, cls, max, last"))?,
-        ),
-        None => None,
-    };
-    let opts = load_options(specs, WeightPlan::AsStored)?;
-    let mut e = lmspec::lm::Embedder::load(dir, &opts)?;
-    if let Some(p) = pooling {
-        e.pooling = p;
-    }
-    if let Some(n) = normalize {
-        e.normalize = n;
-    }
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    for v in e.embed(&refs)? {
-        println!("{}", serde_json::to_string(&v)?);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn repo_root() -> PathBuf {

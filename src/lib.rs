@@ -9,6 +9,7 @@ pub use lmspec_engine as engine;
 pub use lmspec_hub as hub;
 pub use lmspec_lm as lm;
 pub use lmspec_port as port;
+pub use lmspec_serve as serve;
 pub use lmspec_spec as spec;
 
 /// The default chat model: `$LMSPEC_DEFAULT_MODEL`, else the SmolLM2 GGUF

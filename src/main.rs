@@ -1,5 +1,7 @@
 //! The `lmspec` command line.
 mod cli;
+mod embed_cmd;
+mod serve_cmd;
 
 fn main() -> std::process::ExitCode {
     // A reader that stops early (`lmspec spec list | head -1`) ends the

@@ -677,6 +677,62 @@ impl ModelCache {
         out
     }
 
+    /// A copy whose standard KV slots hold exactly the positions seen (no
+    /// spare capacity), in buffers of their own: what a cache kept for
+    /// later reuse should cost.
+    pub fn compacted(&self) -> Result<ModelCache, Exception> {
+        let mut out = self.clone();
+        let one = |x: &Array| mlx_rs::ops::multiply(x, Array::from_f32(1.0).as_dtype(x.dtype())?);
+        for slot in &mut out.slots {
+            if let CacheState::Kv(c) = slot {
+                if let Some((k, v)) = c.held()? {
+                    let (k, v) = (one(&k)?, one(&v)?);
+                    mlx_rs::transforms::eval([&k, &v])?;
+                    c.keys = Some(k);
+                    c.values = Some(v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes the state takes per sequence: (fixed, per position). Attention
+    /// slots count per position (a window counts every position, as a
+    /// batch holds them), convolution and recurrent states are fixed.
+    /// Measured on a cache that has seen at least one position.
+    pub fn footprint(&self) -> (u64, u64) {
+        let per = |a: &Array| a.nbytes() as u64 / a.shape()[2].max(1) as u64;
+        let (mut fixed, mut position) = (0, 0);
+        for s in &self.slots {
+            match s {
+                CacheState::Kv(KvCache { keys, values, .. })
+                | CacheState::Rotating(RotatingKvCache { keys, values, .. }) => {
+                    position += keys.iter().chain(values.iter()).map(per).sum::<u64>();
+                }
+                CacheState::Quantized(c) => {
+                    position += c
+                        .keys
+                        .iter()
+                        .chain(c.values.iter())
+                        .flatten()
+                        .map(per)
+                        .sum::<u64>();
+                }
+                CacheState::Batch(c) => {
+                    let rows = c.keys.shape()[0].max(1) as u64;
+                    position += (per(&c.keys) + per(&c.values)) / rows;
+                }
+                CacheState::Conv(c) => {
+                    fixed += c.rows.iter().map(|a| a.nbytes() as u64).sum::<u64>()
+                }
+                CacheState::Recurrent { state, .. } => {
+                    fixed += state.iter().map(|a| a.nbytes() as u64).sum::<u64>()
+                }
+            }
+        }
+        (fixed, position)
+    }
+
     /// Arrays holding the state, for evaluating it between prefill chunks.
     pub fn arrays(&self) -> Vec<&Array> {
         let mut out = Vec::new();

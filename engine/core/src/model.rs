@@ -100,6 +100,9 @@ pub struct LoadOptions {
     pub library: Option<SpecLibrary>,
     /// Told of each safetensors file read.
     pub progress: Option<weights::LoadProgress>,
+    /// Which spec a `model_type` claimed by several picks (the embedder
+    /// asks for `embed`, the reranker for `classify`).
+    pub task: lmspec_spec::raw::Task,
 }
 
 impl LoadOptions {
@@ -123,6 +126,11 @@ impl LoadOptions {
 
     pub fn with_library(mut self, library: SpecLibrary) -> LoadOptions {
         self.library = Some(library);
+        self
+    }
+
+    pub fn with_task(mut self, task: lmspec_spec::raw::Task) -> LoadOptions {
+        self.task = task;
         self
     }
 
@@ -172,6 +180,17 @@ pub fn resolve_spec(
     config_file: &Path,
     spec: Option<&str>,
 ) -> Result<Spec> {
+    resolve_spec_for(lib, config, config_file, spec, Default::default())
+}
+
+/// [`resolve_spec`] preferring the spec of `task` for the `model_type`.
+pub fn resolve_spec_for(
+    lib: &SpecLibrary,
+    config: &serde_json::Value,
+    config_file: &Path,
+    spec: Option<&str>,
+    task: lmspec_spec::raw::Task,
+) -> Result<Spec> {
     match spec {
         Some(s) => Ok(lib.load(s)?),
         None => {
@@ -183,7 +202,7 @@ pub fn resolve_spec(
                     key: "model_type".into(),
                     msg: "missing; pass a spec explicitly".into(),
                 })?;
-            Ok(lib.for_model_type(mt, config_file)?)
+            Ok(lib.for_model_type_task(mt, task, config_file)?)
         }
     }
 }
@@ -196,7 +215,7 @@ impl Model {
         }
         let lib = opts.library()?;
         let (config_file, json) = read_config(path)?;
-        let spec = resolve_spec(&lib, &json, &config_file, opts.spec.as_deref())?;
+        let spec = resolve_spec_for(&lib, &json, &config_file, opts.spec.as_deref(), opts.task)?;
         let checkpoint = weights::load_safetensors_dir(path, opts.progress.as_ref())?;
         let source = Source {
             path,
@@ -345,11 +364,15 @@ impl Model {
                 cache.rows()
             )));
         }
-        let mask = cache.key_mask(s[1]);
-        let positions = cache.positions();
-        let (out, _) =
+        // One row has no padding once alone: a plain call at its offset.
+        let (out, _) = if cache.rows() == 1 {
+            self.plan.run(tokens, &mut cache.cache, &[], None, None)?
+        } else {
+            let mask = cache.key_mask(s[1]);
+            let positions = cache.positions();
             self.plan
-                .run(tokens, &mut cache.cache, &[], Some(&mask), Some(&positions))?;
+                .run(tokens, &mut cache.cache, &[], Some(&mask), Some(&positions))?
+        };
         cache.advance(s[1]);
         Ok(out)
     }

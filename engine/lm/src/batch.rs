@@ -27,6 +27,8 @@ pub struct SeqParams {
     pub constraint: Option<JsonConstraint>,
     /// Report log-probabilities, with this many alternatives.
     pub logprobs: Option<usize>,
+    /// Keep going past end-of-sequence tokens (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Why a sequence ended.
@@ -97,13 +99,15 @@ impl PrefixCache {
         cache.trim(held - keep).then_some((cache, keep))
     }
 
-    fn store(&mut self, prompt: &[u32], cache: &ModelCache) {
+    fn store(&mut self, prompt: &[u32], cache: &ModelCache) -> Result<()> {
         if self.capacity == 0 {
-            return;
+            return Ok(());
         }
         self.entries.retain(|(t, _)| t != prompt);
-        self.entries.push_front((prompt.to_vec(), cache.clone()));
+        self.entries
+            .push_front((prompt.to_vec(), cache.compacted()?));
         self.entries.truncate(self.capacity);
+        Ok(())
     }
 }
 
@@ -146,6 +150,24 @@ impl<'m> BatchGenerator<'m> {
             },
             reused_tokens: 0,
         })
+    }
+
+    /// Whether the model decodes sequences at different positions in one
+    /// batch: two short sequences are run together once. (An op that
+    /// depends on the whole batch's length, as dynamic-NTK RoPE does,
+    /// cannot.)
+    pub fn can_batch(model: &Model) -> bool {
+        let probe = || -> Result<()> {
+            let mut g = BatchGenerator::new(model, Vec::new(), 0)?;
+            let two = || SeqParams {
+                max_tokens: 2,
+                ..Default::default()
+            };
+            g.insert(0, &[0], two())?;
+            g.insert(1, &[0, 0], two())?;
+            g.step().map(|_| ())
+        };
+        probe().is_ok()
     }
 
     /// Sequences decoding.
@@ -191,7 +213,7 @@ impl<'m> BatchGenerator<'m> {
         let logits = self
             .model
             .forward(&ids_row(&prompt[prompt.len() - 1..]), Some(&mut cache))?;
-        self.prefixes.store(prompt, &cache);
+        self.prefixes.store(prompt, &cache)?;
         let mut row = Row {
             seq,
             rng: Rng::new(params.sampling.seed),
@@ -297,7 +319,7 @@ impl<'m> BatchGenerator<'m> {
             if let Some(c) = &mut r.params.constraint {
                 c.advance(token);
             }
-            let finish = if self.eos.contains(&token) {
+            let finish = if !r.params.ignore_eos && self.eos.contains(&token) {
                 Some(Finish::Stop)
             } else if r.produced >= r.max_tokens {
                 Some(Finish::Length)

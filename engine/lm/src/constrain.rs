@@ -7,7 +7,8 @@
 //!
 //! What the matcher accepts, beyond plain JSON: properties come in the
 //! schema's order (optional ones may be left out; with `properties` given,
-//! others are not allowed), whitespace runs are at most
+//! others are not allowed), no whitespace comes between a key and its
+//! colon, whitespace runs are at most
 //! [`MAX_WHITESPACE`] characters, numbers at most [`MAX_DIGITS`] digits, and
 //! free-form values nest at most [`MAX_DEPTH`] deep, so that the output
 //! always ends.
@@ -22,7 +23,7 @@ pub const MAX_WHITESPACE: u8 = 4;
 /// Most digits in a number's integer, fraction or exponent part.
 pub const MAX_DIGITS: u8 = 20;
 /// Deepest nesting of free-form values.
-pub const MAX_DEPTH: u8 = 16;
+pub const MAX_DEPTH: u8 = 3;
 
 /// A compiled JSON schema.
 #[derive(Debug, PartialEq)]
@@ -407,7 +408,9 @@ fn feed(mut stack: Stack, c: char, out: &mut Vec<Stack>) {
                 key,
                 ws,
             };
-            if is_ws(c) && phase != ObjPhase::InKey && phase != ObjPhase::InValue {
+            // Whitespace goes around structure, not between a key and
+            // its colon.
+            if is_ws(c) && !matches!(phase, ObjPhase::InKey | ObjPhase::InValue | ObjPhase::Colon) {
                 if ws < MAX_WHITESPACE {
                     stack.push(frame(phase, next, key, ws + 1));
                     out.push(stack);
@@ -747,13 +750,25 @@ impl JsonConstraint {
     /// The best allowed token by `logits` (for greedy decoding: checks
     /// candidates from the best down and stops at the first allowed).
     pub fn best(&self, logits: &[f32]) -> Option<u32> {
+        // The best few first (usually one of them is allowed), then all.
+        const FEW: usize = 64;
+        let by_logit = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        order.into_iter().find(|&t| self.allows(t))
+        if order.len() > FEW {
+            order.select_nth_unstable_by(FEW - 1, by_logit);
+            order.truncate(FEW);
+        }
+        order.sort_by(by_logit);
+        if let Some(t) = order.into_iter().find(|&t| self.allows(t)) {
+            return Some(t);
+        }
+        (0..logits.len() as u32)
+            .filter(|&t| logits[t as usize] != f32::NEG_INFINITY && self.allows(t))
+            .min_by(by_logit)
     }
 
     /// Records that `token` was chosen.
@@ -821,6 +836,7 @@ mod tests {
         assert!(!prefix_ok(&s, r#"{"city": "a", "unit": "k"#));
         assert!(!prefix_ok(&s, r#"{"town"#), "undeclared key");
         assert!(!prefix_ok(&s, "{       \"city\""), "long whitespace run");
+        assert!(!prefix_ok(&s, "{\"city\" :"), "whitespace before a colon");
     }
 
     #[test]

@@ -499,20 +499,24 @@ impl<'a> OutputStream<'a> {
 struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop string that ended the output.
+    hit: Option<usize>,
 }
 
 impl StopMatcher {
     /// Returns (text safe to emit, whether a stop string was hit).
     fn push(&mut self, text: &str) -> (String, bool) {
         self.held.push_str(text);
-        if let Some(pos) = self
+        if let Some((pos, k)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .enumerate()
+            .filter_map(|(k, s)| self.held.find(s.as_str()).map(|p| (p, k)))
             .min()
         {
             let out = self.held[..pos].to_string();
             self.held.clear();
+            self.hit = Some(k);
             return (out, true);
         }
         let keep = self
@@ -571,7 +575,7 @@ impl<'a> TextStream<'a> {
             detok: StreamingDetokenizer::new(),
             stops: StopMatcher {
                 stops: stop_strings.to_vec(),
-                held: String::new(),
+                ..Default::default()
             },
             output: OutputStream::new(format, tools, &prompt_tail),
             text: String::new(),
@@ -613,6 +617,11 @@ impl<'a> TextStream<'a> {
         }
         self.output.finish(on_event);
         Ok(())
+    }
+
+    /// The stop string that ended the output, if one did.
+    pub fn stop_sequence(&self) -> Option<&str> {
+        self.stops.hit.map(|k| self.stops.stops[k].as_str())
     }
 
     /// The tool calls reported so far.
@@ -709,14 +718,14 @@ mod tests {
     fn stop_strings_are_held_back_and_cut() {
         let mut m = StopMatcher {
             stops: vec!["</end>".into()],
-            held: String::new(),
+            ..Default::default()
         };
         assert_eq!(m.push("hello </"), ("hello ".into(), false));
         assert_eq!(m.push("en"), (String::new(), false));
         assert_eq!(m.push("d> more"), (String::new(), true));
         let mut m = StopMatcher {
             stops: vec!["</end>".into()],
-            held: String::new(),
+            ..Default::default()
         };
         assert_eq!(m.push("a </b"), ("a </b".into(), false));
         assert_eq!(m.push("<"), (String::new(), false));

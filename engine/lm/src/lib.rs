@@ -8,10 +8,13 @@ pub mod embed;
 pub mod generate;
 pub mod lm;
 pub mod registry;
+pub mod rerank;
 pub mod sampling;
+pub mod st_modules;
 pub mod template;
 pub mod tokenizer;
 pub mod tools;
 
 pub use embed::{Embedder, Pooling};
 pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};
+pub use rerank::Reranker;

@@ -48,6 +48,7 @@ impl Build for PositionEmbedding {
             table,
             positions,
             row: self.row.map(|r| r as i32),
+            offset: self.offset as i32,
         }))
     }
 }
@@ -57,6 +58,7 @@ struct PositionOp {
     table: Array,
     positions: i32,
     row: Option<i32>,
+    offset: i32,
 }
 
 impl PositionOp {
@@ -65,8 +67,8 @@ impl PositionOp {
         if end > self.positions {
             return Err(Exception::custom(format!(
                 "position {} is past the {} learned positions",
-                end - 1,
-                self.positions
+                end - 1 - self.offset,
+                self.positions - self.offset
             )));
         }
         Ok(())
@@ -82,9 +84,10 @@ impl Op for PositionOp {
                 Some(r) => mlx_rs::ops::full::<i32>(&[p.host.len() as i32, t], Array::from_int(r))?,
                 None => {
                     let last = p.host.iter().max().copied().unwrap_or(0) + t;
-                    self.check_within(last)?;
+                    self.check_within(self.offset + last)?;
                     let start = p.array.reshape(&[-1, 1])?;
-                    mlx_rs::ops::add(&start, mlx_rs::ops::arange::<_, i32>(0, t, None)?)?
+                    let steps = mlx_rs::ops::arange::<_, i32>(self.offset, self.offset + t, None)?;
+                    mlx_rs::ops::add(&start, steps)?
                 }
             };
             return self.table.take_axis(&rows, 0);
@@ -92,9 +95,9 @@ impl Op for PositionOp {
         let rows = match self.row {
             Some(r) => Array::from_slice(&vec![r; t as usize], &[t]),
             None => {
-                let end = ctx.offset + t;
-                self.check_within(end)?;
-                mlx_rs::ops::arange::<_, i32>(ctx.offset, end, None)?
+                let start = self.offset + ctx.offset;
+                self.check_within(start + t)?;
+                mlx_rs::ops::arange::<_, i32>(start, start + t, None)?
             }
         };
         self.table.take_axis(&rows, 0)?.expand_dims(0)

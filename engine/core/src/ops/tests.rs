@@ -751,3 +751,98 @@ fn gated_delta_matches_the_recurrence_whole_and_step_by_step() {
     }
     close(&got, &want, 1e-5);
 }
+
+/// Bidirectional attention (encoders) over the keys `|i - j| < window`
+/// (ModernBERT's local band: mlx-embeddings' `distance <= local_attention //
+/// 2`), or over every key without a window.
+#[test]
+fn non_causal_attention_sees_every_key_or_a_band() {
+    let (h, t, d) = (2usize, 9usize, 4usize);
+    let gen = |n: usize, seed: u64| noise(n, seed);
+    let (qs, ks, vs) = (gen(h * t * d, 11), gen(h * t * d, 12), gen(h * t * d, 13));
+    let shape = [1, h as i32, t as i32, d as i32];
+    let (q, k, v) = (
+        Array::from_slice(&qs, &shape),
+        Array::from_slice(&ks, &shape),
+        Array::from_slice(&vs, &shape),
+    );
+    let info = ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let scale = 0.5;
+    for window in [None, Some(3usize), Some(20)] {
+        let given = [
+            ("scale", Value::Float(scale)),
+            ("causal", Value::Bool(false)),
+            (
+                "window",
+                window.map_or(Value::Null, |w| Value::Int(w as i64)),
+            ),
+        ];
+        let op = build("attention", &given, &[info, info, info], vec![]);
+        let mut want = vec![0.0f64; h * t * d];
+        for hh in 0..h {
+            for i in 0..t {
+                let keys: Vec<usize> = (0..t)
+                    .filter(|&j| window.is_none_or(|w| i.abs_diff(j) < w))
+                    .collect();
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
+                        (0..d)
+                            .map(|x| {
+                                f64::from(qs[(hh * t + i) * d + x])
+                                    * f64::from(ks[(hh * t + j) * d + x])
+                            })
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (p, &j) in e.iter().zip(&keys) {
+                    for x in 0..d {
+                        want[(hh * t + i) * d + x] += p / z * f64::from(vs[(hh * t + j) * d + x]);
+                    }
+                }
+            }
+        }
+        close(&run(op.as_ref(), &[&q, &k, &v], 0), &want, 2e-5);
+    }
+}
+
+/// `offset` shifts the rows a sequence reads (RoBERTa's positions start at
+/// padding_idx + 1), and the table then holds `positions - offset` of them.
+#[test]
+fn position_embedding_offset_skips_the_first_rows() {
+    let table: Vec<f32> = (0..10).map(|v| v as f32).collect();
+    let w = || vec![Param::Dense(Array::from_slice(&table, &[5, 2]))];
+    let tokens = Array::from_slice(&[7i32, 7, 7], &[1, 3]);
+    let given = [
+        ("positions", Value::Int(5)),
+        ("dim", Value::Int(2)),
+        ("weight", Value::Str("p".into())),
+        ("offset", Value::Int(2)),
+    ];
+    let op = build("position_embedding", &given, &[ValueInfo::flat(1)], w());
+    close(
+        &run(op.as_ref(), &[&tokens], 0),
+        &[4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+        0.0,
+    );
+    let mut ctx = Ctx {
+        offset: 1,
+        key_mask: None,
+        positions: None,
+        cache: None,
+    };
+    let err = op
+        .forward(&[&tokens], &mut ctx)
+        .expect_err("past the table");
+    assert!(
+        err.to_string().contains("past the 3 learned positions"),
+        "{err}"
+    );
+}
