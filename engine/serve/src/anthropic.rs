@@ -35,17 +35,7 @@ fn template_messages(body: &Body) -> Result<Value, ApiError> {
             out.push(json!({"role": "system", "content": text}));
         }
     }
-    let msgs = match body.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => m,
-        Some(Value::Array(_)) => return Err(ApiError::invalid("messages", "must not be empty")),
-        Some(v) => {
-            return Err(ApiError::invalid(
-                "messages",
-                format!("expected an array, got {}", request::kind(v)),
-            ))
-        }
-        None => return Err(ApiError::invalid("messages", "missing")),
-    };
+    let msgs = body.nonempty_array("messages")?;
     for (i, m) in msgs.iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = match m.get("role").and_then(Value::as_str) {

@@ -54,17 +54,7 @@ pub(crate) fn job(
 /// OpenAI chat messages as the chat template takes them: text content,
 /// tool calls with their arguments as JSON values.
 fn template_messages(body: &Body) -> Result<Value, ApiError> {
-    let msgs = match body.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => m,
-        Some(Value::Array(_)) => return Err(ApiError::invalid("messages", "must not be empty")),
-        Some(v) => {
-            return Err(ApiError::invalid(
-                "messages",
-                format!("expected an array, got {}", request::kind(v)),
-            ))
-        }
-        None => return Err(ApiError::invalid("messages", "missing")),
-    };
+    let msgs = body.nonempty_array("messages")?;
     let mut out = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         let at = format!("messages[{i}]");
@@ -724,28 +714,17 @@ async fn rerank_inner(state: AppState, bytes: Bytes) -> Result<Response, ApiErro
         .string("query")?
         .ok_or_else(|| ApiError::invalid("query", "missing"))?
         .to_string();
-    let documents: Vec<String> = match body.get("documents") {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_str()
-                    .or_else(|| v.get("text").and_then(Value::as_str))
-                    .map(String::from)
-                    .ok_or_else(|| {
-                        ApiError::invalid(&format!("documents[{i}]"), "expected a string")
-                    })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::Array(_)) => return Err(ApiError::invalid("documents", "must not be empty")),
-        Some(v) => {
-            return Err(ApiError::invalid(
-                "documents",
-                format!("expected an array, got {}", request::kind(v)),
-            ))
-        }
-        None => return Err(ApiError::invalid("documents", "missing")),
-    };
+    let documents: Vec<String> = body
+        .nonempty_array("documents")?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_str()
+                .or_else(|| v.get("text").and_then(Value::as_str))
+                .map(String::from)
+                .ok_or_else(|| ApiError::invalid(&format!("documents[{i}]"), "expected a string"))
+        })
+        .collect::<Result<_, _>>()?;
     let top_n = body
         .integer("top_n", 1, i64::from(u32::MAX))?
         .map(|n| n as usize);

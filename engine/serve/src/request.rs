@@ -101,6 +101,16 @@ impl Body {
         }
     }
 
+    /// A field that must be a non-empty array.
+    pub fn nonempty_array(&self, field: &str) -> Result<&Vec<Value>, ApiError> {
+        match self.get(field) {
+            Some(Value::Array(items)) if !items.is_empty() => Ok(items),
+            Some(Value::Array(_)) => Err(ApiError::invalid(field, "must not be empty")),
+            Some(v) => Err(wrong(field, "an array", v)),
+            None => Err(ApiError::invalid(field, "missing")),
+        }
+    }
+
     /// `stop`: a string or up to 4 strings (OpenAI); `stop_sequences`: a
     /// list (Anthropic).
     pub fn stops(&self, field: &str) -> Result<Vec<String>, ApiError> {
