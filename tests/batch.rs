@@ -31,7 +31,7 @@ fn greedy(max_tokens: usize) -> SeqParams {
 
 /// Tokens of `prompt` decoded alone.
 fn alone(model: &Model, eos: &[u32], prompt: &[u32], max_tokens: usize) -> Vec<u32> {
-    let mut g = BatchGenerator::new(model, eos.to_vec(), 0).expect("generator");
+    let mut g = BatchGenerator::new(model, eos.to_vec(), 0);
     let first = g.insert(0, prompt, greedy(max_tokens)).expect("insert");
     let mut out = vec![first.token];
     let mut done = first.finish.is_some();
@@ -52,7 +52,7 @@ fn together(
     prompts: &[Vec<u32>],
     max_tokens: &[usize],
 ) -> Vec<Vec<u32>> {
-    let mut g = BatchGenerator::new(model, eos.to_vec(), 4).expect("generator");
+    let mut g = BatchGenerator::new(model, eos.to_vec(), 4);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let record = |t: SeqToken, out: &mut Vec<Vec<u32>>| out[t.seq as usize].push(t.token);
     let half = prompts.len() / 2;
@@ -149,7 +149,7 @@ fn end_of_sequence_and_length_finish_a_sequence() {
     assert_eq!(solo.len(), 5);
     // The third token as end of sequence: the sequence stops there.
     let eos = solo[2];
-    let mut g = BatchGenerator::new(&model, vec![eos], 0).expect("generator");
+    let mut g = BatchGenerator::new(&model, vec![eos], 0);
     let first = g.insert(7, p, greedy(5)).expect("insert");
     assert_eq!(first.finish, None);
     let mut got = vec![first];
@@ -159,7 +159,7 @@ fn end_of_sequence_and_length_finish_a_sequence() {
     let first_eos = solo.iter().position(|&t| t == eos).expect("eos");
     assert_eq!(got.len(), first_eos + 1);
     assert_eq!(got.last().map(|t| t.finish), Some(Some(Finish::Stop)));
-    let mut g = BatchGenerator::new(&model, Vec::new(), 0).expect("generator");
+    let mut g = BatchGenerator::new(&model, Vec::new(), 0);
     let one = g.insert(0, p, greedy(1)).expect("insert");
     assert_eq!(one.finish, Some(Finish::Length));
     assert!(g.is_empty(), "a finished sequence does not join");

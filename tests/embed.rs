@@ -3,19 +3,10 @@
 use lmspec::lm::embed::cosine;
 use lmspec::lm::{Embedder, Pooling};
 
-use crate::support::{goldens, library, mlx_lock};
+use crate::support::{goldens, json_floats, json_ids, library, mlx_lock, read_json};
 
 fn reference() -> serde_json::Value {
-    let text = std::fs::read_to_string(goldens().join("minilm/reference.json")).expect("reference");
-    serde_json::from_str(&text).expect("reference JSON")
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
+    read_json(&goldens().join("minilm/reference.json"))
 }
 
 fn embedder() -> Embedder {
@@ -39,18 +30,13 @@ fn minilm_matches_reference_batched_and_alone() {
     assert_eq!(e.max_tokens, 256);
     let batch = e.embed(&texts).expect("batch");
     for (k, s) in sentences.iter().enumerate() {
-        let ids: Vec<u32> = s["input_ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|x| x.as_u64().expect("id") as u32)
-            .collect();
+        let ids = json_ids(&s["input_ids"]);
         assert_eq!(
             e.tokenize(texts[k]).expect("tokenize"),
             ids,
             "ids of sentence {k}"
         );
-        let want = floats(&s["embedding"]);
+        let want = json_floats(&s["embedding"]);
         let alone = e.embed(&texts[k..=k]).expect("alone").remove(0);
         let c_batch = cosine(&batch[k], &want);
         let c_alone = cosine(&alone, &want);
@@ -86,7 +72,7 @@ fn pooling_modes_and_normalisation() {
     let reference = reference();
     let s = &reference["sentences"][0];
     let raw = e.embed(&[s["text"].as_str().expect("text")]).expect("raw");
-    let want = floats(&s["mean_pooled"]);
+    let want = json_floats(&s["mean_pooled"]);
     assert!(cosine(&raw[0], &want) >= 0.99999);
     let scale = raw[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     let want_norm = s["mean_pooled_l2_norm"].as_f64().expect("norm") as f32;

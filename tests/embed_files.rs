@@ -412,10 +412,8 @@ fn embed_and_rerank_commands_refuse_bad_arguments() {
 #[test]
 fn rerank_command_prints_the_best_first() {
     let model = golden_model("reranker");
-    let reference: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(model.parent().expect("case").join("reference.json")).expect("ref"),
-    )
-    .expect("JSON");
+    let reference =
+        crate::support::read_json(&model.parent().expect("case").join("reference.json"));
     let mut args = vec![
         "rerank".to_string(),
         "--model".into(),

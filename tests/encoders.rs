@@ -9,32 +9,14 @@ use std::path::PathBuf;
 use lmspec::lm::embed::cosine;
 use lmspec::lm::{Embedder, Reranker};
 
-use crate::support::{goldens, library, mlx_lock};
+use crate::support::{goldens, json_floats, json_ids, library, mlx_lock, read_json};
 
 fn case_dir(case: &str) -> PathBuf {
     goldens().join("embeddings").join(case)
 }
 
 fn reference(case: &str) -> serde_json::Value {
-    let file = case_dir(case).join("reference.json");
-    let text = std::fs::read_to_string(&file).expect("reference");
-    serde_json::from_str(&text).expect("reference JSON")
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    read_json(&case_dir(case).join("reference.json"))
 }
 
 fn embedder(case: &str) -> Embedder {
@@ -61,7 +43,7 @@ fn check_case(case: &str, spec: &str) {
     let batch = e.embed(&texts).expect("batch");
     let mut truncated = 0;
     for (k, s) in sentences.iter().enumerate() {
-        let want_ids = ids(&s["input_ids"]);
+        let want_ids = json_ids(&s["input_ids"]);
         assert_eq!(
             e.tokenize(texts[k]).expect("tokenize"),
             want_ids,
@@ -70,7 +52,7 @@ fn check_case(case: &str, spec: &str) {
         if s["n_tokens_untruncated"].as_u64().expect("n") as usize > want_ids.len() {
             truncated += 1;
         }
-        let want = floats(&s["embedding"]);
+        let want = json_floats(&s["embedding"]);
         let alone = e.embed(&texts[k..=k]).expect("alone").remove(0);
         let (c_batch, c_alone) = (cosine(&batch[k], &want), cosine(&alone, &want));
         eprintln!(
@@ -172,7 +154,7 @@ fn reranker_scores_and_order_match_reference() {
         .iter()
         .map(|d| d.as_str().expect("doc"))
         .collect();
-    let want = floats(&reference["scores"]);
+    let want = json_floats(&reference["scores"]);
     let order: Vec<usize> = reference["order"]
         .as_array()
         .expect("order")
@@ -185,7 +167,7 @@ fn reranker_scores_and_order_match_reference() {
     for (k, d) in docs.iter().enumerate() {
         assert_eq!(
             r.tokenize_pair(query, d).expect("pair"),
-            ids(&reference["input_ids"][k]),
+            json_ids(&reference["input_ids"][k]),
             "ids of pair {k}"
         );
     }

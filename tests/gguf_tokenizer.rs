@@ -11,7 +11,7 @@ use lmspec::engine::gguf::GgufTokenizerData;
 use lmspec::engine::Error;
 use lmspec::lm::tokenizer::Tokenizer;
 
-use crate::support::{goldens, root};
+use crate::support::{goldens, json_ids, read_json, root};
 
 fn gemma_file() -> PathBuf {
     root().join(".venv/models/gemma-3-270m-q4_k_m.gguf")
@@ -35,19 +35,6 @@ fn gemma() -> &'static Tokenizer {
     })
 }
 
-fn json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an id list")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
-}
-
 #[test]
 fn gemma3_gguf_tokenizer_metadata() {
     let t = gemma();
@@ -66,12 +53,12 @@ fn gemma3_gguf_tokenizer_metadata() {
 #[test]
 fn gemma3_gguf_tokenizer_matches_sentencepiece() {
     let t = gemma();
-    let fixture = json(&goldens().join("gemma3_270m_gguf/spm_tokenize.json"));
+    let fixture = read_json(&goldens().join("gemma3_270m_gguf/spm_tokenize.json"));
     let cases = fixture["cases"].as_array().expect("cases");
     let mut wrong = Vec::new();
     for c in cases {
         let text = c["text"].as_str().expect("text");
-        let want = ids_of(&c["ids"]);
+        let want = json_ids(&c["ids"]);
         let got = t.tokenize(text, false, false).expect("encodes");
         if got != want {
             wrong.push(format!("{text:?}: got {got:?}, sentencepiece {want:?}"));
@@ -101,13 +88,13 @@ fn gemma3_gguf_tokenizer_matches_llama_cpp() {
         return;
     }
     let t = gemma();
-    let fixture = json(&path);
+    let fixture = read_json(&path);
     let mut wrong = Vec::new();
     let mut n = 0;
     for c in fixture["tokenize"].as_array().expect("tokenize") {
         n += 1;
         let text = c["text"].as_str().expect("text");
-        let want = ids_of(&c["ids"]);
+        let want = json_ids(&c["ids"]);
         let got = t.tokenize(text, false, false).expect("encodes");
         if got != want {
             wrong.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
@@ -127,7 +114,7 @@ fn gemma3_gguf_tokenizer_matches_llama_cpp() {
     for c in fixture["prompts"].as_array().expect("prompts") {
         n += 1;
         let text = c["text"].as_str().expect("text");
-        let want = ids_of(&c["prompt_ids"]);
+        let want = json_ids(&c["prompt_ids"]);
         // As llama.cpp: BOS added, control text not parsed.
         let got = t.tokenize(text, true, false).expect("encodes");
         if got != want {
@@ -140,7 +127,7 @@ fn gemma3_gguf_tokenizer_matches_llama_cpp() {
         for c in list {
             n += 1;
             let text = c["text"].as_str().expect("text");
-            let want = ids_of(&c["ids_special_true"]);
+            let want = json_ids(&c["ids_special_true"]);
             let got = t.tokenize(text, false, true).expect("encodes");
             if got != want {
                 wrong.push(format!("special {text:?}: got {got:?}, llama.cpp {want:?}"));

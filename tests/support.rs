@@ -39,3 +39,27 @@ pub fn load_model(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<
 pub fn load_lm(path: &Path, lib: &SpecLibrary, spec: Option<&str>) -> Result<LanguageModel, Error> {
     LanguageModel::load(path, &opts(lib, spec))
 }
+
+/// A JSON fixture; a failure names the file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON list of numbers as float32.
+pub fn json_floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a list of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// A JSON list of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an id list")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}

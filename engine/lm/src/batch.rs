@@ -133,12 +133,8 @@ fn ids_row(tokens: &[u32]) -> Array {
 impl<'m> BatchGenerator<'m> {
     /// A generator for `model` whose sequences end at any of `eos`, keeping
     /// up to `prefix_entries` prefilled prompts for reuse.
-    pub fn new(
-        model: &'m Model,
-        eos: Vec<u32>,
-        prefix_entries: usize,
-    ) -> Result<BatchGenerator<'m>> {
-        Ok(BatchGenerator {
+    pub fn new(model: &'m Model, eos: Vec<u32>, prefix_entries: usize) -> BatchGenerator<'m> {
+        BatchGenerator {
             model,
             eos,
             prefill_step_size: 2048,
@@ -149,7 +145,7 @@ impl<'m> BatchGenerator<'m> {
                 capacity: prefix_entries,
             },
             reused_tokens: 0,
-        })
+        }
     }
 
     /// Whether the model decodes sequences at different positions in one
@@ -158,7 +154,7 @@ impl<'m> BatchGenerator<'m> {
     /// cannot.)
     pub fn can_batch(model: &Model) -> bool {
         let probe = || -> Result<()> {
-            let mut g = BatchGenerator::new(model, Vec::new(), 0)?;
+            let mut g = BatchGenerator::new(model, Vec::new(), 0);
             let two = || SeqParams {
                 max_tokens: 2,
                 ..Default::default()

@@ -97,6 +97,18 @@ pub struct Summary {
     pub calls: Vec<ToolCall>,
 }
 
+impl Default for Summary {
+    fn default() -> Self {
+        Summary {
+            finish: "stop",
+            stop_sequence: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            calls: Vec::new(),
+        }
+    }
+}
+
 /// What a handler receives, in order: tokens, then `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Out {
@@ -194,14 +206,7 @@ impl Engine {
     /// Runs until every sender of `rx` is gone.
     pub fn run(self, mut rx: mpsc::UnboundedReceiver<Work>) {
         let model = &self.lm.model;
-        let mut gen =
-            match BatchGenerator::new(model, self.eos.clone(), self.opts.prompt_cache_entries) {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("lmspec serve: the engine cannot start: {e}");
-                    return;
-                }
-            };
+        let mut gen = BatchGenerator::new(model, self.eos.clone(), self.opts.prompt_cache_entries);
         let mut queue: VecDeque<Box<GenJob>> = VecDeque::new();
         let mut live: Vec<(u64, Live)> = Vec::new();
         let mut next_seq: u64 = 0;

@@ -162,19 +162,7 @@ async fn chat_inner(state: AppState, bytes: Bytes) -> Result<Response, ApiError>
     let tools = request::openai_tools(&body)?;
     let tool_choice = request::openai_tool_choice(&body, &tools)?;
     let stream = body.boolean("stream")?.unwrap_or(false);
-    let include_usage = match body.get("stream_options") {
-        Some(Value::Object(o)) => o
-            .get("include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        Some(v) => {
-            return Err(ApiError::invalid(
-                "stream_options",
-                format!("expected an object, got {}", request::kind(v)),
-            ))
-        }
-        None => false,
-    };
+    let include_usage = body.include_usage()?;
     let logprobs = body.boolean("logprobs")?.unwrap_or(false);
     let top = body.integer("top_logprobs", 0, 20)?;
     if top.is_some() && !logprobs {
@@ -280,18 +268,6 @@ pub(crate) struct Collected {
     pub reasoning: String,
     pub logprobs: Vec<Logprob>,
     pub summary: Summary,
-}
-
-impl Default for Summary {
-    fn default() -> Self {
-        Summary {
-            finish: "stop",
-            stop_sequence: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            calls: Vec::new(),
-        }
-    }
 }
 
 pub(crate) async fn collect(
@@ -495,11 +471,7 @@ async fn completions_inner(state: AppState, bytes: Bytes) -> Result<Response, Ap
         ));
     }
     let stream = body.boolean("stream")?.unwrap_or(false);
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = body.include_usage()?;
     let logprobs = body.integer("logprobs", 0, 20)?;
     let id = state.id("cmpl");
     let mut job = job(&body, id.clone(), "completions", prompt, &["max_tokens"])?;

@@ -101,6 +101,18 @@ impl Body {
         }
     }
 
+    /// `stream_options.include_usage` (a last chunk with usage).
+    pub fn include_usage(&self) -> Result<bool, ApiError> {
+        match self.get("stream_options") {
+            None => Ok(false),
+            Some(Value::Object(o)) => Ok(o
+                .get("include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)),
+            Some(v) => Err(wrong("stream_options", "an object", v)),
+        }
+    }
+
     /// A field that must be a non-empty array.
     pub fn nonempty_array(&self, field: &str) -> Result<&Vec<Value>, ApiError> {
         match self.get(field) {
