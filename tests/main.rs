@@ -1,4 +1,5 @@
 //! Integration tests of lmspec: one binary, one module per area.
+mod adapters;
 mod bad_input;
 mod batch;
 mod cli;

@@ -6,6 +6,7 @@
 //! on MLX ([`ops`]) into a [`plan::Plan`] and runs it with per-op state
 //! ([`cache`]). [`Model`] is the public entry point, configured by
 //! [`LoadOptions`].
+pub mod adapter;
 pub mod batch;
 pub mod cache;
 pub mod error;

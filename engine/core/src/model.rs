@@ -27,6 +27,8 @@ pub struct Model {
     plan: Plan,
     /// Whether quantized weights were expanded to float32 at load.
     pub dequantized: bool,
+    /// The adapter attached at load, if any.
+    pub adapter: Option<crate::adapter::Attached>,
 }
 
 /// What a checkpoint provides to [`Model::assemble`].
@@ -103,6 +105,8 @@ pub struct LoadOptions {
     /// Which spec a `model_type` claimed by several picks (the embedder
     /// asks for `embed`, the reranker for `classify`).
     pub task: lmspec_spec::raw::Task,
+    /// A LoRA/DoRA adapter to attach (see [`crate::adapter`]).
+    pub adapter: Option<crate::adapter::AdapterSource>,
 }
 
 impl LoadOptions {
@@ -131,6 +135,12 @@ impl LoadOptions {
 
     pub fn with_task(mut self, task: lmspec_spec::raw::Task) -> LoadOptions {
         self.task = task;
+        self
+    }
+
+    /// Attaches the adapter in folder `dir`.
+    pub fn with_adapter(mut self, dir: impl Into<PathBuf>) -> LoadOptions {
+        self.adapter = Some(crate::adapter::AdapterSource::Dir(dir.into()));
         self
     }
 
@@ -271,6 +281,25 @@ impl Model {
             .collect();
         let scope = config::RuleScope::new(&spec, &bound)?;
         let eval = |v: &serde_yaml::Value, ty, layer| scope.eval(v, ty, layer);
+        let targets = match &opts.adapter {
+            Some(_) => {
+                let shapes = tensors
+                    .iter()
+                    .map(|(k, a)| (k.clone(), a.shape().iter().map(|&d| d as i64).collect()))
+                    .collect();
+                let first: Vec<&RawRule> = first_rules.iter().collect();
+                let own: Vec<&RawRule> = spec.rules.iter().map(|r| &r.item).collect();
+                let origins =
+                    crate::adapter::origins(shapes, &first, &own, &eval).map_err(|msg| {
+                        Error::Weights {
+                            file: tensor_file.to_path_buf(),
+                            msg: format!("weight rules of {}: {msg}", spec.file.display()),
+                        }
+                    })?;
+                crate::adapter::targets(&graph, &origins)
+            }
+            None => Vec::new(),
+        };
         let applied = rules::apply(&rule_refs, tensors, &eval).map_err(|msg| Error::Weights {
             file: tensor_file.to_path_buf(),
             msg: format!("weight rules of {}: {msg}", spec.file.display()),
@@ -283,7 +312,19 @@ impl Model {
         if dense {
             weights::dequantize_all(&mut params)?;
         }
-        let plan = Plan::build(&graph, params, opts.fuse())?;
+        let (adapter, adapted) = match &opts.adapter {
+            Some(source) => {
+                let layers = graph.layer_blocks.len();
+                let (attached, nodes) = crate::adapter::attach(source, &targets, layers, &params)?;
+                let map = nodes
+                    .into_iter()
+                    .zip(attached.slots.iter().cloned())
+                    .collect();
+                (Some(attached), map)
+            }
+            None => (None, std::collections::HashMap::new()),
+        };
+        let plan = Plan::build_adapted(&graph, params, opts.fuse(), &adapted)?;
         Ok(Model {
             dir: path.to_path_buf(),
             spec,
@@ -291,6 +332,7 @@ impl Model {
             graph,
             plan,
             dequantized: dense,
+            adapter,
         })
     }
 

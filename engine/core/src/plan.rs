@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use indexmap::IndexMap;
 use mlx_rs::Array;
 
+use std::sync::Arc;
+
+use crate::adapter::AdapterSlot;
 use crate::cache::{CacheKind, ModelCache};
 use crate::error::{Error, Result};
 use crate::ops::{Ctx, Op, Param, Weights};
@@ -33,10 +36,15 @@ struct Step {
 /// cache slot, with weights of one kind — all dense of one dtype, or all
 /// quantized alike — and all with or all without a bias. Members are
 /// listed in node order.
-fn fusion_groups(graph: &Graph, weights: &[Vec<Param>]) -> HashMap<usize, Vec<usize>> {
+fn fusion_groups(
+    graph: &Graph,
+    weights: &[Vec<Param>],
+    adapted: &HashMap<usize, Arc<AdapterSlot>>,
+) -> HashMap<usize, Vec<usize>> {
     let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
         if node.op.as_projection().is_none()
+            || adapted.contains_key(&k)
             || node.inputs.len() != 1
             || node.resolved.state.is_some()
         {
@@ -178,9 +186,20 @@ impl Plan {
     /// Builds the plan. With `fuse`, `linear` nodes that read the same
     /// value and hold weights of one kind (see [`fusable`]) run as one
     /// projection whose output is split: fewer matmul kernels per step.
-    pub fn build(graph: &Graph, mut weights: Vec<Vec<Param>>, fuse: bool) -> Result<Plan> {
+    pub fn build(graph: &Graph, weights: Vec<Vec<Param>>, fuse: bool) -> Result<Plan> {
+        Plan::build_adapted(graph, weights, fuse, &HashMap::new())
+    }
+
+    /// [`Plan::build`] with adapters on some `linear` nodes (by node
+    /// index); adapted nodes are never fused.
+    pub fn build_adapted(
+        graph: &Graph,
+        mut weights: Vec<Vec<Param>>,
+        fuse: bool,
+        adapted: &HashMap<usize, Arc<AdapterSlot>>,
+    ) -> Result<Plan> {
         let groups = if fuse {
-            fusion_groups(graph, &weights)
+            fusion_groups(graph, &weights, adapted)
         } else {
             HashMap::new()
         };
@@ -230,7 +249,13 @@ impl Plan {
             };
             let fields = node.resolved.weights.iter().map(|r| r.field);
             let weights = Weights::new(fields.zip(params).collect());
-            let op = crate::ops::build(&node.op, &infos, weights).map_err(|e| {
+            let built = match adapted.get(&k) {
+                Some(slot) => {
+                    crate::adapter::build_adapted(&node.op, &infos, weights, slot.clone())
+                }
+                None => crate::ops::build(&node.op, &infos, weights),
+            };
+            let op = built.map_err(|e| {
                 Error::spec(
                     &node.file,
                     &node.origin,

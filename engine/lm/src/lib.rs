@@ -14,6 +14,7 @@ pub mod st_modules;
 pub mod template;
 pub mod tokenizer;
 pub mod tools;
+pub mod tune;
 
 pub use embed::{Embedder, Pooling};
 pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};

@@ -9,6 +9,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
 use crate::cache::CacheState;
+pub(crate) use linear::apply as linear_apply;
 pub use crate::weights::{Param, Weights};
 
 mod attention;
