@@ -59,7 +59,22 @@ enum Command {
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
+        /// Continue a cache `lmspec cache-prompt` or mlx-lm's
+        /// `cache_prompt` wrote: the prompt is the text that follows it.
+        #[arg(long)]
+        prompt_cache: Option<PathBuf>,
+        /// A smaller model of the same vocabulary that drafts tokens for
+        /// the model to verify (speculative decoding).
+        #[arg(long)]
+        draft_model: Option<String>,
+        /// Tokens the draft model proposes per step.
+        #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
+        num_draft_tokens: usize,
     },
+    /// Process a prompt once and save its KV cache for `generate
+    /// --prompt-cache` (mlx-lm's layout; mlx-lm reads it too).
+    #[command(allow_negative_numbers = true)]
+    CachePrompt(crate::cache_cmd::CachePromptArgs),
     /// Chat on the terminal: one user message per line, empty line or EOF ends.
     #[command(allow_negative_numbers = true)]
     Chat {
@@ -125,7 +140,7 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-struct GenArgs {
+pub(crate) struct GenArgs {
     /// Model directory, .gguf file, hub id ORG/NAME[@REVISION], or an
     /// installed model's name: smollm2-135m (the default), gemma3-270m.
     #[arg(long)]
@@ -140,7 +155,7 @@ struct GenArgs {
     tool_format: Option<String>,
     /// System instructions.
     #[arg(long)]
-    system: Option<String>,
+    pub(crate) system: Option<String>,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -407,7 +422,7 @@ mod args {
 }
 
 impl GenArgs {
-    fn params(&self) -> lmspec::lm::generate::GenerateParams {
+    pub(crate) fn params(&self) -> lmspec::lm::generate::GenerateParams {
         use lmspec::lm::generate::GenerateParams;
         use lmspec::lm::sampling::{ProcessorParams, SamplingParams};
         GenerateParams {
@@ -436,7 +451,7 @@ impl GenArgs {
         }
     }
 
-    fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
+    pub(crate) fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
         load_language_model(&self.model, &self.gguf_file, &self.weights, specs)
     }
 
@@ -501,11 +516,19 @@ fn progress_line(what: &str, done: usize, total: usize, unit: &str) {
 
 /// Reasoning is reported apart from the answer (to stderr); with `--tools`,
 /// the tools are offered to the template and calls reported.
+/// `generate`'s options beyond those `chat` shares.
+struct GenerateExtras {
+    prompt_cache: Option<PathBuf>,
+    draft_model: Option<String>,
+    num_draft_tokens: usize,
+}
+
 fn generate(
     specs: &Option<PathBuf>,
     gen: &GenArgs,
     prompt: Option<&str>,
     raw: bool,
+    extra: &GenerateExtras,
 ) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
     let prompt = match prompt.or(lm.defaults.default_prompt.as_deref()) {
@@ -520,7 +543,13 @@ fn generate(
     if !tools.is_empty() {
         context.tools = Some(tools.iter().map(lmspec::lm::Tool::spec).collect());
     }
-    let ids = if raw {
+    let mut cached = match &extra.prompt_cache {
+        Some(path) => Some(crate::cache_cmd::load(&lm, path)?),
+        None => None,
+    };
+    let ids = if cached.is_some() {
+        crate::cache_cmd::continuation_ids(&lm, &context, prompt, raw)?
+    } else if raw {
         lm.tokenizer.encode(prompt)?
     } else {
         let mut messages = Vec::new();
@@ -531,7 +560,22 @@ fn generate(
         lm.chat_prompt(&serde_json::Value::Array(messages), &context)?
     };
     let step = gen.prefill_step_size;
-    lm.generate(&ids, &params, None, None, &mut |e| print_event(e, step))?;
+    let cache = cached.as_mut().map(|c| &mut c.cache);
+    match &extra.draft_model {
+        None => {
+            lm.generate(&ids, &params, cache, None, &mut |e| print_event(e, step))?;
+        }
+        Some(draft) => {
+            let draft = load_language_model(&Some(draft.clone()), &None, &gen.weights, specs)?;
+            let spec = lmspec::lm::speculative::Draft {
+                model: &draft.model,
+                num_draft_tokens: extra.num_draft_tokens,
+            };
+            lm.generate_speculative(&ids, &params, &spec, cache, None, &mut |e| {
+                print_event(e, step)
+            })?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -858,9 +902,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mut gen,
             prompt,
             raw,
+            prompt_cache,
+            draft_model,
+            num_draft_tokens,
         } => {
             gen.gguf_file = cli.gguf_file.clone();
-            generate(&cli.specs, &gen, prompt.as_deref(), raw)
+            let extra = GenerateExtras {
+                prompt_cache,
+                draft_model,
+                num_draft_tokens,
+            };
+            generate(&cli.specs, &gen, prompt.as_deref(), raw, &extra)
+        }
+        Command::CachePrompt(mut args) => {
+            args.gen.gguf_file = cli.gguf_file.clone();
+            crate::cache_cmd::cache_prompt(&cli.specs, &args)
         }
         Command::Chat { mut gen } => {
             gen.gguf_file = cli.gguf_file.clone();

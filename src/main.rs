@@ -1,4 +1,5 @@
 //! The `lmspec` command line.
+mod cache_cmd;
 mod cli;
 mod embed_cmd;
 mod serve_cmd;

@@ -15,6 +15,7 @@ mod hostile;
 mod hub;
 mod hub_server;
 mod port;
+mod prompt_cache;
 mod references;
 mod server;
 mod support;

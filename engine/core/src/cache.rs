@@ -247,9 +247,9 @@ pub(crate) fn zeros_like_steps(x: &Array, steps: i32) -> Result<Array, Exception
 /// so that decoding one token writes into preallocated space.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    keys: Option<Array>,
-    values: Option<Array>,
-    offset: i32,
+    pub(crate) keys: Option<Array>,
+    pub(crate) values: Option<Array>,
+    pub(crate) offset: i32,
 }
 
 impl KvCache {
@@ -322,12 +322,12 @@ impl KvCache {
 /// temporal order, single tokens write in place and rotate).
 #[derive(Debug, Clone)]
 pub struct RotatingKvCache {
-    keys: Option<Array>,
-    values: Option<Array>,
-    offset: i32,
-    max_size: i32,
-    keep: i32,
-    idx: i32,
+    pub(crate) keys: Option<Array>,
+    pub(crate) values: Option<Array>,
+    pub(crate) offset: i32,
+    pub(crate) max_size: i32,
+    pub(crate) keep: i32,
+    pub(crate) idx: i32,
 }
 
 impl RotatingKvCache {
@@ -499,11 +499,11 @@ pub(crate) struct RotatingHeld {
 /// (mlx-lm's `QuantizedKVCache`); attention runs through quantized matmuls.
 #[derive(Debug, Clone)]
 pub struct QuantizedKvCache {
-    keys: Option<[Array; 3]>,
-    values: Option<[Array; 3]>,
-    offset: i32,
-    group_size: i32,
-    bits: i32,
+    pub(crate) keys: Option<[Array; 3]>,
+    pub(crate) values: Option<[Array; 3]>,
+    pub(crate) offset: i32,
+    pub(crate) group_size: i32,
+    pub(crate) bits: i32,
 }
 
 impl QuantizedKvCache {
@@ -643,6 +643,16 @@ impl ModelCache {
         }
         self.offset -= n;
         true
+    }
+
+    /// Whether [`ModelCache::trim`] can remove positions now: no
+    /// convolution or recurrent state, no rotating window that has wrapped.
+    pub fn can_rewind(&self) -> bool {
+        self.slots.iter().all(|s| match s {
+            CacheState::Rotating(c) => c.offset < c.max_size,
+            CacheState::Conv(_) | CacheState::Recurrent { .. } | CacheState::Batch(_) => false,
+            _ => true,
+        })
     }
 
     /// Converts standard KV caches to quantized ones once they hold at least

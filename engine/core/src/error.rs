@@ -44,6 +44,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A prompt-cache file is malformed or belongs to another model.
+    #[error("{}: prompt cache: {msg}", file.display())]
+    Cache { file: PathBuf, msg: String },
     /// Bad arguments to an API call (token shapes, tap names...).
     #[error("{0}")]
     Usage(String),

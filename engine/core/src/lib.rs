@@ -9,9 +9,11 @@
 pub mod adapter;
 pub mod batch;
 pub mod cache;
+pub mod cache_file;
 pub mod error;
 pub mod gguf;
 pub mod gguf_tensors;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod plan;

@@ -24,7 +24,7 @@ pub struct Model {
     pub spec: Spec,
     pub config: IndexMap<String, Value>,
     pub graph: Graph,
-    plan: Plan,
+    pub(crate) plan: Plan,
     /// Whether quantized weights were expanded to float32 at load.
     pub dequantized: bool,
     /// The adapter attached at load, if any.

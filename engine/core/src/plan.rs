@@ -171,6 +171,8 @@ pub struct Plan {
     slots: usize,
     output: usize,
     cache_kinds: Vec<CacheKind>,
+    /// The node path of each cache slot's op (`layers.3.attn`).
+    cache_paths: Vec<String>,
     /// Tap name -> slot.
     taps: IndexMap<String, usize>,
 }
@@ -210,6 +212,7 @@ impl Plan {
             .collect();
         let mut steps = Vec::with_capacity(graph.nodes.len());
         let mut cache_kinds = Vec::new();
+        let mut cache_paths = Vec::new();
         for k in 0..graph.nodes.len() {
             let node = &graph.nodes[k];
             if merged.contains(&k) {
@@ -265,6 +268,7 @@ impl Plan {
             })?;
             let cache = node.resolved.state.map(|kind| {
                 cache_kinds.push(kind);
+                cache_paths.push(node.path.clone());
                 cache_kinds.len() - 1
             });
             steps.push(Step {
@@ -300,12 +304,18 @@ impl Plan {
             steps,
             output,
             cache_kinds,
+            cache_paths,
             taps,
         })
     }
 
     pub fn cache_kinds(&self) -> &[CacheKind] {
         &self.cache_kinds
+    }
+
+    /// The node path of each cache slot's op, in slot order.
+    pub fn cache_paths(&self) -> &[String] {
+        &self.cache_paths
     }
 
     /// Tap names in execution order.

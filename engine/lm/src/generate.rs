@@ -38,6 +38,8 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Reasoning and tool calls reported as their own events.
     pub output: OutputFormat,
+    /// Report each token's log-probability (raw token streams).
+    pub logprobs: bool,
 }
 
 impl Default for GenerateParams {
@@ -54,6 +56,7 @@ impl Default for GenerateParams {
             extra_eos: Vec::new(),
             stop_strings: Vec::new(),
             output: OutputFormat::default(),
+            logprobs: false,
         }
     }
 }
@@ -74,10 +77,21 @@ impl GenerateParams {
                 "must be a finite number of 0 or more",
             );
         }
-        for (field, v) in [("top_p", s.top_p), ("min_p", s.min_p)] {
+        for (field, v) in [
+            ("top_p", s.top_p),
+            ("min_p", s.min_p),
+            ("xtc_probability", s.xtc_probability),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return bad(field, &v, "must be between 0 and 1");
             }
+        }
+        if !(0.0..=0.5).contains(&s.xtc_threshold) {
+            return bad(
+                "xtc_threshold",
+                &s.xtc_threshold,
+                "must be between 0 and 0.5",
+            );
         }
         let p = &self.processors;
         if let Some(v) = p
@@ -118,6 +132,48 @@ impl GenerateParams {
     }
 }
 
+/// Quantizes `cache`'s standard KV slots once they hold
+/// `params.quantized_kv_start` positions, when `params.kv_bits` asks.
+pub(crate) fn maybe_quantize(cache: &mut ModelCache, params: &GenerateParams) -> Result<()> {
+    if let Some(bits) = params.kv_bits {
+        let group = params.kv_group_size;
+        if let Some(w) = cache.kv_widths().into_iter().find(|w| w % group != 0) {
+            return Err(Error::Usage(format!(
+                "kv_group_size: {group} does not divide this model's key/value head width {w}; \
+                 choose a group size that does (32, 64 or 128)"
+            )));
+        }
+        cache.maybe_quantize(params.quantized_kv_start, group, bits)?;
+    }
+    Ok(())
+}
+
+/// Feeds `tokens` into `cache` in chunks of `params.prefill_step_size`,
+/// evaluating the cache after each (mlx-lm's prefill), quantizing it as
+/// `params` say; `progress(done, total)` follows the chunks.
+pub fn prefill(
+    model: &Model,
+    cache: &mut ModelCache,
+    tokens: &[u32],
+    params: &GenerateParams,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    let total = tokens.len();
+    let step = params.prefill_step_size.max(1);
+    let mut done = 0;
+    progress(0, total);
+    while done < total {
+        let n = step.min(total - done);
+        model.forward(&row(&tokens[done..done + n]), Some(cache))?;
+        maybe_quantize(cache, params)?;
+        mlx_rs::transforms::eval(cache.arrays())?;
+        mlx_rs::memory::clear_cache()?;
+        done += n;
+        progress(done, total);
+    }
+    Ok(())
+}
+
 /// Most positions a generation's token history reserves up front (it grows
 /// past this as needed).
 const HISTORY_RESERVE: usize = 1 << 16;
@@ -130,8 +186,9 @@ fn row(tokens: &[u32]) -> Array {
 /// The next token, still on the device (greedy, pipelined) or already read.
 #[derive(Debug)]
 enum Next {
-    Device(Array),
-    Host(u32),
+    /// The id, and its log-probability when asked for.
+    Device(Array, Option<Array>),
+    Host(u32, Option<f32>),
 }
 
 /// Where a generator's decode steps spent their time on the host, summed
@@ -161,6 +218,8 @@ pub struct TokenGenerator<'a> {
     next: Option<Next>,
     produced: usize,
     times: StepTimes,
+    /// The log-probability of the token `next_token` returned last.
+    last_logprob: Option<f32>,
 }
 
 impl<'a> TokenGenerator<'a> {
@@ -225,22 +284,18 @@ impl<'a> TokenGenerator<'a> {
             next: None,
             produced: 0,
             times: StepTimes::default(),
+            last_logprob: None,
         };
         let total = prompt.len();
-        let step = params.prefill_step_size.max(1);
-        let mut done = 0;
-        progress(0, total);
-        while total - done > 1 {
-            let n = step.min(total - done - 1);
-            let chunk = &prompt[done..done + n];
-            g.model.forward(&row(chunk), Some(g.cache))?;
-            g.maybe_quantize()?;
-            mlx_rs::transforms::eval(g.cache.arrays())?;
-            mlx_rs::memory::clear_cache()?;
-            g.history.extend_from_slice(chunk);
-            done += n;
-            progress(done, total);
-        }
+        let mut report = |done: usize| progress(done, total);
+        prefill(
+            model,
+            g.cache,
+            &prompt[..total - 1],
+            params,
+            &mut |done, _| report(done),
+        )?;
+        g.history.extend_from_slice(&prompt[..total - 1]);
         let last = prompt[total - 1];
         g.next = Some(g.step(&row(&[last]), Some(last))?);
         progress(total, total);
@@ -248,21 +303,7 @@ impl<'a> TokenGenerator<'a> {
     }
 
     fn maybe_quantize(&mut self) -> Result<()> {
-        if let Some(bits) = self.params.kv_bits {
-            let group = self.params.kv_group_size;
-            if let Some(w) = self.cache.kv_widths().into_iter().find(|w| w % group != 0) {
-                return Err(Error::Usage(format!(
-                    "kv_group_size: {group} does not divide this model's key/value head width {w}; \
-                     choose a group size that does (32, 64 or 128)"
-                )));
-            }
-            self.cache.maybe_quantize(
-                self.params.quantized_kv_start,
-                self.params.kv_group_size,
-                bits,
-            )?;
-        }
-        Ok(())
+        maybe_quantize(self.cache, self.params)
     }
 
     /// Feeds one token and works out the next.
@@ -280,18 +321,28 @@ impl<'a> TokenGenerator<'a> {
         let p = self.params;
         if p.sampling.is_greedy() && p.processors.is_empty() {
             let id = mlx_rs::ops::indexing::argmax_axis(&last, -1, None)?;
+            let lp = match p.logprobs {
+                true => {
+                    let top = mlx_rs::ops::max_axis(&last, -1, None)?;
+                    let lse = mlx_rs::ops::logsumexp_axis(&last, -1, None)?;
+                    Some(mlx_rs::ops::subtract(&top, &lse)?.as_dtype(Dtype::Float32)?)
+                }
+                false => None,
+            };
             let t1 = Instant::now();
-            mlx_rs::transforms::async_eval([&id])?;
+            mlx_rs::transforms::async_eval([&id].into_iter().chain(lp.as_ref()))?;
             self.times.steps += 1;
             self.times.build += t1 - t0;
             self.times.launch += t1.elapsed();
-            return Ok(Next::Device(id));
+            return Ok(Next::Device(id, lp));
         }
         let last = last.as_dtype(Dtype::Float32)?.contiguous()?;
         last.eval()?;
         let mut values = last.as_slice::<f32>().to_vec();
         p.processors.apply(&self.history, &mut values);
-        Ok(Next::Host(p.sampling.sample(&values, &mut self.rng)))
+        let id = p.sampling.sample(&values, &mut self.rng);
+        let lp = p.logprobs.then(|| crate::sampling::logprob_of(&values, id));
+        Ok(Next::Host(id, lp))
     }
 
     /// Host time of the greedy decode steps so far (sampled steps, which
@@ -308,7 +359,7 @@ impl<'a> TokenGenerator<'a> {
         let current = self.next.take()?;
         let out = (|| -> Result<u32> {
             let id = match current {
-                Next::Device(y) => {
+                Next::Device(y, lp) => {
                     // Launch the following step before reading this one, so
                     // one token is always in flight.
                     let input = y.reshape(&[1, 1])?;
@@ -318,11 +369,19 @@ impl<'a> TokenGenerator<'a> {
                         .try_item_cast::<u32>()
                         .map_err(|e| Error::Usage(format!("token id: {e}")))?;
                     self.times.wait += t.elapsed();
+                    self.last_logprob = match lp {
+                        Some(lp) => Some(
+                            lp.try_item_cast::<f32>()
+                                .map_err(|e| Error::Usage(format!("logprob: {e}")))?,
+                        ),
+                        None => None,
+                    };
                     self.history.push(id);
                     self.next = Some(following);
                     id
                 }
-                Next::Host(id) => {
+                Next::Host(id, lp) => {
+                    self.last_logprob = lp;
                     self.next = Some(self.step(&row(&[id]), Some(id))?);
                     id
                 }
@@ -342,7 +401,7 @@ impl Drop for TokenGenerator<'_> {
     /// launched ahead); finish it so that its work neither spills into
     /// whatever runs next nor leaves the cache half-written.
     fn drop(&mut self) {
-        if let Some(Next::Device(y)) = &self.next {
+        if let Some(Next::Device(y, _)) = &self.next {
             let _ = y.eval();
         }
     }
@@ -378,6 +437,8 @@ pub struct GenerationInfo {
     pub generation_tps: f64,
     pub peak_memory_bytes: usize,
     pub stop: StopReason,
+    /// Drafted and accepted tokens (speculative decoding).
+    pub draft: Option<DraftStats>,
 }
 
 /// What a streaming generation reports.
@@ -630,6 +691,55 @@ impl<'a> TextStream<'a> {
     }
 }
 
+/// A source of generated tokens: the plain token loop or speculative
+/// decoding.
+pub trait TokenSource {
+    /// The next token, or `None` once the source is done.
+    fn next_token(&mut self) -> Option<Result<GeneratedToken>>;
+
+    /// Draft statistics, for sources that draft.
+    fn draft_stats(&self) -> Option<DraftStats> {
+        None
+    }
+}
+
+/// One token of a raw token stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// The token's log-probability under the (processed) logits, when
+    /// [`GenerateParams::logprobs`] asks for it.
+    pub logprob: Option<f32>,
+    /// Whether a draft model proposed it (and the model accepted it).
+    pub from_draft: bool,
+}
+
+/// How many drafted tokens the model accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DraftStats {
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl DraftStats {
+    /// Accepted over drafted (0 when nothing was drafted).
+    pub fn acceptance_rate(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+}
+
+impl TokenSource for TokenGenerator<'_> {
+    fn next_token(&mut self) -> Option<Result<GeneratedToken>> {
+        TokenGenerator::next_token(self).map(|r| {
+            r.map(|id| GeneratedToken {
+                id,
+                logprob: self.last_logprob.take(),
+                from_draft: false,
+            })
+        })
+    }
+}
+
 /// Generates text for `prompt` token ids, streaming events to `on_event`.
 /// With `cache`, generation continues that cache (its positions must be the
 /// tokens before `prompt`); without, a fresh one is made from `params`.
@@ -655,6 +765,20 @@ pub fn generate(
     let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
     let what = format!("the prompt (as {} encodes it)", tokenizer.source.display());
     let mut gen = TokenGenerator::start(model, cache, prompt, params, &mut progress, &what)?;
+    drive(&mut gen, tokenizer, prompt, params, start, cancel, on_event)
+}
+
+/// Runs a token source to the end of a generation: EOS ids, stop strings,
+/// cancellation, text events and statistics.
+pub(crate) fn drive(
+    gen: &mut dyn TokenSource,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    start: Instant,
+    cancel: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generation> {
     let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
     eos.extend(&params.extra_eos);
     let output = &params.output;
@@ -669,7 +793,7 @@ pub fn generate(
     let mut first_token_at = None;
     let mut stop = StopReason::Length;
     while let Some(tok) = gen.next_token() {
-        let tok = tok?;
+        let tok = tok?.id;
         first_token_at.get_or_insert_with(Instant::now);
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             stop = StopReason::Cancelled;
@@ -700,6 +824,7 @@ pub fn generate(
         generation_tps: n.saturating_sub(1) as f64 / generation_seconds.max(1e-9),
         peak_memory_bytes: mlx_rs::memory::peak_memory()?,
         stop,
+        draft: gen.draft_stats(),
     };
     on_event(Event::Info(info.clone()));
     Ok(Generation {

@@ -385,14 +385,14 @@ pub fn run_tool_loop(
 /// prompt and what the cache already holds.
 #[derive(Debug)]
 pub struct ChatSession<'a> {
-    lm: &'a LanguageModel,
+    pub(crate) lm: &'a LanguageModel,
     pub instructions: Option<String>,
     pub params: GenerateParams,
     pub context: ChatContext,
-    history: Vec<Message>,
-    cache: ModelCache,
+    pub(crate) history: Vec<Message>,
+    pub(crate) cache: ModelCache,
     /// Tokens whose keys/values the cache holds, in order.
-    cached: Vec<u32>,
+    pub(crate) cached: Vec<u32>,
     /// Prompt tokens fed on the last turn (after reuse).
     pub last_fed_tokens: usize,
 }
@@ -577,5 +577,91 @@ impl ModelContainer {
     /// Asks a running generation to stop after its current token.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A generation running on its own thread ([`ModelContainer::generate_task`]):
+/// iterate it for the events; stopping early cancels it. Dropping the
+/// handle cancels the generation and waits for its thread, so the container
+/// is free again as soon as the handle is gone.
+#[derive(Debug)]
+pub struct GenerationHandle {
+    events: std::sync::mpsc::Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<Generation>>>,
+}
+
+impl GenerationHandle {
+    /// Asks the generation to stop after its current token.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the generation to end and returns it (events not yet
+    /// read are dropped).
+    pub fn join(mut self) -> Result<Generation> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<Generation> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Usage("the generation thread panicked".into()))),
+            None => Err(Error::Usage("the generation was already joined".into())),
+        }
+    }
+}
+
+impl Iterator for GenerationHandle {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+}
+
+impl Drop for GenerationHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.cancel();
+            let _ = self.finish();
+        }
+    }
+}
+
+impl ModelContainer {
+    /// Starts a generation on a thread of its own (mlx-swift-lm's
+    /// `generateTask`); with `ticket`, the generation runs inside it.
+    pub fn generate_task(
+        &self,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+        ticket: Option<lmspec_engine::memory::Ticket>,
+    ) -> GenerationHandle {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&cancel);
+        let inner = Arc::clone(&self.inner);
+        let thread = std::thread::spawn(move || {
+            let run = || {
+                let guard = inner.lock().unwrap_or_else(|e| e.into_inner());
+                guard.generate(&prompt, &params, None, Some(&flag), &mut |e| {
+                    // A consumer that went away cancels the generation.
+                    if tx.send(e).is_err() {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                })
+            };
+            match &ticket {
+                Some(t) => t.run(run)?,
+                None => run(),
+            }
+        });
+        GenerationHandle {
+            events: rx,
+            cancel,
+            thread: Some(thread),
+        }
     }
 }

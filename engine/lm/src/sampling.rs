@@ -15,6 +15,13 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Seed of the random draws; `None` seeds from the clock.
     pub seed: Option<u64>,
+    /// XTC ("exclude top choices"): with this probability per token, every
+    /// token at least `xtc_threshold` likely except the least likely of
+    /// them is removed (mlx-lm's `apply_xtc`); 0 turns it off.
+    pub xtc_probability: f32,
+    pub xtc_threshold: f32,
+    /// Tokens XTC never removes (e.g. EOS, newline).
+    pub xtc_special_tokens: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -26,6 +33,9 @@ impl Default for SamplingParams {
             min_tokens_to_keep: 1,
             top_k: 0,
             seed: None,
+            xtc_probability: 0.0,
+            xtc_threshold: 0.1,
+            xtc_special_tokens: Vec::new(),
         }
     }
 }
@@ -133,6 +143,39 @@ impl ProcessorParams {
             (c.0)(history, logits);
         }
     }
+}
+
+/// XTC's removal on log-probabilities (applied when its draw says so):
+/// every token whose probability exceeds the smallest probability above
+/// `threshold` is set to -inf, except `special` ones.
+pub fn apply_xtc(logprobs: &mut [f32], threshold: f32, special: &[u32]) {
+    let probs: Vec<f32> = {
+        let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f64> = logprobs.iter().map(|&x| f64::from(x - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|v| (v / sum) as f32).collect()
+    };
+    let floor = probs
+        .iter()
+        .copied()
+        .filter(|&p| p > threshold)
+        .fold(f32::INFINITY, f32::min);
+    for (k, (x, p)) in logprobs.iter_mut().zip(&probs).enumerate() {
+        if *p > floor && !special.contains(&(k as u32)) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// `log_softmax(logits)[id]`.
+pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let x = logits
+        .get(id as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    ((f64::from(x - max)) - sum.ln()) as f32
 }
 
 /// A small seeded generator (SplitMix64) for the categorical draw.
@@ -263,6 +306,9 @@ impl SamplingParams {
         }
         if self.min_p != 0.0 {
             apply_min_p(&mut lp, self.min_p, self.min_tokens_to_keep.max(1));
+        }
+        if self.xtc_probability > 0.0 && rng.uniform() <= f64::from(self.xtc_probability) {
+            apply_xtc(&mut lp, self.xtc_threshold, &self.xtc_special_tokens);
         }
         if self.top_k > 0 {
             apply_top_k(&mut lp, self.top_k);

@@ -176,7 +176,7 @@ pub fn format_limits() -> Result<lmspec_formats::Limits> {
 
 /// Checks a safetensors file's header (lengths, offsets, overlaps) before
 /// MLX reads it.
-fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
+pub(crate) fn check_safetensors(f: &Path) -> Result<lmspec_formats::safetensors::Header> {
     lmspec_formats::safetensors::check_file(f, &format_limits()?).map_err(|e| Error::Weights {
         file: f.to_path_buf(),
         msg: e.to_string(),
