@@ -17,6 +17,7 @@ mod hub_server;
 mod port;
 mod prompt_cache;
 mod references;
+mod runtime;
 mod server;
 mod support;
 mod tools;
