@@ -70,6 +70,9 @@ enum Command {
         /// Tokens the draft model proposes per step.
         #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
         num_draft_tokens: usize,
+        /// The draft model's weight representation (as --weights).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
+        draft_weights: String,
     },
     /// Process a prompt once and save its KV cache for `generate
     /// --prompt-cache` (mlx-lm's layout; mlx-lm reads it too).
@@ -169,6 +172,14 @@ pub(crate) struct GenArgs {
     min_p: f32,
     #[arg(long, value_parser = args::positive)]
     repetition_penalty: Option<f32>,
+    /// XTC: the probability per token of removing the most likely choices
+    /// (0 turns it off).
+    #[arg(long, default_value_t = 0.0, value_parser = args::unit)]
+    xtc_probability: f32,
+    /// XTC: tokens above this probability (0 to 0.5) are the choices it
+    /// removes, all but the least likely of them.
+    #[arg(long, default_value_t = 0.1)]
+    xtc_threshold: f32,
     #[arg(long)]
     seed: Option<u64>,
     /// Keep at most this many positions in the KV cache (rotating).
@@ -433,6 +444,8 @@ impl GenArgs {
                 top_k: self.top_k,
                 min_p: self.min_p,
                 seed: self.seed,
+                xtc_probability: self.xtc_probability,
+                xtc_threshold: self.xtc_threshold,
                 ..Default::default()
             },
             processors: ProcessorParams {
@@ -477,13 +490,21 @@ fn print_event(e: lmspec::lm::generate::Event, step: usize) {
             let _ = std::io::stdout().flush();
         }
         lmspec::lm::generate::Event::Info(i) => eprintln!(
-            "\n[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | peak memory {:.1} MB | stop: {:?}]",
+            "\n[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | peak memory {:.1} MB | stop: {:?}{}]",
             i.prompt_tokens,
             i.prompt_tps,
             i.generated_tokens,
             i.generation_tps,
             i.peak_memory_bytes as f64 / 1e6,
-            i.stop
+            i.stop,
+            i.draft
+                .map(|d| format!(
+                    " | draft accepted {}/{} ({:.0}%)",
+                    d.accepted,
+                    d.drafted,
+                    100.0 * d.acceptance_rate()
+                ))
+                .unwrap_or_default()
         ),
         lmspec::lm::generate::Event::Reasoning(r) => eprint!("{r}"),
         lmspec::lm::generate::Event::ToolCall(c) => {
@@ -516,11 +537,26 @@ fn progress_line(what: &str, done: usize, total: usize, unit: &str) {
 
 /// Reasoning is reported apart from the answer (to stderr); with `--tools`,
 /// the tools are offered to the template and calls reported.
+/// The tokens XTC never removes, as mlx-lm's CLI picks them: a newline's
+/// ids and the end-of-sequence ids.
+fn xtc_special_tokens(
+    lm: &lmspec::lm::LanguageModel,
+    params: &mut lmspec::lm::generate::GenerateParams,
+) -> Result<()> {
+    if params.sampling.xtc_probability > 0.0 {
+        let mut ids = lm.tokenizer.tokenize("\n", false, true)?;
+        ids.extend(&lm.tokenizer.eos_ids);
+        params.sampling.xtc_special_tokens = ids;
+    }
+    Ok(())
+}
+
 /// `generate`'s options beyond those `chat` shares.
 struct GenerateExtras {
     prompt_cache: Option<PathBuf>,
     draft_model: Option<String>,
     num_draft_tokens: usize,
+    draft_weights: String,
 }
 
 fn generate(
@@ -538,6 +574,7 @@ fn generate(
     let prompt = prompt.as_str();
     let (tools, output) = gen.output(specs, &lm)?;
     let mut params = gen.params();
+    xtc_special_tokens(&lm, &mut params)?;
     params.output = output;
     let mut context = gen.context();
     if !tools.is_empty() {
@@ -566,7 +603,7 @@ fn generate(
             lm.generate(&ids, &params, cache, None, &mut |e| print_event(e, step))?;
         }
         Some(draft) => {
-            let draft = load_language_model(&Some(draft.clone()), &None, &gen.weights, specs)?;
+            let draft = load_language_model(&Some(draft.clone()), &None, &extra.draft_weights, specs)?;
             let spec = lmspec::lm::speculative::Draft {
                 model: &draft.model,
                 num_draft_tokens: extra.num_draft_tokens,
@@ -676,6 +713,7 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
     let (tools, output) = gen.output(specs, &lm)?;
     let format = output.tools.clone();
     let mut params = gen.params();
+    xtc_special_tokens(&lm, &mut params)?;
     params.output = output;
     let mut session = lmspec::lm::ChatSession::new(&lm, gen.system.as_deref(), params);
     session.context = gen.context();
@@ -905,12 +943,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             prompt_cache,
             draft_model,
             num_draft_tokens,
+            draft_weights,
         } => {
             gen.gguf_file = cli.gguf_file.clone();
             let extra = GenerateExtras {
                 prompt_cache,
                 draft_model,
                 num_draft_tokens,
+                draft_weights,
             };
             generate(&cli.specs, &gen, prompt.as_deref(), raw, &extra)
         }

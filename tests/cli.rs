@@ -277,3 +277,59 @@ fn golden_reports_a_broken_case_and_runs_the_rest() {
     assert!(text.contains("pass"), "{text}");
     assert!(text.contains("2 cases: 1 pass, 1 fail"), "{text}");
 }
+
+/// `cache-prompt` then `generate --prompt-cache`: the new prompt continues
+/// the cached message, so the answer equals one for the whole text; a draft
+/// model changes nothing in greedy output and reports its acceptance.
+#[test]
+fn a_cached_prompt_continues_and_a_draft_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("doc.safetensors");
+    let file_s = file.display().to_string();
+    let doc = "Cats are small carnivorous mammals that people keep as pets.";
+    let query = " In three words, what are cats?";
+    let out = lmspec(&["cache-prompt", "-p", doc, "--out", &file_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(file.exists());
+    let cached = stdout(&[
+        "generate",
+        "--prompt-cache",
+        &file_s,
+        "-p",
+        query,
+        "--max-tokens",
+        "12",
+    ]);
+    let whole = format!("{doc}{query}");
+    let plain = stdout(&["generate", "-p", &whole, "--max-tokens", "12"]);
+    assert_eq!(cached, plain);
+    let out = lmspec(&[
+        "generate",
+        "-p",
+        &whole,
+        "--max-tokens",
+        "12",
+        "--draft-model",
+        "smollm2-135m",
+        "--draft-weights",
+        "quantized",
+        "--num-draft-tokens",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), plain);
+    assert!(err.contains("draft accepted"), "{err}");
+    // A file that is not a cache: an error naming it, exit code 1.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"{}").expect("write");
+    let junk_s = junk.display().to_string();
+    let out = lmspec(&["generate", "--prompt-cache", &junk_s, "-p", "x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&junk_s) && err.contains("prompt cache"), "{err}");
+}

@@ -270,3 +270,22 @@ fn xtc_removes_what_mlx_lm_removes() {
     assert_eq!(ours_kept, kept);
     assert!(ours_kept.contains(&0.0), "something was removed");
 }
+
+#[test]
+fn measuring_a_prompt_reports_weights_cache_and_workspace() {
+    let _g = mlx_lock();
+    let m = golden("llama");
+    let short = lmspec::engine::memory::measure(&m, 16, 8, Default::default()).expect("measure");
+    // Past the first 256-position block the cache grows.
+    let long = lmspec::engine::memory::measure(&m, 300, 64, Default::default()).expect("measure");
+    assert!(short.kv_bytes > 0 && long.kv_bytes > short.kv_bytes, "{short:?} {long:?}");
+    assert!(short.weight_bytes > 0);
+    assert_eq!(
+        short.total_bytes,
+        short.weight_bytes + short.kv_bytes + short.workspace_bytes
+    );
+    assert!(short.peak_active_bytes >= short.kv_bytes);
+    assert_eq!((long.token_count, long.prefill_step_size), (300, 64));
+    let err = lmspec::engine::memory::measure(&m, 0, 8, Default::default()).expect_err("refused");
+    assert!(err.to_string().contains("token_count"), "{err}");
+}

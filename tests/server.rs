@@ -210,6 +210,26 @@ fn a_request_that_can_never_fit_the_budget_is_refused_at_once() {
     let (status, body) = http(&server.url, "POST", "/v1/chat/completions", &chat(4));
     assert_eq!(status, 200, "a request that fits is served: {body}");
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    // Two requests that fit one at a time but not together: the second
+    // waits for the first one's memory ticket to end, then runs.
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let url = server.url.clone();
+            let body = serde_json::json!({
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 40,
+                "temperature": 0,
+                "ignore_eos": true,
+            })
+            .to_string();
+            std::thread::spawn(move || http(&url, "POST", "/v1/chat/completions", &body))
+        })
+        .collect();
+    for t in both {
+        let (status, body) = t.join().expect("client");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 40, "{body}");
+    }
     let (status, body) = http(&server.url, "GET", "/health", "");
     assert_eq!(status, 200);
     assert!(body["memory"]["active_bytes"].as_u64().is_some(), "{body}");

@@ -6,7 +6,7 @@
 //! disconnected) ends its sequence at the next step.
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -19,6 +19,7 @@ use lmspec_lm::generate::{Event, TextStream};
 use lmspec_lm::sampling::{ProcessorParams, SamplingParams};
 use lmspec_lm::template::ChatContext;
 use lmspec_lm::tools::{OutputFormat, ToolCall, ToolFormat};
+use lmspec_engine::memory::{MemoryManager, MemoryPolicy, Ticket, TicketKind};
 use lmspec_lm::{Embedder, LanguageModel, Reranker};
 
 /// What the model reads.
@@ -138,7 +139,8 @@ struct Live {
     text: TextStream<'static>,
     prompt_tokens: usize,
     completion: usize,
-    reserve: u64,
+    /// The request's share of the KV budget, released when it ends.
+    _ticket: Ticket,
     started: Instant,
     first: Option<Instant>,
     reused: usize,
@@ -156,6 +158,10 @@ pub struct Engine {
     /// Bytes per sequence: fixed state and per position.
     footprint: (u64, u64),
     eos: Vec<u32>,
+    /// Admission: one active ticket per running request under a fixed
+    /// policy of the KV budget (MLX's own limit is left alone: weights and
+    /// scratch are outside the budget).
+    memory: Arc<MemoryManager>,
 }
 
 /// A model's per-sequence state size, measured on one token.
@@ -186,7 +192,9 @@ impl Engine {
             );
             opts.max_batch = 1;
         }
+        let memory = MemoryManager::with_limit_fn(MemoryPolicy::Fixed(opts.kv_budget), 0, |_| {});
         Ok(Engine {
+            memory,
             lm,
             embedder,
             reranker,
@@ -210,7 +218,6 @@ impl Engine {
         let mut queue: VecDeque<Box<GenJob>> = VecDeque::new();
         let mut live: Vec<(u64, Live)> = Vec::new();
         let mut next_seq: u64 = 0;
-        let mut reserved: u64 = 0;
         let mut released = true;
         loop {
             let idle = live.is_empty() && queue.is_empty();
@@ -257,9 +264,8 @@ impl Engine {
                     break;
                 }
                 let Some(job) = queue.pop_front() else { break };
-                match self.admit(&mut gen, job, next_seq, reserved) {
+                match self.admit(&mut gen, job, next_seq) {
                     Admitted::Live(l) => {
-                        reserved += l.reserve;
                         live.push((next_seq, *l));
                     }
                     Admitted::Finished => {}
@@ -282,7 +288,6 @@ impl Engine {
                 }
                 if let Some(i) = live.iter().position(|(q, _)| *q == s) {
                     let (_, l) = live.remove(i);
-                    reserved -= l.reserve;
                     log_end(&l, "cancelled");
                 }
             }
@@ -301,8 +306,7 @@ impl Engine {
                             if t.finish.is_none() {
                                 let _ = gen.remove(t.seq);
                             }
-                            let (_, l) = live.remove(i);
-                            reserved -= l.reserve;
+                            live.remove(i);
                         }
                     }
                 }
@@ -315,7 +319,6 @@ impl Engine {
                             "decoding failed: {e}"
                         ))));
                     }
-                    reserved = 0;
                 }
             }
         }
@@ -328,7 +331,6 @@ impl Engine {
         gen: &mut BatchGenerator<'_>,
         job: Box<GenJob>,
         seq: u64,
-        reserved: u64,
     ) -> Admitted {
         let prepared = match self.prepare(&job) {
             Ok(p) => p,
@@ -352,7 +354,8 @@ impl Engine {
             ));
             return Admitted::Finished;
         }
-        if reserved + reserve > self.opts.kv_budget {
+        let ticket = self.memory.ticket(reserve, TicketKind::Active);
+        if ticket.start_timeout(Duration::ZERO).is_err() {
             return Admitted::Wait(job);
         }
         let started = Instant::now();
@@ -370,7 +373,7 @@ impl Engine {
             text: prepared.text,
             prompt_tokens: prepared.ids.len(),
             completion: 0,
-            reserve,
+            _ticket: ticket,
             started,
             first: None,
             reused: gen.reused_tokens - reused_before,
