@@ -120,6 +120,10 @@ enum Command {
     /// Serve a model over HTTP: OpenAI- and Anthropic-compatible APIs with
     /// continuous batching.
     Serve(crate::serve_cmd::ServeArgs),
+    /// Train a LoRA or DoRA adapter (QLoRA on a quantized base), as mlx_lm.lora.
+    Lora(crate::adapter_cmd::LoraArgs),
+    /// Fold an adapter into its base model: a folder mlx-lm loads.
+    Fuse(crate::adapter_cmd::FuseArgs),
     /// Porting tools: node-by-node diffs, spec drafts, coverage.
     #[command(subcommand)]
     Port(PortCommand),
@@ -148,6 +152,9 @@ pub(crate) struct GenArgs {
     /// installed model's name: smollm2-135m (the default), gemma3-270m.
     #[arg(long)]
     model: Option<String>,
+    /// Attach this LoRA/DoRA adapter folder (mlx-lm's or PEFT's files).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Offer these tools (a JSON list of OpenAI-style tool specs); calls
     /// the model makes are shown, not executed.
     #[arg(long)]
@@ -218,9 +225,21 @@ pub(crate) fn load_language_model(
     weights: &str,
     specs: &Option<PathBuf>,
 ) -> Result<lmspec::lm::LanguageModel> {
+    load_language_model_with(model, gguf_file, weights, specs, None)
+}
+
+/// [`load_language_model`] with an adapter attached (`--adapter`, `lora`).
+pub(crate) fn load_language_model_with(
+    model: &Option<String>,
+    gguf_file: &Option<String>,
+    weights: &str,
+    specs: &Option<PathBuf>,
+    adapter: Option<lmspec::engine::adapter::AdapterSource>,
+) -> Result<lmspec::lm::LanguageModel> {
     let plan = WeightPlan::parse(weights)
         .ok_or_else(|| anyhow!("--weights must be auto, quantized or dense"))?;
-    let opts = load_options(specs, plan)?;
+    let mut opts = load_options(specs, plan)?;
+    opts.adapter = adapter;
     let source = match model {
         Some(m) if Path::new(m).exists() || lmspec::installed_model(m).is_none() => {
             lmspec::hub::ModelSource::parse(m)
@@ -465,7 +484,11 @@ impl GenArgs {
     }
 
     pub(crate) fn load(&self, specs: &Option<PathBuf>) -> Result<lmspec::lm::LanguageModel> {
-        load_language_model(&self.model, &self.gguf_file, &self.weights, specs)
+        let adapter = self
+            .adapter
+            .clone()
+            .map(lmspec::engine::adapter::AdapterSource::Dir);
+        load_language_model_with(&self.model, &self.gguf_file, &self.weights, specs, adapter)
     }
 
     fn context(&self) -> lmspec::lm::template::ChatContext {
@@ -603,7 +626,8 @@ fn generate(
             lm.generate(&ids, &params, cache, None, &mut |e| print_event(e, step))?;
         }
         Some(draft) => {
-            let draft = load_language_model(&Some(draft.clone()), &None, &extra.draft_weights, specs)?;
+            let draft =
+                load_language_model(&Some(draft.clone()), &None, &extra.draft_weights, specs)?;
             let spec = lmspec::lm::speculative::Draft {
                 model: &draft.model,
                 num_draft_tokens: extra.num_draft_tokens,
@@ -880,6 +904,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor(&cli.specs),
         Command::Serve(args) => crate::serve_cmd::run(args, &cli.specs, &cli.gguf_file),
+        Command::Lora(args) => crate::adapter_cmd::lora(args, &cli.specs, &cli.gguf_file),
+        Command::Fuse(args) => crate::adapter_cmd::fuse(args, &cli.specs, &cli.gguf_file),
         Command::Spec(SpecCommand::List) => {
             let lib = library(&cli.specs)?;
             for name in lib.names() {

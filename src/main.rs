@@ -1,4 +1,5 @@
 //! The `lmspec` command line.
+mod adapter_cmd;
 mod cache_cmd;
 mod cli;
 mod embed_cmd;

@@ -12,6 +12,9 @@ pub struct ServeArgs {
     /// installed model's name (default: the default chat model).
     #[arg(long)]
     model: Option<String>,
+    /// Attach this LoRA/DoRA adapter folder to the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port (0 picks a free one; the listening line says which).
@@ -67,6 +70,10 @@ pub fn run(
         prompt_cache_entries: args.prompt_cache_entries,
     };
     let (specs, gguf_file) = (specs.clone(), gguf_file.clone());
+    let adapter = args
+        .adapter
+        .clone()
+        .map(lmspec::engine::adapter::AdapterSource::Dir);
     let (model, weights, embedding, rerank, budget_mb) = (
         args.model.clone(),
         args.weights.clone(),
@@ -87,7 +94,13 @@ pub fn run(
     // Everything MLX touches is made on the engine thread.
     let load = move || -> Result<lmspec::serve::engine::Engine, String> {
         let load = || -> Result<lmspec::serve::engine::Engine> {
-            let lm = crate::cli::load_language_model(&model, &gguf_file, &weights, &specs)?;
+            let lm = crate::cli::load_language_model_with(
+                &model,
+                &gguf_file,
+                &weights,
+                &specs,
+                adapter.clone(),
+            )?;
             let embedder = match &embedding {
                 Some(m) => {
                     let dir = crate::cli::model_path(m, &gguf_file)?;

