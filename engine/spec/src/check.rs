@@ -155,11 +155,55 @@ pub(crate) enum ParamSource {
     Default(fn() -> Value),
 }
 
+/// A piece of a layer prefix: literal text or an `{expression}`.
+#[derive(Debug, Clone)]
+pub(crate) enum PrefixPart {
+    Text(String),
+    Expr(Expr),
+}
+
+/// Splits `model.layers.{i % n}` into text and expressions, each
+/// expression checked against the names the layer schedule knows.
+fn parse_prefix(
+    prefix: &str,
+    known: &HashSet<String>,
+) -> std::result::Result<Vec<PrefixPart>, String> {
+    let mut out = Vec::new();
+    let mut rest = prefix;
+    while let Some(open) = rest.find('{') {
+        if rest[..open].contains('}') {
+            return Err(format!("'{prefix}': a '}}' without its '{{'"));
+        }
+        if open > 0 {
+            out.push(PrefixPart::Text(rest[..open].to_string()));
+        }
+        let close = rest[open..]
+            .find('}')
+            .map(|c| c + open)
+            .ok_or_else(|| format!("'{prefix}': a '{{' without its '}}'"))?;
+        let e = parse_known(
+            &serde_yaml::Value::String(rest[open + 1..close].to_string()),
+            Ty::Int,
+            known,
+        )
+        .map_err(|m| format!("'{prefix}': {m}"))?;
+        out.push(PrefixPart::Expr(e));
+        rest = &rest[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(format!("'{prefix}': a '}}' without its '{{'"));
+    }
+    if !rest.is_empty() {
+        out.push(PrefixPart::Text(rest.to_string()));
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct CheckedLayers {
     pub file: PathBuf,
     pub count: Expr,
-    pub prefix: String,
+    pub prefix: Vec<PrefixPart>,
     pub block: Option<String>,
     pub select: Vec<(Option<Expr>, String)>,
 }
@@ -360,10 +404,12 @@ fn check_layers(
             Some(_) => {}
         }
     }
+    let prefix =
+        parse_prefix(&l.prefix, known).map_err(|m| Error::spec(file, "layers", "prefix", m))?;
     Ok(CheckedLayers {
         file: file.clone(),
         count,
-        prefix: l.prefix.clone(),
+        prefix,
         block: l.block.clone(),
         select,
     })

@@ -315,7 +315,8 @@ impl Expander<'_> {
                 .blocks
                 .get(name)
                 .ok_or_else(|| Error::spec(&l.file, block_label(name), "block", "unknown block"))?;
-            let prefix = l.prefix.replace("{i}", &i.to_string());
+            let prefix = render_prefix(&l.prefix, &scope)
+                .map_err(|m| Error::spec(&l.file, "layers", "prefix", format!("layer {i}: {m}")))?;
             let here = format!("{path}.{i}");
             x = self.block(def, &[x], &here, &prefix, Some(&scope))?;
             self.graph.aliases.insert(here, x);
@@ -323,4 +324,30 @@ impl Expander<'_> {
         }
         Ok(x)
     }
+}
+
+/// A layer's weight scope: the prefix's text with each `{expression}`'s
+/// value (an int or a string) in its place.
+fn render_prefix(
+    parts: &[crate::check::PrefixPart],
+    scope: &dyn Scope,
+) -> std::result::Result<String, String> {
+    use crate::check::PrefixPart;
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            PrefixPart::Text(t) => out.push_str(t),
+            PrefixPart::Expr(e) => match e.eval(scope)? {
+                Value::Int(n) => out.push_str(&n.to_string()),
+                Value::Str(s) => out.push_str(&s),
+                v => {
+                    return Err(format!(
+                        "an expression gives {} {v}, not an int or a string",
+                        v.type_name()
+                    ))
+                }
+            },
+        }
+    }
+    Ok(out)
 }

@@ -351,3 +351,74 @@ fn specs_of_different_tasks_share_a_model_type() {
         "{err}"
     );
 }
+
+const LOOPED: &str = "spec_version: 1
+name: looped
+model_types: [looped]
+config:
+  n: {type: int, value: 2}
+  loops: {type: int, value: 3}
+layers:
+  count: n * loops
+  prefix: PREFIX
+  block: layer
+blocks:
+  layer:
+    inputs: [x]
+    nodes:
+      norm: {op: rms_norm, in: x, weight: norm, eps: 1e-5}
+      top: {op: rms_norm, in: norm, weight: /model.norm, eps: 1e-5}
+    output: top
+model:
+  inputs: [tokens]
+  nodes:
+    embed: {op: embedding, in: tokens, weight: emb, vocab: 10, dim: 4}
+    layers: {op: layers, in: embed}
+  output: layers
+";
+
+#[test]
+fn layer_prefixes_are_expressions_and_weights_can_be_absolute() {
+    let text = LOOPED.replace("PREFIX", "\"blocks.{i % n}.loop{i // n}\"");
+    let (_dir, lib) = library_with(&[("looped.yaml", &text)]);
+    let spec = lib.load("looped").expect("load");
+    let (_, g) =
+        expand_for(&spec, &serde_json::json!({}), Path::new("config.json")).expect("expand");
+    let dump = render::dump(&g, false);
+    // Layer 5 is the second layer of the third loop.
+    assert!(
+        dump.contains("    blocks.1.loop2.norm.weight [4]"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("    blocks.0.loop0.norm.weight [4]"),
+        "{dump}"
+    );
+    // An absolute name ignores the layer's scope.
+    assert!(dump.contains("\n    model.norm.weight [4]"), "{dump}");
+    assert!(!dump.contains("loop0.model.norm"), "{dump}");
+    for (prefix, want) in [
+        ("\"blocks.{i %}\"", "prefix"),
+        ("\"blocks.{i\"", "without its '}'"),
+        ("\"blocks.}{i}\"", "without its '{'"),
+        ("\"blocks.{j}\"", "unknown name 'j'"),
+    ] {
+        let text = LOOPED.replace("PREFIX", prefix);
+        let (_dir, lib) = library_with(&[("looped.yaml", &text)]);
+        let err = match lib.load("looped").and_then(|s| check(&s)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{prefix} accepted"),
+        };
+        assert!(
+            err.contains("layers: prefix") && err.contains(want),
+            "{prefix}: {err}"
+        );
+    }
+    let text = LOOPED.replace("PREFIX", "\"blocks.{n > 1}\"");
+    let (_dir, lib) = library_with(&[("looped.yaml", &text)]);
+    let spec = lib.load("looped").expect("load");
+    let err = expand_for(&spec, &serde_json::json!({}), Path::new("config.json"))
+        .expect_err("a bool is not a scope part")
+        .to_string();
+    assert!(err.contains("not an int or a string"), "{err}");
+}

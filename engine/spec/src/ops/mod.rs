@@ -249,7 +249,13 @@ impl Resolved {
 }
 
 /// Joins a scope and a relative weight name.
+/// A weight name in a scope; a name that starts with `/` is absolute (the
+/// scope is not prepended), for a layer block that reads a model-level
+/// weight.
 pub fn join_scope(scope: &str, name: &str) -> String {
+    if let Some(absolute) = name.strip_prefix('/') {
+        return absolute.to_string();
+    }
     if scope.is_empty() {
         name.to_string()
     } else {
