@@ -1930,8 +1930,9 @@ def repo_relative(path):
 
 def vocab_size_of(config):
     for source in (config, config.get("text_config", {})):
-        if "vocab_size" in source:
-            return int(source["vocab_size"])
+        for key in ("vocab_size", "num_vocab"):  # num_vocab: phixtral
+            if key in source:
+                return int(source[key])
     raise SystemExit("the model config has no vocab_size")
 
 

@@ -49,6 +49,7 @@ pub(crate) fn activate(act: Act, x: &Array) -> Result<Array, Exception> {
         Act::GeluApprox => mlx_rs::nn::gelu_approximate(x),
         Act::GeluFast => mlx_rs::nn::gelu_fast_approximate(x),
         Act::Relu => mlx_rs::nn::relu(x),
+        Act::Relu2 => mlx_rs::ops::square(mlx_rs::nn::relu(x)?),
         Act::Sigmoid => mlx_rs::ops::sigmoid(x),
         Act::Tanh => mlx_rs::ops::tanh(x),
     }
@@ -62,10 +63,11 @@ impl Op for Activation {
 
 impl Op for Glu {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        match self.r#fn {
+        match (self.r#fn, self.limit) {
+            (act, Some(l)) => super::moe::clamped_glu(act, inputs[0], inputs[1], Some(l.0 as f32)),
             // One fused kernel, as mlx-lm's compiled `swiglu`.
-            Act::Silu => swiglu(inputs[0], inputs[1]),
-            act => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),
+            (Act::Silu, None) => swiglu(inputs[0], inputs[1]),
+            (act, None) => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),
         }
     }
 }

@@ -20,6 +20,8 @@ mod embedding;
 mod heads;
 mod linear;
 mod moe;
+#[cfg(test)]
+mod moe_tests;
 mod norm;
 pub mod rope;
 mod slice;

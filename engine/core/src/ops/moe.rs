@@ -1,9 +1,11 @@
-//! `moe`: a routed mixture of gated experts, as mlx-lm's sparse MoE blocks
-//! with a `SwitchGLU`: a router scores the experts per token, the top-k are
-//! run through stacked expert weights (`[E, out, in]`) with gather matmuls
+//! `moe`: a routed mixture of experts, as mlx-lm's sparse MoE blocks with a
+//! `SwitchGLU` (gated) or `SwitchMLP` (plain) experts: a router scores the
+//! experts per token, the top-k are run through stacked expert weights
+//! (`[E, out, in]`, with optional per-expert biases) with gather matmuls
 //! (`gather_mm`, or `gather_qmm` when quantized), and their outputs summed
-//! weighted by the routing scores.
-use lmspec_spec::ops::{GroupScore, Layout, Moe, OpError, Routing};
+//! weighted by the routing scores. Slots past the real experts are
+//! identity ("zero-compute") experts that add the input itself.
+use lmspec_spec::ops::{ExpertGlu, GroupFill, GroupScore, Layout, Moe, OpError, Routing};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::argpartition_axis;
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -15,7 +17,18 @@ use super::{linear, mlx_err, Build, Ctx, Op, Param, Weights};
 impl Build for Moe {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         let router = w.take("router")?;
-        let (gate, up, down) = (w.take("experts")?, w.take("experts")?, w.take("experts")?);
+        let count = if self.gated { 3 } else { 2 };
+        let mut projections = Vec::with_capacity(count);
+        for _ in 0..count {
+            let weight = stacked(w.take("experts")?)?;
+            let bias = if self.expert_bias {
+                Some(w.dense("expert_bias")?)
+            } else {
+                None
+            };
+            projections.push(Stacked { weight, bias });
+        }
+        let router_bias = w.dense_opt("router_bias")?;
         let correction = w.dense_opt("correction_bias")?;
         let router = match router {
             Param::Dense(w) => Param::Dense(w.t()),
@@ -24,9 +37,8 @@ impl Build for Moe {
         Ok(Box::new(MoeOp {
             cfg: self.clone(),
             router,
-            gate: stacked(gate)?,
-            up: stacked(up)?,
-            down: stacked(down)?,
+            router_bias,
+            projections,
             correction,
         }))
     }
@@ -70,14 +82,32 @@ fn gather(p: &Param, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exce
     }
 }
 
+/// One stacked expert projection and its optional `[E, out]` bias.
+#[derive(Debug)]
+struct Stacked {
+    weight: Param,
+    bias: Option<Array>,
+}
+
+impl Stacked {
+    fn apply(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
+        let y = gather(&self.weight, x, idx, sorted)?;
+        match &self.bias {
+            // bias[idx] is [..., out]; the gathered rows are [..., 1, out].
+            Some(b) => mlx_rs::ops::add(&y, b.take_axis(idx, 0)?.expand_dims(-2)?),
+            None => Ok(y),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct MoeOp {
     cfg: Moe,
     /// Dense router weights are kept transposed, `[in, experts]`.
     router: Param,
-    gate: Param,
-    up: Param,
-    down: Param,
+    router_bias: Option<Array>,
+    /// gate, up, down (gated) or fc1, fc2 (plain).
+    projections: Vec<Stacked>,
     correction: Option<Array>,
 }
 
@@ -89,7 +119,7 @@ const SORT_FROM: i32 = 64;
 impl MoeOp {
     /// Expert indices `[B, T, k]` and their weights `[B, T, k]`.
     fn route(&self, x: &Array) -> Result<(Array, Array), Exception> {
-        let logits = linear::apply(&self.router, None, x)?;
+        let logits = linear::apply(&self.router, self.router_bias.as_ref(), x)?;
         let k = self.cfg.top_k as i32;
         let scores = match self.cfg.routing {
             Routing::SoftmaxTopk => mlx_rs::ops::softmax_axis(&logits, -1, true)?,
@@ -97,6 +127,7 @@ impl MoeOp {
             Routing::SigmoidTopk => {
                 mlx_rs::ops::sigmoid(&logits.as_dtype(mlx_rs::Dtype::Float32)?)?
             }
+            Routing::Sparsemixer => return self.sparsemixer(&logits),
         };
         let mut choice = match &self.correction {
             Some(b) => mlx_rs::ops::add(&scores, b)?,
@@ -130,7 +161,35 @@ impl MoeOp {
         Ok((inds, weights))
     }
 
-    /// Zeroes the scores of every expert outside the `keep` best groups.
+    /// phimoe's sparsemixer (inference path): `top_k` rounds, each picking
+    /// the best remaining logit and weighting it by its softmax over the
+    /// remaining logits within the jitter band below it (relative to
+    /// `max(|logit|, pick)`).
+    fn sparsemixer(&self, logits: &Array) -> Result<(Array, Array), Exception> {
+        let neg_inf = Array::from_f32(f32::NEG_INFINITY).as_dtype(logits.dtype())?;
+        let band_width = Array::from_f32(2.0 * self.cfg.jitter as f32).as_dtype(logits.dtype())?;
+        let magnitude = mlx_rs::ops::abs(logits)?;
+        let mut masked = logits.clone();
+        let (mut inds, mut weights) = (Vec::new(), Vec::new());
+        for _ in 0..self.cfg.top_k {
+            let top = masked.max_axis(-1, true)?;
+            let ind = mlx_rs::ops::indexing::argmax_axis(&masked, -1, true)?;
+            let factor = mlx_rs::ops::maximum(&magnitude, &top)?;
+            let gap = mlx_rs::ops::divide(mlx_rs::ops::subtract(&top, logits)?, &factor)?;
+            let band = mlx_rs::ops::select(&gap.gt(&band_width)?, &neg_inf, &masked)?;
+            let band = mlx_rs::ops::softmax_axis(&band, -1, true)?;
+            weights.push(band.take_along_axis(&ind, -1)?);
+            masked = masked.put_along_axis(&ind, &neg_inf, -1)?;
+            inds.push(ind);
+        }
+        Ok((
+            mlx_rs::ops::concatenate(&inds, -1)?,
+            mlx_rs::ops::concatenate(&weights, -1)?,
+        ))
+    }
+
+    /// Drops the scores of every expert outside the `keep` best groups
+    /// (to zero, or to minus infinity).
     fn limit_groups(&self, scores: &Array) -> Result<Array, Exception> {
         let (count, keep) = (self.cfg.groups as i32, self.cfg.topk_groups as i32);
         let top2_sum = self.cfg.group_score == GroupScore::Top2Sum;
@@ -151,8 +210,12 @@ impl MoeOp {
         }
         let worst =
             argpartition_axis(&group_scores, drop - 1, -2)?.try_index((.., .., ..drop, ..))?;
-        let zero = Array::from_f32(0.0).as_dtype(scores.dtype())?;
-        grouped.put_along_axis(&worst, &zero, -2)?.reshape(&s)
+        let fill = match self.cfg.group_fill {
+            GroupFill::Zero => 0.0,
+            GroupFill::NegInf => f32::NEG_INFINITY,
+        };
+        let fill = Array::from_f32(fill).as_dtype(scores.dtype())?;
+        grouped.put_along_axis(&worst, &fill, -2)?.reshape(&s)
     }
 
     /// The gated expert MLP of each routed slot: `[B, T, k, D]`.
@@ -163,7 +226,7 @@ impl MoeOp {
         if routed < SORT_FROM {
             // [B, T, 1, 1, D] against [B, T, k] expert indices.
             let x = x.expand_dims_axes(&[-2, -3])?;
-            let y = self.glu(&x, inds, false)?;
+            let y = self.expert_mlp(&x, inds, false)?;
             return y.squeeze_axes(&[-2]);
         }
         // Sorted by expert: row r of the flat (token, slot) list reads token
@@ -175,26 +238,88 @@ impl MoeOp {
         let tokens = mlx_rs::ops::floor_divide(&order, Array::from_int(k))?;
         let x = x.reshape(&[-1, 1, d])?.try_index(&tokens)?;
         let idx = flat.try_index(&order)?;
-        let y = self.glu(&x, &idx, true)?.try_index(&inverse)?;
+        let y = self.expert_mlp(&x, &idx, true)?.try_index(&inverse)?;
         let mut out = shape;
         out.push(d);
         y.reshape(&out)
     }
 
-    fn glu(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
-        let up = gather(&self.up, x, idx, sorted)?;
-        let gate = gather(&self.gate, x, idx, sorted)?;
-        let h = mlx_rs::ops::multiply(activate(self.cfg.act, &gate)?, &up)?;
-        gather(&self.down, &h, idx, sorted)
+    fn expert_mlp(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
+        let p = &self.projections;
+        if !self.cfg.gated {
+            let h = activate(self.cfg.act, &p[0].apply(x, idx, sorted)?)?;
+            return p[1].apply(&h, idx, sorted);
+        }
+        let up = p[1].apply(x, idx, sorted)?;
+        let gate = p[0].apply(x, idx, sorted)?;
+        let limit = self.cfg.limit.map(|l| l.0 as f32);
+        let h = match self.cfg.glu {
+            ExpertGlu::Plain => clamped_glu(self.cfg.act, &gate, &up, limit)?,
+            ExpertGlu::Oai => oai_glu(&gate, &up, limit)?,
+        };
+        p[2].apply(&h, idx, sorted)
     }
+}
+
+/// `act(gate) * up`; with a limit, `min(act(gate), limit) * clip(up, ±limit)`.
+pub(crate) fn clamped_glu(
+    act: lmspec_spec::ops::Act,
+    gate: &Array,
+    up: &Array,
+    limit: Option<f32>,
+) -> Result<Array, Exception> {
+    let g = activate(act, gate)?;
+    match limit {
+        None => mlx_rs::ops::multiply(&g, up),
+        Some(l) => {
+            let g = mlx_rs::ops::minimum(&g, Array::from_f32(l).as_dtype(g.dtype())?)?;
+            let u = mlx_rs::ops::clip(up, (-l, l))?;
+            mlx_rs::ops::multiply(&g, &u)
+        }
+    }
+}
+
+/// gpt-oss's SwiGLU: `g = min(gate, limit)`, `u = clip(up, ±limit)`,
+/// `(u + 1) * g * sigmoid(1.702 g)`.
+fn oai_glu(gate: &Array, up: &Array, limit: Option<f32>) -> Result<Array, Exception> {
+    let (g, u) = match limit {
+        Some(l) => (
+            mlx_rs::ops::minimum(gate, Array::from_f32(l).as_dtype(gate.dtype())?)?,
+            mlx_rs::ops::clip(up, (-l, l))?,
+        ),
+        None => (gate.clone(), up.clone()),
+    };
+    let alpha = Array::from_f32(1.702).as_dtype(g.dtype())?;
+    let glu = mlx_rs::ops::multiply(
+        &g,
+        mlx_rs::ops::sigmoid(mlx_rs::ops::multiply(&g, &alpha)?)?,
+    )?;
+    let one = Array::from_f32(1.0).as_dtype(u.dtype())?;
+    mlx_rs::ops::multiply(&glu, mlx_rs::ops::add(&u, &one)?)
 }
 
 impl Op for MoeOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
-        let (inds, scores) = self.route(x)?;
+        let (mut inds, mut scores) = self.route(x)?;
+        // Identity experts: slots past the real ones run no MLP; their
+        // weights scale the input itself.
+        let mut identity = None;
+        if self.cfg.zero_experts > 0 {
+            let real = Array::from_int(self.cfg.num_experts as i32);
+            let is_zero = inds.ge(&real)?;
+            let none = Array::from_f32(0.0).as_dtype(scores.dtype())?;
+            let zero_weight = mlx_rs::ops::select(&is_zero, &scores, &none)?.sum_axis(-1, true)?;
+            identity = Some(zero_weight);
+            scores = mlx_rs::ops::select(&is_zero, &none, &scores)?;
+            inds = mlx_rs::ops::select(&is_zero, Array::from_int(0), &inds)?;
+        }
         let y = self.experts(x, &inds)?;
         let weighted = mlx_rs::ops::multiply(&y, scores.expand_dims(-1)?)?;
-        weighted.sum_axis(-2, false)?.as_dtype(y.dtype())
+        let out = weighted.sum_axis(-2, false)?.as_dtype(y.dtype())?;
+        match identity {
+            Some(w) => mlx_rs::ops::add(&out, mlx_rs::ops::multiply(x, &w)?)?.as_dtype(y.dtype()),
+            None => Ok(out),
+        }
     }
 }

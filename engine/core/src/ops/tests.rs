@@ -9,7 +9,12 @@ use crate::cache::CreateState;
 
 /// Resolves and builds `kind` with the `given` parameters (the rest take
 /// their schema defaults, as the expander gives them).
-fn build(kind: &str, given: &[(&str, Value)], inputs: &[ValueInfo], w: Vec<Param>) -> Box<dyn Op> {
+pub(super) fn build(
+    kind: &str,
+    given: &[(&str, Value)],
+    inputs: &[ValueInfo],
+    w: Vec<Param>,
+) -> Box<dyn Op> {
     let entry = lookup(kind).expect("op");
     let values: Vec<Value> = entry
         .schema
@@ -30,7 +35,7 @@ fn build(kind: &str, given: &[(&str, Value)], inputs: &[ValueInfo], w: Vec<Param
     super::build(&op, inputs, Weights::new(fields.zip(w).collect())).expect("build")
 }
 
-fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
+pub(super) fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
     let mut ctx = Ctx {
         offset,
         key_mask: None,
@@ -45,7 +50,7 @@ fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
     y.as_slice::<f32>().to_vec()
 }
 
-fn close(a: &[f32], b: &[f64], tol: f64) {
+pub(super) fn close(a: &[f32], b: &[f64], tol: f64) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
         assert!((f64::from(*x) - y).abs() <= tol, "{x} vs {y}");
@@ -343,7 +348,7 @@ fn attention_chunk_window_widens_multi_token_calls_only() {
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {

@@ -1,7 +1,7 @@
 //! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
 //! gated `glu`.
 use super::norm::first;
-use super::{choice, op, Layout, OpError, Resolved};
+use super::{choice, op, Layout, OpError, Positive, Resolved};
 
 choice! {
     /// Activation functions by spec name.
@@ -11,6 +11,7 @@ choice! {
         GeluApprox = "gelu_approx",
         GeluFast = "gelu_fast",
         Relu = "relu",
+        Relu2 = "relu2",
         Sigmoid = "sigmoid",
         Tanh = "tanh",
     }
@@ -48,9 +49,10 @@ op! {
 }
 
 op! {
-    /// Gated unit: fn(gate) * up, with inputs [gate, up] (SwiGLU, GeGLU).
+    /// Gated unit: fn(gate) * up, with inputs [gate, up] (SwiGLU, GeGLU); clamped with `limit`.
     "glu" (2..=2) => Glu {
         r#fn: Act, "activation function";
+        limit: Option<Positive<f64>> = None, "clamped GLU: min(fn(gate), limit) * clip(up, -limit, limit) (null: none)";
     } layout: same_layout
 }
 

@@ -32,7 +32,7 @@ pub use elementwise::{Act, Activation, Add, Glu, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, SplitHeads};
 pub use linear::{HeadLinear, Linear};
-pub use moe::{GroupScore, Moe, Routing};
+pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{Rope, RopeScaling};
 pub use slice::{Concat, Slice};

@@ -1,7 +1,10 @@
-//! `moe`: a routed mixture of gated experts, as mlx-lm's sparse MoE blocks
-//! with a `SwitchGLU`: a router scores the experts per token and the top-k
-//! run through stacked expert weights (`[E, out, in]`).
-use super::{choice, expect_flat, op, Act, Layout, OpError, Resolved, WeightName, WeightReq};
+//! `moe`: a routed mixture of experts, as mlx-lm's sparse MoE blocks with a
+//! `SwitchGLU` (gated experts) or a `SwitchMLP` (plain experts): a router
+//! scores the experts per token and the top-k run through stacked expert
+//! weights (`[E, out, in]`).
+use super::{
+    choice, expect_flat, op, Act, Layout, OpError, Positive, Resolved, WeightName, WeightReq,
+};
 
 choice! {
     /// How routing scores come from the router's logits.
@@ -9,6 +12,23 @@ choice! {
         SoftmaxTopk = "softmax_topk",
         TopkSoftmax = "topk_softmax",
         SigmoidTopk = "sigmoid_topk",
+        Sparsemixer = "sparsemixer",
+    }
+}
+
+choice! {
+    /// What the experts of dropped groups score before the top-k choice.
+    pub enum GroupFill {
+        Zero = "zero",
+        NegInf = "neg_inf",
+    }
+}
+
+choice! {
+    /// How a gated expert combines its gate and up projections.
+    pub enum ExpertGlu {
+        Plain = "plain",
+        Oai = "oai",
     }
 }
 
@@ -21,69 +41,112 @@ choice! {
 }
 
 op! {
-    /// Top-k routed mixture of gated (GLU) experts with stacked weights and gather matmuls.
+    /// Top-k routed mixture of gated (GLU) or plain experts with stacked weights and gather matmuls.
     "moe" (1..=1) => Moe {
-        router: WeightName, "module holding the router `weight` [experts, in]";
-        experts: WeightName, "module holding stacked `gate_proj`, `up_proj` [experts, hidden, in] and `down_proj` [experts, in, hidden]";
+        router: WeightName, "module holding the router `weight` [experts + zero_experts, in]";
+        experts: WeightName, "module holding stacked `gate_proj`, `up_proj` [experts, hidden, in] and `down_proj` [experts, in, hidden] (gated), or `fc1` [experts, hidden, in] and `fc2` [experts, in, hidden] (not gated)";
         num_experts: i64, "number of experts";
         top_k: i64, "experts per token";
         hidden: i64, "an expert's intermediate width";
-        routing: Routing = Routing::SoftmaxTopk, "softmax_topk: softmax over all experts, then the top k; topk_softmax: the top k logits, then a softmax over them; sigmoid_topk: float32 sigmoid scores, then the top k";
+        routing: Routing = Routing::SoftmaxTopk, "softmax_topk: softmax over all experts, then the top k; topk_softmax: the top k logits, then a softmax over them; sigmoid_topk: float32 sigmoid scores, then the top k; sparsemixer: k rounds of the best remaining logit, weighted by its softmax over the logits within the jitter band of it";
+        jitter: f64 = 0.01, "sparsemixer: logits further than 2 jitter (relative) below the pick are left out of its softmax";
         norm_topk: bool = false, "renormalise the k scores to sum to 1";
         scale: f64 = 1.0, "factor on the routing weights (routed_scaling_factor)";
         correction_bias: bool = false, "the router has `e_score_correction_bias` [experts], added to the scores to choose experts (not to weight them)";
         groups: i64 = 1, "expert groups for group-limited routing (1: none)";
         topk_groups: i64 = 1, "groups whose experts may be chosen (the others are zeroed first)";
         group_score: GroupScore = GroupScore::Max, "a group's score: its best expert (max) or its two best summed (top2_sum)";
-        act: Act = Act::Silu, "activation of the gate projection";
+        group_fill: GroupFill = GroupFill::Zero, "the score the experts of dropped groups get before the choice (zero, or neg_inf: never chosen)";
+        act: Act = Act::Silu, "activation of the gate projection (of fc1 when not gated)";
+        gated: bool = true, "gated experts down(act(gate x) * up x); false: fc2(act(fc1 x))";
+        expert_bias: bool = false, "each stacked projection has a `bias` [experts, out]";
+        router_bias: bool = false, "the router has a `bias` [experts + zero_experts]";
+        zero_experts: i64 = 0, "identity experts after the real ones: a token routed to one adds its input times the weight";
+        limit: Option<Positive<f64>> = None, "clamped SwiGLU of gated experts: min(act(gate), limit) * clip(up, -limit, limit) (oai: the gate and up clip)";
+        glu: ExpertGlu = ExpertGlu::Plain, "plain: act(gate) * up; oai: gpt-oss's (up + 1) * gate * sigmoid(1.702 gate)";
     }
 }
 
 impl Moe {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let d = expect_flat(inputs, 0)?;
-        let (e, k, f) = (self.num_experts, self.top_k, self.hidden);
-        if e < 1 || k < 1 || k > e {
+        let (e, k, f, z) = (self.num_experts, self.top_k, self.hidden, self.zero_experts);
+        if z < 0 {
+            return Err(OpError::new(
+                "zero_experts",
+                format!("{z} zero experts: must be 0 or more"),
+            ));
+        }
+        // Routed slots: the real experts and the identity ones.
+        let slots = e + z;
+        if e < 1 || k < 1 || k > slots {
             return Err(OpError::new(
                 "top_k",
-                format!("top_k {k} must be between 1 and num_experts {e}"),
+                format!("top_k {k} must be between 1 and num_experts {e} (+ zero_experts {z})"),
             ));
         }
         let (g, tg) = (self.groups, self.topk_groups);
-        if g < 1 || e % g != 0 || tg < 1 || tg > g {
+        if g < 1 || slots % g != 0 || tg < 1 || tg > g {
             return Err(OpError::new(
                 "groups",
-                format!("{g} groups of {e} experts with {tg} kept: groups must divide the experts and 1 <= topk_groups <= groups"),
+                format!("{g} groups of {slots} experts with {tg} kept: groups must divide the experts and 1 <= topk_groups <= groups"),
+            ));
+        }
+        if !self.gated && (self.limit.is_some() || self.glu != ExpertGlu::Plain) {
+            return Err(OpError::new(
+                "gated",
+                "limit and glu apply to gated experts only",
+            ));
+        }
+        if self.routing == Routing::Sparsemixer && (g > 1 || self.correction_bias) {
+            return Err(OpError::new(
+                "routing",
+                "sparsemixer routing takes no groups and no correction bias",
             ));
         }
         let (router, experts) = (self.router.under(scope), self.experts.under(scope));
-        let mut weights = vec![
-            WeightReq::matrix("router", router.clone(), "weight", vec![e, d]),
-            WeightReq::matrix(
+        let mut weights = vec![WeightReq::matrix(
+            "router",
+            router.clone(),
+            "weight",
+            vec![slots, d],
+        )];
+        let projections: &[(&str, i64, i64)] = if self.gated {
+            &[("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)]
+        } else {
+            &[("fc1", f, d), ("fc2", d, f)]
+        };
+        for (name, out, inp) in projections {
+            let module = format!("{experts}.{name}");
+            weights.push(WeightReq::matrix(
                 "experts",
-                format!("{experts}.gate_proj"),
+                module.clone(),
                 "weight",
-                vec![e, f, d],
-            ),
-            WeightReq::matrix(
-                "experts",
-                format!("{experts}.up_proj"),
-                "weight",
-                vec![e, f, d],
-            ),
-            WeightReq::matrix(
-                "experts",
-                format!("{experts}.down_proj"),
-                "weight",
-                vec![e, d, f],
-            ),
-        ];
+                vec![e, *out, *inp],
+            ));
+            if self.expert_bias {
+                weights.push(WeightReq::dense(
+                    "expert_bias",
+                    module,
+                    "bias",
+                    vec![e, *out],
+                ));
+            }
+        }
+        if self.router_bias {
+            weights.push(WeightReq::dense(
+                "router_bias",
+                router.clone(),
+                "bias",
+                vec![slots],
+            ));
+        }
         if self.correction_bias {
             weights.push(WeightReq::dense(
                 "correction_bias",
                 router,
                 "e_score_correction_bias",
-                vec![e],
+                vec![slots],
             ));
         }
         Ok(Resolved {

@@ -1,0 +1,97 @@
+"""Golden cases of the MoE extensions (issue #23, G2): phixtral (+ its alias
+phi-msft: plain GELU experts with biases), phimoe (sparsemixer routing),
+nemotron_h (Mamba-2 / attention / relu² MLP / MoE layers by pattern, plain
+relu² experts), longcat_flash (identity experts, router bias) and step3p5
+(clamped SwiGLU)."""
+
+import numpy as np
+
+
+def _only(*types):
+    return lambda model_type, config: model_type in types
+
+
+def _wrap_moe_reference(mg):
+    """The routing of these types recomputed in numpy (float64), so the
+    seed search sees their routing margins and check_block_math their
+    blocks."""
+    original = mg.moe_reference
+
+    def moe_reference(block, model_type, config, x):
+        if model_type != "phimoe":
+            return original(block, model_type, config, x)
+        k = config["num_experts_per_tok"]
+        eps = config.get("router_jitter_noise", 0.01)
+        logits = mg._apply_linear(block["gate"], x)
+        masked = logits.copy()
+        inds, weights = [], []
+        for _ in range(k):
+            pick = masked.argmax(-1)[..., None]
+            best = np.take_along_axis(masked, pick, -1)
+            factor = np.maximum(np.abs(logits), best)
+            band = np.where((best - logits) / factor > 2 * eps, -np.inf, masked)
+            weights.append(np.take_along_axis(mg._softmax(band), pick, -1))
+            inds.append(pick)
+            np.put_along_axis(masked, pick, -np.inf, -1)
+        inds = np.concatenate(inds, -1)
+        weights = np.concatenate(weights, -1)
+        srt = np.sort(logits, -1)
+        margin = float(np.min(srt[..., -k] - srt[..., -k - 1]))
+        sw = block["switch_mlp"]
+        wg, wu, wd = (mg._dense(sw[n]) for n in ("gate_proj", "up_proj", "down_proj"))
+        hidden = mg._silu(np.einsum("btd,eid->btei", x, wg)) * np.einsum("btd,eid->btei", x, wu)
+        experts = np.einsum("btei,edi->bted", hidden, wd)
+        chosen = np.take_along_axis(experts, inds[..., None], axis=2)
+        return (chosen * weights[..., None]).sum(axis=2), {"experts": inds, "margin": margin}
+
+    mg.moe_reference = moe_reference
+
+
+def _phixtral_taps(mg):
+    """phixtral's modules: transformer.embd.wte, transformer.h.{i}.{ln,
+    mixer, moe}, lm_head.{ln, linear}."""
+    H = "transformer.h.{i}"
+
+    def T(*args, **kw):
+        return mg.Tap(*args, applies=_only("phixtral", "phi-msft"), **kw)
+    return [
+        T("transformer.embd.wte", "embed"),
+        T(f"{H}.ln", "layers.{i}.attn_norm"),
+        T(f"{H}.mixer.Wqkv", "layers.{i}.attn.qkv", detail=True),
+        T(f"{H}.mixer.out_proj", "layers.{i}.attn"),
+        T(f"{H}.moe", "layers.{i}.mlp"),
+        T(H, "layers.{i}"),
+        T("lm_head.ln", "norm"),
+    ]
+
+
+def register(mg):
+    # phixtral: its own key names (num_vocab, model_dim, ...); MHA, the MLP
+    # 4 * model_dim wide, rotary on 8 of 16 dims.
+    for t in ("phixtral", "phi-msft"):
+        mg.TYPE_UNUSED_BASE_KEYS[t] = list(mg.BASE_CONFIG)
+        mg.TYPE_DEFAULTS[t] = {"num_vocab": 256, "model_dim": 32, "num_heads": 4,
+                               "num_layers": 2, "rotary_dim": 4, "num_experts_per_tok": 2,
+                               "num_local_experts": 4}
+    # phimoe: LayerNorms (eps rms_norm_eps), biased q/k/v/o and head;
+    # 4 experts top-2 by sparsemixer; plain rope (rope_scaling null).
+    mg.TYPE_DEFAULTS["phimoe"] = {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                  "intermediate_size": 32, "router_jitter_noise": 0.01,
+                                  "rope_scaling": None}
+    mg.CASES += [
+        {"name": "phixtral", "model_type": "phixtral", "config": {}, "seed": 2},
+        # phi-msft (phixtral's alias) with one expert per token.
+        {"name": "phi-msft", "model_type": "phi-msft", "config": {"num_experts_per_tok": 1},
+         "seed": 5},
+        {"name": "phimoe", "model_type": "phimoe", "config": {}, "seed": 1},
+        # SuScaledRoPE: long factors and long_mscale (the short ones unused).
+        {"name": "phimoe_longrope", "model_type": "phimoe",
+         "config": {"original_max_position_embeddings": 128,
+                    "rope_scaling": {"type": "longrope",
+                                     "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+                                     "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                     "short_mscale": 1.1, "long_mscale": 1.25}}},
+    ]
+    logits = next(k for k, row in enumerate(mg.TAPS) if row.module == "" and row.name == "logits")
+    mg.TAPS[logits:logits] = _phixtral_taps(mg)
+    _wrap_moe_reference(mg)
