@@ -523,9 +523,9 @@ impl Parser {
 }
 
 /// Functions callable from expressions.
-pub const FUNCTIONS: [&str; 14] = [
+pub const FUNCTIONS: [&str; 15] = [
     "min", "max", "abs", "int", "float", "sqrt", "log", "exp", "len", "get", "floor", "ceil",
-    "bf16", "set",
+    "bf16", "set", "pick",
 ];
 
 impl Expr {
@@ -849,6 +849,21 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 v => Err(format!("len() of {}", v.type_name())),
             }
         }
+        "pick" => {
+            // One value for every layer, or a list with one per layer.
+            arity(2)?;
+            match (&args[0], &args[1]) {
+                (Value::List(l), Value::Int(k)) => usize::try_from(*k)
+                    .ok()
+                    .and_then(|k| l.get(k).cloned())
+                    .ok_or_else(|| format!("pick: index {k} of a list of {}", l.len())),
+                (Value::List(_), k) => Err(format!(
+                    "pick(list, {}): the index must be an int",
+                    k.type_name()
+                )),
+                (v, _) => Ok(v.clone()),
+            }
+        }
         "get" => {
             if args.len() != 3 {
                 return Err("get(map, key, default) takes 3 arguments".into());
@@ -943,6 +958,13 @@ mod tests {
         assert_eq!(eval("bf16(8)"), Value::Float(8.0));
         assert_eq!(eval("set(scaling, 'factor', 2).factor"), Value::Int(2));
         assert_eq!(eval("set(null, 'k', 'v').k"), Value::Str("v".into()));
+        // One value for all layers, or one per layer.
+        assert_eq!(eval("pick([4, 8], 1)"), Value::Int(8));
+        assert_eq!(eval("pick(3, 1)"), Value::Int(3));
+        let err = Expr::parse("pick([4], 2)")
+            .and_then(|e| e.eval(&IndexMap::<String, Value>::new()))
+            .expect_err("out of range");
+        assert!(err.contains("index 2 of a list of 1"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 """Golden cases of cross-layer dataflow: nanbeige (the layer stack looped
-with shared weights).
+with shared weights), hunyuan (cross-layer attention: layers reuse an
+earlier layer's keys and values).
 
 Registered last (file-name order): a looped stack calls each mlx-lm layer
 module more than once, so per-layer taps, which bind one call of one
@@ -9,10 +10,15 @@ are what the cases check.
 import dataclasses
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige"}
+OWN_LAYOUT = {"nanbeige", "hunyuan"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
+    "hunyuan": {"attention_bias": False, "moe_topk": 2, "num_experts": 4,
+                "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True,
+                "use_cla": True, "cla_share_factor": 2, "moe_intermediate_size": 32,
+                "rope_scaling": {"alpha": 1000.0, "factor": 1.0, "type": "dynamic"},
+                "tie_word_embeddings": True},
 }
 
 CASES = [
@@ -22,6 +28,18 @@ CASES = [
     # Three loops given as per-loop loss weights, no norm between loops.
     {"name": "nanbeige_loss_weights", "model_type": "nanbeige",
      "config": {"loop_loss_weights": [0.5, 0.5], "skip_loop_final_norm": True}, "seed": 1},
+    # Layer 0 projects keys and values, layer 1 reuses them; softmax top-2
+    # of 4 experts beside a shared MLP.
+    {"name": "hunyuan", "model_type": "hunyuan", "config": {"intermediate_size": 32}},
+    # Three layers sharing one projection (factor 3), per-layer lists of
+    # top-k, shared-MLP multiples and expert widths.
+    {"name": "hunyuan_lists", "model_type": "hunyuan",
+     "config": {"num_hidden_layers": 3, "cla_share_factor": 3, "moe_topk": [1, 2, 3],
+                "intermediate_size": 16,
+                "num_shared_expert": [1, 2, 1], "moe_intermediate_size": [32, 16, 48]}},
+    # No cross-layer attention and one expert: a dense MLP per layer.
+    {"name": "hunyuan_dense", "model_type": "hunyuan",
+     "config": {"use_cla": False, "num_experts": 1, "use_mixed_mlp_moe": False}, "seed": 1},
 ]
 
 
