@@ -11,79 +11,294 @@ use lmspec::lm::tune::{self, Features, Optimizer, Schedule, TrainEvent, TrainPar
 
 #[derive(Debug, clap::Args)]
 pub struct LoraArgs {
+    /// mlx-lm's YAML config (`-c lora_config.yaml`): its keys as the
+    /// options below (`lora_parameters`, `optimizer_config`,
+    /// `lr_schedule`); options given here win.
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
     /// Model directory, .gguf file, hub id or installed model's name
     /// (default: the default chat model).
     #[arg(long)]
     model: Option<String>,
     /// Folder with train.jsonl, valid.jsonl (and test.jsonl).
     #[arg(long)]
-    data: PathBuf,
-    /// lora or dora.
-    #[arg(long, default_value = "lora")]
-    fine_tune_type: String,
-    /// adam, adamw or sgd.
-    #[arg(long, default_value = "adam")]
-    optimizer: String,
+    data: Option<PathBuf>,
+    /// lora (default) or dora.
+    #[arg(long)]
+    fine_tune_type: Option<String>,
+    /// adam (default), adamw or sgd.
+    #[arg(long)]
+    optimizer: Option<String>,
     /// The optimizer's settings as JSON, e.g. '{"weight_decay": 0.1}'.
     #[arg(long)]
     optimizer_config: Option<String>,
     /// Leave the prompt out of the loss (completions and chat data).
     #[arg(long)]
     mask_prompt: bool,
-    /// Layers (from the last) that take adapters; -1: all.
-    #[arg(long, default_value_t = 16, allow_negative_numbers = true)]
-    num_layers: i64,
-    #[arg(long, default_value_t = 8)]
-    rank: i32,
-    #[arg(long, default_value_t = 20.0)]
-    scale: f32,
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f32,
+    /// Layers (from the last) that take adapters; -1: all (default 16).
+    #[arg(long, allow_negative_numbers = true)]
+    num_layers: Option<i64>,
+    /// Adapter rank (default 8).
+    #[arg(long)]
+    rank: Option<i32>,
+    /// Scale of the low-rank update (default 20).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Dropout on the adapter's input while training (default 0).
+    #[arg(long)]
+    dropout: Option<f32>,
     /// Only these linear layers (names within a layer, e.g.
     /// self_attn.q_proj); default: all of them.
     #[arg(long, value_delimiter = ',')]
     keys: Vec<String>,
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1000)]
-    iters: u64,
-    /// Validation batches per evaluation; -1: the whole set.
-    #[arg(long, default_value_t = 25, allow_negative_numbers = true)]
-    val_batches: i64,
-    #[arg(long, default_value_t = 1e-5)]
-    learning_rate: f64,
+    /// Default 4.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Default 1000.
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Validation batches per evaluation; -1: the whole set (default 25).
+    #[arg(long, allow_negative_numbers = true)]
+    val_batches: Option<i64>,
+    /// Default 1e-5.
+    #[arg(long)]
+    learning_rate: Option<f64>,
     /// A schedule as mlx-lm writes it, JSON: '{"name": "cosine_decay",
     /// "arguments": [1e-5, 1000], "warmup": 100}'.
     #[arg(long)]
     lr_schedule: Option<String>,
-    #[arg(long, default_value_t = 10)]
-    steps_per_report: u64,
-    #[arg(long, default_value_t = 200)]
-    steps_per_eval: u64,
-    #[arg(long, default_value_t = 1)]
-    grad_accumulation_steps: u64,
+    /// Default 10.
+    #[arg(long)]
+    steps_per_report: Option<u64>,
+    /// Default 200.
+    #[arg(long)]
+    steps_per_eval: Option<u64>,
+    /// Default 1.
+    #[arg(long)]
+    grad_accumulation_steps: Option<u64>,
     /// Start from these adapter weights (an adapters.safetensors).
     #[arg(long)]
     resume_adapter_file: Option<PathBuf>,
-    /// Where the adapter is saved.
-    #[arg(long, default_value = "adapters")]
-    adapter_path: PathBuf,
-    #[arg(long, default_value_t = 100)]
-    save_every: u64,
+    /// Where the adapter is saved (default: adapters).
+    #[arg(long)]
+    adapter_path: Option<PathBuf>,
+    /// Default 100.
+    #[arg(long)]
+    save_every: Option<u64>,
     /// Report the test set's loss and perplexity after training.
     #[arg(long)]
     test: bool,
-    #[arg(long, default_value_t = 500, allow_negative_numbers = true)]
-    test_batches: i64,
-    #[arg(long, default_value_t = 2048)]
-    max_seq_length: usize,
-    /// Seed of the adapter's initialisation and the batch order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Default 500; -1: the whole set.
+    #[arg(long, allow_negative_numbers = true)]
+    test_batches: Option<i64>,
+    /// Default 2048.
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    /// Seed of the adapter's initialisation and the batch order (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
     /// How quantized weights run: auto (dense on the CPU when memory
-    /// allows), quantized (QLoRA on the stored weights) or dense.
-    #[arg(long, default_value = "auto")]
+    /// allows; the default), quantized (QLoRA on the stored weights) or
+    /// dense.
+    #[arg(long)]
+    weights: Option<String>,
+}
+
+/// The settings of a run: the command line, else the config file, else
+/// mlx-lm's defaults.
+struct Settings {
+    model: Option<String>,
+    data: PathBuf,
+    fine_tune_type: String,
+    optimizer: String,
+    optimizer_config: serde_json::Value,
+    mask_prompt: bool,
+    num_layers: i64,
+    rank: i32,
+    scale: f32,
+    dropout: f32,
+    keys: Option<Vec<String>>,
+    batch_size: usize,
+    iters: u64,
+    val_batches: i64,
+    learning_rate: f64,
+    lr_schedule: serde_json::Value,
+    steps_per_report: u64,
+    steps_per_eval: u64,
+    grad_accumulation_steps: u64,
+    resume_adapter_file: Option<PathBuf>,
+    adapter_path: PathBuf,
+    save_every: u64,
+    test: bool,
+    test_batches: i64,
+    max_seq_length: usize,
+    seed: u64,
     weights: String,
+}
+
+/// mlx-lm config keys lmspec reads; others are reported and ignored.
+const CONFIG_KEYS: &[&str] = &[
+    "model",
+    "train",
+    "data",
+    "fine_tune_type",
+    "optimizer",
+    "optimizer_config",
+    "mask_prompt",
+    "num_layers",
+    "batch_size",
+    "iters",
+    "val_batches",
+    "learning_rate",
+    "steps_per_report",
+    "steps_per_eval",
+    "resume_adapter_file",
+    "adapter_path",
+    "save_every",
+    "test",
+    "test_batches",
+    "max_seq_length",
+    "grad_accumulation_steps",
+    "lr_schedule",
+    "lora_parameters",
+    "seed",
+    "weights",
+    "grad_checkpoint",
+];
+
+fn read_config(file: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: not valid YAML", file.display()))?;
+    let json = serde_json::to_value(yaml)
+        .with_context(|| format!("{}: not a plain YAML mapping", file.display()))?;
+    match json {
+        serde_json::Value::Object(map) => Ok(map),
+        serde_json::Value::Null => Ok(serde_json::Map::new()),
+        _ => bail!("{}: expected a mapping of options", file.display()),
+    }
+}
+
+impl LoraArgs {
+    fn settings(&self) -> Result<Settings> {
+        let map = match &self.config {
+            Some(f) => read_config(f)?,
+            None => serde_json::Map::new(),
+        };
+        let file = self.config.as_deref().unwrap_or(Path::new("-c"));
+        for k in map.keys() {
+            if !CONFIG_KEYS.contains(&k.as_str()) {
+                eprintln!(
+                    "{}: {k}: not an option lmspec reads; ignored",
+                    file.display()
+                );
+            }
+        }
+        if map.get("grad_checkpoint").and_then(|v| v.as_bool()) == Some(true) {
+            bail!(
+                "{}: grad_checkpoint: not supported by lmspec",
+                file.display()
+            );
+        }
+        let lp = map.get("lora_parameters").cloned().unwrap_or_default();
+        fn get<T: serde::de::DeserializeOwned>(
+            file: &Path,
+            v: Option<&serde_json::Value>,
+            key: &str,
+        ) -> Result<Option<T>> {
+            match v {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map(Some)
+                    .with_context(|| format!("{}: {key}: {v} has the wrong type", file.display())),
+            }
+        }
+        let cfg = |key: &str| map.get(key);
+        macro_rules! pick {
+            ($cli:expr, $key:expr, $default:expr) => {
+                match $cli.clone() {
+                    Some(v) => v,
+                    None => get(file, cfg($key), $key)?.unwrap_or($default),
+                }
+            };
+        }
+        macro_rules! pick_lp {
+            ($cli:expr, $key:expr, $default:expr) => {
+                match $cli.clone() {
+                    Some(v) => v,
+                    None => get(file, lp.get($key), &format!("lora_parameters.{}", $key))?
+                        .unwrap_or($default),
+                }
+            };
+        }
+        let optimizer: String = pick!(self.optimizer, "optimizer", "adam".to_string());
+        let optimizer_config = match &self.optimizer_config {
+            Some(_) => parse_json("--optimizer-config", &self.optimizer_config)?,
+            // mlx-lm's config keys the settings by optimizer name.
+            None => cfg("optimizer_config")
+                .and_then(|o| o.get(optimizer.to_lowercase()))
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+        };
+        let lr_schedule = match &self.lr_schedule {
+            Some(_) => parse_json("--lr-schedule", &self.lr_schedule)?,
+            None => cfg("lr_schedule")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+        };
+        let keys = if self.keys.is_empty() {
+            get::<Vec<String>>(file, lp.get("keys"), "lora_parameters.keys")?
+        } else {
+            Some(self.keys.clone())
+        };
+        let flag = |cli: bool, key: &str| -> Result<bool> {
+            Ok(cli || get::<bool>(file, cfg(key), key)?.unwrap_or(false))
+        };
+        Ok(Settings {
+            model: match &self.model {
+                Some(m) => Some(m.clone()),
+                None => get(file, cfg("model"), "model")?,
+            },
+            data: match &self.data {
+                Some(d) => d.clone(),
+                None => get(file, cfg("data"), "data")?.ok_or_else(|| {
+                    anyhow!("--data: a folder with train.jsonl and valid.jsonl is needed")
+                })?,
+            },
+            fine_tune_type: pick!(self.fine_tune_type, "fine_tune_type", "lora".to_string()),
+            optimizer,
+            optimizer_config,
+            mask_prompt: flag(self.mask_prompt, "mask_prompt")?,
+            num_layers: pick!(self.num_layers, "num_layers", 16),
+            rank: pick_lp!(self.rank, "rank", 8),
+            scale: pick_lp!(self.scale, "scale", 20.0),
+            dropout: pick_lp!(self.dropout, "dropout", 0.0),
+            keys,
+            batch_size: pick!(self.batch_size, "batch_size", 4),
+            iters: pick!(self.iters, "iters", 1000),
+            val_batches: pick!(self.val_batches, "val_batches", 25),
+            learning_rate: pick!(self.learning_rate, "learning_rate", 1e-5),
+            lr_schedule,
+            steps_per_report: pick!(self.steps_per_report, "steps_per_report", 10),
+            steps_per_eval: pick!(self.steps_per_eval, "steps_per_eval", 200),
+            grad_accumulation_steps: pick!(
+                self.grad_accumulation_steps,
+                "grad_accumulation_steps",
+                1
+            ),
+            resume_adapter_file: match &self.resume_adapter_file {
+                Some(f) => Some(f.clone()),
+                None => get(file, cfg("resume_adapter_file"), "resume_adapter_file")?,
+            },
+            adapter_path: pick!(self.adapter_path, "adapter_path", PathBuf::from("adapters")),
+            save_every: pick!(self.save_every, "save_every", 100),
+            test: flag(self.test, "test")?,
+            test_batches: pick!(self.test_batches, "test_batches", 500),
+            max_seq_length: pick!(self.max_seq_length, "max_seq_length", 2048),
+            seed: pick!(self.seed, "seed", 0),
+            weights: pick!(self.weights, "weights", "auto".to_string()),
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,23 +334,24 @@ pub fn lora(
     specs: &Option<PathBuf>,
     gguf_file: &Option<String>,
 ) -> Result<ExitCode> {
-    let kind = AdapterKind::parse(&args.fine_tune_type)
-        .ok_or_else(|| anyhow!("--fine-tune-type must be lora or dora"))?;
-    let optimizer = Optimizer::from_name(
-        &args.optimizer,
-        &parse_json("--optimizer-config", &args.optimizer_config)?,
-    )
-    .map_err(|e| anyhow!("--optimizer-config: {e}"))?;
+    let args = args.settings()?;
+    let kind = AdapterKind::parse(&args.fine_tune_type).ok_or_else(|| {
+        anyhow!(
+            "fine_tune_type must be lora or dora, not {}",
+            args.fine_tune_type
+        )
+    })?;
+    let optimizer = Optimizer::from_name(&args.optimizer.to_lowercase(), &args.optimizer_config)
+        .map_err(|e| anyhow!("optimizer_config: {e}"))?;
     let schedule = match &args.lr_schedule {
-        None => Schedule::Constant(args.learning_rate as f32),
-        Some(_) => Schedule::from_json(&parse_json("--lr-schedule", &args.lr_schedule)?)
-            .map_err(|e| anyhow!("--lr-schedule: {e}"))?,
+        serde_json::Value::Null => Schedule::Constant(args.learning_rate as f32),
+        s => Schedule::from_json(s).map_err(|e| anyhow!("lr_schedule: {e}"))?,
     };
     if args.rank < 1 {
-        bail!("--rank must be at least 1");
+        bail!("rank must be at least 1");
     }
     if !(0.0..1.0).contains(&args.dropout) {
-        bail!("--dropout must be in [0, 1)");
+        bail!("dropout must be in [0, 1)");
     }
     let config = AdapterConfig {
         kind,
@@ -143,7 +359,7 @@ pub fn lora(
         scale: args.scale,
         dropout: args.dropout,
         num_layers: args.num_layers,
-        keys: (!args.keys.is_empty()).then(|| args.keys.clone()),
+        keys: args.keys.clone(),
     };
     let source = AdapterSource::New {
         config,
@@ -186,11 +402,13 @@ pub fn lora(
         "model": args.model,
         "data": args.data,
         "optimizer": args.optimizer,
+        "optimizer_config": args.optimizer_config,
         "learning_rate": args.learning_rate,
-        "lr_schedule": parse_json("--lr-schedule", &args.lr_schedule)?,
+        "lr_schedule": args.lr_schedule,
         "batch_size": args.batch_size,
         "iters": args.iters,
         "max_seq_length": args.max_seq_length,
+        "grad_accumulation_steps": args.grad_accumulation_steps,
         "mask_prompt": args.mask_prompt,
         "seed": args.seed,
         "trainer": "lmspec",

@@ -594,6 +594,39 @@ fn lora_cli_trains_a_real_model_and_generate_loads_the_adapter() {
     assert_eq!(config["lora_parameters"]["rank"], 2);
     let svg = std::fs::read_to_string(ad.join("loss_curve.svg")).expect("svg");
     assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
+    // mlx-lm's YAML config, resuming from the adapter just trained.
+    let ad2 = tmp.path().join("ad2");
+    let yaml = format!(
+        "data: {}\niters: 1\nbatch_size: 2\nnum_layers: 1\nval_batches: 1\nadapter_path: {}\noptimizer: adamw\noptimizer_config:\n  adamw:\n    weight_decay: 0.1\nlora_parameters:\n  rank: 2\n  scale: 20.0\n  dropout: 0.0\n",
+        data.display(),
+        ad2.display()
+    );
+    write(tmp.path(), "lora.yaml", &yaml);
+    let resume = ad.join("adapters.safetensors");
+    let config = tmp.path().join("lora.yaml");
+    let model = smollm2();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["lora", "--model", model.to_str().expect("path")];
+        a.extend(["-c", config.to_str().expect("path")]);
+        a.extend(["--resume-adapter-file", resume.to_str().expect("path")]);
+        a.extend(extra);
+        lmspec(&a)
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Loading fine-tuned weights"), "{err}");
+    let config2 = read_json(&ad2.join("adapter_config.json"));
+    assert_eq!(config2["optimizer"], "adamw");
+    assert_eq!(config2["optimizer_config"]["weight_decay"], 0.1);
+    // The command line wins over the file: rank 3 does not fit the weights.
+    let out = run(&["--rank", "3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("lora_a has shape [576, 2], the adapter [576, 3]"),
+        "{err}"
+    );
     let out = lmspec(&[
         "generate",
         "--model",
