@@ -16,6 +16,7 @@ pub static CHOICES: &[(&str, &[&str])] = &[
     ("act", crate::ops::Act::SPELLINGS),
     ("routing", crate::ops::Routing::SPELLINGS),
     ("group_score", crate::ops::GroupScore::SPELLINGS),
+    ("gqa", crate::ops::Gqa::SPELLINGS),
 ];
 
 /// Value types of config bindings and op parameters.

@@ -5,17 +5,100 @@
 //! key-padding mask and a KV cache slot. Non-causal attention (encoders)
 //! sees every key, or with `window` a band around the query, and keeps no
 //! cache. With `softcap` the scores are
-//! computed explicitly and capped with `tanh` before the softmax.
-use lmspec_spec::ops::Attention;
+//! computed explicitly and capped with `tanh` before the softmax. Learned
+//! sink logits join every softmax's denominator; with `gqa: tiled` query
+//! head h reads key/value head h mod Hkv (the query heads are reordered
+//! into groups around the call and back after it).
+use lmspec_spec::ops::{Attention, Gqa, Layout, OpError};
 use mlx_rs::error::Exception;
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::Array;
 
-use super::{Ctx, Op};
+use super::{Build, Ctx, Op, Weights};
 use crate::cache::{causal_mask, KvView, Mask};
 
-impl Op for Attention {
+impl Build for Attention {
+    fn build(&self, inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let sinks = if self.sinks {
+            Some(w.dense("sinks")?)
+        } else {
+            None
+        };
+        let heads = |k: usize| inputs.get(k).and_then(|l| l.heads).unwrap_or(1) as i32;
+        let (hq, hkv) = (heads(0), heads(1));
+        let tiled = self.gqa == Gqa::Tiled && hq != hkv;
+        // Tiled: grouped query head g·rep + r is original head r·Hkv + g,
+        // so the sinks follow the same order.
+        let sinks = match (sinks, tiled) {
+            (Some(s), true) => Some(
+                regroup(
+                    &s.reshape(&[1, hq, 1, 1]).map_err(super::mlx_err("sinks"))?,
+                    hkv,
+                    false,
+                )
+                .and_then(|a| a.reshape(&[hq]))
+                .map_err(super::mlx_err("sinks"))?,
+            ),
+            (s, _) => s,
+        };
+        Ok(Box::new(AttentionOp {
+            config: self.clone(),
+            sinks,
+            tiled_kv_heads: tiled.then_some(hkv),
+        }))
+    }
+}
+
+/// A built attention node: its config, its sink logits (in the order of the
+/// query heads as attention sees them) and, for tiled GQA, the key/value
+/// head count.
+#[derive(Debug)]
+struct AttentionOp {
+    config: Attention,
+    sinks: Option<Array>,
+    tiled_kv_heads: Option<i32>,
+}
+
+/// Reorders the heads of `[B, H, T, D]`: `to_groups` takes head r·Hkv + g
+/// (tiled) to g·rep + r (grouped); the inverse otherwise.
+fn regroup(x: &Array, hkv: i32, to_groups: bool) -> Result<Array, Exception> {
+    let s = x.shape().to_vec();
+    let rep = s[1] / hkv;
+    let split = if to_groups { [rep, hkv] } else { [hkv, rep] };
+    x.reshape(&[s[0], split[0], split[1], s[2], s[3]])?
+        .swap_axes(1, 2)?
+        .reshape(&s)
+}
+
+impl Op for AttentionOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let Some(hkv) = self.tiled_kv_heads else {
+            return self.config.attend(inputs, ctx, self.sinks.as_ref());
+        };
+        let q = regroup(inputs[0], hkv, true)?;
+        let out = self
+            .config
+            .attend(&[&q, inputs[1], inputs[2]], ctx, self.sinks.as_ref())?;
+        regroup(&out, hkv, false)
+    }
+}
+
+trait Attend {
+    fn attend(
+        &self,
+        inputs: &[&Array],
+        ctx: &mut Ctx<'_>,
+        sinks: Option<&Array>,
+    ) -> Result<Array, Exception>;
+}
+
+impl Attend for Attention {
+    fn attend(
+        &self,
+        inputs: &[&Array],
+        ctx: &mut Ctx<'_>,
+        sinks: Option<&Array>,
+    ) -> Result<Array, Exception> {
         let scale = self.scale as f32;
         let softcap = self.softcap.map(|c| c.0 as f32);
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
@@ -54,11 +137,11 @@ impl Op for Attention {
                     Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
                     Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
                 };
-                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, scale, m, None)
+                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, scale, m, sinks)
             }
             KvView::Dense(k, v) => {
                 let hkv = k.shape()[1];
-                explicit_attention(q, &k, &v, hkv, scale, softcap, &mask)
+                explicit_attention(q, &k, &v, hkv, scale, softcap, sinks, &mask)
             }
             KvView::Quantized {
                 keys,
@@ -73,7 +156,7 @@ impl Op for Attention {
                     bits,
                 };
                 let (keys, values) = (wrap(keys), wrap(values));
-                explicit_attention(q, &keys, &values, hkv, scale, softcap, &mask)
+                explicit_attention(q, &keys, &values, hkv, scale, softcap, sinks, &mask)
             }
         }
     }
@@ -151,7 +234,8 @@ impl KvOperand for QuantizedKv {
 
 /// Attention with the scores materialised (mlx-lm's explicit paths): scale
 /// q, `q kᵀ` per key/value group, optional `tanh` cap, mask, precise
-/// softmax, `· v`.
+/// softmax (with a sink column in front when there are sinks), `· v`.
+#[allow(clippy::too_many_arguments)]
 fn explicit_attention<K: KvOperand>(
     q: &Array,
     keys: &K,
@@ -159,6 +243,7 @@ fn explicit_attention<K: KvOperand>(
     hkv: i32,
     scale: f32,
     softcap: Option<f32>,
+    sinks: Option<&Array>,
     mask: &Mask,
 ) -> Result<Array, Exception> {
     let s = q.shape().to_vec();
@@ -187,7 +272,28 @@ fn explicit_attention<K: KvOperand>(
         let floor = Array::from_f32(f32::MIN).as_dtype(scores.dtype())?;
         scores = mlx_rs::ops::select(&m, &scores, &floor)?;
     }
-    let probs = mlx_rs::ops::softmax_axis(&scores, -1, true)?;
+    let probs = match sinks {
+        None => mlx_rs::ops::softmax_axis(&scores, -1, true)?,
+        Some(sinks) => {
+            // One sink logit per query head, in front of each row of scores.
+            let mut shape = scores.shape().to_vec();
+            let mut head_shape = vec![1; shape.len()];
+            let heads_axes = shape.len() - 3;
+            if repeats > 1 {
+                head_shape[heads_axes - 1] = hkv;
+                head_shape[heads_axes] = repeats;
+            } else {
+                head_shape[heads_axes] = hq;
+            }
+            let column = sinks.reshape(&head_shape)?.as_dtype(scores.dtype())?;
+            *shape.last_mut().unwrap_or(&mut 0) = 1;
+            let column = mlx_rs::ops::broadcast_to(&column, &shape)?;
+            let joined = mlx_rs::ops::concatenate(&[&column, &scores], -1)?;
+            let p = mlx_rs::ops::softmax_axis(&joined, -1, true)?;
+            let mut parts = p.split_at_indices(&[1], -1)?;
+            parts.pop().unwrap_or(p)
+        }
+    };
     let out = values.matmul(&probs, false)?;
     if repeats > 1 {
         out.reshape(&[b, hq, l, -1])

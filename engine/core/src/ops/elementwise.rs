@@ -1,6 +1,6 @@
 //! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
 //! gated `glu`.
-use lmspec_spec::ops::{Act, Activation, Add, Glu, Mul, Scale, Softcap};
+use lmspec_spec::ops::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -52,6 +52,7 @@ pub(crate) fn activate(act: Act, x: &Array) -> Result<Array, Exception> {
         Act::Relu2 => mlx_rs::ops::square(mlx_rs::nn::relu(x)?),
         Act::Sigmoid => mlx_rs::ops::sigmoid(x),
         Act::Tanh => mlx_rs::ops::tanh(x),
+        Act::Softplus => mlx_rs::nn::softplus(x),
     }
 }
 
@@ -91,4 +92,19 @@ fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
             slot.get_or_insert_with(|| Box::new(mlx_rs::transforms::compile::compile(f, true)));
         call((gate, up))
     })
+}
+
+impl Op for Clamp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let x = inputs[0];
+        let bound = |b: f64| Array::from_f32(b as f32).as_dtype(x.dtype());
+        let low = match self.min {
+            Some(lo) => mlx_rs::ops::maximum(x, bound(lo)?)?,
+            None => x.clone(),
+        };
+        match self.max {
+            Some(hi) => mlx_rs::ops::minimum(&low, bound(hi)?),
+            None => Ok(low),
+        }
+    }
 }

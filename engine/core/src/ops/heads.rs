@@ -1,5 +1,6 @@
-//! `split_heads` ([B, T, H*D] -> [B, H, T, D]) and `merge_heads` (inverse).
-use lmspec_spec::ops::{MergeHeads, SplitHeads};
+//! `split_heads` ([B, T, H*D] -> [B, H, T, D]), `merge_heads` (inverse) and
+//! `repeat_heads`.
+use lmspec_spec::ops::{MergeHeads, RepeatHeads, SplitHeads};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -28,5 +29,20 @@ impl Op for MergeHeads {
             return x.reshape(&[s[0], 1, -1]);
         }
         x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[s[0], s[2], -1])
+    }
+}
+
+impl Op for RepeatHeads {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let x = inputs[0];
+        let times = self.times as i32;
+        if times == 1 {
+            return Ok(x.clone());
+        }
+        // [B, H, T, D] -> [B, H, times, T, D] -> [B, H * times, T, D].
+        let s = x.shape().to_vec();
+        let expanded =
+            mlx_rs::ops::broadcast_to(x.expand_dims(2)?, &[s[0], s[1], times, s[2], s[3]])?;
+        expanded.reshape(&[s[0], s[1] * times, s[2], s[3]])
     }
 }

@@ -9,8 +9,8 @@ use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
 use crate::cache::CacheState;
-pub(crate) use linear::apply as linear_apply;
 pub use crate::weights::{Param, Weights};
+pub(crate) use linear::apply as linear_apply;
 
 mod attention;
 mod conv;
@@ -18,11 +18,14 @@ mod delta;
 mod elementwise;
 mod embedding;
 mod heads;
+mod learned;
 mod linear;
 mod moe;
 #[cfg(test)]
 mod moe_tests;
 mod norm;
+#[cfg(test)]
+mod option_tests;
 pub mod rope;
 mod slice;
 mod ssm;
@@ -68,14 +71,19 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Mul(c) => Ok(Box::new(c.clone())),
         OpConfig::Scale(c) => Ok(Box::new(c.clone())),
         OpConfig::Softcap(c) => Ok(Box::new(c.clone())),
+        OpConfig::Clamp(c) => Ok(Box::new(c.clone())),
         OpConfig::Activation(c) => Ok(Box::new(c.clone())),
         OpConfig::Glu(c) => Ok(Box::new(c.clone())),
+        OpConfig::Gain(c) => c.build(inputs, w),
+        OpConfig::Xielu(c) => c.build(inputs, w),
         OpConfig::SplitHeads(c) => Ok(Box::new(c.clone())),
         OpConfig::MergeHeads(c) => Ok(Box::new(c.clone())),
+        OpConfig::RepeatHeads(c) => Ok(Box::new(c.clone())),
         OpConfig::Slice(c) => Ok(Box::new(c.clone())),
         OpConfig::Concat(c) => c.build(inputs, w),
         OpConfig::Rope(c) => c.build(inputs, w),
-        OpConfig::Attention(c) => Ok(Box::new(c.clone())),
+        OpConfig::PositionScale(c) => Ok(Box::new(c.clone())),
+        OpConfig::Attention(c) => c.build(inputs, w),
         OpConfig::Moe(c) => c.build(inputs, w),
         OpConfig::ShortConv(c) => c.build(inputs, w),
         OpConfig::Ssm(c) => c.build(inputs, w),

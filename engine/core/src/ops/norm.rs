@@ -1,40 +1,70 @@
-//! Normalisations: `rms_norm` (`fast::rms_norm`, optional `1 + w` offset)
-//! and `layer_norm` (`fast::layer_norm`, optional bias).
+//! Normalisations: `rms_norm` (`fast::rms_norm`, optional `1 + w` offset,
+//! optional groups) and `layer_norm` (`fast::layer_norm`, optional bias and
+//! offset); either without a weight normalises only.
 use lmspec_spec::ops::{LayerNorm, Layout, OpError, RmsNorm};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
 
+/// `weight + offset`, the scale a norm applies.
+fn with_offset(weight: Array, offset: f64) -> Result<Array, OpError> {
+    if offset == 0.0 {
+        return Ok(weight);
+    }
+    mlx_rs::ops::add(&weight, Array::from_f32(offset as f32)).map_err(mlx_err("offset"))
+}
+
 impl Build for RmsNorm {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let mut weight = w.dense("weight")?;
-        if self.offset != 0.0 {
-            weight = mlx_rs::ops::add(&weight, Array::from_f32(self.offset as f32))
-                .map_err(mlx_err("offset"))?;
-        }
+        let weight = match self.weight {
+            Some(_) => Some(with_offset(w.dense("weight")?, self.offset)?),
+            None => None,
+        };
         Ok(Box::new(RmsNormOp {
             weight,
             eps: self.eps as f32,
+            groups: self.groups as i32,
         }))
     }
 }
 
 #[derive(Debug)]
 struct RmsNormOp {
-    weight: Array,
+    weight: Option<Array>,
     eps: f32,
+    groups: i32,
 }
 
 impl Op for RmsNormOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        mlx_rs::fast::rms_norm(inputs[0], Some(&self.weight), self.eps)
+        let x = inputs[0];
+        if self.groups <= 1 {
+            return mlx_rs::fast::rms_norm(x, self.weight.as_ref(), self.eps);
+        }
+        // Each group of the last axis normalised on its own, then the
+        // weight over the whole axis.
+        let shape = x.shape().to_vec();
+        let mut grouped = shape.clone();
+        let last = grouped.pop().unwrap_or(0);
+        grouped.extend([self.groups, last / self.groups]);
+        let normed =
+            mlx_rs::fast::rms_norm(x.reshape(&grouped)?, None, self.eps)?.reshape(&shape)?;
+        match &self.weight {
+            Some(wt) => mlx_rs::ops::multiply(&normed, wt),
+            None => Ok(normed),
+        }
     }
 }
 
 impl Build for LayerNorm {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let weight = w.dense("weight")?;
+        if self.weight.is_none() {
+            return Ok(Box::new(WeightlessLayerNormOp {
+                eps: self.eps as f32,
+            }));
+        }
+        let weight = with_offset(w.dense("weight")?, self.offset)?;
         if self.per_head {
             // [heads, dim] -> [heads, 1, dim]: one row per head of [B, H, T, dim].
             let s = weight.shape().to_vec();
@@ -78,5 +108,17 @@ impl Op for PerHeadLayerNormOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let normed = mlx_rs::fast::layer_norm(inputs[0], None, None, self.eps)?;
         mlx_rs::ops::multiply(&normed, &self.weight)
+    }
+}
+
+/// Layer normalisation alone (no weight, no bias).
+#[derive(Debug)]
+struct WeightlessLayerNormOp {
+    eps: f32,
+}
+
+impl Op for WeightlessLayerNormOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        mlx_rs::fast::layer_norm(inputs[0], None, None, self.eps)
     }
 }

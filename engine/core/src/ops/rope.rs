@@ -2,7 +2,7 @@
 //! variants of HF `rope_scaling` (default, linear, dynamic NTK, llama3, yarn,
 //! longrope, proportional), traditional or half-split rotation, and partial
 //! rotary (`dims` < head size). Positions start at the cache offset.
-use lmspec_spec::ops::{Layout, OpError, Rope, RopeScaling};
+use lmspec_spec::ops::{Layout, OpError, PositionScale, Rope, RopeScaling};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -88,4 +88,32 @@ fn scale_leading(x: &Array, dims: i32, s: f32) -> Result<Array, Exception> {
     let parts = x.split_at_indices(&[dims], -1)?;
     let head = mlx_rs::ops::multiply(&parts[0], &s)?;
     mlx_rs::ops::concatenate(&[&head, &parts[1]], -1)
+}
+
+impl Op for PositionScale {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let x = inputs[0];
+        let nd = x.ndim();
+        let t = x.shape()[nd - 2];
+        let (beta, period) = (self.beta, self.period.0 as f64);
+        // Padding in front of a batch row sits at negative positions: scale 1.
+        let factor = |p: i64| (1.0 + beta * (1.0 + (p.max(0) as f64 / period).floor()).ln()) as f32;
+        let starts: Vec<i64> = match ctx.positions {
+            Some(p) => p.host.iter().map(|&o| o as i64).collect(),
+            None => vec![ctx.offset as i64],
+        };
+        let rows = starts.len() as i32;
+        let values: Vec<f32> = starts
+            .iter()
+            .flat_map(|&o| (0..t as i64).map(move |k| factor(o + k)))
+            .collect();
+        // [rows, T] -> broadcast against [B, T, D] or [B, H, T, D].
+        let shape: Vec<i32> = if nd == 4 {
+            vec![rows, 1, t, 1]
+        } else {
+            vec![rows, t, 1]
+        };
+        let scale = Array::from_slice(&values, &shape).as_dtype(x.dtype())?;
+        mlx_rs::ops::multiply(x, &scale)
+    }
 }

@@ -1,5 +1,15 @@
 //! `attention`: scaled dot-product attention over per-head q, k, v.
-use super::{expect_heads, op, Layout, OpError, Positive, Resolved, StateKind};
+use super::{choice, expect_heads, op, Layout, OpError, Positive, Resolved, StateKind, WeightReq};
+
+choice! {
+    /// Which key/value head a query head reads (grouped-query attention).
+    pub enum Gqa {
+        /// Query head h reads head h / (Hq / Hkv): consecutive query heads share one (llama).
+        Grouped = "grouped",
+        /// Query head h reads head h mod Hkv: the key/value heads tiled (PLaMo).
+        Tiled = "tiled",
+    }
+}
 
 op! {
     /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache.
@@ -9,6 +19,8 @@ op! {
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
         chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
+        sinks: bool = false, "learned per-head sink logits `sinks` [Hq] in the node's scope join each softmax's denominator (gpt-oss)";
+        gqa: Gqa = Gqa::Grouped, "grouped: query head h reads key/value head h / (Hq / Hkv); tiled: h mod Hkv";
     }
 }
 
@@ -25,7 +37,7 @@ impl Attention {
             .or(self.window_size())
     }
 
-    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+    pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let (hq, dq) = expect_heads(inputs, 0)?;
         let (hk, dk) = expect_heads(inputs, 1)?;
         let (hv, dv) = expect_heads(inputs, 2)?;
@@ -59,7 +71,24 @@ impl Attention {
                 format!("{hq} query heads do not group over {hk} key/value heads"),
             ));
         }
+        if self.sinks && scope.is_empty() {
+            return Err(OpError::new(
+                "sinks",
+                "the sinks tensor needs a scope (call the attention from a block with one)",
+            ));
+        }
+        let weights = if self.sinks {
+            vec![WeightReq::dense(
+                "sinks",
+                scope.to_string(),
+                "sinks",
+                vec![hq],
+            )]
+        } else {
+            Vec::new()
+        };
         Ok(Resolved {
+            weights,
             state: Some(self.window_size().map_or(StateKind::Kv, StateKind::Window)),
             ..Resolved::pure(Layout {
                 dim: dv,

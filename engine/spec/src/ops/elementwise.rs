@@ -14,6 +14,7 @@ choice! {
         Relu2 = "relu2",
         Sigmoid = "sigmoid",
         Tanh = "tanh",
+        Softplus = "softplus",
     }
 }
 
@@ -54,6 +55,29 @@ op! {
         r#fn: Act, "activation function";
         limit: Option<Positive<f64>> = None, "clamped GLU: min(fn(gate), limit) * clip(up, -limit, limit) (null: none)";
     } layout: same_layout
+}
+
+op! {
+    /// Clamps values into [min, max] (either bound may be absent).
+    "clamp" (1..=1) => Clamp {
+        min: Option<f64> = None, "lower bound (null: none)";
+        max: Option<f64> = None, "upper bound (null: none)";
+    }
+}
+
+impl Clamp {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        match (self.min, self.max) {
+            (None, None) => Err(OpError::new("max", "a clamp needs min, max or both")),
+            (Some(lo), Some(hi)) if lo > hi => {
+                Err(OpError::new("max", format!("{hi} is below min {lo}")))
+            }
+            (lo, hi) if lo.is_some_and(f64::is_nan) || hi.is_some_and(f64::is_nan) => {
+                Err(OpError::new("min", "a bound is NaN"))
+            }
+            _ => first(inputs).map(Resolved::pure),
+        }
+    }
 }
 
 /// The common layout of elementwise inputs; an input whose last axis has

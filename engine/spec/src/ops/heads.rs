@@ -1,4 +1,5 @@
-//! `split_heads` ([B, T, H*D] -> [B, H, T, D]) and `merge_heads` (inverse).
+//! `split_heads` ([B, T, H*D] -> [B, H, T, D]), `merge_heads` (inverse) and
+//! `repeat_heads` (each head repeated).
 use super::{expect_flat, expect_heads, op, Layout, OpError, Resolved};
 
 op! {
@@ -11,6 +12,26 @@ op! {
 op! {
     /// Reshapes [B, H, T, D] back to [B, T, H*D].
     "merge_heads" (1..=1) => MergeHeads {}
+}
+
+op! {
+    /// Repeats each of the H heads of [B, H, T, D] `times` times in a row, giving [B, H·times, T, D] (key/value heads expanded to the query heads outside attention).
+    "repeat_heads" (1..=1) => RepeatHeads {
+        times: i64, "copies of each head (query heads / key-value heads)";
+    }
+}
+
+impl RepeatHeads {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (h, d) = expect_heads(inputs, 0)?;
+        if self.times < 1 {
+            return Err(OpError::new("times", format!("{} is below 1", self.times)));
+        }
+        Ok(Resolved::pure(Layout {
+            dim: d,
+            heads: Some(h * self.times),
+        }))
+    }
 }
 
 impl SplitHeads {

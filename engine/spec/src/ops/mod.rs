@@ -19,6 +19,7 @@ mod conv;
 mod elementwise;
 mod embedding;
 mod heads;
+mod learned;
 mod linear;
 mod moe;
 mod norm;
@@ -26,15 +27,16 @@ mod rope;
 mod slice;
 mod ssm;
 
-pub use attention::Attention;
+pub use attention::{Attention, Gqa};
 pub use conv::ShortConv;
-pub use elementwise::{Act, Activation, Add, Glu, Mul, Scale, Softcap};
+pub use elementwise::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
-pub use heads::{MergeHeads, SplitHeads};
+pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
+pub use learned::{Gain, GainShape, Xielu, XIELU_PARAMS};
 pub use linear::{HeadLinear, Linear};
 pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
-pub use rope::{Rope, RopeScaling};
+pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
 pub use ssm::{GatedDelta, Ssm};
 
@@ -118,13 +120,18 @@ registry!(
     Mul,
     Scale,
     Softcap,
+    Clamp,
     Activation,
     Glu,
+    Gain,
+    Xielu,
     SplitHeads,
     MergeHeads,
+    RepeatHeads,
     Slice,
     Concat,
     Rope,
+    PositionScale,
     Attention,
     Moe,
     ShortConv,

@@ -4,7 +4,7 @@
 //! (`dims` < head size).
 use indexmap::IndexMap;
 
-use super::{expect_heads, op, Layout, OpError, Resolved};
+use super::{expect_heads, op, Layout, OpError, Positive, Resolved};
 use crate::expr::Value;
 
 op! {
@@ -15,7 +15,16 @@ op! {
         traditional: bool = false, "rotate interleaved pairs instead of the two halves";
         scaling: Value = Value::Null, "HF `rope_scaling` map (`type`/`rope_type` picks the variant)";
         max_position: Option<i64> = None, "max_position_embeddings (dynamic and longrope variants)";
+        reverse: bool = false, "rotate the other way (negated frequencies, as nanochat's rope)";
     }
+}
+
+op! {
+    /// Position-dependent scale of [B, T, D] or [B, H, T, D] values: 1 + beta · ln(1 + floor(p / period)) at position p (the llama-4 query temperature of Ministral 3 and Mistral 4).
+    "position_scale" (1..=1) => PositionScale {
+        beta: f64, "strength of the logarithmic growth";
+        period: Positive<i64>, "positions per step of the floor (original_max_position_embeddings)";
+    } layout: super::norm::first
 }
 
 /// How frequencies are obtained for one rope (mlx-lm semantics).
@@ -54,8 +63,34 @@ impl Rope {
         Ok(Resolved::pure(inputs[0]))
     }
 
-    /// The scaling variant for `dims` rotated features (see [`Rope::rotated_dims`]).
+    /// The scaling variant for `dims` rotated features (see [`Rope::rotated_dims`]),
+    /// with negated frequencies when `reverse`.
     pub fn variant(&self, dims: i64) -> Result<RopeScaling, OpError> {
+        let v = self.scaling_variant(dims)?;
+        if !self.reverse {
+            return Ok(v);
+        }
+        match v {
+            // angle = p · scale / f: the periods f / scale, negated.
+            RopeScaling::Base { base, scale } => Ok(RopeScaling::Freqs {
+                freqs: inv_powers(base as f64, dims)
+                    .into_iter()
+                    .map(|f| (-f / scale as f64) as f32)
+                    .collect(),
+                input_scale: 1.0,
+            }),
+            RopeScaling::Freqs { freqs, input_scale } => Ok(RopeScaling::Freqs {
+                freqs: freqs.into_iter().map(|f| -f).collect(),
+                input_scale,
+            }),
+            RopeScaling::Dynamic { .. } => Err(OpError::new(
+                "reverse",
+                "a reversed rope with dynamic NTK scaling is not supported",
+            )),
+        }
+    }
+
+    fn scaling_variant(&self, dims: i64) -> Result<RopeScaling, OpError> {
         let base = self.base;
         let map = match &self.scaling {
             Value::Null => {
