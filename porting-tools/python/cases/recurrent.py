@@ -33,6 +33,9 @@ def register(mg):
         # "auto" dt rank, biased projections, untied head.
         {"name": "mamba_untied", "model_type": "mamba",
          "config": {"time_step_rank": "auto", "use_bias": True, "tie_word_embeddings": False}},
+        # Weightless RMS norms of dt, B and C (use_bcdt_rms forced on).
+        {"name": "falcon_mamba", "model_type": "falcon_mamba", "config": {"mixer_rms_eps": 1e-5},
+         "seed": 1},
     ]
     # jamba: layer 0 Mamba-1 (mixer 128 wide, state 8, dt rank "auto" = 4),
     # layer 1 NoPE attention; layer 1's MLP a MoE (4 experts, top-2).

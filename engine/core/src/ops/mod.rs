@@ -27,6 +27,9 @@ mod norm;
 #[cfg(test)]
 mod option_tests;
 pub mod rope;
+mod scan;
+#[cfg(test)]
+mod scan_tests;
 mod slice;
 mod ssm;
 #[cfg(test)]
@@ -87,6 +90,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Moe(c) => c.build(inputs, w),
         OpConfig::ShortConv(c) => c.build(inputs, w),
         OpConfig::Ssm(c) => c.build(inputs, w),
+        OpConfig::SelectiveScan(c) => c.build(inputs, w),
         OpConfig::GatedDelta(c) => c.build(inputs, w),
     }
 }

@@ -38,7 +38,7 @@ pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
-pub use ssm::{GatedDelta, Ssm};
+pub use ssm::{GatedDelta, SelectiveScan, Ssm};
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
@@ -136,6 +136,7 @@ registry!(
     Moe,
     ShortConv,
     Ssm,
+    SelectiveScan,
     GatedDelta,
 );
 

@@ -1,6 +1,7 @@
 //! Recurrent mixers with a float32 state: `ssm`, the selective state-space
-//! scan (SSD) of mlx-lm's `ssm_attn`, and `gated_delta`, the gated delta
-//! rule of Gated DeltaNet linear attention.
+//! scan (SSD) of mlx-lm's `ssm_attn`, `selective_scan`, Mamba-1's scan with
+//! a per-channel A matrix, and `gated_delta`, the gated delta rule of Gated
+//! DeltaNet linear attention.
 use super::{expect_widths, op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq};
 
 op! {
@@ -83,5 +84,36 @@ impl GatedDelta {
             &["A_log", "dt_bias"],
             hv,
         ))
+    }
+}
+
+op! {
+    /// Mamba-1 selective scan of [x, dt, B, C], A per (channel, state); keeps a float32 state.
+    "selective_scan" (4..=4) => SelectiveScan {
+        weight: WeightName, "module holding `A_log` [channels, state] and `D` [channels]";
+        channels: i64, "channels (the mixer's width, one recurrence each)";
+        state: i64, "state size per channel";
+    }
+}
+
+impl SelectiveScan {
+    pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (c, n) = (self.channels, self.state);
+        if c < 1 || n < 1 {
+            return Err(OpError::new(
+                "state",
+                format!("{c} channels with state {n}: both must be at least 1"),
+            ));
+        }
+        expect_widths(inputs, &["x", "dt", "B", "C"], &[c, c, n, n])?;
+        let module = self.weight.under(scope);
+        Ok(Resolved {
+            out: Layout::flat(c),
+            weights: vec![
+                WeightReq::dense("weight", module.clone(), "A_log", vec![c, n]),
+                WeightReq::dense("weight", module, "D", vec![c]),
+            ],
+            state: Some(StateKind::Recurrent),
+        })
     }
 }
