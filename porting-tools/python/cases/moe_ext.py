@@ -78,7 +78,21 @@ def register(mg):
     mg.TYPE_DEFAULTS["phimoe"] = {"num_local_experts": 4, "num_experts_per_tok": 2,
                                   "intermediate_size": 32, "router_jitter_noise": 0.01,
                                   "rope_scaling": None}
+    # longcat_flash: MLA (q 16 + 8 rope per head, latent 16, v 16, q rank 16,
+    # both lora scales on); 3 experts + 2 identity experts, top-2, router
+    # bias, renormalised and scaled.
+    mg.TYPE_UNUSED_BASE_KEYS["longcat_flash"] = ["num_hidden_layers", "num_key_value_heads",
+                                                 "intermediate_size", "tie_word_embeddings"]
+    mg.TYPE_DEFAULTS["longcat_flash"] = {
+        "num_layers": 2, "attention_method": "MLA", "zero_expert_type": "identity",
+        "ffn_hidden_size": 32, "moe_topk": 2, "expert_ffn_hidden_size": 16,
+        "n_routed_experts": 3, "zero_expert_num": 2, "kv_lora_rank": 16, "q_lora_rank": 16,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "routed_scaling_factor": 1.5, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
+        "attention_bias": False, "norm_topk_prob": True, "router_bias": True,
+    }
     mg.CASES += [
+        {"name": "longcat_flash", "model_type": "longcat_flash", "config": {}, "seed": 1},
         {"name": "phixtral", "model_type": "phixtral", "config": {}, "seed": 2},
         # phi-msft (phixtral's alias) with one expert per token.
         {"name": "phi-msft", "model_type": "phi-msft", "config": {"num_experts_per_tok": 1},
