@@ -14,7 +14,7 @@ use std::collections::HashMap as IndexMap;
 
 use crate::support::{goldens, library, mlx_lock, read_json, root};
 
-const CASES: [&str; 3] = ["lora", "dora", "qlora"];
+const CASES: [&str; 4] = ["lora", "dora", "qlora", "lora_accum"];
 
 fn case_dir(case: &str) -> PathBuf {
     goldens().join("adapters").join(case)
@@ -87,7 +87,10 @@ fn optimizer_of(meta: &serde_json::Value) -> (Optimizer, Schedule) {
     let lr = meta["learning_rate"]
         .as_f64()
         .expect("meta.json learning_rate") as f32;
-    (opt, Schedule::Constant(lr))
+    match meta.get("lr_schedule").filter(|s| !s.is_null()) {
+        Some(s) => (opt, Schedule::from_json(s).expect("meta.json lr_schedule")),
+        None => (opt, Schedule::Constant(lr)),
+    }
 }
 
 #[test]
@@ -135,7 +138,8 @@ fn train_case(case: &str, tmp: &Path) -> (Model, Vec<f32>) {
     let g = golden(case);
     let model = load_with(&base_of(case), &init_adapter(case, tmp));
     let (opt, schedule) = optimizer_of(&m);
-    let mut trainer = Trainer::new(&model, opt, schedule, 1).expect("trainer");
+    let accumulate = m["grad_accumulation_steps"].as_u64().unwrap_or(1);
+    let mut trainer = Trainer::new(&model, opt, schedule, accumulate).expect("trainer");
     let steps = m["steps"].as_u64().expect("meta.json steps") as usize;
     let mut losses = Vec::new();
     for k in 0..steps {
@@ -737,4 +741,105 @@ fn prompt_masking_starts_the_loss_at_the_answer() {
         let answer = lm.tokenizer.decode(&ids[*offset..], false).expect("decode");
         assert!(answer.contains("°F. Formula"), "{answer:?}");
     }
+}
+
+#[test]
+fn a_new_dora_adapter_starts_from_mlx_lm_magnitudes() {
+    // DoRA's m is the base rows' norms: equal to what mlx-lm computed for
+    // the golden's initial adapter (lora_a draws follow mlx-lm's module
+    // order, which a spec does not have; the goldens load mlx-lm's init).
+    let _g = mlx_lock();
+    let config = AdapterConfig {
+        kind: AdapterKind::Dora,
+        rank: 4,
+        scale: 10.0,
+        num_layers: 2,
+        ..AdapterConfig::default()
+    };
+    let mut o = opts();
+    o.adapter = Some(AdapterSource::New { config, seed: 0 });
+    let model = Model::load(&goldens().join("llama/model"), &o).expect("load");
+    let init: IndexMap<String, Array> =
+        Array::load_safetensors(case_dir("dora").join("init.safetensors"))
+            .expect("init")
+            .into_iter()
+            .collect();
+    let a = model.adapter.as_ref().expect("adapter");
+    let names = a.param_names();
+    assert_eq!(names.len(), init.len());
+    for (n, p) in names.iter().zip(a.params()) {
+        let r = init.get(n).unwrap_or_else(|| panic!("mlx-lm has no {n}"));
+        assert_eq!(p.shape(), r.shape(), "{n}");
+        if n.ends_with(".m") {
+            assert_close(n, &p, r, Tolerance::F32);
+        }
+    }
+}
+
+#[test]
+fn dataset_formats_follow_mlx_lm() {
+    let _g = mlx_lock();
+    let lm = crate::support::load_lm(&smollm2(), &library(), None).expect("smollm2");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = tmp.path().join("train.jsonl");
+    let records = |text: &str| {
+        std::fs::write(&f, text).expect("write");
+        tune::data::read_jsonl(&f)
+    };
+    let feats = tune::Features::default();
+    // text: EOS appended.
+    let r = records("{\"text\": \"Hello there\"}\n").expect("records");
+    let d = tune::data::tokenize(&lm, &f, &r, &feats, false).expect("text");
+    let eos = lm.tokenizer.eos_ids[0];
+    assert_eq!(d.examples[0].0.last(), Some(&eos));
+    assert_eq!(d.examples[0].1, 0);
+    // completions = chat of a user and an assistant message.
+    let r = records(
+        "{\"prompt\": \"Hi\", \"completion\": \"Hello!\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n",
+    )
+    .expect("records");
+    let c = tune::data::tokenize(&lm, &f, &r[..1], &feats, true).expect("completions");
+    let m = tune::data::tokenize(&lm, &f, &r[1..], &feats, true).expect("chat");
+    assert_eq!(c.examples[0], m.examples[0]);
+    let ctx = lmspec::lm::template::ChatContext {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let prompt = lm
+        .chat_prompt(
+            &serde_json::json!([{"role": "user", "content": "Hi"}]),
+            &ctx,
+        )
+        .expect("prompt");
+    assert_eq!(c.examples[0].1, prompt.len());
+    // Errors name the file and line.
+    let r = records("{\"text\": \"a b\"}\n").expect("records");
+    let e = tune::data::tokenize(&lm, &f, &r, &feats, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.jsonl: line 1: prompt masking is not possible for a text dataset"),
+        "{e}"
+    );
+    let r = records("{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"a\"}\n")
+        .expect("records");
+    let e = tune::data::tokenize(&lm, &f, &r, &feats, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.jsonl: line 3: 'completion' is missing or not a string"),
+        "{e}"
+    );
+    let r = records("{\"question\": \"a\"}\n").expect("records");
+    let e = tune::data::tokenize(&lm, &f, &r, &feats, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 1: unknown record format"), "{e}");
+    let e = records("{\"text\": \"a\"}\n[1, 2]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.jsonl: line 2: expected a JSON object"),
+        "{e}"
+    );
 }

@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_lm
 from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, iterate_batches, train
-from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers, load_adapters
 from mlx_lm.utils import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +55,12 @@ CASES = {
     "qlora": dict(base="goldens/llama_q4/model", kind="lora", optimizer="sgd",
                   optimizer_config={"momentum": 0.9}, learning_rate=1e-2, num_layers=1,
                   rank=8, scale=20.0),
+    # Gradients accumulated over 2 batches; a warmup then cosine schedule.
+    "lora_accum": dict(base="goldens/llama/model", kind="lora", optimizer="adam",
+                       optimizer_config={}, learning_rate=2e-3, num_layers=1, rank=4, scale=10.0,
+                       grad_accumulation_steps=2,
+                       lr_schedule={"name": "cosine_decay", "arguments": [4e-3, 8, 1e-4],
+                                    "warmup": 2, "warmup_init": 1e-4}),
 }
 
 STEPS = 20
@@ -92,7 +98,8 @@ def adapter_config(case):
 
 def make_optimizer(case):
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[case["optimizer"]]
-    return cls(learning_rate=case["learning_rate"], **case["optimizer_config"])
+    lr = build_schedule(case["lr_schedule"]) if "lr_schedule" in case else case["learning_rate"]
+    return cls(learning_rate=lr, **case["optimizer_config"])
 
 
 def fuse(model):
@@ -132,7 +139,8 @@ def make_case(name, case, out):
             losses.append(info["train_loss"])
 
     args = TrainingArgs(batch_size=BATCH, iters=STEPS, steps_per_report=1, steps_per_eval=10**6,
-                        steps_per_save=10**6, adapter_file=str(dest / "adapters.safetensors"))
+                        steps_per_save=10**6, adapter_file=str(dest / "adapters.safetensors"),
+                        grad_accumulation_steps=case.get("grad_accumulation_steps", 1))
     train(model=model, optimizer=make_optimizer(case), train_dataset=seqs, val_dataset=None,
           args=args, iterate_batches=fixed_batches, training_callback=Record())
     assert len(losses) == STEPS, losses
@@ -167,6 +175,8 @@ def make_case(name, case, out):
         "optimizer": case["optimizer"],
         "optimizer_config": case["optimizer_config"],
         "learning_rate": case["learning_rate"],
+        "lr_schedule": case.get("lr_schedule"),
+        "grad_accumulation_steps": case.get("grad_accumulation_steps", 1),
         **adapter_config(case),
     }
     with open(dest / "meta.json", "w") as f:
