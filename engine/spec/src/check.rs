@@ -415,6 +415,20 @@ fn check_layers(
     })
 }
 
+/// A rule's `if_shape` condition parses and reads only `shape`.
+fn check_if_shape(cond: Option<&str>) -> std::result::Result<(), String> {
+    let Some(src) = cond else { return Ok(()) };
+    let e = Expr::parse(src).map_err(|m| format!("if_shape: {m}"))?;
+    let mut names = Vec::new();
+    e.names(&mut names);
+    match names.iter().find(|n| n.as_str() != "shape") {
+        Some(n) => Err(format!(
+            "if_shape: unknown name '{n}' (it reads only `shape`)"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_rules(spec: &Spec) -> Result<()> {
     use crate::pattern::Pattern;
     for rule in &spec.rules {
@@ -469,6 +483,35 @@ fn check_rules(spec: &Spec) -> Result<()> {
                     ));
                 }
                 ("l2_normalize", vec![pattern])
+            }
+            RawRule::MoveAxis {
+                pattern, if_shape, ..
+            } => {
+                check_if_shape(if_shape.as_deref())
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "moveaxis", m))?;
+                ("moveaxis", vec![pattern])
+            }
+            RawRule::Add {
+                pattern,
+                value,
+                if_shape,
+                if_present,
+            } => {
+                if let Some(p) = if_present {
+                    Pattern::parse(p)
+                        .map_err(|m| Error::spec(&rule.file, "weights.rules", "add", m))?;
+                }
+                if !value.is_finite() {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "add",
+                        format!("value: {value} is not a finite number"),
+                    ));
+                }
+                check_if_shape(if_shape.as_deref())
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "add", m))?;
+                ("add", vec![pattern])
             }
         };
         for p in patterns {

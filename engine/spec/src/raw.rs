@@ -302,6 +302,26 @@ pub enum RawRule {
         eps: f64,
         when: Option<serde_yaml::Value>,
     },
+    /// Move axis `from` of matching tensors to position `to` (numpy's
+    /// `moveaxis`; Hugging Face's conv1d `[C, 1, K]` to `[C, K, 1]`), for
+    /// tensors whose shape satisfies `if_shape` (an expression of `shape`).
+    MoveAxis {
+        pattern: String,
+        from: i64,
+        to: i64,
+        if_shape: Option<String>,
+    },
+    /// Add a constant to matching floating-point tensors (zero-centred
+    /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
+    /// `if_shape`.
+    Add {
+        pattern: String,
+        value: f64,
+        if_shape: Option<String>,
+        /// Only when some tensor matches this pattern (a layout's marker,
+        /// e.g. per-expert tensors that only Hugging Face checkpoints hold).
+        if_present: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +345,33 @@ struct RuleRepr {
     repeat: Option<RepeatRepr>,
     #[serde(default)]
     l2_normalize: Option<L2NormalizeRepr>,
+    #[serde(default)]
+    moveaxis: Option<MoveAxisRepr>,
+    #[serde(default)]
+    add: Option<AddRepr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveAxisRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    from: i64,
+    to: i64,
+    #[serde(default)]
+    if_shape: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    value: f64,
+    #[serde(default)]
+    if_shape: Option<String>,
+    #[serde(default)]
+    if_present: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -443,10 +490,26 @@ impl TryFrom<RuleRepr> for RawRule {
                 when: x.when,
             });
         }
+        if let Some(x) = r.moveaxis {
+            rules.push(RawRule::MoveAxis {
+                pattern: x.pattern,
+                from: x.from,
+                to: x.to,
+                if_shape: x.if_shape,
+            });
+        }
+        if let Some(x) = r.add {
+            rules.push(RawRule::Add {
+                pattern: x.pattern,
+                value: x.value,
+                if_shape: x.if_shape,
+                if_present: x.if_present,
+            });
+        }
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, add".into(),
             ),
         }
     }

@@ -299,6 +299,30 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
     let (_dir, lib) = library_with(&[("tiny.yaml", &bad_eps)]);
     let e = check(&lib.load("tiny").expect("load")).expect_err("negative eps");
     assert!(e.to_string().contains("l2_normalize"), "{e}");
+
+    let layout =
+        "    - moveaxis: {match: \"l.{i}.conv\", from: 2, to: 1, if_shape: \"shape[2] != 1\"}
+    - add: {match: \"l.{i}.norm\", value: 1.0, if_present: \"l.{i}.experts.{e}\"}
+";
+    let good = format!("{SPLIT}{rules}{layout}");
+    let (_dir, lib) = library_with(&[("tiny.yaml", &good)]);
+    check(&lib.load("tiny").expect("load")).expect("the layout rules check");
+    for (from, to, want) in [
+        ("shape[2] != 1", "d > 1", "unknown name 'd'"),
+        ("value: 1.0", "value: .inf", "not a finite number"),
+        (
+            "if_present: \"l.{i}.experts.{e}\"",
+            "if_present: \"l.{i\"",
+            "add",
+        ),
+    ] {
+        let text = good.replace(from, to);
+        let (_dir, lib) = library_with(&[("tiny.yaml", &text)]);
+        let e = check(&lib.load("tiny").expect("load"))
+            .expect_err(to)
+            .to_string();
+        assert!(e.contains(want) && e.contains("weights.rules"), "{to}: {e}");
+    }
 }
 
 /// One `model_type`, several tasks: each loader gets the spec of its task,

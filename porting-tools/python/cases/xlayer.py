@@ -7,7 +7,6 @@ module more than once, so per-layer taps, which bind one call of one
 module, are turned off for these types; the logits and the cached path
 are what the cases check.
 """
-import dataclasses
 
 # Types whose layer stack is not one pass of llama's layers.
 OWN_LAYOUT = {"nanbeige", "hunyuan"}
@@ -56,6 +55,9 @@ def register(mg):
                 return False
             return before is None or before(model_type, config)
 
-        return dataclasses.replace(row, applies=applies)
+        # In place: other modules' conditions compare rows by identity.
+        object.__setattr__(row, "applies", applies)
 
-    mg.TAPS[:] = [one_pass_only(r) if "{i}" in r.module else r for r in mg.TAPS]
+    for row in mg.TAPS:
+        if "{i}" in row.module:
+            one_pass_only(row)

@@ -315,6 +315,15 @@ impl RuleValue for Traced {
     fn l2_normalized(&self, _axis: usize, _eps: f64) -> std::result::Result<Self, String> {
         Ok(self.clone())
     }
+    fn moved_axis(&self, from: usize, to: usize) -> std::result::Result<Self, String> {
+        Ok(Traced {
+            dims: self.dims.moved_axis(from, to)?,
+            from: self.from.clone(),
+        })
+    }
+    fn plus(&self, _value: f64) -> std::result::Result<Self, String> {
+        Ok(self.clone())
+    }
 }
 
 /// For each tensor name the rules produce, the checkpoint names it came

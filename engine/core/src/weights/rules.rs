@@ -36,6 +36,17 @@ pub trait RuleValue: Clone {
     fn repeated(&self, axis: usize, times: i64) -> Result<Self, String>;
     /// Divided by its L2 norm along `axis` (in range) plus `eps`.
     fn l2_normalized(&self, axis: usize, eps: f64) -> Result<Self, String>;
+    /// Axis `from` moved to position `to` (both in range).
+    fn moved_axis(&self, from: usize, to: usize) -> Result<Self, String>;
+    /// `value` added to every element (floating-point values only).
+    fn plus(&self, value: f64) -> Result<Self, String>;
+}
+
+/// The axis order that moves `from` to `to`, as numpy's `moveaxis`.
+pub fn moveaxis_order(ndim: usize, from: usize, to: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ndim).filter(|&a| a != from).collect();
+    order.insert(to, from);
+    order
 }
 
 fn to_i32(v: i64) -> Result<i32, String> {
@@ -87,6 +98,30 @@ impl RuleValue for Array {
         };
         go().map_err(|e| format!("l2_normalize: {e}"))
     }
+
+    fn moved_axis(&self, from: usize, to: usize) -> Result<Array, String> {
+        let order: Vec<i32> = moveaxis_order(self.ndim(), from, to)
+            .into_iter()
+            .map(|a| a as i32)
+            .collect();
+        self.transpose_axes(&order)
+            .map_err(|e| format!("moveaxis: {e}"))
+    }
+
+    fn plus(&self, value: f64) -> Result<Array, String> {
+        let dtype = self.dtype();
+        if !dtype.is_float() {
+            return Err(format!(
+                "add: a {dtype:?} tensor (only floating-point ones)"
+            ));
+        }
+        let go = || -> mlx_rs::error::Result<Array> {
+            self.as_dtype(Dtype::Float32)?
+                .add(Array::from_f32(value as f32))?
+                .as_dtype(dtype)
+        };
+        go().map_err(|e| format!("add: {e}"))
+    }
 }
 
 impl RuleValue for Vec<i64> {
@@ -126,6 +161,35 @@ impl RuleValue for Vec<i64> {
 
     fn l2_normalized(&self, _axis: usize, _eps: f64) -> Result<Vec<i64>, String> {
         Ok(self.clone())
+    }
+
+    fn moved_axis(&self, from: usize, to: usize) -> Result<Vec<i64>, String> {
+        Ok(moveaxis_order(self.len(), from, to)
+            .into_iter()
+            .map(|a| self[a])
+            .collect())
+    }
+
+    fn plus(&self, _value: f64) -> Result<Vec<i64>, String> {
+        Ok(self.clone())
+    }
+}
+
+/// Whether a rule's `if_shape` condition (an expression of `shape`) holds
+/// for a tensor of shape `dims`; no condition holds.
+fn shape_holds(cond: Option<&str>, dims: &[i64]) -> Result<bool, String> {
+    let Some(src) = cond else { return Ok(true) };
+    let mut scope: IndexMap<String, Value> = IndexMap::new();
+    scope.insert(
+        "shape".into(),
+        Value::List(dims.iter().map(|&d| Value::Int(d)).collect()),
+    );
+    match lmspec_spec::expr::Expr::parse(src).and_then(|e| e.eval(&scope))? {
+        Value::Bool(b) => Ok(b),
+        other => Err(format!(
+            "if_shape gave {} {other}, expected a bool",
+            other.type_name()
+        )),
     }
 }
 
@@ -249,6 +313,40 @@ pub fn apply<T: RuleValue>(
                 }
                 rewrite(&mut tensors, pattern, "l2_normalize", |v, _| {
                     v.l2_normalized(axis_index(*axis, v.dims().len())?, *eps)
+                })?;
+            }
+            RawRule::MoveAxis {
+                pattern,
+                from,
+                to,
+                if_shape,
+            } => {
+                rewrite(&mut tensors, pattern, "moveaxis", |v, _| {
+                    let dims = v.dims();
+                    if !shape_holds(if_shape.as_deref(), &dims)? {
+                        return Ok(v.clone());
+                    }
+                    let (f, t) = (axis_index(*from, dims.len())?, axis_index(*to, dims.len())?);
+                    v.moved_axis(f, t)
+                })?;
+            }
+            RawRule::Add {
+                pattern,
+                value,
+                if_shape,
+                if_present,
+            } => {
+                if let Some(p) = if_present {
+                    let p = Pattern::parse(p)?;
+                    if !tensors.keys().any(|k| p.matches(k).is_some()) {
+                        continue;
+                    }
+                }
+                rewrite(&mut tensors, pattern, "add", |v, _| {
+                    if !shape_holds(if_shape.as_deref(), &v.dims())? {
+                        return Ok(v.clone());
+                    }
+                    v.plus(*value)
                 })?;
             }
             RawRule::SkipIfPresent(p) => {
@@ -563,6 +661,86 @@ mod tests {
         q.insert("head.weight".into(), Array::from_slice(&[7u32, 9], &[1, 2]));
         let out = apply(&[&rule], q, &no_eval).expect("applies").tensors;
         assert_eq!(out["head.weight"].as_slice::<u32>(), &[7, 9]);
+    }
+
+    #[test]
+    fn moveaxis_and_add_follow_their_shape_and_layout_conditions() {
+        let rules = [
+            RawRule::MoveAxis {
+                pattern: "l.{i}.conv.weight".into(),
+                from: 2,
+                to: 1,
+                if_shape: Some("shape[2] != 1".into()),
+            },
+            RawRule::Add {
+                pattern: "l.{i}.norm.weight".into(),
+                value: 1.0,
+                if_shape: Some("len(shape) == 1".into()),
+                if_present: Some("l.{i}.experts.{e}".into()),
+            },
+        ];
+        let refs: Vec<&RawRule> = rules.iter().collect();
+        // numpy: np.moveaxis(np.arange(6).reshape(2, 1, 3), 2, 1)
+        let conv = || Array::from_slice(&[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0], &[2, 1, 3]);
+        let norm = || Array::from_slice(&[0.5f32, -0.25], &[2]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.0.conv.weight".into(), conv());
+        t.insert("l.0.norm.weight".into(), norm());
+        t.insert("l.0.experts.0".into(), Array::from_f32(0.0));
+        let out = apply(&refs, t, &no_eval).expect("applies").tensors;
+        let c = out["l.0.conv.weight"].contiguous().expect("contiguous");
+        assert_eq!(c.shape(), &[2, 3, 1]);
+        assert_eq!(c.as_slice::<f32>(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(out["l.0.norm.weight"].as_slice::<f32>(), &[1.5, 0.75]);
+        // Already in the spec's layout: nothing moves, and without the
+        // marker tensor nothing is added.
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert(
+            "l.0.conv.weight".into(),
+            conv().reshape(&[2, 3, 1]).expect("reshape"),
+        );
+        t.insert("l.0.norm.weight".into(), norm());
+        let out = apply(&refs, t, &no_eval).expect("applies").tensors;
+        assert_eq!(out["l.0.conv.weight"].shape(), &[2, 3, 1]);
+        assert_eq!(out["l.0.norm.weight"].as_slice::<f32>(), &[0.5, -0.25]);
+        // Shapes read from headers move the same way.
+        let mut shapes: IndexMap<String, Vec<i64>> = IndexMap::new();
+        shapes.insert("l.0.conv.weight".into(), vec![8, 1, 4]);
+        let out = apply(&refs, shapes, &no_eval).expect("applies").tensors;
+        assert_eq!(out["l.0.conv.weight"], vec![8, 4, 1]);
+        // An axis out of range, a condition that is not a bool, an integer
+        // tensor: errors naming the rule and the tensor.
+        let bad = RawRule::MoveAxis {
+            pattern: "l.{i}.conv.weight".into(),
+            from: 3,
+            to: 0,
+            if_shape: None,
+        };
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.0.conv.weight".into(), conv());
+        let e = apply(&[&bad], t, &no_eval).unwrap_err();
+        assert!(
+            e.contains("moveaxis") && e.contains("l.0.conv.weight"),
+            "{e}"
+        );
+        let bad = RawRule::Add {
+            pattern: "q".into(),
+            value: 1.0,
+            if_shape: Some("shape".into()),
+            if_present: None,
+        };
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("q".into(), Array::from_slice(&[1u32], &[1]));
+        let e = apply(&[&bad], t.clone(), &no_eval).unwrap_err();
+        assert!(e.contains("expected a bool"), "{e}");
+        let bad = RawRule::Add {
+            pattern: "q".into(),
+            value: 1.0,
+            if_shape: None,
+            if_present: None,
+        };
+        let e = apply(&[&bad], t, &no_eval).unwrap_err();
+        assert!(e.contains("only floating-point"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,50 @@
+"""Golden cases in Hugging Face checkpoint layouts that need the weight
+rules `moveaxis` and `add`: mamba2's and lfm2's depthwise convolutions as
+[C, 1, K]; qwen3_next with per-expert tensors, zero-centred norms (w for
+1 + w), the convolution as [C, 1, K] and an unused multi-token-prediction
+tensor. mlx-lm's sanitize turns each back into the model as built."""
+import re
+
+import mlx.core as mx
+
+
+def mamba2_to_hf(weights, config):
+    return {k: (v.moveaxis(2, 1) if k.endswith("mixer.conv1d.weight") else v)
+            for k, v in weights.items()}
+
+
+def lfm2_to_hf(weights, config):
+    return {k: (v.transpose(0, 2, 1) if k.endswith("conv.conv.weight") else v)
+            for k, v in weights.items()}
+
+
+QWEN3_NEXT_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+                    "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+
+
+def qwen3_next_to_hf(weights, config):
+    out = {}
+    for k, v in weights.items():
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight", k)
+        if m:
+            for e in range(v.shape[0]):
+                out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = v[e]
+            continue
+        if k.endswith("conv1d.weight"):
+            v = v.moveaxis(2, 1)
+        if any(k.endswith(s) for s in QWEN3_NEXT_NORMS) and v.ndim == 1:
+            v = v - 1.0
+        out[k] = v
+    # A multi-token-prediction tensor, which mlx-lm (and the spec) drop.
+    out["mtp.fc.weight"] = mx.zeros((4, 4))
+    return out
+
+
+def register(mg):
+    mg.HF_LAYOUTS.update({
+        "mamba2": (mamba2_to_hf, {"format": "pt"}),
+        "lfm2": (lfm2_to_hf, {"format": "pt"}),
+        "qwen3_next": (qwen3_next_to_hf, {"format": "pt"}),
+    })
+    for base in ("mamba2", "lfm2", "qwen3_next"):
+        mg.CASES.append(mg._derived(base, f"{base}_hf", hf_layout=base))
