@@ -4,7 +4,7 @@ import dataclasses
 
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx"}
+OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -15,6 +15,23 @@ TYPE_DEFAULTS = {
     "dbrx": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 256,
              "attn_config": {"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": 10000.0},
              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}},
+    "ministral3": {"head_dim": 16, "tie_word_embeddings": False,
+                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 4,
+                                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                       "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}},
+    "plamo": {"n_shared_head": 2, "rope_traditional": False},
+    "mimo_v2_flash": {
+        "hybrid_layer_pattern": [1, 0], "moe_layer_freq": [0, 1], "sliding_window_size": 4,
+        "add_swa_attention_sink_bias": True, "add_full_attention_sink_bias": True,
+        "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 16,
+        "swa_v_head_dim": 8, "swa_rope_theta": 10000.0,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 24, "v_head_dim": 16,
+        "rope_theta": 1000000.0, "partial_rotary_factor": 0.5, "attention_value_scale": 0.7,
+        "layernorm_epsilon": 1e-5, "intermediate_size": 64, "moe_intermediate_size": 16,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "routed_scaling_factor": 2.0, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "norm_topk_prob": True, "n_group": 2, "topk_group": 1},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -22,6 +39,9 @@ TYPE_UNUSED_BASE_KEYS = {
     "nemotron": ["rms_norm_eps"],
     "nanochat": ["rms_norm_eps", "tie_word_embeddings"],
     "dbrx": None,  # set in register: every BASE_CONFIG key
+    "ministral3": ["rope_theta"],
+    "mimo_v2_flash": ["rms_norm_eps", "tie_word_embeddings"],
+    "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
 
 CASES = [
@@ -41,6 +61,21 @@ CASES = [
     # Wqkv clamped to ±1 (about 40% of its outputs clipped), top-2 of 4
     # experts by a float32 softmax, renormalised.
     {"name": "dbrx", "model_type": "dbrx", "config": {}},
+    # The llama-4 query temperature with period 4: 1 + 0.5 ln(1 + floor(p / 4))
+    # grows from 1 to ~2.2 over positions 0..43 (at Ministral 3's own period,
+    # 16384, a short prompt would never see it); yarn over the same 4
+    # positions; layer 0 slides over 5 positions, layer 1 is full.
+    {"name": "ministral3", "model_type": "ministral3",
+     "config": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 5}},
+    # 4 query heads over ceil(4 / 2) = 2 key/value heads, tiled: query
+    # heads 0 and 2 read head 0, 1 and 3 head 1 (grouped GQA would pair 0, 1).
+    {"name": "plamo", "model_type": "plamo", "config": {}},
+    # Layer 0 sliding (window 4, 4 heads over 2, keys 16 and values 8 wide,
+    # rope on 8, base 1e4) with a dense MLP; layer 1 full (2 heads over 1,
+    # keys 24 and values 16 wide, rope on 12, base 1e6) with 4 sigmoid-routed
+    # experts in 2 groups plus a shared one. Learned sinks in both, values
+    # scaled by 0.7.
+    {"name": "mimo_v2_flash", "model_type": "mimo_v2_flash", "config": {}},
 ]
 
 
@@ -50,6 +85,16 @@ def register(mg):
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
+    # MoE gates returning (indices, weights): no router tap.
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash"}
+    # mimo_v2_flash routes as deepseek_v3 (noaux_tc) does.
+    moe_reference = mg.moe_reference
+
+    def moe_reference_(block, model_type, config, x):
+        as_type = "deepseek_v3" if model_type == "mimo_v2_flash" else model_type
+        return moe_reference(block, as_type, config, x)
+
+    mg.moe_reference = moe_reference_
     # nanochat: transformer.wte / transformer.h.{i}.attn.c_proj, mlp.c_proj.
     # Its norms are functions, not modules: the projections reading them
     # (c_q, c_k, c_v, c_fc) have no input tap to be checked against.
@@ -86,8 +131,40 @@ def register(mg):
         mg.Tap("transformer.blocks.{i}", "layers.{i}"),
         mg.Tap("transformer.norm_f", "norm"),
     ]
+    # plamo: model.layers.layers.{i}, one norm for both branches.
+    rows += [
+        mg.Tap("model.layers.layers.{i}.norm", "layers.{i}.attn_norm"),
+        mg.Tap("model.layers.layers.{i}.self_attn.q_proj", "layers.{i}.attn.q", detail=True),
+        mg.Tap("model.layers.layers.{i}.self_attn.k_proj", "layers.{i}.attn.k", detail=True),
+        mg.Tap("model.layers.layers.{i}.self_attn.v_proj", "layers.{i}.attn.v", detail=True),
+        mg.Tap("model.layers.layers.{i}.self_attn.rotary_emb", "layers.{i}.attn.q_rope", call=0,
+               detail=True),
+        mg.Tap("model.layers.layers.{i}.self_attn.rotary_emb", "layers.{i}.attn.k_rope", call=1,
+               detail=True),
+        mg.Tap("model.layers.layers.{i}.self_attn.o_proj", "layers.{i}.attn.o"),
+        mg.Tap("model.layers.layers.{i}.self_attn", "layers.{i}.attn"),
+        mg.Tap("model.layers.layers.{i}.mlp.gate_proj", "layers.{i}.mlp.gate"),
+        mg.Tap("model.layers.layers.{i}.mlp.up_proj", "layers.{i}.mlp.up"),
+        # (mlp.down_proj, mlp and the layer output: plamo3's rows, dense_b.py)
+    ]
+    _skip_layer_walks(mg, {"plamo"})
     at = len(mg.TAPS) - 1  # before the logits row
     mg.TAPS[at:at] = [dataclasses.replace(row, applies=_only(OWN_LAYOUT)) for row in rows]
+
+
+def _skip_layer_walks(mg, types):
+    """routing_stats / check_block_math walk model.layers as a list; plamo's
+    is a module holding the list (and has no MoE or other recomputed block)."""
+    routing_stats, check_block_math = mg.routing_stats, mg.check_block_math
+
+    def routing_stats_(model, model_type, config, taps):
+        return {} if model_type in types else routing_stats(model, model_type, config, taps)
+
+    def check_block_math_(model, model_type, config, taps, compare, have):
+        if model_type not in types:
+            check_block_math(model, model_type, config, taps, compare, have)
+
+    mg.routing_stats, mg.check_block_math = routing_stats_, check_block_math_
 
 
 def _only(types):
