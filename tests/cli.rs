@@ -331,5 +331,8 @@ fn a_cached_prompt_continues_and_a_draft_changes_nothing() {
     let out = lmspec(&["generate", "--prompt-cache", &junk_s, "-p", "x"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&junk_s) && err.contains("prompt cache"), "{err}");
+    assert!(
+        err.contains(&junk_s) && err.contains("prompt cache"),
+        "{err}"
+    );
 }

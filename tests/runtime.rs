@@ -278,7 +278,10 @@ fn measuring_a_prompt_reports_weights_cache_and_workspace() {
     let short = lmspec::engine::memory::measure(&m, 16, 8, Default::default()).expect("measure");
     // Past the first 256-position block the cache grows.
     let long = lmspec::engine::memory::measure(&m, 300, 64, Default::default()).expect("measure");
-    assert!(short.kv_bytes > 0 && long.kv_bytes > short.kv_bytes, "{short:?} {long:?}");
+    assert!(
+        short.kv_bytes > 0 && long.kv_bytes > short.kv_bytes,
+        "{short:?} {long:?}"
+    );
     assert!(short.weight_bytes > 0);
     assert_eq!(
         short.total_bytes,

@@ -13,13 +13,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
 use crate::request::ToolChoice;
+use lmspec_engine::memory::{MemoryManager, MemoryPolicy, Ticket, TicketKind};
 use lmspec_lm::batch::{BatchGenerator, Finish, SeqParams, SeqToken};
 use lmspec_lm::constrain::{JsonConstraint, Node, TokenTexts};
 use lmspec_lm::generate::{Event, TextStream};
 use lmspec_lm::sampling::{ProcessorParams, SamplingParams};
 use lmspec_lm::template::ChatContext;
 use lmspec_lm::tools::{OutputFormat, ToolCall, ToolFormat};
-use lmspec_engine::memory::{MemoryManager, MemoryPolicy, Ticket, TicketKind};
 use lmspec_lm::{Embedder, LanguageModel, Reranker};
 
 /// What the model reads.
@@ -326,12 +326,7 @@ impl Engine {
 
     /// Prepares and prefills a request; it starts decoding unless its first
     /// token ends it, or it waits when it does not fit the budget now.
-    fn admit(
-        &self,
-        gen: &mut BatchGenerator<'_>,
-        job: Box<GenJob>,
-        seq: u64,
-    ) -> Admitted {
+    fn admit(&self, gen: &mut BatchGenerator<'_>, job: Box<GenJob>, seq: u64) -> Admitted {
         let prepared = match self.prepare(&job) {
             Ok(p) => p,
             Err(e) => {
