@@ -1,6 +1,7 @@
 """Golden cases of cross-layer dataflow: nanbeige (the layer stack looped
 with shared weights), hunyuan (cross-layer attention: layers reuse an
-earlier layer's keys and values).
+earlier layer's keys and values), talkie (a model-level value, the
+normalised embedding, added in every block).
 
 Registered last (file-name order): a looped stack calls each mlx-lm layer
 module more than once, so per-layer taps, which bind one call of one
@@ -9,10 +10,11 @@ are what the cases check.
 """
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige", "hunyuan"}
+OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
+    "talkie": {"head_dim": 16, "rms_norm_eps": 1e-6},
     "hunyuan": {"attention_bias": False, "moe_topk": 2, "num_experts": 4,
                 "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True,
                 "use_cla": True, "cla_share_factor": 2, "moe_intermediate_size": 32,
@@ -36,6 +38,9 @@ CASES = [
      "config": {"num_hidden_layers": 3, "cla_share_factor": 3, "moe_topk": [1, 2, 3],
                 "intermediate_size": 16,
                 "num_shared_expert": [1, 2, 1], "moe_intermediate_size": [32, 16, 48]}},
+    # Weightless norms, reversed rope, per-head and scalar gains, the
+    # embedding skip in both blocks, a gained head.
+    {"name": "talkie", "model_type": "talkie", "config": {}, "seed": 1},
     # No cross-layer attention and one expert: a dense MLP per layer.
     {"name": "hunyuan_dense", "model_type": "hunyuan",
      "config": {"use_cla": False, "num_experts": 1, "use_mixed_mlp_moe": False}, "seed": 1},
