@@ -132,6 +132,8 @@ dump_tests!(
     mixtral,
     nanochat,
     nemotron,
+    nemotron_h,
+    nemotron_h_latent,
     nemotron_nas = "nemotron-nas",
     olmo2,
     olmo3,

@@ -91,7 +91,30 @@ def register(mg):
         "routed_scaling_factor": 1.5, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
         "attention_bias": False, "norm_topk_prob": True, "router_bias": True,
     }
+    # nemotron_h: layers M (Mamba-2: 4 heads of 16, state 16, 2 groups), *
+    # (NoPE attention, 4 heads of 16, 2 KV heads), - (relu² MLP 64 wide), E
+    # (4 plain relu² experts of 32 in 2 groups, 1 kept, top-2, renormalised
+    # and scaled, a shared relu² expert of 32).
+    nemotron_h_unused = ["num_hidden_layers", "rms_norm_eps", "rope_theta", "tie_word_embeddings"]
+    mg.TYPE_UNUSED_BASE_KEYS["nemotron_h"] = nemotron_h_unused
+    mg.TYPE_DEFAULTS["nemotron_h"] = {
+        "intermediate_size": 64, "attention_bias": False, "mamba_num_heads": 4,
+        "mamba_head_dim": 16, "mamba_proj_bias": False, "ssm_state_size": 16, "conv_kernel": 4,
+        "n_groups": 2, "mlp_bias": False, "layer_norm_epsilon": 1e-5, "use_bias": False,
+        "use_conv_bias": True, "hybrid_override_pattern": "M*-E", "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 32, "n_group": 2, "n_routed_experts": 4,
+        "n_shared_experts": 1, "topk_group": 1, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "routed_scaling_factor": 1.5, "time_step_limit": [0.0, 100.0],
+    }
     mg.CASES += [
+        {"name": "nemotron_h", "model_type": "nemotron_h", "config": {}},
+        # The pattern as layers_block_type, MoE in a latent width of 32,
+        # biased projections, head_dim given.
+        {"name": "nemotron_h_latent", "model_type": "nemotron_h",
+         "config": {"hybrid_override_pattern": None,
+                    "layers_block_type": ["moe", "mamba", "attention"],
+                    "moe_latent_size": 32, "mlp_bias": True, "mamba_proj_bias": True,
+                    "attention_bias": True, "head_dim": 8}},
         {"name": "longcat_flash", "model_type": "longcat_flash", "config": {}, "seed": 1},
         {"name": "phixtral", "model_type": "phixtral", "config": {}, "seed": 2},
         # phi-msft (phixtral's alias) with one expert per token.

@@ -301,7 +301,7 @@ fn oai_glu(gate: &Array, up: &Array, limit: Option<f32>) -> Result<Array, Except
 impl Op for MoeOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
-        let (mut inds, mut scores) = self.route(x)?;
+        let (mut inds, mut scores) = self.route(inputs.get(1).copied().unwrap_or(x))?;
         // Identity experts: slots past the real ones run no MLP; their
         // weights scale the input itself.
         let mut identity = None;

@@ -40,6 +40,8 @@ struct Setup {
     k: usize,
     route: Route,
     mlp: Mlp,
+    /// The router scores a second input instead of the experts' input.
+    router_input: bool,
 }
 
 fn dot(a: &[f32], b: &[f64]) -> f64 {
@@ -144,7 +146,7 @@ fn gelu_tanh(v: f64) -> f64 {
     0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
 }
 
-fn reference(s: &Setup, x: &[f32], tokens: usize, w: &[Vec<f32>]) -> Vec<f64> {
+fn reference(s: &Setup, x: &[f32], r: &[f32], tokens: usize, w: &[Vec<f32>]) -> Vec<f64> {
     let (d, f) = (s.d, s.f);
     let (router, router_bias, correction) = (&w[0], &w[1], &w[2]);
     let mut out = Vec::new();
@@ -153,8 +155,12 @@ fn reference(s: &Setup, x: &[f32], tokens: usize, w: &[Vec<f32>]) -> Vec<f64> {
             .iter()
             .map(|v| f64::from(*v))
             .collect();
+        let rt: Vec<f64> = r[t * d..(t + 1) * d]
+            .iter()
+            .map(|v| f64::from(*v))
+            .collect();
         let logits: Vec<f64> = (0..s.e + s.zero)
-            .map(|j| dot(&router[j * d..(j + 1) * d], &xt) + f64::from(router_bias[j]))
+            .map(|j| dot(&router[j * d..(j + 1) * d], &rt) + f64::from(router_bias[j]))
             .collect();
         let (chosen, weights) = route(s, &logits, correction);
         let mut y = vec![0.0f64; d];
@@ -247,14 +253,26 @@ fn check(s: &Setup, params: &[(&str, Value)]) {
         ("zero_experts", Value::Int(s.zero as i64)),
     ];
     values.extend(params.iter().cloned());
-    let op = build("moe", &values, &[ValueInfo::flat(s.d as i64)], given);
+    let infos = vec![ValueInfo::flat(s.d as i64); if s.router_input { 2 } else { 1 }];
+    let op = build("moe", &values, &infos, given);
     // 5 tokens: below the sort threshold; 40 tokens: sorted by expert.
     for tokens in [5usize, 40] {
         let x = noise(tokens * s.d, 7 + tokens as u64);
         let xa = Array::from_slice(&x, &[1, tokens as i32, d]);
+        let r = if s.router_input {
+            noise(tokens * s.d, 9 + tokens as u64)
+        } else {
+            x.clone()
+        };
+        let ra = Array::from_slice(&r, &[1, tokens as i32, d]);
+        let inputs: Vec<&Array> = if s.router_input {
+            vec![&xa, &ra]
+        } else {
+            vec![&xa]
+        };
         close(
-            &run(op.as_ref(), &[&xa], 0),
-            &reference(s, &x, tokens, &w),
+            &run(op.as_ref(), &inputs, 0),
+            &reference(s, &x, &r, tokens, &w),
             1e-5,
         );
     }
@@ -270,6 +288,7 @@ fn plain_experts_with_biases() {
         k: 2,
         route: Route::TopkSoftmax,
         mlp: Mlp::Plain { relu2: false },
+        router_input: false,
     };
     check(
         &base,
@@ -281,6 +300,8 @@ fn plain_experts_with_biases() {
     let groups = Setup {
         route: Route::SigmoidGroups { size: 2, drop: 1 },
         mlp: Mlp::Plain { relu2: true },
+        // nemotron_h's latent experts: the router scores another input.
+        router_input: true,
         ..base
     };
     check(
@@ -306,6 +327,7 @@ fn clamped_swiglu_and_sparsemixer() {
         k: 2,
         route: Route::Sparsemixer(0.3),
         mlp: Mlp::Clamped(0.4),
+        router_input: false,
     };
     check(
         &s,
@@ -330,6 +352,7 @@ fn identity_experts_and_oai_swiglu() {
             scale: 1.5,
         },
         mlp: Mlp::Oai(0.5),
+        router_input: false,
     };
     check(
         &s,

@@ -41,8 +41,8 @@ choice! {
 }
 
 op! {
-    /// Top-k routed mixture of gated (GLU) or plain experts with stacked weights and gather matmuls.
-    "moe" (1..=1) => Moe {
+    /// Top-k routed mixture of gated (GLU) or plain experts with stacked weights and gather matmuls; a second input, when given, is what the router scores (the experts run on the first).
+    "moe" (1..=2) => Moe {
         router: WeightName, "module holding the router `weight` [experts + zero_experts, in]";
         experts: WeightName, "module holding stacked `gate_proj`, `up_proj` [experts, hidden, in] and `down_proj` [experts, in, hidden] (gated), or `fc1` [experts, hidden, in] and `fc2` [experts, in, hidden] (not gated)";
         num_experts: i64, "number of experts";
@@ -70,6 +70,12 @@ op! {
 impl Moe {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let d = expect_flat(inputs, 0)?;
+        // The router reads the second input when there is one.
+        let routed_on = if inputs.len() > 1 {
+            expect_flat(inputs, 1)?
+        } else {
+            d
+        };
         let (e, k, f, z) = (self.num_experts, self.top_k, self.hidden, self.zero_experts);
         if z < 0 {
             return Err(OpError::new(
@@ -109,7 +115,7 @@ impl Moe {
             "router",
             router.clone(),
             "weight",
-            vec![slots, d],
+            vec![slots, routed_on],
         )];
         let projections: &[(&str, i64, i64)] = if self.gated {
             &[("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)]
