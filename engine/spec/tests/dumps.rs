@@ -102,6 +102,7 @@ dump_tests!(
     kimi_vl,
     klear = "Klear",
     klear_hf = "Klear_hf",
+    laguna,
     lfm2,
     lfm2_moe,
     lfm2_vl = "lfm2-vl",

@@ -4,7 +4,7 @@ import dataclasses
 
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash"}
+OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -32,6 +32,17 @@ TYPE_DEFAULTS = {
         "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
         "routed_scaling_factor": 2.0, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
         "norm_topk_prob": True, "n_group": 2, "topk_group": 1},
+    "laguna": {
+        "head_dim": 16, "intermediate_size": 64, "qkv_bias": True, "attention_bias": True,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4,
+        "num_attention_heads_per_layer": [4, 2],
+        "rope_parameters": {
+            "sliding_attention": {"rope_theta": 10000.0},
+            "full_attention": {"rope_theta": 1000000.0, "partial_rotary_factor": 0.5,
+                               "rope_type": "yarn", "factor": 4.0,
+                               "original_max_position_embeddings": 16}},
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24, "moe_routed_scaling_factor": 2.0},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -41,6 +52,7 @@ TYPE_UNUSED_BASE_KEYS = {
     "dbrx": None,  # set in register: every BASE_CONFIG key
     "ministral3": ["rope_theta"],
     "mimo_v2_flash": ["rms_norm_eps", "tie_word_embeddings"],
+    "laguna": ["rope_theta"],
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
 
@@ -76,6 +88,11 @@ CASES = [
     # experts in 2 groups plus a shared one. Learned sinks in both, values
     # scaled by 0.7.
     {"name": "mimo_v2_flash", "model_type": "mimo_v2_flash", "config": {}},
+    # Layer 0: sliding (window 4), 4 query heads, full rope base 1e4, dense
+    # MLP; layer 1: full, 2 query heads, yarn on half of each head, 4
+    # sigmoid-routed experts (top 2, renormalised, x2) plus a shared one.
+    # Softplus output gates per head, q/k/v/o biases.
+    {"name": "laguna", "model_type": "laguna", "config": {}},
 ]
 
 
@@ -86,7 +103,7 @@ def register(mg):
     mg.CASES += CASES
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
     # MoE gates returning (indices, weights): no router tap.
-    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash"}
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna"}
     # mimo_v2_flash routes as deepseek_v3 (noaux_tc) does.
     moe_reference = mg.moe_reference
 
@@ -147,14 +164,16 @@ def register(mg):
         mg.Tap("model.layers.layers.{i}.mlp.up_proj", "layers.{i}.mlp.up"),
         # (mlp.down_proj, mlp and the layer output: plamo3's rows, dense_b.py)
     ]
-    _skip_layer_walks(mg, {"plamo"})
+    # laguna's router (gate.proj, always renormalised, scaled after the sum)
+    # has no reference in make_golden: its MoE output is checked end to end.
+    _skip_layer_walks(mg, {"plamo", "laguna"})
     at = len(mg.TAPS) - 1  # before the logits row
     mg.TAPS[at:at] = [dataclasses.replace(row, applies=_only(OWN_LAYOUT)) for row in rows]
 
 
 def _skip_layer_walks(mg, types):
-    """routing_stats / check_block_math walk model.layers as a list; plamo's
-    is a module holding the list (and has no MoE or other recomputed block)."""
+    """Leaves `types` out of routing_stats / check_block_math (which walk
+    model.layers as a list; plamo's is a module holding the list)."""
     routing_stats, check_block_math = mg.routing_stats, mg.check_block_math
 
     def routing_stats_(model, model_type, config, taps):
