@@ -131,6 +131,7 @@ dump_tests!(
     mistral,
     mistral3,
     mixtral,
+    muse_glimmer,
     nanochat,
     nemotron,
     nemotron_h,

@@ -4,7 +4,7 @@ import dataclasses
 
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna"}
+OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna", "muse_glimmer"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -43,6 +43,9 @@ TYPE_DEFAULTS = {
                                "original_max_position_embeddings": 16}},
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
         "shared_expert_intermediate_size": 24, "moe_routed_scaling_factor": 2.0},
+    "muse_glimmer": {"head_dim": 16, "post_norm_eps": 1e-6, "sliding_window": 4,
+                     "qk_scale_factor": 2.0, "output_multiplier": 0.5,
+                     "final_logit_softcapping": 5.0, "hidden_activation": "silu"},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -53,6 +56,7 @@ TYPE_UNUSED_BASE_KEYS = {
     "ministral3": ["rope_theta"],
     "mimo_v2_flash": ["rms_norm_eps", "tie_word_embeddings"],
     "laguna": ["rope_theta"],
+    "muse_glimmer": ["max_position_embeddings"],
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
 
@@ -93,6 +97,10 @@ CASES = [
     # sigmoid-routed experts (top 2, renormalised, x2) plus a shared one.
     # Softplus output gates per head, q/k/v/o biases.
     {"name": "laguna", "model_type": "laguna", "config": {}},
+    # The default layer pattern: layers 0-2 local (window 4, rope), layer 3
+    # global (NoPE); logits x0.5 then capped at 5.
+    {"name": "muse_glimmer", "model_type": "muse_glimmer",
+     "config": {"num_hidden_layers": 4, "intermediate_size": 32, "hidden_size": 48}, "seed": 1},
 ]
 
 
@@ -102,8 +110,10 @@ def register(mg):
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
+    # Sandwich norms: post_attention_layernorm normalises the attention output.
+    mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"muse_glimmer"}
     # MoE gates returning (indices, weights): no router tap.
-    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna"}
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna", "muse_glimmer"}
     # mimo_v2_flash routes as deepseek_v3 (noaux_tc) does.
     moe_reference = mg.moe_reference
 
