@@ -66,6 +66,8 @@ dump_tests!(
     falcon_h1_norm_before_gate,
     falcon_h1_rms_norm,
     falcon_mamba,
+    gear,
+    gear_hf,
     gemma,
     gemma2,
     gemma3,

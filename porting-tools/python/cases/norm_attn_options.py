@@ -2,9 +2,11 @@
 nemotron, nanochat, ... (one family module; see README.md)."""
 import dataclasses
 
+import mlx.core as mx
+
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna", "muse_glimmer"}
+OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna", "muse_glimmer", "gear"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -46,6 +48,12 @@ TYPE_DEFAULTS = {
     "muse_glimmer": {"head_dim": 16, "post_norm_eps": 1e-6, "sliding_window": 4,
                      "qk_scale_factor": 2.0, "output_multiplier": 0.5,
                      "final_logit_softcapping": 5.0, "hidden_activation": "silu"},
+    "gear": {"head_dim": 16, "intermediate_size": 32, "sliding_window": 4, "conv_L_cache": 3,
+             "attention_bias": True, "query_pre_attn_scalar": 24,
+             "attn_logit_softcapping": 5.0, "final_logit_softcapping": 6.0,
+             "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0,
+             "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+             "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -101,19 +109,33 @@ CASES = [
     # global (NoPE); logits x0.5 then capped at 5.
     {"name": "muse_glimmer", "model_type": "muse_glimmer",
      "config": {"num_hidden_layers": 4, "intermediate_size": 32, "hidden_size": 48}, "seed": 1},
+    # Layer 0 sliding attention (window 4, local rope base), layer 1 the
+    # gated convolution mixer (kernel 3, biases, 2 key/value heads repeated
+    # to 4), layer 2 full attention (linear rope scaling); scores capped at
+    # 5, logits at 6; tied head.
+    {"name": "gear", "model_type": "gear",
+     "config": {"num_hidden_layers": 3,
+                "layer_types": ["sliding_attention", "conv_mixer", "full_attention"]}},
+    # The same model as Hugging Face stores it: Conv1d weights [C, 1, K],
+    # rotary inv_freq buffers, the tied lm_head written out.
+    {"name": "gear_hf", "model_type": "gear",
+     "config": {"num_hidden_layers": 3,
+                "layer_types": ["sliding_attention", "conv_mixer", "full_attention"]},
+     "hf_layout": "gear"},
 ]
 
 
 def register(mg):
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
+    mg.HF_LAYOUTS["gear"] = (gear_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
     # Sandwich norms: post_attention_layernorm normalises the attention output.
-    mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"muse_glimmer"}
+    mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"muse_glimmer", "gear"}
     # MoE gates returning (indices, weights): no router tap.
-    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna", "muse_glimmer"}
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna", "muse_glimmer", "gear"}
     # mimo_v2_flash routes as deepseek_v3 (noaux_tc) does.
     moe_reference = mg.moe_reference
 
@@ -179,6 +201,23 @@ def register(mg):
     _skip_layer_walks(mg, {"plamo", "laguna"})
     at = len(mg.TAPS) - 1  # before the logits row
     mg.TAPS[at:at] = [dataclasses.replace(row, applies=_only(OWN_LAYOUT)) for row in rows]
+
+
+def gear_to_hf(weights, config):
+    """What mlx-lm's gear sanitize turns back: depthwise conv weights as
+    [C, 1, K], rotary inv_freq buffers of the attention layers, and
+    lm_head.weight although tied."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(("key_conv.weight", "value_conv.weight")):
+            v = v.transpose(0, 2, 1)
+        out[k] = v
+    half = config["head_dim"] // 2
+    for i, kind in enumerate(config["layer_types"]):
+        if kind != "conv_mixer":
+            out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = mx.ones((half,))
+    out["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return dict(sorted(out.items()))
 
 
 def _skip_layer_walks(mg, types):
