@@ -523,9 +523,9 @@ impl Parser {
 }
 
 /// Functions callable from expressions.
-pub const FUNCTIONS: [&str; 15] = [
+pub const FUNCTIONS: [&str; 17] = [
     "min", "max", "abs", "int", "float", "sqrt", "log", "exp", "len", "get", "floor", "ceil",
-    "bf16", "set", "pick",
+    "bf16", "set", "pick", "str", "split",
 ];
 
 impl Expr {
@@ -849,6 +849,31 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 v => Err(format!("len() of {}", v.type_name())),
             }
         }
+        "str" => {
+            // An int or a str as text (layer indices against lists in strings).
+            arity(1)?;
+            match &args[0] {
+                Value::Int(k) => Ok(Value::Str(k.to_string())),
+                Value::Str(t) => Ok(Value::Str(t.clone())),
+                v => Err(format!("str() of {}", v.type_name())),
+            }
+        }
+        "split" => {
+            // "1, 3,5" -> ['1', '3', '5']: the pieces between separators, trimmed.
+            arity(2)?;
+            match (&args[0], &args[1]) {
+                (Value::Str(t), Value::Str(sep)) if !sep.is_empty() => Ok(Value::List(
+                    t.split(sep.as_str())
+                        .map(|p| Value::Str(p.trim().to_string()))
+                        .collect(),
+                )),
+                (a, b) => Err(format!(
+                    "split({}, {}): a str and a non-empty str separator",
+                    a.type_name(),
+                    b.type_name()
+                )),
+            }
+        }
         "pick" => {
             // One value for every layer, or a list with one per layer.
             arity(2)?;
@@ -965,6 +990,14 @@ mod tests {
             .and_then(|e| e.eval(&IndexMap::<String, Value>::new()))
             .expect_err("out of range");
         assert!(err.contains("index 2 of a list of 1"), "{err}");
+        // Layer lists written as comma strings (step3p5's moe_layers_enum).
+        assert_eq!(eval("str(3) in split('1, 3,5', ',')"), Value::Bool(true));
+        assert_eq!(eval("str(2) in split('1, 3,5', ',')"), Value::Bool(false));
+        assert_eq!(eval("len(split('7', ','))"), Value::Int(1));
+        let err = Expr::parse("split('a', '')")
+            .and_then(|e| e.eval(&IndexMap::<String, Value>::new()))
+            .expect_err("empty separator");
+        assert!(err.contains("non-empty"), "{err}");
     }
 
     #[test]

@@ -179,6 +179,8 @@ dump_tests!(
     stablelm_parallel,
     stablelm_qk_layernorm,
     starcoder2,
+    step3p5,
+    step3p5_clamped,
     telechat3,
     xverse,
     youtu_llm,

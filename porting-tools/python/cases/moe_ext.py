@@ -17,7 +17,37 @@ def _wrap_moe_reference(mg):
     blocks."""
     original = mg.moe_reference
 
+    def clamped_glu(g, u, limit):
+        h = mg._silu(g)
+        if limit:
+            h, u = np.minimum(h, limit), np.clip(u, -limit, limit)
+        return h * u
+
+    def step3p5(block, config, x):
+        k = config["moe_top_k"]
+        gate = block["gate"]
+        scores = mg._sigmoid(mg._apply_linear(gate["gate"], x))
+        inds, margin = mg._topk(scores + mg._f64(gate["router_bias"]), k)
+        weights = np.take_along_axis(scores, inds, -1)
+        if config.get("norm_expert_weight", True):
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        weights = weights * config.get("moe_router_scaling_factor", 3.0)
+        sw = block["switch_mlp"]
+        limit = getattr(sw.activation, "limit", None)
+        wg, wu, wd = (mg._dense(sw[n]) for n in ("gate_proj", "up_proj", "down_proj"))
+        hidden = clamped_glu(np.einsum("btd,eid->btei", x, wg), np.einsum("btd,eid->btei", x, wu),
+                             limit)
+        experts = np.einsum("btei,edi->bted", hidden, wd)
+        chosen = np.take_along_axis(experts, inds[..., None], axis=2)
+        y = (chosen * weights[..., None]).sum(axis=2)
+        se = block["share_expert"]
+        shared = clamped_glu(mg._apply_linear(se["gate_proj"], x), mg._apply_linear(se["up_proj"], x),
+                             se.limit)
+        return y + mg._apply_linear(se["down_proj"], shared), {"experts": inds, "margin": margin}
+
     def moe_reference(block, model_type, config, x):
+        if model_type == "step3p5":
+            return step3p5(block, config, x)
         if model_type != "phimoe":
             return original(block, model_type, config, x)
         k = config["num_experts_per_tok"]
@@ -106,7 +136,32 @@ def register(mg):
         "n_shared_experts": 1, "topk_group": 1, "num_experts_per_tok": 2,
         "norm_topk_prob": True, "routed_scaling_factor": 1.5, "time_step_limit": [0.0, 100.0],
     }
+    # step3p5: layer 0 sliding (window 4, 2 heads of 16 / 1 KV head, rope on
+    # half, theta 1e4), dense; layer 1 full (4 heads / 2 KV heads, theta
+    # 5e5), MoE by moe_layers_enum; 4 experts of 32 top-2 + shared 32; the
+    # SwiGLUs clamped at 0.5 (inside the values' range) but layer 1's experts.
+    mg.TYPE_UNUSED_BASE_KEYS["step3p5"] = ["num_key_value_heads"]
+    mg.TYPE_DEFAULTS["step3p5"] = {
+        "num_attention_groups": 2, "head_dim": 16,
+        "intermediate_size": 64, "rope_theta": [10000.0, 500000.0],
+        "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+        "partial_rotary_factors": [0.5, 1.0],
+        "attention_other_setting": {"num_attention_heads": 2, "num_attention_groups": 1},
+        "use_head_wise_attn_gate": True, "moe_num_experts": 4, "moe_top_k": 2,
+        "moe_intermediate_size": 32, "share_expert_dim": 32, "moe_layers_enum": " 1",
+        "moe_router_scaling_factor": 1.5, "norm_expert_weight": True,
+        "swiglu_limits": [0.0, None], "swiglu_limits_shared": [0.5, 0.5],
+    }
     mg.CASES += [
+        {"name": "step3p5", "model_type": "step3p5", "config": {}},
+        # Clamped experts too; every other layer sliding by default (no
+        # layer_types), MoE from layer 1 on (no moe_layers_enum), yarn on the
+        # full layers only.
+        {"name": "step3p5_clamped", "model_type": "step3p5",
+         "config": {"swiglu_limits": [0.0, 0.5], "layer_types": None, "moe_layers_enum": None,
+                    "rope_scaling": {"type": "yarn", "factor": 2.0,
+                                     "original_max_position_embeddings": 256},
+                    "yarn_only_types": ["full_attention"]}},
         {"name": "nemotron_h", "model_type": "nemotron_h", "config": {}},
         # The pattern as layers_block_type, MoE in a latent width of 32,
         # biased projections, head_dim given.
@@ -131,4 +186,9 @@ def register(mg):
     ]
     logits = next(k for k, row in enumerate(mg.TAPS) if row.module == "" and row.name == "logits")
     mg.TAPS[logits:logits] = _phixtral_taps(mg)
+    # step3p5's mlp.gate returns (indices, weights), not logits.
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"step3p5"}
+    # Its attention names its head counts num_heads / num_kv_heads and gates
+    # each head: not the llama math the generic checks redo.
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"step3p5"}
     _wrap_moe_reference(mg)
