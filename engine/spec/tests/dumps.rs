@@ -83,6 +83,7 @@ dump_tests!(
     gpt_bigcode,
     gpt_bigcode_mha,
     gpt_neox,
+    gpt_oss,
     gptj,
     gptj_hf,
     granite,

@@ -6,7 +6,8 @@ import mlx.core as mx
 
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo", "mimo_v2_flash", "laguna", "muse_glimmer", "gear"}
+OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo",
+              "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -54,6 +55,10 @@ TYPE_DEFAULTS = {
              "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0,
              "rope_scaling": {"rope_type": "linear", "factor": 2.0},
              "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    "gpt_oss": {"head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
+                "num_experts_per_tok": 2, "sliding_window": 4,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "original_max_position_embeddings": 16}},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -64,6 +69,7 @@ TYPE_UNUSED_BASE_KEYS = {
     "ministral3": ["rope_theta"],
     "mimo_v2_flash": ["rms_norm_eps", "tie_word_embeddings"],
     "laguna": ["rope_theta"],
+    "gpt_oss": ["max_position_embeddings", "tie_word_embeddings"],
     "muse_glimmer": ["max_position_embeddings"],
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
@@ -122,6 +128,11 @@ CASES = [
      "config": {"num_hidden_layers": 3,
                 "layer_types": ["sliding_attention", "conv_mixer", "full_attention"]},
      "hf_layout": "gear"},
+    # Layer 0 sliding (window 4), layer 1 full, both with learned sinks and
+    # q/k/v/o biases; yarn over 16 positions; 4 experts with biases, top 2 by
+    # a softmax over their router logits (router bias). gpt-oss's SwiGLU
+    # clamps at 7, which these small random weights never reach.
+    {"name": "gpt_oss", "model_type": "gpt_oss", "config": {}},
 ]
 
 
@@ -135,7 +146,7 @@ def register(mg):
     # Sandwich norms: post_attention_layernorm normalises the attention output.
     mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"muse_glimmer", "gear"}
     # MoE gates returning (indices, weights): no router tap.
-    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna", "muse_glimmer", "gear"}
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss"}
     # mimo_v2_flash routes as deepseek_v3 (noaux_tc) does.
     moe_reference = mg.moe_reference
 
