@@ -133,6 +133,7 @@ dump_tests!(
     ministral3,
     mistral,
     mistral3,
+    mistral4,
     mixtral,
     muse_glimmer,
     nanochat,

@@ -7,7 +7,7 @@ import mlx.core as mx
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
 OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo",
-              "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss"}
+              "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss", "mistral4"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -59,6 +59,16 @@ TYPE_DEFAULTS = {
                 "num_experts_per_tok": 2, "sliding_window": 4,
                 "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                  "beta_slow": 1.0, "original_max_position_embeddings": 16}},
+    "mistral4": {
+        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16, "v_head_dim": 16, "intermediate_size": 32,
+        "moe_intermediate_size": 16, "n_routed_experts": 4, "n_shared_experts": 1,
+        "num_experts_per_tok": 2, "routed_scaling_factor": 2.0, "norm_topk_prob": True,
+        "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 4, "beta_fast": 32,
+                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                            "llama_4_scaling_beta": 0.5}},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -70,6 +80,7 @@ TYPE_UNUSED_BASE_KEYS = {
     "mimo_v2_flash": ["rms_norm_eps", "tie_word_embeddings"],
     "laguna": ["rope_theta"],
     "gpt_oss": ["max_position_embeddings", "tie_word_embeddings"],
+    "mistral4": ["rope_theta"],
     "muse_glimmer": ["max_position_embeddings"],
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
@@ -133,6 +144,11 @@ CASES = [
     # a softmax over their router logits (router bias). gpt-oss's SwiGLU
     # clamps at 7, which these small random weights never reach.
     {"name": "gpt_oss", "model_type": "gpt_oss", "config": {}},
+    # Latent attention with yarn over 4 positions and the llama-4 query
+    # temperature of period 4 on the whole query; layer 0 dense, layer 1 with
+    # 4 softmax-routed experts in 2 groups (the best group's top 2,
+    # renormalised, x2) plus a shared one.
+    {"name": "mistral4", "model_type": "mistral4", "config": {}},
 ]
 
 
@@ -208,8 +224,9 @@ def register(mg):
         # (mlp.down_proj, mlp and the layer output: plamo3's rows, dense_b.py)
     ]
     # laguna's router (gate.proj, always renormalised, scaled after the sum)
-    # has no reference in make_golden: its MoE output is checked end to end.
-    _skip_layer_walks(mg, {"plamo", "laguna"})
+    # and mistral4's (softmax with group limits) have no reference in
+    # make_golden: their MoE outputs are checked end to end.
+    _skip_layer_walks(mg, {"plamo", "laguna", "mistral4"})
     at = len(mg.TAPS) - 1  # before the logits row
     mg.TAPS[at:at] = [dataclasses.replace(row, applies=_only(OWN_LAYOUT)) for row in rows]
 
