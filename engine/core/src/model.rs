@@ -314,13 +314,8 @@ impl Model {
         }
         let (adapter, adapted) = match &opts.adapter {
             Some(source) => {
-                let layers = graph.layer_blocks.len();
-                let (attached, nodes) = crate::adapter::attach(source, &targets, layers, &params)?;
-                let map = nodes
-                    .into_iter()
-                    .zip(attached.slots.iter().cloned())
-                    .collect();
-                (Some(attached), map)
+                let (attached, nodes) = crate::adapter::attach(source, &targets, &params)?;
+                (Some(attached), nodes.into_iter().collect())
             }
             None => (None, std::collections::HashMap::new()),
         };

@@ -222,6 +222,10 @@ impl AdapterSlot {
     }
 }
 
+/// Each adapted node (by index) with its slot (a slot may serve several
+/// nodes).
+pub type NodeSlots = Vec<(usize, Arc<AdapterSlot>)>;
+
 /// An adapter attached to a loaded model.
 #[derive(Debug, Clone)]
 pub struct Attached {
@@ -372,12 +376,13 @@ pub fn origins(
         .collect())
 }
 
-/// A `linear` node that can take an adapter: its index, tap path, layer
-/// (from a `layers.{i}.` path) and the checkpoint module its weight came
-/// from.
+/// A checkpoint module that can take an adapter: the `linear` nodes whose
+/// weight came from its `<module>.weight` (several when a spec runs one
+/// module more than once, e.g. layers looped with shared weights), the
+/// first one's tap path and layer (from a `layers.{i}.` path).
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub node: usize,
+    pub nodes: Vec<usize>,
     pub path: String,
     pub layer: Option<usize>,
     pub module: String,
@@ -389,10 +394,12 @@ fn layer_of(path: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Every `linear` node whose weight traces to exactly one checkpoint tensor
-/// `<module>.weight`.
+/// Every checkpoint module whose `<module>.weight` is, alone, the weight
+/// of `linear` nodes of one shape. A tensor the rules split into nodes of
+/// different shapes is no target (an adapter of the whole module would not
+/// fit any part).
 pub fn targets(graph: &Graph, origins: &IndexMap<String, Vec<String>>) -> Vec<Target> {
-    let mut out = Vec::new();
+    let mut by_module: IndexMap<String, (Target, Vec<i64>, bool)> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
         if !matches!(node.op, OpConfig::Linear(_)) {
             continue;
@@ -406,14 +413,27 @@ pub fn targets(graph: &Graph, origins: &IndexMap<String, Vec<String>>) -> Vec<Ta
         let Some(module) = from.strip_suffix(".weight") else {
             continue;
         };
-        out.push(Target {
-            node: k,
-            path: node.path.clone(),
-            layer: layer_of(&node.path),
-            module: module.to_string(),
-        });
+        match by_module.get_mut(module) {
+            Some((t, shape, same)) => {
+                t.nodes.push(k);
+                *same &= *shape == req.shape;
+            }
+            None => {
+                let t = Target {
+                    nodes: vec![k],
+                    path: node.path.clone(),
+                    layer: layer_of(&node.path),
+                    module: module.to_string(),
+                };
+                by_module.insert(module.to_string(), (t, req.shape.clone(), true));
+            }
+        }
     }
-    out
+    by_module
+        .into_values()
+        .filter(|(_, _, same)| *same)
+        .map(|(t, _, _)| t)
+        .collect()
 }
 
 /// The module name relative to its layer (`model.layers.3.self_attn.q_proj`
@@ -428,11 +448,13 @@ pub fn relative_key(module: &str, layer: usize) -> &str {
 
 /// The targets a new adapter of `cfg` covers: linear nodes of the last
 /// `num_layers` layers (all with -1), filtered by `keys`.
-pub fn select<'t>(
-    targets: &'t [Target],
-    layers: usize,
-    cfg: &AdapterConfig,
-) -> Result<Vec<&'t Target>> {
+pub fn select<'t>(targets: &'t [Target], cfg: &AdapterConfig) -> Result<Vec<&'t Target>> {
+    // Layers as the checkpoint has them (a looped stack counts once).
+    let layers = targets
+        .iter()
+        .filter_map(|t| t.layer)
+        .max()
+        .map_or(0, |l| l + 1);
     let from = match cfg.num_layers {
         n if n < 0 => 0,
         n if n as usize > layers => {
@@ -485,23 +507,22 @@ pub fn row_norms(p: &Param) -> std::result::Result<Array, mlx_rs::error::Excepti
 pub fn attach(
     source: &AdapterSource,
     targets: &[Target],
-    layers: usize,
     weights: &[Vec<Param>],
-) -> Result<(Attached, Vec<usize>)> {
+) -> Result<(Attached, NodeSlots)> {
     match source {
         AdapterSource::Dir(dir) => {
             let adapter = format::load(dir)?;
             attach_loaded(&adapter, targets, weights)
         }
         AdapterSource::New { config, seed } => {
-            let chosen = select(targets, layers, config)?;
+            let chosen = select(targets, config)?;
             // Draws follow MLX's global key sequence after `seed(seed)`:
             // each draw splits the key and uses the second half.
             let mut key = mlx_rs::random::key(*seed)?;
             let mut slots = Vec::new();
             let mut nodes = Vec::new();
             for t in &chosen {
-                let p = &weights[t.node][0];
+                let p = &weights[t.nodes[0]][0];
                 let (out, inp) = linear_dims(p).ok_or_else(|| {
                     Error::Usage(format!("{}: not a 2-D linear weight", t.module))
                 })?;
@@ -520,13 +541,14 @@ pub fn attach(
                     AdapterKind::Lora => None,
                 };
                 let tensors = ModuleTensors { a, b, m };
-                slots.push(Arc::new(AdapterSlot::new(
+                let slot = Arc::new(AdapterSlot::new(
                     t.module.clone(),
                     t.path.clone(),
                     config,
                     tensors,
-                )));
-                nodes.push(t.node);
+                ));
+                nodes.extend(t.nodes.iter().map(|&k| (k, slot.clone())));
+                slots.push(slot);
             }
             let attached = Attached {
                 config: config.clone(),
@@ -543,7 +565,7 @@ pub fn attach_loaded(
     adapter: &Adapter,
     targets: &[Target],
     weights: &[Vec<Param>],
-) -> Result<(Attached, Vec<usize>)> {
+) -> Result<(Attached, NodeSlots)> {
     let file = &adapter.file;
     let cfg = &adapter.config;
     let unmatched: Vec<&str> = adapter
@@ -557,7 +579,7 @@ pub fn attach_loaded(
         return Err(Error::Weights {
             file: file.clone(),
             msg: format!(
-                "adapter modules match no linear layer of the model: {} (the model's linear layers are named like {})",
+                "adapter modules match no linear layer of the model: {} (the model's linear layers are named like {}; a tensor the spec's rules split into several layers takes no adapter)",
                 unmatched.join(", "),
                 known.join(", ")
             ),
@@ -569,7 +591,7 @@ pub fn attach_loaded(
         let Some(m) = adapter.modules.get(&t.module) else {
             continue;
         };
-        let (out, inp) = linear_dims(&weights[t.node][0])
+        let (out, inp) = linear_dims(&weights[t.nodes[0]][0])
             .ok_or_else(|| Error::Usage(format!("{}: not a 2-D linear weight", t.module)))?;
         let bad = |what: &str, msg: String| Error::Weights {
             file: file.clone(),
@@ -618,13 +640,14 @@ pub fn attach_loaded(
             }
             _ => {}
         }
-        slots.push(Arc::new(AdapterSlot::new(
+        let slot = Arc::new(AdapterSlot::new(
             t.module.clone(),
             t.path.clone(),
             cfg,
             m.clone(),
-        )));
-        nodes.push(t.node);
+        ));
+        nodes.extend(t.nodes.iter().map(|&k| (k, slot.clone())));
+        slots.push(slot);
     }
     Ok((
         Attached {

@@ -137,7 +137,10 @@ impl MoeOp {
             choice = self.limit_groups(&choice)?;
         }
         let neg = mlx_rs::ops::negative(&choice)?;
-        let inds = argpartition_axis(&neg, k - 1, -1)?.try_index((.., .., ..k))?;
+        // The choice is not differentiated (mlx-lm's stop_gradient): a
+        // gradient through the scores flows into the weights only.
+        let inds =
+            mlx_rs::stop_gradient(argpartition_axis(&neg, k - 1, -1)?.try_index((.., .., ..k))?)?;
         // Weights come from the scores the choice was made on, dropped
         // groups zeroed (so an expert of a dropped group that fills the top
         // k weighs nothing); with a correction bias, from the scores alone.
@@ -173,7 +176,8 @@ impl MoeOp {
         let (mut inds, mut weights) = (Vec::new(), Vec::new());
         for _ in 0..self.cfg.top_k {
             let top = masked.max_axis(-1, true)?;
-            let ind = mlx_rs::ops::indexing::argmax_axis(&masked, -1, true)?;
+            let ind =
+                mlx_rs::stop_gradient(mlx_rs::ops::indexing::argmax_axis(&masked, -1, true)?)?;
             let factor = mlx_rs::ops::maximum(&magnitude, &top)?;
             let gap = mlx_rs::ops::divide(mlx_rs::ops::subtract(&top, logits)?, &factor)?;
             let band = mlx_rs::ops::select(&gap.gt(&band_width)?, &neg_inf, &masked)?;
@@ -208,8 +212,9 @@ impl MoeOp {
         if drop == 0 {
             return Ok(scores.clone());
         }
-        let worst =
-            argpartition_axis(&group_scores, drop - 1, -2)?.try_index((.., .., ..drop, ..))?;
+        let worst = mlx_rs::stop_gradient(
+            argpartition_axis(&group_scores, drop - 1, -2)?.try_index((.., .., ..drop, ..))?,
+        )?;
         let fill = match self.cfg.group_fill {
             GroupFill::Zero => 0.0,
             GroupFill::NegInf => f32::NEG_INFINITY,
