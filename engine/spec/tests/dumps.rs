@@ -154,6 +154,8 @@ dump_tests!(
     phixtral,
     pixtral,
     plamo,
+    plamo2,
+    plamo2_hf,
     plamo3,
     plamo3_short_window,
     qwen,

@@ -7,7 +7,8 @@ import mlx.core as mx
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
 OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo",
-              "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss", "mistral4"}
+              "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss", "mistral4",
+              "plamo2"}
 
 TYPE_DEFAULTS = {
     "nemotron": {"norm_eps": 1e-5, "hidden_act": "relu2", "partial_rotary_factor": 0.5},
@@ -69,6 +70,9 @@ TYPE_DEFAULTS = {
                             "original_max_position_embeddings": 4, "beta_fast": 32,
                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
                             "llama_4_scaling_beta": 0.5}},
+    "plamo2": {"hidden_size_per_head": 16, "mamba_num_heads": 4, "mamba_d_state": 16,
+               "mamba_d_conv": 4, "mamba_step": 2, "intermediate_size": 64,
+               "tie_word_embeddings": True},
     "apertus": {"mlp_bias": True, "attention_bias": False, "post_norm": False, "qk_norm": True},
 }
 
@@ -81,6 +85,7 @@ TYPE_UNUSED_BASE_KEYS = {
     "laguna": ["rope_theta"],
     "gpt_oss": ["max_position_embeddings", "tie_word_embeddings"],
     "mistral4": ["rope_theta"],
+    "plamo2": ["rope_theta"],
     "muse_glimmer": ["max_position_embeddings"],
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
@@ -149,12 +154,19 @@ CASES = [
     # 4 softmax-routed experts in 2 groups (the best group's top 2,
     # renormalised, x2) plus a shared one.
     {"name": "mistral4", "model_type": "mistral4", "config": {}},
+    # Layer 0 Mamba-2 (4 heads of 16, state 16, conv 4), layer 1 attention
+    # (mamba_step 2) with learned [heads, head_dim] gains after the
+    # weightless q/k norms; tied head.
+    {"name": "plamo2", "model_type": "plamo2", "config": {}},
+    # The same model with the convolution as Hugging Face stores it, [C, 1, K].
+    {"name": "plamo2_hf", "model_type": "plamo2", "config": {}, "hf_layout": "plamo2"},
 ]
 
 
 def register(mg):
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
     mg.HF_LAYOUTS["gear"] = (gear_to_hf, {"format": "pt"})
+    mg.HF_LAYOUTS["plamo2"] = (plamo2_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
@@ -226,7 +238,7 @@ def register(mg):
     # laguna's router (gate.proj, always renormalised, scaled after the sum)
     # and mistral4's (softmax with group limits) have no reference in
     # make_golden: their MoE outputs are checked end to end.
-    _skip_layer_walks(mg, {"plamo", "laguna", "mistral4"})
+    _skip_layer_walks(mg, {"plamo", "plamo2", "laguna", "mistral4"})
     at = len(mg.TAPS) - 1  # before the logits row
     mg.TAPS[at:at] = [dataclasses.replace(row, applies=_only(OWN_LAYOUT)) for row in rows]
 
@@ -246,6 +258,12 @@ def gear_to_hf(weights, config):
             out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = mx.ones((half,))
     out["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return dict(sorted(out.items()))
+
+
+def plamo2_to_hf(weights, config):
+    """What mlx-lm's plamo2 sanitize turns back: conv1d weights [C, 1, K]."""
+    return {k: (v.transpose(0, 2, 1) if k.endswith("conv1d.weight") else v)
+            for k, v in sorted(weights.items())}
 
 
 def _skip_layer_walks(mg, types):
