@@ -100,6 +100,7 @@ dump_tests!(
     jamba,
     jamba_block_types,
     joyai_llm_flash,
+    kimi_linear,
     kimi_k2,
     kimi_k25,
     kimi_vl,

@@ -1,6 +1,7 @@
 """Golden cases of the recurrent mixers of issue #23 (G4): mamba and
 falcon_mamba (Mamba-1's selective scan), jamba (Mamba-1 / attention layers,
-MoE every other layer)."""
+MoE every other layer), kimi_linear (Kimi Delta Attention: per-channel
+decay)."""
 
 
 def _only(*types):
@@ -17,6 +18,28 @@ def _mamba_taps(mg):
         T(f"{L}.mixer.x_proj", "layers.{i}.attn.dbc", detail=True),
         T(f"{L}.mixer.dt_proj", "layers.{i}.attn.dt", detail=True),
     ]
+
+
+def _wrap_moe_reference(mg):
+    """kimi_linear routes as deepseek_v3, with its correction bias beside
+    the router (not under it)."""
+    original = mg.moe_reference
+
+    def moe_reference(block, model_type, config, x):
+        if model_type != "kimi_linear":
+            return original(block, model_type, config, x)
+        v3_block = {"gate": {"weight": block["gate"]["weight"],
+                             "e_score_correction_bias": block["e_score_correction_bias"]},
+                    "switch_mlp": block["switch_mlp"]}
+        if block.get("shared_experts") is not None:
+            v3_block["shared_experts"] = block["shared_experts"]
+        v3_config = {"num_experts_per_tok": config["num_experts_per_token"],
+                     "n_group": config["num_expert_group"], "topk_group": config["topk_group"],
+                     "norm_topk_prob": config["moe_renormalize"],
+                     "routed_scaling_factor": config["routed_scaling_factor"]}
+        return original(v3_block, "deepseek_v3", v3_config, x)
+
+    mg.moe_reference = moe_reference
 
 
 def register(mg):
@@ -54,5 +77,22 @@ def register(mg):
          "config": {"layers_block_type": ["attention", "mamba"], "expert_layer_period": 1,
                     "mamba_proj_bias": True, "tie_word_embeddings": False}, "seed": 2},
     ]
+    # kimi_linear: layer 0 KDA (4 heads of 16, conv 4) with a dense MLP,
+    # layer 1 NoPE latent attention (latent 32, q 16 + 8 unrotated, v 16)
+    # with a MoE (4 experts of 16 in 2 groups, 1 kept, top-2, a shared
+    # expert, renormalised and scaled).
+    mg.TYPE_DEFAULTS["kimi_linear"] = {
+        "intermediate_size": 64, "head_dim": 16, "model_max_length": 512,
+        "linear_attn_config": {"num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4,
+                               "kda_layers": [1]},
+        "num_experts": 4, "moe_intermediate_size": 16, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "num_experts_per_token": 2, "num_shared_experts": 1, "moe_renormalize": True,
+        "routed_scaling_factor": 1.5, "first_k_dense_replace": 1, "num_expert_group": 2,
+        "topk_group": 1, "moe_router_activation_func": "sigmoid",
+    }
+    mg.CASES += [{"name": "kimi_linear", "model_type": "kimi_linear", "config": {}, "seed": 1}]
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear"}
+    _wrap_moe_reference(mg)
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == "backbone.layers.{i}.mixer.norm")
     mg.TAPS[k:k] = _mamba_taps(mg)

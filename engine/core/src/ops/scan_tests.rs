@@ -1,6 +1,6 @@
 //! The recurrences added for issue #23 against f64 references, each fed
 //! whole and in pieces through its cache slot: `selective_scan`
-//! (Mamba-1).
+//! (Mamba-1), `gated_delta`'s Kimi Delta Attention options.
 use lmspec_spec::expr::Value;
 use lmspec_spec::ops::{lookup, Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
@@ -128,4 +128,120 @@ fn selective_scan_matches_the_recurrence_whole_and_in_pieces() {
     close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
     let pieces = [(0, 5), (5, 6), (6, 8), (8, 9)];
     close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
+}
+
+/// The gated delta rule with Kimi Delta Attention's options, in f64: the
+/// decay per key channel (`a`, `dt_bias` `[Hv * Dk]`, A per head), or
+/// with a lower bound `exp(lb sigmoid(exp(A_log) (a + dt_bias)))`; beta
+/// doubled with `neg_eigval`. q, k unit length (q times dk^-0.5).
+#[allow(clippy::too_many_arguments)]
+fn kda_reference(
+    [q, k, v, a, b]: [&[f32]; 5],
+    [a_log, dt_bias]: [&[f32]; 2],
+    (t, hk, hv, dk, dv): (usize, usize, usize, usize, usize),
+    (channel, lower_bound, neg_eigval): (bool, Option<f64>, bool),
+) -> Vec<f64> {
+    let rep = hv / hk;
+    let mut s = vec![0.0f64; hv * dv * dk];
+    let mut out = Vec::new();
+    let unit = |x: &[f32], scale: f64| {
+        let n = (x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() + 1e-6).sqrt();
+        x.iter()
+            .map(|v| f64::from(*v) / n * scale)
+            .collect::<Vec<_>>()
+    };
+    let gates = if channel { dk } else { 1 };
+    for p in 0..t {
+        for j in 0..hv {
+            let h = j / rep;
+            let qh = unit(
+                &q[(p * hk + h) * dk..(p * hk + h + 1) * dk],
+                (dk as f64).powf(-0.5),
+            );
+            let kh = unit(&k[(p * hk + h) * dk..(p * hk + h + 1) * dk], 1.0);
+            let mut beta = 1.0 / (1.0 + (-f64::from(b[p * hv + j])).exp());
+            if neg_eigval {
+                beta *= 2.0;
+            }
+            let rate = f64::from(a_log[j]).exp();
+            let g: Vec<f64> = (0..gates)
+                .map(|c| {
+                    let x =
+                        f64::from(a[(p * hv + j) * gates + c]) + f64::from(dt_bias[j * gates + c]);
+                    match lower_bound {
+                        None => (-rate * softplus(x)).exp(),
+                        Some(lb) => (lb / (1.0 + (-rate * x).exp())).exp(),
+                    }
+                })
+                .collect();
+            for r in 0..dv {
+                let row = &mut s[(j * dv + r) * dk..(j * dv + r + 1) * dk];
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(c, x)| *x *= g[if channel { c } else { 0 }]);
+                let mem: f64 = row.iter().zip(&kh).map(|(x, y)| x * y).sum();
+                let delta = (f64::from(v[(p * hv + j) * dv + r]) - mem) * beta;
+                row.iter_mut().zip(&kh).for_each(|(x, y)| *x += y * delta);
+                out.push(row.iter().zip(&qh).map(|(x, y)| x * y).sum());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kda_gates_match_the_recurrence_whole_and_in_pieces() {
+    let (t, hk, hv, dk, dv) = (7usize, 2usize, 4usize, 3usize, 2usize);
+    for (channel, lower_bound, neg_eigval) in [
+        (true, None, false),
+        (true, Some(-5.0), false),
+        (false, None, true),
+        (false, Some(-2.0), true),
+    ] {
+        let gates = if channel { hv * dk } else { hv };
+        let q = noise(t * hk * dk, 61);
+        let k = noise(t * hk * dk, 62);
+        let v = noise(t * hv * dv, 63);
+        let a = noise(t * gates, 64);
+        let b = noise(t * hv, 65);
+        let a_log = noise(hv, 66);
+        let dt_bias = noise(gates, 67);
+        let want = kda_reference(
+            [&q, &k, &v, &a, &b],
+            [&a_log, &dt_bias],
+            (t, hk, hv, dk, dv),
+            (channel, lower_bound, neg_eigval),
+        );
+        let given = [
+            ("weight", Value::Str("attn".into())),
+            ("key_heads", Value::Int(hk as i64)),
+            ("value_heads", Value::Int(hv as i64)),
+            ("key_dim", Value::Int(dk as i64)),
+            ("value_dim", Value::Int(dv as i64)),
+            ("channel_gate", Value::Bool(channel)),
+            ("lower_bound", lower_bound.map_or(Value::Null, Value::Float)),
+            ("neg_eigval", Value::Bool(neg_eigval)),
+        ];
+        let infos = [hk * dk, hk * dk, hv * dv, gates, hv].map(|w| ValueInfo::flat(w as i64));
+        assert_recurrent("gated_delta", &given, &infos);
+        let weights = vec![
+            Param::Dense(Array::from_slice(&a_log, &[hv as i32])),
+            Param::Dense(Array::from_slice(&dt_bias, &[gates as i32])),
+        ];
+        let op = build("gated_delta", &given, &infos, weights);
+        let args = |x: usize, y: usize| {
+            vec![
+                rows(&q, hk * dk, x, y),
+                rows(&k, hk * dk, x, y),
+                rows(&v, hv * dv, x, y),
+                rows(&a, gates, x, y),
+                rows(&b, hv, x, y),
+            ]
+        };
+        let whole = args(0, t);
+        let refs: Vec<&Array> = whole.iter().collect();
+        close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
+        let pieces = [(0, 4), (4, 5), (5, 7)];
+        close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
+    }
 }

@@ -20,11 +20,14 @@ op! {
 op! {
     /// Gated delta rule over [q, k, v, a, b]; keeps a float32 state.
     "gated_delta" (5..=5) => GatedDelta {
-        weight: WeightName, "module holding `A_log` and `dt_bias` [value_heads]";
+        weight: WeightName, "module holding `A_log` [value_heads] and `dt_bias` [value_heads] (`[value_heads * key_dim]` with `channel_gate`)";
         key_heads: i64, "query/key heads";
         value_heads: i64, "value heads (a multiple of key_heads)";
         key_dim: i64, "query/key channels per head";
         value_dim: i64, "value channels per head";
+        channel_gate: bool = false, "one decay per key channel (Kimi Delta Attention): `a` is value_heads * key_dim wide";
+        lower_bound: Option<f64> = None, "the decay as exp(lower_bound * sigmoid(exp(A_log) (a + dt_bias))), bounded below by exp(lower_bound) (null: exp(-exp(A_log) softplus(a + dt_bias)))";
+        neg_eigval: bool = false, "beta = 2 sigmoid(b), in [0, 2] (negative eigenvalues of the transition)";
     }
 }
 
@@ -73,17 +76,21 @@ impl GatedDelta {
                 format!("{hv} value heads do not group over {hk} key heads"),
             ));
         }
+        if self.lower_bound.is_some_and(|b| !b.is_finite()) {
+            return Err(OpError::new("lower_bound", "must be a finite number"));
+        }
+        let gates = if self.channel_gate { hv * dk } else { hv };
         expect_widths(
             inputs,
             &["q", "k", "v", "a", "b"],
-            &[hk * dk, hk * dk, hv * dv, hv, hv],
+            &[hk * dk, hk * dk, hv * dv, gates, hv],
         )?;
-        Ok(recurrent(
-            hv * dv,
-            self.weight.under(scope),
-            &["A_log", "dt_bias"],
-            hv,
-        ))
+        let module = self.weight.under(scope);
+        let mut resolved = recurrent(hv * dv, module.clone(), &["A_log"], hv);
+        resolved
+            .weights
+            .push(WeightReq::dense("weight", module, "dt_bias", vec![gates]));
+        Ok(resolved)
     }
 }
 
