@@ -134,6 +134,7 @@ dump_tests!(
     ministral3,
     mistral,
     mistral3,
+    mistral3_ministral3,
     mistral4,
     mixtral,
     muse_glimmer,

@@ -160,6 +160,17 @@ CASES = [
     {"name": "plamo2", "model_type": "plamo2", "config": {}},
     # The same model with the convolution as Hugging Face stores it, [C, 1, K].
     {"name": "plamo2_hf", "model_type": "plamo2", "config": {}, "hf_layout": "plamo2"},
+    # Mistral3 whose text model is ministral3 (the ministral3 case's config
+    # under text_config, the head untied as mlx-lm makes it), saved with
+    # vision tensors under mlx-lm's names (vlm_text.py's vlm_mlx layout).
+    {"name": "mistral3_ministral3", "model_type": "mistral3", "config": {"text_config": {
+        "model_type": "ministral3", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 128, "vocab_size": 256, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 5,
+        "rope_parameters": TYPE_DEFAULTS["ministral3"]["rope_parameters"]}},
+     "hf_layout": "vlm_mlx"},
 ]
 
 
