@@ -145,6 +145,8 @@ dump_tests!(
     nemotron_nas = "nemotron-nas",
     olmo2,
     olmo3,
+    olmo_hybrid,
+    olmo_hybrid_default_layers,
     olmoe,
     openelm,
     phi,

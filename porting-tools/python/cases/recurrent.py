@@ -20,6 +20,16 @@ def _mamba_taps(mg):
     ]
 
 
+def _except(mg, row, model_type):
+    """`row` that does not apply to `model_type`."""
+    import dataclasses
+    before = row.applies
+
+    def applies(t, config):
+        return t != model_type and (before is None or before(t, config))
+    return dataclasses.replace(row, applies=applies)
+
+
 def _wrap_moe_reference(mg):
     """kimi_linear routes as deepseek_v3, with its correction bias beside
     the router (not under it)."""
@@ -92,7 +102,34 @@ def register(mg):
         "topk_group": 1, "moe_router_activation_func": "sigmoid",
     }
     mg.CASES += [{"name": "kimi_linear", "model_type": "kimi_linear", "config": {}, "seed": 1}]
-    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear"}
+    # olmo_hybrid: DeltaNet (2 key heads of 16, 4 value heads of 16, conv 4,
+    # negative eigenvalues), attention (post-norm, full-width q/k norms);
+    # the default pattern puts attention at layer 3 of 4.
+    mg.TYPE_DEFAULTS["olmo_hybrid"] = {
+        "intermediate_size": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+        "linear_allow_neg_eigval": True, "attention_bias": False,
+        "layer_types": ["linear_attention", "full_attention"],
+    }
+    mg.CASES += [
+        {"name": "olmo_hybrid", "model_type": "olmo_hybrid", "config": {}, "seed": 3},
+        # Beta in [0, 1]; rope_parameters; the default pattern; tied.
+        {"name": "olmo_hybrid_default_layers", "model_type": "olmo_hybrid",
+         "config": {"layer_types": None, "num_hidden_layers": 4, "linear_allow_neg_eigval": False,
+                    "intermediate_size": 16,
+                    "rope_parameters": {"rope_theta": 50000.0}, "tie_word_embeddings": True}},
+    ]
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid"}
+    # olmo2's attention: q/k norms over all heads.
+    mg.FULL_WIDTH_QK_NORM_TYPES = mg.FULL_WIDTH_QK_NORM_TYPES | {"olmo_hybrid"}
+    # Its post_attention_layernorm is the MLP's input norm in DeltaNet layers
+    # and the attention output's norm in attention layers: no tap of it.
+    # Nor "layers.{i}.h" = x + self_attn (its attention layers norm the
+    # attention output first), as for the scaled-residual types.
+    mg.SCALED_RESIDUAL_TYPES = mg.SCALED_RESIDUAL_TYPES | {"olmo_hybrid"}
+    mg.TAPS[:] = [_except(mg, row, "olmo_hybrid")
+                  if row.module == "model.layers.{i}.post_attention_layernorm" else row
+                  for row in mg.TAPS]
     _wrap_moe_reference(mg)
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == "backbone.layers.{i}.mixer.norm")
     mg.TAPS[k:k] = _mamba_taps(mg)
