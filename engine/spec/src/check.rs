@@ -491,6 +491,32 @@ fn check_rules(spec: &Spec) -> Result<()> {
                     .map_err(|m| Error::spec(&rule.file, "weights.rules", "moveaxis", m))?;
                 ("moveaxis", vec![pattern])
             }
+            RawRule::Split { pattern, to, .. } => {
+                if to.len() < 2 {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "split",
+                        format!("to: {} name(s); a split makes at least 2", to.len()),
+                    ));
+                }
+                let caps = Pattern::parse(pattern)
+                    .map(|p| p.captures())
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "split", m))?;
+                for t in to {
+                    let p = Pattern::parse(t)
+                        .map_err(|m| Error::spec(&rule.file, "weights.rules", "split", m))?;
+                    if let Some(c) = p.captures().into_iter().find(|c| !caps.contains(c)) {
+                        return Err(Error::spec(
+                            &rule.file,
+                            "weights.rules",
+                            "split",
+                            format!("'{t}': capture '{c}' is not set by '{pattern}'"),
+                        ));
+                    }
+                }
+                ("split", vec![pattern])
+            }
             RawRule::Add {
                 pattern,
                 value,

@@ -311,6 +311,16 @@ pub enum RawRule {
         to: i64,
         if_shape: Option<String>,
     },
+    /// Cut each matching tensor into `to.len()` equal parts along `axis`
+    /// (consecutive blocks, or with `interleaved` every n-th row), named by
+    /// filling each `to` pattern with the match's captures (a fused
+    /// `gate_up` `[E, 2F, D]` into `gate` and `up`).
+    Split {
+        pattern: String,
+        axis: i64,
+        to: Vec<String>,
+        interleaved: bool,
+    },
     /// Add a constant to matching floating-point tensors (zero-centred
     /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
     /// `if_shape`.
@@ -348,6 +358,8 @@ struct RuleRepr {
     #[serde(default)]
     moveaxis: Option<MoveAxisRepr>,
     #[serde(default)]
+    split: Option<SplitRepr>,
+    #[serde(default)]
     add: Option<AddRepr>,
 }
 
@@ -360,6 +372,17 @@ struct MoveAxisRepr {
     to: i64,
     #[serde(default)]
     if_shape: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    axis: i64,
+    to: Vec<String>,
+    #[serde(default)]
+    interleaved: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -498,6 +521,14 @@ impl TryFrom<RuleRepr> for RawRule {
                 if_shape: x.if_shape,
             });
         }
+        if let Some(x) = r.split {
+            rules.push(RawRule::Split {
+                pattern: x.pattern,
+                axis: x.axis,
+                to: x.to,
+                interleaved: x.interleaved,
+            });
+        }
         if let Some(x) = r.add {
             rules.push(RawRule::Add {
                 pattern: x.pattern,
@@ -509,7 +540,7 @@ impl TryFrom<RuleRepr> for RawRule {
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, add".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, add".into(),
             ),
         }
     }

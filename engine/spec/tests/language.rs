@@ -303,6 +303,7 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
     let layout =
         "    - moveaxis: {match: \"l.{i}.conv\", from: 2, to: 1, if_shape: \"shape[2] != 1\"}
     - add: {match: \"l.{i}.norm\", value: 1.0, if_present: \"l.{i}.experts.{e}\"}
+    - split: {match: \"l.{i}.gate_up\", axis: 1, to: [\"l.{i}.gate\", \"l.{i}.up\"]}
 ";
     let good = format!("{SPLIT}{rules}{layout}");
     let (_dir, lib) = library_with(&[("tiny.yaml", &good)]);
@@ -314,6 +315,16 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
             "if_present: \"l.{i}.experts.{e}\"",
             "if_present: \"l.{i\"",
             "add",
+        ),
+        (
+            "[\"l.{i}.gate\", \"l.{i}.up\"]",
+            "[\"l.{j}.gate\", \"l.{i}.up\"]",
+            "capture 'j'",
+        ),
+        (
+            "[\"l.{i}.gate\", \"l.{i}.up\"]",
+            "[\"l.{i}.gate\"]",
+            "at least 2",
         ),
     ] {
         let text = good.replace(from, to);

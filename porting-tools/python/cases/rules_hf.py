@@ -1,8 +1,10 @@
 """Golden cases in Hugging Face checkpoint layouts that need the weight
-rules `moveaxis` and `add`: mamba2's and lfm2's depthwise convolutions as
-[C, 1, K]; qwen3_next with per-expert tensors, zero-centred norms (w for
-1 + w), the convolution as [C, 1, K] and an unused multi-token-prediction
-tensor. mlx-lm's sanitize turns each back into the model as built."""
+rules `moveaxis`, `add` and `split`: mamba2's and lfm2's depthwise
+convolutions as [C, 1, K]; qwen3_next with per-expert tensors, zero-centred
+norms (w for 1 + w), the convolution as [C, 1, K] and an unused
+multi-token-prediction tensor; granitemoe's experts with gate and up fused
+in input_linear [E, 2F, D]. mlx-lm's sanitize turns each back into the
+model as built."""
 import re
 
 import mlx.core as mx
@@ -40,11 +42,27 @@ def qwen3_next_to_hf(weights, config):
     return out
 
 
+def granitemoe_to_hf(weights, config):
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("switch_mlp.gate_proj.weight"):
+            up = weights[k.replace("gate_proj", "up_proj")]
+            out[k.replace("switch_mlp.gate_proj", "input_linear")] = mx.concatenate([v, up], 1)
+        elif k.endswith("switch_mlp.up_proj.weight"):
+            continue
+        elif k.endswith("switch_mlp.down_proj.weight"):
+            out[k.replace("switch_mlp.down_proj", "output_linear")] = v
+        else:
+            out[k] = v
+    return out
+
+
 def register(mg):
     mg.HF_LAYOUTS.update({
         "mamba2": (mamba2_to_hf, {"format": "pt"}),
         "lfm2": (lfm2_to_hf, {"format": "pt"}),
         "qwen3_next": (qwen3_next_to_hf, {"format": "pt"}),
+        "granitemoe": (granitemoe_to_hf, {"format": "pt"}),
     })
-    for base in ("mamba2", "lfm2", "qwen3_next"):
+    for base in ("mamba2", "lfm2", "qwen3_next", "granitemoe"):
         mg.CASES.append(mg._derived(base, f"{base}_hf", hf_layout=base))

@@ -328,6 +328,22 @@ impl RuleValue for Traced {
     fn plus(&self, _value: f64) -> std::result::Result<Self, String> {
         Ok(self.clone())
     }
+    fn parts(
+        &self,
+        axis: usize,
+        n: usize,
+        interleaved: bool,
+    ) -> std::result::Result<Vec<Self>, String> {
+        Ok(self
+            .dims
+            .parts(axis, n, interleaved)?
+            .into_iter()
+            .map(|dims| Traced {
+                dims,
+                from: self.from.clone(),
+            })
+            .collect())
+    }
 }
 
 /// For each tensor name the rules produce, the checkpoint names it came

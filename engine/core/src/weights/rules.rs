@@ -40,6 +40,25 @@ pub trait RuleValue: Clone {
     fn moved_axis(&self, from: usize, to: usize) -> Result<Self, String>;
     /// `value` added to every element (floating-point values only).
     fn plus(&self, value: f64) -> Result<Self, String>;
+    /// `n` equal parts along `axis` (in range): consecutive blocks, or with
+    /// `interleaved` every n-th index.
+    fn parts(&self, axis: usize, n: usize, interleaved: bool) -> Result<Vec<Self>, String>;
+}
+
+/// The indices along an axis of `size` that part `k` of `n` takes.
+pub fn part_indices(size: i64, n: usize, k: usize, interleaved: bool) -> Result<Vec<i32>, String> {
+    let n64 = n as i64;
+    if size % n64 != 0 {
+        return Err(format!(
+            "split: an axis of {size} does not cut into {n} equal parts"
+        ));
+    }
+    let m = size / n64;
+    let k = k as i64;
+    (0..m)
+        .map(|j| if interleaved { j * n64 + k } else { k * m + j })
+        .map(to_i32)
+        .collect()
 }
 
 /// The axis order that moves `from` to `to`, as numpy's `moveaxis`.
@@ -108,6 +127,18 @@ impl RuleValue for Array {
             .map_err(|e| format!("moveaxis: {e}"))
     }
 
+    fn parts(&self, axis: usize, n: usize, interleaved: bool) -> Result<Vec<Array>, String> {
+        let size = self.dims()[axis];
+        (0..n)
+            .map(|k| {
+                let idx = part_indices(size, n, k, interleaved)?;
+                let idx = Array::from_slice(&idx, &[idx.len() as i32]);
+                self.take_axis(&idx, axis as i32)
+                    .map_err(|e| format!("split: {e}"))
+            })
+            .collect()
+    }
+
     fn plus(&self, value: f64) -> Result<Array, String> {
         let dtype = self.dtype();
         if !dtype.is_float() {
@@ -172,6 +203,13 @@ impl RuleValue for Vec<i64> {
 
     fn plus(&self, _value: f64) -> Result<Vec<i64>, String> {
         Ok(self.clone())
+    }
+
+    fn parts(&self, axis: usize, n: usize, interleaved: bool) -> Result<Vec<Vec<i64>>, String> {
+        part_indices(self[axis], n, 0, interleaved)?;
+        let mut part = self.clone();
+        part[axis] /= n as i64;
+        Ok(vec![part; n])
     }
 }
 
@@ -329,6 +367,39 @@ pub fn apply<T: RuleValue>(
                     let (f, t) = (axis_index(*from, dims.len())?, axis_index(*to, dims.len())?);
                     v.moved_axis(f, t)
                 })?;
+            }
+            RawRule::Split {
+                pattern,
+                axis,
+                to,
+                interleaved,
+            } => {
+                let from = Pattern::parse(pattern)?;
+                let to = to
+                    .iter()
+                    .map(|t| Pattern::parse(t))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = IndexMap::with_capacity(tensors.len() + to.len());
+                for (k, v) in tensors {
+                    let Some(caps) = from.matches(&k) else {
+                        if out.insert(k.clone(), v).is_some() {
+                            return Err(format!("split gives two tensors the name '{k}'"));
+                        }
+                        continue;
+                    };
+                    let a = axis_index(*axis, v.dims().len())
+                        .map_err(|e| format!("split: {e} ('{k}')"))?;
+                    let parts = v
+                        .parts(a, to.len(), *interleaved)
+                        .map_err(|e| format!("{e} ('{k}')"))?;
+                    for (t, part) in to.iter().zip(parts) {
+                        let name = t.fill(&caps)?;
+                        if out.insert(name.clone(), part).is_some() {
+                            return Err(format!("split gives two tensors the name '{name}'"));
+                        }
+                    }
+                }
+                tensors = out;
             }
             RawRule::Add {
                 pattern,
@@ -741,6 +812,52 @@ mod tests {
         };
         let e = apply(&[&bad], t, &no_eval).unwrap_err();
         assert!(e.contains("only floating-point"), "{e}");
+    }
+
+    #[test]
+    fn split_cuts_blocks_or_interleaved_rows_into_named_parts() {
+        let rule = |interleaved| RawRule::Split {
+            pattern: "l.{i}.gate_up".into(),
+            axis: 1,
+            to: vec!["l.{i}.gate".into(), "l.{i}.up".into()],
+            interleaved,
+        };
+        // [1, 4, 2]: rows 0..4 of two columns.
+        let fused = || Array::from_slice(&[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[1, 4, 2]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.3.gate_up".into(), fused());
+        t.insert("l.3.other".into(), Array::from_f32(1.0));
+        let r = rule(false);
+        let out = apply(&[&r], t, &no_eval).expect("applies").tensors;
+        let keys: Vec<&str> = out.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["l.3.gate", "l.3.up", "l.3.other"]);
+        assert_eq!(out["l.3.gate"].shape(), &[1, 2, 2]);
+        assert_eq!(out["l.3.gate"].as_slice::<f32>(), &[0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(out["l.3.up"].as_slice::<f32>(), &[4.0, 5.0, 6.0, 7.0]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.3.gate_up".into(), fused());
+        let r = rule(true);
+        let out = apply(&[&r], t, &no_eval).expect("applies").tensors;
+        assert_eq!(out["l.3.gate"].as_slice::<f32>(), &[0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(out["l.3.up"].as_slice::<f32>(), &[2.0, 3.0, 6.0, 7.0]);
+        // Shapes split the same way; an axis that does not divide, or a
+        // part named like a tensor that exists, is an error naming it.
+        let mut shapes: IndexMap<String, Vec<i64>> = IndexMap::new();
+        shapes.insert("l.0.gate_up".into(), vec![4, 6, 8]);
+        let out = apply(&[&r], shapes, &no_eval).expect("applies").tensors;
+        assert_eq!(out["l.0.up"], vec![4, 3, 8]);
+        let mut odd: IndexMap<String, Vec<i64>> = IndexMap::new();
+        odd.insert("l.0.gate_up".into(), vec![4, 5, 8]);
+        let e = apply(&[&r], odd, &no_eval).unwrap_err();
+        assert!(
+            e.contains("equal parts") && e.contains("l.0.gate_up"),
+            "{e}"
+        );
+        let mut clash: IndexMap<String, Vec<i64>> = IndexMap::new();
+        clash.insert("l.0.up".into(), vec![1]);
+        clash.insert("l.0.gate_up".into(), vec![4, 6, 8]);
+        let e = apply(&[&r], clash, &no_eval).unwrap_err();
+        assert!(e.contains("two tensors the name 'l.0.up'"), "{e}");
     }
 
     #[test]
