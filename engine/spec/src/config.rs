@@ -16,6 +16,7 @@ pub static CHOICES: &[(&str, &[&str])] = &[
     ("act", crate::ops::Act::SPELLINGS),
     ("routing", crate::ops::Routing::SPELLINGS),
     ("group_score", crate::ops::GroupScore::SPELLINGS),
+    ("group_fill", crate::ops::GroupFill::SPELLINGS),
     ("gqa", crate::ops::Gqa::SPELLINGS),
 ];
 

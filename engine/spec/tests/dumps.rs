@@ -39,6 +39,7 @@ dump_tests!(
     apertus,
     baichuan_m1,
     bailing_moe,
+    bailing_moe_v3,
     bailing_moe_q4,
     bailing_moe_sigmoid,
     cohere,

@@ -4,6 +4,9 @@ MoE every other layer), kimi_linear (Kimi Delta Attention: per-channel
 decay)."""
 
 
+import numpy as np
+
+
 def _only(*types):
     return lambda model_type, config: model_type in types
 
@@ -35,7 +38,36 @@ def _wrap_moe_reference(mg):
     the router (not under it)."""
     original = mg.moe_reference
 
+    def bailing_v3(block, config, x):
+        k = config["num_experts_per_tok"]
+        gate = block["gate"]
+        scores = mg._sigmoid(x @ mg._f64(gate["weight"]).T)
+        choice = scores + mg._f64(gate["expert_bias"])
+        n_group, keep = config["n_group"], config["topk_group"]
+        grouped = choice.reshape(*choice.shape[:-1], n_group, -1)
+        group_scores = np.sort(grouped, -1)[..., -2:].sum(-1)
+        worst = np.argsort(group_scores, -1)[..., :n_group - keep]
+        for g in range(n_group):
+            dropped = (worst == g).any(-1)
+            grouped[..., g, :][dropped] = -np.inf
+        choice = grouped.reshape(choice.shape)
+        inds, margin = mg._topk(np.where(np.isinf(choice), -1e9, choice), k)
+        weights = np.take_along_axis(scores, inds, -1)
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        weights = weights * config["routed_scaling_factor"]
+        sw = block["switch_mlp"]
+        wg, wu, wd = (mg._dense(sw[n]) for n in ("gate_proj", "up_proj", "down_proj"))
+        hidden = mg._silu(np.einsum("btd,eid->btei", x, wg)) * np.einsum("btd,eid->btei", x, wu)
+        experts = np.einsum("btei,edi->bted", hidden, wd)
+        y = (np.take_along_axis(experts, inds[..., None], axis=2) * weights[..., None]).sum(2)
+        ranked = np.sort(group_scores, -1)
+        group_margin = float(np.min(ranked[..., n_group - keep] - ranked[..., n_group - keep - 1]))
+        routing = {"experts": inds, "margin": min(margin, 1e9), "group_margin": group_margin}
+        return y + mg._glu_mlp(block["shared_experts"], x), routing
+
     def moe_reference(block, model_type, config, x):
+        if model_type == "bailing_moe_v3":
+            return bailing_v3(block, config, x)
         if model_type != "kimi_linear":
             return original(block, model_type, config, x)
         v3_block = {"gate": {"weight": block["gate"]["weight"],
@@ -119,7 +151,25 @@ def register(mg):
                     "intermediate_size": 16,
                     "rope_parameters": {"rope_theta": 50000.0}, "tie_word_embeddings": True}},
     ]
-    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid"}
+    # bailing_moe_v3: layer 0 KDA (4 heads of 16, lower bound -5) with a
+    # dense MLP, layer 1 latent attention (q rank 16, latent 32, q 16 + 8
+    # rope, v 16, gated heads) with a MoE: 4 experts in 2 groups, 1 kept,
+    # top-2, renormalised, scaled, a shared expert. (A top-k beyond the kept
+    # experts would pick among -inf ties: the moe unit test covers that fill.)
+    mg.TYPE_UNUSED_BASE_KEYS["bailing_moe_v3"] = ["num_key_value_heads"]
+    mg.TYPE_DEFAULTS["bailing_moe_v3"] = {
+        "intermediate_size": 64, "moe_intermediate_size": 16,
+        "moe_shared_expert_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+        "num_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+        "routed_scaling_factor": 1.5, "layer_group_size": 2, "head_dim": 16, "q_lora_rank": 16,
+        "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "short_conv_kernel_size": 4, "kda_lower_bound": -5.0, "kda_safe_gate": True,
+        "no_kda_lora": True, "rope_interleave": True,
+    }
+    mg.CASES += [{"name": "bailing_moe_v3", "model_type": "bailing_moe_v3", "config": {}}]
+    # Its mlp.gate returns (indices, weights), not logits.
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_v3"}
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid", "bailing_moe_v3"}
     # olmo2's attention: q/k norms over all heads.
     mg.FULL_WIDTH_QK_NORM_TYPES = mg.FULL_WIDTH_QK_NORM_TYPES | {"olmo_hybrid"}
     # Its post_attention_layernorm is the MLP's input norm in DeltaNet layers
