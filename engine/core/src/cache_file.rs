@@ -606,6 +606,21 @@ fn maybe_array(t: Tree, what: &str) -> std::result::Result<Option<Array>, String
     }
 }
 
+/// Positions a stored key tensor holds (its third axis; none: 0).
+fn positions(keys: Option<&Array>) -> i32 {
+    keys.map_or(0, |k| k.shape().get(2).copied().unwrap_or(0))
+}
+
+/// A cache's offset must lie within the positions it stores.
+fn within(what: &str, offset: i32, held: i32) -> std::result::Result<(), String> {
+    if offset < 0 || offset > held {
+        return Err(format!(
+            "{what}: offset {offset} but {held} positions stored"
+        ));
+    }
+    Ok(())
+}
+
 fn parse_cache(
     class: &str,
     state: Tree,
@@ -619,14 +634,7 @@ fn parse_cache(
             let offset = int(&o, &format!("{what} offset"))?;
             let keys = maybe_array(k, &format!("{what} keys"))?;
             let values = maybe_array(v, &format!("{what} values"))?;
-            let held = keys
-                .as_ref()
-                .map_or(0, |k| k.shape().get(2).copied().unwrap_or(0));
-            if offset < 0 || offset > held {
-                return Err(format!(
-                    "{what}: offset {offset} but {held} positions stored"
-                ));
-            }
+            within(&what, offset, positions(keys.as_ref()))?;
             out.push(Part::Attention(CacheState::Kv(KvCache {
                 keys,
                 values,
@@ -637,9 +645,7 @@ fn parse_cache(
             let [k, v]: [Tree; 2] = fixed::<2>(state, &what)?;
             let keys = maybe_array(k, &format!("{what} keys"))?;
             let values = maybe_array(v, &format!("{what} values"))?;
-            let offset = keys
-                .as_ref()
-                .map_or(0, |k| k.shape().get(2).copied().unwrap_or(0));
+            let offset = positions(keys.as_ref());
             out.push(Part::Attention(CacheState::Kv(KvCache {
                 keys,
                 values,
@@ -658,9 +664,7 @@ fn parse_cache(
             let mut s = s.into_iter();
             let keys = maybe_array(s.next().expect("6"), &format!("{what} keys"))?;
             let values = maybe_array(s.next().expect("6"), &format!("{what} values"))?;
-            let held = keys
-                .as_ref()
-                .map_or(0, |k| k.shape().get(2).copied().unwrap_or(0));
+            let held = positions(keys.as_ref());
             if max_size < 1 || keep < 0 || keep > max_size || offset < 0 || idx < 0 || idx > held {
                 return Err(format!(
                     "{what}: inconsistent window (offset {offset}, keep {keep}, max_size \
@@ -710,14 +714,7 @@ fn parse_cache(
             };
             let keys = triple("keys")?;
             let values = triple("values")?;
-            let held = keys
-                .as_ref()
-                .map_or(0, |k| k[0].shape().get(2).copied().unwrap_or(0));
-            if offset < 0 || offset > held {
-                return Err(format!(
-                    "{what}: offset {offset} but {held} positions stored"
-                ));
-            }
+            within(&what, offset, positions(keys.as_ref().map(|k| &k[0])))?;
             out.push(Part::Attention(CacheState::Quantized(QuantizedKvCache {
                 keys,
                 values,

@@ -752,20 +752,43 @@ pub fn generate(
     cancel: Option<&AtomicBool>,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generation> {
-    let start = Instant::now();
-    mlx_rs::memory::reset_peak_memory()?;
-    let mut fresh;
-    let cache = match cache {
-        Some(c) => c,
-        None => {
-            fresh = model.new_cache_with(params.cache);
-            &mut fresh
-        }
-    };
+    let (start, mut slot) = begin(model, params, cache)?;
     let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
     let what = format!("the prompt (as {} encodes it)", tokenizer.source.display());
+    let cache = slot.get();
     let mut gen = TokenGenerator::start(model, cache, prompt, params, &mut progress, &what)?;
     drive(&mut gen, tokenizer, prompt, params, start, cancel, on_event)
+}
+
+/// The cache a generation continues: the caller's, or a fresh one.
+pub(crate) enum CacheSlot<'a> {
+    Given(&'a mut ModelCache),
+    Fresh(ModelCache),
+}
+
+impl CacheSlot<'_> {
+    pub(crate) fn get(&mut self) -> &mut ModelCache {
+        match self {
+            CacheSlot::Given(c) => c,
+            CacheSlot::Fresh(c) => c,
+        }
+    }
+}
+
+/// The start of a generation: its clock, MLX's peak memory reset, and the
+/// cache it runs on (`cache`, else a fresh one made from `params`).
+pub(crate) fn begin<'a>(
+    model: &Model,
+    params: &GenerateParams,
+    cache: Option<&'a mut ModelCache>,
+) -> Result<(Instant, CacheSlot<'a>)> {
+    let start = Instant::now();
+    mlx_rs::memory::reset_peak_memory()?;
+    let slot = match cache {
+        Some(c) => CacheSlot::Given(c),
+        None => CacheSlot::Fresh(model.new_cache_with(params.cache)),
+    };
+    Ok((start, slot))
 }
 
 /// Runs a token source to the end of a generation: EOS ids, stop strings,

@@ -6,13 +6,12 @@
 //! past what was rejected. The model's choices are made exactly as without
 //! a draft, so greedy output is the same.
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use mlx_rs::{Array, Dtype};
 
 use crate::generate::{
-    drive, maybe_quantize, prefill, DraftStats, Event, GenerateParams, GeneratedToken, Generation,
-    TokenSource,
+    begin, drive, maybe_quantize, prefill, DraftStats, Event, GenerateParams, GeneratedToken,
+    Generation, TokenSource,
 };
 use crate::lm::LanguageModel;
 use crate::sampling::{logprob_of, Rng};
@@ -258,17 +257,9 @@ impl LanguageModel {
         cancel: Option<&AtomicBool>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generation> {
-        let start = Instant::now();
-        mlx_rs::memory::reset_peak_memory()?;
-        let mut fresh;
-        let cache = match cache {
-            Some(c) => c,
-            None => {
-                fresh = self.model.new_cache_with(params.cache);
-                &mut fresh
-            }
-        };
+        let (start, mut slot) = begin(&self.model, params, cache)?;
         let mut progress = |done, total| on_event(Event::PromptProgress(done, total));
+        let cache = slot.get();
         let mut gen =
             SpeculativeGenerator::new(&self.model, *draft, cache, prompt, params, &mut progress)?;
         drive(
