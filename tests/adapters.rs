@@ -14,7 +14,7 @@ use std::collections::HashMap as IndexMap;
 
 use crate::support::{goldens, library, mlx_lock, read_json, root};
 
-const CASES: [&str; 4] = ["lora", "dora", "qlora", "lora_accum"];
+const CASES: [&str; 5] = ["lora", "dora", "qlora", "lora_accum", "moe"];
 
 fn case_dir(case: &str) -> PathBuf {
     goldens().join("adapters").join(case)

@@ -55,6 +55,10 @@ CASES = {
     "qlora": dict(base="goldens/llama_q4/model", kind="lora", optimizer="sgd",
                   optimizer_config={"momentum": 0.9}, learning_rate=1e-2, num_layers=1,
                   rank=8, scale=20.0),
+    # A mixture of experts: the router and the stacked experts take
+    # adapters too (LoRALinear and LoRASwitchLinear).
+    "moe": dict(base="goldens/qwen3_moe/model", kind="lora", optimizer="adam",
+                optimizer_config={}, learning_rate=2e-3, num_layers=2, rank=4, scale=10.0),
     # Gradients accumulated over 2 batches; a warmup then cosine schedule.
     "lora_accum": dict(base="goldens/llama/model", kind="lora", optimizer="adam",
                        optimizer_config={}, learning_rate=2e-3, num_layers=1, rank=4, scale=10.0,

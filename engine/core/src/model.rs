@@ -315,7 +315,11 @@ impl Model {
         let (adapter, adapted) = match &opts.adapter {
             Some(source) => {
                 let (attached, nodes) = crate::adapter::attach(source, &targets, &params)?;
-                (Some(attached), nodes.into_iter().collect())
+                let mut by_node: std::collections::HashMap<usize, Vec<_>> = Default::default();
+                for (node, weight, slot) in nodes {
+                    by_node.entry(node).or_default().push((weight, slot));
+                }
+                (Some(attached), by_node)
             }
             None => (None, std::collections::HashMap::new()),
         };

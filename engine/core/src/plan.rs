@@ -9,6 +9,9 @@ use mlx_rs::Array;
 use std::sync::Arc;
 
 use crate::adapter::AdapterSlot;
+
+/// Adapters by node index: (weight index, slot) pairs.
+pub type Adapted = HashMap<usize, Vec<(usize, Arc<AdapterSlot>)>>;
 use crate::cache::{CacheKind, ModelCache};
 use crate::error::{Error, Result};
 use crate::ops::{Ctx, Op, Param, Weights};
@@ -39,7 +42,7 @@ struct Step {
 fn fusion_groups(
     graph: &Graph,
     weights: &[Vec<Param>],
-    adapted: &HashMap<usize, Arc<AdapterSlot>>,
+    adapted: &Adapted,
 ) -> HashMap<usize, Vec<usize>> {
     let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
@@ -192,13 +195,13 @@ impl Plan {
         Plan::build_adapted(graph, weights, fuse, &HashMap::new())
     }
 
-    /// [`Plan::build`] with adapters on some `linear` nodes (by node
-    /// index); adapted nodes are never fused.
+    /// [`Plan::build`] with adapters on some node weights (by node index,
+    /// then weight index); adapted nodes are never fused.
     pub fn build_adapted(
         graph: &Graph,
         mut weights: Vec<Vec<Param>>,
         fuse: bool,
-        adapted: &HashMap<usize, Arc<AdapterSlot>>,
+        adapted: &Adapted,
     ) -> Result<Plan> {
         let groups = if fuse {
             fusion_groups(graph, &weights, adapted)
@@ -251,12 +254,47 @@ impl Plan {
                 None => (std::mem::take(&mut weights[k]), vec![k + 1], Vec::new()),
             };
             let fields = node.resolved.weights.iter().map(|r| r.field);
-            let weights = Weights::new(fields.zip(params).collect());
+            let items: Vec<_> = fields.zip(params).collect();
             let built = match adapted.get(&k) {
-                Some(slot) => {
-                    crate::adapter::build_adapted(&node.op, &infos, weights, slot.clone())
+                None => crate::ops::build(&node.op, &infos, Weights::new(items)),
+                // A linear layer runs as the adapted linear op.
+                Some(slots) if matches!(node.op, lmspec_spec::ops::OpConfig::Linear(_)) => {
+                    crate::adapter::build_adapted(
+                        &node.op,
+                        &infos,
+                        Weights::new(items),
+                        slots[0].1.clone(),
+                    )
                 }
-                None => crate::ops::build(&node.op, &infos, weights),
+                // Other ops take their adapters with their weights.
+                Some(slots) => {
+                    let mut per_weight = vec![None; items.len()];
+                    for (w, slot) in slots {
+                        if let Some(p) = per_weight.get_mut(*w) {
+                            *p = Some(slot.clone());
+                        }
+                    }
+                    let built = crate::ops::build(
+                        &node.op,
+                        &infos,
+                        Weights::with_adapters(items, per_weight),
+                    );
+                    let unapplied = slots.iter().find(|(_, s)| !s.applied());
+                    if let (Ok(_), Some((_, s))) = (&built, unapplied) {
+                        return Err(Error::spec(
+                            &node.file,
+                            &node.origin,
+                            "weight",
+                            format!(
+                                "adapter {}: the {} op does not apply adapters (at {})",
+                                s.module,
+                                node.op.name(),
+                                node.path
+                            ),
+                        ));
+                    }
+                    built
+                }
             };
             let op = built.map_err(|e| {
                 Error::spec(

@@ -13,14 +13,20 @@ use super::{Attached, ModuleTensors};
 use crate::error::{Error, Result};
 use crate::weights;
 
-/// The fused weight of one module (dense, the base's dtype).
+/// The fused weight of one module (dense, the base's dtype); stacked
+/// experts (`a` `[E, r, in]`, `b` `[E, out, r]`) fuse as `W + (scale · b) @ a`.
 pub fn fused_weight(
     base: &Array,
     t: &ModuleTensors,
     scale: f32,
 ) -> std::result::Result<Array, mlx_rs::error::Exception> {
-    let delta = ops::matmul(&ops::multiply(Array::from_f32(scale), t.b.t())?, t.a.t())?
-        .as_dtype(base.dtype())?;
+    let s = Array::from_f32(scale);
+    let delta = if t.a.ndim() == 3 {
+        ops::matmul(&ops::multiply(&s, &t.b)?, &t.a)?
+    } else {
+        ops::matmul(&ops::multiply(&s, t.b.t())?, t.a.t())?
+    }
+    .as_dtype(base.dtype())?;
     let w = ops::add(base, &delta)?;
     match &t.m {
         None => Ok(w),
@@ -60,9 +66,14 @@ pub fn fuse_into(base: &Path, adapter: &Attached, out: &Path, dequantize: bool) 
         };
         match (scales, biases) {
             (Some(s), Some(b)) => {
-                let inp = t.a.shape()[0];
-                let group = inp / s.shape()[1].max(1);
-                let bits = w.shape()[1] * 32 / inp.max(1);
+                let inp = if t.a.ndim() == 3 {
+                    t.a.shape()[2]
+                } else {
+                    t.a.shape()[0]
+                };
+                let last = |a: &Array| a.shape().last().copied().unwrap_or(1).max(1);
+                let group = inp / last(s);
+                let bits = last(w) * 32 / inp.max(1);
                 let dense = ops::dequantize(w, s, b, group, bits).map_err(fail)?;
                 let fused = fused_weight(&dense, &t, slot.scale).map_err(fail)?;
                 if dequantize {

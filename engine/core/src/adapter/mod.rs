@@ -36,7 +36,7 @@ use lmspec_spec::Graph;
 pub use format::{
     config_json, load, save, save_weights, AdapterFiles, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
-pub(crate) use op::build_adapted;
+pub(crate) use op::{build_adapted, lora_delta, stacked_lora};
 
 /// LoRA or DoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -140,6 +140,8 @@ pub struct AdapterSlot {
     enabled: AtomicBool,
     /// On: dropout applies (training).
     training: AtomicBool,
+    /// Set when an op took the slot with its weight.
+    applied: AtomicBool,
 }
 
 fn get(m: &Mutex<Array>) -> Array {
@@ -162,6 +164,7 @@ impl AdapterSlot {
             m: t.m.map(Mutex::new),
             enabled: AtomicBool::new(true),
             training: AtomicBool::new(false),
+            applied: AtomicBool::new(false),
         }
     }
 
@@ -213,18 +216,32 @@ impl AdapterSlot {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn mark_applied(&self) {
+        self.applied.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an op took this slot with its weight.
+    pub fn applied(&self) -> bool {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Whether this adapts stacked experts (`a` `[E, r, in]`).
+    pub fn is_stacked(&self) -> bool {
+        get(&self.a).ndim() == 3
+    }
+
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);
     }
 
-    fn training(&self) -> bool {
+    pub(crate) fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
 }
 
-/// Each adapted node (by index) with its slot (a slot may serve several
-/// nodes).
-pub type NodeSlots = Vec<(usize, Arc<AdapterSlot>)>;
+/// Each adapted node weight (node index, weight index) with its slot (a
+/// slot may serve several).
+pub type NodeSlots = Vec<(usize, usize, Arc<AdapterSlot>)>;
 
 /// An adapter attached to a loaded model.
 #[derive(Debug, Clone)]
@@ -392,16 +409,29 @@ pub fn origins(
         .collect())
 }
 
-/// A checkpoint module that can take an adapter: the `linear` nodes whose
-/// weight came from its `<module>.weight` (several when a spec runs one
-/// module more than once, e.g. layers looped with shared weights), the
-/// first one's tap path and layer (from a `layers.{i}.` path).
+/// A checkpoint module that can take an adapter: the node weights that
+/// came from its `<module>.weight` (several when a spec runs one module more
+/// than once, e.g. layers looped with shared weights), each as (node,
+/// weight index); the first node's tap path and layer (from a `layers.{i}.`
+/// path); the weight's unquantized shape: `[out, in]` for a linear layer or
+/// a router, `[experts, out, in]` for stacked experts.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub nodes: Vec<usize>,
+    pub uses: Vec<(usize, usize)>,
     pub path: String,
     pub layer: Option<usize>,
     pub module: String,
+    pub shape: Vec<i64>,
+}
+
+/// Whether a node's weight takes adapters: a `linear` node's `weight`, a
+/// `moe` node's `router` and stacked `experts` (mlx-lm's `LoRALinear` and
+/// `LoRASwitchLinear`).
+fn adaptable(op: &OpConfig, field: &str) -> bool {
+    matches!(
+        (op, field),
+        (OpConfig::Linear(_), "weight") | (OpConfig::Moe(_), "router" | "experts")
+    )
 }
 
 /// The layer a node's tap path puts it in (`layers.3.attn.q` -> 3).
@@ -410,45 +440,45 @@ fn layer_of(path: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Every checkpoint module whose `<module>.weight` is, alone, the weight
-/// of `linear` nodes of one shape. A tensor the rules split into nodes of
-/// different shapes is no target (an adapter of the whole module would not
-/// fit any part).
+/// Every checkpoint module whose `<module>.weight` is, alone, an adaptable
+/// weight (see [`adaptable`]) of one shape. A tensor the rules split into
+/// weights of different shapes is no target (an adapter of the whole module
+/// would not fit any part).
 pub fn targets(graph: &Graph, origins: &IndexMap<String, Vec<String>>) -> Vec<Target> {
-    let mut by_module: IndexMap<String, (Target, Vec<i64>, bool)> = IndexMap::new();
+    let mut by_module: IndexMap<String, (Target, bool)> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
-        if !matches!(node.op, OpConfig::Linear(_)) {
-            continue;
-        }
-        let Some(req) = node.resolved.weights.iter().find(|r| r.field == "weight") else {
-            continue;
-        };
-        let Some([from]) = origins.get(&req.tensor()).map(Vec::as_slice) else {
-            continue;
-        };
-        let Some(module) = from.strip_suffix(".weight") else {
-            continue;
-        };
-        match by_module.get_mut(module) {
-            Some((t, shape, same)) => {
-                t.nodes.push(k);
-                *same &= *shape == req.shape;
+        for (r, req) in node.resolved.weights.iter().enumerate() {
+            if req.suffix != "weight" || !adaptable(&node.op, req.field) {
+                continue;
             }
-            None => {
-                let t = Target {
-                    nodes: vec![k],
-                    path: node.path.clone(),
-                    layer: layer_of(&node.path),
-                    module: module.to_string(),
-                };
-                by_module.insert(module.to_string(), (t, req.shape.clone(), true));
+            let Some([from]) = origins.get(&req.tensor()).map(Vec::as_slice) else {
+                continue;
+            };
+            let Some(module) = from.strip_suffix(".weight") else {
+                continue;
+            };
+            match by_module.get_mut(module) {
+                Some((t, same)) => {
+                    t.uses.push((k, r));
+                    *same &= t.shape == req.shape;
+                }
+                None => {
+                    let t = Target {
+                        uses: vec![(k, r)],
+                        path: node.path.clone(),
+                        layer: layer_of(&node.path),
+                        module: module.to_string(),
+                        shape: req.shape.clone(),
+                    };
+                    by_module.insert(module.to_string(), (t, true));
+                }
             }
         }
     }
     by_module
         .into_values()
-        .filter(|(_, _, same)| *same)
-        .map(|(t, _, _)| t)
+        .filter(|(t, same)| *same && matches!(t.shape.len(), 2 | 3))
+        .map(|(t, _)| t)
         .collect()
 }
 
@@ -500,17 +530,6 @@ pub fn select<'t>(targets: &'t [Target], cfg: &AdapterConfig) -> Result<Vec<&'t 
     Ok(chosen)
 }
 
-/// Shape `[out, in]` of a linear weight (quantized: unpacked).
-fn linear_dims(p: &Param) -> Option<(i32, i32)> {
-    match p {
-        Param::Dense(w) if w.ndim() == 2 => Some((w.shape()[0], w.shape()[1])),
-        Param::Quantized { w, bits, .. } if w.ndim() == 2 => {
-            Some((w.shape()[0], w.shape()[1] * 32 / bits))
-        }
-        _ => None,
-    }
-}
-
 /// The rows' L2 norms of a linear weight in float32 (DoRA's initial `m`).
 pub fn row_norms(p: &Param) -> std::result::Result<Array, mlx_rs::error::Exception> {
     let w = p.dense()?.as_dtype(mlx_rs::Dtype::Float32)?;
@@ -528,7 +547,7 @@ pub fn attach(
     match source {
         AdapterSource::Dir(dir) => {
             let adapter = format::load(dir)?;
-            attach_loaded(&adapter, targets, weights)
+            attach_loaded(&adapter, targets)
         }
         AdapterSource::New { config, seed } => {
             let chosen = select(targets, config)?;
@@ -538,20 +557,29 @@ pub fn attach(
             let mut slots = Vec::new();
             let mut nodes = Vec::new();
             for t in &chosen {
-                let p = &weights[t.nodes[0]][0];
-                let (out, inp) = linear_dims(p).ok_or_else(|| {
-                    Error::Usage(format!("{}: not a 2-D linear weight", t.module))
-                })?;
+                let (node, r) = t.uses[0];
+                let p = &weights[node][r];
+                let r = config.rank;
+                let (a_shape, b_shape, inp) = match t.shape[..] {
+                    [out, inp] => (vec![inp as i32, r], vec![r, out as i32], inp),
+                    [e, out, inp] => (
+                        vec![e as i32, r, inp as i32],
+                        vec![e as i32, out as i32, r],
+                        inp,
+                    ),
+                    _ => return Err(Error::Usage(format!("{}: not a linear weight", t.module))),
+                };
+                if t.shape.len() == 3 && config.kind == AdapterKind::Dora {
+                    return Err(Error::Usage(format!(
+                        "{}: DoRA on stacked experts is not supported (nor by mlx-lm); use lora or --keys",
+                        t.module
+                    )));
+                }
                 let bound = 1.0 / (inp as f32).sqrt();
                 let (next, k) = mlx_rs::random::split(&key, 2)?;
                 key = next;
-                let a = mlx_rs::random::uniform::<f32, f32>(
-                    -bound,
-                    bound,
-                    &[inp, config.rank][..],
-                    &k,
-                )?;
-                let b = mlx_rs::ops::zeros::<f32>(&[config.rank, out])?;
+                let a = mlx_rs::random::uniform::<f32, f32>(-bound, bound, &a_shape[..], &k)?;
+                let b = mlx_rs::ops::zeros::<f32>(&b_shape)?;
                 let m = match config.kind {
                     AdapterKind::Dora => Some(row_norms(p)?),
                     AdapterKind::Lora => None,
@@ -563,7 +591,7 @@ pub fn attach(
                     config,
                     tensors,
                 ));
-                nodes.extend(t.nodes.iter().map(|&k| (k, slot.clone())));
+                nodes.extend(t.uses.iter().map(|&(k, r)| (k, r, slot.clone())));
                 slots.push(slot);
             }
             let attached = Attached {
@@ -577,11 +605,7 @@ pub fn attach(
 }
 
 /// Checks a loaded adapter against the model's nodes and builds its slots.
-pub fn attach_loaded(
-    adapter: &Adapter,
-    targets: &[Target],
-    weights: &[Vec<Param>],
-) -> Result<(Attached, NodeSlots)> {
+pub fn attach_loaded(adapter: &Adapter, targets: &[Target]) -> Result<(Attached, NodeSlots)> {
     let file = &adapter.file;
     let cfg = &adapter.config;
     let unmatched: Vec<&str> = adapter
@@ -607,33 +631,51 @@ pub fn attach_loaded(
         let Some(m) = adapter.modules.get(&t.module) else {
             continue;
         };
-        let (out, inp) = linear_dims(&weights[t.nodes[0]][0])
-            .ok_or_else(|| Error::Usage(format!("{}: not a 2-D linear weight", t.module)))?;
         let bad = |what: &str, msg: String| Error::Weights {
             file: file.clone(),
             msg: format!("{}.{what}: {msg}", t.module),
         };
         let (sa, sb) = (m.a.shape(), m.b.shape());
-        if sa.len() != 2 || sa[0] != inp {
+        let r = cfg.rank;
+        let (want_a, want_b, rank_at) = match t.shape[..] {
+            [out, inp] => (vec![inp as i32, r], vec![r, out as i32], 1),
+            [e, out, inp] => (
+                vec![e as i32, r, inp as i32],
+                vec![e as i32, out as i32, r],
+                1,
+            ),
+            _ => return Err(bad("lora_a", "the layer is not a linear weight".into())),
+        };
+        if sa.len() != want_a.len()
+            || sa
+                .iter()
+                .zip(&want_a)
+                .enumerate()
+                .any(|(k, (x, y))| k != rank_at && x != y)
+        {
             return Err(bad(
                 "lora_a",
-                format!("shape {sa:?}, expected [{inp}, rank] for the layer's {inp} inputs"),
+                format!(
+                    "shape {sa:?}, expected {want_a:?} for the layer's weight {:?}",
+                    t.shape
+                ),
             ));
         }
-        if sa[1] != cfg.rank {
+        if sa[rank_at] != r {
             return Err(bad(
                 "lora_a",
                 format!(
                     "rank {} does not match lora_parameters.rank {} of the adapter config",
-                    sa[1], cfg.rank
+                    sa[rank_at], r
                 ),
             ));
         }
-        if sb != [cfg.rank, out] {
-            return Err(bad(
-                "lora_b",
-                format!("shape {sb:?}, expected [{}, {out}]", cfg.rank),
-            ));
+        if sb != want_b.as_slice() {
+            return Err(bad("lora_b", format!("shape {sb:?}, expected {want_b:?}")));
+        }
+        let out = t.shape[t.shape.len() - 2] as i32;
+        if t.shape.len() == 3 && cfg.kind == AdapterKind::Dora {
+            return Err(bad("m", "DoRA on stacked experts is not supported".into()));
         }
         match (&m.m, cfg.kind) {
             (Some(mm), AdapterKind::Dora) if mm.shape() != [out] => {
@@ -662,7 +704,7 @@ pub fn attach_loaded(
             cfg,
             m.clone(),
         ));
-        nodes.extend(t.nodes.iter().map(|&k| (k, slot.clone())));
+        nodes.extend(t.uses.iter().map(|&(k, r)| (k, r, slot.clone())));
         slots.push(slot);
     }
     Ok((

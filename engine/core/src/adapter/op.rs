@@ -107,3 +107,45 @@ impl Op for Adapted {
         }
     }
 }
+
+/// `y + (scale * ((dropout(x) @ a) @ b)).astype(x)`: a LoRA update on a
+/// projection another op computed (a `moe` router).
+pub(crate) fn lora_delta(slot: &AdapterSlot, x: &Array, y: &Array) -> Result<Array, Exception> {
+    if !slot.enabled() {
+        return Ok(y.clone());
+    }
+    let t = slot.tensors();
+    let xd = if slot.training() && slot.dropout > 0.0 {
+        dropout(x, slot.dropout)?
+    } else {
+        x.clone()
+    };
+    let z = ops::matmul(&ops::matmul(&xd, &t.a)?, &t.b)?;
+    let z = ops::multiply(Array::from_f32(slot.scale), &z)?.as_dtype(x.dtype())?;
+    ops::add(y, &z)
+}
+
+/// mlx-lm's `LoRASwitchLinear`: `y` (the chosen experts' outputs) plus
+/// `scale` times the chosen experts' low-rank update, `a` `[E, r, in]` and
+/// `b` `[E, out, r]` gathered by the same indices.
+pub(crate) fn stacked_lora(
+    slot: &AdapterSlot,
+    x: &Array,
+    y: &Array,
+    idx: &Array,
+    sorted: bool,
+) -> Result<Array, Exception> {
+    if !slot.enabled() {
+        return Ok(y.clone());
+    }
+    let t = slot.tensors();
+    let xd = if slot.training() && slot.dropout > 0.0 {
+        dropout(x, slot.dropout)?
+    } else {
+        x.clone()
+    };
+    let z = ops::gather_mm(&xd, t.a.swap_axes(-1, -2)?, None, idx, sorted)?;
+    let z = ops::gather_mm(&z, t.b.swap_axes(-1, -2)?, None, idx, sorted)?;
+    let z = ops::multiply(Array::from_f32(slot.scale), &z)?.as_dtype(x.dtype())?;
+    ops::add(y, &z)
+}

@@ -11,22 +11,30 @@ use mlx_rs::ops::argpartition_axis;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
+use std::sync::Arc;
+
 use super::elementwise::activate;
 use super::{linear, mlx_err, Build, Ctx, Op, Param, Weights};
+use crate::adapter::AdapterSlot;
 
 impl Build for Moe {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let router = w.take("router")?;
+        let (router, router_adapter) = w.take_adapted("router")?;
         let count = if self.gated { 3 } else { 2 };
         let mut projections = Vec::with_capacity(count);
         for _ in 0..count {
-            let weight = stacked(w.take("experts")?)?;
+            let (weight, adapter) = w.take_adapted("experts")?;
+            let weight = stacked(weight)?;
             let bias = if self.expert_bias {
                 Some(w.dense("expert_bias")?)
             } else {
                 None
             };
-            projections.push(Stacked { weight, bias });
+            projections.push(Stacked {
+                weight,
+                bias,
+                adapter,
+            });
         }
         let router_bias = w.dense_opt("router_bias")?;
         let correction = w.dense_opt("correction_bias")?;
@@ -37,6 +45,7 @@ impl Build for Moe {
         Ok(Box::new(MoeOp {
             cfg: self.clone(),
             router,
+            router_adapter,
             router_bias,
             projections,
             correction,
@@ -82,19 +91,25 @@ fn gather(p: &Param, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exce
     }
 }
 
-/// One stacked expert projection and its optional `[E, out]` bias.
+/// One stacked expert projection, its optional `[E, out]` bias and its
+/// optional LoRA adapter (`a` `[E, r, in]`, `b` `[E, out, r]`).
 #[derive(Debug)]
 struct Stacked {
     weight: Param,
     bias: Option<Array>,
+    adapter: Option<Arc<AdapterSlot>>,
 }
 
 impl Stacked {
     fn apply(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array, Exception> {
         let y = gather(&self.weight, x, idx, sorted)?;
-        match &self.bias {
+        let y = match &self.bias {
             // bias[idx] is [..., out]; the gathered rows are [..., 1, out].
-            Some(b) => mlx_rs::ops::add(&y, b.take_axis(idx, 0)?.expand_dims(-2)?),
+            Some(b) => mlx_rs::ops::add(&y, b.take_axis(idx, 0)?.expand_dims(-2)?)?,
+            None => y,
+        };
+        match &self.adapter {
+            Some(slot) => crate::adapter::stacked_lora(slot, x, &y, idx, sorted),
             None => Ok(y),
         }
     }
@@ -105,6 +120,7 @@ struct MoeOp {
     cfg: Moe,
     /// Dense router weights are kept transposed, `[in, experts]`.
     router: Param,
+    router_adapter: Option<Arc<AdapterSlot>>,
     router_bias: Option<Array>,
     /// gate, up, down (gated) or fc1, fc2 (plain).
     projections: Vec<Stacked>,
@@ -120,6 +136,10 @@ impl MoeOp {
     /// Expert indices `[B, T, k]` and their weights `[B, T, k]`.
     fn route(&self, x: &Array) -> Result<(Array, Array), Exception> {
         let logits = linear::apply(&self.router, self.router_bias.as_ref(), x)?;
+        let logits = match &self.router_adapter {
+            Some(slot) => crate::adapter::lora_delta(slot, x, &logits)?,
+            None => logits,
+        };
         let k = self.cfg.top_k as i32;
         let scores = match self.cfg.routing {
             Routing::SoftmaxTopk => mlx_rs::ops::softmax_axis(&logits, -1, true)?,

@@ -48,21 +48,59 @@ impl Param {
 }
 
 /// The weights of one node, each under the parameter (`field`) that
-/// required it.
+/// required it, with the adapter attached to it, if any.
 #[derive(Debug, Default)]
 pub struct Weights {
     items: Vec<(&'static str, Param)>,
+    adapters: Vec<Option<std::sync::Arc<crate::adapter::AdapterSlot>>>,
 }
 
 impl Weights {
     pub fn new(items: Vec<(&'static str, Param)>) -> Weights {
-        Weights { items }
+        let adapters = vec![None; items.len()];
+        Weights { items, adapters }
     }
 
-    /// The weight required under `field`, if it was.
+    /// Weights with an adapter on some of them (in `items`' order).
+    pub fn with_adapters(
+        items: Vec<(&'static str, Param)>,
+        adapters: Vec<Option<std::sync::Arc<crate::adapter::AdapterSlot>>>,
+    ) -> Weights {
+        Weights { items, adapters }
+    }
+
+    /// The weight required under `field`, if it was (an adapter on it is
+    /// dropped, and the plan reports it as not applied).
     pub fn take_opt(&mut self, field: &str) -> Option<Param> {
+        self.remove(field).map(|(p, _)| p)
+    }
+
+    fn remove(
+        &mut self,
+        field: &str,
+    ) -> Option<(Param, Option<std::sync::Arc<crate::adapter::AdapterSlot>>)> {
         let k = self.items.iter().position(|(f, _)| *f == field)?;
-        Some(self.items.remove(k).1)
+        let adapter = if k < self.adapters.len() {
+            self.adapters.remove(k)
+        } else {
+            None
+        };
+        Some((self.items.remove(k).1, adapter))
+    }
+
+    /// The weight required under `field` and the adapter on it, if any: the
+    /// op that takes it this way applies the adapter.
+    pub fn take_adapted(
+        &mut self,
+        field: &str,
+    ) -> Result<(Param, Option<std::sync::Arc<crate::adapter::AdapterSlot>>), OpError> {
+        let (p, adapter) = self
+            .remove(field)
+            .ok_or_else(|| OpError::new(field, "not loaded"))?;
+        if let Some(a) = &adapter {
+            a.mark_applied();
+        }
+        Ok((p, adapter))
     }
 
     /// The weight required under `field`.
