@@ -39,6 +39,8 @@ dump_tests!(
     apertus,
     baichuan_m1,
     bailing_moe,
+    bailing_moe_linear,
+    bailing_moe_linear_6_heads,
     bailing_moe_v3,
     bailing_moe_q4,
     bailing_moe_sigmoid,

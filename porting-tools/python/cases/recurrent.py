@@ -83,6 +83,17 @@ def _wrap_moe_reference(mg):
 
     mg.moe_reference = moe_reference
 
+    # bailing_moe_linear routes as bailing_moe (whose reference moe_b.py
+    # hooks into routing_stats / check_block_math).
+    stats, block_math = mg.routing_stats, mg.check_block_math
+
+    def as_bailing(t):
+        return "bailing_moe" if t == "bailing_moe_linear" else t
+
+    mg.routing_stats = lambda model, t, config, taps: stats(model, as_bailing(t), config, taps)
+    mg.check_block_math = lambda model, t, config, taps, compare, have: block_math(
+        model, as_bailing(t), config, taps, compare, have)
+
 
 def register(mg):
     # mamba: mixer 128 wide (2 * hidden), state 8, dt rank 4 ("auto" would
@@ -169,7 +180,28 @@ def register(mg):
     mg.CASES += [{"name": "bailing_moe_v3", "model_type": "bailing_moe_v3", "config": {}}]
     # Its mlp.gate returns (indices, weights), not logits.
     mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_v3"}
-    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid", "bailing_moe_v3"}
+    # bailing_moe_linear: layer 0 lightning attention (4 heads of 16, q/k
+    # norms, rope on half, g_norm in 2 groups) with a dense MLP, layer 1
+    # softmax attention with bailing_moe's MoE (sigmoid, expert bias, 2
+    # groups of 2, top-2, a shared expert).
+    mg.TYPE_DEFAULTS["bailing_moe_linear"] = {
+        **mg.TYPE_DEFAULTS["bailing_moe"], "layer_group_size": 2, "group_norm_size": 2,
+        "use_qk_norm": True, "partial_rotary_factor": 0.5, "score_function": "sigmoid",
+        "moe_router_enable_expert_bias": True, "n_group": 2, "topk_group": 1,
+        "routed_scaling_factor": 1.5,
+    }
+    mg.CASES += [
+        {"name": "bailing_moe_linear", "model_type": "bailing_moe_linear", "config": {}, "seed": 2},
+        # 4 layers (lightning, attention, lightning, attention): the decay
+        # changes with the layer; 6 heads (ALiBi slopes of a non-power of 2).
+        {"name": "bailing_moe_linear_6_heads", "model_type": "bailing_moe_linear",
+         "config": {"num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
+                    "hidden_size": 48, "head_dim": 8, "intermediate_size": 32,
+                    "moe_intermediate_size": 16, "use_qkv_bias": True}},
+    ]
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_linear"}
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid", "bailing_moe_v3",
+                                                       "bailing_moe_linear"}
     # olmo2's attention: q/k norms over all heads.
     mg.FULL_WIDTH_QK_NORM_TYPES = mg.FULL_WIDTH_QK_NORM_TYPES | {"olmo_hybrid"}
     # Its post_attention_layernorm is the MLP's input norm in DeltaNet layers

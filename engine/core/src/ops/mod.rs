@@ -19,6 +19,7 @@ mod elementwise;
 mod embedding;
 mod heads;
 mod learned;
+mod lightning;
 mod linear;
 mod moe;
 #[cfg(test)]
@@ -92,6 +93,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Ssm(c) => c.build(inputs, w),
         OpConfig::SelectiveScan(c) => c.build(inputs, w),
         OpConfig::GatedDelta(c) => c.build(inputs, w),
+        OpConfig::Lightning(c) => c.build(inputs, w),
     }
 }
 

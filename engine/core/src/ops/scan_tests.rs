@@ -1,6 +1,6 @@
 //! The recurrences added for issue #23 against f64 references, each fed
 //! whole and in pieces through its cache slot: `selective_scan`
-//! (Mamba-1), `gated_delta`'s Kimi Delta Attention options.
+//! (Mamba-1), `gated_delta`'s Kimi Delta Attention options, `lightning`.
 use lmspec_spec::expr::Value;
 use lmspec_spec::ops::{lookup, Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
@@ -244,4 +244,110 @@ fn kda_gates_match_the_recurrence_whole_and_in_pieces() {
         let pieces = [(0, 4), (4, 5), (5, 7)];
         close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
     }
+}
+
+#[test]
+fn alibi_slopes_follow_the_power_of_two_rule() {
+    use lmspec_spec::ops::alibi_slopes;
+    let eight: Vec<f64> = (1..=8).map(|i| 2f64.powi(-i)).collect();
+    assert_eq!(alibi_slopes(8), eight);
+    // 6 heads: the 4-head slopes, then every other one of the 8-head slopes.
+    assert_eq!(
+        alibi_slopes(6),
+        vec![0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
+    );
+}
+
+/// Lightning attention in f64, per head h: `S = exp(g_h) S + kᵀ v`,
+/// `y = scale q S`, `g_h = -slope_h * layer_factor`; q, k, v `[H, T, D]`.
+fn lightning_reference(
+    [q, k, v]: [&[f32]; 3],
+    (h, t, dk, dv): (usize, usize, usize, usize),
+    slopes: &[f64],
+    (scale, layer_factor): (f64, f64),
+) -> Vec<f64> {
+    let mut out = vec![0.0f64; h * t * dv];
+    for hh in 0..h {
+        let decay = (-slopes[hh] * layer_factor).exp();
+        let mut s = vec![0.0f64; dk * dv];
+        for p in 0..t {
+            let row = |x: &[f32], d: usize, c: usize| f64::from(x[(hh * t + p) * d + c]);
+            for a in 0..dk {
+                for c in 0..dv {
+                    s[a * dv + c] = decay * s[a * dv + c] + row(k, dk, a) * row(v, dv, c);
+                }
+            }
+            for c in 0..dv {
+                out[(hh * t + p) * dv + c] =
+                    (0..dk).map(|a| scale * row(q, dk, a) * s[a * dv + c]).sum();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn lightning_matches_the_recurrence_whole_and_in_pieces() {
+    let (h, t, dk, dv) = (6usize, 7usize, 4usize, 3usize);
+    let q = noise(h * t * dk, 71);
+    let k = noise(h * t * dk, 72);
+    let v = noise(h * t * dv, 73);
+    let (scale, layer_factor) = (0.5, 0.75);
+    let slopes = lmspec_spec::ops::alibi_slopes(h);
+    let want = lightning_reference([&q, &k, &v], (h, t, dk, dv), &slopes, (scale, layer_factor));
+    let given = [
+        ("scale", Value::Float(scale)),
+        ("layer_factor", Value::Float(layer_factor)),
+    ];
+    let per_head = |d: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let infos = [per_head(dk), per_head(dk), per_head(dv)];
+    assert_recurrent("lightning", &given, &infos);
+    let op = build("lightning", &given, &infos, Vec::new());
+    // Positions a..b of a [H, T, D] table as [1, H, b - a, D].
+    let heads = |x: &[f32], d: usize, a: usize, b: usize| {
+        let mut part = Vec::new();
+        for hh in 0..h {
+            part.extend_from_slice(&x[(hh * t + a) * d..(hh * t + b) * d]);
+        }
+        Array::from_slice(&part, &[1, h as i32, (b - a) as i32, d as i32])
+    };
+    let args = |a: usize, b: usize| {
+        vec![
+            heads(&q, dk, a, b),
+            heads(&k, dk, a, b),
+            heads(&v, dv, a, b),
+        ]
+    };
+    let whole = args(0, t);
+    let refs: Vec<&Array> = whole.iter().collect();
+    close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
+    // In pieces: each call returns [1, H, n, Dv]; put them back per head.
+    let pieces = [(0, 3), (3, 4), (4, 7)];
+    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
+    let mut got = vec![0.0f32; h * t * dv];
+    for (a, b) in pieces {
+        let xs = args(a, b);
+        let refs: Vec<&Array> = xs.iter().collect();
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let y = op.forward(&refs, &mut ctx).expect("forward");
+        let y = y.contiguous().expect("contiguous");
+        y.eval().expect("eval");
+        let ys = y.as_slice::<f32>();
+        for hh in 0..h {
+            for p in a..b {
+                for c in 0..dv {
+                    got[(hh * t + p) * dv + c] = ys[(hh * (b - a) + p - a) * dv + c];
+                }
+            }
+        }
+    }
+    close(&got, &want, 1e-5);
 }

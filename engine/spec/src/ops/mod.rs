@@ -38,7 +38,7 @@ pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
-pub use ssm::{GatedDelta, SelectiveScan, Ssm};
+pub use ssm::{alibi_slopes, GatedDelta, Lightning, SelectiveScan, Ssm};
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
@@ -138,6 +138,7 @@ registry!(
     Ssm,
     SelectiveScan,
     GatedDelta,
+    Lightning,
 );
 
 /// A registered op: its schema and how its typed config is read.

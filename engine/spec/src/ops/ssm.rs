@@ -1,8 +1,11 @@
 //! Recurrent mixers with a float32 state: `ssm`, the selective state-space
 //! scan (SSD) of mlx-lm's `ssm_attn`, `selective_scan`, Mamba-1's scan with
-//! a per-channel A matrix, and `gated_delta`, the gated delta rule of Gated
-//! DeltaNet linear attention.
-use super::{expect_widths, op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq};
+//! a per-channel A matrix, `gated_delta`, the gated delta rule of Gated
+//! DeltaNet linear attention, and `lightning`, linear attention with a
+//! constant decay per head.
+use super::{
+    expect_heads, expect_widths, op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq,
+};
 
 op! {
     /// Selective state-space (SSD) scan of [x, B, C, dt]; keeps a float32 state.
@@ -123,4 +126,57 @@ impl SelectiveScan {
             state: Some(StateKind::Recurrent),
         })
     }
+}
+
+op! {
+    /// Lightning (constant-decay linear) attention of per-head [q, k, v] with ALiBi-slope decays; keeps a float32 state.
+    "lightning" (3..=3) => Lightning {
+        scale: f64, "factor on q";
+        layer_factor: f64, "head h's log-decay per position is -slope_h * layer_factor, slope_h its ALiBi slope";
+    }
+}
+
+impl Lightning {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (hq, dq) = expect_heads(inputs, 0)?;
+        let (hk, dk) = expect_heads(inputs, 1)?;
+        let (hv, dv) = expect_heads(inputs, 2)?;
+        if hq != hk || hk != hv || dq != dk {
+            return Err(OpError::new(
+                "in",
+                format!("q [{hq} heads of {dq}], k [{hk} of {dk}] and v [{hv} heads] must have the same heads, and q and k the same width"),
+            ));
+        }
+        if !self.layer_factor.is_finite() || !self.scale.is_finite() {
+            return Err(OpError::new(
+                "layer_factor",
+                "scale and layer_factor must be finite",
+            ));
+        }
+        Ok(Resolved {
+            out: Layout {
+                dim: dv,
+                heads: Some(hv),
+            },
+            weights: Vec::new(),
+            state: Some(StateKind::Recurrent),
+        })
+    }
+}
+
+/// ALiBi's slope of each of `n` heads: for a power of two,
+/// `2^(-8 (h + 1) / n)`; otherwise the slopes of the power of two below
+/// `n`, then every other slope of twice that, up to `n`.
+pub fn alibi_slopes(n: usize) -> Vec<f64> {
+    fn pow2(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start.powi(i as i32 + 1)).collect()
+    }
+    if n.is_power_of_two() {
+        return pow2(n);
+    }
+    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let mut slopes = pow2(p);
+    slopes.extend(pow2(2 * p).into_iter().step_by(2).take(n - p));
+    slopes
 }
