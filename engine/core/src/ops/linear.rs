@@ -66,21 +66,34 @@ impl Build for HeadLinear {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         // A quantized per-head weight is dequantized once, here.
         let weight = w.take("weight")?.dense().map_err(mlx_err("weight"))?;
+        // [H, out] -> [H, 1, out] against [B, H, T, out].
+        let bias = match w.dense_opt("bias")? {
+            Some(b) => {
+                let s = b.shape().to_vec();
+                Some(b.reshape(&[s[0], 1, s[1]]).map_err(mlx_err("bias"))?)
+            }
+            None => None,
+        };
         let w = match self.transposed {
             true => weight.swap_axes(-1, -2).map_err(mlx_err("weight"))?,
             false => weight,
         };
-        Ok(Box::new(HeadLinearOp { w }))
+        Ok(Box::new(HeadLinearOp { w, bias }))
     }
 }
 
 #[derive(Debug)]
 struct HeadLinearOp {
     w: Array,
+    bias: Option<Array>,
 }
 
 impl Op for HeadLinearOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        mlx_rs::ops::matmul(inputs[0], &self.w)
+        let y = mlx_rs::ops::matmul(inputs[0], &self.w)?;
+        match &self.bias {
+            Some(b) => mlx_rs::ops::add(&y, b),
+            None => Ok(y),
+        }
     }
 }

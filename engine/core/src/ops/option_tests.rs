@@ -437,3 +437,32 @@ fn attention_sinks_and_tiled_heads_match_the_reference() {
         "sinks"
     );
 }
+
+#[test]
+fn head_linear_adds_each_heads_bias() {
+    // x [B=1, H=2, T=1, in=2]; weight [2, out=3, in=2]; bias [2, 3].
+    let xs = [1.0f32, 2.0, -1.0, 0.5];
+    let ws = [
+        1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 2.0, -1.0, 1.0,
+    ];
+    let bs = [0.1f32, 0.2, 0.3, -0.1, -0.2, -0.3];
+    let x = Array::from_slice(&xs, &[1, 2, 1, 2]);
+    let given = [
+        ("weight", Value::Str("embed_q".into())),
+        ("heads", Value::Int(2)),
+        ("out", Value::Int(3)),
+        ("bias", Value::Bool(true)),
+    ];
+    let w = vec![dense(&ws, &[2, 3, 2]), dense(&bs, &[2, 3])];
+    let op = build("head_linear", &given, &[heads(2, 2)], w);
+    let mut want = Vec::new();
+    for h in 0..2 {
+        for o in 0..3 {
+            let dot: f64 = (0..2)
+                .map(|k| f64::from(ws[(h * 3 + o) * 2 + k]) * f64::from(xs[h * 2 + k]))
+                .sum();
+            want.push(dot + f64::from(bs[h * 3 + o]));
+        }
+    }
+    close(&run(op.as_ref(), &[&x], 0), &want, 1e-6);
+}

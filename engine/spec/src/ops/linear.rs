@@ -18,6 +18,7 @@ op! {
         heads: i64, "heads (the weight's first axis)";
         out: i64, "output features per head";
         transposed: bool = true, "the weight is stored [heads, out, in] (false: [heads, in, out])";
+        bias: bool = false, "the module has a per-head `bias` [heads, out]";
     }
 }
 
@@ -57,13 +58,13 @@ impl HeadLinear {
         };
         // Quantizable as mlx-lm's QuantizedMultiLinear stores it (along
         // the stored last axis); the engine dequantizes it once.
+        let module = self.weight.under(scope);
+        let mut weights = vec![WeightReq::matrix("weight", module.clone(), "weight", shape)];
+        if self.bias {
+            weights.push(WeightReq::dense("bias", module, "bias", vec![heads, out]));
+        }
         Ok(Resolved {
-            weights: vec![WeightReq::matrix(
-                "weight",
-                self.weight.under(scope),
-                "weight",
-                shape,
-            )],
+            weights,
             ..Resolved::pure(Layout {
                 dim: out,
                 heads: Some(heads),
