@@ -47,6 +47,7 @@ golden_cases!(
     afmoe_q4,
     afmoe_softmax_groups,
     apertus,
+    apertus_hf,
     baichuan_m1,
     bailing_moe,
     bailing_moe_q4,

@@ -104,6 +104,9 @@ CASES = [
     {"name": "llama4_text", "model_type": "llama4_text", "config": {}, "seed": 1},
     # xIELU MLP (its four scalars drawn at random too), per-head q/k norms.
     {"name": "apertus", "model_type": "apertus", "config": {}},
+    # The same model with the xIELU scalars alpha_p / alpha_n stored [1], as
+    # Hugging Face does (mlx-lm squeezes them).
+    {"name": "apertus_hf", "model_type": "apertus", "config": {}, "hf_layout": "apertus"},
     # Wqkv clamped to ±1 (about 40% of its outputs clipped), top-2 of 4
     # experts by a float32 softmax, renormalised.
     {"name": "dbrx", "model_type": "dbrx", "config": {}},
@@ -178,6 +181,7 @@ def register(mg):
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
     mg.HF_LAYOUTS["gear"] = (gear_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["plamo2"] = (plamo2_to_hf, {"format": "pt"})
+    mg.HF_LAYOUTS["apertus"] = (apertus_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
@@ -269,6 +273,12 @@ def gear_to_hf(weights, config):
             out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = mx.ones((half,))
     out["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return dict(sorted(out.items()))
+
+
+def apertus_to_hf(weights, config):
+    """What mlx-lm's apertus sanitize squeezes: alpha_p / alpha_n as [1]."""
+    return {k: (v.reshape(1) if k.endswith(("alpha_p", "alpha_n")) else v)
+            for k, v in sorted(weights.items())}
 
 
 def plamo2_to_hf(weights, config):
