@@ -84,11 +84,13 @@ def _wrap_moe_reference(mg):
     mg.moe_reference = moe_reference
 
     # bailing_moe_linear routes as bailing_moe (whose reference moe_b.py
-    # hooks into routing_stats / check_block_math).
+    # hooks into routing_stats / check_block_math), and so does
+    # bailing_hybrid while its top-k fits in the kept groups (its dropped
+    # groups go to -inf, bailing_moe's to 0).
     stats, block_math = mg.routing_stats, mg.check_block_math
 
     def as_bailing(t):
-        return "bailing_moe" if t == "bailing_moe_linear" else t
+        return "bailing_moe" if t in ("bailing_moe_linear", "bailing_hybrid") else t
 
     mg.routing_stats = lambda model, t, config, taps: stats(model, as_bailing(t), config, taps)
     mg.check_block_math = lambda model, t, config, taps, compare, have: block_math(
@@ -199,9 +201,25 @@ def register(mg):
                     "hidden_size": 48, "head_dim": 8, "intermediate_size": 32,
                     "moe_intermediate_size": 16, "use_qkv_bias": True}},
     ]
-    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_linear"}
+    # bailing_hybrid: layer 0 lightning attention (4 heads of 16), layer 1
+    # latent attention (q rank 16, latent 32, q 16 + 8 rope, v 16) with a
+    # MoE (sigmoid, expert bias, 2 groups of 2 masked to -inf, top-2,
+    # renormalised, scaled, a shared expert).
+    mg.TYPE_UNUSED_BASE_KEYS["bailing_hybrid"] = []
+    mg.TYPE_DEFAULTS["bailing_hybrid"] = {
+        "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
+        "num_experts_per_tok": 2, "num_shared_experts": 1, "n_group": 2, "topk_group": 1,
+        "first_k_dense_replace": 1, "layer_group_size": 2, "group_norm_size": 2,
+        "routed_scaling_factor": 1.5, "head_dim": 16, "kv_lora_rank": 32,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "q_lora_rank": 16,
+        # mlx-lm's defaults, written out (the MoE reference reads them).
+        "score_function": "sigmoid", "norm_topk_prob": True,
+        "moe_router_enable_expert_bias": True, "use_qk_norm": True, "partial_rotary_factor": 0.5,
+    }
+    mg.CASES += [{"name": "bailing_hybrid", "model_type": "bailing_hybrid", "config": {}}]
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_linear", "bailing_hybrid"}
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid", "bailing_moe_v3",
-                                                       "bailing_moe_linear"}
+                                                       "bailing_moe_linear", "bailing_hybrid"}
     # olmo2's attention: q/k norms over all heads.
     mg.FULL_WIDTH_QK_NORM_TYPES = mg.FULL_WIDTH_QK_NORM_TYPES | {"olmo_hybrid"}
     # Its post_attention_layernorm is the MLP's input norm in DeltaNet layers
