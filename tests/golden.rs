@@ -57,6 +57,7 @@ golden_cases!(
     cohere_ln_bias,
     cohere_qk_norm,
     dbrx,
+    dbrx_hf,
     deepseek,
     deepseek_hf,
     deepseek_v2,

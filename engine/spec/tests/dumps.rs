@@ -51,6 +51,7 @@ dump_tests!(
     cohere_ln_bias,
     cohere_qk_norm,
     dbrx,
+    dbrx_hf,
     deepseek,
     deepseek_hf,
     deepseek_v2,

@@ -110,6 +110,8 @@ CASES = [
     # Wqkv clamped to ±1 (about 40% of its outputs clipped), top-2 of 4
     # experts by a float32 softmax, renormalised.
     {"name": "dbrx", "model_type": "dbrx", "config": {}},
+    # The same model with Hugging Face's fused experts (w1, v1, w2 [4 * 32, 64]).
+    {"name": "dbrx_hf", "model_type": "dbrx", "config": {}, "hf_layout": "dbrx"},
     # The llama-4 query temperature with period 4: 1 + 0.5 ln(1 + floor(p / 4))
     # grows from 1 to ~2.2 over positions 0..43 (at Ministral 3's own period,
     # 16384, a short prompt would never see it); yarn over the same 4
@@ -182,6 +184,7 @@ def register(mg):
     mg.HF_LAYOUTS["gear"] = (gear_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["plamo2"] = (plamo2_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["apertus"] = (apertus_to_hf, {"format": "pt"})
+    mg.HF_LAYOUTS["dbrx"] = (dbrx_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
@@ -272,6 +275,22 @@ def gear_to_hf(weights, config):
         if kind != "conv_mixer":
             out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = mx.ones((half,))
     out["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return dict(sorted(out.items()))
+
+
+def dbrx_to_hf(weights, config):
+    """What mlx-lm's dbrx sanitize splits: each layer's experts as
+    experts.mlp.{w1, v1, w2} [experts * ffn, hidden] (w2's blocks
+    transposed)."""
+    n = config["ffn_config"]["moe_num_experts"]
+    out = {k: v for k, v in weights.items() if ".ffn.experts." not in k}
+    for i in range(config["n_layers"]):
+        prefix = f"transformer.blocks.{i}.ffn.experts"
+        for w in ("w1", "v1", "w2"):
+            parts = [weights[f"{prefix}.{e}.{w}.weight"] for e in range(n)]
+            if w == "w2":
+                parts = [p.T for p in parts]
+            out[f"{prefix}.mlp.{w}"] = mx.concatenate(parts, axis=0)
     return dict(sorted(out.items()))
 
 
