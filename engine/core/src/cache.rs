@@ -49,7 +49,7 @@ impl CreateState for CacheKind {
 }
 
 /// The mask attention needs for a call of `t` new positions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Mask {
     None,
     Causal,
@@ -73,7 +73,7 @@ pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
 }
 
 /// Keys and values for attention, dense or quantized (data, scales, biases).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum KvView {
     Dense(Array, Array),
     Quantized {
@@ -167,6 +167,45 @@ impl CacheState {
                 Err(exception("a recurrent state holds no keys/values"))
             }
         }
+    }
+}
+
+/// Keys, values and masks that attention nodes publish (`kv_out`) for
+/// later nodes of the same forward to attend over (`kv_from`: KV-shared
+/// layers). One table per thread, cleared when a forward starts.
+pub(crate) mod shared {
+    use std::cell::RefCell;
+
+    use super::{exception, KvView, Mask};
+    use mlx_rs::error::Exception;
+
+    thread_local! {
+        static TABLE: RefCell<Vec<Option<(Mask, KvView)>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Forgets what the previous forward published.
+    pub(crate) fn clear() {
+        TABLE.with_borrow_mut(|t| t.clear());
+    }
+
+    pub(crate) fn publish(n: i64, mask: &Mask, kv: &KvView) {
+        let n = n as usize;
+        TABLE.with_borrow_mut(|t| {
+            if t.len() <= n {
+                t.resize(n + 1, None);
+            }
+            t[n] = Some((mask.clone(), kv.clone()));
+        });
+    }
+
+    pub(crate) fn read(n: i64) -> Result<(Mask, KvView), Exception> {
+        TABLE
+            .with_borrow(|t| t.get(n as usize).cloned().flatten())
+            .ok_or_else(|| {
+                exception(format!(
+                    "attention: kv_from {n}: no earlier node of this forward published keys and values under {n} (kv_out)"
+                ))
+            })
     }
 }
 

@@ -372,6 +372,7 @@ impl Plan {
         key_mask: Option<&Array>,
         positions: Option<&crate::batch::Positions>,
     ) -> Result<(Array, IndexMap<String, Array>)> {
+        crate::cache::shared::clear();
         if cache.slots.len() != self.cache_kinds.len() {
             return Err(Error::Usage(format!(
                 "cache has {} slots, this model needs {}",

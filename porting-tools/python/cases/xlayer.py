@@ -1,7 +1,8 @@
 """Golden cases of cross-layer dataflow: nanbeige (the layer stack looped
 with shared weights), hunyuan (cross-layer attention: layers reuse an
 earlier layer's keys and values), talkie (a model-level value, the
-normalised embedding, added in every block).
+normalised embedding, added in every block), afm7 (layers that attend over
+another layer's keys and values, through its cache).
 
 Registered last (file-name order): a looped stack calls each mlx-lm layer
 module more than once, so per-layer taps, which bind one call of one
@@ -10,11 +11,13 @@ are what the cases check.
 """
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie"}
+OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
     "talkie": {"head_dim": 16, "rms_norm_eps": 1e-6},
+    "afm7": {"hidden_dim": 64, "num_layers": 3, "num_kv_reuse_layers": 1, "num_heads": 4,
+             "num_kv_heads": 2, "hidden_dim_scale_factor": 1.0},
     "hunyuan": {"attention_bias": False, "moe_topk": 2, "num_experts": 4,
                 "num_shared_expert": 1, "use_mixed_mlp_moe": True, "use_qk_norm": True,
                 "use_cla": True, "cla_share_factor": 2, "moe_intermediate_size": 32,
@@ -41,6 +44,9 @@ CASES = [
     # Weightless norms, reversed rope, per-head and scalar gains, the
     # embedding skip in both blocks, a gained head.
     {"name": "talkie", "model_type": "talkie", "config": {}, "seed": 1},
+    # Two regular layers and one that reuses layer 1's keys and values;
+    # keys and values fake-quantized to 8 bits with learned scales.
+    {"name": "afm7", "model_type": "afm7", "config": {}},
     # No cross-layer attention and one expert: a dense MLP per layer.
     {"name": "hunyuan_dense", "model_type": "hunyuan",
      "config": {"use_cla": False, "num_experts": 1, "use_mixed_mlp_moe": False}, "seed": 1},

@@ -26,7 +26,7 @@ impl Build for Attention {
         };
         let heads = |k: usize| inputs.get(k).and_then(|l| l.heads).unwrap_or(1) as i32;
         let (hq, hkv) = (heads(0), heads(1));
-        let tiled = self.gqa == Gqa::Tiled && hq != hkv;
+        let tiled = self.gqa == Gqa::Tiled && hq != hkv && self.kv_from.is_none();
         // Tiled: grouped query head g·rep + r is original head r·Hkv + g,
         // so the sinks follow the same order.
         let sinks = match (sinks, tiled) {
@@ -101,8 +101,13 @@ impl Attend for Attention {
     ) -> Result<Array, Exception> {
         let scale = self.scale as f32;
         let softcap = self.softcap.map(|c| c.0 as f32);
-        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+        let q = inputs[0];
         let t = q.shape()[2];
+        if let Some(n) = self.kv_from {
+            let (mask, kv) = crate::cache::shared::read(n)?;
+            return attend_over(q, mask, kv, ctx, scale, softcap, sinks);
+        }
+        let (k, v) = (inputs[1], inputs[2]);
         let (mask, kv) = match ctx.cache.as_deref_mut() {
             // Bidirectional attention (encoders) sees the whole input, or a
             // band of it; it neither reads nor grows a cache.
@@ -126,38 +131,57 @@ impl Attend for Attention {
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
         };
-        let mask = match ctx.key_mask {
-            Some(keys) => with_key_mask(mask, keys, t)?,
-            None => mask,
-        };
-        match kv {
-            KvView::Dense(k, v) if softcap.is_none() => {
-                let m = match &mask {
-                    Mask::None => None,
-                    Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
-                    Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
-                };
-                mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, scale, m, sinks)
-            }
-            KvView::Dense(k, v) => {
-                let hkv = k.shape()[1];
-                explicit_attention(q, &k, &v, hkv, scale, softcap, sinks, &mask)
-            }
-            KvView::Quantized {
-                keys,
-                values,
+        if let Some(n) = self.kv_out {
+            crate::cache::shared::publish(n, &mask, &kv);
+        }
+        attend_over(q, mask, kv, ctx, scale, softcap, sinks)
+    }
+}
+
+/// Attention of `q` over `kv` with `mask` (the key-padding mask of `ctx`
+/// added).
+#[allow(clippy::too_many_arguments)]
+fn attend_over(
+    q: &Array,
+    mask: Mask,
+    kv: KvView,
+    ctx: &Ctx<'_>,
+    scale: f32,
+    softcap: Option<f32>,
+    sinks: Option<&Array>,
+) -> Result<Array, Exception> {
+    let t = q.shape()[2];
+    let mask = match ctx.key_mask {
+        Some(keys) => with_key_mask(mask, keys, t)?,
+        None => mask,
+    };
+    match kv {
+        KvView::Dense(k, v) if softcap.is_none() => {
+            let m = match &mask {
+                Mask::None => None,
+                Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
+                Mask::Array(a) => Some(ScaledDotProductAttentionMask::Array(a)),
+            };
+            mlx_rs::fast::scaled_dot_product_attention(q, &k, &v, scale, m, sinks)
+        }
+        KvView::Dense(k, v) => {
+            let hkv = k.shape()[1];
+            explicit_attention(q, &k, &v, hkv, scale, softcap, sinks, &mask)
+        }
+        KvView::Quantized {
+            keys,
+            values,
+            group_size,
+            bits,
+        } => {
+            let hkv = keys[0].shape()[1];
+            let wrap = |parts| QuantizedKv {
+                parts,
                 group_size,
                 bits,
-            } => {
-                let hkv = keys[0].shape()[1];
-                let wrap = |parts| QuantizedKv {
-                    parts,
-                    group_size,
-                    bits,
-                };
-                let (keys, values) = (wrap(keys), wrap(values));
-                explicit_attention(q, &keys, &values, hkv, scale, softcap, sinks, &mask)
-            }
+            };
+            let (keys, values) = (wrap(keys), wrap(values));
+            explicit_attention(q, &keys, &values, hkv, scale, softcap, sinks, &mask)
         }
     }
 }

@@ -1,8 +1,10 @@
-//! `gain` (a learned scale broadcast over a value) and `xielu` (xIELU with
-//! learned scalars, as mlx-lm's `XieLU`).
-use lmspec_spec::ops::{Gain, GainShape, Layout, OpError, Xielu};
+//! `gain` (a learned scale broadcast over a value), `xielu` (xIELU with
+//! learned scalars, as mlx-lm's `XieLU`) and `fake_quant` (8-bit fake
+//! quantization with a learned scale, as mlx-lm's afm7 `fake_8bit_quant`).
+use lmspec_spec::ops::{FakeQuant, Gain, GainShape, Layout, OpError, Xielu};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
+use mlx_rs::Dtype;
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
 
@@ -70,5 +72,30 @@ impl Op for XieluOp {
             &bx,
         )?;
         select(gt(x, Array::from_f32(0.0))?, &up, &down)
+    }
+}
+
+impl Build for FakeQuant {
+    fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let scale = w
+            .dense("weight")?
+            .as_dtype(Dtype::Float32)
+            .map_err(mlx_err("weight"))?;
+        Ok(Box::new(FakeQuantOp { scale }))
+    }
+}
+
+/// round(x / s) clipped to [-128, 127], times s, in float32.
+#[derive(Debug)]
+struct FakeQuantOp {
+    scale: Array,
+}
+
+impl Op for FakeQuantOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let x = inputs[0];
+        let q = mlx_rs::ops::divide(x.as_dtype(Dtype::Float32)?, &self.scale)?.round(None)?;
+        let q = mlx_rs::ops::clip(&q, (-128.0f32, 127.0f32))?;
+        mlx_rs::ops::multiply(&q, &self.scale)?.as_dtype(x.dtype())
     }
 }

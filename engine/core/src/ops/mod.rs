@@ -31,6 +31,8 @@ pub mod rope;
 mod scan;
 #[cfg(test)]
 mod scan_tests;
+#[cfg(test)]
+mod share_tests;
 mod slice;
 mod ssm;
 #[cfg(test)]
@@ -80,6 +82,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Glu(c) => Ok(Box::new(c.clone())),
         OpConfig::Gain(c) => c.build(inputs, w),
         OpConfig::Xielu(c) => c.build(inputs, w),
+        OpConfig::FakeQuant(c) => c.build(inputs, w),
         OpConfig::SplitHeads(c) => Ok(Box::new(c.clone())),
         OpConfig::MergeHeads(c) => Ok(Box::new(c.clone())),
         OpConfig::RepeatHeads(c) => Ok(Box::new(c.clone())),

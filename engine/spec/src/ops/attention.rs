@@ -12,8 +12,8 @@ choice! {
 }
 
 op! {
-    /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache.
-    "attention" (3..=3) => Attention {
+    /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache. With `kv_from`, over [q] alone and another attention node's keys and values.
+    "attention" (1..=3) => Attention {
         scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
         causal: bool = true, "mask future positions";
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
@@ -21,6 +21,8 @@ op! {
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
         sinks: bool = false, "learned per-head sink logits `sinks` [Hq] in the node's scope join each softmax's denominator (gpt-oss)";
         gqa: Gqa = Gqa::Grouped, "grouped: query head h reads key/value head h / (Hq / Hkv); tiled: h mod Hkv";
+        kv_out: Option<i64> = None, "publish this node's keys and values (all positions, after its cache) and its mask under this number, for later `kv_from` nodes of the same forward";
+        kv_from: Option<i64> = None, "attend over the keys, values and mask an earlier node published under this number (KV-shared layers): the node takes [q] alone, keeps no cache, and its output is as wide as q's heads";
     }
 }
 
@@ -38,6 +40,46 @@ impl Attention {
     }
 
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        if let Some(n) = self.kv_out.filter(|n| *n < 0) {
+            return Err(OpError::new(
+                "kv_out",
+                format!("{n} is not a number of 0 or more"),
+            ));
+        }
+        match (self.kv_from, inputs.len()) {
+            (Some(n), _) if n < 0 => {
+                return Err(OpError::new(
+                    "kv_from",
+                    format!("{n} is not a number of 0 or more"),
+                ))
+            }
+            (Some(_), 1) => {
+                if self.kv_out.is_some() || self.sinks || !self.causal {
+                    return Err(OpError::new(
+                        "kv_from",
+                        "a node reading shared keys and values neither publishes its own, has sinks, nor is bidirectional",
+                    ));
+                }
+                let (hq, dq) = expect_heads(inputs, 0)?;
+                return Ok(Resolved::pure(Layout {
+                    dim: dq,
+                    heads: Some(hq),
+                }));
+            }
+            (Some(_), n) => {
+                return Err(OpError::new(
+                    "in",
+                    format!("with kv_from the node takes [q] alone, not {n} inputs"),
+                ))
+            }
+            (None, 3) => {}
+            (None, n) => {
+                return Err(OpError::new(
+                    "in",
+                    format!("{n} input(s): attention takes [q, k, v] (or [q] with kv_from)"),
+                ))
+            }
+        }
         let (hq, dq) = expect_heads(inputs, 0)?;
         let (hk, dk) = expect_heads(inputs, 1)?;
         let (hv, dv) = expect_heads(inputs, 2)?;

@@ -1,6 +1,7 @@
 //! Elementwise ops with learned parameters: `gain` (a learned scale
-//! broadcast over a value) and `xielu` (the xIELU activation with learned
-//! scalars).
+//! broadcast over a value), `xielu` (the xIELU activation with learned
+//! scalars) and `fake_quant` (8-bit fake quantization with a learned
+//! scale).
 use super::norm::first;
 use super::{choice, op, Layout, OpError, Resolved, WeightName, WeightReq};
 
@@ -60,6 +61,24 @@ impl Gain {
             "weight",
             self.weight_shape(x)?,
         );
+        Ok(Resolved {
+            weights: vec![w],
+            ..Resolved::pure(x)
+        })
+    }
+}
+
+op! {
+    /// Fake 8-bit quantization: round(x / s) clipped to [-128, 127], times s, computed in float32, with a learned scalar s (AFM's keys and values).
+    "fake_quant" (1..=1) => FakeQuant {
+        weight: WeightName, "module holding the scalar `scale` (shape [])";
+    }
+}
+
+impl FakeQuant {
+    pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let x = first(inputs)?;
+        let w = WeightReq::dense("weight", self.weight.under(scope), "scale", vec![]);
         Ok(Resolved {
             weights: vec![w],
             ..Resolved::pure(x)

@@ -32,7 +32,7 @@ pub use conv::ShortConv;
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
-pub use learned::{Gain, GainShape, Xielu, XIELU_PARAMS};
+pub use learned::{FakeQuant, Gain, GainShape, Xielu, XIELU_PARAMS};
 pub use linear::{HeadLinear, Linear};
 pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
@@ -125,6 +125,7 @@ registry!(
     Glu,
     Gain,
     Xielu,
+    FakeQuant,
     SplitHeads,
     MergeHeads,
     RepeatHeads,
