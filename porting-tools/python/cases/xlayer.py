@@ -2,7 +2,9 @@
 with shared weights), hunyuan (cross-layer attention: layers reuse an
 earlier layer's keys and values), talkie (a model-level value, the
 normalised embedding, added in every block), afm7 (layers that attend over
-another layer's keys and values, through its cache).
+another layer's keys and values, through its cache), iquestloopcoder (a
+second pass over the layers that mixes attention over the first pass's
+keys and values with its own windowed attention).
 
 Registered last (file-name order): a looped stack calls each mlx-lm layer
 module more than once, so per-layer taps, which bind one call of one
@@ -11,11 +13,12 @@ are what the cases check.
 """
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7"}
+OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
     "talkie": {"head_dim": 16, "rms_norm_eps": 1e-6},
+    "iquestloopcoder": {"head_dim": 16, "loop_num": 2, "loop_window_size": 4},
     "afm7": {"hidden_dim": 64, "num_layers": 3, "num_kv_reuse_layers": 1, "num_heads": 4,
              "num_kv_heads": 2, "hidden_dim_scale_factor": 1.0},
     "hunyuan": {"attention_bias": False, "moe_topk": 2, "num_experts": 4,
@@ -47,6 +50,9 @@ CASES = [
     # Two regular layers and one that reuses layer 1's keys and values;
     # keys and values fake-quantized to 8 bits with learned scales.
     {"name": "afm7", "model_type": "afm7", "config": {}},
+    # Two layers run twice; the second pass's local window (4) is shorter
+    # than the prompt, its gates mix in the first pass's keys and values.
+    {"name": "iquestloopcoder", "model_type": "iquestloopcoder", "config": {}},
     # No cross-layer attention and one expert: a dense MLP per layer.
     {"name": "hunyuan_dense", "model_type": "hunyuan",
      "config": {"use_cla": False, "num_experts": 1, "use_mixed_mlp_moe": False}, "seed": 1},
