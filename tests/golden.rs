@@ -140,6 +140,7 @@ golden_cases!(
     mistral,
     mistral3,
     mistral3_ministral3,
+    mistral3_mistral4,
     mistral4,
     mixtral,
     muse_glimmer,

@@ -141,6 +141,7 @@ dump_tests!(
     mistral,
     mistral3,
     mistral3_ministral3,
+    mistral3_mistral4,
     mistral4,
     mixtral,
     muse_glimmer,

@@ -176,6 +176,14 @@ CASES = [
         "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 5,
         "rope_parameters": TYPE_DEFAULTS["ministral3"]["rope_parameters"]}},
      "hf_layout": "vlm_mlx"},
+    # Mistral3 whose text model is mistral4 (the mistral4 case's config under
+    # text_config), saved as Hugging Face nests it (model.language_model.*,
+    # vision tensors under model.*: vlm_text.py's vlm_hf_nested layout).
+    {"name": "mistral3_mistral4", "model_type": "mistral3", "config": {"text_config": {
+        "model_type": "mistral4", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 512,
+        **TYPE_DEFAULTS["mistral4"]}},
+     "hf_layout": "vlm_hf_nested"},
 ]
 
 
@@ -311,11 +319,18 @@ def _skip_layer_walks(mg, types):
     model.layers as a list; plamo's is a module holding the list)."""
     routing_stats, check_block_math = mg.routing_stats, mg.check_block_math
 
+    # A VLM wrapper's text model reaches here as vlm_text.py unwraps it: as
+    # the wrapper's text family, with its own config (and model_type).
+    def skipped(model_type, config):
+        return model_type in types or (config or {}).get("model_type") in types
+
     def routing_stats_(model, model_type, config, taps):
-        return {} if model_type in types else routing_stats(model, model_type, config, taps)
+        if skipped(model_type, config):
+            return {}
+        return routing_stats(model, model_type, config, taps)
 
     def check_block_math_(model, model_type, config, taps, compare, have):
-        if model_type not in types:
+        if not skipped(model_type, config):
             check_block_math(model, model_type, config, taps, compare, have)
 
     mg.routing_stats, mg.check_block_math = routing_stats_, check_block_math_
