@@ -186,6 +186,8 @@ dump_tests!(
     qwen3_vl,
     qwen3_vl_moe,
     qwen3_vl_moe_q4,
+    recurrent_gemma,
+    recurrent_gemma_tied,
     seed_oss,
     smollm3,
     spark2_5,

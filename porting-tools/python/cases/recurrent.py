@@ -218,8 +218,25 @@ def register(mg):
     }
     mg.CASES += [{"name": "bailing_hybrid", "model_type": "bailing_hybrid", "config": {}}]
     mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_linear", "bailing_hybrid"}
+    # recurrent_gemma: recurrent, attention, recurrent (3 layers cycling 2
+    # block types): RG-LRU 64 wide in 4 heads, conv 4; local attention with
+    # a window of 4 (< the prompt); MLP 32 wide; logits capped at 30.
+    mg.TYPE_UNUSED_BASE_KEYS["recurrent_gemma"] = ["tie_word_embeddings"]
+    mg.TYPE_DEFAULTS["recurrent_gemma"] = {
+        "num_hidden_layers": 3, "attention_bias": False, "conv1d_width": 4,
+        "intermediate_size": 64, "logits_soft_cap": 30.0, "attention_window_size": 4,
+        "block_types": ["recurrent", "attention"], "embeddings_scale_by_sqrt_dim": True,
+    }
+    mg.CASES += [
+        {"name": "recurrent_gemma", "model_type": "recurrent_gemma", "config": {}},
+        # No lm_head (tied to the embedding), no embedding scale.
+        {"name": "recurrent_gemma_tied", "model_type": "recurrent_gemma",
+         "config": {"embeddings_scale_by_sqrt_dim": False, "logits_soft_cap": 0.0},
+         "drop_params": ["lm_head.weight"]},
+    ]
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"kimi_linear", "olmo_hybrid", "bailing_moe_v3",
-                                                       "bailing_moe_linear", "bailing_hybrid"}
+                                                       "bailing_moe_linear", "bailing_hybrid",
+                                                       "recurrent_gemma"}
     # olmo2's attention: q/k norms over all heads.
     mg.FULL_WIDTH_QK_NORM_TYPES = mg.FULL_WIDTH_QK_NORM_TYPES | {"olmo_hybrid"}
     # Its post_attention_layernorm is the MLP's input norm in DeltaNet layers

@@ -27,6 +27,7 @@ mod moe_tests;
 mod norm;
 #[cfg(test)]
 mod option_tests;
+mod rglru;
 pub mod rope;
 mod scan;
 #[cfg(test)]
@@ -97,6 +98,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::SelectiveScan(c) => c.build(inputs, w),
         OpConfig::GatedDelta(c) => c.build(inputs, w),
         OpConfig::Lightning(c) => c.build(inputs, w),
+        OpConfig::RgLru(c) => c.build(inputs, w),
     }
 }
 

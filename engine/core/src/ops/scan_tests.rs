@@ -1,6 +1,7 @@
 //! The recurrences added for issue #23 against f64 references, each fed
 //! whole and in pieces through its cache slot: `selective_scan`
-//! (Mamba-1), `gated_delta`'s Kimi Delta Attention options, `lightning`.
+//! (Mamba-1), `gated_delta`'s Kimi Delta Attention options, `lightning`,
+//! `rg_lru` (Griffin).
 use lmspec_spec::expr::Value;
 use lmspec_spec::ops::{lookup, Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
@@ -350,4 +351,60 @@ fn lightning_matches_the_recurrence_whole_and_in_pieces() {
         }
     }
     close(&got, &want, 1e-5);
+}
+
+/// RG-LRU in f64 per channel: `log a = -8 ga softplus(p)`,
+/// `h = a h + sqrt(1 - a²) gx x` (multiplier 1 at the sequence's start).
+fn rg_lru_reference([x, gx, ga]: [&[f32]; 3], p: &[f32], (t, d): (usize, usize)) -> Vec<f64> {
+    let mut h = vec![0.0f64; d];
+    let mut out = Vec::new();
+    for s in 0..t {
+        for c in 0..d {
+            let v = |a: &[f32]| f64::from(a[s * d + c]);
+            let log_a = -8.0 * v(ga) * softplus(f64::from(p[c]));
+            let mult = if s == 0 {
+                1.0
+            } else {
+                (1.0 - (2.0 * log_a).exp()).sqrt()
+            };
+            h[c] = log_a.exp() * h[c] + mult * v(gx) * v(x);
+            out.push(h[c]);
+        }
+    }
+    out
+}
+
+#[test]
+fn rg_lru_matches_the_recurrence_whole_and_in_pieces() {
+    let (t, d) = (9usize, 5usize);
+    let x = noise(t * d, 81);
+    // Gates are sigmoids: in (0, 1).
+    let gate = |seed| {
+        noise(t * d, seed)
+            .iter()
+            .map(|v| (v + 1.0) / 2.0)
+            .collect::<Vec<f32>>()
+    };
+    let (gx, ga) = (gate(82), gate(83));
+    let p = noise(d, 84);
+    let want = rg_lru_reference([&x, &gx, &ga], &p, (t, d));
+    let given = [
+        ("weight", Value::Str("rg_lru".into())),
+        ("width", Value::Int(d as i64)),
+    ];
+    let infos = [d, d, d].map(|w| ValueInfo::flat(w as i64));
+    assert_recurrent("rg_lru", &given, &infos);
+    let op = build(
+        "rg_lru",
+        &given,
+        &infos,
+        vec![Param::Dense(Array::from_slice(&p, &[d as i32]))],
+    );
+    let args = |a: usize, b: usize| vec![rows(&x, d, a, b), rows(&gx, d, a, b), rows(&ga, d, a, b)];
+    let whole = args(0, t);
+    let refs: Vec<&Array> = whole.iter().collect();
+    close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
+    // A first piece of one position (the reset), then the rest in pieces.
+    let pieces = [(0, 1), (1, 5), (5, 6), (6, 9)];
+    close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
 }

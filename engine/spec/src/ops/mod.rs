@@ -38,7 +38,7 @@ pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
-pub use ssm::{alibi_slopes, GatedDelta, Lightning, SelectiveScan, Ssm};
+pub use ssm::{alibi_slopes, GatedDelta, Lightning, RgLru, SelectiveScan, Ssm};
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
@@ -140,6 +140,7 @@ registry!(
     SelectiveScan,
     GatedDelta,
     Lightning,
+    RgLru,
 );
 
 /// A registered op: its schema and how its typed config is read.

@@ -1,8 +1,9 @@
 //! Recurrent mixers with a float32 state: `ssm`, the selective state-space
 //! scan (SSD) of mlx-lm's `ssm_attn`, `selective_scan`, Mamba-1's scan with
 //! a per-channel A matrix, `gated_delta`, the gated delta rule of Gated
-//! DeltaNet linear attention, and `lightning`, linear attention with a
-//! constant decay per head.
+//! DeltaNet linear attention, `lightning`, linear attention with a
+//! constant decay per head, and `rg_lru`, Griffin's gated diagonal
+//! recurrence.
 use super::{
     expect_heads, expect_widths, op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq,
 };
@@ -179,4 +180,29 @@ pub fn alibi_slopes(n: usize) -> Vec<f64> {
     let mut slopes = pow2(p);
     slopes.extend(pow2(2 * p).into_iter().step_by(2).take(n - p));
     slopes
+}
+
+op! {
+    /// RG-LRU, Griffin's real-gated linear recurrence of [x, input gate, recurrence gate]; keeps a float32 state.
+    "rg_lru" (3..=3) => RgLru {
+        weight: WeightName, "module holding `recurrent_param` [width]";
+        width: i64, "channels, one recurrence each";
+    }
+}
+
+impl RgLru {
+    pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let d = self.width;
+        expect_widths(inputs, &["x", "input gate", "recurrence gate"], &[d, d, d])?;
+        Ok(Resolved {
+            out: Layout::flat(d),
+            weights: vec![WeightReq::dense(
+                "weight",
+                self.weight.under(scope),
+                "recurrent_param",
+                vec![d],
+            )],
+            state: Some(StateKind::Recurrent),
+        })
+    }
 }
