@@ -95,6 +95,7 @@ golden_cases!(
     gpt_bigcode_mha,
     gpt_neox,
     gpt_oss,
+    gpt_oss_q4,
     gptj,
     gptj_hf,
     granite,

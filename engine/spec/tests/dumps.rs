@@ -90,6 +90,7 @@ dump_tests!(
     gpt_bigcode_mha,
     gpt_neox,
     gpt_oss,
+    gpt_oss_q4,
     gptj,
     gptj_hf,
     granite,

@@ -196,6 +196,10 @@ def register(mg):
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
+    # As mlx_lm.convert quantizes it: 4-bit / group 32 everywhere (the
+    # experts with gather_qmm, their biases dense), the router 8-bit / 64 by
+    # the model's quant_predicate; norms and sinks stay float32.
+    mg.CASES.append(mg._derived("gpt_oss", "gpt_oss_q4", quantize={"bits": 4, "group_size": 32}))
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
     # Sandwich norms: post_attention_layernorm normalises the attention output.
     mg.POST_NORM_TYPES = mg.POST_NORM_TYPES | {"muse_glimmer", "gear"}
