@@ -143,7 +143,7 @@ impl MoeOp {
         let k = self.cfg.top_k as i32;
         let scores = match self.cfg.routing {
             Routing::SoftmaxTopk => mlx_rs::ops::softmax_axis(&logits, -1, true)?,
-            Routing::TopkSoftmax => logits.clone(),
+            Routing::TopkSoftmax | Routing::TopkSigmoid => logits.clone(),
             Routing::SigmoidTopk => {
                 mlx_rs::ops::sigmoid(&logits.as_dtype(mlx_rs::Dtype::Float32)?)?
             }
@@ -171,6 +171,10 @@ impl MoeOp {
         let picked = weighed.take_along_axis(&inds, -1)?;
         let mut weights = match self.cfg.routing {
             Routing::TopkSoftmax => mlx_rs::ops::softmax_axis(&picked, -1, true)?,
+            Routing::TopkSigmoid => {
+                mlx_rs::ops::sigmoid(&picked.as_dtype(mlx_rs::Dtype::Float32)?)?
+                    .as_dtype(picked.dtype())?
+            }
             _ => picked,
         };
         if self.cfg.norm_topk {
@@ -338,6 +342,11 @@ impl Op for MoeOp {
             identity = Some(zero_weight);
             scores = mlx_rs::ops::select(&is_zero, &none, &scores)?;
             inds = mlx_rs::ops::select(&is_zero, Array::from_int(0), &inds)?;
+        }
+        if self.cfg.scale_input {
+            // Top-1: the weight scales what the expert reads, [B, T, 1] * x.
+            let scaled = mlx_rs::ops::multiply(x, &scores)?;
+            return self.experts(&scaled, &inds)?.squeeze_axes(&[-2]);
         }
         let y = self.experts(x, &inds)?;
         let weighted = mlx_rs::ops::multiply(&y, scores.expand_dims(-1)?)?;

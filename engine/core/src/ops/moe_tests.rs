@@ -20,6 +20,8 @@ enum Route {
     SigmoidGroups { size: usize, drop: usize },
     /// phimoe's sparsemixer with this jitter.
     Sparsemixer(f64),
+    /// The top-k logits, weighted by their sigmoid (llama4).
+    TopkSigmoid,
 }
 
 #[derive(Clone, Copy)]
@@ -42,6 +44,8 @@ struct Setup {
     mlp: Mlp,
     /// The router scores a second input instead of the experts' input.
     router_input: bool,
+    /// The weight scales the expert's input, not its output (top-1).
+    scale_input: bool,
 }
 
 fn dot(a: &[f32], b: &[f64]) -> f64 {
@@ -77,6 +81,11 @@ fn route(s: &Setup, logits: &[f64], correction: &[f32]) -> (Vec<usize>, Vec<f64>
             .collect()
     };
     match s.route {
+        Route::TopkSigmoid => {
+            let chosen = top(logits, s.k);
+            let w = chosen.iter().map(|&j| sigmoid(logits[j])).collect();
+            (chosen, w)
+        }
         Route::TopkSoftmax => {
             let chosen = top(logits, s.k);
             let w = softmax(&chosen.iter().map(|&j| logits[j]).collect::<Vec<_>>());
@@ -164,7 +173,13 @@ fn reference(s: &Setup, x: &[f32], r: &[f32], tokens: usize, w: &[Vec<f32>]) -> 
             .collect();
         let (chosen, weights) = route(s, &logits, correction);
         let mut y = vec![0.0f64; d];
-        for (&j, sc) in chosen.iter().zip(&weights) {
+        for (&j, weight) in chosen.iter().zip(&weights) {
+            // Input-scaled experts read w x and add their output unweighted.
+            let (xt, sc) = if s.scale_input {
+                (xt.iter().map(|v| v * weight).collect::<Vec<f64>>(), &1.0)
+            } else {
+                (xt.clone(), weight)
+            };
             let expert: Vec<f64> = if j >= s.e {
                 xt.clone()
             } else {
@@ -289,6 +304,7 @@ fn plain_experts_with_biases() {
         route: Route::TopkSoftmax,
         mlp: Mlp::Plain { relu2: false },
         router_input: false,
+        scale_input: false,
     };
     check(
         &base,
@@ -302,6 +318,7 @@ fn plain_experts_with_biases() {
         mlp: Mlp::Plain { relu2: true },
         // nemotron_h's latent experts: the router scores another input.
         router_input: true,
+        scale_input: false,
         ..base
     };
     check(
@@ -328,6 +345,7 @@ fn clamped_swiglu_and_sparsemixer() {
         route: Route::Sparsemixer(0.3),
         mlp: Mlp::Clamped(0.4),
         router_input: false,
+        scale_input: false,
     };
     check(
         &s,
@@ -353,6 +371,7 @@ fn identity_experts_and_oai_swiglu() {
         },
         mlp: Mlp::Oai(0.5),
         router_input: false,
+        scale_input: false,
     };
     check(
         &s,
@@ -361,6 +380,29 @@ fn identity_experts_and_oai_swiglu() {
             ("scale", Value::Float(1.5)),
             ("limit", Value::Float(0.5)),
             ("glu", Value::Str("oai".into())),
+        ],
+    );
+}
+
+#[test]
+fn input_scaled_top1_experts() {
+    // llama4: the top logit's sigmoid scales what its expert reads.
+    let s = Setup {
+        d: 8,
+        e: 4,
+        zero: 0,
+        f: 6,
+        k: 1,
+        route: Route::TopkSigmoid,
+        mlp: Mlp::Clamped(1e9),
+        router_input: false,
+        scale_input: true,
+    };
+    check(
+        &s,
+        &[
+            ("routing", Value::Str("topk_sigmoid".into())),
+            ("scale_input", Value::Bool(true)),
         ],
     );
 }

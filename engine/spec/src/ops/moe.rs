@@ -13,6 +13,7 @@ choice! {
         TopkSoftmax = "topk_softmax",
         SigmoidTopk = "sigmoid_topk",
         Sparsemixer = "sparsemixer",
+        TopkSigmoid = "topk_sigmoid",
     }
 }
 
@@ -48,7 +49,7 @@ op! {
         num_experts: i64, "number of experts";
         top_k: i64, "experts per token";
         hidden: i64, "an expert's intermediate width";
-        routing: Routing = Routing::SoftmaxTopk, "softmax_topk: softmax over all experts, then the top k; topk_softmax: the top k logits, then a softmax over them; sigmoid_topk: float32 sigmoid scores, then the top k; sparsemixer: k rounds of the best remaining logit, weighted by its softmax over the logits within the jitter band of it";
+        routing: Routing = Routing::SoftmaxTopk, "softmax_topk: softmax over all experts, then the top k; topk_softmax: the top k logits, then a softmax over them; sigmoid_topk: float32 sigmoid scores, then the top k; sparsemixer: k rounds of the best remaining logit, weighted by its softmax over the logits within the jitter band of it; topk_sigmoid: the top k logits, weighted by their float32 sigmoid";
         jitter: f64 = 0.01, "sparsemixer: logits further than 2 jitter (relative) below the pick are left out of its softmax";
         norm_topk: bool = false, "renormalise the k scores to sum to 1";
         scale: f64 = 1.0, "factor on the routing weights (routed_scaling_factor)";
@@ -64,6 +65,7 @@ op! {
         zero_experts: i64 = 0, "identity experts after the real ones: a token routed to one adds its input times the weight";
         limit: Option<Positive<f64>> = None, "clamped SwiGLU of gated experts: min(act(gate), limit) * clip(up, -limit, limit) (oai: the gate and up clip)";
         glu: ExpertGlu = ExpertGlu::Plain, "plain: act(gate) * up; oai: gpt-oss's (up + 1) * gate * sigmoid(1.702 gate)";
+        scale_input: bool = false, "the routing weight scales the expert's input instead of its output (llama4's top-1 experts; needs top_k 1)";
     }
 }
 
@@ -102,6 +104,12 @@ impl Moe {
             return Err(OpError::new(
                 "gated",
                 "limit and glu apply to gated experts only",
+            ));
+        }
+        if self.scale_input && k != 1 {
+            return Err(OpError::new(
+                "scale_input",
+                format!("input-scaled experts need top_k 1, not {k}"),
             ));
         }
         if self.routing == Routing::Sparsemixer && (g > 1 || self.correction_bias) {
