@@ -384,10 +384,15 @@ pub fn lora(
     }
     let trainable: usize = adapter.params().iter().map(|a| a.size()).sum();
     eprintln!(
-        "Trainable parameters: {:.3}M in {} linear layers ({})",
+        "Trainable parameters: {:.3}M in {} layers ({}); base weights {}",
         trainable as f64 / 1e6,
         adapter.slots.len(),
-        kind.name()
+        kind.name(),
+        if lm.model.dequantized {
+            "dequantized to float32 (--weights auto/dense)"
+        } else {
+            "as stored"
+        }
     );
     eprintln!("Loading datasets");
     let data = tune::data::load(&lm, &args.data, &Features::default(), args.mask_prompt)?;
@@ -514,6 +519,12 @@ pub fn fuse(
     gguf_file: &Option<String>,
 ) -> Result<ExitCode> {
     let base = crate::cli::model_path(&args.model, gguf_file)?;
+    if lmspec::engine::model::is_gguf(&base) {
+        bail!(
+            "fuse: {} is a GGUF file; fusing writes an mlx-lm model folder and needs a safetensors model folder as the base",
+            base.display()
+        );
+    }
     let opts: LoadOptions =
         crate::cli::load_options(specs, WeightPlan::AsStored)?.with_adapter(&args.adapter_path);
     let model = Model::load(&base, &opts)?;

@@ -909,3 +909,59 @@ fn every_golden_spec_takes_trains_and_reloads_an_adapter() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn fuse_cli_writes_a_folder_that_loads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("fused");
+    let base = goldens().join("llama_q4/model");
+    let adapter = case_dir("qlora");
+    let run = lmspec(&[
+        "fuse",
+        "--model",
+        base.to_str().expect("path"),
+        "--adapter",
+        adapter.to_str().expect("path"),
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(
+        config["quantization"]["bits"], 4,
+        "re-quantized like the base"
+    );
+    let logits = lmspec(&[
+        "logits",
+        "--model",
+        out.to_str().expect("path"),
+        "--tokens",
+        "1,2,3",
+    ]);
+    assert!(
+        logits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logits.stderr)
+    );
+    // A GGUF base is refused with the reason.
+    let gguf = lmspec(&[
+        "fuse",
+        "--model",
+        smollm2().to_str().expect("path"),
+        "--adapter",
+        adapter.to_str().expect("path"),
+        "--out",
+        tmp.path().join("g").to_str().expect("path"),
+    ]);
+    let err = String::from_utf8_lossy(&gguf.stderr);
+    assert!(!gguf.status.success());
+    assert!(!tmp.path().join("g").exists());
+    assert!(
+        err.contains("is a GGUF file; fusing writes an mlx-lm model folder"),
+        "{err}"
+    );
+}
