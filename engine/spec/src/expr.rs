@@ -523,9 +523,9 @@ impl Parser {
 }
 
 /// Functions callable from expressions.
-pub const FUNCTIONS: [&str; 17] = [
+pub const FUNCTIONS: [&str; 18] = [
     "min", "max", "abs", "int", "float", "sqrt", "log", "exp", "len", "get", "floor", "ceil",
-    "bf16", "set", "pick", "str", "split",
+    "bf16", "set", "pick", "str", "split", "rindex",
 ];
 
 impl Expr {
@@ -874,6 +874,20 @@ fn call(f: &str, args: Vec<Value>) -> Result<Value, String> {
                 )),
             }
         }
+        "rindex" => {
+            // The last index before `end` where the list holds `value`.
+            arity(3)?;
+            match (&args[0], &args[2]) {
+                (Value::List(l), Value::Int(end)) => {
+                    let end = (*end).clamp(0, l.len() as i64) as usize;
+                    Ok(l[..end]
+                        .iter()
+                        .rposition(|v| *v == args[1])
+                        .map_or(Value::Null, |k| Value::Int(k as i64)))
+                }
+                (a, b) => Err(format!("rindex({}, _, {})", a.type_name(), b.type_name())),
+            }
+        }
         "pick" => {
             // One value for every layer, or a list with one per layer.
             arity(2)?;
@@ -986,6 +1000,8 @@ mod tests {
         // One value for all layers, or one per layer.
         assert_eq!(eval("pick([4, 8], 1)"), Value::Int(8));
         assert_eq!(eval("pick(3, 1)"), Value::Int(3));
+        assert_eq!(eval("rindex(['a', 'b', 'a', 'b'], 'a', 3)"), Value::Int(2));
+        assert_eq!(eval("rindex(['a', 'b', 'a'], 'b', 1)"), Value::Null);
         let err = Expr::parse("pick([4], 2)")
             .and_then(|e| e.eval(&IndexMap::<String, Value>::new()))
             .expect_err("out of range");

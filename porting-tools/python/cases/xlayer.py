@@ -13,12 +13,17 @@ are what the cases check.
 """
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder"}
+OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder", "gemma4_text"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
     "talkie": {"head_dim": 16, "rms_norm_eps": 1e-6},
     "iquestloopcoder": {"head_dim": 16, "loop_num": 2, "loop_window_size": 4},
+    "gemma4_text": {"hidden_size": 32, "head_dim": 16, "global_head_dim": 32, "num_attention_heads": 4,
+                    "num_key_value_heads": 1, "num_hidden_layers": 6, "sliding_window_pattern": 3,
+                    "sliding_window": 4, "num_kv_shared_layers": 2,
+                    "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 256,
+                    "intermediate_size": 32, "final_logit_softcapping": 30.0},
     "afm7": {"hidden_dim": 64, "num_layers": 3, "num_kv_reuse_layers": 1, "num_heads": 4,
              "num_kv_heads": 2, "hidden_dim_scale_factor": 1.0},
     "hunyuan": {"attention_bias": False, "moe_topk": 2, "num_experts": 4,
@@ -53,6 +58,15 @@ CASES = [
     # Two layers run twice; the second pass's local window (4) is shorter
     # than the prompt, its gates mix in the first pass's keys and values.
     {"name": "iquestloopcoder", "model_type": "iquestloopcoder", "config": {}},
+    # Six layers (full attention at 2 and 5, sliding window 4 elsewhere);
+    # layers 4 and 5 attend over layers 3's and 2's keys and values;
+    # per-layer inputs of 8; full layers with head width 32 and a quarter of
+    # it rotated (proportional rope).
+    {"name": "gemma4_text", "model_type": "gemma4_text", "config": {}},
+    # Keys as values on full layers with their own head count.
+    {"name": "gemma4_text_k_eq_v", "model_type": "gemma4_text",
+     "config": {"attention_k_eq_v": True, "num_global_key_value_heads": 2,
+                "hidden_size_per_layer_input": 0}, "seed": 0},
     # No cross-layer attention and one expert: a dense MLP per layer.
     {"name": "hunyuan_dense", "model_type": "hunyuan",
      "config": {"use_cla": False, "num_experts": 1, "use_mixed_mlp_moe": False}, "seed": 1},
