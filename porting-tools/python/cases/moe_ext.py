@@ -184,6 +184,13 @@ def register(mg):
                                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                                      "short_mscale": 1.1, "long_mscale": 1.25}}},
     ]
+    # Quantized: plain experts with biases (gather_qmm plus the expert's
+    # bias row), and plain relu² experts with a quantized router.
+    mg.CASES += [
+        mg._derived("phixtral", "phixtral_q4", quantize={"bits": 4, "group_size": 32}, seed=0),
+        mg._derived("nemotron_h", "nemotron_h_q4", quantize={"bits": 4, "group_size": 32},
+                    seed=0),
+    ]
     logits = next(k for k, row in enumerate(mg.TAPS) if row.module == "" and row.name == "logits")
     mg.TAPS[logits:logits] = _phixtral_taps(mg)
     # step3p5's mlp.gate returns (indices, weights), not logits.
