@@ -13,7 +13,8 @@ are what the cases check.
 """
 
 # Types whose layer stack is not one pass of llama's layers.
-OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder", "gemma4_text"}
+OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder", "gemma4_text",
+              "gemma4", "gemma4_unified"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
@@ -73,9 +74,42 @@ CASES = [
 ]
 
 
+# gemma4's towers, which its sanitize drops (a few tiny tensors each).
+GEMMA4_TOWERS = ["model.vision_tower.patch_embedder.weight", "model.embed_vision.proj.weight",
+                 "model.audio_tower.conv.weight", "model.embed_audio.proj.weight",
+                 "model.vision_embedder.norm.weight"]
+
+
+def gemma4_to_hf(weights, config):
+    """Hugging Face's layout of gemma4: the text model under
+    model.language_model, the towers beside it."""
+    import numpy as np
+    import mlx.core as mx
+    rng = np.random.RandomState(0)
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("language_model.model."):
+            key = "model.language_model." + key[len("language_model.model."):]
+        out[key] = value
+    for name in GEMMA4_TOWERS:
+        out[name] = mx.array(rng.standard_normal((4, 8)).astype(np.float32))
+    return dict(sorted(out.items()))
+
+
 def register(mg):
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
     mg.CASES += CASES
+    # gemma4: gemma4_text's case under text_config, saved in Hugging Face's
+    # layout with tower tensors beside it.
+    mg.TYPE_UNUSED_BASE_KEYS["gemma4"] = list(mg.BASE_CONFIG)
+    mg.HF_LAYOUTS["gemma4"] = (gemma4_to_hf, {"format": "pt"})
+    text = {**mg.BASE_CONFIG, **TYPE_DEFAULTS["gemma4_text"], "model_type": "gemma4_text"}
+    mg.CASES.append({"name": "gemma4", "model_type": "gemma4", "seed": 0, "hf_layout": "gemma4",
+                     "config": {"vocab_size": 256, "text_config": text}})
+    # The encoder-free variant, which mlx-lm maps to gemma4.
+    mg.TYPE_UNUSED_BASE_KEYS["gemma4_unified"] = list(mg.BASE_CONFIG)
+    mg.CASES.append({"name": "gemma4_unified", "model_type": "gemma4_unified", "seed": 0,
+                     "hf_layout": "gemma4", "config": {"vocab_size": 256, "text_config": text}})
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
 
     def one_pass_only(row):
