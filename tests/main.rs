@@ -1,5 +1,6 @@
 //! Integration tests of lmspec: one binary, one module per area.
 mod adapters;
+mod adapters_cli;
 mod bad_input;
 mod batch;
 mod cli;
