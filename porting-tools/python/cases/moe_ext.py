@@ -184,6 +184,9 @@ def register(mg):
                                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                                      "short_mscale": 1.1, "long_mscale": 1.25}}},
     ]
+    # The config fuzzer's finding: step3p5 keeps its own lm_head whatever
+    # tie_word_embeddings says.
+    mg.CASES += [mg._derived("step3p5", "step3p5_tie_flag", {"tie_word_embeddings": True})]
     # Quantized: plain experts with biases (gather_qmm plus the expert's
     # bias row), and plain relu² experts with a quantized router.
     mg.CASES += [

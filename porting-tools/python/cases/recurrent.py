@@ -164,6 +164,9 @@ def register(mg):
                     "intermediate_size": 16,
                     "rope_parameters": {"rope_theta": 50000.0}, "tie_word_embeddings": True}},
     ]
+    # The config fuzzer's finding: layer_types decides the layer count, not
+    # num_hidden_layers (mlx-lm builds one layer per entry).
+    mg.CASES += [mg._derived("olmo_hybrid", "olmo_hybrid_layer_count", {"num_hidden_layers": 1})]
     # bailing_moe_v3: layer 0 KDA (4 heads of 16, lower bound -5) with a
     # dense MLP, layer 1 latent attention (q rank 16, latent 32, q 16 + 8
     # rope, v 16, gated heads) with a MoE: 4 experts in 2 groups, 1 kept,
