@@ -491,7 +491,36 @@ fn check_rules(spec: &Spec) -> Result<()> {
                     .map_err(|m| Error::spec(&rule.file, "weights.rules", "moveaxis", m))?;
                 ("moveaxis", vec![pattern])
             }
-            RawRule::Split { pattern, to, .. } => {
+            RawRule::Split {
+                pattern,
+                to,
+                sizes,
+                interleaved,
+                ..
+            } => {
+                if let Some(sizes) = sizes {
+                    if sizes.len() != to.len() || *interleaved {
+                        return Err(Error::spec(
+                            &rule.file,
+                            "weights.rules",
+                            "split",
+                            format!(
+                                "sizes: {} size(s) for {} part(s){}",
+                                sizes.len(),
+                                to.len(),
+                                if *interleaved {
+                                    ", and interleaved parts are equal"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        ));
+                    }
+                    for v in sizes {
+                        literal_or_expr(v, Ty::Int)
+                            .map_err(|m| Error::spec(&rule.file, "weights.rules", "split", m))?;
+                    }
+                }
                 if to.len() < 2 {
                     return Err(Error::spec(
                         &rule.file,

@@ -311,8 +311,9 @@ pub enum RawRule {
         to: i64,
         if_shape: Option<String>,
     },
-    /// Cut each matching tensor into `to.len()` equal parts along `axis`
-    /// (consecutive blocks, or with `interleaved` every n-th row), named by
+    /// Cut each matching tensor into `to.len()` parts along `axis` (equal
+    /// consecutive blocks, blocks of `sizes`, or with `interleaved` every
+    /// n-th row), named by
     /// filling each `to` pattern with the match's captures (a fused
     /// `gate_up` `[E, 2F, D]` into `gate` and `up`).
     Split {
@@ -320,6 +321,8 @@ pub enum RawRule {
         axis: i64,
         to: Vec<String>,
         interleaved: bool,
+        /// The parts' sizes (int expressions), when not equal.
+        sizes: Option<Vec<serde_yaml::Value>>,
     },
     /// Add a constant to matching floating-point tensors (zero-centred
     /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
@@ -383,6 +386,8 @@ struct SplitRepr {
     to: Vec<String>,
     #[serde(default)]
     interleaved: bool,
+    #[serde(default)]
+    sizes: Option<Vec<serde_yaml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -527,6 +532,7 @@ impl TryFrom<RuleRepr> for RawRule {
                 axis: x.axis,
                 to: x.to,
                 interleaved: x.interleaved,
+                sizes: x.sizes,
             });
         }
         if let Some(x) = r.add {

@@ -3,7 +3,8 @@ rules `moveaxis`, `add` and `split`: mamba2's and lfm2's depthwise
 convolutions as [C, 1, K]; qwen3_next with per-expert tensors, zero-centred
 norms (w for 1 + w), the convolution as [C, 1, K] and an unused
 multi-token-prediction tensor; granitemoe's experts with gate and up fused
-in input_linear [E, 2F, D]. mlx-lm's sanitize turns each back into the
+in input_linear [E, 2F, D]; deepseek_v3 with per-expert tensors and its
+latent attention's kv_b_proj unsplit. mlx-lm's sanitize turns each back into the
 model as built."""
 import re
 
@@ -57,12 +58,34 @@ def granitemoe_to_hf(weights, config):
     return out
 
 
+def deepseek_v3_to_hf(weights, config):
+    """Per-expert tensors and kv_b_proj unsplit [heads * (nope + v), rank]."""
+    out = {}
+    for k, v in weights.items():
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight", k)
+        if m:
+            for e in range(v.shape[0]):
+                out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = v[e]
+        elif k.endswith("self_attn.embed_q.weight"):
+            up = weights[k.replace("embed_q", "unembed_out")]
+            kv_b = mx.concatenate([v.swapaxes(-1, -2), up], axis=1)
+            out[k.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
+        elif k.endswith("self_attn.unembed_out.weight"):
+            continue
+        else:
+            out[k] = v
+    return out
+
+
 def register(mg):
     mg.HF_LAYOUTS.update({
         "mamba2": (mamba2_to_hf, {"format": "pt"}),
         "lfm2": (lfm2_to_hf, {"format": "pt"}),
         "qwen3_next": (qwen3_next_to_hf, {"format": "pt"}),
         "granitemoe": (granitemoe_to_hf, {"format": "pt"}),
+        "deepseek_v3": (deepseek_v3_to_hf, {"format": "pt"}),
     })
-    for base in ("mamba2", "lfm2", "qwen3_next", "granitemoe"):
-        mg.CASES.append(mg._derived(base, f"{base}_hf", hf_layout=base))
+    import copy
+    for base in ("mamba2", "lfm2", "qwen3_next", "granitemoe", "deepseek_v3"):
+        case = copy.deepcopy(next(c for c in mg.CASES if c["name"] == base))
+        mg.CASES.append({**case, "name": f"{base}_hf", "hf_layout": base})

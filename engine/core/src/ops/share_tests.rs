@@ -107,7 +107,7 @@ fn kv_sharing_parameters_are_checked_at_resolve() {
     assert!(resolve(&[scale.clone(), from.clone()], &q).is_ok());
     let (field, msg) = resolve(&[scale.clone(), from.clone()], &full).unwrap_err();
     assert_eq!(field, "in", "{msg}");
-    let (field, _) = resolve(&[scale.clone()], &q).unwrap_err();
+    let (field, _) = resolve(std::slice::from_ref(&scale), &q).unwrap_err();
     assert_eq!(field, "in");
     let (field, _) = resolve(&[scale.clone(), ("kv_out", Value::Int(-1))], &full).unwrap_err();
     assert_eq!(field, "kv_out");

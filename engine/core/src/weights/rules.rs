@@ -43,6 +43,28 @@ pub trait RuleValue: Clone {
     /// `n` equal parts along `axis` (in range): consecutive blocks, or with
     /// `interleaved` every n-th index.
     fn parts(&self, axis: usize, n: usize, interleaved: bool) -> Result<Vec<Self>, String>;
+    /// Consecutive blocks of these sizes along `axis` (in range); they sum
+    /// to the axis.
+    fn blocks(&self, _axis: usize, _sizes: &[i64]) -> Result<Vec<Self>, String> {
+        Err("split: parts of given sizes are not supported here".into())
+    }
+}
+
+/// The start of each block of `sizes` along an axis of `size`.
+fn block_starts(size: i64, sizes: &[i64]) -> Result<Vec<i64>, String> {
+    if sizes.iter().any(|&s| s < 1) || sizes.iter().sum::<i64>() != size {
+        return Err(format!(
+            "split: sizes {sizes:?} do not cut an axis of {size}"
+        ));
+    }
+    Ok(sizes
+        .iter()
+        .scan(0, |at, &s| {
+            let start = *at;
+            *at += s;
+            Some(start)
+        })
+        .collect())
 }
 
 /// The indices along an axis of `size` that part `k` of `n` takes.
@@ -139,6 +161,20 @@ impl RuleValue for Array {
             .collect()
     }
 
+    fn blocks(&self, axis: usize, sizes: &[i64]) -> Result<Vec<Array>, String> {
+        let starts = block_starts(self.dims()[axis], sizes)?;
+        starts
+            .iter()
+            .zip(sizes)
+            .map(|(&a, &n)| {
+                let idx: Vec<i32> = (a..a + n).map(to_i32).collect::<Result<_, _>>()?;
+                let idx = Array::from_slice(&idx, &[idx.len() as i32]);
+                self.take_axis(&idx, axis as i32)
+                    .map_err(|e| format!("split: {e}"))
+            })
+            .collect()
+    }
+
     fn plus(&self, value: f64) -> Result<Array, String> {
         let dtype = self.dtype();
         if !dtype.is_float() {
@@ -203,6 +239,18 @@ impl RuleValue for Vec<i64> {
 
     fn plus(&self, _value: f64) -> Result<Vec<i64>, String> {
         Ok(self.clone())
+    }
+
+    fn blocks(&self, axis: usize, sizes: &[i64]) -> Result<Vec<Vec<i64>>, String> {
+        block_starts(self[axis], sizes)?;
+        Ok(sizes
+            .iter()
+            .map(|&n| {
+                let mut part = self.clone();
+                part[axis] = n;
+                part
+            })
+            .collect())
     }
 
     fn parts(&self, axis: usize, n: usize, interleaved: bool) -> Result<Vec<Vec<i64>>, String> {
@@ -373,6 +421,7 @@ pub fn apply<T: RuleValue>(
                 axis,
                 to,
                 interleaved,
+                sizes,
             } => {
                 let from = Pattern::parse(pattern)?;
                 let to = to
@@ -389,9 +438,19 @@ pub fn apply<T: RuleValue>(
                     };
                     let a = axis_index(*axis, v.dims().len())
                         .map_err(|e| format!("split: {e} ('{k}')"))?;
-                    let parts = v
-                        .parts(a, to.len(), *interleaved)
-                        .map_err(|e| format!("{e} ('{k}')"))?;
+                    let parts = match sizes {
+                        Some(sizes) => {
+                            let layer = layer_of(&caps);
+                            let sizes = sizes
+                                .iter()
+                                .map(|v| eval_int(eval, v, layer))
+                                .collect::<Result<Vec<i64>, String>>()
+                                .map_err(|e| format!("split: sizes: {e} ('{k}')"))?;
+                            v.blocks(a, &sizes)
+                        }
+                        None => v.parts(a, to.len(), *interleaved),
+                    }
+                    .map_err(|e| format!("{e} ('{k}')"))?;
                     for (t, part) in to.iter().zip(parts) {
                         let name = t.fill(&caps)?;
                         if out.insert(name.clone(), part).is_some() {
@@ -821,6 +880,7 @@ mod tests {
             axis: 1,
             to: vec!["l.{i}.gate".into(), "l.{i}.up".into()],
             interleaved,
+            sizes: None,
         };
         // [1, 4, 2]: rows 0..4 of two columns.
         let fused = || Array::from_slice(&[0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[1, 4, 2]);
@@ -853,6 +913,26 @@ mod tests {
             e.contains("equal parts") && e.contains("l.0.gate_up"),
             "{e}"
         );
+        // Blocks of given sizes (expressions of the config).
+        let sized = RawRule::Split {
+            pattern: "l.{i}.kv".into(),
+            axis: 1,
+            to: vec!["l.{i}.k".into(), "l.{i}.v".into()],
+            interleaved: false,
+            sizes: Some(vec![serde_yaml::Value::from(1), serde_yaml::Value::from(3)]),
+        };
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("l.0.kv".into(), fused());
+        let out = apply(&[&sized], t, &no_eval).expect("applies").tensors;
+        assert_eq!(out["l.0.k"].as_slice::<f32>(), &[0.0, 1.0]);
+        assert_eq!(
+            out["l.0.v"].as_slice::<f32>(),
+            &[2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        );
+        let mut short: IndexMap<String, Vec<i64>> = IndexMap::new();
+        short.insert("l.0.kv".into(), vec![1, 5, 2]);
+        let e = apply(&[&sized], short, &no_eval).unwrap_err();
+        assert!(e.contains("do not cut an axis of 5"), "{e}");
         let mut clash: IndexMap<String, Vec<i64>> = IndexMap::new();
         clash.insert("l.0.up".into(), vec![1]);
         clash.insert("l.0.gate_up".into(), vec![4, 6, 8]);
