@@ -593,3 +593,42 @@ fn every_golden_spec_takes_trains_and_reloads_an_adapter() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn dropout_applies_while_training_only() {
+    let _g = mlx_lock();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let g = golden("lora");
+    let d = init_adapter("lora", tmp.path());
+    // The trained adapter (lora_b non-zero) with dropout 0.5.
+    std::fs::copy(
+        case_dir("lora").join("adapters.safetensors"),
+        d.join("adapters.safetensors"),
+    )
+    .expect("copy");
+    write(
+        &d,
+        "adapter_config.json",
+        r#"{"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.5}}"#,
+    );
+    let with = load_with(&base_of("lora"), &d);
+    let without = load_with(&base_of("lora"), &case_dir("lora"));
+    let batch = Batch {
+        tokens: g["batch.0"].clone(),
+        lengths: g["lengths.0"].clone(),
+    };
+    let (opt, schedule) = optimizer_of(&meta("lora"));
+    let t_with = Trainer::new(&with, opt.clone(), schedule.clone(), 1).expect("trainer");
+    let t_without = Trainer::new(&without, opt, schedule, 1).expect("trainer");
+    // Evaluation: no dropout, the same loss.
+    assert_eq!(
+        t_with.loss(&batch).expect("loss"),
+        t_without.loss(&batch).expect("loss")
+    );
+    // A training step drops inputs of the adapters: another loss.
+    let mut t_with = t_with;
+    let mut t_without = t_without;
+    let (a, _) = t_with.step(&batch).expect("step");
+    let (b, _) = t_without.step(&batch).expect("step");
+    assert!((a - b).abs() > 1e-4, "dropout changed nothing: {a} vs {b}");
+}
