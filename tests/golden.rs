@@ -51,6 +51,8 @@ golden_cases!(
     apertus_hf,
     baichuan_m1,
     bailing_hybrid,
+    bailing_hybrid_6_experts,
+    bailing_hybrid_bias,
     bailing_moe,
     bailing_moe_linear,
     bailing_moe_linear_6_heads,

@@ -38,11 +38,17 @@ def _wrap_moe_reference(mg):
     the router (not under it)."""
     original = mg.moe_reference
 
-    def bailing_v3(block, config, x):
+    def bailing_v3(block, config, x, hybrid=False):
+        """bailing_moe_v3's MoE, and bailing_hybrid's (its router under
+        gate_proj, softmax or sigmoid scores, renormalised when k > 1): the
+        dropped groups' experts at -inf."""
         k = config["num_experts_per_tok"]
         gate = block["gate"]
-        scores = mg._sigmoid(x @ mg._f64(gate["weight"]).T)
-        choice = scores + mg._f64(gate["expert_bias"])
+        logits = x @ mg._f64((gate["gate_proj"] if hybrid else gate)["weight"]).T
+        sigmoid = config.get("score_function", "sigmoid") == "sigmoid" or not hybrid
+        scores = mg._sigmoid(logits) if sigmoid else mg._softmax(logits)
+        bias = gate.get("expert_bias")
+        choice = scores + mg._f64(bias) if bias is not None else scores
         n_group, keep = config["n_group"], config["topk_group"]
         grouped = choice.reshape(*choice.shape[:-1], n_group, -1)
         group_scores = np.sort(grouped, -1)[..., -2:].sum(-1)
@@ -53,12 +59,17 @@ def _wrap_moe_reference(mg):
         choice = grouped.reshape(choice.shape)
         inds, margin = mg._topk(np.where(np.isinf(choice), -1e9, choice), k)
         weights = np.take_along_axis(scores, inds, -1)
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        if not hybrid or (k > 1 and config.get("norm_topk_prob", True)):
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
         weights = weights * config["routed_scaling_factor"]
         sw = block["switch_mlp"]
         wg, wu, wd = (mg._dense(sw[n]) for n in ("gate_proj", "up_proj", "down_proj"))
-        hidden = mg._silu(np.einsum("btd,eid->btei", x, wg)) * np.einsum("btd,eid->btei", x, wu)
-        experts = np.einsum("btei,edi->bted", hidden, wd)
+        # Each stacked projection's optional per-expert bias [E, out].
+        bg, bu, bd = (mg._f64(sw[n]["bias"]) if "bias" in sw[n] else 0.0
+                      for n in ("gate_proj", "up_proj", "down_proj"))
+        hidden = (mg._silu(np.einsum("btd,eid->btei", x, wg) + bg)
+                  * (np.einsum("btd,eid->btei", x, wu) + bu))
+        experts = np.einsum("btei,edi->bted", hidden, wd) + bd
         y = (np.take_along_axis(experts, inds[..., None], axis=2) * weights[..., None]).sum(2)
         ranked = np.sort(group_scores, -1)
         group_margin = float(np.min(ranked[..., n_group - keep] - ranked[..., n_group - keep - 1]))
@@ -68,6 +79,8 @@ def _wrap_moe_reference(mg):
     def moe_reference(block, model_type, config, x):
         if model_type == "bailing_moe_v3":
             return bailing_v3(block, config, x)
+        if model_type == "bailing_hybrid":
+            return bailing_v3(block, config, x, hybrid=True)
         if model_type != "kimi_linear":
             return original(block, model_type, config, x)
         v3_block = {"gate": {"weight": block["gate"]["weight"],
@@ -84,13 +97,11 @@ def _wrap_moe_reference(mg):
     mg.moe_reference = moe_reference
 
     # bailing_moe_linear routes as bailing_moe (whose reference moe_b.py
-    # hooks into routing_stats / check_block_math), and so does
-    # bailing_hybrid while its top-k fits in the kept groups (its dropped
-    # groups go to -inf, bailing_moe's to 0).
+    # hooks into routing_stats / check_block_math).
     stats, block_math = mg.routing_stats, mg.check_block_math
 
     def as_bailing(t):
-        return "bailing_moe" if t in ("bailing_moe_linear", "bailing_hybrid") else t
+        return "bailing_moe" if t == "bailing_moe_linear" else t
 
     mg.routing_stats = lambda model, t, config, taps: stats(model, as_bailing(t), config, taps)
     mg.check_block_math = lambda model, t, config, taps, compare, have: block_math(
@@ -219,7 +230,18 @@ def register(mg):
         "score_function": "sigmoid", "norm_topk_prob": True,
         "moe_router_enable_expert_bias": True, "use_qk_norm": True, "partial_rotary_factor": 0.5,
     }
-    mg.CASES += [{"name": "bailing_hybrid", "model_type": "bailing_hybrid", "config": {}}]
+    mg.CASES += [
+        {"name": "bailing_hybrid", "model_type": "bailing_hybrid", "config": {}},
+        # The config fuzzer's finding: 2 groups of 3, top-3 = the kept
+        # group, whose experts may score below 0 (sigmoid + expert bias) and
+        # still beat the dropped ones at -inf (a 0 fill would not).
+        {"name": "bailing_hybrid_6_experts", "model_type": "bailing_hybrid",
+         "config": {"num_experts": 6, "num_experts_per_tok": 3}},
+        # use_bias: biases on the experts, the MLPs and the lightning
+        # layers' output; use_qkv_bias on the latent attention's projections.
+        {"name": "bailing_hybrid_bias", "model_type": "bailing_hybrid",
+         "config": {"use_bias": True, "use_qkv_bias": True}},
+    ]
     mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"bailing_moe_linear", "bailing_hybrid"}
     # recurrent_gemma: recurrent, attention, recurrent (3 layers cycling 2
     # block types): RG-LRU 64 wide in 4 heads, conv 4; local attention with
