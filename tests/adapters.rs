@@ -632,3 +632,73 @@ fn dropout_applies_while_training_only() {
     let (b, _) = t_without.step(&batch).expect("step");
     assert!((a - b).abs() > 1e-4, "dropout changed nothing: {a} vs {b}");
 }
+
+#[test]
+fn a_tensor_split_by_the_rules_takes_no_adapter() {
+    // granitemoe in Hugging Face's layout: the experts' fused input_linear
+    // [E, 2F, D] is split by a rule into gate and up; an adapter of the
+    // whole module fits neither part, so it takes none (the router, the
+    // experts' output_linear and attention do).
+    let _g = mlx_lock();
+    let base = goldens().join("granitemoe_hf/model");
+    let config = AdapterConfig {
+        rank: 2,
+        num_layers: -1,
+        ..AdapterConfig::default()
+    };
+    let mut o = opts();
+    o.adapter = Some(AdapterSource::New { config, seed: 0 });
+    let model = Model::load(&base, &o).expect("load");
+    let modules: Vec<String> = model
+        .adapter
+        .as_ref()
+        .expect("adapter")
+        .slots
+        .iter()
+        .map(|s| s.module.clone())
+        .collect();
+    assert!(
+        modules
+            .iter()
+            .any(|m| m.ends_with("block_sparse_moe.output_linear")),
+        "{modules:?}"
+    );
+    assert!(
+        modules
+            .iter()
+            .any(|m| m.ends_with("block_sparse_moe.router.layer")),
+        "{modules:?}"
+    );
+    assert!(
+        !modules.iter().any(|m| m.contains("input_linear")),
+        "{modules:?}"
+    );
+    // An adapter naming it is refused, with the reason.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path().join("split");
+    write(
+        &d,
+        "adapter_config.json",
+        r#"{"num_layers": 2, "lora_parameters": {"rank": 2, "scale": 1.0}}"#,
+    );
+    let a = Array::zeros::<f32>(&[4, 2, 64]).expect("a");
+    let b = Array::zeros::<f32>(&[4, 64, 2]).expect("b");
+    Array::save_safetensors(
+        [
+            ("model.layers.0.block_sparse_moe.input_linear.lora_a", &a),
+            ("model.layers.0.block_sparse_moe.input_linear.lora_b", &b),
+        ],
+        None,
+        d.join("adapters.safetensors"),
+    )
+    .expect("save");
+    let e = load_err(&base, &d);
+    assert!(
+        e.contains("model.layers.0.block_sparse_moe.input_linear"),
+        "{e}"
+    );
+    assert!(
+        e.contains("split into several layers takes no adapter"),
+        "{e}"
+    );
+}

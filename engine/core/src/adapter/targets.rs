@@ -9,51 +9,54 @@ use lmspec_spec::ops::OpConfig;
 use lmspec_spec::raw::RawRule;
 use lmspec_spec::Graph;
 
-/// A tensor name traced through the weight rules: its shape and the names
-/// (after any format renames) it came from.
+/// A tensor name traced through the weight rules: its shape, the names
+/// (after any format renames) it came from, and whether a rule cut it out
+/// of a larger tensor (`split`: such a part takes no adapter, since an
+/// adapter of the whole module fits none of its parts).
 #[derive(Debug, Clone)]
 struct Traced {
     dims: Vec<i64>,
     from: Vec<String>,
+    split: bool,
+}
+
+impl Traced {
+    /// The same origin with other dims (and `split` when cut out).
+    fn with(&self, dims: Vec<i64>, cut: bool) -> Traced {
+        Traced {
+            dims,
+            from: self.from.clone(),
+            split: self.split || cut,
+        }
+    }
 }
 
 impl RuleValue for Traced {
     fn transposed(&self) -> std::result::Result<Self, String> {
-        Ok(Traced {
-            dims: self.dims.transposed()?,
-            from: self.from.clone(),
-        })
+        Ok(self.with(self.dims.transposed()?, false))
     }
     fn stacked(items: &[Self]) -> std::result::Result<Self, String> {
         let dims: Vec<Vec<i64>> = items.iter().map(|t| t.dims.clone()).collect();
         Ok(Traced {
             dims: RuleValue::stacked(&dims)?,
             from: items.iter().flat_map(|t| t.from.clone()).collect(),
+            split: items.iter().any(|t| t.split),
         })
     }
     fn dims(&self) -> Vec<i64> {
         self.dims.clone()
     }
     fn reshaped(&self, shape: &[i64]) -> std::result::Result<Self, String> {
-        Ok(Traced {
-            dims: shape.to_vec(),
-            from: self.from.clone(),
-        })
+        Ok(self.with(shape.to_vec(), false))
     }
     fn repeated(&self, axis: usize, times: i64) -> std::result::Result<Self, String> {
-        Ok(Traced {
-            dims: self.dims.repeated(axis, times)?,
-            from: self.from.clone(),
-        })
+        Ok(self.with(self.dims.repeated(axis, times)?, false))
     }
     fn l2_normalized(&self, _axis: usize, _eps: f64) -> std::result::Result<Self, String> {
         Ok(self.clone())
     }
     fn moved_axis(&self, from: usize, to: usize) -> std::result::Result<Self, String> {
-        Ok(Traced {
-            dims: self.dims.moved_axis(from, to)?,
-            from: self.from.clone(),
-        })
+        Ok(self.with(self.dims.moved_axis(from, to)?, false))
     }
     fn plus(&self, _value: f64) -> std::result::Result<Self, String> {
         Ok(self.clone())
@@ -63,10 +66,7 @@ impl RuleValue for Traced {
             .dims
             .blocks(axis, sizes)?
             .into_iter()
-            .map(|dims| Traced {
-                dims,
-                from: self.from.clone(),
-            })
+            .map(|dims| self.with(dims, true))
             .collect())
     }
     fn parts(
@@ -79,18 +79,15 @@ impl RuleValue for Traced {
             .dims
             .parts(axis, n, interleaved)?
             .into_iter()
-            .map(|dims| Traced {
-                dims,
-                from: self.from.clone(),
-            })
+            .map(|dims| self.with(dims, true))
             .collect())
     }
 }
 
 /// For each tensor name the rules produce, the checkpoint names it came
 /// from: `first` (a format's renames, e.g. GGUF's) run first and name the
-/// origins; then the spec's `rules`. Tied tensors have no origin of their
-/// own.
+/// origins; then the spec's `rules`. Tied tensors and parts split out of a
+/// tensor have no origin of their own.
 pub fn origins(
     shapes: IndexMap<String, Vec<i64>>,
     first: &[&RawRule],
@@ -105,6 +102,7 @@ pub fn origins(
                 Traced {
                     dims,
                     from: Vec::new(),
+                    split: false,
                 },
             )
         })
@@ -114,7 +112,15 @@ pub fn origins(
         .into_iter()
         .map(|(k, t)| {
             let from = vec![k.clone()];
-            (k, Traced { dims: t.dims, from })
+            let split = t.split;
+            (
+                k,
+                Traced {
+                    dims: t.dims,
+                    from,
+                    split,
+                },
+            )
         })
         .collect();
     let applied = rules::apply(spec_rules, named, eval)?;
@@ -123,7 +129,7 @@ pub fn origins(
         .tensors
         .into_iter()
         .map(|(k, t)| {
-            let from = if tied.iter().any(|p| k.starts_with(p)) {
+            let from = if t.split || tied.iter().any(|p| k.starts_with(p)) {
                 Vec::new()
             } else {
                 t.from
