@@ -70,6 +70,7 @@ golden_cases!(
     deepseek_v2,
     deepseek_v2_group_overflow,
     deepseek_v3,
+    deepseek_v3_fp8,
     deepseek_v3_hf,
     deepseek_v3_q4,
     dots1,

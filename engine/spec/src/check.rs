@@ -546,6 +546,34 @@ fn check_rules(spec: &Spec) -> Result<()> {
                 }
                 ("split", vec![pattern])
             }
+            RawRule::Fp8 {
+                pattern,
+                scale,
+                block,
+            } => {
+                if *block < 1 {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "fp8",
+                        format!("block: {block} is not 1 or more"),
+                    ));
+                }
+                let caps = Pattern::parse(pattern)
+                    .map(|p| p.captures())
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "fp8", m))?;
+                let p = Pattern::parse(scale)
+                    .map_err(|m| Error::spec(&rule.file, "weights.rules", "fp8", m))?;
+                if let Some(c) = p.captures().into_iter().find(|c| !caps.contains(c)) {
+                    return Err(Error::spec(
+                        &rule.file,
+                        "weights.rules",
+                        "fp8",
+                        format!("scale '{scale}': capture '{c}' is not set by '{pattern}'"),
+                    ));
+                }
+                ("fp8", vec![pattern])
+            }
             RawRule::Add {
                 pattern,
                 value,

@@ -324,6 +324,14 @@ pub enum RawRule {
         /// The parts' sizes (int expressions), when not equal.
         sizes: Option<Vec<serde_yaml::Value>>,
     },
+    /// Dequantize FP8 (e4m3) weights stored as bytes, each
+    /// `block` x `block` tile multiplied by its entry of the scale tensor
+    /// (`weight_scale_inv`), to bfloat16; the scale tensors go.
+    Fp8 {
+        pattern: String,
+        scale: String,
+        block: i64,
+    },
     /// Add a constant to matching floating-point tensors (zero-centred
     /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
     /// `if_shape`.
@@ -363,6 +371,8 @@ struct RuleRepr {
     #[serde(default)]
     split: Option<SplitRepr>,
     #[serde(default)]
+    fp8: Option<Fp8Repr>,
+    #[serde(default)]
     add: Option<AddRepr>,
 }
 
@@ -375,6 +385,20 @@ struct MoveAxisRepr {
     to: i64,
     #[serde(default)]
     if_shape: Option<String>,
+}
+
+fn fp8_block() -> i64 {
+    128
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fp8Repr {
+    #[serde(rename = "match")]
+    pattern: String,
+    scale: String,
+    #[serde(default = "fp8_block")]
+    block: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,6 +559,13 @@ impl TryFrom<RuleRepr> for RawRule {
                 sizes: x.sizes,
             });
         }
+        if let Some(x) = r.fp8 {
+            rules.push(RawRule::Fp8 {
+                pattern: x.pattern,
+                scale: x.scale,
+                block: x.block,
+            });
+        }
         if let Some(x) = r.add {
             rules.push(RawRule::Add {
                 pattern: x.pattern,
@@ -546,7 +577,7 @@ impl TryFrom<RuleRepr> for RawRule {
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, add".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, fp8, add".into(),
             ),
         }
     }

@@ -11,7 +11,18 @@ fn root() -> PathBuf {
 
 fn dump(case: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
-    let file = root().join("goldens").join(case).join("model/config.json");
+    // A case without its own model names the folder it ran (meta.json).
+    let dir = root().join("goldens").join(case);
+    let model = if dir.join("model").is_dir() {
+        dir.join("model")
+    } else {
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("meta.json")).expect("meta.json"),
+        )
+        .expect("meta json");
+        root().join(meta["model_dir"].as_str().expect("model_dir"))
+    };
+    let file = model.join("config.json");
     let text = std::fs::read_to_string(&file).expect("config.json");
     let json: serde_json::Value = serde_json::from_str(&text).expect("json");
     let model_type = json["model_type"].as_str().expect("model_type");
@@ -60,6 +71,7 @@ dump_tests!(
     deepseek_v2,
     deepseek_v2_group_overflow,
     deepseek_v3,
+    deepseek_v3_fp8,
     deepseek_v3_hf,
     deepseek_v3_q4,
     dots1,

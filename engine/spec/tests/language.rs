@@ -304,6 +304,7 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
         "    - moveaxis: {match: \"l.{i}.conv\", from: 2, to: 1, if_shape: \"shape[2] != 1\"}
     - add: {match: \"l.{i}.norm\", value: 1.0, if_present: \"l.{i}.experts.{e}\"}
     - split: {match: \"l.{i}.gate_up\", axis: 1, to: [\"l.{i}.gate\", \"l.{i}.up\"]}
+    - fp8: {match: \"{m*}.weight\", scale: \"{m*}.weight_scale_inv\"}
 ";
     let good = format!("{SPLIT}{rules}{layout}");
     let (_dir, lib) = library_with(&[("tiny.yaml", &good)]);
@@ -325,6 +326,11 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
             "[\"l.{i}.gate\", \"l.{i}.up\"]",
             "[\"l.{i}.gate\"]",
             "at least 2",
+        ),
+        (
+            "scale: \"{m*}.weight_scale_inv\"",
+            "scale: \"{n*}.s\"",
+            "capture 'n'",
         ),
     ] {
         let text = good.replace(from, to);

@@ -318,6 +318,11 @@ impl Quantization {
         let Some((block_key, block)) = found else {
             return Ok(Quantization::default());
         };
+        // Hugging Face's block-scaled FP8 is not an MLX quantization: its
+        // weights are dequantized by the spec's `fp8` weight rule.
+        if block.get("quant_method").and_then(|m| m.as_str()) == Some("fp8") {
+            return Ok(Quantization::default());
+        }
         let block = block.as_object().ok_or_else(|| Error::Config {
             file: file.to_path_buf(),
             key: block_key.to_string(),

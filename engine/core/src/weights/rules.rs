@@ -48,6 +48,11 @@ pub trait RuleValue: Clone {
     fn blocks(&self, _axis: usize, _sizes: &[i64]) -> Result<Vec<Self>, String> {
         Err("split: parts of given sizes are not supported here".into())
     }
+    /// FP8 (e4m3) bytes `[m, n]` dequantized with one scale per
+    /// `block` x `block` tile; shapes keep theirs.
+    fn fp8_dequantized(&self, _scale: &Self, _block: i64) -> Result<Self, String> {
+        Ok(self.clone())
+    }
 }
 
 /// The start of each block of `sizes` along an axis of `size`.
@@ -173,6 +178,36 @@ impl RuleValue for Array {
                     .map_err(|e| format!("split: {e}"))
             })
             .collect()
+    }
+
+    fn fp8_dequantized(&self, scale: &Array, block: i64) -> Result<Array, String> {
+        use mlx_rs::ops::indexing::IndexOp;
+        let s = self.shape().to_vec();
+        if s.len() != 2 || !matches!(self.dtype(), Dtype::Uint8) {
+            return Err(format!(
+                "fp8: expected [m, n] bytes, got a {:?} tensor of shape {s:?}",
+                self.dtype()
+            ));
+        }
+        let b = to_i32(block)?;
+        let (m, n) = (s[0], s[1]);
+        let (pm, pn) = ((b - m % b) % b, (b - n % b) % b);
+        let (bm, bn) = ((m + pm) / b, (n + pn) / b);
+        if scale.shape() != [bm, bn] {
+            return Err(format!(
+                "fp8: the scale has shape {:?}, {m}x{n} in {b}x{b} tiles needs [{bm}, {bn}]",
+                scale.shape()
+            ));
+        }
+        let go = || -> mlx_rs::error::Result<Array> {
+            let w = self.from_fp8(Dtype::Bfloat16)?;
+            let w = mlx_rs::ops::pad(&w, &[(0, pm), (0, pn)], None, None)?;
+            let w = w.reshape(&[bm, b, bn, b])?;
+            let sc = scale.reshape(&[bm, 1, bn, 1])?;
+            let w = mlx_rs::ops::multiply(&w, &sc)?.reshape(&[m + pm, n + pn])?;
+            w.index((..m, ..n)).as_dtype(Dtype::Bfloat16)
+        };
+        go().map_err(|e| format!("fp8: {e}"))
     }
 
     fn plus(&self, value: f64) -> Result<Array, String> {
@@ -459,6 +494,29 @@ pub fn apply<T: RuleValue>(
                     }
                 }
                 tensors = out;
+            }
+            RawRule::Fp8 {
+                pattern,
+                scale,
+                block,
+            } => {
+                let (wp, sp) = (Pattern::parse(pattern)?, Pattern::parse(scale)?);
+                let pairs: Vec<(String, String)> = tensors
+                    .keys()
+                    .filter_map(|k| {
+                        let caps = wp.matches(k)?;
+                        let s = sp.fill(&caps).ok()?;
+                        tensors.contains_key(&s).then(|| (k.clone(), s))
+                    })
+                    .collect();
+                for (k, s) in pairs {
+                    let sc = tensors.shift_remove(&s).expect("listed above");
+                    let w = &tensors[&k];
+                    let d = w
+                        .fp8_dequantized(&sc, *block)
+                        .map_err(|e| format!("{e} ('{k}')"))?;
+                    tensors.insert(k, d);
+                }
             }
             RawRule::Add {
                 pattern,
@@ -938,6 +996,47 @@ mod tests {
         clash.insert("l.0.gate_up".into(), vec![4, 6, 8]);
         let e = apply(&[&r], clash, &no_eval).unwrap_err();
         assert!(e.contains("two tensors the name 'l.0.up'"), "{e}");
+    }
+
+    #[test]
+    fn fp8_tiles_are_scaled_and_their_scales_dropped() {
+        let rule = RawRule::Fp8 {
+            pattern: "{m*}.weight".into(),
+            scale: "{m*}.weight_scale_inv".into(),
+            block: 2,
+        };
+        // e4m3 bytes: 0x38 = 1.0, 0x40 = 2.0, 0xb8 = -1.0, 0x30 = 0.5.
+        let w = Array::from_slice(&[0x38u8, 0x40, 0xb8, 0x30, 0x38, 0x40], &[2, 3]);
+        // [2, 3] in 2x2 tiles: one row of two tiles (the second padded).
+        let s = Array::from_slice(&[2.0f32, 10.0], &[1, 2]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.b.weight".into(), w);
+        t.insert("a.b.weight_scale_inv".into(), s);
+        t.insert("a.norm".into(), Array::from_f32(1.0));
+        let out = apply(&[&rule], t, &no_eval).expect("applies").tensors;
+        let keys: Vec<&str> = out.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a.b.weight", "a.norm"]);
+        let d = out["a.b.weight"].as_dtype(Dtype::Float32).expect("f32");
+        assert_eq!(out["a.b.weight"].dtype(), Dtype::Bfloat16);
+        assert_eq!(d.shape(), &[2, 3]);
+        assert_eq!(d.as_slice::<f32>(), &[2.0, 4.0, -10.0, 1.0, 2.0, 20.0]);
+        // A scale of the wrong shape, or a weight that is not bytes.
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.weight".into(), Array::from_slice(&[0x38u8; 6], &[2, 3]));
+        t.insert(
+            "a.weight_scale_inv".into(),
+            Array::from_slice(&[1.0f32], &[1, 1]),
+        );
+        let e = apply(&[&rule], t, &no_eval).unwrap_err();
+        assert!(e.contains("needs [1, 2]") && e.contains("a.weight"), "{e}");
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.weight".into(), Array::from_slice(&[1.0f32; 4], &[2, 2]));
+        t.insert(
+            "a.weight_scale_inv".into(),
+            Array::from_slice(&[1.0f32], &[1, 1]),
+        );
+        let e = apply(&[&rule], t, &no_eval).unwrap_err();
+        assert!(e.contains("expected [m, n] bytes"), "{e}");
     }
 
     #[test]
