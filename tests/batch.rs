@@ -127,7 +127,9 @@ macro_rules! batch_cases {
 }
 
 // Dense, sliding windows, learned positions, convolution and recurrent
-// state, MoE and latent attention.
+// state, MoE and latent attention; the recurrences and MoE options of
+// issue #23 (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity
+// experts, sparsemixer, clamped SwiGLU).
 batch_cases!(
     llama,
     qwen3,
@@ -137,7 +139,20 @@ batch_cases!(
     mamba2,
     qwen3_next,
     mixtral,
-    deepseek_v3
+    deepseek_v3,
+    mamba,
+    jamba,
+    kimi_linear,
+    olmo_hybrid,
+    bailing_moe_v3,
+    bailing_moe_linear,
+    bailing_hybrid,
+    recurrent_gemma,
+    nemotron_h,
+    longcat_flash,
+    phimoe,
+    phixtral,
+    step3p5
 );
 
 #[test]
