@@ -129,7 +129,8 @@ macro_rules! batch_cases {
 // Dense, sliding windows, learned positions, convolution and recurrent
 // state, MoE and latent attention; the recurrences and MoE options of
 // issue #23 (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity
-// experts, sparsemixer, clamped SwiGLU).
+// experts, sparsemixer, clamped SwiGLU); the cross-layer dataflow of
+// issue #23 (looped stacks, carried values, KV-shared layers).
 batch_cases!(
     llama,
     qwen3,
@@ -152,7 +153,13 @@ batch_cases!(
     longcat_flash,
     phimoe,
     phixtral,
-    step3p5
+    step3p5,
+    nanbeige,
+    hunyuan,
+    talkie,
+    afm7,
+    iquestloopcoder,
+    gemma4_text
 );
 
 #[test]
