@@ -184,6 +184,9 @@ def register(mg):
                                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
                                      "short_mscale": 1.1, "long_mscale": 1.25}}},
     ]
+    # nemotron_h's Mamba-2 convolution in Hugging Face's [C, 1, K] layout
+    # (conv_hf is registered by recurrent.py, after this module).
+    mg.CASES += [mg._derived("nemotron_h", "nemotron_h_hf", hf_layout="conv_hf")]
     # The config fuzzer's finding: step3p5 keeps its own lm_head whatever
     # tie_word_embeddings says.
     mg.CASES += [mg._derived("step3p5", "step3p5_tie_flag", {"tie_word_embeddings": True})]

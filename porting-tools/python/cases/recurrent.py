@@ -23,6 +23,21 @@ def _mamba_taps(mg):
     ]
 
 
+def _conv_hf(mg):
+    """Hugging Face's layout of depthwise conv weights: [C, 1, K] where
+    mlx-lm keeps [C, K, 1] (the sanitize of these types moves the axis
+    back)."""
+    def convert(weights, config):
+        out = {}
+        for key, value in weights.items():
+            is_conv = key.endswith(("conv1d.weight", "conv_1d.weight"))
+            if is_conv and value.ndim == 3 and value.shape[-1] == 1:
+                value = mg.mx.contiguous(mg.mx.moveaxis(value, 2, 1))
+            out[key] = value
+        return dict(sorted(out.items()))
+    return convert, {"format": "pt"}
+
+
 def _except(mg, row, model_type):
     """`row` that does not apply to `model_type`."""
     import dataclasses
@@ -273,5 +288,9 @@ def register(mg):
                   if row.module == "model.layers.{i}.post_attention_layernorm" else row
                   for row in mg.TAPS]
     _wrap_moe_reference(mg)
+    # The convolutions in Hugging Face's [C, 1, K] layout (moveaxis rules).
+    mg.HF_LAYOUTS["conv_hf"] = _conv_hf(mg)
+    mg.CASES += [mg._derived(t, f"{t}_hf", hf_layout="conv_hf")
+                 for t in ("mamba", "jamba", "olmo_hybrid", "bailing_moe_v3", "recurrent_gemma")]
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == "backbone.layers.{i}.mixer.norm")
     mg.TAPS[k:k] = _mamba_taps(mg)
