@@ -11,13 +11,15 @@ mlx-lm's sanitize dequantizes such a folder to bfloat16; `make_golden.py
         goldens/deepseek_v3/model goldens/checkpoints/deepseek_v3_fp8
 """
 import json
-import re
 import shutil
 import struct
 import sys
 from pathlib import Path
 
 import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).parent / "cases"))
+from rules_hf import deepseek_v3_to_hf  # noqa: E402
 
 BLOCK = 128
 
@@ -34,22 +36,6 @@ def to_fp8(w):
     return mx.contiguous(q), scale.astype(mx.float32)
 
 
-def to_hf(weights, config):
-    out = {}
-    for k, v in weights.items():
-        m = re.fullmatch(r"(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.weight", k)
-        if m:
-            for e in range(v.shape[0]):
-                out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = v[e]
-        elif k.endswith("self_attn.embed_q.weight"):
-            up = weights[k.replace("embed_q", "unembed_out")]
-            kv_b = mx.concatenate([v.swapaxes(-1, -2), up], axis=1)
-            out[k.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
-        elif not k.endswith("self_attn.unembed_out.weight"):
-            out[k] = v
-    return out
-
-
 def quantizable(name, value):
     return (name.endswith("_proj.weight") and value.ndim == 2
             and ".mlp.gate." not in name)
@@ -58,7 +44,7 @@ def quantizable(name, value):
 def main(src, dst):
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())
-    weights = to_hf(dict(mx.load(str(src / "model.safetensors"))), config)
+    weights = deepseek_v3_to_hf(dict(mx.load(str(src / "model.safetensors"))), config)
     saved, fp8 = {}, []
     for k, v in sorted(weights.items()):
         if quantizable(k, v):

@@ -2,10 +2,10 @@
 //! another node published (`kv_out` / `kv_from`) against attention over
 //! the same keys and values given directly.
 use lmspec_spec::expr::Value;
-use lmspec_spec::ops::{lookup, Layout};
+use lmspec_spec::ops::Layout;
 use mlx_rs::Array;
 
-use super::tests::{build, close, run};
+use super::tests::{build, close, parse, run};
 use super::{Ctx, Param};
 
 fn heads(h: i64, d: i64) -> Layout {
@@ -80,22 +80,8 @@ fn a_kv_from_node_attends_over_what_a_kv_out_node_published() {
 
 #[test]
 fn kv_sharing_parameters_are_checked_at_resolve() {
-    let entry = lookup("attention").expect("attention");
     let resolve = |given: &[(&str, Value)], inputs: &[Layout]| {
-        let values: Vec<Value> = entry
-            .schema
-            .params
-            .iter()
-            .map(|def| {
-                given
-                    .iter()
-                    .find(|(n, _)| *n == def.name)
-                    .map(|(_, v)| v.clone())
-                    .or_else(|| def.default.map(|d| d()))
-                    .unwrap_or(Value::Null)
-            })
-            .collect();
-        let op = (entry.parse)(&values).expect("parse");
+        let op = parse("attention", given);
         op.resolve("scope", inputs)
             .map(|_| ())
             .map_err(|e| (e.field, e.msg))

@@ -7,14 +7,9 @@ use mlx_rs::Array;
 use super::{Ctx, Op, Param, Weights};
 use crate::cache::CreateState;
 
-/// Resolves and builds `kind` with the `given` parameters (the rest take
+/// The config of op `kind` with the `given` parameters (the rest take
 /// their schema defaults, as the expander gives them).
-pub(super) fn build(
-    kind: &str,
-    given: &[(&str, Value)],
-    inputs: &[ValueInfo],
-    w: Vec<Param>,
-) -> Box<dyn Op> {
+pub(super) fn parse(kind: &str, given: &[(&str, Value)]) -> lmspec_spec::ops::OpConfig {
     let entry = lookup(kind).expect("op");
     let values: Vec<Value> = entry
         .schema
@@ -29,7 +24,18 @@ pub(super) fn build(
                 .unwrap_or(Value::Null)
         })
         .collect();
-    let op = (entry.parse)(&values).expect("parse");
+    (entry.parse)(&values).expect("parse")
+}
+
+/// Resolves and builds `kind` with the `given` parameters (the rest take
+/// their schema defaults, as the expander gives them).
+pub(super) fn build(
+    kind: &str,
+    given: &[(&str, Value)],
+    inputs: &[ValueInfo],
+    w: Vec<Param>,
+) -> Box<dyn Op> {
+    let op = parse(kind, given);
     let resolved = op.resolve("", inputs).expect("resolve");
     let fields = resolved.weights.iter().map(|r| r.field);
     super::build(&op, inputs, Weights::new(fields.zip(w).collect())).expect("build")
