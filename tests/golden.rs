@@ -136,6 +136,7 @@ golden_cases!(
     kimi_k2,
     kimi_k25,
     kimi_linear,
+    kimi_linear_hf,
     kimi_vl,
     klear = "Klear",
     klear_hf = "Klear_hf",

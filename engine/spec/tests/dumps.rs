@@ -135,6 +135,7 @@ dump_tests!(
     jamba_hf,
     joyai_llm_flash,
     kimi_linear,
+    kimi_linear_hf,
     kimi_k2,
     kimi_k25,
     kimi_vl,

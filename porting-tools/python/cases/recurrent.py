@@ -38,6 +38,48 @@ def _conv_hf(mg):
     return convert, {"format": "pt"}
 
 
+def _kimi_linear_hf(mg):
+    """kimi_linear in Hugging Face's layout: MoE layers under
+    block_sparse_moe (per-expert w1/w2/w3, the correction bias under gate),
+    q/k/v_conv1d as [C, 1, K], dt_bias [heads, head_dim], kv_b_proj unsplit
+    (mlx-lm's sanitize undoes each)."""
+    import re
+
+    names = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+    def convert(weights, config):
+        out = {}
+        heads = config["linear_attn_config"]["num_heads"]
+        for k, v in weights.items():
+            m = re.fullmatch(r"(model\.layers\.\d+)\.mlp\.(.+)", k)
+            if m and f"{m.group(1)}.mlp.switch_mlp.gate_proj.weight" in weights:
+                layer, rest = m.group(1), m.group(2)
+                sm = re.fullmatch(r"switch_mlp\.(\w+)\.weight", rest)
+                if sm:
+                    for e in range(v.shape[0]):
+                        out[f"{layer}.block_sparse_moe.experts.{e}.{names[sm.group(1)]}.weight"] = v[e]
+                elif rest == "e_score_correction_bias":
+                    out[f"{layer}.block_sparse_moe.gate.e_score_correction_bias"] = v
+                else:
+                    out[f"{layer}.block_sparse_moe.{rest}"] = v
+                continue
+            cm = re.fullmatch(r"(.+self_attn)\.(\w)_conv\.conv\.weight", k)
+            if cm:
+                out[f"{cm.group(1)}.{cm.group(2)}_conv1d.weight"] = mg.mx.contiguous(mg.mx.moveaxis(v, 2, 1))
+            elif k.endswith("self_attn.dt_bias"):
+                out[k] = v.reshape(heads, -1)
+            elif k.endswith("self_attn.embed_q.weight"):
+                up = weights[k.replace("embed_q", "unembed_out")]
+                kv_b = mg.mx.concatenate([v.swapaxes(-1, -2), up], axis=1)
+                out[k.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
+            elif k.endswith("self_attn.unembed_out.weight"):
+                continue
+            else:
+                out[k] = v
+        return dict(sorted(out.items()))
+    return convert, {"format": "pt"}
+
+
 def _except(mg, row, model_type):
     """`row` that does not apply to `model_type`."""
     import dataclasses
@@ -290,6 +332,8 @@ def register(mg):
     _wrap_moe_reference(mg)
     # The convolutions in Hugging Face's [C, 1, K] layout (moveaxis rules).
     mg.HF_LAYOUTS["conv_hf"] = _conv_hf(mg)
+    mg.HF_LAYOUTS["kimi_linear"] = _kimi_linear_hf(mg)
+    mg.CASES += [mg._derived("kimi_linear", "kimi_linear_hf", hf_layout="kimi_linear")]
     mg.CASES += [mg._derived(t, f"{t}_hf", hf_layout="conv_hf")
                  for t in ("mamba", "jamba", "olmo_hybrid", "bailing_moe_v3", "recurrent_gemma")]
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == "backbone.layers.{i}.mixer.norm")
