@@ -187,6 +187,9 @@ def register(mg):
     # nemotron_h's Mamba-2 convolution in Hugging Face's [C, 1, K] layout
     # (conv_hf is registered by recurrent.py, after this module).
     mg.CASES += [mg._derived("nemotron_h", "nemotron_h_hf", hf_layout="conv_hf")]
+    # longcat_flash with per-expert tensors and kv_b_proj unsplit (the layout
+    # is registered by recurrent.py).
+    mg.CASES += [mg._derived("longcat_flash", "longcat_flash_hf", hf_layout="latent_moe_hf")]
     # The config fuzzer's finding: step3p5 keeps its own lm_head whatever
     # tie_word_embeddings says.
     mg.CASES += [mg._derived("step3p5", "step3p5_tie_flag", {"tie_word_embeddings": True})]

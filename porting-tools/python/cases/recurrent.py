@@ -80,6 +80,36 @@ def _kimi_linear_hf(mg):
     return convert, {"format": "pt"}
 
 
+def _latent_moe_hf(mg):
+    """Hugging Face's layout of latent-attention MoE models (longcat_flash,
+    bailing_moe_v3, bailing_hybrid): per-expert tensors, kv_b_proj unsplit,
+    depthwise convs as [C, 1, K], a bare router weight (mlx-lm's gate.gate_proj
+    is HF's gate)."""
+    import re
+
+    def convert(weights, config):
+        out = {}
+        for k, v in weights.items():
+            m = re.fullmatch(r"(.+)\.switch_mlp\.(\w+)\.weight", k)
+            if m and v.ndim == 3:
+                for e in range(v.shape[0]):
+                    out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = v[e]
+            elif k.endswith(".embed_q.weight"):
+                up = weights[k.replace("embed_q", "unembed_out")]
+                kv_b = mg.mx.concatenate([v.swapaxes(-1, -2), up], axis=1)
+                out[k.replace("embed_q", "kv_b_proj")] = kv_b.reshape(-1, kv_b.shape[-1])
+            elif k.endswith(".unembed_out.weight"):
+                continue
+            elif k.endswith("conv1d.weight") and v.ndim == 3 and v.shape[-1] == 1:
+                out[k] = mg.mx.contiguous(mg.mx.moveaxis(v, 2, 1))
+            elif k.endswith(".mlp.gate.gate_proj.weight"):
+                out[k.replace(".gate.gate_proj.", ".gate.")] = v
+            else:
+                out[k] = v
+        return dict(sorted(out.items()))
+    return convert, {"format": "pt"}
+
+
 def _except(mg, row, model_type):
     """`row` that does not apply to `model_type`."""
     import dataclasses
@@ -334,6 +364,9 @@ def register(mg):
     mg.HF_LAYOUTS["conv_hf"] = _conv_hf(mg)
     mg.HF_LAYOUTS["kimi_linear"] = _kimi_linear_hf(mg)
     mg.CASES += [mg._derived("kimi_linear", "kimi_linear_hf", hf_layout="kimi_linear")]
+    mg.HF_LAYOUTS["latent_moe_hf"] = _latent_moe_hf(mg)
+    mg.CASES += [mg._derived(t, f"{t}_hf_kv_b", hf_layout="latent_moe_hf")
+                 for t in ("bailing_moe_v3", "bailing_hybrid")]
     mg.CASES += [mg._derived(t, f"{t}_hf", hf_layout="conv_hf")
                  for t in ("mamba", "jamba", "olmo_hybrid", "bailing_moe_v3", "recurrent_gemma")]
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == "backbone.layers.{i}.mixer.norm")
