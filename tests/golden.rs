@@ -242,6 +242,7 @@ golden_cases!(
     step3p5,
     step3p5_clamped,
     step3p5_tie_flag,
+    step3p5_vanilla,
     talkie,
     telechat3,
     xverse,

@@ -77,6 +77,27 @@ def _wrap_moe_reference(mg):
     mg.moe_reference = moe_reference
 
 
+STEP3P5_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
+                  "q_norm.weight", "k_norm.weight", "model.norm.weight")
+
+
+def _step3p5_vanilla(mg):
+    """step3p5 as its vanilla checkpoints store it: experts under moe.,
+    share_expert beside mlp, zero-centred norms (w for 1 + w); mlx-lm's
+    sanitize renames and adds 1 back."""
+    def convert(weights, config):
+        out = {}
+        for k, v in weights.items():
+            k2 = (k.replace(".mlp.switch_mlp.", ".moe.").replace(".mlp.gate.gate.", ".moe.gate.")
+                  .replace(".mlp.gate.router_bias", ".moe.router_bias")
+                  .replace(".mlp.share_expert.", ".share_expert."))
+            if k.endswith(STEP3P5_NORMS):
+                v = v - 1.0
+            out[k2] = v
+        return dict(sorted(out.items()))
+    return convert, {"format": "pt"}
+
+
 def _phixtral_taps(mg):
     """phixtral's modules: transformer.embd.wte, transformer.h.{i}.{ln,
     mixer, moe}, lm_head.{ln, linear}."""
@@ -190,6 +211,8 @@ def register(mg):
     # longcat_flash with per-expert tensors and kv_b_proj unsplit (the layout
     # is registered by recurrent.py).
     mg.CASES += [mg._derived("longcat_flash", "longcat_flash_hf", hf_layout="latent_moe_hf")]
+    mg.HF_LAYOUTS["step3p5_vanilla"] = _step3p5_vanilla(mg)
+    mg.CASES += [mg._derived("step3p5", "step3p5_vanilla", hf_layout="step3p5_vanilla")]
     # The config fuzzer's finding: step3p5 keeps its own lm_head whatever
     # tie_word_embeddings says.
     mg.CASES += [mg._derived("step3p5", "step3p5_tie_flag", {"tie_word_embeddings": True})]
