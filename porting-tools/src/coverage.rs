@@ -58,7 +58,7 @@ pub fn reference_keys(module_source: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut inside = false;
     for line in module_source.lines() {
-        if line.starts_with("class ModelArgs(") {
+        if line.starts_with("class ModelArgs(") || line.starts_with("class ModelArgs:") {
             inside = true;
             continue;
         }
