@@ -3,7 +3,7 @@
 //! (Mamba-1), `gated_delta`'s Kimi Delta Attention options, `lightning`,
 //! `rg_lru` (Griffin).
 use lmspec_spec::expr::Value;
-use lmspec_spec::ops::{lookup, Layout as ValueInfo, StateKind};
+use lmspec_spec::ops::{Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
 
 use super::tests::{build, close, noise, run};
@@ -13,21 +13,7 @@ use crate::cache::CreateState;
 /// The op's declared state: a recurrent slot, which `ModelCache::trim`
 /// refuses to rewind.
 fn assert_recurrent(kind: &str, given: &[(&str, Value)], inputs: &[ValueInfo]) {
-    let entry = lookup(kind).expect("op");
-    let values: Vec<Value> = entry
-        .schema
-        .params
-        .iter()
-        .map(|def| {
-            given
-                .iter()
-                .find(|(n, _)| *n == def.name)
-                .map(|(_, v)| v.clone())
-                .or_else(|| def.default.map(|d| d()))
-                .unwrap_or(Value::Null)
-        })
-        .collect();
-    let op = (entry.parse)(&values).expect("parse");
+    let op = super::tests::parse(kind, given);
     let resolved = op.resolve("", inputs).expect("resolve");
     assert_eq!(resolved.state, Some(StateKind::Recurrent));
 }
