@@ -175,10 +175,9 @@ impl<'a> ChatSession<'a> {
 
     /// What the session's cache holds now.
     pub fn cache_status(&self) -> CacheStatus {
-        let mut probe = self.cache.clone();
         CacheStatus {
             cached_tokens: self.cached.len(),
-            rewindable: probe.trim(1.min(self.cached.len())),
+            rewindable: self.cached.is_empty() || self.cache.can_rewind(),
         }
     }
 
