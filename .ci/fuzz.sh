@@ -21,7 +21,7 @@ cargo run --quiet -p lmspec-fuzz --bin fuzz-seeds -- "$out/corpus"
 # Templates and expansions are bounded; keep one input's work short.
 export LMSPEC_TEMPLATE_FUEL=1000000
 : > "$out/summary.txt"
-for t in expr spec_yaml config_bind safetensors_header gguf_header chat_template tool_calls tokenizer; do
+for t in expr spec_yaml config_bind safetensors_header gguf_header chat_template tool_calls tokenizer image image_processor; do
   echo "== $t (${SECONDS_PER_TARGET}s)"
   cargo +nightly fuzz run --fuzz-dir engine/fuzz/cargo-fuzz --sanitizer none --debug-assertions \
     "$t" "$out/corpus/$t" -- -max_total_time="$SECONDS_PER_TARGET" -timeout=10 \

@@ -130,7 +130,8 @@ macro_rules! batch_cases {
 // state, MoE and latent attention; the recurrences and MoE options of
 // issue #23 (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity
 // experts, sparsemixer, clamped SwiGLU); the cross-layer dataflow of
-// issue #23 (looped stacks, carried values, KV-shared layers).
+// issue #23 (looped stacks, carried values, KV-shared layers); M-RoPE
+// (qwen2_vl: per-row positions on every axis).
 batch_cases!(
     llama,
     qwen3,
@@ -159,7 +160,8 @@ batch_cases!(
     talkie,
     afm7,
     iquestloopcoder,
-    gemma4_text
+    gemma4_text,
+    qwen2_vl
 );
 
 #[test]

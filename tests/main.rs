@@ -22,3 +22,4 @@ mod runtime;
 mod server;
 mod support;
 mod tools;
+mod vlm;

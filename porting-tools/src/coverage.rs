@@ -127,6 +127,10 @@ pub struct Row {
     pub keys: Option<(usize, Vec<String>)>,
     /// Keys the spec reads that the reference does not.
     pub extra: Vec<String>,
+    /// For a vision-language type (its mlx-lm module reads or drops vision
+    /// weights or a `vision_config`): the `vision` spec of its tower, if
+    /// any, and its cases under `goldens/vlm/`.
+    pub vision: Option<(Option<String>, Vec<String>)>,
 }
 
 impl Row {
@@ -163,6 +167,17 @@ pub fn coverage(lib: &SpecLibrary, mlx_lm: &Path, goldens: &Path) -> Result<Vec<
             .or_default()
             .push((report.case.clone(), report.passed()));
     }
+    // Towers: `vision` specs by the types they claim.
+    let mut towers: BTreeMap<String, String> = BTreeMap::new();
+    for name in lib.names().map(str::to_string).collect::<Vec<_>>() {
+        let s = lib.load(&name)?;
+        if s.task == lmspec_spec::raw::Task::Vision {
+            for mt in &s.model_types {
+                towers.entry(mt.clone()).or_insert_with(|| name.clone());
+            }
+        }
+    }
+    let vlm_cases = vlm_goldens(&goldens.join("vlm"));
     let mut all: BTreeMap<String, String> = types;
     for mt in claims.keys() {
         all.entry(mt.clone()).or_insert_with(|| "-".to_string());
@@ -199,9 +214,30 @@ pub fn coverage(lib: &SpecLibrary, mlx_lm: &Path, goldens: &Path) -> Result<Vec<
             }
             None => (None, None, Vec::new()),
         };
+        let source = mlx_lm.join("models").join(format!("{module}.py"));
+        let is_vlm = std::fs::read_to_string(&source).is_ok_and(|t| {
+            [
+                "vision_tower",
+                "vision_config",
+                "vision_model",
+                "\"visual\"",
+                "visual.",
+            ]
+            .iter()
+            .any(|p| t.contains(p))
+        });
+        let vision = (is_vlm || towers.contains_key(&mt)).then(|| {
+            let cases = vlm_cases
+                .iter()
+                .filter(|(_, t)| *t == mt)
+                .map(|(c, _)| c.clone())
+                .collect();
+            (towers.get(&mt).cloned(), cases)
+        });
         rows.push(Row {
             keys,
             extra,
+            vision,
             goldens: golden_results.remove(&mt).unwrap_or_default(),
             model_type: mt,
             module,
@@ -210,6 +246,28 @@ pub fn coverage(lib: &SpecLibrary, mlx_lm: &Path, goldens: &Path) -> Result<Vec<
         });
     }
     Ok(rows)
+}
+
+/// The cases under `goldens/vlm/` with their config's `model_type`.
+fn vlm_goldens(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let config = e.path().join("model").join("config.json");
+        let Ok(text) = std::fs::read_to_string(&config) else {
+            continue;
+        };
+        let mt = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+        if let Some(mt) = mt {
+            out.push((e.file_name().to_string_lossy().to_string(), mt));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// The rows as the Markdown page `docs/coverage.md`.
@@ -252,6 +310,27 @@ pub fn markdown(rows: &[Row]) -> String {
         s.push_str("\n## Keys read beyond the reference\n\nKeys a spec reads from `config.json` that the reference's `ModelArgs` does not list (fields a `ModelArgs` inherits are not seen, so some are false alarms; the context length and the GGUF switch, which only the engine uses, are left out): a checkpoint that sets one may be read differently by the two. Not a failure; a list to pin down.\n\n");
         s.push_str(&extra.join("\n"));
         s.push('\n');
+    }
+    s.push_str("\n## Vision-language types\n\nTypes whose mlx-lm module reads or drops vision weights (mlx-lm runs their text models only), and types a `vision` spec claims. \"images\": a tower spec and a vision-language golden under `goldens/vlm/` (made by mlx-vlm, checked by `tests/vlm.rs`); \"text only\": the text model runs, its vision weights are dropped (docs/vision.md).\n\n| model_type | mlx-lm module | text spec | tower spec | vision goldens | images |\n|---|---|---|---|---|---|\n");
+    for r in rows {
+        let Some((tower, cases)) = &r.vision else {
+            continue;
+        };
+        let cases: Vec<String> = cases.iter().map(|c| format!("`vlm/{c}`")).collect();
+        let images = match (tower, cases.is_empty(), &r.spec) {
+            (Some(_), false, Some(_)) => "images",
+            (_, _, Some(_)) => "text only",
+            (_, _, None) => "not claimed",
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.model_type,
+            r.module,
+            r.spec.as_deref().unwrap_or(""),
+            tower.as_deref().unwrap_or(""),
+            cases.join(", "),
+            images
+        ));
     }
     s.push_str("\n## Not yet claimed\n\n");
     let open: Vec<String> = rows

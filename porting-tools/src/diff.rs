@@ -183,3 +183,105 @@ pub fn diff(
         unmatched,
     })
 }
+
+/// The prefix of a vision-language golden's tower taps
+/// (`goldens/vlm/<case>/golden.safetensors`).
+pub const VISION_TAPS: &str = "vision_taps.";
+
+/// Whether the golden case in `golden_dir` is a vision-language one (its
+/// tensors hold tower taps).
+pub fn is_vision_golden(golden_dir: &Path) -> bool {
+    let file = golden_dir.join("golden.safetensors");
+    match Array::load_safetensors(&file) {
+        Ok(t) => t.keys().any(|k| k.starts_with(VISION_TAPS)),
+        Err(_) => false,
+    }
+}
+
+/// `port diff` of a vision tower: the tower of the checkpoint in
+/// `model_dir` runs on the golden's patches and grids, and each of its
+/// taps is compared with the golden's `vision_taps.*` in execution order.
+pub fn diff_tower(
+    model_dir: &Path,
+    golden_dir: &Path,
+    opts: &LoadOptions,
+    tolerance: Option<Tolerance>,
+) -> Result<DiffReport> {
+    use lmspec_lm::vision::{tower_inputs, Grid};
+    let file = golden_dir.join("golden.safetensors");
+    let t = Array::load_safetensors(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let need = |k: &str| {
+        t.get(k)
+            .ok_or_else(|| anyhow!("{}: no tensor '{k}'", file.display()))
+    };
+    let pixels = need("pixel_values")?;
+    let grid = need("image_grid_thw")?.as_dtype(mlx_rs::Dtype::Int64)?;
+    let grids: Vec<Grid> = grid
+        .as_slice::<i64>()
+        .chunks(3)
+        .map(|g| Grid {
+            t: g[0],
+            h: g[1],
+            w: g[2],
+        })
+        .collect();
+    let tower = Model::load(
+        model_dir,
+        &opts.clone().with_task(lmspec_spec::raw::Task::Vision),
+    )?;
+    let merge = tower
+        .config
+        .get("spatial_merge_size")
+        .and_then(|v| v.as_i64())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: the tower spec binds no spatial_merge_size",
+                model_dir.display()
+            )
+        })?;
+    let engine_taps = tower.tap_names();
+    let wanted: Vec<String> = engine_taps
+        .iter()
+        .filter(|n| t.contains_key(&format!("{VISION_TAPS}{n}")))
+        .cloned()
+        .collect();
+    let inputs = tower_inputs(&grids, merge)?;
+    let (_, values) = tower.encode(pixels, &inputs, &wanted)?;
+    let tolerance = tolerance.unwrap_or(Tolerance::F32);
+    let mut rows = Vec::new();
+    for name in &wanted {
+        let theirs = &t[&format!("{VISION_TAPS}{name}")];
+        let ours = &values[name];
+        rows.push(if ours.size() == theirs.size() {
+            let ours = ours.reshape(theirs.shape())?;
+            let stats = compare(&ours, theirs).map_err(|e| anyhow!("{name}: {e}"))?;
+            NodeDiff {
+                name: name.clone(),
+                shape: theirs.shape().to_vec(),
+                passed: stats.within(tolerance),
+                stats: Some(stats),
+            }
+        } else {
+            NodeDiff {
+                name: name.clone(),
+                shape: ours.shape().to_vec(),
+                stats: None,
+                passed: false,
+            }
+        });
+    }
+    let unmatched = t
+        .keys()
+        .filter_map(|k| k.strip_prefix(VISION_TAPS))
+        .filter(|k| !engine_taps.iter().any(|n| n == k))
+        .map(str::to_string)
+        .collect();
+    Ok(DiffReport {
+        model: model_dir.to_path_buf(),
+        golden: golden_dir.to_path_buf(),
+        spec: tower.spec.name.clone(),
+        tolerance,
+        rows,
+        unmatched,
+    })
+}

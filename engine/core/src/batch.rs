@@ -147,7 +147,11 @@ impl BatchCache {
             });
         }
         Ok(BatchCache {
-            cache: ModelCache { slots, offset: len },
+            cache: ModelCache {
+                slots,
+                offset: len,
+                position_delta: 0,
+            },
             pads: vec![0],
             len,
         })
@@ -159,6 +163,7 @@ impl BatchCache {
             cache: ModelCache {
                 slots: Vec::new(),
                 offset: 0,
+                position_delta: 0,
             },
             pads: Vec::new(),
             len: 0,

@@ -633,6 +633,9 @@ impl QuantizedKvCache {
 pub struct ModelCache {
     pub(crate) slots: Vec<CacheState>,
     pub(crate) offset: i32,
+    /// Added to the sequence position by `mrope` when a forward gives no
+    /// positions (set by a forward whose inputs carry it: an image prompt).
+    pub(crate) position_delta: i32,
 }
 
 impl ModelCache {
@@ -640,12 +643,18 @@ impl ModelCache {
         ModelCache {
             slots: kinds.iter().map(|k| k.create(opts)).collect(),
             offset: 0,
+            position_delta: 0,
         }
     }
 
     /// Positions processed so far.
     pub fn offset(&self) -> i32 {
         self.offset
+    }
+
+    /// What `mrope` adds to the sequence position of later calls.
+    pub fn position_delta(&self) -> i32 {
+        self.position_delta
     }
 
     pub fn len(&self) -> usize {

@@ -343,7 +343,14 @@ impl Model {
                 _ => {}
             }
         }
-        Ok((ModelCache { slots, offset }, user))
+        Ok((
+            ModelCache {
+                slots,
+                offset,
+                position_delta: 0,
+            },
+            user,
+        ))
     }
 
     /// Refuses a file whose metadata names another model.

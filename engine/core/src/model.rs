@@ -9,6 +9,7 @@ use crate::batch::BatchCache;
 use crate::cache::{CacheOptions, ModelCache};
 use crate::error::{read_to_string, Error, Result};
 use crate::gguf::{GgufReader, GgufTokenizerData};
+use crate::inputs::ForwardInputs;
 use crate::plan::Plan;
 use crate::weights::{self, rules, Quantization};
 use lmspec_spec::config;
@@ -49,8 +50,10 @@ pub enum WeightPlan {
     AsStored,
     /// Dequantized to float32 (BLAS matmuls on CPU).
     Dense,
-    /// Dense on the CPU when the float32 weights take at most half of the
-    /// available memory; as stored on a GPU.
+    /// As stored on a GPU, and on the CPU where lmspec's CPU kernels run
+    /// every quantized weight (2-D, MLX affine widths: `cpu_kernels`);
+    /// otherwise (quantized expert stacks, kernels off) dense on the CPU
+    /// when the float32 weights take at most half of the available memory.
     #[default]
     Auto,
 }
@@ -74,6 +77,9 @@ impl WeightPlan {
                 if crate::runtime::default_device() != "cpu" {
                     return false;
                 }
+                if crate::cpu_kernels::enabled() && weights::kernels_cover(params) {
+                    return false;
+                }
                 let dense_bytes = weights::dense_bytes(params);
                 let available = crate::runtime::available_memory().unwrap_or(0);
                 weights::has_quantized(params) && dense_bytes * 2 <= available
@@ -94,8 +100,7 @@ pub struct LoadOptions {
     pub weights: WeightPlan,
     /// Whether linear layers that read the same value run as one
     /// projection (see [`Plan::build`]); `None`: on for the CPU, off on a
-    /// GPU (with MLX 0.32.2's CUDA backend, RoPE over a part of a fused
-    /// projection's `Split` gave wrong values: docs/gpu.md).
+    /// GPU until fused decoding is measured there (docs/gpu.md).
     pub fuse_projections: Option<bool>,
     /// The spec library; `None`: [`SpecLibrary::open_default`]
     /// (`$LMSPEC_SPECS`, else the library built into the binary).
@@ -107,6 +112,10 @@ pub struct LoadOptions {
     pub task: lmspec_spec::raw::Task,
     /// A LoRA/DoRA adapter to attach (see [`crate::adapter`]).
     pub adapter: Option<crate::adapter::AdapterSource>,
+    /// How quantized products on the CPU treat activations; `None`:
+    /// float32, MLX's numerics (int8 blocks are llama.cpp's; see
+    /// [`crate::cpu_kernels::Activations`]).
+    pub activations: Option<crate::cpu_kernels::Activations>,
 }
 
 impl LoadOptions {
@@ -141,6 +150,11 @@ impl LoadOptions {
     /// Attaches the adapter in folder `dir`.
     pub fn with_adapter(mut self, dir: impl Into<PathBuf>) -> LoadOptions {
         self.adapter = Some(crate::adapter::AdapterSource::Dir(dir.into()));
+        self
+    }
+
+    pub fn with_activations(mut self, a: crate::cpu_kernels::Activations) -> LoadOptions {
+        self.activations = Some(a);
         self
     }
 
@@ -323,7 +337,10 @@ impl Model {
             }
             None => (None, std::collections::HashMap::new()),
         };
-        let plan = Plan::build_adapted(&graph, params, opts.fuse(), &adapted)?;
+        let activations = opts.activations.unwrap_or_default();
+        let plan = crate::cpu_kernels::with_activations(activations, || {
+            Plan::build_adapted(&graph, params, opts.fuse(), &adapted)
+        })?;
         Ok(Model {
             dir: path.to_path_buf(),
             spec,
@@ -358,13 +375,52 @@ impl Model {
         cache: Option<&mut ModelCache>,
         taps: &[String],
     ) -> Result<(Array, IndexMap<String, Array>)> {
-        self.run(tokens, cache, taps, None)
+        self.run(tokens, cache, taps, None, &ForwardInputs::default())
+    }
+
+    /// Like [`Model::forward_with_taps`], with the forward's extra inputs:
+    /// positions on several axes, segment ids, features to splice (see
+    /// [`ForwardInputs`]). A `position_delta` in them is kept by the cache
+    /// for later calls.
+    pub fn forward_with_inputs(
+        &self,
+        tokens: &Array,
+        cache: Option<&mut ModelCache>,
+        inputs: &ForwardInputs,
+        taps: &[String],
+    ) -> Result<(Array, IndexMap<String, Array>)> {
+        self.run(tokens, cache, taps, None, inputs)
+    }
+
+    /// Runs a tower on non-token input (a vision tower's flattened patches
+    /// `[N, F]` or `[1, N, F]`) with its inputs; no cache.
+    pub fn encode(
+        &self,
+        input: &Array,
+        inputs: &ForwardInputs,
+        taps: &[String],
+    ) -> Result<(Array, IndexMap<String, Array>)> {
+        let input = match input.ndim() {
+            2 => input.expand_dims(0)?,
+            3 => input.clone(),
+            n => {
+                return Err(Error::Usage(format!(
+                    "a tower's input must be [N, F] or [1, N, F], got {n} axes"
+                )))
+            }
+        };
+        let mut cache = self.new_cache();
+        crate::inputs::scoped(inputs, 0, || {
+            self.plan.run(&input, &mut cache, taps, None, None)
+        })
     }
 
     /// The output for a padded batch: `tokens` [B, T] and `key_mask` [B, T]
     /// (true for real tokens); padding positions are hidden from attention.
     pub fn forward_masked(&self, tokens: &Array, key_mask: &Array) -> Result<Array> {
-        Ok(self.run(tokens, None, &[], Some(key_mask))?.0)
+        Ok(self
+            .run(tokens, None, &[], Some(key_mask), &ForwardInputs::default())?
+            .0)
     }
 
     fn run(
@@ -373,6 +429,7 @@ impl Model {
         cache: Option<&mut ModelCache>,
         taps: &[String],
         key_mask: Option<&Array>,
+        inputs: &ForwardInputs,
     ) -> Result<(Array, IndexMap<String, Array>)> {
         let tokens = match tokens.ndim() {
             1 => tokens.reshape(&[1, -1])?,
@@ -391,7 +448,13 @@ impl Model {
                 &mut fresh
             }
         };
-        self.plan.run(&tokens, cache, taps, key_mask, None)
+        if let Some(d) = inputs.position_delta {
+            cache.position_delta = d;
+        }
+        let delta = cache.position_delta;
+        crate::inputs::scoped(inputs, delta, || {
+            self.plan.run(&tokens, cache, taps, key_mask, None)
+        })
     }
 
     /// Logits [B, T, vocab] for the next tokens [B, T] of a batch of

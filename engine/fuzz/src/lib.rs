@@ -28,6 +28,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("chat_template", chat_template),
     ("tool_calls", tool_calls),
     ("tokenizer", tokenizer),
+    ("image", image),
+    ("image_processor", image_processor),
 ];
 
 fn text(data: &[u8]) -> Option<&str> {
@@ -149,6 +151,51 @@ pub fn tokenizer(data: &[u8]) {
     }
 }
 
+/// The processor settings the `image` target runs (small pixel bounds).
+const PROCESSOR: &str = r#"{"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 256, "max_pixels": 4096, "resample": 3, "rescale_factor": 0.00392156862745098, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}"#;
+
+/// An image file (PNG, JPEG): decoded, then processed into patches.
+pub fn image(data: &[u8]) {
+    use lmspec_lm::image_processor::{decode_rgb, ImageProcessor};
+    static PROC: OnceLock<ImageProcessor> = OnceLock::new();
+    let proc = PROC.get_or_init(|| {
+        let j = serde_json::from_str(PROCESSOR).unwrap_or_else(|e| panic!("processor: {e}"));
+        ImageProcessor::from_json(&j, Path::new("preprocessor_config.json"))
+            .unwrap_or_else(|e| panic!("processor: {e}"))
+    });
+    let Ok(img) = decode_rgb(data, Path::new("image")) else {
+        return;
+    };
+    // Decoding is bounded by the decoder's limits; resizing a huge image
+    // is slow, not wrong: keep the fuzzer's inputs quick.
+    if img.width * img.height <= 1 << 20 {
+        let _ = proc.process(&img);
+    }
+}
+
+/// A `preprocessor_config.json`: parsed, then a small image processed
+/// with it (when its target size stays small).
+pub fn image_processor(data: &[u8]) {
+    use lmspec_lm::image_processor::{ImageProcessor, RgbImage};
+    let Ok(j) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let Ok(p) = ImageProcessor::from_json(&j, Path::new("preprocessor_config.json")) else {
+        return;
+    };
+    let img = RgbImage {
+        width: 7,
+        height: 5,
+        data: (0..105).map(|v| (v * 7) as u8).collect(),
+    };
+    match p.target_size(5, 7) {
+        Ok((h, w)) if h * w * p.temporal_patch_size <= 1 << 20 => {
+            let _ = p.process(&img);
+        }
+        _ => {}
+    }
+}
+
 /// The project's root (for seed files).
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -213,6 +260,15 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             br#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{"id":3,"content":"<|im_start|>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],"normalizer":{"type":"Lowercase"},"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"hello":0,"world":1,"[UNK]":2},"unk_token":"[UNK]"}}"#.to_vec(),
             br#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},"post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":true,"trim_offsets":true,"use_regex":true},"model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"vocab":{"H":0,"e":1,"l":2,"o":3,"He":4,"ll":5},"merges":["H e","l l"]}}"#.to_vec(),
         ],
+        "image" => files("goldens/vlm/images", "png")
+            .into_iter()
+            .chain(files("goldens/vlm/images", "jpg"))
+            .collect(),
+        "image_processor" => {
+            let mut out = vec![PROCESSOR.as_bytes().to_vec()];
+            out.extend(std::fs::read(root().join("goldens/vlm/qwen2_vl/model/preprocessor_config.json")).ok());
+            out
+        }
         _ => Vec::new(),
     }
 }

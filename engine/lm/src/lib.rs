@@ -6,7 +6,9 @@ pub mod batch;
 pub mod constrain;
 pub mod embed;
 pub mod generate;
+pub mod image_processor;
 pub mod lm;
+mod pil;
 pub mod prompt_cache;
 pub mod registry;
 pub mod rerank;
@@ -17,6 +19,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod tools;
 pub mod tune;
+pub mod vision;
 
 pub use embed::{Embedder, Pooling};
 pub use lm::{run_tool_loop, ChatSession, LanguageModel, Message, ModelContainer, Tool};

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::generate::{generate, Event, GenerateParams, Generation};
+use crate::generate::{generate, Event, GenerateParams, Generation, GenerationInfo};
+use crate::image_processor::{process_files, ProcessedImage};
 use crate::registry::{ModelDefaults, Registry};
 use crate::template::{ChatContext, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 use crate::tools::response::ResponseTemplate;
 use crate::tools::schema::schema_for;
 use crate::tools::{OutputFormat, ToolCall, ToolEvent, ToolFormat};
+use crate::vision::{Grid, VisionModel};
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::{is_gguf, LoadOptions, Model};
@@ -29,6 +31,9 @@ pub struct LanguageModel {
     /// Defaults of a known hub id (`specs/registry/`), applied by
     /// [`LanguageModel::load_source`] or [`LanguageModel::apply_defaults`].
     pub defaults: ModelDefaults,
+    /// The vision tower of a vision-language checkpoint (a `vision` spec
+    /// claims its type and it has a `preprocessor_config.json`).
+    pub vision: Option<VisionModel>,
 }
 
 impl LanguageModel {
@@ -45,12 +50,21 @@ impl LanguageModel {
             Some(t) => Some(ChatTemplate::new(t, &tokenizer.chat_template_file)?),
             None => None,
         };
+        let vision = if !is_gguf(path)
+            && path.join("preprocessor_config.json").exists()
+            && crate::vision::has_tower(path, opts)?
+        {
+            Some(VisionModel::load(path, opts, &model)?)
+        } else {
+            None
+        };
         Ok(LanguageModel {
             model,
             tokenizer,
             template,
             path: path.to_path_buf(),
             defaults: ModelDefaults::default(),
+            vision,
         })
     }
 
@@ -184,6 +198,85 @@ impl LanguageModel {
     }
 }
 
+impl LanguageModel {
+    /// The vision tower, or an error saying the model takes no images.
+    pub fn vision(&self) -> Result<&VisionModel> {
+        self.vision.as_ref().ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: the model takes no images (no vision tower)",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Reads and processes image files with the checkpoint's processor
+    /// (errors name the file).
+    pub fn load_images(&self, paths: &[PathBuf]) -> Result<Vec<ProcessedImage>> {
+        let vision = self.vision()?;
+        let proc = vision.processor.as_ref().ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: no preprocessor_config.json: images cannot be processed",
+                self.path.display()
+            ))
+        })?;
+        process_files(proc, paths)
+    }
+
+    /// Generates from token ids whose image placeholders (one per image,
+    /// as the chat template writes them) stand for `images`: each
+    /// placeholder is expanded to its image's token count, the prompt runs
+    /// with the image features spliced in, and generation continues.
+    pub fn generate_with_images(
+        &self,
+        prompt: &[u32],
+        images: &[ProcessedImage],
+        params: &GenerateParams,
+        cache: Option<&mut ModelCache>,
+        cancel: Option<&AtomicBool>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        let vision = self.vision()?;
+        let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
+        let ids = vision.expand_placeholders(prompt, &grids)?;
+        let mut fresh;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                fresh = self.model.new_cache();
+                &mut fresh
+            }
+        };
+        let started = std::time::Instant::now();
+        let last = vision.prefill_for_generation(&self.model, &ids, 0, images, cache)?;
+        let prefill = started.elapsed().as_secs_f64();
+        // The statistics count the whole prompt (the images' prefill too).
+        let whole = |info: &mut GenerationInfo| {
+            info.prompt_tokens = ids.len();
+            info.prompt_seconds += prefill;
+            if info.prompt_seconds > 0.0 {
+                info.prompt_tps = ids.len() as f64 / info.prompt_seconds;
+            }
+        };
+        let mut g = generate(
+            &self.model,
+            &self.tokenizer,
+            &[last],
+            params,
+            Some(cache),
+            cancel,
+            &mut |e| match e {
+                Event::Info(mut info) => {
+                    whole(&mut info);
+                    on_event(Event::Info(info))
+                }
+                e => on_event(e),
+            },
+        )?;
+        whole(&mut g.info);
+        Ok(g)
+    }
+}
+
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -193,6 +286,9 @@ pub struct Message {
     pub tool_calls: Vec<ToolCall>,
     /// The tool a `tool` message answers for.
     pub name: Option<String>,
+    /// Images of a user message, shown to the chat template as image
+    /// entries before the text.
+    pub images: Vec<ProcessedImage>,
 }
 
 impl Message {
@@ -202,12 +298,30 @@ impl Message {
             content: content.to_string(),
             tool_calls: Vec::new(),
             name: None,
+            images: Vec::new(),
+        }
+    }
+
+    /// A user message with images.
+    pub fn with_images(content: &str, images: Vec<ProcessedImage>) -> Message {
+        Message {
+            images,
+            ..Message::new("user", content)
         }
     }
 
     /// The message as chat templates see it (OpenAI shape).
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.images.is_empty() {
+            let mut parts: Vec<serde_json::Value> = self
+                .images
+                .iter()
+                .map(|_| serde_json::json!({"type": "image"}))
+                .collect();
+            parts.push(serde_json::json!({"type": "text", "text": self.content}));
+            m["content"] = serde_json::Value::Array(parts);
+        }
         if !self.tool_calls.is_empty() {
             m["tool_calls"] = self
                 .tool_calls
@@ -446,6 +560,18 @@ impl<'a> ChatSession<'a> {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<String> {
         let prompt = self.lm.chat_prompt(&self.messages(), &self.context)?;
+        let images: Vec<ProcessedImage> = self
+            .history
+            .iter()
+            .flat_map(|m| m.images.iter().cloned())
+            .collect();
+        let prompt = match images.is_empty() {
+            true => prompt,
+            false => {
+                let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
+                self.lm.vision()?.expand_placeholders(&prompt, &grids)?
+            }
+        };
         let common = prompt
             .iter()
             .zip(&self.cached)
@@ -461,10 +587,46 @@ impl<'a> ChatSession<'a> {
         self.cached.truncate(reuse);
         let fresh = &prompt[reuse..];
         self.last_fed_tokens = fresh.len();
-        match self
-            .lm
-            .generate(fresh, &self.params, Some(&mut self.cache), cancel, on_event)
-        {
+        let result = match &self.lm.vision {
+            // New image placeholders: prefill them with the images spliced
+            // in, then continue from the last prompt token.
+            Some(v) if fresh.contains(&(v.image_token as u32)) => {
+                let started = std::time::Instant::now();
+                let fed = fresh.len();
+                v.prefill_for_generation(&self.lm.model, &prompt, reuse, &images, &mut self.cache)
+                    .and_then(|last| {
+                        let prefill = started.elapsed().as_secs_f64();
+                        // The statistics count every token fed this turn.
+                        let whole = |info: &mut GenerationInfo| {
+                            info.prompt_tokens = fed;
+                            info.prompt_seconds += prefill;
+                            if info.prompt_seconds > 0.0 {
+                                info.prompt_tps = fed as f64 / info.prompt_seconds;
+                            }
+                        };
+                        let mut wrapped = |e: Event| match e {
+                            Event::Info(mut info) => {
+                                whole(&mut info);
+                                on_event(Event::Info(info))
+                            }
+                            e => on_event(e),
+                        };
+                        let mut g = self.lm.generate(
+                            &[last],
+                            &self.params,
+                            Some(&mut self.cache),
+                            cancel,
+                            &mut wrapped,
+                        )?;
+                        whole(&mut g.info);
+                        Ok(g)
+                    })
+            }
+            _ => self
+                .lm
+                .generate(fresh, &self.params, Some(&mut self.cache), cancel, on_event),
+        };
+        match result {
             Ok(g) => {
                 // The token loop feeds every token it returns.
                 self.cached.extend_from_slice(fresh);
@@ -534,6 +696,30 @@ impl<'a> ChatSession<'a> {
     pub fn respond(&mut self, user: &str) -> Result<String> {
         self.respond_stream(user, None, &mut |_| {})
     }
+
+    /// Sends a user message with images (a vision-language model's); the
+    /// images stay in the conversation, the cache keeps their tokens.
+    pub fn respond_with_images(
+        &mut self,
+        user: &str,
+        images: Vec<ProcessedImage>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<String> {
+        if !images.is_empty() {
+            self.lm.vision()?;
+        }
+        self.history.push(Message::with_images(user, images));
+        match self.generate_turn(None, on_event) {
+            Ok(text) => {
+                self.history.push(Message::new("assistant", &text));
+                Ok(text)
+            }
+            Err(e) => {
+                self.history.pop();
+                Err(e)
+            }
+        }
+    }
 }
 
 /// A shared handle to a language model: any thread may run work on it (one
@@ -572,6 +758,20 @@ impl ModelContainer {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         self.cancel.store(false, Ordering::Relaxed);
         guard.generate(prompt, params, None, Some(&self.cancel), on_event)
+    }
+
+    /// [`LanguageModel::generate_with_images`] with cancellation through
+    /// [`ModelContainer::cancel`].
+    pub fn generate_with_images(
+        &self,
+        prompt: &[u32],
+        images: &[ProcessedImage],
+        params: &GenerateParams,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generation> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.cancel.store(false, Ordering::Relaxed);
+        guard.generate_with_images(prompt, images, params, None, Some(&self.cancel), on_event)
     }
 
     /// Asks a running generation to stop after its current token.

@@ -421,6 +421,15 @@ impl SpecLibrary {
         })
     }
 
+    /// Whether a spec of `task` itself claims `model_type` (no fallback to
+    /// the other tasks' claims): a vision-language checkpoint has a tower
+    /// when a `vision` spec claims its type.
+    pub fn claims_for_task(&self, model_type: &str, task: Task) -> bool {
+        self.models.values().any(|(_, raw)| {
+            raw.task.unwrap_or_default() == task && raw.model_types.iter().any(|m| m == model_type)
+        })
+    }
+
     /// The spec claiming `model_type`; `config_file` is named in the error.
     /// A `generate` spec is preferred when several tasks claim it.
     pub fn for_model_type(&self, model_type: &str, config_file: &Path) -> Result<Spec> {

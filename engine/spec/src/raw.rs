@@ -59,6 +59,10 @@ pub enum Task {
     Embed,
     /// Class scores per position (cross-encoder rerankers).
     Classify,
+    /// A vision tower: flattened image patches in, features for the text
+    /// model's placeholders out (loaded beside the `generate` spec of a
+    /// vision-language checkpoint).
+    Vision,
 }
 
 impl Task {
@@ -67,6 +71,7 @@ impl Task {
             Task::Generate => "generate",
             Task::Embed => "embed",
             Task::Classify => "classify",
+            Task::Vision => "vision",
         }
     }
 }

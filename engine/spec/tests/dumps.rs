@@ -250,6 +250,30 @@ dump_tests!(
     youtu_llm,
 );
 
+/// The vision-language golden's two graphs: the tower (`task: vision`)
+/// and the text model with its splice and M-RoPE.
+#[test]
+fn vision_language_qwen2_vl() {
+    let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
+    let file = root().join("goldens/vlm/qwen2_vl/model/config.json");
+    let text = std::fs::read_to_string(&file).expect("config.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let mut out = String::new();
+    for task in [
+        lmspec_spec::raw::Task::Vision,
+        lmspec_spec::raw::Task::Generate,
+    ] {
+        let spec = lib
+            .for_model_type_task("qwen2_vl", task, &file)
+            .expect("spec");
+        assert_eq!(spec.task, task, "{}", spec.name);
+        let (_, graph) = expand_for(&spec, &json, &file).expect("expand");
+        out.push_str(&format!("# {} ({})\n", spec.name, task.name()));
+        out.push_str(&render::dump(&graph, false));
+    }
+    insta::assert_snapshot!(out);
+}
+
 /// Every case directory has a test above.
 #[test]
 fn every_golden_case_is_pinned() {

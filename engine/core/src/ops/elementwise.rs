@@ -48,6 +48,12 @@ pub(crate) fn activate(act: Act, x: &Array) -> Result<Array, Exception> {
         Act::Gelu => mlx_rs::nn::gelu(x),
         Act::GeluApprox => mlx_rs::nn::gelu_approximate(x),
         Act::GeluFast => mlx_rs::nn::gelu_fast_approximate(x),
+        // x · sigmoid(1.702 x): CLIP's QuickGELU, mlx's `gelu_fast_approx`
+        // (mlx-rs's `gelu_fast_approximate` uses 1.773).
+        Act::QuickGelu => {
+            let k = Array::from_f32(1.702).as_dtype(x.dtype())?;
+            mlx_rs::ops::multiply(x, mlx_rs::ops::sigmoid(mlx_rs::ops::multiply(x, &k)?)?)
+        }
         Act::Relu => mlx_rs::nn::relu(x),
         Act::Relu2 => mlx_rs::ops::square(mlx_rs::nn::relu(x)?),
         Act::Sigmoid => mlx_rs::ops::sigmoid(x),

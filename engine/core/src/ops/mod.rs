@@ -38,6 +38,9 @@ mod slice;
 mod ssm;
 #[cfg(test)]
 mod tests;
+mod vision;
+#[cfg(test)]
+mod vision_tests;
 
 /// Per-call state handed to a running op.
 #[derive(Debug)]
@@ -99,6 +102,13 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::GatedDelta(c) => c.build(inputs, w),
         OpConfig::Lightning(c) => c.build(inputs, w),
         OpConfig::RgLru(c) => c.build(inputs, w),
+        OpConfig::Patchify(c) => c.build(inputs, w),
+        OpConfig::Mrope(c) => c.build(inputs, w),
+        OpConfig::MergePatches(c) => Ok(Box::new(c.clone())),
+        OpConfig::GridTable(c) => c.build(inputs, w),
+        OpConfig::PoolPatches(c) => Ok(Box::new(c.clone())),
+        OpConfig::PixelShuffle(c) => Ok(Box::new(c.clone())),
+        OpConfig::Splice(c) => Ok(Box::new(c.clone())),
     }
 }
 

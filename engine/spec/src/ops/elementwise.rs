@@ -10,6 +10,7 @@ choice! {
         Gelu = "gelu",
         GeluApprox = "gelu_approx",
         GeluFast = "gelu_fast",
+        QuickGelu = "quick_gelu",
         Relu = "relu",
         Relu2 = "relu2",
         Sigmoid = "sigmoid",

@@ -26,6 +26,7 @@ mod norm;
 mod rope;
 mod slice;
 mod ssm;
+mod vision;
 
 pub use attention::{Attention, Gqa};
 pub use conv::ShortConv;
@@ -39,6 +40,7 @@ pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
 pub use ssm::{alibi_slopes, GatedDelta, Lightning, RgLru, SelectiveScan, Ssm};
+pub use vision::{GridTable, MergePatches, Mrope, Patchify, PixelShuffle, PoolPatches, Splice};
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
 /// for per-head values laid out `[B, H, T, D]`, the number of heads
@@ -141,6 +143,13 @@ registry!(
     GatedDelta,
     Lightning,
     RgLru,
+    Patchify,
+    Mrope,
+    MergePatches,
+    GridTable,
+    PoolPatches,
+    PixelShuffle,
+    Splice,
 );
 
 /// A registered op: its schema and how its typed config is read.

@@ -1,0 +1,93 @@
+//! Inputs of a forward beyond its token ids: positions on several axes
+//! (read by `mrope`), segment ids (a non-causal `attention` sees only the
+//! keys of its query's segment: one segment per image) and features
+//! (`splice` writes them over the embeddings at its token's positions).
+//! A forward makes them current while its plan runs, together with the
+//! cache's position delta (what `mrope` adds to the sequence position when
+//! no positions are given: decoding after a prompt whose image positions
+//! ran ahead of or behind the token count).
+use std::cell::RefCell;
+
+use mlx_rs::error::Exception;
+use mlx_rs::Array;
+
+/// Extra inputs of one forward; each is optional.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardInputs {
+    /// Positions per axis `[axes, T]` (int32), shared by every row.
+    pub positions: Option<Array>,
+    /// Segment id of each position `[T]` (int32).
+    pub segments: Option<Array>,
+    /// Feature rows `[N, D]`, one per placeholder token of the forward.
+    pub features: Option<Array>,
+    /// The position delta the cache keeps after this forward (`mrope`
+    /// positions of later calls are the sequence position plus it).
+    pub position_delta: Option<i32>,
+    /// The patch grid `(t, h, w)` of each image of a tower's forward, its
+    /// patches in merge-window order (read by `grid_table`).
+    pub grids: Option<Vec<[i64; 3]>>,
+}
+
+impl ForwardInputs {
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_none() && self.segments.is_none() && self.features.is_none()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<(ForwardInputs, i32)> = RefCell::new((ForwardInputs::default(), 0));
+}
+
+/// Restores the empty inputs when a forward ends (also on an error or a
+/// panic), so no later forward sees them.
+struct Reset;
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        CURRENT.with_borrow_mut(|c| *c = (ForwardInputs::default(), 0));
+    }
+}
+
+/// Runs `f` with `inputs` and the cache's position `delta` current.
+pub(crate) fn scoped<R>(inputs: &ForwardInputs, delta: i32, f: impl FnOnce() -> R) -> R {
+    CURRENT.with_borrow_mut(|c| *c = (inputs.clone(), delta));
+    let _reset = Reset;
+    f()
+}
+
+/// The current positions `[axes, T]`, if the forward has them.
+pub(crate) fn positions() -> Option<Array> {
+    CURRENT.with_borrow(|c| c.0.positions.clone())
+}
+
+/// The current position delta.
+pub(crate) fn position_delta() -> i32 {
+    CURRENT.with_borrow(|c| c.1)
+}
+
+/// The current image grids, if the forward has them.
+pub(crate) fn grids() -> Option<Vec<[i64; 3]>> {
+    CURRENT.with_borrow(|c| c.0.grids.clone())
+}
+
+/// The current features `[N, D]`, if the forward has them.
+pub(crate) fn features() -> Option<Array> {
+    CURRENT.with_borrow(|c| c.0.features.clone())
+}
+
+/// A `[t, t]` mask (true: visible) that keeps each query to the keys of
+/// its own segment, when the forward has segment ids.
+pub(crate) fn segment_mask(t: i32) -> Result<Option<Array>, Exception> {
+    let Some(seg) = CURRENT.with_borrow(|c| c.0.segments.clone()) else {
+        return Ok(None);
+    };
+    if seg.size() as i32 != t {
+        return Err(Exception::custom(format!(
+            "attention: {} segment ids for {t} positions",
+            seg.size()
+        )));
+    }
+    let rows = seg.reshape(&[t, 1])?;
+    let cols = seg.reshape(&[1, t])?;
+    mlx_rs::ops::eq(&rows, &cols).map(Some)
+}

@@ -1,0 +1,497 @@
+//! Image preprocessing as a checkpoint's `preprocessor_config.json` says,
+//! computing what the Python processor computes: decode (PNG, JPEG), to RGB
+//! (transparency composited onto white), resize to a patch-grid size with
+//! the processor's filter exactly as Pillow resamples 8-bit images, rescale,
+//! normalise, and flatten into patches ordered by merge window
+//! (`[grid_t · grid_h · grid_w, C · T · P · P]`), with the grid and the
+//! number of placeholder tokens.
+use std::path::{Path, PathBuf};
+
+use lmspec_engine::error::{Error, Result};
+use serde_json::Value as Json;
+
+use crate::pil::over_white;
+pub use crate::pil::{resize, Filter, RgbImage};
+use crate::vision::Grid;
+
+/// A processor that resizes each image to a multiple of the merged patch
+/// size within a pixel budget and cuts it into patches (the settings of a
+/// `preprocessor_config.json` with `patch_size`, `merge_size` and
+/// `temporal_patch_size`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    pub patch_size: i64,
+    pub temporal_patch_size: i64,
+    pub merge_size: i64,
+    pub min_pixels: i64,
+    pub max_pixels: i64,
+    pub do_resize: bool,
+    pub resample: Filter,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+}
+
+/// One image ready for the tower.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedImage {
+    /// Flattened patches, row-major `[patches, C · T · P · P]`.
+    pub pixels: Vec<f32>,
+    pub grid: Grid,
+}
+
+impl ProcessedImage {
+    /// Features of one flattened patch.
+    pub fn patch_width(&self) -> usize {
+        self.pixels.len() / self.grid.patches().max(1) as usize
+    }
+}
+
+/// The largest image area a processor may resize to (8192 x 8192 pixels;
+/// the released Qwen2-VL processors allow 12845056).
+pub const MAX_TARGET_PIXELS: i64 = 1 << 26;
+/// The largest patch side, merge size or frames per patch a config may set.
+const MAX_PATCH: i64 = 1024;
+/// The largest side of an image file accepted for decoding.
+pub const MAX_IMAGE_SIDE: u32 = 1 << 15;
+
+fn field_err(file: &Path, key: &str, msg: impl Into<String>) -> Error {
+    Error::Config {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        msg: msg.into(),
+    }
+}
+
+fn get_int(j: &Json, file: &Path, key: &str, default: Option<i64>) -> Result<i64> {
+    match j.get(key) {
+        None | Some(Json::Null) => {
+            default.ok_or_else(|| field_err(file, key, "required by the image processor"))
+        }
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 1 => Ok(n),
+            _ => Err(field_err(
+                file,
+                key,
+                format!("expected a positive integer, got {v}"),
+            )),
+        },
+    }
+}
+
+fn get_bool(j: &Json, file: &Path, key: &str, default: bool) -> Result<bool> {
+    match j.get(key) {
+        None | Some(Json::Null) => Ok(default),
+        Some(Json::Bool(b)) => Ok(*b),
+        Some(v) => Err(field_err(
+            file,
+            key,
+            format!("expected true or false, got {v}"),
+        )),
+    }
+}
+
+fn get_triple(j: &Json, file: &Path, key: &str) -> Result<[f32; 3]> {
+    let v = j
+        .get(key)
+        .ok_or_else(|| field_err(file, key, "required by the image processor"))?;
+    let list: Option<Vec<f64>> = match v {
+        Json::Array(a) => a.iter().map(Json::as_f64).collect(),
+        Json::Number(n) => n.as_f64().map(|x| vec![x; 3]),
+        _ => None,
+    };
+    match list.as_deref() {
+        Some([a, b, c]) => Ok([*a as f32, *b as f32, *c as f32]),
+        _ => Err(field_err(
+            file,
+            key,
+            format!("expected three numbers, got {v}"),
+        )),
+    }
+}
+
+impl ImageProcessor {
+    /// The processor of a checkpoint folder (its `preprocessor_config.json`).
+    pub fn load(dir: &Path) -> Result<ImageProcessor> {
+        let file = dir.join("preprocessor_config.json");
+        let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let json: Json = serde_json::from_str(&text)
+            .map_err(|e| field_err(&file, "(file)", format!("not JSON: {e}")))?;
+        ImageProcessor::from_json(&json, &file)
+    }
+
+    /// The processor of a parsed config; `file` is named in errors.
+    pub fn from_json(j: &Json, file: &Path) -> Result<ImageProcessor> {
+        let size = j.get("size");
+        let min_pixels = match j.get("min_pixels") {
+            Some(v) if !v.is_null() => get_int(j, file, "min_pixels", None)?,
+            _ => match size.and_then(|s| s.get("shortest_edge")) {
+                Some(v) => v.as_i64().filter(|&n| n >= 1).ok_or_else(|| {
+                    field_err(
+                        file,
+                        "size.shortest_edge",
+                        format!("expected a positive integer, got {v}"),
+                    )
+                })?,
+                None => {
+                    return Err(field_err(
+                        file,
+                        "min_pixels",
+                        "required (or size.shortest_edge)",
+                    ))
+                }
+            },
+        };
+        let max_pixels = match j.get("max_pixels") {
+            Some(v) if !v.is_null() => get_int(j, file, "max_pixels", None)?,
+            _ => match size.and_then(|s| s.get("longest_edge")) {
+                Some(v) => v.as_i64().filter(|&n| n >= 1).ok_or_else(|| {
+                    field_err(
+                        file,
+                        "size.longest_edge",
+                        format!("expected a positive integer, got {v}"),
+                    )
+                })?,
+                None => {
+                    return Err(field_err(
+                        file,
+                        "max_pixels",
+                        "required (or size.longest_edge)",
+                    ))
+                }
+            },
+        };
+        if max_pixels > MAX_TARGET_PIXELS {
+            return Err(field_err(
+                file,
+                "max_pixels",
+                format!("{max_pixels} is above the supported {MAX_TARGET_PIXELS}"),
+            ));
+        }
+        if min_pixels > max_pixels {
+            return Err(field_err(
+                file,
+                "min_pixels",
+                format!("{min_pixels} is above max_pixels {max_pixels}"),
+            ));
+        }
+        let resample = match j.get("resample") {
+            None | Some(Json::Null) => Filter::Bicubic,
+            Some(v) => match v.as_i64() {
+                Some(0) => Filter::Nearest,
+                Some(2) => Filter::Bilinear,
+                Some(3) => Filter::Bicubic,
+                _ => {
+                    return Err(field_err(
+                        file,
+                        "resample",
+                        format!("{v} is not a supported filter (0 nearest, 2 bilinear, 3 bicubic)"),
+                    ))
+                }
+            },
+        };
+        let rescale_factor = match j.get("rescale_factor") {
+            None | Some(Json::Null) => 1.0 / 255.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| {
+                    field_err(
+                        file,
+                        "rescale_factor",
+                        format!("expected a positive number, got {v}"),
+                    )
+                })?,
+        };
+        let image_std = get_triple(j, file, "image_std")?;
+        if image_std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(field_err(file, "image_std", "each value must be positive"));
+        }
+        let bounded = |key: &str, default: Option<i64>| -> Result<i64> {
+            let v = get_int(j, file, key, default)?;
+            if v > MAX_PATCH {
+                return Err(field_err(file, key, format!("{v} is above {MAX_PATCH}")));
+            }
+            Ok(v)
+        };
+        Ok(ImageProcessor {
+            patch_size: bounded("patch_size", None)?,
+            temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
+            merge_size: bounded("merge_size", Some(1))?,
+            min_pixels,
+            max_pixels,
+            do_resize: get_bool(j, file, "do_resize", true)?,
+            resample,
+            do_rescale: get_bool(j, file, "do_rescale", true)?,
+            rescale_factor,
+            do_normalize: get_bool(j, file, "do_normalize", true)?,
+            image_mean: get_triple(j, file, "image_mean")?,
+            image_std,
+        })
+    }
+
+    /// The size an image of `height` x `width` is resized to: each side a
+    /// multiple of `patch_size · merge_size`, the area within
+    /// `[min_pixels, max_pixels]`, the aspect ratio kept as closely as
+    /// possible.
+    pub fn target_size(&self, height: i64, width: i64) -> Result<(i64, i64)> {
+        smart_resize(
+            height,
+            width,
+            self.patch_size * self.merge_size,
+            self.min_pixels,
+            self.max_pixels,
+        )
+    }
+
+    /// Reads, decodes and processes an image file.
+    pub fn process_file(&self, path: &Path) -> Result<ProcessedImage> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let img = decode_rgb(&bytes, path)?;
+        self.process(&img)
+    }
+
+    /// Processes an RGB image.
+    pub fn process(&self, img: &RgbImage) -> Result<ProcessedImage> {
+        let (h, w) = (img.height as i64, img.width as i64);
+        let (th, tw) = if self.do_resize {
+            self.target_size(h, w)?
+        } else {
+            (h, w)
+        };
+        let factor = self.patch_size * self.merge_size;
+        if th.saturating_mul(tw) > MAX_TARGET_PIXELS {
+            return Err(Error::Usage(format!(
+                "an image of {w}x{h} would be resized to {tw}x{th}, above {MAX_TARGET_PIXELS} pixels"
+            )));
+        }
+        if th % factor != 0 || tw % factor != 0 {
+            return Err(Error::Usage(format!(
+                "image of {w}x{h} is not a multiple of {factor} pixels and the processor does not resize"
+            )));
+        }
+        let resized = if (th, tw) == (h, w) {
+            img.clone()
+        } else {
+            resize(img, tw as usize, th as usize, self.resample)
+        };
+        // Rescale and normalise as NumPy does: u8 -> f64 · factor -> f32,
+        // then (x - mean) / std in f32.
+        let plane = (th * tw) as usize;
+        let mut chw = vec![0f32; 3 * plane];
+        for (k, px) in resized.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let mut v = f32::from(px[c]);
+                if self.do_rescale {
+                    v = (f64::from(px[c]) * self.rescale_factor) as f32;
+                }
+                if self.do_normalize {
+                    v = (v - self.image_mean[c]) / self.image_std[c];
+                }
+                chw[c * plane + k] = v;
+            }
+        }
+        let grid = Grid {
+            t: 1,
+            h: th / self.patch_size,
+            w: tw / self.patch_size,
+        };
+        Ok(ProcessedImage {
+            pixels: self.patchify(&chw, th as usize, tw as usize),
+            grid,
+        })
+    }
+
+    /// Patches of a `[3, H, W]` image in merge-window order, each flattened
+    /// as (channel, frame, row, column) with the frame repeated
+    /// `temporal_patch_size` times.
+    fn patchify(&self, chw: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let (p, m, t) = (
+            self.patch_size as usize,
+            self.merge_size as usize,
+            self.temporal_patch_size as usize,
+        );
+        let (gh, gw) = (h / p, w / p);
+        let mut out = Vec::with_capacity(3 * t * h * w);
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for ih in 0..m {
+                    for iw in 0..m {
+                        let (y0, x0) = ((bh * m + ih) * p, (bw * m + iw) * p);
+                        for c in 0..3 {
+                            for _ in 0..t {
+                                for y in 0..p {
+                                    let row = c * h * w + (y0 + y) * w + x0;
+                                    out.extend_from_slice(&chw[row..row + p]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Python's `round` (halves to even) of a non-negative ratio.
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc() - 0.5).abs() < 1e-12 && r % 2.0 != 0.0 {
+        r - 1.0
+    } else {
+        r
+    }
+}
+
+/// The resize target of the patch-grid processors (transformers'
+/// `smart_resize`).
+pub fn smart_resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> Result<(i64, i64)> {
+    if height < 1 || width < 1 {
+        return Err(Error::Usage(format!(
+            "an image of {width}x{height} pixels has no area"
+        )));
+    }
+    let ratio = height.max(width) as f64 / height.min(width) as f64;
+    if ratio > 200.0 {
+        return Err(Error::Usage(format!(
+            "an image of {width}x{height} pixels: the aspect ratio {ratio:.1} is above 200"
+        )));
+    }
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    let mut hb = round_half_even(h / f) * f;
+    let mut wb = round_half_even(w / f) * f;
+    if hb * wb > max_pixels as f64 {
+        let beta = (h * w / max_pixels as f64).sqrt();
+        hb = f.max((h / beta / f).floor() * f);
+        wb = f.max((w / beta / f).floor() * f);
+    } else if hb * wb < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        hb = (h * beta / f).ceil() * f;
+        wb = (w * beta / f).ceil() * f;
+    }
+    Ok((hb as i64, wb as i64))
+}
+
+/// Decodes PNG or JPEG bytes to RGB: transparency is composited onto white
+/// (as Pillow's `alpha_composite` over an opaque white background), gray
+/// replicated to three channels. `path` is named in errors.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    let bad = |msg: String| Error::Usage(format!("{}: {msg}", path.display()));
+    let format = image::guess_format(bytes)
+        .map_err(|_| bad("not a PNG or JPEG image (unknown format)".into()))?;
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
+        return Err(bad(format!(
+            "{format:?} images are not supported (PNG or JPEG)"
+        )));
+    }
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(bad(
+            "the JPEG data is truncated (no end-of-image marker after the scan)".into(),
+        ));
+    }
+    let decode = || {
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        reader.limits(limits);
+        reader.decode()
+    };
+    let img = lmspec_formats::guard::catch_quietly(decode)
+        .map_err(|e| bad(format!("the image decoder failed: {e}")))?
+        .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    if width == 0 || height == 0 {
+        return Err(bad(format!("the image is {width}x{height} pixels")));
+    }
+    let data = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let mut out = Vec::with_capacity(width * height * 3);
+        for px in rgba.pixels() {
+            let a = u32::from(px[3]);
+            for c in 0..3 {
+                out.push(over_white(u32::from(px[c]), a));
+            }
+        }
+        out
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
+/// Whether a JPEG's last scan (SOS marker) is followed by the end-of-image
+/// marker: a truncated file is an error, as in Pillow, rather than an
+/// image filled with gray.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((sos, eoi), (Some(s), Some(e)) if e > s)
+}
+
+/// The image files of a prompt, each processed (errors name the file).
+pub fn process_files(proc: &ImageProcessor, paths: &[PathBuf]) -> Result<Vec<ProcessedImage>> {
+    paths.iter().map(|p| proc.process_file(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_out_of_range_are_named_errors() {
+        let base = serde_json::json!({"patch_size": 14, "min_pixels": 3136, "max_pixels": 12845056,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]});
+        let file = Path::new("preprocessor_config.json");
+        assert!(ImageProcessor::from_json(&base, file).is_ok());
+        for (key, value, says) in [
+            ("max_pixels", serde_json::json!(1u64 << 40), "max_pixels"),
+            ("patch_size", serde_json::json!(5000), "patch_size"),
+            ("min_pixels", serde_json::json!(1u64 << 25), "min_pixels"),
+            ("image_std", serde_json::json!([0.5, 0.0, 0.5]), "image_std"),
+            ("image_mean", serde_json::json!("x"), "image_mean"),
+            ("resample", serde_json::json!(7), "resample"),
+        ] {
+            let mut j = base.clone();
+            j[key] = value;
+            let err = ImageProcessor::from_json(&j, file).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains("preprocessor_config.json"),
+                "{key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn smart_resize_rounds_halves_to_even_and_keeps_the_budget() {
+        // 42 / 28 = 1.5 rounds to 2 (Python), 70 / 28 = 2.5 to 2.
+        assert_eq!(smart_resize(42, 70, 28, 1, 1 << 30).unwrap(), (56, 56));
+        // Too small: scaled up to at least min_pixels.
+        let (h, w) = smart_resize(10, 20, 28, 56 * 56, 1 << 30).unwrap();
+        assert!(h * w >= 56 * 56 && h % 28 == 0 && w % 28 == 0);
+        // Too large: scaled down within max_pixels.
+        let (h, w) = smart_resize(1000, 3000, 28, 1, 28 * 28 * 64).unwrap();
+        assert!(h * w <= 28 * 28 * 64, "{h}x{w}");
+        assert!(smart_resize(0, 10, 28, 1, 100).is_err());
+        assert!(smart_resize(1, 300, 28, 1, 1 << 30).is_err());
+    }
+}

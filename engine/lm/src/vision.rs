@@ -1,0 +1,435 @@
+//! Vision-language models: a text model (the checkpoint's `generate` spec)
+//! and a vision tower (its `vision` spec), both loaded from one checkpoint.
+//! The tower turns an image's flattened patches into feature rows; the text
+//! model's `splice` node writes them over the embeddings of the image
+//! placeholder tokens, and its `mrope` nodes read 3-D (t, h, w) positions:
+//! text tokens advance all three axes together, an image's tokens take
+//! their cell of the merged patch grid.
+//!
+//! What the text spec's config names (bound from the checkpoint) say about
+//! images: `image_token_id` (the placeholder), `spatial_merge_size` (patches
+//! merged per side into one token).
+use std::path::Path;
+
+use lmspec_engine::error::{Error, Result};
+use lmspec_engine::model::{read_config, LoadOptions, Model};
+use lmspec_engine::{ForwardInputs, ModelCache};
+use lmspec_spec::expr::Value;
+use lmspec_spec::raw::Task;
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::Array;
+
+use crate::image_processor::{ImageProcessor, ProcessedImage};
+
+/// An image's patch grid: frames (temporal patches), rows, columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub t: i64,
+    pub h: i64,
+    pub w: i64,
+}
+
+impl Grid {
+    pub fn patches(&self) -> i64 {
+        self.t * self.h * self.w
+    }
+
+    /// Placeholder tokens of the image: one per merge window.
+    pub fn tokens(&self, merge: i64) -> i64 {
+        self.patches() / (merge * merge)
+    }
+}
+
+/// The tower's inputs for images of `grids` whose patches come in merge
+/// window order (as the processor flattens them): each patch's (row,
+/// column) and one attention segment per frame.
+pub fn tower_inputs(grids: &[Grid], merge: i64) -> Result<ForwardInputs> {
+    let (mut rows, mut cols, mut seg) = (Vec::new(), Vec::new(), Vec::new());
+    let mut frame = 0i32;
+    for g in grids {
+        if g.t < 1 || g.h < 1 || g.w < 1 || g.h % merge != 0 || g.w % merge != 0 {
+            return Err(Error::Usage(format!(
+                "image grid {}x{}x{} is not a positive multiple of the merge size {merge}",
+                g.t, g.h, g.w
+            )));
+        }
+        for _ in 0..g.t {
+            for bh in 0..g.h / merge {
+                for bw in 0..g.w / merge {
+                    for ih in 0..merge {
+                        for iw in 0..merge {
+                            rows.push((bh * merge + ih) as i32);
+                            cols.push((bw * merge + iw) as i32);
+                            seg.push(frame);
+                        }
+                    }
+                }
+            }
+            frame += 1;
+        }
+    }
+    let n = rows.len() as i32;
+    rows.extend(cols);
+    Ok(ForwardInputs {
+        positions: Some(Array::from_slice(&rows, &[2, n])),
+        segments: Some(Array::from_slice(&seg, &[n])),
+        grids: Some(grids.iter().map(|g| [g.t, g.h, g.w]).collect()),
+        ..ForwardInputs::default()
+    })
+}
+
+/// 3-D (t, h, w) positions `[3][T]` of a prompt whose runs of `image`
+/// tokens stand for the images of `grids` in order, and the delta later
+/// positions add (the largest position + 1 - the prompt's length). Text
+/// tokens advance all axes together; an image's tokens take
+/// `start + (t, h, w)` over its merged grid, and the text after it starts
+/// past the image's largest position.
+pub fn text_positions(
+    ids: &[i64],
+    grids: &[Grid],
+    image: i64,
+    merge: i64,
+) -> Result<([Vec<i32>; 3], i32)> {
+    let mut pos: [Vec<i32>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut next = 0i64;
+    let mut k = 0usize;
+    let mut used = 0usize;
+    while k < ids.len() {
+        if ids[k] != image {
+            for p in pos.iter_mut() {
+                p.push(next as i32);
+            }
+            next += 1;
+            k += 1;
+            continue;
+        }
+        let Some(g) = grids.get(used) else {
+            return Err(Error::Usage(format!(
+                "the prompt has more image placeholders (token {image}) than the {} image(s) given",
+                grids.len()
+            )));
+        };
+        used += 1;
+        let (gh, gw) = (g.h / merge, g.w / merge);
+        let count = (g.t * gh * gw) as usize;
+        if k + count > ids.len() || ids[k..k + count].iter().any(|&t| t != image) {
+            return Err(Error::Usage(format!(
+                "image {used} needs {count} placeholder tokens (id {image}) in a row at position {k}"
+            )));
+        }
+        for t in 0..g.t {
+            for h in 0..gh {
+                for w in 0..gw {
+                    pos[0].push((next + t) as i32);
+                    pos[1].push((next + h) as i32);
+                    pos[2].push((next + w) as i32);
+                }
+            }
+        }
+        next += g.t.max(gh).max(gw);
+        k += count;
+    }
+    if used != grids.len() {
+        return Err(Error::Usage(format!(
+            "{} image(s) given but the prompt has placeholders for {used}",
+            grids.len()
+        )));
+    }
+    Ok((pos, (next - ids.len() as i64) as i32))
+}
+
+/// A vision tower with what the text model says about images; it runs
+/// beside the text model it was loaded with.
+#[derive(Debug)]
+pub struct VisionModel {
+    pub tower: Model,
+    /// The checkpoint's image processor, when it has a
+    /// `preprocessor_config.json`.
+    pub processor: Option<ImageProcessor>,
+    /// The placeholder token id.
+    pub image_token: i64,
+    /// Patches merged per side into one placeholder token.
+    pub merge: i64,
+}
+
+fn config_int(m: &Model, key: &str) -> Result<i64> {
+    m.config.get(key).and_then(Value::as_i64).ok_or_else(|| {
+        Error::Usage(format!(
+            "{}: the spec binds no '{key}': it takes no images",
+            m.dir.display()
+        ))
+    })
+}
+
+/// Whether the checkpoint in `dir` has a vision tower spec (a `vision` spec
+/// claims its `model_type`).
+pub fn has_tower(dir: &Path, opts: &LoadOptions) -> Result<bool> {
+    let (_, json) = read_config(dir)?;
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    Ok(opts.library()?.claims_for_task(model_type, Task::Vision))
+}
+
+impl VisionModel {
+    /// Loads the tower of the checkpoint whose text model is `text`; a
+    /// checkpoint whose type no `vision` spec claims is refused (its model
+    /// takes no images).
+    pub fn load(dir: &Path, opts: &LoadOptions, text: &Model) -> Result<VisionModel> {
+        if !has_tower(dir, opts)? {
+            let (config_file, json) = read_config(dir)?;
+            let model_type = json
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            return Err(Error::Usage(format!(
+                "{}: model_type '{model_type}' has no vision tower spec: the model takes no images",
+                config_file.display()
+            )));
+        }
+        let tower = Model::load(dir, &opts.clone().with_task(Task::Vision))?;
+        let processor = match dir.join("preprocessor_config.json").exists() {
+            true => Some(ImageProcessor::load(dir)?),
+            false => None,
+        };
+        let image_token = config_int(text, "image_token_id")?;
+        let merge = config_int(text, "spatial_merge_size")?;
+        if let Some(p) = &processor {
+            if p.merge_size != merge {
+                return Err(Error::Usage(format!(
+                    "{}: merge_size {} differs from the model's spatial_merge_size {merge}",
+                    dir.join("preprocessor_config.json").display(),
+                    p.merge_size
+                )));
+            }
+        }
+        Ok(VisionModel {
+            tower,
+            processor,
+            image_token,
+            merge,
+        })
+    }
+
+    /// Feature rows `[Σ tokens, D]` of images given as flattened patches
+    /// `[Σ patches, F]` with their grids.
+    pub fn image_features(&self, pixels: &Array, grids: &[Grid]) -> Result<Array> {
+        let n: i64 = grids.iter().map(Grid::patches).sum();
+        let s = pixels.shape();
+        if s.len() != 2 || s[0] as i64 != n {
+            return Err(Error::Usage(format!(
+                "pixel values must be [{n}, F] for the grids given, got {s:?}"
+            )));
+        }
+        let inputs = tower_inputs(grids, self.merge)?;
+        let (out, _) = self.tower.encode(pixels, &inputs, &[])?;
+        let d = out.shape()[2];
+        Ok(out.reshape(&[-1, d])?)
+    }
+
+    /// The forward inputs of a prompt `ids` with images (their feature rows
+    /// and grids).
+    pub fn prompt_inputs(
+        &self,
+        ids: &[i64],
+        features: Option<&Array>,
+        grids: &[Grid],
+    ) -> Result<ForwardInputs> {
+        let (pos, delta) = text_positions(ids, grids, self.image_token, self.merge)?;
+        let t = ids.len() as i32;
+        let flat: Vec<i32> = pos.concat();
+        Ok(ForwardInputs {
+            positions: Some(Array::from_slice(&flat, &[3, t])),
+            features: features.cloned(),
+            position_delta: Some(delta),
+            ..ForwardInputs::default()
+        })
+    }
+
+    /// Logits `[1, T, vocab]` of `text` on a prompt with images, written
+    /// into `cache` (decoding then continues with `text.forward`).
+    pub fn prefill(
+        &self,
+        text: &Model,
+        ids: &[i64],
+        pixels: Option<&Array>,
+        grids: &[Grid],
+        cache: &mut ModelCache,
+    ) -> Result<Array> {
+        let inputs = self.prefill_inputs(text, ids, ids.len(), pixels, grids)?;
+        let tokens: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let tokens = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
+        Ok(text
+            .forward_with_inputs(&tokens, Some(cache), &inputs, &[])?
+            .0)
+    }
+
+    /// The inputs of the first `n` tokens of a prompt with images (the
+    /// position delta is the whole prompt's, so the rest continues it).
+    fn prefill_inputs(
+        &self,
+        text: &Model,
+        ids: &[i64],
+        n: usize,
+        pixels: Option<&Array>,
+        grids: &[Grid],
+    ) -> Result<ForwardInputs> {
+        text.check_tokens(ids, "the prompt")?;
+        let features = match pixels {
+            Some(p) => Some(self.image_features(p, grids)?),
+            None if grids.is_empty() => None,
+            None => return Err(Error::Usage("image grids given without pixels".into())),
+        };
+        let mut inputs = self.prompt_inputs(ids, features.as_ref(), grids)?;
+        if n < ids.len() {
+            if ids[n..].contains(&self.image_token) {
+                return Err(Error::Usage(
+                    "an image placeholder ends the prompt: nothing to continue from".into(),
+                ));
+            }
+            let p = inputs.positions.take().expect("positions");
+            inputs.positions = Some(p.try_index((.., ..n as i32))?);
+        }
+        Ok(inputs)
+    }
+
+    /// Replaces each image placeholder of `ids` by as many placeholders as
+    /// its image has tokens; the number of placeholders must equal the
+    /// number of images.
+    pub fn expand_placeholders(&self, ids: &[u32], grids: &[Grid]) -> Result<Vec<u32>> {
+        let token = self.image_token as u32;
+        let found = ids.iter().filter(|&&t| t == token).count();
+        if found != grids.len() {
+            return Err(Error::Usage(format!(
+                "{} image(s) given but the prompt has {found} image placeholder(s)",
+                grids.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut k = 0;
+        for &t in ids {
+            if t == token {
+                let n = grids[k].tokens(self.merge);
+                out.extend(std::iter::repeat_n(token, n as usize));
+                k += 1;
+            } else {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prefills `text` with the tokens `start..` of an expanded prompt but
+    /// the last (the cache holds those before `start`; the images spliced
+    /// in, M-RoPE positions of the whole prompt), so that generation
+    /// continues from the last token; returns that token.
+    pub fn prefill_for_generation(
+        &self,
+        text: &Model,
+        ids: &[u32],
+        start: usize,
+        images: &[ProcessedImage],
+        cache: &mut ModelCache,
+    ) -> Result<u32> {
+        let Some((&last, head)) = ids.split_last() else {
+            return Err(Error::Usage("the prompt is empty".into()));
+        };
+        if start > head.len() || start as i32 != cache.offset() {
+            return Err(Error::Usage(format!(
+                "prefill from token {start}: the cache holds {}",
+                cache.offset()
+            )));
+        }
+        let ids64: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+        let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
+        let pixels = stack_pixels(images)?;
+        let mut inputs = self.prefill_inputs(text, &ids64, head.len(), pixels.as_ref(), &grids)?;
+        if start > 0 {
+            // Only the rows and positions of the tokens not cached yet.
+            let before = ids[..start]
+                .iter()
+                .filter(|&&t| i64::from(t) == self.image_token)
+                .count() as i32;
+            let after = head[start..]
+                .iter()
+                .filter(|&&t| i64::from(t) == self.image_token)
+                .count() as i32;
+            if let Some(f) = inputs.features.take() {
+                inputs.features = Some(f.try_index(before..before + after)?);
+            }
+            if let Some(p) = inputs.positions.take() {
+                inputs.positions = Some(p.try_index((.., start as i32..))?);
+            }
+        }
+        let head = &head[start..];
+        if !head.is_empty() {
+            let tokens: Vec<i32> = head.iter().map(|&t| t as i32).collect();
+            let tokens = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
+            let (out, _) = text.forward_with_inputs(&tokens, Some(cache), &inputs, &[])?;
+            out.eval()?;
+        }
+        Ok(last)
+    }
+}
+
+/// The patches of several images stacked `[Σ patches, F]`.
+fn stack_pixels(images: &[ProcessedImage]) -> Result<Option<Array>> {
+    let Some(first) = images.first() else {
+        return Ok(None);
+    };
+    let width = first.patch_width();
+    let mut all = Vec::new();
+    for img in images {
+        if img.patch_width() != width {
+            return Err(Error::Usage("images of different patch widths".into()));
+        }
+        all.extend_from_slice(&img.pixels);
+    }
+    let rows = (all.len() / width.max(1)) as i32;
+    Ok(Some(Array::from_slice(&all, &[rows, width as i32])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_the_merged_grid_of_each_image() {
+        // text, image (1 x 4 x 6 patches -> 2 x 3 tokens), text.
+        let g = [Grid { t: 1, h: 4, w: 6 }];
+        let ids = [1, 2, 9, 9, 9, 9, 9, 9, 3];
+        let (pos, delta) = text_positions(&ids, &g, 9, 2).expect("positions");
+        assert_eq!(pos[0], [0, 1, 2, 2, 2, 2, 2, 2, 5]);
+        assert_eq!(pos[1], [0, 1, 2, 2, 2, 3, 3, 3, 5]);
+        assert_eq!(pos[2], [0, 1, 2, 3, 4, 2, 3, 4, 5]);
+        assert_eq!(delta, 6 - 9);
+    }
+
+    #[test]
+    fn placeholder_and_image_counts_must_agree() {
+        let g = [Grid { t: 1, h: 2, w: 2 }];
+        let err = text_positions(&[1, 9, 9], &g, 9, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more image placeholders"), "{err}");
+        let two = [g[0], g[0]];
+        let err = text_positions(&[1, 9], &two, 9, 2).unwrap_err().to_string();
+        assert!(err.contains("2 image(s) given"), "{err}");
+        let big = [Grid { t: 1, h: 4, w: 4 }];
+        let err = text_positions(&[1, 9, 9, 2], &big, 9, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs 4 placeholder tokens"), "{err}");
+    }
+
+    #[test]
+    fn tower_positions_come_in_merge_window_order() {
+        let inputs = tower_inputs(&[Grid { t: 1, h: 2, w: 4 }], 2).expect("inputs");
+        let p = inputs.positions.expect("positions");
+        let v: Vec<i32> = p.as_slice::<i32>().to_vec();
+        assert_eq!(&v[..8], &[0, 0, 1, 1, 0, 0, 1, 1]);
+        assert_eq!(&v[8..], &[0, 1, 0, 1, 2, 3, 2, 3]);
+        assert!(tower_inputs(&[Grid { t: 1, h: 3, w: 4 }], 2).is_err());
+    }
+}

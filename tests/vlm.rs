@@ -1,0 +1,492 @@
+//! Vision-language goldens (`goldens/vlm/<case>`, made by mlx-vlm with
+//! `porting-tools/python/make_vlm_golden.py`): the tower's features, the
+//! 3-D positions, the logits of a prompt with images, greedy decoding after
+//! a cached prefill; and the errors of bad image input.
+use std::collections::HashMap;
+
+use lmspec::engine::Model;
+use lmspec::lm::vision::{Grid, VisionModel};
+use lmspec::port::tolerance::{compare, Tolerance};
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::Array;
+
+use crate::support::{goldens, library, mlx_lock, opts};
+
+fn golden(case: &str) -> HashMap<String, Array> {
+    let file = goldens().join("vlm").join(case).join("golden.safetensors");
+    Array::load_safetensors(&file).expect("golden tensors")
+}
+
+fn ints(a: &Array) -> Vec<i64> {
+    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
+    a.as_slice::<i64>().to_vec()
+}
+
+fn grids(a: &Array) -> Vec<Grid> {
+    ints(a)
+        .chunks(3)
+        .map(|g| Grid {
+            t: g[0],
+            h: g[1],
+            w: g[2],
+        })
+        .collect()
+}
+
+fn assert_close(what: &str, got: &Array, want: &Array) {
+    let s = compare(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!("{what}: max_rel {:.2e} cos {:.9}", s.max_rel(), s.cosine);
+    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
+}
+
+fn check_case(case: &str) {
+    let _guard = mlx_lock();
+    let g = golden(case);
+    let dir = goldens().join("vlm").join(case).join("model");
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    let ids = ints(&g["input_ids"]);
+
+    let features = vm
+        .image_features(&g["pixel_values"], &grid)
+        .expect("features");
+    assert_close("vision features", &features, &g["vision_features"]);
+
+    let inputs = vm
+        .prompt_inputs(&ids, Some(&features), &grid)
+        .expect("inputs");
+    let want_pos = ints(&g["position_ids"]);
+    let got_pos = ints(inputs.positions.as_ref().expect("positions"));
+    assert_eq!(got_pos, want_pos, "M-RoPE positions");
+    assert_eq!(
+        inputs.position_delta,
+        Some(ints(&g["rope_delta"])[0] as i32),
+        "position delta"
+    );
+
+    // The whole prompt, no cache.
+    let mut cache = text.new_cache();
+    let logits = vm
+        .prefill(&text, &ids, Some(&g["pixel_values"]), &grid, &mut cache)
+        .expect("prefill");
+    assert_close("prompt logits", &logits, &g["logits"]);
+
+    // Greedy decoding after the cached prefill.
+    let want_tokens = ints(&g["greedy_tokens"]);
+    let want_steps = &g["decode_logits"];
+    let mut last = logits.try_index((.., -1, ..)).expect("last");
+    let mut tokens = Vec::new();
+    for step in 0..want_tokens.len() {
+        let tok = argmax_axis(&last, -1, None).expect("argmax");
+        let tok = ints(&tok)[0];
+        tokens.push(tok);
+        let x = Array::from_slice(&[tok as i32], &[1, 1]);
+        let out = text.forward(&x, Some(&mut cache)).expect("decode");
+        last = out.try_index((.., -1, ..)).expect("last");
+        let want = want_steps.try_index(step as i32).expect("step");
+        let got = last.reshape(&[-1]).expect("flat");
+        assert_close(&format!("decode step {step}"), &got, &want);
+    }
+    assert_eq!(tokens, want_tokens, "greedy tokens");
+}
+
+#[test]
+fn qwen2_vl() {
+    check_case("qwen2_vl");
+}
+
+#[test]
+fn image_inputs_that_do_not_fit_are_errors() {
+    let _guard = mlx_lock();
+    let g = golden("qwen2_vl");
+    let dir = goldens().join("vlm").join("qwen2_vl").join("model");
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    let ids = ints(&g["input_ids"]);
+    let mut cache = text.new_cache();
+    // One image more than the prompt has placeholders for.
+    let mut three = grid.clone();
+    three.push(grid[1]);
+    let err = vm
+        .prefill(&text, &ids, Some(&g["pixel_values"]), &three, &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pixel values must be"), "{err}");
+    let err = vm
+        .prompt_inputs(&ids, None, &three)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 image(s) given"), "{err}");
+    // Pixels of the wrong width.
+    let narrow = g["pixel_values"].try_index((.., ..10)).expect("slice");
+    let err = vm.image_features(&narrow, &grid).unwrap_err().to_string();
+    assert!(err.contains("flattened patches"), "{err}");
+    // A text-only model takes no images.
+    let qwen2 = goldens().join("qwen2").join("model");
+    let plain = Model::load(&qwen2, &opts(&library(), None)).expect("qwen2");
+    let err = VisionModel::load(&qwen2, &opts(&library(), None), &plain)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("takes no images"), "{err}");
+    // The text model alone still runs the prompt's ids (placeholders as
+    // tokens, no features).
+    let x: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    let x = Array::from_slice(&x, &[1, x.len() as i32]);
+    assert!(text.forward(&x, None).is_ok());
+}
+
+/// The Rust image processor against the Python one (transformers' PIL
+/// backend) on the five test images: same grids; PNGs (RGB, RGBA, gray)
+/// within 1e-2 (Pillow's resampling and compositing are reproduced
+/// exactly); JPEGs within three 8-bit levels, which is how far the JPEG
+/// decoders (the `image` crate's and Pillow's libjpeg-turbo) differ.
+#[test]
+fn image_processing_matches_the_python_processor() {
+    use lmspec::lm::image_processor::ImageProcessor;
+
+    let _guard = mlx_lock();
+    let dir = goldens().join("vlm").join("qwen2_vl");
+    let proc = ImageProcessor::load(&dir.join("model")).expect("processor");
+    let want =
+        Array::load_safetensors(dir.join("processor.safetensors")).expect("processor tensors");
+    let mut worst = 0f32;
+    for name in ["wide.png", "tall.jpg", "alpha.png", "gray.png", "photo.jpg"] {
+        let path = goldens().join("vlm").join("images").join(name);
+        let got = proc.process_file(&path).expect("process");
+        let grid = ints(&want[&format!("{name}.grid")]);
+        assert_eq!(
+            vec![got.grid.t, got.grid.h, got.grid.w],
+            grid,
+            "{name}: grid"
+        );
+        let wp = &want[&format!("{name}.pixel_values")];
+        assert_eq!(wp.shape()[0] as i64, got.grid.patches(), "{name}: patches");
+        let wv = wp.as_slice::<f32>();
+        assert_eq!(wv.len(), got.pixels.len(), "{name}: size");
+        let max = got
+            .pixels
+            .iter()
+            .zip(wv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{name}: grid {:?}, {} tokens, max abs diff {max:.3e}",
+            grid,
+            got.grid.tokens(proc.merge_size)
+        );
+        // One 8-bit level is 1 / 255 / std, about 0.015.
+        let bound = if name.ends_with(".png") {
+            1e-2
+        } else {
+            3.0 / 255.0 / 0.26
+        };
+        assert!(max <= bound, "{name}: max abs diff {max} above {bound}");
+        worst = worst.max(max);
+    }
+    eprintln!("worst max abs diff {worst:.3e}");
+    // The bilinear filter (resample 2) on two PNGs: Pillow's, exactly.
+    let mut bilinear = proc.clone();
+    bilinear.resample = lmspec::lm::image_processor::Filter::Bilinear;
+    for name in ["alpha.png", "gray.png"] {
+        let path = goldens().join("vlm").join("images").join(name);
+        let got = bilinear.process_file(&path).expect("process");
+        let wv = want[&format!("{name}.bilinear.pixel_values")].as_slice::<f32>();
+        assert_eq!(wv.len(), got.pixels.len(), "{name}: size");
+        let max = got
+            .pixels
+            .iter()
+            .zip(wv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name} (bilinear): max abs diff {max:.3e}");
+        assert!(max <= 1e-2, "{name} bilinear: {max}");
+    }
+}
+
+/// Bad image files are clear errors naming the file.
+#[test]
+fn bad_image_files_are_named_errors() {
+    use lmspec::lm::image_processor::ImageProcessor;
+
+    let proc = ImageProcessor::load(&goldens().join("vlm").join("qwen2_vl").join("model"))
+        .expect("processor");
+    let fixtures = crate::support::root().join("tests/fixtures/vision");
+    for (file, says) in [
+        ("zero_width.png", "zero_width.png"),
+        ("truncated.jpg", "truncated"),
+        ("not_an_image.png", "not a PNG or JPEG"),
+        ("missing.png", "missing.png"),
+    ] {
+        let err = match proc.process_file(&fixtures.join(file)) {
+            Ok(img) => panic!("{file}: processed into grid {:?}", img.grid),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(says), "{file}: {err}");
+        eprintln!("{file}: {err}");
+    }
+}
+
+/// `LanguageModel::generate_with_images`: the prompt with one placeholder
+/// per image (as a chat template writes it) is expanded, run with the
+/// images spliced in, and greedy generation continues: mlx-vlm's 16 tokens.
+#[test]
+fn generation_with_images_continues_as_mlx_vlm() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::image_processor::ProcessedImage;
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    let g = golden("qwen2_vl");
+    let dir = goldens().join("vlm").join("qwen2_vl").join("model");
+    let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
+    let vision = lm.vision().expect("a tower");
+    let grid = grids(&g["image_grid_thw"]);
+    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
+    let width = g["pixel_values"].shape()[1] as usize;
+    let mut images = Vec::new();
+    let mut start = 0;
+    for gr in &grid {
+        let n = gr.patches() as usize * width;
+        images.push(ProcessedImage {
+            pixels: pixels[start..start + n].to_vec(),
+            grid: *gr,
+        });
+        start += n;
+    }
+    // The golden prompt with each image's run of placeholders collapsed.
+    let image = vision.image_token as u32;
+    let mut prompt: Vec<u32> = Vec::new();
+    for t in ints(&g["input_ids"]) {
+        if t as u32 != image || prompt.last() != Some(&image) {
+            prompt.push(t as u32);
+        }
+    }
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..GenerateParams::default()
+    };
+    let out = lm
+        .generate_with_images(&prompt, &images, &params, None, None, &mut |_| {})
+        .expect("generate");
+    let want: Vec<u32> = ints(&g["greedy_tokens"])
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    assert_eq!(out.tokens, want);
+    // The same through a shared container.
+    let container = lmspec::lm::ModelContainer::new(lm);
+    let shared = container
+        .generate_with_images(&prompt, &images, &params, &mut |_| {})
+        .expect("container");
+    assert_eq!(shared.tokens, want);
+    // One image fewer than placeholders: an error, not a panic.
+    let err = container
+        .generate_with_images(&prompt, &images[..1], &params, &mut |_| {})
+        .expect_err("too few images")
+        .to_string();
+    assert!(
+        err.contains("1 image(s) given but the prompt has 2"),
+        "{err}"
+    );
+}
+
+fn lmspec(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args(args)
+        .current_dir(crate::support::root())
+        .output()
+        .expect("lmspec runs")
+}
+
+/// `lmspec generate --image`: images through the processor, the tower and
+/// the chat template into generation; bad images and an image for a
+/// text-only model are errors that name the problem, without a panic.
+#[test]
+fn generate_takes_images_on_the_command_line() {
+    let model = "goldens/vlm/qwen2_vl/model";
+    let (wide, alpha) = (
+        "goldens/vlm/images/wide.png",
+        "goldens/vlm/images/alpha.png",
+    );
+    let base = ["generate", "--model", model, "--max-tokens", "6"];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        lmspec(&args)
+    };
+    let out = run(&["--image", wide, "--image", alpha, "-p", "w5 w6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("generated 6 tokens"), "{err}");
+    // The prompt counts the images' tokens: 60 + 36 placeholders and 11
+    // template and text tokens.
+    assert!(err.contains("[prompt 107 tokens"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The images change the answer: the same prompt without them differs.
+    let plain = run(&["-p", "w5 w6"]);
+    assert!(plain.status.success());
+    let first = |t: &str| t.lines().next().unwrap_or("").to_string();
+    assert_ne!(
+        first(&text),
+        first(&String::from_utf8_lossy(&plain.stdout)),
+        "the images made no difference"
+    );
+    for (args, says) in [
+        (
+            vec!["--image", "tests/fixtures/vision/truncated.jpg", "-p", "w5"],
+            "truncated.jpg: the JPEG data is truncated",
+        ),
+        (
+            vec![
+                "--image",
+                "tests/fixtures/vision/zero_width.png",
+                "-p",
+                "w5",
+            ],
+            "zero_width.png",
+        ),
+        (
+            vec!["--image", wide, "--raw", "-p", "w5 w6"],
+            "1 image(s) given but the prompt has 0 image placeholder(s)",
+        ),
+        (
+            vec![
+                "--image",
+                wide,
+                "--raw",
+                "-p",
+                "<|image_pad|> w5 <|image_pad|>",
+            ],
+            "1 image(s) given but the prompt has 2 image placeholder(s)",
+        ),
+    ] {
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // A text-only model (the default chat model) takes no images.
+    let out = lmspec(&["generate", "--image", wide, "-p", "hi", "--max-tokens", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("takes no images"), "{err}");
+}
+
+/// A chat session with an image: the first turn answers as one
+/// `generate_with_images` call on the same prompt; a second, text-only turn
+/// reuses the cache (image tokens included) and answers as the whole
+/// conversation run from scratch.
+#[test]
+fn a_chat_session_keeps_its_images_across_turns() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::template::ChatContext;
+    use lmspec::lm::{ChatSession, LanguageModel};
+
+    let _guard = mlx_lock();
+    let dir = goldens().join("vlm").join("qwen2_vl").join("model");
+    let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
+    let images = lm
+        .load_images(&[goldens().join("vlm").join("images").join("alpha.png")])
+        .expect("image");
+    let params = GenerateParams {
+        max_tokens: 5,
+        ..GenerateParams::default()
+    };
+    let ctx = ChatContext {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let from_scratch = |messages: serde_json::Value| {
+        let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
+        lm.generate_with_images(&ids, &images, &params, None, None, &mut |_| {})
+            .expect("generate")
+            .text
+    };
+    let user1 = serde_json::json!({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]});
+
+    let mut session = ChatSession::new(&lm, None, params.clone());
+    let a1 = session
+        .respond_with_images("w5 w6", images.clone(), &mut |_| {})
+        .expect("turn 1");
+    assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
+
+    let a2 = session.respond("w7 w8").expect("turn 2");
+    assert!(
+        session.last_fed_tokens < 10,
+        "turn 2 fed {} tokens: the cache was not reused",
+        session.last_fed_tokens
+    );
+    let whole = serde_json::json!([
+        user1,
+        {"role": "assistant", "content": a1},
+        {"role": "user", "content": "w7 w8"},
+    ]);
+    assert_eq!(a2, from_scratch(whole));
+}
+
+/// `lmspec chat --image`: the image goes with the first message (its 48
+/// placeholder tokens counted in the prompt), the next turn reuses the
+/// cache.
+#[test]
+fn chat_takes_an_image_with_the_first_message() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args([
+            "chat",
+            "--model",
+            "goldens/vlm/qwen2_vl/model",
+            "--image",
+            "goldens/vlm/images/gray.png",
+            "--max-tokens",
+            "3",
+        ])
+        .current_dir(crate::support::root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lmspec runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"w5 w6\nw7\n\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("lmspec ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("[prompt 57 tokens"), "{err}");
+    assert!(err.contains("[prompt 7 tokens"), "{err}");
+}
+
+/// `port diff` on a vision golden compares the tower's taps with mlx-vlm's
+/// node by node, and names the first node that diverges: with the MLP's
+/// quick GELU swapped for another approximation, `layers.0.fc2`.
+#[test]
+fn port_diff_names_the_first_divergent_tower_node() {
+    use lmspec::port::diff::{diff_tower, is_vision_golden};
+
+    let _guard = mlx_lock();
+    let golden = goldens().join("vlm").join("qwen2_vl");
+    assert!(is_vision_golden(&golden));
+    let model = golden.join("model");
+    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.rows.len() >= 20, "{} nodes", report.rows.len());
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+
+    let spec = crate::support::root().join("specs/models/qwen2_vl_vision.yaml");
+    let text = std::fs::read_to_string(spec).expect("spec");
+    assert!(text.contains("fn: quick_gelu"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let broken = dir.path().join("broken_tower.yaml");
+    std::fs::write(&broken, text.replace("fn: quick_gelu", "fn: gelu_approx")).expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(broken.display().to_string());
+    let report = diff_tower(&model, &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    assert_eq!(first.name, "layers.0.fc2", "{}", report.table());
+}
