@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(cmake libclang-dev libopenblas0-pthread python3-venv)
+# g++: mlx-c and the engine's CPU kernels (engine/core/cpu) are C++.
+APT_PACKAGES=(cmake g++ libclang-dev libopenblas0-pthread python3-venv)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -217,6 +217,36 @@ fn bench_against_mlx_lm_pairs_repeats_and_profiles_the_step() {
     }
 }
 
+/// `lmspec bench --against` names what it cannot compare: an unknown
+/// engine, llama.cpp without its Python, llama.cpp on a non-GGUF model.
+#[test]
+fn bench_against_refuses_what_it_cannot_compare() {
+    let _guard = mlx_lock();
+    let model = goldens().join("llama/model");
+    let model = model.to_str().expect("utf-8");
+    let run = |against: &str, python: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .args(["bench", "--model", model, "--prompt-tokens", "4"])
+            .args(["--gen-tokens", "2", "--repeat", "1", "--against", against])
+            .env("LMSPEC_LLAMA_CPP_PYTHON", python)
+            .current_dir(root())
+            .output()
+            .expect("lmspec runs");
+        assert!(!out.status.success(), "--against {against} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("llamacpp", "/nonexistent/python");
+    assert!(err.contains("expected `mlx-lm` or `llama.cpp`"), "{err}");
+    let err = run("llama.cpp", "/nonexistent/python");
+    assert!(
+        err.contains("/nonexistent/python") && err.contains("LMSPEC_LLAMA_CPP_PYTHON"),
+        "{err}"
+    );
+    let python = root().join(".venv/bin/python");
+    let err = run("llama.cpp", python.to_str().expect("utf-8"));
+    assert!(err.contains("needs a .gguf model"), "{err}");
+}
+
 /// A reader that stops early closes the pipe: lmspec ends quietly (by
 /// SIGPIPE, as other tools do), without a panic message.
 #[test]

@@ -1,32 +1,9 @@
-// Link settings shared by every lmspec package that produces binaries or
-// tests (the root package and porting-tools point their `build` key here).
-//
-// - rpath to the MLX wheel's `lib/`, so binaries find `libmlx.so` without
-//   LD_LIBRARY_PATH; RUNPATH (new dtags) so LD_LIBRARY_PATH can still select
-//   another backend such as the CUDA wheel.
-// - OpenBLAS loaded ahead of the wheel's reference BLAS: MLX's CPU matmuls
-//   resolve `cblas_sgemm` to the first definition in load order. Opt out at
-//   build time with `LMSPEC_BLAS=reference`.
-use std::env;
-use std::path::PathBuf;
+// The build script of every lmspec package that produces binaries or tests
+// (the root package, porting-tools and the engine crates point their `build`
+// key here): link settings only (link.rs). The engine crate's own script,
+// build_engine.rs, also compiles the CPU kernels.
+mod link;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=LMSPEC_MLX_DIR");
-    println!("cargo:rerun-if-env-changed=LMSPEC_BLAS");
-    if let Some(dir) = env::var_os("LMSPEC_MLX_DIR") {
-        let lib = PathBuf::from(dir).join("lib");
-        let lib = lib.canonicalize().unwrap_or(lib);
-        println!(
-            "cargo:rustc-link-arg=-Wl,--enable-new-dtags,-rpath,{}",
-            lib.display()
-        );
-    }
-    let blas = env::var("LMSPEC_BLAS").unwrap_or_else(|_| "openblas".to_string());
-    match blas.as_str() {
-        "reference" => {}
-        "openblas" => {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-l:libopenblas.so.0,--as-needed")
-        }
-        other => panic!("LMSPEC_BLAS={other}: expected `openblas` or `reference`"),
-    }
+    link::emit();
 }

@@ -48,12 +48,13 @@ same machine state.
 
 Random model directory (no benchmark):
 
-    bench_mlx_lm.py --make-random-llama OUTDIR --like PATH|llama-1b \\
+    bench_mlx_lm.py --make-random-llama OUTDIR --like PATH|llama-1b|llama-8b \\
         [--dtype float32|bfloat16] [--bits 4 --group-size 64] [--seed 0]
 
 writes OUTDIR/config.json + OUTDIR/model.safetensors (mlx-lm names and
 format, loadable by ``mlx_lm.utils.load_model``) of a llama with the shape of
-PATH (a llama GGUF or a model directory) or of the ``llama-1b`` preset.
+PATH (a llama GGUF or a model directory) or of the ``llama-1b`` / ``llama-8b``
+preset.
 Weights are ``0.02 * N(0, 1)`` drawn after ``mx.random.seed(seed)`` (then cast
 to --dtype), RMSNorm weights are 1; with --bits the model is quantized with
 mlx-lm's ``quantize_model`` and config.json gets its quantization block.
@@ -108,6 +109,20 @@ PRESETS = {
         "rms_norm_eps": 1e-5,
         "max_position_embeddings": 131072,
         "tie_word_embeddings": True,
+    },
+    # Llama-3-8B's shape (where decoding is bound by memory bandwidth).
+    "llama-8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
     },
 }
 
@@ -193,22 +208,31 @@ def decode_graph(model, prompt):
 
     The prompt is prefilled into a fresh cache; then one token goes through
     the model and generate_step's own work on the logits (last row,
-    log-softmax, the greedy sampler), counted on ``mx.export_to_dot``.
+    log-softmax, the greedy sampler), counted on ``mx.export_to_dot``. Of
+    the first two such steps the smaller is reported: the KV cache grows
+    every 256 positions, and a step that grows it records more (at most one
+    of two neighbouring steps does).
     """
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([prompt]), cache=cache))
     mx.eval([c.state for c in cache])
-    logits = model(mx.array([prompt[:1]]), cache=cache)[:, -1, :]
-    logprobs = logits - mx.logsumexp(logits, keepdims=True)
-    token = argmax_sampler(logprobs)
-    dot = io.StringIO()
-    mx.export_to_dot(dot, token)
-    census = {}
-    for line in dot.getvalue().splitlines():
-        if "shape=rectangle" in line and 'label ="' in line:
-            name = line.split('label ="', 1)[1].split('"', 1)[0]
-            census[name] = census.get(name, 0) + 1
-    return {"total": sum(census.values()), "by_kind": dict(sorted(census.items()))}
+    best = None
+    for _ in range(2):
+        logits = model(mx.array([prompt[:1]]), cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        token = argmax_sampler(logprobs)
+        dot = io.StringIO()
+        mx.export_to_dot(dot, token)
+        mx.eval(token, [c.state for c in cache])
+        census = {}
+        for line in dot.getvalue().splitlines():
+            if "shape=rectangle" in line and 'label ="' in line:
+                name = line.split('label ="', 1)[1].split('"', 1)[0]
+                census[name] = census.get(name, 0) + 1
+        step = {"total": sum(census.values()), "by_kind": dict(sorted(census.items()))}
+        if best is None or step["total"] < best["total"]:
+            best = step
+    return best
 
 
 def load_for_bench(args, prompt):
@@ -461,7 +485,7 @@ def main(argv=None):
                         help="interleaved mode: one repeat per 'repeat' line on stdin")
     parser.add_argument("--make-random-llama", metavar="OUTDIR",
                         help="write a random llama model directory instead of benchmarking")
-    parser.add_argument("--like", help="with --make-random-llama: a .gguf, a model directory or 'llama-1b'")
+    parser.add_argument("--like", help="with --make-random-llama: a .gguf, a model directory, 'llama-1b' or 'llama-8b'")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--bits", type=int, help="quantize the random model to this many bits")
     parser.add_argument("--group-size", type=int, default=64)

@@ -139,6 +139,29 @@ fn concat_params(
     Ok(out)
 }
 
+/// The parts of a fused projection's output, cut at `split` on the last
+/// axis: one `Split`, or with `slices` a slice each (one primitive more;
+/// on MLX 0.32.2's CUDA backend RoPE read a `Split`'s parts wrongly and
+/// slices of the same output rightly: docs/gpu.md).
+fn parts_of(
+    y: &Array,
+    split: &[i32],
+    slices: bool,
+) -> std::result::Result<Vec<Array>, mlx_rs::error::Exception> {
+    use mlx_rs::ops::indexing::{ArrayIndex, Ellipsis, TryIndexOp};
+    if !slices {
+        return y.split_at_indices(split, -1);
+    }
+    let end = y.shape().last().copied().unwrap_or(0);
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(split.len() + 1);
+    for &at in split.iter().chain(std::iter::once(&end)) {
+        parts.push(y.try_index(&[Ellipsis.index_op(), (start..at).index_op()][..])?);
+        start = at;
+    }
+    Ok(parts)
+}
+
 thread_local! {
     static PROFILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static OP_TIMES: std::cell::RefCell<OpTimes> = std::cell::RefCell::new(OpTimes::default());
@@ -178,6 +201,9 @@ pub struct Plan {
     cache_paths: Vec<String>,
     /// Tap name -> slot.
     taps: IndexMap<String, usize>,
+    /// Whether fused projections' parts are slices rather than one `Split`
+    /// (off the CPU; see [`parts_of`]).
+    parts_as_slices: bool,
 }
 
 fn slot(s: Src) -> usize {
@@ -344,6 +370,7 @@ impl Plan {
             cache_kinds,
             cache_paths,
             taps,
+            parts_as_slices: crate::runtime::default_device() != "cpu",
         })
     }
 
@@ -420,7 +447,7 @@ impl Plan {
             let parts = if step.split.is_empty() {
                 vec![y]
             } else {
-                y.split_at_indices(&step.split, -1)?
+                parts_of(&y, &step.split, self.parts_as_slices)?
             };
             for (&out, y) in step.outs.iter().zip(parts) {
                 if let Some(names) = wanted.get(&out) {
@@ -445,5 +472,27 @@ impl Plan {
             }
         }
         Ok((out, captured))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_and_split_give_the_same_parts() {
+        let y = Array::from_iter(0..24, &[2, 1, 12])
+            .as_dtype(mlx_rs::Dtype::Float32)
+            .unwrap();
+        let by_split = parts_of(&y, &[4, 10], false).unwrap();
+        let by_slices = parts_of(&y, &[4, 10], true).unwrap();
+        assert_eq!(by_slices.len(), 3);
+        for (a, b) in by_split.iter().zip(&by_slices) {
+            assert_eq!(a.shape(), b.shape());
+            let (a, b) = (a.contiguous().unwrap(), b.contiguous().unwrap());
+            mlx_rs::transforms::eval([&a, &b]).unwrap();
+            assert_eq!(a.as_slice::<f32>(), b.as_slice::<f32>());
+        }
+        assert_eq!(by_slices[2].shape(), &[2, 1, 2]);
     }
 }

@@ -112,9 +112,16 @@ impl Attend for Attention {
             // Bidirectional attention (encoders) sees the whole input, or a
             // band of it; it neither reads nor grows a cache.
             _ if !self.causal => {
-                let mask = match self.window_size() {
-                    Some(w) if t > w => Mask::Array(band_mask(t, w)),
-                    _ => Mask::None,
+                let band = match self.window_size() {
+                    Some(w) if t > w => Some(band_mask(t, w)),
+                    _ => None,
+                };
+                // Segment ids of the forward (one per image) keep each
+                // query to its own segment's keys.
+                let mask = match (band, crate::inputs::segment_mask(t)?) {
+                    (Some(b), Some(s)) => Mask::Array(mlx_rs::ops::logical_and(&b, &s)?),
+                    (Some(m), None) | (None, Some(m)) => Mask::Array(m),
+                    (None, None) => Mask::None,
                 };
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
@@ -157,6 +164,9 @@ fn attend_over(
     };
     match kv {
         KvView::Dense(k, v) if softcap.is_none() => {
+            if let Some(out) = cpu_attention(q, &k, &v, scale, &mask, sinks) {
+                return out;
+            }
             let m = match &mask {
                 Mask::None => None,
                 Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
@@ -184,6 +194,34 @@ fn attend_over(
             explicit_attention(q, &keys, &values, hkv, scale, softcap, sinks, &mask)
         }
     }
+}
+
+/// Query rows up to which lmspec's CPU attention kernel runs (decoding);
+/// longer queries (a prompt) go through MLX's matmuls.
+const CPU_ATTENTION_ROWS: i32 = 16;
+
+/// Attention through lmspec's CPU kernel, where it applies: float32, no
+/// mask or a causal one, no sinks.
+fn cpu_attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: &Mask,
+    sinks: Option<&Array>,
+) -> Option<Result<Array, Exception>> {
+    use crate::cpu_kernels as cpu;
+    let causal = match mask {
+        Mask::None => false,
+        Mask::Causal => true,
+        Mask::Array(_) => return None,
+    };
+    let (tq, tk) = (q.shape()[2], k.shape()[2]);
+    let fits = sinks.is_none() && tq <= CPU_ATTENTION_ROWS && tk >= tq && q.ndim() == 4;
+    if !fits || !cpu::all_f32(&[q, k, v]) || !cpu::enabled() {
+        return None;
+    }
+    Some(cpu::attention(q, k, v, scale, causal))
 }
 
 /// The bidirectional band of a non-causal `window`: query `i` sees key `j`

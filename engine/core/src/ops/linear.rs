@@ -5,6 +5,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
 use super::{mlx_err, Build, Ctx, Op, Param, Weights};
+use crate::cpu_kernels::Activations;
 
 impl Build for Linear {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -19,7 +20,12 @@ impl Build for Linear {
             Param::Dense(w) => Param::Dense(w.t()),
             q => q,
         };
-        Ok(Box::new(LinearOp { weight, bias }))
+        let activations = crate::cpu_kernels::build_activations();
+        Ok(Box::new(LinearOp {
+            weight,
+            bias,
+            activations,
+        }))
     }
 }
 
@@ -28,10 +34,21 @@ struct LinearOp {
     /// Dense weights are kept transposed, `[in, out]`.
     weight: Param,
     bias: Option<Array>,
+    /// How a quantized product on the CPU treats the activations.
+    activations: Activations,
 }
 
 /// Applies a loaded linear layer; shared with ops that project through one.
 pub(crate) fn apply(weight: &Param, bias: Option<&Array>, x: &Array) -> Result<Array, Exception> {
+    apply_with(weight, bias, x, Activations::Float)
+}
+
+fn apply_with(
+    weight: &Param,
+    bias: Option<&Array>,
+    x: &Array,
+    activations: Activations,
+) -> Result<Array, Exception> {
     match weight {
         Param::Dense(wt) => match bias {
             Some(b) => mlx_rs::ops::addmm(b, x, wt, 1.0, 1.0),
@@ -44,7 +61,7 @@ pub(crate) fn apply(weight: &Param, bias: Option<&Array>, x: &Array) -> Result<A
             group_size,
             bits,
         } => {
-            let y = mlx_rs::ops::quantized_matmul(x, w, scales, biases, true, *group_size, *bits)?;
+            let y = quantized(x, w, scales, biases, *group_size, *bits, activations)?;
             match bias {
                 Some(b) => mlx_rs::ops::add(&y, b),
                 None => Ok(y),
@@ -53,9 +70,43 @@ pub(crate) fn apply(weight: &Param, bias: Option<&Array>, x: &Array) -> Result<A
     }
 }
 
+/// Rows of input up to which the CPU kernel's quantized product runs; more
+/// rows (a prompt) dequantize the weight once and multiply through BLAS.
+const QUANTIZED_PRODUCT_ROWS: i32 = 16;
+
+/// `x @ dequantize(w)ᵀ`: lmspec's CPU kernels where they apply, else MLX's
+/// `quantized_matmul`.
+fn quantized(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group_size: i32,
+    bits: i32,
+    activations: Activations,
+) -> Result<Array, Exception> {
+    use crate::cpu_kernels as cpu;
+    if cpu::supports_bits(bits) && cpu::all_f32(&[x]) && x.ndim() >= 1 && cpu::enabled() {
+        let k = x.shape()[x.ndim() - 1].max(1);
+        let rows = x.size() as i64 / k as i64;
+        // int8 activations are llama.cpp's numerics for every row count.
+        if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
+            return cpu::quantized_matmul(x, w, scales, biases, group_size, bits, activations);
+        }
+        let dense = cpu::dequantize(w, scales, biases, group_size, bits)?;
+        return mlx_rs::ops::matmul(x, dense.t());
+    }
+    mlx_rs::ops::quantized_matmul(x, w, scales, biases, true, group_size, bits)
+}
+
 impl Op for LinearOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        apply(&self.weight, self.bias.as_ref(), inputs[0])
+        apply_with(
+            &self.weight,
+            self.bias.as_ref(),
+            inputs[0],
+            self.activations,
+        )
     }
 }
 

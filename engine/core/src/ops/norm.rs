@@ -40,7 +40,7 @@ impl Op for RmsNormOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
         if self.groups <= 1 {
-            return mlx_rs::fast::rms_norm(x, self.weight.as_ref(), self.eps);
+            return rms_norm(x, self.weight.as_ref(), self.eps);
         }
         // Each group of the last axis normalised on its own, then the
         // weight over the whole axis.
@@ -55,6 +55,16 @@ impl Op for RmsNormOp {
             None => Ok(normed),
         }
     }
+}
+
+/// `fast::rms_norm`, through lmspec's CPU kernel for float32 on the CPU.
+fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array, Exception> {
+    use crate::cpu_kernels as cpu;
+    let f32 = cpu::all_f32(&[x]) && weight.is_none_or(|w| cpu::all_f32(&[w]) && w.ndim() == 1);
+    if f32 && x.ndim() >= 1 && cpu::enabled() {
+        return cpu::rms_norm(x, weight, eps);
+    }
+    mlx_rs::fast::rms_norm(x, weight, eps)
 }
 
 impl Build for LayerNorm {

@@ -44,7 +44,13 @@ impl Op for RopeOp {
             Some(p) => {
                 mlx_rs::fast::rope_dynamic(x, dims, self.traditional, base, scale, &p.array, freqs)
             }
-            None => mlx_rs::fast::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs),
+            None => {
+                use crate::cpu_kernels as cpu;
+                if x.ndim() == 4 && cpu::all_f32(&[x]) && cpu::enabled() {
+                    return cpu::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs);
+                }
+                mlx_rs::fast::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs)
+            }
         };
         match &self.variant {
             RopeScaling::Base { base, scale } => at(x, Some(*base), *scale, None),

@@ -600,6 +600,17 @@ pub fn has_quantized(params: &[Vec<Param>]) -> bool {
         .any(|p| matches!(p, Param::Quantized { .. }))
 }
 
+/// Whether lmspec's CPU kernels run every quantized weight among `params`
+/// (2-D matrices of an MLX affine width; not stacks of experts).
+pub fn kernels_cover(params: &[Vec<Param>]) -> bool {
+    params.iter().flatten().all(|p| match p {
+        Param::Quantized { w, bits, .. } => {
+            w.ndim() == 2 && crate::cpu_kernels::supports_bits(*bits)
+        }
+        Param::Dense(_) => true,
+    })
+}
+
 /// Bytes the quantized weights would take as float32.
 pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
     params

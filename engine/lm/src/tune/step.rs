@@ -415,7 +415,8 @@ impl<'a> Trainer<'a> {
         adapter.set_training(true);
         let f = |p: &[Array]| -> std::result::Result<Vec<Array>, Exception> {
             adapter.set_params(p);
-            let (l, n) = batch_loss(model, batch)?;
+            let (l, n) =
+                lmspec_engine::cpu_kernels::while_differentiating(|| batch_loss(model, batch))?;
             Ok(vec![l, n])
         };
         let result = {

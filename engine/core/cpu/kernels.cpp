@@ -1,0 +1,1468 @@
+// lmspec's own MLX primitives for the CPU: quantized matrix products over
+// MLX's affine layout, dequantization, RMSNorm, RoPE and attention. Each is
+// an `mlx::core::Primitive` whose `eval_cpu` allocates its output and hands
+// the work to the stream's command encoder, as MLX's own CPU primitives do,
+// so the graph stays lazy and one graph. The work inside runs on a small
+// pool of threads, with AVX-512 / AVX2 / scalar code chosen at run time.
+//
+// The C ABI at the bottom takes and returns `mlx::core::array*` (the `ctx`
+// of mlx-c's `mlx_array`); errors come back as a message, never as an
+// exception crossing into Rust.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+
+namespace mx = mlx::core;
+
+namespace lmspec {
+
+// ---------------------------------------------------------------- dispatch
+
+enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+static Level detect_level() {
+  __builtin_cpu_init();
+  Level best = SCALAR;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    best = AVX2;
+  }
+  if (best == AVX2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    best = AVX512;
+  }
+  // LMSPEC_CPU_KERNELS=scalar|avx2|avx512 asks for a path; a path the
+  // machine lacks is not taken.
+  const char* want = std::getenv("LMSPEC_CPU_KERNELS");
+  if (want != nullptr) {
+    std::string w(want);
+    Level asked = best;
+    if (w == "scalar") asked = SCALAR;
+    if (w == "avx2") asked = AVX2;
+    if (w == "avx512") asked = AVX512;
+    if (asked < best) best = asked;
+  }
+  return best;
+}
+
+static Level level() {
+  static Level l = detect_level();
+  return l;
+}
+
+// ------------------------------------------------------------- thread pool
+
+// Workers spin briefly between jobs (a decode step runs a few hundred
+// small jobs back to back), then sleep on a condition variable.
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; i++) {
+      workers_.emplace_back([this] { work(); });
+    }
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const {
+    return int(workers_.size()) + 1;
+  }
+
+  // Runs f(0..n) over the pool and the calling thread; returns when all
+  // are done. Calls from different threads are serialised.
+  void run(int n, const std::function<void(int)>& f) {
+    if (n <= 0) return;
+    if (workers_.empty() || n == 1) {
+      for (int i = 0; i < n; i++) f(i);
+      return;
+    }
+    std::lock_guard<std::mutex> serial(run_m_);
+    n_ = n;
+    next_.store(0);
+    pending_.store(n);
+    job_.store(&f, std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> g(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    drain(&f);
+    while (pending_.load(std::memory_order_acquire) > 0) {
+      _mm_pause();
+    }
+    // A worker that saw this job may still hold it: wait until none does.
+    job_.store(nullptr, std::memory_order_release);
+    while (busy_.load(std::memory_order_acquire) > 0) {
+      _mm_pause();
+    }
+  }
+
+ private:
+  void drain(const std::function<void(int)>* job) {
+    for (;;) {
+      int i = next_.fetch_add(1);
+      if (i >= n_) break;
+      (*job)(i);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+  void work() {
+    uint64_t seen = gen_.load();
+    for (;;) {
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen && spins < 3000) {
+        _mm_pause();
+        spins++;
+      }
+      if (gen_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+      }
+      seen = gen_.load();
+      if (stop_) return;
+      busy_.fetch_add(1, std::memory_order_acq_rel);
+      const std::function<void(int)>* job = job_.load(std::memory_order_acquire);
+      if (job != nullptr) drain(job);
+      busy_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex m_, run_m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> next_{0}, pending_{0}, busy_{0};
+  std::atomic<const std::function<void(int)>*> job_{nullptr};
+  int n_ = 0;
+  bool stop_ = false;
+};
+
+static int thread_count() {
+  const char* env = std::getenv("LMSPEC_THREADS");
+  if (env != nullptr) {
+    int n = std::atoi(env);
+    if (n >= 1) return std::min(n, 256);
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : int(std::min(hw, 64u));
+}
+
+static Pool& pool() {
+  // Never destroyed: MLX's threads may still run kernels at exit.
+  static Pool* p = new Pool(thread_count());
+  return *p;
+}
+
+// Splits [0, n) into chunks of at least `grain` and runs them.
+static void parallel_range(
+    int64_t n,
+    int64_t grain,
+    const std::function<void(int64_t, int64_t)>& f) {
+  int threads = pool().size();
+  int64_t chunks = std::min<int64_t>(
+      std::max<int64_t>(1, n / std::max<int64_t>(grain, 1)), threads * 4);
+  if (chunks <= 1) {
+    f(0, n);
+    return;
+  }
+  int64_t step = (n + chunks - 1) / chunks;
+  pool().run(int(chunks), [&](int c) {
+    int64_t a = c * step, b = std::min(n, a + step);
+    if (a < b) f(a, b);
+  });
+}
+
+// ------------------------------------------------------------- helpers
+
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {
+      // Subnormal: normalise.
+      int e = -1;
+      do {
+        e++;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000 | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float32 to float16, rounding to nearest even (as F16C and numpy do).
+static inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000;
+  uint32_t absx = x & 0x7fffffff;
+  if (absx >= 0x7f800000) return uint16_t(sign | 0x7c00 | (absx > 0x7f800000 ? 0x200 : 0));
+  if (absx >= 0x477ff000) return uint16_t(sign | 0x7c00);  // overflows to infinity
+  if (absx < 0x33000001) return uint16_t(sign);  // underflows to zero
+  int e = int(absx >> 23);
+  uint32_t man = (absx & 0x7fffff) | 0x800000;
+  if (e < 113) {
+    // Subnormal half.
+    int shift = 126 - e;
+    uint32_t half = man >> shift;
+    uint32_t rem = man & ((1u << shift) - 1);
+    uint32_t mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) half++;
+    return uint16_t(sign | half);
+  }
+  uint32_t half = uint32_t(e - 112) << 10 | ((man >> 13) & 0x3ff);
+  uint32_t rem = man & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+  return uint16_t(sign | half);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Scales and biases as float32, whatever their stored type.
+struct ScaleReader {
+  const void* p = nullptr;
+  mx::Dtype t = mx::float32;
+  float operator()(int64_t i) const {
+    if (t == mx::float16) return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    if (t == mx::bfloat16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    return static_cast<const float*>(p)[i];
+  }
+};
+
+// n scales (or biases) from index i0 as float32, with F16C when the path
+// has it.
+__attribute__((target("avx2,f16c"))) static void halves_f16c(const uint16_t* p, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+  for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
+}
+
+static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out) {
+  if (r.t == mx::float16 && level() >= AVX2) {
+    halves_f16c(static_cast<const uint16_t*>(r.p) + i0, n, out);
+  } else if (r.t == mx::float32) {
+    std::memcpy(out, static_cast<const float*>(r.p) + i0, size_t(n) * 4);
+  } else {
+    for (int64_t i = 0; i < n; i++) out[i] = r(i0 + i);
+  }
+}
+
+// A row-major float copy of any strided float32 array.
+static std::vector<float> dense_f32(const mx::array& a) {
+  std::vector<float> out(a.size());
+  const float* src = a.data<float>();
+  if (a.flags().row_contiguous) {
+    std::memcpy(out.data(), src, a.size() * 4);
+    return out;
+  }
+  int nd = a.ndim();
+  std::vector<int64_t> idx(nd, 0);
+  for (size_t i = 0; i < a.size(); i++) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; d++) off += idx[d] * a.strides()[d];
+    out[i] = src[off];
+    for (int d = nd - 1; d >= 0; d--) {
+      if (++idx[d] < a.shape(d)) break;
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
+// Unpacks values [i0, i0 + n) of a row of `bits`-bit values (a
+// little-endian bit stream) into floats.
+static inline void unpack_row(
+    const uint8_t* row,
+    int64_t row_bytes,
+    int bits,
+    int64_t i0,
+    int n,
+    float* out) {
+  uint32_t mask = (1u << bits) - 1;
+  for (int i = 0; i < n; i++) {
+    int64_t bit = (i0 + i) * bits;
+    int64_t byte = bit >> 3;
+    uint64_t window = 0;
+    int64_t avail = std::min<int64_t>(8, row_bytes - byte);
+    std::memcpy(&window, row + byte, size_t(avail));
+    out[i] = float((window >> (bit & 7)) & mask);
+  }
+}
+
+// Dot products and `y += a * x` for the attention and norm kernels.
+__attribute__((target("avx512f,fma"))) static float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+  switch (level()) {
+    case AVX512:
+      return dot_avx512(a, b, n);
+    case AVX2:
+      return dot_avx2(a, b, n);
+    default: {
+      float s = 0;
+      for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+      return s;
+    }
+  }
+}
+
+__attribute__((target("avx512f,fma"))) static void axpy_avx512(float a, const float* x, float* y, int64_t n) {
+  __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+  __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+static void axpy(float a, const float* x, float* y, int64_t n) {
+  switch (level()) {
+    case AVX512:
+      axpy_avx512(a, x, y, n);
+      break;
+    case AVX2:
+      axpy_avx2(a, x, y, n);
+      break;
+    default:
+      for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+  }
+}
+
+// ------------------------------------------------ quantized matrix product
+
+struct QuantArgs {
+  const float* x;  // [m, k], row-major
+  const uint8_t* w;  // [n, k * bits / 8]
+  ScaleReader scales, biases;  // [n, k / group]
+  float* y;  // [m, n]
+  int64_t m, n, k;
+  int group, bits;
+};
+
+// Per row of x: the x values permuted for 4-bit rows (per 32 values: the
+// 16 even-indexed, then the 16 odd-indexed, matching low and high nibbles)
+// and each group's sum.
+struct Prepared {
+  std::vector<float> perm;  // [m, k]
+  std::vector<float> sums;  // [m, k / group]
+};
+
+// Per 32 values: the 16 even-indexed, then the 16 odd-indexed, the order
+// of a 4-bit row's low and high nibbles (k a multiple of 32).
+template <class T>
+static void nibble_order(const T* x, T* out, int64_t k) {
+  for (int64_t c = 0; c < k / 32; c++) {
+    for (int t = 0; t < 16; t++) {
+      out[c * 32 + t] = x[c * 32 + 2 * t];
+      out[c * 32 + 16 + t] = x[c * 32 + 2 * t + 1];
+    }
+  }
+}
+
+static Prepared prepare(const QuantArgs& a) {
+  Prepared p;
+  int64_t groups = a.k / a.group;
+  p.sums.resize(a.m * groups);
+  for (int64_t r = 0; r < a.m; r++) {
+    const float* x = a.x + r * a.k;
+    for (int64_t g = 0; g < groups; g++) {
+      float s = 0;
+      for (int i = 0; i < a.group; i++) s += x[g * a.group + i];
+      p.sums[r * groups + g] = s;
+    }
+  }
+  if (a.bits == 4 && a.k % 32 == 0) {
+    p.perm.resize(a.m * a.k);
+    for (int64_t r = 0; r < a.m; r++) nibble_order(a.x + r * a.k, p.perm.data() + r * a.k, a.k);
+  }
+  return p;
+}
+
+// Any width: unpack a group, dot it with x.
+// A whole row of `bits`-bit values as floats: 8 values fill `bits` bytes,
+// read as one little-endian word.
+static void unpack_whole_row(const uint8_t* row, int64_t k, int bits, float* out) {
+  const int64_t row_bytes = k * bits / 8;
+  const uint64_t mask = (1u << bits) - 1;
+  for (int64_t c = 0; c < k / 8; c++) {
+    const int64_t at = c * bits;
+    uint64_t v = 0;
+    std::memcpy(&v, row + at, size_t(std::min<int64_t>(8, row_bytes - at)));
+    for (int t = 0; t < 8; t++) out[c * 8 + t] = float((v >> (t * bits)) & mask);
+  }
+  if (k % 8 != 0) unpack_row(row, row_bytes, bits, k - k % 8, int(k % 8), out + k - k % 8);
+}
+
+// Any width: unpack each row of w once, then one dot product per group.
+static void qmm_scalar(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  const int64_t groups = a.k / a.group;
+  const int64_t row_bytes = a.k * a.bits / 8;
+  std::vector<float> q(a.k), sc(groups), bi(groups);
+  for (int64_t j = n0; j < n1; j++) {
+    unpack_whole_row(a.w + j * row_bytes, a.k, a.bits, q.data());
+    read_scales(a.scales, j * groups, groups, sc.data());
+    read_scales(a.biases, j * groups, groups, bi.data());
+    for (int64_t r = 0; r < a.m; r++) {
+      const float* x = a.x + r * a.k;
+      float acc = 0;
+      for (int64_t g = 0; g < groups; g++) {
+        const float d = dot(q.data() + g * a.group, x + g * a.group, a.group);
+        acc += sc[g] * d + bi[g] * p.sums[r * groups + g];
+      }
+      a.y[r * a.n + j] = acc;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The vector kernels compute R rows of w at once: R independent chains of
+// multiply-adds share each load of x.
+#define LMSPEC_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LMSPEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+template <int R>
+LMSPEC_AVX2 static inline void block_avx2(
+    const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  __m256 yv[R];
+  float yb[R];
+  for (int i = 0; i < R; i++) yv[i] = _mm256_setzero_ps(), yb[i] = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    const int64_t k0 = g * a.group;
+    __m256 acc[R];
+    for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+    if (a.bits == 4) {
+      const float* xp = p.perm.data() + r * a.k + k0;
+      for (int c = 0; c < a.group; c += 32) {
+        for (int h = 0; h < 2; h++) {
+          __m256 xe = _mm256_loadu_ps(xp + c + h * 8), xo = _mm256_loadu_ps(xp + c + 16 + h * 8);
+          for (int i = 0; i < R; i++) {
+            const uint8_t* wp = a.w + (j + i) * row_bytes + (k0 + c) / 2 + h * 8;
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)wp));
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, low4));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+            acc[i] = _mm256_fmadd_ps(lo, xe, _mm256_fmadd_ps(hi, xo, acc[i]));
+          }
+        }
+      }
+    } else {  // 8 bits
+      const float* xp = a.x + r * a.k + k0;
+      for (int c = 0; c < a.group; c += 8) {
+        __m256 xv = _mm256_loadu_ps(xp + c);
+        for (int i = 0; i < R; i++) {
+          const uint8_t* wp = a.w + (j + i) * row_bytes + k0 + c;
+          __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)wp)));
+          acc[i] = _mm256_fmadd_ps(v, xv, acc[i]);
+        }
+      }
+    }
+    const float xs = p.sums[r * groups + g];
+    for (int i = 0; i < R; i++) {
+      yv[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(sc[i * groups + g]), yv[i]);
+      yb[i] += bi[i * groups + g] * xs;
+    }
+  }
+  for (int i = 0; i < R; i++) a.y[r * a.n + j + i] = hsum256(yv[i]) + yb[i];
+}
+
+template <int R>
+LMSPEC_AVX512 static inline void block_avx512(
+    const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  __m512 yv[R];
+  float yb[R];
+  for (int i = 0; i < R; i++) yv[i] = _mm512_setzero_ps(), yb[i] = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    const int64_t k0 = g * a.group;
+    __m512 acc[R];
+    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+    if (a.bits == 4) {
+      const float* xp = p.perm.data() + r * a.k + k0;
+      for (int c = 0; c < a.group; c += 32) {
+        __m512 xe = _mm512_loadu_ps(xp + c), xo = _mm512_loadu_ps(xp + c + 16);
+        for (int i = 0; i < R; i++) {
+          const uint8_t* wp = a.w + (j + i) * row_bytes + (k0 + c) / 2;
+          __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)wp));
+          __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+          __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+          acc[i] = _mm512_fmadd_ps(lo, xe, _mm512_fmadd_ps(hi, xo, acc[i]));
+        }
+      }
+    } else {  // 8 bits
+      const float* xp = a.x + r * a.k + k0;
+      for (int c = 0; c < a.group; c += 16) {
+        __m512 xv = _mm512_loadu_ps(xp + c);
+        for (int i = 0; i < R; i++) {
+          const uint8_t* wp = a.w + (j + i) * row_bytes + k0 + c;
+          __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)wp)));
+          acc[i] = _mm512_fmadd_ps(v, xv, acc[i]);
+        }
+      }
+    }
+    const float xs = p.sums[r * groups + g];
+    for (int i = 0; i < R; i++) {
+      yv[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(sc[i * groups + g]), yv[i]);
+      yb[i] += bi[i * groups + g] * xs;
+    }
+  }
+  for (int i = 0; i < R; i++) a.y[r * a.n + j + i] = _mm512_reduce_add_ps(yv[i]) + yb[i];
+}
+
+// 2, 3, 5 and 6 bits with AVX-512 VBMI: each 64-bit lane takes the `bits`
+// bytes that hold 8 values (a byte permute), a multishift pulls each value
+// into a byte, and 16 at a time become floats.
+#define LMSPEC_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,fma,f16c")))
+
+static bool has_vbmi() {
+  static bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi");
+  }();
+  return v;
+}
+
+static bool vbmi_covers(int bits, int group, int64_t k) {
+  return (bits == 2 || bits == 3 || bits == 5 || bits == 6) && group % 16 == 0 && k % 64 == 0;
+}
+
+LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const int b = a.bits;
+  alignas(64) uint8_t idx[64], ctrl[64];
+  for (int lane = 0; lane < 8; lane++) {
+    for (int t = 0; t < 8; t++) {
+      idx[lane * 8 + t] = uint8_t(std::min(b * lane + t, 63));
+      ctrl[lane * 8 + t] = uint8_t(t * b);
+    }
+  }
+  const __m512i vidx = _mm512_load_si512(idx), vctrl = _mm512_load_si512(ctrl);
+  const __m512i mask = _mm512_set1_epi8(char((1 << b) - 1));
+  const __mmask64 load_mask = (b * 8 >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (b * 8)) - 1);
+  std::vector<float> sc(groups), bi(groups);
+  for (int64_t j = n0; j < n1; j++) {
+    const uint8_t* row = a.w + j * row_bytes;
+    read_scales(a.scales, j * groups, groups, sc.data());
+    read_scales(a.biases, j * groups, groups, bi.data());
+    for (int64_t r = 0; r < a.m; r++) {
+      const float* x = a.x + r * a.k;
+      __m512 yv = _mm512_setzero_ps(), acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      float yb = 0;
+      for (int64_t c = 0; c < a.k / 64; c++) {
+        __m512i bytes = _mm512_maskz_loadu_epi8(load_mask, row + c * 8 * b);
+        __m512i vals = _mm512_and_si512(
+            _mm512_multishift_epi64_epi8(vctrl, _mm512_permutexvar_epi8(vidx, bytes)), mask);
+        for (int t = 0; t < 4; t++) {
+          const int64_t i = c * 64 + t * 16;
+          __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(vals, t)));
+          if (t % 2 == 0) {
+            acc0 = _mm512_fmadd_ps(f, _mm512_loadu_ps(x + i), acc0);
+          } else {
+            acc1 = _mm512_fmadd_ps(f, _mm512_loadu_ps(x + i), acc1);
+          }
+          if ((i + 16) % a.group == 0) {
+            const int64_t g = i / a.group;
+            yv = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(sc[g]), yv);
+            yb += bi[g] * p.sums[r * groups + g];
+            acc0 = acc1 = _mm512_setzero_ps();
+          }
+        }
+      }
+      a.y[r * a.n + j] = _mm512_reduce_add_ps(yv) + yb;
+    }
+  }
+}
+
+// Rows [n0, n1) of w against every row of x, 4 rows of w at a time.
+template <void (*Block4)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*),
+          void (*Block1)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*)>
+static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  const int64_t groups = a.k / a.group;
+  std::vector<float> sc(4 * groups), bi(4 * groups);
+  int64_t j = n0;
+  const int64_t row_bytes = a.k * a.bits / 8;
+  for (; j + 4 <= n1; j += 4) {
+    // The next 4 rows (contiguous) stream in while these are computed.
+    if (j + 8 <= n1) {
+      const char* next = reinterpret_cast<const char*>(a.w + (j + 4) * row_bytes);
+      for (int64_t off = 0; off < 4 * row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
+    read_scales(a.scales, j * groups, 4 * groups, sc.data());
+    read_scales(a.biases, j * groups, 4 * groups, bi.data());
+    for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc.data(), bi.data());
+  }
+  for (; j < n1; j++) {
+    read_scales(a.scales, j * groups, groups, sc.data());
+    read_scales(a.biases, j * groups, groups, bi.data());
+    for (int64_t r = 0; r < a.m; r++) Block1(a, p, j, r, sc.data(), bi.data());
+  }
+}
+
+// ------------------------------------- products with 8-bit activations
+//
+// llama.cpp's numerics: each row of x is quantized to int8 in blocks, the
+// block products are integer dot products, and the block scales multiply
+// their sums. Blocks of 32 with a float16 scale (llama.cpp's Q8_0/Q8_1,
+// used against its Q4_0..Q8_0 weights: MLX scales in float16/bfloat16), or
+// of 256 with a float32 scale (its Q8_K, used against K-quants: MLX scales
+// in float32, when the width is a multiple of 256).
+
+struct Q8Row {
+  std::vector<int8_t> q;  // [k]; for 4-bit weights permuted per 32 like Prepared::perm
+  std::vector<float> d;  // per activation block
+  std::vector<float> gsum;  // per weight group: the sum of x the bias multiplies
+  int block = 32;
+};
+
+static inline float round_half(float v) {
+  return half_to_float(float_to_half(v));
+}
+
+static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
+  std::vector<Q8Row> rows(a.m);
+  const int64_t groups = a.k / a.group;
+  for (int64_t r = 0; r < a.m; r++) {
+    const float* x = a.x + r * a.k;
+    Q8Row& row = rows[r];
+    row.block = k_blocks ? 256 : 32;
+    const int64_t blocks = a.k / row.block;
+    row.q.resize(a.k);
+    row.d.resize(blocks);
+    std::vector<int> qsum(a.k / 32, 0);  // per 32 values
+    std::vector<float> dfull(blocks, 0.f);  // Q8_0 scales before rounding
+    std::vector<int8_t> plain(a.k);
+    for (int64_t b = 0; b < blocks; b++) {
+      const float* xb = x + b * row.block;
+      int8_t* qb = plain.data() + b * row.block;
+      if (k_blocks) {
+        // Q8_K: the value of largest magnitude maps to -127.
+        float amax = 0, max = 0;
+        for (int i = 0; i < 256; i++) {
+          if (std::fabs(xb[i]) > amax) amax = std::fabs(xb[i]), max = xb[i];
+        }
+        if (amax == 0) {
+          row.d[b] = 0;
+          std::memset(qb, 0, 256);
+          continue;
+        }
+        const float iscale = -127.f / max;
+        for (int i = 0; i < 256; i++) {
+          int v = int(std::nearbyint(iscale * xb[i]));
+          qb[i] = int8_t(std::min(127, v));
+        }
+        row.d[b] = 1 / iscale;
+      } else {
+        // Q8_0: scale amax / 127 kept as float16, values rounded half to even.
+        float amax = 0;
+        for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+        const float d = amax / 127.f;
+        const float id = amax != 0 ? 127.f / amax : 0.f;
+        for (int i = 0; i < 32; i++) qb[i] = int8_t(std::nearbyint(xb[i] * id));
+        row.d[b] = round_half(d);
+        dfull[b] = d;
+      }
+    }
+    for (int64_t c = 0; c < a.k / 32; c++) {
+      int sq = 0;
+      for (int i = 0; i < 32; i++) sq += plain[c * 32 + i];
+      qsum[c] = sq;
+    }
+    // The sums the biases multiply, per weight group.
+    row.gsum.assign(groups, 0.f);
+    for (int64_t g = 0; g < groups; g++) {
+      float acc = 0;
+      for (int64_t c = g * a.group / 32; c < (g + 1) * a.group / 32; c++) {
+        // Against 4-bit float16-scaled weights (llama.cpp's Q4_1 with
+        // Q8_1), the block sum is itself stored as float16.
+        acc += (!k_blocks && a.bits == 4) ? round_half(dfull[c] * float(qsum[c]))
+                                          : row.d[c * 32 / row.block] * float(qsum[c]);
+      }
+      row.gsum[g] = acc;
+    }
+    if (a.bits == 4) {
+      nibble_order(plain.data(), row.q.data(), a.k);
+    } else {
+      row.q = plain;
+    }
+  }
+  return rows;
+}
+
+// One row of w (4 or 8 bits) against one quantized row of x.
+static float q8_dot_scalar(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const uint8_t* w = a.w + j * row_bytes;
+  float y = 0, yb = 0;
+  for (int64_t c = 0; c < a.k / 32; c++) {
+    int isum = 0;
+    if (a.bits == 4) {
+      for (int t = 0; t < 16; t++) {
+        uint8_t b = w[c * 16 + t];
+        isum += int(b & 0xF) * x.q[c * 32 + t] + int(b >> 4) * x.q[c * 32 + 16 + t];
+      }
+    } else {
+      for (int t = 0; t < 32; t++) isum += int(w[c * 32 + t]) * x.q[c * 32 + t];
+    }
+    y += sc[c * 32 / a.group] * x.d[c * 32 / x.block] * float(isum);
+  }
+  for (int64_t g = 0; g < groups; g++) yb += bi[g] * x.gsum[g];
+  return y + yb;
+}
+
+#define LMSPEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
+
+// Per 32 values: the weight bytes as [low nibbles | high nibbles] (4 bits)
+// or as they are (8 bits), against the matching int8 activations.
+template <int R>
+LMSPEC_VNNI static void q8_block_vnni(
+    const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi, float* out) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < a.k / 32; c++) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
+    const float dx = x.d[c * 32 / x.block];
+    const int64_t g = c * 32 / a.group;
+    for (int i = 0; i < R; i++) {
+      __m256i wv;
+      if (a.bits == 4) {
+        __m128i b = _mm_loadu_si128((const __m128i*)(a.w + (j + i) * row_bytes + c * 16));
+        wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+      } else {
+        wv = _mm256_loadu_si256((const __m256i*)(a.w + (j + i) * row_bytes + c * 32));
+      }
+      __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(sc[i * groups + g] * dx), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    float yb = 0;
+    for (int64_t g = 0; g < groups; g++) yb += bi[i * groups + g] * x.gsum[g];
+    out[i] = hsum256(acc[i]) + yb;
+  }
+}
+
+// AVX2 without VNNI: unsigned x signed byte products in 16-bit pairs
+// (4-bit weights only: 15 * 127 * 2 fits in 16 bits).
+template <int R>
+LMSPEC_AVX2 static void q8_block_avx2(
+    const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi, float* out) {
+  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < a.k / 32; c++) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
+    const float dx = x.d[c * 32 / x.block];
+    const int64_t g = c * 32 / a.group;
+    for (int i = 0; i < R; i++) {
+      __m128i b = _mm_loadu_si128((const __m128i*)(a.w + (j + i) * row_bytes + c * 16));
+      __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+      __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(sc[i * groups + g] * dx), acc[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    float yb = 0;
+    for (int64_t g = 0; g < groups; g++) yb += bi[i * groups + g] * x.gsum[g];
+    out[i] = hsum256(acc[i]) + yb;
+  }
+}
+
+static bool has_vnni() {
+  static bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+  }();
+  return v;
+}
+
+static void qmm_q8(const QuantArgs& a) {
+  const bool k_blocks = a.scales.t == mx::float32 && a.k % 256 == 0;
+  std::vector<Q8Row> xs = quantize_rows(a, k_blocks);
+  const Level l = level();
+  const bool vnni = l == AVX512 && has_vnni();
+  const bool avx2 = l >= AVX2 && a.bits == 4;
+  const int64_t groups = a.k / a.group;
+  int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
+  parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sc(4 * groups), bi(4 * groups);
+    float out[4];
+    int64_t j = n0;
+    for (; j < n1;) {
+      const int rows = (j + 4 <= n1 && (vnni || avx2)) ? 4 : 1;
+      read_scales(a.scales, j * groups, rows * groups, sc.data());
+      read_scales(a.biases, j * groups, rows * groups, bi.data());
+      for (int64_t r = 0; r < a.m; r++) {
+        if (vnni) {
+          rows == 4 ? q8_block_vnni<4>(a, xs[r], j, sc.data(), bi.data(), out)
+                    : q8_block_vnni<1>(a, xs[r], j, sc.data(), bi.data(), out);
+        } else if (avx2) {
+          rows == 4 ? q8_block_avx2<4>(a, xs[r], j, sc.data(), bi.data(), out)
+                    : q8_block_avx2<1>(a, xs[r], j, sc.data(), bi.data(), out);
+        } else {
+          out[0] = q8_dot_scalar(a, xs[r], j, sc.data(), bi.data());
+        }
+        for (int i = 0; i < rows; i++) a.y[r * a.n + j + i] = out[i];
+      }
+      j += rows;
+    }
+  });
+}
+
+// Whether the 8-bit-activation product covers these weights.
+static bool q8_covers(int bits, int group, int64_t k) {
+  return (bits == 4 || bits == 8) && group % 32 == 0 && k % 32 == 0;
+}
+
+static void qmm(const QuantArgs& a, bool q8) {
+  if (q8 && q8_covers(a.bits, a.group, a.k)) {
+    qmm_q8(a);
+    return;
+  }
+  Prepared p = prepare(a);
+  bool simd_bits = (a.bits == 4 && a.group % 32 == 0) || (a.bits == 8 && a.group % 16 == 0);
+  Level l = level();
+  // Rows of w per chunk: enough work to pay for a hand-off.
+  int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
+  parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
+    if (simd_bits && l == AVX512) {
+      qmm_blocks<block_avx512<4>, block_avx512<1>>(a, p, n0, n1);
+    } else if (simd_bits && l >= AVX2) {
+      qmm_blocks<block_avx2<4>, block_avx2<1>>(a, p, n0, n1);
+    } else if (l == AVX512 && has_vbmi() && vbmi_covers(a.bits, a.group, a.k)) {
+      qmm_vbmi(a, p, n0, n1);
+    } else {
+      qmm_scalar(a, p, n0, n1);
+    }
+  });
+}
+
+// w * scale + bias for every value, as float32 rows.
+static void dequantize_rows(
+    const uint8_t* w,
+    ScaleReader scales,
+    ScaleReader biases,
+    float* out,
+    int64_t n,
+    int64_t k,
+    int group,
+    int bits) {
+  int64_t groups = k / group;
+  int64_t row_bytes = k * bits / 8;
+  parallel_range(n, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; j++) {
+      const uint8_t* row = w + j * row_bytes;
+      float* o = out + j * k;
+      if (bits == 4) {
+        for (int64_t i = 0; i < k / 2; i++) {
+          o[2 * i] = float(row[i] & 0xF);
+          o[2 * i + 1] = float(row[i] >> 4);
+        }
+      } else if (bits == 8) {
+        for (int64_t i = 0; i < k; i++) o[i] = float(row[i]);
+      } else {
+        unpack_whole_row(row, k, bits, o);
+      }
+      for (int64_t g = 0; g < groups; g++) {
+        float s = scales(j * groups + g), b = biases(j * groups + g);
+        float* og = o + g * group;
+        for (int i = 0; i < group; i++) og[i] = og[i] * s + b;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------- primitives
+
+// Inputs must be evaluated; returns a pointer valid while `a` lives, to a
+// row-major float32 copy when `a` is strided.
+struct F32View {
+  std::vector<float> copy;
+  const float* ptr;
+  explicit F32View(const mx::array& a) {
+    if (a.flags().row_contiguous) {
+      ptr = a.data<float>();
+    } else {
+      copy = dense_f32(a);
+      ptr = copy.data();
+    }
+  }
+};
+
+static void alloc_out(mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+class QuantMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantMatmul(mx::Stream s, int group, int bits, bool q8)
+      : UnaryPrimitive(s), group_(group), bits_(bits), q8_(q8) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+                  w = mx::array::unsafe_weak_copy(in[1]),
+                  s = mx::array::unsafe_weak_copy(in[2]),
+                  b = mx::array::unsafe_weak_copy(in[3]),
+                  out = mx::array::unsafe_weak_copy(out),
+                  group = group_,
+                  bits = bits_,
+                  q8 = q8_]() mutable {
+      F32View xv(x);
+      QuantArgs a;
+      a.k = x.shape(-1);
+      a.m = int64_t(x.size()) / std::max<int64_t>(a.k, 1);
+      a.n = w.shape(0);
+      a.x = xv.ptr;
+      a.w = w.data<uint8_t>();
+      a.scales = ScaleReader{s.data<void>(), s.dtype()};
+      a.biases = ScaleReader{b.data<void>(), b.dtype()};
+      a.y = out.data<float>();
+      a.group = group;
+      a.bits = bits;
+      qmm(a, q8);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec quantized matmul runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecQuantMatmul";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantMatmul&>(other);
+    return group_ == o.group_ && bits_ == o.bits_ && q8_ == o.q8_;
+  }
+
+ private:
+  int group_, bits_;
+  bool q8_;
+};
+
+class Dequantize : public mx::UnaryPrimitive {
+ public:
+  Dequantize(mx::Stream s, int group, int bits)
+      : UnaryPrimitive(s), group_(group), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([w = mx::array::unsafe_weak_copy(in[0]),
+                  s = mx::array::unsafe_weak_copy(in[1]),
+                  b = mx::array::unsafe_weak_copy(in[2]),
+                  out = mx::array::unsafe_weak_copy(out),
+                  group = group_,
+                  bits = bits_]() mutable {
+      dequantize_rows(
+          w.data<uint8_t>(),
+          ScaleReader{s.data<void>(), s.dtype()},
+          ScaleReader{b.data<void>(), b.dtype()},
+          out.data<float>(),
+          out.shape(0),
+          out.shape(1),
+          group,
+          bits);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec dequantize runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecDequantize";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Dequantize&>(other);
+    return group_ == o.group_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_, bits_;
+};
+
+// x * rsqrt(mean(x^2) + eps) (* w), float32, as MLX's rms_norm computes it.
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream s, float eps, bool has_weight)
+      : UnaryPrimitive(s), eps_(eps), has_weight_(has_weight) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    std::optional<mx::array> w;
+    if (has_weight_) w = mx::array::unsafe_weak_copy(in[1]);
+    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+                  w,
+                  out = mx::array::unsafe_weak_copy(out),
+                  eps = eps_]() mutable {
+      F32View xv(x);
+      std::optional<F32View> wv;
+      if (w) wv.emplace(*w);
+      int64_t d = x.shape(-1);
+      int64_t rows = int64_t(x.size()) / std::max<int64_t>(d, 1);
+      float* o = out.data<float>();
+      const float* xs = xv.ptr;
+      const float* ws = wv ? wv->ptr : nullptr;
+      parallel_range(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+          const float* xr = xs + r * d;
+          float ss = dot(xr, xr, d);
+          float inv = 1.0f / std::sqrt(ss / float(d) + eps);
+          float* orow = o + r * d;
+          for (int64_t i = 0; i < d; i++) {
+            float v = xr[i] * inv;
+            orow[i] = ws ? v * ws[i] : v;
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec rms_norm runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecRmsNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const RmsNorm&>(other);
+    return eps_ == o.eps_ && has_weight_ == o.has_weight_;
+  }
+
+ private:
+  float eps_;
+  bool has_weight_;
+};
+
+// Rotary embedding of x [B, H, T, D] at positions offset + t, as MLX's
+// rope computes it: theta = (t + offset) * scale * inv_freq, inv_freq =
+// exp(-i * log(base) / (dims/2)) or 1 / freqs[i].
+class Rope : public mx::UnaryPrimitive {
+ public:
+  Rope(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool has_freqs)
+      : UnaryPrimitive(s),
+        dims_(dims),
+        traditional_(traditional),
+        base_(base),
+        scale_(scale),
+        offset_(offset),
+        has_freqs_(has_freqs) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    std::optional<mx::array> freqs;
+    if (has_freqs_) freqs = mx::array::unsafe_weak_copy(in[1]);
+    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+                  freqs,
+                  out = mx::array::unsafe_weak_copy(out),
+                  dims = dims_,
+                  trad = traditional_,
+                  base = base_,
+                  scale = scale_,
+                  offset = offset_]() mutable {
+      int half = dims / 2;
+      std::vector<float> inv(half);
+      if (freqs) {
+        F32View fv(*freqs);
+        for (int i = 0; i < half; i++) inv[i] = 1.0f / fv.ptr[i];
+      } else {
+        float step = std::log(base) / float(half);
+        for (int i = 0; i < half; i++) inv[i] = std::exp(float(-i) * step);
+      }
+      int64_t B = x.shape(0), H = x.shape(1), T = x.shape(2), D = x.shape(3);
+      std::vector<float> cs(T * half), sn(T * half);
+      for (int64_t t = 0; t < T; t++) {
+        float pos = (float(t) + float(offset)) * scale;
+        for (int i = 0; i < half; i++) {
+          float th = pos * inv[i];
+          cs[t * half + i] = std::cos(th);
+          sn[t * half + i] = std::sin(th);
+        }
+      }
+      const float* xs = x.data<float>();
+      auto st = x.strides();
+      float* o = out.data<float>();
+      parallel_range(B * H, std::max<int64_t>(1, 8192 / std::max<int64_t>(T * D, 1)), [&](int64_t p0, int64_t p1) {
+        std::vector<float> row(D);
+        for (int64_t p = p0; p < p1; p++) {
+          int64_t b = p / H, h = p % H;
+          for (int64_t t = 0; t < T; t++) {
+            const float* xr = xs + b * st[0] + h * st[1] + t * st[2];
+            for (int64_t i = 0; i < D; i++) row[i] = xr[i * st[3]];
+            float* orow = o + ((b * H + h) * T + t) * D;
+            const float* c = cs.data() + t * half;
+            const float* s = sn.data() + t * half;
+            for (int i = 0; i < half; i++) {
+              int i1 = trad ? 2 * i : i;
+              int i2 = trad ? 2 * i + 1 : i + half;
+              float x1 = row[i1], x2 = row[i2];
+              orow[i1] = x1 * c[i] - x2 * s[i];
+              orow[i2] = x1 * s[i] + x2 * c[i];
+            }
+            for (int64_t i = dims; i < D; i++) orow[i] = row[i];
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec rope runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecRope";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Rope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ &&
+        scale_ == o.scale_ && offset_ == o.offset_ && has_freqs_ == o.has_freqs_;
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_, scale_;
+  int offset_;
+  bool has_freqs_;
+};
+
+// softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
+// grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
+class Attention : public mx::UnaryPrimitive {
+ public:
+  Attention(mx::Stream s, float scale, bool causal)
+      : UnaryPrimitive(s), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([q = mx::array::unsafe_weak_copy(in[0]),
+                  k = mx::array::unsafe_weak_copy(in[1]),
+                  v = mx::array::unsafe_weak_copy(in[2]),
+                  out = mx::array::unsafe_weak_copy(out),
+                  scale = scale_,
+                  causal = causal_]() mutable {
+      int64_t B = q.shape(0), Hq = q.shape(1), Tq = q.shape(2), D = q.shape(3);
+      int64_t Hkv = k.shape(1), Tk = k.shape(2), Dv = v.shape(3);
+      int64_t rep = Hq / Hkv;
+      const float* qs = q.data<float>();
+      const float* ks = k.data<float>();
+      const float* vs = v.data<float>();
+      auto sq = q.strides();
+      auto sk = k.strides();
+      auto sv = v.strides();
+      float* o = out.data<float>();
+      int64_t shift = Tk - Tq;
+      int64_t work = B * Hq * Tq;
+      parallel_range(work, std::max<int64_t>(1, 4096 / std::max<int64_t>(Tk * D, 1)), [&](int64_t w0, int64_t w1) {
+        std::vector<float> qrow(D), p(Tk), acc(Dv);
+        for (int64_t w = w0; w < w1; w++) {
+          int64_t b = w / (Hq * Tq), h = (w / Tq) % Hq, t = w % Tq;
+          int64_t hk = h / rep;
+          const float* qr = qs + b * sq[0] + h * sq[1] + t * sq[2];
+          for (int64_t i = 0; i < D; i++) qrow[i] = scale * qr[i * sq[3]];
+          int64_t last = causal ? std::min(Tk, t + shift + 1) : Tk;
+          float mx_ = -INFINITY;
+          for (int64_t j = 0; j < last; j++) {
+            const float* kr = ks + b * sk[0] + hk * sk[1] + j * sk[2];
+            float d = 0;
+            if (sk[3] == 1) {
+              d = dot(qrow.data(), kr, D);
+            } else {
+              for (int64_t i = 0; i < D; i++) d += qrow[i] * kr[i * sk[3]];
+            }
+            p[j] = d;
+            mx_ = std::max(mx_, d);
+          }
+          float sum = 0;
+          for (int64_t j = 0; j < last; j++) {
+            p[j] = std::exp(p[j] - mx_);
+            sum += p[j];
+          }
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int64_t j = 0; j < last; j++) {
+            float pj = p[j] / sum;
+            const float* vr = vs + b * sv[0] + hk * sv[1] + j * sv[2];
+            if (sv[3] == 1) {
+              axpy(pj, vr, acc.data(), Dv);
+            } else {
+              for (int64_t i = 0; i < Dv; i++) acc[i] += pj * vr[i * sv[3]];
+            }
+          }
+          float* orow = o + ((b * Hq + h) * Tq + t) * Dv;
+          for (int64_t i = 0; i < Dv; i++) orow[i] = acc[i];
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec attention runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+// Weights are evaluated and contiguous already: no Contiguous node then.
+static mx::array row_major(const mx::array& a, mx::Stream s) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, s);
+}
+
+static mx::Stream cpu_stream() {
+  return mx::default_stream(mx::Device::cpu);
+}
+
+}  // namespace lmspec
+
+// ------------------------------------------------------------------ C ABI
+
+using mx::array;
+
+static int fail(char* err, size_t len, const char* what) {
+  if (err != nullptr && len > 0) {
+    std::snprintf(err, len, "%s", what);
+  }
+  return 1;
+}
+
+template <class F>
+static int guarded(void** out, char* err, size_t len, F&& f) {
+  try {
+    *out = new array(f());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(err, len, e.what());
+  } catch (...) {
+    return fail(err, len, "unknown C++ exception");
+  }
+}
+
+static const array& A(const void* p) {
+  return *static_cast<const array*>(p);
+}
+
+extern "C" {
+
+// 0 scalar, 1 AVX2, 2 AVX-512: the path the kernels take on this machine.
+int lmspec_cpu_level(void) {
+  return int(lmspec::level());
+}
+
+int lmspec_cpu_threads(void) {
+  return lmspec::pool().size();
+}
+
+int lmspec_qmatmul(
+    void** out,
+    const void* x,
+    const void* w,
+    const void* scales,
+    const void* biases,
+    int group,
+    int bits,
+    int q8,
+    char* err,
+    size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& xa = A(x);
+    const array& wa = A(w);
+    if (xa.dtype() != mx::float32) throw std::invalid_argument("x must be float32");
+    if (wa.ndim() != 2 || wa.dtype() != mx::uint32)
+      throw std::invalid_argument("w must be a 2-D uint32 array");
+    int64_t k = int64_t(wa.shape(1)) * 32 / bits;
+    if (xa.ndim() < 1 || xa.shape(-1) != k)
+      throw std::invalid_argument("x's last axis does not match w's packed width");
+    if (group <= 0 || k % group != 0) throw std::invalid_argument("group does not divide the input width");
+    auto shape = xa.shape();
+    shape.back() = wa.shape(0);
+    std::vector<array> ins = {
+        xa, lmspec::row_major(wa, s), lmspec::row_major(A(scales), s), lmspec::row_major(A(biases), s)};
+    return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, q8 != 0), std::move(ins));
+  });
+}
+
+int lmspec_dequantize(
+    void** out,
+    const void* w,
+    const void* scales,
+    const void* biases,
+    int group,
+    int bits,
+    char* err,
+    size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& wa = A(w);
+    if (wa.ndim() != 2 || wa.dtype() != mx::uint32)
+      throw std::invalid_argument("w must be a 2-D uint32 array");
+    int64_t k = int64_t(wa.shape(1)) * 32 / bits;
+    if (group <= 0 || k % group != 0) throw std::invalid_argument("group does not divide the input width");
+    mx::Shape shape = {wa.shape(0), int(k)};
+    std::vector<array> ins = {
+        lmspec::row_major(wa, s), lmspec::row_major(A(scales), s), lmspec::row_major(A(biases), s)};
+    return array(shape, mx::float32, std::make_shared<lmspec::Dequantize>(s, group, bits), std::move(ins));
+  });
+}
+
+int lmspec_rms_norm(void** out, const void* x, const void* w, float eps, char* err, size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& xa = A(x);
+    if (xa.dtype() != mx::float32) throw std::invalid_argument("x must be float32");
+    std::vector<array> ins = {xa};
+    if (w != nullptr) {
+      if (A(w).dtype() != mx::float32 || A(w).ndim() != 1 || A(w).shape(0) != xa.shape(-1))
+        throw std::invalid_argument("weight must be float32 of the last axis' size");
+      ins.push_back(A(w));
+    }
+    return array(xa.shape(), mx::float32, std::make_shared<lmspec::RmsNorm>(s, eps, w != nullptr), std::move(ins));
+  });
+}
+
+int lmspec_rope(
+    void** out,
+    const void* x,
+    int dims,
+    int traditional,
+    float base,
+    float scale,
+    int offset,
+    const void* freqs,
+    char* err,
+    size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& xa = A(x);
+    if (xa.dtype() != mx::float32 || xa.ndim() != 4)
+      throw std::invalid_argument("x must be a 4-D float32 array");
+    if (dims <= 0 || dims % 2 != 0 || dims > xa.shape(3))
+      throw std::invalid_argument("dims must be even and at most the head size");
+    std::vector<array> ins = {xa};
+    if (freqs != nullptr) ins.push_back(mx::astype(A(freqs), mx::float32, s));
+    return array(
+        xa.shape(),
+        mx::float32,
+        std::make_shared<lmspec::Rope>(s, dims, traditional != 0, base, scale, offset, freqs != nullptr),
+        std::move(ins));
+  });
+}
+
+int lmspec_attention(
+    void** out,
+    const void* q,
+    const void* k,
+    const void* v,
+    float scale,
+    int causal,
+    char* err,
+    size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array &qa = A(q), &ka = A(k), &va = A(v);
+    for (auto* a : {&qa, &ka, &va}) {
+      if (a->dtype() != mx::float32 || a->ndim() != 4)
+        throw std::invalid_argument("q, k and v must be 4-D float32 arrays");
+    }
+    if (ka.shape(1) == 0 || qa.shape(1) % ka.shape(1) != 0 || ka.shape(1) != va.shape(1) ||
+        qa.shape(0) != ka.shape(0) || ka.shape(0) != va.shape(0) || qa.shape(3) != ka.shape(3) ||
+        ka.shape(2) != va.shape(2))
+      throw std::invalid_argument("q, k and v shapes do not agree");
+    mx::Shape shape = {qa.shape(0), qa.shape(1), qa.shape(2), va.shape(3)};
+    return array(shape, mx::float32, std::make_shared<lmspec::Attention>(s, scale, causal != 0), {qa, ka, va});
+  });
+}
+
+}  // extern "C"

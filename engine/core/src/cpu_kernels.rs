@@ -1,0 +1,321 @@
+//! lmspec's own MLX primitives for the CPU (`engine/core/cpu/kernels.cpp`):
+//! a quantized matrix product over MLX's affine layout, its dequantization,
+//! RMSNorm, RoPE and attention. Each returns a lazy MLX array like any MLX
+//! op; the work runs when the graph is evaluated, on a pool of threads,
+//! with AVX-512, AVX2 or scalar code picked at run time.
+//!
+//! MLX's own CPU backend runs the quantized product one value at a time on
+//! one thread, and RMSNorm, RoPE and attention as graphs of 10–40 small
+//! primitives each; a decode step is dominated by both. The ops in
+//! [`crate::ops`] use these kernels when [`enabled`] says so (the default
+//! device is the CPU and `LMSPEC_CPU_KERNELS` is not `off`) and fall back to
+//! MLX otherwise (a GPU, other dtypes, options the kernels do not cover).
+//!
+//! Environment: `LMSPEC_CPU_KERNELS` = `off` (MLX's ops), `scalar`, `avx2`
+//! or `avx512` (at most that instruction set); `LMSPEC_THREADS` = threads
+//! (default: the machine's logical cores).
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use mlx_rs::error::Exception;
+use mlx_rs::{Array, Dtype};
+
+extern "C" {
+    fn lmspec_cpu_level() -> c_int;
+    fn lmspec_cpu_threads() -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn lmspec_qmatmul(
+        out: *mut *mut c_void,
+        x: *const c_void,
+        w: *const c_void,
+        scales: *const c_void,
+        biases: *const c_void,
+        group: c_int,
+        bits: c_int,
+        q8: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn lmspec_dequantize(
+        out: *mut *mut c_void,
+        w: *const c_void,
+        scales: *const c_void,
+        biases: *const c_void,
+        group: c_int,
+        bits: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn lmspec_rms_norm(
+        out: *mut *mut c_void,
+        x: *const c_void,
+        w: *const c_void,
+        eps: f32,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn lmspec_rope(
+        out: *mut *mut c_void,
+        x: *const c_void,
+        dims: c_int,
+        traditional: c_int,
+        base: f32,
+        scale: f32,
+        offset: c_int,
+        freqs: *const c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn lmspec_attention(
+        out: *mut *mut c_void,
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        scale: f32,
+        causal: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+}
+
+/// The instruction set the kernels use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The path the kernels take (`LMSPEC_CPU_KERNELS` may lower it).
+pub fn level() -> Level {
+    // SAFETY: a plain query of the library's state.
+    match unsafe { lmspec_cpu_level() } {
+        2 => Level::Avx512,
+        1 => Level::Avx2,
+        _ => Level::Scalar,
+    }
+}
+
+/// Threads the kernels split their work over.
+pub fn threads() -> usize {
+    // SAFETY: a plain query; the pool starts on first use.
+    unsafe { lmspec_cpu_threads() }.max(1) as usize
+}
+
+fn switched_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("LMSPEC_CPU_KERNELS").is_ok_and(|v| v == "off"))
+}
+
+thread_local! {
+    static DIFFERENTIATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a forward that will be differentiated) with MLX's own ops: the
+/// kernels have no vector-Jacobian products.
+pub fn while_differentiating<T>(f: impl FnOnce() -> T) -> T {
+    let before = DIFFERENTIATING.with(|c| c.replace(true));
+    let out = f();
+    DIFFERENTIATING.with(|c| c.set(before));
+    out
+}
+
+/// Whether ops should use these kernels now: the default device is the
+/// CPU, they are not switched off, and no gradient is being traced.
+pub fn enabled() -> bool {
+    !switched_off()
+        && !DIFFERENTIATING.with(|c| c.get())
+        && crate::runtime::default_device() == "cpu"
+}
+
+/// Which quantized widths the product and dequantization take (MLX's affine
+/// widths). 4 and 8 bits have vector code; the others run scalar.
+pub fn supports_bits(bits: i32) -> bool {
+    matches!(bits, 2 | 3 | 4 | 5 | 6 | 8)
+}
+
+fn raw(a: &Array) -> *const c_void {
+    a.as_ptr().ctx as *const c_void
+}
+
+/// Runs one constructor of the C side; its message becomes the error.
+fn call(f: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int) -> Result<Array, Exception> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    let mut err = [0 as c_char; 512];
+    let rc = f(&mut out, err.as_mut_ptr(), err.len());
+    if rc != 0 || out.is_null() {
+        // SAFETY: the C side writes a NUL-terminated message into `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(Exception::custom(format!("cpu kernel: {msg}")));
+    }
+    // SAFETY: `out` is a new `mlx::core::array*`; the Array takes ownership.
+    Ok(unsafe { Array::from_ptr(mlx_sys::mlx_array { ctx: out }) })
+}
+
+/// How the quantized product treats the activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// float32, as MLX's `quantized_matmul` (mlx-lm's numerics).
+    #[default]
+    Float,
+    /// Quantized to int8 per block, integer dot products, as llama.cpp's CPU
+    /// kernels do (blocks of 32 with a float16 scale against float16-scaled
+    /// weights, its Q8_0/Q8_1; of 256 with a float32 scale against
+    /// float32-scaled weights, its Q8_K for K-quants). 4- and 8-bit weights;
+    /// other widths take the float path.
+    Int8,
+}
+
+impl Activations {
+    pub fn parse(s: &str) -> Option<Activations> {
+        match s {
+            "float" | "f32" => Some(Activations::Float),
+            "int8" | "q8" => Some(Activations::Int8),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Float => "float",
+            Activations::Int8 => "int8",
+        }
+    }
+}
+
+thread_local! {
+    static BUILD_ACTIVATIONS: std::cell::Cell<Activations> =
+        const { std::cell::Cell::new(Activations::Float) };
+}
+
+/// Runs `f` (a model's plan being built) with `a` as the activations its
+/// quantized products take.
+pub fn with_activations<T>(a: Activations, f: impl FnOnce() -> T) -> T {
+    let before = BUILD_ACTIVATIONS.with(|c| c.replace(a));
+    let out = f();
+    BUILD_ACTIVATIONS.with(|c| c.set(before));
+    out
+}
+
+/// The activations of the plan being built (see [`with_activations`]).
+pub fn build_activations() -> Activations {
+    BUILD_ACTIVATIONS.with(|c| c.get())
+}
+
+/// `x @ dequantize(w)ᵀ` for float32 `x [..., K]` and MLX affine-quantized
+/// `w [N, K * bits / 32]` (uint32) with `scales`/`biases` `[N, K / group]`:
+/// `[..., N]` float32, computed without expanding `w`.
+pub fn quantized_matmul(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group: i32,
+    bits: i32,
+    activations: Activations,
+) -> Result<Array, Exception> {
+    let q8 = (activations == Activations::Int8) as c_int;
+    // SAFETY: the pointers are live arrays; the C side copies what it keeps.
+    call(|o, e, n| unsafe {
+        lmspec_qmatmul(
+            o,
+            raw(x),
+            raw(w),
+            raw(scales),
+            raw(biases),
+            group,
+            bits,
+            q8,
+            e,
+            n,
+        )
+    })
+}
+
+/// `w * scale + bias` as float32 `[N, K]`.
+pub fn dequantize(
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group: i32,
+    bits: i32,
+) -> Result<Array, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call(|o, e, n| unsafe {
+        lmspec_dequantize(o, raw(w), raw(scales), raw(biases), group, bits, e, n)
+    })
+}
+
+/// `x * rsqrt(mean(x²) + eps) (* weight)` over the last axis (float32).
+pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array, Exception> {
+    let w = weight.map_or(std::ptr::null(), raw);
+    // SAFETY: as in `quantized_matmul`; a null weight means none.
+    call(|o, e, n| unsafe { lmspec_rms_norm(o, raw(x), w, eps, e, n) })
+}
+
+/// Rotary embedding of `x [B, H, T, D]` (float32) at positions
+/// `offset + t`, as MLX's `fast::rope` computes it.
+pub fn rope(
+    x: &Array,
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    offset: i32,
+    freqs: Option<&Array>,
+) -> Result<Array, Exception> {
+    let f = freqs.map_or(std::ptr::null(), raw);
+    let base = base.unwrap_or(10_000.0);
+    // SAFETY: as in `quantized_matmul`; null freqs means `base`.
+    call(|o, e, n| unsafe {
+        lmspec_rope(
+            o,
+            raw(x),
+            dims,
+            traditional as c_int,
+            base,
+            scale,
+            offset,
+            f,
+            e,
+            n,
+        )
+    })
+}
+
+/// `softmax(scale · q kᵀ) v` with grouped-query heads, optionally causal
+/// (query `i` sees keys up to `i + Tk − Tq`); float32 `[B, H, T, D]` inputs.
+pub fn attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    causal: bool,
+) -> Result<Array, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call(|o, e, n| unsafe {
+        lmspec_attention(o, raw(q), raw(k), raw(v), scale, causal as c_int, e, n)
+    })
+}
+
+/// Whether every array is float32 (the kernels' dtype).
+pub fn all_f32(arrays: &[&Array]) -> bool {
+    arrays.iter().all(|a| a.dtype() == Dtype::Float32)
+}
+
+#[cfg(test)]
+#[path = "cpu_kernels_tests.rs"]
+mod tests;

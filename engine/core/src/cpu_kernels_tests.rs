@@ -1,0 +1,379 @@
+//! The CPU kernels against MLX's own ops (the ops Python's `mx.*` calls)
+//! and against float64 sums.
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+
+use super::*;
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn array(shape: &[i32], seed: u64) -> Array {
+    let n = shape.iter().product::<i32>() as usize;
+    Array::from_slice(&values(n, seed), shape)
+}
+
+fn host(a: &Array) -> Vec<f32> {
+    let a = a
+        .as_dtype(Dtype::Float32)
+        .and_then(|a| a.contiguous())
+        .expect("contiguous");
+    a.eval().expect("eval");
+    a.as_slice::<f32>().to_vec()
+}
+
+fn f32_of(a: &Array) -> Array {
+    a.as_dtype(Dtype::Float32).expect("float32")
+}
+
+/// Largest |a - b| / (1 + |b|).
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((*x as f64 - *y as f64).abs()) / (1.0 + (*y as f64).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// With `LMSPEC_CPU_KERNELS` set (by `every_path_gives_the_same_products`),
+/// the kernels must take that path.
+fn expect_forced_level() {
+    if let Ok(want) = std::env::var("LMSPEC_CPU_KERNELS") {
+        let can =
+            want == "scalar" || (want == "avx2" && std::arch::is_x86_feature_detected!("avx2"));
+        if can {
+            assert_eq!(level().name(), want, "forced path not taken");
+        }
+    }
+}
+
+#[test]
+fn quantized_product_matches_mlx_and_float64() {
+    expect_forced_level();
+    let (n, k) = (48, 256);
+    for bits in [2, 3, 4, 5, 6, 8] {
+        for group in [32, 64, 128] {
+            for scale_dtype in [Dtype::Float32, Dtype::Float16, Dtype::Bfloat16] {
+                let w = array(&[n, k], bits as u64 * 1000 + group as u64);
+                let (wq, s, b) = mlx_rs::ops::quantize(&w, group, bits).expect("quantize");
+                let s = s.as_dtype(scale_dtype).expect("scales");
+                let b = b.as_dtype(scale_dtype).expect("biases");
+                for rows in [1, 3] {
+                    let x = array(&[1, rows, k], 7 + rows as u64);
+                    let ours = host(
+                        &quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Float)
+                            .expect("kernel"),
+                    );
+                    let mlx = mlx_rs::ops::quantized_matmul(&x, &wq, &s, &b, true, group, bits)
+                        .expect("mlx");
+                    let mlx = host(&mlx);
+                    let what = format!("bits {bits} group {group} {scale_dtype:?} rows {rows}");
+                    assert!(
+                        max_rel(&ours, &mlx) < 2e-5,
+                        "{what}: {}",
+                        max_rel(&ours, &mlx)
+                    );
+                    // float64 sums of the same dequantized weights.
+                    let (s32, b32) = (f32_of(&s), f32_of(&b));
+                    let wd =
+                        host(&mlx_rs::ops::dequantize(&wq, &s32, &b32, group, bits).expect("deq"));
+                    let xs = host(&x);
+                    let exact: Vec<f32> = (0..rows as usize)
+                        .flat_map(|r| {
+                            let (xs, wd) = (&xs, &wd);
+                            (0..n as usize).map(move |j| {
+                                (0..k as usize)
+                                    .map(|i| {
+                                        xs[r * k as usize + i] as f64
+                                            * wd[j * k as usize + i] as f64
+                                    })
+                                    .sum::<f64>() as f32
+                            })
+                        })
+                        .collect();
+                    assert!(
+                        max_rel(&ours, &exact) < 1e-5,
+                        "{what} vs f64: {}",
+                        max_rel(&ours, &exact)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// float32 → float16 → float32, rounding to nearest even.
+fn f16_round(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
+}
+
+/// llama.cpp's activation blocks, written out: (int8 values, scale per
+/// block, block length, Q8_0 scales before rounding).
+fn q8_reference(x: &[f32], k_blocks: bool) -> (Vec<i32>, Vec<f32>, usize, Vec<f32>) {
+    let block = if k_blocks { 256 } else { 32 };
+    let mut q = vec![0i32; x.len()];
+    let (mut d, mut full) = (vec![], vec![]);
+    for (b, xb) in x.chunks(block).enumerate() {
+        let qb = &mut q[b * block..(b + 1) * block];
+        if k_blocks {
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in xb {
+                if v.abs() > amax {
+                    (amax, max) = (v.abs(), v);
+                }
+            }
+            if amax == 0.0 {
+                d.push(0.0);
+                continue;
+            }
+            let iscale = -127.0 / max;
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                *o = ((iscale * v).round_ties_even() as i32).min(127);
+            }
+            d.push(1.0 / iscale);
+        } else {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                *o = (v * id).round_ties_even() as i32;
+            }
+            full.push(amax / 127.0);
+            d.push(f16_round(amax / 127.0));
+        }
+    }
+    (q, d, block, full)
+}
+
+#[test]
+fn int8_activation_product_matches_the_block_formula() {
+    expect_forced_level();
+    let (n, k) = (36, 512);
+    for bits in [4, 8] {
+        for (group, scale_dtype) in [
+            (32, Dtype::Float16),
+            (64, Dtype::Bfloat16),
+            (32, Dtype::Float32),
+        ] {
+            let w = array(&[n, k], 500 + bits as u64 + group as u64);
+            let (wq, s, b) = mlx_rs::ops::quantize(&w, group, bits).expect("quantize");
+            let (s, b) = (
+                s.as_dtype(scale_dtype).expect("s"),
+                b.as_dtype(scale_dtype).expect("b"),
+            );
+            let ones = mlx_rs::ops::ones::<f32>(s.shape()).expect("ones");
+            let zeros = mlx_rs::ops::zeros::<f32>(s.shape()).expect("zeros");
+            let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, group, bits).expect("q"));
+            let (sf, bf) = (host(&s), host(&b));
+            let k_blocks = scale_dtype == Dtype::Float32;
+            let x = array(&[2, k], 77 + bits as u64);
+            let xs = host(&x);
+            let ours = host(
+                &quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Int8).expect("kernel"),
+            );
+            let (k, g) = (k as usize, group as usize);
+            for r in 0..2 {
+                let (q, d, block, full) = q8_reference(&xs[r * k..(r + 1) * k], k_blocks);
+                for j in 0..n as usize {
+                    let mut y = 0f64;
+                    for c in 0..k / 32 {
+                        let isum: i64 = (0..32)
+                            .map(|i| qw[j * k + c * 32 + i] as i64 * q[c * 32 + i] as i64)
+                            .sum();
+                        y += sf[j * (k / g) + c * 32 / g] as f64
+                            * d[c * 32 / block] as f64
+                            * isum as f64;
+                        let qsum: i32 = q[c * 32..c * 32 + 32].iter().sum();
+                        let sum = match (k_blocks, bits) {
+                            (false, 4) => f16_round(full[c] * qsum as f32) as f64,
+                            _ => d[c * 32 / block] as f64 * qsum as f64,
+                        };
+                        y += bf[j * (k / g) + c * 32 / g] as f64 * sum;
+                    }
+                    let got = ours[r * n as usize + j] as f64;
+                    let what = format!("bits {bits} group {group} {scale_dtype:?} row {r} out {j}");
+                    assert!(
+                        (got - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{what}: {got} vs {y}"
+                    );
+                }
+            }
+            // Within the activation rounding of MLX's float product.
+            let mlx = host(
+                &mlx_rs::ops::quantized_matmul(&x, &wq, &s, &b, true, group, bits).expect("mlx"),
+            );
+            let scale = mlx.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let worst = ours
+                .iter()
+                .zip(&mlx)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 0.02 * scale,
+                "bits {bits} group {group}: {worst} of {scale}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dequantization_equals_mlx() {
+    for bits in [2, 3, 4, 5, 6, 8] {
+        for group in [32, 64] {
+            let w = array(&[40, 128], 99 + bits as u64);
+            let (wq, s, b) = mlx_rs::ops::quantize(&w, group, bits).expect("quantize");
+            let s = s.as_dtype(Dtype::Float16).expect("scales");
+            let b = b.as_dtype(Dtype::Float16).expect("biases");
+            let ours = host(&dequantize(&wq, &s, &b, group, bits).expect("kernel"));
+            // MLX dequantizes in the scales' dtype: give it them as float32.
+            let (s32, b32) = (f32_of(&s), f32_of(&b));
+            let mlx = host(&mlx_rs::ops::dequantize(&wq, &s32, &b32, group, bits).expect("mlx"));
+            assert!(max_rel(&ours, &mlx) < 1e-6, "bits {bits} group {group}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let w = array(&[8, 64], 1);
+    let (wq, s, b) = mlx_rs::ops::quantize(&w, 32, 4).expect("quantize");
+    let x = array(&[1, 60], 2);
+    let err = quantized_matmul(&x, &wq, &s, &b, 32, 4, Activations::Float).expect_err("width");
+    assert!(err.to_string().contains("packed width"), "{err}");
+    let x = array(&[1, 64], 2);
+    assert!(
+        quantized_matmul(&x, &wq, &s, &b, 48, 4, Activations::Int8).is_err(),
+        "group 48"
+    );
+    let q = array(&[1, 3, 1, 8], 3);
+    let kv = array(&[1, 2, 4, 8], 4);
+    assert!(
+        attention(&q, &kv, &kv, 1.0, true).is_err(),
+        "3 heads over 2"
+    );
+    assert!(
+        rope(&array(&[2, 8], 5), 8, false, None, 1.0, 0, None).is_err(),
+        "2-D rope"
+    );
+}
+
+#[test]
+fn rms_norm_matches_mlx() {
+    let x = array(&[3, 5, 96], 11);
+    let w = array(&[96], 12);
+    for weight in [None, Some(&w)] {
+        let ours = host(&rms_norm(&x, weight, 1e-5).expect("kernel"));
+        let mlx = host(&mlx_rs::fast::rms_norm(&x, weight, 1e-5).expect("mlx"));
+        assert!(max_rel(&ours, &mlx) < 1e-6, "{}", max_rel(&ours, &mlx));
+    }
+    // A strided input (a transposed view).
+    let xt = array(&[96, 4], 13).t();
+    let ours = host(&rms_norm(&xt, Some(&w), 1e-6).expect("kernel"));
+    let mlx = host(&mlx_rs::fast::rms_norm(&xt, Some(&w), 1e-6).expect("mlx"));
+    assert!(max_rel(&ours, &mlx) < 1e-6);
+}
+
+#[test]
+fn rope_matches_mlx() {
+    // [B, T, H, D] transposed to [B, H, T, D], as attention lays it out.
+    let x = array(&[2, 5, 3, 32], 21)
+        .transpose_axes(&[0, 2, 1, 3])
+        .expect("transpose");
+    let freqs = Array::from_slice(
+        &values(12, 22)
+            .iter()
+            .map(|v| 1.0 + v.abs() * 50.0)
+            .collect::<Vec<_>>(),
+        &[12],
+    );
+    for traditional in [false, true] {
+        for (dims, offset) in [(32, 0), (24, 7), (32, 300)] {
+            let ours = host(
+                &rope(&x, dims, traditional, Some(10_000.0), 0.5, offset, None).expect("kernel"),
+            );
+            let mlx = host(
+                &mlx_rs::fast::rope(&x, dims, traditional, Some(10_000.0), 0.5, offset, None)
+                    .expect("mlx"),
+            );
+            assert!(
+                max_rel(&ours, &mlx) < 1e-5,
+                "traditional {traditional} dims {dims} offset {offset}"
+            );
+        }
+        let ours = host(&rope(&x, 24, traditional, None, 1.0, 3, Some(&freqs)).expect("kernel"));
+        let mlx = host(
+            &mlx_rs::fast::rope(&x, 24, traditional, None, 1.0, 3, Some(&freqs)).expect("mlx"),
+        );
+        assert!(
+            max_rel(&ours, &mlx) < 1e-5,
+            "freqs, traditional {traditional}"
+        );
+    }
+}
+
+#[test]
+fn attention_matches_mlx() {
+    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
+    // Keys and values as a cache holds them: the first 9 of 16 positions.
+    let cache = array(&[2, 2, 16, 64], 31);
+    let idx = |a: &Array| a.index((.., .., 0..9, ..));
+    let (k, v) = (idx(&cache), idx(&array(&[2, 2, 16, 64], 32)));
+    for tq in [1, 4] {
+        let q = array(&[2, 6, tq, 64], 33);
+        for causal in [false, true] {
+            let ours = host(&attention(&q, &k, &v, 0.125, causal).expect("kernel"));
+            let mask = causal.then_some(M::Causal);
+            let mlx = host(
+                &mlx_rs::fast::scaled_dot_product_attention(&q, &k, &v, 0.125, mask, None)
+                    .expect("mlx"),
+            );
+            assert!(
+                max_rel(&ours, &mlx) < 1e-5,
+                "tq {tq} causal {causal}: {}",
+                max_rel(&ours, &mlx)
+            );
+        }
+    }
+}
+
+/// Each instruction-set path (forced through `LMSPEC_CPU_KERNELS` in a
+/// child process) gives the products the MLX comparison accepts.
+#[test]
+fn every_path_gives_the_same_products() {
+    if std::env::var_os("LMSPEC_CPU_KERNELS").is_some() {
+        return; // the child itself
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    for path in ["scalar", "avx2"] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "cpu_kernels::tests::quantized_product_matches_mlx_and_float64",
+            ])
+            .args(["--test-threads=1", "--nocapture"])
+            .env("LMSPEC_CPU_KERNELS", path)
+            .output()
+            .expect("child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{path}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("1 passed"),
+            "{path}: the test did not run: {text}"
+        );
+    }
+}
