@@ -6,20 +6,15 @@
 # Each case's JSON report goes to $BENCH_OUT (default /tmp/lmspec-bench-out),
 # its table to stdout; $BENCH_FLAGS are added to each `lmspec bench`, and
 # $PIN prefixes it (e.g. `taskset -c 2-5`; the mlx-lm process inherits the
-# affinity).
+# affinity). With LARGE=1 an 8B-shaped llama in bfloat16 is added. Each dense
+# model is also run by Hugging Face transformers on the machine's own PyTorch
+# (porting-tools/python/bench_transformers.py: static cache, torch.compile;
+# TRANSFORMERS=0 skips it), its JSON beside lmspec's.
 set -euo pipefail
 source .ci/gpu-env.sh
 bin="${LMSPEC_BIN:-.gpu/b/bin}"
 [ -x "$bin/lmspec" ] || { echo "gpu-bench: no $bin/lmspec; build it on the CPU machine (docs/gpu.md, step 1) and bring .gpu/ along (git-ignored)" >&2; exit 1; }
-wheels="${LMSPEC_WHEELS:-/tmp/lmspec-wheels}"
-py=/tmp/lmspec-site
-if [ ! -d "$py/mlx_lm" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$py" "$wheels"/*.whl
-  cp "$lib/mlx/lib/libmlx.so" "$py/mlx/lib/" 2>/dev/null || { mkdir -p "$py/mlx/lib"; cp "$lib/mlx/lib/libmlx.so" "$py/mlx/lib/"; }
-  cp -r "$lib/mlx_cuda_13.libs" "$py/"
-  cp -r "$lib/mlx/include" "$py/mlx/"
-fi
-export PYTHONPATH="$py" LMSPEC_PYTHON=python3
+mlx_python || { echo "gpu-bench: no mlx / mlx-lm wheels in ${LMSPEC_WHEELS:-/tmp/lmspec-wheels}" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$bin"/lmspec doctor
 models=/tmp/lmspec-bench-models
@@ -29,12 +24,22 @@ mk_model() {  # name, extra args
 }
 mk_model llama1b-q4 --dtype bfloat16 --bits 4 --group-size 64
 mk_model llama1b-bf16 --dtype bfloat16
+list=(goldens/llama/model "$models/llama1b-q4" "$models/llama1b-bf16")
+if [ "${LARGE:-0}" = 1 ]; then
+  [ -d "$models/llama8b-bf16" ] || python3 porting-tools/python/bench_mlx_lm.py --make-random-llama "$models/llama8b-bf16" --like llama-8b --dtype bfloat16 >&2
+  list+=("$models/llama8b-bf16")
+fi
 out="${BENCH_OUT:-/tmp/lmspec-bench-out}"
 mkdir -p "$out"
-for m in goldens/llama/model "$models/llama1b-q4" "$models/llama1b-bf16"; do
+for m in "${list[@]}"; do
   case "$m" in goldens/*) name=tiny ;; *) name="$(basename "$m")" ;; esac
   echo "== $m"
   ${PIN:-} "$bin"/lmspec bench --model "$m" --prompt-tokens "${PROMPT:-512}" --gen-tokens "${GEN:-128}" \
     --repeat "${REPEAT:-5}" --weights quantized --against mlx-lm --json ${BENCH_FLAGS:-} > "$out/$name.json"
   python3 porting-tools/python/bench_table.py --summary "$out/$name.json"
+  if [ "${TRANSFORMERS:-1}" = 1 ] && [ "$name" != tiny ] && ! grep -q '"quantization"' "$m/config.json"; then
+    python3 porting-tools/python/bench_transformers.py --model "$m" --prompt-tokens "${PROMPT:-512}" \
+      --gen-tokens "${GEN:-128}" --repeat "${REPEAT:-5}" > "$out/$name-transformers.json"
+    python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(d["engine"], "prefill tok/s", round(d["prefill_tps"]["median"], 1), "decode tok/s", round(d["decode_tps"]["median"], 1))' "$out/$name-transformers.json"
+  fi
 done

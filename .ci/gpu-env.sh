@@ -22,3 +22,18 @@ if [ "$root" != "$built_at" ] && [ ! -e "$built_at" ]; then
   mkdir -p "$(dirname "$built_at")"
   ln -s "$root" "$built_at"
 fi
+# mlx (cp312) and mlx-lm for Python over the same libmlx, from the wheels in
+# $LMSPEC_WHEELS (default /tmp/lmspec-wheels): `mlx_python` installs them
+# once into /tmp/lmspec-site and exports PYTHONPATH; it fails without them.
+mlx_python() {
+  local wheels="${LMSPEC_WHEELS:-/tmp/lmspec-wheels}" py=/tmp/lmspec-site
+  if [ ! -d "$py/mlx_lm" ]; then
+    ls "$wheels"/*.whl >/dev/null 2>&1 || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$py" "$wheels"/*.whl || return 1
+    mkdir -p "$py/mlx/lib"
+    cp "$lib/mlx/lib/libmlx.so" "$py/mlx/lib/"
+    cp -r "$lib/mlx_cuda_13.libs" "$py/"
+    cp -r "$lib/mlx/include" "$py/mlx/"
+  fi
+  export PYTHONPATH="$py" LMSPEC_PYTHON=python3
+}
