@@ -70,6 +70,11 @@ enum Command {
         /// Tokens the draft model proposes per step.
         #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
         num_draft_tokens: usize,
+        /// An image (PNG or JPEG) for a vision-language model; repeat for
+        /// several. Chat-templated prompts get one image entry each before
+        /// the text; with --raw the prompt writes the placeholders itself.
+        #[arg(long = "image", value_name = "PATH")]
+        images: Vec<PathBuf>,
         /// The draft model's weight representation (as --weights).
         #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
         draft_weights: String,
@@ -83,6 +88,10 @@ enum Command {
     Chat {
         #[command(flatten)]
         gen: GenArgs,
+        /// An image (PNG or JPEG) for a vision-language model, shown with
+        /// the first message; repeat for several.
+        #[arg(long = "image", value_name = "PATH")]
+        images: Vec<PathBuf>,
     },
     /// Sentence embeddings from an encoder folder (one JSON array per text,
     /// or --out FILE.npy|.jsonl).
@@ -101,12 +110,15 @@ enum Command {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Weight representation: auto (dense float32 on CPU when memory
-        /// allows), quantized (as stored) or dense.
+        /// Weight representation: auto (as stored where lmspec's CPU
+        /// kernels run them, else dense float32 on CPU when memory allows),
+        /// quantized (as stored) or dense.
         #[arg(long, default_value = "auto")]
         weights: String,
-        /// Also run mlx-lm on the same prompt and weights (`mlx-lm`); the
-        /// two engines' repeats alternate.
+        /// Also run another engine on the same prompt and weights: `mlx-lm`,
+        /// or `llama.cpp` (a GGUF; llama-cpp-python from
+        /// `.ci/llama-cpp-env.sh`, same thread count); the two engines'
+        /// repeats alternate.
         #[arg(long)]
         against: Option<String>,
         /// Print JSON instead of a table.
@@ -208,8 +220,9 @@ pub(crate) struct GenArgs {
     /// Enable the template's thinking mode (`enable_thinking`).
     #[arg(long)]
     thinking: Option<bool>,
-    /// Weight representation: auto (dense float32 on CPU when memory
-    /// allows), quantized (as stored) or dense.
+    /// Weight representation: auto (as stored where lmspec's CPU kernels
+    /// run them, else dense float32 on CPU when memory allows), quantized
+    /// (as stored) or dense.
     #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
     weights: String,
     /// The global `--gguf-file`.
@@ -580,6 +593,7 @@ struct GenerateExtras {
     draft_model: Option<String>,
     num_draft_tokens: usize,
     draft_weights: String,
+    images: Vec<PathBuf>,
 }
 
 fn generate(
@@ -602,6 +616,18 @@ fn generate(
     let mut context = gen.context();
     if !tools.is_empty() {
         context.tools = Some(tools.iter().map(lmspec::lm::Tool::spec).collect());
+    }
+    if !extra.images.is_empty() {
+        return generate_with_images(
+            gen,
+            &lm,
+            prompt,
+            raw,
+            &params,
+            &context,
+            &extra.images,
+            extra,
+        );
     }
     let mut cached = match &extra.prompt_cache {
         Some(path) => Some(crate::cache_cmd::load(&lm, path)?),
@@ -637,6 +663,46 @@ fn generate(
             })?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `generate --image`: the images processed as the checkpoint's processor
+/// says, one image entry per image in the user message (or the
+/// placeholders of a raw prompt), then generation with the images spliced in.
+#[allow(clippy::too_many_arguments)]
+fn generate_with_images(
+    gen: &GenArgs,
+    lm: &lmspec::lm::LanguageModel,
+    prompt: &str,
+    raw: bool,
+    params: &lmspec::lm::generate::GenerateParams,
+    context: &lmspec::lm::template::ChatContext,
+    images: &[PathBuf],
+    extra: &GenerateExtras,
+) -> Result<ExitCode> {
+    if extra.prompt_cache.is_some() || extra.draft_model.is_some() {
+        bail!("--image: not with --prompt-cache or --draft-model");
+    }
+    let processed = lm.load_images(images)?;
+    let ids = if raw {
+        lm.tokenizer.encode(prompt)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &gen.system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        let mut content: Vec<serde_json::Value> = images
+            .iter()
+            .map(|_| serde_json::json!({"type": "image"}))
+            .collect();
+        content.push(serde_json::json!({"type": "text", "text": prompt}));
+        messages.push(serde_json::json!({"role": "user", "content": content}));
+        lm.chat_prompt(&serde_json::Value::Array(messages), context)?
+    };
+    let step = gen.prefill_step_size;
+    lm.generate_with_images(&ids, &processed, params, None, None, &mut |e| {
+        print_event(e, step)
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -732,10 +798,18 @@ fn read_line(input: &mut impl std::io::BufRead, max: u64) -> Result<Option<Strin
         .map_err(|_| anyhow!("stdin: a line is not UTF-8"))
 }
 
-fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
+fn chat(specs: &Option<PathBuf>, gen: &GenArgs, images: &[PathBuf]) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
     let (tools, output) = gen.output(specs, &lm)?;
     let format = output.tools.clone();
+    if !images.is_empty() && format.is_some() {
+        bail!("--image: not with tools (--tools or a tool format)");
+    }
+    // The images go with the first message.
+    let mut pending = match images.is_empty() {
+        true => Vec::new(),
+        false => lm.load_images(images)?,
+    };
     let mut params = gen.params();
     xtc_special_tokens(&lm, &mut params)?;
     params.output = output;
@@ -761,6 +835,13 @@ fn chat(specs: &Option<PathBuf>, gen: &GenArgs) -> Result<ExitCode> {
                     }
                 })?;
                 println!("{answer}");
+            }
+            None if !pending.is_empty() => {
+                let images = std::mem::take(&mut pending);
+                session.respond_with_images(&line, images, &mut |e| {
+                    print_event(e, gen.prefill_step_size)
+                })?;
+                println!();
             }
             None => {
                 session
@@ -885,6 +966,13 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
         Ok("1") => Some(true),
         _ => None,
     };
+    // How quantized products on the CPU treat activations: `float` (the
+    // default, MLX's numerics) or `int8` (llama.cpp's).
+    if let Ok(a) = std::env::var("LMSPEC_ACTIVATIONS") {
+        let a = lmspec::engine::cpu_kernels::Activations::parse(&a)
+            .ok_or_else(|| anyhow!("LMSPEC_ACTIVATIONS={a}: expected `float` or `int8`"))?;
+        opts = opts.with_activations(a);
+    }
     Ok(opts)
 }
 
@@ -970,6 +1058,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             draft_model,
             num_draft_tokens,
             draft_weights,
+            images,
         } => {
             gen.gguf_file = cli.gguf_file.clone();
             let extra = GenerateExtras {
@@ -977,6 +1066,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 draft_model,
                 num_draft_tokens,
                 draft_weights,
+                images,
             };
             generate(&cli.specs, &gen, prompt.as_deref(), raw, &extra)
         }
@@ -984,9 +1074,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args.gen.gguf_file = cli.gguf_file.clone();
             crate::cache_cmd::cache_prompt(&cli.specs, &args)
         }
-        Command::Chat { mut gen } => {
+        Command::Chat { mut gen, images } => {
             gen.gguf_file = cli.gguf_file.clone();
-            chat(&cli.specs, &gen)
+            chat(&cli.specs, &gen, &images)
         }
         cmd @ (Command::Pull { .. } | Command::Ls | Command::Rm { .. }) => {
             hub_command(&cli.specs, &cli.gguf_file, cmd)
@@ -1017,22 +1107,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 weights,
                 profile_ops,
             };
-            let against_mlx_lm = match against.as_deref() {
-                None => false,
-                Some("mlx-lm") => true,
-                Some(other) => bail!("--against {other}: only mlx-lm is supported"),
+            let against = match against.as_deref() {
+                None => None,
+                Some(name) => {
+                    Some(lmspec::port::bench::Reference::parse(name).ok_or_else(|| {
+                        anyhow!("--against {name}: expected `mlx-lm` or `llama.cpp`")
+                    })?)
+                }
             };
             let report = lmspec::port::bench::run(
                 &load_options(&cli.specs, weights)?,
                 &repo_root(),
                 &args,
-                against_mlx_lm,
+                against,
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                match &report.theirs {
-                    Some(t) => print!("{}", lmspec::port::bench::ratio_table(&report.ours, t)),
+                match report.reference() {
+                    Some((t, name)) => {
+                        print!(
+                            "{}",
+                            lmspec::port::bench::ratio_table(&report.ours, t, name)
+                        )
+                    }
                     None => println!("{}", serde_json::to_string_pretty(&report.ours)?),
                 }
             }
@@ -1082,13 +1180,18 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
             spec,
             html,
         } => {
+            let vision = lmspec::port::diff::is_vision_golden(&golden);
             let model = match model {
                 Some(m) => m,
+                None if vision => golden.join("model"),
                 None => lmspec::port::golden::Golden::load(&golden)?.model_dir(),
             };
             let mut opts = load_options(specs, WeightPlan::AsStored)?;
             opts.spec = spec;
-            let report = lmspec::port::diff::diff(&model, &golden, &opts, None)?;
+            let report = match vision {
+                true => lmspec::port::diff::diff_tower(&model, &golden, &opts, None)?,
+                false => lmspec::port::diff::diff(&model, &golden, &opts, None)?,
+            };
             print!("{}", report.table());
             if let Some(path) = html {
                 std::fs::write(&path, lmspec::port::report::html(&report))
@@ -1212,6 +1315,12 @@ fn logits(
 }
 
 fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
+    // The references are float32 runs; on a GPU, MLX runs float32 matmuls
+    // in TF32 (10-bit mantissa) unless told not to, before its first one.
+    if runtime::default_device() == "gpu" && std::env::var_os("MLX_ENABLE_TF32").is_none() {
+        std::env::set_var("MLX_ENABLE_TF32", "0");
+        println!("(on the GPU: float32 matmuls in float32, MLX_ENABLE_TF32=0)");
+    }
     let opts = load_options(specs, WeightPlan::AsStored)?;
     let cases = if cases.is_empty() {
         lmspec::port::golden::Golden::cases(&Path::new(env!("CARGO_MANIFEST_DIR")).join("goldens"))?
