@@ -23,3 +23,4 @@ mod server;
 mod support;
 mod tools;
 mod vlm;
+mod vlm_siglip;

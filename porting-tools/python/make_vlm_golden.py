@@ -57,6 +57,9 @@ import numpy as np
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+# The SigLIP-tower families (Gemma 3) live in their own module.
+from vlm_golden_siglip import SIGLIP_CASES, make_siglip_case
+
 GREEDY = 16
 
 CASES = {
@@ -278,10 +281,12 @@ def prompt(cfg, merge):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True, choices=sorted(CASES))
+    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.case in SIGLIP_CASES:
+        return make_siglip_case(args, make_images)
     cfg = CASES[args.case]
     out = args.out or os.path.join("goldens", "vlm", args.case)
     os.makedirs(os.path.join(out, "model"), exist_ok=True)

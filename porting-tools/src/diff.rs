@@ -207,7 +207,7 @@ pub fn diff_tower(
     opts: &LoadOptions,
     tolerance: Option<Tolerance>,
 ) -> Result<DiffReport> {
-    use lmspec_lm::vision::{tower_inputs, Grid};
+    use lmspec_lm::vision::{tower_batch, Grid};
     let file = golden_dir.join("golden.safetensors");
     let t = Array::load_safetensors(&file).map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let need = |k: &str| {
@@ -229,24 +229,30 @@ pub fn diff_tower(
         model_dir,
         &opts.clone().with_task(lmspec_spec::raw::Task::Vision),
     )?;
-    let merge = tower
+    // A tower that takes each image as a batch row needs no merge size.
+    let rows = tower.config.get("images_as_rows").and_then(|v| v.as_bool()) == Some(true);
+    let merge = match tower
         .config
         .get("spatial_merge_size")
         .and_then(|v| v.as_i64())
-        .ok_or_else(|| {
-            anyhow!(
+    {
+        Some(m) => m,
+        None if rows => 1,
+        None => {
+            return Err(anyhow!(
                 "{}: the tower spec binds no spatial_merge_size",
                 model_dir.display()
-            )
-        })?;
+            ))
+        }
+    };
     let engine_taps = tower.tap_names();
     let wanted: Vec<String> = engine_taps
         .iter()
         .filter(|n| t.contains_key(&format!("{VISION_TAPS}{n}")))
         .cloned()
         .collect();
-    let inputs = tower_inputs(&grids, merge)?;
-    let (_, values) = tower.encode(pixels, &inputs, &wanted)?;
+    let (pixels, inputs) = tower_batch(&tower, pixels, &grids, merge)?;
+    let (_, values) = tower.encode(&pixels, &inputs, &wanted)?;
     let tolerance = tolerance.unwrap_or(Tolerance::F32);
     let mut rows = Vec::new();
     for name in &wanted {

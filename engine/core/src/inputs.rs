@@ -75,6 +75,26 @@ pub(crate) fn features() -> Option<Array> {
     CURRENT.with_borrow(|c| c.0.features.clone())
 }
 
+/// A `[t, t]` mask (true: both positions lie in one span) over the
+/// forward's segment ids, where a span is the positions of one id of 0 or
+/// more (text positions carry -1); `None` without segment ids.
+pub(crate) fn span_mask(t: i32) -> Result<Option<Array>, Exception> {
+    let Some(seg) = CURRENT.with_borrow(|c| c.0.segments.clone()) else {
+        return Ok(None);
+    };
+    if seg.size() as i32 != t {
+        return Err(Exception::custom(format!(
+            "attention: {} segment ids for {t} positions",
+            seg.size()
+        )));
+    }
+    let rows = seg.reshape(&[t, 1])?;
+    let cols = seg.reshape(&[1, t])?;
+    let same = mlx_rs::ops::eq(&rows, &cols)?;
+    let inside = mlx_rs::ops::ge(&rows, Array::from_int(0))?;
+    mlx_rs::ops::logical_and(&same, &inside).map(Some)
+}
+
 /// A `[t, t]` mask (true: visible) that keeps each query to the keys of
 /// its own segment, when the forward has segment ids.
 pub(crate) fn segment_mask(t: i32) -> Result<Option<Array>, Exception> {

@@ -20,7 +20,13 @@ use crate::vision::Grid;
 /// `temporal_patch_size`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
+    /// Pixels per patch side; 0 until the tower's `patch_size` fills it in
+    /// (a fixed-size processor's config need not name it).
     pub patch_size: i64,
+    /// `(height, width)` every image is resized to (`size.height` and
+    /// `size.width`: the SigLIP-style processors), instead of the
+    /// pixel-budget resize.
+    pub fixed_size: Option<(i64, i64)>,
     pub temporal_patch_size: i64,
     pub merge_size: i64,
     pub min_pixels: i64,
@@ -128,6 +134,34 @@ impl ImageProcessor {
     /// The processor of a parsed config; `file` is named in errors.
     pub fn from_json(j: &Json, file: &Path) -> Result<ImageProcessor> {
         let size = j.get("size");
+        if get_bool(j, file, "do_pan_and_scan", false)? {
+            return Err(field_err(
+                file,
+                "do_pan_and_scan",
+                "pan-and-scan crops are not supported",
+            ));
+        }
+        let fixed = match size.map(|s| (s.get("height"), s.get("width"))) {
+            Some((Some(_), Some(_))) => {
+                let side = |key: &str| {
+                    let v = &size.expect("size")[key];
+                    v.as_i64()
+                        .filter(|&n| (1..=MAX_IMAGE_SIDE as i64).contains(&n))
+                        .ok_or_else(|| {
+                            field_err(
+                                file,
+                                &format!("size.{key}"),
+                                format!("expected a side of 1 to {MAX_IMAGE_SIDE} pixels, got {v}"),
+                            )
+                        })
+                };
+                Some((side("height")?, side("width")?))
+            }
+            _ => None,
+        };
+        if let Some((h, w)) = fixed {
+            return ImageProcessor::settings(j, file, Some((h, w)), h * w, h * w);
+        }
         let min_pixels = match j.get("min_pixels") {
             Some(v) if !v.is_null() => get_int(j, file, "min_pixels", None)?,
             _ => match size.and_then(|s| s.get("shortest_edge")) {
@@ -166,6 +200,17 @@ impl ImageProcessor {
                 }
             },
         };
+        ImageProcessor::settings(j, file, None, min_pixels, max_pixels)
+    }
+
+    /// The settings every processor kind shares, read from `j`.
+    fn settings(
+        j: &Json,
+        file: &Path,
+        fixed_size: Option<(i64, i64)>,
+        min_pixels: i64,
+        max_pixels: i64,
+    ) -> Result<ImageProcessor> {
         if max_pixels > MAX_TARGET_PIXELS {
             return Err(field_err(
                 file,
@@ -219,8 +264,11 @@ impl ImageProcessor {
             }
             Ok(v)
         };
+        // A fixed-size processor may leave the patch side to the tower.
+        let patch_default = fixed_size.map(|_| 0);
         Ok(ImageProcessor {
-            patch_size: bounded("patch_size", None)?,
+            patch_size: bounded("patch_size", patch_default)?,
+            fixed_size,
             temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
             merge_size: bounded("merge_size", Some(1))?,
             min_pixels,
@@ -235,11 +283,21 @@ impl ImageProcessor {
         })
     }
 
+    /// The processor with its patch side set (a fixed-size processor takes
+    /// the tower's).
+    pub fn with_patch_size(mut self, patch: i64) -> ImageProcessor {
+        self.patch_size = patch;
+        self
+    }
+
     /// The size an image of `height` x `width` is resized to: each side a
     /// multiple of `patch_size · merge_size`, the area within
     /// `[min_pixels, max_pixels]`, the aspect ratio kept as closely as
     /// possible.
     pub fn target_size(&self, height: i64, width: i64) -> Result<(i64, i64)> {
+        if let Some(size) = self.fixed_size {
+            return Ok(size);
+        }
         smart_resize(
             height,
             width,
@@ -267,6 +325,11 @@ impl ImageProcessor {
         } else {
             (h, w)
         };
+        if self.patch_size < 1 {
+            return Err(Error::Usage(
+                "the image processor has no patch_size (and no tower gave one)".into(),
+            ));
+        }
         let factor = self.patch_size * self.merge_size;
         if th.saturating_mul(tw) > MAX_TARGET_PIXELS {
             return Err(Error::Usage(format!(
@@ -274,6 +337,11 @@ impl ImageProcessor {
             )));
         }
         if th % factor != 0 || tw % factor != 0 {
+            if self.fixed_size.is_some() {
+                return Err(Error::Usage(format!(
+                    "the processor's size {tw}x{th} does not divide into patches of {factor} pixels"
+                )));
+            }
             return Err(Error::Usage(format!(
                 "image of {w}x{h} is not a multiple of {factor} pixels and the processor does not resize"
             )));

@@ -78,6 +78,68 @@ pub fn tower_inputs(grids: &[Grid], merge: i64) -> Result<ForwardInputs> {
     })
 }
 
+/// The tower's input and forward inputs for images given as flattened
+/// patches `[Σ patches, F]` with their grids. A tower whose spec binds
+/// `images_as_rows: true` (every image resized to one size) takes the
+/// images as the rows of a batch `[images, patches, F]`, each patch row-major
+/// in its image; any other takes one row of all patches in merge-window
+/// order, with positions and segments from [`tower_inputs`].
+pub fn tower_batch(
+    tower: &Model,
+    pixels: &Array,
+    grids: &[Grid],
+    merge: i64,
+) -> Result<(Array, ForwardInputs)> {
+    let rows = tower
+        .config
+        .get("images_as_rows")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !rows {
+        return Ok((pixels.clone(), tower_inputs(grids, merge)?));
+    }
+    let Some(first) = grids.first() else {
+        return Err(Error::Usage("no images given to the tower".into()));
+    };
+    if let Some(g) = grids.iter().find(|g| *g != first) {
+        return Err(Error::Usage(format!(
+            "images of a fixed-size tower must share one patch grid: {}x{}x{} and {}x{}x{}",
+            first.t, first.h, first.w, g.t, g.h, g.w
+        )));
+    }
+    let width = pixels.shape().get(1).copied().unwrap_or(0);
+    let batch = pixels.reshape(&[grids.len() as i32, first.patches() as i32, width])?;
+    let grids = grids.iter().map(|g| [g.t, g.h, g.w]).collect();
+    Ok((
+        batch,
+        ForwardInputs {
+            grids: Some(grids),
+            ..ForwardInputs::default()
+        },
+    ))
+}
+
+/// Segment ids `[T]` of a prompt: each run of `image` tokens its own span
+/// (0, 1, ... in order), text -1 (read by attention that is bidirectional
+/// within an image's tokens).
+pub fn image_spans(ids: &[i64], image: i64) -> Vec<i32> {
+    let mut next = 0;
+    let mut out = Vec::with_capacity(ids.len());
+    for (k, &t) in ids.iter().enumerate() {
+        if t != image {
+            out.push(-1);
+            continue;
+        }
+        if k > 0 && ids[k - 1] == image {
+            out.push(next - 1);
+        } else {
+            out.push(next);
+            next += 1;
+        }
+    }
+    out
+}
+
 /// 3-D (t, h, w) positions `[3][T]` of a prompt whose runs of `image`
 /// tokens stand for the images of `grids` in order, and the delta later
 /// positions add (the largest position + 1 - the prompt's length). Text
@@ -195,10 +257,24 @@ impl VisionModel {
         };
         let image_token = config_int(text, "image_token_id")?;
         let merge = config_int(text, "spatial_merge_size")?;
+        // The patch order the tower reads: merge windows, or row-major
+        // (merge 1) for a tower that takes each image as a batch row.
+        let rows = tower
+            .config
+            .get("images_as_rows")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let order = if rows { 1 } else { merge };
+        let processor = match processor {
+            Some(p) if p.patch_size == 0 => {
+                Some(p.with_patch_size(config_int(&tower, "patch_size")?))
+            }
+            p => p,
+        };
         if let Some(p) = &processor {
-            if p.merge_size != merge {
+            if p.merge_size != order {
                 return Err(Error::Usage(format!(
-                    "{}: merge_size {} differs from the model's spatial_merge_size {merge}",
+                    "{}: merge_size {} differs from the tower's patch order (merge windows of {order})",
                     dir.join("preprocessor_config.json").display(),
                     p.merge_size
                 )));
@@ -222,8 +298,8 @@ impl VisionModel {
                 "pixel values must be [{n}, F] for the grids given, got {s:?}"
             )));
         }
-        let inputs = tower_inputs(grids, self.merge)?;
-        let (out, _) = self.tower.encode(pixels, &inputs, &[])?;
+        let (pixels, inputs) = tower_batch(&self.tower, pixels, grids, self.merge)?;
+        let (out, _) = self.tower.encode(&pixels, &inputs, &[])?;
         let d = out.shape()[2];
         Ok(out.reshape(&[-1, d])?)
     }
@@ -239,8 +315,10 @@ impl VisionModel {
         let (pos, delta) = text_positions(ids, grids, self.image_token, self.merge)?;
         let t = ids.len() as i32;
         let flat: Vec<i32> = pos.concat();
+        let spans = image_spans(ids, self.image_token);
         Ok(ForwardInputs {
             positions: Some(Array::from_slice(&flat, &[3, t])),
+            segments: Some(Array::from_slice(&spans, &[t])),
             features: features.cloned(),
             position_delta: Some(delta),
             ..ForwardInputs::default()
@@ -290,6 +368,9 @@ impl VisionModel {
             }
             let p = inputs.positions.take().expect("positions");
             inputs.positions = Some(p.try_index((.., ..n as i32))?);
+            if let Some(sg) = inputs.segments.take() {
+                inputs.segments = Some(sg.try_index(..n as i32)?);
+            }
         }
         Ok(inputs)
     }
@@ -360,6 +441,9 @@ impl VisionModel {
             }
             if let Some(p) = inputs.positions.take() {
                 inputs.positions = Some(p.try_index((.., start as i32..))?);
+            }
+            if let Some(sg) = inputs.segments.take() {
+                inputs.segments = Some(sg.try_index(start as i32..)?);
             }
         }
         let head = &head[start..];

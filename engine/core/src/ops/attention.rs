@@ -138,6 +138,10 @@ impl Attend for Attention {
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
         };
+        let mask = match self.bidirectional_spans && t > 1 {
+            true => with_spans(mask, &kv, t)?,
+            false => mask,
+        };
         if let Some(n) = self.kv_out {
             crate::cache::shared::publish(n, &mask, &kv);
         }
@@ -234,6 +238,34 @@ pub(crate) fn band_mask(t: i32, window: i32) -> Array {
         }
     }
     Array::from_slice(&allowed, &[t, t])
+}
+
+/// `mask` widened so that the positions of one span of the forward's
+/// segment ids (the last `t` keys: this call's own positions) see each
+/// other, whatever their order.
+fn with_spans(mask: Mask, kv: &KvView, t: i32) -> Result<Mask, Exception> {
+    let Some(spans) = crate::inputs::span_mask(t)? else {
+        return Ok(mask);
+    };
+    let s = match kv {
+        KvView::Dense(k, _) => k.shape()[2],
+        KvView::Quantized { keys, .. } => keys[0].shape()[2],
+    };
+    let spans = match s - t {
+        0 => spans,
+        past => mlx_rs::ops::concatenate(
+            &[
+                &Array::from_slice(&vec![false; (t * past) as usize], &[t, past]),
+                &spans,
+            ],
+            1,
+        )?,
+    };
+    Ok(Mask::Array(match mask {
+        Mask::None => return Ok(Mask::None),
+        Mask::Causal => mlx_rs::ops::logical_or(causal_mask(t, s - t, None), &spans)?,
+        Mask::Array(a) => mlx_rs::ops::logical_or(&a, &spans)?,
+    }))
 }
 
 /// `mask` restricted to the keys a `[B, S]` key mask allows (true = a real

@@ -35,6 +35,8 @@ mod scan_tests;
 #[cfg(test)]
 mod share_tests;
 mod slice;
+#[cfg(test)]
+mod span_tests;
 mod ssm;
 #[cfg(test)]
 mod tests;

@@ -361,6 +361,10 @@ impl Op for Splice {
             Array::from_int(1),
         )?;
         let rank = mlx_rs::ops::maximum(&rank, Array::from_int(0))?;
+        let features = match self.scale {
+            1.0 => features,
+            f => mlx_rs::ops::multiply(&features, Array::from_f32(f as f32))?,
+        };
         let rows = features.as_dtype(emb.dtype())?.take_axis(&rank, 0)?;
         let flat = emb.reshape(&[b * t, d])?;
         let mask = is_image.reshape(&[b * t, 1])?;

@@ -23,6 +23,7 @@ op! {
         gqa: Gqa = Gqa::Grouped, "grouped: query head h reads key/value head h / (Hq / Hkv); tiled: h mod Hkv";
         kv_out: Option<i64> = None, "publish this node's keys and values (all positions, after its cache) and its mask under this number, for later `kv_from` nodes of the same forward";
         kv_from: Option<i64> = None, "attend over the keys, values and mask an earlier node published under this number (KV-shared layers): the node takes [q] alone, keeps no cache, and its output is as wide as q's heads";
+        bidirectional_spans: bool = false, "causal, but the positions of one span of the forward's segment ids (an image's tokens: ids of 0 or more, text -1) also see each other (the image tokens of a vision-language prompt)";
     }
 }
 
@@ -54,10 +55,10 @@ impl Attention {
                 ))
             }
             (Some(_), 1) => {
-                if self.kv_out.is_some() || self.sinks || !self.causal {
+                if self.kv_out.is_some() || self.sinks || !self.causal || self.bidirectional_spans {
                     return Err(OpError::new(
                         "kv_from",
-                        "a node reading shared keys and values neither publishes its own, has sinks, nor is bidirectional",
+                        "a node reading shared keys and values neither publishes its own, has sinks, nor is bidirectional (nor over spans)",
                     ));
                 }
                 let (hq, dq) = expect_heads(inputs, 0)?;
@@ -111,6 +112,12 @@ impl Attention {
             return Err(OpError::new(
                 "in",
                 format!("{hq} query heads do not group over {hk} key/value heads"),
+            ));
+        }
+        if self.bidirectional_spans && !self.causal {
+            return Err(OpError::new(
+                "bidirectional_spans",
+                "spans widen a causal mask: not for non-causal attention",
             ));
         }
         if self.sinks && scope.is_empty() {

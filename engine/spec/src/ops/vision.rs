@@ -64,6 +64,7 @@ op! {
     /// Writes the rows of the forward's image features over the embeddings [B, T, D] at the positions whose token id is `token`; inputs [token ids, embeddings]. Without features it passes the embeddings through.
     "splice" (2..=2) => Splice {
         token: i64, "the image placeholder token id";
+        scale: f64 = 1.0, "multiplier of the feature rows before they are written";
     }
 }
 
@@ -248,6 +249,12 @@ impl Splice {
             return Err(OpError::new(
                 "token",
                 format!("a token id is not negative, got {}", self.token),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(OpError::new(
+                "scale",
+                format!("expected a finite number, got {}", self.scale),
             ));
         }
         Ok(Resolved::pure(Layout::flat(d)))

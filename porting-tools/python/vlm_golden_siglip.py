@@ -1,0 +1,342 @@
+"""Goldens of the SigLIP-tower families (Gemma 3), made and run by mlx-vlm.
+
+Run through make_vlm_golden.py (``--case gemma3``); the case folder has the
+layout that script describes, with these differences:
+
+    pixel_values     [images * patches, C*P*P] each image's patches row-major,
+                     each flattened as (channel, row, column) (mlx-vlm's
+                     [images, C, H, W] cut into patches)
+    image_grid_thw   [images, 3] (1, H/P, W/P) per image
+    vision_features  [images * tokens, text hidden] the projector's output
+    logits           [1, L, vocab] the prompt with the images spliced in;
+                     attention is causal and, as in Hugging Face's Gemma 3,
+                     bidirectional within each image's run of tokens (the
+                     mask given to mlx-vlm's language model, whose own
+                     generation path masks causally)
+    greedy_tokens, decode_logits
+                     16 greedy steps after the prompt is prefilled into
+                     mlx-vlm's caches (rotating for the sliding layers; the
+                     window is shorter than prompt + 16)
+    vision_taps.NAME the tower's values under the node names of
+                     specs/models/gemma3_vision.yaml
+    processor.safetensors
+                     transformers' Gemma3ImageProcessorPil on the test
+                     images: NAME.pixel_values [patches, C*P*P] (patches as
+                     above) and NAME.grid [1, 3]
+"""
+
+import json
+import os
+
+import numpy as np
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+GREEDY = 16
+IMAGES = 2
+
+SIGLIP_CASES = {
+    "gemma3": {
+        "model_type": "gemma3",
+        "vocab_size": 256,
+        "image_token_index": 250,
+        "boi_token_index": 251,
+        "eoi_token_index": 252,
+        "pad_token_id": 0,
+        "mm_tokens_per_image": 16,
+        "text_config": {
+            "model_type": "gemma3_text",
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": 256,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 48,
+            "sliding_window_pattern": 2,
+            "rope_local_base_freq": 10000.0,
+            "mm_tokens_per_image": 16,
+            "max_position_embeddings": 512,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "image_size": 32,
+            "num_channels": 3,
+            "layer_norm_eps": 1e-6,
+        },
+    },
+}
+
+PROCESSORS = {
+    "gemma3": {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "do_resize": True,
+        "size": {"height": 32, "width": 32},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 0.00392156862745098,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+        "do_pan_and_scan": False,
+    },
+}
+
+
+def build(case, cfg):
+    from mlx_vlm.models.gemma3 import Model, ModelConfig
+    from mlx_vlm.models.gemma3.config import TextConfig, VisionConfig
+
+    import inspect
+
+    known = inspect.signature(ModelConfig).parameters
+    top = {k: v for k, v in cfg.items()
+           if k in known and k not in ("text_config", "vision_config")}
+    config = ModelConfig(
+        text_config=TextConfig.from_dict(cfg["text_config"]),
+        vision_config=VisionConfig.from_dict(cfg["vision_config"]),
+        **top,
+    )
+    return Model(config)
+
+
+def to_patches(images, p):
+    """[B, C, H, W] -> [B * (H/p) * (W/p), C * p * p], patches row-major."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * (h // p) * (w // p), c * p * p)
+
+
+def vision_taps(model, nchw):
+    """The tower and projector step by step, under gemma3_vision's names."""
+    vm = model.vision_tower.vision_model
+    proj = model.multi_modal_projector
+    taps = {}
+    x = nchw.transpose(0, 2, 3, 1)
+    emb = vm.embeddings.patch_embedding(x)
+    emb = mx.flatten(emb, start_axis=1, end_axis=2)
+    taps["patches"] = emb
+    h = emb + vm.embeddings.position_embedding(mx.arange(emb.shape[1])[None])
+    taps["embed"] = h
+    for i, layer in enumerate(vm.encoder.layers):
+        if i > 0:
+            # The first block node by node; the rest by their outputs.
+            h = layer(h)
+            taps[f"layers.{i}"] = h
+            continue
+        ln1 = layer.layer_norm1(h)
+        taps[f"layers.{i}.ln1"] = ln1
+        taps[f"layers.{i}.q"] = layer.self_attn.q_proj(ln1)
+        o = layer.self_attn(ln1)
+        taps[f"layers.{i}.o"] = o
+        taps[f"layers.{i}.h"] = h + o
+        ln2 = layer.layer_norm2(h + o)
+        taps[f"layers.{i}.ln2"] = ln2
+        fc1 = layer.mlp.fc1(ln2)
+        taps[f"layers.{i}.fc1"] = fc1
+        taps[f"layers.{i}.act"] = layer.mlp.activation_fn(fc1)
+        taps[f"layers.{i}.fc2"] = layer.mlp(ln2)
+        h = layer(h)
+        taps[f"layers.{i}"] = h
+    h = vm.post_layernorm(h)
+    taps["post_ln"] = h
+    taps["proj"] = proj(h)
+    return taps
+
+
+def prompt(cfg, tokens):
+    boi, eoi, image = cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"]
+    ids = [5, 6]
+    for k in range(IMAGES):
+        ids += [boi] + [image] * tokens + [eoi] + [7 + 2 * k, 8 + 2 * k]
+    return ids
+
+
+def span_mask(ids, image):
+    """Causal, and bidirectional within each run of image tokens."""
+    n = len(ids)
+    group, run = [], -1
+    for k, t in enumerate(ids):
+        if t == image:
+            if k == 0 or ids[k - 1] != image:
+                run += 1
+            group.append(run)
+        else:
+            group.append(-1)
+    g = np.array(group)
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    same = (g[:, None] == g[None, :]) & (g[:, None] >= 0)
+    return mx.array(causal | same)
+
+
+def write_tokenizer(out, cfg):
+    vocab = {"<pad>": 0, "<bos>": 2, "user": 3, "model": 1}
+    for i in range(4, 250):
+        vocab[f"w{i}"] = i
+    specials = {"<image_soft_token>": cfg["image_token_index"],
+                "<start_of_image>": cfg["boi_token_index"],
+                "<end_of_image>": cfg["eoi_token_index"],
+                "<start_of_turn>": 253, "<end_of_turn>": 254, "<eos>": 255}
+    vocab.update(specials)
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for t, i in specials.items()],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"},
+    }
+    d = os.path.join(out, "model")
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(tok, f, indent=1)
+    template = ("{% for message in messages %}<start_of_turn>{{ message['role'] }} "
+                "{% if message['content'] is string %}{{ message['content'] }}"
+                "{% else %}{% for c in message['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image><image_soft_token><end_of_image> "
+                "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+                "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}")
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": template, "eos_token": "<end_of_turn>", "bos_token": None,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+
+
+def processor_fixtures(case, out, names, folder):
+    from PIL import Image
+    from transformers.models.gemma3.image_processing_pil_gemma3 import (
+        Gemma3ImageProcessorPil as Processor,
+    )
+
+    cfg = PROCESSORS[case]
+    with open(os.path.join(out, "model", "preprocessor_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    p = SIGLIP_CASES[case]["vision_config"]["patch_size"]
+    kwargs = {k: v for k, v in cfg.items() if k != "image_processor_type"}
+    proc = Processor(**kwargs)
+    tensors = {}
+    for name in names:
+        res = proc(images=[Image.open(os.path.join(folder, name))], return_tensors="np")
+        pv = np.asarray(res["pixel_values"], np.float32)
+        _, _, h, w = pv.shape
+        tensors[f"{name}.pixel_values"] = mx.array(to_patches(pv, p))
+        tensors[f"{name}.grid"] = mx.array(np.array([[1, h // p, w // p]], np.int32))
+        print(f"{name}: pixel_values {pv.shape}")
+    mx.save_safetensors(os.path.join(out, "processor.safetensors"), tensors)
+
+
+def make_siglip_case(args, make_images):
+    case = args.case
+    cfg = SIGLIP_CASES[case]
+    out = args.out or os.path.join("goldens", "vlm", case)
+    os.makedirs(os.path.join(out, "model"), exist_ok=True)
+
+    mx.random.seed(args.seed)
+    model = build(case, cfg)
+    params = dict(tree_flatten(model.parameters()))
+    rng = np.random.RandomState(args.seed)
+    for name, p in params.items():
+        if p.ndim == 1:
+            noise = rng.standard_normal(p.shape).astype(np.float32) * 0.1
+            params[name] = p + mx.array(noise)
+    # The projection starts at ones: random, scaled like a linear layer.
+    name = "multi_modal_projector.mm_input_projection_weight"
+    shape = params[name].shape
+    params[name] = mx.array(rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(shape[0]))
+    model.load_weights(list(params.items()))
+    mx.eval(model.parameters())
+    mx.save_safetensors(os.path.join(out, "model", "model.safetensors"),
+                        {k: v.astype(mx.float32) for k, v in params.items()})
+    with open(os.path.join(out, "model", "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+    vc = cfg["vision_config"]
+    p, size, c = vc["patch_size"], vc["image_size"], vc["num_channels"]
+    nchw = mx.array(rng.uniform(-1.0, 1.0, (IMAGES, c, size, size)).astype(np.float32))
+    pixel_values = mx.array(to_patches(np.array(nchw), p))
+    side = size // p
+    grid = mx.array([[1, side, side]] * IMAGES, dtype=mx.int32)
+    tokens = cfg["mm_tokens_per_image"]
+    ids_list = prompt(cfg, tokens)
+    ids = mx.array([ids_list], dtype=mx.int32)
+    mask = span_mask(ids_list, cfg["image_token_index"])
+
+    taps = vision_taps(model, nchw)
+    mx.eval(taps)
+    hidden, _, _ = model.vision_tower(nchw.transpose(0, 2, 3, 1), output_hidden_states=True)
+    features = model.multi_modal_projector(hidden)
+    assert mx.allclose(taps["proj"], features).item()
+    emb = model.get_input_embeddings(ids, nchw, mask=mx.ones(ids.shape)).inputs_embeds
+    lm = model.language_model
+    mx.eval(emb)
+    # mlx-vlm's text model scales its inputs_embeds in place: each call gets
+    # a copy.
+    logits = lm(ids, inputs_embeds=mx.array(emb), mask=mask).logits
+
+    cache = lm.make_cache()
+    step = lm(ids, inputs_embeds=mx.array(emb), mask=mask, cache=cache).logits
+    assert mx.allclose(step, logits, atol=1e-4).item()
+    out_tokens, decode = [], []
+    for _ in range(GREEDY):
+        tok = int(mx.argmax(step[0, -1]).item())
+        out_tokens.append(tok)
+        step = lm(mx.array([[tok]], dtype=mx.int32), cache=cache).logits
+        decode.append(step[0, -1])
+
+    # The causal logits (mlx-vlm's generation path) differ: the span mask
+    # matters in this golden.
+    causal = lm(ids, inputs_embeds=mx.array(emb)).logits
+    gap = float(mx.max(mx.abs(causal - logits)).item())
+    assert gap > 1e-3, gap
+
+    golden = {
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+        "input_ids": ids,
+        "vision_features": features.reshape(-1, features.shape[-1]).astype(mx.float32),
+        "logits": logits.astype(mx.float32),
+        "greedy_tokens": mx.array(out_tokens, dtype=mx.int32),
+        "decode_logits": mx.stack(decode).astype(mx.float32),
+    }
+    golden.update({f"vision_taps.{k}": v.astype(mx.float32) for k, v in taps.items()})
+    mx.save_safetensors(os.path.join(out, "golden.safetensors"), golden)
+
+    import importlib.metadata as md
+    import sys
+
+    import PIL
+    import transformers
+
+    meta = {
+        "case": case,
+        "generator": "python porting-tools/python/make_vlm_golden.py " + " ".join(sys.argv[1:]),
+        "mlx_version": mx.__version__,
+        "mlx_vlm_version": md.version("mlx-vlm"),
+        "transformers_version": transformers.__version__,
+        "pillow_version": PIL.__version__,
+        "seed": args.seed,
+        "dtype": "float32",
+        "grids": [[1, side, side]] * IMAGES,
+        "greedy_tokens": GREEDY,
+        "attention": "causal, bidirectional within each image's tokens",
+        "causal_logits_gap": gap,
+    }
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    folder = os.path.join(os.path.dirname(out), "images")
+    names = make_images(folder)
+    processor_fixtures(case, out, names, folder)
+    write_tokenizer(out, cfg)
+    print(f"{out}: {len(ids_list)} prompt tokens, features {features.shape}, "
+          f"tokens {out_tokens}, causal gap {gap:.3e}")
