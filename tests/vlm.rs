@@ -35,7 +35,12 @@ fn grids(a: &Array) -> Vec<Grid> {
 
 fn assert_close(what: &str, got: &Array, want: &Array) {
     let s = compare(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
-    eprintln!("{what}: max_rel {:.2e} cos {:.9}", s.max_rel(), s.cosine);
+    eprintln!(
+        "{what}: max_abs {:.2e} max_rel {:.2e} cos {:.9}",
+        s.max_abs,
+        s.max_rel(),
+        s.cosine
+    );
     assert!(s.within(Tolerance::F32), "{what}: {s:?}");
 }
 
@@ -96,6 +101,13 @@ fn qwen2_vl() {
     check_case("qwen2_vl");
 }
 
+/// Window attention (tiles of the patch grid; full attention in the blocks
+/// of `fullatt_block_indexes`), RMSNorm and a gated SiLU MLP in the tower.
+#[test]
+fn qwen2_5_vl() {
+    check_case("qwen2_5_vl");
+}
+
 #[test]
 fn image_inputs_that_do_not_fit_are_errors() {
     let _guard = mlx_lock();
@@ -144,10 +156,20 @@ fn image_inputs_that_do_not_fit_are_errors() {
 /// decoders (the `image` crate's and Pillow's libjpeg-turbo) differ.
 #[test]
 fn image_processing_matches_the_python_processor() {
+    check_processor("qwen2_vl");
+}
+
+/// Qwen2.5-VL's processor (Qwen2-VL's, other pixel bounds).
+#[test]
+fn qwen2_5_vl_image_processing_matches_the_python_processor() {
+    check_processor("qwen2_5_vl");
+}
+
+fn check_processor(case: &str) {
     use lmspec::lm::image_processor::ImageProcessor;
 
     let _guard = mlx_lock();
-    let dir = goldens().join("vlm").join("qwen2_vl");
+    let dir = goldens().join("vlm").join(case);
     let proc = ImageProcessor::load(&dir.join("model")).expect("processor");
     let want =
         Array::load_safetensors(dir.join("processor.safetensors")).expect("processor tensors");
@@ -470,6 +492,37 @@ fn port_diff_names_the_first_divergent_tower_node() {
     use lmspec::port::diff::{diff_tower, is_vision_golden};
 
     let _guard = mlx_lock();
+    // Qwen2.5-VL's tower, window attention included, node by node.
+    let golden = goldens().join("vlm").join("qwen2_5_vl");
+    let report = diff_tower(
+        &golden.join("model"),
+        &golden,
+        &opts(&library(), None),
+        None,
+    )
+    .expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    eprintln!("qwen2_5_vl tower: {} nodes match", report.rows.len());
+    assert!(report.rows.len() >= 30, "{} nodes", report.rows.len());
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    // Without the windows every block attends over the whole image: the
+    // first block's attention output diverges.
+    let spec = crate::support::root().join("specs/models/qwen2_5_vl_vision.yaml");
+    let text = std::fs::read_to_string(spec).expect("spec");
+    assert!(text.contains(", grid_window: attn_window}"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let unwindowed = dir.path().join("unwindowed_tower.yaml");
+    std::fs::write(
+        &unwindowed,
+        text.replace(", grid_window: attn_window}", "}"),
+    )
+    .expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(unwindowed.display().to_string());
+    let report = diff_tower(&golden.join("model"), &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    assert_eq!(first.name, "layers.0.proj", "{}", report.table());
+
     let golden = goldens().join("vlm").join("qwen2_vl");
     assert!(is_vision_golden(&golden));
     let model = golden.join("model");

@@ -96,6 +96,30 @@ CASES = {
     },
 }
 
+# Qwen2.5-VL: the same text model; the tower has RMSNorm, a gated SiLU MLP
+# and window attention (16-pixel windows: 2 x 2 merge windows) in all but
+# the full-attention blocks.
+CASES["qwen2_5_vl"] = {
+    **{k: v for k, v in CASES["qwen2_vl"].items() if k != "vision_config"},
+    "model_type": "qwen2_5_vl",
+    "vision_config": {
+        "model_type": "qwen2_5_vl",
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": 4,
+        "spatial_patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,
+        "fullatt_block_indexes": [2],
+        "tokens_per_second": 2,
+    },
+}
+
 # The image processor of each case: the family's Python processor class and
 # its settings (real mean/std and filter, this tower's patch size, pixel
 # bounds that keep the fixtures small).
@@ -117,6 +141,10 @@ PROCESSORS = {
         "merge_size": 2,
     },
 }
+
+
+# Qwen2.5-VL's processor is Qwen2-VL's; other pixel bounds here.
+PROCESSORS["qwen2_5_vl"] = {**PROCESSORS["qwen2_vl"], "min_pixels": 1024, "max_pixels": 3136}
 
 
 def make_images(folder):
@@ -186,7 +214,7 @@ def processor_fixtures(case, out):
         json.dump(cfg, f, indent=2)
     folder = os.path.join(os.path.dirname(out), "images")
     names = make_images(folder)
-    if case == "qwen2_vl":
+    if case in ("qwen2_vl", "qwen2_5_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil as Processor,
         )
@@ -206,14 +234,22 @@ def processor_fixtures(case, out):
     mx.save_safetensors(os.path.join(out, "processor.safetensors"), tensors)
 
 
-# Two images: a 4 x 6 and a 4 x 4 patch grid (6 and 4 merged tokens).
-GRIDS = [[1, 4, 6], [1, 4, 4]]
+# Two images per case: Qwen2-VL's a 4 x 6 and a 4 x 4 patch grid (6 and 4
+# merged tokens); Qwen2.5-VL's a 6 x 10 grid (3 x 5 merge windows: full,
+# cut and single-column attention windows) and a 4 x 4 one (one window).
+GRIDS = {
+    "qwen2_vl": [[1, 4, 6], [1, 4, 4]],
+    "qwen2_5_vl": [[1, 6, 10], [1, 4, 4]],
+}
 
 
 def build(case, cfg):
     if case == "qwen2_vl":
         from mlx_vlm.models.qwen2_vl import Model, ModelConfig
         from mlx_vlm.models.qwen2_vl.config import TextConfig, VisionConfig
+    elif case == "qwen2_5_vl":
+        from mlx_vlm.models.qwen2_5_vl import Model, ModelConfig
+        from mlx_vlm.models.qwen2_5_vl.config import TextConfig, VisionConfig
     else:
         raise SystemExit(f"unknown case {case}")
     text = {k: v for k, v in cfg.items() if k != "vision_config"}
@@ -231,7 +267,9 @@ def build(case, cfg):
 
 def vision_taps(case, vt, pixel_values, grid):
     """The tower run module by module, each value under the name of the
-    lmspec node that computes it (specs/models/qwen2_vl_vision.yaml)."""
+    lmspec node that computes it (specs/models/CASE_vision.yaml)."""
+    if case == "qwen2_5_vl":
+        return window_taps(vt, pixel_values, grid)
     taps = {}
     h = vt.patch_embed(pixel_values)
     taps["patches"] = h
@@ -269,11 +307,68 @@ def vision_taps(case, vt, pixel_values, grid):
     return taps
 
 
-def prompt(cfg, merge):
+def window_taps(vt, pixel_values, grid):
+    """Qwen2.5-VL's tower: mlx-vlm regroups the merge windows by attention
+    window and back after the merger; lmspec keeps the processor's order and
+    masks each window, so the taps are put back in that order."""
+    import mlx.nn as nn
+
+    taps = {}
+    h = vt.patch_embed(pixel_values)
+    taps["patches"] = h
+    n = h.shape[0]
+    unit = vt.spatial_merge_unit
+    rot = vt.rot_pos_emb(grid)
+    window_index, cu_window = vt.get_window_index(grid)
+    cu_window = mx.array(sorted(set(cu_window.tolist())), dtype=mx.int32)
+    back = mx.argsort(window_index)
+
+    def regroup(x, order):
+        return x.reshape(n // unit, unit, -1)[order].reshape(n, -1)
+
+    h = regroup(h, window_index)
+    rot = regroup(rot, window_index)
+    lens = []
+    for t, hh, ww in grid.tolist():
+        lens += [hh * ww] * t
+    cu = mx.pad(mx.cumsum(mx.array(lens, dtype=mx.int32)), (1, 0))
+    for i, blk in enumerate(vt.blocks):
+        cu_now = cu if i in vt.fullatt_block_indexes else cu_window
+        n1 = blk.norm1(h)
+        taps[f"layers.{i}.norm1"] = regroup(n1, back)
+        taps[f"layers.{i}.qkv"] = regroup(blk.attn.qkv(n1), back)
+        proj = blk.attn(n1, cu_seqlens=cu_now, rotary_pos_emb=rot)
+        taps[f"layers.{i}.proj"] = regroup(proj, back)
+        h = h + proj
+        taps[f"layers.{i}.h"] = regroup(h, back)
+        n2 = blk.norm2(h)
+        taps[f"layers.{i}.norm2"] = regroup(n2, back)
+        gate = blk.mlp.gate_proj(n2)
+        up = blk.mlp.up_proj(n2)
+        taps[f"layers.{i}.gate"] = regroup(gate, back)
+        taps[f"layers.{i}.up"] = regroup(up, back)
+        down = blk.mlp.down_proj(nn.silu(gate) * up)
+        taps[f"layers.{i}.down"] = regroup(down, back)
+        h = h + down
+        taps[f"layers.{i}"] = regroup(h, back)
+    m = vt.merger
+    ln = m.ln_q(h)
+    taps["ln_q"] = regroup(ln, back)
+    x = ln.reshape(-1, m.hidden_size)
+    taps["merged"] = x[back]
+    x = m.mlp[0](x)
+    taps["fc1"] = x[back]
+    x = m.mlp[1](x)
+    taps["act"] = x[back]
+    taps["fc2"] = m.mlp[2](x)[back]
+    return taps
+
+
+def prompt(cfg, merge, grids):
     start, end, image = (cfg["vision_start_token_id"], cfg["vision_end_token_id"],
                          cfg["image_token_id"])
     ids = [5, 6]
-    for k, (t, h, w) in enumerate(GRIDS):
+    for k, (t, h, w) in enumerate(grids):
         ids += [start] + [image] * (t * h * w // (merge * merge)) + [end]
         ids += [7 + 2 * k, 8 + 2 * k]
     return ids
@@ -311,10 +406,11 @@ def main():
     vc = cfg["vision_config"]
     merge = vc["spatial_merge_size"]
     width = vc["in_channels"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2
-    n = sum(t * h * w for t, h, w in GRIDS)
+    grids = GRIDS[args.case]
+    n = sum(t * h * w for t, h, w in grids)
     pixel_values = mx.array(rng.uniform(-1.5, 1.5, (n, width)).astype(np.float32))
-    grid = mx.array(GRIDS, dtype=mx.int32)
-    ids = mx.array([prompt(cfg, merge)], dtype=mx.int32)
+    grid = mx.array(grids, dtype=mx.int32)
+    ids = mx.array([prompt(cfg, merge, grids)], dtype=mx.int32)
 
     features = model.vision_tower(pixel_values, grid)
     taps = vision_taps(args.case, model.vision_tower, pixel_values, grid)
@@ -362,7 +458,7 @@ def main():
         "mlx_vlm_version": md.version("mlx-vlm"),
         "seed": args.seed,
         "dtype": "float32",
-        "grids": GRIDS,
+        "grids": grids,
         "greedy_tokens": GREEDY,
     }
     import PIL

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 
 use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 /// Extra inputs of one forward; each is optional.
@@ -110,4 +111,28 @@ pub(crate) fn segment_mask(t: i32) -> Result<Option<Array>, Exception> {
     let rows = seg.reshape(&[t, 1])?;
     let cols = seg.reshape(&[1, t])?;
     mlx_rs::ops::eq(&rows, &cols).map(Some)
+}
+
+/// A `[t, t]` mask (true: visible) that keeps each query to the keys in its
+/// own `side` x `side` tile of the forward's 2-D positions (axis 0 the row,
+/// axis 1 the column): window attention over a grid of patches.
+pub(crate) fn tile_mask(t: i32, side: i64) -> Result<Array, Exception> {
+    let Some(p) = positions() else {
+        return Err(Exception::custom(
+            "attention: grid_window needs the forward's 2-D positions (a tower's patch rows and columns)",
+        ));
+    };
+    let s = p.shape();
+    if s.len() != 2 || s[0] < 2 || s[1] != t {
+        return Err(Exception::custom(format!(
+            "attention: grid_window needs positions [2 axes, {t}], got {s:?}"
+        )));
+    }
+    let side = Array::from_int(side.min(i32::MAX as i64) as i32);
+    let tile = mlx_rs::ops::floor_divide(&p.as_dtype(mlx_rs::Dtype::Int32)?, &side)?;
+    let same = |axis: i32| -> Result<Array, Exception> {
+        let a = tile.try_index(axis)?;
+        mlx_rs::ops::eq(&a.reshape(&[t, 1])?, &a.reshape(&[1, t])?)
+    };
+    mlx_rs::ops::logical_and(&same(0)?, &same(1)?)
 }

@@ -254,8 +254,19 @@ dump_tests!(
 /// and the text model with its splice and M-RoPE.
 #[test]
 fn vision_language_qwen2_vl() {
+    insta::assert_snapshot!(vision_language("qwen2_vl"));
+}
+
+/// Qwen2.5-VL's: window attention (`grid_window`) in blocks 0 and 1, the
+/// whole image in block 2.
+#[test]
+fn vision_language_qwen2_5_vl() {
+    insta::assert_snapshot!(vision_language("qwen2_5_vl"));
+}
+
+fn vision_language(case: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
-    let file = root().join("goldens/vlm/qwen2_vl/model/config.json");
+    let file = root().join(format!("goldens/vlm/{case}/model/config.json"));
     let text = std::fs::read_to_string(&file).expect("config.json");
     let json: serde_json::Value = serde_json::from_str(&text).expect("json");
     let mut out = String::new();
@@ -263,15 +274,13 @@ fn vision_language_qwen2_vl() {
         lmspec_spec::raw::Task::Vision,
         lmspec_spec::raw::Task::Generate,
     ] {
-        let spec = lib
-            .for_model_type_task("qwen2_vl", task, &file)
-            .expect("spec");
+        let spec = lib.for_model_type_task(case, task, &file).expect("spec");
         assert_eq!(spec.task, task, "{}", spec.name);
         let (_, graph) = expand_for(&spec, &json, &file).expect("expand");
         out.push_str(&format!("# {} ({})\n", spec.name, task.name()));
         out.push_str(&render::dump(&graph, false));
     }
-    insta::assert_snapshot!(out);
+    out
 }
 
 /// Every case directory has a test above.

@@ -3,7 +3,8 @@
 //! heads), with a causal (optionally sliding-window, optionally wider for
 //! multi-token calls than for single tokens) mask, an optional
 //! key-padding mask and a KV cache slot. Non-causal attention (encoders)
-//! sees every key, or with `window` a band around the query, and keeps no
+//! sees every key, or with `window` a band around the query, or with
+//! `grid_window` a tile of the forward's 2-D positions, and keeps no
 //! cache. With `softcap` the scores are
 //! computed explicitly and capped with `tanh` before the softmax. Learned
 //! sink logits join every softmax's denominator; with `gqa: tiled` query
@@ -118,11 +119,19 @@ impl Attend for Attention {
                 };
                 // Segment ids of the forward (one per image) keep each
                 // query to its own segment's keys.
-                let mask = match (band, crate::inputs::segment_mask(t)?) {
+                let mut mask = match (band, crate::inputs::segment_mask(t)?) {
                     (Some(b), Some(s)) => Mask::Array(mlx_rs::ops::logical_and(&b, &s)?),
                     (Some(m), None) | (None, Some(m)) => Mask::Array(m),
                     (None, None) => Mask::None,
                 };
+                // Tiles of the 2-D grid positions (window attention).
+                if let Some(side) = self.grid_window {
+                    let tiles = crate::inputs::tile_mask(t, side.0)?;
+                    mask = match mask {
+                        Mask::Array(m) => Mask::Array(mlx_rs::ops::logical_and(&m, &tiles)?),
+                        _ => Mask::Array(tiles),
+                    };
+                }
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
             Some(cache) => (

@@ -43,6 +43,8 @@ mod tests;
 mod vision;
 #[cfg(test)]
 mod vision_tests;
+#[cfg(test)]
+mod window_tests;
 
 /// Per-call state handed to a running op.
 #[derive(Debug)]

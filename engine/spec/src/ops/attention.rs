@@ -17,6 +17,7 @@ op! {
         scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
         causal: bool = true, "mask future positions";
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
+        grid_window: Option<Positive<i64>> = None, "non-causal: a query sees only the keys of its own tile of this many x this many positions of the forward's 2-D positions (axis 0 the row, axis 1 the column of each patch, as a tower's inputs give them), within its segment (Qwen2.5-VL's window attention; null: the whole segment)";
         chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
         sinks: bool = false, "learned per-head sink logits `sinks` [Hq] in the node's scope join each softmax's denominator (gpt-oss)";
@@ -88,6 +89,12 @@ impl Attention {
             return Err(OpError::new(
                 "in",
                 format!("q head size {dq} != k head size {dk}"),
+            ));
+        }
+        if self.grid_window.is_some() && self.causal {
+            return Err(OpError::new(
+                "grid_window",
+                "tiles of a 2-D grid are for non-causal attention (causal: false)",
             ));
         }
         match (self.chunk_window, self.window) {
