@@ -76,6 +76,43 @@ SIGLIP_CASES = {
     },
 }
 
+# PaliGemma: gemma text, one 32 x 32 image (8 x 8 patches, 64 tokens; mlx-vlm's
+# PaliGemma tower keeps the first image of a batch only), the projector a
+# linear map; the whole prompt attends bidirectionally (mlx-vlm's default
+# use_bidirectional_attention), decoding is causal.
+SIGLIP_CASES["paligemma"] = {
+    "model_type": "paligemma",
+    "vocab_size": 256,
+    "image_token_index": 250,
+    "pad_token_id": 0,
+    "projection_dim": 64,
+    "text_config": {
+        "model_type": "gemma",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 256,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "patch_size": 4,
+        "image_size": 32,
+        "num_channels": 3,
+        "layer_norm_eps": 1e-6,
+        "projection_dim": 64,
+    },
+}
+
 PROCESSORS = {
     "gemma3": {
         "image_processor_type": "Gemma3ImageProcessor",
@@ -93,7 +130,28 @@ PROCESSORS = {
 }
 
 
+PROCESSORS["paligemma"] = {
+    "image_processor_type": "SiglipImageProcessor",
+    "do_resize": True,
+    "size": {"height": 32, "width": 32},
+    "resample": 3,
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
 def build(case, cfg):
+    if case == "paligemma":
+        import copy
+
+        from mlx_vlm.models.paligemma import Model, ModelConfig
+
+        config = ModelConfig.from_dict(copy.deepcopy(cfg))
+        assert config.text_config.use_bidirectional_attention
+        return Model(config)
     from mlx_vlm.models.gemma3 import Model, ModelConfig
     from mlx_vlm.models.gemma3.config import TextConfig, VisionConfig
 
@@ -154,7 +212,14 @@ def vision_taps(model, nchw):
     return taps
 
 
+def images_for(case):
+    return 1 if case == "paligemma" else IMAGES
+
+
 def prompt(cfg, tokens):
+    if cfg["model_type"] == "paligemma":
+        # Image tokens, bos, the prompt, the separator (PaliGemma's format).
+        return [cfg["image_token_index"]] * tokens + [2, 5, 6, 7, 10]
     boi, eoi, image = cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"]
     ids = [5, 6]
     for k in range(IMAGES):
@@ -184,8 +249,8 @@ def write_tokenizer(out, cfg):
     for i in range(4, 250):
         vocab[f"w{i}"] = i
     specials = {"<image_soft_token>": cfg["image_token_index"],
-                "<start_of_image>": cfg["boi_token_index"],
-                "<end_of_image>": cfg["eoi_token_index"],
+                "<start_of_image>": cfg.get("boi_token_index", 251),
+                "<end_of_image>": cfg.get("eoi_token_index", 252),
                 "<start_of_turn>": 253, "<end_of_turn>": 254, "<eos>": 255}
     vocab.update(specials)
     tok = {
@@ -215,9 +280,15 @@ def write_tokenizer(out, cfg):
 
 def processor_fixtures(case, out, names, folder):
     from PIL import Image
-    from transformers.models.gemma3.image_processing_pil_gemma3 import (
-        Gemma3ImageProcessorPil as Processor,
-    )
+
+    if case == "paligemma":
+        from transformers.models.siglip.image_processing_pil_siglip import (
+            SiglipImageProcessorPil as Processor,
+        )
+    else:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil as Processor,
+        )
 
     cfg = PROCESSORS[case]
     with open(os.path.join(out, "model", "preprocessor_config.json"), "w") as f:
@@ -250,10 +321,16 @@ def make_siglip_case(args, make_images):
         if p.ndim == 1:
             noise = rng.standard_normal(p.shape).astype(np.float32) * 0.1
             params[name] = p + mx.array(noise)
-    # The projection starts at ones: random, scaled like a linear layer.
+    if case == "paligemma":
+        # A small tied table, so that the layers rather than the embedding of
+        # the last token pick the next one (the greedy tokens vary).
+        name = "language_model.model.embed_tokens.weight"
+        params[name] = params[name] * 0.05
+    # Gemma 3's projection starts at ones: random, scaled like a linear layer.
     name = "multi_modal_projector.mm_input_projection_weight"
-    shape = params[name].shape
-    params[name] = mx.array(rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(shape[0]))
+    if name in params:
+        shape = params[name].shape
+        params[name] = mx.array(rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(shape[0]))
     model.load_weights(list(params.items()))
     mx.eval(model.parameters())
     mx.save_safetensors(os.path.join(out, "model", "model.safetensors"),
@@ -263,14 +340,16 @@ def make_siglip_case(args, make_images):
 
     vc = cfg["vision_config"]
     p, size, c = vc["patch_size"], vc["image_size"], vc["num_channels"]
-    nchw = mx.array(rng.uniform(-1.0, 1.0, (IMAGES, c, size, size)).astype(np.float32))
+    n_img = images_for(case)
+    nchw = mx.array(rng.uniform(-1.0, 1.0, (n_img, c, size, size)).astype(np.float32))
     pixel_values = mx.array(to_patches(np.array(nchw), p))
     side = size // p
-    grid = mx.array([[1, side, side]] * IMAGES, dtype=mx.int32)
-    tokens = cfg["mm_tokens_per_image"]
+    grid = mx.array([[1, side, side]] * n_img, dtype=mx.int32)
+    tokens = cfg.get("mm_tokens_per_image", side * side)
     ids_list = prompt(cfg, tokens)
     ids = mx.array([ids_list], dtype=mx.int32)
-    mask = span_mask(ids_list, cfg["image_token_index"])
+    # PaliGemma: no mask (mlx-vlm's bidirectional prompt); Gemma 3: the spans.
+    mask = None if case == "paligemma" else span_mask(ids_list, cfg["image_token_index"])
 
     taps = vision_taps(model, nchw)
     mx.eval(taps)
@@ -284,7 +363,12 @@ def make_siglip_case(args, make_images):
     # a copy.
     logits = lm(ids, inputs_embeds=mx.array(emb), mask=mask).logits
 
-    cache = lm.make_cache()
+    if hasattr(lm, "make_cache"):
+        cache = lm.make_cache()
+    else:
+        from mlx_vlm.models.cache import KVCache
+
+        cache = [KVCache() for _ in lm.model.layers]
     step = lm(ids, inputs_embeds=mx.array(emb), mask=mask, cache=cache).logits
     assert mx.allclose(step, logits, atol=1e-4).item()
     out_tokens, decode = [], []
@@ -296,7 +380,9 @@ def make_siglip_case(args, make_images):
 
     # The causal logits (mlx-vlm's generation path) differ: the span mask
     # matters in this golden.
-    causal = lm(ids, inputs_embeds=mx.array(emb)).logits
+    n = len(ids_list)
+    causal_mask = mx.array(np.tril(np.ones((n, n), dtype=bool)))
+    causal = lm(ids, inputs_embeds=mx.array(emb), mask=causal_mask).logits
     gap = float(mx.max(mx.abs(causal - logits)).item())
     assert gap > 1e-3, gap
 
@@ -327,9 +413,10 @@ def make_siglip_case(args, make_images):
         "pillow_version": PIL.__version__,
         "seed": args.seed,
         "dtype": "float32",
-        "grids": [[1, side, side]] * IMAGES,
+        "grids": [[1, side, side]] * n_img,
         "greedy_tokens": GREEDY,
-        "attention": "causal, bidirectional within each image's tokens",
+        "attention": ("the prompt bidirectional, decoding causal" if case == "paligemma"
+                      else "causal, bidirectional within each image's tokens"),
         "causal_logits_gap": gap,
     }
     with open(os.path.join(out, "meta.json"), "w") as f:

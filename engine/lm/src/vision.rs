@@ -212,6 +212,10 @@ pub struct VisionModel {
     pub image_token: i64,
     /// Patches merged per side into one placeholder token.
     pub merge: i64,
+    /// The whole prompt of an image prompt is one bidirectional span (a
+    /// prefix-LM: the text spec binds `prompt_is_prefix: true`); otherwise
+    /// each image's run of placeholders is one.
+    pub prompt_is_prefix: bool,
 }
 
 fn config_int(m: &Model, key: &str) -> Result<i64> {
@@ -280,11 +284,17 @@ impl VisionModel {
                 )));
             }
         }
+        let prompt_is_prefix = text
+            .config
+            .get("prompt_is_prefix")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(VisionModel {
             tower,
             processor,
             image_token,
             merge,
+            prompt_is_prefix,
         })
     }
 
@@ -315,7 +325,10 @@ impl VisionModel {
         let (pos, delta) = text_positions(ids, grids, self.image_token, self.merge)?;
         let t = ids.len() as i32;
         let flat: Vec<i32> = pos.concat();
-        let spans = image_spans(ids, self.image_token);
+        let spans = match self.prompt_is_prefix {
+            true => vec![0; ids.len()],
+            false => image_spans(ids, self.image_token),
+        };
         Ok(ForwardInputs {
             positions: Some(Array::from_slice(&flat, &[3, t])),
             segments: Some(Array::from_slice(&spans, &[t])),
@@ -425,14 +438,20 @@ impl VisionModel {
         let ids64: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
         let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
         let pixels = stack_pixels(images)?;
-        let mut inputs = self.prefill_inputs(text, &ids64, head.len(), pixels.as_ref(), &grids)?;
+        // A prefix-LM's last prompt token belongs to the bidirectional
+        // prefix: the whole prompt is prefilled, then the cache rewound by
+        // one so that generation feeds that token again (its own state is
+        // the same either way: it sees every earlier token in both).
+        let prefix = self.prompt_is_prefix && !images.is_empty();
+        let n = if prefix { ids.len() } else { head.len() };
+        let mut inputs = self.prefill_inputs(text, &ids64, n, pixels.as_ref(), &grids)?;
         if start > 0 {
             // Only the rows and positions of the tokens not cached yet.
             let before = ids[..start]
                 .iter()
                 .filter(|&&t| i64::from(t) == self.image_token)
                 .count() as i32;
-            let after = head[start..]
+            let after = ids[start..n]
                 .iter()
                 .filter(|&&t| i64::from(t) == self.image_token)
                 .count() as i32;
@@ -446,12 +465,18 @@ impl VisionModel {
                 inputs.segments = Some(sg.try_index(start as i32..)?);
             }
         }
-        let head = &head[start..];
-        if !head.is_empty() {
-            let tokens: Vec<i32> = head.iter().map(|&t| t as i32).collect();
+        let fed = &ids[start..n];
+        if !fed.is_empty() {
+            let tokens: Vec<i32> = fed.iter().map(|&t| t as i32).collect();
             let tokens = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
             let (out, _) = text.forward_with_inputs(&tokens, Some(cache), &inputs, &[])?;
             out.eval()?;
+        }
+        if prefix && !cache.trim(1) {
+            return Err(Error::Usage(
+                "the model's cache cannot rewind the prompt's last token (a prefix-LM prompt)"
+                    .into(),
+            ));
         }
         Ok(last)
     }

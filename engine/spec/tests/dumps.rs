@@ -264,6 +264,21 @@ fn vision_language_qwen2_5_vl() {
     insta::assert_snapshot!(vision_language("qwen2_5_vl"));
 }
 
+/// Gemma 3's: the SigLIP tower with the pooling projector; the text model
+/// splicing before its embedding scale, attention bidirectional within each
+/// image's tokens.
+#[test]
+fn vision_language_gemma3() {
+    insta::assert_snapshot!(vision_language("gemma3"));
+}
+
+/// PaliGemma's: the SigLIP tower with a linear projector; the gemma text
+/// model as a prefix-LM.
+#[test]
+fn vision_language_paligemma() {
+    insta::assert_snapshot!(vision_language("paligemma"));
+}
+
 fn vision_language(case: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
     let file = root().join(format!("goldens/vlm/{case}/model/config.json"));
