@@ -704,7 +704,7 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
     const int64_t blocks = a.k / row.block;
     row.q.resize(a.k);
     row.d.resize(blocks);
-    std::vector<int> qsum(a.k / 32, 0);  // per 32 values
+    std::vector<int> qsum(a.k / 16, 0);  // per 16 values
     std::vector<float> dfull(blocks, 0.f);  // Q8_0 scales before rounding
     std::vector<int8_t> plain(a.k);
     for (int64_t b = 0; b < blocks; b++) {
@@ -738,20 +738,26 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
         dfull[b] = d;
       }
     }
-    for (int64_t c = 0; c < a.k / 32; c++) {
+    for (int64_t c = 0; c < a.k / 16; c++) {
       int sq = 0;
-      for (int i = 0; i < 32; i++) sq += plain[c * 32 + i];
+      for (int i = 0; i < 16; i++) sq += plain[c * 16 + i];
       qsum[c] = sq;
     }
     // The sums the biases multiply, per weight group.
     row.gsum.assign(groups, 0.f);
     for (int64_t g = 0; g < groups; g++) {
       float acc = 0;
-      for (int64_t c = g * a.group / 32; c < (g + 1) * a.group / 32; c++) {
-        // Against 4-bit float16-scaled weights (llama.cpp's Q4_1 with
-        // Q8_1), the block sum is itself stored as float16.
-        acc += (!k_blocks && a.bits == 4) ? round_half(dfull[c] * float(qsum[c]))
-                                          : row.d[c * 32 / row.block] * float(qsum[c]);
+      if (a.group % 32 == 0) {
+        for (int64_t c = g * a.group / 32; c < (g + 1) * a.group / 32; c++) {
+          const float q = float(qsum[2 * c] + qsum[2 * c + 1]);
+          // Against 4-bit float16-scaled weights (llama.cpp's Q4_1 with
+          // Q8_1), the block sum is itself stored as float16.
+          acc += (!k_blocks && a.bits == 4) ? round_half(dfull[c] * q) : row.d[c * 32 / row.block] * q;
+        }
+      } else {
+        for (int64_t c = g * a.group / 16; c < (g + 1) * a.group / 16; c++) {
+          acc += row.d[c * 16 / row.block] * float(qsum[c]);
+        }
       }
       row.gsum[g] = acc;
     }
@@ -847,6 +853,58 @@ LMSPEC_AVX2 static void q8_block_avx2(
   }
 }
 
+// Widths other than 4 and 8: rows unpacked to one byte per value first,
+// then integer dot products per group (groups of 16 or multiples of 32).
+static void unpack_row_bytes(const uint8_t* row, int64_t k, int bits, uint8_t* out) {
+  const int64_t row_bytes = k * bits / 8;
+  const uint64_t mask = (1u << bits) - 1;
+  for (int64_t c = 0; c < k / 8; c++) {
+    const int64_t at = c * bits;
+    uint64_t v = 0;
+    std::memcpy(&v, row + at, size_t(std::min<int64_t>(8, row_bytes - at)));
+    for (int t = 0; t < 8; t++) out[c * 8 + t] = uint8_t((v >> (t * bits)) & mask);
+  }
+}
+
+static float q8_unpacked_scalar(
+    const Q8Row& x, const uint8_t* w, int64_t k, int group, const float* sc, const float* bi) {
+  const int64_t groups = k / group;
+  float y = 0, yb = 0;
+  for (int64_t c = 0; c < k / 16; c++) {
+    int isum = 0;
+    for (int t = 0; t < 16; t++) isum += int(w[c * 16 + t]) * x.q[c * 16 + t];
+    y += sc[c * 16 / group] * x.d[c * 16 / x.block] * float(isum);
+  }
+  for (int64_t g = 0; g < groups; g++) yb += bi[g] * x.gsum[g];
+  return y + yb;
+}
+
+template <int R>
+LMSPEC_VNNI static void q8_unpacked_vnni(
+    const Q8Row& x, const uint8_t* w, int64_t k, int group, const float* sc, const float* bi, float* out) {
+  const int64_t groups = k / group;
+  __m256 acc[R];
+  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k / 32; c++) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
+    const float dx = x.d[c * 32 / x.block];
+    const int64_t g0 = c * 32 / group, g1 = (c * 32 + 16) / group;
+    for (int i = 0; i < R; i++) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + i * k + c * 32));
+      const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      // Lanes 0-3 hold values 0-15, lanes 4-7 values 16-31.
+      const __m256 scale =
+          _mm256_set_m128(_mm_set1_ps(sc[i * groups + g1] * dx), _mm_set1_ps(sc[i * groups + g0] * dx));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    float yb = 0;
+    for (int64_t g = 0; g < groups; g++) yb += bi[i * groups + g] * x.gsum[g];
+    out[i] = hsum256(acc[i]) + yb;
+  }
+}
+
 static bool has_vnni() {
   static bool v = [] {
     __builtin_cpu_init();
@@ -863,16 +921,30 @@ static void qmm_q8(const QuantArgs& a) {
   const bool avx2 = l >= AVX2 && a.bits == 4;
   const int64_t groups = a.k / a.group;
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
+  const bool unpacked = a.bits != 4 && a.bits != 8;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sc(4 * groups), bi(4 * groups);
+    std::vector<uint8_t> bytes(unpacked ? 4 * a.k : 0);
+    const int64_t row_bytes = a.k * a.bits / 8;
     float out[4];
     int64_t j = n0;
     for (; j < n1;) {
       const int rows = (j + 4 <= n1 && (vnni || avx2)) ? 4 : 1;
       read_scales(a.scales, j * groups, rows * groups, sc.data());
       read_scales(a.biases, j * groups, rows * groups, bi.data());
+      if (unpacked) {
+        for (int i = 0; i < rows; i++) unpack_row_bytes(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
+      }
       for (int64_t r = 0; r < a.m; r++) {
-        if (vnni) {
+        if (unpacked) {
+          if (vnni && rows == 4) {
+            q8_unpacked_vnni<4>(xs[r], bytes.data(), a.k, a.group, sc.data(), bi.data(), out);
+          } else {
+            for (int i = 0; i < rows; i++)
+              out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc.data() + i * groups,
+                                          bi.data() + i * groups);
+          }
+        } else if (vnni) {
           rows == 4 ? q8_block_vnni<4>(a, xs[r], j, sc.data(), bi.data(), out)
                     : q8_block_vnni<1>(a, xs[r], j, sc.data(), bi.data(), out);
         } else if (avx2) {
@@ -890,7 +962,8 @@ static void qmm_q8(const QuantArgs& a) {
 
 // Whether the 8-bit-activation product covers these weights.
 static bool q8_covers(int bits, int group, int64_t k) {
-  return (bits == 4 || bits == 8) && group % 32 == 0 && k % 32 == 0;
+  if (bits == 4 || bits == 8) return group % 32 == 0 && k % 32 == 0;
+  return bits >= 2 && bits <= 8 && (group == 16 || group % 32 == 0) && k % 32 == 0;
 }
 
 static void qmm(const QuantArgs& a, bool q8) {

@@ -174,8 +174,8 @@ pub enum Activations {
     /// Quantized to int8 per block, integer dot products, as llama.cpp's CPU
     /// kernels do (blocks of 32 with a float16 scale against float16-scaled
     /// weights, its Q8_0/Q8_1; of 256 with a float32 scale against
-    /// float32-scaled weights, its Q8_K for K-quants). 4- and 8-bit weights;
-    /// other widths take the float path.
+    /// float32-scaled weights, its Q8_K for K-quants). Every width; groups
+    /// of 16 or multiples of 32.
     Int8,
 }
 

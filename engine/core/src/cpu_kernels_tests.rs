@@ -160,21 +160,33 @@ fn q8_reference(x: &[f32], k_blocks: bool) -> (Vec<i32>, Vec<f32>, usize, Vec<f3
 fn int8_activation_product_matches_the_block_formula() {
     expect_forced_level();
     let (n, k) = (36, 512);
-    for bits in [4, 8] {
+    for bits in [2, 3, 4, 5, 6, 8] {
         for (group, scale_dtype) in [
             (32, Dtype::Float16),
             (64, Dtype::Bfloat16),
             (32, Dtype::Float32),
+            // Sub-blocks of 16 (Q6_K's layout): not a group size MLX makes.
+            (16, Dtype::Float32),
         ] {
+            if group == 16 && matches!(bits, 4 | 8) {
+                continue;
+            }
             let w = array(&[n, k], 500 + bits as u64 + group as u64);
-            let (wq, s, b) = mlx_rs::ops::quantize(&w, group, bits).expect("quantize");
+            let (wq, s, b) = mlx_rs::ops::quantize(&w, group.max(32), bits).expect("quantize");
+            let (s, b) = if group == 16 {
+                let shape = [n, k / 16];
+                let s = mlx_rs::ops::abs(array(&shape, 900 + bits as u64)).expect("s");
+                (s, array(&shape, 901 + bits as u64))
+            } else {
+                (s, b)
+            };
             let (s, b) = (
                 s.as_dtype(scale_dtype).expect("s"),
                 b.as_dtype(scale_dtype).expect("b"),
             );
-            let ones = mlx_rs::ops::ones::<f32>(s.shape()).expect("ones");
-            let zeros = mlx_rs::ops::zeros::<f32>(s.shape()).expect("zeros");
-            let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, group, bits).expect("q"));
+            let ones = mlx_rs::ops::ones::<f32>(&[n, k / 32]).expect("ones");
+            let zeros = mlx_rs::ops::zeros::<f32>(&[n, k / 32]).expect("zeros");
+            let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, 32, bits).expect("q"));
             let (sf, bf) = (host(&s), host(&b));
             let k_blocks = scale_dtype == Dtype::Float32;
             let x = array(&[2, k], 77 + bits as u64);
@@ -187,19 +199,24 @@ fn int8_activation_product_matches_the_block_formula() {
                 let (q, d, block, full) = q8_reference(&xs[r * k..(r + 1) * k], k_blocks);
                 for j in 0..n as usize {
                     let mut y = 0f64;
-                    for c in 0..k / 32 {
-                        let isum: i64 = (0..32)
-                            .map(|i| qw[j * k + c * 32 + i] as i64 * q[c * 32 + i] as i64)
+                    for c in 0..k / 16 {
+                        let isum: i64 = (0..16)
+                            .map(|i| qw[j * k + c * 16 + i] as i64 * q[c * 16 + i] as i64)
                             .sum();
-                        y += sf[j * (k / g) + c * 32 / g] as f64
-                            * d[c * 32 / block] as f64
-                            * isum as f64;
-                        let qsum: i32 = q[c * 32..c * 32 + 32].iter().sum();
-                        let sum = match (k_blocks, bits) {
-                            (false, 4) => f16_round(full[c] * qsum as f32) as f64,
-                            _ => d[c * 32 / block] as f64 * qsum as f64,
-                        };
-                        y += bf[j * (k / g) + c * 32 / g] as f64 * sum;
+                        let qsum: i32 = q[c * 16..c * 16 + 16].iter().sum();
+                        let at = j * (k / g) + c * 16 / g;
+                        y += sf[at] as f64 * d[c * 16 / block] as f64 * isum as f64;
+                        // Against 4-bit float16-scaled weights the sum of
+                        // each 32 values is itself rounded to float16.
+                        y += bf[at] as f64
+                            * match (k_blocks, bits) {
+                                (false, 4) if c % 2 == 0 => {
+                                    let pair: i32 = q[c * 16..c * 16 + 32].iter().sum();
+                                    f16_round(full[c / 2] * pair as f32) as f64
+                                }
+                                (false, 4) => 0.0,
+                                _ => d[c * 16 / block] as f64 * qsum as f64,
+                            };
                     }
                     let got = ours[r * n as usize + j] as f64;
                     let what = format!("bits {bits} group {group} {scale_dtype:?} row {r} out {j}");
@@ -208,6 +225,9 @@ fn int8_activation_product_matches_the_block_formula() {
                         "{what}: {got} vs {y}"
                     );
                 }
+            }
+            if group == 16 {
+                continue;
             }
             // Within the activation rounding of MLX's float product.
             let mlx = host(
