@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use lmspec::engine::Model;
-use lmspec::lm::vision::{image_spans, Grid, VisionModel};
+use lmspec::lm::vision::{image_spans, Expansion, Grid, VisionModel};
 use lmspec::port::tolerance::{compare, Tolerance};
 use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
@@ -161,6 +161,37 @@ fn paligemma_generation_with_images_continues_as_mlx_vlm() {
     check_generation("paligemma");
 }
 
+/// `ids` with each image's run of `image` tokens, and the expansion's
+/// tokens around it, replaced by one placeholder.
+fn collapse(ids: &[u32], image: u32, expansion: Option<&Expansion>) -> Vec<u32> {
+    let (placeholder, before, after) = match expansion {
+        Some(e) => (e.placeholder, e.before.as_slice(), e.after.as_slice()),
+        None => (image, &[][..], &[][..]),
+    };
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < ids.len() {
+        let run_start = k + before.len();
+        let is_image = ids[k..].starts_with(before) && ids.get(run_start) == Some(&image);
+        if !is_image {
+            out.push(ids[k]);
+            k += 1;
+            continue;
+        }
+        let mut end = run_start;
+        while ids.get(end) == Some(&image) {
+            end += 1;
+        }
+        assert!(
+            ids[end..].starts_with(after),
+            "no {after:?} after the image at {k}"
+        );
+        out.push(placeholder);
+        k = end + after.len();
+    }
+    out
+}
+
 fn check_generation(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::image_processor::ProcessedImage;
@@ -184,13 +215,17 @@ fn check_generation(case: &str) {
         });
         start += n;
     }
+    // The golden prompt as a chat template writes it: each image's tokens
+    // (with what the spec's expansion puts around them) back to one
+    // placeholder.
     let image = vision.image_token as u32;
-    let mut prompt: Vec<u32> = Vec::new();
-    for t in ints(&g["input_ids"]) {
-        if t as u32 != image || prompt.last() != Some(&image) {
-            prompt.push(t as u32);
-        }
-    }
+    let ids: Vec<u32> = ints(&g["input_ids"]).iter().map(|&t| t as u32).collect();
+    let prompt = collapse(&ids, image, vision.expansion.as_ref());
+    assert_eq!(
+        vision.expand_placeholders(&prompt, &grid).expect("expand"),
+        ids,
+        "the expansion gives the golden prompt back"
+    );
     let params = GenerateParams {
         max_tokens: 16,
         ..GenerateParams::default()
@@ -312,4 +347,100 @@ fn fixed_size_processor_configs_are_checked() {
     };
     let err = p.process(&img).unwrap_err().to_string();
     assert!(err.contains("no patch_size"), "{err}");
+}
+
+/// `lmspec generate --image` on the Gemma 3 golden: the chat template
+/// writes `<start_of_image>` per image, which the spec's expansion turns
+/// into a blank line, itself, 16 image tokens, `<end_of_image>` and a blank
+/// line (2 x 20 of the 47 prompt tokens); a count mismatch is an error.
+#[test]
+fn gemma3_generate_takes_images_on_the_command_line() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "goldens/vlm/gemma3/model",
+            "--max-tokens",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .args(&args)
+            .current_dir(crate::support::root())
+            .output()
+            .expect("lmspec runs")
+    };
+    let (wide, alpha) = (
+        "goldens/vlm/images/wide.png",
+        "goldens/vlm/images/alpha.png",
+    );
+    let out = run(&["--image", wide, "--image", alpha, "-p", "w5 w6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("[prompt 47 tokens"), "{err}");
+    let out = run(&[
+        "--image",
+        wide,
+        "--image",
+        alpha,
+        "--raw",
+        "-p",
+        "w5 <start_of_image> w6",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("2 image(s) given but the prompt has 1 image placeholder(s)"),
+        "{err}"
+    );
+}
+
+/// A text spec whose image expansion does not fit the tokenizer is an error
+/// at load, naming the key.
+#[test]
+fn image_expansions_that_do_not_fit_are_named_errors() {
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    let dir = goldens().join("vlm").join("gemma3").join("model");
+    let spec = crate::support::root().join("specs/models/gemma3.yaml");
+    let text = std::fs::read_to_string(spec).expect("spec");
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (from, to, says) in [
+        (
+            "{image}<end_of_image>",
+            "<end_of_image>",
+            "must hold {image} once",
+        ),
+        (
+            "value: \"<start_of_image>\"}",
+            "value: \"<no_such_token>\"}",
+            "not a token of the vocabulary",
+        ),
+    ] {
+        assert!(text.contains(from), "{from}");
+        // A copy of the library with the changed text spec.
+        let specs = tmp.path().join("specs");
+        copy_dir(&crate::support::root().join("specs"), &specs);
+        std::fs::write(specs.join("models/gemma3.yaml"), text.replace(from, to)).expect("write");
+        let lib = lmspec::engine::SpecLibrary::open(&specs).expect("library");
+        let err = LanguageModel::load(&dir, &opts(&lib, None))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(says), "{err}");
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        let dest = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy");
+        }
+    }
 }

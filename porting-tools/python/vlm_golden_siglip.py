@@ -35,6 +35,8 @@ from mlx.utils import tree_flatten
 
 GREEDY = 16
 IMAGES = 2
+# The tiny vocabulary's "\n\n".
+NEWLINES = 249
 
 SIGLIP_CASES = {
     "gemma3": {
@@ -220,10 +222,12 @@ def prompt(cfg, tokens):
     if cfg["model_type"] == "paligemma":
         # Image tokens, bos, the prompt, the separator (PaliGemma's format).
         return [cfg["image_token_index"]] * tokens + [2, 5, 6, 7, 10]
+    # Each image as Hugging Face's processor expands <start_of_image>: a
+    # blank line (token 249 here), boi, the image tokens, eoi, a blank line.
     boi, eoi, image = cfg["boi_token_index"], cfg["eoi_token_index"], cfg["image_token_index"]
     ids = [5, 6]
     for k in range(IMAGES):
-        ids += [boi] + [image] * tokens + [eoi] + [7 + 2 * k, 8 + 2 * k]
+        ids += [NEWLINES, boi] + [image] * tokens + [eoi, NEWLINES] + [7 + 2 * k, 8 + 2 * k]
     return ids
 
 
@@ -246,9 +250,9 @@ def span_mask(ids, image):
 
 def write_tokenizer(out, cfg):
     vocab = {"<pad>": 0, "<bos>": 2, "user": 3, "model": 1}
-    for i in range(4, 250):
+    for i in range(4, NEWLINES):
         vocab[f"w{i}"] = i
-    specials = {"<image_soft_token>": cfg["image_token_index"],
+    specials = {"\n\n": NEWLINES, "<image_soft_token>": cfg["image_token_index"],
                 "<start_of_image>": cfg.get("boi_token_index", 251),
                 "<end_of_image>": cfg.get("eoi_token_index", 252),
                 "<start_of_turn>": 253, "<end_of_turn>": 254, "<eos>": 255}
@@ -267,10 +271,13 @@ def write_tokenizer(out, cfg):
     d = os.path.join(out, "model")
     with open(os.path.join(d, "tokenizer.json"), "w") as f:
         json.dump(tok, f, indent=1)
+    # Gemma 3's template writes <start_of_image> per image (the runtime
+    # expands it); PaliGemma's here the image token itself.
+    image = "<image_soft_token>" if cfg["model_type"] == "paligemma" else "<start_of_image>"
     template = ("{% for message in messages %}<start_of_turn>{{ message['role'] }} "
                 "{% if message['content'] is string %}{{ message['content'] }}"
                 "{% else %}{% for c in message['content'] %}"
-                "{% if c['type'] == 'image' %}<start_of_image><image_soft_token><end_of_image> "
+                "{% if c['type'] == 'image' %}" + image + " "
                 "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
                 "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}")
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:

@@ -54,7 +54,9 @@ impl LanguageModel {
             && path.join("preprocessor_config.json").exists()
             && crate::vision::has_tower(path, opts)?
         {
-            Some(VisionModel::load(path, opts, &model)?)
+            let mut v = VisionModel::load(path, opts, &model)?;
+            v.expansion = crate::vision::image_expansion(&model, &tokenizer)?;
+            Some(v)
         } else {
             None
         };

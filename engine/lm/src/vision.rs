@@ -20,6 +20,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use crate::image_processor::{ImageProcessor, ProcessedImage};
+use crate::tokenizer::Tokenizer;
 
 /// An image's patch grid: frames (temporal patches), rows, columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +217,60 @@ pub struct VisionModel {
     /// prefix-LM: the text spec binds `prompt_is_prefix: true`); otherwise
     /// each image's run of placeholders is one.
     pub prompt_is_prefix: bool,
+    /// What the chat template writes per image and what it becomes, when
+    /// the text spec says (see [`image_expansion`]); otherwise the template
+    /// writes one image token per image.
+    pub expansion: Option<Expansion>,
+}
+
+/// A per-image placeholder token and the tokens around the image's run of
+/// image tokens that replace it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expansion {
+    pub placeholder: u32,
+    pub before: Vec<u32>,
+    pub after: Vec<u32>,
+}
+
+/// The expansion a text spec declares with `image_placeholder` (the text a
+/// chat template writes per image, one token of the vocabulary) and
+/// `image_sequence` (the text it becomes, `{image}` standing for the
+/// image's tokens), tokenized with the checkpoint's tokenizer; `None` when
+/// the spec binds neither.
+pub fn image_expansion(text: &Model, tok: &Tokenizer) -> Result<Option<Expansion>> {
+    let get = |key: &str| match text.config.get(key) {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (placeholder, sequence) = match (get("image_placeholder"), get("image_sequence")) {
+        (None, None) => return Ok(None),
+        (Some(p), Some(s)) => (p, s),
+        _ => {
+            return Err(Error::Usage(format!(
+                "{}: the spec binds only one of image_placeholder and image_sequence",
+                text.dir.display()
+            )))
+        }
+    };
+    let Some(id) = tok.token_to_id(&placeholder) else {
+        return Err(Error::Usage(format!(
+            "{}: image_placeholder '{placeholder}' is not a token of the vocabulary",
+            text.dir.display()
+        )));
+    };
+    let parts: Vec<&str> = sequence.split("{image}").collect();
+    let [before, after] = parts[..] else {
+        return Err(Error::Usage(format!(
+            "{}: image_sequence '{}' must hold {{image}} once",
+            text.dir.display(),
+            sequence.escape_debug()
+        )));
+    };
+    Ok(Some(Expansion {
+        placeholder: id,
+        before: tok.tokenize(before, false, true)?,
+        after: tok.tokenize(after, false, true)?,
+    }))
 }
 
 fn config_int(m: &Model, key: &str) -> Result<i64> {
@@ -295,6 +350,7 @@ impl VisionModel {
             image_token,
             merge,
             prompt_is_prefix,
+            expansion: None,
         })
     }
 
@@ -392,7 +448,8 @@ impl VisionModel {
     /// its image has tokens; the number of placeholders must equal the
     /// number of images.
     pub fn expand_placeholders(&self, ids: &[u32], grids: &[Grid]) -> Result<Vec<u32>> {
-        let token = self.image_token as u32;
+        let image = self.image_token as u32;
+        let token = self.expansion.as_ref().map_or(image, |e| e.placeholder);
         let found = ids.iter().filter(|&&t| t == token).count();
         if found != grids.len() {
             return Err(Error::Usage(format!(
@@ -405,7 +462,13 @@ impl VisionModel {
         for &t in ids {
             if t == token {
                 let n = grids[k].tokens(self.merge);
-                out.extend(std::iter::repeat_n(token, n as usize));
+                if let Some(e) = &self.expansion {
+                    out.extend_from_slice(&e.before);
+                }
+                out.extend(std::iter::repeat_n(image, n as usize));
+                if let Some(e) = &self.expansion {
+                    out.extend_from_slice(&e.after);
+                }
                 k += 1;
             } else {
                 out.push(t);
