@@ -6,9 +6,16 @@
 //! text tokens advance all three axes together, an image's tokens take
 //! their cell of the merged patch grid.
 //!
+//! A tower whose spec binds `images_as_rows` (SigLIP: every image one
+//! size) takes each image as a row of a batch instead; a text model whose
+//! attention has `bidirectional_spans` reads the prompt's segment ids (each
+//! image's run of tokens, or with `prompt_is_prefix` the whole prompt).
+//!
 //! What the text spec's config names (bound from the checkpoint) say about
 //! images: `image_token_id` (the placeholder), `spatial_merge_size` (patches
-//! merged per side into one token).
+//! merged per side into one token), optionally `prompt_is_prefix` and
+//! `image_placeholder` + `image_sequence` (what a chat template writes per
+//! image and what it becomes).
 use std::path::Path;
 
 use lmspec_engine::error::{Error, Result};
