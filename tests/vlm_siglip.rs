@@ -559,3 +559,72 @@ fn check_chat(case: &str) {
     }
     assert_eq!(a2, from_scratch(whole));
 }
+
+/// The golden checkpoints in Hugging Face's newer layout (everything under
+/// `model.`: `model.language_model`, `model.vision_tower`,
+/// `model.multi_modal_projector`; the patch convolution as `[out, C, P, P]`;
+/// a stored `lm_head`): the spec's weight rules bring them to the same
+/// features and logits.
+#[test]
+fn hugging_face_layouts_give_the_same_outputs() {
+    for case in ["gemma3", "paligemma"] {
+        let _guard = mlx_lock();
+        let g = golden(case);
+        let src = goldens().join("vlm").join(case).join("model");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        for f in [
+            "config.json",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+        }
+        let weights = Array::load_safetensors(src.join("model.safetensors")).expect("weights");
+        let mut renamed: Vec<(String, Array)> = Vec::new();
+        for (name, w) in &weights {
+            let hf = if let Some(rest) = name.strip_prefix("language_model.model.") {
+                format!("model.language_model.{rest}")
+            } else if let Some(rest) = name.strip_prefix("language_model.") {
+                rest.to_string()
+            } else {
+                format!("model.{name}")
+            };
+            let w = if name.ends_with("patch_embedding.weight") {
+                // MLX [out, P, P, C] to PyTorch [out, C, P, P].
+                w.transpose_axes(&[0, 3, 1, 2]).expect("transpose")
+            } else {
+                w.clone()
+            };
+            renamed.push((hf, w));
+        }
+        if case == "paligemma" {
+            let table = &weights["language_model.model.embed_tokens.weight"];
+            renamed.push(("lm_head.weight".into(), table.clone()));
+        }
+        Array::save_safetensors(
+            renamed.iter().map(|(n, w)| (n.as_str(), w)),
+            None,
+            dir.join("model.safetensors"),
+        )
+        .expect("save");
+        let text = Model::load(dir, &opts(&library(), None)).expect("text model");
+        let vm = VisionModel::load(dir, &opts(&library(), None), &text).expect("tower");
+        let grid = grids(&g["image_grid_thw"]);
+        let features = vm
+            .image_features(&g["pixel_values"], &grid)
+            .expect("features");
+        assert_close(
+            &format!("{case} HF features"),
+            &features,
+            &g["vision_features"],
+        );
+        let ids = ints(&g["input_ids"]);
+        let mut cache = text.new_cache();
+        let logits = vm
+            .prefill(&text, &ids, Some(&g["pixel_values"]), &grid, &mut cache)
+            .expect("prefill");
+        assert_close(&format!("{case} HF logits"), &logits, &g["logits"]);
+    }
+}
