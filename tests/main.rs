@@ -23,4 +23,5 @@ mod server;
 mod support;
 mod tools;
 mod vlm;
+mod vlm_pixtral;
 mod vlm_siglip;

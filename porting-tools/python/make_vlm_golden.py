@@ -59,6 +59,8 @@ from mlx.utils import tree_flatten
 
 # The SigLIP-tower families (Gemma 3) live in their own module.
 from vlm_golden_siglip import SIGLIP_CASES, make_siglip_case
+# The Pixtral-tower families likewise.
+from vlm_golden_pixtral import PIXTRAL_CASES, make_pixtral_case
 
 GREEDY = 16
 
@@ -376,12 +378,14 @@ def prompt(cfg, merge, grids):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES))
+    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES) + sorted(PIXTRAL_CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.case in SIGLIP_CASES:
         return make_siglip_case(args, make_images)
+    if args.case in PIXTRAL_CASES:
+        return make_pixtral_case(args, make_images)
     cfg = CASES[args.case]
     out = args.out or os.path.join("goldens", "vlm", args.case)
     os.makedirs(os.path.join(out, "model"), exist_ok=True)

@@ -27,6 +27,11 @@ pub struct ImageProcessor {
     /// `size.width`: the SigLIP-style processors), instead of the
     /// pixel-budget resize.
     pub fixed_size: Option<(i64, i64)>,
+    /// The longest side an image may keep (`size.longest_edge` alone):
+    /// a larger image is scaled down keeping its aspect ratio, then each
+    /// side rounded up to a multiple of the patch, instead of the
+    /// pixel-budget resize.
+    pub longest_edge: Option<i64>,
     pub temporal_patch_size: i64,
     pub merge_size: i64,
     pub min_pixels: i64,
@@ -162,6 +167,28 @@ impl ImageProcessor {
         if let Some((h, w)) = fixed {
             return ImageProcessor::settings(j, file, Some((h, w)), h * w, h * w);
         }
+        // size.longest_edge alone (no shortest edge, no pixel bounds): a
+        // bound on the longest side, not on the area.
+        let longest_only = size
+            .is_some_and(|s| s.get("longest_edge").is_some() && s.get("shortest_edge").is_none())
+            && j.get("min_pixels").is_none_or(Json::is_null)
+            && j.get("max_pixels").is_none_or(Json::is_null);
+        if longest_only {
+            let v = &size.expect("size")["longest_edge"];
+            let side = v
+                .as_i64()
+                .filter(|&n| (1..=MAX_IMAGE_SIDE as i64).contains(&n))
+                .ok_or_else(|| {
+                    field_err(
+                        file,
+                        "size.longest_edge",
+                        format!("expected a side of 1 to {MAX_IMAGE_SIDE} pixels, got {v}"),
+                    )
+                })?;
+            let mut p = ImageProcessor::settings(j, file, None, 1, MAX_TARGET_PIXELS)?;
+            p.longest_edge = Some(side);
+            return Ok(p);
+        }
         let min_pixels = match j.get("min_pixels") {
             Some(v) if !v.is_null() => get_int(j, file, "min_pixels", None)?,
             _ => match size.and_then(|s| s.get("shortest_edge")) {
@@ -258,7 +285,10 @@ impl ImageProcessor {
             return Err(field_err(file, "image_std", "each value must be positive"));
         }
         let bounded = |key: &str, default: Option<i64>| -> Result<i64> {
-            let v = get_int(j, file, key, default)?;
+            let v = match (key, j.get(key)) {
+                ("patch_size", Some(Json::Object(_))) => patch_sides(j, file)?,
+                _ => get_int(j, file, key, default)?,
+            };
             if v > MAX_PATCH {
                 return Err(field_err(file, key, format!("{v} is above {MAX_PATCH}")));
             }
@@ -269,6 +299,7 @@ impl ImageProcessor {
         Ok(ImageProcessor {
             patch_size: bounded("patch_size", patch_default)?,
             fixed_size,
+            longest_edge: None,
             temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
             merge_size: bounded("merge_size", Some(1))?,
             min_pixels,
@@ -297,6 +328,9 @@ impl ImageProcessor {
     pub fn target_size(&self, height: i64, width: i64) -> Result<(i64, i64)> {
         if let Some(size) = self.fixed_size {
             return Ok(size);
+        }
+        if let Some(side) = self.longest_edge {
+            return longest_edge_resize(height, width, side, self.patch_size * self.merge_size);
         }
         smart_resize(
             height,
@@ -408,6 +442,46 @@ impl ImageProcessor {
         }
         out
     }
+}
+
+/// A `patch_size` given as `{"height": P, "width": P}` (square patches only).
+fn patch_sides(j: &Json, file: &Path) -> Result<i64> {
+    let v = &j["patch_size"];
+    match (
+        v.get("height").and_then(Json::as_i64),
+        v.get("width").and_then(Json::as_i64),
+    ) {
+        (Some(h), Some(w)) if h >= 1 && h == w => Ok(h),
+        _ => Err(field_err(
+            file,
+            "patch_size",
+            format!("expected a positive integer or a square {{height, width}}, got {v}"),
+        )),
+    }
+}
+
+/// The size an image of `height` x `width` is resized to under a bound on
+/// its longest side: scaled down (each side floored) when a side is above
+/// `longest`, then each side rounded up to a multiple of `factor`.
+pub fn longest_edge_resize(
+    height: i64,
+    width: i64,
+    longest: i64,
+    factor: i64,
+) -> Result<(i64, i64)> {
+    if height < 1 || width < 1 {
+        return Err(Error::Usage(format!(
+            "an image of {width}x{height} pixels has no area"
+        )));
+    }
+    let (mut h, mut w) = (height, width);
+    let ratio = (height as f64 / longest as f64).max(width as f64 / longest as f64);
+    if ratio > 1.0 {
+        h = (height as f64 / ratio).floor() as i64;
+        w = (width as f64 / ratio).floor() as i64;
+    }
+    let up = |x: i64| ((x.max(1) - 1) / factor + 1) * factor;
+    Ok((up(h), up(w)))
 }
 
 /// Python's `round` (halves to even) of a non-negative ratio.

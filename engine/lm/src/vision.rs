@@ -224,6 +224,10 @@ pub struct VisionModel {
     /// prefix-LM: the text spec binds `prompt_is_prefix: true`); otherwise
     /// each image's run of placeholders is one.
     pub prompt_is_prefix: bool,
+    /// An image's tokens come in rows of its merged grid with break tokens
+    /// between them (the text spec binds `image_row_break`): the text
+    /// model then takes sequence positions only.
+    pub image_rows: bool,
     /// What the chat template writes per image and what it becomes, when
     /// the text spec says (see [`image_expansion`]); otherwise the template
     /// writes one image token per image.
@@ -237,19 +241,31 @@ pub struct Expansion {
     pub placeholder: u32,
     pub before: Vec<u32>,
     pub after: Vec<u32>,
+    /// Tokens between the rows of an image's tokens (`image_row_break`):
+    /// when present, the image's tokens are its merged grid's rows, each
+    /// but the last followed by these.
+    pub row_break: Vec<u32>,
 }
 
 /// The expansion a text spec declares with `image_placeholder` (the text a
 /// chat template writes per image, one token of the vocabulary) and
 /// `image_sequence` (the text it becomes, `{image}` standing for the
 /// image's tokens), tokenized with the checkpoint's tokenizer; `None` when
-/// the spec binds neither.
+/// the spec binds neither. With `image_row_break` the image's tokens come
+/// in rows of its merged grid, that text between each two rows.
 pub fn image_expansion(text: &Model, tok: &Tokenizer) -> Result<Option<Expansion>> {
     let get = |key: &str| match text.config.get(key) {
         Some(Value::Str(s)) => Some(s.clone()),
         _ => None,
     };
+    let row_break = get("image_row_break");
     let (placeholder, sequence) = match (get("image_placeholder"), get("image_sequence")) {
+        (None, None) if row_break.is_some() => {
+            return Err(Error::Usage(format!(
+                "{}: the spec binds image_row_break without image_placeholder and image_sequence",
+                text.dir.display()
+            )))
+        }
         (None, None) => return Ok(None),
         (Some(p), Some(s)) => (p, s),
         _ => {
@@ -273,10 +289,15 @@ pub fn image_expansion(text: &Model, tok: &Tokenizer) -> Result<Option<Expansion
             sequence.escape_debug()
         )));
     };
+    let row_break = match row_break {
+        Some(text) => tok.tokenize(&text, false, true)?,
+        None => Vec::new(),
+    };
     Ok(Some(Expansion {
         placeholder: id,
         before: tok.tokenize(before, false, true)?,
         after: tok.tokenize(after, false, true)?,
+        row_break,
     }))
 }
 
@@ -357,6 +378,7 @@ impl VisionModel {
             image_token,
             merge,
             prompt_is_prefix,
+            image_rows: matches!(text.config.get("image_row_break"), Some(Value::Str(_))),
             expansion: None,
         })
     }
@@ -385,6 +407,9 @@ impl VisionModel {
         features: Option<&Array>,
         grids: &[Grid],
     ) -> Result<ForwardInputs> {
+        if self.image_rows {
+            return self.row_prompt_inputs(ids, features, grids);
+        }
         let (pos, delta) = text_positions(ids, grids, self.image_token, self.merge)?;
         let t = ids.len() as i32;
         let flat: Vec<i32> = pos.concat();
@@ -397,6 +422,33 @@ impl VisionModel {
             segments: Some(Array::from_slice(&spans, &[t])),
             features: features.cloned(),
             position_delta: Some(delta),
+            ..ForwardInputs::default()
+        })
+    }
+
+    /// The forward inputs of a prompt whose images' tokens come in rows:
+    /// the placeholders must number the images' tokens; positions are the
+    /// sequence's (no per-axis positions, no delta).
+    fn row_prompt_inputs(
+        &self,
+        ids: &[i64],
+        features: Option<&Array>,
+        grids: &[Grid],
+    ) -> Result<ForwardInputs> {
+        let found = ids.iter().filter(|&&t| t == self.image_token).count() as i64;
+        let want: i64 = grids.iter().map(|g| g.tokens(self.merge)).sum();
+        if found != want {
+            return Err(Error::Usage(format!(
+                "the prompt has {found} image tokens (id {}) but its {} image(s) have {want}",
+                self.image_token,
+                grids.len()
+            )));
+        }
+        let spans = image_spans(ids, self.image_token);
+        Ok(ForwardInputs {
+            segments: Some(Array::from_slice(&spans, &[ids.len() as i32])),
+            features: features.cloned(),
+            position_delta: Some(0),
             ..ForwardInputs::default()
         })
     }
@@ -442,8 +494,9 @@ impl VisionModel {
                     "an image placeholder ends the prompt: nothing to continue from".into(),
                 ));
             }
-            let p = inputs.positions.take().expect("positions");
-            inputs.positions = Some(p.try_index((.., ..n as i32))?);
+            if let Some(p) = inputs.positions.take() {
+                inputs.positions = Some(p.try_index((.., ..n as i32))?);
+            }
             if let Some(sg) = inputs.segments.take() {
                 inputs.segments = Some(sg.try_index(..n as i32)?);
             }
@@ -472,7 +525,19 @@ impl VisionModel {
                 if let Some(e) = &self.expansion {
                     out.extend_from_slice(&e.before);
                 }
-                out.extend(std::iter::repeat_n(image, n as usize));
+                match &self.expansion {
+                    Some(e) if !e.row_break.is_empty() => {
+                        let g = grids[k];
+                        let (rows, cols) = (g.t * g.h / self.merge, g.w / self.merge);
+                        for r in 0..rows {
+                            if r > 0 {
+                                out.extend_from_slice(&e.row_break);
+                            }
+                            out.extend(std::iter::repeat_n(image, cols as usize));
+                        }
+                    }
+                    _ => out.extend(std::iter::repeat_n(image, n as usize)),
+                }
                 if let Some(e) = &self.expansion {
                     out.extend_from_slice(&e.after);
                 }

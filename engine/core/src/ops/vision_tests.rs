@@ -150,6 +150,69 @@ fn vision_rope_rotates_rows_and_columns_with_their_own_ladders() {
 }
 
 #[test]
+fn dealt_vision_rope_gives_rows_the_even_and_columns_the_odd_frequencies() {
+    // mlx-vlm's PixtralRotaryEmbedding: freqs = base^(-2k/D) over the head
+    // (k < D/2); the angles are [row · freqs[0::2], col · freqs[1::2]],
+    // then cat(angles, angles) with the half-split rotation.
+    let (h, t, d) = (2usize, 6usize, 16usize);
+    let theta = 10000.0f64;
+    let freqs: Vec<f64> = (0..d / 2)
+        .map(|k| 1.0 / theta.powf((2 * k) as f64 / d as f64))
+        .collect();
+    let rows = [0i32, 0, 0, 1, 1, 3];
+    let cols = [0i32, 1, 2, 0, 5, 2];
+    let ang: Vec<Vec<f64>> = (0..t)
+        .map(|k| {
+            let mut a: Vec<f64> = freqs
+                .iter()
+                .step_by(2)
+                .map(|f| f64::from(rows[k]) * f)
+                .collect();
+            a.extend(
+                freqs
+                    .iter()
+                    .skip(1)
+                    .step_by(2)
+                    .map(|f| f64::from(cols[k]) * f),
+            );
+            a
+        })
+        .collect();
+    let xs = values(h * t * d, 9);
+    let x = Array::from_slice(&xs, &[1, h as i32, t as i32, d as i32]);
+    let per_head = ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let sections = Value::List(vec![Value::Int(4), Value::Int(4)]);
+    let given = [
+        ("sections", sections.clone()),
+        ("per_section", Value::Bool(true)),
+        ("dealt", Value::Bool(true)),
+    ];
+    let op = build("mrope", &given, &[per_head], vec![]);
+    let mut pos = rows.to_vec();
+    pos.extend(cols);
+    let inputs = ForwardInputs {
+        positions: Some(ints(&pos, &[2, t as i32])),
+        ..ForwardInputs::default()
+    };
+    let got = scoped(&inputs, 0, || run(op.as_ref(), &[&x], 0));
+    close(&got, &rotate_reference(&xs, h, t, d, &ang), 1e-5);
+    // Each section its own ladder (Qwen-VL's) rotates the columns otherwise.
+    let own = [("sections", sections), ("per_section", Value::Bool(true))];
+    let other = build("mrope", &own, &[per_head], vec![]);
+    let got = scoped(&inputs, 0, || run(other.as_ref(), &[&x], 0));
+    let want = rotate_reference(&xs, h, t, d, &ang);
+    let gap = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .fold(0.0, f64::max);
+    assert!(gap > 1e-2, "the ladders should differ, max diff {gap}");
+}
+
+#[test]
 fn mrope_reads_each_frequency_chunk_from_its_axis() {
     // Chunked M-RoPE: inv_freq over the whole head, pairs [0, s0) read
     // axis t, the next s1 axis h, the last s2 axis w; 3 axes [3, T].

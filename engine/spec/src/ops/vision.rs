@@ -27,6 +27,7 @@ op! {
         base: f64 = 10000.0, "rope theta";
         per_section: bool = false, "each section has its own frequency ladder base^(-j/section) (vision RoPE); false: one ladder base^(-2k/D) over all pairs (M-RoPE)";
         traditional: bool = false, "rotate adjacent feature pairs (2i, 2i+1) instead of the two halves (mlx-lm's `rope_traditional`); one ladder and positions from the sequence only";
+        dealt: bool = false, "with `per_section`: the sections deal one ladder base^(-2k/D) between them, pair j of section a taking entry j·n + a (n sections of equal size; Pixtral's 2-D RoPE, rows the even entries, columns the odd); false: each section its own ladder";
     }
 }
 
@@ -155,6 +156,17 @@ impl Mrope {
     /// reads: `(inv_freq, axis)` for every rotated pair (D/2 of them).
     pub fn frequencies(&self, head_dim: i64) -> Result<Vec<(f64, usize)>, OpError> {
         let sections = self.section_sizes(head_dim)?;
+        if self.per_section && self.dealt {
+            let n = sections.len() as i64;
+            let mut out = Vec::new();
+            for (axis, &m) in sections.iter().enumerate() {
+                out.extend((0..m).map(|j| {
+                    let k = j * n + axis as i64;
+                    (self.base.powf(-2.0 * k as f64 / head_dim as f64), axis)
+                }));
+            }
+            return Ok(out);
+        }
         if self.per_section {
             let mut out = Vec::new();
             for (axis, &n) in sections.iter().enumerate() {
@@ -177,6 +189,15 @@ impl Mrope {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let (_, head_dim) = expect_heads(inputs, 0)?;
         self.section_sizes(head_dim)?;
+        if self.dealt {
+            let sections = self.section_sizes(head_dim)?;
+            if !self.per_section || sections.iter().any(|&n| n != sections[0]) {
+                return Err(OpError::new(
+                    "dealt",
+                    "dealing one ladder needs per_section: true and sections of one size",
+                ));
+            }
+        }
         if self.base <= 0.0 {
             return Err(OpError::new(
                 "base",

@@ -1,0 +1,357 @@
+//! Vision-language goldens of the Pixtral-tower families
+//! (`goldens/vlm/pixtral`, made by mlx-vlm with
+//! `porting-tools/python/make_vlm_golden.py --case pixtral`): the tower's
+//! features for two images of different sizes (2-D RoPE over each image's
+//! patch grid, attention block-diagonal per image), the logits of a prompt
+//! whose images are rows of [IMG] tokens with [IMG_BREAK] / [IMG_END],
+//! greedy decoding after a cached prefill, and the longest-edge image
+//! processor against transformers'.
+use std::collections::HashMap;
+
+use lmspec::engine::Model;
+use lmspec::lm::image_processor::{longest_edge_resize, ImageProcessor, ProcessedImage};
+use lmspec::lm::vision::{Grid, VisionModel};
+use lmspec::port::tolerance::{compare, Tolerance};
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::Array;
+
+use crate::support::{goldens, library, mlx_lock, opts};
+
+const CASE: &str = "pixtral";
+
+fn golden() -> HashMap<String, Array> {
+    let file = goldens().join("vlm").join(CASE).join("golden.safetensors");
+    Array::load_safetensors(&file).expect("golden tensors")
+}
+
+fn model_dir() -> std::path::PathBuf {
+    goldens().join("vlm").join(CASE).join("model")
+}
+
+fn ints(a: &Array) -> Vec<i64> {
+    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
+    a.as_slice::<i64>().to_vec()
+}
+
+fn grids(a: &Array) -> Vec<Grid> {
+    ints(a)
+        .chunks(3)
+        .map(|g| Grid {
+            t: g[0],
+            h: g[1],
+            w: g[2],
+        })
+        .collect()
+}
+
+fn max_abs(got: &Array, want: &Array) -> f32 {
+    let d = mlx_rs::ops::subtract(got, want)
+        .and_then(|d| mlx_rs::ops::abs(&d))
+        .and_then(|d| d.max(None))
+        .expect("diff");
+    d.item_cast::<f32>()
+}
+
+fn assert_close(what: &str, got: &Array, want: &Array) {
+    let got = got.reshape(want.shape()).expect("shape");
+    let s = compare(&got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!(
+        "{what}: max_rel {:.2e} max_abs {:.2e} cos {:.9}",
+        s.max_rel(),
+        max_abs(&got, want),
+        s.cosine
+    );
+    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
+}
+
+/// Features, prompt logits, the cached prefill and 16 greedy steps against
+/// the golden; without the per-image segments the features differ.
+#[test]
+fn pixtral() {
+    let _guard = mlx_lock();
+    let g = golden();
+    let dir = model_dir();
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    assert_eq!(grid.len(), 2);
+    assert_ne!(grid[0], grid[1], "two images of different grids");
+    let ids = ints(&g["input_ids"]);
+    let patches: i64 = grid.iter().map(Grid::patches).sum();
+    let image_tokens = ids.iter().filter(|&&t| t == vm.image_token).count() as i64;
+    assert_eq!(image_tokens, patches, "one [IMG] token per patch");
+
+    let pixels = &g["pixel_values"];
+    let features = vm.image_features(pixels, &grid).expect("features");
+    assert_close("vision features", &features, &g["vision_features"]);
+
+    // One image alone gives its own rows of the features: attention stays
+    // within an image.
+    let first = grid[0].patches() as i32;
+    let alone = vm
+        .image_features(&pixels.try_index(..first).expect("rows"), &grid[..1])
+        .expect("first image");
+    let want_first = g["vision_features"].try_index(..first).expect("rows");
+    assert_close("first image alone", &alone, &want_first);
+    // Without the per-image segments the images see each other.
+    let (batch, mut inputs) =
+        lmspec::lm::vision::tower_batch(&vm.tower, pixels, &grid, vm.merge).expect("batch");
+    inputs.segments = None;
+    let (mixed, _) = vm.tower.encode(&batch, &inputs, &[]).expect("encode");
+    let gap = max_abs(
+        &mixed.reshape(&[-1, features.shape()[1]]).expect("flat"),
+        &g["vision_features"],
+    );
+    eprintln!("features without segments differ by {gap:.3e}");
+    assert!(gap > 1e-3, "the segments changed nothing ({gap})");
+
+    // The whole prompt into a fresh cache.
+    let mut cache = text.new_cache();
+    let logits = vm
+        .prefill(&text, &ids, Some(pixels), &grid, &mut cache)
+        .expect("prefill");
+    assert_close("prompt logits", &logits, &g["logits"]);
+
+    // Greedy decoding after the cached prefill.
+    let want_tokens = ints(&g["greedy_tokens"]);
+    let want_steps = &g["decode_logits"];
+    let mut last = logits.try_index((.., -1, ..)).expect("last");
+    let mut tokens = Vec::new();
+    let mut worst = 0f32;
+    for step in 0..want_tokens.len() {
+        let tok = ints(&argmax_axis(&last, -1, None).expect("argmax"))[0];
+        tokens.push(tok);
+        let x = Array::from_slice(&[tok as i32], &[1, 1]);
+        let out = text.forward(&x, Some(&mut cache)).expect("decode");
+        last = out.try_index((.., -1, ..)).expect("last");
+        let want = want_steps.try_index(step as i32).expect("step");
+        let got = last.reshape(&[-1]).expect("flat");
+        let s = compare(&got, &want).expect("compare");
+        assert!(s.within(Tolerance::F32), "decode step {step}: {s:?}");
+        worst = worst.max(max_abs(&got, &want));
+    }
+    eprintln!("decode steps: max abs diff {worst:.2e}");
+    assert_eq!(tokens, want_tokens, "greedy tokens");
+
+    // A prompt whose [IMG] tokens do not number the images' patches is an
+    // error, not a panic.
+    let mut short = ids.clone();
+    let at = short
+        .iter()
+        .position(|&t| t == vm.image_token)
+        .expect("an image token");
+    short.remove(at);
+    let mut cache = text.new_cache();
+    let err = vm
+        .prefill(&text, &short, Some(pixels), &grid, &mut cache)
+        .expect_err("one token short")
+        .to_string();
+    assert!(err.contains("image tokens"), "{err}");
+}
+
+fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
+    let grid = grids(&g["image_grid_thw"]);
+    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
+    let width = g["pixel_values"].shape()[1] as usize;
+    let mut images = Vec::new();
+    let mut start = 0;
+    for gr in &grid {
+        let n = gr.patches() as usize * width;
+        images.push(ProcessedImage {
+            pixels: pixels[start..start + n].to_vec(),
+            grid: *gr,
+        });
+        start += n;
+    }
+    images
+}
+
+/// The generation path: the golden prompt with each image's rows collapsed
+/// to one [IMG] (as the chat template writes it) expands back to the golden
+/// prompt ([IMG_BREAK] between rows, [IMG_END] after), and generation with
+/// the images gives mlx-vlm's greedy tokens.
+#[test]
+fn pixtral_generation_with_images_continues_as_mlx_vlm() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    let g = golden();
+    let lm = LanguageModel::load(&model_dir(), &opts(&library(), None)).expect("load");
+    let vision = lm.vision().expect("a tower");
+    let e = vision.expansion.as_ref().expect("an expansion");
+    assert_eq!(e.placeholder as i64, vision.image_token);
+    assert!(e.before.is_empty());
+    let (brk, end) = (e.row_break.clone(), e.after.clone());
+    assert_eq!((brk.len(), end.len()), (1, 1));
+    let grid = grids(&g["image_grid_thw"]);
+    let ids: Vec<u32> = ints(&g["input_ids"]).iter().map(|&t| t as u32).collect();
+    // Each image: rows of [IMG] with breaks, then the end token -> [IMG].
+    let image = vision.image_token as u32;
+    let mut prompt = Vec::new();
+    let mut k = 0;
+    while k < ids.len() {
+        if ids[k] != image {
+            prompt.push(ids[k]);
+            k += 1;
+            continue;
+        }
+        while ids[k] == image || ids[k] == brk[0] {
+            k += 1;
+        }
+        assert_eq!(ids[k], end[0], "the image ends with its end token");
+        prompt.push(image);
+        k += 1;
+    }
+    assert_eq!(prompt.iter().filter(|&&t| t == image).count(), grid.len());
+    assert_eq!(
+        vision.expand_placeholders(&prompt, &grid).expect("expand"),
+        ids,
+        "the expansion gives the golden prompt back"
+    );
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..GenerateParams::default()
+    };
+    let images = images_of(&g);
+    let out = lm
+        .generate_with_images(&prompt, &images, &params, None, None, &mut |_| {})
+        .expect("generate");
+    let want: Vec<u32> = ints(&g["greedy_tokens"])
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    assert_eq!(out.tokens, want);
+
+    // One image for a prompt with two placeholders: a named error.
+    let err = lm
+        .generate_with_images(&prompt, &images[..1], &params, None, None, &mut |_| {})
+        .expect_err("one image short")
+        .to_string();
+    assert!(
+        err.contains("1 image(s) given but the prompt has 2 image placeholder(s)"),
+        "{err}"
+    );
+}
+
+/// The longest-edge processor (scale down to `size.longest_edge`, each side
+/// up to a multiple of the patch, bicubic, CLIP mean/std, patches
+/// row-major) against transformers' `PixtralImageProcessorPil` on the five
+/// test images: the grids and token counts equal, PNGs within 1e-2, JPEGs
+/// within three 8-bit levels (the JPEG decoders' difference).
+#[test]
+fn pixtral_image_processing_matches_the_python_processor() {
+    let _guard = mlx_lock();
+    let case = goldens().join("vlm").join(CASE);
+    let dir = case.join("model");
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let proc = vm.processor.as_ref().expect("a processor");
+    assert_eq!(
+        (proc.longest_edge, proc.patch_size, proc.fixed_size),
+        (Some(64), 4, None)
+    );
+    let want =
+        Array::load_safetensors(case.join("processor.safetensors")).expect("processor tensors");
+    let mut worst = 0f32;
+    for name in ["wide.png", "tall.jpg", "alpha.png", "gray.png", "photo.jpg"] {
+        let path = goldens().join("vlm").join("images").join(name);
+        let got = proc.process_file(&path).expect("process");
+        let grid = ints(&want[&format!("{name}.grid")]);
+        assert_eq!(
+            vec![got.grid.t, got.grid.h, got.grid.w],
+            grid,
+            "{name}: grid"
+        );
+        assert_eq!(
+            got.grid.tokens(vm.merge),
+            grid[1] * grid[2],
+            "{name}: tokens"
+        );
+        let wv = want[&format!("{name}.pixel_values")].as_slice::<f32>();
+        assert_eq!(wv.len(), got.pixels.len(), "{name}: size");
+        let max = got
+            .pixels
+            .iter()
+            .zip(wv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: grid {grid:?}, max abs diff {max:.3e}");
+        let bound = if name.ends_with(".png") {
+            1e-2
+        } else {
+            3.0 / 255.0 / 0.26
+        };
+        assert!(max <= bound, "{name}: max abs diff {max} above {bound}");
+        worst = worst.max(max);
+    }
+    eprintln!("worst max abs diff {worst:.3e}");
+}
+
+/// The longest-edge resize: small images only round up to whole patches,
+/// large ones scale down (each side floored) first; bad configs name the
+/// field.
+#[test]
+fn longest_edge_processor_configs_are_checked() {
+    assert_eq!(longest_edge_resize(50, 50, 64, 4).expect("fits"), (52, 52));
+    // 130 x 200 -> ratio 3.125 -> 41 x 64 -> 44 x 64.
+    assert_eq!(
+        longest_edge_resize(130, 200, 64, 4).expect("down"),
+        (44, 64)
+    );
+    assert_eq!(
+        longest_edge_resize(64, 64, 64, 16).expect("exact"),
+        (64, 64)
+    );
+    assert!(longest_edge_resize(0, 5, 64, 4).is_err());
+
+    let base = serde_json::json!({"size": {"longest_edge": 64},
+        "patch_size": {"height": 4, "width": 4},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]});
+    let file = std::path::Path::new("preprocessor_config.json");
+    let p = ImageProcessor::from_json(&base, file).expect("longest edge");
+    assert_eq!((p.longest_edge, p.patch_size), (Some(64), 4));
+    let mut j = base.clone();
+    j["patch_size"] = serde_json::json!({"height": 4, "width": 8});
+    let err = ImageProcessor::from_json(&j, file).unwrap_err().to_string();
+    assert!(err.contains("patch_size"), "{err}");
+    let mut j = base.clone();
+    j["size"]["longest_edge"] = serde_json::json!(0);
+    let err = ImageProcessor::from_json(&j, file).unwrap_err().to_string();
+    assert!(err.contains("size.longest_edge"), "{err}");
+    // With a shortest edge too, the sizes are pixel bounds (Qwen2-VL's).
+    let mut j = base.clone();
+    j["size"] = serde_json::json!({"shortest_edge": 16, "longest_edge": 4096});
+    let p = ImageProcessor::from_json(&j, file).expect("pixel bounds");
+    assert_eq!(
+        (p.longest_edge, p.min_pixels, p.max_pixels),
+        (None, 16, 4096)
+    );
+}
+
+/// `port diff` on the Pixtral golden matches every tower node; with the
+/// dealt 2-D RoPE taken out (each section its own ladder) it names the
+/// first block's output.
+#[test]
+fn port_diff_names_the_first_divergent_pixtral_node() {
+    use lmspec::port::diff::diff_tower;
+
+    let _guard = mlx_lock();
+    let golden = goldens().join("vlm").join(CASE);
+    let model = golden.join("model");
+    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.rows.len() >= 12, "{} nodes", report.rows.len());
+
+    let root = crate::support::root().join("specs/models");
+    let tower = std::fs::read_to_string(root.join("pixtral_vision.yaml")).expect("spec");
+    assert_eq!(tower.matches("dealt: true").count(), 2);
+    let dir = tempfile::tempdir().expect("tmp");
+    let spec = dir.path().join("pixtral_vision.yaml");
+    std::fs::write(&spec, tower.replace("dealt: true", "dealt: false")).expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(spec.display().to_string());
+    let report = diff_tower(&model, &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    assert_eq!(first.name, "layers.0.o", "{}", report.table());
+}
