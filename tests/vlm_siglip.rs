@@ -628,3 +628,36 @@ fn hugging_face_layouts_give_the_same_outputs() {
         assert_close(&format!("{case} HF logits"), &logits, &g["logits"]);
     }
 }
+
+/// A fixed-size processor whose size does not give the tower's patch grid
+/// is refused at load, naming the file.
+#[test]
+fn a_processor_size_that_misses_the_tower_grid_is_an_error() {
+    let _guard = mlx_lock();
+    let src = goldens().join("vlm").join("gemma3").join("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).expect("copy");
+    }
+    let text = std::fs::read_to_string(src.join("preprocessor_config.json")).expect("read");
+    let mut j: serde_json::Value = serde_json::from_str(&text).expect("json");
+    j["size"] = serde_json::json!({"height": 48, "width": 48});
+    std::fs::write(
+        tmp.path().join("preprocessor_config.json"),
+        serde_json::to_string(&j).expect("json"),
+    )
+    .expect("write");
+    let model = Model::load(tmp.path(), &opts(&library(), None)).expect("text model");
+    let err = VisionModel::load(tmp.path(), &opts(&library(), None), &model)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("preprocessor_config.json") && err.contains("8x8 patches"),
+        "{err}"
+    );
+}

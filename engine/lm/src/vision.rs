@@ -366,6 +366,21 @@ impl VisionModel {
                     p.merge_size
                 )));
             }
+            // A fixed-size tower's position table fits one grid: the
+            // processor's size must give it.
+            if let (true, Some((h, w)), Some(side)) = (
+                rows,
+                p.fixed_size,
+                tower.config.get("patches_per_side").and_then(Value::as_i64),
+            ) {
+                let patch = p.patch_size.max(1);
+                if h != side * patch || w != side * patch {
+                    return Err(Error::Usage(format!(
+                        "{}: size {w}x{h} does not give the tower's {side}x{side} patches of {patch} pixels (vision_config image_size / patch_size)",
+                        dir.join("preprocessor_config.json").display()
+                    )));
+                }
+            }
         }
         let prompt_is_prefix = text
             .config
