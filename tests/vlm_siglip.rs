@@ -135,6 +135,18 @@ fn paligemma() {
     check_case("paligemma");
 }
 
+/// PaliGemma 2: the same with the gemma2 text model (sandwich norms,
+/// query_pre_attn_scalar, capped attention scores and logits).
+#[test]
+fn paligemma2() {
+    check_case("paligemma2");
+}
+
+#[test]
+fn paligemma2_generation_with_images_continues_as_mlx_vlm() {
+    check_generation("paligemma2");
+}
+
 #[test]
 fn image_spans_number_each_run_of_image_tokens() {
     assert_eq!(
@@ -567,7 +579,7 @@ fn check_chat(case: &str) {
 /// features and logits.
 #[test]
 fn hugging_face_layouts_give_the_same_outputs() {
-    for case in ["gemma3", "paligemma"] {
+    for case in ["gemma3", "paligemma", "paligemma2"] {
         let _guard = mlx_lock();
         let g = golden(case);
         let src = goldens().join("vlm").join(case).join("model");
@@ -599,7 +611,7 @@ fn hugging_face_layouts_give_the_same_outputs() {
             };
             renamed.push((hf, w));
         }
-        if case == "paligemma" {
+        if case.starts_with("paligemma") {
             let table = &weights["language_model.model.embed_tokens.weight"];
             renamed.push(("lm_head.weight".into(), table.clone()));
         }

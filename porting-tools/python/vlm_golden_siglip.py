@@ -115,6 +115,19 @@ SIGLIP_CASES["paligemma"] = {
     },
 }
 
+# PaliGemma 2: the same with gemma2 text (sandwich norms, query_pre_attn_scalar,
+# capped scores and logits).
+SIGLIP_CASES["paligemma2"] = {
+    **SIGLIP_CASES["paligemma"],
+    "text_config": {
+        **SIGLIP_CASES["paligemma"]["text_config"],
+        "model_type": "gemma2",
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+}
+
 PROCESSORS = {
     "gemma3": {
         "image_processor_type": "Gemma3ImageProcessor",
@@ -144,9 +157,11 @@ PROCESSORS["paligemma"] = {
     "image_std": [0.5, 0.5, 0.5],
 }
 
+PROCESSORS["paligemma2"] = PROCESSORS["paligemma"]
+
 
 def build(case, cfg):
-    if case == "paligemma":
+    if case in ("paligemma", "paligemma2"):
         import copy
 
         from mlx_vlm.models.paligemma import Model, ModelConfig
@@ -215,7 +230,7 @@ def vision_taps(model, nchw):
 
 
 def images_for(case):
-    return 1 if case == "paligemma" else IMAGES
+    return 1 if case.startswith("paligemma") else IMAGES
 
 
 def prompt(cfg, tokens):
@@ -288,7 +303,7 @@ def write_tokenizer(out, cfg):
 def processor_fixtures(case, out, names, folder):
     from PIL import Image
 
-    if case == "paligemma":
+    if case in ("paligemma", "paligemma2"):
         from transformers.models.siglip.image_processing_pil_siglip import (
             SiglipImageProcessorPil as Processor,
         )
@@ -328,7 +343,7 @@ def make_siglip_case(args, make_images):
         if p.ndim == 1:
             noise = rng.standard_normal(p.shape).astype(np.float32) * 0.1
             params[name] = p + mx.array(noise)
-    if case == "paligemma":
+    if case.startswith("paligemma"):
         # A small tied table, so that the layers rather than the embedding of
         # the last token pick the next one (the greedy tokens vary).
         name = "language_model.model.embed_tokens.weight"
@@ -356,7 +371,7 @@ def make_siglip_case(args, make_images):
     ids_list = prompt(cfg, tokens)
     ids = mx.array([ids_list], dtype=mx.int32)
     # PaliGemma: no mask (mlx-vlm's bidirectional prompt); Gemma 3: the spans.
-    mask = None if case == "paligemma" else span_mask(ids_list, cfg["image_token_index"])
+    mask = None if case.startswith("paligemma") else span_mask(ids_list, cfg["image_token_index"])
 
     taps = vision_taps(model, nchw)
     mx.eval(taps)
@@ -422,7 +437,7 @@ def make_siglip_case(args, make_images):
         "dtype": "float32",
         "grids": [[1, side, side]] * n_img,
         "greedy_tokens": GREEDY,
-        "attention": ("the prompt bidirectional, decoding causal" if case == "paligemma"
+        "attention": ("the prompt bidirectional, decoding causal" if case.startswith("paligemma")
                       else "causal, bidirectional within each image's tokens"),
         "causal_logits_gap": gap,
     }
