@@ -108,6 +108,58 @@ fn qwen2_5_vl() {
     check_case("qwen2_5_vl");
 }
 
+/// A learned position table interpolated to each grid, two DeepStack
+/// levels added after text layers 0 and 1, the qwen3 text model with
+/// interleaved M-RoPE.
+#[test]
+fn qwen3_vl() {
+    check_case("qwen3_vl");
+}
+
+/// The DeepStack levels are used: with their columns of the feature rows
+/// zeroed the prompt's logits leave mlx-vlm's, and feature rows of the
+/// wrong width are an error naming the op.
+#[test]
+fn qwen3_vl_deepstack_levels_change_the_logits() {
+    let _guard = mlx_lock();
+    let g = golden("qwen3_vl");
+    let dir = goldens().join("vlm").join("qwen3_vl").join("model");
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    let ids = ints(&g["input_ids"]);
+    let tokens: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    let tokens = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
+    let features = vm
+        .image_features(&g["pixel_values"], &grid)
+        .expect("features");
+    // [merger | level 0 | level 1], each the text model's width.
+    let width = g["logits"].shape()[2];
+    let d = 64;
+    assert_eq!(width, 256);
+    assert_eq!(features.shape()[1], 3 * d);
+    let run = |f: &Array| {
+        let inputs = vm.prompt_inputs(&ids, Some(f), &grid).expect("inputs");
+        text.forward_with_inputs(&tokens, None, &inputs, &[])
+            .map(|(out, _)| out)
+    };
+    let logits = run(&features).expect("forward");
+    assert_close("prompt logits", &logits, &g["logits"]);
+    let first = features.try_index((.., ..d)).expect("merger");
+    let zeros =
+        mlx_rs::ops::zeros_like(features.try_index((.., d..)).expect("levels")).expect("zeros");
+    let bare = mlx_rs::ops::concatenate(&[&first, &zeros], -1).expect("concat");
+    let without = run(&bare).expect("forward");
+    let s = compare(&without, &g["logits"]).expect("compare");
+    eprintln!("without the DeepStack levels: max_abs {:.2e}", s.max_abs);
+    assert!(
+        !s.within(Tolerance::F32),
+        "the levels changed nothing: {s:?}"
+    );
+    let err = run(&first).expect_err("one block of columns").to_string();
+    assert!(err.contains("splice: features must be [N, 192]"), "{err}");
+}
+
 #[test]
 fn image_inputs_that_do_not_fit_are_errors() {
     let _guard = mlx_lock();
@@ -163,6 +215,13 @@ fn image_processing_matches_the_python_processor() {
 #[test]
 fn qwen2_5_vl_image_processing_matches_the_python_processor() {
     check_processor("qwen2_5_vl");
+}
+
+/// Qwen3-VL's settings (mean and std 0.5, size.shortest_edge /
+/// longest_edge, bilinear).
+#[test]
+fn qwen3_vl_image_processing_matches_the_python_processor() {
+    check_processor("qwen3_vl");
 }
 
 fn check_processor(case: &str) {
@@ -255,13 +314,24 @@ fn bad_image_files_are_named_errors() {
 /// images spliced in, and greedy generation continues: mlx-vlm's 16 tokens.
 #[test]
 fn generation_with_images_continues_as_mlx_vlm() {
+    generate_with_images_case("qwen2_vl");
+}
+
+/// The same for Qwen3-VL (feature rows three blocks wide: the DeepStack
+/// levels travel with the merger's rows).
+#[test]
+fn qwen3_vl_generation_with_images_continues_as_mlx_vlm() {
+    generate_with_images_case("qwen3_vl");
+}
+
+fn generate_with_images_case(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::image_processor::ProcessedImage;
     use lmspec::lm::LanguageModel;
 
     let _guard = mlx_lock();
-    let g = golden("qwen2_vl");
-    let dir = goldens().join("vlm").join("qwen2_vl").join("model");
+    let g = golden(case);
+    let dir = goldens().join("vlm").join(case).join("model");
     let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
     let vision = lm.vision().expect("a tower");
     let grid = grids(&g["image_grid_thw"]);
@@ -492,6 +562,21 @@ fn port_diff_names_the_first_divergent_tower_node() {
     use lmspec::port::diff::{diff_tower, is_vision_golden};
 
     let _guard = mlx_lock();
+    // Qwen3-VL's tower: the position table, the blocks, the merger and
+    // both DeepStack levels, node by node.
+    let golden = goldens().join("vlm").join("qwen3_vl");
+    let report = diff_tower(
+        &golden.join("model"),
+        &golden,
+        &opts(&library(), None),
+        None,
+    )
+    .expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    eprintln!("qwen3_vl tower: {} nodes match", report.rows.len());
+    assert!(report.rows.len() >= 40, "{} nodes", report.rows.len());
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+
     // Qwen2.5-VL's tower, window attention included, node by node.
     let golden = goldens().join("vlm").join("qwen2_5_vl");
     let report = diff_tower(

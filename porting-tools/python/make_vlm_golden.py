@@ -122,6 +122,48 @@ CASES["qwen2_5_vl"] = {
     },
 }
 
+# Qwen3-VL: a qwen3 text model (q/k norms, interleaved M-RoPE) under
+# text_config; the tower has a learned 4 x 4 position table and two
+# DeepStack levels (after blocks 0 and 1), added after text layers 0 and 1.
+CASES["qwen3_vl"] = {
+    "model_type": "qwen3_vl",
+    "image_token_id": 250,
+    "video_token_id": 251,
+    "vision_start_token_id": 252,
+    "vision_end_token_id": 253,
+    "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "qwen3_vl_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 256,
+        "max_position_embeddings": 512,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl",
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": [0, 1],
+    },
+}
+
 # The image processor of each case: the family's Python processor class and
 # its settings (real mean/std and filter, this tower's patch size, pixel
 # bounds that keep the fixtures small).
@@ -147,6 +189,23 @@ PROCESSORS = {
 
 # Qwen2.5-VL's processor is Qwen2-VL's; other pixel bounds here.
 PROCESSORS["qwen2_5_vl"] = {**PROCESSORS["qwen2_vl"], "min_pixels": 1024, "max_pixels": 3136}
+# Qwen3-VL's: mean and std of 0.5, pixel bounds as size.shortest_edge /
+# longest_edge, the bilinear filter.
+PROCESSORS["qwen3_vl"] = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "do_resize": True,
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 0.00392156862745098,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True,
+    "size": {"shortest_edge": 1024, "longest_edge": 2048},
+    "patch_size": 4,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+}
 
 
 def make_images(folder):
@@ -216,7 +275,7 @@ def processor_fixtures(case, out):
         json.dump(cfg, f, indent=2)
     folder = os.path.join(os.path.dirname(out), "images")
     names = make_images(folder)
-    if case in ("qwen2_vl", "qwen2_5_vl"):
+    if case in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil as Processor,
         )
@@ -242,6 +301,7 @@ def processor_fixtures(case, out):
 GRIDS = {
     "qwen2_vl": [[1, 4, 6], [1, 4, 4]],
     "qwen2_5_vl": [[1, 6, 10], [1, 4, 4]],
+    "qwen3_vl": [[1, 4, 6], [1, 6, 4]],
 }
 
 
@@ -252,6 +312,10 @@ def build(case, cfg):
     elif case == "qwen2_5_vl":
         from mlx_vlm.models.qwen2_5_vl import Model, ModelConfig
         from mlx_vlm.models.qwen2_5_vl.config import TextConfig, VisionConfig
+    elif case == "qwen3_vl":
+        from mlx_vlm.models.qwen3_vl import Model, ModelConfig
+
+        return Model(ModelConfig.from_dict(json.loads(json.dumps(cfg))))
     else:
         raise SystemExit(f"unknown case {case}")
     text = {k: v for k, v in cfg.items() if k != "vision_config"}
@@ -272,6 +336,8 @@ def vision_taps(case, vt, pixel_values, grid):
     lmspec node that computes it (specs/models/CASE_vision.yaml)."""
     if case == "qwen2_5_vl":
         return window_taps(vt, pixel_values, grid)
+    if case == "qwen3_vl":
+        return deepstack_taps(vt, pixel_values, grid)
     taps = {}
     h = vt.patch_embed(pixel_values)
     taps["patches"] = h
@@ -366,6 +432,67 @@ def window_taps(vt, pixel_values, grid):
     return taps
 
 
+def deepstack_taps(vt, pixel_values, grid):
+    """Qwen3-VL's tower: the position table, the blocks, the merger and each
+    DeepStack level's merger (specs/models/qwen3_vl_vision.yaml)."""
+    taps = {}
+    h = vt.patch_embed(pixel_values)
+    taps["patches"] = h
+    pos = vt.fast_pos_embed_interpolate(grid)
+    taps["pos"] = pos
+    h = h + pos
+    taps["embed"] = h
+    rot = vt.rot_pos_emb(grid)
+    lens = []
+    for t, hh, ww in grid.tolist():
+        lens += [hh * ww] * t
+    cu = mx.pad(mx.cumsum(mx.array(lens, dtype=mx.int32)), (1, 0))
+    kept = []
+    for i, blk in enumerate(vt.blocks):
+        n1 = blk.norm1(h)
+        taps[f"layers.{i}.norm1"] = n1
+        taps[f"layers.{i}.qkv"] = blk.attn.qkv(n1)
+        proj = blk.attn(n1, cu_seqlens=cu, rotary_pos_emb=rot)
+        taps[f"layers.{i}.proj"] = proj
+        h = h + proj
+        taps[f"layers.{i}.h"] = h
+        n2 = blk.norm2(h)
+        taps[f"layers.{i}.norm2"] = n2
+        fc1 = blk.mlp.linear_fc1(n2)
+        taps[f"layers.{i}.fc1"] = fc1
+        fc2 = blk.mlp.linear_fc2(blk.mlp.act_fn(fc1))
+        taps[f"layers.{i}.fc2"] = fc2
+        h = h + fc2
+        taps[f"layers.{i}"] = h
+        if i in vt.deepstack_visual_indexes:
+            kept.append(h)
+
+    def merger(m, x, prefix):
+        if m.use_postshuffle_norm:
+            x = x.reshape(-1, m.hidden_size)
+            taps[f"{prefix}merged"] = x
+            x = m.norm(x)
+            taps[f"{prefix}norm"] = x
+        else:
+            x = m.norm(x)
+            taps[f"{prefix}norm"] = x
+            x = x.reshape(-1, m.hidden_size)
+            taps[f"{prefix}merged"] = x
+        x = m.linear_fc1(x)
+        taps[f"{prefix}fc1"] = x
+        x = m.act_fn(x)
+        taps[f"{prefix}act"] = x
+        x = m.linear_fc2(x)
+        taps[f"{prefix}fc2"] = x
+        return x
+
+    out = merger(vt.merger, h, "")
+    for k, (m, x) in enumerate(zip(vt.deepstack_merger_list, kept)):
+        out = mx.concatenate([out, merger(m, x, f"ds{k}_")], axis=-1)
+        taps[f"cat{k}"] = out
+    return taps
+
+
 def prompt(cfg, merge, grids):
     start, end, image = (cfg["vision_start_token_id"], cfg["vision_end_token_id"],
                          cfg["image_token_id"])
@@ -417,9 +544,13 @@ def main():
     ids = mx.array([prompt(cfg, merge, grids)], dtype=mx.int32)
 
     features = model.vision_tower(pixel_values, grid)
+    if isinstance(features, tuple):
+        # DeepStack: the levels follow the merger's columns in each row.
+        features = mx.concatenate([features[0], *features[1]], axis=-1)
     taps = vision_taps(args.case, model.vision_tower, pixel_values, grid)
     mx.eval(taps)
-    assert mx.allclose(taps["fc2"], features).item()
+    last = [k for k in ("cat2", "cat1", "cat0", "fc2") if k in taps][0]
+    assert mx.allclose(taps[last], features).item()
     lm = model.language_model
     position_ids, delta = lm.get_rope_index(ids, grid)
     lm._rope_deltas = None

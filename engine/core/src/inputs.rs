@@ -37,6 +37,17 @@ impl ForwardInputs {
 
 thread_local! {
     static CURRENT: RefCell<(ForwardInputs, i32)> = RefCell::new((ForwardInputs::default(), 0));
+    static SIDE: RefCell<Side> = RefCell::new(Side::default());
+}
+
+/// Values a forward's ops leave for its later ops: what `keep` nodes kept,
+/// and where `splice` wrote feature rows (read by `add_features`).
+#[derive(Default)]
+struct Side {
+    kept: Vec<Option<Array>>,
+    /// `[B·T, 1]` true at the spliced positions, and the feature row of
+    /// each position `[B·T]`.
+    spliced: Option<(Array, Array)>,
 }
 
 /// Restores the empty inputs when a forward ends (also on an error or a
@@ -46,12 +57,14 @@ struct Reset;
 impl Drop for Reset {
     fn drop(&mut self) {
         CURRENT.with_borrow_mut(|c| *c = (ForwardInputs::default(), 0));
+        SIDE.with_borrow_mut(|s| *s = Side::default());
     }
 }
 
 /// Runs `f` with `inputs` and the cache's position `delta` current.
 pub(crate) fn scoped<R>(inputs: &ForwardInputs, delta: i32, f: impl FnOnce() -> R) -> R {
     CURRENT.with_borrow_mut(|c| *c = (inputs.clone(), delta));
+    SIDE.with_borrow_mut(|s| *s = Side::default());
     let _reset = Reset;
     f()
 }
@@ -59,6 +72,32 @@ pub(crate) fn scoped<R>(inputs: &ForwardInputs, delta: i32, f: impl FnOnce() -> 
 /// The current positions `[axes, T]`, if the forward has them.
 pub(crate) fn positions() -> Option<Array> {
     CURRENT.with_borrow(|c| c.0.positions.clone())
+}
+
+/// Keeps `x` under `slot` for the rest of the forward.
+pub(crate) fn keep(slot: usize, x: &Array) {
+    SIDE.with_borrow_mut(|s| {
+        if s.kept.len() <= slot {
+            s.kept.resize(slot + 1, None);
+        }
+        s.kept[slot] = Some(x.clone());
+    });
+}
+
+/// The value kept under `slot` in this forward.
+pub(crate) fn kept(slot: usize) -> Option<Array> {
+    SIDE.with_borrow(|s| s.kept.get(slot).cloned().flatten())
+}
+
+/// Records where a splice wrote feature rows: the mask `[B·T, 1]` and the
+/// row of each position `[B·T]`.
+pub(crate) fn set_spliced(mask: &Array, rows: &Array) {
+    SIDE.with_borrow_mut(|s| s.spliced = Some((mask.clone(), rows.clone())));
+}
+
+/// Where this forward's splice wrote feature rows, if it did.
+pub(crate) fn spliced() -> Option<(Array, Array)> {
+    SIDE.with_borrow(|s| s.spliced.clone())
 }
 
 /// The current position delta.

@@ -279,6 +279,14 @@ fn vision_language_paligemma() {
     insta::assert_snapshot!(vision_language("paligemma"));
 }
 
+/// Qwen3-VL's: the position table, the kept DeepStack states and their
+/// mergers; the text model's interleaved M-RoPE and `add_features` after
+/// layers 0 and 1.
+#[test]
+fn vision_language_qwen3_vl() {
+    insta::assert_snapshot!(vision_language("qwen3_vl"));
+}
+
 fn vision_language(case: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
     let file = root().join(format!("goldens/vlm/{case}/model/config.json"));

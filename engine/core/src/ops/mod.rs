@@ -14,6 +14,9 @@ pub(crate) use linear::apply as linear_apply;
 
 mod attention;
 mod conv;
+mod deepstack;
+#[cfg(test)]
+mod deepstack_tests;
 mod delta;
 mod elementwise;
 mod embedding;
@@ -113,6 +116,9 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::PoolPatches(c) => Ok(Box::new(c.clone())),
         OpConfig::PixelShuffle(c) => Ok(Box::new(c.clone())),
         OpConfig::Splice(c) => Ok(Box::new(c.clone())),
+        OpConfig::Keep(c) => Ok(Box::new(c.clone())),
+        OpConfig::Kept(c) => Ok(Box::new(c.clone())),
+        OpConfig::AddFeatures(c) => Ok(Box::new(c.clone())),
     }
 }
 

@@ -7,6 +7,7 @@ use lmspec_spec::ops::{
     GridTable, Layout, MergePatches, Mrope, OpError, Patchify, PixelShuffle, PoolPatches, Splice,
 };
 use mlx_rs::error::Exception;
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
@@ -331,12 +332,19 @@ impl Op for Splice {
         };
         let s = emb.shape();
         let (b, t, d) = (s[0], s[1], s[2]);
-        let fs = features.shape();
-        if fs.len() != 2 || fs[1] != d {
+        let fs = features.shape().to_vec();
+        let parts = self.parts as i32;
+        if fs.len() != 2 || fs[1] != parts * d {
             return Err(Exception::custom(format!(
-                "splice: features must be [N, {d}], got {fs:?}"
+                "splice: features must be [N, {}], got {fs:?}",
+                parts * d
             )));
         }
+        // Only the first block of D columns is written here.
+        let features = match parts {
+            1 => features,
+            _ => features.try_index((.., ..d))?,
+        };
         let is_image = mlx_rs::ops::eq(
             &tokens.reshape(&[-1])?,
             &Array::from_int(self.token as i32).as_dtype(tokens.dtype())?,
@@ -368,6 +376,7 @@ impl Op for Splice {
         let rows = features.as_dtype(emb.dtype())?.take_axis(&rank, 0)?;
         let flat = emb.reshape(&[b * t, d])?;
         let mask = is_image.reshape(&[b * t, 1])?;
+        inputs::set_spliced(&mask, &rank);
         mlx_rs::ops::select(&mask, &rows, &flat)?.reshape(&[b, t, d])
     }
 }

@@ -16,6 +16,7 @@ pub use crate::schema::{
 
 mod attention;
 mod conv;
+mod deepstack;
 mod elementwise;
 mod embedding;
 mod heads;
@@ -30,6 +31,7 @@ mod vision;
 
 pub use attention::{Attention, Gqa};
 pub use conv::ShortConv;
+pub use deepstack::{AddFeatures, Keep, Kept};
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
@@ -150,6 +152,9 @@ registry!(
     PoolPatches,
     PixelShuffle,
     Splice,
+    Keep,
+    Kept,
+    AddFeatures,
 );
 
 /// A registered op: its schema and how its typed config is read.

@@ -28,6 +28,7 @@ op! {
         per_section: bool = false, "each section has its own frequency ladder base^(-j/section) (vision RoPE); false: one ladder base^(-2k/D) over all pairs (M-RoPE)";
         traditional: bool = false, "rotate adjacent feature pairs (2i, 2i+1) instead of the two halves (mlx-lm's `rope_traditional`); one ladder and positions from the sequence only";
         dealt: bool = false, "with `per_section`: the sections deal one ladder base^(-2k/D) between them, pair j of section a taking entry j·n + a (n sections of equal size; Pixtral's 2-D RoPE, rows the even entries, columns the odd); false: each section its own ladder";
+        interleaved: bool = false, "with one ladder, the axes take the pairs in turn: pair k reads axis a = k mod n (n sections) when a > 0 and k < n·sections[a], else axis 0 (Qwen3-VL's interleaved M-RoPE); false: each axis a run of consecutive pairs";
     }
 }
 
@@ -66,6 +67,7 @@ op! {
     "splice" (2..=2) => Splice {
         token: i64, "the image placeholder token id";
         scale: f64 = 1.0, "multiplier of the feature rows before they are written";
+        parts: i64 = 1, "the feature rows hold this many blocks of D columns: the first is written, the others are for `add_features` (DeepStack levels)";
     }
 }
 
@@ -175,8 +177,19 @@ impl Mrope {
             return Ok(out);
         }
         let mut axis_of = Vec::new();
-        for (axis, &n) in sections.iter().enumerate() {
-            axis_of.extend(std::iter::repeat_n(axis, n as usize));
+        if self.interleaved {
+            let n = sections.len() as i64;
+            axis_of.extend((0..head_dim / 2).map(|k| {
+                let a = k % n;
+                match a > 0 && k < n * sections[a as usize] {
+                    true => a as usize,
+                    false => 0,
+                }
+            }));
+        } else {
+            for (axis, &n) in sections.iter().enumerate() {
+                axis_of.extend(std::iter::repeat_n(axis, n as usize));
+            }
         }
         Ok((0..head_dim / 2)
             .map(|k| {
@@ -189,6 +202,12 @@ impl Mrope {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let (_, head_dim) = expect_heads(inputs, 0)?;
         self.section_sizes(head_dim)?;
+        if self.interleaved && self.per_section {
+            return Err(OpError::new(
+                "interleaved",
+                "interleaving deals the pairs of one ladder (per_section: false)",
+            ));
+        }
         if self.dealt {
             let sections = self.section_sizes(head_dim)?;
             if !self.per_section || sections.iter().any(|&n| n != sections[0]) {
@@ -276,6 +295,12 @@ impl Splice {
             return Err(OpError::new(
                 "scale",
                 format!("expected a finite number, got {}", self.scale),
+            ));
+        }
+        if self.parts < 1 {
+            return Err(OpError::new(
+                "parts",
+                format!("must be at least 1, got {}", self.parts),
             ));
         }
         Ok(Resolved::pure(Layout::flat(d)))
