@@ -279,6 +279,14 @@ fn vision_language_paligemma() {
     insta::assert_snapshot!(vision_language("paligemma"));
 }
 
+/// Pixtral's: the Pixtral-ViT tower (2-D RoPE dealt from one ladder,
+/// per-image attention, the GELU projector); the llama text model with the
+/// splice.
+#[test]
+fn vision_language_pixtral() {
+    insta::assert_snapshot!(vision_language("pixtral"));
+}
+
 /// Qwen3-VL's: the position table, the kept DeepStack states and their
 /// mergers; the text model's interleaved M-RoPE and `add_features` after
 /// layers 0 and 1.
