@@ -324,6 +324,69 @@ fn qwen3_vl_generation_with_images_continues_as_mlx_vlm() {
     generate_with_images_case("qwen3_vl");
 }
 
+/// And for Qwen2.5-VL (window attention in the tower).
+#[test]
+fn qwen2_5_vl_generation_with_images_continues_as_mlx_vlm() {
+    generate_with_images_case("qwen2_5_vl");
+}
+
+/// A copy of a vision golden's model folder with its config.json edited.
+fn edited_model(case: &str, edit: impl Fn(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = goldens().join("vlm").join(case).join("model");
+    let dir = tempfile::tempdir().expect("tmp");
+    for entry in std::fs::read_dir(&src).expect("model dir") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name");
+        std::fs::copy(&path, dir.path().join(name)).expect("copy");
+    }
+    let file = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("config")).expect("json");
+    edit(&mut json);
+    std::fs::write(&file, serde_json::to_string(&json).expect("json")).expect("write");
+    dir
+}
+
+/// Configs a tower cannot run are load errors naming what is wrong:
+/// a window smaller than a merge window (no whole tile), a DeepStack level
+/// whose merger the checkpoint lacks, a level past the three the spec
+/// writes out (its merger's tensors left unused).
+#[test]
+fn tower_configs_that_do_not_fit_are_errors() {
+    let _guard = mlx_lock();
+    let load = |dir: &std::path::Path| {
+        let text = Model::load(dir, &opts(&library(), None))?;
+        VisionModel::load(dir, &opts(&library(), None), &text).map(|_| ())
+    };
+    let small = edited_model("qwen2_5_vl", |j| {
+        j["vision_config"]["window_size"] = 4.into()
+    });
+    let err = load(small.path())
+        .expect_err("window of no tile")
+        .to_string();
+    eprintln!("{err}");
+    assert!(err.contains("window_patches"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+
+    let three = edited_model("qwen3_vl", |j| {
+        j["vision_config"]["deepstack_visual_indexes"] = serde_json::json!([0, 1, 2])
+    });
+    let err = load(three.path())
+        .expect_err("a level without its merger")
+        .to_string();
+    eprintln!("{err}");
+    assert!(err.contains("deepstack_merger_list.2"), "{err}");
+
+    let one = edited_model("qwen3_vl", |j| {
+        j["vision_config"]["deepstack_visual_indexes"] = serde_json::json!([0])
+    });
+    let err = load(one.path())
+        .expect_err("a merger left unused")
+        .to_string();
+    eprintln!("{err}");
+    assert!(err.contains("deepstack_merger_list.1"), "{err}");
+}
+
 fn generate_with_images_case(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::image_processor::ProcessedImage;
