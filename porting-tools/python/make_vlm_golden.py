@@ -13,14 +13,19 @@ Each case is a folder ``goldens/vlm/CASE/``:
         input_ids        [1, L] prompt with the image placeholders expanded
         position_ids     [3, 1, L] M-RoPE positions (get_rope_index)
         rope_delta       [1] what decoding adds to the sequence position
-        vision_features  [N / merge^2, hidden] the tower's output
+        vision_features  [N / merge^2, hidden] the tower's output (Qwen3-VL:
+                         [N / merge^2, (1 + levels) * hidden], the merger's
+                         rows then each DeepStack level's, as lmspec's tower
+                         gives them)
         logits           [1, L, vocab] the whole prompt, no cache
         greedy_tokens    [16] greedy continuation: the prompt prefilled into
                          a KV cache, then one token per step
         decode_logits    [16, vocab] the logits of each of those steps
         vision_taps.NAME the tower's intermediate values under lmspec's
                          tap names (`lmspec port diff --golden` on the case
-                         compares them node by node)
+                         compares them node by node); Qwen2.5-VL's in the
+                         processor's patch order (mlx-vlm runs its blocks
+                         in attention-window order)
     meta.json                  generator command and versions
     model/tokenizer.json, tokenizer_config.json
                                a word-level tokenizer over the tiny vocabulary
@@ -45,6 +50,10 @@ an environment of its own (mlx-vlm 0.7.10 needs mlx >= 0.32.4):
     python3 -m venv /tmp/vlmvenv
     /tmp/vlmvenv/bin/pip install "mlx[cpu]>=0.32.4" mlx-vlm==0.7.10
     /tmp/vlmvenv/bin/python porting-tools/python/make_vlm_golden.py --case qwen2_vl
+
+Cases here: qwen2_vl, qwen2_5_vl (window attention), qwen3_vl (position
+table, DeepStack); the SigLIP and Pixtral towers' cases come from their
+own modules.
 """
 
 import argparse
