@@ -536,12 +536,23 @@ fn generate_takes_images_on_the_command_line() {
 /// conversation run from scratch.
 #[test]
 fn a_chat_session_keeps_its_images_across_turns() {
+    chat_session_case("qwen2_vl");
+}
+
+/// The same with Qwen3-VL: the second turn runs past the image's DeepStack
+/// levels in the cache as the whole conversation does from scratch.
+#[test]
+fn qwen3_vl_chat_session_keeps_its_images_across_turns() {
+    chat_session_case("qwen3_vl");
+}
+
+fn chat_session_case(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::template::ChatContext;
     use lmspec::lm::{ChatSession, LanguageModel};
 
     let _guard = mlx_lock();
-    let dir = goldens().join("vlm").join("qwen2_vl").join("model");
+    let dir = goldens().join("vlm").join(case).join("model");
     let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
     let images = lm
         .load_images(&[goldens().join("vlm").join("images").join("alpha.png")])
