@@ -100,6 +100,11 @@ pub(crate) fn spliced() -> Option<(Array, Array)> {
     SIDE.with_borrow(|s| s.spliced.clone())
 }
 
+/// The current segment ids `[T]`, if the forward has them.
+pub(crate) fn segments() -> Option<Array> {
+    CURRENT.with_borrow(|c| c.0.segments.clone())
+}
+
 /// The current position delta.
 pub(crate) fn position_delta() -> i32 {
     CURRENT.with_borrow(|c| c.1)

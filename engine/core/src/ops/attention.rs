@@ -113,6 +113,14 @@ impl Attend for Attention {
             // Bidirectional attention (encoders) sees the whole input, or a
             // band of it; it neither reads nor grows a cache.
             _ if !self.causal => {
+                // Tiles of the 2-D grid positions (window attention), run
+                // tile by tile when nothing else shapes the scores.
+                if let Some(side) = self.grid_window {
+                    let plain = sinks.is_none() && softcap.is_none() && self.window.is_none();
+                    if plain && ctx.key_mask.is_none() && self.kv_out.is_none() {
+                        return super::tiles::attend(q, k, v, side.0, scale);
+                    }
+                }
                 let band = match self.window_size() {
                     Some(w) if t > w => Some(band_mask(t, w)),
                     _ => None,

@@ -43,6 +43,7 @@ mod span_tests;
 mod ssm;
 #[cfg(test)]
 mod tests;
+mod tiles;
 mod vision;
 #[cfg(test)]
 mod vision_tests;

@@ -155,8 +155,21 @@ fn grid_window_attention_is_mlx_vlm_window_attention() {
         segments: Some(Array::from_slice(&seg, &[n])),
         ..ForwardInputs::default()
     };
+    // Run tile by tile (the plain case)...
     let got = scoped(&inputs, 0, || run(op.as_ref(), &[&q, &k, &v], 0));
     close(&got, &out, 1e-5);
+    // ...and as one masked attention (a key mask present: every key real).
+    let keys = Array::from_slice(&vec![true; t], &[1, n]);
+    let masked = scoped(&inputs, 0, || {
+        let mut ctx = Ctx {
+            offset: 0,
+            key_mask: Some(&keys),
+            positions: None,
+            cache: None,
+        };
+        op.forward(&[&q, &k, &v], &mut ctx).expect("masked")
+    });
+    close(masked.as_slice::<f32>(), &out, 1e-5);
     // Without the tiles (the full-attention blocks) the result differs.
     let full = build("attention", &given[..2], &[per_head; 3], vec![]);
     let whole = scoped(&inputs, 0, || run(full.as_ref(), &[&q, &k, &v], 0));
