@@ -1,11 +1,12 @@
 //! Vision-language goldens of the Pixtral-tower families
-//! (`goldens/vlm/pixtral`, made by mlx-vlm with
-//! `porting-tools/python/make_vlm_golden.py --case pixtral`): the tower's
-//! features for two images of different sizes (2-D RoPE over each image's
-//! patch grid, attention block-diagonal per image), the logits of a prompt
-//! whose images are rows of [IMG] tokens with [IMG_BREAK] / [IMG_END],
-//! greedy decoding after a cached prefill, and the longest-edge image
-//! processor against transformers'.
+//! (`goldens/vlm/pixtral` and `goldens/vlm/mistral3`, made by mlx-vlm with
+//! `porting-tools/python/make_vlm_golden.py --case pixtral` / `--case
+//! mistral3`): the tower's features for two images of different sizes (2-D
+//! RoPE over each image's patch grid, attention block-diagonal per image;
+//! Mistral 3's 2 x 2 patch merger), the logits of a prompt whose images are
+//! rows of [IMG] tokens with [IMG_BREAK] / [IMG_END], greedy decoding after
+//! a cached prefill, and the longest-edge image processor against
+//! transformers'.
 use std::collections::HashMap;
 
 use lmspec::engine::Model;
@@ -17,15 +18,13 @@ use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
 
-const CASE: &str = "pixtral";
-
-fn golden() -> HashMap<String, Array> {
-    let file = goldens().join("vlm").join(CASE).join("golden.safetensors");
+fn golden(case: &str) -> HashMap<String, Array> {
+    let file = goldens().join("vlm").join(case).join("golden.safetensors");
     Array::load_safetensors(&file).expect("golden tensors")
 }
 
-fn model_dir() -> std::path::PathBuf {
-    goldens().join("vlm").join(CASE).join("model")
+fn model_dir(case: &str) -> std::path::PathBuf {
+    goldens().join("vlm").join(case).join("model")
 }
 
 fn ints(a: &Array) -> Vec<i64> {
@@ -68,18 +67,35 @@ fn assert_close(what: &str, got: &Array, want: &Array) {
 /// the golden; without the per-image segments the features differ.
 #[test]
 fn pixtral() {
+    check_case("pixtral", 1);
+}
+
+/// Mistral 3: the same tower, its patches in merge-window order, an
+/// RMSNorm and a 2 x 2 patch merger before the projector; one [IMG] per
+/// merge window.
+#[test]
+fn mistral3() {
+    check_case("mistral3", 2);
+}
+
+fn check_case(case: &str, merge: i64) {
     let _guard = mlx_lock();
-    let g = golden();
-    let dir = model_dir();
+    let g = golden(case);
+    let dir = model_dir(case);
     let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
     let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
     let grid = grids(&g["image_grid_thw"]);
     assert_eq!(grid.len(), 2);
     assert_ne!(grid[0], grid[1], "two images of different grids");
     let ids = ints(&g["input_ids"]);
+    assert_eq!(vm.merge, merge);
     let patches: i64 = grid.iter().map(Grid::patches).sum();
     let image_tokens = ids.iter().filter(|&&t| t == vm.image_token).count() as i64;
-    assert_eq!(image_tokens, patches, "one [IMG] token per patch");
+    assert_eq!(
+        image_tokens,
+        patches / (merge * merge),
+        "one [IMG] token per merge window"
+    );
 
     let pixels = &g["pixel_values"];
     let features = vm.image_features(pixels, &grid).expect("features");
@@ -91,17 +107,16 @@ fn pixtral() {
     let alone = vm
         .image_features(&pixels.try_index(..first).expect("rows"), &grid[..1])
         .expect("first image");
-    let want_first = g["vision_features"].try_index(..first).expect("rows");
+    let rows = grid[0].tokens(merge) as i32;
+    let want_first = g["vision_features"].try_index(..rows).expect("rows");
     assert_close("first image alone", &alone, &want_first);
     // Without the per-image segments the images see each other.
     let (batch, mut inputs) =
         lmspec::lm::vision::tower_batch(&vm.tower, pixels, &grid, vm.merge).expect("batch");
     inputs.segments = None;
     let (mixed, _) = vm.tower.encode(&batch, &inputs, &[]).expect("encode");
-    let gap = max_abs(
-        &mixed.reshape(&[-1, features.shape()[1]]).expect("flat"),
-        &g["vision_features"],
-    );
+    let mixed = mixed.reshape(&[-1, mixed.shape()[2]]).expect("flat");
+    let gap = max_abs(&mixed, &g["vision_features"]);
     eprintln!("features without segments differ by {gap:.3e}");
     assert!(gap > 1e-3, "the segments changed nothing ({gap})");
 
@@ -172,12 +187,22 @@ fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
 /// the images gives mlx-vlm's greedy tokens.
 #[test]
 fn pixtral_generation_with_images_continues_as_mlx_vlm() {
+    check_generation("pixtral");
+}
+
+/// Mistral 3: the rows of its merged grid.
+#[test]
+fn mistral3_generation_with_images_continues_as_mlx_vlm() {
+    check_generation("mistral3");
+}
+
+fn check_generation(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::LanguageModel;
 
     let _guard = mlx_lock();
-    let g = golden();
-    let lm = LanguageModel::load(&model_dir(), &opts(&library(), None)).expect("load");
+    let g = golden(case);
+    let lm = LanguageModel::load(&model_dir(case), &opts(&library(), None)).expect("load");
     let vision = lm.vision().expect("a tower");
     let e = vision.expansion.as_ref().expect("an expansion");
     assert_eq!(e.placeholder as i64, vision.image_token);
@@ -241,15 +266,27 @@ fn pixtral_generation_with_images_continues_as_mlx_vlm() {
 /// within three 8-bit levels (the JPEG decoders' difference).
 #[test]
 fn pixtral_image_processing_matches_the_python_processor() {
+    check_processor("pixtral", 1);
+}
+
+/// Mistral 3's: the same settings; the model's merge of 2 makes each side
+/// a multiple of 8 pixels (Hugging Face's processor gets patch x merge) and
+/// orders the patches by merge window.
+#[test]
+fn mistral3_image_processing_matches_the_python_processor() {
+    check_processor("mistral3", 2);
+}
+
+fn check_processor(case_name: &str, merge: i64) {
     let _guard = mlx_lock();
-    let case = goldens().join("vlm").join(CASE);
+    let case = goldens().join("vlm").join(case_name);
     let dir = case.join("model");
     let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
     let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
     let proc = vm.processor.as_ref().expect("a processor");
     assert_eq!(
-        (proc.longest_edge, proc.patch_size, proc.fixed_size),
-        (Some(64), 4, None)
+        (proc.longest_edge, proc.patch_size, proc.merge_size),
+        (Some(64), 4, merge)
     );
     let want =
         Array::load_safetensors(case.join("processor.safetensors")).expect("processor tensors");
@@ -265,7 +302,7 @@ fn pixtral_image_processing_matches_the_python_processor() {
         );
         assert_eq!(
             got.grid.tokens(vm.merge),
-            grid[1] * grid[2],
+            grid[1] * grid[2] / (merge * merge),
             "{name}: tokens"
         );
         let wv = want[&format!("{name}.pixel_values")].as_slice::<f32>();
@@ -337,7 +374,7 @@ fn port_diff_names_the_first_divergent_pixtral_node() {
     use lmspec::port::diff::diff_tower;
 
     let _guard = mlx_lock();
-    let golden = goldens().join("vlm").join(CASE);
+    let golden = goldens().join("vlm").join("pixtral");
     let model = golden.join("model");
     let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
     assert!(report.passed(), "{}", report.table());
@@ -354,4 +391,47 @@ fn port_diff_names_the_first_divergent_pixtral_node() {
     let report = diff_tower(&model, &golden, &o, None).expect("diff");
     let first = report.first_failure().expect("a divergence");
     assert_eq!(first.name, "layers.0.o", "{}", report.table());
+}
+
+/// `port diff` on the Mistral 3 golden matches every node of the tower and
+/// projector; with the merger's rows concatenated patch after patch
+/// (`channel_major: false`) it names `merging`.
+#[test]
+fn port_diff_names_the_first_divergent_mistral3_node() {
+    use lmspec::port::diff::diff_tower;
+
+    let _guard = mlx_lock();
+    let golden = goldens().join("vlm").join("mistral3");
+    let model = golden.join("model");
+    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.rows.len() >= 14, "{} nodes", report.rows.len());
+
+    let root = crate::support::root().join("specs/models");
+    let tower = std::fs::read_to_string(root.join("mistral3_vision.yaml")).expect("spec");
+    let parent = std::fs::read_to_string(root.join("pixtral_vision.yaml")).expect("spec");
+    assert!(tower.contains("extends: pixtral_vision\n"));
+    assert!(tower.contains("channel_major: true"));
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("mistral3_vision.yaml"),
+        tower
+            .replace(
+                "extends: pixtral_vision\n",
+                "extends: ./pixtral_vision.yaml\n",
+            )
+            .replace("channel_major: true", "channel_major: false"),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("pixtral_vision.yaml"), parent).expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(
+        dir.path()
+            .join("mistral3_vision.yaml")
+            .display()
+            .to_string(),
+    );
+    let report = diff_tower(&model, &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    assert_eq!(first.name, "merging", "{}", report.table());
 }

@@ -1,14 +1,19 @@
-"""Goldens of the Pixtral-tower families (Pixtral), made and run by mlx-vlm.
+"""Goldens of the Pixtral-tower families (Pixtral, Mistral 3), made and run
+by mlx-vlm.
 
-Run through make_vlm_golden.py (``--case pixtral``); the case folder has the
-layout that script describes, with these differences:
+Run through make_vlm_golden.py (``--case pixtral``, ``--case mistral3``); the
+case folder has the layout that script describes, with these differences:
 
-    pixel_values     [Σ patches, C*P*P] each image's patches row-major,
-                     each flattened as (channel, row, column); the images
+    pixel_values     [Σ patches, C*P*P] each image's patches row-major
+                     (Mistral 3: in merge-window order, as lmspec's processor
+                     gives them), each flattened as (channel, row, column);
+                     the images
                      have different sizes (mlx-vlm gets them zero-padded to
                      one batch with their image_sizes)
     image_grid_thw   [images, 3] (1, H/P, W/P) per image
-    vision_features  [Σ patches, text hidden] the projector's output
+    vision_features  [Σ tokens, text hidden] the projector's output (one
+                     token per patch; Mistral 3: per 2 x 2 merge window,
+                     row-major over the merged grid)
     input_ids        [1, L] the prompt, each image as rows of [IMG] tokens,
                      each row followed by [IMG_BREAK], the last by [IMG_END]
     logits           [1, L, vocab] the prompt with the features spliced in
@@ -17,7 +22,8 @@ layout that script describes, with these differences:
                      16 greedy steps after the prompt is prefilled into a
                      KV cache
     vision_taps.NAME the tower's values under the node names of
-                     specs/models/pixtral_vision.yaml
+                     specs/models/pixtral_vision.yaml (mistral3_vision.yaml;
+                     the rows before the merger in merge-window order)
     processor.safetensors
                      transformers' PixtralImageProcessorPil on the test
                      images: NAME.pixel_values [patches, C*P*P] (patches as
@@ -87,13 +93,34 @@ PROCESSORS = {
     },
 }
 
-# Two images of different sizes (pixels): a 4 x 6 and a 3 x 3 patch grid.
-IMAGE_SIZES = {"pixtral": [(16, 24), (12, 12)]}
+# Mistral 3: the same tower and text sizes, a 2 x 2 patch merger and an
+# RMSNorm before it, projector linears without bias.
+PIXTRAL_CASES["mistral3"] = {
+    **copy.deepcopy(PIXTRAL_CASES["pixtral"]),
+    "model_type": "mistral3",
+    "spatial_merge_size": 2,
+    "multimodal_projector_bias": False,
+}
+# Mistral 3's processor config names the patch; the merge comes from the
+# model (Hugging Face's processor aligns each side to patch x merge).
+PROCESSORS["mistral3"] = copy.deepcopy(PROCESSORS["pixtral"])
+
+# Two images of different sizes (pixels): a 4 x 6 and a 3 x 3 patch grid;
+# Mistral 3: a 4 x 6 and a 6 x 4 grid (2 x 3 and 3 x 2 tokens).
+IMAGE_SIZES = {"pixtral": [(16, 24), (12, 12)], "mistral3": [(16, 24), (24, 16)]}
+
+
+def merge_of(cfg):
+    return cfg.get("spatial_merge_size", 1) if cfg["model_type"] == "mistral3" else 1
 
 
 def build(case, cfg):
-    from mlx_vlm.models.pixtral import Model, ModelConfig
-    from mlx_vlm.models.pixtral.config import TextConfig, VisionConfig
+    if case == "mistral3":
+        from mlx_vlm.models.mistral3 import Model, ModelConfig
+        from mlx_vlm.models.mistral3.config import TextConfig, VisionConfig
+    else:
+        from mlx_vlm.models.pixtral import Model, ModelConfig
+        from mlx_vlm.models.pixtral.config import TextConfig, VisionConfig
 
     cfg = copy.deepcopy(cfg)
     config = ModelConfig.from_dict(cfg)
@@ -102,11 +129,20 @@ def build(case, cfg):
     return Model(config)
 
 
-def to_patches(chw, p):
-    """[C, H, W] -> [(H/p) * (W/p), C * p * p], patches row-major."""
+def window_order(gh, gw, m):
+    """Row-major patch indices of a gh x gw grid in merge-window order."""
+    return [(bh * m + ih) * gw + bw * m + iw
+            for bh in range(gh // m) for bw in range(gw // m)
+            for ih in range(m) for iw in range(m)]
+
+
+def to_patches(chw, p, m=1):
+    """[C, H, W] -> [(H/p) * (W/p), C * p * p], patches row-major (m = 1) or
+    in merge-window order."""
     c, h, w = chw.shape
     x = chw.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
-    return x.reshape((h // p) * (w // p), c * p * p)
+    x = x.reshape((h // p) * (w // p), c * p * p)
+    return x[window_order(h // p, w // p, m)]
 
 
 def image_tokens(rows, cols):
@@ -116,15 +152,17 @@ def image_tokens(rows, cols):
     return ids
 
 
-def prompt(grids):
+def prompt(grids, m):
     ids = [1, 5, 6]
     for k, (_, h, w) in enumerate(grids):
-        ids += image_tokens(h, w) + [7 + 2 * k, 8 + 2 * k]
+        ids += image_tokens(h // m, w // m) + [7 + 2 * k, 8 + 2 * k]
     return ids
 
 
-def vision_taps(model, nhwc, sizes):
-    """The tower and projector step by step, under pixtral_vision's names."""
+def vision_taps(model, nhwc, sizes, m):
+    """The tower and projector step by step, under pixtral_vision's (or
+    mistral3_vision's) names; the rows before the merger in merge-window
+    order."""
     from mlx_vlm.models.pixtral.vision import (
         generate_block_attention_mask,
         position_ids_in_meshgrid,
@@ -156,7 +194,24 @@ def vision_taps(model, nhwc, sizes):
         h = layer(h, mask=mask, position_embeddings=pos)
         taps[f"layers.{i}"] = h
     proj = model.multi_modal_projector
-    x = proj.linear_1(h)
+    if m > 1:
+        x = proj.norm(h[0])
+        taps["norm"] = x[None]
+        x = proj.patch_merger(x, mx.array(sizes))
+        taps["merging"] = x[None]
+        # The tower's rows in lmspec's (merge-window) order.
+        order, start = [], 0
+        for part in parts:
+            gh, gw = part.shape[0], part.shape[1]
+            order += [start + i for i in window_order(gh, gw, m)]
+            start += gh * gw
+        order = mx.array(order)
+        for name in list(taps):
+            if name not in ("merging",):
+                taps[name] = taps[name][:, order]
+    else:
+        x = h
+    x = proj.linear_1(x)
     taps["fc1"] = x
     x = proj.gelu(x)
     taps["act"] = x
@@ -208,7 +263,10 @@ def processor_fixtures(case, out, names, folder):
     with open(os.path.join(out, "model", "preprocessor_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     p = cfg["patch_size"]["height"]
+    m = merge_of(PIXTRAL_CASES[case])
     kwargs = {k: v for k, v in cfg.items() if k != "image_processor_type"}
+    # Mistral 3's processor aligns each side to patch x merge.
+    kwargs["patch_size"] = {"height": p * m, "width": p * m}
     proc = Processor(**kwargs)
     tensors = {}
     for name in names:
@@ -216,7 +274,7 @@ def processor_fixtures(case, out, names, folder):
         pv = np.asarray(res["pixel_values"], np.float32)[0]
         h, w = (int(v) for v in np.asarray(res["image_sizes"])[0])
         assert pv.shape[1:] == (h, w), (pv.shape, h, w)
-        tensors[f"{name}.pixel_values"] = mx.array(to_patches(pv, p))
+        tensors[f"{name}.pixel_values"] = mx.array(to_patches(pv, p, m))
         tensors[f"{name}.grid"] = mx.array(np.array([[1, h // p, w // p]], np.int32))
         print(f"{name}: pixel_values {pv.shape}")
     mx.save_safetensors(os.path.join(out, "processor.safetensors"), tensors)
@@ -250,6 +308,7 @@ def make_pixtral_case(args, make_images):
 
     vc = cfg["vision_config"]
     p, c = vc["patch_size"], vc["num_channels"]
+    m = merge_of(cfg)
     sizes = IMAGE_SIZES[case]
     hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
     images = [rng.uniform(-1.0, 1.0, (c, h, w)).astype(np.float32) for h, w in sizes]
@@ -257,18 +316,21 @@ def make_pixtral_case(args, make_images):
     for k, (img, (h, w)) in enumerate(zip(images, sizes)):
         padded[k, :, :h, :w] = img
     nchw = mx.array(padded)
-    pixel_values = mx.array(np.concatenate([to_patches(img, p) for img in images]))
+    pixel_values = mx.array(np.concatenate([to_patches(img, p, m) for img in images]))
     grids = [[1, h // p, w // p] for h, w in sizes]
     image_sizes = mx.array(sizes)
-    ids_list = prompt(grids)
+    ids_list = prompt(grids, m)
     ids = mx.array([ids_list], dtype=mx.int32)
 
-    taps = vision_taps(model, nchw.transpose(0, 2, 3, 1), sizes)
+    taps = vision_taps(model, nchw.transpose(0, 2, 3, 1), sizes, m)
     mx.eval(taps)
     *_, hidden = model.vision_tower(nchw.transpose(0, 2, 3, 1), output_hidden_states=True,
                                     image_sizes=image_sizes)
-    features = model.multi_modal_projector(hidden[-1])
-    assert mx.allclose(taps["fc2"], features).item()
+    if m > 1:
+        features = model.multi_modal_projector(hidden[-1][0], image_sizes)
+    else:
+        features = model.multi_modal_projector(hidden[-1])
+    assert mx.allclose(taps["fc2"].reshape(features.shape), features).item()
     emb = model.get_input_embeddings(ids, nchw, image_sizes=image_sizes).inputs_embeds
     lm = model.language_model
     mx.eval(emb)

@@ -187,6 +187,11 @@ impl ImageProcessor {
                 })?;
             let mut p = ImageProcessor::settings(j, file, None, 1, MAX_TARGET_PIXELS)?;
             p.longest_edge = Some(side);
+            // Without a merge_size the tower's merge windows apply (the
+            // processor config need not name them).
+            if j.get("merge_size").is_none_or(Json::is_null) {
+                p.merge_size = 0;
+            }
             return Ok(p);
         }
         let min_pixels = match j.get("min_pixels") {
@@ -314,6 +319,14 @@ impl ImageProcessor {
         })
     }
 
+    /// The processor with its merge size set (a longest-edge processor
+    /// without one takes the model's: each side a multiple of patch x
+    /// merge, the patches in merge-window order).
+    pub fn with_merge_size(mut self, merge: i64) -> ImageProcessor {
+        self.merge_size = merge;
+        self
+    }
+
     /// The processor with its patch side set (a fixed-size processor takes
     /// the tower's).
     pub fn with_patch_size(mut self, patch: i64) -> ImageProcessor {
@@ -362,6 +375,11 @@ impl ImageProcessor {
         if self.patch_size < 1 {
             return Err(Error::Usage(
                 "the image processor has no patch_size (and no tower gave one)".into(),
+            ));
+        }
+        if self.merge_size < 1 {
+            return Err(Error::Usage(
+                "the image processor has no merge_size (and no model gave one)".into(),
             ));
         }
         let factor = self.patch_size * self.merge_size;

@@ -358,6 +358,10 @@ impl VisionModel {
             }
             p => p,
         };
+        let processor = match processor {
+            Some(p) if p.merge_size == 0 => Some(p.with_merge_size(order)),
+            p => p,
+        };
         if let Some(p) = &processor {
             if p.merge_size != order {
                 return Err(Error::Usage(format!(

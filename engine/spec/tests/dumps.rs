@@ -287,6 +287,13 @@ fn vision_language_pixtral() {
     insta::assert_snapshot!(vision_language("pixtral"));
 }
 
+/// Mistral 3's: the Pixtral tower, the RMSNorm and the channel-major 2 x 2
+/// patch merger, the projector without biases.
+#[test]
+fn vision_language_mistral3() {
+    insta::assert_snapshot!(vision_language("mistral3"));
+}
+
 /// Qwen3-VL's: the position table, the kept DeepStack states and their
 /// mergers; the text model's interleaved M-RoPE and `add_features` after
 /// layers 0 and 1.

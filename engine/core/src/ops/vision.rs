@@ -192,7 +192,12 @@ impl Op for MergePatches {
                 s
             )));
         }
-        x.reshape(&[s[0], s[1] / g, s[2] * g])
+        if !self.channel_major {
+            return x.reshape(&[s[0], s[1] / g, s[2] * g]);
+        }
+        x.reshape(&[s[0], s[1] / g, g, s[2]])?
+            .transpose_axes(&[0, 1, 3, 2])?
+            .reshape(&[s[0], s[1] / g, s[2] * g])
     }
 }
 

@@ -367,6 +367,66 @@ fn merge_patches_concatenates_runs_of_positions() {
 }
 
 #[test]
+fn channel_major_merge_is_the_unfold_of_each_merge_window() {
+    // mlx-vlm's Mistral 3 patch merger: the [h, w, D] grid of an image
+    // through unfold(kernel 2, stride 2) gives per merged position (row i,
+    // column j) the features x[2i + di, 2j + dj, c] at c·4 + di·2 + dj. The
+    // op's input is the grid in merge-window order (the four patches of a
+    // window adjacent).
+    let (h, w, d, m) = (4usize, 6usize, 3usize, 2usize);
+    let grid = values(h * w * d, 11);
+    let at = |y: usize, x: usize, c: usize| grid[(y * w + x) * d + c];
+    let mut windows = Vec::new();
+    for bh in 0..h / m {
+        for bw in 0..w / m {
+            for ih in 0..m {
+                for iw in 0..m {
+                    for c in 0..d {
+                        windows.push(at(bh * m + ih, bw * m + iw, c));
+                    }
+                }
+            }
+        }
+    }
+    let x = Array::from_slice(&windows, &[1, (h * w) as i32, d as i32]);
+    let given = [
+        ("group", Value::Int((m * m) as i64)),
+        ("channel_major", Value::Bool(true)),
+    ];
+    let op = build(
+        "merge_patches",
+        &given,
+        &[ValueInfo::flat(d as i64)],
+        vec![],
+    );
+    let mut want = Vec::new();
+    for i in 0..h / m {
+        for j in 0..w / m {
+            for c in 0..d {
+                for di in 0..m {
+                    for dj in 0..m {
+                        want.push(f64::from(at(m * i + di, m * j + dj, c)));
+                    }
+                }
+            }
+        }
+    }
+    close(&run(op.as_ref(), &[&x], 0), &want, 0.0);
+    // Without channel_major the patches' rows follow one another.
+    let plain = build(
+        "merge_patches",
+        &[("group", Value::Int((m * m) as i64))],
+        &[ValueInfo::flat(d as i64)],
+        vec![],
+    );
+    let got = run(plain.as_ref(), &[&x], 0);
+    assert!(got
+        .iter()
+        .zip(&want)
+        .any(|(a, b)| (f64::from(*a) - b).abs() > 1e-3));
+}
+
+#[test]
 fn splice_writes_feature_rows_at_the_image_tokens() {
     let tokens = ints(&[5, 9, 9, 6, 9], &[1, 5]);
     let emb: Vec<f32> = (0..10).map(|v| v as f32).collect();

@@ -36,6 +36,7 @@ op! {
     /// Concatenates each run of `group` consecutive positions of [B, N, D] into one: [B, N/group, group·D] (patch mergers; the patches of a merge window are adjacent).
     "merge_patches" (1..=1) => MergePatches {
         group: i64, "positions merged into one (spatial_merge_size²)";
+        channel_major: bool = false, "each merged row in (feature, position) order, feature c of position k at c·group + k (torch's `unfold`: Mistral 3's patch merger); false: the positions' rows one after another";
     }
 }
 
