@@ -564,6 +564,22 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
             "the JPEG data is truncated (no end-of-image marker after the scan)".into(),
         ));
     }
+    if format == image::ImageFormat::Jpeg {
+        // libjpeg-turbo's decoder where it reads the file (CMYK and other
+        // color spaces it cannot turn into RGB take the `image` crate's).
+        if let Ok(Ok((width, height, data))) =
+            lmspec_formats::guard::catch_quietly(|| decode_jpeg(bytes))
+        {
+            if width == 0 || height == 0 {
+                return Err(bad(format!("the image is {width}x{height} pixels")));
+            }
+            return Ok(RgbImage {
+                width,
+                height,
+                data,
+            });
+        }
+    }
     let decode = || {
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
@@ -597,6 +613,27 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         height,
         data,
     })
+}
+
+/// A JPEG as RGB through libjpeg-turbo's decoder (the `mozjpeg` crate):
+/// the integer IDCT, fancy chroma upsampling and color conversion Pillow's
+/// libjpeg-turbo uses, so the pixels equal Pillow's.
+fn decode_jpeg(bytes: &[u8]) -> std::io::Result<(usize, usize, Vec<u8>)> {
+    let d = mozjpeg::Decompress::new_mem(bytes)?;
+    let (width, height) = (d.width(), d.height());
+    let side = MAX_IMAGE_SIDE as usize;
+    if width > side || height > side {
+        return Err(std::io::Error::other(format!(
+            "the image is {width}x{height} pixels, above {side} on a side"
+        )));
+    }
+    if width == 0 || height == 0 {
+        return Ok((width, height, Vec::new()));
+    }
+    let mut rgb = d.rgb()?;
+    let rows: Vec<[u8; 3]> = rgb.read_scanlines()?;
+    rgb.finish()?;
+    Ok((width, height, rows.into_iter().flatten().collect()))
 }
 
 /// Whether a JPEG's last scan (SOS marker) is followed by the end-of-image

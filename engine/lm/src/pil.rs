@@ -1,7 +1,7 @@
 //! Pillow's 8-bit image operations, reproduced exactly: resampling
 //! (`Image.resize` with the nearest, bilinear and bicubic filters: a
-//! horizontal pass, then a vertical one, each in 22-bit fixed point rounded
-//! to 8 bits) and compositing onto white (`alpha_composite`), so that image
+//! horizontal and a vertical pass in Pillow's order, each in 22-bit fixed
+//! point rounded to 8 bits) and compositing onto white (`alpha_composite`), so that image
 //! processors give the pixels the Python processors give.
 
 /// Pillow's resampling filters by their number in processor configs.
@@ -108,9 +108,9 @@ fn clip8(v: i64) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes as Pillow's `Image.resize` does for 8-bit RGB: a horizontal
-/// pass, then a vertical one, each rounded to 8 bits; nearest picks
-/// `floor((x + 0.5) · scale)`.
+/// Resizes as Pillow's `Image.resize` does for 8-bit RGB: two passes (the
+/// horizontal one first unless the height shrinks much more), each rounded
+/// to 8 bits; nearest picks `floor((x + 0.5) · scale)`.
 pub fn resize(img: &RgbImage, out_w: usize, out_h: usize, f: Filter) -> RgbImage {
     let (w, h) = (img.width, img.height);
     if f == Filter::Nearest {
@@ -129,56 +129,97 @@ pub fn resize(img: &RgbImage, out_w: usize, out_h: usize, f: Filter) -> RgbImage
             data,
         };
     }
-    let round = 1i64 << (PRECISION_BITS - 1);
-    let mut cur = img.clone();
-    if out_w != w {
-        let coeffs = coefficients(w, out_w, f);
-        let mut data = Vec::with_capacity(out_w * h * 3);
-        for y in 0..h {
-            let row = &cur.data[y * w * 3..(y + 1) * w * 3];
-            for (xmin, ks) in &coeffs {
-                for c in 0..3 {
-                    let mut acc = round;
-                    for (j, k) in ks.iter().enumerate() {
-                        acc += i64::from(row[(xmin + j) * 3 + c]) * k;
-                    }
-                    data.push(clip8(acc));
-                }
-            }
-        }
-        cur = RgbImage {
-            width: out_w,
-            height: h,
-            data,
-        };
+    // Pillow (13) runs the vertical pass first when the height shrinks by
+    // more than twice as many pixels as the width; the order changes the
+    // 8-bit rounding between the passes.
+    let vertical_first = h > out_h && h - out_h > 2 * (w as i64 - out_w as i64).max(0) as usize;
+    let (mut cur, mut done) = (img.clone(), false);
+    if vertical_first {
+        cur = vertical(&cur, out_h, f);
+        done = true;
     }
-    if out_h != h {
-        let cw = cur.width;
-        let coeffs = coefficients(h, out_h, f);
-        let mut data = Vec::with_capacity(cw * out_h * 3);
-        for (ymin, ks) in &coeffs {
-            for x in 0..cw {
-                for c in 0..3 {
-                    let mut acc = round;
-                    for (j, k) in ks.iter().enumerate() {
-                        acc += i64::from(cur.data[((ymin + j) * cw + x) * 3 + c]) * k;
-                    }
-                    data.push(clip8(acc));
-                }
-            }
-        }
-        cur = RgbImage {
-            width: cw,
-            height: out_h,
-            data,
-        };
+    if out_w != w {
+        cur = horizontal(&cur, out_w, f);
+    }
+    if !done && out_h != h {
+        cur = vertical(&cur, out_h, f);
     }
     cur
+}
+
+/// One horizontal pass of [`resize`] to `out_w` columns.
+fn horizontal(cur: &RgbImage, out_w: usize, f: Filter) -> RgbImage {
+    let (w, h) = (cur.width, cur.height);
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let coeffs = coefficients(w, out_w, f);
+    let mut data = Vec::with_capacity(out_w * h * 3);
+    for y in 0..h {
+        let row = &cur.data[y * w * 3..(y + 1) * w * 3];
+        for (xmin, ks) in &coeffs {
+            for c in 0..3 {
+                let mut acc = round;
+                for (j, k) in ks.iter().enumerate() {
+                    acc += i64::from(row[(xmin + j) * 3 + c]) * k;
+                }
+                data.push(clip8(acc));
+            }
+        }
+    }
+    RgbImage {
+        width: out_w,
+        height: h,
+        data,
+    }
+}
+
+/// One vertical pass of [`resize`] to `out_h` rows.
+fn vertical(cur: &RgbImage, out_h: usize, f: Filter) -> RgbImage {
+    let (cw, h) = (cur.width, cur.height);
+    let round = 1i64 << (PRECISION_BITS - 1);
+    let coeffs = coefficients(h, out_h, f);
+    let mut data = Vec::with_capacity(cw * out_h * 3);
+    for (ymin, ks) in &coeffs {
+        for x in 0..cw {
+            for c in 0..3 {
+                let mut acc = round;
+                for (j, k) in ks.iter().enumerate() {
+                    acc += i64::from(cur.data[((ymin + j) * cw + x) * 3 + c]) * k;
+                }
+                data.push(clip8(acc));
+            }
+        }
+    }
+    RgbImage {
+        width: cw,
+        height: out_h,
+        data,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pass_order_follows_pillows_rule() {
+        let img = RgbImage {
+            width: 33,
+            height: 90,
+            data: (0..33 * 90 * 3).map(|v| (v * 37 % 251) as u8).collect(),
+        };
+        let f = Filter::Bicubic;
+        // The height shrinks by 58 rows, more than twice the width's 1:
+        // vertical first.
+        let v_first = resize(&resize(&img, 33, 32, f), 32, 32, f);
+        let h_first = resize(&resize(&img, 32, 90, f), 32, 32, f);
+        assert_ne!(v_first, h_first, "the order must matter for this image");
+        assert_eq!(resize(&img, 32, 32, f), v_first);
+        // Shrinking the height by 2, the width by 1: horizontal first.
+        assert_eq!(
+            resize(&img, 32, 88, f),
+            resize(&resize(&img, 32, 90, f), 32, 88, f)
+        );
+    }
 
     #[test]
     fn resizing_to_the_same_size_with_bicubic_weights_is_the_identity() {
