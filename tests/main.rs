@@ -23,5 +23,6 @@ mod server;
 mod support;
 mod tools;
 mod vlm;
+mod vlm_idefics3;
 mod vlm_pixtral;
 mod vlm_siglip;

@@ -32,6 +32,11 @@ pub struct ImageProcessor {
     /// side rounded up to a multiple of the patch, instead of the
     /// pixel-budget resize.
     pub longest_edge: Option<i64>,
+    /// A first resize before the fixed-size one (`size.longest_edge` of a
+    /// processor with `max_image_size`, Idefics3's): the longest side
+    /// brought to this many pixels, up or down, the aspect ratio kept and
+    /// the other side made even.
+    pub first_longest_edge: Option<i64>,
     pub temporal_patch_size: i64,
     pub merge_size: i64,
     pub min_pixels: i64,
@@ -146,6 +151,9 @@ impl ImageProcessor {
                 "pan-and-scan crops are not supported",
             ));
         }
+        if let Some(max) = j.get("max_image_size").filter(|v| !v.is_null()) {
+            return ImageProcessor::max_image_size(j, file, max);
+        }
         let fixed = match size.map(|s| (s.get("height"), s.get("width"))) {
             Some((Some(_), Some(_))) => {
                 let side = |key: &str| {
@@ -235,6 +243,48 @@ impl ImageProcessor {
         ImageProcessor::settings(j, file, None, min_pixels, max_pixels)
     }
 
+    /// A processor with `max_image_size` (Idefics3's): each image's longest
+    /// side first brought to `size.longest_edge`, then the image resized
+    /// to a `max_image_size.longest_edge` square. Splitting into tiles
+    /// (`do_image_splitting`, true when absent) is refused.
+    fn max_image_size(j: &Json, file: &Path, max: &Json) -> Result<ImageProcessor> {
+        if get_bool(j, file, "do_image_splitting", true)? {
+            return Err(field_err(
+                file,
+                "do_image_splitting",
+                "splitting images into tiles is not supported (set it to false: one square image each)",
+            ));
+        }
+        let side = |v: Option<&Json>, key: &str| {
+            v.and_then(Json::as_i64)
+                .filter(|&n| (1..=MAX_IMAGE_SIDE as i64).contains(&n))
+                .ok_or_else(|| {
+                    field_err(
+                        file,
+                        key,
+                        format!(
+                            "expected a side of 1 to {MAX_IMAGE_SIDE} pixels, got {}",
+                            v.map_or("nothing".to_string(), Json::to_string)
+                        ),
+                    )
+                })
+        };
+        let square = side(max.get("longest_edge"), "max_image_size.longest_edge")?;
+        let first = side(
+            j.get("size").and_then(|s| s.get("longest_edge")),
+            "size.longest_edge",
+        )?;
+        let mut p = ImageProcessor::settings(
+            j,
+            file,
+            Some((square, square)),
+            square * square,
+            square * square,
+        )?;
+        p.first_longest_edge = Some(first);
+        Ok(p)
+    }
+
     /// The settings every processor kind shares, read from `j`.
     fn settings(
         j: &Json,
@@ -261,13 +311,14 @@ impl ImageProcessor {
             None | Some(Json::Null) => Filter::Bicubic,
             Some(v) => match v.as_i64() {
                 Some(0) => Filter::Nearest,
+                Some(1) => Filter::Lanczos,
                 Some(2) => Filter::Bilinear,
                 Some(3) => Filter::Bicubic,
                 _ => {
                     return Err(field_err(
                         file,
                         "resample",
-                        format!("{v} is not a supported filter (0 nearest, 2 bilinear, 3 bicubic)"),
+                        format!("{v} is not a supported filter (0 nearest, 1 Lanczos, 2 bilinear, 3 bicubic)"),
                     ))
                 }
             },
@@ -305,6 +356,7 @@ impl ImageProcessor {
             patch_size: bounded("patch_size", patch_default)?,
             fixed_size,
             longest_edge: None,
+            first_longest_edge: None,
             temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
             merge_size: bounded("merge_size", Some(1))?,
             min_pixels,
@@ -366,6 +418,19 @@ impl ImageProcessor {
 
     /// Processes an RGB image.
     pub fn process(&self, img: &RgbImage) -> Result<ProcessedImage> {
+        let first;
+        let img = match self.first_longest_edge {
+            Some(side) if self.do_resize => {
+                let (h, w) = longest_edge_to(img.height as i64, img.width as i64, side);
+                first = if (h, w) == (img.height as i64, img.width as i64) {
+                    img.clone()
+                } else {
+                    resize(img, w as usize, h as usize, self.resample)
+                };
+                &first
+            }
+            _ => img,
+        };
         let (h, w) = (img.height as i64, img.width as i64);
         let (th, tw) = if self.do_resize {
             self.target_size(h, w)?
@@ -460,6 +525,30 @@ impl ImageProcessor {
         }
         out
     }
+}
+
+/// The size whose longest side is `side` (up or down), the other side
+/// truncated to keep the aspect ratio and made even, then both scaled
+/// below 4096 (Idefics3's first resize, computed as Hugging Face does in
+/// double precision).
+pub fn longest_edge_to(height: i64, width: i64, side: i64) -> (i64, i64) {
+    const UPPER: i64 = 4096;
+    let aspect = width as f64 / height as f64;
+    let (mut h, mut w) = if width >= height {
+        let h = (side as f64 / aspect) as i64;
+        (h + h % 2, side)
+    } else {
+        let w = (side as f64 * aspect) as i64;
+        (side, w + w % 2)
+    };
+    (h, w) = (h.max(1), w.max(1));
+    let aspect = w as f64 / h as f64;
+    if w >= h && w > UPPER {
+        (h, w) = ((UPPER as f64 / aspect) as i64, UPPER);
+    } else if h > w && h > UPPER {
+        (h, w) = (UPPER, (UPPER as f64 * aspect) as i64);
+    }
+    (h.max(1), w.max(1))
 }
 
 /// A `patch_size` given as `{"height": P, "width": P}` (square patches only).

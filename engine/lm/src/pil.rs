@@ -1,5 +1,5 @@
 //! Pillow's 8-bit image operations, reproduced exactly: resampling
-//! (`Image.resize` with the nearest, bilinear and bicubic filters: a
+//! (`Image.resize` with the nearest, bilinear, bicubic and Lanczos filters: a
 //! horizontal and a vertical pass in Pillow's order, each in 22-bit fixed
 //! point rounded to 8 bits) and compositing onto white (`alpha_composite`), so that image
 //! processors give the pixels the Python processors give.
@@ -10,6 +10,8 @@ pub enum Filter {
     Nearest,
     Bilinear,
     Bicubic,
+    /// Pillow's `LANCZOS` (1): a sinc windowed by a sinc of three lobes.
+    Lanczos,
 }
 
 /// An 8-bit RGB image, row-major `[height, width, 3]`.
@@ -44,6 +46,7 @@ fn filter_support(f: Filter) -> f64 {
         Filter::Nearest => 0.0,
         Filter::Bilinear => 1.0,
         Filter::Bicubic => 2.0,
+        Filter::Lanczos => 3.0,
     }
 }
 
@@ -68,7 +71,23 @@ fn filter_weight(f: Filter, x: f64) -> f64 {
                 0.0
             }
         }
+        Filter::Lanczos => {
+            if x < 3.0 {
+                sinc(x) * sinc(x / 3.0)
+            } else {
+                0.0
+            }
+        }
     }
+}
+
+/// `sin(πx) / (πx)`, 1 at 0 (Pillow's `sinc_filter`).
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
 }
 
 /// Per output position: the first input position and its integer weights
