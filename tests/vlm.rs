@@ -116,6 +116,13 @@ fn qwen3_vl() {
     check_case("qwen3_vl");
 }
 
+/// Qwen3-VL-MoE: the same tower and text model with a mixture of experts
+/// in layers 0 and 1 (layer 2 dense).
+#[test]
+fn qwen3_vl_moe() {
+    check_case("qwen3_vl_moe");
+}
+
 /// The DeepStack levels are used: with their columns of the feature rows
 /// zeroed the prompt's logits leave mlx-vlm's, and feature rows of the
 /// wrong width are an error naming the op.
@@ -629,20 +636,18 @@ fn port_diff_names_the_first_divergent_tower_node() {
     use lmspec::port::diff::{diff_tower, is_vision_golden};
 
     let _guard = mlx_lock();
-    // Qwen3-VL's tower: the position table, the blocks, the merger and
-    // both DeepStack levels, node by node.
-    let golden = goldens().join("vlm").join("qwen3_vl");
-    let report = diff_tower(
-        &golden.join("model"),
-        &golden,
-        &opts(&library(), None),
-        None,
-    )
-    .expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    eprintln!("qwen3_vl tower: {} nodes match", report.rows.len());
-    assert!(report.rows.len() >= 40, "{} nodes", report.rows.len());
-    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    // Qwen3-VL's tower (and Qwen3-VL-MoE's, its GELUs exchanged): the
+    // position table, the blocks, the merger and both DeepStack levels,
+    // node by node.
+    for case in ["qwen3_vl", "qwen3_vl_moe"] {
+        let golden = goldens().join("vlm").join(case);
+        let model = golden.join("model");
+        let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
+        assert!(report.passed(), "{}", report.table());
+        eprintln!("{case} tower: {} nodes match", report.rows.len());
+        assert!(report.rows.len() >= 40, "{} nodes", report.rows.len());
+        assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    }
 
     // Qwen2.5-VL's tower, window attention included, node by node.
     let golden = goldens().join("vlm").join("qwen2_5_vl");

@@ -173,6 +173,24 @@ CASES["qwen3_vl"] = {
     },
 }
 
+# Qwen3-VL-MoE: Qwen3-VL's tower and text model with a softmax top-2 of 4
+# experts in layers 0 and 1, layer 2 dense (mlp_only_layers).
+CASES["qwen3_vl_moe"] = {
+    **CASES["qwen3_vl"],
+    "model_type": "qwen3_vl_moe",
+    "text_config": {
+        **CASES["qwen3_vl"]["text_config"],
+        "model_type": "qwen3_vl_moe_text",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [2],
+        "norm_topk_prob": True,
+    },
+    "vision_config": {**CASES["qwen3_vl"]["vision_config"], "model_type": "qwen3_vl_moe"},
+}
+
 # The image processor of each case: the family's Python processor class and
 # its settings (real mean/std and filter, this tower's patch size, pixel
 # bounds that keep the fixtures small).
@@ -215,6 +233,9 @@ PROCESSORS["qwen3_vl"] = {
     "temporal_patch_size": 2,
     "merge_size": 2,
 }
+
+
+PROCESSORS["qwen3_vl_moe"] = PROCESSORS["qwen3_vl"]
 
 
 def make_images(folder):
@@ -284,7 +305,7 @@ def processor_fixtures(case, out):
         json.dump(cfg, f, indent=2)
     folder = os.path.join(os.path.dirname(out), "images")
     names = make_images(folder)
-    if case in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if case in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil as Processor,
         )
@@ -311,6 +332,7 @@ GRIDS = {
     "qwen2_vl": [[1, 4, 6], [1, 4, 4]],
     "qwen2_5_vl": [[1, 6, 10], [1, 4, 4]],
     "qwen3_vl": [[1, 4, 6], [1, 6, 4]],
+    "qwen3_vl_moe": [[1, 4, 6], [1, 6, 4]],
 }
 
 
@@ -321,10 +343,11 @@ def build(case, cfg):
     elif case == "qwen2_5_vl":
         from mlx_vlm.models.qwen2_5_vl import Model, ModelConfig
         from mlx_vlm.models.qwen2_5_vl.config import TextConfig, VisionConfig
-    elif case == "qwen3_vl":
-        from mlx_vlm.models.qwen3_vl import Model, ModelConfig
+    elif case in ("qwen3_vl", "qwen3_vl_moe"):
+        import importlib
 
-        return Model(ModelConfig.from_dict(json.loads(json.dumps(cfg))))
+        module = importlib.import_module(f"mlx_vlm.models.{case}")
+        return module.Model(module.ModelConfig.from_dict(json.loads(json.dumps(cfg))))
     else:
         raise SystemExit(f"unknown case {case}")
     text = {k: v for k, v in cfg.items() if k != "vision_config"}
@@ -345,7 +368,7 @@ def vision_taps(case, vt, pixel_values, grid):
     lmspec node that computes it (specs/models/CASE_vision.yaml)."""
     if case == "qwen2_5_vl":
         return window_taps(vt, pixel_values, grid)
-    if case == "qwen3_vl":
+    if case in ("qwen3_vl", "qwen3_vl_moe"):
         return deepstack_taps(vt, pixel_values, grid)
     taps = {}
     h = vt.patch_embed(pixel_values)

@@ -302,6 +302,13 @@ fn vision_language_qwen3_vl() {
     insta::assert_snapshot!(vision_language("qwen3_vl"));
 }
 
+/// Qwen3-VL-MoE's: Qwen3-VL's tower with its GELUs exchanged; the text
+/// model's experts beside the M-RoPE and DeepStack nodes.
+#[test]
+fn vision_language_qwen3_vl_moe() {
+    insta::assert_snapshot!(vision_language("qwen3_vl_moe"));
+}
+
 fn vision_language(case: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
     let file = root().join(format!("goldens/vlm/{case}/model/config.json"));
