@@ -435,3 +435,126 @@ fn port_diff_names_the_first_divergent_mistral3_node() {
     let first = report.first_failure().expect("a divergence");
     assert_eq!(first.name, "merging", "{}", report.table());
 }
+
+/// The golden checkpoints in Hugging Face's layouts: the original one
+/// (`vision_tower.transformer...`, `language_model.model...`,
+/// `language_model.lm_head`) and the newer one (everything under `model.`,
+/// a top-level `lm_head`), the patch convolution as `[out, C, P, P]`; the
+/// specs' weight rules bring both to the same features and logits.
+#[test]
+fn hugging_face_layouts_give_the_same_outputs() {
+    for case in ["pixtral", "mistral3"] {
+        for newer in [false, true] {
+            let _guard = mlx_lock();
+            let g = golden(case);
+            let src = model_dir(case);
+            let tmp = tempfile::tempdir().expect("tmp");
+            let dir = tmp.path();
+            for f in [
+                "config.json",
+                "preprocessor_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            ] {
+                std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+            }
+            let weights = Array::load_safetensors(src.join("model.safetensors")).expect("weights");
+            let mut renamed: Vec<(String, Array)> = Vec::new();
+            for (name, w) in &weights {
+                let name = name.replace("vision_tower.vision_model.", "vision_tower.");
+                let hf = match (newer, name.strip_prefix("language_model.")) {
+                    (false, _) => name.clone(),
+                    (true, Some("lm_head.weight")) => "lm_head.weight".to_string(),
+                    (true, Some(rest)) => {
+                        format!("model.language_model.{}", rest.trim_start_matches("model."))
+                    }
+                    (true, None) => format!("model.{name}"),
+                };
+                let w = if name.ends_with("patch_conv.weight") {
+                    // MLX [out, P, P, C] to PyTorch [out, C, P, P].
+                    w.transpose_axes(&[0, 3, 1, 2]).expect("transpose")
+                } else {
+                    w.clone()
+                };
+                renamed.push((hf, w));
+            }
+            Array::save_safetensors(
+                renamed.iter().map(|(n, w)| (n.as_str(), w)),
+                None,
+                dir.join("model.safetensors"),
+            )
+            .expect("save");
+            let what = format!("{case} ({})", if newer { "newer" } else { "original" });
+            let text = Model::load(dir, &opts(&library(), None)).expect("text model");
+            let vm = VisionModel::load(dir, &opts(&library(), None), &text).expect("tower");
+            let grid = grids(&g["image_grid_thw"]);
+            let features = vm
+                .image_features(&g["pixel_values"], &grid)
+                .expect("features");
+            assert_close(
+                &format!("{what} features"),
+                &features,
+                &g["vision_features"],
+            );
+            let ids = ints(&g["input_ids"]);
+            let mut cache = text.new_cache();
+            let logits = vm
+                .prefill(&text, &ids, Some(&g["pixel_values"]), &grid, &mut cache)
+                .expect("prefill");
+            assert_close(&format!("{what} logits"), &logits, &g["logits"]);
+        }
+    }
+}
+
+/// `lmspec generate --image` on the Pixtral and Mistral 3 goldens: the
+/// chat template writes `[IMG]` per image, which becomes the image's rows
+/// (the processor's grid, merged for Mistral 3) with their break and end
+/// tokens, around the prompt's 4 other tokens; an image without its
+/// placeholder (`--raw`) is an error, not a panic.
+#[test]
+fn generate_takes_images_on_the_command_line() {
+    for (case, merge) in [("pixtral", 1), ("mistral3", 2)] {
+        let fixtures = Array::load_safetensors(
+            goldens()
+                .join("vlm")
+                .join(case)
+                .join("processor.safetensors"),
+        )
+        .expect("processor tensors");
+        let mut want = 4;
+        for name in ["wide.png", "alpha.png"] {
+            let g = ints(&fixtures[&format!("{name}.grid")]);
+            let (rows, cols) = (g[1] / merge, g[2] / merge);
+            want += rows * cols + rows;
+        }
+        let model = format!("goldens/vlm/{case}/model");
+        let run = |extra: &[&str]| {
+            let mut args = vec!["generate", "--model", &model, "--max-tokens", "4"];
+            args.extend_from_slice(extra);
+            std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+                .args(&args)
+                .current_dir(crate::support::root())
+                .output()
+                .expect("lmspec runs")
+        };
+        let (wide, alpha) = (
+            "goldens/vlm/images/wide.png",
+            "goldens/vlm/images/alpha.png",
+        );
+        let out = run(&["--image", wide, "--image", alpha, "-p", "w5 w6"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("[prompt {want} tokens")),
+            "{case}: {err}"
+        );
+        let out = run(&["--image", wide, "--raw", "-p", "w5 w6"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains("1 image(s) given but the prompt has 0 image placeholder(s)"),
+            "{err}"
+        );
+    }
+}
