@@ -294,6 +294,13 @@ fn vision_language_mistral3() {
     insta::assert_snapshot!(vision_language("mistral3"));
 }
 
+/// Idefics3's: the SigLIP tower, the connector's pixel shuffle and
+/// bias-free linear; the llama text model with the splice.
+#[test]
+fn vision_language_idefics3() {
+    insta::assert_snapshot!(vision_language("idefics3"));
+}
+
 /// Qwen3-VL's: the position table, the kept DeepStack states and their
 /// mergers; the text model's interleaved M-RoPE and `add_features` after
 /// layers 0 and 1.
