@@ -166,3 +166,26 @@ fn idefics3_hugging_face_layout_gives_the_same_outputs() {
         .expect("prefill");
     assert_close("HF logits", &logits, &g["logits"]);
 }
+
+/// `port diff` matches the tower node by node against the golden's taps,
+/// the pixel shuffle and the connector's linear included.
+#[test]
+fn port_diff_matches_every_idefics3_tower_node() {
+    use lmspec::port::diff::diff_tower;
+
+    let _guard = mlx_lock();
+    let golden = goldens().join("vlm").join("idefics3");
+    let report = diff_tower(
+        &golden.join("model"),
+        &golden,
+        &opts(&library(), None),
+        None,
+    )
+    .expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    let names: Vec<&str> = report.rows.iter().map(|r| r.name.as_str()).collect();
+    for node in ["layers.0.act", "post_ln", "shuffled", "proj"] {
+        assert!(names.contains(&node), "{node} not compared: {names:?}");
+    }
+    eprintln!("{}", report.table());
+}
