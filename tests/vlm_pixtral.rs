@@ -558,3 +558,31 @@ fn generate_takes_images_on_the_command_line() {
         );
     }
 }
+
+/// The towers give the last block's output: a checkpoint asking for
+/// another layer (`vision_feature_layer`) is refused at load, naming the
+/// key, rather than run with the wrong features.
+#[test]
+fn another_feature_layer_is_a_named_error() {
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    for case in ["pixtral", "mistral3"] {
+        let src = model_dir(case);
+        let tmp = tempfile::tempdir().expect("tmp");
+        for entry in std::fs::read_dir(&src).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            let to = tmp.path().join(path.file_name().expect("name"));
+            std::fs::copy(&path, to).expect("copy");
+        }
+        let config = std::fs::read_to_string(src.join("config.json")).expect("config");
+        let mut json: serde_json::Value = serde_json::from_str(&config).expect("json");
+        assert_eq!(json["vision_feature_layer"], serde_json::json!(-1));
+        json["vision_feature_layer"] = serde_json::json!(-2);
+        std::fs::write(tmp.path().join("config.json"), json.to_string()).expect("write");
+        let err = LanguageModel::load(tmp.path(), &opts(&library(), None))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("vision_feature_layer"), "{case}: {err}");
+    }
+}
