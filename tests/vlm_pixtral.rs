@@ -586,3 +586,59 @@ fn another_feature_layer_is_a_named_error() {
         assert!(err.contains("vision_feature_layer"), "{case}: {err}");
     }
 }
+
+/// A chat session with an image: the first turn answers as one
+/// `generate_with_images` call on the same prompt; a second, text-only
+/// turn reuses the cache (the image's rows are not fed again) and answers
+/// as the whole conversation run from scratch.
+#[test]
+fn chat_sessions_keep_their_images_across_turns() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::template::ChatContext;
+    use lmspec::lm::{ChatSession, LanguageModel};
+
+    let _guard = mlx_lock();
+    for case in ["pixtral", "mistral3"] {
+        let lm = LanguageModel::load(&model_dir(case), &opts(&library(), None)).expect("load");
+        let images = lm
+            .load_images(&[goldens().join("vlm").join("images").join("alpha.png")])
+            .expect("image");
+        let image_tokens = images[0].grid.tokens(lm.vision().expect("tower").merge);
+        let params = GenerateParams {
+            max_tokens: 5,
+            ..GenerateParams::default()
+        };
+        let ctx = ChatContext {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        let from_scratch = |messages: serde_json::Value| {
+            let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
+            lm.generate_with_images(&ids, &images, &params, None, None, &mut |_| {})
+                .expect("generate")
+                .text
+        };
+        let user1 = serde_json::json!({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]});
+        let mut session = ChatSession::new(&lm, None, params.clone());
+        let a1 = session
+            .respond_with_images("w5 w6", images.clone(), &mut |_| {})
+            .expect("turn 1");
+        assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
+        let a2 = session.respond("w7 w8").expect("turn 2");
+        eprintln!(
+            "{case}: turn 1 {a1:?}, turn 2 {a2:?}, fed {}",
+            session.last_fed_tokens
+        );
+        assert!(
+            (session.last_fed_tokens as i64) < image_tokens,
+            "turn 2 fed {} tokens: the cache was not reused",
+            session.last_fed_tokens
+        );
+        let whole = serde_json::json!([
+            user1,
+            {"role": "assistant", "content": a1},
+            {"role": "user", "content": "w7 w8"},
+        ]);
+        assert_eq!(a2, from_scratch(whole), "{case}: turn 2");
+    }
+}
