@@ -21,6 +21,24 @@ fn idefics3() {
     check_case_attending("idefics3", false);
 }
 
+/// SmolVLM's types (`smolvlm`, `smolvlm_vision`) with a scale factor of 4:
+/// 8 x 8 patches to 4 tokens an image.
+#[test]
+fn smolvlm() {
+    check_case_attending("smolvlm", false);
+}
+
+#[test]
+fn smolvlm_generation_with_images_continues_as_mlx_vlm() {
+    check_generation("smolvlm");
+}
+
+/// `SmolVLMImageProcessorPil`, the first resize scaling every test image up.
+#[test]
+fn smolvlm_image_processing_matches_the_python_processor() {
+    check_processor("smolvlm", 4);
+}
+
 /// The prompt with one `<image>` per image, expanded with the tokens
 /// around each image, generates mlx-vlm's greedy tokens.
 #[test]

@@ -196,6 +196,17 @@ SIGLIP_CASES["idefics3"] = {
     },
 }
 
+# SmolVLM: the same model under its own types (mlx-vlm's smolvlm module, the
+# tower's model_type smolvlm_vision), with SmolVLM's scale_factor 4 (8 x 8
+# patches to 4 tokens).
+SIGLIP_CASES["smolvlm"] = {
+    **SIGLIP_CASES["idefics3"],
+    "model_type": "smolvlm",
+    "scale_factor": 4,
+    "vision_config": {**SIGLIP_CASES["idefics3"]["vision_config"], "model_type": "smolvlm_vision"},
+}
+IDEFICS3 = ("idefics3", "smolvlm")
+
 # The longest edge first brought to size.longest_edge (up or down, keeping
 # the aspect ratio), then the image squared to max_image_size; Lanczos.
 PROCESSORS["idefics3"] = {
@@ -213,14 +224,19 @@ PROCESSORS["idefics3"] = {
     "do_image_splitting": False,
     "do_pad": True,
 }
+PROCESSORS["smolvlm"] = {**PROCESSORS["idefics3"], "image_processor_type": "SmolVLMImageProcessor",
+                          "size": {"longest_edge": 96}}
 
 
 def build(case, cfg):
-    if case == "idefics3":
+    if case in IDEFICS3:
         import copy
+        import importlib
 
-        from mlx_vlm.models.idefics3 import Model, ModelConfig
-        from mlx_vlm.models.idefics3.config import TextConfig, VisionConfig
+        module = importlib.import_module(f"mlx_vlm.models.{case}")
+        config = importlib.import_module(f"mlx_vlm.models.{case}.config")
+        Model, ModelConfig = module.Model, config.ModelConfig
+        TextConfig, VisionConfig = config.TextConfig, config.VisionConfig
 
         c = copy.deepcopy(cfg)
         c["text_config"] = TextConfig.from_dict(c["text_config"])
@@ -308,7 +324,7 @@ def images_for(case):
 
 
 def prompt(cfg, tokens):
-    if cfg["model_type"] == "idefics3":
+    if cfg["model_type"] in IDEFICS3:
         # <fake_token_around_image><global-img> image tokens <fake_token_around_image>.
         image, fake, glob = cfg["image_token_id"], 251, 252
         ids = [5, 6]
@@ -348,7 +364,7 @@ def write_tokenizer(out, cfg):
     vocab = {"<pad>": 0, "<bos>": 2, "user": 3, "model": 1}
     for i in range(4, NEWLINES):
         vocab[f"w{i}"] = i
-    if cfg["model_type"] == "idefics3":
+    if cfg["model_type"] in IDEFICS3:
         specials = {"\n\n": NEWLINES, "<image>": cfg["image_token_id"],
                     "<fake_token_around_image>": 251, "<global-img>": 252,
                     "<start_of_turn>": 253, "<end_of_turn>": 254, "<eos>": 255}
@@ -374,7 +390,7 @@ def write_tokenizer(out, cfg):
         json.dump(tok, f, indent=1)
     # Gemma 3's template writes <start_of_image> per image (the runtime
     # expands it); PaliGemma's here the image token itself.
-    image = {"paligemma": "<image_soft_token>", "idefics3": "<image>"}.get(
+    image = {"paligemma": "<image_soft_token>", "idefics3": "<image>", "smolvlm": "<image>"}.get(
         cfg["model_type"], "<start_of_image>")
     template = ("{% for message in messages %}<start_of_turn>{{ message['role'] }} "
                 "{% if message['content'] is string %}{{ message['content'] }}"
@@ -393,6 +409,10 @@ def processor_fixtures(case, out, names, folder):
     if case == "idefics3":
         from transformers.models.idefics3.image_processing_pil_idefics3 import (
             Idefics3ImageProcessorPil as Processor,
+        )
+    elif case == "smolvlm":
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil as Processor,
         )
     elif case in ("paligemma", "paligemma2"):
         from transformers.models.siglip.image_processing_pil_siglip import (
@@ -466,7 +486,7 @@ def make_siglip_case(args, make_images):
     ids_list = prompt(cfg, tokens)
     ids = mx.array([ids_list], dtype=mx.int32)
     # PaliGemma: no mask (mlx-vlm's bidirectional prompt); Gemma 3: the spans.
-    causal_only = case == "idefics3"
+    causal_only = case in IDEFICS3
     if case.startswith("paligemma") or causal_only:
         mask = None
     else:

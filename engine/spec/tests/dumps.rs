@@ -301,6 +301,12 @@ fn vision_language_idefics3() {
     insta::assert_snapshot!(vision_language("idefics3"));
 }
 
+/// SmolVLM's: the same specs with a scale factor of 4.
+#[test]
+fn vision_language_smolvlm() {
+    insta::assert_snapshot!(vision_language("smolvlm"));
+}
+
 /// Qwen3-VL's: the position table, the kept DeepStack states and their
 /// mergers; the text model's interleaved M-RoPE and `add_features` after
 /// layers 0 and 1.
