@@ -33,7 +33,8 @@ fn smolvlm_generation_with_images_continues_as_mlx_vlm() {
     check_generation("smolvlm");
 }
 
-/// `SmolVLMImageProcessorPil`, the first resize scaling every test image up.
+/// `SmolVLMImageProcessorPil`, the first resize scaling three of the test
+/// images up and two down.
 #[test]
 fn smolvlm_image_processing_matches_the_python_processor() {
     check_processor("smolvlm", 4);
