@@ -27,6 +27,8 @@ mod linear;
 mod moe;
 #[cfg(test)]
 mod moe_tests;
+#[cfg(test)]
+mod naflex_tests;
 mod norm;
 #[cfg(test)]
 mod option_tests;

@@ -20,14 +20,19 @@ impl Build for Patchify {
         // MLX conv weights are channels-last ([out, (t,) p, p, c]); flattened
         // patches are channel-first (c, t, p, p): move the channel axis to
         // the front of the kernel, flatten, and keep it transposed [in, out].
+        // With channels_last the patches and the weight [out, in] share the
+        // (row, column, channel) order: a plain linear map.
         let nd = weight.ndim() as i32;
         let mut axes: Vec<i32> = vec![0, nd - 1];
         axes.extend(1..nd - 1);
-        let wt = weight
-            .transpose_axes(&axes)
-            .and_then(|t| t.reshape(&[self.out as i32, -1]))
-            .map(|t| t.t())
-            .map_err(mlx_err("weight"))?;
+        let wt = match self.channels_last {
+            true => Ok(weight.t()),
+            false => weight
+                .transpose_axes(&axes)
+                .and_then(|t| t.reshape(&[self.out as i32, -1]))
+                .map(|t| t.t()),
+        }
+        .map_err(mlx_err("weight"))?;
         Ok(Box::new(PatchifyOp {
             wt,
             bias,
@@ -207,6 +212,8 @@ impl Build for GridTable {
             table: w.dense("weight")?,
             side: self.side,
             merge: self.merge,
+            align_corners: self.align_corners,
+            antialias: self.antialias,
         }))
     }
 }
@@ -216,6 +223,8 @@ struct GridTableOp {
     table: Array,
     side: i64,
     merge: i64,
+    align_corners: bool,
+    antialias: bool,
 }
 
 /// `n` points from 0 to `last` evenly (mlx's `linspace`, float32).
@@ -229,6 +238,47 @@ fn linspace(last: f32, n: i64) -> Vec<f32> {
     }
 }
 
+/// The table rows (index, weight) that each of `n` grid cells reads along
+/// one axis of a table of `side` rows. Corners aligned: linspace
+/// coordinates, the two neighbours weighted linearly (the second clamped
+/// to the table). Cell centres: coordinate `(i + 0.5)·side/n - 0.5`; when
+/// the axis shrinks and `antialias`, every table row within the scale
+/// weighted by a triangle filter, normalised; otherwise the coordinate is
+/// clamped at 0 and its two neighbours weighted linearly. All in float32.
+pub(crate) fn axis_taps(side: i64, n: i64, corners: bool, antialias: bool) -> Vec<Vec<(i64, f32)>> {
+    let two = |p: f32| {
+        let p0 = p.floor();
+        let f = p - p0;
+        let i0 = (p0 as i64).clamp(0, side - 1);
+        let i1 = (p0 as i64 + 1).clamp(0, side - 1);
+        vec![(i0, 1.0 - f), (i1, f)]
+    };
+    if corners {
+        return linspace((side - 1) as f32, n)
+            .into_iter()
+            .map(two)
+            .collect();
+    }
+    let scale = side as f32 / n as f32;
+    (0..n)
+        .map(|i| {
+            let src = (i as f32 + 0.5) * scale - 0.5;
+            if !(antialias && scale > 1.0) {
+                return two(src.max(0.0));
+            }
+            let lo = (src - scale + 1.0).floor().max(0.0);
+            let hi = (src + scale).floor().min((side - 1) as f32);
+            let taps: Vec<(i64, f32)> = (0..)
+                .map(|k| lo + k as f32)
+                .take_while(|&p| p <= hi)
+                .map(|p| (p as i64, (1.0 - (p - src).abs() / scale).max(0.0)))
+                .collect();
+            let total: f32 = taps.iter().map(|t| t.1).sum();
+            taps.into_iter().map(|(p, w)| (p, w / total)).collect()
+        })
+        .collect()
+}
+
 impl Op for GridTableOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let n_in = inputs[0].shape().get(1).copied().unwrap_or(0);
@@ -238,55 +288,60 @@ impl Op for GridTableOp {
             ));
         };
         let (g, m) = (self.side, self.merge);
-        let mut idx: [Vec<i32>; 4] = Default::default();
-        let mut wts: [Vec<f32>; 4] = Default::default();
+        // Per patch, the (table row, weight) pairs it sums, in row-tap then
+        // column-tap order.
+        let mut cells: Vec<Vec<(i32, f32)>> = Vec::new();
         for &[t, h, w] in &grids {
             if t < 1 || h < 1 || w < 1 || h % m != 0 || w % m != 0 {
                 return Err(Exception::custom(format!(
                     "grid_table: grid {t}x{h}x{w} does not split into {m}x{m} windows"
                 )));
             }
-            let (hs, ws) = (linspace((g - 1) as f32, h), linspace((g - 1) as f32, w));
+            let ys = axis_taps(g, h, self.align_corners, self.antialias);
+            let xs = axis_taps(g, w, self.align_corners, self.antialias);
             for _ in 0..t {
                 for bh in 0..h / m {
                     for bw in 0..w / m {
                         for ih in 0..m {
                             for iw in 0..m {
-                                let (y, x) =
-                                    (hs[(bh * m + ih) as usize], ws[(bw * m + iw) as usize]);
-                                let (y0, x0) = (y as i64, x as i64);
-                                let (y1, x1) = ((y0 + 1).min(g - 1), (x0 + 1).min(g - 1));
-                                let (dy, dx) = (y - y0 as f32, x - x0 as f32);
-                                let corners = [
-                                    (y0, x0, (1.0 - dy) * (1.0 - dx)),
-                                    (y0, x1, (1.0 - dy) * dx),
-                                    (y1, x0, dy * (1.0 - dx)),
-                                    (y1, x1, dy * dx),
-                                ];
-                                for (k, (yy, xx, wt)) in corners.into_iter().enumerate() {
-                                    idx[k].push((yy * g + xx) as i32);
-                                    wts[k].push(wt);
+                                let (ty, tx) =
+                                    (&ys[(bh * m + ih) as usize], &xs[(bw * m + iw) as usize]);
+                                let mut cell = Vec::with_capacity(ty.len() * tx.len());
+                                for &(yy, wy) in ty {
+                                    for &(xx, wx) in tx {
+                                        cell.push(((yy * g + xx) as i32, wy * wx));
+                                    }
                                 }
+                                cells.push(cell);
                             }
                         }
                     }
                 }
             }
         }
-        let n = idx[0].len() as i32;
+        let n = cells.len() as i32;
         if n != n_in {
             return Err(Exception::custom(format!(
                 "grid_table: the grids hold {n} patches, the input {n_in}"
             )));
         }
-        let flat_idx: Vec<i32> = idx.concat();
-        let flat_w: Vec<f32> = wts.concat();
+        // Taps of every patch padded with zero weights to one count.
+        let k = cells.iter().map(Vec::len).max().unwrap_or(1);
+        let mut flat_idx = vec![0i32; k * cells.len()];
+        let mut flat_w = vec![0f32; k * cells.len()];
+        for (p, cell) in cells.iter().enumerate() {
+            for (j, &(i, wt)) in cell.iter().enumerate() {
+                flat_idx[j * cells.len() + p] = i;
+                flat_w[j * cells.len() + p] = wt;
+            }
+        }
+        let k = k as i32;
         let rows = self
             .table
-            .take_axis(Array::from_slice(&flat_idx, &[4 * n]), 0)?;
+            .take_axis(Array::from_slice(&flat_idx, &[k * n]), 0)?;
         let d = rows.shape()[1];
-        let rows = rows.reshape(&[4, n, d])?;
-        let weights = Array::from_slice(&flat_w, &[4, n, 1]).as_dtype(rows.dtype())?;
+        let rows = rows.reshape(&[k, n, d])?;
+        let weights = Array::from_slice(&flat_w, &[k, n, 1]).as_dtype(rows.dtype())?;
         mlx_rs::ops::multiply(&rows, &weights)?
             .sum_axis(0, None)?
             .reshape(&[1, n, d])

@@ -17,6 +17,7 @@ op! {
         temporal: i64 = 1, "frames per patch (Conv3d's first kernel size)";
         channels: i64 = 3, "input channels";
         bias: bool = false, "whether the convolution has a bias";
+        channels_last: bool = false, "the patches flattened as (row, column, channel) [B, N, patch·patch·channels] and the weight a linear map's [out, patch·patch·channels] in that order (SigLIP2-NaFlex's patch embedding); one frame";
     }
 }
 
@@ -41,11 +42,13 @@ op! {
 }
 
 op! {
-    /// A learned side x side position table bilinearly interpolated to each image's patch grid (the forward's grids; the corners of the table meet the corners of the grid), in merge-window order: [1, N, D] for the N patches of the input [B, N, D] (Qwen3-VL's `fast_pos_embed_interpolate`).
+    /// A learned side x side position table bilinearly interpolated to each image's patch grid (the forward's grids), in merge-window order: [1, N, D] for the N patches of the input [B, N, D] (Qwen3-VL's `fast_pos_embed_interpolate`; with `align_corners: false, antialias: true` SigLIP2's resize of its table, torch's `interpolate`).
     "grid_table" (1..=1) => GridTable {
         weight: WeightName, "module holding the table `weight` [side², D]";
         side: i64, "positions per side of the table";
         merge: i64 = 1, "patches per side of a merge window (the order of the patches)";
+        align_corners: bool = true, "the corners of the table meet the corners of the grid (linspace coordinates); false: cell centres, grid cell i at table coordinate (i + 0.5)·side/n - 0.5 clamped at 0 (torch's `align_corners=False`)";
+        antialias: bool = false, "with `align_corners: false`, an axis the grid shrinks averages the table rows within a triangle filter as wide as the scale side/n, weights normalised (torch's `antialias=True`); an axis it grows interpolates as without";
     }
 }
 
@@ -91,7 +94,15 @@ impl Patchify {
             }
         }
         let module = self.weight.under(scope);
-        let shape = if self.temporal > 1 {
+        if self.channels_last && self.temporal != 1 {
+            return Err(OpError::new(
+                "channels_last",
+                "takes one frame per patch (temporal 1)",
+            ));
+        }
+        let shape = if self.channels_last {
+            vec![self.out, self.patch * self.patch * self.channels]
+        } else if self.temporal > 1 {
             vec![
                 self.out,
                 self.temporal,
@@ -253,6 +264,12 @@ impl GridTable {
         let d = expect_flat(inputs, 0)?;
         grid_block("side", self.side)?;
         grid_block("merge", self.merge)?;
+        if self.antialias && self.align_corners {
+            return Err(OpError::new(
+                "antialias",
+                "needs align_corners: false (the filter is defined on cell centres)",
+            ));
+        }
         let module = self.weight.under(scope);
         Ok(Resolved {
             weights: vec![WeightReq::dense(
