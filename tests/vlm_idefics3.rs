@@ -11,7 +11,8 @@ use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_siglip::{
-    assert_close, check_case_attending, check_generation, check_processor, golden, grids, ints,
+    assert_close, check_case_attending, check_chat, check_generation, check_processor, golden,
+    grids, ints,
 };
 
 /// Features (pixel-shuffled, projected), the prompt's logits, the cached
@@ -47,6 +48,13 @@ fn idefics3_generation_with_images_continues_as_mlx_vlm() {
     check_generation("idefics3");
 }
 
+/// A chat session: the template's `<image>` expanded, the second turn
+/// reusing the cache past the image and answering as from scratch.
+#[test]
+fn idefics3_chat_session_keeps_its_images_across_turns() {
+    check_chat("idefics3");
+}
+
 /// Longest edge to `size.longest_edge` (Lanczos, up or down), then the
 /// `max_image_size` square, against `Idefics3ImageProcessorPil`.
 #[test]
@@ -74,8 +82,11 @@ fn the_first_resize_keeps_the_aspect_ratio_with_an_even_side() {
     assert_eq!((h, w), (2048, 4096));
 }
 
-/// A `max_image_size` processor that splits images (or does not say: the
-/// default splits) is refused naming the field, as is a missing size.
+/// A `max_image_size` processor's bad fields are errors naming them; one
+/// that splits its images (`do_image_splitting` true, or absent: the
+/// default splits) loads, but refuses every image it would split, naming
+/// the file and the field; with `size.longest_edge` within the square
+/// nothing is split and the pixels are those without splitting.
 #[test]
 fn idefics3_processor_configs_are_checked() {
     let file = std::path::Path::new("preprocessor_config.json");
@@ -86,19 +97,23 @@ fn idefics3_processor_configs_are_checked() {
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
         "do_image_splitting": false,
+        "patch_size": 4,
     });
+    let edited = |edit: serde_json::Value| {
+        let mut j = base.clone();
+        for (k, v) in edit.as_object().expect("object") {
+            if v.is_null() {
+                j.as_object_mut().expect("object").remove(k);
+            } else {
+                j[k] = v.clone();
+            }
+        }
+        j
+    };
     let p = ImageProcessor::from_json(&base, file).expect("no splitting");
     assert_eq!(p.fixed_size, Some((32, 32)));
     assert_eq!(p.first_longest_edge, Some(48));
     for (edit, field) in [
-        (
-            serde_json::json!({"do_image_splitting": true}),
-            "do_image_splitting",
-        ),
-        (
-            serde_json::json!({"do_image_splitting": null}),
-            "do_image_splitting",
-        ),
         (
             serde_json::json!({"max_image_size": {"longest_edge": 0}}),
             "max_image_size.longest_edge",
@@ -109,15 +124,7 @@ fn idefics3_processor_configs_are_checked() {
         ),
         (serde_json::json!({"resample": 4}), "resample"),
     ] {
-        let mut j = base.clone();
-        for (k, v) in edit.as_object().expect("object") {
-            if v.is_null() {
-                j.as_object_mut().expect("object").remove(k);
-            } else {
-                j[k] = v.clone();
-            }
-        }
-        let err = ImageProcessor::from_json(&j, file)
+        let err = ImageProcessor::from_json(&edited(edit), file)
             .expect_err(field)
             .to_string();
         assert!(
@@ -125,6 +132,67 @@ fn idefics3_processor_configs_are_checked() {
             "{err}"
         );
     }
+    let image = goldens().join("vlm").join("images").join("photo.jpg");
+    for edit in [
+        serde_json::json!({"do_image_splitting": true}),
+        serde_json::json!({"do_image_splitting": null}),
+    ] {
+        let split = ImageProcessor::from_json(&edited(edit), file).expect("loads");
+        let err = split
+            .process_file(&image)
+            .expect_err("split images")
+            .to_string();
+        assert!(
+            err.contains("preprocessor_config.json") && err.contains("do_image_splitting"),
+            "{err}"
+        );
+    }
+    let whole = serde_json::json!({"do_image_splitting": true, "size": {"longest_edge": 32}});
+    let unsplit = serde_json::json!({"size": {"longest_edge": 32}});
+    let a = ImageProcessor::from_json(&edited(whole), file).expect("loads");
+    let b = ImageProcessor::from_json(&edited(unsplit), file).expect("loads");
+    assert_eq!(
+        a.process_file(&image).expect("not split"),
+        b.process_file(&image).expect("no splitting")
+    );
+}
+
+/// A checkpoint whose processor splits its images (the released SmolVLM
+/// configs) still loads and generates text; its images are refused.
+#[test]
+fn a_splitting_processor_leaves_the_text_model_running() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    let src = goldens().join("vlm").join("idefics3").join("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    for f in std::fs::read_dir(&src).expect("dir") {
+        let f = f.expect("entry").path();
+        std::fs::copy(&f, tmp.path().join(f.file_name().expect("name"))).expect("copy");
+    }
+    let cfg = tmp.path().join("preprocessor_config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("read")).expect("json");
+    j["do_image_splitting"] = serde_json::json!(true);
+    std::fs::write(&cfg, j.to_string()).expect("write");
+    let lm = LanguageModel::load(tmp.path(), &opts(&library(), None)).expect("loads");
+    let params = GenerateParams {
+        max_tokens: 3,
+        ..GenerateParams::default()
+    };
+    let out = lm
+        .generate(&[5, 6, 7], &params, None, None, &mut |_| {})
+        .expect("text generation");
+    assert_eq!(out.tokens.len(), 3);
+    let err = lm
+        .load_images(&[goldens().join("vlm").join("images").join("wide.png")])
+        .expect_err("split")
+        .to_string();
+    assert!(
+        err.contains("preprocessor_config.json") && err.contains("do_image_splitting"),
+        "{err}"
+    );
 }
 
 /// The golden's checkpoint in Hugging Face's names (`model.vision_model.*`
@@ -207,4 +275,33 @@ fn port_diff_matches_every_idefics3_tower_node() {
         assert!(names.contains(&node), "{node} not compared: {names:?}");
     }
     eprintln!("{}", report.table());
+}
+
+/// `generate --image` on the golden: the template's `<image>` per image
+/// becomes the two markers, `<global-img>` and 16 image tokens.
+#[test]
+fn idefics3_generate_takes_images_on_the_command_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+        .args([
+            "generate",
+            "--model",
+            "goldens/vlm/idefics3/model",
+            "--max-tokens",
+            "4",
+            "--image",
+            "goldens/vlm/images/wide.png",
+            "--image",
+            "goldens/vlm/images/alpha.png",
+            "-p",
+            "w5 w6",
+        ])
+        .current_dir(crate::support::root())
+        .output()
+        .expect("lmspec runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // <start_of_turn> user, two images of 3 + 16 tokens, w5 w6,
+    // <end_of_turn>, <start_of_turn> model.
+    let tokens = 2 + 2 * (3 + 16) + 2 + 1 + 2;
+    assert!(err.contains(&format!("[prompt {tokens} tokens")), "{err}");
 }

@@ -518,7 +518,7 @@ fn paligemma_chat_session_runs_a_second_turn_from_the_cache() {
     check_chat("paligemma");
 }
 
-fn check_chat(case: &str) {
+pub(crate) fn check_chat(case: &str) {
     use lmspec::lm::generate::GenerateParams;
     use lmspec::lm::template::ChatContext;
     use lmspec::lm::{ChatSession, LanguageModel};

@@ -37,6 +37,10 @@ pub struct ImageProcessor {
     /// brought to this many pixels, up or down, the aspect ratio kept and
     /// the other side made even.
     pub first_longest_edge: Option<i64>,
+    /// Why every image is refused (a `max_image_size` processor that
+    /// splits its images into tiles), naming the file and field; the
+    /// processor still loads, so the text model runs.
+    pub refusal: Option<String>,
     pub temporal_patch_size: i64,
     pub merge_size: i64,
     pub min_pixels: i64,
@@ -245,16 +249,14 @@ impl ImageProcessor {
 
     /// A processor with `max_image_size` (Idefics3's): each image's longest
     /// side first brought to `size.longest_edge`, then the image resized
-    /// to a `max_image_size.longest_edge` square. Splitting into tiles
-    /// (`do_image_splitting`, true when absent) is refused.
+    /// to a `max_image_size.longest_edge` square. With
+    /// `do_image_splitting` (true when absent) an image whose first resize
+    /// is larger than the square is split into tiles plus a global image:
+    /// not supported, so every image is refused at processing (when
+    /// `size.longest_edge` is within the square nothing is split and the
+    /// images are processed as without splitting).
     fn max_image_size(j: &Json, file: &Path, max: &Json) -> Result<ImageProcessor> {
-        if get_bool(j, file, "do_image_splitting", true)? {
-            return Err(field_err(
-                file,
-                "do_image_splitting",
-                "splitting images into tiles is not supported (set it to false: one square image each)",
-            ));
-        }
+        let split = get_bool(j, file, "do_image_splitting", true)?;
         let side = |v: Option<&Json>, key: &str| {
             v.and_then(Json::as_i64)
                 .filter(|&n| (1..=MAX_IMAGE_SIDE as i64).contains(&n))
@@ -282,6 +284,12 @@ impl ImageProcessor {
             square * square,
         )?;
         p.first_longest_edge = Some(first);
+        if split && first > square {
+            let why = format!(
+                "images are split into tiles of {square} pixels plus a global image (size.longest_edge {first} is above max_image_size.longest_edge {square}), which is not supported: set it to false for one {square}x{square} image each"
+            );
+            p.refusal = Some(field_err(file, "do_image_splitting", why).to_string());
+        }
         Ok(p)
     }
 
@@ -357,6 +365,7 @@ impl ImageProcessor {
             fixed_size,
             longest_edge: None,
             first_longest_edge: None,
+            refusal: None,
             temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
             merge_size: bounded("merge_size", Some(1))?,
             min_pixels,
@@ -418,6 +427,9 @@ impl ImageProcessor {
 
     /// Processes an RGB image.
     pub fn process(&self, img: &RgbImage) -> Result<ProcessedImage> {
+        if let Some(why) = &self.refusal {
+            return Err(Error::Usage(why.clone()));
+        }
         let first;
         let img = match self.first_longest_edge {
             Some(side) if self.do_resize => {
