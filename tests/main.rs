@@ -24,5 +24,6 @@ mod support;
 mod tools;
 mod vlm;
 mod vlm_idefics3;
+mod vlm_lfm2;
 mod vlm_pixtral;
 mod vlm_siglip;

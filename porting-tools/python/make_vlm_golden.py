@@ -52,8 +52,8 @@ an environment of its own (mlx-vlm 0.7.10 needs mlx >= 0.32.4):
     /tmp/vlmvenv/bin/python porting-tools/python/make_vlm_golden.py --case qwen2_vl
 
 Cases here: qwen2_vl, qwen2_5_vl (window attention), qwen3_vl (position
-table, DeepStack); the SigLIP and Pixtral towers' cases come from their
-own modules.
+table, DeepStack); the SigLIP, Pixtral and LFM2-VL towers' cases come from
+their own modules.
 """
 
 import argparse
@@ -70,6 +70,8 @@ from mlx.utils import tree_flatten
 from vlm_golden_siglip import SIGLIP_CASES, make_siglip_case
 # The Pixtral-tower families likewise.
 from vlm_golden_pixtral import PIXTRAL_CASES, make_pixtral_case
+# LFM2-VL (SigLIP2-NaFlex tower, lfm2 text) likewise.
+from vlm_golden_lfm2 import LFM2_CASES, make_lfm2_case
 
 GREEDY = 16
 
@@ -537,7 +539,7 @@ def prompt(cfg, merge, grids):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES) + sorted(PIXTRAL_CASES))
+    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES) + sorted(PIXTRAL_CASES) + sorted(LFM2_CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -545,6 +547,8 @@ def main():
         return make_siglip_case(args, make_images)
     if args.case in PIXTRAL_CASES:
         return make_pixtral_case(args, make_images)
+    if args.case in LFM2_CASES:
+        return make_lfm2_case(args, make_images)
     cfg = CASES[args.case]
     out = args.out or os.path.join("goldens", "vlm", args.case)
     os.makedirs(os.path.join(out, "model"), exist_ok=True)

@@ -41,6 +41,17 @@ pub struct ImageProcessor {
     /// splits its images into tiles), naming the file and field; the
     /// processor still loads, so the text model runs.
     pub refusal: Option<String>,
+    /// Each patch flattened as (row, column, channel) instead of (channel,
+    /// frame, row, column) (the token-budget processor's, LFM2-VL's).
+    pub channels_last: bool,
+    /// With `do_image_splitting` (the token-budget processor), the area in
+    /// pixels above which an image, its sides rounded to the merged patch,
+    /// would be split into tiles: such images are refused.
+    pub split_above: Option<f64>,
+    /// Transparency dropped when an image is made RGB (Pillow's
+    /// `convert("RGB")`, the token-budget processor's) instead of
+    /// composited onto white.
+    pub drop_alpha: bool,
     pub temporal_patch_size: i64,
     pub merge_size: i64,
     pub min_pixels: i64,
@@ -157,6 +168,9 @@ impl ImageProcessor {
         }
         if let Some(max) = j.get("max_image_size").filter(|v| !v.is_null()) {
             return ImageProcessor::max_image_size(j, file, max);
+        }
+        if j.get("max_image_tokens").is_some_and(|v| !v.is_null()) {
+            return ImageProcessor::token_budget(j, file);
         }
         let fixed = match size.map(|s| (s.get("height"), s.get("width"))) {
             Some((Some(_), Some(_))) => {
@@ -293,6 +307,75 @@ impl ImageProcessor {
         Ok(p)
     }
 
+    /// A processor with an image-token budget (`min_image_tokens`,
+    /// `max_image_tokens`; LFM2-VL's): each image resized as `smart_resize`
+    /// does with the factor `encoder_patch_size · downsample_factor` and
+    /// the pixel bounds of the token budget (always: its checkpoints'
+    /// `do_resize: false` is ignored, as the Python processor does), cut
+    /// into patches in merge-window order, each flattened as (row, column,
+    /// channel). With `do_image_splitting` (true when absent) an image
+    /// large enough to be split into tiles is refused at processing.
+    fn token_budget(j: &Json, file: &Path) -> Result<ImageProcessor> {
+        let patch = match j.get("encoder_patch_size") {
+            Some(v) if !v.is_null() => get_int(j, file, "encoder_patch_size", None)?,
+            _ => get_int(j, file, "patch_size", Some(16))?,
+        };
+        let merge = get_int(j, file, "downsample_factor", Some(2))?;
+        let min_tokens = get_int(j, file, "min_image_tokens", Some(64))?;
+        let max_tokens = get_int(j, file, "max_image_tokens", None)?;
+        for (key, v) in [("encoder_patch_size", patch), ("downsample_factor", merge)] {
+            if !(1..=MAX_PATCH).contains(&v) {
+                return Err(field_err(
+                    file,
+                    key,
+                    format!("expected 1 to {MAX_PATCH}, got {v}"),
+                ));
+            }
+        }
+        let per_token = (patch * merge).pow(2);
+        let tokens = MAX_TARGET_PIXELS / per_token;
+        for (key, v) in [
+            ("min_image_tokens", min_tokens),
+            ("max_image_tokens", max_tokens),
+        ] {
+            if !(1..=tokens).contains(&v) {
+                return Err(field_err(
+                    file,
+                    key,
+                    format!("expected 1 to {tokens}, got {v}"),
+                ));
+            }
+        }
+        let tolerance = match j.get("max_pixels_tolerance") {
+            None | Some(Json::Null) => 2.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| {
+                    field_err(
+                        file,
+                        "max_pixels_tolerance",
+                        format!("expected a positive number, got {v}"),
+                    )
+                })?,
+        };
+        let (min_pixels, max_pixels) = (min_tokens * per_token, max_tokens * per_token);
+        // The patch side and merge come from the keys above; a placeholder
+        // fixed size lets the shared settings leave patch_size unread.
+        let mut p = ImageProcessor::settings(j, file, Some((1, 1)), min_pixels, max_pixels)?;
+        p.fixed_size = None;
+        p.patch_size = patch;
+        p.merge_size = merge;
+        p.temporal_patch_size = 1;
+        p.do_resize = true;
+        p.channels_last = true;
+        p.drop_alpha = true;
+        if get_bool(j, file, "do_image_splitting", true)? {
+            p.split_above = Some(max_pixels as f64 * tolerance);
+        }
+        Ok(p)
+    }
+
     /// The settings every processor kind shares, read from `j`.
     fn settings(
         j: &Json,
@@ -366,6 +449,9 @@ impl ImageProcessor {
             longest_edge: None,
             first_longest_edge: None,
             refusal: None,
+            channels_last: false,
+            split_above: None,
+            drop_alpha: false,
             temporal_patch_size: bounded("temporal_patch_size", Some(1))?,
             merge_size: bounded("merge_size", Some(1))?,
             min_pixels,
@@ -421,7 +507,7 @@ impl ImageProcessor {
             path: path.to_path_buf(),
             source,
         })?;
-        let img = decode_rgb(&bytes, path)?;
+        let img = decode_rgb_with(&bytes, path, !self.drop_alpha)?;
         self.process(&img)
     }
 
@@ -444,6 +530,17 @@ impl ImageProcessor {
             _ => img,
         };
         let (h, w) = (img.height as i64, img.width as i64);
+        if let Some(limit) = self.split_above {
+            // The Python processor's test for tiling: each side rounded to
+            // the merged patch (at least one patch).
+            let f = (self.patch_size * self.merge_size).max(1) as f64;
+            let side = |x: i64| (self.patch_size as f64).max(round_half_even(x as f64 / f) * f);
+            if side(h) * side(w) > limit {
+                return Err(Error::Usage(format!(
+                    "an image of {w}x{h} pixels is above the processor's single-image budget ({limit} pixels): it would be split into tiles (do_image_splitting), which is not supported; use a smaller image"
+                )));
+            }
+        }
         let (th, tw) = if self.do_resize {
             self.target_size(h, w)?
         } else {
@@ -523,6 +620,15 @@ impl ImageProcessor {
                 for ih in 0..m {
                     for iw in 0..m {
                         let (y0, x0) = ((bh * m + ih) * p, (bw * m + iw) * p);
+                        if self.channels_last {
+                            for y in 0..p {
+                                for x in 0..p {
+                                    let at = (y0 + y) * w + x0 + x;
+                                    out.extend((0..3).map(|c| chw[c * h * w + at]));
+                                }
+                            }
+                            continue;
+                        }
                         for c in 0..3 {
                             for _ in 0..t {
                                 for y in 0..p {
@@ -652,6 +758,12 @@ pub fn smart_resize(
 /// (as Pillow's `alpha_composite` over an opaque white background), gray
 /// replicated to three channels. `path` is named in errors.
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    decode_rgb_with(bytes, path, true)
+}
+
+/// [`decode_rgb`], with transparency composited onto white
+/// (`composite`) or dropped (Pillow's `convert("RGB")`).
+pub fn decode_rgb_with(bytes: &[u8], path: &Path, composite: bool) -> Result<RgbImage> {
     let bad = |msg: String| Error::Usage(format!("{}: {msg}", path.display()));
     let format = image::guess_format(bytes)
         .map_err(|_| bad("not a PNG or JPEG image (unknown format)".into()))?;
@@ -696,7 +808,7 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     if width == 0 || height == 0 {
         return Err(bad(format!("the image is {width}x{height} pixels")));
     }
-    let data = if img.color().has_alpha() {
+    let data = if composite && img.color().has_alpha() {
         let rgba = img.to_rgba8();
         let mut out = Vec::with_capacity(width * height * 3);
         for px in rgba.pixels() {

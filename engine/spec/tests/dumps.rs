@@ -322,7 +322,21 @@ fn vision_language_qwen3_vl_moe() {
     insta::assert_snapshot!(vision_language("qwen3_vl_moe"));
 }
 
+/// LFM2-VL's: the SigLIP2-NaFlex tower (the channels-last patch
+/// embedding, the position table resized from cell centres with
+/// antialiasing), the pixel unshuffle and projector; the lfm2 text model
+/// with the splice.
+#[test]
+fn vision_language_lfm2_vl() {
+    insta::assert_snapshot!(vision_language_of("lfm2_vl", "lfm2-vl"));
+}
+
 fn vision_language(case: &str) -> String {
+    vision_language_of(case, case)
+}
+
+/// The dumps of the golden `case` whose checkpoint's type is `model_type`.
+fn vision_language_of(case: &str, model_type: &str) -> String {
     let lib = SpecLibrary::open(&root().join("specs")).expect("spec library");
     let file = root().join(format!("goldens/vlm/{case}/model/config.json"));
     let text = std::fs::read_to_string(&file).expect("config.json");
@@ -332,7 +346,9 @@ fn vision_language(case: &str) -> String {
         lmspec_spec::raw::Task::Vision,
         lmspec_spec::raw::Task::Generate,
     ] {
-        let spec = lib.for_model_type_task(case, task, &file).expect("spec");
+        let spec = lib
+            .for_model_type_task(model_type, task, &file)
+            .expect("spec");
         assert_eq!(spec.task, task, "{}", spec.name);
         let (_, graph) = expand_for(&spec, &json, &file).expect("expand");
         out.push_str(&format!("# {} ({})\n", spec.name, task.name()));

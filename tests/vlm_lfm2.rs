@@ -1,0 +1,340 @@
+//! The vision-language golden of LFM2-VL (`goldens/vlm/lfm2_vl`, made by
+//! mlx-vlm with `porting-tools/python/make_vlm_golden.py --case lfm2_vl`):
+//! the SigLIP2-NaFlex tower's features for two images of different grids
+//! (the position table grown to one, shrunk with antialiasing to the
+//! other; attention per image), pixel unshuffle and the projector, the
+//! logits of an lfm2 prompt with the images spliced in, greedy decoding
+//! after a cached prefill, and the token-budget image processor against
+//! mlx-vlm's.
+use std::collections::HashMap;
+
+use lmspec::engine::Model;
+use lmspec::lm::image_processor::{ImageProcessor, ProcessedImage, RgbImage};
+use lmspec::lm::vision::{Grid, VisionModel};
+use lmspec::port::tolerance::{compare, Tolerance};
+use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::Array;
+
+use crate::support::{goldens, library, mlx_lock, opts};
+
+const CASE: &str = "lfm2_vl";
+
+fn golden() -> HashMap<String, Array> {
+    let file = goldens().join("vlm").join(CASE).join("golden.safetensors");
+    Array::load_safetensors(&file).expect("golden tensors")
+}
+
+fn model_dir() -> std::path::PathBuf {
+    goldens().join("vlm").join(CASE).join("model")
+}
+
+fn ints(a: &Array) -> Vec<i64> {
+    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
+    a.as_slice::<i64>().to_vec()
+}
+
+fn grids(a: &Array) -> Vec<Grid> {
+    ints(a)
+        .chunks(3)
+        .map(|g| Grid {
+            t: g[0],
+            h: g[1],
+            w: g[2],
+        })
+        .collect()
+}
+
+fn max_abs(got: &Array, want: &Array) -> f32 {
+    let d = mlx_rs::ops::subtract(got, want)
+        .and_then(|d| mlx_rs::ops::abs(&d))
+        .and_then(|d| d.max(None))
+        .expect("diff");
+    d.item_cast::<f32>()
+}
+
+fn assert_close(what: &str, got: &Array, want: &Array) {
+    let got = got.reshape(want.shape()).expect("shape");
+    let s = compare(&got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!(
+        "{what}: max_rel {:.2e} max_abs {:.2e} cos {:.9}",
+        s.max_rel(),
+        max_abs(&got, want),
+        s.cosine
+    );
+    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
+}
+
+/// Features, prompt logits, the cached prefill and 16 greedy steps against
+/// the golden; each image alone gives its own rows; without the per-image
+/// segments the features differ.
+#[test]
+fn lfm2_vl() {
+    let _guard = mlx_lock();
+    let g = golden();
+    let dir = model_dir();
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    assert_eq!(grid.len(), 2);
+    assert_eq!(vm.merge, 2);
+    let ids = ints(&g["input_ids"]);
+    let patches: i64 = grid.iter().map(Grid::patches).sum();
+    let image_tokens = ids.iter().filter(|&&t| t == vm.image_token).count() as i64;
+    assert_eq!(image_tokens, patches / 4, "one <image> per 2 x 2 window");
+
+    let pixels = &g["pixel_values"];
+    let features = vm.image_features(pixels, &grid).expect("features");
+    assert_close("vision features", &features, &g["vision_features"]);
+
+    // Each image alone gives its own rows of the features.
+    let (first, rows) = (grid[0].patches() as i32, grid[0].tokens(2) as i32);
+    let alone = vm
+        .image_features(&pixels.try_index(..first).expect("rows"), &grid[..1])
+        .expect("first image");
+    let want = g["vision_features"].try_index(..rows).expect("rows");
+    assert_close("first image alone", &alone, &want);
+    let alone = vm
+        .image_features(&pixels.try_index(first..).expect("rows"), &grid[1..])
+        .expect("second image");
+    let want = g["vision_features"].try_index(rows..).expect("rows");
+    assert_close("second image alone", &alone, &want);
+    // Without the per-image segments the images see each other.
+    let (batch, mut inputs) =
+        lmspec::lm::vision::tower_batch(&vm.tower, pixels, &grid, vm.merge).expect("batch");
+    inputs.segments = None;
+    let (mixed, _) = vm.tower.encode(&batch, &inputs, &[]).expect("encode");
+    let mixed = mixed.reshape(&[-1, mixed.shape()[2]]).expect("flat");
+    let gap = max_abs(&mixed, &g["vision_features"]);
+    eprintln!("features without segments differ by {gap:.3e}");
+    assert!(gap > 1e-3, "the segments changed nothing ({gap})");
+
+    // The whole prompt into a fresh cache.
+    let mut cache = text.new_cache();
+    let logits = vm
+        .prefill(&text, &ids, Some(pixels), &grid, &mut cache)
+        .expect("prefill");
+    assert_close("prompt logits", &logits, &g["logits"]);
+
+    // Greedy decoding after the cached prefill.
+    let want_tokens = ints(&g["greedy_tokens"]);
+    let want_steps = &g["decode_logits"];
+    let mut last = logits.try_index((.., -1, ..)).expect("last");
+    let mut tokens = Vec::new();
+    let mut worst = 0f32;
+    for step in 0..want_tokens.len() {
+        let tok = ints(&argmax_axis(&last, -1, None).expect("argmax"))[0];
+        tokens.push(tok);
+        let x = Array::from_slice(&[tok as i32], &[1, 1]);
+        let out = text.forward(&x, Some(&mut cache)).expect("decode");
+        last = out.try_index((.., -1, ..)).expect("last");
+        let want = want_steps.try_index(step as i32).expect("step");
+        let got = last.reshape(&[-1]).expect("flat");
+        let s = compare(&got, &want).expect("compare");
+        assert!(s.within(Tolerance::F32), "decode step {step}: {s:?}");
+        worst = worst.max(max_abs(&got, &want));
+    }
+    eprintln!("decode steps: max abs diff {worst:.2e}");
+    assert_eq!(tokens, want_tokens, "greedy tokens");
+
+    // A prompt one image token short is an error, not a panic.
+    let mut short = ids.clone();
+    let at = short
+        .iter()
+        .position(|&t| t == vm.image_token)
+        .expect("an image token");
+    short.remove(at);
+    let mut cache = text.new_cache();
+    assert!(vm
+        .prefill(&text, &short, Some(pixels), &grid, &mut cache)
+        .is_err());
+}
+
+fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
+    let grid = grids(&g["image_grid_thw"]);
+    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
+    let width = g["pixel_values"].shape()[1] as usize;
+    let mut images = Vec::new();
+    let mut start = 0;
+    for gr in &grid {
+        let n = gr.patches() as usize * width;
+        images.push(ProcessedImage {
+            pixels: pixels[start..start + n].to_vec(),
+            grid: *gr,
+        });
+        start += n;
+    }
+    images
+}
+
+/// The generation path: the golden prompt with each image's
+/// `<|image_start|>`, tokens and `<|image_end|>` collapsed to one `<image>`
+/// (as the chat template writes it) expands back to the golden prompt, and
+/// generation with the images gives mlx-vlm's greedy tokens.
+#[test]
+fn lfm2_vl_generation_with_images_continues_as_mlx_vlm() {
+    use lmspec::lm::generate::GenerateParams;
+    use lmspec::lm::LanguageModel;
+
+    let _guard = mlx_lock();
+    let g = golden();
+    let lm = LanguageModel::load(&model_dir(), &opts(&library(), None)).expect("load");
+    let vision = lm.vision().expect("a tower");
+    let e = vision.expansion.as_ref().expect("an expansion");
+    assert_eq!((e.before.len(), e.after.len()), (1, 1));
+    let (start, end) = (e.before[0], e.after[0]);
+    let grid = grids(&g["image_grid_thw"]);
+    let ids: Vec<u32> = ints(&g["input_ids"]).iter().map(|&t| t as u32).collect();
+    let image = vision.image_token as u32;
+    let mut prompt = Vec::new();
+    let mut k = 0;
+    while k < ids.len() {
+        if ids[k] != start {
+            prompt.push(ids[k]);
+            k += 1;
+            continue;
+        }
+        k += 1;
+        while ids[k] == image {
+            k += 1;
+        }
+        assert_eq!(ids[k], end, "the image ends with <|image_end|>");
+        prompt.push(e.placeholder);
+        k += 1;
+    }
+    assert_eq!(
+        prompt.iter().filter(|&&t| t == e.placeholder).count(),
+        grid.len()
+    );
+    assert_eq!(
+        vision.expand_placeholders(&prompt, &grid).expect("expand"),
+        ids,
+        "the expansion gives the golden prompt back"
+    );
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..GenerateParams::default()
+    };
+    let images = images_of(&g);
+    let out = lm
+        .generate_with_images(&prompt, &images, &params, None, None, &mut |_| {})
+        .expect("generate");
+    let want: Vec<u32> = ints(&g["greedy_tokens"])
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    assert_eq!(out.tokens, want);
+}
+
+/// The token-budget processor (smart resize to multiples of patch x
+/// downsample within the token budget, bicubic, mean and std 0.5, patches
+/// in merge-window order flattened channels last) against mlx-vlm's
+/// `Lfm2VlNumpyImageProcessor` on the five test images: grids and token
+/// counts equal, pixel values within 1e-2.
+#[test]
+fn lfm2_vl_image_processing_matches_the_python_processor() {
+    let _guard = mlx_lock();
+    let case = goldens().join("vlm").join(CASE);
+    let dir = case.join("model");
+    let text = Model::load(&dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(&dir, &opts(&library(), None), &text).expect("tower");
+    let proc = vm.processor.as_ref().expect("a processor");
+    assert_eq!(
+        (proc.patch_size, proc.merge_size, proc.channels_last),
+        (4, 2, true)
+    );
+    let want =
+        Array::load_safetensors(case.join("processor.safetensors")).expect("processor tensors");
+    let mut worst = 0f32;
+    for name in ["wide.png", "tall.jpg", "alpha.png", "gray.png", "photo.jpg"] {
+        let path = goldens().join("vlm").join("images").join(name);
+        let got = proc.process_file(&path).expect("process");
+        let grid = ints(&want[&format!("{name}.grid")]);
+        assert_eq!(
+            vec![got.grid.t, got.grid.h, got.grid.w],
+            grid,
+            "{name}: grid"
+        );
+        assert_eq!(got.grid.tokens(vm.merge), grid[1] * grid[2] / 4, "{name}");
+        let wv = want[&format!("{name}.pixel_values")].as_slice::<f32>();
+        assert_eq!(wv.len(), got.pixels.len(), "{name}: size");
+        let max = got
+            .pixels
+            .iter()
+            .zip(wv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: grid {grid:?}, max abs diff {max:.3e}");
+        assert!(max <= 1e-2, "{name}: max abs diff {max}");
+        worst = worst.max(max);
+    }
+    eprintln!("worst max abs diff {worst:.3e}");
+}
+
+/// With `do_image_splitting` (the released checkpoints' setting) an image
+/// small enough for one view is processed as without; one that would be
+/// split into tiles is a named error. Bad budgets name their field.
+#[test]
+fn lfm2_vl_processor_refuses_tiling_and_bad_budgets() {
+    let file = std::path::Path::new("preprocessor_config.json");
+    let base = serde_json::json!({"encoder_patch_size": 4, "downsample_factor": 2,
+        "min_image_tokens": 4, "max_image_tokens": 16, "do_image_splitting": true,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_resize": false});
+    let p = ImageProcessor::from_json(&base, file).expect("token budget");
+    assert!(p.do_resize, "the budget processor always resizes");
+    // 16 tokens of 8 x 8 pixels, twice that with the tolerance: 2048.
+    assert_eq!(p.split_above, Some(2048.0));
+    let img = RgbImage {
+        width: 30,
+        height: 20,
+        data: vec![128; 30 * 20 * 3],
+    };
+    let out = p.process(&img).expect("one view");
+    // 20 x 30 -> 16 x 32 pixels: a 4 x 8 patch grid, 2 x 4 tokens.
+    assert_eq!(out.grid.tokens(2), 8);
+    let big = RgbImage {
+        width: 64,
+        height: 64,
+        data: vec![0; 64 * 64 * 3],
+    };
+    let err = p.process(&big).unwrap_err().to_string();
+    assert!(err.contains("do_image_splitting"), "{err}");
+    let mut j = base.clone();
+    j["do_image_splitting"] = serde_json::json!(false);
+    let p = ImageProcessor::from_json(&j, file).expect("no splitting");
+    assert_eq!(p.process(&big).expect("resized down").grid.tokens(2), 16);
+    let mut j = base.clone();
+    j["max_image_tokens"] = serde_json::json!(0);
+    let err = ImageProcessor::from_json(&j, file).unwrap_err().to_string();
+    assert!(err.contains("max_image_tokens"), "{err}");
+    let mut j = base;
+    j["min_image_tokens"] = serde_json::json!(32);
+    let err = ImageProcessor::from_json(&j, file).unwrap_err().to_string();
+    assert!(err.contains("min_pixels"), "{err}");
+}
+
+/// `port diff` on the golden matches every node of the tower and the
+/// projector; with the position table resized without antialiasing it
+/// names `positions`.
+#[test]
+fn port_diff_names_the_first_divergent_lfm2_vl_node() {
+    use lmspec::port::diff::diff_tower;
+
+    let _guard = mlx_lock();
+    let golden = goldens().join("vlm").join(CASE);
+    let model = golden.join("model");
+    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    assert!(report.rows.len() >= 12, "{} nodes", report.rows.len());
+
+    let root = crate::support::root().join("specs/models");
+    let tower = std::fs::read_to_string(root.join("lfm2_vl_vision.yaml")).expect("spec");
+    assert_eq!(tower.matches("antialias: true").count(), 1);
+    let dir = tempfile::tempdir().expect("tmp");
+    let spec = dir.path().join("lfm2_vl_vision.yaml");
+    std::fs::write(&spec, tower.replace("antialias: true", "antialias: false")).expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(spec.display().to_string());
+    let report = diff_tower(&model, &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    assert_eq!(first.name, "positions", "{}", report.table());
+}
