@@ -338,3 +338,65 @@ fn port_diff_names_the_first_divergent_lfm2_vl_node() {
     let first = report.first_failure().expect("a divergence");
     assert_eq!(first.name, "positions", "{}", report.table());
 }
+
+/// The golden checkpoint in Hugging Face's layout
+/// (`model.vision_tower.vision_model.*`, `model.multi_modal_projector.*`,
+/// `model.language_model.*` with lfm2's own names and the depthwise
+/// convolution as `[C, 1, K]`): the specs' weight rules bring it to the
+/// same features and logits.
+#[test]
+fn lfm2_vl_hugging_face_layout_gives_the_same_outputs() {
+    let _guard = mlx_lock();
+    let g = golden();
+    let src = model_dir();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    for f in [
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+    }
+    let weights = Array::load_safetensors(src.join("model.safetensors")).expect("weights");
+    let mut renamed: Vec<(String, Array)> = Vec::new();
+    let mut convs = 0;
+    for (name, w) in &weights {
+        let hf = if let Some(rest) = name.strip_prefix("language_model.model.") {
+            format!("model.language_model.{rest}")
+        } else if let Some(rest) = name.strip_prefix("vision_tower.") {
+            format!("model.vision_tower.vision_model.{rest}")
+        } else {
+            format!("model.{name}")
+        };
+        let w = if name.ends_with("conv.conv.weight") {
+            convs += 1;
+            // MLX [C, K, 1] to PyTorch [C, 1, K].
+            w.transpose_axes(&[0, 2, 1]).expect("transpose")
+        } else {
+            w.clone()
+        };
+        renamed.push((hf, w));
+    }
+    assert_eq!(convs, 2, "the golden's two convolution layers");
+    Array::save_safetensors(
+        renamed.iter().map(|(n, w)| (n.as_str(), w)),
+        None,
+        dir.join("model.safetensors"),
+    )
+    .expect("save");
+    let text = Model::load(dir, &opts(&library(), None)).expect("text model");
+    let vm = VisionModel::load(dir, &opts(&library(), None), &text).expect("tower");
+    let grid = grids(&g["image_grid_thw"]);
+    let features = vm
+        .image_features(&g["pixel_values"], &grid)
+        .expect("features");
+    assert_close("HF features", &features, &g["vision_features"]);
+    let ids = ints(&g["input_ids"]);
+    let mut cache = text.new_cache();
+    let logits = vm
+        .prefill(&text, &ids, Some(&g["pixel_values"]), &grid, &mut cache)
+        .expect("prefill");
+    assert_close("HF logits", &logits, &g["logits"]);
+}
