@@ -23,6 +23,11 @@ layout that script describes, with these differences:
                      transformers' Gemma3ImageProcessorPil on the test
                      images: NAME.pixel_values [patches, C*P*P] (patches as
                      above) and NAME.grid [1, 3]
+
+Idefics3 / SmolVLM (--case idefics3, --case smolvlm, run with --seed 2): the
+logits are causal (mlx-vlm's own mask), vision_taps add "shuffled" (the
+connector's pixel shuffle) before "proj", and the processor fixtures come
+from Idefics3ImageProcessorPil / SmolVLMImageProcessorPil without splitting.
 """
 
 import json
