@@ -400,3 +400,60 @@ fn lfm2_vl_hugging_face_layout_gives_the_same_outputs() {
         .expect("prefill");
     assert_close("HF logits", &logits, &g["logits"]);
 }
+
+/// A chat session with an image: the first turn answers as one
+/// `generate_with_images` call on the same prompt; a second, text-only turn
+/// reuses the cache (convolution states included) and answers as the whole
+/// conversation run from scratch.
+#[test]
+fn lfm2_vl_chat_session_keeps_its_images_across_turns() {
+    crate::vlm_siglip::check_chat(CASE);
+}
+
+/// `lmspec generate --image` on the golden: each image's `<image>` becomes
+/// its tokens between `<|image_start|>` and `<|image_end|>` (the prompt
+/// counts them); an image without a placeholder in a raw prompt is a
+/// named error.
+#[test]
+fn lfm2_vl_generate_takes_images_on_the_command_line() {
+    let fixtures = Array::load_safetensors(
+        goldens()
+            .join("vlm")
+            .join(CASE)
+            .join("processor.safetensors"),
+    )
+    .expect("processor tensors");
+    // The template's seven text tokens, then each image's tokens and its
+    // two markers.
+    let mut want = 7;
+    for name in ["wide.png", "alpha.png"] {
+        let g = ints(&fixtures[&format!("{name}.grid")]);
+        want += g[1] * g[2] / 4 + 2;
+    }
+    let model = format!("goldens/vlm/{CASE}/model");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", &model, "--max-tokens", "4"];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .args(&args)
+            .current_dir(crate::support::root())
+            .output()
+            .expect("lmspec runs")
+    };
+    let (wide, alpha) = (
+        "goldens/vlm/images/wide.png",
+        "goldens/vlm/images/alpha.png",
+    );
+    let out = run(&["--image", wide, "--image", alpha, "-p", "w5 w6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("[prompt {want} tokens")), "{err}");
+    let out = run(&["--image", wide, "--raw", "-p", "w5 w6"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("1 image(s) given but the prompt has 0 image placeholder(s)"),
+        "{err}"
+    );
+}
