@@ -75,6 +75,12 @@ enum Command {
         /// the text; with --raw the prompt writes the placeholders itself.
         #[arg(long = "image", value_name = "PATH")]
         images: Vec<PathBuf>,
+        /// A video for a vision-language model that takes videos: a folder
+        /// of frame images (in name order) or the frame files separated by
+        /// commas, already sampled; repeat for several. Chat-templated
+        /// prompts get one video entry each after the images.
+        #[arg(long = "video", value_name = "FRAMES", value_parser = parse_video)]
+        videos: Vec<Vec<PathBuf>>,
         /// The draft model's weight representation (as --weights).
         #[arg(long, default_value = "auto", value_parser = ["auto", "quantized", "dense"])]
         draft_weights: String,
@@ -92,6 +98,10 @@ enum Command {
         /// the first message; repeat for several.
         #[arg(long = "image", value_name = "PATH")]
         images: Vec<PathBuf>,
+        /// A video (a folder of frame images, or frame files separated by
+        /// commas) shown with the first message; repeat for several.
+        #[arg(long = "video", value_name = "FRAMES", value_parser = parse_video)]
+        videos: Vec<Vec<PathBuf>>,
     },
     /// Sentence embeddings from an encoder folder (one JSON array per text,
     /// or --out FILE.npy|.jsonl).
@@ -594,6 +604,20 @@ struct GenerateExtras {
     num_draft_tokens: usize,
     draft_weights: String,
     images: Vec<PathBuf>,
+    videos: Vec<Vec<PathBuf>>,
+}
+
+/// A `--video` value: a folder, or frame files separated by commas.
+fn parse_video(s: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let frames: Vec<PathBuf> = s
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    match frames.is_empty() {
+        true => Err("a video needs at least one frame (a folder or FRAME,FRAME,...)".into()),
+        false => Ok(frames),
+    }
 }
 
 fn generate(
@@ -617,17 +641,8 @@ fn generate(
     if !tools.is_empty() {
         context.tools = Some(tools.iter().map(lmspec::lm::Tool::spec).collect());
     }
-    if !extra.images.is_empty() {
-        return generate_with_images(
-            gen,
-            &lm,
-            prompt,
-            raw,
-            &params,
-            &context,
-            &extra.images,
-            extra,
-        );
+    if !extra.images.is_empty() || !extra.videos.is_empty() {
+        return generate_with_images(gen, &lm, prompt, raw, &params, &context, extra);
     }
     let mut cached = match &extra.prompt_cache {
         Some(path) => Some(crate::cache_cmd::load(&lm, path)?),
@@ -677,13 +692,16 @@ fn generate_with_images(
     raw: bool,
     params: &lmspec::lm::generate::GenerateParams,
     context: &lmspec::lm::template::ChatContext,
-    images: &[PathBuf],
     extra: &GenerateExtras,
 ) -> Result<ExitCode> {
     if extra.prompt_cache.is_some() || extra.draft_model.is_some() {
-        bail!("--image: not with --prompt-cache or --draft-model");
+        bail!("--image, --video: not with --prompt-cache or --draft-model");
     }
-    let processed = lm.load_images(images)?;
+    let images = &extra.images;
+    let mut processed = lm.load_images(images)?;
+    if !extra.videos.is_empty() {
+        processed.extend(lm.load_videos(&extra.videos)?);
+    }
     let ids = if raw {
         lm.tokenizer.encode(prompt)?
     } else {
@@ -691,9 +709,12 @@ fn generate_with_images(
         if let Some(s) = &gen.system {
             messages.push(serde_json::json!({"role": "system", "content": s}));
         }
-        let mut content: Vec<serde_json::Value> = images
+        let mut content: Vec<serde_json::Value> = processed
             .iter()
-            .map(|_| serde_json::json!({"type": "image"}))
+            .map(|i| match i.video {
+                true => serde_json::json!({"type": "video"}),
+                false => serde_json::json!({"type": "image"}),
+            })
             .collect();
         content.push(serde_json::json!({"type": "text", "text": prompt}));
         messages.push(serde_json::json!({"role": "user", "content": content}));
@@ -798,18 +819,26 @@ fn read_line(input: &mut impl std::io::BufRead, max: u64) -> Result<Option<Strin
         .map_err(|_| anyhow!("stdin: a line is not UTF-8"))
 }
 
-fn chat(specs: &Option<PathBuf>, gen: &GenArgs, images: &[PathBuf]) -> Result<ExitCode> {
+fn chat(
+    specs: &Option<PathBuf>,
+    gen: &GenArgs,
+    images: &[PathBuf],
+    videos: &[Vec<PathBuf>],
+) -> Result<ExitCode> {
     let lm = gen.load(specs)?;
     let (tools, output) = gen.output(specs, &lm)?;
     let format = output.tools.clone();
-    if !images.is_empty() && format.is_some() {
-        bail!("--image: not with tools (--tools or a tool format)");
+    if (!images.is_empty() || !videos.is_empty()) && format.is_some() {
+        bail!("--image, --video: not with tools (--tools or a tool format)");
     }
-    // The images go with the first message.
+    // The images and videos go with the first message.
     let mut pending = match images.is_empty() {
         true => Vec::new(),
         false => lm.load_images(images)?,
     };
+    if !videos.is_empty() {
+        pending.extend(lm.load_videos(videos)?);
+    }
     let mut params = gen.params();
     xtc_special_tokens(&lm, &mut params)?;
     params.output = output;
@@ -1059,6 +1088,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             num_draft_tokens,
             draft_weights,
             images,
+            videos,
         } => {
             gen.gguf_file = cli.gguf_file.clone();
             let extra = GenerateExtras {
@@ -1067,6 +1097,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 num_draft_tokens,
                 draft_weights,
                 images,
+                videos,
             };
             generate(&cli.specs, &gen, prompt.as_deref(), raw, &extra)
         }
@@ -1074,9 +1105,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args.gen.gguf_file = cli.gguf_file.clone();
             crate::cache_cmd::cache_prompt(&cli.specs, &args)
         }
-        Command::Chat { mut gen, images } => {
+        Command::Chat {
+            mut gen,
+            images,
+            videos,
+        } => {
             gen.gguf_file = cli.gguf_file.clone();
-            chat(&cli.specs, &gen, &images)
+            chat(&cli.specs, &gen, &images, &videos)
         }
         cmd @ (Command::Pull { .. } | Command::Ls | Command::Rm { .. }) => {
             hub_command(&cli.specs, &cli.gguf_file, cmd)

@@ -27,3 +27,4 @@ mod vlm_idefics3;
 mod vlm_lfm2;
 mod vlm_pixtral;
 mod vlm_siglip;
+mod vlm_video;

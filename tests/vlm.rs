@@ -407,6 +407,7 @@ fn generate_with_images_case(case: &str) {
         images.push(ProcessedImage {
             pixels: pixels[start..start + n].to_vec(),
             grid: *gr,
+            video: false,
         });
         start += n;
     }

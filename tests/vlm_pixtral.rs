@@ -175,6 +175,7 @@ fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
         images.push(ProcessedImage {
             pixels: pixels[start..start + n].to_vec(),
             grid: *gr,
+            video: false,
         });
         start += n;
     }

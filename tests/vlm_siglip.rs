@@ -235,6 +235,7 @@ pub(crate) fn check_generation(case: &str) {
         images.push(ProcessedImage {
             pixels: pixels[start..start + n].to_vec(),
             grid: *gr,
+            video: false,
         });
         start += n;
     }
@@ -269,6 +270,7 @@ pub(crate) fn check_generation(case: &str) {
     let small = ProcessedImage {
         pixels: images[1].pixels[..16 * width].to_vec(),
         grid: Grid { t: 1, h: 4, w: 4 },
+        video: false,
     };
     let err = lm
         .generate_with_images(

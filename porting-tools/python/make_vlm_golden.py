@@ -537,12 +537,147 @@ def prompt(cfg, merge, grids):
     return ids
 
 
+# The video case: the qwen2_vl checkpoint (already written by --case
+# qwen2_vl) on one video of 4 frames (2 temporal groups of a 4 x 6 patch
+# grid: 12 tokens) between two texts.
+VIDEO_GRID = [2, 4, 6]
+
+
+def make_video_case(args):
+    """goldens/vlm/qwen2_vl_video/: mlx-vlm's qwen2_vl given the video as
+    ``pixel_values_videos`` / ``video_grid_thw`` with ``<|video_pad|>``
+    tokens in the prompt; the processor fixture of a 3-frame video."""
+    from mlx_vlm.models.cache import KVCache
+
+    src = os.path.join("goldens", "vlm", "qwen2_vl")
+    out = args.out or os.path.join("goldens", "vlm", "qwen2_vl_video")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(src, "model", "config.json")) as f:
+        cfg = json.load(f)
+    model = build("qwen2_vl", cfg)
+    model.load_weights(list(mx.load(os.path.join(src, "model", "model.safetensors")).items()))
+    mx.eval(model.parameters())
+    vc = cfg["vision_config"]
+    merge = vc["spatial_merge_size"]
+    width = vc["in_channels"] * vc["temporal_patch_size"] * vc["patch_size"] ** 2
+    t, h, w = VIDEO_GRID
+    rng = np.random.RandomState(args.seed + 7)
+    pixel_values = mx.array(rng.uniform(-1.5, 1.5, (t * h * w, width)).astype(np.float32))
+    grid = mx.array([VIDEO_GRID], dtype=mx.int32)
+    video = cfg["video_token_id"]
+    ids = [5, 6, cfg["vision_start_token_id"]] + [video] * (t * h * w // merge**2)
+    ids += [cfg["vision_end_token_id"], 7, 8]
+    ids = mx.array([ids], dtype=mx.int32)
+    features = model.vision_tower(pixel_values, grid)
+    lm = model.language_model
+    position_ids, delta = lm.get_rope_index(ids, None, grid)
+    kw = {"pixel_values_videos": pixel_values, "video_grid_thw": grid}
+    lm._rope_deltas = None
+    lm._position_ids = None
+    logits = model(ids, None, **kw).logits
+    lm._rope_deltas = None
+    lm._position_ids = None
+    cache = [KVCache() for _ in lm.model.layers]
+    step = model(ids, None, cache=cache, **kw).logits
+    tokens, decode = [], []
+    for _ in range(GREEDY):
+        tok = int(mx.argmax(step[0, -1]).item())
+        tokens.append(tok)
+        step = lm(mx.array([[tok]], dtype=mx.int32), cache=cache).logits
+        decode.append(step[0, -1])
+    golden = {
+        "pixel_values": pixel_values,
+        "video_grid_thw": grid,
+        "input_ids": ids,
+        "position_ids": position_ids.astype(mx.int32),
+        "rope_delta": mx.array([int(delta.reshape(-1)[0].item())], dtype=mx.int32),
+        "vision_features": features.astype(mx.float32),
+        "logits": logits.astype(mx.float32),
+        "greedy_tokens": mx.array(tokens, dtype=mx.int32),
+        "decode_logits": mx.stack(decode).astype(mx.float32),
+    }
+    mx.save_safetensors(os.path.join(out, "golden.safetensors"), golden)
+    video_fixture(cfg, out)
+    import importlib.metadata as md
+    import PIL
+    import transformers
+
+    meta = {
+        "case": args.case,
+        "generator": "python porting-tools/python/make_vlm_golden.py " + " ".join(sys.argv[1:]),
+        "checkpoint": "goldens/vlm/qwen2_vl/model",
+        "mlx_version": mx.__version__,
+        "mlx_vlm_version": md.version("mlx-vlm"),
+        "transformers_version": transformers.__version__,
+        "pillow_version": PIL.__version__,
+        "seed": args.seed,
+        "dtype": "float32",
+        "video_grid": VIDEO_GRID,
+        "greedy_tokens": GREEDY,
+        "video_frames": VIDEO_FRAMES,
+    }
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"{out}: {ids.shape[1]} prompt tokens, features {features.shape}, tokens {tokens}")
+
+
+# The processor fixture's video: three frames of different sizes (each
+# resized to the first frame's target), so the last group repeats the
+# last frame.
+VIDEO_FRAMES = ["photo.jpg", "wide.png", "gray.png"]
+
+
+def video_fixture(cfg, out):
+    """The processor's output for VIDEO_FRAMES. transformers' video
+    processor needs torch (absent here): each frame goes through
+    Qwen2VLImageProcessorPil after Pillow resizes it to the first frame's
+    smart_resize target (the processor keeps that size), and the frames'
+    patches are grouped as the video processor groups them (the last frame
+    repeated to fill a group; per patch (channel, frame, row, column))."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil as Processor,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    pcfg = PROCESSORS["qwen2_vl"]
+    proc = Processor(**{k: v for k, v in pcfg.items() if k != "image_processor_type"})
+    folder = os.path.join("goldens", "vlm", "images")
+    frames = [Image.open(os.path.join(folder, n)).convert("RGB") for n in VIDEO_FRAMES]
+    p, m, tp = pcfg["patch_size"], pcfg["merge_size"], pcfg["temporal_patch_size"]
+    th, tw = smart_resize(frames[0].height, frames[0].width, factor=p * m,
+                          min_pixels=pcfg["min_pixels"], max_pixels=pcfg["max_pixels"])
+    per_frame = []
+    for k, fr in enumerate(frames):
+        if k > 0:
+            fr = fr.resize((tw, th), Image.Resampling.BICUBIC)
+        res = proc(images=[fr], return_tensors="np")
+        assert res["image_grid_thw"].tolist() == [[1, th // p, tw // p]]
+        # [patches, C, T, P, P]: the frame repeated T times; keep one.
+        v = np.asarray(res["pixel_values"], np.float32).reshape(-1, 3, tp, p, p)[:, :, 0]
+        per_frame.append(v)
+    while len(per_frame) % tp:
+        per_frame.append(per_frame[-1])
+    gt = len(per_frame) // tp
+    # [gt, tp, patches, C, P, P] -> [gt, patches, C, tp, P, P]
+    x = np.stack(per_frame).reshape(gt, tp, -1, 3, p, p).transpose(0, 2, 3, 1, 4, 5)
+    pixels = x.reshape(-1, 3 * tp * p * p)
+    grid = [gt, th // p, tw // p]
+    mx.save_safetensors(os.path.join(out, "processor.safetensors"), {
+        "video.pixel_values": mx.array(np.ascontiguousarray(pixels)),
+        "video.grid": mx.array([grid], dtype=mx.int32),
+    })
+    print(f"video of {len(frames)} frames: grid {grid}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True, choices=sorted(CASES) + sorted(SIGLIP_CASES) + sorted(PIXTRAL_CASES) + sorted(LFM2_CASES))
+    ap.add_argument("--case", required=True, choices=sorted(CASES) + ["qwen2_vl_video"] + sorted(SIGLIP_CASES) + sorted(PIXTRAL_CASES) + sorted(LFM2_CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.case == "qwen2_vl_video":
+        return make_video_case(args)
     if args.case in SIGLIP_CASES:
         return make_siglip_case(args, make_images)
     if args.case in PIXTRAL_CASES:

@@ -71,6 +71,9 @@ pub struct ProcessedImage {
     /// Flattened patches, row-major `[patches, C · T · P · P]`.
     pub pixels: Vec<f32>,
     pub grid: Grid,
+    /// A video's frames (its grid's `t` counts groups of
+    /// `temporal_patch_size` frames), shown at the video placeholder.
+    pub video: bool,
 }
 
 impl ProcessedImage {
@@ -572,16 +575,33 @@ impl ImageProcessor {
                 "image of {w}x{h} is not a multiple of {factor} pixels and the processor does not resize"
             )));
         }
-        let resized = if (th, tw) == (h, w) {
-            img.clone()
-        } else {
-            resize(img, tw as usize, th as usize, self.resample)
+        let chw = self.to_chw(img, th, tw);
+        let grid = Grid {
+            t: 1,
+            h: th / self.patch_size,
+            w: tw / self.patch_size,
         };
-        // Rescale and normalise as NumPy does: u8 -> f64 · factor -> f32,
-        // then (x - mean) / std in f32.
+        Ok(ProcessedImage {
+            pixels: self.patchify(&chw, th as usize, tw as usize),
+            grid,
+            video: false,
+        })
+    }
+
+    /// An RGB image resized to `th` x `tw` (unless it has that size),
+    /// rescaled and normalised as NumPy does: u8 -> f64 · factor -> f32,
+    /// then (x - mean) / std in f32; planes `[3, th, tw]`.
+    pub(crate) fn to_chw(&self, img: &RgbImage, th: i64, tw: i64) -> Vec<f32> {
+        let resized;
+        let img = if (th, tw) == (img.height as i64, img.width as i64) {
+            img
+        } else {
+            resized = resize(img, tw as usize, th as usize, self.resample);
+            &resized
+        };
         let plane = (th * tw) as usize;
         let mut chw = vec![0f32; 3 * plane];
-        for (k, px) in resized.data.chunks_exact(3).enumerate() {
+        for (k, px) in img.data.chunks_exact(3).enumerate() {
             for c in 0..3 {
                 let mut v = f32::from(px[c]);
                 if self.do_rescale {
@@ -593,15 +613,7 @@ impl ImageProcessor {
                 chw[c * plane + k] = v;
             }
         }
-        let grid = Grid {
-            t: 1,
-            h: th / self.patch_size,
-            w: tw / self.patch_size,
-        };
-        Ok(ProcessedImage {
-            pixels: self.patchify(&chw, th as usize, tw as usize),
-            grid,
-        })
+        chw
     }
 
     /// Patches of a `[3, H, W]` image in merge-window order, each flattened

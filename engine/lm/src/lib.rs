@@ -19,6 +19,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod tools;
 pub mod tune;
+pub mod video;
 pub mod vision;
 
 pub use embed::{Embedder, Pooling};

@@ -14,7 +14,8 @@ use crate::tokenizer::Tokenizer;
 use crate::tools::response::ResponseTemplate;
 use crate::tools::schema::schema_for;
 use crate::tools::{OutputFormat, ToolCall, ToolEvent, ToolFormat};
-use crate::vision::{Grid, VisionModel};
+use crate::video::video_frames;
+use crate::vision::VisionModel;
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::{is_gguf, LoadOptions, Model};
@@ -224,6 +225,29 @@ impl LanguageModel {
         process_files(proc, paths)
     }
 
+    /// Reads and processes videos, each a list of frame files in order (an
+    /// entry that is a directory stands for its files in name order), with
+    /// the checkpoint's processor (errors name the file).
+    pub fn load_videos(&self, videos: &[Vec<PathBuf>]) -> Result<Vec<ProcessedImage>> {
+        let vision = self.vision()?;
+        if vision.video_token.is_none() {
+            return Err(Error::Usage(format!(
+                "{}: the model takes no videos (its tower spec binds no takes_videos, or its text spec no video_token_id)",
+                self.path.display()
+            )));
+        }
+        let proc = vision.processor.as_ref().ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: no preprocessor_config.json: videos cannot be processed",
+                self.path.display()
+            ))
+        })?;
+        videos
+            .iter()
+            .map(|frames| proc.process_video_files(&video_frames(frames)?))
+            .collect()
+    }
+
     /// Generates from token ids whose image placeholders (one per image,
     /// as the chat template writes them) stand for `images`: each
     /// placeholder is expanded to its image's token count, the prompt runs
@@ -238,8 +262,8 @@ impl LanguageModel {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generation> {
         let vision = self.vision()?;
-        let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
-        let ids = vision.expand_placeholders(prompt, &grids)?;
+        let (ids, images) = vision.expand_visuals(prompt, images)?;
+        let images = &images[..];
         let mut fresh;
         let cache = match cache {
             Some(c) => c,
@@ -319,7 +343,10 @@ impl Message {
             let mut parts: Vec<serde_json::Value> = self
                 .images
                 .iter()
-                .map(|_| serde_json::json!({"type": "image"}))
+                .map(|i| match i.video {
+                    true => serde_json::json!({"type": "video"}),
+                    false => serde_json::json!({"type": "image"}),
+                })
                 .collect();
             parts.push(serde_json::json!({"type": "text", "text": self.content}));
             m["content"] = serde_json::Value::Array(parts);
@@ -567,12 +594,9 @@ impl<'a> ChatSession<'a> {
             .iter()
             .flat_map(|m| m.images.iter().cloned())
             .collect();
-        let prompt = match images.is_empty() {
-            true => prompt,
-            false => {
-                let grids: Vec<Grid> = images.iter().map(|i| i.grid).collect();
-                self.lm.vision()?.expand_placeholders(&prompt, &grids)?
-            }
+        let (prompt, images) = match images.is_empty() {
+            true => (prompt, images),
+            false => self.lm.vision()?.expand_visuals(&prompt, &images)?,
         };
         let common = prompt
             .iter()

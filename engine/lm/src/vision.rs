@@ -218,6 +218,11 @@ pub struct VisionModel {
     pub processor: Option<ImageProcessor>,
     /// The placeholder token id.
     pub image_token: i64,
+    /// The video placeholder token id (the text spec's `video_token_id`),
+    /// when the model takes videos (its tower spec binds `takes_videos:
+    /// true`: each temporal group of a video advances the t position by
+    /// one).
+    pub video_token: Option<i64>,
     /// Patches merged per side into one placeholder token.
     pub merge: i64,
     /// The whole prompt of an image prompt is one bidirectional span (a
@@ -391,10 +396,15 @@ impl VisionModel {
             .get("prompt_is_prefix")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let video_token = match tower.config.get("takes_videos").and_then(Value::as_bool) {
+            Some(true) => text.config.get("video_token_id").and_then(Value::as_i64),
+            _ => None,
+        };
         Ok(VisionModel {
             tower,
             processor,
             image_token,
+            video_token,
             merge,
             prompt_is_prefix,
             image_rows: matches!(text.config.get("image_row_break"), Some(Value::Str(_))),
@@ -566,6 +576,73 @@ impl VisionModel {
             }
         }
         Ok(out)
+    }
+
+    /// Expands the placeholders of a prompt with images and videos: each
+    /// image placeholder takes the next image, each video placeholder
+    /// (`video_token_id`) the next video, each becoming as many image
+    /// tokens as the image or video has (the features are spliced at image
+    /// tokens; the template's tokens around them stay). Returns the
+    /// expanded prompt and the images and videos in the order the prompt
+    /// shows them.
+    pub fn expand_visuals(
+        &self,
+        ids: &[u32],
+        visuals: &[ProcessedImage],
+    ) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+        let (videos, images): (Vec<&ProcessedImage>, Vec<&ProcessedImage>) =
+            visuals.iter().partition(|v| v.video);
+        if videos.is_empty() {
+            let grids: Vec<Grid> = visuals.iter().map(|i| i.grid).collect();
+            return Ok((self.expand_placeholders(ids, &grids)?, visuals.to_vec()));
+        }
+        let Some(video) = self.video_token else {
+            return Err(Error::Usage(format!(
+                "{}: the model takes no videos (its tower spec binds no takes_videos, or its text spec no video_token_id)",
+                self.tower.dir.display()
+            )));
+        };
+        if self.expansion.is_some() || self.image_rows {
+            return Err(Error::Usage(
+                "videos need a model whose template writes one image token per image".into(),
+            ));
+        }
+        let image = self.image_token as u32;
+        let count = |t: u32| ids.iter().filter(|&&x| x == t).count();
+        let (found_i, found_v) = (count(image), count(video as u32));
+        if found_i != images.len() {
+            return Err(Error::Usage(format!(
+                "{} image(s) given but the prompt has {found_i} image placeholder(s) (token {image})",
+                images.len()
+            )));
+        }
+        if found_v != videos.len() {
+            return Err(Error::Usage(format!(
+                "{} video(s) given but the prompt has {found_v} video placeholder(s) (video_token_id {video})",
+                videos.len()
+            )));
+        }
+        let (mut ki, mut kv) = (0, 0);
+        let mut out = Vec::with_capacity(ids.len());
+        let mut order = Vec::with_capacity(visuals.len());
+        for &t in ids {
+            let item = if t == image {
+                ki += 1;
+                images[ki - 1]
+            } else if i64::from(t) == video {
+                kv += 1;
+                videos[kv - 1]
+            } else {
+                out.push(t);
+                continue;
+            };
+            out.extend(std::iter::repeat_n(
+                image,
+                item.grid.tokens(self.merge) as usize,
+            ));
+            order.push(item.clone());
+        }
+        Ok((out, order))
     }
 
     /// Prefills `text` with the tokens `start..` of an expanded prompt but
