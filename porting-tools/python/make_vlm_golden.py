@@ -52,7 +52,9 @@ an environment of its own (mlx-vlm 0.7.10 needs mlx >= 0.32.4):
     /tmp/vlmvenv/bin/python porting-tools/python/make_vlm_golden.py --case qwen2_vl
 
 Cases here: qwen2_vl, qwen2_5_vl (window attention), qwen3_vl (position
-table, DeepStack); the SigLIP, Pixtral and LFM2-VL towers' cases come from
+table, DeepStack), qwen2_vl_video (the qwen2_vl checkpoint on a 4-frame
+video; golden.safetensors and processor.safetensors only, the latter a
+3-frame video's video.pixel_values and video.grid); the SigLIP, Pixtral and LFM2-VL towers' cases come from
 their own modules.
 """
 
