@@ -11,6 +11,11 @@
 //! attention has `bidirectional_spans` reads the prompt's segment ids (each
 //! image's run of tokens, or with `prompt_is_prefix` the whole prompt).
 //!
+//! A video (already-sampled frames, `crate::video`) is an image whose grid
+//! has several temporal groups: its placeholder (`video_token_id`, when the
+//! tower spec binds `takes_videos: true`) expands to image tokens, and its
+//! tokens' t position advances by one per group.
+//!
 //! What the text spec's config names (bound from the checkpoint) say about
 //! images: `image_token_id` (the placeholder), `spatial_merge_size` (patches
 //! merged per side into one token), optionally `prompt_is_prefix` and
@@ -744,6 +749,18 @@ mod tests {
         assert_eq!(pos[1], [0, 1, 2, 2, 2, 3, 3, 3, 5]);
         assert_eq!(pos[2], [0, 1, 2, 3, 4, 2, 3, 4, 5]);
         assert_eq!(delta, 6 - 9);
+    }
+
+    #[test]
+    fn a_video_advances_the_time_axis_per_temporal_group() {
+        // text, video (2 groups of 2 x 4 patches -> 2 x (1 x 2) tokens), text.
+        let g = [Grid { t: 2, h: 2, w: 4 }];
+        let ids = [1, 9, 9, 9, 9, 3];
+        let (pos, delta) = text_positions(&ids, &g, 9, 2).expect("positions");
+        assert_eq!(pos[0], [0, 1, 1, 2, 2, 3]);
+        assert_eq!(pos[1], [0, 1, 1, 1, 1, 3]);
+        assert_eq!(pos[2], [0, 1, 2, 1, 2, 3]);
+        assert_eq!(delta, 4 - 6);
     }
 
     #[test]
