@@ -27,4 +27,5 @@ mod vlm_idefics3;
 mod vlm_lfm2;
 mod vlm_pixtral;
 mod vlm_siglip;
+mod vlm_support;
 mod vlm_video;

@@ -2,47 +2,15 @@
 //! `porting-tools/python/make_vlm_golden.py`): the tower's features, the
 //! 3-D positions, the logits of a prompt with images, greedy decoding after
 //! a cached prefill; and the errors of bad image input.
-use std::collections::HashMap;
 
 use lmspec::engine::Model;
-use lmspec::lm::vision::{Grid, VisionModel};
+use lmspec::lm::vision::VisionModel;
 use lmspec::port::tolerance::{compare, Tolerance};
-use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-
-fn golden(case: &str) -> HashMap<String, Array> {
-    let file = goldens().join("vlm").join(case).join("golden.safetensors");
-    Array::load_safetensors(&file).expect("golden tensors")
-}
-
-fn ints(a: &Array) -> Vec<i64> {
-    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
-    a.as_slice::<i64>().to_vec()
-}
-
-fn grids(a: &Array) -> Vec<Grid> {
-    ints(a)
-        .chunks(3)
-        .map(|g| Grid {
-            t: g[0],
-            h: g[1],
-            w: g[2],
-        })
-        .collect()
-}
-
-fn assert_close(what: &str, got: &Array, want: &Array) {
-    let s = compare(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
-    eprintln!(
-        "{what}: max_abs {:.2e} max_rel {:.2e} cos {:.9}",
-        s.max_abs,
-        s.max_rel(),
-        s.cosine
-    );
-    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
-}
+use crate::vlm_support::{assert_close, assert_greedy_steps, golden, grids, ints};
 
 fn check_case(case: &str) {
     let _guard = mlx_lock();
@@ -78,22 +46,7 @@ fn check_case(case: &str) {
     assert_close("prompt logits", &logits, &g["logits"]);
 
     // Greedy decoding after the cached prefill.
-    let want_tokens = ints(&g["greedy_tokens"]);
-    let want_steps = &g["decode_logits"];
-    let mut last = logits.try_index((.., -1, ..)).expect("last");
-    let mut tokens = Vec::new();
-    for step in 0..want_tokens.len() {
-        let tok = argmax_axis(&last, -1, None).expect("argmax");
-        let tok = ints(&tok)[0];
-        tokens.push(tok);
-        let x = Array::from_slice(&[tok as i32], &[1, 1]);
-        let out = text.forward(&x, Some(&mut cache)).expect("decode");
-        last = out.try_index((.., -1, ..)).expect("last");
-        let want = want_steps.try_index(step as i32).expect("step");
-        let got = last.reshape(&[-1]).expect("flat");
-        assert_close(&format!("decode step {step}"), &got, &want);
-    }
-    assert_eq!(tokens, want_tokens, "greedy tokens");
+    assert_greedy_steps(&text, &mut cache, &logits, &g);
 }
 
 #[test]

@@ -10,10 +10,8 @@ use lmspec::lm::vision::VisionModel;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-use crate::vlm_siglip::{
-    assert_close, check_case_attending, check_chat, check_generation, check_processor, golden,
-    grids, ints,
-};
+use crate::vlm_siglip::{check_case_attending, check_chat, check_generation, check_processor};
+use crate::vlm_support::{assert_close, golden, grids, ints};
 
 /// Features (pixel-shuffled, projected), the prompt's logits, the cached
 /// prefill and 16 greedy steps against mlx-vlm; attention is causal.

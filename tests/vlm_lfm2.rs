@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use lmspec::engine::Model;
 use lmspec::lm::image_processor::{ImageProcessor, ProcessedImage, RgbImage};
 use lmspec::lm::vision::{Grid, VisionModel};
-use lmspec::port::tolerance::{compare, Tolerance};
-use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
+use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
+use crate::vlm_support::{assert_close, assert_greedy_steps, grids, ints, max_abs};
 
 const CASE: &str = "lfm2_vl";
 
@@ -26,42 +26,6 @@ fn golden() -> HashMap<String, Array> {
 
 fn model_dir() -> std::path::PathBuf {
     goldens().join("vlm").join(CASE).join("model")
-}
-
-fn ints(a: &Array) -> Vec<i64> {
-    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
-    a.as_slice::<i64>().to_vec()
-}
-
-fn grids(a: &Array) -> Vec<Grid> {
-    ints(a)
-        .chunks(3)
-        .map(|g| Grid {
-            t: g[0],
-            h: g[1],
-            w: g[2],
-        })
-        .collect()
-}
-
-fn max_abs(got: &Array, want: &Array) -> f32 {
-    let d = mlx_rs::ops::subtract(got, want)
-        .and_then(|d| mlx_rs::ops::abs(&d))
-        .and_then(|d| d.max(None))
-        .expect("diff");
-    d.item_cast::<f32>()
-}
-
-fn assert_close(what: &str, got: &Array, want: &Array) {
-    let got = got.reshape(want.shape()).expect("shape");
-    let s = compare(&got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
-    eprintln!(
-        "{what}: max_rel {:.2e} max_abs {:.2e} cos {:.9}",
-        s.max_rel(),
-        max_abs(&got, want),
-        s.cosine
-    );
-    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
 }
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
@@ -116,25 +80,7 @@ fn lfm2_vl() {
     assert_close("prompt logits", &logits, &g["logits"]);
 
     // Greedy decoding after the cached prefill.
-    let want_tokens = ints(&g["greedy_tokens"]);
-    let want_steps = &g["decode_logits"];
-    let mut last = logits.try_index((.., -1, ..)).expect("last");
-    let mut tokens = Vec::new();
-    let mut worst = 0f32;
-    for step in 0..want_tokens.len() {
-        let tok = ints(&argmax_axis(&last, -1, None).expect("argmax"))[0];
-        tokens.push(tok);
-        let x = Array::from_slice(&[tok as i32], &[1, 1]);
-        let out = text.forward(&x, Some(&mut cache)).expect("decode");
-        last = out.try_index((.., -1, ..)).expect("last");
-        let want = want_steps.try_index(step as i32).expect("step");
-        let got = last.reshape(&[-1]).expect("flat");
-        let s = compare(&got, &want).expect("compare");
-        assert!(s.within(Tolerance::F32), "decode step {step}: {s:?}");
-        worst = worst.max(max_abs(&got, &want));
-    }
-    eprintln!("decode steps: max abs diff {worst:.2e}");
-    assert_eq!(tokens, want_tokens, "greedy tokens");
+    assert_greedy_steps(&text, &mut cache, &logits, &g);
 
     // A prompt one image token short is an error, not a panic.
     let mut short = ids.clone();

@@ -5,55 +5,13 @@
 //! bidirectional within each image's tokens, greedy decoding after a cached
 //! prefill (past the sliding window), and the fixed-size image processor
 //! against transformers'.
-use std::collections::HashMap;
 
 use lmspec::engine::Model;
 use lmspec::lm::vision::{image_spans, Expansion, Grid, VisionModel};
-use lmspec::port::tolerance::{compare, Tolerance};
-use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-
-pub(crate) fn golden(case: &str) -> HashMap<String, Array> {
-    let file = goldens().join("vlm").join(case).join("golden.safetensors");
-    Array::load_safetensors(&file).expect("golden tensors")
-}
-
-pub(crate) fn ints(a: &Array) -> Vec<i64> {
-    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
-    a.as_slice::<i64>().to_vec()
-}
-
-pub(crate) fn grids(a: &Array) -> Vec<Grid> {
-    ints(a)
-        .chunks(3)
-        .map(|g| Grid {
-            t: g[0],
-            h: g[1],
-            w: g[2],
-        })
-        .collect()
-}
-
-fn max_abs(got: &Array, want: &Array) -> f32 {
-    let d = mlx_rs::ops::subtract(got, want)
-        .and_then(|d| mlx_rs::ops::abs(&d))
-        .and_then(|d| d.max(None))
-        .expect("diff");
-    d.item_cast::<f32>()
-}
-
-pub(crate) fn assert_close(what: &str, got: &Array, want: &Array) {
-    let s = compare(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
-    eprintln!(
-        "{what}: max_rel {:.2e} max_abs {:.2e} cos {:.9}",
-        s.max_rel(),
-        max_abs(&got.reshape(want.shape()).expect("shape"), want),
-        s.cosine
-    );
-    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
-}
+use crate::vlm_support::{assert_close, assert_greedy_steps, golden, grids, ints, max_abs};
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
 /// the golden.
@@ -113,25 +71,7 @@ pub(crate) fn check_case_attending(case: &str, spans: bool) {
     }
 
     // Greedy decoding after the cached prefill.
-    let want_tokens = ints(&g["greedy_tokens"]);
-    let want_steps = &g["decode_logits"];
-    let mut last = logits.try_index((.., -1, ..)).expect("last");
-    let mut tokens = Vec::new();
-    let mut worst = 0f32;
-    for step in 0..want_tokens.len() {
-        let tok = ints(&argmax_axis(&last, -1, None).expect("argmax"))[0];
-        tokens.push(tok);
-        let x = Array::from_slice(&[tok as i32], &[1, 1]);
-        let out = text.forward(&x, Some(&mut cache)).expect("decode");
-        last = out.try_index((.., -1, ..)).expect("last");
-        let want = want_steps.try_index(step as i32).expect("step");
-        let got = last.reshape(&[-1]).expect("flat");
-        let s = compare(&got, &want).expect("compare");
-        assert!(s.within(Tolerance::F32), "decode step {step}: {s:?}");
-        worst = worst.max(max_abs(&got, &want));
-    }
-    eprintln!("decode steps: max abs diff {worst:.2e}");
-    assert_eq!(tokens, want_tokens, "greedy tokens");
+    assert_greedy_steps(&text, &mut cache, &logits, &g);
 }
 
 #[test]

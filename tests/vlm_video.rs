@@ -13,11 +13,10 @@ use lmspec::lm::image_processor::{ImageProcessor, ProcessedImage};
 use lmspec::lm::video::video_frames;
 use lmspec::lm::vision::{Grid, VisionModel};
 use lmspec::lm::LanguageModel;
-use lmspec::port::tolerance::{compare, Tolerance};
-use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
+use crate::vlm_support::{assert_close, assert_greedy_steps, ints};
 
 fn golden() -> HashMap<String, Array> {
     let file = goldens().join("vlm/qwen2_vl_video/golden.safetensors");
@@ -28,11 +27,6 @@ fn model_dir() -> PathBuf {
     goldens().join("vlm/qwen2_vl/model")
 }
 
-fn ints(a: &Array) -> Vec<i64> {
-    let a = a.as_dtype(mlx_rs::Dtype::Int64).expect("cast");
-    a.as_slice::<i64>().to_vec()
-}
-
 fn grid(a: &Array) -> Grid {
     let g = ints(a);
     Grid {
@@ -40,17 +34,6 @@ fn grid(a: &Array) -> Grid {
         h: g[1],
         w: g[2],
     }
-}
-
-fn assert_close(what: &str, got: &Array, want: &Array) {
-    let s = compare(got, want).unwrap_or_else(|e| panic!("{what}: {e}"));
-    eprintln!(
-        "{what}: max_abs {:.2e} max_rel {:.2e} cos {:.9}",
-        s.max_abs,
-        s.max_rel(),
-        s.cosine
-    );
-    assert!(s.within(Tolerance::F32), "{what}: {s:?}");
 }
 
 /// The golden's video as the processor would give it.
@@ -129,23 +112,8 @@ fn qwen2_vl_video_matches_mlx_vlm() {
         .expect("prefill");
     assert_close("prompt logits", &logits, &g["logits"]);
 
-    let want_tokens = ints(&g["greedy_tokens"]);
-    let mut last = logits.try_index((.., -1, ..)).expect("last");
-    let mut tokens = Vec::new();
-    for step in 0..want_tokens.len() {
-        let tok = ints(&argmax_axis(&last, -1, None).expect("argmax"))[0];
-        tokens.push(tok);
-        let x = Array::from_slice(&[tok as i32], &[1, 1]);
-        let out = text.forward(&x, Some(&mut cache)).expect("decode");
-        last = out.try_index((.., -1, ..)).expect("last");
-        let want = g["decode_logits"].try_index(step as i32).expect("step");
-        assert_close(
-            &format!("decode step {step}"),
-            &last.reshape(&[-1]).expect("flat"),
-            &want,
-        );
-    }
-    assert_eq!(tokens, want_tokens, "greedy tokens");
+    // Greedy decoding after the cached prefill.
+    assert_greedy_steps(&text, &mut cache, &logits, &g);
 }
 
 /// `generate_with_images` with a video (and a chat session with one)
