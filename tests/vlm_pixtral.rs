@@ -17,7 +17,7 @@ use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
-    assert_close, assert_greedy_steps, golden, grids, ints, max_abs, model_dir,
+    assert_close, assert_greedy_steps, assert_segments_matter, golden, grids, ints, model_dir,
 };
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
@@ -68,14 +68,7 @@ fn check_case(case: &str, merge: i64) {
     let want_first = g["vision_features"].try_index(..rows).expect("rows");
     assert_close("first image alone", &alone, &want_first);
     // Without the per-image segments the images see each other.
-    let (batch, mut inputs) =
-        lmspec::lm::vision::tower_batch(&vm.tower, pixels, &grid, vm.merge).expect("batch");
-    inputs.segments = None;
-    let (mixed, _) = vm.tower.encode(&batch, &inputs, &[]).expect("encode");
-    let mixed = mixed.reshape(&[-1, mixed.shape()[2]]).expect("flat");
-    let gap = max_abs(&mixed, &g["vision_features"]);
-    eprintln!("features without segments differ by {gap:.3e}");
-    assert!(gap > 1e-3, "the segments changed nothing ({gap})");
+    assert_segments_matter(&vm, pixels, &grid, &g["vision_features"]);
 
     // The whole prompt into a fresh cache.
     let mut cache = text.new_cache();

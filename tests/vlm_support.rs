@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use lmspec::engine::{Model, ModelCache};
-use lmspec::lm::vision::Grid;
+use lmspec::lm::vision::{tower_batch, Grid, VisionModel};
 use lmspec::port::tolerance::{compare, Tolerance};
 use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
@@ -89,4 +89,16 @@ pub fn assert_greedy_steps(
     eprintln!("decode steps: max abs diff {worst:.2e}");
     assert_eq!(tokens, want_tokens, "greedy tokens");
     worst
+}
+
+/// The tower run on `pixels` without its per-image segments: the images
+/// then attend to each other, so the features must move away from `want`.
+pub fn assert_segments_matter(vm: &VisionModel, pixels: &Array, grid: &[Grid], want: &Array) {
+    let (batch, mut inputs) = tower_batch(&vm.tower, pixels, grid, vm.merge).expect("batch");
+    inputs.segments = None;
+    let (mixed, _) = vm.tower.encode(&batch, &inputs, &[]).expect("encode");
+    let mixed = mixed.reshape(&[-1, mixed.shape()[2]]).expect("flat");
+    let gap = max_abs(&mixed, want);
+    eprintln!("features without segments differ by {gap:.3e}");
+    assert!(gap > 1e-3, "the segments changed nothing ({gap})");
 }
