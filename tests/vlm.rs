@@ -10,7 +10,10 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-use crate::vlm_support::{assert_close, assert_greedy_steps, golden, grids, ints};
+use crate::vlm_support::{
+    assert_chat_turns, assert_close, assert_greedy_steps, assert_tower_diff_passes,
+    first_divergence_with_edit, golden, grids, ints,
+};
 
 fn check_case(case: &str) {
     let _guard = mlx_lock();
@@ -501,9 +504,7 @@ fn qwen3_vl_chat_session_keeps_its_images_across_turns() {
 }
 
 fn chat_session_case(case: &str) {
-    use lmspec::lm::generate::GenerateParams;
-    use lmspec::lm::template::ChatContext;
-    use lmspec::lm::{ChatSession, LanguageModel};
+    use lmspec::lm::LanguageModel;
 
     let _guard = mlx_lock();
     let dir = goldens().join("vlm").join(case).join("model");
@@ -511,40 +512,7 @@ fn chat_session_case(case: &str) {
     let images = lm
         .load_images(&[goldens().join("vlm").join("images").join("alpha.png")])
         .expect("image");
-    let params = GenerateParams {
-        max_tokens: 5,
-        ..GenerateParams::default()
-    };
-    let ctx = ChatContext {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
-    let from_scratch = |messages: serde_json::Value| {
-        let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
-        lm.generate_with_images(&ids, &images, &params, None, None, &mut |_| {})
-            .expect("generate")
-            .text
-    };
-    let user1 = serde_json::json!({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]});
-
-    let mut session = ChatSession::new(&lm, None, params.clone());
-    let a1 = session
-        .respond_with_images("w5 w6", images.clone(), &mut |_| {})
-        .expect("turn 1");
-    assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
-
-    let a2 = session.respond("w7 w8").expect("turn 2");
-    assert!(
-        session.last_fed_tokens < 10,
-        "turn 2 fed {} tokens: the cache was not reused",
-        session.last_fed_tokens
-    );
-    let whole = serde_json::json!([
-        user1,
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": "w7 w8"},
-    ]);
-    assert_eq!(a2, from_scratch(whole));
+    assert_chat_turns(&lm, images, "image", 10, true);
 }
 
 /// `lmspec chat --image`: the image goes with the first message (its 48
@@ -587,70 +555,37 @@ fn chat_takes_an_image_with_the_first_message() {
 /// quick GELU swapped for another approximation, `layers.0.fc2`.
 #[test]
 fn port_diff_names_the_first_divergent_tower_node() {
-    use lmspec::port::diff::{diff_tower, is_vision_golden};
+    use lmspec::port::diff::is_vision_golden;
 
     let _guard = mlx_lock();
     // Qwen3-VL's tower (and Qwen3-VL-MoE's, its GELUs exchanged): the
     // position table, the blocks, the merger and both DeepStack levels,
     // node by node.
     for case in ["qwen3_vl", "qwen3_vl_moe"] {
-        let golden = goldens().join("vlm").join(case);
-        let model = golden.join("model");
-        let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
-        assert!(report.passed(), "{}", report.table());
-        eprintln!("{case} tower: {} nodes match", report.rows.len());
-        assert!(report.rows.len() >= 40, "{} nodes", report.rows.len());
-        assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+        assert_tower_diff_passes(case, 40);
     }
 
     // Qwen2.5-VL's tower, window attention included, node by node.
-    let golden = goldens().join("vlm").join("qwen2_5_vl");
-    let report = diff_tower(
-        &golden.join("model"),
-        &golden,
-        &opts(&library(), None),
-        None,
-    )
-    .expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    eprintln!("qwen2_5_vl tower: {} nodes match", report.rows.len());
-    assert!(report.rows.len() >= 30, "{} nodes", report.rows.len());
-    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    assert_tower_diff_passes("qwen2_5_vl", 30);
     // Without the windows every block attends over the whole image: the
     // first block's attention output diverges.
-    let spec = crate::support::root().join("specs/models/qwen2_5_vl_vision.yaml");
-    let text = std::fs::read_to_string(spec).expect("spec");
-    assert!(text.contains(", grid_window: attn_window}"));
-    let dir = tempfile::tempdir().expect("tmp");
-    let unwindowed = dir.path().join("unwindowed_tower.yaml");
-    std::fs::write(
-        &unwindowed,
-        text.replace(", grid_window: attn_window}", "}"),
-    )
-    .expect("write");
-    let mut o = opts(&library(), None);
-    o.spec = Some(unwindowed.display().to_string());
-    let report = diff_tower(&golden.join("model"), &golden, &o, None).expect("diff");
-    let first = report.first_failure().expect("a divergence");
-    assert_eq!(first.name, "layers.0.proj", "{}", report.table());
+    let first = first_divergence_with_edit(
+        "qwen2_5_vl",
+        "qwen2_5_vl_vision.yaml",
+        ", grid_window: attn_window}",
+        "}",
+        1,
+    );
+    assert_eq!(first, "layers.0.proj");
 
-    let golden = goldens().join("vlm").join("qwen2_vl");
-    assert!(is_vision_golden(&golden));
-    let model = golden.join("model");
-    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    assert!(report.rows.len() >= 20, "{} nodes", report.rows.len());
-    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
-
-    let spec = crate::support::root().join("specs/models/qwen2_vl_vision.yaml");
-    let text = std::fs::read_to_string(spec).expect("spec");
-    assert!(text.contains("fn: quick_gelu"));
-    let dir = tempfile::tempdir().expect("tmp");
-    let broken = dir.path().join("broken_tower.yaml");
-    std::fs::write(&broken, text.replace("fn: quick_gelu", "fn: gelu_approx")).expect("write");
-    let mut o = opts(&library(), None);
-    o.spec = Some(broken.display().to_string());
-    let report = diff_tower(&model, &golden, &o, None).expect("diff");
-    let first = report.first_failure().expect("a divergence");
-    assert_eq!(first.name, "layers.0.fc2", "{}", report.table());
+    assert!(is_vision_golden(&goldens().join("vlm").join("qwen2_vl")));
+    assert_tower_diff_passes("qwen2_vl", 20);
+    let first = first_divergence_with_edit(
+        "qwen2_vl",
+        "qwen2_vl_vision.yaml",
+        "fn: quick_gelu",
+        "fn: gelu_approx",
+        1,
+    );
+    assert_eq!(first, "layers.0.fc2");
 }

@@ -15,7 +15,10 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-use crate::vlm_support::{assert_close, assert_greedy_steps, assert_segments_matter, grids, ints};
+use crate::vlm_support::{
+    assert_close, assert_greedy_steps, assert_segments_matter, assert_tower_diff_passes,
+    first_divergence_with_edit, grids, ints,
+};
 
 const CASE: &str = "lfm2_vl";
 
@@ -257,26 +260,16 @@ fn lfm2_vl_processor_refuses_tiling_and_bad_budgets() {
 /// names `positions`.
 #[test]
 fn port_diff_names_the_first_divergent_lfm2_vl_node() {
-    use lmspec::port::diff::diff_tower;
-
     let _guard = mlx_lock();
-    let golden = goldens().join("vlm").join(CASE);
-    let model = golden.join("model");
-    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    assert!(report.rows.len() >= 12, "{} nodes", report.rows.len());
-
-    let root = crate::support::root().join("specs/models");
-    let tower = std::fs::read_to_string(root.join("lfm2_vl_vision.yaml")).expect("spec");
-    assert_eq!(tower.matches("antialias: true").count(), 1);
-    let dir = tempfile::tempdir().expect("tmp");
-    let spec = dir.path().join("lfm2_vl_vision.yaml");
-    std::fs::write(&spec, tower.replace("antialias: true", "antialias: false")).expect("write");
-    let mut o = opts(&library(), None);
-    o.spec = Some(spec.display().to_string());
-    let report = diff_tower(&model, &golden, &o, None).expect("diff");
-    let first = report.first_failure().expect("a divergence");
-    assert_eq!(first.name, "positions", "{}", report.table());
+    assert_tower_diff_passes(CASE, 12);
+    let first = first_divergence_with_edit(
+        CASE,
+        "lfm2_vl_vision.yaml",
+        "antialias: true",
+        "antialias: false",
+        1,
+    );
+    assert_eq!(first, "positions");
 }
 
 /// The golden checkpoint in Hugging Face's layout

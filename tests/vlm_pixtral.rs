@@ -17,7 +17,8 @@ use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
-    assert_close, assert_greedy_steps, assert_segments_matter, golden, grids, ints, model_dir,
+    assert_chat_turns, assert_close, assert_greedy_steps, assert_segments_matter,
+    assert_tower_diff_passes, first_divergence_with_edit, golden, grids, ints, model_dir,
 };
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
@@ -298,26 +299,16 @@ fn longest_edge_processor_configs_are_checked() {
 /// first block's output.
 #[test]
 fn port_diff_names_the_first_divergent_pixtral_node() {
-    use lmspec::port::diff::diff_tower;
-
     let _guard = mlx_lock();
-    let golden = goldens().join("vlm").join("pixtral");
-    let model = golden.join("model");
-    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    assert!(report.rows.len() >= 12, "{} nodes", report.rows.len());
-
-    let root = crate::support::root().join("specs/models");
-    let tower = std::fs::read_to_string(root.join("pixtral_vision.yaml")).expect("spec");
-    assert_eq!(tower.matches("dealt: true").count(), 2);
-    let dir = tempfile::tempdir().expect("tmp");
-    let spec = dir.path().join("pixtral_vision.yaml");
-    std::fs::write(&spec, tower.replace("dealt: true", "dealt: false")).expect("write");
-    let mut o = opts(&library(), None);
-    o.spec = Some(spec.display().to_string());
-    let report = diff_tower(&model, &golden, &o, None).expect("diff");
-    let first = report.first_failure().expect("a divergence");
-    assert_eq!(first.name, "layers.0.o", "{}", report.table());
+    assert_tower_diff_passes("pixtral", 12);
+    let first = first_divergence_with_edit(
+        "pixtral",
+        "pixtral_vision.yaml",
+        "dealt: true",
+        "dealt: false",
+        2,
+    );
+    assert_eq!(first, "layers.0.o");
 }
 
 /// `port diff` on the Mistral 3 golden matches every node of the tower and
@@ -328,11 +319,9 @@ fn port_diff_names_the_first_divergent_mistral3_node() {
     use lmspec::port::diff::diff_tower;
 
     let _guard = mlx_lock();
+    assert_tower_diff_passes("mistral3", 14);
     let golden = goldens().join("vlm").join("mistral3");
     let model = golden.join("model");
-    let report = diff_tower(&model, &golden, &opts(&library(), None), None).expect("diff");
-    assert!(report.passed(), "{}", report.table());
-    assert!(report.rows.len() >= 14, "{} nodes", report.rows.len());
 
     let root = crate::support::root().join("specs/models");
     let tower = std::fs::read_to_string(root.join("mistral3_vision.yaml")).expect("spec");
@@ -520,9 +509,7 @@ fn another_feature_layer_is_a_named_error() {
 /// as the whole conversation run from scratch.
 #[test]
 fn chat_sessions_keep_their_images_across_turns() {
-    use lmspec::lm::generate::GenerateParams;
-    use lmspec::lm::template::ChatContext;
-    use lmspec::lm::{ChatSession, LanguageModel};
+    use lmspec::lm::LanguageModel;
 
     let _guard = mlx_lock();
     for case in ["pixtral", "mistral3"] {
@@ -530,42 +517,9 @@ fn chat_sessions_keep_their_images_across_turns() {
         let images = lm
             .load_images(&[goldens().join("vlm").join("images").join("alpha.png")])
             .expect("image");
+        // The first turn's image tokens are not fed again.
         let image_tokens = images[0].grid.tokens(lm.vision().expect("tower").merge);
-        let params = GenerateParams {
-            max_tokens: 5,
-            ..GenerateParams::default()
-        };
-        let ctx = ChatContext {
-            add_generation_prompt: true,
-            ..Default::default()
-        };
-        let from_scratch = |messages: serde_json::Value| {
-            let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
-            lm.generate_with_images(&ids, &images, &params, None, None, &mut |_| {})
-                .expect("generate")
-                .text
-        };
-        let user1 = serde_json::json!({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]});
-        let mut session = ChatSession::new(&lm, None, params.clone());
-        let a1 = session
-            .respond_with_images("w5 w6", images.clone(), &mut |_| {})
-            .expect("turn 1");
-        assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
-        let a2 = session.respond("w7 w8").expect("turn 2");
-        eprintln!(
-            "{case}: turn 1 {a1:?}, turn 2 {a2:?}, fed {}",
-            session.last_fed_tokens
-        );
-        assert!(
-            (session.last_fed_tokens as i64) < image_tokens,
-            "turn 2 fed {} tokens: the cache was not reused",
-            session.last_fed_tokens
-        );
-        let whole = serde_json::json!([
-            user1,
-            {"role": "assistant", "content": a1},
-            {"role": "user", "content": "w7 w8"},
-        ]);
-        assert_eq!(a2, from_scratch(whole), "{case}: turn 2");
+        eprintln!("{case}:");
+        assert_chat_turns(&lm, images, "image", image_tokens as usize, true);
     }
 }

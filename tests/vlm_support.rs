@@ -4,12 +4,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use lmspec::engine::{Model, ModelCache};
+use lmspec::lm::generate::GenerateParams;
+use lmspec::lm::image_processor::ProcessedImage;
+use lmspec::lm::template::ChatContext;
 use lmspec::lm::vision::{tower_batch, Grid, VisionModel};
+use lmspec::lm::{ChatSession, LanguageModel};
+use lmspec::port::diff::diff_tower;
 use lmspec::port::tolerance::{compare, Tolerance};
 use mlx_rs::ops::indexing::{argmax_axis, TryIndexOp};
 use mlx_rs::Array;
 
-use crate::support::goldens;
+use crate::support::{goldens, library, opts, root};
 
 /// `goldens/vlm/CASE/golden.safetensors`.
 pub fn golden(case: &str) -> HashMap<String, Array> {
@@ -101,4 +106,103 @@ pub fn assert_segments_matter(vm: &VisionModel, pixels: &Array, grid: &[Grid], w
     let gap = max_abs(&mixed, want);
     eprintln!("features without segments differ by {gap:.3e}");
     assert!(gap > 1e-3, "the segments changed nothing ({gap})");
+}
+
+/// A chat session over `visuals` (images, or videos when `kind` is
+/// `"video"`): the first turn answers as one `generate_with_images` call on
+/// the same conversation; the second, text only, feeds fewer than
+/// `max_fed` tokens (the first turn stays in the cache) and, with
+/// `second_from_scratch`, answers as the whole conversation run from
+/// scratch.
+pub fn assert_chat_turns(
+    lm: &LanguageModel,
+    visuals: Vec<ProcessedImage>,
+    kind: &str,
+    max_fed: usize,
+    second_from_scratch: bool,
+) {
+    let params = GenerateParams {
+        max_tokens: 5,
+        ..GenerateParams::default()
+    };
+    let ctx = ChatContext {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let from_scratch = |messages: serde_json::Value| {
+        let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
+        lm.generate_with_images(&ids, &visuals, &params, None, None, &mut |_| {})
+            .expect("generate")
+            .text
+    };
+    let user1 = serde_json::json!({"role": "user", "content": [{"type": kind}, {"type": "text", "text": "w5 w6"}]});
+    let mut session = ChatSession::new(lm, None, params.clone());
+    let a1 = session
+        .respond_with_images("w5 w6", visuals.clone(), &mut |_| {})
+        .expect("turn 1");
+    assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
+    let a2 = session.respond("w7 w8").expect("turn 2");
+    eprintln!(
+        "turn 1 {a1:?}, turn 2 {a2:?}, fed {}",
+        session.last_fed_tokens
+    );
+    assert!(
+        session.last_fed_tokens < max_fed,
+        "turn 2 fed {} tokens: the cache was not reused",
+        session.last_fed_tokens
+    );
+    if second_from_scratch {
+        let whole = serde_json::json!([
+            user1,
+            {"role": "assistant", "content": a1},
+            {"role": "user", "content": "w7 w8"},
+        ]);
+        assert_eq!(a2, from_scratch(whole), "turn 2");
+    }
+}
+
+/// `port diff` of a vision golden's tower: every node matches, at least
+/// `min_nodes` of them, none left unmatched. Returns the names compared.
+pub fn assert_tower_diff_passes(case: &str, min_nodes: usize) -> Vec<String> {
+    let golden = goldens().join("vlm").join(case);
+    let report = diff_tower(
+        &golden.join("model"),
+        &golden,
+        &opts(&library(), None),
+        None,
+    )
+    .expect("diff");
+    assert!(report.passed(), "{}", report.table());
+    eprintln!("{case} tower: {} nodes match", report.rows.len());
+    assert!(
+        report.rows.len() >= min_nodes,
+        "{} nodes",
+        report.rows.len()
+    );
+    assert!(report.unmatched.is_empty(), "{:?}", report.unmatched);
+    report.rows.iter().map(|r| r.name.clone()).collect()
+}
+
+/// The first tower node `port diff` names on `case` with the spec file
+/// `specs/models/SPEC` edited (`from` replaced by `to`, `from` found
+/// `count` times).
+pub fn first_divergence_with_edit(
+    case: &str,
+    spec: &str,
+    from: &str,
+    to: &str,
+    count: usize,
+) -> String {
+    let golden = goldens().join("vlm").join(case);
+    let text = std::fs::read_to_string(root().join("specs/models").join(spec)).expect("spec");
+    assert_eq!(text.matches(from).count(), count, "{spec}: {from:?}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let edited = dir.path().join(spec);
+    std::fs::write(&edited, text.replace(from, to)).expect("write");
+    let mut o = opts(&library(), None);
+    o.spec = Some(edited.display().to_string());
+    let report = diff_tower(&golden.join("model"), &golden, &o, None).expect("diff");
+    let first = report.first_failure().expect("a divergence");
+    eprintln!("{case} with {spec} edited: first divergence {}", first.name);
+    first.name.clone()
 }

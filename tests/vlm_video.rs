@@ -16,7 +16,7 @@ use lmspec::lm::LanguageModel;
 use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
-use crate::vlm_support::{assert_close, assert_greedy_steps, ints};
+use crate::vlm_support::{assert_chat_turns, assert_close, assert_greedy_steps, ints};
 
 fn golden() -> HashMap<String, Array> {
     let file = goldens().join("vlm/qwen2_vl_video/golden.safetensors");
@@ -358,43 +358,9 @@ fn generate_and_chat_take_videos_on_the_command_line() {
 /// conversation run from scratch.
 #[test]
 fn a_chat_session_keeps_its_video_across_turns() {
-    use lmspec::lm::template::ChatContext;
-    use lmspec::lm::ChatSession;
-
     let _guard = mlx_lock();
     let tmp = model_with_video_template();
     let lm = LanguageModel::load(tmp.path(), &opts(&library(), None)).expect("load");
     let videos = lm.load_videos(&[frames()]).expect("video");
-    let params = GenerateParams {
-        max_tokens: 5,
-        ..GenerateParams::default()
-    };
-    let ctx = ChatContext {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
-    let from_scratch = |messages: serde_json::Value| {
-        let ids = lm.chat_prompt(&messages, &ctx).expect("prompt");
-        lm.generate_with_images(&ids, &videos, &params, None, None, &mut |_| {})
-            .expect("generate")
-            .text
-    };
-    let user1 = serde_json::json!({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "w5 w6"}]});
-    let mut session = ChatSession::new(&lm, None, params.clone());
-    let a1 = session
-        .respond_with_images("w5 w6", videos.clone(), &mut |_| {})
-        .expect("turn 1");
-    assert_eq!(a1, from_scratch(serde_json::json!([user1.clone()])));
-    let a2 = session.respond("w7 w8").expect("turn 2");
-    assert!(
-        session.last_fed_tokens < 10,
-        "turn 2 fed {} tokens: the cache was not reused",
-        session.last_fed_tokens
-    );
-    let whole = serde_json::json!([
-        user1,
-        {"role": "assistant", "content": a1},
-        {"role": "user", "content": "w7 w8"},
-    ]);
-    assert_eq!(a2, from_scratch(whole));
+    assert_chat_turns(&lm, videos, "video", 10, true);
 }
