@@ -313,14 +313,15 @@ static std::vector<float> dense_f32(const mx::array& a) {
 }
 
 // Unpacks values [i0, i0 + n) of a row of `bits`-bit values (a
-// little-endian bit stream) into floats.
+// little-endian bit stream) into floats (or bytes).
+template <class T>
 static inline void unpack_row(
     const uint8_t* row,
     int64_t row_bytes,
     int bits,
     int64_t i0,
     int n,
-    float* out) {
+    T* out) {
   uint32_t mask = (1u << bits) - 1;
   for (int i = 0; i < n; i++) {
     int64_t bit = (i0 + i) * bits;
@@ -328,7 +329,7 @@ static inline void unpack_row(
     uint64_t window = 0;
     int64_t avail = std::min<int64_t>(8, row_bytes - byte);
     std::memcpy(&window, row + byte, size_t(avail));
-    out[i] = float((window >> (bit & 7)) & mask);
+    out[i] = T((window >> (bit & 7)) & mask);
   }
 }
 
@@ -447,17 +448,17 @@ static Prepared prepare(const QuantArgs& a) {
   return p;
 }
 
-// Any width: unpack a group, dot it with x.
-// A whole row of `bits`-bit values as floats: 8 values fill `bits` bytes,
-// read as one little-endian word.
-static void unpack_whole_row(const uint8_t* row, int64_t k, int bits, float* out) {
+// A whole row of `bits`-bit values as floats (or bytes): 8 values fill
+// `bits` bytes, read as one little-endian word.
+template <class T>
+static void unpack_whole_row(const uint8_t* row, int64_t k, int bits, T* out) {
   const int64_t row_bytes = k * bits / 8;
   const uint64_t mask = (1u << bits) - 1;
   for (int64_t c = 0; c < k / 8; c++) {
     const int64_t at = c * bits;
     uint64_t v = 0;
     std::memcpy(&v, row + at, size_t(std::min<int64_t>(8, row_bytes - at)));
-    for (int t = 0; t < 8; t++) out[c * 8 + t] = float((v >> (t * bits)) & mask);
+    for (int t = 0; t < 8; t++) out[c * 8 + t] = T((v >> (t * bits)) & mask);
   }
   if (k % 8 != 0) unpack_row(row, row_bytes, bits, k - k % 8, int(k % 8), out + k - k % 8);
 }
@@ -853,19 +854,9 @@ LMSPEC_AVX2 static void q8_block_avx2(
   }
 }
 
-// Widths other than 4 and 8: rows unpacked to one byte per value first,
-// then integer dot products per group (groups of 16 or multiples of 32).
-static void unpack_row_bytes(const uint8_t* row, int64_t k, int bits, uint8_t* out) {
-  const int64_t row_bytes = k * bits / 8;
-  const uint64_t mask = (1u << bits) - 1;
-  for (int64_t c = 0; c < k / 8; c++) {
-    const int64_t at = c * bits;
-    uint64_t v = 0;
-    std::memcpy(&v, row + at, size_t(std::min<int64_t>(8, row_bytes - at)));
-    for (int t = 0; t < 8; t++) out[c * 8 + t] = uint8_t((v >> (t * bits)) & mask);
-  }
-}
-
+// Widths other than 4 and 8: rows unpacked to one byte per value first
+// (`unpack_whole_row`), then integer dot products per group (groups of 16
+// or multiples of 32).
 static float q8_unpacked_scalar(
     const Q8Row& x, const uint8_t* w, int64_t k, int group, const float* sc, const float* bi) {
   const int64_t groups = k / group;
@@ -933,7 +924,7 @@ static void qmm_q8(const QuantArgs& a) {
       read_scales(a.scales, j * groups, rows * groups, sc.data());
       read_scales(a.biases, j * groups, rows * groups, bi.data());
       if (unpacked) {
-        for (int i = 0; i < rows; i++) unpack_row_bytes(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
+        for (int i = 0; i < rows; i++) unpack_whole_row(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
       }
       for (int64_t r = 0; r < a.m; r++) {
         if (unpacked) {
