@@ -784,27 +784,41 @@ pub fn decode_rgb_with(bytes: &[u8], path: &Path, composite: bool) -> Result<Rgb
             "{format:?} images are not supported (PNG or JPEG)"
         )));
     }
-    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(bad(
-            "the JPEG data is truncated (no end-of-image marker after the scan)".into(),
-        ));
-    }
-    if format == image::ImageFormat::Jpeg {
-        // libjpeg-turbo's decoder where it reads the file (CMYK and other
-        // color spaces it cannot turn into RGB take the `image` crate's).
-        if let Ok(Ok((width, height, data))) =
-            lmspec_formats::guard::catch_quietly(|| decode_jpeg(bytes))
-        {
-            if width == 0 || height == 0 {
-                return Err(bad(format!("the image is {width}x{height} pixels")));
-            }
-            return Ok(RgbImage {
-                width,
-                height,
-                data,
-            });
+    // libjpeg-turbo's decoder for JPEGs where it reads the file (CMYK and
+    // other color spaces it cannot turn into RGB take the `image` crate's).
+    let jpeg = match format {
+        image::ImageFormat::Jpeg if !jpeg_is_complete(bytes) => {
+            return Err(bad(
+                "the JPEG data is truncated (no end-of-image marker after the scan)".into(),
+            ))
         }
+        image::ImageFormat::Jpeg => lmspec_formats::guard::catch_quietly(|| decode_jpeg(bytes))
+            .ok()
+            .and_then(|r| r.ok()),
+        _ => None,
+    };
+    let (width, height, data) = match jpeg {
+        Some(decoded) => decoded,
+        None => decode_other(bytes, format, composite, &bad)?,
+    };
+    if width == 0 || height == 0 {
+        return Err(bad(format!("the image is {width}x{height} pixels")));
     }
+    Ok(RgbImage {
+        width,
+        height,
+        data,
+    })
+}
+
+/// PNGs (and JPEGs libjpeg-turbo does not read) through the `image` crate,
+/// as (width, height, RGB bytes).
+fn decode_other(
+    bytes: &[u8],
+    format: image::ImageFormat,
+    composite: bool,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(usize, usize, Vec<u8>)> {
     let decode = || {
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
@@ -817,9 +831,6 @@ pub fn decode_rgb_with(bytes: &[u8], path: &Path, composite: bool) -> Result<Rgb
         .map_err(|e| bad(format!("the image decoder failed: {e}")))?
         .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
     let (width, height) = (img.width() as usize, img.height() as usize);
-    if width == 0 || height == 0 {
-        return Err(bad(format!("the image is {width}x{height} pixels")));
-    }
     let data = if composite && img.color().has_alpha() {
         let rgba = img.to_rgba8();
         let mut out = Vec::with_capacity(width * height * 3);
@@ -833,11 +844,7 @@ pub fn decode_rgb_with(bytes: &[u8], path: &Path, composite: bool) -> Result<Rgb
     } else {
         img.to_rgb8().into_raw()
     };
-    Ok(RgbImage {
-        width,
-        height,
-        data,
-    })
+    Ok((width, height, data))
 }
 
 /// A JPEG as RGB through libjpeg-turbo's decoder (the `mozjpeg` crate):
