@@ -139,6 +139,11 @@ enum Command {
         #[arg(long)]
         profile_ops: bool,
     },
+    /// Run a command as every rank of a tensor-parallel run: one process
+    /// per rank (per GPU with NCCL), rank 0's output shown, the others'
+    /// errors prefixed with their rank; when one rank fails the others are
+    /// stopped (`lmspec launch -n 2 -- lmspec generate --model DIR ...`).
+    Launch(crate::launch_cmd::LaunchArgs),
     /// Serve a model over HTTP: OpenAI- and Anthropic-compatible APIs with
     /// continuous batching.
     Serve(crate::serve_cmd::ServeArgs),
@@ -995,6 +1000,10 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
         Ok("1") => Some(true),
         _ => None,
     };
+    // A rank of a tensor-parallel run (`lmspec launch`) loads its share.
+    if let Some(group) = lmspec::engine::distributed::Group::from_env()? {
+        opts = opts.with_parallel(group);
+    }
     // How quantized products on the CPU treat activations: `float` (the
     // default, MLX's numerics) or `int8` (llama.cpp's).
     if let Ok(a) = std::env::var("LMSPEC_ACTIVATIONS") {
@@ -1003,6 +1012,16 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
         opts = opts.with_activations(a);
     }
     Ok(opts)
+}
+
+/// Refuses a command that reads its input interactively or over the
+/// network on a rank of a tensor-parallel run: only rank 0 would see it.
+fn single_rank(command: &str) -> Result<()> {
+    let world = std::env::var(lmspec::engine::distributed::WORLD_ENV).unwrap_or_default();
+    if world.trim().parse::<usize>().is_ok_and(|n| n > 1) {
+        bail!("`lmspec {command}` runs on one rank only, not under `lmspec launch` (generate, logits, golden and bench run on several)");
+    }
+    Ok(())
 }
 
 /// `--specs` when given, else `$LMSPEC_SPECS`, else the built-in library.
@@ -1020,7 +1039,11 @@ fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor(&cli.specs),
-        Command::Serve(args) => crate::serve_cmd::run(args, &cli.specs, &cli.gguf_file),
+        Command::Launch(args) => crate::launch_cmd::run(args),
+        Command::Serve(args) => {
+            single_rank("serve")?;
+            crate::serve_cmd::run(args, &cli.specs, &cli.gguf_file)
+        }
         Command::Lora(args) => crate::adapter_cmd::lora(args, &cli.specs, &cli.gguf_file),
         Command::Fuse(args) => crate::adapter_cmd::fuse(args, &cli.specs, &cli.gguf_file),
         Command::Spec(SpecCommand::List) => {
@@ -1110,6 +1133,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             images,
             videos,
         } => {
+            single_rank("chat")?;
             gen.gguf_file = cli.gguf_file.clone();
             chat(&cli.specs, &gen, &images, &videos)
         }

@@ -3,6 +3,7 @@ mod adapter_cmd;
 mod cache_cmd;
 mod cli;
 mod embed_cmd;
+mod launch_cmd;
 mod serve_cmd;
 
 fn main() -> std::process::ExitCode {

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod cache;
 pub mod cache_file;
 pub mod cpu_kernels;
+pub mod distributed;
 pub mod error;
 pub mod gguf;
 pub mod gguf_tensors;

@@ -116,6 +116,10 @@ pub struct LoadOptions {
     /// float32, MLX's numerics (int8 blocks are llama.cpp's; see
     /// [`crate::cpu_kernels::Activations`]).
     pub activations: Option<crate::cpu_kernels::Activations>,
+    /// The tensor-parallel group this process is a rank of: the model is
+    /// split across its ranks as the spec's `parallel` section and `shard`
+    /// hints say; `None`: one process holds the whole model.
+    pub parallel: Option<std::sync::Arc<crate::distributed::Group>>,
 }
 
 impl LoadOptions {
@@ -155,6 +159,15 @@ impl LoadOptions {
 
     pub fn with_activations(mut self, a: crate::cpu_kernels::Activations) -> LoadOptions {
         self.activations = Some(a);
+        self
+    }
+
+    /// Loads this rank's share of the model (see [`LoadOptions::parallel`]).
+    pub fn with_parallel(
+        mut self,
+        group: std::sync::Arc<crate::distributed::Group>,
+    ) -> LoadOptions {
+        self.parallel = Some(group);
         self
     }
 
@@ -288,7 +301,15 @@ impl Model {
             tensor_file,
             first_rules,
         } = src;
-        let (bound, graph) = lmspec_spec::expand_for(&spec, json, config_file)?;
+        let group = opts.parallel.clone().filter(|g| g.size() > 1);
+        let rank = crate::distributed::Rank::of_group(group.as_deref());
+        if group.is_some() && opts.adapter.is_some() {
+            return Err(Error::Usage(
+                "adapters are not supported on a tensor-parallel run; fuse the adapter first (lmspec fuse)".into(),
+            ));
+        }
+        let (bound, graph) =
+            lmspec_spec::expand_for_ranks(&spec, json, config_file, rank.of as i64)?;
         let rule_refs: Vec<&RawRule> = first_rules
             .iter()
             .chain(spec.rules.iter().map(|r| &r.item))
@@ -321,7 +342,7 @@ impl Model {
         let quant = Quantization::from_config(json, config_file)?
             .with_renames(&applied.renames)
             .with_ties(applied.ties);
-        let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file)?;
+        let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file, rank)?;
         let dense = opts.weights.dequantizes(&params);
         if dense {
             weights::dequantize_all(&mut params)?;
@@ -338,8 +359,10 @@ impl Model {
             None => (None, std::collections::HashMap::new()),
         };
         let activations = opts.activations.unwrap_or_default();
-        let plan = crate::cpu_kernels::with_activations(activations, || {
-            Plan::build_adapted(&graph, params, opts.fuse(), &adapted)
+        let plan = crate::distributed::with_group(group, || {
+            crate::cpu_kernels::with_activations(activations, || {
+                Plan::build_adapted(&graph, params, opts.fuse(), &adapted)
+            })
         })?;
         Ok(Model {
             dir: path.to_path_buf(),

@@ -46,7 +46,14 @@ fn fusion_groups(
 ) -> HashMap<usize, Vec<usize>> {
     let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
+        // A projection whose partial products are summed across ranks
+        // runs alone.
+        let reduced = node
+            .op
+            .as_projection()
+            .is_some_and(|l| l.shard == lmspec_spec::ops::Shard::In);
         if node.op.as_projection().is_none()
+            || reduced
             || adapted.contains_key(&k)
             || node.inputs.len() != 1
             || node.resolved.state.is_some()

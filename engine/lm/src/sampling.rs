@@ -183,8 +183,12 @@ pub fn logprob_of(logits: &[f32], id: u32) -> f32 {
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from `seed`; without one, from `$LMSPEC_SEED` (which
+    /// `lmspec launch` sets alike on every rank, so that all draw the same
+    /// tokens), else from the clock.
     pub fn new(seed: Option<u64>) -> Rng {
-        Rng(seed.unwrap_or_else(|| {
+        let shared = || std::env::var("LMSPEC_SEED").ok()?.trim().parse().ok();
+        Rng(seed.or_else(shared).unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

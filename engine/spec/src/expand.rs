@@ -26,8 +26,33 @@ pub fn expand_for(
     config: &serde_json::Value,
     config_file: &Path,
 ) -> Result<(IndexMap<String, Value>, Graph)> {
+    expand_for_ranks(spec, config, config_file, 1)
+}
+
+/// [`expand_for`] as one rank of a tensor-parallel run over `ranks` ranks:
+/// the config entries the spec's `parallel` section names hold each rank's
+/// share, so nodes built from them (heads, widths) are the rank's own.
+pub fn expand_for_ranks(
+    spec: &Spec,
+    config: &serde_json::Value,
+    config_file: &Path,
+    ranks: i64,
+) -> Result<(IndexMap<String, Value>, Graph)> {
     let checked = crate::check(spec)?;
-    let (bound, prov) = crate::config::bind_traced(spec, config, config_file)?;
+    let (mut bound, prov) = crate::config::bind_traced(spec, config, config_file)?;
+    if ranks > 1 {
+        share_per_rank(spec, &mut bound, ranks).map_err(|e| match &e {
+            Error::Spec { field, .. } => {
+                let sources = sources_of(&prov, std::slice::from_ref(field));
+                if sources.is_empty() {
+                    e
+                } else {
+                    blame(config_file, &sources, &e)
+                }
+            }
+            _ => e,
+        })?;
+    }
     // A node that cannot be built from these values is the values' fault
     // when the field at fault reads checkpoint keys: blame those.
     let graph = expand(&checked, &bound).map_err(|e| match &e {
@@ -42,6 +67,65 @@ pub fn expand_for(
         _ => e,
     })?;
     Ok((bound, graph))
+}
+
+/// Replaces the entries a spec's `parallel` section names by one rank's
+/// share of `ranks`; an error names the entry (as the field).
+fn share_per_rank(spec: &Spec, bound: &mut IndexMap<String, Value>, ranks: i64) -> Result<()> {
+    let Some(parallel) = &spec.parallel else {
+        return Err(Error::spec(
+            &spec.file,
+            spec.name.as_str(),
+            "parallel",
+            format!(
+                "spec '{}' declares no tensor parallelism (a `parallel` section); it runs on one rank only, not {ranks}",
+                spec.name
+            ),
+        ));
+    };
+    let entries = parallel.item.split.iter().map(|n| (n, false));
+    let entries = entries.chain(parallel.item.split_or_copy.iter().map(|n| (n, true)));
+    for (name, copy) in entries {
+        let err = |msg: String| Error::spec(&parallel.file, "parallel", name.as_str(), msg);
+        let Some(value) = bound.get_mut(name.as_str()) else {
+            return Err(err(format!("'{name}' is not a config entry of the spec")));
+        };
+        let share = |v: i64| -> Result<i64> {
+            if v > 0 && v % ranks == 0 {
+                Ok(v / ranks)
+            } else if copy && v > 0 && ranks % v == 0 {
+                Ok(1)
+            } else if copy {
+                Err(err(format!(
+                    "{name} = {v} cannot be split over {ranks} ranks (the world size must divide it or be a multiple of it)"
+                )))
+            } else {
+                Err(err(format!(
+                    "{name} = {v} cannot be split over {ranks} ranks (the world size must divide it)"
+                )))
+            }
+        };
+        *value = match &*value {
+            Value::Null => Value::Null,
+            Value::Int(v) => Value::Int(share(*v)?),
+            Value::List(items) => Value::List(
+                items
+                    .iter()
+                    .map(|x| match x {
+                        Value::Int(v) => share(*v).map(Value::Int),
+                        other => Ok(other.clone()),
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            other => {
+                return Err(err(format!(
+                    "'{name}' is a {}, not a count to split",
+                    other.type_name()
+                )))
+            }
+        };
+    }
+    Ok(())
 }
 
 /// Expands a checked spec for bound config values.

@@ -31,6 +31,6 @@ pub mod schema;
 
 pub use check::{check, CheckedSpec};
 pub use error::{Error, Result};
-pub use expand::{expand, expand_for};
+pub use expand::{expand, expand_for, expand_for_ranks};
 pub use graph::{Graph, Node, Src};
 pub use library::{Sourced, Spec, SpecLibrary};

@@ -62,6 +62,8 @@ pub struct Spec {
     pub only_keys: IndexMap<String, Sourced<serde_yaml::Value>>,
     /// Keys the spec knows and ignores, with the reason (`config_keys.ignored`).
     pub ignored_keys: IndexMap<String, Sourced<String>>,
+    /// Tensor parallelism (`parallel:`, not inherited through `extends`).
+    pub parallel: Option<Sourced<crate::raw::RawParallel>>,
 }
 
 /// Parses one spec file, naming the file and position on error.
@@ -571,6 +573,7 @@ impl SpecLibrary {
                 tool_format: None,
                 only_keys: IndexMap::new(),
                 ignored_keys: IndexMap::new(),
+                parallel: None,
             },
         };
         spec.name = name;
@@ -596,6 +599,9 @@ impl SpecLibrary {
         if raw.tool_format.is_some() {
             spec.tool_format = raw.tool_format;
         }
+        // Not inherited: a spec that extends another runs its own nodes,
+        // whose sharding its own tests must show.
+        spec.parallel = raw.parallel.map(|p| sourced(path, p));
         for (k, v) in raw.config_keys.only {
             spec.ignored_keys.shift_remove(&k);
             spec.only_keys.insert(k, sourced(path, v));

@@ -46,6 +46,25 @@ pub struct RawSpec {
     /// with: accepted with one value only, or ignored for a reason.
     #[serde(default)]
     pub config_keys: RawConfigKeys,
+    /// Tensor parallelism: the config values each rank holds a share of
+    /// (the nodes say which weights are split with `shard`).
+    #[serde(default)]
+    pub parallel: Option<RawParallel>,
+}
+
+/// `parallel`: config entries divided by the world size on each rank of a
+/// tensor-parallel run. Without this section a spec runs on one rank only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParallel {
+    /// Divided by the world size, which must divide them (query heads,
+    /// intermediate widths).
+    #[serde(default)]
+    pub split: Vec<String>,
+    /// Divided by the world size, which must divide them or be a multiple
+    /// of them: then every rank holds one, copied (key/value heads).
+    #[serde(default)]
+    pub split_or_copy: Vec<String>,
 }
 
 /// A spec's task: which loader picks it for a `model_type`.

@@ -1,6 +1,8 @@
 //! `linear`: `y = x Wᵀ (+ b)`, dense or MLX affine-quantized
 //! (`quantized_matmul`, as mlx-lm's `nn.QuantizedLinear`).
-use lmspec_spec::ops::{HeadLinear, Layout, Linear, OpError};
+use std::sync::Arc;
+
+use lmspec_spec::ops::{HeadLinear, Layout, Linear, OpError, Shard};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -21,10 +23,12 @@ impl Build for Linear {
             q => q,
         };
         let activations = crate::cpu_kernels::build_activations();
+        let reduce = crate::distributed::build_group().filter(|_| self.shard == Shard::In);
         Ok(Box::new(LinearOp {
             weight,
             bias,
             activations,
+            reduce,
         }))
     }
 }
@@ -36,6 +40,9 @@ struct LinearOp {
     bias: Option<Array>,
     /// How a quantized product on the CPU treats the activations.
     activations: Activations,
+    /// The group whose ranks each hold a slice of the input features: the
+    /// partial products are summed over it before the bias is added.
+    reduce: Option<Arc<crate::distributed::Group>>,
 }
 
 /// Applies a loaded linear layer; shared with ops that project through one.
@@ -101,12 +108,24 @@ fn quantized(
 
 impl Op for LinearOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        apply_with(
+        let Some(group) = &self.reduce else {
+            return apply_with(
+                &self.weight,
+                self.bias.as_ref(),
+                inputs[0],
+                self.activations,
+            );
+        };
+        let partial = group.all_sum(&apply_with(
             &self.weight,
-            self.bias.as_ref(),
+            None,
             inputs[0],
             self.activations,
-        )
+        )?)?;
+        match &self.bias {
+            Some(b) => mlx_rs::ops::add(&partial, b),
+            None => Ok(partial),
+        }
     }
 }
 

@@ -38,6 +38,15 @@ impl Build for Moe {
         }
         let router_bias = w.dense_opt("router_bias")?;
         let correction = w.dense_opt("correction_bias")?;
+        // Sharded experts: each rank's partial output is summed; a term
+        // every rank would add (identity experts, down biases) is refused.
+        let reduce = crate::distributed::build_group().filter(|_| self.shard);
+        if reduce.is_some() && (self.zero_experts > 0 || self.expert_bias) {
+            return Err(OpError::new(
+                "shard",
+                "experts with identity slots or biases cannot be split across ranks",
+            ));
+        }
         let router = match router {
             Param::Dense(w) => Param::Dense(w.t()),
             q => q,
@@ -49,6 +58,7 @@ impl Build for Moe {
             router_bias,
             projections,
             correction,
+            reduce,
         }))
     }
 }
@@ -125,6 +135,9 @@ struct MoeOp {
     /// gate, up, down (gated) or fc1, fc2 (plain).
     projections: Vec<Stacked>,
     correction: Option<Array>,
+    /// The group whose ranks each hold a slice of every expert (their
+    /// partial outputs are summed); `None` on one rank.
+    reduce: Option<Arc<crate::distributed::Group>>,
 }
 
 /// From this many routed (token, expert) pairs on, the rows are sorted by
@@ -346,11 +359,18 @@ impl Op for MoeOp {
         if self.cfg.scale_input {
             // Top-1: the weight scales what the expert reads, [B, T, 1] * x.
             let scaled = mlx_rs::ops::multiply(x, &scores)?;
-            return self.experts(&scaled, &inds)?.squeeze_axes(&[-2]);
+            let out = self.experts(&scaled, &inds)?.squeeze_axes(&[-2])?;
+            return match &self.reduce {
+                Some(group) => group.all_sum(&out),
+                None => Ok(out),
+            };
         }
         let y = self.experts(x, &inds)?;
         let weighted = mlx_rs::ops::multiply(&y, scores.expand_dims(-1)?)?;
         let out = weighted.sum_axis(-2, false)?.as_dtype(y.dtype())?;
+        if let Some(group) = &self.reduce {
+            return group.all_sum(&out);
+        }
         match identity {
             Some(w) => mlx_rs::ops::add(&out, mlx_rs::ops::multiply(x, &w)?)?.as_dtype(y.dtype()),
             None => Ok(out),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use mlx_rs::Array;
 
+use crate::distributed::Rank;
 use crate::error::{read_to_string, Error, Result};
 use lmspec_spec::ops::{OpError, WeightReq};
 use lmspec_spec::Graph;
@@ -423,11 +424,14 @@ fn shape_of(a: &Array) -> Vec<i64> {
 }
 
 /// Finds every node's weights; checks shapes and that nothing is left over.
+/// On a rank of a tensor-parallel run, a sharded weight is that rank's
+/// slice of the checkpoint's tensor.
 pub fn bind(
     graph: &Graph,
     tensors: &IndexMap<String, Array>,
     quant: &Quantization,
     file: &Path,
+    rank: Rank,
 ) -> Result<Vec<Vec<Param>>> {
     let mut used: HashSet<String> = HashSet::new();
     let mut missing: Vec<String> = Vec::new();
@@ -444,7 +448,7 @@ pub fn bind(
                     node.file.display()
                 )
             };
-            match find(req, tensors, quant, &mut used) {
+            match find(req, tensors, quant, &mut used, rank) {
                 Ok(Some(p)) => params.push(p),
                 Ok(None) => missing.push(format!("{} needed by {}", req.tensor(), at())),
                 Err(msg) => {
@@ -497,6 +501,109 @@ fn infer_quantization(inp: i64, w: &Array, scales: &Array) -> Option<(i32, i32)>
 }
 
 fn find(
+    req: &WeightReq,
+    tensors: &IndexMap<String, Array>,
+    quant: &Quantization,
+    used: &mut HashSet<String>,
+    rank: Rank,
+) -> std::result::Result<Option<Param>, String> {
+    let Some(axis) = req.shard_axis.filter(|_| rank.of > 1) else {
+        return find_whole(req, tensors, quant, used);
+    };
+    let Some(w) = tensors.get(&req.tensor()) else {
+        return Ok(None);
+    };
+    let local = *req
+        .shape
+        .get(axis)
+        .ok_or_else(|| format!("no axis {axis} to split in shape {:?}", req.shape))?;
+    // A quantized weight's input axis is packed: its whole width is the
+    // world's share times the world size (never copied).
+    let packed_axis = req.quantizable
+        && axis + 1 == req.shape.len()
+        && tensors.contains_key(&format!("{}.scales", req.module));
+    let global = match packed_axis {
+        true => local * rank.of as i64,
+        false => shape_of(w).get(axis).copied().unwrap_or(0),
+    };
+    let mut whole = req.clone();
+    whole.shape[axis] = global;
+    let Some(param) = find_whole(&whole, tensors, quant, used)? else {
+        return Ok(None);
+    };
+    let start = shard_start(global, local, rank).map_err(|msg| {
+        format!(
+            "axis {axis} of {:?}: {msg} (tensor parallelism over {} ranks)",
+            whole.shape, rank.of
+        )
+    })?;
+    shard_param(param, axis, start, local)
+        .map(Some)
+        .map_err(|e| format!("splitting it: {e}"))
+}
+
+/// Where rank `rank`'s slice of `local` values starts among `global`: the
+/// ranks split the axis evenly, or, when they outnumber its `global /
+/// local` slices, each slice is copied to consecutive ranks.
+fn shard_start(global: i64, local: i64, rank: Rank) -> std::result::Result<i64, String> {
+    let of = rank.of as i64;
+    let slices = if local > 0 { global / local } else { 0 };
+    if local <= 0 || global % local != 0 || slices == 0 || (slices % of != 0 && of % slices != 0) {
+        return Err(format!(
+            "{global} values cannot be split into slices of {local} over {of} ranks"
+        ));
+    }
+    let index = rank.index as i64;
+    Ok(if slices >= of {
+        index * local
+    } else {
+        index / (of / slices) * local
+    })
+}
+
+/// `len` values from `start` along `axis` of a loaded param, copied (the
+/// whole tensor is not kept); a quantized param's last axis counts
+/// unpacked input features and must keep whole groups.
+fn shard_param(p: Param, axis: usize, start: i64, len: i64) -> std::result::Result<Param, String> {
+    let take = |a: &Array, axis: usize, start: i64, len: i64| {
+        let idx = Array::from_iter(start as i32..(start + len) as i32, &[len as i32]);
+        a.take_axis(&idx, axis as i32).map_err(|e| e.to_string())
+    };
+    match p {
+        Param::Dense(w) => Ok(Param::Dense(take(&w, axis, start, len)?)),
+        Param::Quantized {
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+        } => {
+            let last = w.ndim() - 1;
+            let (packed, grouped) = if axis == last {
+                let g = group_size as i64;
+                if start % g != 0 || len % g != 0 {
+                    return Err(format!(
+                        "a slice of {len} input features from {start} does not keep whole quantization groups of {group_size}"
+                    ));
+                }
+                // Whole groups hold whole 32-bit words (groups of 32 or more).
+                let words = |n: i64| n * bits as i64 / 32;
+                ((words(start), words(len)), (start / g, len / g))
+            } else {
+                ((start, len), (start, len))
+            };
+            Ok(Param::Quantized {
+                w: take(&w, axis, packed.0, packed.1)?,
+                scales: take(&scales, axis, grouped.0, grouped.1)?,
+                biases: take(&biases, axis, grouped.0, grouped.1)?,
+                group_size,
+                bits,
+            })
+        }
+    }
+}
+
+fn find_whole(
     req: &WeightReq,
     tensors: &IndexMap<String, Array>,
     quant: &Quantization,

@@ -1,6 +1,23 @@
 //! `linear` (an affine projection, quantized when the checkpoint is) and
 //! `head_linear` (one projection per head).
-use super::{expect_flat, expect_heads, op, Layout, OpError, Resolved, WeightName, WeightReq};
+use super::{
+    choice, expect_flat, expect_heads, op, Layout, OpError, Resolved, WeightName, WeightReq,
+};
+
+choice! {
+    /// How a projection is split across the ranks of a tensor-parallel run
+    /// (nothing changes on one rank).
+    pub enum Shard {
+        /// Every rank holds the whole weight.
+        None = "none",
+        /// Each rank holds a slice of the output features (weight rows and
+        /// bias); its output is that rank's slice.
+        Out = "out",
+        /// Each rank holds a slice of the input features (weight columns);
+        /// the partial products are summed across ranks, then the bias added.
+        In = "in",
+    }
+}
 
 op! {
     /// Affine projection of the last axis; quantized when the checkpoint is.
@@ -8,6 +25,7 @@ op! {
         weight: WeightName, "module holding `weight` [out, in] (and `bias` [out])";
         out: i64, "output features";
         bias: bool = false, "whether the module has a bias";
+        shard: Shard = Shard::None, "tensor parallelism: none (replicated), out (each rank a slice of the output features) or in (each rank a slice of the input features, the partial products summed across ranks)";
     }
 }
 
@@ -26,14 +44,19 @@ impl Linear {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let input = expect_flat(inputs, 0)?;
         let module = self.weight.under(scope);
-        let mut weights = vec![WeightReq::matrix(
-            "weight",
-            module.clone(),
-            "weight",
-            vec![self.out, input],
-        )];
+        let mut weights =
+            vec![
+                WeightReq::matrix("weight", module.clone(), "weight", vec![self.out, input])
+                    .sharded(
+                        self.shard != Shard::None,
+                        usize::from(self.shard == Shard::In),
+                    ),
+            ];
         if self.bias {
-            weights.push(WeightReq::dense("bias", module, "bias", vec![self.out]));
+            weights.push(
+                WeightReq::dense("bias", module, "bias", vec![self.out])
+                    .sharded(self.shard == Shard::Out, 0),
+            );
         }
         Ok(Resolved {
             weights,

@@ -36,7 +36,7 @@ pub use elementwise::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
 pub use learned::{FakeQuant, Gain, GainShape, Xielu, XIELU_PARAMS};
-pub use linear::{HeadLinear, Linear};
+pub use linear::{HeadLinear, Linear, Shard};
 pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
@@ -217,6 +217,10 @@ pub struct WeightReq {
     pub shape: Vec<i64>,
     /// Whether an MLX affine-quantized form (`scales`/`biases`) is accepted.
     pub quantizable: bool,
+    /// Under tensor parallelism, the axis of `shape` along which each rank
+    /// holds a slice (`shape` is then one rank's share); `None`: every rank
+    /// holds the whole tensor.
+    pub shard_axis: Option<usize>,
 }
 
 impl WeightReq {
@@ -237,6 +241,16 @@ impl WeightReq {
             suffix,
             shape,
             quantizable: false,
+            shard_axis: None,
+        }
+    }
+
+    /// The same tensor, each rank holding a slice along `axis` (when
+    /// `sharded`).
+    pub fn sharded(self, sharded: bool, axis: usize) -> WeightReq {
+        WeightReq {
+            shard_axis: sharded.then_some(axis),
+            ..self
         }
     }
 

@@ -66,6 +66,7 @@ op! {
         limit: Option<Positive<f64>> = None, "clamped SwiGLU of gated experts: min(act(gate), limit) * clip(up, -limit, limit) (oai: the gate and up clip)";
         glu: ExpertGlu = ExpertGlu::Plain, "plain: act(gate) * up; oai: gpt-oss's (up + 1) * gate * sigmoid(1.702 gate)";
         scale_input: bool = false, "the routing weight scales the expert's input instead of its output (llama4's top-1 experts; needs top_k 1)";
+        shard: bool = false, "tensor parallelism: each rank holds a slice of every expert's intermediate features (gate/up rows, down columns) and the partial outputs are summed across ranks";
     }
 }
 
@@ -125,26 +126,28 @@ impl Moe {
             "weight",
             vec![slots, routed_on],
         )];
-        let projections: &[(&str, i64, i64)] = if self.gated {
-            &[("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)]
+        // (name, out, in, the intermediate axis: rows of the up
+        // projections, columns of the down projection)
+        let projections: &[(&str, i64, i64, usize)] = if self.gated {
+            &[
+                ("gate_proj", f, d, 1),
+                ("up_proj", f, d, 1),
+                ("down_proj", d, f, 2),
+            ]
         } else {
-            &[("fc1", f, d), ("fc2", d, f)]
+            &[("fc1", f, d, 1), ("fc2", d, f, 2)]
         };
-        for (name, out, inp) in projections {
+        for &(name, out, inp, axis) in projections {
             let module = format!("{experts}.{name}");
-            weights.push(WeightReq::matrix(
-                "experts",
-                module.clone(),
-                "weight",
-                vec![e, *out, *inp],
-            ));
+            weights.push(
+                WeightReq::matrix("experts", module.clone(), "weight", vec![e, out, inp])
+                    .sharded(self.shard, axis),
+            );
             if self.expert_bias {
-                weights.push(WeightReq::dense(
-                    "expert_bias",
-                    module,
-                    "bias",
-                    vec![e, *out],
-                ));
+                weights.push(
+                    WeightReq::dense("expert_bias", module, "bias", vec![e, out])
+                        .sharded(self.shard && axis == 1, 1),
+                );
             }
         }
         if self.router_bias {
