@@ -139,10 +139,12 @@ enum Command {
         #[arg(long)]
         profile_ops: bool,
     },
-    /// Run a command as every rank of a tensor-parallel run: one process
-    /// per rank (per GPU with NCCL), rank 0's output shown, the others'
-    /// errors prefixed with their rank; when one rank fails the others are
-    /// stopped (`lmspec launch -n 2 -- lmspec generate --model DIR ...`).
+    /// Run a command on every rank of a tensor-parallel run (one process per rank)
+    ///
+    /// One process per rank (per GPU with NCCL); rank 0's output is shown,
+    /// the others' errors prefixed with their rank; when one rank fails the
+    /// others are stopped (`lmspec launch -n 2 -- lmspec generate --model
+    /// DIR ...`).
     Launch(crate::launch_cmd::LaunchArgs),
     /// Serve a model over HTTP: OpenAI- and Anthropic-compatible APIs with
     /// continuous batching.

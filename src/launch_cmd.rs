@@ -52,6 +52,12 @@ fn shared_env(ranks: u32, backend: &str) -> Result<(Env, Option<tempfile::TempDi
     let mut dir = None;
     match backend {
         "ring" => {
+            // Ranks on one machine share its cores.
+            if std::env::var_os("LMSPEC_THREADS").is_none() {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let per_rank = (cores / ranks as usize).max(1);
+                env.push(("LMSPEC_THREADS".into(), per_rank.to_string()));
+            }
             let d = tempfile::tempdir().context("creating the ring's host file folder")?;
             let hosts: Vec<serde_json::Value> = (0..ranks)
                 .map(|_| Ok(serde_json::json!([format!("127.0.0.1:{}", free_port()?)])))
