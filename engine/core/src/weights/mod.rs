@@ -531,7 +531,7 @@ fn find(
     let Some(param) = find_whole(&whole, tensors, quant, used)? else {
         return Ok(None);
     };
-    let start = shard_start(global, local, rank).map_err(|msg| {
+    let start = shard_start(global, local, rank, req.shard_copies).map_err(|msg| {
         format!(
             "axis {axis} of {:?}: {msg} (tensor parallelism over {} ranks)",
             whole.shape, rank.of
@@ -543,22 +543,25 @@ fn find(
 }
 
 /// Where rank `rank`'s slice of `local` values starts among `global`: the
-/// ranks split the axis evenly, or, when they outnumber its `global /
-/// local` slices, each slice is copied to consecutive ranks.
-fn shard_start(global: i64, local: i64, rank: Rank) -> std::result::Result<i64, String> {
+/// ranks split the axis evenly, or, when `copies` allows and they
+/// outnumber its `global / local` slices, each slice is copied to
+/// consecutive ranks.
+fn shard_start(
+    global: i64,
+    local: i64,
+    rank: Rank,
+    copies: bool,
+) -> std::result::Result<i64, String> {
     let of = rank.of as i64;
     let slices = if local > 0 { global / local } else { 0 };
-    if local <= 0 || global % local != 0 || slices == 0 || (slices % of != 0 && of % slices != 0) {
+    let fits = slices == of || (copies && slices > 0 && slices < of && of % slices == 0);
+    if local <= 0 || global % local != 0 || !fits {
         return Err(format!(
-            "{global} values cannot be split into slices of {local} over {of} ranks"
+            "{global} values cannot be split into {of} rank slices of {local} (is an entry missing from the spec's `parallel` section?)"
         ));
     }
     let index = rank.index as i64;
-    Ok(if slices >= of {
-        index * local
-    } else {
-        index / (of / slices) * local
-    })
+    Ok(index / (of / slices) * local)
 }
 
 /// `len` values from `start` along `axis` of a loaded param, copied (the

@@ -44,18 +44,19 @@ impl Linear {
     pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
         let input = expect_flat(inputs, 0)?;
         let module = self.weight.under(scope);
-        let mut weights =
-            vec![
-                WeightReq::matrix("weight", module.clone(), "weight", vec![self.out, input])
-                    .sharded(
-                        self.shard != Shard::None,
-                        usize::from(self.shard == Shard::In),
-                    ),
-            ];
+        let weight = WeightReq::matrix("weight", module.clone(), "weight", vec![self.out, input]);
+        // Output slices may be copied (key/value heads shared by ranks);
+        // input slices are summed, so each must be a rank's own.
+        let weight = match self.shard {
+            Shard::None => weight,
+            Shard::Out => weight.sharded_or_copied(true, 0),
+            Shard::In => weight.sharded(true, 1),
+        };
+        let mut weights = vec![weight];
         if self.bias {
             weights.push(
                 WeightReq::dense("bias", module, "bias", vec![self.out])
-                    .sharded(self.shard == Shard::Out, 0),
+                    .sharded_or_copied(self.shard == Shard::Out, 0),
             );
         }
         Ok(Resolved {

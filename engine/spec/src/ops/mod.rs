@@ -221,6 +221,10 @@ pub struct WeightReq {
     /// holds a slice (`shape` is then one rank's share); `None`: every rank
     /// holds the whole tensor.
     pub shard_axis: Option<usize>,
+    /// Whether consecutive ranks may hold copies of one slice when they
+    /// outnumber the slices (key/value heads); never for a weight whose
+    /// partial results are summed across ranks.
+    pub shard_copies: bool,
 }
 
 impl WeightReq {
@@ -242,15 +246,25 @@ impl WeightReq {
             shape,
             quantizable: false,
             shard_axis: None,
+            shard_copies: false,
         }
     }
 
-    /// The same tensor, each rank holding a slice along `axis` (when
+    /// The same tensor, each rank holding its own slice along `axis` (when
     /// `sharded`).
     pub fn sharded(self, sharded: bool, axis: usize) -> WeightReq {
         WeightReq {
             shard_axis: sharded.then_some(axis),
             ..self
+        }
+    }
+
+    /// Like [`WeightReq::sharded`], ranks that outnumber the slices holding
+    /// copies.
+    pub fn sharded_or_copied(self, sharded: bool, axis: usize) -> WeightReq {
+        WeightReq {
+            shard_copies: sharded,
+            ..self.sharded(sharded, axis)
         }
     }
 
