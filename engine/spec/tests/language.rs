@@ -2,6 +2,7 @@
 //! the built-in library, `--explain`, the op reference.
 use std::path::{Path, PathBuf};
 
+use lmspec_spec::expr::Value;
 use lmspec_spec::{check, expand_for, render, Error, SpecLibrary};
 
 fn root() -> PathBuf {
@@ -462,4 +463,97 @@ fn layer_prefixes_are_expressions_and_weights_can_be_absolute() {
         .expect_err("a bool is not a scope part")
         .to_string();
     assert!(err.contains("not an int or a string"), "{err}");
+}
+
+const SHARDED: &str = "spec_version: 1
+name: sharded
+model_types: [sharded]
+parallel:
+  split: [heads, widths, absent]
+  split_or_copy: [kv]
+config:
+  heads: {type: int, from: heads}
+  kv: {type: int, from: kv}
+  widths: {type: list, value: [8, 16]}
+  absent: {type: int, value: null}
+  head_dim: {type: int, value: 64 // heads}
+model:
+  inputs: [tokens]
+  nodes:
+    embed: {op: embedding, in: tokens, weight: emb, vocab: 10, dim: 64}
+    q: {op: linear, in: embed, weight: q, out: heads * head_dim, shard: out}
+    k: {op: linear, in: embed, weight: k, out: kv * head_dim, shard: out}
+    o: {op: linear, in: q, weight: o, out: 64, shard: in}
+  output: o
+";
+
+#[test]
+fn parallel_entries_hold_each_ranks_share() {
+    let (_dir, lib) = library_with(&[("sharded.yaml", SHARDED)]);
+    let spec = lib.load("sharded").expect("loads");
+    let config = serde_json::json!({"model_type": "sharded", "heads": 4, "kv": 2});
+    let file = Path::new("config.json");
+    let ints = |v: &[i64]| Value::List(v.iter().map(|&x| Value::Int(x)).collect());
+    // One rank: nothing changes.
+    let (bound, graph) = lmspec_spec::expand_for_ranks(&spec, &config, file, 1).expect("one");
+    assert_eq!(graph.nodes[1].resolved.weights[0].shape, vec![64, 64]);
+    assert!(bound["widths"] == ints(&[8, 16]));
+    // Two ranks: heads and every list entry halved, head_dim (computed
+    // from the whole model's heads) kept, null kept.
+    let (bound, graph) = lmspec_spec::expand_for_ranks(&spec, &config, file, 2).expect("two");
+    let shape = |k: usize| graph.nodes[k].resolved.weights[0].shape.clone();
+    assert_eq!(
+        (shape(1), shape(2), shape(3)),
+        (vec![32, 64], vec![16, 64], vec![64, 32])
+    );
+    assert!(bound["head_dim"] == Value::Int(16));
+    assert!(bound["absent"] == Value::Null);
+    assert!(bound["widths"] == ints(&[4, 8]));
+    // The o weight's input axis is the rank's slice; q/k may be copied,
+    // o may not.
+    let req = |k: usize| graph.nodes[k].resolved.weights[0].clone();
+    assert_eq!((req(1).shard_axis, req(1).shard_copies), (Some(0), true));
+    assert_eq!((req(3).shard_axis, req(3).shard_copies), (Some(1), false));
+    // Four ranks: two key/value heads become one copied head per rank.
+    let (bound, _) = lmspec_spec::expand_for_ranks(&spec, &config, file, 4).expect("four");
+    assert!(bound["kv"] == Value::Int(1));
+    // Three ranks do not split four heads: the checkpoint key is blamed.
+    let err = lmspec_spec::expand_for_ranks(&spec, &config, file, 3)
+        .expect_err("three")
+        .to_string();
+    assert!(
+        err.contains("config.json: heads")
+            && err.contains("heads = 4 cannot be split over 3 ranks"),
+        "{err}"
+    );
+    // Eight ranks could copy the key/value heads but not split 4 query heads.
+    let err = lmspec_spec::expand_for_ranks(&spec, &config, file, 8)
+        .expect_err("eight")
+        .to_string();
+    assert!(
+        err.contains("heads = 4 cannot be split over 8 ranks"),
+        "{err}"
+    );
+    // An entry that is not in the config is named.
+    let bad = SHARDED.replace("split: [heads, widths, absent]", "split: [heads, nowhere]");
+    let (_dir, lib) = library_with(&[("sharded.yaml", &bad)]);
+    let spec = lib.load("sharded").expect("loads");
+    let err = lmspec_spec::expand_for_ranks(&spec, &config, file, 2)
+        .expect_err("unknown")
+        .to_string();
+    assert!(
+        err.contains("parallel: nowhere: 'nowhere' is not a config entry"),
+        "{err}"
+    );
+    // A spec without `parallel` runs on one rank only.
+    let none = SHARDED.replace(
+        "parallel:\n  split: [heads, widths, absent]\n  split_or_copy: [kv]\n",
+        "",
+    );
+    let (_dir, lib) = library_with(&[("sharded.yaml", &none)]);
+    let spec = lib.load("sharded").expect("loads");
+    let err = lmspec_spec::expand_for_ranks(&spec, &config, file, 2)
+        .expect_err("no parallel")
+        .to_string();
+    assert!(err.contains("declares no tensor parallelism"), "{err}");
 }
