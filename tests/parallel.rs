@@ -127,6 +127,7 @@ fn rank_weights(index: usize, of: usize) -> (lmspec::spec::Graph, Vec<Vec<Param>
         &Quantization::default(),
         &ckpt.file,
         Rank { index, of },
+        &ckpt.files,
     )
     .expect("binds");
     (graph, params)
@@ -161,8 +162,25 @@ fn each_rank_binds_its_slice_of_the_checkpoint() {
     let k = full("model.layers.0.self_attn.k_proj.weight"); // [2 heads * 16, 64]
     let o = full("model.layers.0.self_attn.o_proj.weight"); // [64, 4 * 16]
     let down = full("model.layers.0.mlp.down_proj.weight"); // [64, 128]
+                                                            // Each rank reads its slices alone: half of every split tensor.
+    let split: usize = ckpt
+        .tensors
+        .iter()
+        .filter(|(n, _)| ["_proj.weight"].iter().any(|s| n.ends_with(s)))
+        .map(|(_, a)| a.nbytes())
+        .sum();
     for index in 0..2 {
+        let before = weights::file_slice::bytes_read();
         let (graph, params) = rank_weights(index, 2);
+        for p in params.iter().flatten() {
+            if let Param::Dense(a) = p {
+                a.eval().expect("reads");
+            }
+        }
+        assert_eq!(
+            (weights::file_slice::bytes_read() - before) as usize,
+            split / 2
+        );
         let r = index as i32;
         let q_r = q.try_index((r * 32..(r + 1) * 32, ..)).expect("rows");
         assert_same(
@@ -244,10 +262,10 @@ fn bad_worlds_are_refused_with_the_config_key_and_the_spec() {
         "{stdout}"
     );
     // A spec without a `parallel` section runs on one rank only.
-    let out = golden_on(2, &["gemma"]);
+    let out = golden_on(2, &["phi3"]);
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("specs/models/gemma.yaml")
+        stdout.contains("specs/models/phi3.yaml")
             && stdout.contains("declares no tensor parallelism"),
         "{stdout}"
     );

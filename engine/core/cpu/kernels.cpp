@@ -1,5 +1,6 @@
 // lmspec's own MLX primitives for the CPU: quantized matrix products over
-// MLX's affine layout, dequantization, RMSNorm, RoPE and attention. Each is
+// MLX's affine layout, dequantization, RMSNorm, RoPE and attention, and a
+// read of one slice of a tensor stored in a file. Each is
 // an `mlx::core::Primitive` whose `eval_cpu` allocates its output and hands
 // the work to the stream's command encoder, as MLX's own CPU primitives do,
 // so the graph stays lazy and one graph. The work inside runs on a small
@@ -9,7 +10,9 @@
 // of mlx-c's `mlx_array`); errors come back as a message, never as an
 // exception crossing into Rust.
 
+#include <fcntl.h>
 #include <immintrin.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1368,6 +1371,79 @@ static mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device::cpu);
 }
 
+// ------------------------------------------------------------- file slice
+
+// Bytes FileSlice has read, for tests and reports.
+static std::atomic<uint64_t> file_bytes_read{0};
+
+// A slice of a row-major tensor stored at `base` in a file, read without
+// the rest: `outer` segments of `seg_bytes`, the i-th at
+// base + i * stride + seg_offset. Read when evaluated, like MLX's Load.
+class FileSlice : public mx::UnaryPrimitive {
+ public:
+  FileSlice(mx::Stream s, std::string path, uint64_t base, int64_t outer, int64_t stride,
+            int64_t seg_offset, int64_t seg_bytes)
+      : UnaryPrimitive(s),
+        path_(std::move(path)),
+        base_(base),
+        outer_(outer),
+        stride_(stride),
+        seg_offset_(seg_offset),
+        seg_bytes_(seg_bytes) {}
+  void eval_cpu(const std::vector<mx::array>&, mx::array& out) override {
+    if (int64_t(out.nbytes()) != outer_ * seg_bytes_)
+      throw std::runtime_error("lmspec file slice: output size does not match the segments");
+    alloc_out(out);
+    // Read here, on the evaluating thread, so that a failure reaches the
+    // caller of eval as an error naming the file.
+    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw std::runtime_error("cannot open " + path_);
+    char* dst = out.data<char>();
+    for (int64_t i = 0; i < outer_; ++i) {
+      int64_t done = 0;
+      off_t at = off_t(base_ + uint64_t(i * stride_ + seg_offset_));
+      while (done < seg_bytes_) {
+        ssize_t n = ::pread(fd, dst + i * seg_bytes_ + done, size_t(seg_bytes_ - done), at + done);
+        if (n <= 0) {
+          ::close(fd);
+          throw std::runtime_error("cannot read " + path_ + " at byte " + std::to_string(at + done));
+        }
+        done += n;
+      }
+    }
+    ::close(fd);
+    file_bytes_read += uint64_t(outer_ * seg_bytes_);
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec file slice runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecFileSlice";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const FileSlice&>(other);
+    return path_ == o.path_ && base_ == o.base_ && outer_ == o.outer_ && stride_ == o.stride_ &&
+           seg_offset_ == o.seg_offset_ && seg_bytes_ == o.seg_bytes_;
+  }
+
+ private:
+  std::string path_;
+  uint64_t base_;
+  int64_t outer_, stride_, seg_offset_, seg_bytes_;
+};
+
+static mx::Dtype dtype_code(int code) {
+  switch (code) {
+    case 0: return mx::float32;
+    case 1: return mx::float16;
+    case 2: return mx::bfloat16;
+    case 3: return mx::uint32;
+    case 4: return mx::uint8;
+    case 5: return mx::int8;
+    default: throw std::invalid_argument("unknown dtype code");
+  }
+}
+
 }  // namespace lmspec
 
 // ------------------------------------------------------------------ C ABI
@@ -1526,6 +1602,44 @@ int lmspec_attention(
       throw std::invalid_argument("q, k and v shapes do not agree");
     mx::Shape shape = {qa.shape(0), qa.shape(1), qa.shape(2), va.shape(3)};
     return array(shape, mx::float32, std::make_shared<lmspec::Attention>(s, scale, causal != 0), {qa, ka, va});
+  });
+}
+
+// The identity of an array (its shared description), which every copy of
+// the handle shares and any op's result does not.
+uintptr_t lmspec_array_id(const void* a) {
+  return A(a).id();
+}
+
+uint64_t lmspec_file_bytes_read(void) {
+  return lmspec::file_bytes_read.load();
+}
+
+// A lazy array of `shape` (`ndim` entries) and dtype `dtype` (0 f32, 1 f16,
+// 2 bf16, 3 u32, 4 u8, 5 i8) read from `path` as FileSlice describes.
+int lmspec_file_slice(
+    void** out,
+    const char* path,
+    uint64_t base,
+    int64_t outer,
+    int64_t stride,
+    int64_t seg_offset,
+    int64_t seg_bytes,
+    const int* shape,
+    int ndim,
+    int dtype,
+    char* err,
+    size_t len) {
+  return guarded(out, err, len, [&] {
+    if (outer < 0 || stride < 0 || seg_offset < 0 || seg_bytes < 0 || ndim < 0)
+      throw std::invalid_argument("negative slice geometry");
+    mx::Shape sh(shape, shape + ndim);
+    auto s = lmspec::cpu_stream();
+    return array(
+        sh,
+        lmspec::dtype_code(dtype),
+        std::make_shared<lmspec::FileSlice>(s, std::string(path), base, outer, stride, seg_offset, seg_bytes),
+        {});
   });
 }
 

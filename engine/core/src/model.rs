@@ -38,6 +38,8 @@ struct Source<'a> {
     config: &'a serde_json::Value,
     config_file: &'a Path,
     tensors: IndexMap<String, Array>,
+    /// Where the tensors loaded straight from files are (for slices).
+    files: weights::FileTensors,
     tensor_file: &'a Path,
     /// Rules applied before the spec's own (GGUF renames).
     first_rules: &'a [RawRule],
@@ -259,6 +261,7 @@ impl Model {
             config: &json,
             config_file: &config_file,
             tensors: checkpoint.tensors,
+            files: checkpoint.files,
             tensor_file: &checkpoint.file,
             first_rules: &[],
         };
@@ -285,6 +288,7 @@ impl Model {
             config: &ckpt.config,
             config_file: path,
             tensors: ckpt.tensors,
+            files: Default::default(),
             tensor_file: path,
             first_rules: &gguf_rules,
         };
@@ -298,6 +302,7 @@ impl Model {
             config: json,
             config_file,
             tensors,
+            files,
             tensor_file,
             first_rules,
         } = src;
@@ -342,7 +347,8 @@ impl Model {
         let quant = Quantization::from_config(json, config_file)?
             .with_renames(&applied.renames)
             .with_ties(applied.ties);
-        let mut params = weights::bind(&graph, &applied.tensors, &quant, tensor_file, rank)?;
+        let mut params =
+            weights::bind(&graph, &applied.tensors, &quant, tensor_file, rank, &files)?;
         let dense = opts.weights.dequantizes(&params);
         if dense {
             weights::dequantize_all(&mut params)?;

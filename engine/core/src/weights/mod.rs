@@ -5,6 +5,7 @@
 //! spec's rules into the spec's names, then every tensor a node needs is
 //! looked up (dense, or MLX affine-quantized with `scales`/`biases`) and
 //! every tensor left over is an error.
+pub mod file_slice;
 pub mod rules;
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use mlx_rs::Array;
 
 use crate::distributed::Rank;
 use crate::error::{read_to_string, Error, Result};
+pub use file_slice::{FileTensor, FileTensors};
 use lmspec_spec::ops::{OpError, WeightReq};
 use lmspec_spec::Graph;
 use mlx_rs::error::Exception;
@@ -134,6 +136,8 @@ pub struct Checkpoint {
     /// The file named in errors (the single file, or the index).
     pub file: PathBuf,
     pub tensors: IndexMap<String, Array>,
+    /// Where each loaded tensor's bytes are, for reading slices alone.
+    pub files: FileTensors,
 }
 
 /// The safetensors files of a model directory and the file named in errors
@@ -240,16 +244,28 @@ pub fn load_safetensors_file(f: &Path) -> Result<Vec<(String, Array)>> {
 pub fn load_safetensors_dir(dir: &Path, progress: Option<&LoadProgress>) -> Result<Checkpoint> {
     let (file, files) = safetensors_files(dir)?;
     let mut tensors = IndexMap::new();
+    let mut files_at = FileTensors::new();
     let count = files.len();
     for (i, f) in files.into_iter().enumerate() {
         if let Some(p) = progress {
             (p.0)(i, count, &f);
         }
-        check_safetensors(&f)?;
+        let header = check_safetensors(&f)?;
         let loaded = Array::load_safetensors(&f).map_err(|e| Error::Weights {
             file: f.clone(),
             msg: format!("cannot read safetensors: {}", crate::error::mlx_message(&e)),
         })?;
+        let data_start = 8 + header.header_len;
+        for t in header.tensors {
+            let Some(a) = loaded.get(&t.name) else {
+                continue;
+            };
+            let shape = t.shape.iter().map(|&d| d as i64).collect();
+            let at = FileTensor::new(f.clone(), data_start + t.begin, shape, &t.dtype);
+            if let Some(at) = at.filter(|at| at.shape == shape_of(a)) {
+                files_at.insert(file_slice::array_id(a), at);
+            }
+        }
         let mut names: Vec<_> = loaded.into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         tensors.extend(names);
@@ -257,7 +273,11 @@ pub fn load_safetensors_dir(dir: &Path, progress: Option<&LoadProgress>) -> Resu
     if let Some(p) = progress {
         (p.0)(count, count, &file);
     }
-    Ok(Checkpoint { file, tensors })
+    Ok(Checkpoint {
+        file,
+        tensors,
+        files: files_at,
+    })
 }
 
 /// A callback told of weight-loading progress: (files read, files, the
@@ -432,6 +452,7 @@ pub fn bind(
     quant: &Quantization,
     file: &Path,
     rank: Rank,
+    files: &FileTensors,
 ) -> Result<Vec<Vec<Param>>> {
     let mut used: HashSet<String> = HashSet::new();
     let mut missing: Vec<String> = Vec::new();
@@ -448,7 +469,7 @@ pub fn bind(
                     node.file.display()
                 )
             };
-            match find(req, tensors, quant, &mut used, rank) {
+            match find(req, tensors, quant, &mut used, rank, files) {
                 Ok(Some(p)) => params.push(p),
                 Ok(None) => missing.push(format!("{} needed by {}", req.tensor(), at())),
                 Err(msg) => {
@@ -506,6 +527,7 @@ fn find(
     quant: &Quantization,
     used: &mut HashSet<String>,
     rank: Rank,
+    files: &FileTensors,
 ) -> std::result::Result<Option<Param>, String> {
     let Some(axis) = req.shard_axis.filter(|_| rank.of > 1) else {
         return find_whole(req, tensors, quant, used);
@@ -537,7 +559,7 @@ fn find(
             whole.shape, rank.of
         )
     })?;
-    shard_param(param, axis, start, local)
+    shard_param(param, axis, start, local, files)
         .map(Some)
         .map_err(|e| format!("splitting it: {e}"))
 }
@@ -564,11 +586,21 @@ fn shard_start(
     Ok(index / (of / slices) * local)
 }
 
-/// `len` values from `start` along `axis` of a loaded param, copied (the
-/// whole tensor is not kept); a quantized param's last axis counts
-/// unpacked input features and must keep whole groups.
-fn shard_param(p: Param, axis: usize, start: i64, len: i64) -> std::result::Result<Param, String> {
+/// `len` values from `start` along `axis` of a loaded param: read alone
+/// from the file when the tensor came straight from one, else cut from the
+/// whole tensor and copied (the whole is not kept). A quantized param's
+/// last axis counts unpacked input features and must keep whole groups.
+fn shard_param(
+    p: Param,
+    axis: usize,
+    start: i64,
+    len: i64,
+    files: &FileTensors,
+) -> std::result::Result<Param, String> {
     let take = |a: &Array, axis: usize, start: i64, len: i64| {
+        if let Some(at) = files.get(&file_slice::array_id(a)) {
+            return at.slice(axis, start, len);
+        }
         let idx = Array::from_iter(start as i32..(start + len) as i32, &[len as i32]);
         a.take_axis(&idx, axis as i32).map_err(|e| e.to_string())
     };
