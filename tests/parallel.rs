@@ -350,3 +350,64 @@ fn the_real_model_generates_the_same_text_on_three_ranks() {
     assert!(text(&one.stdout).contains("Paris"), "{}", text(&one.stdout));
     assert_eq!(text(&three.stdout), text(&one.stdout));
 }
+
+#[test]
+fn moe_layers_split_by_whole_experts() {
+    // qwen3_moe with `moe_shard: experts` (and its experts' width no
+    // longer in `parallel.split`): each rank holds half (a quarter) of the
+    // experts whole; a token's experts on other ranks count zero on this
+    // one. Unlike the width split, the 4-bit experts split on two ranks.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let specs = dir.path().join("specs");
+    for sub in ["models", "blocks", "tool-formats", "registry"] {
+        std::fs::create_dir_all(specs.join(sub)).expect("mkdir");
+        for e in std::fs::read_dir(root().join("specs").join(sub)).expect("read") {
+            let p = e.expect("entry").path();
+            if p.is_file() {
+                std::fs::copy(&p, specs.join(sub).join(p.file_name().expect("name")))
+                    .expect("copy");
+            }
+        }
+    }
+    let spec = specs.join("models/qwen3_moe.yaml");
+    let yaml = std::fs::read_to_string(&spec).expect("spec");
+    let yaml = yaml
+        .replace(
+            "split: [n_heads, intermediate_size, moe_intermediate_size]",
+            "split: [n_heads, intermediate_size]",
+        )
+        .replacen(
+            "\nconfig:\n",
+            "\nconfig:\n  moe_shard: {type: moe_shard, value: experts}\n",
+            1,
+        );
+    assert!(yaml.contains("value: experts") && !yaml.contains("moe_intermediate_size]"));
+    std::fs::write(&spec, yaml).expect("write");
+    let specs = specs.display().to_string();
+    for (ranks, cases) in [
+        ("2", vec!["qwen3_moe", "qwen3_moe_q4", "qwen3_moe_hf"]),
+        ("4", vec!["qwen3_moe", "qwen3_moe_hf"]),
+    ] {
+        let paths: Vec<String> = cases
+            .iter()
+            .map(|c| goldens().join(c).display().to_string())
+            .collect();
+        let mut args = vec![
+            "launch",
+            "-n",
+            ranks,
+            "--timeout",
+            "300",
+            "--",
+            "lmspec",
+            "--specs",
+            &specs,
+            "golden",
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        let out = lmspec(&args);
+        let stdout = text(&out.stdout);
+        let want = format!("{n} cases: {n} pass, 0 fail", n = cases.len());
+        assert!(out.status.success() && stdout.contains(&want), "{stdout}");
+    }
+}

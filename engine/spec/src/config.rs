@@ -18,6 +18,7 @@ pub static CHOICES: &[(&str, &[&str])] = &[
     ("group_score", crate::ops::GroupScore::SPELLINGS),
     ("group_fill", crate::ops::GroupFill::SPELLINGS),
     ("gqa", crate::ops::Gqa::SPELLINGS),
+    ("moe_shard", crate::ops::MoeShard::SPELLINGS),
 ];
 
 /// Value types of config bindings and op parameters.

@@ -5,7 +5,7 @@
 //! (`gather_mm`, or `gather_qmm` when quantized), and their outputs summed
 //! weighted by the routing scores. Slots past the real experts are
 //! identity ("zero-compute") experts that add the input itself.
-use lmspec_spec::ops::{ExpertGlu, GroupFill, GroupScore, Layout, Moe, OpError, Routing};
+use lmspec_spec::ops::{ExpertGlu, GroupFill, GroupScore, Layout, Moe, MoeShard, OpError, Routing};
 use mlx_rs::error::Exception;
 use mlx_rs::ops::argpartition_axis;
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -40,13 +40,27 @@ impl Build for Moe {
         let correction = w.dense_opt("correction_bias")?;
         // Sharded experts: each rank's partial output is summed; a term
         // every rank would add (identity experts, down biases) is refused.
-        let reduce = crate::distributed::build_group().filter(|_| self.shard);
-        if reduce.is_some() && (self.zero_experts > 0 || self.expert_bias) {
+        let reduce = crate::distributed::build_group().filter(|_| self.shard != MoeShard::None);
+        if reduce.is_some() && self.zero_experts > 0 {
             return Err(OpError::new(
                 "shard",
-                "experts with identity slots or biases cannot be split across ranks",
+                "experts with identity slots cannot be split across ranks",
             ));
         }
+        if reduce.is_some() && self.expert_bias && self.shard == MoeShard::Width {
+            return Err(OpError::new(
+                "shard",
+                "experts with biases cannot be split by width (every rank would add the down bias); split them by experts",
+            ));
+        }
+        // Experts split whole: this rank's first expert and their count.
+        let local = match &reduce {
+            Some(g) if self.shard == MoeShard::Experts => {
+                let per = self.num_experts / g.size() as i64;
+                Some((g.rank() as i64 * per, per))
+            }
+            _ => None,
+        };
         let router = match router {
             Param::Dense(w) => Param::Dense(w.t()),
             q => q,
@@ -59,6 +73,7 @@ impl Build for Moe {
             projections,
             correction,
             reduce,
+            local,
         }))
     }
 }
@@ -138,6 +153,9 @@ struct MoeOp {
     /// The group whose ranks each hold a slice of every expert (their
     /// partial outputs are summed); `None` on one rank.
     reduce: Option<Arc<crate::distributed::Group>>,
+    /// With whole experts split across ranks: this rank's first expert and
+    /// how many it holds.
+    local: Option<(i64, i64)>,
 }
 
 /// From this many routed (token, expert) pairs on, the rows are sorted by
@@ -355,6 +373,22 @@ impl Op for MoeOp {
             identity = Some(zero_weight);
             scores = mlx_rs::ops::select(&is_zero, &none, &scores)?;
             inds = mlx_rs::ops::select(&is_zero, Array::from_int(0), &inds)?;
+        }
+        if let Some((first, count)) = self.local {
+            // A choice of another rank's expert weighs nothing here (its
+            // index is any local one); the sum over ranks adds it back.
+            let lo = Array::from_int(first as i32);
+            let mine = mlx_rs::ops::logical_and(
+                &inds.ge(&lo)?,
+                &inds.lt(Array::from_int((first + count) as i32))?,
+            )?;
+            let none = Array::from_f32(0.0).as_dtype(scores.dtype())?;
+            scores = mlx_rs::ops::select(&mine, &scores, &none)?;
+            inds = mlx_rs::ops::select(
+                &mine,
+                mlx_rs::ops::subtract(&inds, &lo)?,
+                Array::from_int(0),
+            )?;
         }
         if self.cfg.scale_input {
             // Top-1: the weight scales what the expert reads, [B, T, 1] * x.

@@ -535,10 +535,21 @@ fn find(
     let Some(w) = tensors.get(&req.tensor()) else {
         return Ok(None);
     };
-    let local = *req
+    let stated = *req
         .shape
         .get(axis)
         .ok_or_else(|| format!("no axis {axis} to split in shape {:?}", req.shape))?;
+    // A whole axis is shared evenly; else the node states the rank's share.
+    let local = match req.shard_whole {
+        true if stated % rank.of as i64 == 0 => stated / rank.of as i64,
+        true => {
+            return Err(format!(
+                "axis {axis} of {:?}: {stated} cannot be shared evenly by {} ranks",
+                req.shape, rank.of
+            ))
+        }
+        false => stated,
+    };
     // A quantized weight's input axis is packed: its whole width is the
     // world's share times the world size (never copied).
     let packed_axis = req.quantizable

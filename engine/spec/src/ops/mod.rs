@@ -37,7 +37,7 @@ pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
 pub use learned::{FakeQuant, Gain, GainShape, Xielu, XIELU_PARAMS};
 pub use linear::{HeadLinear, Linear, Shard};
-pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, Routing};
+pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, MoeShard, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
@@ -225,6 +225,9 @@ pub struct WeightReq {
     /// outnumber the slices (key/value heads); never for a weight whose
     /// partial results are summed across ranks.
     pub shard_copies: bool,
+    /// Whether `shape` holds the whole axis (each rank then holds an even
+    /// share of it) rather than one rank's share.
+    pub shard_whole: bool,
 }
 
 impl WeightReq {
@@ -247,6 +250,7 @@ impl WeightReq {
             quantizable: false,
             shard_axis: None,
             shard_copies: false,
+            shard_whole: false,
         }
     }
 
@@ -256,6 +260,15 @@ impl WeightReq {
         WeightReq {
             shard_axis: sharded.then_some(axis),
             ..self
+        }
+    }
+
+    /// Each rank holding an even share along `axis` of a tensor whose
+    /// `shape` is the whole (when `sharded`).
+    pub fn sharded_evenly(self, sharded: bool, axis: usize) -> WeightReq {
+        WeightReq {
+            shard_whole: sharded,
+            ..self.sharded(sharded, axis)
         }
     }
 

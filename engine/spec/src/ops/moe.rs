@@ -34,6 +34,19 @@ choice! {
 }
 
 choice! {
+    /// How a mixture of experts is split across the ranks of a
+    /// tensor-parallel run.
+    pub enum MoeShard {
+        /// Every rank holds every expert whole.
+        None = "none",
+        /// Each rank holds a slice of every expert's intermediate features.
+        Width = "width",
+        /// Each rank holds an even share of the experts, whole.
+        Experts = "experts",
+    }
+}
+
+choice! {
     /// How a group of experts is scored for group-limited routing.
     pub enum GroupScore {
         Max = "max",
@@ -66,7 +79,7 @@ op! {
         limit: Option<Positive<f64>> = None, "clamped SwiGLU of gated experts: min(act(gate), limit) * clip(up, -limit, limit) (oai: the gate and up clip)";
         glu: ExpertGlu = ExpertGlu::Plain, "plain: act(gate) * up; oai: gpt-oss's (up + 1) * gate * sigmoid(1.702 gate)";
         scale_input: bool = false, "the routing weight scales the expert's input instead of its output (llama4's top-1 experts; needs top_k 1)";
-        shard: bool = false, "tensor parallelism: each rank holds a slice of every expert's intermediate features (gate/up rows, down columns) and the partial outputs are summed across ranks";
+        shard: MoeShard = MoeShard::None, "tensor parallelism: none (every rank holds every expert), width (each rank a slice of every expert's intermediate features: gate/up rows, down columns) or experts (each rank an even share of the experts, whole; the router stays whole and a token's experts on other ranks count zero here); the partial outputs are summed across ranks";
     }
 }
 
@@ -139,15 +152,16 @@ impl Moe {
         };
         for &(name, out, inp, axis) in projections {
             let module = format!("{experts}.{name}");
-            weights.push(
-                WeightReq::matrix("experts", module.clone(), "weight", vec![e, out, inp])
-                    .sharded(self.shard, axis),
-            );
+            let weight = WeightReq::matrix("experts", module.clone(), "weight", vec![e, out, inp]);
+            let bias = WeightReq::dense("expert_bias", module, "bias", vec![e, out]);
+            let (weight, bias) = match self.shard {
+                MoeShard::None => (weight, bias),
+                MoeShard::Width => (weight.sharded(true, axis), bias.sharded(axis == 1, 1)),
+                MoeShard::Experts => (weight.sharded_evenly(true, 0), bias.sharded_evenly(true, 0)),
+            };
+            weights.push(weight);
             if self.expert_bias {
-                weights.push(
-                    WeightReq::dense("expert_bias", module, "bias", vec![e, out])
-                        .sharded(self.shard && axis == 1, 1),
-                );
+                weights.push(bias);
             }
         }
         if self.router_bias {
