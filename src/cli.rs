@@ -23,6 +23,10 @@ struct Cli {
     /// such as Q4_K_M (default: the only .gguf, else Q4_K_M, Q4_0, ...).
     #[arg(long, global = true)]
     gguf_file: Option<String>,
+    /// Run the command as N ranks of a tensor-parallel run (`lmspec launch
+    /// -n N -- lmspec COMMAND ...` with the default backend).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=64))]
+    world_size: Option<u32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -1039,6 +1043,12 @@ fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // `--world-size N` outside a run: start the N ranks, each running this
+    // command line without the flag.
+    let rank = std::env::var_os(lmspec::engine::distributed::RANK_ENV).is_some();
+    if let Some(n) = cli.world_size.filter(|&n| n > 1 && !rank) {
+        return crate::launch_cmd::relaunch(n, std::env::args().skip(1));
+    }
     match cli.command {
         Command::Doctor => doctor(&cli.specs),
         Command::Launch(args) => crate::launch_cmd::run(args),
@@ -1383,6 +1393,9 @@ fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
         println!("(on the GPU: float32 matmuls in float32, MLX_ENABLE_TF32=0)");
     }
     let opts = load_options(specs, WeightPlan::AsStored)?;
+    if let Some(g) = &opts.parallel {
+        println!("(tensor parallel: {} ranks)", g.size());
+    }
     let cases = if cases.is_empty() {
         lmspec::port::golden::Golden::cases(&Path::new(env!("CARGO_MANIFEST_DIR")).join("goldens"))?
     } else {

@@ -110,13 +110,45 @@ fn prefix_lines(rank: u32, from: impl std::io::Read + Send + 'static) {
     });
 }
 
-fn stop_all(children: &mut [(u32, Child)]) {
+/// How long the other ranks get to end by themselves (and print their own
+/// errors) once one has failed.
+const GRACE: Duration = Duration::from_secs(3);
+
+/// Stops every rank still running, after `grace` for them to end alone.
+fn stop_all(children: &mut [(u32, Child)], grace: Duration) {
+    let until = Instant::now() + grace;
+    while Instant::now() < until
+        && children
+            .iter_mut()
+            .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for (_, c) in children.iter_mut() {
         let _ = c.kill();
     }
     for (_, c) in children.iter_mut() {
         let _ = c.wait();
     }
+}
+
+/// `lmspec ARGS` as `ranks` ranks: ARGS without `--world-size`.
+pub(crate) fn relaunch(ranks: u32, args: impl Iterator<Item = String>) -> Result<ExitCode> {
+    let mut command = vec!["lmspec".to_string()];
+    let mut args = args.peekable();
+    while let Some(a) = args.next() {
+        if a == "--world-size" {
+            args.next();
+        } else if !a.starts_with("--world-size=") {
+            command.push(a);
+        }
+    }
+    run(LaunchArgs {
+        ranks,
+        backend: "auto".into(),
+        timeout: None,
+        command,
+    })
 }
 
 pub(crate) fn run(args: LaunchArgs) -> Result<ExitCode> {
@@ -146,7 +178,7 @@ pub(crate) fn run(args: LaunchArgs) -> Result<ExitCode> {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                stop_all(&mut children);
+                stop_all(&mut children, Duration::ZERO);
                 bail!("cannot start rank {rank} ({}): {e}", prog.display());
             }
         };
@@ -166,7 +198,7 @@ pub(crate) fn run(args: LaunchArgs) -> Result<ExitCode> {
                 running[k] = false;
                 if !status.success() {
                     let rank = *rank;
-                    stop_all(&mut children);
+                    stop_all(&mut children, GRACE);
                     bail!(
                         "rank {rank} of {} exited with {status}; the other ranks were stopped",
                         args.ranks
@@ -179,7 +211,7 @@ pub(crate) fn run(args: LaunchArgs) -> Result<ExitCode> {
         }
         if let Some(t) = args.timeout {
             if start.elapsed() > Duration::from_secs(t) {
-                stop_all(&mut children);
+                stop_all(&mut children, Duration::ZERO);
                 bail!("ranks still running after --timeout {t} s; all were stopped");
             }
         }

@@ -269,6 +269,21 @@ fn bad_worlds_are_refused_with_the_config_key_and_the_spec() {
             && stdout.contains("declares no tensor parallelism"),
         "{stdout}"
     );
+    // `--world-size` on a command starts the ranks itself.
+    let out = lmspec(&["--world-size", "3", "golden", "goldens/llama"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        !out.status.success()
+            && stdout.contains("(tensor parallel: 3 ranks)")
+            && stdout.contains("n_heads = 4 cannot be split over 3 ranks"),
+        "{stdout}"
+    );
+    let out = lmspec(&["golden", "--world-size=2", "goldens/llama"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("(tensor parallel: 2 ranks)"),
+        "{stdout}"
+    );
     // Interactive and network commands refuse to run as ranks.
     let out = Command::new(env!("CARGO_BIN_EXE_lmspec"))
         .args(["serve", "--port", "0"])
