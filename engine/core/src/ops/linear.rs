@@ -103,7 +103,31 @@ fn quantized(
         let dense = cpu::dequantize(w, scales, biases, group_size, bits)?;
         return mlx_rs::ops::matmul(x, dense.t());
     }
+    let k = x.shape().last().copied().unwrap_or(0).max(1);
+    if x.size() as i64 > k as i64 && k <= SMALL_INPUT && crate::runtime::default_device() == "gpu" {
+        return dequantized_product(x, w, scales, biases, group_size, bits);
+    }
     mlx_rs::ops::quantized_matmul(x, w, scales, biases, true, group_size, bits)
+}
+
+/// Input features up to which a product of several rows on the GPU runs
+/// dequantized: the CUDA `quantized_matmul` of MLX 0.32.2 gives wrong rows
+/// for several-row inputs of 64 features at group 64 (docs/gpu.md, "Single
+/// operations"; the routers of small MoE models). Real models' layers are
+/// far wider, so this costs nothing there.
+const SMALL_INPUT: i32 = 128;
+
+/// `x @ dequantize(w)ᵀ` through a dense copy of the weight.
+pub(crate) fn dequantized_product(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group_size: i32,
+    bits: i32,
+) -> Result<Array, Exception> {
+    let dense = mlx_rs::ops::dequantize(w, scales, biases, group_size, bits)?;
+    mlx_rs::ops::matmul(x, dense.t())
 }
 
 impl Op for LinearOp {

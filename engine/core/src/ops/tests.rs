@@ -857,3 +857,29 @@ fn position_embedding_offset_skips_the_first_rows() {
         "{err}"
     );
 }
+
+#[test]
+fn the_dequantized_product_equals_the_quantized_matmul() {
+    // The GPU's path for several rows of few features (a workaround of a
+    // CUDA kernel fault) must give what quantized_matmul gives on the CPU,
+    // at the shapes where the kernel is wrong: 4 rows of 64, group 64.
+    for (bits, out) in [(8, 4), (8, 8), (4, 128)] {
+        let n = 4 * 64;
+        let x = Array::from_iter(
+            (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0),
+            &[4, 64],
+        );
+        let w = Array::from_iter(
+            (0..out * 64).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0),
+            &[out, 64],
+        );
+        let (wq, s, b) = mlx_rs::ops::quantize(&w, 64, bits).expect("quantize");
+        let want = mlx_rs::ops::quantized_matmul(&x, &wq, &s, &b, true, 64, bits).expect("qmm");
+        let got = super::linear::dequantized_product(&x, &wq, &s, &b, 64, bits).expect("dense");
+        let diff = mlx_rs::ops::abs(mlx_rs::ops::subtract(&want, &got).expect("sub"))
+            .and_then(|d| d.max(None))
+            .expect("max");
+        let diff: f32 = diff.item_cast();
+        assert!(diff < 1e-4, "{bits} bits, {out} outputs: {diff}");
+    }
+}
