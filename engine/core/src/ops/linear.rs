@@ -93,9 +93,9 @@ fn quantized(
     activations: Activations,
 ) -> Result<Array, Exception> {
     use crate::cpu_kernels as cpu;
+    let k = x.shape().last().copied().unwrap_or(0).max(1);
+    let rows = x.size() as i64 / k as i64;
     if cpu::supports_bits(bits) && cpu::all_f32(&[x]) && x.ndim() >= 1 && cpu::enabled() {
-        let k = x.shape()[x.ndim() - 1].max(1);
-        let rows = x.size() as i64 / k as i64;
         // int8 activations are llama.cpp's numerics for every row count.
         if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
             return cpu::quantized_matmul(x, w, scales, biases, group_size, bits, activations);
@@ -103,8 +103,7 @@ fn quantized(
         let dense = cpu::dequantize(w, scales, biases, group_size, bits)?;
         return mlx_rs::ops::matmul(x, dense.t());
     }
-    let k = x.shape().last().copied().unwrap_or(0).max(1);
-    if x.size() as i64 > k as i64 && k <= SMALL_INPUT && crate::runtime::default_device() == "gpu" {
+    if rows > 1 && k <= SMALL_INPUT && crate::runtime::default_device() == "gpu" {
         return dequantized_product(x, w, scales, biases, group_size, bits);
     }
     mlx_rs::ops::quantized_matmul(x, w, scales, biases, true, group_size, bits)
