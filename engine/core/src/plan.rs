@@ -48,10 +48,11 @@ fn fusion_groups(
     for (k, node) in graph.nodes.iter().enumerate() {
         // A projection whose partial products are summed across ranks
         // runs alone.
-        let reduced = node
-            .op
-            .as_projection()
-            .is_some_and(|l| l.shard == lmspec_spec::ops::Shard::In);
+        let reduced = crate::distributed::build_group().is_some()
+            && node
+                .op
+                .as_projection()
+                .is_some_and(|l| l.shard == lmspec_spec::ops::Shard::In);
         if node.op.as_projection().is_none()
             || reduced
             || adapted.contains_key(&k)
