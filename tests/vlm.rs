@@ -12,7 +12,7 @@ use mlx_rs::Array;
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
     assert_chat_turns, assert_close, assert_greedy_steps, assert_tower_diff_passes,
-    first_divergence_with_edit, golden, grids, ints,
+    first_divergence_with_edit, golden, golden_images, grids, ints,
 };
 
 fn check_case(case: &str) {
@@ -345,7 +345,6 @@ fn tower_configs_that_do_not_fit_are_errors() {
 
 fn generate_with_images_case(case: &str) {
     use lmspec::lm::generate::GenerateParams;
-    use lmspec::lm::image_processor::ProcessedImage;
     use lmspec::lm::LanguageModel;
 
     let _guard = mlx_lock();
@@ -353,20 +352,7 @@ fn generate_with_images_case(case: &str) {
     let dir = goldens().join("vlm").join(case).join("model");
     let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
     let vision = lm.vision().expect("a tower");
-    let grid = grids(&g["image_grid_thw"]);
-    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
-    let width = g["pixel_values"].shape()[1] as usize;
-    let mut images = Vec::new();
-    let mut start = 0;
-    for gr in &grid {
-        let n = gr.patches() as usize * width;
-        images.push(ProcessedImage {
-            pixels: pixels[start..start + n].to_vec(),
-            grid: *gr,
-            video: false,
-        });
-        start += n;
-    }
+    let images = golden_images(&g);
     // The golden prompt with each image's run of placeholders collapsed.
     let image = vision.image_token as u32;
     let mut prompt: Vec<u32> = Vec::new();

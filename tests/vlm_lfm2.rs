@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use lmspec::engine::Model;
-use lmspec::lm::image_processor::{ImageProcessor, ProcessedImage, RgbImage};
+use lmspec::lm::image_processor::{ImageProcessor, RgbImage};
 use lmspec::lm::vision::{Grid, VisionModel};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
@@ -17,7 +17,7 @@ use mlx_rs::Array;
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
     assert_close, assert_greedy_steps, assert_segments_matter, assert_tower_diff_passes,
-    first_divergence_with_edit, grids, ints,
+    first_divergence_with_edit, golden_images, grids, ints,
 };
 
 const CASE: &str = "lfm2_vl";
@@ -91,24 +91,6 @@ fn lfm2_vl() {
         .is_err());
 }
 
-fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
-    let grid = grids(&g["image_grid_thw"]);
-    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
-    let width = g["pixel_values"].shape()[1] as usize;
-    let mut images = Vec::new();
-    let mut start = 0;
-    for gr in &grid {
-        let n = gr.patches() as usize * width;
-        images.push(ProcessedImage {
-            pixels: pixels[start..start + n].to_vec(),
-            grid: *gr,
-            video: false,
-        });
-        start += n;
-    }
-    images
-}
-
 /// The generation path: the golden prompt with each image's
 /// `<|image_start|>`, tokens and `<|image_end|>` collapsed to one `<image>`
 /// (as the chat template writes it) expands back to the golden prompt, and
@@ -157,7 +139,7 @@ fn lfm2_vl_generation_with_images_continues_as_mlx_vlm() {
         max_tokens: 16,
         ..GenerateParams::default()
     };
-    let images = images_of(&g);
+    let images = golden_images(&g);
     let out = lm
         .generate_with_images(&prompt, &images, &params, None, None, &mut |_| {})
         .expect("generate");

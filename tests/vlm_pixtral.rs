@@ -7,10 +7,9 @@
 //! rows of [IMG] tokens with [IMG_BREAK] / [IMG_END], greedy decoding after
 //! a cached prefill, and the longest-edge image processor against
 //! transformers'.
-use std::collections::HashMap;
 
 use lmspec::engine::Model;
-use lmspec::lm::image_processor::{longest_edge_resize, ImageProcessor, ProcessedImage};
+use lmspec::lm::image_processor::{longest_edge_resize, ImageProcessor};
 use lmspec::lm::vision::{Grid, VisionModel};
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::Array;
@@ -18,7 +17,8 @@ use mlx_rs::Array;
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
     assert_chat_turns, assert_close, assert_greedy_steps, assert_segments_matter,
-    assert_tower_diff_passes, first_divergence_with_edit, golden, grids, ints, model_dir,
+    assert_tower_diff_passes, first_divergence_with_edit, golden, golden_images, grids, ints,
+    model_dir,
 };
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
@@ -97,24 +97,6 @@ fn check_case(case: &str, merge: i64) {
     assert!(err.contains("image tokens"), "{err}");
 }
 
-fn images_of(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
-    let grid = grids(&g["image_grid_thw"]);
-    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
-    let width = g["pixel_values"].shape()[1] as usize;
-    let mut images = Vec::new();
-    let mut start = 0;
-    for gr in &grid {
-        let n = gr.patches() as usize * width;
-        images.push(ProcessedImage {
-            pixels: pixels[start..start + n].to_vec(),
-            grid: *gr,
-            video: false,
-        });
-        start += n;
-    }
-    images
-}
-
 /// The generation path: the golden prompt with each image's rows collapsed
 /// to one [IMG] (as the chat template writes it) expands back to the golden
 /// prompt ([IMG_BREAK] between rows, [IMG_END] after), and generation with
@@ -172,7 +154,7 @@ fn check_generation(case: &str) {
         max_tokens: 16,
         ..GenerateParams::default()
     };
-    let images = images_of(&g);
+    let images = golden_images(&g);
     let out = lm
         .generate_with_images(&prompt, &images, &params, None, None, &mut |_| {})
         .expect("generate");

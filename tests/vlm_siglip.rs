@@ -12,8 +12,8 @@ use mlx_rs::Array;
 
 use crate::support::{goldens, library, mlx_lock, opts};
 use crate::vlm_support::{
-    assert_chat_turns, assert_close, assert_greedy_steps, assert_tower_diff_passes, golden, grids,
-    ints, max_abs,
+    assert_chat_turns, assert_close, assert_greedy_steps, assert_tower_diff_passes, golden,
+    golden_images, grids, ints, max_abs,
 };
 
 /// Features, prompt logits, the cached prefill and 16 greedy steps against
@@ -169,19 +169,7 @@ pub(crate) fn check_generation(case: &str) {
     let lm = LanguageModel::load(&dir, &opts(&library(), None)).expect("load");
     let vision = lm.vision().expect("a tower");
     let grid = grids(&g["image_grid_thw"]);
-    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
-    let width = g["pixel_values"].shape()[1] as usize;
-    let mut images = Vec::new();
-    let mut start = 0;
-    for gr in &grid {
-        let n = gr.patches() as usize * width;
-        images.push(ProcessedImage {
-            pixels: pixels[start..start + n].to_vec(),
-            grid: *gr,
-            video: false,
-        });
-        start += n;
-    }
+    let images = golden_images(&g);
     // The golden prompt as a chat template writes it: each image's tokens
     // (with what the spec's expansion puts around them) back to one
     // placeholder.
@@ -210,6 +198,7 @@ pub(crate) fn check_generation(case: &str) {
     }
 
     // A second image of another grid: refused by name, no panic.
+    let width = g["pixel_values"].shape()[1] as usize;
     let small = ProcessedImage {
         pixels: images[1].pixels[..16 * width].to_vec(),
         grid: Grid { t: 1, h: 4, w: 4 },

@@ -32,6 +32,26 @@ pub fn ints(a: &Array) -> Vec<i64> {
     a.as_slice::<i64>().to_vec()
 }
 
+/// A golden's images as the processor hands them over: each image's rows
+/// of `pixel_values` (its grid's patch count) with its grid.
+pub fn golden_images(g: &HashMap<String, Array>) -> Vec<ProcessedImage> {
+    let grid = grids(&g["image_grid_thw"]);
+    let pixels = g["pixel_values"].as_slice::<f32>().to_vec();
+    let width = g["pixel_values"].shape()[1] as usize;
+    let mut images = Vec::new();
+    let mut start = 0;
+    for gr in &grid {
+        let n = gr.patches() as usize * width;
+        images.push(ProcessedImage {
+            pixels: pixels[start..start + n].to_vec(),
+            grid: *gr,
+            video: false,
+        });
+        start += n;
+    }
+    images
+}
+
 /// `[images, 3]` rows of (t, h, w).
 pub fn grids(a: &Array) -> Vec<Grid> {
     ints(a)
