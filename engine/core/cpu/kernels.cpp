@@ -549,7 +549,8 @@ template <int R>
 LMSPEC_AVX512 static inline void block_avx512(
     const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
   const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
-  const __m512i low4 = _mm512_set1_epi32(0xF);
+  // 0..15 as floats.
+  const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 yv[R];
   float yb[R];
   for (int i = 0; i < R; i++) yv[i] = _mm512_setzero_ps(), yb[i] = 0;
@@ -564,8 +565,9 @@ LMSPEC_AVX512 static inline void block_avx512(
         for (int i = 0; i < R; i++) {
           const uint8_t* wp = a.w + (j + i) * row_bytes + (k0 + c) / 2;
           __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)wp));
-          __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
-          __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+          // The table lookup reads each index's low 4 bits: the low nibble.
+          __m512 lo = _mm512_permutexvar_ps(v, nibbles);
+          __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles);
           acc[i] = _mm512_fmadd_ps(lo, xe, _mm512_fmadd_ps(hi, xo, acc[i]));
         }
       }
@@ -653,6 +655,22 @@ LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t 
   }
 }
 
+// Asks for rows [j + 12, j + 12 + rows) of w, and the scales and biases of
+// rows [j, j + rows), which stream in while the rows before them are
+// computed. Reads past the end of w are only hints.
+static void prefetch_rows(const QuantArgs& a, int64_t j, int rows) {
+  const int64_t row_bytes = a.k * a.bits / 8, groups = a.k / a.group;
+  // Into L2, far enough ahead (12 rows) to hide the memory's latency.
+  const uintptr_t next = reinterpret_cast<uintptr_t>(a.w) + uintptr_t((j + 12) * row_bytes);
+  for (int64_t off = 0; off < rows * row_bytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(next + uintptr_t(off)), _MM_HINT_T1);
+  for (const ScaleReader* r : {&a.scales, &a.biases}) {
+    const int64_t size = mx::size_of(r->t);
+    const char* p = static_cast<const char*>(r->p) + j * groups * size;
+    for (int64_t off = 0; off < rows * groups * size; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  }
+}
+
 // Rows [n0, n1) of w against every row of x, 4 rows of w at a time.
 template <void (*Block4)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*),
           void (*Block1)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*)>
@@ -660,13 +678,10 @@ static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   const int64_t groups = a.k / a.group;
   std::vector<float> sc(4 * groups), bi(4 * groups);
   int64_t j = n0;
-  const int64_t row_bytes = a.k * a.bits / 8;
-  for (; j + 4 <= n1; j += 4) {
-    // The next 4 rows (contiguous) stream in while these are computed.
-    if (j + 8 <= n1) {
-      const char* next = reinterpret_cast<const char*>(a.w + (j + 4) * row_bytes);
-      for (int64_t off = 0; off < 4 * row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
-    }
+  // 8-bit rows are read one at a time, in order (see `q4_row_vnni`); 4-bit
+  // rows are compute-bound, and 4 at a time share each load of x.
+  for (; a.bits != 8 && j + 4 <= n1; j += 4) {
+    if (j + 8 <= n1) prefetch_rows(a, j + 4, 4);
     read_scales(a.scales, j * groups, 4 * groups, sc.data());
     read_scales(a.biases, j * groups, 4 * groups, bi.data());
     for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc.data(), bi.data());
@@ -689,10 +704,52 @@ static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
 
 struct Q8Row {
   std::vector<int8_t> q;  // [k]; for 4-bit weights permuted per 32 like Prepared::perm
+  // 4 bits: per 64 values (two blocks of 32, c and c + 1) the even-indexed
+  // values of c, of c + 1, then the odd-indexed of c, of c + 1: the order
+  // of the low and high nibbles of 32 weight bytes; an odd last block as in
+  // `q`.
+  std::vector<int8_t> pairs;
   std::vector<float> d;  // per activation block
+  std::vector<float> dblk;  // per 32 values: the scale of the block holding them
+  std::vector<float> dpair;  // per 32 values, 4 times over (the lanes of a block pair)
   std::vector<float> gsum;  // per weight group: the sum of x the bias multiplies
   int block = 32;
 };
+
+// Quantizes one block of 32 (Q8_0; the caller rounds its scale to float16)
+// or 256 (Q8_K) values as `quantize_rows` does, 16 values per instruction.
+#define LMSPEC_Q8X __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+LMSPEC_Q8X static float quantize_block_avx512(const float* xb, int n, bool k_block, int8_t* qb) {
+  __m512 amax_v = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) amax_v = _mm512_max_ps(amax_v, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+  const float amax = _mm512_reduce_max_ps(amax_v);
+  if (amax == 0) {
+    std::memset(qb, 0, size_t(n));
+    return 0;
+  }
+  float scale;
+  if (k_block) {
+    // The first value of largest magnitude maps to -127.
+    float max = 0;
+    for (int i = 0; i < n; i++) {
+      if (std::fabs(xb[i]) == amax) {
+        max = xb[i];
+        break;
+      }
+    }
+    scale = -127.f / max;
+  } else {
+    scale = 127.f / amax;
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  const __m512i top = _mm512_set1_epi32(127);
+  for (int i = 0; i < n; i += 16) {
+    // Round to nearest even, as nearbyint in the default rounding mode.
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), sv));
+    _mm_storeu_si128((__m128i*)(qb + i), _mm512_cvtepi32_epi8(_mm512_min_epi32(v, top)));
+  }
+  return k_block ? 1 / scale : amax / 127.f;
+}
 
 static inline float round_half(float v) {
   return half_to_float(float_to_half(v));
@@ -714,6 +771,12 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
     for (int64_t b = 0; b < blocks; b++) {
       const float* xb = x + b * row.block;
       int8_t* qb = plain.data() + b * row.block;
+      if (level() == AVX512) {
+        const float d = quantize_block_avx512(xb, row.block, k_blocks, qb);
+        row.d[b] = k_blocks ? d : round_half(d);
+        dfull[b] = d;
+        continue;
+      }
       if (k_blocks) {
         // Q8_K: the value of largest magnitude maps to -127.
         float amax = 0, max = 0;
@@ -767,8 +830,27 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
     }
     if (a.bits == 4) {
       nibble_order(plain.data(), row.q.data(), a.k);
+      row.pairs.resize(a.k);
+      const int64_t k32 = a.k / 32;
+      for (int64_t c = 0; c + 2 <= k32; c += 2) {
+        const int8_t* p = plain.data() + c * 32;
+        int8_t* o = row.pairs.data() + c * 32;
+        for (int t = 0; t < 16; t++) {
+          o[t] = p[2 * t];
+          o[16 + t] = p[32 + 2 * t];
+          o[32 + t] = p[2 * t + 1];
+          o[48 + t] = p[32 + 2 * t + 1];
+        }
+      }
+      if (k32 % 2 == 1) std::memcpy(row.pairs.data() + (k32 - 1) * 32, row.q.data() + (k32 - 1) * 32, 32);
     } else {
       row.q = plain;
+    }
+    row.dblk.resize(a.k / 32);
+    row.dpair.resize(a.k / 8);
+    for (int64_t c = 0; c < a.k / 32; c++) {
+      row.dblk[c] = row.d[c * 32 / row.block];
+      for (int t = 0; t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
     }
   }
   return rows;
@@ -797,64 +879,111 @@ static float q8_dot_scalar(const QuantArgs& a, const Q8Row& x, int64_t j, const 
 
 #define LMSPEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
-// Per 32 values: the weight bytes as [low nibbles | high nibbles] (4 bits)
-// or as they are (8 bits), against the matching int8 activations.
-template <int R>
-LMSPEC_VNNI static void q8_block_vnni(
-    const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi, float* out) {
-  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[R];
-  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < a.k / 32; c++) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
-    const float dx = x.d[c * 32 / x.block];
-    const int64_t g = c * 32 / a.group;
-    for (int i = 0; i < R; i++) {
-      __m256i wv;
-      if (a.bits == 4) {
-        __m128i b = _mm_loadu_si128((const __m128i*)(a.w + (j + i) * row_bytes + c * 16));
-        wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-      } else {
-        wv = _mm256_loadu_si256((const __m256i*)(a.w + (j + i) * row_bytes + c * 32));
-      }
-      __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(sc[i * groups + g] * dx), acc[i]);
-    }
-  }
-  for (int i = 0; i < R; i++) {
-    float yb = 0;
-    for (int64_t g = 0; g < groups; g++) yb += bi[i * groups + g] * x.gsum[g];
-    out[i] = hsum256(acc[i]) + yb;
+// The bias terms of one row of w: its biases times the sums of x they
+// multiply.
+static float bias_term(const QuantArgs& a, const Q8Row& x, const float* bi) {
+  float yb = 0;
+  for (int64_t g = 0; g < a.k / a.group; g++) yb += bi[g] * x.gsum[g];
+  return yb;
+}
+
+// Integer dot products of one block pair (lanes 0-3 block c, 4-7 block
+// c + 1) as 8 int32 lanes: AVX-512 VNNI, or AVX2 `maddubs` (4-bit weights
+// only: 15 * 127 * 4 fits in 16 bits).
+LMSPEC_VNNI static inline __m256i dot_pair4_vnni(__m256i lo, __m256i hi, __m256i xe, __m256i xo) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+}
+
+LMSPEC_AVX2 static inline __m256i dot_pair4_avx2(__m256i lo, __m256i hi, __m256i xe, __m256i xo) {
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// The weight scales of a block pair times the activation scales, per
+// lane: groups of 32 (Gb = 1) hold one block each, larger groups both.
+template <int Gb>
+LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, int64_t c) {
+  const __m256 d = _mm256_loadu_ps(x.dpair.data() + c * 4);
+  if constexpr (Gb == 1) {
+    const __m128d s2 = _mm_load_sd(reinterpret_cast<const double*>(sc + c));
+    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(s2)), pair), d);
+  } else {
+    return _mm256_mul_ps(_mm256_set1_ps(sc[c / Gb]), d);
   }
 }
 
-// AVX2 without VNNI: unsigned x signed byte products in 16-bit pairs
-// (4-bit weights only: 15 * 127 * 2 fits in 16 bits).
-template <int R>
-LMSPEC_AVX2 static void q8_block_avx2(
-    const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi, float* out) {
-  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
+// Row j of 4-bit w (groups of 32 * Gb) against one int8 row of x, two
+// blocks of 32 per step; sc, bi: the row's scales and biases. One row at a
+// time reads w in order, which the hardware prefetcher follows (4 rows
+// interleaved ran the 8-bit output head of a small model at half the
+// speed). One body for each instruction set (the pair product differs).
+#define LMSPEC_Q4_ROW(NAME, TARGET, DOT)                                                                      \
+  template <int Gb>                                                                                           \
+  TARGET static float NAME(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) { \
+    const int64_t blocks = a.k / 32, row_bytes = a.k / 2;                                                     \
+    const uint8_t* w = a.w + j * row_bytes;                                                                   \
+    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();                                 \
+    const int8_t* xq = x.pairs.data();                                                                        \
+    __m256 acc = _mm256_setzero_ps();                                                                         \
+    int64_t c = 0;                                                                                            \
+    for (; c + 2 <= blocks; c += 2) {                                                                         \
+      const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + c * 32));                                  \
+      const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + c * 32 + 32));                             \
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + c * 16));                                    \
+      const __m256i is = DOT(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xe, xo); \
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), pair_scales<Gb>(sc, x, c), acc);                          \
+    }                                                                                                         \
+    if (c < blocks) {                                                                                         \
+      /* The odd last block, in `q`'s order [evens | odds]: low 128 bits only. */                             \
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + c * 32));                                  \
+      const __m256i xz = _mm256_permute2x128_si256(xv, xv, 0x11);                                             \
+      const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(w + c * 16)));               \
+      const __m256i lo = _mm256_blend_epi32(_mm256_and_si256(v, m4), zero, 0xF0);                             \
+      const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);       \
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xv, xz)), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc); \
+    }                                                                                                         \
+    return hsum256(acc) + bias_term(a, x, bi);                                                                \
+  }
+
+LMSPEC_Q4_ROW(q4_row_vnni, LMSPEC_VNNI, dot_pair4_vnni)
+LMSPEC_Q4_ROW(q4_row_avx2, LMSPEC_AVX2, dot_pair4_avx2)
+
+// Row j of 8-bit w against one int8 row of x, one block of 32 per step.
+template <int Gb>
+LMSPEC_VNNI static float q8_row_vnni(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
+  const uint8_t* w = a.w + j * a.k;
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t c = 0; c < a.k / 32; c++) {
     const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
-    const float dx = x.d[c * 32 / x.block];
-    const int64_t g = c * 32 / a.group;
-    for (int i = 0; i < R; i++) {
-      __m128i b = _mm_loadu_si128((const __m128i*)(a.w + (j + i) * row_bytes + c * 16));
-      __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-      __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(sc[i * groups + g] * dx), acc[i]);
+    const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + c * 32));
+    const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc);
+  }
+  return hsum256(acc) + bias_term(a, x, bi);
+}
+
+// The row kernel for these weights (4 or 8 bits, groups of 32, 64 or 128);
+// null where none applies.
+using RowKernel = float (*)(const QuantArgs&, const Q8Row&, int64_t, const float*, const float*);
+static RowKernel row_kernel(int bits, int group, bool vnni) {
+  if (bits == 4) {
+    switch (group) {
+      case 32: return vnni ? q4_row_vnni<1> : q4_row_avx2<1>;
+      case 64: return vnni ? q4_row_vnni<2> : q4_row_avx2<2>;
+      case 128: return vnni ? q4_row_vnni<4> : q4_row_avx2<4>;
+      default: return nullptr;
     }
   }
-  for (int i = 0; i < R; i++) {
-    float yb = 0;
-    for (int64_t g = 0; g < groups; g++) yb += bi[i * groups + g] * x.gsum[g];
-    out[i] = hsum256(acc[i]) + yb;
+  if (bits == 8 && vnni) {
+    switch (group) {
+      case 32: return q8_row_vnni<1>;
+      case 64: return q8_row_vnni<2>;
+      case 128: return q8_row_vnni<4>;
+      default: return nullptr;
+    }
   }
+  return nullptr;
 }
 
 // Widths other than 4 and 8: rows unpacked to one byte per value first
@@ -916,6 +1045,7 @@ static void qmm_q8(const QuantArgs& a) {
   const int64_t groups = a.k / a.group;
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
   const bool unpacked = a.bits != 4 && a.bits != 8;
+  const RowKernel direct = (vnni || avx2) ? row_kernel(a.bits, a.group, vnni) : nullptr;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sc(4 * groups), bi(4 * groups);
     std::vector<uint8_t> bytes(unpacked ? 4 * a.k : 0);
@@ -923,7 +1053,7 @@ static void qmm_q8(const QuantArgs& a) {
     float out[4];
     int64_t j = n0;
     for (; j < n1;) {
-      const int rows = (j + 4 <= n1 && (vnni || avx2)) ? 4 : 1;
+      const int rows = (j + 4 <= n1 && (direct != nullptr || (unpacked && vnni))) ? 4 : 1;
       read_scales(a.scales, j * groups, rows * groups, sc.data());
       read_scales(a.biases, j * groups, rows * groups, bi.data());
       if (unpacked) {
@@ -938,12 +1068,9 @@ static void qmm_q8(const QuantArgs& a) {
               out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc.data() + i * groups,
                                           bi.data() + i * groups);
           }
-        } else if (vnni) {
-          rows == 4 ? q8_block_vnni<4>(a, xs[r], j, sc.data(), bi.data(), out)
-                    : q8_block_vnni<1>(a, xs[r], j, sc.data(), bi.data(), out);
-        } else if (avx2) {
-          rows == 4 ? q8_block_avx2<4>(a, xs[r], j, sc.data(), bi.data(), out)
-                    : q8_block_avx2<1>(a, xs[r], j, sc.data(), bi.data(), out);
+        } else if (direct != nullptr) {
+          for (int i = 0; i < rows; i++)
+            out[i] = direct(a, xs[r], j + i, sc.data() + i * groups, bi.data() + i * groups);
         } else {
           out[0] = q8_dot_scalar(a, xs[r], j, sc.data(), bi.data());
         }
