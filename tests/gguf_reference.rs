@@ -5,7 +5,9 @@
 //! ids, 32 greedy tokens, and the memory the model takes as stored.
 use lmspec::lm::generate::{Event, GenerateParams};
 
-use crate::support::{goldens, library, load_lm, mlx_lock};
+use lmspec::engine::cpu_kernels::Activations;
+
+use crate::support::{goldens, library, mlx_lock};
 
 /// llama.cpp does not agree with itself closer than this: its logits for the
 /// same tokens run as one batch and step by step differ by up to 0.9, and
@@ -19,6 +21,17 @@ const FIRST_STEP_TOLERANCE: f32 = 1.0;
 
 #[test]
 fn gemma3_270m_matches_llama_cpp() {
+    against_llama_cpp(Activations::Float);
+}
+
+/// With llama.cpp's numerics (activations quantized to 8 bits, dense rows
+/// one dot product per output) the same holds.
+#[test]
+fn gemma3_270m_with_int8_activations_matches_llama_cpp() {
+    against_llama_cpp(Activations::Int8);
+}
+
+fn against_llama_cpp(activations: Activations) {
     let path = lmspec::installed_model("gemma3-270m").expect("installed by the setup");
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(goldens().join("gemma3_270m_gguf/llama_cpp.json"))
@@ -30,7 +43,8 @@ fn gemma3_270m_matches_llama_cpp() {
     // this model takes is what generation peaks at above that baseline.
     mlx_rs::memory::clear_cache().expect("clear cache");
     let baseline = mlx_rs::memory::active_memory().expect("active memory");
-    let lm = load_lm(&path, &library(), None).expect("gemma3-270m loads");
+    let opts = crate::support::opts(&library(), None).with_activations(activations);
+    let lm = lmspec::lm::LanguageModel::load(&path, &opts).expect("gemma3-270m loads");
     let params = GenerateParams {
         max_tokens: 32,
         ..Default::default()
@@ -88,7 +102,8 @@ fn gemma3_270m_matches_llama_cpp() {
         }
     }
     eprintln!(
-        "gemma3-270m: {equal}/{} greedy continuations equal llama.cpp's; peak {:.1} MB{}",
+        "gemma3-270m, {} activations: {equal}/{} greedy continuations equal llama.cpp's; peak {:.1} MB{}",
+        activations.name(),
         prompts.len(),
         peak as f64 / 1e6,
         report

@@ -712,6 +712,7 @@ struct Q8Row {
   std::vector<float> d;  // per activation block
   std::vector<float> dblk;  // per 32 values: the scale of the block holding them
   std::vector<float> dpair;  // per 32 values, 4 times over (the lanes of a block pair)
+  std::vector<float> dquad;  // per 4 values: the scale of their block (the lanes of 64 values)
   std::vector<float> gsum;  // per weight group: the sum of x the bias multiplies
   int block = 32;
 };
@@ -848,9 +849,11 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
     }
     row.dblk.resize(a.k / 32);
     row.dpair.resize(a.k / 8);
+    row.dquad.resize(a.k / 4);
     for (int64_t c = 0; c < a.k / 32; c++) {
       row.dblk[c] = row.d[c * 32 / row.block];
       for (int t = 0; t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
+      for (int t = 0; t < 8; t++) row.dquad[c * 8 + t] = row.dblk[c];
     }
   }
   return rows;
@@ -879,12 +882,20 @@ static float q8_dot_scalar(const QuantArgs& a, const Q8Row& x, int64_t j, const 
 
 #define LMSPEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 
-// The bias terms of one row of w: its biases times the sums of x they
-// multiply.
-static float bias_term(const QuantArgs& a, const Q8Row& x, const float* bi) {
-  float yb = 0;
-  for (int64_t g = 0; g < a.k / a.group; g++) yb += bi[g] * x.gsum[g];
-  return yb;
+// acc plus the bias terms of one row of w (its biases times the sums of x
+// they multiply), 8 groups per step: one chain of adds per group would take
+// as long as the row's products on a small model.
+LMSPEC_AVX2 static inline __m256 add_bias_terms(const QuantArgs& a, const Q8Row& x, const float* bi, __m256 acc) {
+  const int64_t groups = a.k / a.group;
+  const float* gs = x.gsum.data();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(bi + g), _mm256_loadu_ps(gs + g), acc);
+  if (g < groups) {
+    const __m256i lanes =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(int(groups - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(bi + g, lanes), _mm256_maskload_ps(gs + g, lanes), acc);
+  }
+  return acc;
 }
 
 // Integer dot products of one block pair (lanes 0-3 block c, 4-7 block
@@ -943,7 +954,7 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
       const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);       \
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xv, xz)), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc); \
     }                                                                                                         \
-    return hsum256(acc) + bias_term(a, x, bi);                                                                \
+    return hsum256(add_bias_terms(a, x, bi, acc));                                                            \
   }
 
 LMSPEC_Q4_ROW(q4_row_vnni, LMSPEC_VNNI, dot_pair4_vnni)
@@ -960,19 +971,77 @@ LMSPEC_VNNI static float q8_row_vnni(const QuantArgs& a, const Q8Row& x, int64_t
     const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc);
   }
-  return hsum256(acc) + bias_term(a, x, bi);
+  return hsum256(add_bias_terms(a, x, bi, acc));
 }
 
-// The row kernel for these weights (4 or 8 bits, groups of 32, 64 or 128);
-// null where none applies.
 using RowKernel = float (*)(const QuantArgs&, const Q8Row&, int64_t, const float*, const float*);
-static RowKernel row_kernel(int bits, int group, bool vnni) {
+
+#define LMSPEC_VBMI_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,fma,f16c")))
+
+// Row j of 2, 3, 5 or 6-bit w (groups of G = 16, 32, 64 or 128) against an
+// int8 row of x, 64 values per step: each 64-bit lane takes the Bits bytes
+// that hold 8 values (a byte permute), a multishift puts each value in a
+// byte, and one VNNI product sums them in fours (lane t: values 4t..4t+3).
+template <int Bits, int G>
+LMSPEC_VBMI_VNNI static float qx_row_vbmi(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
+  alignas(64) uint8_t idx[64], ctrl[64];
+  alignas(64) int32_t lane_group[16];
+  for (int lane = 0; lane < 8; lane++) {
+    for (int t = 0; t < 8; t++) {
+      idx[lane * 8 + t] = uint8_t(std::min(Bits * lane + t, 63));
+      ctrl[lane * 8 + t] = uint8_t(t * Bits);
+    }
+  }
+  for (int t = 0; t < 16; t++) lane_group[t] = G < 64 ? 4 * t / G : 0;
+  constexpr int groups_per_step = G < 64 ? 64 / G : 1;
+  const __m512i vidx = _mm512_load_si512(idx), vctrl = _mm512_load_si512(ctrl);
+  const __m512i vgroup = _mm512_load_si512(lane_group);
+  const __m512i mask = _mm512_set1_epi8(char((1 << Bits) - 1));
+  const __mmask64 load_mask = (__mmask64(1) << (Bits * 8)) - 1;
+  const __mmask16 scale_mask = __mmask16((1u << groups_per_step) - 1);
+  const uint8_t* row = a.w + j * (a.k * Bits / 8);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < a.k / 64; c++) {
+    const __m512i bytes = _mm512_maskz_loadu_epi8(load_mask, row + c * 8 * Bits);
+    const __m512i vals = _mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, _mm512_permutexvar_epi8(vidx, bytes)), mask);
+    const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(x.q.data() + c * 64));
+    const __m512 s = _mm512_permutexvar_ps(vgroup, _mm512_maskz_loadu_ps(scale_mask, sc + c * 64 / G));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x.dquad.data() + c * 16)), acc);
+  }
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+  return hsum256(add_bias_terms(a, x, bi, _mm256_add_ps(_mm512_castps512_ps256(acc), hi)));
+}
+
+template <int Bits>
+static RowKernel qx_row_for(int group) {
+  switch (group) {
+    case 16: return qx_row_vbmi<Bits, 16>;
+    case 32: return qx_row_vbmi<Bits, 32>;
+    case 64: return qx_row_vbmi<Bits, 64>;
+    case 128: return qx_row_vbmi<Bits, 128>;
+    default: return nullptr;
+  }
+}
+
+// The row kernel for these weights (4 or 8 bits in groups of 32, 64 or 128;
+// 2, 3, 5 or 6 bits in groups of 16 to 128 where VBMI and VNNI are there);
+// null where none applies.
+static RowKernel row_kernel(int bits, int group, int64_t k, bool vnni) {
   if (bits == 4) {
     switch (group) {
       case 32: return vnni ? q4_row_vnni<1> : q4_row_avx2<1>;
       case 64: return vnni ? q4_row_vnni<2> : q4_row_avx2<2>;
       case 128: return vnni ? q4_row_vnni<4> : q4_row_avx2<4>;
       default: return nullptr;
+    }
+  }
+  if (vnni && has_vbmi() && k % 64 == 0) {
+    switch (bits) {
+      case 2: return qx_row_for<2>(group);
+      case 3: return qx_row_for<3>(group);
+      case 5: return qx_row_for<5>(group);
+      case 6: return qx_row_for<6>(group);
+      default: break;
     }
   }
   if (bits == 8 && vnni) {
@@ -1044,8 +1113,8 @@ static void qmm_q8(const QuantArgs& a) {
   const bool avx2 = l >= AVX2 && a.bits == 4;
   const int64_t groups = a.k / a.group;
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
-  const bool unpacked = a.bits != 4 && a.bits != 8;
-  const RowKernel direct = (vnni || avx2) ? row_kernel(a.bits, a.group, vnni) : nullptr;
+  const RowKernel direct = (vnni || avx2) ? row_kernel(a.bits, a.group, a.k, vnni) : nullptr;
+  const bool unpacked = direct == nullptr && a.bits != 4 && a.bits != 8;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sc(4 * groups), bi(4 * groups);
     std::vector<uint8_t> bytes(unpacked ? 4 * a.k : 0);
@@ -1212,6 +1281,64 @@ class QuantMatmul : public mx::UnaryPrimitive {
  private:
   int group_, bits_;
   bool q8_;
+};
+
+// y[r, j] = x[r] . w[j] for float32 rows of w ([N, K], the weight of a
+// linear layer before its transpose): a decode step's product with a dense
+// weight, read once and in order; BLAS's sgemm repacks the whole weight on
+// every one-row call.
+LMSPEC_AVX512 static float dot_rows_avx512(const float* x, const float* w, int64_t k) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(w + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), _mm512_loadu_ps(w + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), _mm512_loadu_ps(w + i + 48), a3);
+  }
+  for (; i + 16 <= k; i += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), a0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < k; i++) s += x[i] * w[i];
+  return s;
+}
+
+static void matvec(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
+  const bool wide = level() == AVX512;
+  int64_t grain = std::max<int64_t>(8, 16384 / std::max<int64_t>(k * m, 1));
+  parallel_range(n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; j++) {
+      const float* wj = w + j * k;
+      for (int64_t r = 0; r < m; r++) y[r * n + j] = wide ? dot_rows_avx512(x + r * k, wj, k) : dot(x + r * k, wj, k);
+    }
+  });
+}
+
+class DenseMatvec : public mx::UnaryPrimitive {
+ public:
+  explicit DenseMatvec(mx::Stream s) : UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+                  w = mx::array::unsafe_weak_copy(in[1]),
+                  out = mx::array::unsafe_weak_copy(out)]() mutable {
+      F32View xv(x);
+      // w is the transpose view [K, N] of a row-major [N, K] array.
+      const int64_t k = w.shape(0), n = w.shape(1);
+      matvec(xv.ptr, w.data<float>(), out.data<float>(), int64_t(x.size()) / std::max<int64_t>(k, 1), n, k);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec dense product runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecDenseMatvec";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
 };
 
 class Dequantize : public mx::UnaryPrimitive {
@@ -1638,6 +1765,26 @@ int lmspec_qmatmul(
     std::vector<array> ins = {
         xa, lmspec::row_major(wa, s), lmspec::row_major(A(scales), s), lmspec::row_major(A(biases), s)};
     return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, q8 != 0), std::move(ins));
+  });
+}
+
+// x [..., K] times wt [K, N], the transpose view of an evaluated
+// row-major [N, K] float32 weight; returns 2 (and no array) where wt is not
+// such a view.
+int lmspec_matvec(void** out, const void* x, const void* wt, char* err, size_t len) {
+  const array& wa = A(wt);
+  if (wa.ndim() != 2 || wa.dtype() != mx::float32 || !wa.is_available() || !wa.flags().col_contiguous ||
+      wa.strides()[0] != 1 || wa.strides()[1] != wa.shape(0))
+    return 2;
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& xa = A(x);
+    if (xa.dtype() != mx::float32) throw std::invalid_argument("x must be float32");
+    if (xa.ndim() < 1 || xa.shape(-1) != wa.shape(0))
+      throw std::invalid_argument("x's last axis does not match the weight's input width");
+    auto shape = xa.shape();
+    shape.back() = wa.shape(1);
+    return array(shape, mx::float32, std::make_shared<lmspec::DenseMatvec>(s), std::vector<array>{xa, wa});
   });
 }
 

@@ -36,6 +36,13 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn lmspec_matvec(
+        out: *mut *mut c_void,
+        x: *const c_void,
+        wt: *const c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn lmspec_dequantize(
         out: *mut *mut c_void,
         w: *const c_void,
@@ -151,9 +158,20 @@ fn raw(a: &Array) -> *const c_void {
 
 /// Runs one constructor of the C side; its message becomes the error.
 fn call(f: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int) -> Result<Array, Exception> {
+    call_if(f)?.ok_or_else(|| Exception::custom("cpu kernel: the kernel does not apply"))
+}
+
+/// As [`call`], where the C side answers 2 (and no array) when its kernel
+/// does not apply to these inputs.
+fn call_if(
+    f: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int,
+) -> Result<Option<Array>, Exception> {
     let mut out: *mut c_void = std::ptr::null_mut();
     let mut err = [0 as c_char; 512];
     let rc = f(&mut out, err.as_mut_ptr(), err.len());
+    if rc == 2 && out.is_null() {
+        return Ok(None);
+    }
     if rc != 0 || out.is_null() {
         // SAFETY: the C side writes a NUL-terminated message into `err`.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
@@ -162,7 +180,9 @@ fn call(f: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int) -> Result
         return Err(Exception::custom(format!("cpu kernel: {msg}")));
     }
     // SAFETY: `out` is a new `mlx::core::array*`; the Array takes ownership.
-    Ok(unsafe { Array::from_ptr(mlx_sys::mlx_array { ctx: out }) })
+    Ok(Some(unsafe {
+        Array::from_ptr(mlx_sys::mlx_array { ctx: out })
+    }))
 }
 
 /// How the quantized product treats the activations.
@@ -243,6 +263,15 @@ pub fn quantized_matmul(
             n,
         )
     })
+}
+
+/// `x @ wt` for float32 `x [..., K]` and a dense weight `wt [K, N]` that is
+/// the transpose view of an evaluated row-major `[N, K]` array (how linear
+/// layers keep dense weights): each output a dot product over one row of
+/// the weight, read in order. `None` where `wt` is not such a view.
+pub fn dense_matmul(x: &Array, wt: &Array) -> Result<Option<Array>, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call_if(|o, e, n| unsafe { lmspec_matvec(o, raw(x), raw(wt), e, n) })
 }
 
 /// `w * scale + bias` as float32 `[N, K]`.

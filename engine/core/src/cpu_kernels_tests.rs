@@ -408,3 +408,27 @@ fn every_path_gives_the_same_products() {
         );
     }
 }
+
+#[test]
+fn dense_product_matches_mlx() {
+    let (n, k) = (40, 200);
+    let w = array(&[n, k], 31);
+    let wt = w.t();
+    // Not yet evaluated: not a view the kernel reads, MLX's matmul runs.
+    assert!(dense_matmul(&array(&[1, k], 32), &wt)
+        .expect("kernel")
+        .is_none());
+    wt.eval().expect("eval");
+    for rows in [1, 3] {
+        let x = array(&[1, rows, k], 33 + rows as u64);
+        let ours = host(&dense_matmul(&x, &wt).expect("kernel").expect("applies"));
+        let mlx = host(&mlx_rs::ops::matmul(&x, &wt).expect("mlx"));
+        assert!(max_rel(&ours, &mlx) < 1e-5, "{}", max_rel(&ours, &mlx));
+    }
+    // A row-major [K, N] weight is not the transpose view.
+    let plain = array(&[k, n], 34);
+    plain.eval().expect("eval");
+    assert!(dense_matmul(&array(&[1, k], 35), &plain)
+        .expect("kernel")
+        .is_none());
+}

@@ -57,10 +57,18 @@ fn apply_with(
     activations: Activations,
 ) -> Result<Array, Exception> {
     match weight {
-        Param::Dense(wt) => match bias {
-            Some(b) => mlx_rs::ops::addmm(b, x, wt, 1.0, 1.0),
-            None => mlx_rs::ops::matmul(x, wt),
-        },
+        Param::Dense(wt) => {
+            if let Some(y) = dense_rows(x, wt, activations)? {
+                return match bias {
+                    Some(b) => mlx_rs::ops::add(&y, b),
+                    None => Ok(y),
+                };
+            }
+            match bias {
+                Some(b) => mlx_rs::ops::addmm(b, x, wt, 1.0, 1.0),
+                None => mlx_rs::ops::matmul(x, wt),
+            }
+        }
         Param::Quantized {
             w,
             scales,
@@ -75,6 +83,29 @@ fn apply_with(
             }
         }
     }
+}
+
+/// A few rows (a decode step) times a dense float32 weight through the CPU
+/// kernel, under llama.cpp's numerics (int8 activations: a GGUF's K-quants
+/// held as float32 are multiplied as llama.cpp multiplies them, one dot
+/// product per output); `None`: MLX's matmul, whose results equal mlx-lm's
+/// bit for bit.
+fn dense_rows(x: &Array, wt: &Array, activations: Activations) -> Result<Option<Array>, Exception> {
+    use crate::cpu_kernels as cpu;
+    let k = x.shape().last().copied().unwrap_or(0).max(1);
+    let rows = x.size() as i64 / k as i64;
+    if activations != Activations::Int8
+        || rows > QUANTIZED_PRODUCT_ROWS as i64
+        || !cpu::all_f32(&[x, wt])
+        || !cpu::enabled()
+    {
+        return Ok(None);
+    }
+    // The kernel reads the weight's memory, so whether it applies depends
+    // on the evaluated layout: evaluating here (once; a weight is a
+    // constant) makes that the same on every call.
+    wt.eval()?;
+    cpu::dense_matmul(x, wt)
 }
 
 /// Rows of input up to which the CPU kernel's quantized product runs; more
