@@ -545,50 +545,57 @@ LMSPEC_AVX2 static inline void block_avx2(
   for (int i = 0; i < R; i++) a.y[r * a.n + j + i] = hsum256(yv[i]) + yb[i];
 }
 
-template <int R>
-LMSPEC_AVX512 static inline void block_avx512(
+// One row of 4- or 8-bit w against one row of x (float32 activations,
+// groups of 32 or more for 4 bits, 16 or more for 8): per group, the sum of
+// weight values times activations, times the group's scale; the groups
+// alternate between two running totals (one total would make each group's
+// multiply-add wait for the last); the bias terms come last. Rows go one at
+// a time, so w is read in order.
+template <int Bits>
+LMSPEC_AVX512 static void row_avx512(
     const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
-  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
-  // 0..15 as floats.
+  const int64_t groups = a.k / a.group;
   const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 yv[R];
-  float yb[R];
-  for (int i = 0; i < R; i++) yv[i] = _mm512_setzero_ps(), yb[i] = 0;
+  const uint8_t* w = a.w + j * (a.k * Bits / 8);
+  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g = 0; g < groups; g++) {
     const int64_t k0 = g * a.group;
-    __m512 acc[R];
-    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
-    if (a.bits == 4) {
+    __m512 acc = _mm512_setzero_ps();
+    if constexpr (Bits == 4) {
       const float* xp = p.perm.data() + r * a.k + k0;
       for (int c = 0; c < a.group; c += 32) {
-        __m512 xe = _mm512_loadu_ps(xp + c), xo = _mm512_loadu_ps(xp + c + 16);
-        for (int i = 0; i < R; i++) {
-          const uint8_t* wp = a.w + (j + i) * row_bytes + (k0 + c) / 2;
-          __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)wp));
-          // The table lookup reads each index's low 4 bits: the low nibble.
-          __m512 lo = _mm512_permutexvar_ps(v, nibbles);
-          __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles);
-          acc[i] = _mm512_fmadd_ps(lo, xe, _mm512_fmadd_ps(hi, xo, acc[i]));
-        }
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (k0 + c) / 2)));
+        const __m512 lo = _mm512_permutexvar_ps(v, nibbles);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles);
+        acc = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + c), _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + c + 16), acc));
       }
-    } else {  // 8 bits
+    } else {
       const float* xp = a.x + r * a.k + k0;
       for (int c = 0; c < a.group; c += 16) {
-        __m512 xv = _mm512_loadu_ps(xp + c);
-        for (int i = 0; i < R; i++) {
-          const uint8_t* wp = a.w + (j + i) * row_bytes + k0 + c;
-          __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)wp)));
-          acc[i] = _mm512_fmadd_ps(v, xv, acc[i]);
-        }
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k0 + c))));
+        acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + c), acc);
       }
     }
-    const float xs = p.sums[r * groups + g];
-    for (int i = 0; i < R; i++) {
-      yv[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(sc[i * groups + g]), yv[i]);
-      yb[i] += bi[i * groups + g] * xs;
+    total[g & 1] = _mm512_fmadd_ps(acc, _mm512_set1_ps(sc[g]), total[g & 1]);
+  }
+  float yb = 0;
+  for (int64_t g = 0; g < groups; g++) yb += bi[g] * p.sums[r * groups + g];
+  a.y[r * a.n + j] = _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1])) + yb;
+}
+
+// Rows [n0, n1) of w against every row of x, one row of w at a time.
+template <void (*Row)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*)>
+static void qmm_rows(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  const int64_t groups = a.k / a.group;
+  std::vector<float> sc(4 * groups), bi(4 * groups);
+  for (int64_t j = n0; j < n1; j += 4) {
+    const int rows = int(std::min<int64_t>(4, n1 - j));
+    read_scales(a.scales, j * groups, rows * groups, sc.data());
+    read_scales(a.biases, j * groups, rows * groups, bi.data());
+    for (int i = 0; i < rows; i++) {
+      for (int64_t r = 0; r < a.m; r++) Row(a, p, j + i, r, sc.data() + i * groups, bi.data() + i * groups);
     }
   }
-  for (int i = 0; i < R; i++) a.y[r * a.n + j + i] = _mm512_reduce_add_ps(yv[i]) + yb[i];
 }
 
 // 2, 3, 5 and 6 bits with AVX-512 VBMI: each 64-bit lane takes the `bits`
@@ -678,9 +685,7 @@ static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   const int64_t groups = a.k / a.group;
   std::vector<float> sc(4 * groups), bi(4 * groups);
   int64_t j = n0;
-  // 8-bit rows are read one at a time, in order (see `q4_row_vnni`); 4-bit
-  // rows are compute-bound, and 4 at a time share each load of x.
-  for (; a.bits != 8 && j + 4 <= n1; j += 4) {
+  for (; j + 4 <= n1; j += 4) {
     if (j + 8 <= n1) prefetch_rows(a, j + 4, 4);
     read_scales(a.scales, j * groups, 4 * groups, sc.data());
     read_scales(a.biases, j * groups, 4 * groups, bi.data());
@@ -1168,7 +1173,7 @@ static void qmm(const QuantArgs& a, bool q8) {
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     if (simd_bits && l == AVX512) {
-      qmm_blocks<block_avx512<4>, block_avx512<1>>(a, p, n0, n1);
+      a.bits == 4 ? qmm_rows<row_avx512<4>>(a, p, n0, n1) : qmm_rows<row_avx512<8>>(a, p, n0, n1);
     } else if (simd_bits && l >= AVX2) {
       qmm_blocks<block_avx2<4>, block_avx2<1>>(a, p, n0, n1);
     } else if (l == AVX512 && has_vbmi() && vbmi_covers(a.bits, a.group, a.k)) {
