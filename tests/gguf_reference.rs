@@ -83,10 +83,15 @@ fn against_llama_cpp(activations: Activations) {
             at => {
                 let step = at.unwrap_or(out.tokens.len().min(want.len()));
                 let margin = p["steps"][step]["margin"].as_f64().unwrap_or(f64::INFINITY);
+                // llama.cpp's own batched run parts from its step-by-step
+                // run at this very step.
+                let llama_parts_here =
+                    p["batched_check"]["first_diff_step"].as_u64() == Some(step as u64);
                 report.push(format!(
-                    "{text:?}: parts from llama.cpp at step {step} (llama.cpp's top-2 margin there {margin:.3})"
+                    "{text:?}: parts from llama.cpp at step {step} (llama.cpp's top-2 margin there {margin:.3}{})",
+                    if llama_parts_here { "; llama.cpp batched parts there too" } else { "" }
                 ));
-                assert!(margin < NEAR_TIE, "{}", report.join("; "));
+                assert!(margin < NEAR_TIE || llama_parts_here, "{}", report.join("; "));
             }
         }
         if text.starts_with("Water boils") {

@@ -929,57 +929,69 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
   }
 }
 
-// Row j of 4-bit w (groups of 32 * Gb) against one int8 row of x, two
-// blocks of 32 per step; sc, bi: the row's scales and biases. One row at a
-// time reads w in order, which the hardware prefetcher follows (4 rows
-// interleaved ran the 8-bit output head of a small model at half the
-// speed). One body for each instruction set (the pair product differs).
-#define LMSPEC_Q4_ROW(NAME, TARGET, DOT)                                                                      \
-  template <int Gb>                                                                                           \
-  TARGET static float NAME(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) { \
-    const int64_t blocks = a.k / 32, row_bytes = a.k / 2;                                                     \
-    const uint8_t* w = a.w + j * row_bytes;                                                                   \
-    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();                                 \
-    const int8_t* xq = x.pairs.data();                                                                        \
-    __m256 acc = _mm256_setzero_ps();                                                                         \
-    int64_t c = 0;                                                                                            \
-    for (; c + 2 <= blocks; c += 2) {                                                                         \
-      const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + c * 32));                                  \
-      const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + c * 32 + 32));                             \
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + c * 16));                                    \
-      const __m256i is = DOT(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), xe, xo); \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), pair_scales<Gb>(sc, x, c), acc);                          \
-    }                                                                                                         \
-    if (c < blocks) {                                                                                         \
-      /* The odd last block, in `q`'s order [evens | odds]: low 128 bits only. */                             \
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + c * 32));                                  \
-      const __m256i xz = _mm256_permute2x128_si256(xv, xv, 0x11);                                             \
-      const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(w + c * 16)));               \
-      const __m256i lo = _mm256_blend_epi32(_mm256_and_si256(v, m4), zero, 0xF0);                             \
-      const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);       \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xv, xz)), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc); \
-    }                                                                                                         \
-    return hsum256(add_bias_terms(a, x, bi, acc));                                                            \
+// Row j of 4-bit w (groups of 32 * Gb) against M int8 rows of x, two
+// blocks of 32 per step; sc, bi: the row's scales and biases; out: one
+// product per row of x. One row of w at a time reads w in order, which the
+// hardware prefetcher follows (4 rows interleaved ran the 8-bit output head
+// of a small model at half the speed); the M rows of x (a prompt) share
+// each unpacked step of it. One body for each instruction set (the pair
+// product differs).
+#define LMSPEC_Q4_ROW(NAME, TARGET, DOT)                                                                   \
+  template <int Gb, int M>                                                                                 \
+  TARGET static void NAME(const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, \
+                          float* out) {                                                                    \
+    const int64_t blocks = a.k / 32, row_bytes = a.k / 2;                                                  \
+    const uint8_t* w = a.w + j * row_bytes;                                                                \
+    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();                              \
+    __m256 acc[M];                                                                                         \
+    for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();                                              \
+    int64_t c = 0;                                                                                         \
+    for (; c + 2 <= blocks; c += 2) {                                                                      \
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + c * 16));                                 \
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);      \
+      for (int i = 0; i < M; i++) {                                                                        \
+        const int8_t* xq = x[i].pairs.data() + c * 32;                                                     \
+        const __m256i is = DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xq), _mm256_loadu_si256((const __m256i*)(xq + 32))); \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), pair_scales<Gb>(sc, x[i], c), acc[i]);            \
+      }                                                                                                    \
+    }                                                                                                      \
+    if (c < blocks) {                                                                                      \
+      /* The odd last block, in `q`'s order [evens | odds]: low 128 bits only. */                          \
+      const __m256i v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(w + c * 16)));            \
+      const __m256i lo = _mm256_blend_epi32(_mm256_and_si256(v, m4), zero, 0xF0);                          \
+      const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);    \
+      for (int i = 0; i < M; i++) {                                                                        \
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].pairs.data() + c * 32));              \
+        const __m256i xz = _mm256_permute2x128_si256(xv, xv, 0x11);                                        \
+        const __m256 sv = _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]);                                       \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xv, xz)), sv, acc[i]);                     \
+      }                                                                                                    \
+    }                                                                                                      \
+    for (int i = 0; i < M; i++) out[i] = hsum256(add_bias_terms(a, x[i], bi, acc[i]));                     \
   }
 
 LMSPEC_Q4_ROW(q4_row_vnni, LMSPEC_VNNI, dot_pair4_vnni)
 LMSPEC_Q4_ROW(q4_row_avx2, LMSPEC_AVX2, dot_pair4_avx2)
 
-// Row j of 8-bit w against one int8 row of x, one block of 32 per step.
-template <int Gb>
-LMSPEC_VNNI static float q8_row_vnni(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
+// Row j of 8-bit w against M int8 rows of x, one block of 32 per step.
+template <int Gb, int M>
+LMSPEC_VNNI static void q8_row_vnni(
+    const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   const uint8_t* w = a.w + j * a.k;
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[M];
+  for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < a.k / 32; c++) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
     const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + c * 32));
-    const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x.dblk[c]), acc);
+    for (int i = 0; i < M; i++) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].q.data() + c * 32));
+      const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), acc[i]);
+    }
   }
-  return hsum256(add_bias_terms(a, x, bi, acc));
+  for (int i = 0; i < M; i++) out[i] = hsum256(add_bias_terms(a, x[i], bi, acc[i]));
 }
 
-using RowKernel = float (*)(const QuantArgs&, const Q8Row&, int64_t, const float*, const float*);
+using RowKernel = void (*)(const QuantArgs&, const Q8Row*, int64_t, const float*, const float*, float*);
 
 #define LMSPEC_VBMI_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,fma,f16c")))
 
@@ -987,8 +999,9 @@ using RowKernel = float (*)(const QuantArgs&, const Q8Row&, int64_t, const float
 // int8 row of x, 64 values per step: each 64-bit lane takes the Bits bytes
 // that hold 8 values (a byte permute), a multishift puts each value in a
 // byte, and one VNNI product sums them in fours (lane t: values 4t..4t+3).
-template <int Bits, int G>
-LMSPEC_VBMI_VNNI static float qx_row_vbmi(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
+template <int Bits, int G, int M>
+LMSPEC_VBMI_VNNI static void qx_row_vbmi(
+    const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   alignas(64) uint8_t idx[64], ctrl[64];
   alignas(64) int32_t lane_group[16];
   for (int lane = 0; lane < 8; lane++) {
@@ -1005,60 +1018,67 @@ LMSPEC_VBMI_VNNI static float qx_row_vbmi(const QuantArgs& a, const Q8Row& x, in
   const __mmask64 load_mask = (__mmask64(1) << (Bits * 8)) - 1;
   const __mmask16 scale_mask = __mmask16((1u << groups_per_step) - 1);
   const uint8_t* row = a.w + j * (a.k * Bits / 8);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[M];
+  for (int i = 0; i < M; i++) acc[i] = _mm512_setzero_ps();
   for (int64_t c = 0; c < a.k / 64; c++) {
     const __m512i bytes = _mm512_maskz_loadu_epi8(load_mask, row + c * 8 * Bits);
     const __m512i vals = _mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, _mm512_permutexvar_epi8(vidx, bytes)), mask);
-    const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(x.q.data() + c * 64));
     const __m512 s = _mm512_permutexvar_ps(vgroup, _mm512_maskz_loadu_ps(scale_mask, sc + c * 64 / G));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x.dquad.data() + c * 16)), acc);
+    for (int i = 0; i < M; i++) {
+      const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(x[i].q.data() + c * 64));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x[i].dquad.data() + c * 16)), acc[i]);
+    }
   }
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
-  return hsum256(add_bias_terms(a, x, bi, _mm256_add_ps(_mm512_castps512_ps256(acc), hi)));
+  for (int i = 0; i < M; i++) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
+    out[i] = hsum256(add_bias_terms(a, x[i], bi, _mm256_add_ps(_mm512_castps512_ps256(acc[i]), hi)));
+  }
 }
 
-template <int Bits>
+template <int Bits, int M>
 static RowKernel qx_row_for(int group) {
   switch (group) {
-    case 16: return qx_row_vbmi<Bits, 16>;
-    case 32: return qx_row_vbmi<Bits, 32>;
-    case 64: return qx_row_vbmi<Bits, 64>;
-    case 128: return qx_row_vbmi<Bits, 128>;
+    case 16: return qx_row_vbmi<Bits, 16, M>;
+    case 32: return qx_row_vbmi<Bits, 32, M>;
+    case 64: return qx_row_vbmi<Bits, 64, M>;
+    case 128: return qx_row_vbmi<Bits, 128, M>;
     default: return nullptr;
   }
 }
 
-// The row kernel for these weights (4 or 8 bits in groups of 32, 64 or 128;
-// 2, 3, 5 or 6 bits in groups of 16 to 128 where VBMI and VNNI are there);
-// null where none applies.
+// The row kernel for these weights and M rows of x (4 or 8 bits in groups
+// of 32, 64 or 128; 2, 3, 5 or 6 bits in groups of 16 to 128 where VBMI and
+// VNNI are there); null where none applies.
+template <int M>
 static RowKernel row_kernel(int bits, int group, int64_t k, bool vnni) {
   if (bits == 4) {
     switch (group) {
-      case 32: return vnni ? q4_row_vnni<1> : q4_row_avx2<1>;
-      case 64: return vnni ? q4_row_vnni<2> : q4_row_avx2<2>;
-      case 128: return vnni ? q4_row_vnni<4> : q4_row_avx2<4>;
+      case 32: return vnni ? q4_row_vnni<1, M> : q4_row_avx2<1, M>;
+      case 64: return vnni ? q4_row_vnni<2, M> : q4_row_avx2<2, M>;
+      case 128: return vnni ? q4_row_vnni<4, M> : q4_row_avx2<4, M>;
       default: return nullptr;
     }
   }
   if (vnni && has_vbmi() && k % 64 == 0) {
     switch (bits) {
-      case 2: return qx_row_for<2>(group);
-      case 3: return qx_row_for<3>(group);
-      case 5: return qx_row_for<5>(group);
-      case 6: return qx_row_for<6>(group);
+      case 2: return qx_row_for<2, M>(group);
+      case 3: return qx_row_for<3, M>(group);
+      case 5: return qx_row_for<5, M>(group);
+      case 6: return qx_row_for<6, M>(group);
       default: break;
     }
   }
   if (bits == 8 && vnni) {
     switch (group) {
-      case 32: return q8_row_vnni<1>;
-      case 64: return q8_row_vnni<2>;
-      case 128: return q8_row_vnni<4>;
+      case 32: return q8_row_vnni<1, M>;
+      case 64: return q8_row_vnni<2, M>;
+      case 128: return q8_row_vnni<4, M>;
       default: return nullptr;
     }
   }
   return nullptr;
 }
+
 
 // Widths other than 4 and 8: rows unpacked to one byte per value first
 // (`unpack_whole_row`), then integer dot products per group (groups of 16
@@ -1118,16 +1138,38 @@ static void qmm_q8(const QuantArgs& a) {
   const bool avx2 = l >= AVX2 && a.bits == 4;
   const int64_t groups = a.k / a.group;
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
-  const RowKernel direct = (vnni || avx2) ? row_kernel(a.bits, a.group, a.k, vnni) : nullptr;
+  const RowKernel direct = (vnni || avx2) ? row_kernel<1>(a.bits, a.group, a.k, vnni) : nullptr;
+  const RowKernel direct4 = (vnni || avx2) ? row_kernel<4>(a.bits, a.group, a.k, vnni) : nullptr;
   const bool unpacked = direct == nullptr && a.bits != 4 && a.bits != 8;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sc(4 * groups), bi(4 * groups);
+    float out[4];
+    if (direct != nullptr) {
+      // Each row of w against the rows of x, 4 at a time while they last.
+      for (int64_t j = n0; j < n1; j += 4) {
+        const int rows = int(std::min<int64_t>(4, n1 - j));
+        read_scales(a.scales, j * groups, rows * groups, sc.data());
+        read_scales(a.biases, j * groups, rows * groups, bi.data());
+        for (int i = 0; i < rows; i++) {
+          const float *s = sc.data() + i * groups, *b = bi.data() + i * groups;
+          int64_t r = 0;
+          for (; r + 4 <= a.m; r += 4) {
+            direct4(a, &xs[r], j + i, s, b, out);
+            for (int t = 0; t < 4; t++) a.y[(r + t) * a.n + j + i] = out[t];
+          }
+          for (; r < a.m; r++) {
+            direct(a, &xs[r], j + i, s, b, out);
+            a.y[r * a.n + j + i] = out[0];
+          }
+        }
+      }
+      return;
+    }
     std::vector<uint8_t> bytes(unpacked ? 4 * a.k : 0);
     const int64_t row_bytes = a.k * a.bits / 8;
-    float out[4];
     int64_t j = n0;
     for (; j < n1;) {
-      const int rows = (j + 4 <= n1 && (direct != nullptr || (unpacked && vnni))) ? 4 : 1;
+      const int rows = (j + 4 <= n1 && unpacked && vnni) ? 4 : 1;
       read_scales(a.scales, j * groups, rows * groups, sc.data());
       read_scales(a.biases, j * groups, rows * groups, bi.data());
       if (unpacked) {
@@ -1142,9 +1184,6 @@ static void qmm_q8(const QuantArgs& a) {
               out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc.data() + i * groups,
                                           bi.data() + i * groups);
           }
-        } else if (direct != nullptr) {
-          for (int i = 0; i < rows; i++)
-            out[i] = direct(a, xs[r], j + i, sc.data() + i * groups, bi.data() + i * groups);
         } else {
           out[0] = q8_dot_scalar(a, xs[r], j, sc.data(), bi.data());
         }
@@ -1536,6 +1575,134 @@ class Rope : public mx::UnaryPrimitive {
 
 // softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
 // grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
+// exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts),
+// exp(r) by its degree-7 Taylor polynomial, times 2^n; within 2 ulp of
+// std::exp for the arguments softmax gives it (<= 0), 0 below -87.3.
+LMSPEC_AVX512 static inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.37626f);
+  x = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 y = _mm512_scalef_ps(p, n);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ), y, _mm512_setzero_ps());
+}
+
+// p[j] = exp(p[j] - max) for j < n; returns their sum (in 16 lanes, then
+// across them).
+LMSPEC_AVX512 static float exp_shifted_avx512(float* p, int64_t n, float max) {
+  const __m512 m = _mm512_set1_ps(max);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+    _mm512_storeu_ps(p + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __mmask16 k = __mmask16((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + j), m));
+    _mm512_mask_storeu_ps(p + j, k, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// silu(gate) * up = gate * sigmoid(gate) * up, sigmoid(g) = 1 / (1 + exp(-g)),
+// over rows that may be strided views (the halves of a fused gate/up
+// projection): mlx-lm's compiled `swiglu`, with the vector exp above.
+struct RowsView {
+  const float* p;
+  int64_t rows, width, stride;
+};
+
+// The array as rows of its last axis, when its other axes collapse to one
+// stride and the last is contiguous.
+static std::optional<RowsView> rows_view(const mx::array& a) {
+  const int nd = a.ndim();
+  if (nd == 0 || a.strides()[nd - 1] != 1) return std::nullopt;
+  const int64_t width = a.shape(-1);
+  int64_t rows = 1, stride = width;
+  for (int i = nd - 2; i >= 0; i--) {
+    if (a.shape(i) == 1) continue;
+    if (rows == 1) {
+      stride = a.strides()[i];
+    } else if (int64_t(a.strides()[i]) != stride * rows) {
+      return std::nullopt;
+    }
+    rows *= a.shape(i);
+  }
+  return RowsView{a.data<float>(), rows, width, stride};
+}
+
+LMSPEC_AVX512 static void swiglu_row_avx512(const float* g, const float* u, float* y, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_maskz_loadu_ps(k, u + i)));
+  }
+}
+
+class Swiglu : public mx::UnaryPrimitive {
+ public:
+  explicit Swiglu(mx::Stream s) : UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc_out(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([g = mx::array::unsafe_weak_copy(in[0]),
+                  u = mx::array::unsafe_weak_copy(in[1]),
+                  out = mx::array::unsafe_weak_copy(out)]() mutable {
+      std::vector<float> gc, uc;
+      auto gv = rows_view(g), uv = rows_view(u);
+      if (!gv) {
+        gc = dense_f32(g);
+        gv = RowsView{gc.data(), int64_t(g.size()) / g.shape(-1), g.shape(-1), g.shape(-1)};
+      }
+      if (!uv) {
+        uc = dense_f32(u);
+        uv = RowsView{uc.data(), int64_t(u.size()) / u.shape(-1), u.shape(-1), u.shape(-1)};
+      }
+      float* y = out.data<float>();
+      const int64_t width = gv->width;
+      const bool wide = level() == AVX512;
+      parallel_range(gv->rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+          const float* gr = gv->p + r * gv->stride;
+          const float* ur = uv->p + r * uv->stride;
+          float* yr = y + r * width;
+          if (wide) {
+            swiglu_row_avx512(gr, ur, yr, width);
+          } else {
+            for (int64_t i = 0; i < width; i++) yr[i] = gr[i] * (1.f / (1.f + std::exp(-gr[i]))) * ur[i];
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lmspec swiglu runs on the CPU only");
+  }
+  const char* name() const override {
+    return "LmspecSwiglu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 class Attention : public mx::UnaryPrimitive {
  public:
   Attention(mx::Stream s, float scale, bool causal)
@@ -1563,6 +1730,7 @@ class Attention : public mx::UnaryPrimitive {
       float* o = out.data<float>();
       int64_t shift = Tk - Tq;
       int64_t work = B * Hq * Tq;
+      const bool wide = level() == AVX512;
       parallel_range(work, std::max<int64_t>(1, 4096 / std::max<int64_t>(Tk * D, 1)), [&](int64_t w0, int64_t w1) {
         std::vector<float> qrow(D), p(Tk), acc(Dv);
         for (int64_t w = w0; w < w1; w++) {
@@ -1584,9 +1752,13 @@ class Attention : public mx::UnaryPrimitive {
             mx_ = std::max(mx_, d);
           }
           float sum = 0;
-          for (int64_t j = 0; j < last; j++) {
-            p[j] = std::exp(p[j] - mx_);
-            sum += p[j];
+          if (wide) {
+            sum = exp_shifted_avx512(p.data(), last, mx_);
+          } else {
+            for (int64_t j = 0; j < last; j++) {
+              p[j] = std::exp(p[j] - mx_);
+              sum += p[j];
+            }
           }
           std::fill(acc.begin(), acc.end(), 0.0f);
           for (int64_t j = 0; j < last; j++) {
@@ -1790,6 +1962,17 @@ int lmspec_matvec(void** out, const void* x, const void* wt, char* err, size_t l
     auto shape = xa.shape();
     shape.back() = wa.shape(1);
     return array(shape, mx::float32, std::make_shared<lmspec::DenseMatvec>(s), std::vector<array>{xa, wa});
+  });
+}
+
+int lmspec_swiglu(void** out, const void* gate, const void* up, char* err, size_t len) {
+  return guarded(out, err, len, [&] {
+    auto s = lmspec::cpu_stream();
+    const array& g = A(gate);
+    const array& u = A(up);
+    if (g.dtype() != mx::float32 || u.dtype() != mx::float32) throw std::invalid_argument("gate and up must be float32");
+    if (g.shape() != u.shape() || g.ndim() == 0) throw std::invalid_argument("gate and up must have one shape");
+    return array(g.shape(), mx::float32, std::make_shared<lmspec::Swiglu>(s), std::vector<array>{g, u});
   });
 }
 

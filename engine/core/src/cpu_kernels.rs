@@ -36,6 +36,13 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn lmspec_swiglu(
+        out: *mut *mut c_void,
+        gate: *const c_void,
+        up: *const c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn lmspec_matvec(
         out: *mut *mut c_void,
         x: *const c_void,
@@ -272,6 +279,12 @@ pub fn quantized_matmul(
 pub fn dense_matmul(x: &Array, wt: &Array) -> Result<Option<Array>, Exception> {
     // SAFETY: as in `quantized_matmul`.
     call_if(|o, e, n| unsafe { lmspec_matvec(o, raw(x), raw(wt), e, n) })
+}
+
+/// `silu(gate) * up` for float32 arrays of one shape (mlx-lm's `swiglu`).
+pub fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call(|o, e, n| unsafe { lmspec_swiglu(o, raw(gate), raw(up), e, n) })
 }
 
 /// `w * scale + bias` as float32 `[N, K]`.

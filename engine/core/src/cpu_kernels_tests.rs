@@ -196,13 +196,14 @@ fn int8_product_at(n: i32, k: i32) {
             let (sf, bf) = (host(&s), host(&b));
             // Q8_K blocks where the scales are float32 and the width allows.
             let k_blocks = scale_dtype == Dtype::Float32 && k % 256 == 0;
-            let x = array(&[2, k], 77 + bits as u64);
+            // 5 rows: 4 through the kernel's several-row path, 1 alone.
+            let x = array(&[5, k], 77 + bits as u64);
             let xs = host(&x);
             let ours = host(
                 &quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Int8).expect("kernel"),
             );
             let (k, g) = (k as usize, group as usize);
-            for r in 0..2 {
+            for r in 0..5 {
                 let (q, d, block, full) = q8_reference(&xs[r * k..(r + 1) * k], k_blocks);
                 for j in 0..n as usize {
                     let mut y = 0f64;
@@ -431,4 +432,43 @@ fn dense_product_matches_mlx() {
     assert!(dense_matmul(&array(&[1, k], 35), &plain)
         .expect("kernel")
         .is_none());
+}
+
+#[test]
+fn prompt_attention_matches_mlx() {
+    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
+    // A prompt of 40 positions (every query row through the kernel), the
+    // scores spread wide enough that exp meets small and large arguments.
+    let q = mlx_rs::ops::multiply(array(&[1, 4, 40, 64], 41), Array::from_f32(8.0)).expect("q");
+    let (k, v) = (array(&[1, 2, 40, 64], 42), array(&[1, 2, 40, 64], 43));
+    for causal in [false, true] {
+        let ours = host(&attention(&q, &k, &v, 0.125, causal).expect("kernel"));
+        let mask = causal.then_some(M::Causal);
+        let mlx = host(
+            &mlx_rs::fast::scaled_dot_product_attention(&q, &k, &v, 0.125, mask, None)
+                .expect("mlx"),
+        );
+        assert!(
+            max_rel(&ours, &mlx) < 1e-5,
+            "causal {causal}: {}",
+            max_rel(&ours, &mlx)
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_mlx() {
+    // The halves of a fused projection are strided views; a plain pair too.
+    let fused =
+        mlx_rs::ops::multiply(array(&[1, 5, 2 * 70], 51), Array::from_f32(12.0)).expect("x");
+    let parts = mlx_rs::ops::split_equal(&fused, 2, -1).expect("split");
+    let plain = (array(&[3, 33], 52), array(&[3, 33], 53));
+    for (g, u) in [(&parts[0], &parts[1]), (&plain.0, &plain.1)] {
+        let ours = host(&swiglu(g, u).expect("kernel"));
+        let sig = mlx_rs::ops::sigmoid(g).expect("sigmoid");
+        let want =
+            mlx_rs::ops::multiply(mlx_rs::ops::multiply(g, &sig).expect("silu"), u).expect("mlx");
+        let want = host(&want);
+        assert!(max_rel(&ours, &want) < 1e-6, "{}", max_rel(&ours, &want));
+    }
 }

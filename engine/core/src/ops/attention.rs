@@ -217,10 +217,6 @@ fn attend_over(
     }
 }
 
-/// Query rows up to which lmspec's CPU attention kernel runs (decoding);
-/// longer queries (a prompt) go through MLX's matmuls.
-const CPU_ATTENTION_ROWS: i32 = 16;
-
 /// Attention through lmspec's CPU kernel, where it applies: float32, no
 /// mask or a causal one, no sinks.
 fn cpu_attention(
@@ -238,7 +234,7 @@ fn cpu_attention(
         Mask::Array(_) => return None,
     };
     let (tq, tk) = (q.shape()[2], k.shape()[2]);
-    let fits = sinks.is_none() && tq <= CPU_ATTENTION_ROWS && tk >= tq && q.ndim() == 4;
+    let fits = sinks.is_none() && tk >= tq && q.ndim() == 4;
     if !fits || !cpu::all_f32(&[q, k, v]) || !cpu::enabled() {
         return None;
     }

@@ -79,11 +79,16 @@ impl Op for Glu {
     }
 }
 
-/// `silu(gate) * up`, compiled shapeless so MLX fuses it. One compiled
+/// `silu(gate) * up`: lmspec's CPU kernel where it applies (float32 on the
+/// CPU), else compiled shapeless so MLX fuses it. One compiled
 /// function serves every call: MLX caches a compiled graph by the
 /// function's id, and each new compiled closure gets a fresh id, so a
 /// closure made per call would be traced and compiled again every time.
 fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    use crate::cpu_kernels as cpu;
+    if cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape() {
+        return cpu::swiglu(gate, up);
+    }
     type Swiglu = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array, Exception>>;
     fn f((g, u): (&Array, &Array)) -> Result<Array, Exception> {
         mlx_rs::ops::multiply(mlx_rs::ops::multiply(g, mlx_rs::ops::sigmoid(g)?)?, u)
