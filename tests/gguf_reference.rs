@@ -91,7 +91,11 @@ fn against_llama_cpp(activations: Activations) {
                     "{text:?}: parts from llama.cpp at step {step} (llama.cpp's top-2 margin there {margin:.3}{})",
                     if llama_parts_here { "; llama.cpp batched parts there too" } else { "" }
                 ));
-                assert!(margin < NEAR_TIE || llama_parts_here, "{}", report.join("; "));
+                assert!(
+                    margin < NEAR_TIE || llama_parts_here,
+                    "{}",
+                    report.join("; ")
+                );
             }
         }
         if text.starts_with("Water boils") {

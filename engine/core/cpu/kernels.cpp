@@ -1616,9 +1616,12 @@ LMSPEC_AVX512 static float exp_shifted_avx512(float* p, int64_t n, float max) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// silu(gate) * up = gate * sigmoid(gate) * up, sigmoid(g) = 1 / (1 + exp(-g)),
-// over rows that may be strided views (the halves of a fused gate/up
-// projection): mlx-lm's compiled `swiglu`, with the vector exp above.
+// silu(gate) * up = gate * sigmoid(gate) * up over rows that may be
+// strided views (the halves of a fused gate/up projection), with the vector
+// exp above: mlx-lm's compiled `swiglu`. (A tanh GELU computed this way,
+// as g * sigmoid(2u), moved a sensitive golden model past its tolerance:
+// GELUs stay with MLX.)
+
 struct RowsView {
   const float* p;
   int64_t rows, width, stride;
@@ -1645,8 +1648,7 @@ static std::optional<RowsView> rows_view(const mx::array& a) {
 
 LMSPEC_AVX512 static void swiglu_row_avx512(const float* g, const float* u, float* y, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);
-  int64_t i = 0;
-  for (; i < n; i += 16) {
+  for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
     const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
     const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
