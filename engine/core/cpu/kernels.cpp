@@ -1279,16 +1279,23 @@ static void alloc_out(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 }
 
+// Hands `work` to the stream's command encoder, as MLX's own CPU
+// primitives do. `out` must be allocated before `work` takes its weak copy.
+template <class F>
+static void run_on_stream(mx::Stream s, const std::vector<mx::array>& in, mx::array& out, F&& work) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (auto& a : in) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch(std::forward<F>(work));
+}
+
 class QuantMatmul : public mx::UnaryPrimitive {
  public:
   QuantMatmul(mx::Stream s, int group, int bits, bool q8)
       : UnaryPrimitive(s), group_(group), bits_(bits), q8_(q8) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
                   w = mx::array::unsafe_weak_copy(in[1]),
                   s = mx::array::unsafe_weak_copy(in[2]),
                   b = mx::array::unsafe_weak_copy(in[3]),
@@ -1362,10 +1369,7 @@ class DenseMatvec : public mx::UnaryPrimitive {
   explicit DenseMatvec(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
                   w = mx::array::unsafe_weak_copy(in[1]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
       F32View xv(x);
@@ -1391,10 +1395,7 @@ class Dequantize : public mx::UnaryPrimitive {
       : UnaryPrimitive(s), group_(group), bits_(bits) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([w = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [w = mx::array::unsafe_weak_copy(in[0]),
                   s = mx::array::unsafe_weak_copy(in[1]),
                   b = mx::array::unsafe_weak_copy(in[2]),
                   out = mx::array::unsafe_weak_copy(out),
@@ -1433,12 +1434,9 @@ class RmsNorm : public mx::UnaryPrimitive {
       : UnaryPrimitive(s), eps_(eps), has_weight_(has_weight) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
     std::optional<mx::array> w;
     if (has_weight_) w = mx::array::unsafe_weak_copy(in[1]);
-    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
                   w,
                   out = mx::array::unsafe_weak_copy(out),
                   eps = eps_]() mutable {
@@ -1495,12 +1493,9 @@ class Rope : public mx::UnaryPrimitive {
         has_freqs_(has_freqs) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
     std::optional<mx::array> freqs;
     if (has_freqs_) freqs = mx::array::unsafe_weak_copy(in[1]);
-    enc.dispatch([x = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
                   freqs,
                   out = mx::array::unsafe_weak_copy(out),
                   dims = dims_,
@@ -1661,10 +1656,7 @@ class Swiglu : public mx::UnaryPrimitive {
   explicit Swiglu(mx::Stream s) : UnaryPrimitive(s) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([g = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [g = mx::array::unsafe_weak_copy(in[0]),
                   u = mx::array::unsafe_weak_copy(in[1]),
                   out = mx::array::unsafe_weak_copy(out)]() mutable {
       std::vector<float> gc, uc;
@@ -1711,10 +1703,7 @@ class Attention : public mx::UnaryPrimitive {
       : UnaryPrimitive(s), scale_(scale), causal_(causal) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([q = mx::array::unsafe_weak_copy(in[0]),
+    run_on_stream(stream(), in, out, [q = mx::array::unsafe_weak_copy(in[0]),
                   k = mx::array::unsafe_weak_copy(in[1]),
                   v = mx::array::unsafe_weak_copy(in[2]),
                   out = mx::array::unsafe_weak_copy(out),

@@ -350,29 +350,37 @@ fn rope_matches_mlx() {
     }
 }
 
+/// lmspec's attention against MLX's, without and with the causal mask.
+fn attention_agrees(q: &Array, k: &Array, v: &Array, what: &str) {
+    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
+    for causal in [false, true] {
+        let ours = host(&attention(q, k, v, 0.125, causal).expect("kernel"));
+        let mask = causal.then_some(M::Causal);
+        let mlx = host(
+            &mlx_rs::fast::scaled_dot_product_attention(q, k, v, 0.125, mask, None).expect("mlx"),
+        );
+        assert!(
+            max_rel(&ours, &mlx) < 1e-5,
+            "{what} causal {causal}: {}",
+            max_rel(&ours, &mlx)
+        );
+    }
+}
+
 #[test]
 fn attention_matches_mlx() {
-    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
     // Keys and values as a cache holds them: the first 9 of 16 positions.
     let cache = array(&[2, 2, 16, 64], 31);
     let idx = |a: &Array| a.index((.., .., 0..9, ..));
     let (k, v) = (idx(&cache), idx(&array(&[2, 2, 16, 64], 32)));
     for tq in [1, 4] {
-        let q = array(&[2, 6, tq, 64], 33);
-        for causal in [false, true] {
-            let ours = host(&attention(&q, &k, &v, 0.125, causal).expect("kernel"));
-            let mask = causal.then_some(M::Causal);
-            let mlx = host(
-                &mlx_rs::fast::scaled_dot_product_attention(&q, &k, &v, 0.125, mask, None)
-                    .expect("mlx"),
-            );
-            assert!(
-                max_rel(&ours, &mlx) < 1e-5,
-                "tq {tq} causal {causal}: {}",
-                max_rel(&ours, &mlx)
-            );
-        }
+        attention_agrees(&array(&[2, 6, tq, 64], 33), &k, &v, &format!("tq {tq}"));
     }
+    // A prompt of 40 positions (every query row through the kernel), the
+    // scores spread wide enough that exp meets small and large arguments.
+    let q = mlx_rs::ops::multiply(array(&[1, 4, 40, 64], 41), Array::from_f32(8.0)).expect("q");
+    let (k, v) = (array(&[1, 2, 40, 64], 42), array(&[1, 2, 40, 64], 43));
+    attention_agrees(&q, &k, &v, "prompt");
 }
 
 /// Each instruction-set path (forced through `LMSPEC_CPU_KERNELS` in a
@@ -432,28 +440,6 @@ fn dense_product_matches_mlx() {
     assert!(dense_matmul(&array(&[1, k], 35), &plain)
         .expect("kernel")
         .is_none());
-}
-
-#[test]
-fn prompt_attention_matches_mlx() {
-    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
-    // A prompt of 40 positions (every query row through the kernel), the
-    // scores spread wide enough that exp meets small and large arguments.
-    let q = mlx_rs::ops::multiply(array(&[1, 4, 40, 64], 41), Array::from_f32(8.0)).expect("q");
-    let (k, v) = (array(&[1, 2, 40, 64], 42), array(&[1, 2, 40, 64], 43));
-    for causal in [false, true] {
-        let ours = host(&attention(&q, &k, &v, 0.125, causal).expect("kernel"));
-        let mask = causal.then_some(M::Causal);
-        let mlx = host(
-            &mlx_rs::fast::scaled_dot_product_attention(&q, &k, &v, 0.125, mask, None)
-                .expect("mlx"),
-        );
-        assert!(
-            max_rel(&ours, &mlx) < 1e-5,
-            "causal {causal}: {}",
-            max_rel(&ours, &mlx)
-        );
-    }
 }
 
 #[test]
