@@ -615,17 +615,28 @@ static bool vbmi_covers(int bits, int group, int64_t k) {
   return (bits == 2 || bits == 3 || bits == 5 || bits == 6) && group % 16 == 0 && k % 64 == 0;
 }
 
+// The byte permute and multishift controls that put the 8 `bits`-bit
+// values held by each 64-bit lane into a byte each, for every width.
+struct VbmiControls {
+  alignas(64) uint8_t idx[64] = {};
+  alignas(64) uint8_t ctrl[64] = {};
+  constexpr explicit VbmiControls(int bits) {
+    for (int lane = 0; lane < 8; lane++) {
+      for (int t = 0; t < 8; t++) {
+        idx[lane * 8 + t] = uint8_t(std::min(bits * lane + t, 63));
+        ctrl[lane * 8 + t] = uint8_t(t * bits);
+      }
+    }
+  }
+};
+static constexpr VbmiControls vbmi_controls[9] = {
+    VbmiControls(0), VbmiControls(1), VbmiControls(2), VbmiControls(3), VbmiControls(4),
+    VbmiControls(5), VbmiControls(6), VbmiControls(7), VbmiControls(8)};
+
 LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
   const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
   const int b = a.bits;
-  alignas(64) uint8_t idx[64], ctrl[64];
-  for (int lane = 0; lane < 8; lane++) {
-    for (int t = 0; t < 8; t++) {
-      idx[lane * 8 + t] = uint8_t(std::min(b * lane + t, 63));
-      ctrl[lane * 8 + t] = uint8_t(t * b);
-    }
-  }
-  const __m512i vidx = _mm512_load_si512(idx), vctrl = _mm512_load_si512(ctrl);
+  const __m512i vidx = _mm512_load_si512(vbmi_controls[b].idx), vctrl = _mm512_load_si512(vbmi_controls[b].ctrl);
   const __m512i mask = _mm512_set1_epi8(char((1 << b) - 1));
   const __mmask64 load_mask = (b * 8 >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (b * 8)) - 1);
   std::vector<float> sc(groups), bi(groups);
@@ -716,8 +727,8 @@ struct Q8Row {
   std::vector<int8_t> pairs;
   std::vector<float> d;  // per activation block
   std::vector<float> dblk;  // per 32 values: the scale of the block holding them
-  std::vector<float> dpair;  // per 32 values, 4 times over (the lanes of a block pair)
-  std::vector<float> dquad;  // per 4 values: the scale of their block (the lanes of 64 values)
+  std::vector<float> dpair;  // 4 bits: per 32 values, 4 times over (the lanes of a block pair)
+  std::vector<float> dquad;  // 2/3/5/6 bits: per 4 values, their block's scale (the lanes of 64 values)
   std::vector<float> gsum;  // per weight group: the sum of x the bias multiplies
   int block = 32;
 };
@@ -852,13 +863,15 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
     } else {
       row.q = plain;
     }
+    // The expanded copies only for the kernels that read them.
+    const bool pairs = a.bits == 4, quads = a.bits != 4 && a.bits != 8;
     row.dblk.resize(a.k / 32);
-    row.dpair.resize(a.k / 8);
-    row.dquad.resize(a.k / 4);
+    row.dpair.resize(pairs ? a.k / 8 : 0);
+    row.dquad.resize(quads ? a.k / 4 : 0);
     for (int64_t c = 0; c < a.k / 32; c++) {
       row.dblk[c] = row.d[c * 32 / row.block];
-      for (int t = 0; t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
-      for (int t = 0; t < 8; t++) row.dquad[c * 8 + t] = row.dblk[c];
+      for (int t = 0; pairs && t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
+      for (int t = 0; quads && t < 8; t++) row.dquad[c * 8 + t] = row.dblk[c];
     }
   }
   return rows;
@@ -999,21 +1012,24 @@ using RowKernel = void (*)(const QuantArgs&, const Q8Row*, int64_t, const float*
 // int8 row of x, 64 values per step: each 64-bit lane takes the Bits bytes
 // that hold 8 values (a byte permute), a multishift puts each value in a
 // byte, and one VNNI product sums them in fours (lane t: values 4t..4t+3).
+// For groups of G: which of a step's groups each lane's 4 values are in.
+template <int G>
+struct LaneGroups {
+  alignas(64) int32_t v[16] = {};
+  constexpr LaneGroups() {
+    for (int t = 0; t < 16; t++) v[t] = G < 64 ? 4 * t / G : 0;
+  }
+};
+template <int G>
+inline constexpr LaneGroups<G> lane_groups{};
+
 template <int Bits, int G, int M>
 LMSPEC_VBMI_VNNI static void qx_row_vbmi(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
-  alignas(64) uint8_t idx[64], ctrl[64];
-  alignas(64) int32_t lane_group[16];
-  for (int lane = 0; lane < 8; lane++) {
-    for (int t = 0; t < 8; t++) {
-      idx[lane * 8 + t] = uint8_t(std::min(Bits * lane + t, 63));
-      ctrl[lane * 8 + t] = uint8_t(t * Bits);
-    }
-  }
-  for (int t = 0; t < 16; t++) lane_group[t] = G < 64 ? 4 * t / G : 0;
   constexpr int groups_per_step = G < 64 ? 64 / G : 1;
-  const __m512i vidx = _mm512_load_si512(idx), vctrl = _mm512_load_si512(ctrl);
-  const __m512i vgroup = _mm512_load_si512(lane_group);
+  const __m512i vidx = _mm512_load_si512(vbmi_controls[Bits].idx);
+  const __m512i vctrl = _mm512_load_si512(vbmi_controls[Bits].ctrl);
+  const __m512i vgroup = _mm512_load_si512(lane_groups<G>.v);
   const __m512i mask = _mm512_set1_epi8(char((1 << Bits) - 1));
   const __mmask64 load_mask = (__mmask64(1) << (Bits * 8)) - 1;
   const __mmask16 scale_mask = __mmask16((1u << groups_per_step) - 1);
@@ -1568,8 +1584,6 @@ class Rope : public mx::UnaryPrimitive {
   bool has_freqs_;
 };
 
-// softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
-// grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
 // exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts),
 // exp(r) by its degree-7 Taylor polynomial, times 2^n; within 2 ulp of
 // std::exp for the arguments softmax gives it (<= 0), 0 below -87.3.
@@ -1611,12 +1625,7 @@ LMSPEC_AVX512 static float exp_shifted_avx512(float* p, int64_t n, float max) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// silu(gate) * up = gate * sigmoid(gate) * up over rows that may be
-// strided views (the halves of a fused gate/up projection), with the vector
-// exp above: mlx-lm's compiled `swiglu`. (A tanh GELU computed this way,
-// as g * sigmoid(2u), moved a sensitive golden model past its tolerance:
-// GELUs stay with MLX.)
-
+// A float32 array's rows of its last axis, `stride` values apart.
 struct RowsView {
   const float* p;
   int64_t rows, width, stride;
@@ -1641,6 +1650,11 @@ static std::optional<RowsView> rows_view(const mx::array& a) {
   return RowsView{a.data<float>(), rows, width, stride};
 }
 
+// silu(gate) * up = gate * sigmoid(gate) * up over rows that may be
+// strided views (the halves of a fused gate/up projection), with the vector
+// exp above: mlx-lm's compiled `swiglu`. (A tanh GELU computed this way,
+// as g * sigmoid(2u), moved a sensitive golden model past its tolerance:
+// GELUs stay with MLX.)
 LMSPEC_AVX512 static void swiglu_row_avx512(const float* g, const float* u, float* y, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < n; i += 16) {
@@ -1697,6 +1711,8 @@ class Swiglu : public mx::UnaryPrimitive {
   }
 };
 
+// softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
+// grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
 class Attention : public mx::UnaryPrimitive {
  public:
   Attention(mx::Stream s, float scale, bool causal)

@@ -86,16 +86,14 @@ fn apply_with(
 }
 
 /// A few rows (a decode step) times a dense float32 weight through the CPU
-/// kernel, under llama.cpp's numerics (int8 activations: a GGUF's K-quants
-/// held as float32 are multiplied as llama.cpp multiplies them, one dot
-/// product per output); `None`: MLX's matmul, whose results equal mlx-lm's
-/// bit for bit.
+/// kernel, one dot product per output, under int8 activations (llama.cpp's
+/// numerics, not mlx-lm's: there the order of the sums is ours to choose;
+/// this is how a GGUF's Q6_K tensors, held as float32, run); `None`: MLX's
+/// matmul, whose results equal mlx-lm's bit for bit.
 fn dense_rows(x: &Array, wt: &Array, activations: Activations) -> Result<Option<Array>, Exception> {
     use crate::cpu_kernels as cpu;
-    let k = x.shape().last().copied().unwrap_or(0).max(1);
-    let rows = x.size() as i64 / k as i64;
     if activations != Activations::Int8
-        || rows > QUANTIZED_PRODUCT_ROWS as i64
+        || input_rows(x) > QUANTIZED_PRODUCT_ROWS as i64
         || !cpu::all_f32(&[x, wt])
         || !cpu::enabled()
     {
@@ -106,6 +104,12 @@ fn dense_rows(x: &Array, wt: &Array, activations: Activations) -> Result<Option<
     // constant) makes that the same on every call.
     wt.eval()?;
     cpu::dense_matmul(x, wt)
+}
+
+/// The rows of `x`: all its axes but the last (the input features).
+fn input_rows(x: &Array) -> i64 {
+    let k = x.shape().last().copied().unwrap_or(0).max(1);
+    x.size() as i64 / k as i64
 }
 
 /// Rows of input up to which the CPU kernel's quantized product runs; more
@@ -125,7 +129,7 @@ fn quantized(
 ) -> Result<Array, Exception> {
     use crate::cpu_kernels as cpu;
     let k = x.shape().last().copied().unwrap_or(0).max(1);
-    let rows = x.size() as i64 / k as i64;
+    let rows = input_rows(x);
     if cpu::supports_bits(bits) && cpu::all_f32(&[x]) && x.ndim() >= 1 && cpu::enabled() {
         // int8 activations are llama.cpp's numerics for every row count.
         if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
