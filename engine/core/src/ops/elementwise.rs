@@ -79,7 +79,7 @@ impl Op for Glu {
 /// SiLU and the GELUs, compiled shapeless once per thread with mlx-rs's
 /// formulas. mlx-rs's own `nn` functions build a new compiled closure on
 /// every call, which MLX traces and compiles anew each time (a fresh
-/// closure is a fresh function id to its cache): on gemma-3-270m that was
+/// closure is a fresh function id to its cache): on a small GELU model that was
 /// a fifth of a CPU decode step.
 fn compiled_act(act: Act, x: &Array) -> Result<Array, Exception> {
     use mlx_rs::ops::{add, divide, erf, multiply, power, sigmoid, sqrt, tanh};
