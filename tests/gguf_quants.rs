@@ -67,12 +67,14 @@ fn arrays_of(
 /// The values as float32, as MLX computes them from the held arrays.
 fn values(type_name: &str, arrays: &[(String, Array)]) -> Vec<f32> {
     let dense = match holding(type_name).expect("supported") {
-        Holding::Affine { bits } => {
+        Holding::Affine { bits, group } => {
             let f32s = |a: &Array| a.as_dtype(Dtype::Float32).expect("cast");
             let (w, s, b) = (&arrays[0].1, f32s(&arrays[1].1), f32s(&arrays[2].1));
-            mlx_rs::ops::dequantize(w, &s, &b, 32, bits as i32).expect("dequantize")
+            // Groups of 16: lmspec's kernel (MLX has no such group).
+            lmspec_engine::weights::dequantize(w, &s, &b, group as i32, bits as i32)
+                .expect("dequantize")
         }
-        _ => arrays[0].1.as_dtype(Dtype::Float32).expect("cast"),
+        Holding::AsStored => arrays[0].1.as_dtype(Dtype::Float32).expect("cast"),
     };
     dense.eval().expect("eval");
     dense.as_slice::<f32>().to_vec()
@@ -254,5 +256,11 @@ fn gguf_gemma3_held_quantized() {
     assert_eq!(embd.shape(), &[262144, 640 * 8 / 32]);
     assert_eq!(arrays["blk.0.attn_q.weight"].shape(), &[1024, 640 * 5 / 32]);
     assert_eq!(arrays["blk.0.attn_output.scales"].dtype(), Dtype::Float32);
+    // Q6_K: 6 bits in groups of 16, float32 scales.
+    assert_eq!(
+        arrays["blk.0.ffn_down.weight"].shape(),
+        &[640, 2048 * 6 / 32]
+    );
+    assert_eq!(arrays["blk.0.ffn_down.scales"].shape(), &[640, 2048 / 16]);
     assert!(held < 400 << 20, "{held} bytes held");
 }

@@ -18,8 +18,8 @@ and magnitude); K-quant scale bytes stay random. Float tensors hold finite
 values only (NaN payloads are not compared).
 
 Where `zero_sign` is "canonical", the hash is of the values with -0.0 read
-as +0.0: Q4_0, Q5_0 and Q8_0 compute `d * (q - k)`, which is -0.0 for a
-negative `d` and `q == k`, while an affine group computes
+as +0.0: Q4_0, Q5_0, Q8_0, Q3_K and Q6_K compute `d * (q - k)`, which is
+-0.0 for a negative `d` and `q == k`, while an affine group computes
 `d * q + (-k * d)`, which is +0.0 there; every other bit is compared.
 
 Run: .venv/bin/python porting-tools/python/make_gguf_quant_fixtures.py
@@ -59,7 +59,7 @@ F16_FIELDS = {
     T.Q6_K: [208],
 }
 
-CANONICAL_ZERO = {T.Q4_0, T.Q5_0, T.Q8_0}
+CANONICAL_ZERO = {T.Q4_0, T.Q5_0, T.Q8_0, T.Q3_K, T.Q6_K}
 
 # (name, type, ggml dims (innermost first))
 MLX_TYPES = [

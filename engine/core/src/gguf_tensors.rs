@@ -1,15 +1,15 @@
 //! GGUF tensor data read by our own reader (`lmspec_formats::gguf_data`)
-//! into MLX arrays: floats as stored, the types that map onto MLX affine
-//! quantization (group 32) as packed `weight` + `scales` + `biases`, named
-//! as MLX's own GGUF reader names them (`x.weight` -> `x.weight`,
-//! `x.scales`, `x.biases`), the rest dequantized to float32.
+//! into MLX arrays: floats as stored, quantized types as affine
+//! quantization, packed `weight` + `scales` + `biases` (groups of 32, or
+//! 16 for Q2_K, Q3_K and Q6_K), named as MLX's own GGUF reader names them
+//! (`x.weight` -> `x.weight`, `x.scales`, `x.biases`).
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use indexmap::IndexMap;
 use lmspec_formats::gguf::{Header, TensorInfo};
-use lmspec_formats::gguf_data::{Decoded, Decoder, Floats, GROUP};
+use lmspec_formats::gguf_data::{Decoded, Decoder, Floats};
 use mlx_rs::Array;
 
 use crate::error::{Error, Result};
@@ -200,11 +200,12 @@ impl Sink {
             Decoded::Bf16(_) => Sink::Dense(blank::<half::bf16>(shape)?, 0),
             Decoded::Affine {
                 bits,
+                group,
                 scales,
                 biases,
                 ..
             } => {
-                let (w_shape, s_shape) = affine_shapes(shape, *bits);
+                let (w_shape, s_shape) = affine_shapes(shape, *bits, *group);
                 Sink::Affine {
                     packed: (blank::<u32>(&w_shape)?, 0),
                     scales: (blank_floats(scales, &s_shape)?, 0),
@@ -260,7 +261,7 @@ impl Sink {
 }
 
 /// Packed weight and scales shapes of an affine tensor of `shape`.
-fn affine_shapes(shape: &[i32], bits: u32) -> (Vec<i32>, Vec<i32>) {
+fn affine_shapes(shape: &[i32], bits: u32, group: usize) -> (Vec<i32>, Vec<i32>) {
     let last = *shape.last().unwrap_or(&0);
     let with_last = |n: i32| {
         let mut s = shape.to_vec();
@@ -271,7 +272,7 @@ fn affine_shapes(shape: &[i32], bits: u32) -> (Vec<i32>, Vec<i32>) {
     };
     (
         with_last(last / 32 * bits as i32),
-        with_last(last / GROUP as i32),
+        with_last(last / group as i32),
     )
 }
 
@@ -307,11 +308,12 @@ pub fn to_arrays(file: &Path, t: &TensorInfo, d: Decoded) -> Result<Vec<(String,
         Decoded::Bf16(v) => vec![(t.name.clone(), Array::from_slice(&v, &shape))],
         Decoded::Affine {
             bits,
+            group,
             packed,
             scales,
             biases,
         } => {
-            let (w_shape, s_shape) = affine_shapes(&shape, bits);
+            let (w_shape, s_shape) = affine_shapes(&shape, bits, group);
             let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
             vec![
                 (t.name.clone(), Array::from_slice(&packed, &w_shape)),

@@ -1,19 +1,22 @@
 //! GGUF tensor data: the blocks of each ggml type turned into what MLX holds.
 //!
 //! - F32, F16, BF16: as stored.
-//! - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32) and Q4_K, Q5_K (256 in 8
-//!   sub-blocks of 32): MLX affine quantization, group size 32, 4, 5 or 8
-//!   bits (`w = scale * q + bias` per group), values packed as MLX packs
-//!   them: a little-endian bit stream per group of 32 (`bits` u32 words).
+//! - Every quantized type: affine quantization (`w = scale * q + bias` per
+//!   group), values packed as MLX packs them: a little-endian bit stream
+//!   per row (`bits` u32 words per 32 values).
+//!   - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32) and Q4_K, Q5_K (256 in 8
+//!     sub-blocks of 32): group 32, 4, 5 or 8 bits, MLX's own layout.
+//!   - Q2_K, Q3_K, Q6_K (256 in 16 sub-blocks of 16): group 16 at 2, 3 or 6
+//!     bits. MLX has no group of 16: lmspec's CPU kernels run these, and
+//!     elsewhere the engine expands them to float32 at load.
+//!
 //!   Scales and biases are exact: float16 for the 32-blocks (`d`, and `m`
 //!   or `-8d`, `-16d`, `-128d`: a power of two times `d`; a tensor whose
 //!   product overflows float16 keeps float32 instead), float32 for the
-//!   K-quants (`d * sc` and `-dmin * m` need up to 17 significant bits).
-//! - Q2_K, Q3_K, Q6_K (sub-blocks of 16, a group size MLX lacks): float32,
-//!   computed in the order the reference (`gguf.quants`) computes them. No
-//!   narrower float holds them: Q3_K's `d * sc * q` needs 20 significant
-//!   bits, Q6_K's up to 25 (rounded to float32 as the reference rounds),
-//!   Q2_K subtracts `dmin * m`.
+//!   K-quants (`d * sc` and `-dmin * m` need up to 18 significant bits).
+//!   Each value `scale * q + bias` equals the reference's (`gguf.quants`)
+//!   bit for bit, but for the sign of a zero where the reference computes
+//!   `d * (q - k)` (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K): -0.0 there, +0.0 here.
 //!
 //! Every other type is an error naming the tensor and the type. Sizes come
 //! from the header, which [`crate::gguf::check`] has held to the file.
@@ -22,28 +25,28 @@ use half::{bf16, f16};
 use crate::gguf::TensorInfo;
 use crate::FormatError;
 
-/// MLX's group size for every affine type here.
-pub const GROUP: usize = 32;
+/// Values packed at a time: a whole number of u32 words at every width.
+const PACK: usize = 32;
 
 /// How a ggml type is held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holding {
     /// F32, F16, BF16: the stored values.
     AsStored,
-    /// MLX affine quantization, group size 32, at these bits.
-    Affine { bits: u32 },
-    /// Dequantized to float32.
-    Float32,
+    /// Affine quantization at these bits, in groups of `group` values.
+    Affine { bits: u32, group: usize },
 }
 
 /// How `type_name` (ggml's spelling) is held, or `None` when it is not read.
 pub fn holding(type_name: &str) -> Option<Holding> {
     Some(match type_name {
         "F32" | "F16" | "BF16" => Holding::AsStored,
-        "Q4_0" | "Q4_1" | "Q4_K" => Holding::Affine { bits: 4 },
-        "Q5_0" | "Q5_1" | "Q5_K" => Holding::Affine { bits: 5 },
-        "Q8_0" => Holding::Affine { bits: 8 },
-        "Q2_K" | "Q3_K" | "Q6_K" => Holding::Float32,
+        "Q4_0" | "Q4_1" | "Q4_K" => Holding::Affine { bits: 4, group: 32 },
+        "Q5_0" | "Q5_1" | "Q5_K" => Holding::Affine { bits: 5, group: 32 },
+        "Q8_0" => Holding::Affine { bits: 8, group: 32 },
+        "Q2_K" => Holding::Affine { bits: 2, group: 16 },
+        "Q3_K" => Holding::Affine { bits: 3, group: 16 },
+        "Q6_K" => Holding::Affine { bits: 6, group: 16 },
         _ => return None,
     })
 }
@@ -93,9 +96,10 @@ pub enum Decoded {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
-    /// Group size [`GROUP`]; `packed` has `bits` words per group.
+    /// Groups of `group` values; `packed` has `bits` words per 32 values.
     Affine {
         bits: u32,
+        group: usize,
         packed: Vec<u32>,
         scales: Floats,
         biases: Floats,
@@ -196,7 +200,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Packs 32 values of `bits` bits as MLX does: a little-endian bit stream.
-fn pack(q: &[u8; GROUP], bits: u32, out: &mut Vec<u32>) {
+fn pack(q: &[u8], bits: u32, out: &mut Vec<u32>) {
+    debug_assert_eq!(q.len(), PACK);
     let mut acc: u64 = 0;
     let mut have = 0u32;
     for &v in q {
@@ -269,15 +274,15 @@ impl Decoder {
         // capacities are at most a small multiple of the file's size.
         let n = blocks * block;
         let out = match kind {
-            Kind::F32 | Kind::Q2K | Kind::Q3K | Kind::Q6K => Decoded::F32(Vec::with_capacity(n)),
+            Kind::F32 => Decoded::F32(Vec::with_capacity(n)),
             Kind::F16 => Decoded::F16(Vec::with_capacity(n)),
             Kind::Bf16 => Decoded::Bf16(Vec::with_capacity(n)),
             _ => {
-                let Some(Holding::Affine { bits }) = holding(t.type_name) else {
+                let Some(Holding::Affine { bits, group }) = holding(t.type_name) else {
                     return Err(fail("internal: no affine layout".into()));
                 };
-                let groups = n / GROUP;
-                let f16s = !matches!(kind, Kind::Q4K | Kind::Q5K);
+                let groups = n / group;
+                let f16s = block == PACK;
                 let floats = || {
                     if f16s {
                         Floats::F16(Vec::with_capacity(groups))
@@ -287,7 +292,8 @@ impl Decoder {
                 };
                 Decoded::Affine {
                     bits,
-                    packed: Vec::with_capacity(groups * bits as usize),
+                    group,
+                    packed: Vec::with_capacity(n / PACK * bits as usize),
                     scales: floats(),
                     biases: floats(),
                 }
@@ -334,7 +340,7 @@ impl Decoder {
         self.blocks_left -= n;
         let kind = self.kind;
         match &mut self.out {
-            Decoded::F32(v) if kind == Kind::F32 => v.extend(
+            Decoded::F32(v) => v.extend(
                 data.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             ),
@@ -346,25 +352,32 @@ impl Decoder {
                 data.chunks_exact(2)
                     .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))),
             ),
-            Decoded::F32(v) => {
-                for b in data.chunks_exact(bb) {
-                    match kind {
-                        Kind::Q2K => q2_k(b, v),
-                        Kind::Q3K => q3_k(b, v),
-                        _ => q6_k(b, v),
-                    }
-                }
-            }
             Decoded::Affine {
                 bits,
                 packed,
                 scales,
                 biases,
+                ..
             } => {
                 let bits = *bits;
-                let mut q = [0u8; GROUP];
+                let mut q = [0u8; PACK];
+                let mut sixteens = [0u8; 256];
                 for b in data.chunks_exact(bb) {
                     match kind {
+                        Kind::Q2K | Kind::Q3K | Kind::Q6K => {
+                            let f = match kind {
+                                Kind::Q2K => q2_k,
+                                Kind::Q3K => q3_k,
+                                _ => q6_k,
+                            };
+                            for (s, m) in f(b, &mut sixteens) {
+                                scales.push(s);
+                                biases.push(m);
+                            }
+                            for c in sixteens.chunks_exact(PACK) {
+                                pack(c, bits, packed);
+                            }
+                        }
                         Kind::Q4K | Kind::Q5K => {
                             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                             let (sc, m) = scale_min_k4(&b[4..16]);
@@ -453,7 +466,7 @@ impl Decoder {
 
 /// 32 values: low nibbles of `qs` then high nibbles, plus bit i of the
 /// little-endian `qh` word as bit 4 when given.
-fn nibbles(qs: &[u8], qh: Option<&[u8]>, q: &mut [u8; GROUP]) {
+fn nibbles(qs: &[u8], qh: Option<&[u8]>, q: &mut [u8; PACK]) {
     let h = qh.map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
     for (i, x) in q.iter_mut().enumerate() {
         let lo = (qs[i % 16] >> (4 * (i / 16))) & 0x0F;
@@ -462,54 +475,60 @@ fn nibbles(qs: &[u8], qh: Option<&[u8]>, q: &mut [u8; GROUP]) {
     }
 }
 
-/// Q2_K: scales[16] (4-bit scale, 4-bit min), qs[64], d, dmin.
-fn q2_k(b: &[u8], out: &mut Vec<f32>) {
+/// The 16 (scale, bias) pairs of a 256-value K-quant block with sub-blocks
+/// of 16.
+type Sixteen = [(f32, f32); 16];
+
+/// Q2_K: scales[16] (4-bit scale, 4-bit min), qs[64], d, dmin:
+/// `d * sc * q - dmin * m`.
+fn q2_k(b: &[u8], q: &mut [u8; 256]) -> Sixteen {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-    for e in 0..256 {
+    for (e, x) in q.iter_mut().enumerate() {
         let (half, s, l) = (e / 128, (e / 32) % 4, e % 32);
-        let q = (qs[half * 32 + l] >> (2 * s)) & 3;
-        let sc = scales[e / 16];
-        let dl = d * f32::from(sc & 0x0F);
-        let ml = dmin * f32::from(sc >> 4);
-        out.push(dl * f32::from(q) - ml);
+        *x = (qs[half * 32 + l] >> (2 * s)) & 3;
     }
+    std::array::from_fn(|i| {
+        let sc = scales[i];
+        (d * f32::from(sc & 0x0F), -(dmin * f32::from(sc >> 4)))
+    })
 }
 
-/// Q3_K: hmask[32], qs[64], scales[12] (6-bit, offset 32), d.
-fn q3_k(b: &[u8], out: &mut Vec<f32>) {
+/// Q3_K: hmask[32], qs[64], scales[12] (6-bit, offset 32), d:
+/// `d * (sc - 32) * (q - 4)`.
+fn q3_k(b: &[u8], q: &mut [u8; 256]) -> Sixteen {
     let (hmask, qs, s) = (&b[0..32], &b[32..96], &b[96..108]);
     let d = f16_at(b, 108);
-    let mut dl = [0f32; 16];
-    for (i, x) in dl.iter_mut().enumerate() {
+    for (e, x) in q.iter_mut().enumerate() {
+        let (half, sh, l) = (e / 128, (e / 32) % 4, e % 32);
+        let lo = (qs[half * 32 + l] >> (2 * sh)) & 3;
+        let hi = (hmask[e % 32] >> (e / 32)) & 1;
+        *x = lo | (hi << 2);
+    }
+    std::array::from_fn(|i| {
         let lo = (s[i % 8] >> (4 * (i / 8))) & 0x0F;
         let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-        let sc = ((lo | (hi << 4)) as i8).wrapping_sub(32);
-        *x = d * f32::from(sc);
-    }
-    for e in 0..256 {
-        let (half, sh, l) = (e / 128, (e / 32) % 4, e % 32);
-        let ql = ((qs[half * 32 + l] >> (2 * sh)) & 3) as i8;
-        let qh = ((hmask[e % 32] >> (e / 32)) & 1) ^ 1;
-        let q = ql - ((qh << 2) as i8);
-        out.push(dl[e / 16] * f32::from(q));
-    }
+        let dl = d * f32::from(((lo | (hi << 4)) as i8).wrapping_sub(32));
+        (dl, -4.0 * dl)
+    })
 }
 
-/// Q6_K: ql[128], qh[64], scales[16] (i8), d.
-fn q6_k(b: &[u8], out: &mut Vec<f32>) {
+/// Q6_K: ql[128], qh[64], scales[16] (i8), d: `d * sc * (q - 32)`.
+fn q6_k(b: &[u8], q: &mut [u8; 256]) -> Sixteen {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16_at(b, 208);
-    for e in 0..256 {
+    for (e, x) in q.iter_mut().enumerate() {
         let half = e / 128;
         let (s4, t) = ((e % 128) / 64, e % 64);
         let lo = (ql[half * 64 + t] >> (4 * s4)) & 0x0F;
         let (s2, l) = ((e % 128) / 32, e % 32);
         let hi = (qh[half * 32 + l] >> (2 * s2)) & 3;
-        let q = ((lo | (hi << 4)) as i8).wrapping_sub(32);
-        let dl = d * f32::from(sc[e / 16] as i8);
-        out.push(dl * f32::from(q));
+        *x = lo | (hi << 4);
     }
+    std::array::from_fn(|i| {
+        let dl = d * f32::from(sc[i] as i8);
+        (dl, -32.0 * dl)
+    })
 }
 
 /// Decodes a whole tensor from its bytes (`t.bytes` of them).
@@ -537,6 +556,7 @@ pub fn to_f32(d: &Decoded) -> Vec<f32> {
         Decoded::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
         Decoded::Affine {
             bits,
+            group,
             packed,
             scales,
             biases,
@@ -546,10 +566,11 @@ pub fn to_f32(d: &Decoded) -> Vec<f32> {
                 Floats::F32(v) => v[i],
             };
             let bits = *bits as usize;
-            let mut out = Vec::with_capacity(scales.len() * GROUP);
-            for (g, words) in packed.chunks_exact(bits).enumerate() {
-                let (s, b) = (f(scales, g), f(biases, g));
-                for i in 0..GROUP {
+            let mut out = Vec::with_capacity(scales.len() * group);
+            for (c, words) in packed.chunks_exact(bits).enumerate() {
+                for i in 0..PACK {
+                    let g = (c * PACK + i) / group;
+                    let (s, b) = (f(scales, g), f(biases, g));
                     let (bit, mask) = (i * bits, (1u64 << bits) - 1);
                     let (w, o) = (bit / 32, bit % 32);
                     let lo = u64::from(words[w]) >> o;
@@ -658,7 +679,7 @@ mod tests {
 
     #[test]
     fn five_bit_packing_is_a_little_endian_bit_stream() {
-        let mut q = [0u8; GROUP];
+        let mut q = [0u8; PACK];
         for (i, x) in q.iter_mut().enumerate() {
             *x = (i * 7 % 32) as u8;
         }

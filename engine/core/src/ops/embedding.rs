@@ -34,7 +34,7 @@ impl Op for EmbeddingOp {
                 let w = w.take_axis(ids, 0)?;
                 let s = scales.take_axis(ids, 0)?;
                 let b = biases.take_axis(ids, 0)?;
-                mlx_rs::ops::dequantize(&w, &s, &b, *group_size, *bits)
+                crate::weights::dequantize(&w, &s, &b, *group_size, *bits)
             }
         }
     }

@@ -45,9 +45,51 @@ impl Param {
                 biases,
                 group_size,
                 bits,
-            } => mlx_rs::ops::dequantize(w, scales, biases, *group_size, *bits),
+            } => dequantize(w, scales, biases, *group_size, *bits),
         }
     }
+
+    /// Whether MLX's own quantized ops take this weight (every dense one;
+    /// a quantized one in one of MLX's group sizes).
+    pub fn mlx_takes(&self) -> bool {
+        match self {
+            Param::Dense(_) => true,
+            Param::Quantized { group_size, .. } => QUANT_GROUP_SIZES.contains(group_size),
+        }
+    }
+}
+
+/// `w * scale + bias` per group: MLX's `dequantize`, or for a group size
+/// MLX lacks (16) lmspec's CPU kernel over the rows of `w` (any leading
+/// axes), on the CPU whatever the default device.
+pub fn dequantize(
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group_size: i32,
+    bits: i32,
+) -> Result<Array, Exception> {
+    if QUANT_GROUP_SIZES.contains(&group_size) {
+        return mlx_rs::ops::dequantize(w, scales, biases, group_size, bits);
+    }
+    let shape = w.shape().to_vec();
+    let (&words, lead) = shape
+        .split_last()
+        .ok_or_else(|| Exception::custom("a quantized weight needs an axis"))?;
+    let rows = |a: &Array| a.reshape(&[-1, *a.shape().last().unwrap_or(&1)]);
+    let dense = crate::cpu_kernels::dequantize(
+        &rows(w)?,
+        &rows(scales)?,
+        &rows(biases)?,
+        group_size,
+        bits,
+    )?;
+    let out: Vec<i32> = lead
+        .iter()
+        .copied()
+        .chain([words * 32 / bits.max(1)])
+        .collect();
+    dense.reshape(&out)
 }
 
 /// The weights of one node, each under the parameter (`field`) that
@@ -319,6 +361,10 @@ pub fn read_shapes(dir: &Path) -> Result<IndexMap<String, Vec<i64>>> {
 pub const QUANT_BITS: [i32; 6] = [2, 3, 4, 5, 6, 8];
 /// Group sizes of MLX's affine quantization.
 pub const QUANT_GROUP_SIZES: [i32; 3] = [32, 64, 128];
+/// Group sizes a loaded weight may have: MLX's, and 16 (the sub-blocks of
+/// GGUF's Q2_K, Q3_K and Q6_K), which lmspec's CPU kernels run and which
+/// is expanded at load where they do not ([`dequantize_where`]).
+pub const HELD_GROUP_SIZES: [i32; 4] = [16, 32, 64, 128];
 
 /// Quantization settings from `config.json`'s `quantization` block.
 #[derive(Debug, Clone, Default)]
@@ -516,7 +562,7 @@ fn infer_quantization(inp: i64, w: &Array, scales: &Array) -> Option<(i32, i32)>
         return None;
     }
     let (group, bits) = (inp / groups, packed * 32 / inp);
-    let ok = i32::try_from(group).is_ok_and(|g| QUANT_GROUP_SIZES.contains(&g))
+    let ok = i32::try_from(group).is_ok_and(|g| HELD_GROUP_SIZES.contains(&g))
         && i32::try_from(bits).is_ok_and(|b| QUANT_BITS.contains(&b));
     ok.then_some((group as i32, bits as i32))
 }
@@ -632,7 +678,13 @@ fn shard_param(
                         "a slice of {len} input features from {start} does not keep whole quantization groups of {group_size}"
                     ));
                 }
-                // Whole groups hold whole 32-bit words (groups of 32 or more).
+                // The packed words are cut whole: 32 values hold whole words
+                // at every width, 16 only at 2 and 6 bits.
+                if (start * bits as i64) % 32 != 0 || (len * bits as i64) % 32 != 0 {
+                    return Err(format!(
+                        "a slice of {len} input features from {start} cuts the {bits}-bit packed words"
+                    ));
+                }
                 let words = |n: i64| n * bits as i64 / 32;
                 ((words(start), words(len)), (start / g, len / g))
             } else {
@@ -790,9 +842,24 @@ pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
 /// now so that no quantized buffer stays alive. Weights shared by several
 /// nodes (a tied embedding and head) are dequantized once and stay shared.
 pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
+    dequantize_where(params, |_, _| true)
+}
+
+/// As [`dequantize_all`], for the quantized weights `pick(node, weight)`
+/// names.
+pub fn dequantize_where(
+    params: &mut [Vec<Param>],
+    pick: impl Fn(usize, &Param) -> bool,
+) -> Result<()> {
     let mut done: Vec<(*const u32, Array)> = Vec::new();
-    for p in params.iter_mut().flatten() {
-        if let Param::Quantized { w, .. } = p {
+    for (node, ps) in params.iter_mut().enumerate() {
+        for p in ps.iter_mut() {
+            if !matches!(p, Param::Quantized { .. }) || !pick(node, p) {
+                continue;
+            }
+            let Param::Quantized { w, .. } = &*p else {
+                continue;
+            };
             w.eval()?;
             let key = w.as_slice::<u32>().as_ptr();
             let dense = match done.iter().find(|(k, _)| *k == key) {
@@ -813,6 +880,72 @@ pub fn dequantize_all(params: &mut [Vec<Param>]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 6- or 3-bit weight in groups of 16 (GGUF's K-quant sub-blocks).
+    fn sixteens(rows: i32, k: i32, bits: i32) -> Param {
+        let words = k * bits / 32;
+        let w: Vec<u32> = (0..rows * words)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761))
+            .collect();
+        let s: Vec<f32> = (0..rows * k / 16)
+            .map(|i| 0.01 * (i % 7) as f32 + 0.02)
+            .collect();
+        let b: Vec<f32> = (0..rows * k / 16).map(|i| -0.1 * (i % 5) as f32).collect();
+        Param::Quantized {
+            w: Array::from_slice(&w, &[rows, words]),
+            scales: Array::from_slice(&s, &[rows, k / 16]),
+            biases: Array::from_slice(&b, &[rows, k / 16]),
+            group_size: 16,
+            bits,
+        }
+    }
+
+    #[test]
+    fn sixteen_value_groups_expand_where_picked() {
+        let (keep, expand) = (sixteens(4, 64, 6), sixteens(4, 64, 6));
+        assert!(!keep.mlx_takes());
+        let want = expand.dense().expect("dense");
+        let mut params = vec![vec![keep], vec![expand]];
+        dequantize_where(&mut params, |node, p| node == 1 && !p.mlx_takes()).expect("expand");
+        assert!(matches!(
+            params[0][0],
+            Param::Quantized { group_size: 16, .. }
+        ));
+        match &params[1][0] {
+            Param::Dense(d) => assert!(d.eq_values(&want).expect("compare")),
+            p => panic!("not expanded: {p:?}"),
+        }
+        // Leading axes (a stack of experts) expand row by row.
+        let Param::Quantized {
+            w, scales, biases, ..
+        } = sixteens(6, 64, 6)
+        else {
+            unreachable!()
+        };
+        let stacked = dequantize(
+            &w.reshape(&[2, 3, 12]).expect("w"),
+            &scales.reshape(&[2, 3, 4]).expect("s"),
+            &biases.reshape(&[2, 3, 4]).expect("b"),
+            16,
+            6,
+        )
+        .expect("stacked");
+        let flat = dequantize(&w, &scales, &biases, 16, 6).expect("flat");
+        assert_eq!(stacked.shape(), &[2, 3, 64]);
+        let flat = flat.reshape(&[2, 3, 64]).expect("reshape");
+        assert!(stacked.eq_values(&flat).expect("compare"));
+    }
+
+    #[test]
+    fn a_slice_may_not_cut_packed_words() {
+        let files = FileTensors::default();
+        // 3 bits x 16 values = 48 bits: 16 features from 16 cut a word.
+        let e = shard_param(sixteens(2, 64, 3), 1, 16, 16, &files).expect_err("cut");
+        assert!(e.contains("cuts the 3-bit packed words"), "{e}");
+        // 32 values of 3 bits are whole words; 16 of 6 bits too.
+        assert!(shard_param(sixteens(2, 64, 3), 1, 32, 32, &files).is_ok());
+        assert!(shard_param(sixteens(2, 64, 6), 1, 16, 16, &files).is_ok());
+    }
 
     #[test]
     fn overrides_follow_the_rules_renames_and_ties() {
