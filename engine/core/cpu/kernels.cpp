@@ -265,13 +265,22 @@ static inline float bf16_to_float(uint16_t h) {
 }
 
 // Scales and biases as float32, whatever their stored type.
+// Scales or biases as float32. With `times` set, the values are that
+// multiple of the ones at `p` (biases tied to the scales, read from them).
 struct ScaleReader {
   const void* p = nullptr;
   mx::Dtype t = mx::float32;
+  float times = 0.0f;
   float operator()(int64_t i) const {
-    if (t == mx::float16) return half_to_float(static_cast<const uint16_t*>(p)[i]);
-    if (t == mx::bfloat16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    return static_cast<const float*>(p)[i];
+    float v;
+    if (t == mx::float16) {
+      v = half_to_float(static_cast<const uint16_t*>(p)[i]);
+    } else if (t == mx::bfloat16) {
+      v = bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    } else {
+      v = static_cast<const float*>(p)[i];
+    }
+    return times != 0.0f ? times * v : v;
   }
 };
 
@@ -286,7 +295,10 @@ __attribute__((target("avx2,f16c"))) static void halves_f16c(const uint16_t* p, 
 static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out) {
   if (r.t == mx::float16 && level() >= AVX2) {
     halves_f16c(static_cast<const uint16_t*>(r.p) + i0, n, out);
-  } else if (r.t == mx::float32) {
+    if (r.times != 0.0f) {
+      for (int64_t i = 0; i < n; i++) out[i] *= r.times;
+    }
+  } else if (r.t == mx::float32 && r.times == 0.0f) {
     std::memcpy(out, static_cast<const float*>(r.p) + i0, size_t(n) * 4);
   } else {
     for (int64_t i = 0; i < n; i++) out[i] = r(i0 + i);
@@ -1307,8 +1319,10 @@ static void run_on_stream(mx::Stream s, const std::vector<mx::array>& in, mx::ar
 
 class QuantMatmul : public mx::UnaryPrimitive {
  public:
-  QuantMatmul(mx::Stream s, int group, int bits, bool q8)
-      : UnaryPrimitive(s), group_(group), bits_(bits), q8_(q8) {}
+  // `bias_of_scale`: when not 0, every bias is this multiple of its scale
+  // (read from the scales; the biases are not read).
+  QuantMatmul(mx::Stream s, int group, int bits, bool q8, float bias_of_scale)
+      : UnaryPrimitive(s), group_(group), bits_(bits), q8_(q8), bias_of_scale_(bias_of_scale) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
     run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
@@ -1318,7 +1332,8 @@ class QuantMatmul : public mx::UnaryPrimitive {
                   out = mx::array::unsafe_weak_copy(out),
                   group = group_,
                   bits = bits_,
-                  q8 = q8_]() mutable {
+                  q8 = q8_,
+                  tied = bias_of_scale_]() mutable {
       F32View xv(x);
       QuantArgs a;
       a.k = x.shape(-1);
@@ -1327,7 +1342,7 @@ class QuantMatmul : public mx::UnaryPrimitive {
       a.x = xv.ptr;
       a.w = w.data<uint8_t>();
       a.scales = ScaleReader{s.data<void>(), s.dtype()};
-      a.biases = ScaleReader{b.data<void>(), b.dtype()};
+      a.biases = tied != 0.0f ? ScaleReader{s.data<void>(), s.dtype(), tied} : ScaleReader{b.data<void>(), b.dtype()};
       a.y = out.data<float>();
       a.group = group;
       a.bits = bits;
@@ -1342,12 +1357,13 @@ class QuantMatmul : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantMatmul&>(other);
-    return group_ == o.group_ && bits_ == o.bits_ && q8_ == o.q8_;
+    return group_ == o.group_ && bits_ == o.bits_ && q8_ == o.q8_ && bias_of_scale_ == o.bias_of_scale_;
   }
 
  private:
   int group_, bits_;
   bool q8_;
+  float bias_of_scale_;
 };
 
 // y[r, j] = x[r] . w[j] for float32 rows of w ([N, K], the weight of a
@@ -1665,14 +1681,51 @@ LMSPEC_AVX512 static void swiglu_row_avx512(const float* g, const float* u, floa
   }
 }
 
-class Swiglu : public mx::UnaryPrimitive {
+// llama.cpp's GELU (GGML_GELU_FP16, its default): the tanh approximation
+// of x rounded to float16, looked up in a table of float16 results; 0 at
+// x <= -10, x itself at x >= 10.
+static const float* gelu_f16_table() {
+  static const std::vector<float> t = [] {
+    std::vector<float> v(65536);
+    for (uint32_t h = 0; h < 65536; h++) {
+      const float x = half_to_float(uint16_t(h));
+      const float g = 0.5f * x * (1.0f + std::tanh(0.79788456080286535587989211986876f * x * (1.0f + 0.044715f * x * x)));
+      v[h] = round_half(g);
+    }
+    return v;
+  }();
+  return t.data();
+}
+
+static inline float gelu_f16_at(const float* table, float x) {
+  if (x <= -10.0f) return 0.0f;
+  if (x >= 10.0f) return x;
+  return table[float_to_half(x)];
+}
+
+// The same, 16 values at a time: float16 conversion and a gather.
+LMSPEC_AVX512 static void geglu_f16_row_avx512(const float* table, const float* g, const float* u, float* y, int64_t n) {
+  const __m512 lo = _mm512_set1_ps(-10.0f), hi = _mm512_set1_ps(10.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+    const __m512i h = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, h, table, 4);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, hi, _CMP_GE_OQ), x);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ), _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, u + i)));
+  }
+}
+
+// `act(gate) * up` row by row: SiLU, or llama.cpp's float16-table GELU.
+class Glu : public mx::UnaryPrimitive {
  public:
-  explicit Swiglu(mx::Stream s) : UnaryPrimitive(s) {}
+  Glu(mx::Stream s, bool gelu_f16) : UnaryPrimitive(s), gelu_f16_(gelu_f16) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
     run_on_stream(stream(), in, out, [g = mx::array::unsafe_weak_copy(in[0]),
                   u = mx::array::unsafe_weak_copy(in[1]),
-                  out = mx::array::unsafe_weak_copy(out)]() mutable {
+                  out = mx::array::unsafe_weak_copy(out), f16 = gelu_f16_]() mutable {
       std::vector<float> gc, uc;
       auto gv = rows_view(g), uv = rows_view(u);
       if (!gv) {
@@ -1686,12 +1739,17 @@ class Swiglu : public mx::UnaryPrimitive {
       float* y = out.data<float>();
       const int64_t width = gv->width;
       const bool wide = level() == AVX512;
+      const float* table = f16 ? gelu_f16_table() : nullptr;
       parallel_range(gv->rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
           const float* gr = gv->p + r * gv->stride;
           const float* ur = uv->p + r * uv->stride;
           float* yr = y + r * width;
-          if (wide) {
+          if (table != nullptr && wide) {
+            geglu_f16_row_avx512(table, gr, ur, yr, width);
+          } else if (table != nullptr) {
+            for (int64_t i = 0; i < width; i++) yr[i] = gelu_f16_at(table, gr[i]) * ur[i];
+          } else if (wide) {
             swiglu_row_avx512(gr, ur, yr, width);
           } else {
             for (int64_t i = 0; i < width; i++) yr[i] = gr[i] * (1.f / (1.f + std::exp(-gr[i]))) * ur[i];
@@ -1701,14 +1759,17 @@ class Swiglu : public mx::UnaryPrimitive {
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("lmspec swiglu runs on the CPU only");
+    throw std::runtime_error("lmspec glu runs on the CPU only");
   }
   const char* name() const override {
-    return "LmspecSwiglu";
+    return gelu_f16_ ? "LmspecGegluF16" : "LmspecSwiglu";
   }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return static_cast<const Glu&>(other).gelu_f16_ == gelu_f16_;
   }
+
+ private:
+  bool gelu_f16_;
 };
 
 // softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
@@ -1931,6 +1992,7 @@ int lmspec_qmatmul(
     int group,
     int bits,
     int q8,
+    float bias_of_scale,
     char* err,
     size_t len) {
   return guarded(out, err, len, [&] {
@@ -1948,7 +2010,7 @@ int lmspec_qmatmul(
     shape.back() = wa.shape(0);
     std::vector<array> ins = {
         xa, lmspec::row_major(wa, s), lmspec::row_major(A(scales), s), lmspec::row_major(A(biases), s)};
-    return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, q8 != 0), std::move(ins));
+    return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, q8 != 0, bias_of_scale), std::move(ins));
   });
 }
 
@@ -1972,14 +2034,14 @@ int lmspec_matvec(void** out, const void* x, const void* wt, char* err, size_t l
   });
 }
 
-int lmspec_swiglu(void** out, const void* gate, const void* up, char* err, size_t len) {
+int lmspec_glu(void** out, const void* gate, const void* up, int gelu_f16, char* err, size_t len) {
   return guarded(out, err, len, [&] {
     auto s = lmspec::cpu_stream();
     const array& g = A(gate);
     const array& u = A(up);
     if (g.dtype() != mx::float32 || u.dtype() != mx::float32) throw std::invalid_argument("gate and up must be float32");
     if (g.shape() != u.shape() || g.ndim() == 0) throw std::invalid_argument("gate and up must have one shape");
-    return array(g.shape(), mx::float32, std::make_shared<lmspec::Swiglu>(s), std::vector<array>{g, u});
+    return array(g.shape(), mx::float32, std::make_shared<lmspec::Glu>(s, gelu_f16 != 0), std::vector<array>{g, u});
   });
 }
 

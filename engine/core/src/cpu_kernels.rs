@@ -33,13 +33,15 @@ extern "C" {
         group: c_int,
         bits: c_int,
         q8: c_int,
+        bias_of_scale: f32,
         err: *mut c_char,
         len: usize,
     ) -> c_int;
-    fn lmspec_swiglu(
+    fn lmspec_glu(
         out: *mut *mut c_void,
         gate: *const c_void,
         up: *const c_void,
+        gelu_f16: c_int,
         err: *mut c_char,
         len: usize,
     ) -> c_int;
@@ -202,7 +204,8 @@ pub enum Activations {
     /// kernels do (blocks of 32 with a float16 scale against float16-scaled
     /// weights, its Q8_0/Q8_1; of 256 with a float32 scale against
     /// float32-scaled weights, its Q8_K for K-quants). Every width; groups
-    /// of 16 or multiples of 32.
+    /// of 16 or multiples of 32. A tanh-GELU gate (`glu`) then takes
+    /// llama.cpp's float16-table GELU ([`geglu_f16`]).
     Int8,
 }
 
@@ -254,7 +257,25 @@ pub fn quantized_matmul(
     bits: i32,
     activations: Activations,
 ) -> Result<Array, Exception> {
+    quantized_matmul_tied(x, w, scales, biases, group, bits, activations, None)
+}
+
+/// [`quantized_matmul`], where `bias_of_scale` may say that every bias is
+/// that multiple of its group's scale (see [`tied_biases`]): the kernel then
+/// computes the biases from the scales and reads none.
+#[allow(clippy::too_many_arguments)]
+pub fn quantized_matmul_tied(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: &Array,
+    group: i32,
+    bits: i32,
+    activations: Activations,
+    bias_of_scale: Option<f32>,
+) -> Result<Array, Exception> {
     let q8 = (activations == Activations::Int8) as c_int;
+    let tied = bias_of_scale.filter(|&m| m != 0.0).unwrap_or(0.0);
     // SAFETY: the pointers are live arrays; the C side copies what it keeps.
     call(|o, e, n| unsafe {
         lmspec_qmatmul(
@@ -266,10 +287,26 @@ pub fn quantized_matmul(
             group,
             bits,
             q8,
+            tied,
             e,
             n,
         )
     })
+}
+
+/// `-2^(bits - 1)` where every bias is exactly that multiple of its
+/// group's scale, as in GGUF's Q4_0, Q5_0 and Q8_0 (`d * (q - k)` held as
+/// `d * q - k d`), else `None`. One pass over the scales and biases.
+pub fn tied_biases(scales: &Array, biases: &Array, bits: i32) -> Result<Option<f32>, Exception> {
+    if !(1..=8).contains(&bits) || scales.shape() != biases.shape() {
+        return Ok(None);
+    }
+    let k = -((1 << (bits - 1)) as f32);
+    let want = mlx_rs::ops::multiply(&scales.as_dtype(Dtype::Float32)?, Array::from_f32(k))?;
+    Ok(biases
+        .as_dtype(Dtype::Float32)?
+        .eq_values(&want)?
+        .then_some(k))
 }
 
 /// `x @ wt` for float32 `x [..., K]` and a dense weight `wt [K, N]` that is
@@ -284,7 +321,15 @@ pub fn dense_matmul(x: &Array, wt: &Array) -> Result<Option<Array>, Exception> {
 /// `silu(gate) * up` for float32 arrays of one shape (mlx-lm's `swiglu`).
 pub fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
     // SAFETY: as in `quantized_matmul`.
-    call(|o, e, n| unsafe { lmspec_swiglu(o, raw(gate), raw(up), e, n) })
+    call(|o, e, n| unsafe { lmspec_glu(o, raw(gate), raw(up), 0, e, n) })
+}
+
+/// `gelu(gate) * up` for float32 arrays of one shape, with llama.cpp's GELU:
+/// the tanh approximation at `gate` rounded to float16, itself rounded to
+/// float16 (ggml's lookup table); 0 at `gate <= -10`, `gate` at `>= 10`.
+pub fn geglu_f16(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call(|o, e, n| unsafe { lmspec_glu(o, raw(gate), raw(up), 1, e, n) })
 }
 
 /// `w * scale + bias` as float32 `[N, K]`.

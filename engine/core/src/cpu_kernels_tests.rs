@@ -38,6 +38,137 @@ fn f32_of(a: &Array) -> Array {
     a.as_dtype(Dtype::Float32).expect("float32")
 }
 
+#[test]
+fn biases_tied_to_the_scales_are_not_read() {
+    expect_forced_level();
+    // GGUF's Q8_0, Q5_0 and Q4_0 hold `d * (q - k)` as scale d, bias -k d.
+    let (n, k) = (20, 256);
+    for (bits, scale_dtype) in [
+        (8, Dtype::Float16),
+        (5, Dtype::Float16),
+        (4, Dtype::Float32),
+    ] {
+        let w = array(&[n, k], 800 + bits as u64);
+        let (wq, s, b) = mlx_rs::ops::quantize(&w, 32, bits).expect("quantize");
+        let s = s.as_dtype(scale_dtype).expect("scales");
+        let m = -((1 << (bits - 1)) as f32);
+        let tied = mlx_rs::ops::multiply(&s, Array::from_f32(m))
+            .and_then(|t| t.as_dtype(scale_dtype))
+            .expect("tied");
+        assert_eq!(tied_biases(&s, &tied, bits).expect("check"), Some(m));
+        assert_eq!(
+            tied_biases(&s, &b, bits).expect("check"),
+            None,
+            "MLX's own biases"
+        );
+        let zeros = mlx_rs::ops::zeros_like(&tied).expect("zeros");
+        for activations in [Activations::Float, Activations::Int8] {
+            for rows in [1, 5] {
+                let x = array(&[rows, k], 810 + rows as u64);
+                let read = quantized_matmul(&x, &wq, &s, &tied, 32, bits, activations)
+                    .expect("reads the biases");
+                // Given zeros for biases, the tied product still computes
+                // them from the scales: the same bits.
+                let from_scales =
+                    quantized_matmul_tied(&x, &wq, &s, &zeros, 32, bits, activations, Some(m))
+                        .expect("tied");
+                assert_eq!(
+                    host(&read),
+                    host(&from_scales),
+                    "bits {bits} {activations:?} rows {rows}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn geglu_f16_is_llama_cpps_table_gelu() {
+    expect_forced_level();
+    // Gates over [-12, 12): both cut-offs and the table between; a strided
+    // pair from a fused projection and a plain pair (77: a partial vector).
+    let fused =
+        mlx_rs::ops::multiply(array(&[1, 5, 2 * 70], 61), Array::from_f32(12.0)).expect("x");
+    let parts = mlx_rs::ops::split_equal(&fused, 2, -1).expect("split");
+    let plain = (
+        mlx_rs::ops::multiply(array(&[3, 77], 62), Array::from_f32(12.0)).expect("g"),
+        array(&[3, 77], 63),
+    );
+    for (g, u) in [(&parts[0], &parts[1]), (&plain.0, &plain.1)] {
+        let ours = host(&geglu_f16(g, u).expect("kernel"));
+        let (gs, us) = (host(g), host(u));
+        for (i, (&x, &up)) in gs.iter().zip(&us).enumerate() {
+            // ggml: x rounded to float16, its tanh-GELU rounded to float16.
+            let gelu = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                let h = half::f16::from_f32(x).to_f32();
+                let c = 0.797_884_6_f32 * h * (1.0 + 0.044715 * h * h);
+                f16_round(0.5 * h * (1.0 + c.tanh()))
+            };
+            let want = gelu * up;
+            assert!(
+                (ours[i] - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "gate {x}: {} vs {want}",
+                ours[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn sixteen_value_groups_multiply_and_dequantize() {
+    expect_forced_level();
+    // GGUF's Q2_K/Q3_K/Q6_K sub-blocks: groups MLX does not make, so the
+    // reference is the block formula over MLX's packing of the values.
+    let (n, k) = (24, 512);
+    for bits in [2, 3, 6] {
+        let w = array(&[n, k], 700 + bits as u64);
+        let (wq, _, _) = mlx_rs::ops::quantize(&w, 32, bits).expect("quantize");
+        let shape = [n, k / 16];
+        let s = mlx_rs::ops::abs(array(&shape, 710 + bits as u64)).expect("s");
+        let b = array(&shape, 720 + bits as u64);
+        let ones = mlx_rs::ops::ones::<f32>(&[n, k / 32]).expect("ones");
+        let zeros = mlx_rs::ops::zeros::<f32>(&[n, k / 32]).expect("zeros");
+        let q = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, 32, bits).expect("q"));
+        let (sf, bf) = (host(&s), host(&b));
+        let (ku, g) = (k as usize, 16);
+        let wd: Vec<f32> = (0..n as usize * ku)
+            .map(|i| {
+                let at = (i / ku) * (ku / g) + (i % ku) / g;
+                q[i] * sf[at] + bf[at]
+            })
+            .collect();
+        assert_eq!(
+            host(&dequantize(&wq, &s, &b, 16, bits).expect("dequantize")),
+            wd,
+            "bits {bits}: dequantized"
+        );
+        for rows in [1, 3] {
+            let x = array(&[1, rows, k], 730 + rows as u64);
+            let ours = host(
+                &quantized_matmul(&x, &wq, &s, &b, 16, bits, Activations::Float).expect("kernel"),
+            );
+            let xs = host(&x);
+            for r in 0..rows as usize {
+                for j in 0..n as usize {
+                    let terms = (0..ku).map(|i| xs[r * ku + i] as f64 * wd[j * ku + i] as f64);
+                    let (exact, size) = terms.fold((0f64, 0f64), |(e, m), t| (e + t, m + t.abs()));
+                    // Float32 sums in some order: within a few roundings of
+                    // the terms' magnitude.
+                    let err = (ours[r * n as usize + j] as f64 - exact).abs();
+                    assert!(
+                        err <= 1e-6 * size,
+                        "bits {bits} row {r} out {j}: {err} of {size}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Largest |a - b| / (1 + |b|).
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths");
@@ -394,6 +525,9 @@ fn every_path_gives_the_same_products() {
     let tests = [
         "cpu_kernels::tests::quantized_product_matches_mlx_and_float64",
         "cpu_kernels::tests::int8_activation_product_matches_the_block_formula",
+        "cpu_kernels::tests::sixteen_value_groups_multiply_and_dequantize",
+        "cpu_kernels::tests::geglu_f16_is_llama_cpps_table_gelu",
+        "cpu_kernels::tests::biases_tied_to_the_scales_are_not_read",
     ];
     for (path, test) in ["scalar", "avx2"]
         .into_iter()

@@ -65,6 +65,32 @@ impl Op for Activation {
     }
 }
 
+/// Builds a `glu` node. Under int8 activations (llama.cpp's numerics) a
+/// tanh-GELU gate takes llama.cpp's float16-table GELU (as its `geglu`).
+pub(crate) fn build_glu(c: &Glu) -> Box<dyn Op> {
+    let int8 = crate::cpu_kernels::build_activations() == crate::cpu_kernels::Activations::Int8;
+    if int8 && c.r#fn == Act::GeluApprox && c.limit.is_none() {
+        return Box::new(GegluF16);
+    }
+    Box::new(c.clone())
+}
+
+/// `gelu(gate) * up` with llama.cpp's GELU where lmspec's CPU kernels run,
+/// else the tanh approximation in float32.
+#[derive(Debug)]
+struct GegluF16;
+
+impl Op for GegluF16 {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        use crate::cpu_kernels as cpu;
+        let (gate, up) = (inputs[0], inputs[1]);
+        if cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape() {
+            return cpu::geglu_f16(gate, up);
+        }
+        mlx_rs::ops::multiply(activate(Act::GeluApprox, gate)?, up)
+    }
+}
+
 impl Op for Glu {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         match (self.r#fn, self.limit) {

@@ -24,10 +24,23 @@ impl Build for Linear {
         };
         let activations = crate::cpu_kernels::build_activations();
         let reduce = crate::distributed::build_group().filter(|_| self.shard == Shard::In);
+        let tied = match &weight {
+            Param::Quantized {
+                w,
+                scales,
+                biases,
+                bits,
+                ..
+            } if w.ndim() == 2 && crate::cpu_kernels::enabled() => {
+                crate::cpu_kernels::tied_biases(scales, biases, *bits).map_err(mlx_err("biases"))?
+            }
+            _ => None,
+        };
         Ok(Box::new(LinearOp {
             weight,
             bias,
             activations,
+            tied,
             reduce,
         }))
     }
@@ -40,6 +53,9 @@ struct LinearOp {
     bias: Option<Array>,
     /// How a quantized product on the CPU treats the activations.
     activations: Activations,
+    /// The multiple of its scale every bias of a quantized weight is, if
+    /// one is (GGUF's Q4_0, Q5_0, Q8_0): the CPU kernel then reads no biases.
+    tied: Option<f32>,
     /// The group whose ranks each hold a slice of the input features: the
     /// partial products are summed over it before the bias is added.
     reduce: Option<Arc<crate::distributed::Group>>,
@@ -47,7 +63,7 @@ struct LinearOp {
 
 /// Applies a loaded linear layer; shared with ops that project through one.
 pub(crate) fn apply(weight: &Param, bias: Option<&Array>, x: &Array) -> Result<Array, Exception> {
-    apply_with(weight, bias, x, Activations::Float)
+    apply_with(weight, bias, x, Activations::Float, None)
 }
 
 fn apply_with(
@@ -55,6 +71,7 @@ fn apply_with(
     bias: Option<&Array>,
     x: &Array,
     activations: Activations,
+    tied: Option<f32>,
 ) -> Result<Array, Exception> {
     match weight {
         Param::Dense(wt) => {
@@ -76,7 +93,15 @@ fn apply_with(
             group_size,
             bits,
         } => {
-            let y = quantized(x, w, scales, biases, *group_size, *bits, activations)?;
+            let q = Quantized {
+                w,
+                scales,
+                biases,
+                group_size: *group_size,
+                bits: *bits,
+                tied,
+            };
+            let y = quantized(x, &q, activations)?;
             match bias {
                 Some(b) => mlx_rs::ops::add(&y, b),
                 None => Ok(y),
@@ -116,29 +141,49 @@ fn input_rows(x: &Array) -> i64 {
 /// rows (a prompt) dequantize the weight once and multiply through BLAS.
 const QUANTIZED_PRODUCT_ROWS: i32 = 16;
 
-/// `x @ dequantize(w)ᵀ`: lmspec's CPU kernels where they apply, else MLX's
-/// `quantized_matmul`.
-fn quantized(
-    x: &Array,
-    w: &Array,
-    scales: &Array,
-    biases: &Array,
+/// A quantized weight as one product reads it.
+struct Quantized<'a> {
+    w: &'a Array,
+    scales: &'a Array,
+    biases: &'a Array,
     group_size: i32,
     bits: i32,
-    activations: Activations,
-) -> Result<Array, Exception> {
+    tied: Option<f32>,
+}
+
+/// `x @ dequantize(w)ᵀ`: lmspec's CPU kernels where they apply, else MLX's
+/// `quantized_matmul`.
+fn quantized(x: &Array, q: &Quantized<'_>, activations: Activations) -> Result<Array, Exception> {
     use crate::cpu_kernels as cpu;
+    let &Quantized {
+        w,
+        scales,
+        biases,
+        group_size,
+        bits,
+        tied,
+    } = q;
     let k = x.shape().last().copied().unwrap_or(0).max(1);
     let rows = input_rows(x);
     if cpu::supports_bits(bits) && cpu::all_f32(&[x]) && x.ndim() >= 1 && cpu::enabled() {
         // int8 activations are llama.cpp's numerics for every row count.
         if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
-            return cpu::quantized_matmul(x, w, scales, biases, group_size, bits, activations);
+            return cpu::quantized_matmul_tied(
+                x,
+                w,
+                scales,
+                biases,
+                group_size,
+                bits,
+                activations,
+                tied,
+            );
         }
         let dense = cpu::dequantize(w, scales, biases, group_size, bits)?;
         return mlx_rs::ops::matmul(x, dense.t());
     }
-    if rows > 1 && k <= SMALL_INPUT && crate::runtime::default_device() == "gpu" {
+    let mlx_group = crate::weights::QUANT_GROUP_SIZES.contains(&group_size);
+    if !mlx_group || (rows > 1 && k <= SMALL_INPUT && crate::runtime::default_device() == "gpu") {
         return dequantized_product(x, w, scales, biases, group_size, bits);
     }
     mlx_rs::ops::quantized_matmul(x, w, scales, biases, true, group_size, bits)
@@ -151,7 +196,8 @@ fn quantized(
 /// far wider, so this costs nothing there.
 const SMALL_INPUT: i32 = 128;
 
-/// `x @ dequantize(w)ᵀ` through a dense copy of the weight.
+/// `x @ dequantize(w)ᵀ` through a dense copy of the weight (how a group
+/// size MLX lacks runs where the kernels do not: a traced gradient).
 pub(crate) fn dequantized_product(
     x: &Array,
     w: &Array,
@@ -160,7 +206,7 @@ pub(crate) fn dequantized_product(
     group_size: i32,
     bits: i32,
 ) -> Result<Array, Exception> {
-    let dense = mlx_rs::ops::dequantize(w, scales, biases, group_size, bits)?;
+    let dense = crate::weights::dequantize(w, scales, biases, group_size, bits)?;
     mlx_rs::ops::matmul(x, dense.t())
 }
 
@@ -172,6 +218,7 @@ impl Op for LinearOp {
                 self.bias.as_ref(),
                 inputs[0],
                 self.activations,
+                self.tied,
             );
         };
         let partial = group.all_sum(&apply_with(
@@ -179,6 +226,7 @@ impl Op for LinearOp {
             None,
             inputs[0],
             self.activations,
+            self.tied,
         )?)?;
         match &self.bias {
             Some(b) => mlx_rs::ops::add(&partial, b),

@@ -93,7 +93,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Softcap(c) => Ok(Box::new(c.clone())),
         OpConfig::Clamp(c) => Ok(Box::new(c.clone())),
         OpConfig::Activation(c) => Ok(Box::new(c.clone())),
-        OpConfig::Glu(c) => Ok(Box::new(c.clone())),
+        OpConfig::Glu(c) => Ok(elementwise::build_glu(c)),
         OpConfig::Gain(c) => c.build(inputs, w),
         OpConfig::Xielu(c) => c.build(inputs, w),
         OpConfig::FakeQuant(c) => c.build(inputs, w),
