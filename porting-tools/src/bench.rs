@@ -305,9 +305,9 @@ fn decode_graph(model: &Model, prompt: &[u32]) -> Result<DecodeGraph> {
     let mut cache = model.new_cache();
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let n = ids.len() as i32;
-    model
-        .forward(&mlx_rs::Array::from_slice(&ids, &[1, n]), Some(&mut cache))?
-        .eval()?;
+    // The prompt's cache only: its logits (every row through the head) are
+    // not needed.
+    model.forward(&mlx_rs::Array::from_slice(&ids, &[1, n]), Some(&mut cache))?;
     mlx_rs::transforms::eval(cache.arrays())?;
     let mut best: Option<DecodeGraph> = None;
     for _ in 0..2 {

@@ -514,6 +514,31 @@ fn attention_matches_mlx() {
     attention_agrees(&q, &k, &v, "prompt");
 }
 
+#[test]
+fn attention_of_a_prompt_equals_its_decode_steps() {
+    // Four query heads over one key/value head (grouped in a prompt; one
+    // head per work item in a decode step), head dims of 256.
+    let (t, d) = (24, 256);
+    let q = mlx_rs::ops::multiply(array(&[1, 4, t, d], 44), Array::from_f32(4.0)).expect("q");
+    let (k, v) = (array(&[1, 1, t, d], 45), array(&[1, 1, t, d], 46));
+    attention_agrees(&q, &k, &v, "grouped heads");
+    let prompt = host(&attention(&q, &k, &v, 0.125, true).expect("prompt"));
+    for step in [0, 7, t - 1] {
+        let qs = q.index((.., .., step..step + 1, ..));
+        let ks = k.index((.., .., 0..step + 1, ..));
+        let vs = v.index((.., .., 0..step + 1, ..));
+        let one = host(&attention(&qs, &ks, &vs, 0.125, true).expect("step"));
+        for h in 0..4 {
+            let at = (h * t as usize + step as usize) * d as usize;
+            assert_eq!(
+                &one[h * d as usize..(h + 1) * d as usize],
+                &prompt[at..at + d as usize],
+                "head {h} position {step}"
+            );
+        }
+    }
+}
+
 /// Each instruction-set path (forced through `LMSPEC_CPU_KERNELS` in a
 /// child process) gives the products the MLX comparison accepts.
 #[test]
@@ -528,6 +553,7 @@ fn every_path_gives_the_same_products() {
         "cpu_kernels::tests::sixteen_value_groups_multiply_and_dequantize",
         "cpu_kernels::tests::geglu_f16_is_llama_cpps_table_gelu",
         "cpu_kernels::tests::biases_tied_to_the_scales_are_not_read",
+        "cpu_kernels::tests::attention_of_a_prompt_equals_its_decode_steps",
     ];
     for (path, test) in ["scalar", "avx2"]
         .into_iter()
