@@ -313,13 +313,24 @@ static std::vector<float> dense_f32(const mx::array& a) {
     std::memcpy(out.data(), src, a.size() * 4);
     return out;
   }
-  int nd = a.ndim();
+  // Row by row over the outer axes; a row with unit stride is one copy.
+  const int nd = a.ndim();
+  if (nd == 0 || a.size() == 0) {
+    if (a.size() != 0) out[0] = src[0];
+    return out;
+  }
+  const int64_t width = a.shape(nd - 1), step = a.strides()[nd - 1];
   std::vector<int64_t> idx(nd, 0);
-  for (size_t i = 0; i < a.size(); i++) {
+  for (size_t r = 0; r < a.size() / size_t(width); r++) {
     int64_t off = 0;
-    for (int d = 0; d < nd; d++) off += idx[d] * a.strides()[d];
-    out[i] = src[off];
-    for (int d = nd - 1; d >= 0; d--) {
+    for (int d = 0; d + 1 < nd; d++) off += idx[d] * a.strides()[d];
+    float* o = out.data() + r * width;
+    if (step == 1) {
+      std::memcpy(o, src + off, size_t(width) * 4);
+    } else {
+      for (int64_t i = 0; i < width; i++) o[i] = src[off + i * step];
+    }
+    for (int d = nd - 2; d >= 0; d--) {
       if (++idx[d] < a.shape(d)) break;
       idx[d] = 0;
     }

@@ -83,6 +83,25 @@ fn biases_tied_to_the_scales_are_not_read() {
 }
 
 #[test]
+fn strided_inputs_read_as_their_values() {
+    // x as a transposed view (no unit stride) and as a slice with gaps
+    // between rows: the product equals that of a contiguous copy.
+    let (n, k) = (8, 64);
+    let (wq, s, b) = mlx_rs::ops::quantize(array(&[n, k], 90), 32, 4).expect("quantize");
+    let t = array(&[k, 3], 91).t();
+    let wide = array(&[3, 2 * k], 92);
+    let gaps = wide.index((.., 0..k));
+    for x in [&t, &gaps] {
+        let dense = x.contiguous().expect("copy");
+        for act in [Activations::Float, Activations::Int8] {
+            let got = host(&quantized_matmul(x, &wq, &s, &b, 32, 4, act).expect("strided"));
+            let want = host(&quantized_matmul(&dense, &wq, &s, &b, 32, 4, act).expect("dense"));
+            assert_eq!(got, want, "{act:?} {:?}", x.strides());
+        }
+    }
+}
+
+#[test]
 fn geglu_f16_is_llama_cpps_table_gelu() {
     expect_forced_level();
     // Gates over [-12, 12): both cut-offs and the table between; a strided
