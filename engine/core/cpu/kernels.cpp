@@ -292,6 +292,16 @@ __attribute__((target("avx2,f16c"))) static void halves_f16c(const uint16_t* p, 
   for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
 }
 
+static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out);
+
+// n scales (or biases) from index i0 as float32: in place when they are
+// stored so, else converted into `buf`.
+static const float* scales_at(const ScaleReader& r, int64_t i0, int64_t n, float* buf) {
+  if (r.t == mx::float32 && r.times == 0.0f) return static_cast<const float*>(r.p) + i0;
+  read_scales(r, i0, n, buf);
+  return buf;
+}
+
 static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out) {
   if (r.t == mx::float16 && level() >= AVX2) {
     halves_f16c(static_cast<const uint16_t*>(r.p) + i0, n, out);
@@ -1195,10 +1205,10 @@ static void qmm_q8(const QuantArgs& a) {
         const int64_t r1 = std::min(a.m, r0 + kXBlock);
         for (int64_t j = n0; j < n1; j += 4) {
           const int rows = int(std::min<int64_t>(4, n1 - j));
-          read_scales(a.scales, j * groups, rows * groups, sc.data());
-          read_scales(a.biases, j * groups, rows * groups, bi.data());
+          const float* s4 = scales_at(a.scales, j * groups, rows * groups, sc.data());
+          const float* b4 = scales_at(a.biases, j * groups, rows * groups, bi.data());
           for (int i = 0; i < rows; i++) {
-            const float *s = sc.data() + i * groups, *b = bi.data() + i * groups;
+            const float *s = s4 + i * groups, *b = b4 + i * groups;
             int64_t r = r0;
             for (; r + 4 <= r1; r += 4) {
               direct4(a, &xs[r], j + i, s, b, out);
