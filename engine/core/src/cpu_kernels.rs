@@ -295,8 +295,9 @@ pub fn quantized_matmul_tied(
 }
 
 /// `-2^(bits - 1)` where every bias is exactly that multiple of its
-/// group's scale, as in GGUF's Q4_0, Q5_0 and Q8_0 (`d * (q - k)` held as
-/// `d * q - k d`), else `None`. One pass over the scales and biases.
+/// group's scale, as in GGUF's Q4_0, Q5_0, Q8_0, Q3_K and Q6_K
+/// (`d * (q - k)` held as `d * q - k d`), else `None`. One pass over the
+/// scales and biases.
 pub fn tied_biases(scales: &Array, biases: &Array, bits: i32) -> Result<Option<f32>, Exception> {
     if !(1..=8).contains(&bits) || scales.shape() != biases.shape() {
         return Ok(None);

@@ -54,7 +54,8 @@ struct LinearOp {
     /// How a quantized product on the CPU treats the activations.
     activations: Activations,
     /// The multiple of its scale every bias of a quantized weight is, if
-    /// one is (GGUF's Q4_0, Q5_0, Q8_0): the CPU kernel then reads no biases.
+    /// one is (GGUF's Q4_0, Q5_0, Q8_0, Q3_K, Q6_K): the CPU kernel then
+    /// reads no biases.
     tied: Option<f32>,
     /// The group whose ranks each hold a slice of the input features: the
     /// partial products are summed over it before the bias is added.

@@ -854,12 +854,12 @@ pub fn dequantize_where(
     let mut done: Vec<(*const u32, Array)> = Vec::new();
     for (node, ps) in params.iter_mut().enumerate() {
         for p in ps.iter_mut() {
-            if !matches!(p, Param::Quantized { .. }) || !pick(node, p) {
-                continue;
-            }
             let Param::Quantized { w, .. } = &*p else {
                 continue;
             };
+            if !pick(node, p) {
+                continue;
+            }
             w.eval()?;
             let key = w.as_slice::<u32>().as_ptr();
             let dense = match done.iter().find(|(k, _)| *k == key) {
