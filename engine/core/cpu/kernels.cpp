@@ -264,7 +264,6 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// Scales and biases as float32, whatever their stored type.
 // Scales or biases as float32. With `times` set, the values are that
 // multiple of the ones at `p` (biases tied to the scales, read from them).
 struct ScaleReader {
@@ -284,35 +283,26 @@ struct ScaleReader {
   }
 };
 
-// n scales (or biases) from index i0 as float32, with F16C when the path
-// has it.
+// n float16 values as float32, 8 per F16C conversion.
 __attribute__((target("avx2,f16c"))) static void halves_f16c(const uint16_t* p, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
   for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
 }
 
-static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out);
-
 // n scales (or biases) from index i0 as float32: in place when they are
-// stored so, else converted into `buf`.
+// stored so, else converted into `buf` (F16C where the path has it).
 static const float* scales_at(const ScaleReader& r, int64_t i0, int64_t n, float* buf) {
   if (r.t == mx::float32 && r.times == 0.0f) return static_cast<const float*>(r.p) + i0;
-  read_scales(r, i0, n, buf);
-  return buf;
-}
-
-static void read_scales(const ScaleReader& r, int64_t i0, int64_t n, float* out) {
   if (r.t == mx::float16 && level() >= AVX2) {
-    halves_f16c(static_cast<const uint16_t*>(r.p) + i0, n, out);
+    halves_f16c(static_cast<const uint16_t*>(r.p) + i0, n, buf);
     if (r.times != 0.0f) {
-      for (int64_t i = 0; i < n; i++) out[i] *= r.times;
+      for (int64_t i = 0; i < n; i++) buf[i] *= r.times;
     }
-  } else if (r.t == mx::float32 && r.times == 0.0f) {
-    std::memcpy(out, static_cast<const float*>(r.p) + i0, size_t(n) * 4);
   } else {
-    for (int64_t i = 0; i < n; i++) out[i] = r(i0 + i);
+    for (int64_t i = 0; i < n; i++) buf[i] = r(i0 + i);
   }
+  return buf;
 }
 
 // A row-major float copy of any strided float32 array.
@@ -503,11 +493,11 @@ static void unpack_whole_row(const uint8_t* row, int64_t k, int bits, T* out) {
 static void qmm_scalar(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
   const int64_t groups = a.k / a.group;
   const int64_t row_bytes = a.k * a.bits / 8;
-  std::vector<float> q(a.k), sc(groups), bi(groups);
+  std::vector<float> q(a.k), sbuf(groups), bbuf(groups);
   for (int64_t j = n0; j < n1; j++) {
     unpack_whole_row(a.w + j * row_bytes, a.k, a.bits, q.data());
-    read_scales(a.scales, j * groups, groups, sc.data());
-    read_scales(a.biases, j * groups, groups, bi.data());
+    const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
+    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       float acc = 0;
@@ -620,13 +610,13 @@ LMSPEC_AVX512 static void row_avx512(
 template <void (*Row)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*)>
 static void qmm_rows(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
   const int64_t groups = a.k / a.group;
-  std::vector<float> sc(4 * groups), bi(4 * groups);
+  std::vector<float> sbuf(4 * groups), bbuf(4 * groups);
   for (int64_t j = n0; j < n1; j += 4) {
     const int rows = int(std::min<int64_t>(4, n1 - j));
-    read_scales(a.scales, j * groups, rows * groups, sc.data());
-    read_scales(a.biases, j * groups, rows * groups, bi.data());
+    const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
+    const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
     for (int i = 0; i < rows; i++) {
-      for (int64_t r = 0; r < a.m; r++) Row(a, p, j + i, r, sc.data() + i * groups, bi.data() + i * groups);
+      for (int64_t r = 0; r < a.m; r++) Row(a, p, j + i, r, sc + i * groups, bi + i * groups);
     }
   }
 }
@@ -672,11 +662,11 @@ LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t 
   const __m512i vidx = _mm512_load_si512(vbmi_controls[b].idx), vctrl = _mm512_load_si512(vbmi_controls[b].ctrl);
   const __m512i mask = _mm512_set1_epi8(char((1 << b) - 1));
   const __mmask64 load_mask = (b * 8 >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (b * 8)) - 1);
-  std::vector<float> sc(groups), bi(groups);
+  std::vector<float> sbuf(groups), bbuf(groups);
   for (int64_t j = n0; j < n1; j++) {
     const uint8_t* row = a.w + j * row_bytes;
-    read_scales(a.scales, j * groups, groups, sc.data());
-    read_scales(a.biases, j * groups, groups, bi.data());
+    const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
+    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       __m512 yv = _mm512_setzero_ps(), acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -727,18 +717,18 @@ template <void (*Block4)(const QuantArgs&, const Prepared&, int64_t, int64_t, co
           void (*Block1)(const QuantArgs&, const Prepared&, int64_t, int64_t, const float*, const float*)>
 static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
   const int64_t groups = a.k / a.group;
-  std::vector<float> sc(4 * groups), bi(4 * groups);
+  std::vector<float> sbuf(4 * groups), bbuf(4 * groups);
   int64_t j = n0;
   for (; j + 4 <= n1; j += 4) {
     if (j + 8 <= n1) prefetch_rows(a, j + 4, 4);
-    read_scales(a.scales, j * groups, 4 * groups, sc.data());
-    read_scales(a.biases, j * groups, 4 * groups, bi.data());
-    for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc.data(), bi.data());
+    const float* sc = scales_at(a.scales, j * groups, 4 * groups, sbuf.data());
+    const float* bi = scales_at(a.biases, j * groups, 4 * groups, bbuf.data());
+    for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc, bi);
   }
   for (; j < n1; j++) {
-    read_scales(a.scales, j * groups, groups, sc.data());
-    read_scales(a.biases, j * groups, groups, bi.data());
-    for (int64_t r = 0; r < a.m; r++) Block1(a, p, j, r, sc.data(), bi.data());
+    const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
+    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
+    for (int64_t r = 0; r < a.m; r++) Block1(a, p, j, r, sc, bi);
   }
 }
 
@@ -1128,7 +1118,6 @@ static RowKernel row_kernel(int bits, int group, int64_t k, bool vnni) {
   return nullptr;
 }
 
-
 // Widths other than 4 and 8: rows unpacked to one byte per value first
 // (`unpack_whole_row`), then integer dot products per group (groups of 16
 // or multiples of 32).
@@ -1196,7 +1185,7 @@ static void qmm_q8(const QuantArgs& a) {
   const RowKernel direct4 = (vnni || avx2) ? row_kernel<4>(a.bits, a.group, a.k, vnni) : nullptr;
   const bool unpacked = direct == nullptr && a.bits != 4 && a.bits != 8;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> sc(4 * groups), bi(4 * groups);
+    std::vector<float> sbuf(4 * groups), bbuf(4 * groups);
     float out[4];
     if (direct != nullptr) {
       // Each row of w against the rows of x, 4 at a time while they last;
@@ -1205,10 +1194,10 @@ static void qmm_q8(const QuantArgs& a) {
         const int64_t r1 = std::min(a.m, r0 + kXBlock);
         for (int64_t j = n0; j < n1; j += 4) {
           const int rows = int(std::min<int64_t>(4, n1 - j));
-          const float* s4 = scales_at(a.scales, j * groups, rows * groups, sc.data());
-          const float* b4 = scales_at(a.biases, j * groups, rows * groups, bi.data());
+          const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
+          const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
           for (int i = 0; i < rows; i++) {
-            const float *s = s4 + i * groups, *b = b4 + i * groups;
+            const float *s = sc + i * groups, *b = bi + i * groups;
             int64_t r = r0;
             for (; r + 4 <= r1; r += 4) {
               direct4(a, &xs[r], j + i, s, b, out);
@@ -1228,22 +1217,22 @@ static void qmm_q8(const QuantArgs& a) {
     int64_t j = n0;
     for (; j < n1;) {
       const int rows = (j + 4 <= n1 && unpacked && vnni) ? 4 : 1;
-      read_scales(a.scales, j * groups, rows * groups, sc.data());
-      read_scales(a.biases, j * groups, rows * groups, bi.data());
+      const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
+      const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
       if (unpacked) {
         for (int i = 0; i < rows; i++) unpack_whole_row(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
       }
       for (int64_t r = 0; r < a.m; r++) {
         if (unpacked) {
           if (vnni && rows == 4) {
-            q8_unpacked_vnni<4>(xs[r], bytes.data(), a.k, a.group, sc.data(), bi.data(), out);
+            q8_unpacked_vnni<4>(xs[r], bytes.data(), a.k, a.group, sc, bi, out);
           } else {
             for (int i = 0; i < rows; i++)
-              out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc.data() + i * groups,
-                                          bi.data() + i * groups);
+              out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc + i * groups,
+                                          bi + i * groups);
           }
         } else {
-          out[0] = q8_dot_scalar(a, xs[r], j, sc.data(), bi.data());
+          out[0] = q8_dot_scalar(a, xs[r], j, sc, bi);
         }
         for (int i = 0; i < rows; i++) a.y[r * a.n + j + i] = out[i];
       }
@@ -1700,7 +1689,7 @@ static std::optional<RowsView> rows_view(const mx::array& a) {
 // strided views (the halves of a fused gate/up projection), with the vector
 // exp above: mlx-lm's compiled `swiglu`. (A tanh GELU computed this way,
 // as g * sigmoid(2u), moved a sensitive golden model past its tolerance:
-// GELUs stay with MLX.)
+// with float32 activations GELUs stay with MLX.)
 LMSPEC_AVX512 static void swiglu_row_avx512(const float* g, const float* u, float* y, int64_t n) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < n; i += 16) {

@@ -352,11 +352,9 @@ impl Model {
         // A group size MLX lacks (GGUF's sub-blocks of 16) stays quantized
         // only where lmspec's CPU kernels run it: matrices, on the CPU.
         let kernels = crate::cpu_kernels::enabled();
-        let runs = |p: &crate::ops::Param| {
-            p.mlx_takes()
-                || (kernels && matches!(p, crate::ops::Param::Quantized { w, .. } if w.ndim() == 2))
-        };
-        weights::dequantize_where(&mut params, |_, p| !runs(p))?;
+        weights::dequantize_where(&mut params, |_, p| {
+            !(p.mlx_takes() || (kernels && weights::kernels_run(p)))
+        })?;
         let dense = opts.weights.dequantizes(&params);
         if dense {
             weights::dequantize_all(&mut params)?;

@@ -805,15 +805,20 @@ pub fn has_quantized(params: &[Vec<Param>]) -> bool {
         .any(|p| matches!(p, Param::Quantized { .. }))
 }
 
-/// Whether lmspec's CPU kernels run every quantized weight among `params`
-/// (2-D matrices of an MLX affine width; not stacks of experts).
+/// Whether lmspec's CPU kernels run every quantized weight among `params`.
 pub fn kernels_cover(params: &[Vec<Param>]) -> bool {
-    params.iter().flatten().all(|p| match p {
+    params.iter().flatten().all(kernels_run)
+}
+
+/// Whether lmspec's CPU kernels run this weight: dense, or a 2-D matrix of
+/// an affine width they take (not a stack of experts).
+pub fn kernels_run(p: &Param) -> bool {
+    match p {
         Param::Quantized { w, bits, .. } => {
             w.ndim() == 2 && crate::cpu_kernels::supports_bits(*bits)
         }
         Param::Dense(_) => true,
-    })
+    }
 }
 
 /// Bytes the quantized weights would take as float32.
