@@ -953,6 +953,21 @@ enum PortCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Record every node of a golden case's prefill and cached decode steps
+    /// (`--out`), or compare such a recording with this run (`--against`):
+    /// per step, the first node whose values part (e.g. a GPU run against a
+    /// CPU one: `LMSPEC_DEVICE=cpu` for the latter).
+    Trace {
+        /// Golden case folder (meta.json, golden.safetensors).
+        #[arg(long)]
+        golden: PathBuf,
+        /// Write the recording here (safetensors, float32).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compare this run with a recording written before.
+        #[arg(long)]
+        against: Option<PathBuf>,
+    },
     /// Table of mlx-lm model types: claimed by a spec? golden passing?
     Coverage {
         /// Write Markdown here (e.g. docs/coverage.md) instead of stdout.
@@ -1043,6 +1058,7 @@ fn library(cli_specs: &Option<PathBuf>) -> Result<SpecLibrary> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    runtime::use_device_from_env().map_err(|e| anyhow!(e))?;
     // `--world-size N` outside a run: start the N ranks, each running this
     // command line without the flag.
     let rank = std::env::var_os(lmspec::engine::distributed::RANK_ENV).is_some();
@@ -1299,6 +1315,32 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        PortCommand::Trace {
+            golden,
+            out,
+            against,
+        } => {
+            if out.is_none() && against.is_none() {
+                bail!("port trace: give --out, --against or both");
+            }
+            float32_matmuls_on_gpu();
+            let opts = load_options(specs, WeightPlan::AsStored)?;
+            let tolerance = lmspec::port::golden::Golden::load(&golden)?.tolerance();
+            let ours = lmspec::port::trace::record(&golden, &opts)?;
+            if let Some(path) = out {
+                lmspec::port::trace::save(&ours, &path)?;
+                println!("{} values written to {}", ours.len(), path.display());
+            }
+            if let Some(path) = against {
+                let theirs = lmspec::port::trace::load(&path)?;
+                let steps = lmspec::port::trace::compare_runs(&ours, &theirs, tolerance)?;
+                print!("{}", lmspec::port::trace::table(&steps, tolerance));
+                if steps.iter().any(|s| s.first.is_some()) {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         PortCommand::Coverage { out, mlx_lm } => {
             let mlx_lm = match mlx_lm {
                 Some(p) => p,
@@ -1385,13 +1427,17 @@ fn logits(
     Ok(ExitCode::SUCCESS)
 }
 
-fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
-    // The references are float32 runs; on a GPU, MLX runs float32 matmuls
-    // in TF32 (10-bit mantissa) unless told not to, before its first one.
+/// Golden references are float32 runs; on a GPU, MLX runs float32 matmuls
+/// in TF32 (10-bit mantissa) unless told not to before its first one.
+fn float32_matmuls_on_gpu() {
     if runtime::default_device() == "gpu" && std::env::var_os("MLX_ENABLE_TF32").is_none() {
         std::env::set_var("MLX_ENABLE_TF32", "0");
         println!("(on the GPU: float32 matmuls in float32, MLX_ENABLE_TF32=0)");
     }
+}
+
+fn golden(specs: &Option<PathBuf>, cases: Vec<PathBuf>) -> Result<ExitCode> {
+    float32_matmuls_on_gpu();
     let opts = load_options(specs, WeightPlan::AsStored)?;
     if let Some(g) = &opts.parallel {
         println!("(tensor parallel: {} ranks)", g.size());

@@ -366,3 +366,67 @@ fn a_cached_prompt_continues_and_a_draft_changes_nothing() {
         "{err}"
     );
 }
+
+/// `port trace` records a golden case's prefill and decode steps node by
+/// node, and a second run compared with the recording agrees at every step
+/// (same device, same build: bit for bit).
+#[test]
+fn port_trace_records_and_compares_each_step() {
+    let _guard = mlx_lock();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = dir.path().join("trace.safetensors");
+    let case = goldens().join("llama");
+    let g = Golden::load(&case).expect("golden");
+    let (case, rec) = (case.to_str().unwrap(), rec.to_str().unwrap());
+    let written = stdout(&["port", "trace", "--golden", case, "--out", rec]);
+    assert!(written.contains("values written"), "{written}");
+    let table = stdout(&["port", "trace", "--golden", case, "--against", rec]);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(
+        rows.len(),
+        1 + g.tokens.len() - g.prefill_split(),
+        "{table}"
+    );
+    for (k, row) in rows.iter().enumerate() {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[0], k.to_string(), "{table}");
+        assert!(cols[1].parse::<usize>().unwrap() > 10, "{table}");
+        assert_eq!(cols[2], "0.00e0", "{table}");
+        assert_eq!(cols[3], "none", "{table}");
+    }
+    let out = lmspec(&["port", "trace", "--golden", case]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--out, --against"), "{err}");
+    let out = lmspec(&["port", "trace", "--golden", case, "--out", "trace.bin"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trace.bin: a trace is written as safetensors"),
+        "{err}"
+    );
+}
+
+/// `LMSPEC_DEVICE` picks MLX's default device; another value is refused.
+#[test]
+fn device_variable_is_checked() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .arg("doctor")
+            .env("LMSPEC_DEVICE", value)
+            .current_dir(root())
+            .output()
+            .expect("lmspec runs")
+    };
+    let out = run("cpu");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default device: cpu"), "{text}");
+    let out = run("tpu");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("LMSPEC_DEVICE=tpu: expected cpu or gpu"),
+        "{err}"
+    );
+}

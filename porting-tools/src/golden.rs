@@ -115,7 +115,9 @@ impl Golden {
         }
     }
 
-    fn prefill_split(&self) -> usize {
+    /// Where the prefill-then-decode run splits the tokens: the prompt's
+    /// first part in one call, then one token at a time.
+    pub fn prefill_split(&self) -> usize {
         self.meta
             .get("prefill_split")
             .and_then(|v| v.as_u64())

@@ -63,6 +63,31 @@ pub fn default_device() -> &'static str {
     }
 }
 
+/// The variable that names MLX's default device for a run (`cpu` or
+/// `gpu`), e.g. to run on the CPU of a machine with a GPU.
+pub const DEVICE_ENV: &str = "LMSPEC_DEVICE";
+
+/// Makes `$LMSPEC_DEVICE` MLX's default device when it is set; an error
+/// names the variable and the values it takes.
+pub fn use_device_from_env() -> Result<(), String> {
+    let Some(value) = std::env::var_os(DEVICE_ENV) else {
+        return Ok(());
+    };
+    let device = match value.to_str() {
+        Some("cpu") => mlx_rs::Device::cpu(),
+        Some("gpu") if gpu_count() > 0 => mlx_rs::Device::gpu(),
+        Some("gpu") => return Err(format!("{DEVICE_ENV}=gpu: this MLX sees no GPU")),
+        _ => {
+            return Err(format!(
+                "{DEVICE_ENV}={}: expected cpu or gpu",
+                value.to_string_lossy()
+            ))
+        }
+    };
+    mlx_rs::Device::set_default(&device);
+    Ok(())
+}
+
 /// The shared library that provides `cblas_sgemm` to MLX (first definition
 /// in the process's global symbol scope), or `None` if none is loaded.
 pub fn blas_library() -> Option<String> {
