@@ -52,6 +52,26 @@ struct SsmOp {
     dt_max: f32,
 }
 
+/// Running sums along axis -2 (the positions of `[.., s, k]`). On a GPU
+/// they are a product with a lower-triangular matrix of ones: the CUDA
+/// `cumsum` of MLX 0.32.2 writes out of bounds on these shapes, which
+/// corrupted other arrays of the step (every state-space model's cached
+/// decode went wrong; docs/gpu.md). The CPU keeps MLX's `cumsum`, whose
+/// sums are mlx-lm's.
+fn running_sum(x: &Array) -> Result<Array, Exception> {
+    if crate::runtime::default_device() != "gpu" {
+        return x.cumsum(-2, None, None);
+    }
+    triangular_sum(x)
+}
+
+/// Running sums along axis -2 as `tril(ones) @ x`.
+fn triangular_sum(x: &Array) -> Result<Array, Exception> {
+    let s = x.shape()[x.ndim() - 2];
+    let ones = mlx_rs::ops::ones_dtype(&[s, s], x.dtype())?;
+    mlx_rs::ops::matmul(mlx_rs::ops::tril(&ones, 0)?, x)
+}
+
 /// `x[:, a..b]` on the position axis.
 fn positions(x: &Array, a: i32, b: i32) -> Result<Array, Exception> {
     x.try_index(&[(..).index_op(), (a..b).index_op()][..])
@@ -90,7 +110,7 @@ impl SsmOp {
         // seg[i, j] = dtA[j+1] + ... + dtA[i] for i > j.
         let z = dta.swap_axes(1, 2)?.expand_dims(-1)?;
         let z = mlx_rs::ops::broadcast_to(&z, &[b, self.heads, s, s])?;
-        let seg = mlx_rs::ops::tril(&z, -1)?.cumsum(-2, None, None)?;
+        let seg = running_sum(&mlx_rs::ops::tril(&z, -1)?)?;
         let decay = mlx_rs::ops::exp(&seg)?;
         let m = mlx_rs::ops::tril(mlx_rs::ops::multiply(&cb, &decay)?, 0)?;
         let mut y = mlx_rs::ops::matmul(&m, dtx.swap_axes(1, 2)?)?.swap_axes(1, 2)?;
@@ -104,7 +124,7 @@ impl SsmOp {
             .swap_axes(2, 3)?;
         let mut new = mlx_rs::ops::matmul(&weighted, &bh)?;
         if let Some(prev) = state {
-            let ecs = mlx_rs::ops::exp(dta.cumsum(-2, None, None)?)?;
+            let ecs = mlx_rs::ops::exp(running_sum(dta)?)?;
             let end = ecs
                 .try_index(&[(..).index_op(), (s - 1..s).index_op()][..])?
                 .reshape(&[b, self.heads, 1, 1])?;
@@ -165,5 +185,37 @@ impl Op for SsmOp {
         let y = mlx_rs::ops::concatenate(&ys, 1)?;
         let skip = mlx_rs::ops::multiply(&xh, self.d.reshape(&[h, 1])?)?;
         mlx_rs::ops::add(&y, &skip)?.reshape(&[b, t, h * p])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's running sums (a triangular product) equal `cumsum` on the
+    /// shapes the scan takes: `[B, H, s, s]` and `[B, s, H]`, one position
+    /// (a decode step) too.
+    #[test]
+    fn triangular_sums_equal_cumsum() {
+        let shapes: [&[i32]; 5] = [
+            &[1, 4, 8, 8],
+            &[2, 3, 1, 1],
+            &[1, 8, 11, 11],
+            &[1, 8, 4],
+            &[1, 1, 4],
+        ];
+        for shape in shapes {
+            let x = mlx_rs::random::normal::<f32>(shape, None, None, None).unwrap();
+            let got = triangular_sum(&x).unwrap();
+            let want = x.cumsum(-2, None, None).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            let diff = mlx_rs::ops::subtract(&got, &want).unwrap();
+            let err: f32 = mlx_rs::ops::abs(&diff)
+                .unwrap()
+                .max(None)
+                .unwrap()
+                .item_exact::<f32>();
+            assert!(err < 1e-5, "{shape:?}: {err}");
+        }
     }
 }
