@@ -22,6 +22,10 @@ impl Build for Linear {
             Param::Dense(w) => Param::Dense(w.t()),
             q => q,
         };
+        let batched = match &weight {
+            Param::Dense(wt) => Some(wt.expand_dims(0).map_err(mlx_err("weight"))?),
+            Param::Quantized { .. } => None,
+        };
         let activations = crate::cpu_kernels::build_activations();
         let reduce = crate::distributed::build_group().filter(|_| self.shard == Shard::In);
         let tied = match &weight {
@@ -38,6 +42,7 @@ impl Build for Linear {
         };
         Ok(Box::new(LinearOp {
             weight,
+            batched,
             bias,
             activations,
             tied,
@@ -50,6 +55,11 @@ impl Build for Linear {
 struct LinearOp {
     /// Dense weights are kept transposed, `[in, out]`.
     weight: Param,
+    /// A dense weight as `[1, in, out]`: one sequence's `[1, T, in]` times
+    /// it is one `Matmul` primitive; times the 2-D weight, MLX's `matmul`
+    /// records a `Flatten` and an `Unflatten` around it as well (two of
+    /// every three primitives a dense linear layer records per step).
+    batched: Option<Array>,
     bias: Option<Array>,
     /// How a quantized product on the CPU treats the activations.
     activations: Activations,
@@ -64,11 +74,12 @@ struct LinearOp {
 
 /// Applies a loaded linear layer; shared with ops that project through one.
 pub(crate) fn apply(weight: &Param, bias: Option<&Array>, x: &Array) -> Result<Array, Exception> {
-    apply_with(weight, bias, x, Activations::Float, None)
+    apply_with(weight, None, bias, x, Activations::Float, None)
 }
 
 fn apply_with(
     weight: &Param,
+    batched: Option<&Array>,
     bias: Option<&Array>,
     x: &Array,
     activations: Activations,
@@ -82,9 +93,12 @@ fn apply_with(
                     None => Ok(y),
                 };
             }
-            match bias {
-                Some(b) => mlx_rs::ops::addmm(b, x, wt, 1.0, 1.0),
-                None => mlx_rs::ops::matmul(x, wt),
+            match (bias, batched) {
+                (Some(b), _) => mlx_rs::ops::addmm(b, x, wt, 1.0, 1.0),
+                (None, Some(w3)) if x.ndim() == 3 && x.shape()[0] == 1 => {
+                    mlx_rs::ops::matmul(x, w3)
+                }
+                (None, _) => mlx_rs::ops::matmul(x, wt),
             }
         }
         Param::Quantized {
@@ -216,6 +230,7 @@ impl Op for LinearOp {
         let Some(group) = &self.reduce else {
             return apply_with(
                 &self.weight,
+                self.batched.as_ref(),
                 self.bias.as_ref(),
                 inputs[0],
                 self.activations,
@@ -224,6 +239,7 @@ impl Op for LinearOp {
         };
         let partial = group.all_sum(&apply_with(
             &self.weight,
+            self.batched.as_ref(),
             None,
             inputs[0],
             self.activations,
