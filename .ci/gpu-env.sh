@@ -35,5 +35,5 @@ mlx_python() {
     cp -r "$lib/mlx_cuda_13.libs" "$py/"
     cp -r "$lib/mlx/include" "$py/mlx/"
   fi
-  export PYTHONPATH="$py" LMSPEC_PYTHON=python3
+  export PYTHONPATH="$py" LMSPEC_PYTHON="$(command -v python3)"
 }

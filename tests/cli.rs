@@ -430,3 +430,28 @@ fn device_variable_is_checked() {
         "{err}"
     );
 }
+
+/// `lmspec bench` with a prompt and continuation longer than the model's
+/// context says so before it runs.
+#[test]
+fn bench_refuses_more_positions_than_the_context() {
+    let _guard = mlx_lock();
+    let model = goldens().join("llama/model");
+    let out = lmspec(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "512",
+        "--gen-tokens",
+        "8",
+        "--repeat",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("need 520 positions; the model's context has 512"),
+        "{err}"
+    );
+}

@@ -224,6 +224,18 @@ impl Ours {
             Some(lmspec_spec::expr::Value::Int(v)) if *v > 1 => *v as usize,
             _ => bail!("the model's config has no vocab_size"),
         };
+        if let Some(context) = model.context_length() {
+            let wanted = (a.prompt_tokens + a.gen_tokens) as u64;
+            if wanted > context {
+                bail!(
+                    "{}: --prompt-tokens {} plus --gen-tokens {} need {wanted} positions; \
+                     the model's context has {context}",
+                    a.model.display(),
+                    a.prompt_tokens,
+                    a.gen_tokens
+                );
+            }
+        }
         let prompt = prompt_tokens(a.prompt_tokens, vocab);
         let graph = decode_graph(&model, &prompt)?;
         let header = Header {
