@@ -53,11 +53,11 @@ struct SsmOp {
 }
 
 /// Running sums along axis -2 (the positions of `[.., s, k]`). On a GPU
-/// they are a product with a lower-triangular matrix of ones: the CUDA
-/// `cumsum` of MLX 0.32.2 writes out of bounds on these shapes, which
-/// corrupted other arrays of the step (every state-space model's cached
-/// decode went wrong; docs/gpu.md). The CPU keeps MLX's `cumsum`, whose
-/// sums are mlx-lm's.
+/// they are a product with a lower-triangular matrix of ones: with MLX
+/// 0.32.2's CUDA `cumsum` here, a kernel of the step wrote out of bounds
+/// and corrupted other arrays (every state-space model's cached decode
+/// went wrong; without the `cumsum` it is right; docs/gpu.md). The CPU
+/// keeps MLX's `cumsum`, whose sums are mlx-lm's.
 fn running_sum(x: &Array) -> Result<Array, Exception> {
     if crate::runtime::default_device() != "gpu" {
         return x.cumsum(-2, None, None);
