@@ -127,10 +127,10 @@ macro_rules! batch_cases {
 }
 
 // Dense, sliding windows, learned positions, convolution and recurrent
-// state, MoE and latent attention; the recurrences and MoE options of
-// issue #23 (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity
-// experts, sparsemixer, clamped SwiGLU); the cross-layer dataflow of
-// issue #23 (looped stacks, carried values, KV-shared layers); M-RoPE
+// state, MoE and latent attention; the recurrences and MoE options
+// (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity experts,
+// sparsemixer, clamped SwiGLU); the cross-layer dataflow (looped stacks,
+// carried values, KV-shared layers); M-RoPE
 // (qwen2_vl: per-row positions on every axis).
 batch_cases!(
     llama,

@@ -1,4 +1,4 @@
-//! The recurrences added for issue #23 against f64 references, each fed
+//! The recurrences against f64 references, each fed
 //! whole and in pieces through its cache slot: `selective_scan`
 //! (Mamba-1), `gated_delta`'s Kimi Delta Attention options, `lightning`,
 //! `rg_lru` (Griffin).
