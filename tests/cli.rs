@@ -405,6 +405,34 @@ fn port_trace_records_and_compares_each_step() {
         err.contains("trace.bin: a trace is written as safetensors"),
         "{err}"
     );
+    // An encoder's golden has no decode steps to trace.
+    let enc = dir.path().join("encoder");
+    std::fs::create_dir(&enc).expect("mkdir");
+    let src = goldens().join("llama");
+    std::fs::copy(
+        src.join("golden.safetensors"),
+        enc.join("golden.safetensors"),
+    )
+    .expect("copy");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("meta.json")).expect("meta")).expect("json");
+    meta["encoder"] = serde_json::Value::Bool(true);
+    meta["model_dir"] = serde_json::Value::String(src.join("model").display().to_string());
+    std::fs::write(enc.join("meta.json"), meta.to_string()).expect("write");
+    let out = lmspec(&[
+        "port",
+        "trace",
+        "--golden",
+        enc.to_str().unwrap(),
+        "--out",
+        rec,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("an encoder's golden has no cached path"),
+        "{err}"
+    );
 }
 
 /// `LMSPEC_DEVICE` picks MLX's default device; another value is refused.

@@ -169,7 +169,7 @@ pub fn greedy(model: &Model, prompt: &[i32], n: usize) -> Result<Vec<i32>> {
 
 /// Whether `meta.json` marks an encoder's case (`"encoder": true`): the
 /// output of one whole forward, no cached path, no continuation.
-fn is_encoder(meta: &serde_json::Value) -> bool {
+pub(crate) fn is_encoder(meta: &serde_json::Value) -> bool {
     meta.get("encoder").and_then(|e| e.as_bool()) == Some(true)
 }
 

@@ -18,6 +18,12 @@ use crate::tolerance::{compare, Stats, Tolerance};
 /// (`step{k}.`), and each step's output (`step{k}.logits`), in run order.
 pub fn record(golden_dir: &Path, opts: &LoadOptions) -> Result<IndexMap<String, Array>> {
     let g = Golden::load(golden_dir)?;
+    if crate::golden::is_encoder(&g.meta) {
+        return Err(anyhow!(
+            "{}: an encoder's golden has no cached path to trace",
+            golden_dir.display()
+        ));
+    }
     let model = Model::load(&g.model_dir(), opts)?;
     let taps = model.tap_names();
     let split = g.prefill_split();
