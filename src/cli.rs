@@ -1325,8 +1325,9 @@ fn port(specs: &Option<PathBuf>, cmd: PortCommand) -> Result<ExitCode> {
             }
             float32_matmuls_on_gpu();
             let opts = load_options(specs, WeightPlan::AsStored)?;
-            let tolerance = lmspec::port::golden::Golden::load(&golden)?.tolerance();
-            let ours = lmspec::port::trace::record(&golden, &opts)?;
+            let case = lmspec::port::golden::Golden::load(&golden)?;
+            let tolerance = case.tolerance();
+            let ours = lmspec::port::trace::record(&case, &opts)?;
             if let Some(path) = out {
                 lmspec::port::trace::save(&ours, &path)?;
                 println!("{} values written to {}", ours.len(), path.display());

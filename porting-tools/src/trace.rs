@@ -16,12 +16,11 @@ use crate::tolerance::{compare, Stats, Tolerance};
 
 /// Every tap of the prefill (`step0.`) and of each decode step
 /// (`step{k}.`), and each step's output (`step{k}.logits`), in run order.
-pub fn record(golden_dir: &Path, opts: &LoadOptions) -> Result<IndexMap<String, Array>> {
-    let g = Golden::load(golden_dir)?;
+pub fn record(g: &Golden, opts: &LoadOptions) -> Result<IndexMap<String, Array>> {
     if crate::golden::is_encoder(&g.meta) {
         return Err(anyhow!(
             "{}: an encoder's golden has no cached path to trace",
-            golden_dir.display()
+            g.dir.display()
         ));
     }
     let model = Model::load(&g.model_dir(), opts)?;
