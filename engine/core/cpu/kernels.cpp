@@ -1049,6 +1049,7 @@ inline constexpr LaneGroups<G> lane_groups{};
 template <int Bits, int G, int M>
 LMSPEC_VBMI_VNNI static void qx_row_vbmi(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
+  static_assert(M >= 1 && M <= 4);
   constexpr int groups_per_step = G < 64 ? 64 / G : 1;
   const __m512i vidx = _mm512_load_si512(vbmi_controls[Bits].idx);
   const __m512i vctrl = _mm512_load_si512(vbmi_controls[Bits].ctrl);
@@ -1057,17 +1058,27 @@ LMSPEC_VBMI_VNNI static void qx_row_vbmi(
   const __mmask64 load_mask = (__mmask64(1) << (Bits * 8)) - 1;
   const __mmask16 scale_mask = __mmask16((1u << groups_per_step) - 1);
   const uint8_t* row = a.w + j * (a.k * Bits / 8);
-  __m512 acc[M];
-  for (int i = 0; i < M; i++) acc[i] = _mm512_setzero_ps();
+  // The running totals as named values, not an array: gcc keeps an array
+  // of vectors in memory and stores it back on every step.
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const int8_t* xq[M];
+  const float* xd[M];
+  for (int i = 0; i < M; i++) xq[i] = x[i].q.data(), xd[i] = x[i].dquad.data();
   for (int64_t c = 0; c < a.k / 64; c++) {
     const __m512i bytes = _mm512_maskz_loadu_epi8(load_mask, row + c * 8 * Bits);
     const __m512i vals = _mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, _mm512_permutexvar_epi8(vidx, bytes)), mask);
     const __m512 s = _mm512_permutexvar_ps(vgroup, _mm512_maskz_loadu_ps(scale_mask, sc + c * 64 / G));
-    for (int i = 0; i < M; i++) {
-      const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(x[i].q.data() + c * 64));
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(s, _mm512_loadu_ps(x[i].dquad.data() + c * 16)), acc[i]);
-    }
+#define LMSPEC_QX_STEP(i, acc)                                                                               \
+  acc = _mm512_fmadd_ps(                                                                                     \
+      _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(xq[i] + c * 64))), \
+      _mm512_mul_ps(s, _mm512_loadu_ps(xd[i] + c * 16)), acc)
+    LMSPEC_QX_STEP(0, acc0);
+    if constexpr (M > 1) LMSPEC_QX_STEP(1, acc1);
+    if constexpr (M > 2) LMSPEC_QX_STEP(2, acc2);
+    if constexpr (M > 3) LMSPEC_QX_STEP(3, acc3);
+#undef LMSPEC_QX_STEP
   }
+  const __m512 acc[4] = {acc0, acc1, acc2, acc3};
   for (int i = 0; i < M; i++) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
     out[i] = hsum256(add_bias_terms(a, x[i], bi, _mm256_add_ps(_mm512_castps512_ps256(acc[i]), hi)));
@@ -1173,9 +1184,24 @@ static bool has_vnni() {
 // row of w: 56 -> 72 GMAC/s on gemma-3-270m's 5-bit projections).
 static constexpr int64_t kXBlock = 16;
 
+// Whether the biases are the scales times a power of two: their terms
+// are then the scales times sums of x scaled once by that power, exactly
+// the same products, and the biases need not be formed row by row.
+static bool biases_fold(const QuantArgs& a) {
+  if (a.biases.times == 0.0f || a.biases.p != a.scales.p || a.biases.t != a.scales.t) return false;
+  int e = 0;
+  return std::fabs(std::frexp(a.biases.times, &e)) == 0.5f;
+}
+
 static void qmm_q8(const QuantArgs& a) {
   const bool k_blocks = a.scales.t == mx::float32 && a.k % 256 == 0;
   std::vector<Q8Row> xs = quantize_rows(a, k_blocks);
+  const bool fold = biases_fold(a);
+  if (fold) {
+    for (Q8Row& r : xs) {
+      for (float& g : r.gsum) g *= a.biases.times;
+    }
+  }
   const Level l = level();
   const bool vnni = l == AVX512 && has_vnni();
   const bool avx2 = l >= AVX2 && a.bits == 4;
@@ -1195,7 +1221,7 @@ static void qmm_q8(const QuantArgs& a) {
         for (int64_t j = n0; j < n1; j += 4) {
           const int rows = int(std::min<int64_t>(4, n1 - j));
           const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-          const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
+          const float* bi = fold ? sc : scales_at(a.biases, j * groups, rows * groups, bbuf.data());
           for (int i = 0; i < rows; i++) {
             const float *s = sc + i * groups, *b = bi + i * groups;
             int64_t r = r0;
@@ -1218,7 +1244,7 @@ static void qmm_q8(const QuantArgs& a) {
     for (; j < n1;) {
       const int rows = (j + 4 <= n1 && unpacked && vnni) ? 4 : 1;
       const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-      const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
+      const float* bi = fold ? sc : scales_at(a.biases, j * groups, rows * groups, bbuf.data());
       if (unpacked) {
         for (int i = 0; i < rows; i++) unpack_whole_row(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
       }
