@@ -1820,39 +1820,109 @@ class Glu : public mx::UnaryPrimitive {
 // Query rows an attention work item takes at once (grouped heads).
 static constexpr int64_t kAttnRows = 8;
 
-// p[r * ldp + j] = q_r . k_j for rows r < nq of q ([nq, D], D a multiple
+// p[r * ldp + j] = q_r . k_j for the NQ rows r of q ([NQ, D], D a multiple
 // of 16) and keys j < n (row stride ks): each key row is read once for all
-// query rows, each row's sum in `dot_avx512`'s order.
-LMSPEC_AVX512 static void scores_avx512(
-    const float* q, int nq, int64_t D, const float* k, int64_t ks, int64_t n, float* p, int64_t ldp) {
+// query rows, each row's sum in `dot_avx512`'s order. (The row count is a
+// constant so that the running sums stay in registers.)
+template <int NQ>
+LMSPEC_AVX512 static void scores_rows_avx512(
+    const float* q, int64_t D, const float* k, int64_t ks, int64_t n, float* p, int64_t ldp) {
   for (int64_t j = 0; j < n; j++) {
     const float* kr = k + j * ks;
-    __m512 acc[kAttnRows];
-    for (int r = 0; r < nq; r++) acc[r] = _mm512_setzero_ps();
+    __m512 acc[NQ];
+#pragma GCC unroll 8
+    for (int r = 0; r < NQ; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; i += 16) {
       const __m512 kv = _mm512_loadu_ps(kr + i);
-      for (int r = 0; r < nq; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + i), kv, acc[r]);
+#pragma GCC unroll 8
+      for (int r = 0; r < NQ; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + i), kv, acc[r]);
     }
-    for (int r = 0; r < nq; r++) p[r * ldp + j] = _mm512_reduce_add_ps(acc[r]);
+#pragma GCC unroll 8
+    for (int r = 0; r < NQ; r++) p[r * ldp + j] = _mm512_reduce_add_ps(acc[r]);
   }
 }
 
-// out = sum_j (p[j] / sum) v_j over value rows j < n (row stride vs; Dv a
-// multiple of 16), the running sums in registers, 16 vectors at a time;
-// each element's sum in `axpy_avx512`'s order.
-LMSPEC_AVX512 static void weighted_rows_avx512(
-    const float* p, float sum, int64_t n, const float* v, int64_t vs, int64_t Dv, float* out) {
-  for (int64_t i0 = 0; i0 < Dv; i0 += 256) {
-    const int tiles = int(std::min<int64_t>(16, (Dv - i0) / 16));
-    __m512 acc[16];
-    for (int t = 0; t < tiles; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-      const __m512 pj = _mm512_set1_ps(p[j] / sum);
-      const float* vr = v + j * vs + i0;
-      for (int t = 0; t < tiles; t++) acc[t] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * t), acc[t]);
-    }
-    for (int t = 0; t < tiles; t++) _mm512_storeu_ps(out + i0 + 16 * t, acc[t]);
+// `scores_rows_avx512` for nq <= kAttnRows rows.
+static void scores_avx512(
+    const float* q, int nq, int64_t D, const float* k, int64_t ks, int64_t n, float* p, int64_t ldp) {
+  using Kernel = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+  static constexpr Kernel by_rows[kAttnRows] = {scores_rows_avx512<1>, scores_rows_avx512<2>, scores_rows_avx512<3>,
+                                                scores_rows_avx512<4>, scores_rows_avx512<5>, scores_rows_avx512<6>,
+                                                scores_rows_avx512<7>, scores_rows_avx512<8>};
+  by_rows[nq - 1](q, D, k, ks, n, p, ldp);
+}
+
+// out[c0 + c] = sum_j (p[j] / sum) v_j[c0 + c] for the NT * 16 columns from
+// c0 over value rows j < n (row stride vs), the running sums in registers.
+template <int NT>
+LMSPEC_AVX512 static void weighted_tiles_avx512(
+    const float* p, float sum, int64_t n, const float* v, int64_t vs, int64_t c0, float* out) {
+  __m512 acc[NT];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j++) {
+    const __m512 pj = _mm512_set1_ps(p[j] / sum);
+    const float* vr = v + j * vs + c0;
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * t), acc[t]);
   }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; t++) _mm512_storeu_ps(out + c0 + 16 * t, acc[t]);
+}
+
+// out = sum_j (p[j] / sum) v_j over value rows j < n (row stride vs; Dv a
+// multiple of 16), 256 columns at a time; each element's sum in
+// `axpy_avx512`'s order.
+static void weighted_rows_avx512(
+    const float* p, float sum, int64_t n, const float* v, int64_t vs, int64_t Dv, float* out) {
+  int64_t c = 0;
+  for (; c + 256 <= Dv; c += 256) weighted_tiles_avx512<16>(p, sum, n, v, vs, c, out);
+  for (; c + 64 <= Dv; c += 64) weighted_tiles_avx512<4>(p, sum, n, v, vs, c, out);
+  for (; c < Dv; c += 16) weighted_tiles_avx512<1>(p, sum, n, v, vs, c, out);
+}
+
+// out_h[c] = sum_j w_h[j] v_j[c] for NH weight rows w_h (row stride ldw)
+// over value rows j < n (row stride vs), for the NT * 16 columns from c0:
+// each value row's columns are read once for all the rows, each element's
+// sum in `weighted_rows_avx512`'s order.
+template <int NH, int NT>
+LMSPEC_AVX512 static void weighted_heads_avx512(
+    const float* w, int64_t ldw, int64_t n, const float* v, int64_t vs, int64_t c0, float* const* out) {
+  __m512 acc[NH][NT];
+#pragma GCC unroll 16
+  for (int h = 0; h < NH; h++) {
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) acc[h][t] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < n; j++) {
+    const float* vr = v + j * vs + c0;
+#pragma GCC unroll 16
+    for (int h = 0; h < NH; h++) {
+      const __m512 pj = _mm512_set1_ps(w[h * ldw + j]);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; t++) acc[h][t] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * t), acc[h][t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int h = 0; h < NH; h++) {
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; t++) _mm512_storeu_ps(out[h] + c0 + 16 * t, acc[h][t]);
+  }
+}
+
+// The columns c0 <= c < c1 (a multiple of 16 apart) of nh <= 4 rows of
+// `weighted_heads_avx512`, 64 at a time.
+static void weighted_heads(
+    const float* w, int64_t ldw, int nh, int64_t n, const float* v, int64_t vs, int64_t c0, int64_t c1,
+    float* const* out) {
+  using Kernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float* const*);
+  static constexpr Kernel four[4] = {weighted_heads_avx512<1, 4>, weighted_heads_avx512<2, 4>,
+                                     weighted_heads_avx512<3, 4>, weighted_heads_avx512<4, 4>};
+  static constexpr Kernel one[4] = {weighted_heads_avx512<1, 1>, weighted_heads_avx512<2, 1>,
+                                    weighted_heads_avx512<3, 1>, weighted_heads_avx512<4, 1>};
+  int64_t c = c0;
+  for (; c + 64 <= c1; c += 64) four[nh - 1](w, ldw, n, v, vs, c, out);
+  for (; c < c1; c += 16) one[nh - 1](w, ldw, n, v, vs, c, out);
 }
 
 // softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
@@ -1888,7 +1958,11 @@ class Attention : public mx::UnaryPrimitive {
       // so a prompt and its decode steps agree bit for bit.
       const bool wide = level() == AVX512;
       const bool tiled = wide && sk[3] == 1 && sv[3] == 1 && D % 16 == 0 && Dv % 16 == 0 && rep <= kAttnRows;
-      const int64_t per = (tiled && B * Hkv * Tq >= 2 * pool().size()) ? rep : 1;
+      if (tiled && B * Hkv * Tq < 2 * pool().size() && pool().size() > 1) {
+        split_keys(qs, sq, ks, sk, vs, sv, o, B, Hq, Hkv, Tq, Tk, D, Dv, scale, causal);
+        return;
+      }
+      const int64_t per = tiled ? rep : 1;
       const int64_t parts = rep / per;
       int64_t work = B * Hkv * parts * Tq;
       parallel_range(work, std::max<int64_t>(1, 4096 / std::max<int64_t>(Tk * D * per, 1)), [&](int64_t w0, int64_t w1) {
@@ -1955,6 +2029,64 @@ class Attention : public mx::UnaryPrimitive {
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("lmspec attention runs on the CPU only");
+  }
+
+  // Few (head, position) items, as in a decode step with few key/value
+  // heads: the threads share each item's keys (scores of all its query
+  // heads at once) and then its value columns, so that every key and value
+  // row is read once, not once per query head. Every sum runs in the order
+  // of the per-item path above (a prompt and its decode steps still agree
+  // bit for bit).
+  static void split_keys(const float* qs, const mx::Strides& sq, const float* ks, const mx::Strides& sk,
+                         const float* vs, const mx::Strides& sv, float* o, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t Tq, int64_t Tk, int64_t D, int64_t Dv, float scale, bool causal) {
+    const int64_t rep = Hq / Hkv, items = B * Hkv * Tq, shift = Tk - Tq;
+    std::vector<float> q(items * rep * D), p(items * rep * Tk);
+    std::vector<int64_t> last(items);
+    auto base = [&](int64_t it, const float* x, const mx::Strides& st) {
+      return x + (it / (Hkv * Tq)) * st[0] + ((it / Tq) % Hkv) * st[1];
+    };
+    for (int64_t it = 0; it < items; it++) {
+      const int64_t b = it / (Hkv * Tq), hk = (it / Tq) % Hkv, t = it % Tq;
+      last[it] = causal ? std::min(Tk, t + shift + 1) : Tk;
+      for (int64_t r = 0; r < rep; r++) {
+        const float* qr = qs + b * sq[0] + (hk * rep + r) * sq[1] + t * sq[2];
+        for (int64_t i = 0; i < D; i++) q[(it * rep + r) * D + i] = scale * qr[i * sq[3]];
+      }
+    }
+    constexpr int64_t kKeys = 64;
+    const int64_t parts = (Tk + kKeys - 1) / kKeys;
+    parallel_range(items * parts, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; w++) {
+        const int64_t it = w / parts, j0 = (w % parts) * kKeys, j1 = std::min(last[it], j0 + kKeys);
+        if (j0 >= j1) continue;
+        scores_avx512(q.data() + it * rep * D, int(rep), D, base(it, ks, sk) + j0 * sk[2], sk[2], j1 - j0,
+                      p.data() + it * rep * Tk + j0, Tk);
+      }
+    });
+    // Softmax weights, each row as the per-item path forms them.
+    for (int64_t row = 0; row < items * rep; row++) {
+      float* pr = p.data() + row * Tk;
+      const int64_t n = last[row / rep];
+      float mx_ = -INFINITY;
+      for (int64_t j = 0; j < n; j++) mx_ = std::max(mx_, pr[j]);
+      const float sum = exp_shifted_avx512(pr, n, mx_);
+      for (int64_t j = 0; j < n; j++) pr[j] = pr[j] / sum;
+    }
+    constexpr int64_t kCols = 64;
+    const int64_t cparts = (Dv + kCols - 1) / kCols;
+    parallel_range(items * cparts, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; w++) {
+        const int64_t it = w / cparts, c0 = (w % cparts) * kCols, c1 = std::min(Dv, c0 + kCols);
+        const int64_t b = it / (Hkv * Tq), hk = (it / Tq) % Hkv, t = it % Tq;
+        for (int64_t r0 = 0; r0 < rep; r0 += 4) {
+          const int nh = int(std::min<int64_t>(4, rep - r0));
+          float* outs[4];
+          for (int h = 0; h < nh; h++) outs[h] = o + ((b * Hq + hk * rep + r0 + h) * Tq + t) * Dv;
+          weighted_heads(p.data() + (it * rep + r0) * Tk, Tk, nh, last[it], base(it, vs, sv), sv[2], c0, c1, outs);
+        }
+      }
+    });
   }
   const char* name() const override {
     return "LmspecAttention";

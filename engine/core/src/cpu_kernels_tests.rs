@@ -535,14 +535,15 @@ fn attention_matches_mlx() {
 
 #[test]
 fn attention_of_a_prompt_equals_its_decode_steps() {
-    // Four query heads over one key/value head (grouped in a prompt; one
-    // head per work item in a decode step), head dims of 256.
-    let (t, d) = (24, 256);
+    // Four query heads over one key/value head (grouped in a prompt; in a
+    // decode step the threads share the keys, then the value columns),
+    // head dims of 256, more keys than one thread's share.
+    let (t, d) = (150, 256);
     let q = mlx_rs::ops::multiply(array(&[1, 4, t, d], 44), Array::from_f32(4.0)).expect("q");
     let (k, v) = (array(&[1, 1, t, d], 45), array(&[1, 1, t, d], 46));
     attention_agrees(&q, &k, &v, "grouped heads");
     let prompt = host(&attention(&q, &k, &v, 0.125, true).expect("prompt"));
-    for step in [0, 7, t - 1] {
+    for step in [0, 7, 64, 100, t - 1] {
         let qs = q.index((.., .., step..step + 1, ..));
         let ks = k.index((.., .., 0..step + 1, ..));
         let vs = v.index((.., .., 0..step + 1, ..));
