@@ -1952,10 +1952,11 @@ class Attention : public mx::UnaryPrimitive {
       int64_t shift = Tk - Tq;
       // One work item: `per` query heads sharing a key/value head, at one
       // position (one causal limit): each key and value row is read once
-      // for all of them. A decode step with few key/value heads takes one
-      // head per item, so that the threads share the heads. Every query
-      // row's sums run in the same order as one row alone (`dot`, `axpy`),
-      // so a prompt and its decode steps agree bit for bit.
+      // for all of them (without AVX-512: one query head per item). Too few
+      // items for the threads (a decode step with few key/value heads):
+      // `split_keys`. Every query row's sums run in the same order as one
+      // row alone (`dot`, `axpy`), so a prompt and its decode steps agree
+      // bit for bit.
       const bool wide = level() == AVX512;
       const bool tiled = wide && sk[3] == 1 && sv[3] == 1 && D % 16 == 0 && Dv % 16 == 0 && rep <= kAttnRows;
       if (tiled && B * Hkv * Tq < 2 * pool().size() && pool().size() > 1) {
