@@ -574,36 +574,50 @@ LMSPEC_AVX2 static inline void block_avx2(
 // alternate between two running totals (one total would make each group's
 // multiply-add wait for the last); the bias terms come last. Rows go one at
 // a time, so w is read in order.
-template <int Bits>
+// Group g's sum of weight values times activations (row r of x); groups
+// of G values (0: of a.group).
+template <int Bits, int G>
+LMSPEC_AVX512 static inline __m512 group_dot_avx512(
+    const QuantArgs& a, const Prepared& p, const uint8_t* w, int64_t r, int64_t g) {
+  const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int group = G != 0 ? G : a.group;
+  const int64_t k0 = g * group;
+  __m512 acc = _mm512_setzero_ps();
+  if constexpr (Bits == 4) {
+    const float* xp = p.perm.data() + r * a.k + k0;
+    for (int c = 0; c < group; c += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (k0 + c) / 2)));
+      const __m512 lo = _mm512_permutexvar_ps(v, nibbles);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles);
+      acc = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + c), _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + c + 16), acc));
+    }
+  } else {
+    const float* xp = a.x + r * a.k + k0;
+    for (int c = 0; c < group; c += 16) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k0 + c))));
+      acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + c), acc);
+    }
+  }
+  return acc;
+}
+
+template <int Bits, int G>
 LMSPEC_AVX512 static void row_avx512(
     const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
   const int64_t groups = a.k / a.group;
-  const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint8_t* w = a.w + j * (a.k * Bits / 8);
-  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t g = 0; g < groups; g++) {
-    const int64_t k0 = g * a.group;
-    __m512 acc = _mm512_setzero_ps();
-    if constexpr (Bits == 4) {
-      const float* xp = p.perm.data() + r * a.k + k0;
-      for (int c = 0; c < a.group; c += 32) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (k0 + c) / 2)));
-        const __m512 lo = _mm512_permutexvar_ps(v, nibbles);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nibbles);
-        acc = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + c), _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + c + 16), acc));
-      }
-    } else {
-      const float* xp = a.x + r * a.k + k0;
-      for (int c = 0; c < a.group; c += 16) {
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k0 + c))));
-        acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + c), acc);
-      }
-    }
-    total[g & 1] = _mm512_fmadd_ps(acc, _mm512_set1_ps(sc[g]), total[g & 1]);
+  // Even groups in one total, odd ones in the other (named values: an
+  // array indexed by the group's parity lived in memory).
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    even = _mm512_fmadd_ps(group_dot_avx512<Bits, G>(a, p, w, r, g), _mm512_set1_ps(sc[g]), even);
+    odd = _mm512_fmadd_ps(group_dot_avx512<Bits, G>(a, p, w, r, g + 1), _mm512_set1_ps(sc[g + 1]), odd);
   }
+  if (g < groups) even = _mm512_fmadd_ps(group_dot_avx512<Bits, G>(a, p, w, r, g), _mm512_set1_ps(sc[g]), even);
   float yb = 0;
-  for (int64_t g = 0; g < groups; g++) yb += bi[g] * p.sums[r * groups + g];
-  a.y[r * a.n + j] = _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1])) + yb;
+  for (g = 0; g < groups; g++) yb += bi[g] * p.sums[r * groups + g];
+  a.y[r * a.n + j] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + yb;
 }
 
 // Rows [n0, n1) of w against every row of x, one row of w at a time.
@@ -1285,7 +1299,12 @@ static void qmm(const QuantArgs& a, bool q8) {
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     if (simd_bits && l == AVX512) {
-      a.bits == 4 ? qmm_rows<row_avx512<4>>(a, p, n0, n1) : qmm_rows<row_avx512<8>>(a, p, n0, n1);
+      // Groups of 32 (GGUF's blocks) with the group size a constant.
+      if (a.group == 32) {
+        a.bits == 4 ? qmm_rows<row_avx512<4, 32>>(a, p, n0, n1) : qmm_rows<row_avx512<8, 32>>(a, p, n0, n1);
+      } else {
+        a.bits == 4 ? qmm_rows<row_avx512<4, 0>>(a, p, n0, n1) : qmm_rows<row_avx512<8, 0>>(a, p, n0, n1);
+      }
     } else if (simd_bits && l >= AVX2) {
       qmm_blocks<block_avx2<4>, block_avx2<1>>(a, p, n0, n1);
     } else if (l == AVX512 && has_vbmi() && vbmi_covers(a.bits, a.group, a.k)) {
