@@ -438,10 +438,26 @@ struct QuantArgs {
 // Per row of x: the x values permuted for 4-bit rows (per 32 values: the
 // 16 even-indexed, then the 16 odd-indexed, matching low and high nibbles)
 // and each group's sum.
+// Whether the biases are the scales times a power of two: their terms
+// are then the scales times sums of x scaled once by that power, exactly
+// the same products, and the biases need not be formed row by row.
+static bool biases_fold(const QuantArgs& a) {
+  if (a.biases.times == 0.0f || a.biases.p != a.scales.p || a.biases.t != a.scales.t) return false;
+  int e = 0;
+  return std::fabs(std::frexp(a.biases.times, &e)) == 0.5f;
+}
+
 struct Prepared {
   std::vector<float> perm;  // [m, k]
-  std::vector<float> sums;  // [m, k / group]
+  std::vector<float> sums;  // [m, k / group]; times the biases' multiple when `fold`
+  bool fold = false;  // `biases_fold`: the scales stand for the biases
 };
+
+// Rows' biases from index i0 (as `scales_at`), or their scales `sc` where
+// the sums of x carry the biases' multiple.
+static const float* biases_at(const QuantArgs& a, const Prepared& p, const float* sc, int64_t i0, int64_t n, float* buf) {
+  return p.fold ? sc : scales_at(a.biases, i0, n, buf);
+}
 
 // Per 32 values: the 16 even-indexed, then the 16 odd-indexed, the order
 // of a 4-bit row's low and high nibbles (k a multiple of 32).
@@ -466,6 +482,10 @@ static Prepared prepare(const QuantArgs& a) {
       for (int i = 0; i < a.group; i++) s += x[g * a.group + i];
       p.sums[r * groups + g] = s;
     }
+  }
+  p.fold = biases_fold(a);
+  if (p.fold) {
+    for (float& s : p.sums) s *= a.biases.times;
   }
   if (a.bits == 4 && a.k % 32 == 0) {
     p.perm.resize(a.m * a.k);
@@ -497,7 +517,7 @@ static void qmm_scalar(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   for (int64_t j = n0; j < n1; j++) {
     unpack_whole_row(a.w + j * row_bytes, a.k, a.bits, q.data());
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       float acc = 0;
@@ -628,7 +648,7 @@ static void qmm_rows(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t 
   for (int64_t j = n0; j < n1; j += 4) {
     const int rows = int(std::min<int64_t>(4, n1 - j));
     const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-    const float* bi = scales_at(a.biases, j * groups, rows * groups, bbuf.data());
+    const float* bi = biases_at(a, p, sc, j * groups, rows * groups, bbuf.data());
     for (int i = 0; i < rows; i++) {
       for (int64_t r = 0; r < a.m; r++) Row(a, p, j + i, r, sc + i * groups, bi + i * groups);
     }
@@ -680,7 +700,7 @@ LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t 
   for (int64_t j = n0; j < n1; j++) {
     const uint8_t* row = a.w + j * row_bytes;
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       __m512 yv = _mm512_setzero_ps(), acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -736,12 +756,12 @@ static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   for (; j + 4 <= n1; j += 4) {
     if (j + 8 <= n1) prefetch_rows(a, j + 4, 4);
     const float* sc = scales_at(a.scales, j * groups, 4 * groups, sbuf.data());
-    const float* bi = scales_at(a.biases, j * groups, 4 * groups, bbuf.data());
+    const float* bi = biases_at(a, p, sc, j * groups, 4 * groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc, bi);
   }
   for (; j < n1; j++) {
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = scales_at(a.biases, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) Block1(a, p, j, r, sc, bi);
   }
 }
@@ -1197,15 +1217,6 @@ static bool has_vnni() {
 // prompt; with x in the outer loop instead, x streamed from L2 for every
 // row of w: 56 -> 72 GMAC/s on gemma-3-270m's 5-bit projections).
 static constexpr int64_t kXBlock = 16;
-
-// Whether the biases are the scales times a power of two: their terms
-// are then the scales times sums of x scaled once by that power, exactly
-// the same products, and the biases need not be formed row by row.
-static bool biases_fold(const QuantArgs& a) {
-  if (a.biases.times == 0.0f || a.biases.p != a.scales.p || a.biases.t != a.scales.t) return false;
-  int e = 0;
-  return std::fabs(std::frexp(a.biases.times, &e)) == 0.5f;
-}
 
 static void qmm_q8(const QuantArgs& a) {
   const bool k_blocks = a.scales.t == mx::float32 && a.k % 256 == 0;
