@@ -690,8 +690,10 @@ static constexpr VbmiControls vbmi_controls[9] = {
     VbmiControls(0), VbmiControls(1), VbmiControls(2), VbmiControls(3), VbmiControls(4),
     VbmiControls(5), VbmiControls(6), VbmiControls(7), VbmiControls(8)};
 
-LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
-  const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
+template <int G>
+LMSPEC_VBMI static void qmm_vbmi_groups(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  const int group = G != 0 ? G : a.group;
+  const int64_t groups = a.k / group, row_bytes = a.k * a.bits / 8;
   const int b = a.bits;
   const __m512i vidx = _mm512_load_si512(vbmi_controls[b].idx), vctrl = _mm512_load_si512(vbmi_controls[b].ctrl);
   const __m512i mask = _mm512_set1_epi8(char((1 << b) - 1));
@@ -717,8 +719,8 @@ LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t 
           } else {
             acc1 = _mm512_fmadd_ps(f, _mm512_loadu_ps(x + i), acc1);
           }
-          if ((i + 16) % a.group == 0) {
-            const int64_t g = i / a.group;
+          if ((i + 16) % group == 0) {
+            const int64_t g = i / group;
             yv = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(sc[g]), yv);
             yb += bi[g] * p.sums[r * groups + g];
             acc0 = acc1 = _mm512_setzero_ps();
@@ -727,6 +729,16 @@ LMSPEC_VBMI static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t 
       }
       a.y[r * a.n + j] = _mm512_reduce_add_ps(yv) + yb;
     }
+  }
+}
+
+// Groups of 16 and 32 (GGUF's K-quant sub-blocks and blocks) with the
+// group size a constant (a division per 16 values otherwise).
+static void qmm_vbmi(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t n1) {
+  switch (a.group) {
+    case 16: return qmm_vbmi_groups<16>(a, p, n0, n1);
+    case 32: return qmm_vbmi_groups<32>(a, p, n0, n1);
+    default: return qmm_vbmi_groups<0>(a, p, n0, n1);
   }
 }
 
