@@ -1805,14 +1805,27 @@ LMSPEC_AVX512 static void geglu_f16_row_avx512(const float* table, const float* 
 }
 
 // `act(gate) * up` row by row: SiLU, or llama.cpp's float16-table GELU.
+// MLX's tanh GELU of x (mlx-rs's formula, as its compiled CPU graph
+// evaluates it: one float32 operation at a time, libm's `powf` and `tanhf`):
+// 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+static inline float gelu_tanh_mlx(float x) {
+  static const float c = std::sqrt(2.0f / float(M_PI));
+  const float cube = 0.044715f * std::pow(x, 3.0f);
+  const float t = std::tanh(c * (x + cube));
+  return (0.5f * x) * (1.0f + t);
+}
+
+// The gate's activation of a `Glu`.
+enum class GluKind : int { Silu = 0, GeluF16 = 1, GeluTanh = 2 };
+
 class Glu : public mx::UnaryPrimitive {
  public:
-  Glu(mx::Stream s, bool gelu_f16) : UnaryPrimitive(s), gelu_f16_(gelu_f16) {}
+  Glu(mx::Stream s, GluKind kind) : UnaryPrimitive(s), kind_(kind) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
     run_on_stream(stream(), in, out, [g = mx::array::unsafe_weak_copy(in[0]),
                   u = mx::array::unsafe_weak_copy(in[1]),
-                  out = mx::array::unsafe_weak_copy(out), f16 = gelu_f16_]() mutable {
+                  out = mx::array::unsafe_weak_copy(out), kind = kind_]() mutable {
       std::vector<float> gc, uc;
       auto gv = rows_view(g), uv = rows_view(u);
       if (!gv) {
@@ -1826,13 +1839,15 @@ class Glu : public mx::UnaryPrimitive {
       float* y = out.data<float>();
       const int64_t width = gv->width;
       const bool wide = level() == AVX512;
-      const float* table = f16 ? gelu_f16_table() : nullptr;
+      const float* table = kind == GluKind::GeluF16 ? gelu_f16_table() : nullptr;
       parallel_range(gv->rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; r++) {
           const float* gr = gv->p + r * gv->stride;
           const float* ur = uv->p + r * uv->stride;
           float* yr = y + r * width;
-          if (table != nullptr && wide) {
+          if (kind == GluKind::GeluTanh) {
+            for (int64_t i = 0; i < width; i++) yr[i] = gelu_tanh_mlx(gr[i]) * ur[i];
+          } else if (table != nullptr && wide) {
             geglu_f16_row_avx512(table, gr, ur, yr, width);
           } else if (table != nullptr) {
             for (int64_t i = 0; i < width; i++) yr[i] = gelu_f16_at(table, gr[i]) * ur[i];
@@ -1849,14 +1864,18 @@ class Glu : public mx::UnaryPrimitive {
     throw std::runtime_error("lmspec glu runs on the CPU only");
   }
   const char* name() const override {
-    return gelu_f16_ ? "LmspecGegluF16" : "LmspecSwiglu";
+    switch (kind_) {
+      case GluKind::GeluF16: return "LmspecGegluF16";
+      case GluKind::GeluTanh: return "LmspecGegluTanh";
+      default: return "LmspecSwiglu";
+    }
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return static_cast<const Glu&>(other).gelu_f16_ == gelu_f16_;
+    return static_cast<const Glu&>(other).kind_ == kind_;
   }
 
  private:
-  bool gelu_f16_;
+  GluKind kind_;
 };
 
 // Query rows an attention work item takes at once (grouped heads).
@@ -2318,14 +2337,17 @@ int lmspec_matvec(void** out, const void* x, const void* wt, char* err, size_t l
   });
 }
 
-int lmspec_glu(void** out, const void* gate, const void* up, int gelu_f16, char* err, size_t len) {
+// kind: 0 SiLU, 1 llama.cpp's float16-table GELU, 2 MLX's tanh GELU.
+int lmspec_glu(void** out, const void* gate, const void* up, int kind, char* err, size_t len) {
   return guarded(out, err, len, [&] {
     auto s = lmspec::cpu_stream();
     const array& g = A(gate);
     const array& u = A(up);
     if (g.dtype() != mx::float32 || u.dtype() != mx::float32) throw std::invalid_argument("gate and up must be float32");
     if (g.shape() != u.shape() || g.ndim() == 0) throw std::invalid_argument("gate and up must have one shape");
-    return array(g.shape(), mx::float32, std::make_shared<lmspec::Glu>(s, gelu_f16 != 0), std::vector<array>{g, u});
+    if (kind < 0 || kind > 2) throw std::invalid_argument("unknown glu kind");
+    return array(g.shape(), mx::float32, std::make_shared<lmspec::Glu>(s, lmspec::GluKind(kind)),
+                 std::vector<array>{g, u});
   });
 }
 

@@ -41,7 +41,7 @@ extern "C" {
         out: *mut *mut c_void,
         gate: *const c_void,
         up: *const c_void,
-        gelu_f16: c_int,
+        kind: c_int,
         err: *mut c_char,
         len: usize,
     ) -> c_int;
@@ -331,6 +331,15 @@ pub fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
 pub fn geglu_f16(gate: &Array, up: &Array) -> Result<Array, Exception> {
     // SAFETY: as in `quantized_matmul`.
     call(|o, e, n| unsafe { lmspec_glu(o, raw(gate), raw(up), 1, e, n) })
+}
+
+/// `gelu(gate) * up` for float32 arrays of one shape, with MLX's tanh
+/// approximation evaluated as MLX's compiled CPU graph of mlx-rs's formula
+/// does (the same float32 operations in the same order, libm's `powf` and
+/// `tanhf`): the same bits, on the kernels' threads.
+pub fn geglu_tanh(gate: &Array, up: &Array) -> Result<Array, Exception> {
+    // SAFETY: as in `quantized_matmul`.
+    call(|o, e, n| unsafe { lmspec_glu(o, raw(gate), raw(up), 2, e, n) })
 }
 
 /// `w * scale + bias` as float32 `[N, K]`.

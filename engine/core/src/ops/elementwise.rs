@@ -84,7 +84,7 @@ impl Op for GegluF16 {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         use crate::cpu_kernels as cpu;
         let (gate, up) = (inputs[0], inputs[1]);
-        if cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape() {
+        if cpu_geglu(gate, up) {
             return cpu::geglu_f16(gate, up);
         }
         mlx_rs::ops::multiply(activate(Act::GeluApprox, gate)?, up)
@@ -97,9 +97,20 @@ impl Op for Glu {
             (act, Some(l)) => super::moe::clamped_glu(act, inputs[0], inputs[1], Some(l.0 as f32)),
             // One fused kernel, as mlx-lm's compiled `swiglu`.
             (Act::Silu, None) => swiglu(inputs[0], inputs[1]),
+            // MLX's GELU bit for bit, on the CPU kernels' threads.
+            (Act::GeluApprox, None) if cpu_geglu(inputs[0], inputs[1]) => {
+                crate::cpu_kernels::geglu_tanh(inputs[0], inputs[1])
+            }
             (act, None) => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),
         }
     }
+}
+
+/// Whether the CPU kernels take this gate and up projection (float32, one
+/// shape, the kernels on).
+fn cpu_geglu(gate: &Array, up: &Array) -> bool {
+    use crate::cpu_kernels as cpu;
+    cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape()
 }
 
 /// SiLU and the GELUs, compiled shapeless once per thread with mlx-rs's
@@ -189,5 +200,44 @@ impl Op for Clamp {
             Some(hi) => mlx_rs::ops::minimum(&low, bound(hi)?),
             None => Ok(low),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_tanh_geglu_is_mlx_bit_for_bit() {
+        assert!(crate::cpu_kernels::enabled(), "tests run on the CPU");
+        // Gates across the GELU's range, tiny ones among them.
+        let n = 1 << 16;
+        let gates: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = (i as f32 / n as f32) * 24.0 - 12.0;
+                if i % 3 == 0 {
+                    t * 1e-3
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let ups: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let gate = Array::from_slice(&gates, &[4, n / 4]);
+        let up = Array::from_slice(&ups, &[4, n / 4]);
+        let ours = crate::cpu_kernels::geglu_tanh(&gate, &up).expect("kernel");
+        let mlx = mlx_rs::ops::multiply(compiled_act(Act::GeluApprox, &gate).expect("gelu"), &up)
+            .expect("mlx");
+        ours.eval().expect("eval");
+        mlx.eval().expect("eval");
+        let (ours, mlx) = (ours.as_slice::<f32>(), mlx.as_slice::<f32>());
+        let differ = ours
+            .iter()
+            .zip(mlx)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{differ} of {n} values differ from MLX's");
     }
 }
