@@ -84,7 +84,7 @@ impl Op for GegluF16 {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         use crate::cpu_kernels as cpu;
         let (gate, up) = (inputs[0], inputs[1]);
-        if cpu_geglu(gate, up) {
+        if cpu_glu(gate, up) {
             return cpu::geglu_f16(gate, up);
         }
         mlx_rs::ops::multiply(activate(Act::GeluApprox, gate)?, up)
@@ -98,7 +98,7 @@ impl Op for Glu {
             // One fused kernel, as mlx-lm's compiled `swiglu`.
             (Act::Silu, None) => swiglu(inputs[0], inputs[1]),
             // MLX's GELU bit for bit, on the CPU kernels' threads.
-            (Act::GeluApprox, None) if cpu_geglu(inputs[0], inputs[1]) => {
+            (Act::GeluApprox, None) if cpu_glu(inputs[0], inputs[1]) => {
                 crate::cpu_kernels::geglu_tanh(inputs[0], inputs[1])
             }
             (act, None) => mlx_rs::ops::multiply(activate(act, inputs[0])?, inputs[1]),
@@ -107,8 +107,8 @@ impl Op for Glu {
 }
 
 /// Whether the CPU kernels take this gate and up projection (float32, one
-/// shape, the kernels on).
-fn cpu_geglu(gate: &Array, up: &Array) -> bool {
+/// shape, the kernels on): their `glu` kernels.
+fn cpu_glu(gate: &Array, up: &Array) -> bool {
     use crate::cpu_kernels as cpu;
     cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape()
 }
@@ -168,9 +168,8 @@ fn compiled_act(act: Act, x: &Array) -> Result<Array, Exception> {
 /// function's id, and each new compiled closure gets a fresh id, so a
 /// closure made per call would be traced and compiled again every time.
 fn swiglu(gate: &Array, up: &Array) -> Result<Array, Exception> {
-    use crate::cpu_kernels as cpu;
-    if cpu::enabled() && cpu::all_f32(&[gate, up]) && gate.shape() == up.shape() {
-        return cpu::swiglu(gate, up);
+    if cpu_glu(gate, up) {
+        return crate::cpu_kernels::swiglu(gate, up);
     }
     type Swiglu = Box<dyn for<'a> FnMut((&'a Array, &'a Array)) -> Result<Array, Exception>>;
     fn f((g, u): (&Array, &Array)) -> Result<Array, Exception> {
