@@ -435,9 +435,6 @@ struct QuantArgs {
   int group, bits;
 };
 
-// Per row of x: the x values permuted for 4-bit rows (per 32 values: the
-// 16 even-indexed, then the 16 odd-indexed, matching low and high nibbles)
-// and each group's sum.
 // Whether the biases are the scales times a power of two: their terms
 // are then the scales times sums of x scaled once by that power, exactly
 // the same products, and the biases need not be formed row by row.
@@ -447,17 +444,20 @@ static bool biases_fold(const QuantArgs& a) {
   return std::fabs(std::frexp(a.biases.times, &e)) == 0.5f;
 }
 
+// Rows' biases from index i0 (as `scales_at`), or their scales `sc` where
+// the biases fold (`biases_fold`: the sums of x carry their multiple).
+static const float* biases_at(const QuantArgs& a, bool fold, const float* sc, int64_t i0, int64_t n, float* buf) {
+  return fold ? sc : scales_at(a.biases, i0, n, buf);
+}
+
+// Per row of x: the x values permuted for 4-bit rows (per 32 values: the
+// 16 even-indexed, then the 16 odd-indexed, matching low and high nibbles)
+// and each group's sum.
 struct Prepared {
   std::vector<float> perm;  // [m, k]
   std::vector<float> sums;  // [m, k / group]; times the biases' multiple when `fold`
   bool fold = false;  // `biases_fold`: the scales stand for the biases
 };
-
-// Rows' biases from index i0 (as `scales_at`), or their scales `sc` where
-// the sums of x carry the biases' multiple.
-static const float* biases_at(const QuantArgs& a, const Prepared& p, const float* sc, int64_t i0, int64_t n, float* buf) {
-  return p.fold ? sc : scales_at(a.biases, i0, n, buf);
-}
 
 // Per 32 values: the 16 even-indexed, then the 16 odd-indexed, the order
 // of a 4-bit row's low and high nibbles (k a multiple of 32).
@@ -517,7 +517,7 @@ static void qmm_scalar(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   for (int64_t j = n0; j < n1; j++) {
     unpack_whole_row(a.w + j * row_bytes, a.k, a.bits, q.data());
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p.fold, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       float acc = 0;
@@ -588,12 +588,6 @@ LMSPEC_AVX2 static inline void block_avx2(
   for (int i = 0; i < R; i++) a.y[r * a.n + j + i] = hsum256(yv[i]) + yb[i];
 }
 
-// One row of 4- or 8-bit w against one row of x (float32 activations,
-// groups of 32 or more for 4 bits, 16 or more for 8): per group, the sum of
-// weight values times activations, times the group's scale; the groups
-// alternate between two running totals (one total would make each group's
-// multiply-add wait for the last); the bias terms come last. Rows go one at
-// a time, so w is read in order.
 // Group g's sum of weight values times activations (row r of x); groups
 // of G values (0: of a.group).
 template <int Bits, int G>
@@ -621,6 +615,12 @@ LMSPEC_AVX512 static inline __m512 group_dot_avx512(
   return acc;
 }
 
+// One row of 4- or 8-bit w against one row of x (float32 activations,
+// groups of 32 or more for 4 bits, 16 or more for 8): per group, the sum of
+// weight values times activations, times the group's scale; the groups
+// alternate between two running totals (one total would make each group's
+// multiply-add wait for the last); the bias terms come last. Rows go one at
+// a time, so w is read in order.
 template <int Bits, int G>
 LMSPEC_AVX512 static void row_avx512(
     const QuantArgs& a, const Prepared& p, int64_t j, int64_t r, const float* sc, const float* bi) {
@@ -648,7 +648,7 @@ static void qmm_rows(const QuantArgs& a, const Prepared& p, int64_t n0, int64_t 
   for (int64_t j = n0; j < n1; j += 4) {
     const int rows = int(std::min<int64_t>(4, n1 - j));
     const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-    const float* bi = biases_at(a, p, sc, j * groups, rows * groups, bbuf.data());
+    const float* bi = biases_at(a, p.fold, sc, j * groups, rows * groups, bbuf.data());
     for (int i = 0; i < rows; i++) {
       for (int64_t r = 0; r < a.m; r++) Row(a, p, j + i, r, sc + i * groups, bi + i * groups);
     }
@@ -702,7 +702,7 @@ LMSPEC_VBMI static void qmm_vbmi_groups(const QuantArgs& a, const Prepared& p, i
   for (int64_t j = n0; j < n1; j++) {
     const uint8_t* row = a.w + j * row_bytes;
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p.fold, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) {
       const float* x = a.x + r * a.k;
       __m512 yv = _mm512_setzero_ps(), acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -768,12 +768,12 @@ static void qmm_blocks(const QuantArgs& a, const Prepared& p, int64_t n0, int64_
   for (; j + 4 <= n1; j += 4) {
     if (j + 8 <= n1) prefetch_rows(a, j + 4, 4);
     const float* sc = scales_at(a.scales, j * groups, 4 * groups, sbuf.data());
-    const float* bi = biases_at(a, p, sc, j * groups, 4 * groups, bbuf.data());
+    const float* bi = biases_at(a, p.fold, sc, j * groups, 4 * groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) Block4(a, p, j, r, sc, bi);
   }
   for (; j < n1; j++) {
     const float* sc = scales_at(a.scales, j * groups, groups, sbuf.data());
-    const float* bi = biases_at(a, p, sc, j * groups, groups, bbuf.data());
+    const float* bi = biases_at(a, p.fold, sc, j * groups, groups, bbuf.data());
     for (int64_t r = 0; r < a.m; r++) Block1(a, p, j, r, sc, bi);
   }
 }
@@ -1258,7 +1258,7 @@ static void qmm_q8(const QuantArgs& a) {
         for (int64_t j = n0; j < n1; j += 4) {
           const int rows = int(std::min<int64_t>(4, n1 - j));
           const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-          const float* bi = fold ? sc : scales_at(a.biases, j * groups, rows * groups, bbuf.data());
+          const float* bi = biases_at(a, fold, sc, j * groups, rows * groups, bbuf.data());
           for (int i = 0; i < rows; i++) {
             const float *s = sc + i * groups, *b = bi + i * groups;
             int64_t r = r0;
@@ -1281,7 +1281,7 @@ static void qmm_q8(const QuantArgs& a) {
     for (; j < n1;) {
       const int rows = (j + 4 <= n1 && unpacked && vnni) ? 4 : 1;
       const float* sc = scales_at(a.scales, j * groups, rows * groups, sbuf.data());
-      const float* bi = fold ? sc : scales_at(a.biases, j * groups, rows * groups, bbuf.data());
+      const float* bi = biases_at(a, fold, sc, j * groups, rows * groups, bbuf.data());
       if (unpacked) {
         for (int i = 0; i < rows; i++) unpack_whole_row(a.w + (j + i) * row_bytes, a.k, a.bits, bytes.data() + i * a.k);
       }
@@ -1804,7 +1804,6 @@ LMSPEC_AVX512 static void geglu_f16_row_avx512(const float* table, const float* 
   }
 }
 
-// `act(gate) * up` row by row: SiLU, or llama.cpp's float16-table GELU.
 // MLX's tanh GELU of x (mlx-rs's formula, as its compiled CPU graph
 // evaluates it: one float32 operation at a time, libm's `powf` and `tanhf`):
 // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
@@ -1818,6 +1817,8 @@ static inline float gelu_tanh_mlx(float x) {
 // The gate's activation of a `Glu`.
 enum class GluKind : int { Silu = 0, GeluF16 = 1, GeluTanh = 2 };
 
+// `act(gate) * up` row by row: SiLU, llama.cpp's float16-table GELU, or
+// MLX's tanh GELU.
 class Glu : public mx::UnaryPrimitive {
  public:
   Glu(mx::Stream s, GluKind kind) : UnaryPrimitive(s), kind_(kind) {}
