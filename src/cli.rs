@@ -1028,8 +1028,9 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
     // How quantized products on the CPU treat activations: `float` (the
     // default, MLX's numerics) or `int8` (llama.cpp's).
     if let Ok(a) = std::env::var("LMSPEC_ACTIVATIONS") {
-        let a = lmspec::engine::cpu_kernels::Activations::parse(&a)
-            .ok_or_else(|| anyhow!("LMSPEC_ACTIVATIONS={a}: expected `float` or `int8`"))?;
+        let a = lmspec::engine::cpu_kernels::Activations::parse(&a).ok_or_else(|| {
+            anyhow!("LMSPEC_ACTIVATIONS={a}: expected `float`, `int8` or `int16`")
+        })?;
         opts = opts.with_activations(a);
     }
     Ok(opts)

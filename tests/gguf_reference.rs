@@ -31,6 +31,13 @@ fn gemma3_270m_with_int8_activations_matches_llama_cpp() {
     against_llama_cpp(Activations::Int8);
 }
 
+/// With 16-bit activations (float32's numerics within a bound, the
+/// sigmoid form of the GELU) the same holds.
+#[test]
+fn gemma3_270m_with_int16_activations_matches_llama_cpp() {
+    against_llama_cpp(Activations::Int16);
+}
+
 fn against_llama_cpp(activations: Activations) {
     let path = lmspec::installed_model("gemma3-270m").expect("installed by the setup");
     let fixture: serde_json::Value = serde_json::from_str(

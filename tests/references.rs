@@ -123,6 +123,92 @@ fn smollm2_greedy_matches_mlx_lm_on_real_weights() {
     });
 }
 
+/// How far 16-bit activations may move SmolLM2's logits from float32's, step
+/// by step along a continuation (measured: see the test's report): each
+/// activation is within 1/65024 of its block's largest magnitude.
+const INT16_LOGIT_BOUND: f32 = 0.05;
+
+/// With 16-bit activations (the CPU kernels' integer products at float32's
+/// numerics within a bound), SmolLM2's logits stay within
+/// `INT16_LOGIT_BOUND` of float32's at every step of the reference
+/// continuations, so its greedy tokens may part from mlx-lm's only at a step
+/// whose top-2 margin is below twice that; they equal them up to there.
+#[test]
+fn smollm2_with_int16_activations_follows_mlx_lm() {
+    use lmspec::engine::cpu_kernels::Activations;
+    let reference = json(&goldens().join("smollm2_chat/reference.json"));
+    let lm = smollm2();
+    let _guard = mlx_lock();
+    let opts = crate::support::opts(&library(), None).with_activations(Activations::Int16);
+    let int16 = lmspec::lm::LanguageModel::load(&crate::generation::default_model(), &opts)
+        .expect("SmolLM2 loads with int16 activations");
+    lm.perform(|lm| {
+        let mut worst = 0f32;
+        let mut report = Vec::new();
+        for p in reference["prompts"].as_array().expect("prompts") {
+            let (prompt, want) = (ints(&p["prompt_ids"]), ints(&p["greedy"]));
+            let moved = logit_distance(&lm.model, &int16.model, &prompt, &want);
+            worst = worst.max(moved);
+            let params = GenerateParams {
+                max_tokens: want.len(),
+                ..Default::default()
+            };
+            let got = tokens(&int16.model, &prompt, &params);
+            let parts = got.iter().zip(&want).position(|(a, b)| a != b);
+            if let Some(step) = parts {
+                let margin = p["top2_margins"][step].as_f64().expect("margin") as f32;
+                report.push(format!(
+                    "{:?} parts at step {step} (mlx-lm's top-2 margin there {margin:.5})",
+                    p["user"]
+                ));
+                assert!(margin < 2.0 * INT16_LOGIT_BOUND, "{}", report.join("; "));
+            } else {
+                assert_eq!(got, want, "greedy continuation of {}", p["user"]);
+            }
+        }
+        eprintln!(
+            "SmolLM2, int16 activations: logits within {worst:.4} of float32's; {}",
+            if report.is_empty() {
+                "every continuation equal".to_string()
+            } else {
+                report.join("; ")
+            }
+        );
+        assert!(worst < INT16_LOGIT_BOUND, "logits moved {worst}");
+    });
+}
+
+/// The largest difference between two models' logits at any step of
+/// `prompt` followed by `tokens`, both run step by step with a cache (the
+/// prompt as one batch).
+fn logit_distance(a: &Model, b: &Model, prompt: &[u32], tokens: &[u32]) -> f32 {
+    let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
+    let mut worst = 0f32;
+    let mut input: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    for &next in tokens {
+        let x = mlx_rs::Array::from_slice(&input, &[1, input.len() as i32]);
+        let la = last_logits(&a.forward(&x, Some(&mut ca)).expect("forward"));
+        let lb = last_logits(&b.forward(&x, Some(&mut cb)).expect("forward"));
+        for (u, v) in la.iter().zip(&lb) {
+            worst = worst.max((u - v).abs());
+        }
+        input = vec![next as i32];
+    }
+    worst
+}
+
+fn last_logits(logits: &mlx_rs::Array) -> Vec<f32> {
+    let vocab = *logits.shape().last().expect("axes");
+    let rows = logits
+        .reshape(&[-1, vocab])
+        .and_then(|r| r.as_dtype(mlx_rs::Dtype::Float32))
+        .and_then(|r| r.contiguous())
+        .expect("rows");
+    rows.eval().expect("eval");
+    let all = rows.as_slice::<f32>();
+    all[all.len() - vocab as usize..].to_vec()
+}
+
 #[test]
 fn chat_templates_render_like_python() {
     let dir = goldens().join("templates");

@@ -800,6 +800,11 @@ struct Q8Row {
   std::vector<float> dquad;  // 2/3/5/6 bits: per 4 values, their block's scale (the lanes of 64 values)
   std::vector<float> gsum;  // per weight group: the sum of x the bias multiplies
   int block = 32;
+  // 16-bit activations: a second byte per value, in the layouts of `q` and
+  // `pairs`: x = d (256 q + lo) within d / 2, with the scales above holding
+  // d (a block's largest magnitude / 32512) and the integer products
+  // combined as 256 times the first byte's plus the second's.
+  std::vector<int8_t> lo, pairs_lo;
 };
 
 // Quantizes one block of 32 (Q8_0; the caller rounds its scale to float16)
@@ -841,15 +846,116 @@ static inline float round_half(float v) {
   return half_to_float(float_to_half(v));
 }
 
-static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
+// The per-32 copies of a row's block scales, only for the kernels that
+// read them.
+static void expand_scales(const QuantArgs& a, Q8Row& row) {
+  const bool pairs = a.bits == 4, quads = a.bits != 4 && a.bits != 8;
+  row.dblk.resize(a.k / 32);
+  row.dpair.resize(pairs ? a.k / 8 : 0);
+  row.dquad.resize(quads ? a.k / 4 : 0);
+  for (int64_t c = 0; c < a.k / 32; c++) {
+    row.dblk[c] = row.d[c * 32 / row.block];
+    for (int t = 0; pairs && t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
+    for (int t = 0; quads && t < 8; t++) row.dquad[c * 8 + t] = row.dblk[c];
+  }
+}
+
+// The 4-bit kernels' orders of one plane of int8 values: `q` (per 32:
+// evens, odds) and `pairs` (see Q8Row).
+static void arrange_nibble_orders(const std::vector<int8_t>& plain, int64_t k, std::vector<int8_t>& q,
+                                  std::vector<int8_t>& pairs) {
+  q.resize(k);
+  nibble_order(plain.data(), q.data(), k);
+  pairs.resize(k);
+  const int64_t k32 = k / 32;
+  for (int64_t c = 0; c + 2 <= k32; c += 2) {
+    const int8_t* p = plain.data() + c * 32;
+    int8_t* o = pairs.data() + c * 32;
+    for (int t = 0; t < 16; t++) {
+      o[t] = p[2 * t];
+      o[16 + t] = p[32 + 2 * t];
+      o[32 + t] = p[2 * t + 1];
+      o[48 + t] = p[32 + 2 * t + 1];
+    }
+  }
+  if (k32 % 2 == 1) std::memcpy(pairs.data() + (k32 - 1) * 32, q.data() + (k32 - 1) * 32, 32);
+}
+
+// 16-bit activations (`Q8Row::lo`), blocks of 32: per value the nearest of
+// the block's largest magnitude times i / 127 (the first byte, i), then
+// the remainder to the nearest 256th of that step (the second byte); the
+// bias terms take the plain float sums of x, as the float product.
+// One block of 32 as `quantize_row_wide` quantizes it, 16 values per
+// instruction (the same roundings: to nearest, ties to even); its scale.
+LMSPEC_Q8X static float quantize_wide_avx512(const float* xb, int8_t* hi, int8_t* lo) {
+  const __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+  const __m512 id = _mm512_set1_ps(amax != 0 ? 127.f / amax : 0.f);
+  const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+  for (int h = 0; h < 2; h++) {
+    const __m512 v = _mm512_mul_ps(h == 0 ? a0 : a1, id);
+    const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, r), _mm512_set1_ps(256.f)));
+    _mm_storeu_si128((__m128i*)(hi + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+    _mm_storeu_si128((__m128i*)(lo + 16 * h), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(l, top), bottom)));
+  }
+  return amax;
+}
+
+static void quantize_row_wide(const QuantArgs& a, const float* x, Q8Row& row) {
+  const int64_t blocks = a.k / 32, groups = a.k / a.group;
+  row.block = 32;
+  row.d.resize(blocks);
+  std::vector<int8_t> hi(a.k), lo(a.k);
+  const bool wide = level() == AVX512;
+  for (int64_t b = 0; b < blocks; b++) {
+    const float* xb = x + b * 32;
+    if (wide) {
+      row.d[b] = quantize_wide_avx512(xb, hi.data() + b * 32, lo.data() + b * 32) / 127.f / 256.f;
+      continue;
+    }
+    float amax = 0;
+    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xb[i]));
+    const float id = amax != 0 ? 127.f / amax : 0.f;
+    for (int i = 0; i < 32; i++) {
+      const float v = xb[i] * id;
+      const float h = std::nearbyint(v);
+      hi[b * 32 + i] = int8_t(h);
+      lo[b * 32 + i] = int8_t(std::clamp(std::nearbyint((v - h) * 256.f), -127.f, 127.f));
+    }
+    row.d[b] = amax / 127.f / 256.f;
+  }
+  row.gsum.assign(groups, 0.f);
+  for (int64_t g = 0; g < groups; g++) {
+    float s = 0;
+    for (int i = 0; i < a.group; i++) s += x[g * a.group + i];
+    row.gsum[g] = s;
+  }
+  if (a.bits == 4) {
+    arrange_nibble_orders(hi, a.k, row.q, row.pairs);
+    arrange_nibble_orders(lo, a.k, row.lo, row.pairs_lo);
+  } else {
+    row.q = std::move(hi);
+    row.lo = std::move(lo);
+  }
+}
+
+// Per row of x: int8 blocks (llama.cpp's Q8_0/Q8_1, or Q8_K with
+// `k_blocks`), or with `wide` the 16-bit blocks of `quantize_row_wide`;
+// then the per-32 scale copies the kernels read.
+static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks, bool wide) {
   std::vector<Q8Row> rows(a.m);
   const int64_t groups = a.k / a.group;
   for (int64_t r = 0; r < a.m; r++) {
     const float* x = a.x + r * a.k;
     Q8Row& row = rows[r];
+    if (wide) {
+      quantize_row_wide(a, x, row);
+      expand_scales(a, row);
+      continue;
+    }
     row.block = k_blocks ? 256 : 32;
     const int64_t blocks = a.k / row.block;
-    row.q.resize(a.k);
     row.d.resize(blocks);
     std::vector<int> qsum(a.k / 16, 0);  // per 16 values
     std::vector<float> dfull(blocks, 0.f);  // Q8_0 scales before rounding
@@ -915,33 +1021,11 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
       row.gsum[g] = acc;
     }
     if (a.bits == 4) {
-      nibble_order(plain.data(), row.q.data(), a.k);
-      row.pairs.resize(a.k);
-      const int64_t k32 = a.k / 32;
-      for (int64_t c = 0; c + 2 <= k32; c += 2) {
-        const int8_t* p = plain.data() + c * 32;
-        int8_t* o = row.pairs.data() + c * 32;
-        for (int t = 0; t < 16; t++) {
-          o[t] = p[2 * t];
-          o[16 + t] = p[32 + 2 * t];
-          o[32 + t] = p[2 * t + 1];
-          o[48 + t] = p[32 + 2 * t + 1];
-        }
-      }
-      if (k32 % 2 == 1) std::memcpy(row.pairs.data() + (k32 - 1) * 32, row.q.data() + (k32 - 1) * 32, 32);
+      arrange_nibble_orders(plain, a.k, row.q, row.pairs);
     } else {
       row.q = plain;
     }
-    // The expanded copies only for the kernels that read them.
-    const bool pairs = a.bits == 4, quads = a.bits != 4 && a.bits != 8;
-    row.dblk.resize(a.k / 32);
-    row.dpair.resize(pairs ? a.k / 8 : 0);
-    row.dquad.resize(quads ? a.k / 4 : 0);
-    for (int64_t c = 0; c < a.k / 32; c++) {
-      row.dblk[c] = row.d[c * 32 / row.block];
-      for (int t = 0; pairs && t < 4; t++) row.dpair[c * 4 + t] = row.dblk[c];
-      for (int t = 0; quads && t < 8; t++) row.dquad[c * 8 + t] = row.dblk[c];
-    }
+    expand_scales(a, row);
   }
   return rows;
 }
@@ -950,17 +1034,23 @@ static std::vector<Q8Row> quantize_rows(const QuantArgs& a, bool k_blocks) {
 static float q8_dot_scalar(const QuantArgs& a, const Q8Row& x, int64_t j, const float* sc, const float* bi) {
   const int64_t groups = a.k / a.group, row_bytes = a.k * a.bits / 8;
   const uint8_t* w = a.w + j * row_bytes;
+  const bool wide = !x.lo.empty();
   float y = 0, yb = 0;
   for (int64_t c = 0; c < a.k / 32; c++) {
-    int isum = 0;
-    if (a.bits == 4) {
-      for (int t = 0; t < 16; t++) {
-        uint8_t b = w[c * 16 + t];
-        isum += int(b & 0xF) * x.q[c * 32 + t] + int(b >> 4) * x.q[c * 32 + 16 + t];
+    // The block's products with one plane of x.
+    auto block = [&](const std::vector<int8_t>& xq) {
+      int isum = 0;
+      if (a.bits == 4) {
+        for (int t = 0; t < 16; t++) {
+          uint8_t b = w[c * 16 + t];
+          isum += int(b & 0xF) * xq[c * 32 + t] + int(b >> 4) * xq[c * 32 + 16 + t];
+        }
+      } else {
+        for (int t = 0; t < 32; t++) isum += int(w[c * 32 + t]) * xq[c * 32 + t];
       }
-    } else {
-      for (int t = 0; t < 32; t++) isum += int(w[c * 32 + t]) * x.q[c * 32 + t];
-    }
+      return isum;
+    };
+    const int isum = wide ? 256 * block(x.q) + block(x.lo) : block(x.q);
     y += sc[c * 32 / a.group] * x.d[c * 32 / x.block] * float(isum);
   }
   for (int64_t g = 0; g < groups; g++) yb += bi[g] * x.gsum[g];
@@ -1019,7 +1109,7 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
 // each unpacked step of it. One body for each instruction set (the pair
 // product differs).
 #define LMSPEC_Q4_ROW(NAME, TARGET, DOT)                                                                   \
-  template <int Gb, int M>                                                                                 \
+  template <int Gb, int M, bool W>                                                                         \
   TARGET static void NAME(const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, \
                           float* out) {                                                                    \
     const int64_t blocks = a.k / 32, row_bytes = a.k / 2;                                                  \
@@ -1033,7 +1123,12 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
       const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);      \
       for (int i = 0; i < M; i++) {                                                                        \
         const int8_t* xq = x[i].pairs.data() + c * 32;                                                     \
-        const __m256i is = DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xq), _mm256_loadu_si256((const __m256i*)(xq + 32))); \
+        __m256i is = DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xq), _mm256_loadu_si256((const __m256i*)(xq + 32))); \
+        if constexpr (W) {                                                                                 \
+          const int8_t* xl = x[i].pairs_lo.data() + c * 32;                                                \
+          is = _mm256_add_epi32(_mm256_slli_epi32(is, 8),                                                  \
+                                DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xl), _mm256_loadu_si256((const __m256i*)(xl + 32)))); \
+        }                                                                                                  \
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), pair_scales<Gb>(sc, x[i], c), acc[i]);            \
       }                                                                                                    \
     }                                                                                                      \
@@ -1044,9 +1139,13 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
       const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);    \
       for (int i = 0; i < M; i++) {                                                                        \
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].pairs.data() + c * 32));              \
-        const __m256i xz = _mm256_permute2x128_si256(xv, xv, 0x11);                                        \
+        __m256i is = DOT(lo, hi, xv, _mm256_permute2x128_si256(xv, xv, 0x11));                             \
+        if constexpr (W) {                                                                                 \
+          const __m256i xl = _mm256_loadu_si256((const __m256i*)(x[i].pairs_lo.data() + c * 32));          \
+          is = _mm256_add_epi32(_mm256_slli_epi32(is, 8), DOT(lo, hi, xl, _mm256_permute2x128_si256(xl, xl, 0x11))); \
+        }                                                                                                  \
         const __m256 sv = _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]);                                       \
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xv, xz)), sv, acc[i]);                     \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv, acc[i]);                                      \
       }                                                                                                    \
     }                                                                                                      \
     for (int i = 0; i < M; i++) out[i] = hsum256(add_bias_terms(a, x[i], bi, acc[i]));                     \
@@ -1056,7 +1155,7 @@ LMSPEC_Q4_ROW(q4_row_vnni, LMSPEC_VNNI, dot_pair4_vnni)
 LMSPEC_Q4_ROW(q4_row_avx2, LMSPEC_AVX2, dot_pair4_avx2)
 
 // Row j of 8-bit w against M int8 rows of x, one block of 32 per step.
-template <int Gb, int M>
+template <int Gb, int M, bool W>
 LMSPEC_VNNI static void q8_row_vnni(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   const uint8_t* w = a.w + j * a.k;
@@ -1066,7 +1165,11 @@ LMSPEC_VNNI static void q8_row_vnni(
     const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + c * 32));
     for (int i = 0; i < M; i++) {
       const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].q.data() + c * 32));
-      const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      if constexpr (W) {
+        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x[i].lo.data() + c * 32));
+        is = _mm256_dpbusd_epi32(_mm256_slli_epi32(is, 8), wv, xl);
+      }
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), acc[i]);
     }
   }
@@ -1092,7 +1195,16 @@ struct LaneGroups {
 template <int G>
 inline constexpr LaneGroups<G> lane_groups{};
 
-template <int Bits, int G, int M>
+// 64 values' integer products with one row of x, in fours; with W the
+// second byte's too, combined as 256 times the first's plus the second's.
+template <bool W>
+LMSPEC_VBMI_VNNI static inline __m512i qx_dot(__m512i vals, const int8_t* xq, const int8_t* xl) {
+  const __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(xq));
+  if constexpr (!W) return is;
+  return _mm512_dpbusd_epi32(_mm512_slli_epi32(is, 8), vals, _mm512_loadu_si512(xl));
+}
+
+template <int Bits, int G, int M, bool W>
 LMSPEC_VBMI_VNNI static void qx_row_vbmi(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   static_assert(M >= 1 && M <= 4);
@@ -1108,15 +1220,16 @@ LMSPEC_VBMI_VNNI static void qx_row_vbmi(
   // of vectors in memory and stores it back on every step.
   __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   const int8_t* xq[M];
+  const int8_t* xl[M];
   const float* xd[M];
-  for (int i = 0; i < M; i++) xq[i] = x[i].q.data(), xd[i] = x[i].dquad.data();
+  for (int i = 0; i < M; i++) xq[i] = x[i].q.data(), xl[i] = x[i].lo.data(), xd[i] = x[i].dquad.data();
   for (int64_t c = 0; c < a.k / 64; c++) {
     const __m512i bytes = _mm512_maskz_loadu_epi8(load_mask, row + c * 8 * Bits);
     const __m512i vals = _mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, _mm512_permutexvar_epi8(vidx, bytes)), mask);
     const __m512 s = _mm512_permutexvar_ps(vgroup, _mm512_maskz_loadu_ps(scale_mask, sc + c * 64 / G));
 #define LMSPEC_QX_STEP(i, acc)                                                                               \
   acc = _mm512_fmadd_ps(                                                                                     \
-      _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vals, _mm512_loadu_si512(xq[i] + c * 64))), \
+      _mm512_cvtepi32_ps(qx_dot<W>(vals, xq[i] + c * 64, xl[i] + c * 64)),                                  \
       _mm512_mul_ps(s, _mm512_loadu_ps(xd[i] + c * 16)), acc)
     LMSPEC_QX_STEP(0, acc0);
     if constexpr (M > 1) LMSPEC_QX_STEP(1, acc1);
@@ -1131,44 +1244,44 @@ LMSPEC_VBMI_VNNI static void qx_row_vbmi(
   }
 }
 
-template <int Bits, int M>
+template <int Bits, int M, bool W>
 static RowKernel qx_row_for(int group) {
   switch (group) {
-    case 16: return qx_row_vbmi<Bits, 16, M>;
-    case 32: return qx_row_vbmi<Bits, 32, M>;
-    case 64: return qx_row_vbmi<Bits, 64, M>;
-    case 128: return qx_row_vbmi<Bits, 128, M>;
+    case 16: return qx_row_vbmi<Bits, 16, M, W>;
+    case 32: return qx_row_vbmi<Bits, 32, M, W>;
+    case 64: return qx_row_vbmi<Bits, 64, M, W>;
+    case 128: return qx_row_vbmi<Bits, 128, M, W>;
     default: return nullptr;
   }
 }
 
 // The row kernel for these weights and M rows of x (4 or 8 bits in groups
 // of 32, 64 or 128; 2, 3, 5 or 6 bits in groups of 16 to 128 where VBMI and
-// VNNI are there); null where none applies.
-template <int M>
+// VNNI are there); null where none applies. W: 16-bit activations.
+template <int M, bool W>
 static RowKernel row_kernel(int bits, int group, int64_t k, bool vnni) {
   if (bits == 4) {
     switch (group) {
-      case 32: return vnni ? q4_row_vnni<1, M> : q4_row_avx2<1, M>;
-      case 64: return vnni ? q4_row_vnni<2, M> : q4_row_avx2<2, M>;
-      case 128: return vnni ? q4_row_vnni<4, M> : q4_row_avx2<4, M>;
+      case 32: return vnni ? q4_row_vnni<1, M, W> : q4_row_avx2<1, M, W>;
+      case 64: return vnni ? q4_row_vnni<2, M, W> : q4_row_avx2<2, M, W>;
+      case 128: return vnni ? q4_row_vnni<4, M, W> : q4_row_avx2<4, M, W>;
       default: return nullptr;
     }
   }
   if (vnni && has_vbmi() && k % 64 == 0) {
     switch (bits) {
-      case 2: return qx_row_for<2, M>(group);
-      case 3: return qx_row_for<3, M>(group);
-      case 5: return qx_row_for<5, M>(group);
-      case 6: return qx_row_for<6, M>(group);
+      case 2: return qx_row_for<2, M, W>(group);
+      case 3: return qx_row_for<3, M, W>(group);
+      case 5: return qx_row_for<5, M, W>(group);
+      case 6: return qx_row_for<6, M, W>(group);
       default: break;
     }
   }
   if (bits == 8 && vnni) {
     switch (group) {
-      case 32: return q8_row_vnni<1, M>;
-      case 64: return q8_row_vnni<2, M>;
-      case 128: return q8_row_vnni<4, M>;
+      case 32: return q8_row_vnni<1, M, W>;
+      case 64: return q8_row_vnni<2, M, W>;
+      case 128: return q8_row_vnni<4, M, W>;
       default: return nullptr;
     }
   }
@@ -1182,16 +1295,19 @@ static float q8_unpacked_scalar(
     const Q8Row& x, const uint8_t* w, int64_t k, int group, const float* sc, const float* bi) {
   const int64_t groups = k / group;
   float y = 0, yb = 0;
+  const bool wide = !x.lo.empty();
   for (int64_t c = 0; c < k / 16; c++) {
-    int isum = 0;
+    int isum = 0, lsum = 0;
     for (int t = 0; t < 16; t++) isum += int(w[c * 16 + t]) * x.q[c * 16 + t];
+    for (int t = 0; wide && t < 16; t++) lsum += int(w[c * 16 + t]) * x.lo[c * 16 + t];
+    if (wide) isum = 256 * isum + lsum;
     y += sc[c * 16 / group] * x.d[c * 16 / x.block] * float(isum);
   }
   for (int64_t g = 0; g < groups; g++) yb += bi[g] * x.gsum[g];
   return y + yb;
 }
 
-template <int R>
+template <int R, bool W>
 LMSPEC_VNNI static void q8_unpacked_vnni(
     const Q8Row& x, const uint8_t* w, int64_t k, int group, const float* sc, const float* bi, float* out) {
   const int64_t groups = k / group;
@@ -1199,11 +1315,13 @@ LMSPEC_VNNI static void q8_unpacked_vnni(
   for (int i = 0; i < R; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < k / 32; c++) {
     const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.q.data() + c * 32));
+    const __m256i xl = W ? _mm256_loadu_si256((const __m256i*)(x.lo.data() + c * 32)) : xv;
     const float dx = x.d[c * 32 / x.block];
     const int64_t g0 = c * 32 / group, g1 = (c * 32 + 16) / group;
     for (int i = 0; i < R; i++) {
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + i * k + c * 32));
-      const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+      if constexpr (W) isum = _mm256_dpbusd_epi32(_mm256_slli_epi32(isum, 8), wv, xl);
       // Lanes 0-3 hold values 0-15, lanes 4-7 values 16-31.
       const __m256 scale =
           _mm256_set_m128(_mm_set1_ps(sc[i * groups + g1] * dx), _mm_set1_ps(sc[i * groups + g0] * dx));
@@ -1230,9 +1348,11 @@ static bool has_vnni() {
 // row of w: 56 -> 72 GMAC/s on gemma-3-270m's 5-bit projections).
 static constexpr int64_t kXBlock = 16;
 
-static void qmm_q8(const QuantArgs& a) {
+// The product with activations quantized per block: int8 (llama.cpp's
+// numerics), or with `wide` 16 bits in two bytes (`quantize_row_wide`).
+static void qmm_q8(const QuantArgs& a, bool wide) {
   const bool k_blocks = a.scales.t == mx::float32 && a.k % 256 == 0;
-  std::vector<Q8Row> xs = quantize_rows(a, k_blocks);
+  std::vector<Q8Row> xs = quantize_rows(a, k_blocks, wide);
   const bool fold = biases_fold(a);
   if (fold) {
     for (Q8Row& r : xs) {
@@ -1244,8 +1364,12 @@ static void qmm_q8(const QuantArgs& a) {
   const bool avx2 = l >= AVX2 && a.bits == 4;
   const int64_t groups = a.k / a.group;
   int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(a.k * a.m, 1));
-  const RowKernel direct = (vnni || avx2) ? row_kernel<1>(a.bits, a.group, a.k, vnni) : nullptr;
-  const RowKernel direct4 = (vnni || avx2) ? row_kernel<4>(a.bits, a.group, a.k, vnni) : nullptr;
+  const RowKernel direct = !(vnni || avx2) ? nullptr
+                           : wide         ? row_kernel<1, true>(a.bits, a.group, a.k, vnni)
+                                          : row_kernel<1, false>(a.bits, a.group, a.k, vnni);
+  const RowKernel direct4 = !(vnni || avx2) ? nullptr
+                            : wide         ? row_kernel<4, true>(a.bits, a.group, a.k, vnni)
+                                           : row_kernel<4, false>(a.bits, a.group, a.k, vnni);
   const bool unpacked = direct == nullptr && a.bits != 4 && a.bits != 8;
   parallel_range(a.n, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> sbuf(4 * groups), bbuf(4 * groups);
@@ -1288,7 +1412,8 @@ static void qmm_q8(const QuantArgs& a) {
       for (int64_t r = 0; r < a.m; r++) {
         if (unpacked) {
           if (vnni && rows == 4) {
-            q8_unpacked_vnni<4>(xs[r], bytes.data(), a.k, a.group, sc, bi, out);
+            wide ? q8_unpacked_vnni<4, true>(xs[r], bytes.data(), a.k, a.group, sc, bi, out)
+                 : q8_unpacked_vnni<4, false>(xs[r], bytes.data(), a.k, a.group, sc, bi, out);
           } else {
             for (int i = 0; i < rows; i++)
               out[i] = q8_unpacked_scalar(xs[r], bytes.data() + i * a.k, a.k, a.group, sc + i * groups,
@@ -1310,9 +1435,12 @@ static bool q8_covers(int bits, int group, int64_t k) {
   return bits >= 2 && bits <= 8 && (group == 16 || group % 32 == 0) && k % 32 == 0;
 }
 
-static void qmm(const QuantArgs& a, bool q8) {
-  if (q8 && q8_covers(a.bits, a.group, a.k)) {
-    qmm_q8(a);
+// How the quantized product takes its activations (`Activations` in Rust).
+enum class Act : int { Float = 0, Int8 = 1, Int16 = 2 };
+
+static void qmm(const QuantArgs& a, Act act) {
+  if (act != Act::Float && q8_covers(a.bits, a.group, a.k)) {
+    qmm_q8(a, act == Act::Int16);
     return;
   }
   Prepared p = prepare(a);
@@ -1408,8 +1536,8 @@ class QuantMatmul : public mx::UnaryPrimitive {
  public:
   // `bias_of_scale`: when not 0, every bias is this multiple of its scale
   // (read from the scales; the biases are not read).
-  QuantMatmul(mx::Stream s, int group, int bits, bool q8, float bias_of_scale)
-      : UnaryPrimitive(s), group_(group), bits_(bits), q8_(q8), bias_of_scale_(bias_of_scale) {}
+  QuantMatmul(mx::Stream s, int group, int bits, Act act, float bias_of_scale)
+      : UnaryPrimitive(s), group_(group), bits_(bits), act_(act), bias_of_scale_(bias_of_scale) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
     run_on_stream(stream(), in, out, [x = mx::array::unsafe_weak_copy(in[0]),
@@ -1419,7 +1547,7 @@ class QuantMatmul : public mx::UnaryPrimitive {
                   out = mx::array::unsafe_weak_copy(out),
                   group = group_,
                   bits = bits_,
-                  q8 = q8_,
+                  act = act_,
                   tied = bias_of_scale_]() mutable {
       F32View xv(x);
       QuantArgs a;
@@ -1433,7 +1561,7 @@ class QuantMatmul : public mx::UnaryPrimitive {
       a.y = out.data<float>();
       a.group = group;
       a.bits = bits;
-      qmm(a, q8);
+      qmm(a, act);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -1444,12 +1572,12 @@ class QuantMatmul : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantMatmul&>(other);
-    return group_ == o.group_ && bits_ == o.bits_ && q8_ == o.q8_ && bias_of_scale_ == o.bias_of_scale_;
+    return group_ == o.group_ && bits_ == o.bits_ && act_ == o.act_ && bias_of_scale_ == o.bias_of_scale_;
   }
 
  private:
   int group_, bits_;
-  bool q8_;
+  Act act_;
   float bias_of_scale_;
 };
 
@@ -1814,11 +1942,33 @@ static inline float gelu_tanh_mlx(float x) {
   return (0.5f * x) * (1.0f + t);
 }
 
-// The gate's activation of a `Glu`.
-enum class GluKind : int { Silu = 0, GeluF16 = 1, GeluTanh = 2 };
+// The same function as x sigmoid(2 y) for y = sqrt(2 / pi) (x + 0.044715
+// x^3) ((1 + tanh y) / 2 = sigmoid(2 y)), 16 values at a time with `exp16`:
+// within 1e-5 of the exact function, relatively (the rounding of y to
+// float32 moves exp(-2 y) where y is large; MLX's formula loses more where
+// 1 + tanh y cancels, at x below about -3).
+LMSPEC_AVX512 static void geglu_sigmoid_row_avx512(const float* g, const float* u, float* y, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f), c = _mm512_set1_ps(-2.f * 0.7978845608028654f);
+  const __m512 k3 = _mm512_set1_ps(0.044715f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(k, g + i);
+    const __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(k3, _mm512_mul_ps(x, x)), x, x);
+    const __m512 gelu = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_mul_ps(c, inner))));
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(gelu, _mm512_maskz_loadu_ps(k, u + i)));
+  }
+}
 
-// `act(gate) * up` row by row: SiLU, llama.cpp's float16-table GELU, or
-// MLX's tanh GELU.
+static inline float gelu_sigmoid(float x) {
+  const float inner = x + 0.044715f * x * x * x;
+  return x / (1.f + std::exp(-2.f * 0.7978845608028654f * inner));
+}
+
+// The gate's activation of a `Glu`.
+enum class GluKind : int { Silu = 0, GeluF16 = 1, GeluTanh = 2, GeluSigmoid = 3 };
+
+// `act(gate) * up` row by row: SiLU, llama.cpp's float16-table GELU,
+// MLX's tanh GELU, or the same function in its sigmoid form.
 class Glu : public mx::UnaryPrimitive {
  public:
   Glu(mx::Stream s, GluKind kind) : UnaryPrimitive(s), kind_(kind) {}
@@ -1848,6 +1998,10 @@ class Glu : public mx::UnaryPrimitive {
           float* yr = y + r * width;
           if (kind == GluKind::GeluTanh) {
             for (int64_t i = 0; i < width; i++) yr[i] = gelu_tanh_mlx(gr[i]) * ur[i];
+          } else if (kind == GluKind::GeluSigmoid && wide) {
+            geglu_sigmoid_row_avx512(gr, ur, yr, width);
+          } else if (kind == GluKind::GeluSigmoid) {
+            for (int64_t i = 0; i < width; i++) yr[i] = gelu_sigmoid(gr[i]) * ur[i];
           } else if (table != nullptr && wide) {
             geglu_f16_row_avx512(table, gr, ur, yr, width);
           } else if (table != nullptr) {
@@ -1868,6 +2022,7 @@ class Glu : public mx::UnaryPrimitive {
     switch (kind_) {
       case GluKind::GeluF16: return "LmspecGegluF16";
       case GluKind::GeluTanh: return "LmspecGegluTanh";
+      case GluKind::GeluSigmoid: return "LmspecGegluSigmoid";
       default: return "LmspecSwiglu";
     }
   }
@@ -2295,7 +2450,7 @@ int lmspec_qmatmul(
     const void* biases,
     int group,
     int bits,
-    int q8,
+    int act,
     float bias_of_scale,
     char* err,
     size_t len) {
@@ -2310,11 +2465,12 @@ int lmspec_qmatmul(
     if (xa.ndim() < 1 || xa.shape(-1) != k)
       throw std::invalid_argument("x's last axis does not match w's packed width");
     if (group <= 0 || k % group != 0) throw std::invalid_argument("group does not divide the input width");
+    if (act < 0 || act > 2) throw std::invalid_argument("activations must be 0 (float), 1 (int8) or 2 (int16)");
     auto shape = xa.shape();
     shape.back() = wa.shape(0);
     std::vector<array> ins = {
         xa, lmspec::row_major(wa, s), lmspec::row_major(A(scales), s), lmspec::row_major(A(biases), s)};
-    return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, q8 != 0, bias_of_scale), std::move(ins));
+    return array(shape, mx::float32, std::make_shared<lmspec::QuantMatmul>(s, group, bits, lmspec::Act(act), bias_of_scale), std::move(ins));
   });
 }
 
@@ -2346,7 +2502,7 @@ int lmspec_glu(void** out, const void* gate, const void* up, int kind, char* err
     const array& u = A(up);
     if (g.dtype() != mx::float32 || u.dtype() != mx::float32) throw std::invalid_argument("gate and up must be float32");
     if (g.shape() != u.shape() || g.ndim() == 0) throw std::invalid_argument("gate and up must have one shape");
-    if (kind < 0 || kind > 2) throw std::invalid_argument("unknown glu kind");
+    if (kind < 0 || kind > 3) throw std::invalid_argument("unknown glu kind");
     return array(g.shape(), mx::float32, std::make_shared<lmspec::Glu>(s, lmspec::GluKind(kind)),
                  std::vector<array>{g, u});
   });

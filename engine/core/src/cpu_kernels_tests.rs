@@ -62,7 +62,7 @@ fn biases_tied_to_the_scales_are_not_read() {
             "MLX's own biases"
         );
         let zeros = mlx_rs::ops::zeros_like(&tied).expect("zeros");
-        for activations in [Activations::Float, Activations::Int8] {
+        for activations in [Activations::Float, Activations::Int8, Activations::Int16] {
             for rows in [1, 5] {
                 let x = array(&[rows, k], 810 + rows as u64);
                 let read = quantized_matmul(&x, &wq, &s, &tied, 32, bits, activations)
@@ -93,7 +93,7 @@ fn strided_inputs_read_as_their_values() {
     let gaps = wide.index((.., 0..k));
     for x in [&t, &gaps] {
         let dense = x.contiguous().expect("copy");
-        for act in [Activations::Float, Activations::Int8] {
+        for act in [Activations::Float, Activations::Int8, Activations::Int16] {
             let got = host(&quantized_matmul(x, &wq, &s, &b, 32, 4, act).expect("strided"));
             let want = host(&quantized_matmul(&dense, &wq, &s, &b, 32, 4, act).expect("dense"));
             assert_eq!(got, want, "{act:?} {:?}", x.strides());
@@ -406,6 +406,115 @@ fn int8_product_at(n: i32, k: i32) {
 }
 
 #[test]
+fn int16_activation_product_is_float32_within_its_bound() {
+    expect_forced_level();
+    // 544: an odd number of 32-value blocks (the 4-bit kernel pairs them).
+    for (n, k) in [(36, 512), (20, 544)] {
+        for bits in [2, 3, 4, 5, 6, 8] {
+            for (group, scale_dtype) in [
+                (32, Dtype::Float16),
+                (64, Dtype::Bfloat16),
+                (32, Dtype::Float32),
+                (16, Dtype::Float32),
+            ] {
+                if (group == 16 && matches!(bits, 4 | 8)) || k % group != 0 {
+                    continue;
+                }
+                int16_product_at(n, k, bits, group, scale_dtype);
+            }
+        }
+    }
+}
+
+/// Against float64 sums of the dequantized weights: each activation is
+/// within 1/65024 of its block's (32 values) largest magnitude, so an
+/// output within the sum of |weight| times that, plus float32 roundings.
+fn int16_product_at(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype) {
+    let w = array(&[n, k], 600 + bits as u64 + group as u64);
+    let (wq, s, b) = mlx_rs::ops::quantize(&w, group.max(32), bits).expect("quantize");
+    let (s, b) = if group == 16 {
+        let shape = [n, k / 16];
+        let s = mlx_rs::ops::abs(array(&shape, 940 + bits as u64)).expect("s");
+        (s, array(&shape, 941 + bits as u64))
+    } else {
+        (s, b)
+    };
+    let (s, b) = (
+        s.as_dtype(scale_dtype).expect("s"),
+        b.as_dtype(scale_dtype).expect("b"),
+    );
+    let ones = mlx_rs::ops::ones::<f32>(&[n, k / 32]).expect("ones");
+    let zeros = mlx_rs::ops::zeros::<f32>(&[n, k / 32]).expect("zeros");
+    let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, 32, bits).expect("q"));
+    let (sf, bf) = (host(&s), host(&b));
+    // 5 rows: 4 through the kernel's several-row path, 1 alone; a wide
+    // range of magnitudes within each row.
+    let x = mlx_rs::ops::multiply(
+        array(&[5, k], 177 + bits as u64),
+        mlx_rs::ops::exp(
+            mlx_rs::ops::multiply(array(&[5, k], 178), Array::from_f32(4.0)).expect("e"),
+        )
+        .expect("exp"),
+    )
+    .expect("x");
+    let xs = host(&x);
+    let ours =
+        host(&quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Int16).expect("kernel"));
+    let (k, g) = (k as usize, group as usize);
+    for r in 0..5 {
+        let xr = &xs[r * k..(r + 1) * k];
+        let step: Vec<f64> = xr
+            .chunks(32)
+            .map(|c| c.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) / 65024.0)
+            .collect();
+        for j in 0..n as usize {
+            let (mut exact, mut bound, mut size) = (0f64, 0f64, 0f64);
+            for i in 0..k {
+                let at = j * (k / g) + i / g;
+                let wv = qw[j * k + i] as f64 * sf[at] as f64 + bf[at] as f64;
+                exact += wv * xr[i] as f64;
+                bound += (qw[j * k + i] as f64 * sf[at] as f64).abs() * step[i / 32];
+                size += xr[i].abs() as f64
+                    * ((qw[j * k + i] as f64 * sf[at] as f64).abs() + (bf[at] as f64).abs());
+            }
+            let err = (ours[r * n as usize + j] as f64 - exact).abs();
+            assert!(
+                err <= bound * 1.001 + 2e-6 * size,
+                "bits {bits} group {group} {scale_dtype:?} row {r} out {j}: {err} > {bound} (+ {size})"
+            );
+        }
+    }
+}
+
+#[test]
+fn geglu_sigmoid_is_the_tanh_gelu() {
+    expect_forced_level();
+    // Gates across the GELU's range and beyond; 77: a partial vector.
+    let g = mlx_rs::ops::multiply(array(&[3, 77], 64), Array::from_f32(40.0)).expect("g");
+    let u = array(&[3, 77], 65);
+    let ours = host(&geglu_sigmoid(&g, &u).expect("kernel"));
+    let (gs, us) = (host(&g), host(&u));
+    for (i, (&x, &up)) in gs.iter().zip(&us).enumerate() {
+        let x64 = x as f64;
+        let y = 0.7978845608028654 * (x64 + 0.044715 * x64 * x64 * x64);
+        // 0.5 x (1 + tanh y) in float64, as x / (1 + exp(-2 y)): the same
+        // value without the cancellation of 1 + tanh y at large negative y.
+        let want = x64 / (1.0 + (-2.0 * y).exp()) * up as f64;
+        assert!(
+            y.abs() > 3.0 || (want - 0.5 * x64 * (1.0 + y.tanh()) * up as f64).abs() <= 1e-12,
+            "the two forms at {x}"
+        );
+        assert!(
+            // The rounding of y in float32 (a few ulp of y) moves exp(-2 y)
+            // by up to about 4 ulp of y relatively, where y is large.
+            (ours[i] as f64 - want).abs() <= 1e-5 * want.abs() + 1e-30,
+            "gate {x}: {} vs {want}",
+            ours[i]
+        );
+    }
+}
+
+#[test]
 fn dequantization_equals_mlx() {
     for bits in [2, 3, 4, 5, 6, 8] {
         for group in [32, 64] {
@@ -570,6 +679,8 @@ fn every_path_gives_the_same_products() {
     let tests = [
         "cpu_kernels::tests::quantized_product_matches_mlx_and_float64",
         "cpu_kernels::tests::int8_activation_product_matches_the_block_formula",
+        "cpu_kernels::tests::int16_activation_product_is_float32_within_its_bound",
+        "cpu_kernels::tests::geglu_sigmoid_is_the_tanh_gelu",
         "cpu_kernels::tests::sixteen_value_groups_multiply_and_dequantize",
         "cpu_kernels::tests::geglu_f16_is_llama_cpps_table_gelu",
         "cpu_kernels::tests::biases_tied_to_the_scales_are_not_read",

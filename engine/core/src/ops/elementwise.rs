@@ -65,27 +65,36 @@ impl Op for Activation {
     }
 }
 
-/// Builds a `glu` node. Under int8 activations (llama.cpp's numerics) a
-/// tanh-GELU gate takes llama.cpp's float16-table GELU (as its `geglu`).
+/// Builds a `glu` node. A tanh-GELU gate takes, under int8 activations
+/// (llama.cpp's numerics), llama.cpp's float16-table GELU (as its `geglu`);
+/// under int16 ones (float32's within a tolerance), the vectorized sigmoid
+/// form of the same function.
 pub(crate) fn build_glu(c: &Glu) -> Box<dyn Op> {
-    let int8 = crate::cpu_kernels::build_activations() == crate::cpu_kernels::Activations::Int8;
-    if int8 && c.r#fn == Act::GeluApprox && c.limit.is_none() {
-        return Box::new(GegluF16);
+    use crate::cpu_kernels::Activations;
+    if c.r#fn == Act::GeluApprox && c.limit.is_none() {
+        match crate::cpu_kernels::build_activations() {
+            Activations::Int8 => return Box::new(GegluKernel(Activations::Int8)),
+            Activations::Int16 => return Box::new(GegluKernel(Activations::Int16)),
+            Activations::Float => {}
+        }
     }
     Box::new(c.clone())
 }
 
-/// `gelu(gate) * up` with llama.cpp's GELU where lmspec's CPU kernels run,
-/// else the tanh approximation in float32.
+/// `gelu(gate) * up` with the GELU of these activations (see `build_glu`)
+/// where lmspec's CPU kernels run, else the tanh approximation in float32.
 #[derive(Debug)]
-struct GegluF16;
+struct GegluKernel(crate::cpu_kernels::Activations);
 
-impl Op for GegluF16 {
+impl Op for GegluKernel {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        use crate::cpu_kernels as cpu;
+        use crate::cpu_kernels::{self as cpu, Activations};
         let (gate, up) = (inputs[0], inputs[1]);
         if cpu_glu(gate, up) {
-            return cpu::geglu_f16(gate, up);
+            return match self.0 {
+                Activations::Int8 => cpu::geglu_f16(gate, up),
+                _ => cpu::geglu_sigmoid(gate, up),
+            };
         }
         mlx_rs::ops::multiply(activate(Act::GeluApprox, gate)?, up)
     }

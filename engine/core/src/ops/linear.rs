@@ -181,7 +181,9 @@ fn quantized(x: &Array, q: &Quantized<'_>, activations: Activations) -> Result<A
     let k = x.shape().last().copied().unwrap_or(0).max(1);
     let rows = input_rows(x);
     if cpu::supports_bits(bits) && cpu::all_f32(&[x]) && x.ndim() >= 1 && cpu::enabled() {
-        // int8 activations are llama.cpp's numerics for every row count.
+        // int8 activations are llama.cpp's numerics for every row count;
+        // int16 ones, float32's within their tolerance, take BLAS for a
+        // prompt as float32 does (faster there than the integer products).
         if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
             return cpu::quantized_matmul_tied(
                 x,
