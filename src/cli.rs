@@ -1025,8 +1025,9 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
     if let Some(group) = lmspec::engine::distributed::Group::from_env()? {
         opts = opts.with_parallel(group);
     }
-    // How quantized products on the CPU treat activations: `float` (the
-    // default, MLX's numerics) or `int8` (llama.cpp's).
+    // How quantized products on the CPU treat activations: `float` (MLX's
+    // numerics), `int8` (llama.cpp's) or `int16` (float32's within a bound;
+    // the default for quantized weights: see `LoadOptions::activations`).
     if let Ok(a) = std::env::var("LMSPEC_ACTIVATIONS") {
         let a = lmspec::engine::cpu_kernels::Activations::parse(&a).ok_or_else(|| {
             anyhow!("LMSPEC_ACTIVATIONS={a}: expected `float`, `int8` or `int16`")

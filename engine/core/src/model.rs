@@ -114,9 +114,11 @@ pub struct LoadOptions {
     pub task: lmspec_spec::raw::Task,
     /// A LoRA/DoRA adapter to attach (see [`crate::adapter`]).
     pub adapter: Option<crate::adapter::AdapterSource>,
-    /// How quantized products on the CPU treat activations; `None`:
-    /// float32, MLX's numerics (int8 blocks are llama.cpp's; see
-    /// [`crate::cpu_kernels::Activations`]).
+    /// How quantized products on the CPU treat activations; `None`: 16-bit
+    /// blocks where the model holds quantized weights (float32's numerics
+    /// within a bound, at close to int8's speed), float32 (MLX's numerics,
+    /// bit for bit) where it holds none. int8 blocks are llama.cpp's; see
+    /// [`crate::cpu_kernels::Activations`].
     pub activations: Option<crate::cpu_kernels::Activations>,
     /// The tensor-parallel group this process is a rank of: the model is
     /// split across its ranks as the spec's `parallel` section and `shard`
@@ -370,7 +372,13 @@ impl Model {
             }
             None => (None, std::collections::HashMap::new()),
         };
-        let activations = opts.activations.unwrap_or_default();
+        let activations = opts
+            .activations
+            .unwrap_or(if weights::has_quantized(&params) {
+                crate::cpu_kernels::Activations::Int16
+            } else {
+                crate::cpu_kernels::Activations::Float
+            });
         let plan = crate::distributed::with_group(group, || {
             crate::cpu_kernels::with_activations(activations, || {
                 Plan::build_adapted(&graph, params, opts.fuse(), &adapted)
