@@ -1154,11 +1154,43 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
 LMSPEC_Q4_ROW(q4_row_vnni, LMSPEC_VNNI, dot_pair4_vnni)
 LMSPEC_Q4_ROW(q4_row_avx2, LMSPEC_AVX2, dot_pair4_avx2)
 
+// One block of 32 8-bit weights times one of x's, as 8 int32 sums of
+// four: with W, 256 times the first byte's plus the second's.
+template <bool W>
+LMSPEC_VNNI static inline __m256i q8_block_dot(const uint8_t* w, const int8_t* xq, const int8_t* xl) {
+  const __m256i wv = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, _mm256_loadu_si256((const __m256i*)xq));
+  if constexpr (!W) return is;
+  return _mm256_dpbusd_epi32(_mm256_slli_epi32(is, 8), wv, _mm256_loadu_si256((const __m256i*)xl));
+}
+
 // Row j of 8-bit w against M int8 rows of x, one block of 32 per step.
 template <int Gb, int M, bool W>
 LMSPEC_VNNI static void q8_row_vnni(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   const uint8_t* w = a.w + j * a.k;
+  if constexpr (M == 1 && W) {
+    // One row of x (a decode step; the output head): the blocks alternate
+    // between two running totals, so each block's multiply-add does not
+    // wait for the last one's.
+    const int8_t *xq = x[0].q.data(), *xl = x[0].lo.data();
+    const float* xd = x[0].dblk.data();
+    const int64_t blocks = a.k / 32;
+    __m256 even = _mm256_setzero_ps(), odd = even;
+    int64_t c = 0;
+    for (; c + 2 <= blocks; c += 2) {
+      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, xq + c * 32, xl + c * 32)),
+                             _mm256_set1_ps(sc[c / Gb] * xd[c]), even);
+      odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32 + 32, xq + c * 32 + 32, xl + c * 32 + 32)),
+                            _mm256_set1_ps(sc[(c + 1) / Gb] * xd[c + 1]), odd);
+    }
+    if (c < blocks) {
+      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, xq + c * 32, xl + c * 32)),
+                             _mm256_set1_ps(sc[c / Gb] * xd[c]), even);
+    }
+    out[0] = hsum256(add_bias_terms(a, x[0], bi, _mm256_add_ps(even, odd)));
+    return;
+  }
   __m256 acc[M];
   for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < a.k / 32; c++) {
