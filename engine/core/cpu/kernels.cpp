@@ -1076,15 +1076,15 @@ LMSPEC_AVX2 static inline __m256 add_bias_terms(const QuantArgs& a, const Q8Row&
 }
 
 // Integer dot products of one block pair (lanes 0-3 block c, 4-7 block
-// c + 1) as 8 int32 lanes: AVX-512 VNNI, or AVX2 `maddubs` (4-bit weights
-// only: 15 * 127 * 4 fits in 16 bits).
-LMSPEC_VNNI static inline __m256i dot_pair4_vnni(__m256i lo, __m256i hi, __m256i xe, __m256i xo) {
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe), hi, xo);
+// c + 1) added to 8 int32 lanes `acc`: AVX-512 VNNI, or AVX2 `maddubs`
+// (4-bit weights only: 15 * 127 * 4 fits in 16 bits).
+LMSPEC_VNNI static inline __m256i dot_pair4_vnni(__m256i acc, __m256i lo, __m256i hi, __m256i xe, __m256i xo) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, xe), hi, xo);
 }
 
-LMSPEC_AVX2 static inline __m256i dot_pair4_avx2(__m256i lo, __m256i hi, __m256i xe, __m256i xo) {
+LMSPEC_AVX2 static inline __m256i dot_pair4_avx2(__m256i acc, __m256i lo, __m256i hi, __m256i xe, __m256i xo) {
   const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
 // The weight scales of a block pair times the activation scales, per
@@ -1123,11 +1123,11 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
       const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);      \
       for (int i = 0; i < M; i++) {                                                                        \
         const int8_t* xq = x[i].pairs.data() + c * 32;                                                     \
-        __m256i is = DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xq), _mm256_loadu_si256((const __m256i*)(xq + 32))); \
+        __m256i is = DOT(zero, lo, hi, _mm256_loadu_si256((const __m256i*)xq), _mm256_loadu_si256((const __m256i*)(xq + 32))); \
         if constexpr (W) {                                                                                 \
           const int8_t* xl = x[i].pairs_lo.data() + c * 32;                                                \
-          is = _mm256_add_epi32(_mm256_slli_epi32(is, 8),                                                  \
-                                DOT(lo, hi, _mm256_loadu_si256((const __m256i*)xl), _mm256_loadu_si256((const __m256i*)(xl + 32)))); \
+          is = DOT(_mm256_slli_epi32(is, 8), lo, hi, _mm256_loadu_si256((const __m256i*)xl),               \
+                   _mm256_loadu_si256((const __m256i*)(xl + 32)));                                         \
         }                                                                                                  \
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), pair_scales<Gb>(sc, x[i], c), acc[i]);            \
       }                                                                                                    \
@@ -1139,10 +1139,10 @@ LMSPEC_AVX2 static inline __m256 pair_scales(const float* sc, const Q8Row& x, in
       const __m256i hi = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), zero, 0xF0);    \
       for (int i = 0; i < M; i++) {                                                                        \
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].pairs.data() + c * 32));              \
-        __m256i is = DOT(lo, hi, xv, _mm256_permute2x128_si256(xv, xv, 0x11));                             \
+        __m256i is = DOT(zero, lo, hi, xv, _mm256_permute2x128_si256(xv, xv, 0x11));                       \
         if constexpr (W) {                                                                                 \
           const __m256i xl = _mm256_loadu_si256((const __m256i*)(x[i].pairs_lo.data() + c * 32));          \
-          is = _mm256_add_epi32(_mm256_slli_epi32(is, 8), DOT(lo, hi, xl, _mm256_permute2x128_si256(xl, xl, 0x11))); \
+          is = DOT(_mm256_slli_epi32(is, 8), lo, hi, xl, _mm256_permute2x128_si256(xl, xl, 0x11));         \
         }                                                                                                  \
         const __m256 sv = _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]);                                       \
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), sv, acc[i]);                                      \
