@@ -881,10 +881,6 @@ static void arrange_nibble_orders(const std::vector<int8_t>& plain, int64_t k, s
   if (k32 % 2 == 1) std::memcpy(pairs.data() + (k32 - 1) * 32, q.data() + (k32 - 1) * 32, 32);
 }
 
-// 16-bit activations (`Q8Row::lo`), blocks of 32: per value the nearest of
-// the block's largest magnitude times i / 127 (the first byte, i), then
-// the remainder to the nearest 256th of that step (the second byte); the
-// bias terms take the plain float sums of x, as the float product.
 // One block of 32 as `quantize_row_wide` quantizes it, 16 values per
 // instruction (the same roundings: to nearest, ties to even); its scale.
 LMSPEC_Q8X static float quantize_wide_avx512(const float* xb, int8_t* hi, int8_t* lo) {
@@ -902,6 +898,10 @@ LMSPEC_Q8X static float quantize_wide_avx512(const float* xb, int8_t* hi, int8_t
   return amax;
 }
 
+// 16-bit activations (`Q8Row::lo`), blocks of 32: per value the nearest of
+// the block's largest magnitude times i / 127 (the first byte, i), then
+// the remainder to the nearest 256th of that step (the second byte); the
+// bias terms take the plain float sums of x, as the float product.
 static void quantize_row_wide(const QuantArgs& a, const float* x, Q8Row& row) {
   const int64_t blocks = a.k / 32, groups = a.k / a.group;
   row.block = 32;
@@ -1194,14 +1194,8 @@ LMSPEC_VNNI static void q8_row_vnni(
   __m256 acc[M];
   for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < a.k / 32; c++) {
-    const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + c * 32));
     for (int i = 0; i < M; i++) {
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(x[i].q.data() + c * 32));
-      __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-      if constexpr (W) {
-        const __m256i xl = _mm256_loadu_si256((const __m256i*)(x[i].lo.data() + c * 32));
-        is = _mm256_dpbusd_epi32(_mm256_slli_epi32(is, 8), wv, xl);
-      }
+      const __m256i is = q8_block_dot<W>(w + c * 32, x[i].q.data() + c * 32, W ? x[i].lo.data() + c * 32 : nullptr);
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), acc[i]);
     }
   }
@@ -1261,7 +1255,7 @@ LMSPEC_VBMI_VNNI static void qx_row_vbmi(
     const __m512 s = _mm512_permutexvar_ps(vgroup, _mm512_maskz_loadu_ps(scale_mask, sc + c * 64 / G));
 #define LMSPEC_QX_STEP(i, acc)                                                                               \
   acc = _mm512_fmadd_ps(                                                                                     \
-      _mm512_cvtepi32_ps(qx_dot<W>(vals, xq[i] + c * 64, xl[i] + c * 64)),                                  \
+      _mm512_cvtepi32_ps(qx_dot<W>(vals, xq[i] + c * 64, W ? xl[i] + c * 64 : nullptr)),                    \
       _mm512_mul_ps(s, _mm512_loadu_ps(xd[i] + c * 16)), acc)
     LMSPEC_QX_STEP(0, acc0);
     if constexpr (M > 1) LMSPEC_QX_STEP(1, acc1);
