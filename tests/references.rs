@@ -143,6 +143,12 @@ fn smollm2_with_int16_activations_follows_mlx_lm() {
     let int16 = lmspec::lm::LanguageModel::load(&crate::generation::default_model(), &opts)
         .expect("SmolLM2 loads with int16 activations");
     lm.perform(|lm| {
+        // The default for quantized weights; float32 for a float checkpoint.
+        assert_eq!(lm.model.activations, Activations::Int16);
+        let float_model =
+            crate::support::load_model(&goldens().join("llama/model"), &library(), None)
+                .expect("tiny llama loads");
+        assert_eq!(float_model.activations, Activations::Float);
         let mut worst = 0f32;
         let mut report = Vec::new();
         for p in reference["prompts"].as_array().expect("prompts") {

@@ -82,6 +82,10 @@ pub struct Header {
     /// Threads the engine computes on (llama.cpp's `n_threads`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// lmspec's activations for quantized products on the CPU (`float`,
+    /// `int8`, `int16`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<String>,
     /// The prompt's token ids (lmspec's header; mlx-lm reads them from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Vec<u32>>,
@@ -257,6 +261,7 @@ impl Ours {
             mlx_lm_version: None,
             llama_cpp_version: None,
             threads: Some(lmspec_engine::cpu_kernels::threads()),
+            activations: Some(model.activations.name().to_string()),
             prompt: Some(prompt.clone()),
         };
         let params = GenerateParams {
@@ -609,8 +614,13 @@ pub fn run(
 /// A side-by-side table of two reports.
 pub fn ratio_table(ours: &EngineReport, theirs: &EngineReport, name: &str) -> String {
     let (h, t) = (&ours.header, &theirs.header);
+    let activations = h
+        .activations
+        .as_ref()
+        .map(|a| format!(" ({a} activations)"))
+        .unwrap_or_default();
     let mut s = format!(
-        "model {}  weights lmspec={} {name}={}  device {}  prompt {} tokens, {} generated, {} repeats\n",
+        "model {}  weights lmspec={}{activations} {name}={}  device {}  prompt {} tokens, {} generated, {} repeats\n",
         h.model, h.weights, t.weights, h.device, h.prompt_tokens, h.gen_tokens, ours.repeat
     );
     s.push_str(&format!(

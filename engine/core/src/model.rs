@@ -28,6 +28,9 @@ pub struct Model {
     pub(crate) plan: Plan,
     /// Whether quantized weights were expanded to float32 at load.
     pub dequantized: bool,
+    /// How the plan's quantized products on the CPU take activations
+    /// (chosen at load: [`LoadOptions::activations`]).
+    pub activations: crate::cpu_kernels::Activations,
     /// The adapter attached at load, if any.
     pub adapter: Option<crate::adapter::Attached>,
 }
@@ -391,6 +394,7 @@ impl Model {
             graph,
             plan,
             dequantized: dense,
+            activations,
             adapter,
         })
     }
