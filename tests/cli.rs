@@ -483,3 +483,36 @@ fn bench_refuses_more_positions_than_the_context() {
         "{err}"
     );
 }
+
+/// An unknown `LMSPEC_ACTIVATIONS` is refused with the variable, the value
+/// and the modes; a known one loads.
+#[test]
+fn activations_from_the_environment_are_checked() {
+    let _guard = mlx_lock();
+    let model = goldens().join("llama/model");
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .args(["logits", "--model", model.to_str().expect("utf-8")])
+            .args(["--tokens", "1,2"])
+            .env("LMSPEC_ACTIVATIONS", value)
+            .current_dir(root())
+            .output()
+            .expect("lmspec runs")
+    };
+    let out = run("int4");
+    assert!(!out.status.success(), "int4 accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("LMSPEC_ACTIVATIONS=int4") && err.contains("`int16`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for ok in ["float", "int8", "int16"] {
+        let out = run(ok);
+        assert!(
+            out.status.success(),
+            "{ok}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
