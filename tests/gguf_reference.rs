@@ -135,14 +135,5 @@ fn against_llama_cpp(activations: Activations) {
 fn first_step_logits(model: &lmspec::engine::Model, ids: &[u32]) -> Vec<f32> {
     let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
     let input = mlx_rs::Array::from_slice(&ids, &[1, ids.len() as i32]);
-    let logits = model.forward(&input, None).expect("forward");
-    let vocab = *logits.shape().last().expect("axes");
-    let rows = logits
-        .reshape(&[-1, vocab])
-        .and_then(|r| r.as_dtype(mlx_rs::Dtype::Float32))
-        .and_then(|r| r.contiguous())
-        .expect("f32 rows");
-    rows.eval().expect("eval");
-    let all = rows.as_slice::<f32>();
-    all[all.len() - vocab as usize..].to_vec()
+    crate::support::last_row_f32(&model.forward(&input, None).expect("forward"))
 }

@@ -193,26 +193,14 @@ fn logit_distance(a: &Model, b: &Model, prompt: &[u32], tokens: &[u32]) -> f32 {
     let mut input: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     for &next in tokens {
         let x = mlx_rs::Array::from_slice(&input, &[1, input.len() as i32]);
-        let la = last_logits(&a.forward(&x, Some(&mut ca)).expect("forward"));
-        let lb = last_logits(&b.forward(&x, Some(&mut cb)).expect("forward"));
+        let la = crate::support::last_row_f32(&a.forward(&x, Some(&mut ca)).expect("forward"));
+        let lb = crate::support::last_row_f32(&b.forward(&x, Some(&mut cb)).expect("forward"));
         for (u, v) in la.iter().zip(&lb) {
             worst = worst.max((u - v).abs());
         }
         input = vec![next as i32];
     }
     worst
-}
-
-fn last_logits(logits: &mlx_rs::Array) -> Vec<f32> {
-    let vocab = *logits.shape().last().expect("axes");
-    let rows = logits
-        .reshape(&[-1, vocab])
-        .and_then(|r| r.as_dtype(mlx_rs::Dtype::Float32))
-        .and_then(|r| r.contiguous())
-        .expect("rows");
-    rows.eval().expect("eval");
-    let all = rows.as_slice::<f32>();
-    all[all.len() - vocab as usize..].to_vec()
 }
 
 #[test]

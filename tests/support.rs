@@ -63,3 +63,16 @@ pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("an id") as u32)
         .collect()
 }
+
+/// The last row of a logits array (`[..., vocab]`), as float32.
+pub fn last_row_f32(logits: &mlx_rs::Array) -> Vec<f32> {
+    let vocab = *logits.shape().last().expect("axes");
+    let rows = logits
+        .reshape(&[-1, vocab])
+        .and_then(|r| r.as_dtype(mlx_rs::Dtype::Float32))
+        .and_then(|r| r.contiguous())
+        .expect("f32 rows");
+    rows.eval().expect("eval");
+    let all = rows.as_slice::<f32>();
+    all[all.len() - vocab as usize..].to_vec()
+}

@@ -315,7 +315,10 @@ fn int8_activation_product_matches_the_block_formula() {
     }
 }
 
-fn int8_product_at(n: i32, k: i32) {
+/// The widths, group sizes and scale dtypes the activation-product tests
+/// run at width k.
+fn product_cases(k: i32) -> Vec<(i32, i32, Dtype)> {
+    let mut cases = Vec::new();
     for bits in [2, 3, 4, 5, 6, 8] {
         for (group, scale_dtype) in [
             (32, Dtype::Float16),
@@ -324,118 +327,35 @@ fn int8_product_at(n: i32, k: i32) {
             // Sub-blocks of 16 (Q6_K's layout): not a group size MLX makes.
             (16, Dtype::Float32),
         ] {
-            if (group == 16 && matches!(bits, 4 | 8)) || k % group != 0 {
-                continue;
-            }
-            let w = array(&[n, k], 500 + bits as u64 + group as u64);
-            let (wq, s, b) = mlx_rs::ops::quantize(&w, group.max(32), bits).expect("quantize");
-            let (s, b) = if group == 16 {
-                let shape = [n, k / 16];
-                let s = mlx_rs::ops::abs(array(&shape, 900 + bits as u64)).expect("s");
-                (s, array(&shape, 901 + bits as u64))
-            } else {
-                (s, b)
-            };
-            let (s, b) = (
-                s.as_dtype(scale_dtype).expect("s"),
-                b.as_dtype(scale_dtype).expect("b"),
-            );
-            let ones = mlx_rs::ops::ones::<f32>(&[n, k / 32]).expect("ones");
-            let zeros = mlx_rs::ops::zeros::<f32>(&[n, k / 32]).expect("zeros");
-            let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, 32, bits).expect("q"));
-            let (sf, bf) = (host(&s), host(&b));
-            // Q8_K blocks where the scales are float32 and the width allows.
-            let k_blocks = scale_dtype == Dtype::Float32 && k % 256 == 0;
-            // 5 rows: 4 through the kernel's several-row path, 1 alone.
-            let x = array(&[5, k], 77 + bits as u64);
-            let xs = host(&x);
-            let ours = host(
-                &quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Int8).expect("kernel"),
-            );
-            let (k, g) = (k as usize, group as usize);
-            for r in 0..5 {
-                let (q, d, block, full) = q8_reference(&xs[r * k..(r + 1) * k], k_blocks);
-                for j in 0..n as usize {
-                    let mut y = 0f64;
-                    for c in 0..k / 16 {
-                        let isum: i64 = (0..16)
-                            .map(|i| qw[j * k + c * 16 + i] as i64 * q[c * 16 + i] as i64)
-                            .sum();
-                        let qsum: i32 = q[c * 16..c * 16 + 16].iter().sum();
-                        let at = j * (k / g) + c * 16 / g;
-                        y += sf[at] as f64 * d[c * 16 / block] as f64 * isum as f64;
-                        // Against 4-bit float16-scaled weights the sum of
-                        // each 32 values is itself rounded to float16.
-                        y += bf[at] as f64
-                            * match (k_blocks, bits) {
-                                (false, 4) if c % 2 == 0 => {
-                                    let pair: i32 = q[c * 16..c * 16 + 32].iter().sum();
-                                    f16_round(full[c / 2] * pair as f32) as f64
-                                }
-                                (false, 4) => 0.0,
-                                _ => d[c * 16 / block] as f64 * qsum as f64,
-                            };
-                    }
-                    let got = ours[r * n as usize + j] as f64;
-                    let what = format!("bits {bits} group {group} {scale_dtype:?} row {r} out {j}");
-                    assert!(
-                        (got - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                        "{what}: {got} vs {y}"
-                    );
-                }
-            }
-            if group == 16 {
-                continue;
-            }
-            // Within the activation rounding of MLX's float product.
-            let mlx = host(
-                &mlx_rs::ops::quantized_matmul(&x, &wq, &s, &b, true, group, bits).expect("mlx"),
-            );
-            let scale = mlx.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-            let worst = ours
-                .iter()
-                .zip(&mlx)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .fold(0.0, f64::max);
-            assert!(
-                worst < 0.02 * scale,
-                "bits {bits} group {group}: {worst} of {scale}"
-            );
-        }
-    }
-}
-
-#[test]
-fn int16_activation_product_is_float32_within_its_bound() {
-    expect_forced_level();
-    // 544: an odd number of 32-value blocks (the 4-bit kernel pairs them).
-    for (n, k) in [(36, 512), (20, 544)] {
-        for bits in [2, 3, 4, 5, 6, 8] {
-            for (group, scale_dtype) in [
-                (32, Dtype::Float16),
-                (64, Dtype::Bfloat16),
-                (32, Dtype::Float32),
-                (16, Dtype::Float32),
-            ] {
-                if (group == 16 && matches!(bits, 4 | 8)) || k % group != 0 {
-                    continue;
-                }
-                int16_product_at(n, k, bits, group, scale_dtype);
+            if !((group == 16 && matches!(bits, 4 | 8)) || k % group != 0) {
+                cases.push((bits, group, scale_dtype));
             }
         }
     }
+    cases
 }
 
-/// Against float64 sums of the dequantized weights: each activation is
-/// within 1/65024 of its block's (32 values) largest magnitude, so an
-/// output within the sum of |weight| times that, plus float32 roundings.
-fn int16_product_at(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype) {
-    let w = array(&[n, k], 600 + bits as u64 + group as u64);
+/// A quantized weight `[n, k]` for those tests: MLX's quantization of
+/// random values (seed `seed`), or for groups of 16 (which MLX does not
+/// make) its packing with random scales and biases (seeds `seed + 400`,
+/// `seed + 401`); scales and biases as `scale_dtype`. Also the quantized
+/// values and the scales and biases as float32.
+struct TestWeight {
+    wq: Array,
+    s: Array,
+    b: Array,
+    qw: Vec<f32>,
+    sf: Vec<f32>,
+    bf: Vec<f32>,
+}
+
+fn test_weight(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype, seed: u64) -> TestWeight {
+    let w = array(&[n, k], seed + group as u64);
     let (wq, s, b) = mlx_rs::ops::quantize(&w, group.max(32), bits).expect("quantize");
     let (s, b) = if group == 16 {
         let shape = [n, k / 16];
-        let s = mlx_rs::ops::abs(array(&shape, 940 + bits as u64)).expect("s");
-        (s, array(&shape, 941 + bits as u64))
+        let s = mlx_rs::ops::abs(array(&shape, seed + 400)).expect("s");
+        (s, array(&shape, seed + 401))
     } else {
         (s, b)
     };
@@ -447,6 +367,108 @@ fn int16_product_at(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype) {
     let zeros = mlx_rs::ops::zeros::<f32>(&[n, k / 32]).expect("zeros");
     let qw = host(&mlx_rs::ops::dequantize(&wq, &ones, &zeros, 32, bits).expect("q"));
     let (sf, bf) = (host(&s), host(&b));
+    TestWeight {
+        wq,
+        s,
+        b,
+        qw,
+        sf,
+        bf,
+    }
+}
+
+fn int8_product_at(n: i32, k: i32) {
+    for (bits, group, scale_dtype) in product_cases(k) {
+        let TestWeight {
+            wq,
+            s,
+            b,
+            qw,
+            sf,
+            bf,
+        } = test_weight(n, k, bits, group, scale_dtype, 500 + bits as u64);
+        // Q8_K blocks where the scales are float32 and the width allows.
+        let k_blocks = scale_dtype == Dtype::Float32 && k % 256 == 0;
+        // 5 rows: 4 through the kernel's several-row path, 1 alone.
+        let x = array(&[5, k], 77 + bits as u64);
+        let xs = host(&x);
+        let ours = host(
+            &quantized_matmul(&x, &wq, &s, &b, group, bits, Activations::Int8).expect("kernel"),
+        );
+        let (k, g) = (k as usize, group as usize);
+        for r in 0..5 {
+            let (q, d, block, full) = q8_reference(&xs[r * k..(r + 1) * k], k_blocks);
+            for j in 0..n as usize {
+                let mut y = 0f64;
+                for c in 0..k / 16 {
+                    let isum: i64 = (0..16)
+                        .map(|i| qw[j * k + c * 16 + i] as i64 * q[c * 16 + i] as i64)
+                        .sum();
+                    let qsum: i32 = q[c * 16..c * 16 + 16].iter().sum();
+                    let at = j * (k / g) + c * 16 / g;
+                    y += sf[at] as f64 * d[c * 16 / block] as f64 * isum as f64;
+                    // Against 4-bit float16-scaled weights the sum of
+                    // each 32 values is itself rounded to float16.
+                    y += bf[at] as f64
+                        * match (k_blocks, bits) {
+                            (false, 4) if c % 2 == 0 => {
+                                let pair: i32 = q[c * 16..c * 16 + 32].iter().sum();
+                                f16_round(full[c / 2] * pair as f32) as f64
+                            }
+                            (false, 4) => 0.0,
+                            _ => d[c * 16 / block] as f64 * qsum as f64,
+                        };
+                }
+                let got = ours[r * n as usize + j] as f64;
+                let what = format!("bits {bits} group {group} {scale_dtype:?} row {r} out {j}");
+                assert!(
+                    (got - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{what}: {got} vs {y}"
+                );
+            }
+        }
+        if group == 16 {
+            continue;
+        }
+        // Within the activation rounding of MLX's float product.
+        let mlx =
+            host(&mlx_rs::ops::quantized_matmul(&x, &wq, &s, &b, true, group, bits).expect("mlx"));
+        let scale = mlx.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let worst = ours
+            .iter()
+            .zip(&mlx)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 0.02 * scale,
+            "bits {bits} group {group}: {worst} of {scale}"
+        );
+    }
+}
+
+#[test]
+fn int16_activation_product_is_float32_within_its_bound() {
+    expect_forced_level();
+    // 544: an odd number of 32-value blocks (the 4-bit kernel pairs them).
+    for (n, k) in [(36, 512), (20, 544)] {
+        for (bits, group, scale_dtype) in product_cases(k) {
+            int16_product_at(n, k, bits, group, scale_dtype);
+        }
+    }
+}
+
+/// Against float64 sums of the dequantized weights: each activation is
+/// within 1/65024 of its block's (32 values) largest magnitude, so an
+/// output within the sum of |weight| times that, plus float32 roundings.
+fn int16_product_at(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype) {
+    let TestWeight {
+        wq,
+        s,
+        b,
+        qw,
+        sf,
+        bf,
+    } = test_weight(n, k, bits, group, scale_dtype, 600 + bits as u64);
     // 5 rows: 4 through the kernel's several-row path, 1 alone; a wide
     // range of magnitudes within each row.
     let x = mlx_rs::ops::multiply(
