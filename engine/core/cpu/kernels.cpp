@@ -1191,11 +1191,36 @@ LMSPEC_VNNI static void q8_row_vnni(
     out[0] = hsum256(add_bias_terms(a, x[0], bi, _mm256_add_ps(even, odd)));
     return;
   }
+  if constexpr (W) {
+    // Several rows of x: each in the order of the one-row path above, so a
+    // row's product does not depend on the rows beside it (a batch).
+    __m256 even[M], odd[M];
+    for (int i = 0; i < M; i++) even[i] = odd[i] = _mm256_setzero_ps();
+    const int64_t blocks = a.k / 32;
+    int64_t c = 0;
+    for (; c + 2 <= blocks; c += 2) {
+      for (int i = 0; i < M; i++) {
+        const int8_t *xq = x[i].q.data(), *xl = x[i].lo.data();
+        even[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, xq + c * 32, xl + c * 32)),
+                                  _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), even[i]);
+        odd[i] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32 + 32, xq + c * 32 + 32, xl + c * 32 + 32)),
+            _mm256_set1_ps(sc[(c + 1) / Gb] * x[i].dblk[c + 1]), odd[i]);
+      }
+    }
+    for (int i = 0; c < blocks && i < M; i++) {
+      even[i] = _mm256_fmadd_ps(
+          _mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, x[i].q.data() + c * 32, x[i].lo.data() + c * 32)),
+          _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), even[i]);
+    }
+    for (int i = 0; i < M; i++) out[i] = hsum256(add_bias_terms(a, x[i], bi, _mm256_add_ps(even[i], odd[i])));
+    return;
+  }
   __m256 acc[M];
   for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < a.k / 32; c++) {
     for (int i = 0; i < M; i++) {
-      const __m256i is = q8_block_dot<W>(w + c * 32, x[i].q.data() + c * 32, W ? x[i].lo.data() + c * 32 : nullptr);
+      const __m256i is = q8_block_dot<W>(w + c * 32, x[i].q.data() + c * 32, nullptr);
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(sc[c / Gb] * x[i].dblk[c]), acc[i]);
     }
   }

@@ -508,6 +508,33 @@ fn int16_product_at(n: i32, k: i32, bits: i32, group: i32, scale_dtype: Dtype) {
     }
 }
 
+/// A row's product does not depend on the rows beside it (a batch of
+/// sequences decodes as each would alone): several rows at once equal
+/// each row alone, bit for bit, in every mode.
+#[test]
+fn a_rows_product_does_not_depend_on_its_neighbours() {
+    expect_forced_level();
+    let k = 544;
+    for (bits, group, scale_dtype) in product_cases(k) {
+        let TestWeight { wq, s, b, .. } = test_weight(24, k, bits, group, scale_dtype, 700);
+        let x = array(&[6, k], 701 + bits as u64);
+        for act in [Activations::Float, Activations::Int8, Activations::Int16] {
+            let together =
+                host(&quantized_matmul(&x, &wq, &s, &b, group, bits, act).expect("rows"));
+            for r in 0..6 {
+                let row = x.index((r..r + 1, ..));
+                let alone =
+                    host(&quantized_matmul(&row, &wq, &s, &b, group, bits, act).expect("row"));
+                assert_eq!(
+                    alone,
+                    together[r as usize * 24..(r as usize + 1) * 24],
+                    "bits {bits} group {group} {scale_dtype:?} {act:?} row {r}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn geglu_sigmoid_is_the_tanh_gelu() {
     expect_forced_level();
@@ -703,6 +730,7 @@ fn every_path_gives_the_same_products() {
         "cpu_kernels::tests::int8_activation_product_matches_the_block_formula",
         "cpu_kernels::tests::int16_activation_product_is_float32_within_its_bound",
         "cpu_kernels::tests::geglu_sigmoid_is_the_tanh_gelu",
+        "cpu_kernels::tests::a_rows_product_does_not_depend_on_its_neighbours",
         "cpu_kernels::tests::sixteen_value_groups_multiply_and_dequantize",
         "cpu_kernels::tests::geglu_f16_is_llama_cpps_table_gelu",
         "cpu_kernels::tests::biases_tied_to_the_scales_are_not_read",
