@@ -1169,31 +1169,11 @@ template <int Gb, int M, bool W>
 LMSPEC_VNNI static void q8_row_vnni(
     const QuantArgs& a, const Q8Row* x, int64_t j, const float* sc, const float* bi, float* out) {
   const uint8_t* w = a.w + j * a.k;
-  if constexpr (M == 1 && W) {
-    // One row of x (a decode step; the output head): the blocks alternate
-    // between two running totals, so each block's multiply-add does not
-    // wait for the last one's.
-    const int8_t *xq = x[0].q.data(), *xl = x[0].lo.data();
-    const float* xd = x[0].dblk.data();
-    const int64_t blocks = a.k / 32;
-    __m256 even = _mm256_setzero_ps(), odd = even;
-    int64_t c = 0;
-    for (; c + 2 <= blocks; c += 2) {
-      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, xq + c * 32, xl + c * 32)),
-                             _mm256_set1_ps(sc[c / Gb] * xd[c]), even);
-      odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32 + 32, xq + c * 32 + 32, xl + c * 32 + 32)),
-                            _mm256_set1_ps(sc[(c + 1) / Gb] * xd[c + 1]), odd);
-    }
-    if (c < blocks) {
-      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot<W>(w + c * 32, xq + c * 32, xl + c * 32)),
-                             _mm256_set1_ps(sc[c / Gb] * xd[c]), even);
-    }
-    out[0] = hsum256(add_bias_terms(a, x[0], bi, _mm256_add_ps(even, odd)));
-    return;
-  }
   if constexpr (W) {
-    // Several rows of x: each in the order of the one-row path above, so a
-    // row's product does not depend on the rows beside it (a batch).
+    // The blocks alternate between two running totals per row of x, so
+    // each block's multiply-add does not wait for the last one's (a decode
+    // step's output head); every row in the same order, so a row's product
+    // does not depend on the rows beside it (a batch).
     __m256 even[M], odd[M];
     for (int i = 0; i < M; i++) even[i] = odd[i] = _mm256_setzero_ps();
     const int64_t blocks = a.k / 32;
