@@ -2525,7 +2525,8 @@ int lmspec_matvec(void** out, const void* x, const void* wt, char* err, size_t l
   });
 }
 
-// kind: 0 SiLU, 1 llama.cpp's float16-table GELU, 2 MLX's tanh GELU.
+// kind: 0 SiLU, 1 llama.cpp's float16-table GELU, 2 MLX's tanh GELU, 3 its
+// vector sigmoid form.
 int lmspec_glu(void** out, const void* gate, const void* up, int kind, char* err, size_t len) {
   return guarded(out, err, len, [&] {
     auto s = lmspec::cpu_stream();

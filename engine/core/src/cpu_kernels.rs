@@ -212,7 +212,8 @@ pub enum Activations {
     /// nearest 127th, then the remainder in 256ths), integer dot products
     /// of both bytes: within a 65024th of the block's largest magnitude of
     /// float32, at close to int8's speed. The bias terms and everything
-    /// else (GELU included) are float32's.
+    /// else are float32 (a tanh-GELU `glu` in its vector sigmoid form,
+    /// [`geglu_sigmoid`]).
     Int16,
 }
 

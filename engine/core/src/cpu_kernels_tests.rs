@@ -336,7 +336,7 @@ fn product_cases(k: i32) -> Vec<(i32, i32, Dtype)> {
 }
 
 /// A quantized weight `[n, k]` for those tests: MLX's quantization of
-/// random values (seed `seed`), or for groups of 16 (which MLX does not
+/// random values (seed `seed + group`), or for groups of 16 (which MLX does not
 /// make) its packing with random scales and biases (seeds `seed + 400`,
 /// `seed + 401`); scales and biases as `scale_dtype`. Also the quantized
 /// values and the scales and biases as float32.
