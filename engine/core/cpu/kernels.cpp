@@ -1758,16 +1758,24 @@ class RmsNorm : public mx::UnaryPrimitive {
 
 // Rotary embedding of x [B, H, T, D] at positions offset + t, as MLX's
 // rope computes it: theta = (t + offset) * scale * inv_freq, inv_freq =
-// exp(-i * log(base) / (dims/2)) or 1 / freqs[i].
+// exp(-i * log(base) / (dims/2)) or 1 / freqs[i]. One offset serves every
+// row, or each row b has its own, offsets[b] (a batch of sequences at
+// their own positions): a row's values are the same either way.
 class Rope : public mx::UnaryPrimitive {
  public:
-  Rope(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool has_freqs)
+  Rope(mx::Stream s,
+       int dims,
+       bool traditional,
+       float base,
+       float scale,
+       std::vector<int> offsets,
+       bool has_freqs)
       : UnaryPrimitive(s),
         dims_(dims),
         traditional_(traditional),
         base_(base),
         scale_(scale),
-        offset_(offset),
+        offsets_(std::move(offsets)),
         has_freqs_(has_freqs) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
@@ -1780,7 +1788,7 @@ class Rope : public mx::UnaryPrimitive {
                   trad = traditional_,
                   base = base_,
                   scale = scale_,
-                  offset = offset_]() mutable {
+                  offsets = offsets_]() mutable {
       int half = dims / 2;
       std::vector<float> inv(half);
       if (freqs) {
@@ -1791,13 +1799,16 @@ class Rope : public mx::UnaryPrimitive {
         for (int i = 0; i < half; i++) inv[i] = std::exp(float(-i) * step);
       }
       int64_t B = x.shape(0), H = x.shape(1), T = x.shape(2), D = x.shape(3);
-      std::vector<float> cs(T * half), sn(T * half);
-      for (int64_t t = 0; t < T; t++) {
-        float pos = (float(t) + float(offset)) * scale;
-        for (int i = 0; i < half; i++) {
-          float th = pos * inv[i];
-          cs[t * half + i] = std::cos(th);
-          sn[t * half + i] = std::sin(th);
+      int64_t R = int64_t(offsets.size());
+      std::vector<float> cs(R * T * half), sn(R * T * half);
+      for (int64_t r = 0; r < R; r++) {
+        for (int64_t t = 0; t < T; t++) {
+          float pos = (float(t) + float(offsets[r])) * scale;
+          for (int i = 0; i < half; i++) {
+            float th = pos * inv[i];
+            cs[(r * T + t) * half + i] = std::cos(th);
+            sn[(r * T + t) * half + i] = std::sin(th);
+          }
         }
       }
       const float* xs = x.data<float>();
@@ -1811,8 +1822,9 @@ class Rope : public mx::UnaryPrimitive {
             const float* xr = xs + b * st[0] + h * st[1] + t * st[2];
             for (int64_t i = 0; i < D; i++) row[i] = xr[i * st[3]];
             float* orow = o + ((b * H + h) * T + t) * D;
-            const float* c = cs.data() + t * half;
-            const float* s = sn.data() + t * half;
+            int64_t at = ((R == 1 ? 0 : b) * T + t) * half;
+            const float* c = cs.data() + at;
+            const float* s = sn.data() + at;
             for (int i = 0; i < half; i++) {
               int i1 = trad ? 2 * i : i;
               int i2 = trad ? 2 * i + 1 : i + half;
@@ -1835,14 +1847,14 @@ class Rope : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
     return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ &&
-        scale_ == o.scale_ && offset_ == o.offset_ && has_freqs_ == o.has_freqs_;
+        scale_ == o.scale_ && offsets_ == o.offsets_ && has_freqs_ == o.has_freqs_;
   }
 
  private:
   int dims_;
   bool traditional_;
   float base_, scale_;
-  int offset_;
+  std::vector<int> offsets_;
   bool has_freqs_;
 };
 
@@ -2177,8 +2189,10 @@ static void weighted_heads(
 // grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
 class Attention : public mx::UnaryPrimitive {
  public:
-  Attention(mx::Stream s, float scale, bool causal)
-      : UnaryPrimitive(s), scale_(scale), causal_(causal) {}
+  // firsts: the first key each row of the batch sees (the keys before it
+  // are padding), or empty: every row sees every key.
+  Attention(mx::Stream s, float scale, bool causal, std::vector<int> firsts)
+      : UnaryPrimitive(s), scale_(scale), causal_(causal), firsts_(std::move(firsts)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc_out(out);
     run_on_stream(stream(), in, out, [q = mx::array::unsafe_weak_copy(in[0]),
@@ -2186,7 +2200,8 @@ class Attention : public mx::UnaryPrimitive {
                   v = mx::array::unsafe_weak_copy(in[2]),
                   out = mx::array::unsafe_weak_copy(out),
                   scale = scale_,
-                  causal = causal_]() mutable {
+                  causal = causal_,
+                  firsts = firsts_]() mutable {
       int64_t B = q.shape(0), Hq = q.shape(1), Tq = q.shape(2), D = q.shape(3);
       int64_t Hkv = k.shape(1), Tk = k.shape(2), Dv = v.shape(3);
       int64_t rep = Hq / Hkv;
@@ -2204,11 +2219,15 @@ class Attention : public mx::UnaryPrimitive {
       // items for the threads (a decode step with few key/value heads):
       // `split_keys`. Every query row's sums run in the same order as one
       // row alone (`dot`, `axpy`), so a prompt and its decode steps agree
-      // bit for bit.
+      // bit for bit; a padded row's sums start at its first key, so it
+      // agrees with the row alone as well.
+      std::vector<int64_t> first(B, 0);
+      for (int64_t b = 0; b < int64_t(firsts.size()) && b < B; b++)
+        first[b] = std::clamp<int64_t>(firsts[b], 0, Tk);
       const bool wide = level() == AVX512;
       const bool tiled = wide && sk[3] == 1 && sv[3] == 1 && D % 16 == 0 && Dv % 16 == 0 && rep <= kAttnRows;
       if (tiled && B * Hkv * Tq < 2 * pool().size() && pool().size() > 1) {
-        split_keys(qs, sq, ks, sk, vs, sv, o, B, Hq, Hkv, Tq, Tk, D, Dv, scale, causal);
+        split_keys(qs, sq, ks, sk, vs, sv, o, B, Hq, Hkv, Tq, Tk, D, Dv, scale, causal, first);
         return;
       }
       const int64_t per = tiled ? rep : 1;
@@ -2219,18 +2238,20 @@ class Attention : public mx::UnaryPrimitive {
         for (int64_t w = w0; w < w1; w++) {
           int64_t b = w / (Hkv * parts * Tq), g = (w / Tq) % (Hkv * parts), t = w % Tq;
           int64_t hk = g / parts, h0 = hk * rep + (g % parts) * per;
-          int64_t last = causal ? std::min(Tk, t + shift + 1) : Tk;
-          const float* kbase = ks + b * sk[0] + hk * sk[1];
-          const float* vbase = vs + b * sv[0] + hk * sv[1];
+          const int64_t j0 = first[b];
+          const int64_t last = std::max(j0, causal ? std::min(Tk, t + shift + 1) : Tk);
+          const int64_t n = last - j0;
+          const float* kbase = ks + b * sk[0] + hk * sk[1] + j0 * sk[2];
+          const float* vbase = vs + b * sv[0] + hk * sv[1] + j0 * sv[2];
           for (int64_t r = 0; r < per; r++) {
             const float* qr = qs + b * sq[0] + (h0 + r) * sq[1] + t * sq[2];
             for (int64_t i = 0; i < D; i++) qrows[r * D + i] = scale * qr[i * sq[3]];
           }
           if (tiled) {
-            scores_avx512(qrows.data(), int(per), D, kbase, sk[2], last, p.data(), Tk);
+            scores_avx512(qrows.data(), int(per), D, kbase, sk[2], n, p.data(), Tk);
           } else {
             for (int64_t r = 0; r < per; r++) {
-              for (int64_t j = 0; j < last; j++) {
+              for (int64_t j = 0; j < n; j++) {
                 const float* kr = kbase + j * sk[2];
                 float d = 0;
                 if (sk[3] == 1) {
@@ -2245,23 +2266,23 @@ class Attention : public mx::UnaryPrimitive {
           for (int64_t r = 0; r < per; r++) {
             float* pr = p.data() + r * Tk;
             float mx_ = -INFINITY;
-            for (int64_t j = 0; j < last; j++) mx_ = std::max(mx_, pr[j]);
+            for (int64_t j = 0; j < n; j++) mx_ = std::max(mx_, pr[j]);
             float sum = 0;
             if (wide) {
-              sum = exp_shifted_avx512(pr, last, mx_);
+              sum = exp_shifted_avx512(pr, n, mx_);
             } else {
-              for (int64_t j = 0; j < last; j++) {
+              for (int64_t j = 0; j < n; j++) {
                 pr[j] = std::exp(pr[j] - mx_);
                 sum += pr[j];
               }
             }
             float* orow = o + ((b * Hq + h0 + r) * Tq + t) * Dv;
             if (tiled) {
-              weighted_rows_avx512(pr, sum, last, vbase, sv[2], Dv, orow);
+              weighted_rows_avx512(pr, sum, n, vbase, sv[2], Dv, orow);
               continue;
             }
             std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t j = 0; j < last; j++) {
+            for (int64_t j = 0; j < n; j++) {
               float pj = pr[j] / sum;
               const float* vr = vbase + j * sv[2];
               if (sv[3] == 1) {
@@ -2288,16 +2309,20 @@ class Attention : public mx::UnaryPrimitive {
   // bit for bit).
   static void split_keys(const float* qs, const mx::Strides& sq, const float* ks, const mx::Strides& sk,
                          const float* vs, const mx::Strides& sv, float* o, int64_t B, int64_t Hq, int64_t Hkv,
-                         int64_t Tq, int64_t Tk, int64_t D, int64_t Dv, float scale, bool causal) {
+                         int64_t Tq, int64_t Tk, int64_t D, int64_t Dv, float scale, bool causal,
+                         const std::vector<int64_t>& first) {
     const int64_t rep = Hq / Hkv, items = B * Hkv * Tq, shift = Tk - Tq;
+    // Scores and weights of an item sit from its first key on (index 0 of
+    // its rows of p), as the per-item path places them.
     std::vector<float> q(items * rep * D), p(items * rep * Tk);
-    std::vector<int64_t> last(items);
+    std::vector<int64_t> count(items);
     auto base = [&](int64_t it, const float* x, const mx::Strides& st) {
-      return x + (it / (Hkv * Tq)) * st[0] + ((it / Tq) % Hkv) * st[1];
+      const int64_t b = it / (Hkv * Tq);
+      return x + b * st[0] + ((it / Tq) % Hkv) * st[1] + first[b] * st[2];
     };
     for (int64_t it = 0; it < items; it++) {
       const int64_t b = it / (Hkv * Tq), hk = (it / Tq) % Hkv, t = it % Tq;
-      last[it] = causal ? std::min(Tk, t + shift + 1) : Tk;
+      count[it] = std::max<int64_t>(0, (causal ? std::min(Tk, t + shift + 1) : Tk) - first[b]);
       for (int64_t r = 0; r < rep; r++) {
         const float* qr = qs + b * sq[0] + (hk * rep + r) * sq[1] + t * sq[2];
         for (int64_t i = 0; i < D; i++) q[(it * rep + r) * D + i] = scale * qr[i * sq[3]];
@@ -2307,7 +2332,7 @@ class Attention : public mx::UnaryPrimitive {
     const int64_t parts = (Tk + kKeys - 1) / kKeys;
     parallel_range(items * parts, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; w++) {
-        const int64_t it = w / parts, j0 = (w % parts) * kKeys, j1 = std::min(last[it], j0 + kKeys);
+        const int64_t it = w / parts, j0 = (w % parts) * kKeys, j1 = std::min(count[it], j0 + kKeys);
         if (j0 >= j1) continue;
         scores_avx512(q.data() + it * rep * D, int(rep), D, base(it, ks, sk) + j0 * sk[2], sk[2], j1 - j0,
                       p.data() + it * rep * Tk + j0, Tk);
@@ -2316,7 +2341,7 @@ class Attention : public mx::UnaryPrimitive {
     // Softmax weights, each row as the per-item path forms them.
     for (int64_t row = 0; row < items * rep; row++) {
       float* pr = p.data() + row * Tk;
-      const int64_t n = last[row / rep];
+      const int64_t n = count[row / rep];
       float mx_ = -INFINITY;
       for (int64_t j = 0; j < n; j++) mx_ = std::max(mx_, pr[j]);
       const float sum = exp_shifted_avx512(pr, n, mx_);
@@ -2332,7 +2357,7 @@ class Attention : public mx::UnaryPrimitive {
           const int nh = int(std::min<int64_t>(4, rep - r0));
           float* outs[4];
           for (int h = 0; h < nh; h++) outs[h] = o + ((b * Hq + hk * rep + r0 + h) * Tq + t) * Dv;
-          weighted_heads(p.data() + (it * rep + r0) * Tk, Tk, nh, last[it], base(it, vs, sv), sv[2], c0, c1, outs);
+          weighted_heads(p.data() + (it * rep + r0) * Tk, Tk, nh, count[it], base(it, vs, sv), sv[2], c0, c1, outs);
         }
       }
     });
@@ -2342,12 +2367,13 @@ class Attention : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Attention&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && firsts_ == o.firsts_;
   }
 
  private:
   float scale_;
   bool causal_;
+  std::vector<int> firsts_;
 };
 
 // Weights are evaluated and contiguous already: no Contiguous node then.
@@ -2585,7 +2611,8 @@ int lmspec_rope(
     int traditional,
     float base,
     float scale,
-    int offset,
+    const int* offsets,
+    size_t n_offsets,
     const void* freqs,
     char* err,
     size_t len) {
@@ -2596,12 +2623,21 @@ int lmspec_rope(
       throw std::invalid_argument("x must be a 4-D float32 array");
     if (dims <= 0 || dims % 2 != 0 || dims > xa.shape(3))
       throw std::invalid_argument("dims must be even and at most the head size");
+    if (n_offsets != 1 && int64_t(n_offsets) != int64_t(xa.shape(0)))
+      throw std::invalid_argument("one offset, or one per row of x");
     std::vector<array> ins = {xa};
     if (freqs != nullptr) ins.push_back(mx::astype(A(freqs), mx::float32, s));
     return array(
         xa.shape(),
         mx::float32,
-        std::make_shared<lmspec::Rope>(s, dims, traditional != 0, base, scale, offset, freqs != nullptr),
+        std::make_shared<lmspec::Rope>(
+            s,
+            dims,
+            traditional != 0,
+            base,
+            scale,
+            std::vector<int>(offsets, offsets + n_offsets),
+            freqs != nullptr),
         std::move(ins));
   });
 }
@@ -2613,11 +2649,15 @@ int lmspec_attention(
     const void* v,
     float scale,
     int causal,
+    const int* firsts,
+    size_t n_firsts,
     char* err,
     size_t len) {
   return guarded(out, err, len, [&] {
     auto s = lmspec::cpu_stream();
     const array &qa = A(q), &ka = A(k), &va = A(v);
+    if (n_firsts != 0 && int64_t(n_firsts) != int64_t(qa.shape(0)))
+      throw std::invalid_argument("no first keys, or one per row of q");
     for (auto* a : {&qa, &ka, &va}) {
       if (a->dtype() != mx::float32 || a->ndim() != 4)
         throw std::invalid_argument("q, k and v must be 4-D float32 arrays");
@@ -2627,7 +2667,11 @@ int lmspec_attention(
         ka.shape(2) != va.shape(2))
       throw std::invalid_argument("q, k and v shapes do not agree");
     mx::Shape shape = {qa.shape(0), qa.shape(1), qa.shape(2), va.shape(3)};
-    return array(shape, mx::float32, std::make_shared<lmspec::Attention>(s, scale, causal != 0), {qa, ka, va});
+    return array(
+        shape,
+        mx::float32,
+        std::make_shared<lmspec::Attention>(s, scale, causal != 0, std::vector<int>(firsts, firsts + n_firsts)),
+        {qa, ka, va});
   });
 }
 

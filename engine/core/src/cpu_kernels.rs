@@ -78,7 +78,8 @@ extern "C" {
         traditional: c_int,
         base: f32,
         scale: f32,
-        offset: c_int,
+        offsets: *const c_int,
+        n_offsets: usize,
         freqs: *const c_void,
         err: *mut c_char,
         len: usize,
@@ -90,6 +91,8 @@ extern "C" {
         v: *const c_void,
         scale: f32,
         causal: c_int,
+        firsts: *const c_int,
+        n_firsts: usize,
         err: *mut c_char,
         len: usize,
     ) -> c_int;
@@ -387,19 +390,22 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array, Ex
 }
 
 /// Rotary embedding of `x [B, H, T, D]` (float32) at positions
-/// `offset + t`, as MLX's `fast::rope` computes it.
+/// `offset + t`, as MLX's `fast::rope` computes it: one offset for every
+/// row, or one per row (sequences at their own positions; a row's values
+/// are those it gets alone).
 pub fn rope(
     x: &Array,
     dims: i32,
     traditional: bool,
     base: Option<f32>,
     scale: f32,
-    offset: i32,
+    offsets: &[i32],
     freqs: Option<&Array>,
 ) -> Result<Array, Exception> {
     let f = freqs.map_or(std::ptr::null(), raw);
     let base = base.unwrap_or(10_000.0);
-    // SAFETY: as in `quantized_matmul`; null freqs means `base`.
+    // SAFETY: as in `quantized_matmul`; null freqs means `base`; the
+    // offsets are read during the call (the primitive keeps a copy).
     call(|o, e, n| unsafe {
         lmspec_rope(
             o,
@@ -408,7 +414,8 @@ pub fn rope(
             traditional as c_int,
             base,
             scale,
-            offset,
+            offsets.as_ptr(),
+            offsets.len(),
             f,
             e,
             n,
@@ -418,16 +425,32 @@ pub fn rope(
 
 /// `softmax(scale · q kᵀ) v` with grouped-query heads, optionally causal
 /// (query `i` sees keys up to `i + Tk − Tq`); float32 `[B, H, T, D]` inputs.
+/// `firsts`: none, or for each row of the batch the first key it sees (the
+/// keys before it are padding); a row's values are those of its keys from
+/// there on alone.
 pub fn attention(
     q: &Array,
     k: &Array,
     v: &Array,
     scale: f32,
     causal: bool,
+    firsts: &[i32],
 ) -> Result<Array, Exception> {
-    // SAFETY: as in `quantized_matmul`.
+    // SAFETY: as in `quantized_matmul`; the firsts are read during the call
+    // (the primitive keeps a copy).
     call(|o, e, n| unsafe {
-        lmspec_attention(o, raw(q), raw(k), raw(v), scale, causal as c_int, e, n)
+        lmspec_attention(
+            o,
+            raw(q),
+            raw(k),
+            raw(v),
+            scale,
+            causal as c_int,
+            firsts.as_ptr(),
+            firsts.len(),
+            e,
+            n,
+        )
     })
 }
 

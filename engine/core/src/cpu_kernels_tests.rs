@@ -595,12 +595,29 @@ fn bad_shapes_are_errors() {
     let q = array(&[1, 3, 1, 8], 3);
     let kv = array(&[1, 2, 4, 8], 4);
     assert!(
-        attention(&q, &kv, &kv, 1.0, true).is_err(),
+        attention(&q, &kv, &kv, 1.0, true, &[]).is_err(),
         "3 heads over 2"
     );
     assert!(
-        rope(&array(&[2, 8], 5), 8, false, None, 1.0, 0, None).is_err(),
+        attention(&array(&[2, 2, 1, 8], 3), &kv, &kv, 1.0, true, &[0]).is_err(),
+        "one first key for two rows"
+    );
+    assert!(
+        rope(&array(&[2, 8], 5), 8, false, None, 1.0, &[0], None).is_err(),
         "2-D rope"
+    );
+    assert!(
+        rope(
+            &array(&[2, 1, 3, 8], 5),
+            8,
+            false,
+            None,
+            1.0,
+            &[0, 1, 2],
+            None
+        )
+        .is_err(),
+        "three offsets for two rows"
     );
 }
 
@@ -636,7 +653,7 @@ fn rope_matches_mlx() {
     for traditional in [false, true] {
         for (dims, offset) in [(32, 0), (24, 7), (32, 300)] {
             let ours = host(
-                &rope(&x, dims, traditional, Some(10_000.0), 0.5, offset, None).expect("kernel"),
+                &rope(&x, dims, traditional, Some(10_000.0), 0.5, &[offset], None).expect("kernel"),
             );
             let mlx = host(
                 &mlx_rs::fast::rope(&x, dims, traditional, Some(10_000.0), 0.5, offset, None)
@@ -647,7 +664,7 @@ fn rope_matches_mlx() {
                 "traditional {traditional} dims {dims} offset {offset}"
             );
         }
-        let ours = host(&rope(&x, 24, traditional, None, 1.0, 3, Some(&freqs)).expect("kernel"));
+        let ours = host(&rope(&x, 24, traditional, None, 1.0, &[3], Some(&freqs)).expect("kernel"));
         let mlx = host(
             &mlx_rs::fast::rope(&x, 24, traditional, None, 1.0, 3, Some(&freqs)).expect("mlx"),
         );
@@ -658,11 +675,43 @@ fn rope_matches_mlx() {
     }
 }
 
+#[test]
+fn rope_with_an_offset_per_row_gives_each_row_its_values_alone() {
+    // Rows at positions 7 and 300 (a batch of sequences at their own
+    // positions): each equals the row rotated alone at its offset, bit for
+    // bit, and MLX's rope with an offset array within its tolerance.
+    let x = array(&[2, 5, 3, 32], 23)
+        .transpose_axes(&[0, 2, 1, 3])
+        .expect("transpose");
+    let offsets = [7, 300];
+    for traditional in [false, true] {
+        let both =
+            host(&rope(&x, 24, traditional, Some(10_000.0), 0.5, &offsets, None).expect("rows"));
+        for (b, &offset) in offsets.iter().enumerate() {
+            let row = x.index((b as i32..b as i32 + 1, .., .., ..));
+            let alone = host(
+                &rope(&row, 24, traditional, Some(10_000.0), 0.5, &[offset], None).expect("row"),
+            );
+            assert_eq!(
+                alone,
+                both[b * alone.len()..(b + 1) * alone.len()],
+                "row {b}"
+            );
+        }
+        let at = Array::from_slice(&offsets, &[2]);
+        let mlx = host(
+            &mlx_rs::fast::rope_dynamic(&x, 24, traditional, Some(10_000.0), 0.5, &at, None)
+                .expect("mlx"),
+        );
+        assert!(max_rel(&both, &mlx) < 1e-5, "traditional {traditional}");
+    }
+}
+
 /// lmspec's attention against MLX's, without and with the causal mask.
 fn attention_agrees(q: &Array, k: &Array, v: &Array, what: &str) {
     use mlx_rs::fast::ScaledDotProductAttentionMask as M;
     for causal in [false, true] {
-        let ours = host(&attention(q, k, v, 0.125, causal).expect("kernel"));
+        let ours = host(&attention(q, k, v, 0.125, causal, &[]).expect("kernel"));
         let mask = causal.then_some(M::Causal);
         let mlx = host(
             &mlx_rs::fast::scaled_dot_product_attention(q, k, v, 0.125, mask, None).expect("mlx"),
@@ -700,12 +749,12 @@ fn attention_of_a_prompt_equals_its_decode_steps() {
     let q = mlx_rs::ops::multiply(array(&[1, 4, t, d], 44), Array::from_f32(4.0)).expect("q");
     let (k, v) = (array(&[1, 1, t, d], 45), array(&[1, 1, t, d], 46));
     attention_agrees(&q, &k, &v, "grouped heads");
-    let prompt = host(&attention(&q, &k, &v, 0.125, true).expect("prompt"));
+    let prompt = host(&attention(&q, &k, &v, 0.125, true, &[]).expect("prompt"));
     for step in [0, 7, 64, 100, t - 1] {
         let qs = q.index((.., .., step..step + 1, ..));
         let ks = k.index((.., .., 0..step + 1, ..));
         let vs = v.index((.., .., 0..step + 1, ..));
-        let one = host(&attention(&qs, &ks, &vs, 0.125, true).expect("step"));
+        let one = host(&attention(&qs, &ks, &vs, 0.125, true, &[]).expect("step"));
         for h in 0..4 {
             let at = (h * t as usize + step as usize) * d as usize;
             assert_eq!(
@@ -713,6 +762,64 @@ fn attention_of_a_prompt_equals_its_decode_steps() {
                 &prompt[at..at + d as usize],
                 "head {h} position {step}"
             );
+        }
+    }
+}
+
+#[test]
+fn attention_of_a_padded_row_equals_the_row_alone() {
+    // Two sequences in one batch, the shorter with 7 columns of padding in
+    // front: each row's values equal those of its real keys alone, bit for
+    // bit (the batch takes the per-item path, one row alone the threads'
+    // shared keys), and MLX's attention under the batch's mask.
+    use mlx_rs::fast::ScaledDotProductAttentionMask as M;
+    let (tk, d, firsts) = (20, 64, [0, 7]);
+    for tq in [1, 3] {
+        let q = mlx_rs::ops::multiply(array(&[2, 4, tq, d], 47), Array::from_f32(4.0)).expect("q");
+        let (k, v) = (array(&[2, 2, tk, d], 48), array(&[2, 2, tk, d], 49));
+        for causal in [false, true] {
+            let both = host(&attention(&q, &k, &v, 0.125, causal, &firsts).expect("batch"));
+            let row_len = both.len() / 2;
+            for (b, &f) in firsts.iter().enumerate() {
+                let b = b as i32;
+                let alone = host(
+                    &attention(
+                        &q.index((b..b + 1, .., .., ..)),
+                        &k.index((b..b + 1, .., f..tk, ..)),
+                        &v.index((b..b + 1, .., f..tk, ..)),
+                        0.125,
+                        causal,
+                        &[],
+                    )
+                    .expect("alone"),
+                );
+                let at = b as usize * row_len;
+                assert_eq!(
+                    alone,
+                    both[at..at + row_len],
+                    "tq {tq} causal {causal} row {b}"
+                );
+            }
+            let allowed: Vec<bool> = (0..2)
+                .flat_map(|b| {
+                    (0..tq).flat_map(move |t| {
+                        (0..tk).map(move |j| j >= firsts[b] && (!causal || j <= t + tk - tq))
+                    })
+                })
+                .collect();
+            let mask = Array::from_slice(&allowed, &[2, 1, tq, tk]);
+            let mlx = host(
+                &mlx_rs::fast::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    0.125,
+                    M::Array(&mask),
+                    None,
+                )
+                .expect("mlx"),
+            );
+            assert!(max_rel(&both, &mlx) < 1e-5, "tq {tq} causal {causal}");
         }
     }
 }
@@ -735,6 +842,7 @@ fn every_path_gives_the_same_products() {
         "cpu_kernels::tests::geglu_f16_is_llama_cpps_table_gelu",
         "cpu_kernels::tests::biases_tied_to_the_scales_are_not_read",
         "cpu_kernels::tests::attention_of_a_prompt_equals_its_decode_steps",
+        "cpu_kernels::tests::attention_of_a_padded_row_equals_the_row_alone",
     ];
     for (path, test) in ["scalar", "avx2"]
         .into_iter()

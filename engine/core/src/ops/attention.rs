@@ -179,15 +179,17 @@ fn attend_over(
     sinks: Option<&Array>,
 ) -> Result<Array, Exception> {
     let t = q.shape()[2];
+    if let (KvView::Dense(k, v), None) = (&kv, softcap) {
+        if let Some(out) = cpu_attention(q, k, v, scale, &mask, sinks, ctx) {
+            return out;
+        }
+    }
     let mask = match ctx.key_mask {
         Some(keys) => with_key_mask(mask, keys, t)?,
         None => mask,
     };
     match kv {
         KvView::Dense(k, v) if softcap.is_none() => {
-            if let Some(out) = cpu_attention(q, &k, &v, scale, &mask, sinks) {
-                return out;
-            }
             let m = match &mask {
                 Mask::None => None,
                 Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
@@ -218,7 +220,10 @@ fn attend_over(
 }
 
 /// Attention through lmspec's CPU kernel, where it applies: float32, no
-/// mask or a causal one, no sinks.
+/// mask or a causal one, no sinks; in a batch of sequences at their own
+/// positions, each row from its first real key (the padding in front of
+/// it is what the batch's key mask hides), so that a sequence's values are
+/// those it gets alone.
 fn cpu_attention(
     q: &Array,
     k: &Array,
@@ -226,6 +231,7 @@ fn cpu_attention(
     scale: f32,
     mask: &Mask,
     sinks: Option<&Array>,
+    ctx: &Ctx<'_>,
 ) -> Option<Result<Array, Exception>> {
     use crate::cpu_kernels as cpu;
     let causal = match mask {
@@ -238,7 +244,19 @@ fn cpu_attention(
     if !fits || !cpu::all_f32(&[q, k, v]) || !cpu::enabled() {
         return None;
     }
-    Some(cpu::attention(q, k, v, scale, causal))
+    // A batch's row holds its `positions` real keys before this call's
+    // `tq`; the columns before them are padding.
+    let firsts: Vec<i32> = match (ctx.key_mask, ctx.positions) {
+        (None, _) => Vec::new(),
+        (Some(keys), Some(p)) if keys.shape().last() == Some(&tk) => {
+            p.host.iter().map(|&seen| tk - tq - seen).collect()
+        }
+        _ => return None,
+    };
+    if firsts.iter().any(|&f| f < 0 || f > tk - tq) {
+        return None;
+    }
+    Some(cpu::attention(q, k, v, scale, causal, &firsts))
 }
 
 /// The bidirectional band of a non-causal `window`: query `i` sees key `j`

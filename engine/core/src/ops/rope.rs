@@ -38,18 +38,30 @@ struct RopeOp {
 impl Op for RopeOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let (x, dims) = (inputs[0], self.dims);
-        let at = |x: &Array, base: Option<f32>, scale: f32, freqs: Option<&Array>| match ctx
-            .positions
-        {
-            Some(p) => {
-                mlx_rs::fast::rope_dynamic(x, dims, self.traditional, base, scale, &p.array, freqs)
+        let at = |x: &Array, base: Option<f32>, scale: f32, freqs: Option<&Array>| {
+            use crate::cpu_kernels as cpu;
+            // The CPU kernel, for one offset or a batch's per-row ones, so
+            // a sequence's values are the same batched or alone.
+            if x.ndim() == 4 && cpu::all_f32(&[x]) && cpu::enabled() {
+                let offsets = match ctx.positions {
+                    Some(p) => p.host.as_slice(),
+                    None => std::slice::from_ref(&ctx.offset),
+                };
+                return cpu::rope(x, dims, self.traditional, base, scale, offsets, freqs);
             }
-            None => {
-                use crate::cpu_kernels as cpu;
-                if x.ndim() == 4 && cpu::all_f32(&[x]) && cpu::enabled() {
-                    return cpu::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs);
+            match ctx.positions {
+                Some(p) => mlx_rs::fast::rope_dynamic(
+                    x,
+                    dims,
+                    self.traditional,
+                    base,
+                    scale,
+                    &p.array,
+                    freqs,
+                ),
+                None => {
+                    mlx_rs::fast::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs)
                 }
-                mlx_rs::fast::rope(x, dims, self.traditional, base, scale, ctx.offset, freqs)
             }
         };
         match &self.variant {
