@@ -1,7 +1,11 @@
 //! Continuous batching is exact: each sequence decoded in a batch, joining
 //! and leaving at different steps, gets the tokens it gets decoded alone.
+use lmspec::engine::cpu_kernels::Activations;
 use lmspec::engine::model::Model;
+use lmspec::engine::{in_pass, BatchCache, ModelCache, Pass};
 use lmspec::lm::batch::{BatchGenerator, Finish, SeqParams, SeqToken};
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::Array;
 
 use crate::support::{goldens, library, load_model, mlx_lock};
 
@@ -187,4 +191,57 @@ fn end_of_sequence_and_length_finish_a_sequence() {
     let one = g.insert(0, p, greedy(1)).expect("insert");
     assert_eq!(one.finish, Some(Finish::Length));
     assert!(g.is_empty(), "a finished sequence does not join");
+}
+
+/// The logits of `tokens` fed to `cache` as `pass`, on the host.
+fn fed(model: &Model, cache: &mut ModelCache, tokens: &[i32], pass: Pass) -> Vec<f32> {
+    let ids = Array::from_slice(tokens, &[1, tokens.len() as i32]);
+    let logits = in_pass(pass, || model.forward(&ids, Some(&mut *cache))).expect("forward");
+    mlx_rs::transforms::eval(cache.arrays()).expect("eval");
+    crate::support::last_row_f32(&logits)
+}
+
+/// A quantized model on the CPU gives a sequence the same logits, bit for
+/// bit, whether its prompt ran whole or after a reused prefix (the rest
+/// fewer rows than a prompt's usual path takes), and whether it decodes
+/// alone or beside a longer sequence (padding in front of its row), in
+/// every activation mode. (The integer modes round the activations: a
+/// float difference anywhere upstream can move a rounding, and a near-tie
+/// with it.)
+#[test]
+fn a_sequence_gets_the_same_logits_however_it_is_split_or_batched() {
+    let _guard = mlx_lock();
+    let path = lmspec::default_model().expect("SmolLM2 installed by .ci/setup.sh");
+    let short: Vec<i32> = (0..33).map(|i| 100 + i * 7).collect();
+    let long: Vec<i32> = (0..38).map(|i| 200 + i * 11).collect();
+    for act in [Activations::Float, Activations::Int8, Activations::Int16] {
+        let mut opts = crate::support::opts(&library(), None);
+        opts.activations = Some(act);
+        let model = Model::load(&path, &opts).expect("load");
+        let prompt = |tokens: &[i32], split: usize| {
+            let mut cache = model.new_cache();
+            let n = tokens.len() - 1;
+            for part in [&tokens[..split], &tokens[split..n]] {
+                if !part.is_empty() {
+                    fed(&model, &mut cache, part, Pass::Prompt);
+                }
+            }
+            let first = fed(&model, &mut cache, &tokens[n..], Pass::Step);
+            (cache, first)
+        };
+        let (mut alone, whole) = prompt(&short, 0);
+        let (_, after_prefix) = prompt(&short, 24);
+        assert!(whole == after_prefix, "{act:?}: the prompt after a prefix");
+        let (beside, _) = prompt(&long, 0);
+        let mut batch = BatchCache::from_single(alone.clone()).expect("batch");
+        batch
+            .extend(BatchCache::from_single(beside).expect("row"))
+            .expect("extend");
+        let step = fed(&model, &mut alone, &[5], Pass::Step);
+        let tokens = Array::from_slice(&[5i32, 9], &[2, 1]);
+        let both = in_pass(Pass::Step, || model.forward_batch(&tokens, &mut batch)).expect("batch");
+        let both = both.reshape(&[2, -1]).expect("rows");
+        let first_row = crate::support::last_row_f32(&both.index((0..1, ..)));
+        assert!(step == first_row, "{act:?}: the decode step batched");
+    }
 }

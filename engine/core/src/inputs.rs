@@ -6,7 +6,7 @@
 //! cache's position delta (what `mrope` adds to the sequence position when
 //! no positions are given: decoding after a prompt whose image positions
 //! ran ahead of or behind the token count).
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::TryIndexOp;
@@ -33,6 +33,49 @@ impl ForwardInputs {
     pub fn is_empty(&self) -> bool {
         self.positions.is_none() && self.segments.is_none() && self.features.is_none()
     }
+}
+
+/// What a forward's tokens are, to the CPU's products of quantized (and,
+/// under int8 activations, dense) weights: the path a product takes, the
+/// CPU kernel or a dequantized BLAS product, sets its float order, so a
+/// token's numbers depend on it. Marking the tokens makes them independent
+/// of how a generation was split into forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pass {
+    /// Unmarked: the path follows the forward's rows (a few: the kernel).
+    #[default]
+    Unmarked,
+    /// A prompt's tokens but its last: BLAS however few there are, so a
+    /// prompt's numbers are the same whole or after a reused prefix.
+    Prompt,
+    /// Tokens whose logits are read (a prompt's last, decode steps,
+    /// drafts and their verification): the kernel however many sequences
+    /// a batch holds, whose rows do not depend on their neighbours.
+    Step,
+}
+
+thread_local! {
+    static PASS: Cell<Pass> = const { Cell::new(Pass::Unmarked) };
+}
+
+/// Restores the pass that was current before a [`in_pass`] scope.
+struct RestorePass(Pass);
+
+impl Drop for RestorePass {
+    fn drop(&mut self) {
+        PASS.set(self.0);
+    }
+}
+
+/// Runs `f` (forwards of a model) with their tokens marked as `pass`.
+pub fn in_pass<R>(pass: Pass, f: impl FnOnce() -> R) -> R {
+    let _restore = RestorePass(PASS.replace(pass));
+    f()
+}
+
+/// The pass of the forward being built.
+pub(crate) fn pass() -> Pass {
+    PASS.get()
 }
 
 thread_local! {

@@ -26,7 +26,7 @@ pub mod weights;
 pub use batch::BatchCache;
 pub use cache::ModelCache;
 pub use error::{Error, Result};
-pub use inputs::ForwardInputs;
+pub use inputs::{in_pass, ForwardInputs, Pass};
 pub use lmspec_spec as spec;
 pub use lmspec_spec::{Spec, SpecLibrary};
 pub use model::{LoadOptions, Model, WeightPlan};

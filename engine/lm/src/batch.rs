@@ -15,7 +15,7 @@ use crate::sampling::{argmax, log_softmax, ProcessorParams, Rng, SamplingParams}
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::Model;
-use lmspec_engine::BatchCache;
+use lmspec_engine::{in_pass, BatchCache, Pass};
 
 /// How one sequence is decoded.
 #[derive(Debug, Clone, Default)]
@@ -78,15 +78,18 @@ struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// A cache holding the longest prefix of `prompt` found (at most all
-    /// but its last token, which must be fed to get logits), and its length.
+    /// A cache holding the longest prefix of `prompt` found, and its length:
+    /// at most all but `prompt`'s last token, which must be fed to get
+    /// logits, and all but the stored prompt's last, which went through
+    /// the forward of a step ([`Pass`]) where `prompt` alone puts it
+    /// through a prompt's.
     fn lookup(&mut self, prompt: &[u32]) -> Option<(ModelCache, usize)> {
         let common = |t: &[u32]| t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let (i, m) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, (t, _))| (i, common(t)))
+            .map(|(i, (t, _))| (i, common(t).min(t.len().saturating_sub(1))))
             .max_by_key(|&(i, m)| (m, std::cmp::Reverse(i)))?;
         let keep = m.min(prompt.len() - 1);
         if keep == 0 {
@@ -201,14 +204,17 @@ impl<'m> BatchGenerator<'m> {
         let step = self.prefill_step_size.max(1);
         while prompt.len() - done > 1 {
             let n = step.min(prompt.len() - done - 1);
-            self.model
-                .forward(&ids_row(&prompt[done..done + n]), Some(&mut cache))?;
+            in_pass(Pass::Prompt, || {
+                self.model
+                    .forward(&ids_row(&prompt[done..done + n]), Some(&mut cache))
+            })?;
             mlx_rs::transforms::eval(cache.arrays())?;
             done += n;
         }
-        let logits = self
-            .model
-            .forward(&ids_row(&prompt[prompt.len() - 1..]), Some(&mut cache))?;
+        let logits = in_pass(Pass::Step, || {
+            self.model
+                .forward(&ids_row(&prompt[prompt.len() - 1..]), Some(&mut cache))
+        })?;
         self.prefixes.store(prompt, &cache)?;
         let mut row = Row {
             seq,
@@ -240,7 +246,9 @@ impl<'m> BatchGenerator<'m> {
         }
         let next: Vec<i32> = self.rows.iter().map(|r| r.next as i32).collect();
         let tokens = Array::from_slice(&next, &[next.len() as i32, 1]);
-        let logits = self.model.forward_batch(&tokens, &mut self.cache)?;
+        let logits = in_pass(Pass::Step, || {
+            self.model.forward_batch(&tokens, &mut self.cache)
+        })?;
         let v = *logits.shape().last().unwrap_or(&0);
         let logits = logits.reshape(&[next.len() as i32, v])?;
         let mut rows = std::mem::take(&mut self.rows);

@@ -16,6 +16,7 @@ use lmspec_engine::cache::{CacheOptions, ModelCache};
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::Model;
 use lmspec_engine::weights::{QUANT_BITS, QUANT_GROUP_SIZES};
+use lmspec_engine::{in_pass, Pass};
 
 /// Generation settings; the defaults are mlx-lm's.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,7 +165,9 @@ pub fn prefill(
     progress(0, total);
     while done < total {
         let n = step.min(total - done);
-        model.forward(&row(&tokens[done..done + n]), Some(cache))?;
+        in_pass(Pass::Prompt, || {
+            model.forward(&row(&tokens[done..done + n]), Some(&mut *cache))
+        })?;
         maybe_quantize(cache, params)?;
         mlx_rs::transforms::eval(cache.arrays())?;
         mlx_rs::memory::clear_cache()?;
@@ -309,7 +312,7 @@ impl<'a> TokenGenerator<'a> {
     /// Feeds one token and works out the next.
     fn step(&mut self, input: &Array, host: Option<u32>) -> Result<Next> {
         let t0 = Instant::now();
-        let logits = self.model.forward(input, Some(self.cache))?;
+        let logits = in_pass(Pass::Step, || self.model.forward(input, Some(self.cache)))?;
         let v = *logits.shape().last().unwrap_or(&0);
         let t = logits.shape()[1];
         let last = logits.reshape(&[-1, v])?;

@@ -18,6 +18,7 @@ use crate::sampling::{logprob_of, Rng};
 use lmspec_engine::cache::ModelCache;
 use lmspec_engine::error::{Error, Result};
 use lmspec_engine::model::Model;
+use lmspec_engine::{in_pass, Pass};
 
 /// A draft model and how many tokens it proposes per step.
 #[derive(Debug, Clone, Copy)]
@@ -157,9 +158,10 @@ impl<'a> SpeculativeGenerator<'a> {
         let mut drafted = Vec::with_capacity(num_draft);
         let base = self.history.len();
         for _ in 0..num_draft {
-            let logits = self
-                .draft
-                .forward(&row(&self.draft_y), Some(&mut self.draft_cache))?;
+            let logits = in_pass(Pass::Step, || {
+                self.draft
+                    .forward(&row(&self.draft_y), Some(&mut self.draft_cache))
+            })?;
             let rows = last_rows(&logits, 1)?;
             let mut before = self.history.clone();
             before.extend(&drafted);
@@ -170,7 +172,9 @@ impl<'a> SpeculativeGenerator<'a> {
         // Verify: the pending token and every drafted one in one forward.
         let mut input = self.y.clone();
         input.extend(&drafted);
-        let logits = self.model.forward(&row(&input), Some(self.cache))?;
+        let logits = in_pass(Pass::Step, || {
+            self.model.forward(&row(&input), Some(self.cache))
+        })?;
         maybe_quantize(self.cache, self.params)?;
         let rows = last_rows(&logits, num_draft + 1)?;
         let mut accepted = 0;

@@ -133,7 +133,7 @@ fn apply_with(
 fn dense_rows(x: &Array, wt: &Array, activations: Activations) -> Result<Option<Array>, Exception> {
     use crate::cpu_kernels as cpu;
     if activations != Activations::Int8
-        || input_rows(x) > QUANTIZED_PRODUCT_ROWS as i64
+        || !kernel_rows(input_rows(x))
         || !cpu::all_f32(&[x, wt])
         || !cpu::enabled()
     {
@@ -152,9 +152,22 @@ fn input_rows(x: &Array) -> i64 {
     x.size() as i64 / k as i64
 }
 
-/// Rows of input up to which the CPU kernel's quantized product runs; more
-/// rows (a prompt) dequantize the weight once and multiply through BLAS.
-const QUANTIZED_PRODUCT_ROWS: i32 = 16;
+/// Rows of input up to which the CPU kernel's product runs in an unmarked
+/// forward; more rows (a prompt) dequantize the weight once and multiply
+/// through BLAS.
+const QUANTIZED_PRODUCT_ROWS: i64 = 16;
+
+/// Whether a product of `rows` input rows takes the CPU kernel rather than
+/// BLAS: by the forward's [`Pass`](crate::inputs::Pass) where it is marked,
+/// else by the count.
+fn kernel_rows(rows: i64) -> bool {
+    use crate::inputs::Pass;
+    match crate::inputs::pass() {
+        Pass::Prompt => false,
+        Pass::Step => true,
+        Pass::Unmarked => rows <= QUANTIZED_PRODUCT_ROWS,
+    }
+}
 
 /// A quantized weight as one product reads it.
 struct Quantized<'a> {
@@ -184,7 +197,7 @@ fn quantized(x: &Array, q: &Quantized<'_>, activations: Activations) -> Result<A
         // int8 activations are llama.cpp's numerics for every row count;
         // int16 ones, float32's within their tolerance, take BLAS for a
         // prompt as float32 does (faster there than the integer products).
-        if rows <= QUANTIZED_PRODUCT_ROWS as i64 || activations == Activations::Int8 {
+        if activations == Activations::Int8 || kernel_rows(rows) {
             return cpu::quantized_matmul_tied(
                 x,
                 w,
