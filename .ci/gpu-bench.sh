@@ -9,7 +9,8 @@
 # affinity). With LARGE=1 an 8B-shaped llama in bfloat16 is added. Each dense
 # model is also run by Hugging Face transformers on the machine's own PyTorch
 # (porting-tools/python/bench_transformers.py: static cache, torch.compile;
-# TRANSFORMERS=0 skips it), its JSON beside lmspec's.
+# TRANSFORMERS=0 skips it), its JSON beside lmspec's. TINY=0 leaves out the
+# tiny golden model.
 set -euo pipefail
 source .ci/gpu-env.sh
 bin="${LMSPEC_BIN:-.gpu/b/bin}"
@@ -24,7 +25,8 @@ mk_model() {  # name, extra args
 }
 mk_model llama1b-q4 --dtype bfloat16 --bits 4 --group-size 64
 mk_model llama1b-bf16 --dtype bfloat16
-list=(goldens/llama/model "$models/llama1b-q4" "$models/llama1b-bf16")
+list=("$models/llama1b-q4" "$models/llama1b-bf16")
+[ "${TINY:-1}" = 0 ] || list=(goldens/llama/model "${list[@]}")
 if [ "${LARGE:-0}" = 1 ]; then
   [ -d "$models/llama8b-bf16" ] || python3 porting-tools/python/bench_mlx_lm.py --make-random-llama "$models/llama8b-bf16" --like llama-8b --dtype bfloat16 >&2
   list+=("$models/llama8b-bf16")

@@ -139,14 +139,15 @@ fn case_args(case: &Case) -> Vec<String> {
     out
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lmspec-prompt-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir.join(name)
+/// A file named `name` in `dir`, a test's own temporary folder (removed
+/// when the test ends).
+fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
 }
 
 #[test]
 fn saved_caches_continue_like_the_original_in_both_engines() {
+    let tmp_dir = tempfile::tempdir().expect("a temporary folder");
     let _g = mlx_lock();
     for (k, case) in CASES.iter().enumerate() {
         let what = format!("case {k} ({})", case.golden);
@@ -157,7 +158,7 @@ fn saved_caches_continue_like_the_original_in_both_engines() {
         let want = continue_logits(&m, &mut original);
 
         // lmspec -> lmspec.
-        let file = tmp(&format!("lmspec-{k}.safetensors"));
+        let file = tmp(&tmp_dir, &format!("lmspec-{k}.safetensors"));
         m.save_cache(&saved, &file, &BTreeMap::new()).expect("save");
         let (mut loaded, meta) = m.load_cache(&file).expect("load");
         assert_eq!(loaded.offset(), PROMPT.len() as i32, "{what}");
@@ -166,7 +167,7 @@ fn saved_caches_continue_like_the_original_in_both_engines() {
         assert_eq!(max_diff(&want, &got), 0.0, "{what}: lmspec round trip");
 
         // lmspec -> mlx-lm.
-        let logits = tmp(&format!("mlx-{k}.json"));
+        let logits = tmp(&tmp_dir, &format!("mlx-{k}.json"));
         let mut args = vec![
             "continue".to_string(),
             "--model".into(),
@@ -184,7 +185,7 @@ fn saved_caches_continue_like_the_original_in_both_engines() {
         assert!(d < 1e-4, "{what}: mlx-lm continuing lmspec's cache: {d}");
 
         // mlx-lm -> lmspec.
-        let mlx_file = tmp(&format!("mlx-{k}.safetensors"));
+        let mlx_file = tmp(&tmp_dir, &format!("mlx-{k}.safetensors"));
         args = vec![
             "write".to_string(),
             "--model".into(),
@@ -215,10 +216,11 @@ fn saved_caches_continue_like_the_original_in_both_engines() {
 
 #[test]
 fn another_models_cache_is_refused() {
+    let tmp_dir = tempfile::tempdir().expect("a temporary folder");
     let _g = mlx_lock();
     let case = &CASES[0];
     let llama = model("llama");
-    let file = tmp("llama.safetensors");
+    let file = tmp(&tmp_dir, "llama.safetensors");
     llama
         .save_cache(&prefilled(&llama, case), &file, &BTreeMap::new())
         .expect("save");
@@ -228,7 +230,7 @@ fn another_models_cache_is_refused() {
     assert!(err.contains(&file.display().to_string()), "{err}");
 
     // An mlx-lm file names the folder of the model that made it.
-    let mlx_file = tmp("mlx-llama.safetensors");
+    let mlx_file = tmp(&tmp_dir, "mlx-llama.safetensors");
     python(&[
         "write".to_string(),
         "--model".into(),
@@ -255,6 +257,7 @@ fn write_raw(path: &Path, arrays: &[(&str, Array)], meta: &[(&str, &str)]) {
 
 #[test]
 fn broken_cache_files_get_errors_naming_the_file() {
+    let tmp_dir = tempfile::tempdir().expect("a temporary folder");
     let _g = mlx_lock();
     let m = model("llama");
     let check = |path: &Path, want: &str| {
@@ -263,7 +266,7 @@ fn broken_cache_files_get_errors_naming_the_file() {
         assert!(err.contains(want), "expected '{want}' in: {err}");
     };
     // Not a safetensors file at all.
-    let junk = tmp("junk.safetensors");
+    let junk = tmp(&tmp_dir, "junk.safetensors");
     std::fs::write(&junk, b"not a cache").expect("write");
     check(&junk, "prompt cache");
     // A weights file: safetensors without cache metadata.
@@ -272,7 +275,7 @@ fn broken_cache_files_get_errors_naming_the_file() {
         "is not part of a prompt cache",
     );
     // A class lmspec does not read.
-    let odd = tmp("odd.safetensors");
+    let odd = tmp(&tmp_dir, "odd.safetensors");
     let z = mlx_rs::ops::zeros::<f32>(&[1, 1, 2, 4]).expect("zeros");
     write_raw(
         &odd,
@@ -281,7 +284,7 @@ fn broken_cache_files_get_errors_naming_the_file() {
     );
     check(&odd, "layer caches");
     // The right class with the wrong number of layers and shapes.
-    let short = tmp("short.safetensors");
+    let short = tmp(&tmp_dir, "short.safetensors");
     write_raw(
         &short,
         &[("0.0", z.clone()), ("0.1", z), ("0.2", Array::from_int(2))],
@@ -294,11 +297,11 @@ fn broken_cache_files_get_errors_naming_the_file() {
     );
     check(&short, "layer caches");
     // A truncated copy of a good file.
-    let good = tmp("good.safetensors");
+    let good = tmp(&tmp_dir, "good.safetensors");
     m.save_cache(&prefilled(&m, &CASES[0]), &good, &BTreeMap::new())
         .expect("save");
     let bytes = std::fs::read(&good).expect("read");
-    let cut = tmp("cut.safetensors");
+    let cut = tmp(&tmp_dir, "cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
     check(&cut, "prompt cache");
 }
