@@ -203,9 +203,9 @@ fn fed(model: &Model, cache: &mut ModelCache, tokens: &[i32], pass: Pass) -> Vec
 
 /// A quantized model on the CPU gives a sequence the same logits, bit for
 /// bit, whether its prompt ran whole or after a reused prefix (the rest
-/// fewer rows than a prompt's usual path takes), and whether it decodes
-/// alone or beside a longer sequence (padding in front of its row), in
-/// every activation mode. (The integer modes round the activations: a
+/// fewer rows than a long prompt's path takes alone; a short prompt too),
+/// and whether it decodes alone or beside a longer sequence (padding in
+/// front of its row), in every activation mode. (The integer modes round the activations: a
 /// float difference anywhere upstream can move a rounding, and a near-tie
 /// with it.)
 #[test]
@@ -214,6 +214,7 @@ fn a_sequence_gets_the_same_logits_however_it_is_split_or_batched() {
     let path = lmspec::default_model().expect("SmolLM2 installed by .ci/setup.sh");
     let short: Vec<i32> = (0..33).map(|i| 100 + i * 7).collect();
     let long: Vec<i32> = (0..38).map(|i| 200 + i * 11).collect();
+    let tiny: Vec<i32> = (0..11).map(|i| 300 + i * 13).collect();
     for act in [Activations::Float, Activations::Int8, Activations::Int16] {
         let mut opts = crate::support::opts(&library(), None);
         opts.activations = Some(act);
@@ -223,7 +224,7 @@ fn a_sequence_gets_the_same_logits_however_it_is_split_or_batched() {
             let n = tokens.len() - 1;
             for part in [&tokens[..split], &tokens[split..n]] {
                 if !part.is_empty() {
-                    fed(&model, &mut cache, part, Pass::Prompt);
+                    fed(&model, &mut cache, part, Pass::prompt(n));
                 }
             }
             let first = fed(&model, &mut cache, &tokens[n..], Pass::Step);
@@ -232,6 +233,12 @@ fn a_sequence_gets_the_same_logits_however_it_is_split_or_batched() {
         let (mut alone, whole) = prompt(&short, 0);
         let (_, after_prefix) = prompt(&short, 24);
         assert!(whole == after_prefix, "{act:?}: the prompt after a prefix");
+        let (_, tiny_whole) = prompt(&tiny, 0);
+        let (_, tiny_after_prefix) = prompt(&tiny, 4);
+        assert!(
+            tiny_whole == tiny_after_prefix,
+            "{act:?}: a short prompt after a prefix"
+        );
         let (beside, _) = prompt(&long, 0);
         let mut batch = BatchCache::from_single(alone.clone()).expect("batch");
         batch

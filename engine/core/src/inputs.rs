@@ -45,13 +45,31 @@ pub enum Pass {
     /// Unmarked: the path follows the forward's rows (a few: the kernel).
     #[default]
     Unmarked,
-    /// A prompt's tokens but its last: BLAS however few there are, so a
-    /// prompt's numbers are the same whole or after a reused prefix.
+    /// A prompt's tokens but its last: BLAS however few a forward holds,
+    /// so a prompt's numbers are the same whole or after a reused prefix.
     Prompt,
     /// Tokens whose logits are read (a prompt's last, decode steps,
     /// drafts and their verification): the kernel however many sequences
     /// a batch holds, whose rows do not depend on their neighbours.
     Step,
+}
+
+/// Rows up to which an unmarked forward's products take the CPU kernel,
+/// and prompt tokens up to which a prompt takes it (see [`Pass::prompt`]).
+pub const KERNEL_ROWS: usize = 16;
+
+impl Pass {
+    /// The pass of a prompt's tokens before its last, `n` of them: a
+    /// longer prompt's is [`Pass::Prompt`], while one of at most
+    /// [`KERNEL_ROWS`] goes as steps do, through the kernel (BLAS would
+    /// first dequantize every weight, for a few rows). Two prompts can share
+    /// a prefix's values only where their passes agree.
+    pub fn prompt(n: usize) -> Pass {
+        match n <= KERNEL_ROWS {
+            true => Pass::Step,
+            false => Pass::Prompt,
+        }
+    }
 }
 
 thread_local! {

@@ -82,13 +82,16 @@ impl PrefixCache {
     /// at most all but `prompt`'s last token, which must be fed to get
     /// logits, and all but the stored prompt's last, which went through
     /// the forward of a step ([`Pass`]) where `prompt` alone puts it
-    /// through a prompt's.
+    /// through a prompt's; only from a stored prompt whose tokens went
+    /// through the pass `prompt`'s go through.
     fn lookup(&mut self, prompt: &[u32]) -> Option<(ModelCache, usize)> {
         let common = |t: &[u32]| t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let pass = Pass::prompt(prompt.len() - 1);
         let (i, m) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, (t, _))| Pass::prompt(t.len().saturating_sub(1)) == pass)
             .map(|(i, (t, _))| (i, common(t).min(t.len().saturating_sub(1))))
             .max_by_key(|&(i, m)| (m, std::cmp::Reverse(i)))?;
         let keep = m.min(prompt.len() - 1);
@@ -202,9 +205,10 @@ impl<'m> BatchGenerator<'m> {
         };
         self.reused_tokens += done;
         let step = self.prefill_step_size.max(1);
+        let pass = Pass::prompt(prompt.len() - 1);
         while prompt.len() - done > 1 {
             let n = step.min(prompt.len() - done - 1);
-            in_pass(Pass::Prompt, || {
+            in_pass(pass, || {
                 self.model
                     .forward(&ids_row(&prompt[done..done + n]), Some(&mut cache))
             })?;

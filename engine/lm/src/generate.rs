@@ -161,11 +161,12 @@ pub fn prefill(
 ) -> Result<()> {
     let total = tokens.len();
     let step = params.prefill_step_size.max(1);
+    let pass = Pass::prompt(total);
     let mut done = 0;
     progress(0, total);
     while done < total {
         let n = step.min(total - done);
-        in_pass(Pass::Prompt, || {
+        in_pass(pass, || {
             model.forward(&row(&tokens[done..done + n]), Some(&mut *cache))
         })?;
         maybe_quantize(cache, params)?;

@@ -152,20 +152,16 @@ fn input_rows(x: &Array) -> i64 {
     x.size() as i64 / k as i64
 }
 
-/// Rows of input up to which the CPU kernel's product runs in an unmarked
-/// forward; more rows (a prompt) dequantize the weight once and multiply
-/// through BLAS.
-const QUANTIZED_PRODUCT_ROWS: i64 = 16;
-
 /// Whether a product of `rows` input rows takes the CPU kernel rather than
-/// BLAS: by the forward's [`Pass`](crate::inputs::Pass) where it is marked,
-/// else by the count.
+/// dequantizing the weight once and multiplying through BLAS: by the
+/// forward's [`Pass`](crate::inputs::Pass) where it is marked, else by the
+/// count (up to [`KERNEL_ROWS`](crate::inputs::KERNEL_ROWS)).
 fn kernel_rows(rows: i64) -> bool {
-    use crate::inputs::Pass;
+    use crate::inputs::{Pass, KERNEL_ROWS};
     match crate::inputs::pass() {
         Pass::Prompt => false,
         Pass::Step => true,
-        Pass::Unmarked => rows <= QUANTIZED_PRODUCT_ROWS,
+        Pass::Unmarked => rows <= KERNEL_ROWS as i64,
     }
 }
 
