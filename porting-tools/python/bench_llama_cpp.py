@@ -123,6 +123,8 @@ def main(argv=None):
         raise SystemExit(f"{args.model}: llama.cpp reads .gguf files only")
     out = sys.stdout
     llm, np, base, header = load(args, prompt)
+    # One untimed repeat, as every engine of `lmspec bench` takes.
+    one_repeat(llm, np, base, prompt, args.gen_tokens)
     print(json.dumps(header), file=out, flush=True)
     if not args.serve:
         print(json.dumps(one_repeat(llm, np, base, prompt, args.gen_tokens)), file=out, flush=True)

@@ -541,6 +541,9 @@ pub fn run(
     against: Option<Reference>,
 ) -> Result<Report> {
     let ours = Ours::load(opts, a)?;
+    // One untimed repeat, as the reference scripts take: kernels compiled
+    // for the prompt's shapes (on a GPU, at first use), memory pools filled.
+    ours.repeat()?;
     lmspec_engine::plan::profile_ops(a.profile_ops);
     let mut theirs = match against {
         Some(r) => Some(Theirs::start(root, a, &ours.header, r)?),
