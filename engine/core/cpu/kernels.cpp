@@ -2188,6 +2188,12 @@ static void weighted_heads(
 // softmax(scale * q k^T (causal: query i sees keys <= i + Tk - Tq)) v, with
 // grouped-query heads; q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D(v)].
 class Attention : public mx::UnaryPrimitive {
+  // The keys query position t of a row sees, from its first key `first`
+  // on: up to t + shift where causal (shift = Tk - Tq), else all Tk.
+  static int64_t keys_seen(bool causal, int64_t t, int64_t shift, int64_t Tk, int64_t first) {
+    return std::max<int64_t>(0, (causal ? std::min(Tk, t + shift + 1) : Tk) - first);
+  }
+
  public:
   // firsts: the first key each row of the batch sees (the keys before it
   // are padding), or empty: every row sees every key.
@@ -2239,8 +2245,7 @@ class Attention : public mx::UnaryPrimitive {
           int64_t b = w / (Hkv * parts * Tq), g = (w / Tq) % (Hkv * parts), t = w % Tq;
           int64_t hk = g / parts, h0 = hk * rep + (g % parts) * per;
           const int64_t j0 = first[b];
-          const int64_t last = std::max(j0, causal ? std::min(Tk, t + shift + 1) : Tk);
-          const int64_t n = last - j0;
+          const int64_t n = keys_seen(causal, t, shift, Tk, j0);
           const float* kbase = ks + b * sk[0] + hk * sk[1] + j0 * sk[2];
           const float* vbase = vs + b * sv[0] + hk * sv[1] + j0 * sv[2];
           for (int64_t r = 0; r < per; r++) {
@@ -2322,7 +2327,7 @@ class Attention : public mx::UnaryPrimitive {
     };
     for (int64_t it = 0; it < items; it++) {
       const int64_t b = it / (Hkv * Tq), hk = (it / Tq) % Hkv, t = it % Tq;
-      count[it] = std::max<int64_t>(0, (causal ? std::min(Tk, t + shift + 1) : Tk) - first[b]);
+      count[it] = keys_seen(causal, t, shift, Tk, first[b]);
       for (int64_t r = 0; r < rep; r++) {
         const float* qr = qs + b * sq[0] + (hk * rep + r) * sq[1] + t * sq[2];
         for (int64_t i = 0; i < D; i++) q[(it * rep + r) * D + i] = scale * qr[i * sq[3]];
