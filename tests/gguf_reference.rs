@@ -49,7 +49,7 @@ fn against_llama_cpp(activations: Activations) {
     // Other tests of this process may hold models of their own: the memory
     // this model takes is what generation peaks at above that baseline.
     mlx_rs::memory::clear_cache().expect("clear cache");
-    let baseline = mlx_rs::memory::active_memory().expect("active memory");
+    let baseline = lmspec::engine::memory::active_bytes().expect("active memory");
     let opts = crate::support::opts(&library(), None).with_activations(activations);
     let lm = lmspec::lm::LanguageModel::load(&path, &opts).expect("gemma3-270m loads");
     let params = GenerateParams {

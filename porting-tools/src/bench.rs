@@ -277,7 +277,7 @@ impl Ours {
     }
 
     fn repeat(&self) -> Result<Sample> {
-        mlx_rs::memory::reset_peak_memory()?;
+        lmspec_engine::memory::reset_peak()?;
         let mut cache = self.model.new_cache_with(self.params.cache);
         let t0 = Instant::now();
         let mut g = TokenGenerator::new(
@@ -302,7 +302,7 @@ impl Ours {
             ttft_s: first,
             prefill_tps: self.prompt.len() as f64 / first,
             decode_tps: (tokens.len() - 1) as f64 / (t2 - t1).as_secs_f64(),
-            peak_memory_mb: mlx_rs::memory::peak_memory()? as f64 / 1e6,
+            peak_memory_mb: lmspec_engine::memory::peak_bytes()? as f64 / 1e6,
             tokens,
             step_us: Some([
                 per_step(times.build),

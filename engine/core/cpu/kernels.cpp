@@ -11,6 +11,7 @@
 // exception crossing into Rust.
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <immintrin.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -2493,6 +2495,62 @@ static const array& A(const void* p) {
   return *static_cast<const array*>(p);
 }
 
+namespace lmspec {
+
+// Bytes that weight arenas (`lmspec_weight_arena`) hold now.
+static std::atomic<int64_t> arena_bytes{0};
+
+// One mapping that holds copies of weights; unmapped when the last copy
+// that points into it goes.
+struct Arena {
+  void* base;
+  size_t bytes;
+  Arena(void* b, size_t n) : base(b), bytes(n) { arena_bytes += int64_t(n); }
+  ~Arena() {
+    munmap(base, bytes);
+    arena_bytes -= int64_t(bytes);
+  }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+};
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// Whether MLX's allocator lays a buffer out as the CPU one does: a size_t
+// holding the size, then the data (`Buffer::raw_ptr` is the pointer past
+// it). Then a buffer can be made in memory of lmspec's own; not with
+// another allocator (a GPU build), whose buffers are handles.
+static bool size_then_data() {
+  static const bool yes = [] {
+    mx::allocator::Buffer b = mx::allocator::malloc(64);
+    const bool ok = b.ptr() != nullptr &&
+                    static_cast<char*>(b.raw_ptr()) == static_cast<char*>(b.ptr()) + sizeof(size_t) &&
+                    mx::allocator::allocator().size(b) >= 64;
+    mx::allocator::free(b);
+    return ok;
+  }();
+  return yes;
+}
+
+// `bytes` (a multiple of kHugePage) of fresh memory starting on a 2 MB
+// boundary and advised for transparent huge pages; null where the kernel
+// refuses either.
+static void* huge_mapping(size_t bytes) {
+  void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t at = uintptr_t(raw), start = (at + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
+  if (start > at) munmap(raw, start - at);
+  const uintptr_t end = start + bytes, raw_end = at + bytes + kHugePage;
+  if (raw_end > end) munmap(reinterpret_cast<void*>(end), raw_end - end);
+  if (madvise(reinterpret_cast<void*>(start), bytes, MADV_HUGEPAGE) != 0) {
+    munmap(reinterpret_cast<void*>(start), bytes);
+    return nullptr;
+  }
+  return reinterpret_cast<void*>(start);
+}
+
+}  // namespace lmspec
+
 extern "C" {
 
 // 0 scalar, 1 AVX2, 2 AVX-512: the path the kernels take on this machine.
@@ -2716,6 +2774,63 @@ int lmspec_file_slice(
         std::make_shared<lmspec::FileSlice>(s, std::string(path), base, outer, stride, seg_offset, seg_bytes),
         {});
   });
+}
+
+
+// Copies of the evaluated, row-contiguous arrays `ins[0..n)` (`outs[i]`
+// the copy of `ins[i]`) in one mapping of their own, aligned to 2 MB and
+// advised for transparent huge pages: a product that streams its weights
+// then walks one page-table entry per 2 MB instead of one per 4 KB. Each
+// copy starts on a 64-byte boundary. Answers 2 (no arrays) where the kernel
+// gives no such memory (huge pages switched off).
+int lmspec_weight_arena(void** outs, const void* const* ins, size_t n, char* err, size_t len) {
+  try {
+    if (!lmspec::size_then_data()) return 2;
+    // Each copy: 64 bytes whose last 8 hold its size (the allocator's
+    // header), then its data.
+    constexpr size_t kAlign = 64;
+    std::vector<size_t> at(n);
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+      const array& x = A(ins[i]);
+      if (!x.is_available() || !x.flags().row_contiguous)
+        throw std::invalid_argument("weight arena: an array is not evaluated and row-contiguous");
+      at[i] = total + kAlign;
+      total += kAlign + (x.nbytes() + kAlign - 1) / kAlign * kAlign;
+    }
+    if (total == 0) return 2;
+    const size_t bytes = (total + lmspec::kHugePage - 1) / lmspec::kHugePage * lmspec::kHugePage;
+    void* base = lmspec::huge_mapping(bytes);
+    if (base == nullptr) return 2;
+    auto arena = std::make_shared<lmspec::Arena>(base, bytes);
+    std::vector<std::unique_ptr<array>> copies;
+    for (size_t i = 0; i < n; i++) {
+      const array& x = A(ins[i]);
+      char* dst = static_cast<char*>(base) + at[i];
+      const size_t size = x.nbytes();
+      std::memcpy(dst - sizeof(size_t), &size, sizeof(size_t));
+      if (size > 0) std::memcpy(dst, x.data<char>(), size);
+      mx::allocator::Buffer buf(dst - sizeof(size_t));
+      copies.push_back(std::make_unique<array>(buf, x.shape(), x.dtype(), [arena](mx::allocator::Buffer) {}));
+    }
+    for (size_t i = 0; i < n; i++) outs[i] = copies[i].release();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(err, len, e.what());
+  } catch (...) {
+    return fail(err, len, "unknown C++ exception");
+  }
+}
+
+// The first byte of evaluated `a`'s data (which arrays share a buffer).
+const void* lmspec_data_ptr(const void* a) {
+  const array& x = A(a);
+  return x.is_available() ? x.data<void>() : nullptr;
+}
+
+// Bytes that weight arenas hold now.
+int64_t lmspec_arena_bytes(void) {
+  return lmspec::arena_bytes.load();
 }
 
 }  // extern "C"

@@ -22,6 +22,15 @@ use mlx_rs::{Array, Dtype};
 
 extern "C" {
     fn lmspec_cpu_level() -> c_int;
+    fn lmspec_weight_arena(
+        outs: *mut *mut c_void,
+        ins: *const *const c_void,
+        n: usize,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn lmspec_arena_bytes() -> i64;
+    fn lmspec_data_ptr(a: *const c_void) -> *const c_void;
     fn lmspec_cpu_threads() -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn lmspec_qmatmul(
@@ -166,6 +175,66 @@ pub fn supports_bits(bits: i32) -> bool {
 
 fn raw(a: &Array) -> *const c_void {
     a.as_ptr().ctx as *const c_void
+}
+
+/// Copies of evaluated arrays in one mapping of their own, aligned to 2 MB
+/// and advised for transparent huge pages (`madvise(MADV_HUGEPAGE)`), each
+/// copy on a 64-byte boundary; the mapping goes when its last copy does.
+/// `None` where the system gives no such memory (huge pages switched off).
+/// The bytes live outside MLX's allocator: [`arena_bytes`] counts them.
+pub fn weight_arena(arrays: &[&Array]) -> Result<Option<Vec<Array>>, Exception> {
+    for a in arrays {
+        a.eval()?;
+    }
+    let ins: Vec<*const c_void> = arrays.iter().map(|a| raw(a)).collect();
+    let mut outs: Vec<*mut c_void> = vec![std::ptr::null_mut(); arrays.len()];
+    let mut err = [0 as c_char; 512];
+    // SAFETY: `ins` holds live, evaluated arrays; the C side fills every
+    // entry of `outs` with a new array on success (rc 0) and none otherwise.
+    let rc = unsafe {
+        lmspec_weight_arena(
+            outs.as_mut_ptr(),
+            ins.as_ptr(),
+            ins.len(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    match rc {
+        0 => Ok(Some(
+            outs.into_iter()
+                // SAFETY: each entry is a new `mlx::core::array*` we own.
+                .map(|p| unsafe { Array::from_ptr(mlx_sys::mlx_array { ctx: p }) })
+                .collect(),
+        )),
+        2 => Ok(None),
+        _ => {
+            // SAFETY: the C side writes a NUL-terminated message into `err`.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            Err(Exception::custom(format!("cpu kernel: {msg}")))
+        }
+    }
+}
+
+/// Where evaluated `a`'s data starts (arrays that share a buffer share it).
+pub fn data_ptr(a: &Array) -> Result<usize, Exception> {
+    a.eval()?;
+    // SAFETY: `a` is a live, evaluated array; the pointer is only compared.
+    Ok(unsafe { lmspec_data_ptr(raw(a)) } as usize)
+}
+
+/// Whether `a`'s elements lie in row-major order from its data pointer.
+pub fn row_contiguous(a: &Array) -> bool {
+    let mut row = false;
+    // SAFETY: `a` is a live array; the call writes one bool.
+    let rc = unsafe { mlx_sys::_mlx_array_is_row_contiguous(&mut row, a.as_ptr()) };
+    rc == 0 && row
+}
+
+/// Bytes that [`weight_arena`] mappings hold now.
+pub fn arena_bytes() -> u64 {
+    // SAFETY: reads an atomic counter.
+    unsafe { lmspec_arena_bytes() }.max(0) as u64
 }
 
 /// Runs one constructor of the C side; its message becomes the error.

@@ -905,3 +905,57 @@ fn swiglu_matches_mlx() {
         assert!(max_rel(&ours, &want) < 1e-6, "{}", max_rel(&ours, &want));
     }
 }
+
+#[test]
+fn weight_arena_copies_keep_their_values_and_go_with_the_last_copy() {
+    let f = array(&[3, 5], 21);
+    let h = array(&[4, 7], 22).as_dtype(Dtype::Float16).expect("f16");
+    let (wq, s, b) = mlx_rs::ops::quantize(array(&[8, 64], 23), 32, 4).expect("quantize");
+    let before = arena_bytes();
+    let Some(copies) = weight_arena(&[&f, &h, &wq, &s, &b]).expect("arena") else {
+        // The system gives no huge-page memory: nothing was moved.
+        assert_eq!(arena_bytes(), before);
+        return;
+    };
+    let held = arena_bytes() - before;
+    assert!(held >= 2 << 20 && held % (2 << 20) == 0, "{held}");
+    for (c, o) in copies.iter().zip([&f, &h, &wq, &s, &b]) {
+        assert_eq!(c.shape(), o.shape());
+        assert_eq!(c.dtype(), o.dtype());
+        assert_ne!(data_ptr(c).unwrap(), data_ptr(o).unwrap());
+        assert_eq!(data_ptr(c).unwrap() % 64, 0);
+    }
+    assert_eq!(host(&copies[0]), host(&f));
+    assert_eq!(host(&copies[1]), host(&h));
+    let (cw, cs, cb) = (&copies[2], &copies[3], &copies[4]);
+    let x = array(&[2, 64], 24);
+    assert_eq!(
+        host(&quantized_matmul(&x, cw, cs, cb, 32, 4, Activations::Int8).expect("copy")),
+        host(&quantized_matmul(&x, &wq, &s, &b, 32, 4, Activations::Int8).expect("original"))
+    );
+    // MLX may write an op's result into a copy it is the last user of.
+    let mut copies = copies;
+    let first = copies.remove(0);
+    let doubled = mlx_rs::ops::multiply(&first, Array::from_f32(2.0)).expect("op");
+    drop(first);
+    let want: Vec<f32> = host(&f).iter().map(|v| v * 2.0).collect();
+    assert_eq!(host(&doubled), want);
+    drop(doubled);
+    assert_eq!(
+        arena_bytes() - before,
+        held,
+        "others still hold the mapping"
+    );
+    drop(copies);
+    assert_eq!(arena_bytes(), before);
+}
+
+#[test]
+fn weight_arena_refuses_a_strided_view() {
+    let t = array(&[4, 6], 25).transpose().expect("transpose");
+    match weight_arena(&[&t]) {
+        Err(e) => assert!(e.to_string().contains("row-contiguous"), "{e}"),
+        Ok(None) => {}
+        Ok(Some(_)) => panic!("a transposed view was copied as if row-contiguous"),
+    }
+}

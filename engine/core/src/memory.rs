@@ -13,6 +13,24 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+/// Bytes in use: MLX's active memory plus the weights held in lmspec's own
+/// huge-page memory ([`crate::weights::to_huge_pages`]), which MLX's
+/// allocator does not see (nor does its memory limit).
+pub fn active_bytes() -> std::result::Result<usize, mlx_rs::error::Exception> {
+    Ok(mlx_rs::memory::active_memory()? + crate::cpu_kernels::arena_bytes() as usize)
+}
+
+/// The most bytes in use since [`reset_peak`]: MLX's peak plus the weights
+/// in lmspec's own memory (which stay put while a model is loaded).
+pub fn peak_bytes() -> std::result::Result<usize, mlx_rs::error::Exception> {
+    Ok(mlx_rs::memory::peak_memory()? + crate::cpu_kernels::arena_bytes() as usize)
+}
+
+/// Starts a new peak from the bytes in use now.
+pub fn reset_peak() -> std::result::Result<(), mlx_rs::error::Exception> {
+    mlx_rs::memory::reset_peak_memory()
+}
+
 /// How declared sizes become a limit and whether new work fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryPolicy {
@@ -346,8 +364,8 @@ pub fn measure(
         ));
     }
     mlx_rs::memory::clear_cache()?;
-    let weights = mlx_rs::memory::active_memory()? as u64;
-    mlx_rs::memory::reset_peak_memory()?;
+    let weights = active_bytes()? as u64;
+    reset_peak()?;
     let mut cache = model.new_cache_with(opts);
     let mut done = 0;
     while done < token_count {
@@ -360,7 +378,7 @@ pub fn measure(
         done += n;
     }
     let kv: u64 = cache.arrays().iter().map(|a| a.nbytes() as u64).sum();
-    let peak = mlx_rs::memory::peak_memory()? as u64;
+    let peak = peak_bytes()? as u64;
     let workspace = peak.saturating_sub(weights).saturating_sub(kv);
     Ok(MemoryMeasurement {
         weight_bytes: weights,

@@ -354,6 +354,9 @@ impl Model {
             .with_ties(applied.ties);
         let mut params =
             weights::bind(&graph, &applied.tensors, &quant, tensor_file, rank, &files)?;
+        // The params hold what the plan needs; the checkpoint's own arrays
+        // go now, so that moving the weights (Plan::build) frees as it goes.
+        drop(applied.tensors);
         // A group size MLX lacks (GGUF's sub-blocks of 16) stays quantized
         // only where lmspec's CPU kernels run it: matrices, on the CPU.
         let kernels = crate::cpu_kernels::enabled();

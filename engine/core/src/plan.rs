@@ -247,11 +247,31 @@ impl Plan {
             .values()
             .flat_map(|members| members[1..].iter().copied())
             .collect();
+        // Each group's weights stacked, in its first member's slot.
+        for (&k, members) in &groups {
+            let parts: Vec<Vec<Param>> = members
+                .iter()
+                .map(|&m| std::mem::take(&mut weights[m]))
+                .collect();
+            let node = &graph.nodes[k];
+            weights[k] = concat_params(parts).map_err(|e| {
+                Error::spec(
+                    &node.file,
+                    &node.origin,
+                    "weight",
+                    format!("{e} (at {})", node.path),
+                )
+            })?;
+        }
+        if crate::cpu_kernels::enabled()
+            && std::env::var_os("LMSPEC_HUGE_PAGES").is_none_or(|v| v != "0")
+        {
+            crate::weights::to_huge_pages(&mut weights)?;
+        }
         let mut steps = Vec::with_capacity(graph.nodes.len());
         let mut cache_kinds = Vec::new();
         let mut cache_paths = Vec::new();
-        for k in 0..graph.nodes.len() {
-            let node = &graph.nodes[k];
+        for (k, (node, own)) in graph.nodes.iter().zip(weights.iter_mut()).enumerate() {
             if merged.contains(&k) {
                 continue;
             }
@@ -265,27 +285,19 @@ impl Plan {
                 .collect();
             let (params, outs, split) = match groups.get(&k) {
                 Some(members) => {
-                    let parts: Vec<Vec<Param>> = members
-                        .iter()
-                        .map(|&m| std::mem::take(&mut weights[m]))
-                        .collect();
                     let mut split = Vec::new();
                     let mut at = 0;
                     for &m in &members[..members.len() - 1] {
                         at += graph.nodes[m].resolved.out.dim as i32;
                         split.push(at);
                     }
-                    let fused = concat_params(parts).map_err(|e| {
-                        Error::spec(
-                            &node.file,
-                            &node.origin,
-                            "weight",
-                            format!("{e} (at {})", node.path),
-                        )
-                    })?;
-                    (fused, members.iter().map(|&m| m + 1).collect(), split)
+                    (
+                        std::mem::take(own),
+                        members.iter().map(|&m| m + 1).collect(),
+                        split,
+                    )
                 }
-                None => (std::mem::take(&mut weights[k]), vec![k + 1], Vec::new()),
+                None => (std::mem::take(own), vec![k + 1], Vec::new()),
             };
             let fields = node.resolved.weights.iter().map(|r| r.field);
             let items: Vec<_> = fields.zip(params).collect();

@@ -787,7 +787,7 @@ pub(crate) fn begin<'a>(
     cache: Option<&'a mut ModelCache>,
 ) -> Result<(Instant, CacheSlot<'a>)> {
     let start = Instant::now();
-    mlx_rs::memory::reset_peak_memory()?;
+    lmspec_engine::memory::reset_peak()?;
     let slot = match cache {
         Some(c) => CacheSlot::Given(c),
         None => CacheSlot::Fresh(model.new_cache_with(params.cache)),
@@ -849,7 +849,7 @@ pub(crate) fn drive(
         generation_seconds,
         prompt_tps: prompt.len() as f64 / prompt_seconds.max(1e-9),
         generation_tps: n.saturating_sub(1) as f64 / generation_seconds.max(1e-9),
-        peak_memory_bytes: mlx_rs::memory::peak_memory()?,
+        peak_memory_bytes: lmspec_engine::memory::peak_bytes()?,
         stop,
         draft: gen.draft_stats(),
     };

@@ -165,9 +165,9 @@ async fn health() -> Response {
     axum::Json(serde_json::json!({
         "status": "ok",
         "memory": {
-            "active_bytes": m(mlx_rs::memory::active_memory()),
+            "active_bytes": m(lmspec_engine::memory::active_bytes()),
             "cache_bytes": m(mlx_rs::memory::cache_memory()),
-            "peak_bytes": m(mlx_rs::memory::peak_memory()),
+            "peak_bytes": m(lmspec_engine::memory::peak_bytes()),
         },
     }))
     .into_response()

@@ -211,7 +211,7 @@ pub fn train(
     let mut shuffle = data::Shuffler::new(params.seed);
     let mut order: Vec<usize> = Vec::new();
     let mut outcome = TrainOutcome::default();
-    mlx_rs::memory::reset_peak_memory()?;
+    lmspec_engine::memory::reset_peak()?;
     let (mut losses, mut steps, mut tokens, mut trained) = (0.0f64, 0u64, 0.0f64, 0u64);
     let mut elapsed = 0.0f64;
     for it in 1..=params.iters {
@@ -261,7 +261,7 @@ pub fn train(
                 iterations_per_second: steps as f64 / elapsed.max(1e-9),
                 tokens_per_second: tokens / elapsed.max(1e-9),
                 trained_tokens: trained,
-                peak_memory_bytes: mlx_rs::memory::peak_memory()?,
+                peak_memory_bytes: lmspec_engine::memory::peak_bytes()?,
             };
             outcome.reports.push((it, report.loss));
             progress(&TrainEvent::Report(report));
