@@ -847,9 +847,9 @@ pub fn dense_bytes(params: &[Vec<Param>]) -> usize {
 /// nothing from huge pages and would hold a 2 MB page for kilobytes.
 const HUGE_PAGES_FROM: usize = 16 << 20;
 
-/// The most bytes copied at once, so that moving the weights holds at most
-/// this much twice.
-const ARENA_CHUNK: usize = 256 << 20;
+/// The most bytes copied at once (or one weight, where it is larger), so
+/// that moving the weights holds at most that much twice.
+const ARENA_CHUNK: usize = 64 << 20;
 
 /// The arrays of a param, mutably.
 fn arrays_mut(p: &mut Param) -> Vec<&mut Array> {
@@ -941,6 +941,14 @@ pub fn to_huge_pages(params: &mut [Vec<Param>]) -> Result<()> {
         drop(refs);
         drop(originals);
         each(&mut |i, a| *a = copies[i].clone())?;
+        // The originals' memory goes back to the system before the next
+        // chunk: MLX's cache of freed buffers, and what the C heap keeps of
+        // freed blocks (gemma-3-270m: 72 MB more resident without this).
+        mlx_rs::memory::clear_cache().map_err(weights_err)?;
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         start = end;
     }
     Ok(())
