@@ -2776,7 +2776,6 @@ int lmspec_file_slice(
   });
 }
 
-
 // Copies of the evaluated, row-contiguous arrays `ins[0..n)` (`outs[i]`
 // the copy of `ins[i]`) in one mapping of their own, aligned to 2 MB and
 // advised for transparent huge pages: a product that streams its weights
