@@ -2532,10 +2532,26 @@ static bool size_then_data() {
   return yes;
 }
 
+// Whether the kernel may give advised memory huge pages: not where
+// transparent huge pages are switched off (`[never]`), where advice would
+// buy nothing for the copy.
+static bool huge_pages_on() {
+  static const bool on = [] {
+    int fd = open("/sys/kernel/mm/transparent_hugepage/enabled", O_RDONLY);
+    if (fd < 0) return true;  // madvise decides
+    char buf[128] = {};
+    const ssize_t got = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    return got <= 0 || std::strstr(buf, "[never]") == nullptr;
+  }();
+  return on;
+}
+
 // `bytes` (a multiple of kHugePage) of fresh memory starting on a 2 MB
 // boundary and advised for transparent huge pages; null where the kernel
-// refuses either.
+// refuses either or gives no huge pages.
 static void* huge_mapping(size_t bytes) {
+  if (!huge_pages_on()) return nullptr;
   void* raw = mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const uintptr_t at = uintptr_t(raw), start = (at + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
