@@ -1002,8 +1002,8 @@ pub fn main() -> ExitCode {
 
 /// Load options of every command that loads a model: the spec library
 /// ([`library`]), `weights`, and `$LMSPEC_FUSE_PROJECTIONS` (`1` or `0`)
-/// forcing fused projections on or off (default: on for the CPU, off on a
-/// GPU).
+/// forcing fused projections on or off (default: on for the CPU; on a GPU
+/// for models with quantized weights).
 pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Result<LoadOptions> {
     let mut opts = LoadOptions::default()
         .with_library(library(specs)?)
