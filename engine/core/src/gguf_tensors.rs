@@ -105,10 +105,7 @@ fn blank<T: mlx_rs::ArrayElement>(shape: &[i32]) -> std::result::Result<Array, S
     let cpu = mlx_rs::Stream::cpu();
     let a = mlx_rs::with_stream(&cpu, || Array::zeros::<T>(shape)).map_err(|e| e.to_string())?;
     a.eval().map_err(|e| e.to_string())?;
-    let mut row = false;
-    // SAFETY: `a` is a valid, evaluated array.
-    let rc = unsafe { mlx_sys::_mlx_array_is_row_contiguous(&mut row, a.as_ptr()) };
-    if rc != 0 || !row {
+    if !crate::cpu_kernels::row_contiguous(&a) {
         return Err("MLX gave no contiguous buffer to fill".into());
     }
     Ok(a)

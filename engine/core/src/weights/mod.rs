@@ -861,6 +861,11 @@ fn arrays_mut(p: &mut Param) -> Vec<&mut Array> {
     }
 }
 
+/// Every array of every param, in one fixed order.
+fn all_arrays(params: &mut [Vec<Param>]) -> impl Iterator<Item = &mut Array> {
+    params.iter_mut().flatten().flat_map(arrays_mut)
+}
+
 /// What makes two arrays one weight: their data, shape and dtype (a
 /// reshaped view shares the data, not the shape). `None`: an array to
 /// leave where it is (a strided view).
@@ -885,20 +890,21 @@ fn buffer_key(a: &Array) -> std::result::Result<Option<BufferKey>, Exception> {
 /// 16 MB.
 pub fn to_huge_pages(params: &mut [Vec<Param>]) -> Result<()> {
     let weights_err = |e: Exception| Error::Usage(format!("moving weights to huge pages: {e}"));
-    // The distinct buffers, in order of first use, with their sizes.
+    // The distinct buffers, in order of first use, with their sizes, and
+    // each array's buffer in the order `all_arrays` walks them (`None`: an
+    // array that stays).
     let mut keys: Vec<BufferKey> = Vec::new();
     let mut sizes: Vec<usize> = Vec::new();
-    for ps in params.iter_mut() {
-        for p in ps.iter_mut() {
-            for a in arrays_mut(p) {
-                if let Some(key) = buffer_key(a).map_err(weights_err)? {
-                    if !keys.contains(&key) {
-                        keys.push(key);
-                        sizes.push(a.nbytes());
-                    }
-                }
-            }
-        }
+    let mut slot_of: Vec<Option<usize>> = Vec::new();
+    for a in all_arrays(params) {
+        let slot = buffer_key(a).map_err(weights_err)?.map(|key| {
+            keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                keys.push(key);
+                sizes.push(a.nbytes());
+                keys.len() - 1
+            })
+        });
+        slot_of.push(slot);
     }
     if sizes.iter().sum::<usize>() < HUGE_PAGES_FROM {
         return Ok(());
@@ -911,27 +917,17 @@ pub fn to_huge_pages(params: &mut [Vec<Param>]) -> Result<()> {
             bytes += sizes[end];
             end += 1;
         }
-        let chunk = &keys[start..end];
-        // Runs `f` on each array of the chunk with its index in the chunk.
-        let mut each = |f: &mut dyn FnMut(usize, &mut Array)| -> Result<()> {
-            for ps in params.iter_mut() {
-                for p in ps.iter_mut() {
-                    for a in arrays_mut(p) {
-                        let key = buffer_key(a).map_err(weights_err)?;
-                        if let Some(i) = key.and_then(|k| chunk.iter().position(|c| *c == k)) {
-                            f(i, a);
-                        }
-                    }
-                }
+        // The arrays of the chunk, each with its buffer's index in it.
+        let in_chunk =
+            |slot: &Option<usize>| slot.filter(|i| (start..end).contains(i)).map(|i| i - start);
+        let mut originals: Vec<Option<Array>> = vec![None; end - start];
+        for (a, slot) in all_arrays(params).zip(&slot_of) {
+            if let Some(i) = in_chunk(slot) {
+                originals[i].get_or_insert_with(|| a.clone());
             }
-            Ok(())
-        };
-        let mut originals: Vec<Option<Array>> = vec![None; chunk.len()];
-        each(&mut |i, a| {
-            originals[i].get_or_insert_with(|| a.clone());
-        })?;
+        }
         let refs: Vec<&Array> = originals.iter().flatten().collect();
-        if refs.len() != chunk.len() {
+        if refs.len() != end - start {
             return Err(Error::Usage(
                 "moving weights to huge pages: a weight changed while it was moved".into(),
             ));
@@ -941,7 +937,11 @@ pub fn to_huge_pages(params: &mut [Vec<Param>]) -> Result<()> {
         };
         drop(refs);
         drop(originals);
-        each(&mut |i, a| *a = copies[i].clone())?;
+        for (a, slot) in all_arrays(params).zip(&slot_of) {
+            if let Some(i) = in_chunk(slot) {
+                *a = copies[i].clone();
+            }
+        }
         // The originals' memory goes back to the system before the next
         // chunk: MLX's cache of freed buffers, and what the C heap keeps of
         // freed blocks (gemma-3-270m: 72 MB more resident without this).
