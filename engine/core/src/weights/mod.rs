@@ -882,8 +882,8 @@ fn buffer_key(a: &Array) -> std::result::Result<Option<BufferKey>, Exception> {
 /// Moves every weight into memory of lmspec's own, aligned to 2 MB and
 /// advised for transparent huge pages ([`crate::cpu_kernels::weight_arena`]),
 /// a chunk at a time: a decode step streams every weight once, and with 4 KB
-/// pages its reads also walk a page table entry per 4 KB (gemma-3-270m's
-/// 8-bit output head, 178 MB, int8 activations: 5.7-7.4 ms per product on
+/// pages its reads also walk a page table entry per 4 KB (an installed
+/// model's 8-bit output head, 178 MB, int8 activations: 5.7-7.4 ms per product on
 /// 4 KB pages against 5.0-6.2 on 2 MB ones). Values are unchanged; arrays
 /// that share a buffer (a tied embedding and head) share the copy. Nothing
 /// moves where transparent huge pages are off or the weights are under
@@ -944,7 +944,7 @@ pub fn to_huge_pages(params: &mut [Vec<Param>]) -> Result<()> {
         }
         // The originals' memory goes back to the system before the next
         // chunk: MLX's cache of freed buffers, and what the C heap keeps of
-        // freed blocks (gemma-3-270m: 72 MB more resident without this).
+        // freed blocks (72 MB more resident without this on a 270 MB model).
         mlx_rs::memory::clear_cache().map_err(weights_err)?;
         // SAFETY: malloc_trim only releases free heap memory.
         unsafe {
