@@ -72,6 +72,22 @@ pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
     Array::from_slice(&allowed, &[t, cols])
 }
 
+/// The boolean mask of `t` query positions starting at `offset` over the
+/// `offset + t` keys so far, causal within aligned blocks of `block`
+/// positions: position `l` sees position `r <= l` when `r / block == l /
+/// block` (mlx-lm's llama4 `chunk_mask`).
+pub fn block_mask(t: i32, offset: i32, block: i32) -> Array {
+    let cols = offset + t;
+    let mut allowed = Vec::with_capacity((t * cols).max(0) as usize);
+    for row in 0..t {
+        let l = offset + row;
+        for r in 0..cols {
+            allowed.push(r <= l && r / block == l / block);
+        }
+    }
+    Array::from_slice(&allowed, &[t, cols])
+}
+
 /// Keys and values for attention, dense or quantized (data, scales, biases).
 #[derive(Debug, Clone)]
 pub enum KvView {
@@ -147,6 +163,28 @@ impl CacheState {
             CacheState::Batch(c) => c.mask(t),
             _ if t > 1 => Ok(Mask::Causal),
             _ => Ok(Mask::None),
+        }
+    }
+
+    /// The mask of block attention (see [`block_mask`]) for a call of `t`
+    /// positions, decided before the update. A batch's rows sit at their
+    /// own positions (`seen`: each row's positions before the call); a
+    /// rotating cache, which drops positions, cannot serve it.
+    pub fn block_mask(&self, t: i32, block: i32, seen: Option<&[i32]>) -> Result<Mask, Exception> {
+        match self {
+            CacheState::Batch(c) => Ok(Mask::Array(c.block_mask(t, block, seen)?)),
+            CacheState::Rotating(_) => Err(Exception::custom(
+                "block attention reads every position of its block; a rotating cache \
+                 (max_kv_size) does not keep them: run this model without max_kv_size",
+            )),
+            _ => {
+                let offset = self.offset();
+                if offset + t <= block {
+                    // One block so far: plain causal attention.
+                    return self.mask(t, None);
+                }
+                Ok(Mask::Array(block_mask(t, offset, block)))
+            }
         }
     }
 

@@ -150,6 +150,8 @@ dump_tests!(
     lfm2_vl = "lfm2-vl",
     lille_130m = "lille-130m",
     llama,
+    llama4,
+    llama4_hf,
     llama4_text,
     llama_hd32,
     llama_linear_rope,

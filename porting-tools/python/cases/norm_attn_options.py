@@ -2,6 +2,8 @@
 nemotron, nanochat, ... (one family module; see README.md)."""
 import dataclasses
 
+import numpy as np
+
 import mlx.core as mx
 
 # Types whose layer is not llama's with llama's module names meaning llama's
@@ -90,7 +92,29 @@ TYPE_UNUSED_BASE_KEYS = {
     "plamo": ["num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"],
 }
 
+# The base text keys Llama 4's text_config carries (no tie: its head is
+# never tied).
+BASE_TEXT = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "max_position_embeddings": 512}
+
 CASES = [
+    # Llama 4's text model under text_config, 4 layers: 0-2 with an
+    # interleaved llama3-scaled rope, weightless q/k norms after it and
+    # attention within aligned chunks of 5 positions (the 44 positions of
+    # the prompt and greedy steps cross eight chunk borders); layer 3 over
+    # every position, no rope, the query temperature with floor_scale 4.
+    # Layers 1 and 3 are top-1 mixtures of 4 experts (the sigmoid score
+    # scaling the input) plus a shared expert; 0 and 2 dense, 48 wide.
+    {"name": "llama4", "model_type": "llama4", "seed": 0, "config": {"text_config": {
+        **{k: v for k, v in BASE_TEXT.items()},
+        "model_type": "llama4_text", "num_hidden_layers": 4, "head_dim": 16,
+        "intermediate_size": 16, "intermediate_size_mlp": 48, "attention_bias": False,
+        "attention_chunk_size": 5, "interleave_moe_layer_step": 2, "num_experts_per_tok": 1,
+        "num_local_experts": 4, "use_qk_norm": True, "attn_temperature_tuning": 4,
+        "floor_scale": 4, "attn_scale": 0.1,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}}},
     # LayerNorm1P ((1 + w) scale, bias) everywhere, relu² MLP, rope on half
     # of each head with linear scaling.
     {"name": "nemotron", "model_type": "nemotron",
@@ -193,9 +217,16 @@ def register(mg):
     mg.HF_LAYOUTS["plamo2"] = (plamo2_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["apertus"] = (apertus_to_hf, {"format": "pt"})
     mg.HF_LAYOUTS["dbrx"] = (dbrx_to_hf, {"format": "pt"})
+    mg.HF_LAYOUTS["llama4"] = (llama4_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
+    # Llama 4's top level holds model_type and text_config alone.
+    mg.TYPE_UNUSED_BASE_KEYS["llama4"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
+    # Llama 4 as Hugging Face stores it: fused expert projections
+    # (gate_up_proj [4, 64, 2 * 16], down_proj [4, 16, 64]) and vision
+    # tensors beside the text model.
+    mg.CASES.append(mg._derived("llama4", "llama4_hf", hf_layout="llama4"))
     # As mlx_lm.convert quantizes it: 4-bit / group 32 everywhere (the
     # experts with gather_qmm, their biases dense), the router 8-bit / 64 by
     # the model's quant_predicate; norms and sinks stay float32.
@@ -303,6 +334,29 @@ def dbrx_to_hf(weights, config):
             if w == "w2":
                 parts = [p.T for p in parts]
             out[f"{prefix}.mlp.{w}"] = mx.concatenate(parts, axis=0)
+    return dict(sorted(out.items()))
+
+
+def llama4_to_hf(weights, config):
+    """What mlx-lm's llama4 sanitize splits and transposes: each MoE layer's
+    experts as experts.gate_up_proj [E, D, 2F] and experts.down_proj
+    [E, F, D]; plus tensors of the vision tower and projector it drops."""
+    out = {}
+    for key, value in weights.items():
+        prefix, sep, rest = key.partition(".feed_forward.experts.")
+        if not sep:
+            out[key] = value
+        elif rest == "gate_proj.weight":
+            up = weights[f"{prefix}.feed_forward.experts.up_proj.weight"]
+            out[f"{prefix}.feed_forward.experts.gate_up_proj"] = mx.concatenate(
+                [mx.swapaxes(value, 1, 2), mx.swapaxes(up, 1, 2)], axis=-1)
+        elif rest == "down_proj.weight":
+            out[f"{prefix}.feed_forward.experts.down_proj"] = mx.contiguous(
+                mx.swapaxes(value, 1, 2))
+    rng = np.random.RandomState(0)
+    for name in ("vision_model.patch_embedding.linear.weight",
+                 "multi_modal_projector.linear_1.weight"):
+        out[name] = mx.array(rng.standard_normal((4, 8)).astype(np.float32))
     return dict(sorted(out.items()))
 
 

@@ -16,7 +16,7 @@ use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::Array;
 
 use super::{Build, Ctx, Op, Weights};
-use crate::cache::{causal_mask, KvView, Mask};
+use crate::cache::{block_mask, causal_mask, KvView, Mask};
 
 impl Build for Attention {
     fn build(&self, inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -143,12 +143,19 @@ impl Attend for Attention {
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
             Some(cache) => (
-                cache.mask(t, self.chunk_window_size())?,
+                match self.local_chunk_size() {
+                    Some(b) => {
+                        let seen = ctx.positions.map(|p| p.host.as_slice());
+                        cache.block_mask(t, b, seen)?
+                    }
+                    None => cache.mask(t, self.chunk_window_size())?,
+                },
                 cache.update_and_fetch(k, v)?,
             ),
             None => {
-                let mask = match self.chunk_window_size() {
-                    Some(w) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
+                let mask = match (self.local_chunk_size(), self.chunk_window_size()) {
+                    (Some(b), _) if t > b => Mask::Array(block_mask(t, 0, b)),
+                    (None, Some(w)) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
                     _ if t > 1 => Mask::Causal,
                     _ => Mask::None,
                 };

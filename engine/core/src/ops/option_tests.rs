@@ -282,6 +282,30 @@ fn position_scale_grows_with_the_position() {
 }
 
 #[test]
+fn position_scale_shift_counts_positions_from_one() {
+    // Llama 4: log(floor((p + 1) / period) + 1) * beta + 1; at offset 2 and
+    // period 3 the shift moves the first step from position 3 to 2.
+    let x = Array::from_slice(&XS, &[1, 1, 4, 2]);
+    let given = [
+        ("beta", Value::Float(0.1)),
+        ("period", Value::Int(3)),
+        ("shift", Value::Int(1)),
+    ];
+    let op = build("position_scale", &given, &[heads(1, 2)], vec![]);
+    let offset = 2;
+    let want: Vec<f64> = f64s(&XS)
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            let p = (offset + k / 2 + 1) as f64;
+            v * ((1.0 + (p / 3.0).floor()).ln() * 0.1 + 1.0)
+        })
+        .collect();
+    assert!(want[0] != f64s(&XS)[0], "the first position already scales");
+    close(&run(op.as_ref(), &[&x], offset as i32), &want, 1e-6);
+}
+
+#[test]
 fn repeat_heads_repeats_each_head_in_a_row() {
     // [B=1, H=2, T=1, D=4] -> [1, 6, 1, 4]: head 0 three times, then head 1.
     let x = Array::from_slice(&XS, &[1, 2, 1, 4]);

@@ -113,9 +113,11 @@ impl Op for PositionScale {
         let x = inputs[0];
         let nd = x.ndim();
         let t = x.shape()[nd - 2];
-        let (beta, period) = (self.beta, self.period.0 as f64);
+        let (beta, period, shift) = (self.beta, self.period.0 as f64, self.shift);
         // Padding in front of a batch row sits at negative positions: scale 1.
-        let factor = |p: i64| (1.0 + beta * (1.0 + (p.max(0) as f64 / period).floor()).ln()) as f32;
+        let factor = |p: i64| {
+            (1.0 + beta * (1.0 + ((p.max(0) + shift).max(0) as f64 / period).floor()).ln()) as f32
+        };
         let starts: Vec<i64> = match ctx.positions {
             Some(p) => p.host.iter().map(|&o| o as i64).collect(),
             None => vec![ctx.offset as i64],

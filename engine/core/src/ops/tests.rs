@@ -252,6 +252,91 @@ fn attention_window_and_softcap_match_the_reference() {
 }
 
 #[test]
+fn block_attention_sees_its_own_block_whole_and_through_the_cache() {
+    let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
+    let block = 4usize;
+    let (qs, ks, vs) = (
+        noise(hq * t * d, 41),
+        noise(hk * t * d, 42),
+        noise(hk * t * d, 43),
+    );
+    let part = |x: &[f32], h: usize, a: usize, b: usize| {
+        let rows: Vec<f32> = (0..h)
+            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
+            .collect();
+        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
+    };
+    let heads = |h: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let infos = [heads(hq), heads(hk), heads(hk)];
+    let scale = 0.5;
+    let given = [
+        ("scale", Value::Float(scale)),
+        ("local_chunk", Value::Int(block as i64)),
+    ];
+    let op = build("attention", &given, &infos, vec![]);
+    let dims = (hq, hk, t, d);
+    // mlx-lm's llama4 chunk mask: the same block, and causal.
+    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |i, j| {
+        i / block == j / block
+    });
+    let whole = [
+        part(&qs, hq, 0, t),
+        part(&ks, hk, 0, t),
+        part(&vs, hk, 0, t),
+    ];
+    close(
+        &run(op.as_ref(), &[&whole[0], &whole[1], &whole[2]], 0),
+        &want,
+        2e-5,
+    );
+    // Through the standard cache, in calls that cross block boundaries
+    // (a prompt in two chunks, then single steps).
+    let mut slot = crate::cache::CacheKind::Kv.create(Default::default());
+    let mut got = vec![0.0f32; hq * t * d];
+    for (a, b) in [(0, 3), (3, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11)] {
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let xs = [
+            part(&qs, hq, a, b),
+            part(&ks, hk, a, b),
+            part(&vs, hk, a, b),
+        ];
+        let y = op
+            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
+            .and_then(|y| y.contiguous())
+            .expect("forward");
+        y.eval().expect("eval");
+        let y = y.as_slice::<f32>();
+        for h in 0..hq {
+            let rows = (b - a) * d;
+            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
+        }
+    }
+    close(&got, &want, 2e-5);
+    // A rotating cache drops positions a block may need: refused.
+    let mut rotating = crate::cache::CacheKind::Kv.create(crate::cache::CacheOptions {
+        max_kv_size: Some(8),
+    });
+    let mut ctx = Ctx {
+        offset: 0,
+        key_mask: None,
+        positions: None,
+        cache: Some(&mut rotating),
+    };
+    let err = op
+        .forward(&[&whole[0], &whole[1], &whole[2]], &mut ctx)
+        .expect_err("a rotating cache");
+    assert!(err.to_string().contains("max_kv_size"), "{err}");
+}
+
+#[test]
 fn attention_chunk_window_widens_multi_token_calls_only() {
     let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
     let (window, chunk) = (3usize, 4usize);

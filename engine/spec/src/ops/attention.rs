@@ -19,6 +19,7 @@ op! {
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
         grid_window: Option<Positive<i64>> = None, "non-causal: a query sees only the keys of its own tile of this many x this many positions of the forward's 2-D positions (axis 0 the row, axis 1 the column of each patch, as a tower's inputs give them), within its segment (Qwen2.5-VL's window attention; null: the whole segment)";
         chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
+        local_chunk: Option<Positive<i64>> = None, "causal within aligned chunks: a query at position p sees the keys at positions q <= p with floor(q / local_chunk) = floor(p / local_chunk) (llama4's chunked attention, `attention_chunk_size`); the cache keeps every position";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
         sinks: bool = false, "learned per-head sink logits `sinks` [Hq] in the node's scope join each softmax's denominator (gpt-oss)";
         gqa: Gqa = Gqa::Grouped, "grouped: query head h reads key/value head h / (Hq / Hkv); tiled: h mod Hkv";
@@ -32,6 +33,11 @@ impl Attention {
     /// The sliding window as the cache counts it.
     pub fn window_size(&self) -> Option<i32> {
         self.window.map(|w| w.0.min(i32::MAX as i64) as i32)
+    }
+
+    /// The aligned chunk of `local_chunk` attention.
+    pub fn local_chunk_size(&self) -> Option<i32> {
+        self.local_chunk.map(|b| b.0.min(i32::MAX as i64) as i32)
     }
 
     /// The window the mask of a multi-token call allows.
@@ -111,6 +117,17 @@ impl Attention {
                 ))
             }
             _ => {}
+        }
+        if self.local_chunk.is_some()
+            && (!self.causal
+                || self.window.is_some()
+                || self.bidirectional_spans
+                || self.kv_out.is_some())
+        {
+            return Err(OpError::new(
+                "local_chunk",
+                "local chunks are causal, without a window, spans or published keys",
+            ));
         }
         if hk != hv {
             return Err(OpError::new("in", format!("k has {hk} heads, v has {hv}")));

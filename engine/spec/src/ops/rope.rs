@@ -20,10 +20,11 @@ op! {
 }
 
 op! {
-    /// Position-dependent scale of [B, T, D] or [B, H, T, D] values: 1 + beta · ln(1 + floor(p / period)) at position p (the llama-4 query temperature of Ministral 3 and Mistral 4).
+    /// Position-dependent scale of [B, T, D] or [B, H, T, D] values: 1 + beta · ln(1 + floor((p + shift) / period)) at position p (the llama-4 query temperature of Ministral 3 and Mistral 4; Llama 4 counts from 1).
     "position_scale" (1..=1) => PositionScale {
         beta: f64, "strength of the logarithmic growth";
         period: Positive<i64>, "positions per step of the floor (original_max_position_embeddings)";
+        shift: i64 = 0, "added to each position before the floor (1: Llama 4's positions counted from 1)";
     } layout: super::norm::first
 }
 
