@@ -135,7 +135,8 @@ macro_rules! batch_cases {
 // (Mamba-1, KDA, lightning, RG-LRU; plain, biased and identity experts,
 // sparsemixer, clamped SwiGLU); the cross-layer dataflow (looped stacks,
 // carried values, KV-shared layers); M-RoPE
-// (qwen2_vl: per-row positions on every axis).
+// (qwen2_vl: per-row positions on every axis); attention within local
+// chunks at each row's own positions (llama4).
 batch_cases!(
     llama,
     qwen3,
@@ -165,7 +166,8 @@ batch_cases!(
     afm7,
     iquestloopcoder,
     gemma4_text,
-    qwen2_vl
+    qwen2_vl,
+    llama4
 );
 
 #[test]
@@ -250,5 +252,47 @@ fn a_sequence_gets_the_same_logits_however_it_is_split_or_batched() {
         let both = both.reshape(&[2, -1]).expect("rows");
         let first_row = crate::support::last_row_f32(&both.index((0..1, ..)));
         assert!(step == first_row, "{act:?}: the decode step batched");
+    }
+}
+
+/// Attention within local chunks reads each row's own positions: two
+/// sequences of different lengths decoded together (the shorter padded in
+/// front) give the logits each gets from its own cache, step by step
+/// across chunk borders (llama4's chunks are 5 positions).
+#[test]
+fn local_chunks_follow_each_rows_positions_in_a_batch() {
+    let _guard = mlx_lock();
+    let model = load_model(&goldens().join("llama4/model"), &library(), None).expect("llama4");
+    let a: Vec<i32> = (0..13).map(|i| (7 + i * 19) % 256).collect();
+    let b: Vec<i32> = (0..6).map(|i| (3 + i * 23) % 256).collect();
+    let prefilled = |tokens: &[i32]| {
+        let mut cache = model.new_cache();
+        fed(&model, &mut cache, tokens, Pass::prompt(tokens.len()));
+        cache
+    };
+    let (mut alone_a, mut alone_b) = (prefilled(&a), prefilled(&b));
+    let mut batch = BatchCache::from_single(prefilled(&a)).expect("batch");
+    batch
+        .extend(BatchCache::from_single(prefilled(&b)).expect("row"))
+        .expect("extend");
+    for step in 0..8i32 {
+        let (ta, tb) = ((11 + step * 31) % 256, (5 + step * 17) % 256);
+        let want_a = fed(&model, &mut alone_a, &[ta], Pass::Step);
+        let want_b = fed(&model, &mut alone_b, &[tb], Pass::Step);
+        let tokens = Array::from_slice(&[ta, tb], &[2, 1]);
+        let both = in_pass(Pass::Step, || model.forward_batch(&tokens, &mut batch)).expect("batch");
+        let both = both.reshape(&[2, -1]).expect("rows");
+        for (row, want) in [(0, &want_a), (1, &want_b)] {
+            let got = crate::support::last_row_f32(&both.index((row..row + 1, ..)));
+            let worst = got
+                .iter()
+                .zip(want.iter())
+                .map(|(g, w)| (g - w).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "step {step}, row {row}: logits differ by {worst}"
+            );
+        }
     }
 }
