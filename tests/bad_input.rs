@@ -464,3 +464,27 @@ fn a_key_the_spec_supports_with_one_value_only_is_refused_by_name() {
     let (_m, model) = model_copy("llama", |c| c["frobnicate"] = false.into());
     crate::support::load_model(&model, &lib, Some("bad")).expect("the supported value loads");
 }
+
+/// A rotating cache (`max_kv_size`) under attention within local chunks,
+/// which reads every position of a chunk: an error naming the node, not
+/// wrong values.
+#[test]
+fn rotating_cache_under_local_chunks_names_the_node() {
+    let _guard = mlx_lock();
+    let model = crate::support::load_model(
+        &goldens().join("llama4/model"),
+        &crate::support::library(),
+        None,
+    )
+    .expect("llama4");
+    let mut cache = model.new_cache_with(lmspec::engine::cache::CacheOptions {
+        max_kv_size: Some(8),
+    });
+    let tokens = mlx_rs::Array::from_slice(&[1i32, 2, 3], &[1, 3]);
+    let err = model
+        .forward(&tokens, Some(&mut cache))
+        .expect_err("a rotating cache");
+    let msg = err.to_string();
+    assert!(msg.starts_with("layers.0.attn"), "{msg}");
+    assert!(msg.contains("max_kv_size"), "{msg}");
+}

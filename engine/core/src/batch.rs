@@ -64,7 +64,7 @@ impl BatchKv {
         }
     }
 
-    /// The block-attention mask `[B, 1, t, len + t]` of `t` new positions
+    /// The local-chunk attention mask `[B, 1, t, len + t]` of `t` new positions
     /// (see [`crate::cache::block_mask`]): row `b`'s column `c` holds its
     /// position `c - (len - seen[b])`; without `seen`, every row has all
     /// `len` columns.

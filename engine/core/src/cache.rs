@@ -73,7 +73,7 @@ pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
 }
 
 /// The boolean mask of `t` query positions starting at `offset` over the
-/// `offset + t` keys so far, causal within aligned blocks of `block`
+/// `offset + t` keys so far, causal within aligned chunks of `block`
 /// positions: position `l` sees position `r <= l` when `r / block == l /
 /// block` (mlx-lm's llama4 `chunk_mask`).
 pub fn block_mask(t: i32, offset: i32, block: i32) -> Array {
@@ -166,7 +166,7 @@ impl CacheState {
         }
     }
 
-    /// The mask of block attention (see [`block_mask`]) for a call of `t`
+    /// The mask of attention within local chunks (see [`block_mask`]) for a call of `t`
     /// positions, decided before the update. A batch's rows sit at their
     /// own positions (`seen`: each row's positions before the call); a
     /// rotating cache, which drops positions, cannot serve it.
@@ -174,8 +174,9 @@ impl CacheState {
         match self {
             CacheState::Batch(c) => Ok(Mask::Array(c.block_mask(t, block, seen)?)),
             CacheState::Rotating(_) => Err(Exception::custom(
-                "block attention reads every position of its block; a rotating cache \
-                 (max_kv_size) does not keep them: run this model without max_kv_size",
+                "attention within local chunks reads every position of its chunk; a \
+                 rotating cache (max_kv_size) does not keep them: run this model without \
+                 max_kv_size",
             )),
             _ => {
                 let offset = self.offset();

@@ -460,7 +460,15 @@ impl Plan {
                 cache: step.cache.map(|c| &mut cache.slots[c]),
             };
             let started = profiling.then(std::time::Instant::now);
-            let y = step.op.forward(&inputs, &mut ctx)?;
+            // An op with a cache may refuse its state (a rotating cache
+            // under attention that needs every position): say which node.
+            let y = step
+                .op
+                .forward(&inputs, &mut ctx)
+                .map_err(|e| match step.cache {
+                    Some(c) => Error::Usage(format!("{}: {e}", self.cache_paths[c])),
+                    None => e.into(),
+                })?;
             if let Some(t) = started {
                 OP_TIMES.with_borrow_mut(|m| *m.by_op.entry(step.kind).or_default() += t.elapsed());
             }

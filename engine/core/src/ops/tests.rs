@@ -252,7 +252,7 @@ fn attention_window_and_softcap_match_the_reference() {
 }
 
 #[test]
-fn block_attention_sees_its_own_block_whole_and_through_the_cache() {
+fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
     let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
     let block = 4usize;
     let (qs, ks, vs) = (
