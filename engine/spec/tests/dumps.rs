@@ -152,6 +152,7 @@ dump_tests!(
     llama,
     llama4,
     llama4_hf,
+    llama4_q4,
     llama4_text,
     llama_hd32,
     llama_linear_rope,

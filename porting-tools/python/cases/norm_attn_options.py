@@ -228,6 +228,9 @@ def register(mg):
     # tensors beside the text model.
     mg.CASES.append(mg._derived("llama4", "llama4_hf", hf_layout="llama4"))
     # As mlx_lm.convert quantizes it: 4-bit / group 32 everywhere (the
+    # experts through gather_qmm).
+    mg.CASES.append(mg._derived("llama4", "llama4_q4", quantize={"bits": 4, "group_size": 32}))
+    # As mlx_lm.convert quantizes it: 4-bit / group 32 everywhere (the
     # experts with gather_qmm, their biases dense), the router 8-bit / 64 by
     # the model's quant_predicate; norms and sinks stay float32.
     mg.CASES.append(mg._derived("gpt_oss", "gpt_oss_q4", quantize={"bits": 4, "group_size": 32}))
