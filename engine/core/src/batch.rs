@@ -64,34 +64,9 @@ impl BatchKv {
         }
     }
 
-    /// The local-chunk attention mask `[B, 1, t, len + t]` of `t` new positions
-    /// (see [`crate::cache::block_mask`]): row `b`'s column `c` holds its
-    /// position `c - (len - seen[b])`; without `seen`, every row has all
-    /// `len` columns.
-    pub(crate) fn block_mask(
-        &self,
-        t: i32,
-        block: i32,
-        seen: Option<&[i32]>,
-    ) -> Result<Array, Exception> {
-        let rows = self.keys.shape()[0];
-        let cols = self.len + t;
-        let mut allowed = Vec::with_capacity((rows * t * cols).max(0) as usize);
-        for b in 0..rows {
-            let before = seen
-                .and_then(|s| s.get(b as usize))
-                .copied()
-                .unwrap_or(self.len);
-            let front = self.len - before;
-            for row in 0..t {
-                let l = before + row;
-                for c in 0..cols {
-                    let r = c - front;
-                    allowed.push(r >= 0 && r <= l && r / block == l / block);
-                }
-            }
-        }
-        Ok(Array::from_slice(&allowed, &[rows, 1, t, cols]))
+    /// Rows of the batch.
+    pub(crate) fn rows(&self) -> usize {
+        self.keys.shape()[0] as usize
     }
 
     /// The first `len` columns, `front` zero columns before them.

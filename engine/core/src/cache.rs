@@ -72,20 +72,76 @@ pub fn causal_mask(t: i32, offset: i32, window: Option<i32>) -> Array {
     Array::from_slice(&allowed, &[t, cols])
 }
 
-/// The boolean mask of `t` query positions starting at `offset` over the
-/// `offset + t` keys so far, causal within aligned chunks of `block`
-/// positions: position `l` sees position `r <= l` when `r / block == l /
-/// block` (mlx-lm's llama4 `chunk_mask`).
-pub fn block_mask(t: i32, offset: i32, block: i32) -> Array {
-    let cols = offset + t;
-    let mut allowed = Vec::with_capacity((t * cols).max(0) as usize);
-    for row in 0..t {
-        let l = offset + row;
-        for r in 0..cols {
-            allowed.push(r <= l && r / block == l / block);
+/// Which key positions a query position sees, by head: the masks of
+/// attention patterns that depend on absolute positions (and which a
+/// rotating cache, which drops positions, cannot serve).
+#[derive(Debug, Clone, Copy)]
+pub enum PositionRule {
+    /// Causal within aligned chunks: position `l` sees `r <= l` when
+    /// `r / chunk == l / chunk` (mlx-lm's llama4 `chunk_mask`).
+    LocalChunk(i32),
+    /// Causal, by blocks of `block` positions: query block `lb` sees key
+    /// block `rb <= lb` when `lb - rb < local`, or when `(rb + h + 1) %
+    /// stride == 0` for query head `h` (phi3small's block-sparse layers).
+    BlockSparse { block: i32, local: i32, stride: i32 },
+}
+
+impl PositionRule {
+    /// Whether query head `h` at position `l` sees position `r`.
+    pub fn allows(self, h: i32, l: i32, r: i32) -> bool {
+        if r < 0 || r > l {
+            return false;
+        }
+        match self {
+            PositionRule::LocalChunk(c) => r / c == l / c,
+            PositionRule::BlockSparse {
+                block,
+                local,
+                stride,
+            } => {
+                let (lb, rb) = (l / block, r / block);
+                lb - rb < local || (rb + h + 1) % stride == 0
+            }
         }
     }
-    Array::from_slice(&allowed, &[t, cols])
+
+    /// Query heads whose masks differ (1 where the rule ignores the head).
+    fn heads(self, heads: i32) -> i32 {
+        match self {
+            PositionRule::LocalChunk(_) => 1,
+            PositionRule::BlockSparse { .. } => heads,
+        }
+    }
+
+    /// Whether every query of a call sees every earlier key (plain causal
+    /// attention does) while all positions so far are below `end`.
+    fn is_causal_below(self, end: i32) -> bool {
+        match self {
+            PositionRule::LocalChunk(c) => end <= c,
+            PositionRule::BlockSparse { block, local, .. } => end <= block * local,
+        }
+    }
+
+    /// The boolean mask `[rows, heads, t, cols]` of `t` new positions per
+    /// row, row `b` having seen `seen[b]` positions before the call, its
+    /// keys right-aligned in `cols` columns (padding in front).
+    pub(crate) fn mask(self, t: i32, heads: i32, seen: &[i32], cols: i32) -> Array {
+        let heads = self.heads(heads);
+        let rows = seen.len() as i32;
+        let mut allowed = Vec::with_capacity((rows * heads * t * cols).max(0) as usize);
+        for &before in seen {
+            let front = cols - t - before;
+            for h in 0..heads {
+                for row in 0..t {
+                    let l = before + row;
+                    for c in 0..cols {
+                        allowed.push(self.allows(h, l, c - front));
+                    }
+                }
+            }
+        }
+        Array::from_slice(&allowed, &[rows, heads, t, cols])
+    }
 }
 
 /// Keys and values for attention, dense or quantized (data, scales, biases).
@@ -166,25 +222,35 @@ impl CacheState {
         }
     }
 
-    /// The mask of attention within local chunks (see [`block_mask`]) for a call of `t`
-    /// positions, decided before the update. A batch's rows sit at their
-    /// own positions (`seen`: each row's positions before the call); a
-    /// rotating cache, which drops positions, cannot serve it.
-    pub fn block_mask(&self, t: i32, block: i32, seen: Option<&[i32]>) -> Result<Mask, Exception> {
+    /// The mask of a [`PositionRule`] for a call of `t` positions with
+    /// `heads` query heads, decided before the update. A batch's rows sit
+    /// at their own positions (`seen`: each row's positions before the
+    /// call); a rotating cache, which drops positions, cannot serve it.
+    pub fn rule_mask(
+        &self,
+        rule: PositionRule,
+        t: i32,
+        heads: i32,
+        seen: Option<&[i32]>,
+    ) -> Result<Mask, Exception> {
         match self {
-            CacheState::Batch(c) => Ok(Mask::Array(c.block_mask(t, block, seen)?)),
+            CacheState::Batch(c) => {
+                let rows = c.rows();
+                let seen: Vec<i32> = (0..rows)
+                    .map(|b| seen.and_then(|s| s.get(b)).copied().unwrap_or(c.len))
+                    .collect();
+                Ok(Mask::Array(rule.mask(t, heads, &seen, c.len + t)))
+            }
             CacheState::Rotating(_) => Err(Exception::custom(
-                "attention within local chunks reads every position of its chunk; a \
-                 rotating cache (max_kv_size) does not keep them: run this model without \
-                 max_kv_size",
+                "this attention reads keys by their positions; a rotating cache \
+                 (max_kv_size) drops positions: run this model without max_kv_size",
             )),
             _ => {
                 let offset = self.offset();
-                if offset + t <= block {
-                    // One block so far: plain causal attention.
+                if rule.is_causal_below(offset + t) {
                     return self.mask(t, None);
                 }
-                Ok(Mask::Array(block_mask(t, offset, block)))
+                Ok(Mask::Array(rule.mask(t, heads, &[offset], offset + t)))
             }
         }
     }

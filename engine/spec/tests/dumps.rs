@@ -203,6 +203,7 @@ dump_tests!(
     phi,
     phi3,
     phi3_longrope_traditional,
+    phi3small,
     phi_msft = "phi-msft",
     phimoe,
     phimoe_longrope,

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 # Types whose layer is not llama's with llama's module names meaning llama's
 # things (checked by the generic tap checks instead of the llama ones).
-OWN_LAYOUT = {"nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo",
+OWN_LAYOUT = {"phi3small", "nemotron", "nanochat", "llama4_text", "apertus", "dbrx", "ministral3", "plamo",
               "mimo_v2_flash", "laguna", "muse_glimmer", "gear", "gpt_oss", "mistral4",
               "plamo2"}
 
@@ -99,6 +99,26 @@ BASE_TEXT = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads":
              "max_position_embeddings": 512}
 
 CASES = [
+    # Phi-3-small: layer 0 block-sparse (blocks of 32: each query sees its
+    # own block, and block 0 from block 1 only in heads 1 and 3, stride 2),
+    # layer 1 dense; grouped query_key_value (2 query heads per key/value
+    # head); GeGELU clamped at 0.5; muP scales (embedding x10, logits / 8,
+    # attention 1 / head_dim; the multipliers 0.5 and 2, not 10 and 8: with
+    # a tied head and random weights, a large embedding repeats its token
+    # greedily). The 44 positions of the prompt and greedy
+    # steps reach block 1. mlx-lm's Model writes -inf at fixed token ids up
+    # to 100351, past this vocabulary (MLX's scatter crashes there), so the
+    # generator keeps the ids inside it: none at 256. Its block-sparse
+    # layers do not hide later keys of a query's own block (a boolean mask
+    # added to the scores) and place a multi-token call's queries in blocks
+    # by the keys' count rounded up, not by their positions: the generator
+    # fixes both (docs/coverage.md).
+    {"name": "phi3small", "model_type": "phi3small", "seed": 0, "config": {
+        "dense_attention_every_n_layers": 2, "ff_intermediate_size": 64, "gegelu_limit": 0.5,
+        "layer_norm_epsilon": 1e-5, "rope_embedding_base": 10000.0,
+        "blocksparse_block_size": 32, "blocksparse_num_local_blocks": 1,
+        "blocksparse_vert_stride": 2, "mup_width_multiplier": 2.0,
+        "mup_embedding_multiplier": 0.5}},
     # Llama 4's text model under text_config, 4 layers: 0-2 with an
     # interleaved llama3-scaled rope, weightless q/k norms after it and
     # attention within aligned chunks of 5 positions (the 44 positions of
@@ -220,6 +240,10 @@ def register(mg):
     mg.HF_LAYOUTS["llama4"] = (llama4_to_hf, {"format": "pt"})
     mg.TYPE_UNUSED_BASE_KEYS.update(TYPE_UNUSED_BASE_KEYS)
     mg.TYPE_UNUSED_BASE_KEYS["dbrx"] = list(mg.BASE_CONFIG)
+    mg.TYPE_UNUSED_BASE_KEYS["phi3small"] = ["rms_norm_eps", "rope_theta",
+                                             "max_position_embeddings", "tie_word_embeddings",
+                                             "intermediate_size"]
+    _phi3small_ids_inside_the_vocabulary()
     # Llama 4's top level holds model_type and text_config alone.
     mg.TYPE_UNUSED_BASE_KEYS["llama4"] = list(mg.BASE_CONFIG)
     mg.CASES += CASES
@@ -338,6 +362,53 @@ def dbrx_to_hf(weights, config):
                 parts = [p.T for p in parts]
             out[f"{prefix}.mlp.{w}"] = mx.concatenate(parts, axis=0)
     return dict(sorted(out.items()))
+
+
+def _phi3small_ids_inside_the_vocabulary():
+    """Two fixes to mlx-lm 0.32.2's phi3small. It sets fixed token ids (up
+    to 100351) to -inf; with a smaller vocabulary MLX's scatter writes out
+    of bounds: keep the ids inside the model's vocabulary. And its masks
+    in the block-sparse layers (below)."""
+    from mlx_lm.models import phi3small
+
+    init = phi3small.Model.__init__
+
+    def patched(self, args):
+        init(self, args)
+        ids = [i for i in self._dummy_tokenizer_ids.tolist() if i < args.vocab_size]
+        self._dummy_tokenizer_ids = mx.array(ids, dtype=mx.int32)
+
+    phi3small.Model.__init__ = patched
+
+    # Its block-sparse layers add the causal mask to the scores, but
+    # create_attention_mask gives a boolean mask: allowed keys get +1,
+    # later keys of the query's own block +0, so they are not hidden (and a
+    # prompt in two calls gives other logits than whole). The mask as the
+    # additive 0 / -inf it stands for:
+    sparse = phi3small.Attention._block_sparse_attention
+
+    def additive(self, queries, keys, values, scale, mask):
+        if mask is not None and mask.dtype == mx.bool_:
+            mask = mx.where(mask, mx.array(0.0, queries.dtype), mx.array(-mx.inf, queries.dtype))
+        return sparse(self, queries, keys, values, scale, mask)
+
+    phi3small.Attention._block_sparse_attention = additive
+
+    # And its dense mask places a call's queries in blocks counted from the
+    # end of the keys rounded up to a whole block: when the keys do not
+    # fill their last block, queries of a multi-token call land in later
+    # blocks than their positions' (rows with no key at all, NaN, once a
+    # prompt is longer than a block). The mask by the positions themselves:
+    def by_positions(self, q_len, kv_len):
+        bs, local = self.blocksparse_block_size, self.blocksparse_num_local_blocks
+        q_block = (mx.arange(kv_len - q_len, kv_len) // bs)[None, :, None]
+        k_block = (mx.arange(kv_len) // bs)[None, None, :]
+        heads = mx.arange(1, self.n_heads + 1)[:, None, None]
+        vertical = (k_block + heads) % self.blocksparse_vert_stride == 0
+        dense = (q_block >= k_block) & ((q_block - k_block < local) | vertical)
+        return None, dense.reshape(self.n_kv_heads, self.n_q_per_kv, q_len, kv_len)
+
+    phi3small.Attention._block_sparse_mask = by_positions
 
 
 def llama4_to_hf(weights, config):

@@ -16,7 +16,7 @@ use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::Array;
 
 use super::{Build, Ctx, Op, Weights};
-use crate::cache::{block_mask, causal_mask, KvView, Mask};
+use crate::cache::{causal_mask, KvView, Mask, PositionRule};
 
 impl Build for Attention {
     fn build(&self, inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -143,18 +143,18 @@ impl Attend for Attention {
                 (mask, KvView::Dense(k.clone(), v.clone()))
             }
             Some(cache) => (
-                match self.local_chunk_size() {
-                    Some(b) => {
+                match position_rule(self) {
+                    Some(rule) => {
                         let seen = ctx.positions.map(|p| p.host.as_slice());
-                        cache.block_mask(t, b, seen)?
+                        cache.rule_mask(rule, t, q.shape()[1], seen)?
                     }
                     None => cache.mask(t, self.chunk_window_size())?,
                 },
                 cache.update_and_fetch(k, v)?,
             ),
             None => {
-                let mask = match (self.local_chunk_size(), self.chunk_window_size()) {
-                    (Some(b), _) if t > b => Mask::Array(block_mask(t, 0, b)),
+                let mask = match (position_rule(self), self.chunk_window_size()) {
+                    (Some(rule), _) if t > 1 => Mask::Array(rule.mask(t, q.shape()[1], &[0], t)),
                     (None, Some(w)) if t > w => Mask::Array(causal_mask(t, 0, Some(w))),
                     _ if t > 1 => Mask::Causal,
                     _ => Mask::None,
@@ -170,6 +170,22 @@ impl Attend for Attention {
             crate::cache::shared::publish(n, &mask, &kv);
         }
         attend_over(q, mask, kv, ctx, scale, softcap, sinks)
+    }
+}
+
+/// The rule of an attention whose mask depends on absolute positions.
+fn position_rule(a: &Attention) -> Option<PositionRule> {
+    if let Some(c) = a.local_chunk_size() {
+        return Some(PositionRule::LocalChunk(c));
+    }
+    let clamp = |v: i64| v.clamp(1, i32::MAX as i64) as i32;
+    match (a.sparse_block, a.sparse_stride) {
+        (Some(block), Some(stride)) => Some(PositionRule::BlockSparse {
+            block: clamp(block.0),
+            local: clamp(a.sparse_local),
+            stride: clamp(stride.0),
+        }),
+        _ => None,
     }
 }
 

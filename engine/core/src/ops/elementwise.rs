@@ -1,6 +1,8 @@
-//! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
-//! gated `glu`.
-use lmspec_spec::ops::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
+//! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `mask_tokens`,
+//! `activation` and the gated `glu`.
+use lmspec_spec::ops::{
+    Act, Activation, Add, Clamp, Glu, Layout, MaskTokens, Mul, OpError, Scale, Softcap,
+};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
@@ -32,6 +34,37 @@ impl Op for Scale {
 impl Op for Softcap {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         soft_cap(inputs[0], self.cap as f32)
+    }
+}
+
+/// `mask_tokens`: the indices inside the input's last axis, checked once.
+pub(crate) fn build_mask_tokens(c: &MaskTokens, inputs: &[Layout]) -> Result<Box<dyn Op>, OpError> {
+    let width = inputs.first().map_or(0, |l| l.dim);
+    let ids = c.ids_below(width)?;
+    let mut hit = vec![false; width.max(0) as usize];
+    for &i in &ids {
+        hit[i as usize] = true;
+    }
+    Ok(Box::new(MaskTokensOp {
+        hit: (!ids.is_empty()).then(|| Array::from_slice(&hit, &[width as i32])),
+    }))
+}
+
+/// A built `mask_tokens`: true at the indices to set to -inf (none: the
+/// identity).
+#[derive(Debug)]
+struct MaskTokensOp {
+    hit: Option<Array>,
+}
+
+impl Op for MaskTokensOp {
+    fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let x = inputs[0];
+        let Some(hit) = &self.hit else {
+            return Ok(x.clone());
+        };
+        let inf = Array::from_f32(f32::NEG_INFINITY).as_dtype(x.dtype())?;
+        mlx_rs::ops::select(hit, &inf, x)
     }
 }
 

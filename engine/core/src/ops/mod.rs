@@ -91,6 +91,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Mul(c) => Ok(Box::new(c.clone())),
         OpConfig::Scale(c) => Ok(Box::new(c.clone())),
         OpConfig::Softcap(c) => Ok(Box::new(c.clone())),
+        OpConfig::MaskTokens(c) => elementwise::build_mask_tokens(c, inputs),
         OpConfig::Clamp(c) => Ok(Box::new(c.clone())),
         OpConfig::Activation(c) => Ok(Box::new(c.clone())),
         OpConfig::Glu(c) => Ok(elementwise::build_glu(c)),

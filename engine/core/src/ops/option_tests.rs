@@ -306,6 +306,34 @@ fn position_scale_shift_counts_positions_from_one() {
 }
 
 #[test]
+fn mask_tokens_sets_the_listed_logits_to_minus_infinity() {
+    // [1, 2, 4] logits; ids 1 and 3 (listed twice), 7 past the vocabulary.
+    let x = Array::from_slice(&XS, &[1, 2, 4]);
+    let ids = Value::List(vec![
+        Value::Int(3),
+        Value::Int(1),
+        Value::Int(7),
+        Value::Int(3),
+    ]);
+    let op = build("mask_tokens", &[("ids", ids)], &[flat(4)], vec![]);
+    let mut want = f64s(&XS);
+    for row in 0..2 {
+        want[row * 4 + 1] = f64::NEG_INFINITY;
+        want[row * 4 + 3] = f64::NEG_INFINITY;
+    }
+    let got = run(op.as_ref(), &[&x], 0);
+    for (g, w) in got.iter().zip(&want) {
+        let g = f64::from(*g);
+        assert!(g == *w || (g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+    }
+    // A negative index is an error naming the field.
+    let entry = lookup("mask_tokens").expect("op");
+    let config = (entry.parse)(&[Value::List(vec![Value::Int(-2)])]).expect("parse");
+    let err = super::build(&config, &[flat(4)], Weights::new(vec![])).expect_err("negative");
+    assert_eq!(err.field, "ids");
+}
+
+#[test]
 fn repeat_heads_repeats_each_head_in_a_row() {
     // [B=1, H=2, T=1, D=4] -> [1, 6, 1, 4]: head 0 three times, then head 1.
     let x = Array::from_slice(&XS, &[1, 2, 1, 4]);

@@ -164,10 +164,10 @@ fn reference_attention(
     cap: Option<f64>,
 ) -> Vec<f64> {
     let allowed = |i: usize, j: usize| window.is_none_or(|w| i - j < w);
-    reference_attention_by(q, k, v, dims, scale, cap, allowed)
+    reference_attention_by(q, k, v, dims, scale, cap, |_, i, j| allowed(i, j))
 }
 
-/// [`reference_attention`] over the keys `j <= i` that `allowed(i, j)` lets
+/// [`reference_attention`] over the keys `j <= i` that `allowed(h, i, j)` lets
 /// query `i` see.
 fn reference_attention_by(
     q: &[f32],
@@ -176,13 +176,13 @@ fn reference_attention_by(
     (hq, hk, t, d): (usize, usize, usize, usize),
     scale: f64,
     cap: Option<f64>,
-    allowed: impl Fn(usize, usize) -> bool,
+    allowed: impl Fn(usize, usize, usize) -> bool,
 ) -> Vec<f64> {
     let mut out = vec![0.0; hq * t * d];
     for h in 0..hq {
         let g = h / (hq / hk);
         for i in 0..t {
-            let keys: Vec<usize> = (0..=i).filter(|&j| allowed(i, j)).collect();
+            let keys: Vec<usize> = (0..=i).filter(|&j| allowed(h, i, j)).collect();
             let scores: Vec<f64> = keys
                 .iter()
                 .map(|&j| {
@@ -252,6 +252,91 @@ fn attention_window_and_softcap_match_the_reference() {
 }
 
 #[test]
+fn block_sparse_attention_gives_each_head_its_blocks_whole_and_through_the_cache() {
+    // 4 query heads over 2 key/value heads, blocks of 3 positions, the
+    // query's own block and every second block beyond it, offset by the
+    // head (mlx-lm's phi3small mask).
+    let (hq, hk, t, d) = (4usize, 2usize, 14usize, 8usize);
+    let (block, local, stride) = (3usize, 1usize, 2usize);
+    let (qs, ks, vs) = (
+        noise(hq * t * d, 51),
+        noise(hk * t * d, 52),
+        noise(hk * t * d, 53),
+    );
+    let part = |x: &[f32], h: usize, a: usize, b: usize| {
+        let rows: Vec<f32> = (0..h)
+            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
+            .collect();
+        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
+    };
+    let heads = |h: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(h as i64),
+    };
+    let infos = [heads(hq), heads(hk), heads(hk)];
+    let scale = 0.5;
+    let given = [
+        ("scale", Value::Float(scale)),
+        ("sparse_block", Value::Int(block as i64)),
+        ("sparse_local", Value::Int(local as i64)),
+        ("sparse_stride", Value::Int(stride as i64)),
+    ];
+    let op = build("attention", &given, &infos, vec![]);
+    let dims = (hq, hk, t, d);
+    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |h, i, j| {
+        let (qb, kb) = (i / block, j / block);
+        qb - kb < local || (kb + h + 1) % stride == 0
+    });
+    // Some head misses a key that plain causal attention would see.
+    let plain = reference_attention(&qs, &ks, &vs, dims, scale, None, None);
+    assert!(want.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3));
+    let whole = [
+        part(&qs, hq, 0, t),
+        part(&ks, hk, 0, t),
+        part(&vs, hk, 0, t),
+    ];
+    close(
+        &run(op.as_ref(), &[&whole[0], &whole[1], &whole[2]], 0),
+        &want,
+        2e-5,
+    );
+    let mut slot = crate::cache::CacheKind::Kv.create(Default::default());
+    let mut got = vec![0.0f32; hq * t * d];
+    for (a, b) in [
+        (0, 5),
+        (5, 9),
+        (9, 10),
+        (10, 11),
+        (11, 12),
+        (12, 13),
+        (13, 14),
+    ] {
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let xs = [
+            part(&qs, hq, a, b),
+            part(&ks, hk, a, b),
+            part(&vs, hk, a, b),
+        ];
+        let y = op
+            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
+            .and_then(|y| y.contiguous())
+            .expect("forward");
+        y.eval().expect("eval");
+        let y = y.as_slice::<f32>();
+        for h in 0..hq {
+            let rows = (b - a) * d;
+            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
+        }
+    }
+    close(&got, &want, 2e-5);
+}
+
+#[test]
 fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
     let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
     let block = 4usize;
@@ -279,7 +364,7 @@ fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
     let op = build("attention", &given, &infos, vec![]);
     let dims = (hq, hk, t, d);
     // mlx-lm's llama4 chunk mask: the same block, and causal.
-    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |i, j| {
+    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |_, i, j| {
         i / block == j / block
     });
     let whole = [
@@ -383,7 +468,7 @@ fn attention_chunk_window_widens_multi_token_calls_only() {
     // `window`); a single step sees the `window` the cache keeps.
     let calls = [(0, 4), (4, 8), (8, 9), (9, 10), (10, 11)];
     let call_of = |i: usize| calls.iter().copied().find(|&(a, b)| a <= i && i < b);
-    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |i, j| {
+    let want = reference_attention_by(&qs, &ks, &vs, dims, scale, None, |_, i, j| {
         let (a, b) = call_of(i).expect("a call");
         let w = if b - a > 1 { chunk } else { window };
         i - j < w && j + window > a

@@ -20,6 +20,9 @@ op! {
         grid_window: Option<Positive<i64>> = None, "non-causal: a query sees only the keys of its own tile of this many x this many positions of the forward's 2-D positions (axis 0 the row, axis 1 the column of each patch, as a tower's inputs give them), within its segment (Qwen2.5-VL's window attention; null: the whole segment)";
         chunk_window: Option<Positive<i64>> = None, "the window a query of a multi-token call (a whole forward, a prefill chunk) sees, at least `window`; the cache still keeps `window` positions, so a single-token step, and the first query of a chunk after cached positions, see `window` (null: `window`)";
         local_chunk: Option<Positive<i64>> = None, "causal within aligned chunks: a query at position p sees the keys at positions q <= p with floor(q / local_chunk) = floor(p / local_chunk) (llama4's chunked attention, `attention_chunk_size`); the cache keeps every position";
+        sparse_block: Option<Positive<i64>> = None, "block-sparse causal attention by blocks of this many positions: query block qb sees key block kb <= qb when qb - kb < sparse_local, or when (kb + h + 1) % sparse_stride == 0 for query head h (phi3small's sparse layers); the cache keeps every position";
+        sparse_local: i64 = 1, "sparse_block: the most recent blocks every head sees (the query's own included)";
+        sparse_stride: Option<Positive<i64>> = None, "sparse_block: the stride of the blocks each head sees beyond the local ones, offset by the head";
         softcap: Option<Positive<f64>> = None, "cap scores to (-c, c) with c·tanh(s / c) before the softmax";
         sinks: bool = false, "learned per-head sink logits `sinks` [Hq] in the node's scope join each softmax's denominator (gpt-oss)";
         gqa: Gqa = Gqa::Grouped, "grouped: query head h reads key/value head h / (Hq / Hkv); tiled: h mod Hkv";
@@ -127,6 +130,34 @@ impl Attention {
             return Err(OpError::new(
                 "local_chunk",
                 "local chunks are causal, without a window, spans or published keys",
+            ));
+        }
+        match (self.sparse_block, self.sparse_stride) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(OpError::new(
+                    "sparse_block",
+                    "sparse_block and sparse_stride go together",
+                ))
+            }
+            (Some(_), Some(_))
+                if self.local_chunk.is_some()
+                    || !self.causal
+                    || self.window.is_some()
+                    || self.bidirectional_spans
+                    || self.kv_out.is_some()
+                    || self.gqa == Gqa::Tiled =>
+            {
+                return Err(OpError::new(
+                    "sparse_block",
+                    "block-sparse attention is causal, without local chunks, a window, spans, published keys or tiled heads",
+                ))
+            }
+            _ => {}
+        }
+        if self.sparse_local < 1 {
+            return Err(OpError::new(
+                "sparse_local",
+                format!("{}: at least the query's own block", self.sparse_local),
             ));
         }
         if hk != hv {

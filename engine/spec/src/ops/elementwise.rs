@@ -1,7 +1,7 @@
 //! Elementwise ops: `add`, `mul`, `scale`, `softcap`, `activation` and the
 //! gated `glu`.
 use super::norm::first;
-use super::{choice, op, Layout, OpError, Positive, Resolved};
+use super::{choice, op, Layout, OpError, Positive, Resolved, Value};
 
 choice! {
     /// Activation functions by spec name.
@@ -40,6 +40,44 @@ op! {
     /// Soft-caps values into (-cap, cap): cap · tanh(x / cap) (final logit capping).
     "softcap" (1..=1) => Softcap {
         cap: f64, "the bound c of c·tanh(x / c)";
+    }
+}
+
+op! {
+    /// Sets the values at the given indices of the last axis to -inf (token ids a model never emits); indices past the axis are left out.
+    "mask_tokens" (1..=1) => MaskTokens {
+        ids: Value, "the indices (a list of ints of 0 or more)";
+    } layout: first
+}
+
+impl MaskTokens {
+    /// The indices below `width`, sorted and without repeats.
+    pub fn ids_below(&self, width: i64) -> Result<Vec<i64>, OpError> {
+        let Value::List(items) = &self.ids else {
+            return Err(OpError::new(
+                "ids",
+                format!("expected a list of indices, got {}", self.ids),
+            ));
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for v in items {
+            match v.as_i64() {
+                Some(n) if n >= 0 => {
+                    if n < width {
+                        out.push(n)
+                    }
+                }
+                _ => {
+                    return Err(OpError::new(
+                        "ids",
+                        format!("{v} is not an index of 0 or more"),
+                    ))
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 }
 

@@ -32,7 +32,7 @@ mod vision;
 pub use attention::{Attention, Gqa};
 pub use conv::ShortConv;
 pub use deepstack::{AddFeatures, Keep, Kept};
-pub use elementwise::{Act, Activation, Add, Clamp, Glu, Mul, Scale, Softcap};
+pub use elementwise::{Act, Activation, Add, Clamp, Glu, MaskTokens, Mul, Scale, Softcap};
 pub use embedding::{Embedding, PositionEmbedding};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
 pub use learned::{FakeQuant, Gain, GainShape, Xielu, XIELU_PARAMS};
@@ -124,6 +124,7 @@ registry!(
     Mul,
     Scale,
     Softcap,
+    MaskTokens,
     Clamp,
     Activation,
     Glu,
