@@ -136,7 +136,8 @@ macro_rules! batch_cases {
 // sparsemixer, clamped SwiGLU); the cross-layer dataflow (looped stacks,
 // carried values, KV-shared layers); M-RoPE
 // (qwen2_vl: per-row positions on every axis); attention within local
-// chunks at each row's own positions (llama4).
+// chunks and block-sparse heads at each row's own positions (llama4,
+// phi3small).
 batch_cases!(
     llama,
     qwen3,
@@ -167,7 +168,8 @@ batch_cases!(
     iquestloopcoder,
     gemma4_text,
     qwen2_vl,
-    llama4
+    llama4,
+    phi3small
 );
 
 #[test]
