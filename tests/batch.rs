@@ -137,7 +137,7 @@ macro_rules! batch_cases {
 // carried values, KV-shared layers); M-RoPE
 // (qwen2_vl: per-row positions on every axis); attention within local
 // chunks and block-sparse heads at each row's own positions (llama4,
-// phi3small).
+// phi3small); n-gram hashes over each row's earlier ids (longcat_flash_ngram).
 batch_cases!(
     llama,
     qwen3,
@@ -169,7 +169,8 @@ batch_cases!(
     gemma4_text,
     qwen2_vl,
     llama4,
-    phi3small
+    phi3small,
+    longcat_flash_ngram
 );
 
 #[test]

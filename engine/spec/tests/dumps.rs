@@ -162,6 +162,7 @@ dump_tests!(
     llama_yarn,
     llava,
     longcat_flash,
+    longcat_flash_ngram,
     longcat_flash_hf,
     mamba,
     mamba_hf,

@@ -134,6 +134,7 @@ def register(mg):
     # bias, renormalised and scaled.
     mg.TYPE_UNUSED_BASE_KEYS["longcat_flash"] = ["num_hidden_layers", "num_key_value_heads",
                                                  "intermediate_size", "tie_word_embeddings"]
+    mg.TYPE_UNUSED_BASE_KEYS["longcat_flash_ngram"] = mg.TYPE_UNUSED_BASE_KEYS["longcat_flash"]
     mg.TYPE_DEFAULTS["longcat_flash"] = {
         "num_layers": 2, "attention_method": "MLA", "zero_expert_type": "identity",
         "ffn_hidden_size": 32, "moe_topk": 2, "expert_ffn_hidden_size": 16,
@@ -142,6 +143,7 @@ def register(mg):
         "routed_scaling_factor": 1.5, "mla_scale_q_lora": True, "mla_scale_kv_lora": True,
         "attention_bias": False, "norm_topk_prob": True, "router_bias": True,
     }
+    mg.TYPE_DEFAULTS["longcat_flash_ngram"] = mg.TYPE_DEFAULTS["longcat_flash"]
     # nemotron_h: layers M (Mamba-2: 4 heads of 16, state 16, 2 groups), *
     # (NoPE attention, 4 heads of 16, 2 KV heads), - (relu² MLP 64 wide), E
     # (4 plain relu² experts of 32 in 2 groups, 1 kept, top-2, renormalised
@@ -192,6 +194,11 @@ def register(mg):
                     "moe_latent_size": 32, "mlp_bias": True, "mamba_proj_bias": True,
                     "attention_bias": True, "head_dim": 8}},
         {"name": "longcat_flash", "model_type": "longcat_flash", "config": {}, "seed": 1},
+        # The same layers over n-gram hash embeddings: 2- and 3-grams, two
+        # tables each (4 tables of 256 + 2t + 1 rows, 16 wide); the
+        # prompt split and the greedy steps carry the last two ids over.
+        {"name": "longcat_flash_ngram", "model_type": "longcat_flash_ngram", "seed": 1,
+         "config": {"ngram_vocab_size_ratio": 1, "emb_neighbor_num": 3, "emb_split_num": 2}},
         {"name": "phixtral", "model_type": "phixtral", "config": {}, "seed": 2},
         # phi-msft (phixtral's alias) with one expert per token.
         {"name": "phi-msft", "model_type": "phi-msft", "config": {"num_experts_per_tok": 1},

@@ -1,10 +1,15 @@
 //! `embedding`: token ids -> rows of a table (dequantized rows when the table
-//! is quantized, as mlx-lm's `nn.QuantizedEmbedding`).
-use lmspec_spec::ops::{Embedding, Layout, OpError, PositionEmbedding};
+//! is quantized, as mlx-lm's `nn.QuantizedEmbedding`); `ngram_embedding`:
+//! the same plus rows of n-gram hash tables; `position_embedding`.
+use lmspec_spec::ops::{
+    Embedding, Layout, NgramEmbedding, OpError, PositionEmbedding, NGRAM_PROJECTIONS, NGRAM_TABLES,
+};
 use mlx_rs::error::Exception;
-use mlx_rs::Array;
+use mlx_rs::ops::indexing::TryIndexOp;
+use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Param, Weights};
+use crate::cache::CacheState;
 
 impl Build for Embedding {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -21,22 +26,121 @@ struct EmbeddingOp {
 
 impl Op for EmbeddingOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        let ids = inputs[0];
-        match &self.table {
-            Param::Dense(t) => t.take_axis(ids, 0),
-            Param::Quantized {
-                w,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => {
-                let w = w.take_axis(ids, 0)?;
-                let s = scales.take_axis(ids, 0)?;
-                let b = biases.take_axis(ids, 0)?;
-                crate::weights::dequantize(&w, &s, &b, *group_size, *bits)
+        rows(&self.table, inputs[0])
+    }
+}
+
+/// The rows of `table` at `ids` (dequantized when the table is quantized).
+fn rows(table: &Param, ids: &Array) -> Result<Array, Exception> {
+    match table {
+        Param::Dense(t) => t.take_axis(ids, 0),
+        Param::Quantized {
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+        } => {
+            let w = w.take_axis(ids, 0)?;
+            let s = scales.take_axis(ids, 0)?;
+            let b = biases.take_axis(ids, 0)?;
+            crate::weights::dequantize(&w, &s, &b, *group_size, *bits)
+        }
+    }
+}
+
+impl Build for NgramEmbedding {
+    fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+        let word = w.take("word_embeddings")?;
+        let mut tables = Vec::new();
+        let (k, n) = (self.splits, self.neighbors);
+        for order in 2..=n {
+            for j in 0..k {
+                let t = ((order - 2) * k + j) as usize;
+                let rows = self.table_rows(t as i64);
+                // vocab^s mod rows for s = 1..order-1, as mlx-lm's
+                // `_vocab_mods` (kept below 2^31 by the rows' bound).
+                let mut mods = Vec::new();
+                let mut power: i128 = 1;
+                for _ in 1..order {
+                    power = power * i128::from(self.vocab) % i128::from(rows);
+                    mods.push(power as i64);
+                }
+                tables.push(NgramTable {
+                    rows,
+                    mods,
+                    table: w.take(NGRAM_TABLES[t])?,
+                    // As linear layers hold it: a dense weight transposed.
+                    projection: match w.take(NGRAM_PROJECTIONS[t])? {
+                        Param::Dense(p) => Param::Dense(p.t()),
+                        q => q,
+                    },
+                });
             }
         }
+        Ok(Box::new(NgramOp {
+            word,
+            tables,
+            keep: (n - 1) as i32,
+            divisor: (1 + k * (n - 1)) as f32,
+        }))
+    }
+}
+
+/// One n-gram table: its hash (`mods` per earlier token) and weights.
+#[derive(Debug)]
+struct NgramTable {
+    rows: i64,
+    mods: Vec<i64>,
+    table: Param,
+    projection: Param,
+}
+
+#[derive(Debug)]
+struct NgramOp {
+    word: Param,
+    tables: Vec<NgramTable>,
+    /// Earlier ids an n-gram reads: neighbors - 1.
+    keep: i32,
+    divisor: f32,
+}
+
+impl Op for NgramOp {
+    fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        let ids = inputs[0];
+        let s = ids.shape().to_vec();
+        let (b, t) = (s[0], s[1]);
+        // [B, keep + T] int64: the ids of earlier calls (zeros before the
+        // sequence) then this call's.
+        let column = ids.as_dtype(Dtype::Int64)?.reshape(&[b, t, 1])?;
+        let all = match ctx.cache.as_deref_mut() {
+            Some(CacheState::Conv(state)) => state.extend(&column)?,
+            Some(_) => return Err(Exception::custom("ngram_embedding: wrong cache slot")),
+            None => {
+                let zeros = mlx_rs::ops::zeros_dtype(&[b, self.keep, 1], Dtype::Int64)?;
+                mlx_rs::ops::concatenate(&[&zeros, &column], 1)?
+            }
+        }
+        .reshape(&[b, self.keep + t])?;
+        // The id `back` positions before each of this call's.
+        let earlier = |back: i32| all.try_index((.., self.keep - back..self.keep - back + t));
+        let current = earlier(0)?;
+        let mut x = rows(&self.word, ids)?;
+        for table in &self.tables {
+            let mut hash = current.clone();
+            for (s, &m) in table.mods.iter().enumerate() {
+                let term =
+                    mlx_rs::ops::multiply(&earlier(s as i32 + 1)?, Array::from_slice(&[m], &[1]))?;
+                hash = mlx_rs::ops::add(&hash, &term)?;
+            }
+            let row = mlx_rs::ops::remainder(&hash, Array::from_slice(&[table.rows], &[1]))?;
+            let row = row.as_dtype(Dtype::Int32)?;
+            let e = rows(&table.table, &row)?;
+            let p = super::linear::apply(&table.projection, None, &e)?;
+            x = mlx_rs::ops::add(&x, &p)?;
+        }
+        let d = Array::from_f32(self.divisor).as_dtype(x.dtype())?;
+        mlx_rs::ops::divide(&x, &d)
     }
 }
 

@@ -82,6 +82,7 @@ pub trait Build {
 pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>, OpError> {
     match op {
         OpConfig::Embedding(c) => c.build(inputs, w),
+        OpConfig::NgramEmbedding(c) => c.build(inputs, w),
         OpConfig::PositionEmbedding(c) => c.build(inputs, w),
         OpConfig::Linear(c) => c.build(inputs, w),
         OpConfig::HeadLinear(c) => c.build(inputs, w),

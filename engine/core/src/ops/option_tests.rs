@@ -518,3 +518,92 @@ fn head_linear_adds_each_heads_bias() {
     }
     close(&run(op.as_ref(), &[&x], 0), &want, 1e-6);
 }
+
+#[test]
+fn ngram_embedding_hashes_each_token_with_those_before_it() {
+    // vocab 7, dim 12, 3-grams (neighbors 3) with 2 tables per order: 4
+    // tables of 3 features, table t with 2 * 7 + 2t + 1 rows.
+    let (vocab, dim, ratio, n, k) = (7i64, 12usize, 2i64, 3i64, 2i64);
+    let tables = (k * (n - 1)) as usize;
+    let width = dim / tables;
+    let word = super::tests::noise(vocab as usize * dim, 61);
+    let rows_of = |t: usize| (ratio * vocab) as usize + 2 * t + 1;
+    let table: Vec<Vec<f32>> = (0..tables)
+        .map(|t| super::tests::noise(rows_of(t) * width, 70 + t as u64))
+        .collect();
+    let proj: Vec<Vec<f32>> = (0..tables)
+        .map(|t| super::tests::noise(dim * width, 80 + t as u64))
+        .collect();
+    let mut w = vec![dense(&word, &[vocab as i32, dim as i32])];
+    for t in 0..tables {
+        w.push(dense(&table[t], &[rows_of(t) as i32, width as i32]));
+        w.push(dense(&proj[t], &[dim as i32, width as i32]));
+    }
+    let given = [
+        ("weight", Value::Str("ngram".into())),
+        ("vocab", Value::Int(vocab)),
+        ("dim", Value::Int(dim as i64)),
+        ("ratio", Value::Int(ratio)),
+        ("neighbors", Value::Int(n)),
+        ("splits", Value::Int(k)),
+    ];
+    let op = build("ngram_embedding", &given, &[flat(1)], w);
+    let ids: Vec<i32> = vec![3, 6, 0, 5, 5, 1, 4];
+    // The reference, as mlx-lm's NgramEmbedding computes it.
+    let want: Vec<f64> = (0..ids.len())
+        .flat_map(|p| {
+            let mut x: Vec<f64> = (0..dim)
+                .map(|c| f64::from(word[ids[p] as usize * dim + c]))
+                .collect();
+            for order in 2..=n {
+                for j in 0..k {
+                    let t = ((order - 2) * k + j) as usize;
+                    let m = rows_of(t) as i64;
+                    let mut hash = i64::from(ids[p]);
+                    let mut power = 1i64;
+                    for s in 1..order {
+                        power = power * vocab % m;
+                        let before = if p as i64 >= s {
+                            i64::from(ids[p - s as usize])
+                        } else {
+                            0
+                        };
+                        hash += before * power;
+                    }
+                    let row = (hash % m) as usize;
+                    for c in 0..dim {
+                        x[c] += (0..width)
+                            .map(|e| {
+                                f64::from(table[t][row * width + e])
+                                    * f64::from(proj[t][c * width + e])
+                            })
+                            .sum::<f64>();
+                    }
+                }
+            }
+            x.into_iter().map(|v| v / (1 + k * (n - 1)) as f64)
+        })
+        .collect();
+    let whole = Array::from_slice(&ids, &[1, ids.len() as i32]);
+    close(&run(op.as_ref(), &[&whole], 0), &want, 1e-5);
+    // Through its state: 3 ids, then 1, then 3; the earlier ids carry over.
+    use crate::cache::CreateState;
+    let mut slot = crate::cache::CacheKind::Conv((n - 1) as i32).create(Default::default());
+    let mut got = Vec::new();
+    for (a, b) in [(0usize, 3usize), (3, 4), (4, 7)] {
+        let mut ctx = super::Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let part = Array::from_slice(&ids[a..b], &[1, (b - a) as i32]);
+        let y = op
+            .forward(&[&part], &mut ctx)
+            .and_then(|y| y.contiguous())
+            .expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    close(&got, &want, 1e-5);
+}

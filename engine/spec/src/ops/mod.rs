@@ -33,7 +33,9 @@ pub use attention::{Attention, Gqa};
 pub use conv::ShortConv;
 pub use deepstack::{AddFeatures, Keep, Kept};
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, MaskTokens, Mul, Scale, Softcap};
-pub use embedding::{Embedding, PositionEmbedding};
+pub use embedding::{
+    Embedding, NgramEmbedding, PositionEmbedding, NGRAM_PROJECTIONS, NGRAM_TABLES,
+};
 pub use heads::{MergeHeads, RepeatHeads, SplitHeads};
 pub use learned::{FakeQuant, Gain, GainShape, Xielu, XIELU_PARAMS};
 pub use linear::{HeadLinear, Linear, Shard};
@@ -115,6 +117,7 @@ macro_rules! registry {
 
 registry!(
     Embedding,
+    NgramEmbedding,
     PositionEmbedding,
     Linear,
     HeadLinear,
