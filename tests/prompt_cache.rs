@@ -145,6 +145,30 @@ fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
 
+/// The ids an n-gram embedding keeps (int64, beside latent-attention
+/// caches, whose layout mlx-lm's files do not share) survive a save and a
+/// load: the continuation is the same.
+#[test]
+fn a_saved_ngram_state_continues_like_the_original() {
+    let tmp_dir = tempfile::tempdir().expect("a temporary folder");
+    let _g = mlx_lock();
+    let case = Case {
+        golden: "longcat_flash_ngram",
+        max_kv_size: None,
+        kv_bits: None,
+        kv_group: 64,
+    };
+    let m = model(case.golden);
+    let mut original = prefilled(&m, &case);
+    let saved = original.clone();
+    let want = continue_logits(&m, &mut original);
+    let file = tmp(&tmp_dir, "ngram.safetensors");
+    m.save_cache(&saved, &file, &BTreeMap::new()).expect("save");
+    let (mut loaded, _) = m.load_cache(&file).expect("load");
+    let got = continue_logits(&m, &mut loaded);
+    assert_eq!(max_diff(&want, &got), 0.0, "n-gram state round trip");
+}
+
 #[test]
 fn saved_caches_continue_like_the_original_in_both_engines() {
     let tmp_dir = tempfile::tempdir().expect("a temporary folder");
