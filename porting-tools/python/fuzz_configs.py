@@ -422,6 +422,8 @@ def main(argv=None):
                                   text_base=text_base)
             if result is None:
                 rejected += 1
+                if args.verbose:
+                    print(f"  reference rejected {model_type}: {str(why)[:300]}")
                 continue
             outcome, detail = result
             counts[outcome] += 1
