@@ -60,6 +60,14 @@ pub fn run(
     specs: &Option<PathBuf>,
     gguf_file: &Option<String>,
 ) -> Result<ExitCode> {
+    // The command line restores SIGPIPE's default (`main.rs`) so that a
+    // closed pipe ends a listing quietly; a server must not die that way:
+    // a vectored write to a client that reset its connection raises it.
+    // SAFETY: setting one signal's disposition has no other effect on the
+    // process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
     let formats = lmspec::lm::tools::ToolFormat::load_all(&crate::cli::spec_root(specs))?;
     // The formats live as long as the server.
     let formats: &'static [lmspec::lm::tools::ToolFormat] = Box::leak(formats.into_boxed_slice());

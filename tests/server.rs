@@ -122,6 +122,25 @@ fn official_clients_pass_every_check() {
     assert!(status.success(), "a clean exit after SIGTERM: {status:?}");
 }
 
+/// A client that resets its connection mid-stream makes the server's next
+/// vectored write fail with SIGPIPE: the server ignores the signal (the
+/// other commands end on it, as command-line tools do).
+#[test]
+fn the_server_ignores_sigpipe() {
+    let server = Server::start(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("the server's /proc status");
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).expect("a hex mask"))
+        .expect("SigIgn");
+    assert!(
+        ignored & (1 << (13 - 1)) != 0,
+        "SIGPIPE (13) is not ignored: {ignored:x}"
+    );
+}
+
 #[test]
 fn load_test_loses_nothing_and_memory_returns() {
     let server = Server::start(&["--max-batch", "32"]);

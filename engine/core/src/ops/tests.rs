@@ -263,12 +263,7 @@ fn block_sparse_attention_gives_each_head_its_blocks_whole_and_through_the_cache
         noise(hk * t * d, 52),
         noise(hk * t * d, 53),
     );
-    let part = |x: &[f32], h: usize, a: usize, b: usize| {
-        let rows: Vec<f32> = (0..h)
-            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
-            .collect();
-        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
-    };
+    let part = |x: &[f32], h: usize, a: usize, b: usize| positions(x, (h, t, d), a, b);
     let heads = |h: usize| ValueInfo {
         dim: d as i64,
         heads: Some(h as i64),
@@ -301,38 +296,21 @@ fn block_sparse_attention_gives_each_head_its_blocks_whole_and_through_the_cache
         2e-5,
     );
     let mut slot = crate::cache::CacheKind::Kv.create(Default::default());
-    let mut got = vec![0.0f32; hq * t * d];
-    for (a, b) in [
-        (0, 5),
-        (5, 9),
-        (9, 10),
-        (10, 11),
-        (11, 12),
-        (12, 13),
-        (13, 14),
-    ] {
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let xs = [
-            part(&qs, hq, a, b),
-            part(&ks, hk, a, b),
-            part(&vs, hk, a, b),
-        ];
-        let y = op
-            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
-            .and_then(|y| y.contiguous())
-            .expect("forward");
-        y.eval().expect("eval");
-        let y = y.as_slice::<f32>();
-        for h in 0..hq {
-            let rows = (b - a) * d;
-            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
-        }
-    }
+    let got = through_cache(
+        op.as_ref(),
+        (&qs, &ks, &vs),
+        (hq, hk, t, d),
+        &[
+            (0, 5),
+            (5, 9),
+            (9, 10),
+            (10, 11),
+            (11, 12),
+            (12, 13),
+            (13, 14),
+        ],
+        &mut slot,
+    );
     close(&got, &want, 2e-5);
 }
 
@@ -345,12 +323,7 @@ fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
         noise(hk * t * d, 42),
         noise(hk * t * d, 43),
     );
-    let part = |x: &[f32], h: usize, a: usize, b: usize| {
-        let rows: Vec<f32> = (0..h)
-            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
-            .collect();
-        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
-    };
+    let part = |x: &[f32], h: usize, a: usize, b: usize| positions(x, (h, t, d), a, b);
     let heads = |h: usize| ValueInfo {
         dim: d as i64,
         heads: Some(h as i64),
@@ -380,30 +353,13 @@ fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
     // Through the standard cache, in calls that cross block boundaries
     // (a prompt in two chunks, then single steps).
     let mut slot = crate::cache::CacheKind::Kv.create(Default::default());
-    let mut got = vec![0.0f32; hq * t * d];
-    for (a, b) in [(0, 3), (3, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11)] {
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let xs = [
-            part(&qs, hq, a, b),
-            part(&ks, hk, a, b),
-            part(&vs, hk, a, b),
-        ];
-        let y = op
-            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
-            .and_then(|y| y.contiguous())
-            .expect("forward");
-        y.eval().expect("eval");
-        let y = y.as_slice::<f32>();
-        for h in 0..hq {
-            let rows = (b - a) * d;
-            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
-        }
-    }
+    let got = through_cache(
+        op.as_ref(),
+        (&qs, &ks, &vs),
+        (hq, hk, t, d),
+        &[(0, 3), (3, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11)],
+        &mut slot,
+    );
     close(&got, &want, 2e-5);
     // A rotating cache drops positions a block may need: refused.
     let mut rotating = crate::cache::CacheKind::Kv.create(crate::cache::CacheOptions {
@@ -421,6 +377,50 @@ fn local_chunk_attention_sees_its_own_chunk_whole_and_through_the_cache() {
     assert!(err.to_string().contains("max_kv_size"), "{err}");
 }
 
+/// Positions a..b of every head of a `[h, t, d]` buffer, as `[1, h, b - a, d]`.
+fn positions(x: &[f32], (h, t, d): (usize, usize, usize), a: usize, b: usize) -> Array {
+    let rows: Vec<f32> = (0..h)
+        .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
+        .collect();
+    Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
+}
+
+/// An attention op over q, k, v (`[H, T, D]` buffers) run through `slot`
+/// in calls of positions `a..b`, the outputs as one `[Hq, T, D]` buffer.
+fn through_cache(
+    op: &dyn Op,
+    (qs, ks, vs): (&[f32], &[f32], &[f32]),
+    (hq, hk, t, d): (usize, usize, usize, usize),
+    calls: &[(usize, usize)],
+    slot: &mut crate::cache::CacheState,
+) -> Vec<f32> {
+    let mut got = vec![0.0f32; hq * t * d];
+    for &(a, b) in calls {
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut *slot),
+        };
+        let xs = [
+            positions(qs, (hq, t, d), a, b),
+            positions(ks, (hk, t, d), a, b),
+            positions(vs, (hk, t, d), a, b),
+        ];
+        let y = op
+            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
+            .and_then(|y| y.contiguous())
+            .expect("forward");
+        y.eval().expect("eval");
+        let y = y.as_slice::<f32>();
+        for h in 0..hq {
+            let rows = (b - a) * d;
+            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
+        }
+    }
+    got
+}
+
 #[test]
 fn attention_chunk_window_widens_multi_token_calls_only() {
     let (hq, hk, t, d) = (2usize, 1usize, 11usize, 8usize);
@@ -430,13 +430,7 @@ fn attention_chunk_window_widens_multi_token_calls_only() {
         noise(hk * t * d, 32),
         noise(hk * t * d, 33),
     );
-    // Positions a..b of every head of a [h, t, d] buffer, as [1, h, b - a, d].
-    let part = |x: &[f32], h: usize, a: usize, b: usize| {
-        let rows: Vec<f32> = (0..h)
-            .flat_map(|hh| x[(hh * t + a) * d..(hh * t + b) * d].iter().copied())
-            .collect();
-        Array::from_slice(&rows, &[1, h as i32, (b - a) as i32, d as i32])
-    };
+    let part = |x: &[f32], h: usize, a: usize, b: usize| positions(x, (h, t, d), a, b);
     let heads = |h: usize| ValueInfo {
         dim: d as i64,
         heads: Some(h as i64),
@@ -474,30 +468,7 @@ fn attention_chunk_window_widens_multi_token_calls_only() {
         i - j < w && j + window > a
     });
     let mut slot = crate::cache::CacheKind::Window(window as i32).create(Default::default());
-    let mut got = vec![0.0f32; hq * t * d];
-    for (a, b) in calls {
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let xs = [
-            part(&qs, hq, a, b),
-            part(&ks, hk, a, b),
-            part(&vs, hk, a, b),
-        ];
-        let y = op
-            .forward(&[&xs[0], &xs[1], &xs[2]], &mut ctx)
-            .and_then(|y| y.contiguous())
-            .expect("forward");
-        y.eval().expect("eval");
-        let y = y.as_slice::<f32>();
-        for h in 0..hq {
-            let rows = (b - a) * d;
-            got[(h * t + a) * d..(h * t + b) * d].copy_from_slice(&y[h * rows..(h + 1) * rows]);
-        }
-    }
+    let got = through_cache(op.as_ref(), (&qs, &ks, &vs), dims, &calls, &mut slot);
     close(&got, &want, 2e-5);
     // A chunk window needs a window, and cannot be narrower than it.
     for (w, c, msg) in [
