@@ -99,7 +99,12 @@ fn smollm2_greedy_matches_mlx_lm_on_real_weights() {
                 ..Default::default()
             };
             let got = tokens(&lm.model, &ids, &params);
-            assert_eq!(got, want, "greedy continuation of {}", p["user"]);
+            // Int16 activations (the default for quantized weights) may part
+            // only at a near-tie of mlx-lm's (List three prime numbers.:
+            // 0.0002 at step 10, where the kernels' summation order decides).
+            if let Some(report) = parting(&got, &want, p, 2.0 * INT16_LOGIT_BOUND) {
+                eprintln!("SmolLM2 greedy: {report}");
+            }
         }
         let france = lm
             .generate(
@@ -142,6 +147,9 @@ fn smollm2_with_int16_activations_follows_mlx_lm() {
     let opts = crate::support::opts(&library(), None).with_activations(Activations::Int16);
     let int16 = lmspec::lm::LanguageModel::load(&crate::generation::default_model(), &opts)
         .expect("SmolLM2 loads with int16 activations");
+    let opts = crate::support::opts(&library(), None).with_activations(Activations::Float);
+    let float = lmspec::lm::LanguageModel::load(&crate::generation::default_model(), &opts)
+        .expect("SmolLM2 loads with float32 activations");
     lm.perform(|lm| {
         // The default for quantized weights; float32 for a float checkpoint.
         assert_eq!(lm.model.activations, Activations::Int16);
@@ -153,24 +161,14 @@ fn smollm2_with_int16_activations_follows_mlx_lm() {
         let mut report = Vec::new();
         for p in reference["prompts"].as_array().expect("prompts") {
             let (prompt, want) = (ints(&p["prompt_ids"]), ints(&p["greedy"]));
-            let moved = logit_distance(&lm.model, &int16.model, &prompt, &want);
+            let moved = logit_distance(&float.model, &int16.model, &prompt, &want);
             worst = worst.max(moved);
             let params = GenerateParams {
                 max_tokens: want.len(),
                 ..Default::default()
             };
             let got = tokens(&int16.model, &prompt, &params);
-            let parts = got.iter().zip(&want).position(|(a, b)| a != b);
-            if let Some(step) = parts {
-                let margin = p["top2_margins"][step].as_f64().expect("margin") as f32;
-                report.push(format!(
-                    "{:?} parts at step {step} (mlx-lm's top-2 margin there {margin:.5})",
-                    p["user"]
-                ));
-                assert!(margin < 2.0 * INT16_LOGIT_BOUND, "{}", report.join("; "));
-            } else {
-                assert_eq!(got, want, "greedy continuation of {}", p["user"]);
-            }
+            report.extend(parting(&got, &want, p, 2.0 * INT16_LOGIT_BOUND));
         }
         eprintln!(
             "SmolLM2, int16 activations: logits within {worst:.4} of float32's; {}",
@@ -182,6 +180,21 @@ fn smollm2_with_int16_activations_follows_mlx_lm() {
         );
         assert!(worst < INT16_LOGIT_BOUND, "logits moved {worst}");
     });
+}
+
+/// Where `got` first parts from the reference prompt `p`'s greedy `want`,
+/// as a report; panics unless mlx-lm's top-2 margin at that step is below
+/// `bound` (a near-tie that numerics within the bound may turn).
+fn parting(got: &[u32], want: &[u32], p: &Value, bound: f32) -> Option<String> {
+    assert_eq!(got.len(), want.len(), "{:?}: tokens produced", p["user"]);
+    let step = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let margin = p["top2_margins"][step].as_f64().expect("margin") as f32;
+    let report = format!(
+        "{:?} parts at step {step} (mlx-lm's top-2 margin there {margin:.5})",
+        p["user"]
+    );
+    assert!(margin < bound, "{report}: got {got:?}, want {want:?}");
+    Some(report)
 }
 
 /// The largest difference between two models' logits at any step of
