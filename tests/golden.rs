@@ -162,6 +162,7 @@ golden_cases!(
     llava,
     longcat_flash,
     longcat_flash_ngram,
+    longcat_flash_ngram_q4,
     longcat_flash_hf,
     mamba,
     mamba_hf,

@@ -163,6 +163,7 @@ dump_tests!(
     llava,
     longcat_flash,
     longcat_flash_ngram,
+    longcat_flash_ngram_q4,
     longcat_flash_hf,
     mamba,
     mamba_hf,

@@ -218,6 +218,11 @@ def register(mg):
     # longcat_flash with per-expert tensors and kv_b_proj unsplit (the layout
     # is registered by recurrent.py).
     mg.CASES += [mg._derived("longcat_flash", "longcat_flash_hf", hf_layout="latent_moe_hf")]
+    # As mlx_lm.convert quantizes it, one table per n-gram order (32 wide,
+    # so that the tables and their projections quantize at group 32): the
+    # hash tables looked up as quantized rows.
+    mg.CASES += [mg._derived("longcat_flash_ngram", "longcat_flash_ngram_q4", {"emb_split_num": 1},
+                             quantize={"bits": 4, "group_size": 32})]
     mg.HF_LAYOUTS["step3p5_vanilla"] = _step3p5_vanilla(mg)
     mg.CASES += [mg._derived("step3p5", "step3p5_vanilla", hf_layout="step3p5_vanilla")]
     # The config fuzzer's finding: step3p5 keeps its own lm_head whatever
