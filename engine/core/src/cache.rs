@@ -181,17 +181,25 @@ pub struct ConvState {
 }
 
 impl ConvState {
-    /// `x [B, T, D]` with the remembered rows in front (zeros at first),
-    /// keeping the last `keep` rows of the result for the next call.
+    /// `x [B, T, ...]` with the remembered rows (axis 1) in front, zeros
+    /// standing for rows not yet seen (at first, or where a state holds
+    /// fewer than `keep`, as another engine's cache file may), keeping the
+    /// last `keep` rows of the result for the next call.
     pub fn extend(&mut self, x: &Array) -> Result<Array, Exception> {
-        let s = x.shape();
-        let prev = match &self.rows {
-            Some(r) => r.clone(),
-            None => mlx_rs::ops::zeros_dtype(&[s[0], self.keep, s[2]], x.dtype())?,
+        let s = x.shape().to_vec();
+        let held = self.rows.as_ref().map_or(0, |r| r.shape()[1]);
+        let zeros = match self.keep - held {
+            missing if missing > 0 => {
+                let mut shape = s.clone();
+                shape[1] = missing;
+                Some(mlx_rs::ops::zeros_dtype(&shape, x.dtype())?)
+            }
+            _ => None,
         };
-        let all = mlx_rs::ops::concatenate(&[&prev, x], 1)?;
+        let parts: Vec<&Array> = zeros.iter().chain(&self.rows).chain([x]).collect();
+        let all = mlx_rs::ops::concatenate(&parts, 1)?;
         let n = all.shape()[1];
-        self.rows = Some(seq(&all, n - self.keep, n)?);
+        self.rows = Some(all.try_index((.., n - self.keep..))?);
         self.offset += s[1];
         Ok(all)
     }
@@ -941,6 +949,22 @@ mod tests {
         kept.eval().expect("eval");
         assert_eq!(kept.as_slice::<f32>(), &[2.0, 3.0]);
         assert_eq!(state.offset(), 3);
+        // Token ids [B, T] (two axes), a state holding one row of the two
+        // it keeps (another engine's file): a zero stands for the other.
+        let mut ids = ConvState {
+            keep: 2,
+            rows: Some(Array::from_slice(&[7i64], &[1, 1])),
+            offset: 1,
+        };
+        let all = ids
+            .extend(&Array::from_slice(&[8i64, 9], &[1, 2]))
+            .expect("extend");
+        all.eval().expect("eval");
+        assert_eq!(all.as_slice::<i64>(), &[0, 7, 8, 9]);
+        let kept = ids.rows.as_ref().expect("rows");
+        kept.eval().expect("eval");
+        assert_eq!(kept.as_slice::<i64>(), &[8, 9]);
+        assert_eq!(ids.offset, 3);
     }
 
     #[test]

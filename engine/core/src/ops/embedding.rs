@@ -110,36 +110,22 @@ impl Op for NgramOp {
         let ids = inputs[0];
         let s = ids.shape().to_vec();
         let (b, t) = (s[0], s[1]);
-        // [B, keep + T] int64: the ids of earlier calls (zeros before the
-        // sequence) then this call's. The state holds the last `keep` ids
-        // as [B, keep] (mlx-lm's ArraysCache holds the same ids, fewer
+        // [B, earlier + T] int64: the ids of earlier calls (zeros before the
+        // sequence) then this call's. The state holds the last `keep` ids as
+        // [B, keep], the layout of mlx-lm's ArraysCache (which holds fewer
         // while the sequence is shorter: zeros stand for the missing ones).
         let current_ids = ids.as_dtype(Dtype::Int64)?;
-        let state = match ctx.cache.as_deref_mut() {
-            Some(CacheState::Conv(state)) => Some(state),
+        let all = match ctx.cache.as_deref_mut() {
+            Some(CacheState::Conv(state)) => state.extend(&current_ids)?,
             Some(_) => return Err(Exception::custom("ngram_embedding: wrong cache slot")),
-            None => None,
-        };
-        let earlier_ids = match state.as_ref().and_then(|s| s.rows.clone()) {
-            Some(r) => {
-                let r = r.as_dtype(Dtype::Int64)?.reshape(&[b, -1])?;
-                let have = r.shape()[1];
-                if have >= self.keep {
-                    r.try_index((.., have - self.keep..))?
-                } else {
-                    let zeros = mlx_rs::ops::zeros_dtype(&[b, self.keep - have], Dtype::Int64)?;
-                    mlx_rs::ops::concatenate(&[&zeros, &r], 1)?
-                }
+            None => {
+                let zeros = mlx_rs::ops::zeros_dtype(&[b, self.keep], Dtype::Int64)?;
+                mlx_rs::ops::concatenate(&[&zeros, &current_ids], 1)?
             }
-            None => mlx_rs::ops::zeros_dtype(&[b, self.keep], Dtype::Int64)?,
         };
-        let all = mlx_rs::ops::concatenate(&[&earlier_ids, &current_ids], 1)?;
-        if let Some(state) = state {
-            state.rows = Some(all.try_index((.., t..))?);
-            state.offset += t;
-        }
         // The id `back` positions before each of this call's.
-        let earlier = |back: i32| all.try_index((.., self.keep - back..self.keep - back + t));
+        let end = all.shape()[1];
+        let earlier = |back: i32| all.try_index((.., end - t - back..end - back));
         let current = earlier(0)?;
         let mut x = rows(&self.word, ids)?;
         for table in &self.tables {
