@@ -97,6 +97,13 @@ fn kv_sharing_parameters_are_checked_at_resolve() {
     assert_eq!(field, "in");
     let (field, _) = resolve(&[scale.clone(), ("kv_out", Value::Int(-1))], &full).unwrap_err();
     assert_eq!(field, "kv_out");
-    let (field, _) = resolve(&[scale, from, ("kv_out", Value::Int(1))], &q).unwrap_err();
+    let (field, _) = resolve(
+        &[scale.clone(), from.clone(), ("kv_out", Value::Int(1))],
+        &q,
+    )
+    .unwrap_err();
+    assert_eq!(field, "kv_from");
+    // A mask of its own by positions would be ignored: refused.
+    let (field, _) = resolve(&[scale, from, ("local_chunk", Value::Int(4))], &q).unwrap_err();
     assert_eq!(field, "kv_from");
 }

@@ -65,10 +65,16 @@ impl Attention {
                 ))
             }
             (Some(_), 1) => {
-                if self.kv_out.is_some() || self.sinks || !self.causal || self.bidirectional_spans {
+                if self.kv_out.is_some()
+                    || self.sinks
+                    || !self.causal
+                    || self.bidirectional_spans
+                    || self.local_chunk.is_some()
+                    || self.sparse_block.is_some()
+                {
                     return Err(OpError::new(
                         "kv_from",
-                        "a node reading shared keys and values neither publishes its own, has sinks, nor is bidirectional (nor over spans)",
+                        "a node reading shared keys and values neither publishes its own, has sinks, nor is bidirectional (nor over spans), nor masks by positions (local_chunk, sparse_block): it takes the publisher's mask",
                     ));
                 }
                 let (hq, dq) = expect_heads(inputs, 0)?;
