@@ -127,7 +127,7 @@ CASES = [
     # Layers 1 and 3 are top-1 mixtures of 4 experts (the sigmoid score
     # scaling the input) plus a shared expert; 0 and 2 dense, 48 wide.
     {"name": "llama4", "model_type": "llama4", "seed": 0, "config": {"text_config": {
-        **{k: v for k, v in BASE_TEXT.items()},
+        **BASE_TEXT,
         "model_type": "llama4_text", "num_hidden_layers": 4, "head_dim": 16,
         "intermediate_size": 16, "intermediate_size_mlp": 48, "attention_bias": False,
         "attention_chunk_size": 5, "interleave_moe_layer_step": 2, "num_experts_per_tok": 1,
@@ -243,7 +243,7 @@ def register(mg):
     mg.TYPE_UNUSED_BASE_KEYS["phi3small"] = ["rms_norm_eps", "rope_theta",
                                              "max_position_embeddings", "tie_word_embeddings",
                                              "intermediate_size"]
-    _phi3small_ids_inside_the_vocabulary()
+    _fix_mlx_lm_phi3small()
     # mlx-lm's llama4 reads the cache of layer 3 whatever the layer count:
     # the fuzzer keeps the case's 4 layers (and its other sizes).
     mg.FUZZ_FIXED_DIMS.add("llama4")
@@ -367,7 +367,7 @@ def dbrx_to_hf(weights, config):
     return dict(sorted(out.items()))
 
 
-def _phi3small_ids_inside_the_vocabulary():
+def _fix_mlx_lm_phi3small():
     """Two fixes to mlx-lm 0.32.2's phi3small. It sets fixed token ids (up
     to 100351) to -inf; with a smaller vocabulary MLX's scatter writes out
     of bounds: keep the ids inside the model's vocabulary. And its masks
