@@ -404,16 +404,21 @@ impl Quantization {
             },
             msg: msg.to_string(),
         };
+        // A module's own entry may leave group_size or bits out: MLX's
+        // `to_quantized` then takes the affine mode's defaults (group 64,
+        // 4 bits), not the block's (mlx-lm's rwkv7 writes `{"bits": 8}`).
+        let field = |key: &str, v: &serde_json::Map<String, serde_json::Value>, name: &str| match v
+            .get(name)
+        {
+            None if !key.is_empty() => Ok(if name == "bits" { 4 } else { 64 }),
+            x => x
+                .and_then(|x| x.as_i64())
+                .ok_or_else(|| err(key, &format!("needs integer {name}"))),
+        };
         let pair =
             |key: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(i32, i32)> {
-                let g = v
-                    .get("group_size")
-                    .and_then(|x| x.as_i64())
-                    .ok_or_else(|| err(key, "needs integer group_size"))?;
-                let b = v
-                    .get("bits")
-                    .and_then(|x| x.as_i64())
-                    .ok_or_else(|| err(key, "needs integer bits"))?;
+                let g = field(key, v, "group_size")?;
+                let b = field(key, v, "bits")?;
                 if let Some(mode) = v.get("mode").and_then(|m| m.as_str()) {
                     if mode != "affine" {
                         return Err(err(
@@ -1090,6 +1095,29 @@ mod tests {
         assert_eq!(q.for_module("model.layers.1.self_attn"), None);
         assert_eq!(q.for_module("lm_head"), Some((32, 8)));
         assert_eq!(q.for_module("model.embed_tokens"), Some((64, 4)));
+    }
+
+    #[test]
+    fn a_module_entry_without_group_size_or_bits_takes_the_affine_defaults() {
+        // As MLX's `to_quantized(**entry)`: group 64 and 4 bits, not the
+        // block's group 32 and 8 bits.
+        let config = serde_json::json!({"quantization": {
+            "group_size": 32, "bits": 8,
+            "model.embeddings": {"bits": 6},
+            "lm_head": {"group_size": 128},
+        }});
+        let q = Quantization::from_config(&config, Path::new("config.json")).expect("valid");
+        assert_eq!(q.for_module("model.embeddings"), Some((64, 6)));
+        assert_eq!(q.for_module("lm_head"), Some((128, 4)));
+        assert_eq!(q.for_module("model.layers.0.mlp"), Some((32, 8)));
+        // The block itself must say both.
+        let config = serde_json::json!({"quantization": {"bits": 4}});
+        let e = Quantization::from_config(&config, Path::new("config.json")).expect_err("no group");
+        assert!(e.to_string().contains("needs integer group_size"), "{e}");
+        let config = serde_json::json!({"quantization": {"group_size": 64, "bits": 4,
+            "lm_head": {"bits": "eight"}}});
+        let e = Quantization::from_config(&config, Path::new("config.json")).expect_err("bits");
+        assert!(e.to_string().contains("quantization.lm_head"), "{e}");
     }
 
     fn f32s(a: &Array) -> Vec<f32> {
