@@ -275,6 +275,27 @@ fn heads_that_do_not_group_are_blamed_on_the_config_at_the_node() {
     }
 }
 
+#[test]
+fn a_head_size_that_does_not_divide_the_width_is_blamed_on_the_config_at_the_node() {
+    let lib = crate::support::library();
+    let (_m, model) = model_copy("rwkv7", |c| c["head_dim"] = 24.into());
+    let _guard = mlx_lock();
+    match crate::support::load_model(&model, &lib, None).expect_err("bad head size") {
+        Error::Config { file, key, msg } => {
+            assert!(file.ends_with("config.json"), "{file:?}");
+            assert!(key.contains("head_dim"), "{key}");
+            assert!(msg.contains("head_dim = 24"), "{msg}");
+            assert!(
+                msg.contains("blocks.rwkv7_time_mix.nodes.core: in:"),
+                "{msg}"
+            );
+            assert!(msg.contains("input 0 (r) is 64 wide; expected 48"), "{msg}");
+            assert!(msg.contains("at layers.0.attn.core"), "{msg}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
 /// The spec error (node, field, message) of loading the llama golden model
 /// with a spec `bad` that extends llama by `extra`.
 fn llama_spec_error(extra: &str) -> (String, String, String) {

@@ -789,7 +789,8 @@ class Tap:
     name       the engine's tap name; "{i}" is the same layer index.
     call       which call of the module during the forward (0 = the first),
                for modules called more than once (the rope: queries, keys).
-    transform  None, or "transpose_heads": [B, T, H, D] -> [B, H, T, D].
+    transform  None, "transpose_heads": [B, T, H, D] -> [B, H, T, D], or
+               "first": the first of a module's outputs.
     residual   if set, the tap is not a module output but the module's first
                input plus the output of this child module (the residual
                sum inside a layer).
@@ -857,6 +858,10 @@ def _untransposed_qk_norm(model_type, config):
 
 
 # MoE routers that are not a Linear (their output is a tuple): no router tap.
+def _rwkv7(model_type, config):
+    return model_type == "rwkv7"
+
+
 NON_LINEAR_ROUTER_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
 
 
@@ -876,6 +881,7 @@ TAPS = [
     # phi3, starcoder2, olmo2, cohere, granite, stablelm, smollm3, minicpm;
     # phi and internlm2 in part).
     Tap("model.embed_tokens", "embed"),
+    Tap("model.embeddings", "embed", applies=_rwkv7),
     Tap("model.tok_embeddings", "embed"),  # internlm2
     Tap("model.layers.{i}.input_layernorm", "layers.{i}.attn_norm"),
     Tap("model.layers.{i}.attention_norm", "layers.{i}.attn_norm"),  # internlm2
@@ -988,7 +994,12 @@ TAPS = [
     Tap("model.layers.{i}.feed_forward", "layers.{i}.mlp"),  # internlm2, lfm2
     # gemma2 / gemma3_text / olmo2: the MLP output's own norm.
     Tap("model.layers.{i}.post_feedforward_layernorm", "layers.{i}.post_mlp_norm"),
-    Tap("model.layers.{i}", "layers.{i}"),
+    # rwkv7: its layers and time mixing return (output, layer 0's values).
+    Tap("model.layers.{i}.attn_norm", "layers.{i}.attn_norm", applies=_rwkv7),
+    Tap("model.layers.{i}.attn.o_proj", "layers.{i}.attn.o", applies=_rwkv7),
+    Tap("model.layers.{i}.ffn", "layers.{i}.ffn", applies=_rwkv7),
+    Tap("model.layers.{i}", "layers.{i}", transform="first", applies=_rwkv7),
+    Tap("model.layers.{i}", "layers.{i}", applies=lambda t, c: not _rwkv7(t, c)),
     Tap("model.norm", "norm"),
     Tap("model.final_layernorm", "norm"),  # phi
     Tap("model.embedding_norm", "norm"),  # lfm2: the final norm, despite its name
@@ -1036,6 +1047,7 @@ TAPS = [
 TAP_TRANSFORMS = {
     None: lambda x: x,
     "transpose_heads": lambda x: x.transpose(0, 2, 1, 3),
+    "first": lambda x: x[0],
 }
 
 

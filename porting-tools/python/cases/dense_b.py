@@ -82,6 +82,7 @@ CASES = [
 
 
 def register(mg):
+    register_olmo(mg)
     # mlx-lm's olmo3 needs a full and a sliding layer: its 4 layers (every
     # 4th full) stay as in the base case.
     mg.FUZZ_FIXED_DIMS.add("olmo3")
@@ -247,3 +248,53 @@ def _unless(applies, types):
     def check(model_type, config):
         return model_type not in types and (applies is None or applies(model_type, config))
     return check
+
+
+def _fix_mlx_lm_olmo():
+    """mlx-lm 0.32.2's olmo cannot run as it stands: it exits at import
+    unless `hf_olmo` (ai2-olmo) is installed, though it uses nothing of it;
+    it adds `create_attention_mask`'s result to its scores, which is the
+    string "causal" for a multi-token call (a TypeError), and a boolean
+    mask had it asked for an array; and under weight_tying it returns
+    (logits, cache). Fixed here: an empty `hf_olmo`, the causal mask as the
+    additive 0 / -inf it stands for, the logits alone."""
+    import sys
+    import types
+
+    sys.modules.setdefault("hf_olmo", types.ModuleType("hf_olmo"))
+    from mlx_lm.models import base, olmo
+
+    def additive_mask(h, cache=None):
+        mask = base.create_attention_mask(h, cache, return_array=True)
+        if mask is None or mask.dtype != mx.bool_:
+            return mask
+        return mx.where(mask, mx.array(0.0, h.dtype), mx.array(-mx.inf, h.dtype))
+
+    olmo.create_attention_mask = additive_mask
+    call = olmo.OlmoModel.__call__
+
+    def logits_only(self, inputs, cache=None):
+        out = call(self, inputs, cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    olmo.OlmoModel.__call__ = logits_only
+
+
+def register_olmo(mg):
+    _fix_mlx_lm_olmo()
+    mg.TYPE_UNUSED_BASE_KEYS["olmo"] = list(mg.BASE_CONFIG)
+    # 4 heads of 16; the MLP's projection 256 wide (gate and up 128 each);
+    # an embedding table of 272 rows for a vocabulary of 256 (the head is
+    # as wide as the table).
+    mg.TYPE_DEFAULTS["olmo"] = {"d_model": 64, "n_layers": 2, "n_heads": 4,
+                                "mlp_hidden_size": 256, "vocab_size": 256,
+                                "embedding_size": 272, "rope_theta": 10000.0}
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"olmo"}
+    mg.CASES += [
+        {"name": "olmo", "model_type": "olmo", "config": {}, "seed": 2},
+        # The head is the embedding table; mlp_hidden_size from mlp_ratio;
+        # rotation of interleaved pairs.
+        {"name": "olmo_tied", "model_type": "olmo",
+         "config": {"weight_tying": True, "mlp_hidden_size": None, "mlp_ratio": 2,
+                    "rope_traditional": True}, "seed": 2},
+    ]

@@ -196,6 +196,19 @@ def _wrap_moe_reference(mg):
 
 
 def register(mg):
+    # rwkv7: 4 heads of 16; LoRA ranks 8 (decay, in-context rate, value)
+    # and 16 (gate); layer 1 moves its values toward layer 0's.
+    mg.TYPE_UNUSED_BASE_KEYS["rwkv7"] = ["num_attention_heads", "num_key_value_heads",
+                                         "rms_norm_eps", "rope_theta", "max_position_embeddings"]
+    mg.TYPE_DEFAULTS["rwkv7"] = {
+        "head_dim": 16, "norm_eps": 1e-5, "a_low_rank_dim": 8, "v_low_rank_dim": 8,
+        "gate_low_rank_dim": 16, "decay_low_rank_dim": 8,
+    }
+    mg.CASES += [{"name": "rwkv7", "model_type": "rwkv7", "config": {}, "seed": 1}]
+    # 4-bit at group 32, as mlx-lm's rwkv7 predicate asks: the embeddings
+    # at 8 bits with no group size of their own (MLX's default 64, not the
+    # block's 32).
+    mg.CASES += [mg._derived("rwkv7", "rwkv7_q4", quantize={"bits": 4, "group_size": 32})]
     # mamba: mixer 128 wide (2 * hidden), state 8, dt rank 4 ("auto" would
     # give ceil(64 / 16) = 4 too), conv 4.
     mamba = {"intermediate_size": 128, "state_size": 8, "conv_kernel": 4, "use_bias": False,

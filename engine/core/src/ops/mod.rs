@@ -34,6 +34,7 @@ mod norm;
 mod option_tests;
 mod rglru;
 pub mod rope;
+mod rwkv;
 mod scan;
 #[cfg(test)]
 mod scan_tests;
@@ -109,9 +110,11 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Attention(c) => c.build(inputs, w),
         OpConfig::Moe(c) => c.build(inputs, w),
         OpConfig::ShortConv(c) => c.build(inputs, w),
+        OpConfig::TokenShift(c) => Ok(Box::new(c.clone())),
         OpConfig::Ssm(c) => c.build(inputs, w),
         OpConfig::SelectiveScan(c) => c.build(inputs, w),
         OpConfig::GatedDelta(c) => c.build(inputs, w),
+        OpConfig::Wkv7(c) => c.build(inputs, w),
         OpConfig::Lightning(c) => c.build(inputs, w),
         OpConfig::RgLru(c) => c.build(inputs, w),
         OpConfig::Patchify(c) => c.build(inputs, w),

@@ -39,3 +39,19 @@ impl ShortConv {
         })
     }
 }
+
+op! {
+    /// The previous position's row of [B, T, D] at each position, zeros before the first (RWKV's token shift); keeps its last input row as state.
+    "token_shift" (1..=1) => TokenShift {}
+}
+
+impl TokenShift {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let d = expect_flat(inputs, 0)?;
+        Ok(Resolved {
+            out: Layout::flat(d),
+            weights: Vec::new(),
+            state: Some(StateKind::Conv(1)),
+        })
+    }
+}

@@ -30,7 +30,7 @@ mod ssm;
 mod vision;
 
 pub use attention::{Attention, Gqa};
-pub use conv::ShortConv;
+pub use conv::{ShortConv, TokenShift};
 pub use deepstack::{AddFeatures, Keep, Kept};
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, MaskTokens, Mul, Scale, Softcap};
 pub use embedding::{
@@ -43,7 +43,7 @@ pub use moe::{ExpertGlu, GroupFill, GroupScore, Moe, MoeShard, Routing};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{PositionScale, Rope, RopeScaling};
 pub use slice::{Concat, Slice};
-pub use ssm::{alibi_slopes, GatedDelta, Lightning, RgLru, SelectiveScan, Ssm};
+pub use ssm::{alibi_slopes, GatedDelta, Lightning, RgLru, SelectiveScan, Ssm, Wkv7};
 pub use vision::{GridTable, MergePatches, Mrope, Patchify, PixelShuffle, PoolPatches, Splice};
 
 /// Layout of a value flowing between nodes: the size of its last axis and,
@@ -144,11 +144,13 @@ registry!(
     Attention,
     Moe,
     ShortConv,
+    TokenShift,
     Ssm,
     SelectiveScan,
     GatedDelta,
     Lightning,
     RgLru,
+    Wkv7,
     Patchify,
     Mrope,
     MergePatches,

@@ -2,8 +2,8 @@
 //! scan (SSD) of mlx-lm's `ssm_attn`, `selective_scan`, Mamba-1's scan with
 //! a per-channel A matrix, `gated_delta`, the gated delta rule of Gated
 //! DeltaNet linear attention, `lightning`, linear attention with a
-//! constant decay per head, and `rg_lru`, Griffin's gated diagonal
-//! recurrence.
+//! constant decay per head, `rg_lru`, Griffin's gated diagonal
+//! recurrence, and `wkv7`, RWKV-7's generalized delta rule.
 use super::{
     expect_heads, expect_widths, op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq,
 };
@@ -202,6 +202,46 @@ impl RgLru {
                 "recurrent_param",
                 vec![d],
             )],
+            state: Some(StateKind::Recurrent),
+        })
+    }
+}
+
+op! {
+    /// RWKV-7's time mixing core over [r, w, k, v, a] ([B, T, heads·head_dim] each; w and a before their sigmoids): per head, the decay exp(-0.606531·sigmoid(w)), kk = unit(k·k_k), k' = k·(1 + (sigmoid(a) − 1)·k_a), the state S = S·diag(decay) − (S kk)(kk·sigmoid(a))ᵀ + v k'ᵀ and y = S r, then LayerNorm(y)·g_norm.weight + g_norm.bias + Σ(r·k'·r_k)·v per head; keeps a float32 state.
+    "wkv7" (5..=5) => Wkv7 {
+        weight: WeightName, "module holding `k_k`, `k_a`, `r_k`, `g_norm.weight` and `g_norm.bias` [heads, head_dim]";
+        heads: i64, "heads";
+        head_dim: i64, "channels per head (keys and values alike)";
+        eps: f64 = 64e-5, "epsilon of the per-head LayerNorm of y";
+    }
+}
+
+impl Wkv7 {
+    pub fn resolve(&self, scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (h, d) = (self.heads, self.head_dim);
+        if h < 1 || d < 1 {
+            return Err(OpError::new(
+                "heads",
+                format!("{h} heads of {d}: both must be at least 1"),
+            ));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(OpError::new("eps", "must be a positive number"));
+        }
+        expect_widths(inputs, &["r", "w", "k", "v", "a"], &[h * d; 5])?;
+        let module = self.weight.under(scope);
+        let norm = format!("{module}.g_norm");
+        let mut weights: Vec<WeightReq> = ["k_k", "k_a", "r_k"]
+            .iter()
+            .map(|s| WeightReq::dense("weight", module.clone(), s, vec![h, d]))
+            .collect();
+        for s in ["weight", "bias"] {
+            weights.push(WeightReq::dense("weight", norm.clone(), s, vec![h, d]));
+        }
+        Ok(Resolved {
+            out: Layout::flat(h * d),
+            weights,
             state: Some(StateKind::Recurrent),
         })
     }
