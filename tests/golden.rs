@@ -62,6 +62,8 @@ golden_cases!(
     bailing_moe_v3,
     bailing_moe_v3_hf,
     bailing_moe_v3_hf_kv_b,
+    bitnet,
+    bitnet_hf_config,
     cohere,
     cohere2,
     cohere_ln_bias,

@@ -273,13 +273,20 @@ fn vlm_goldens(dir: &Path) -> Vec<(String, String)> {
 /// The rows as the Markdown page `docs/coverage.md`.
 pub fn markdown(rows: &[Row]) -> String {
     let claimed: Vec<&Row> = rows.iter().filter(|r| r.spec.is_some()).collect();
-    let passing = claimed.iter().filter(|r| r.status() == "pass").count();
+    let in_mlx_lm = |r: &&&Row| r.module != "-";
+    let claimed_mlx_lm = claimed.iter().filter(in_mlx_lm).count();
+    let passing_mlx_lm = claimed
+        .iter()
+        .filter(in_mlx_lm)
+        .filter(|r| r.status() == "pass")
+        .count();
     let mut s = String::from("# Coverage of mlx-lm model types\n\nWritten by `lmspec port coverage` from the installed mlx-lm and the golden cases.\n\n");
     s.push_str(&format!(
-        "{} model types in mlx-lm (modules and `MODEL_REMAPPING` aliases); lmspec specs claim {}; {} pass their goldens.\n\n",
+        "{} model types in mlx-lm (modules and `MODEL_REMAPPING` aliases); lmspec specs claim {} of them, {} passing their goldens, and {} types mlx-lm does not have (encoders, vision-language ids).\n\n",
         rows.iter().filter(|r| r.module != "-").count(),
-        claimed.len(),
-        passing
+        claimed_mlx_lm,
+        passing_mlx_lm,
+        claimed.len() - claimed_mlx_lm
     ));
     s.push_str("\"config keys\" counts the fields of the type's `ModelArgs` in mlx-lm (in mlx-embeddings for the encoders mlx-lm lacks); each is read by the spec, accepted with one value only, or ignored for a stated reason (the spec's `config_keys`). A key that is none of these is listed, and the type does not pass.\n\n");
     s.push_str("## Claimed by a spec\n\n| model_type | mlx-lm module | spec | spec lines | config keys | golden cases | status |\n|---|---|---|---|---|---|---|\n");

@@ -574,6 +574,17 @@ fn check_rules(spec: &Spec) -> Result<()> {
                 }
                 ("fp8", vec![pattern])
             }
+            RawRule::Ternary { pattern, scale } => {
+                let bad = |m: String| Error::spec(&rule.file, "weights.rules", "ternary", m);
+                let caps = Pattern::parse(pattern).map(|p| p.captures()).map_err(bad)?;
+                let p = Pattern::parse(scale).map_err(bad)?;
+                if let Some(c) = p.captures().into_iter().find(|c| !caps.contains(c)) {
+                    return Err(bad(format!(
+                        "scale '{scale}': capture '{c}' is not set by '{pattern}'"
+                    )));
+                }
+                ("ternary", vec![pattern])
+            }
             RawRule::Add {
                 pattern,
                 value,

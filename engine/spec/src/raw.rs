@@ -356,6 +356,11 @@ pub enum RawRule {
         scale: String,
         block: i64,
     },
+    /// Unpack BitNet's ternary weights: bytes `[out / 4, in]` whose bit
+    /// pair j (bits 2j, 2j + 1) of row r holds v for row r + j·out/4 of the
+    /// weight, worth v − 1, times the scale tensor (`weight_scale`, one
+    /// value), in the scale's dtype; the scale tensors go.
+    Ternary { pattern: String, scale: String },
     /// Add a constant to matching floating-point tensors (zero-centred
     /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
     /// `if_shape`.
@@ -397,6 +402,8 @@ struct RuleRepr {
     #[serde(default)]
     fp8: Option<Fp8Repr>,
     #[serde(default)]
+    ternary: Option<TernaryRepr>,
+    #[serde(default)]
     add: Option<AddRepr>,
 }
 
@@ -423,6 +430,14 @@ struct Fp8Repr {
     scale: String,
     #[serde(default = "fp8_block")]
     block: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TernaryRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    scale: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -590,6 +605,12 @@ impl TryFrom<RuleRepr> for RawRule {
                 block: x.block,
             });
         }
+        if let Some(x) = r.ternary {
+            rules.push(RawRule::Ternary {
+                pattern: x.pattern,
+                scale: x.scale,
+            });
+        }
         if let Some(x) = r.add {
             rules.push(RawRule::Add {
                 pattern: x.pattern,
@@ -601,7 +622,7 @@ impl TryFrom<RuleRepr> for RawRule {
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, fp8, add".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, fp8, ternary, add".into(),
             ),
         }
     }

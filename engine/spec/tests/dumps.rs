@@ -63,6 +63,8 @@ dump_tests!(
     bailing_moe_v3_hf_kv_b,
     bailing_moe_q4,
     bailing_moe_sigmoid,
+    bitnet,
+    bitnet_hf_config,
     cohere,
     cohere2,
     cohere_ln_bias,

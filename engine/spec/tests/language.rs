@@ -306,6 +306,7 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
     - add: {match: \"l.{i}.norm\", value: 1.0, if_present: \"l.{i}.experts.{e}\"}
     - split: {match: \"l.{i}.gate_up\", axis: 1, to: [\"l.{i}.gate\", \"l.{i}.up\"]}
     - fp8: {match: \"{m*}.weight\", scale: \"{m*}.weight_scale_inv\"}
+    - ternary: {match: \"{t*}.proj.weight\", scale: \"{t*}.proj.weight_scale\"}
 ";
     let good = format!("{SPLIT}{rules}{layout}");
     let (_dir, lib) = library_with(&[("tiny.yaml", &good)]);
@@ -332,6 +333,11 @@ fn reshape_repeat_and_l2_normalize_rules_are_checked() {
             "scale: \"{m*}.weight_scale_inv\"",
             "scale: \"{n*}.s\"",
             "capture 'n'",
+        ),
+        (
+            "scale: \"{t*}.proj.weight_scale\"",
+            "scale: \"{u*}.proj.weight_scale\"",
+            "capture 'u'",
         ),
     ] {
         let text = good.replace(from, to);

@@ -83,6 +83,7 @@ CASES = [
 
 def register(mg):
     register_olmo(mg)
+    register_bitnet(mg)
     # mlx-lm's olmo3 needs a full and a sliding layer: its 4 layers (every
     # 4th full) stay as in the base case.
     mg.FUZZ_FIXED_DIMS.add("olmo3")
@@ -297,4 +298,61 @@ def register_olmo(mg):
         {"name": "olmo_tied", "model_type": "olmo",
          "config": {"weight_tying": True, "mlp_hidden_size": None, "mlp_ratio": 2,
                     "rope_traditional": True}, "seed": 2},
+    ]
+
+
+def _fix_mlx_lm_bitnet(mg):
+    """mlx-lm's BitLinear multiplies by its packed ternary weights in a Metal
+    kernel, which cannot run off Metal: the generator runs that kernel's
+    arithmetic as MLX ops instead (each byte's bit pair j, minus 1, is the
+    weight of output row r + j·out/4; the float32 sums times weight_scale,
+    or divided by it with invert_weight_scales). And random weights for it:
+    ternary bytes (each pair 0, 1 or 2) and a positive scale."""
+    from mlx_lm.models import bitlinear_layers
+
+    def bitlinear_ops(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        x, packed, scale = inputs
+        t = dict(template)
+        w = packed.astype(mx.int32)
+        planes = [((w >> (2 * j)) & 3) - 1 for j in range(4)]
+        weight = mx.concatenate(planes, axis=0).astype(mx.float32)
+        y = x.astype(mx.float32) @ weight.T
+        s = scale[0].astype(mx.float32)
+        y = y / s if t["invert_weight_scales"] else y * s
+        return [y.astype(output_dtypes[0])]
+
+    bitlinear_layers._bitlinear_kernel = bitlinear_ops
+    randomize = mg.randomize_parameters
+
+    def randomize_ternary(model, seed):
+        randomize(model, seed)
+        layers = [m for _, m in model.named_modules()
+                  if isinstance(m, bitlinear_layers.BitLinear)]
+        if not layers:
+            return
+        mx.random.seed(seed + 1)
+        for m in layers:
+            pairs = mx.random.randint(0, 3, (4,) + m.weight.shape)
+            m.weight = sum(pairs[j] * (4 ** j) for j in range(4)).astype(mx.uint8)
+            m.weight_scale = mg.WEIGHT_STD * (1.0 + 0.1 * mx.random.normal((1,)))
+        mx.eval(model.parameters())
+
+    mg.randomize_parameters = randomize_ternary
+
+
+def register_bitnet(mg):
+    _fix_mlx_lm_bitnet(mg)
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"bitnet"}
+    mg.TYPE_DEFAULTS["bitnet"] = {"head_dim": 16}
+    mg.CASES += [
+        {"name": "bitnet", "model_type": "bitnet", "config": {"tie_word_embeddings": True}},
+        # As Hugging Face's BitNet checkpoints declare it: a quantization
+        # block that is not MLX's (quant_method bitnet); an untied head,
+        # which that block leaves dense (modules_to_not_convert).
+        {"name": "bitnet_hf_config", "model_type": "bitnet",
+         "config": {"tie_word_embeddings": False,
+                    "quantization_config": {"quant_method": "bitnet",
+                                            "linear_class": "autobitlinear",
+                                            "quantization_mode": "offline",
+                                            "modules_to_not_convert": ["lm_head"]}}},
     ]

@@ -61,6 +61,9 @@ impl RuleValue for Traced {
     fn plus(&self, _value: f64) -> std::result::Result<Self, String> {
         Ok(self.clone())
     }
+    fn ternary_unpacked(&self, scale: &Self) -> std::result::Result<Self, String> {
+        Ok(self.with(self.dims.ternary_unpacked(&scale.dims)?, false))
+    }
     fn blocks(&self, axis: usize, sizes: &[i64]) -> std::result::Result<Vec<Self>, String> {
         Ok(self
             .dims

@@ -386,8 +386,10 @@ impl Quantization {
             return Ok(Quantization::default());
         };
         // Hugging Face's block-scaled FP8 is not an MLX quantization: its
-        // weights are dequantized by the spec's `fp8` weight rule.
-        if block.get("quant_method").and_then(|m| m.as_str()) == Some("fp8") {
+        // weights are dequantized by the spec's `fp8` weight rule. Nor is
+        // BitNet's ternary packing, which the `ternary` rule unpacks.
+        let method = block.get("quant_method").and_then(|m| m.as_str());
+        if matches!(method, Some("fp8" | "bitnet")) {
             return Ok(Quantization::default());
         }
         let block = block.as_object().ok_or_else(|| Error::Config {

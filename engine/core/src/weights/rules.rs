@@ -53,6 +53,9 @@ pub trait RuleValue: Clone {
     fn fp8_dequantized(&self, _scale: &Self, _block: i64) -> Result<Self, String> {
         Ok(self.clone())
     }
+    /// BitNet's ternary bytes `[out / 4, in]` unpacked to `[out, in]` and
+    /// scaled (the `ternary` rule).
+    fn ternary_unpacked(&self, scale: &Self) -> Result<Self, String>;
 }
 
 /// The start of each block of `sizes` along an axis of `size`.
@@ -210,6 +213,39 @@ impl RuleValue for Array {
         go().map_err(|e| format!("fp8: {e}"))
     }
 
+    fn ternary_unpacked(&self, scale: &Array) -> Result<Array, String> {
+        let s = self.shape().to_vec();
+        if s.len() != 2 || !matches!(self.dtype(), Dtype::Uint8) {
+            return Err(format!(
+                "ternary: expected [out / 4, in] bytes, got a {:?} tensor of shape {s:?}",
+                self.dtype()
+            ));
+        }
+        if scale.size() != 1 || !scale.dtype().is_float() {
+            return Err(format!(
+                "ternary: the scale must be one floating-point value, got a {:?} tensor of shape {:?}",
+                scale.dtype(),
+                scale.shape()
+            ));
+        }
+        let go = || -> mlx_rs::error::Result<Array> {
+            let w = self.as_dtype(Dtype::Int32)?;
+            // Bit pair j of row r is row r + j·out/4: the four planes one
+            // after another along the rows; pair j is (w / 4^j) mod 4.
+            let planes = (0..4)
+                .map(|j| {
+                    let v = mlx_rs::ops::floor_divide(&w, Array::from_int(1 << (2 * j)))?;
+                    let v = mlx_rs::ops::remainder(&v, Array::from_int(4))?;
+                    mlx_rs::ops::subtract(&v, Array::from_int(1))
+                })
+                .collect::<mlx_rs::error::Result<Vec<_>>>()?;
+            let w = mlx_rs::ops::concatenate(&planes, 0)?.as_dtype(Dtype::Float32)?;
+            let sc = scale.reshape(&[1, 1])?.as_dtype(Dtype::Float32)?;
+            mlx_rs::ops::multiply(&w, &sc)?.as_dtype(scale.dtype())
+        };
+        go().map_err(|e| format!("ternary: {e}"))
+    }
+
     fn plus(&self, value: f64) -> Result<Array, String> {
         let dtype = self.dtype();
         if !dtype.is_float() {
@@ -274,6 +310,15 @@ impl RuleValue for Vec<i64> {
 
     fn plus(&self, _value: f64) -> Result<Vec<i64>, String> {
         Ok(self.clone())
+    }
+
+    fn ternary_unpacked(&self, _scale: &Vec<i64>) -> Result<Vec<i64>, String> {
+        match self.as_slice() {
+            [rows, cols] => Ok(vec![4 * rows, *cols]),
+            s => Err(format!(
+                "ternary: expected [out / 4, in] bytes, got shape {s:?}"
+            )),
+        }
     }
 
     fn blocks(&self, axis: usize, sizes: &[i64]) -> Result<Vec<Vec<i64>>, String> {
@@ -514,6 +559,25 @@ pub fn apply<T: RuleValue>(
                     let w = &tensors[&k];
                     let d = w
                         .fp8_dequantized(&sc, *block)
+                        .map_err(|e| format!("{e} ('{k}')"))?;
+                    tensors.insert(k, d);
+                }
+            }
+            RawRule::Ternary { pattern, scale } => {
+                let (wp, sp) = (Pattern::parse(pattern)?, Pattern::parse(scale)?);
+                let pairs: Vec<(String, String)> = tensors
+                    .keys()
+                    .filter_map(|k| {
+                        let caps = wp.matches(k)?;
+                        let s = sp.fill(&caps).ok()?;
+                        tensors.contains_key(&s).then(|| (k.clone(), s))
+                    })
+                    .collect();
+                for (k, s) in pairs {
+                    let sc = tensors.shift_remove(&s).expect("listed above");
+                    let w = &tensors[&k];
+                    let d = w
+                        .ternary_unpacked(&sc)
                         .map_err(|e| format!("{e} ('{k}')"))?;
                     tensors.insert(k, d);
                 }
@@ -1037,6 +1101,55 @@ mod tests {
         );
         let e = apply(&[&rule], t, &no_eval).unwrap_err();
         assert!(e.contains("expected [m, n] bytes"), "{e}");
+    }
+
+    #[test]
+    fn ternary_bytes_unpack_to_rows_by_bit_pair_and_scale() {
+        let rule = RawRule::Ternary {
+            pattern: "{m*}.weight".into(),
+            scale: "{m*}.weight_scale".into(),
+        };
+        // One packed row of 2 columns: out = 4 rows. Byte b = v0 + 4 v1 +
+        // 16 v2 + 64 v3, weight row j = v_j - 1 (as mlx-lm's BitLinear
+        // kernel reads it).
+        let byte = |v: [u8; 4]| v[0] + 4 * v[1] + 16 * v[2] + 64 * v[3];
+        let w = Array::from_slice(&[byte([0, 1, 2, 1]), byte([2, 2, 0, 1])], &[1, 2]);
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.weight".into(), w);
+        t.insert("a.weight_scale".into(), Array::from_slice(&[0.5f32], &[1]));
+        let out = apply(&[&rule], t, &no_eval).expect("applies").tensors;
+        let keys: Vec<&str> = out.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a.weight"]);
+        let d = &out["a.weight"];
+        assert_eq!((d.shape(), d.dtype()), (&[4, 2][..], Dtype::Float32));
+        assert_eq!(
+            d.as_slice::<f32>(),
+            &[-0.5, 0.5, 0.0, 0.5, 0.5, -0.5, 0.0, 0.0]
+        );
+        // The header pass gives the same shape.
+        let shapes = IndexMap::from([
+            ("a.weight".to_string(), vec![3i64, 8]),
+            ("a.weight_scale".to_string(), vec![1i64]),
+        ]);
+        let out = apply(&[&rule], shapes, &no_eval).expect("applies").tensors;
+        assert_eq!(out["a.weight"], vec![12, 8]);
+        // Not bytes, or a scale of more than one value.
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.weight".into(), Array::from_slice(&[1.0f32; 4], &[2, 2]));
+        t.insert("a.weight_scale".into(), Array::from_f32(1.0));
+        let e = apply(&[&rule], t, &no_eval).unwrap_err();
+        assert!(
+            e.contains("expected [out / 4, in] bytes") && e.contains("a.weight"),
+            "{e}"
+        );
+        let mut t: IndexMap<String, Array> = IndexMap::new();
+        t.insert("a.weight".into(), Array::from_slice(&[0u8; 4], &[2, 2]));
+        t.insert(
+            "a.weight_scale".into(),
+            Array::from_slice(&[1.0f32, 2.0], &[2]),
+        );
+        let e = apply(&[&rule], t, &no_eval).unwrap_err();
+        assert!(e.contains("one floating-point value"), "{e}");
     }
 
     #[test]
