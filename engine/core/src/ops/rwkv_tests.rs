@@ -4,40 +4,9 @@ use lmspec_spec::expr::Value;
 use lmspec_spec::ops::{Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
 
-use super::super::tests::{build, close, noise, parse, run};
-use super::super::{Ctx, Op, Param};
-use crate::cache::{CacheKind, CreateState};
-
-/// Runs `op` over positions `[a, b)` of each bound, one call per bound,
-/// through one slot of `kind`; the outputs concatenated.
-fn run_in_pieces(
-    op: &dyn Op,
-    kind: CacheKind,
-    bounds: &[(usize, usize)],
-    args: impl Fn(usize, usize) -> Vec<Array>,
-) -> Vec<f32> {
-    let mut slot = kind.create(Default::default());
-    let mut got = Vec::new();
-    for &(a, b) in bounds {
-        let xs = args(a, b);
-        let refs: Vec<&Array> = xs.iter().collect();
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let y = op.forward(&refs, &mut ctx).expect("forward");
-        y.eval().expect("eval");
-        got.extend_from_slice(y.as_slice::<f32>());
-    }
-    got
-}
-
-/// `[1, b - a, w]` rows a..b of a `[T, w]` table.
-fn rows(v: &[f32], w: usize, a: usize, b: usize) -> Array {
-    Array::from_slice(&v[a * w..b * w], &[1, (b - a) as i32, w as i32])
-}
+use super::super::tests::{build, close, noise, parse, rows, run, run_in_pieces};
+use super::super::Param;
+use crate::cache::CacheKind;
 
 #[test]
 fn token_shift_gives_the_previous_row_whole_and_in_pieces() {

@@ -6,9 +6,9 @@ use lmspec_spec::expr::Value;
 use lmspec_spec::ops::{Layout as ValueInfo, StateKind};
 use mlx_rs::Array;
 
-use super::tests::{build, close, noise, run};
-use super::{Ctx, Op, Param};
-use crate::cache::CreateState;
+use super::tests::{build, close, noise, rows, run, run_in_pieces};
+use super::{Ctx, Param};
+use crate::cache::{CacheKind, CreateState};
 
 /// The op's declared state: a recurrent slot, which `ModelCache::trim`
 /// refuses to rewind.
@@ -16,36 +16,6 @@ fn assert_recurrent(kind: &str, given: &[(&str, Value)], inputs: &[ValueInfo]) {
     let op = super::tests::parse(kind, given);
     let resolved = op.resolve("", inputs).expect("resolve");
     assert_eq!(resolved.state, Some(StateKind::Recurrent));
-}
-
-/// Runs `op` over positions `[a, b)` of each bound, one call per bound,
-/// through one recurrent slot; the outputs concatenated.
-fn run_in_pieces(
-    op: &dyn Op,
-    bounds: &[(usize, usize)],
-    args: impl Fn(usize, usize) -> Vec<Array>,
-) -> Vec<f32> {
-    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
-    let mut got = Vec::new();
-    for &(a, b) in bounds {
-        let xs = args(a, b);
-        let refs: Vec<&Array> = xs.iter().collect();
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let y = op.forward(&refs, &mut ctx).expect("forward");
-        y.eval().expect("eval");
-        got.extend_from_slice(y.as_slice::<f32>());
-    }
-    got
-}
-
-/// `[1, b - a, w]` rows a..b of a `[T, w]` table.
-fn rows(v: &[f32], w: usize, a: usize, b: usize) -> Array {
-    Array::from_slice(&v[a * w..b * w], &[1, (b - a) as i32, w as i32])
 }
 
 fn softplus(v: f64) -> f64 {
@@ -114,7 +84,11 @@ fn selective_scan_matches_the_recurrence_whole_and_in_pieces() {
     let refs: Vec<&Array> = whole.iter().collect();
     close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
     let pieces = [(0, 5), (5, 6), (6, 8), (8, 9)];
-    close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
+    close(
+        &run_in_pieces(op.as_ref(), CacheKind::Recurrent, &pieces, args),
+        &want,
+        1e-5,
+    );
 }
 
 /// The gated delta rule with Kimi Delta Attention's options, in f64: the
@@ -229,7 +203,11 @@ fn kda_gates_match_the_recurrence_whole_and_in_pieces() {
         let refs: Vec<&Array> = whole.iter().collect();
         close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
         let pieces = [(0, 4), (4, 5), (5, 7)];
-        close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
+        close(
+            &run_in_pieces(op.as_ref(), CacheKind::Recurrent, &pieces, args),
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -313,7 +291,7 @@ fn lightning_matches_the_recurrence_whole_and_in_pieces() {
     close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
     // In pieces: each call returns [1, H, n, Dv]; put them back per head.
     let pieces = [(0, 3), (3, 4), (4, 7)];
-    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
+    let mut slot = CacheKind::Recurrent.create(Default::default());
     let mut got = vec![0.0f32; h * t * dv];
     for (a, b) in pieces {
         let xs = args(a, b);
@@ -392,5 +370,9 @@ fn rg_lru_matches_the_recurrence_whole_and_in_pieces() {
     close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
     // A first piece of one position (the reset), then the rest in pieces.
     let pieces = [(0, 1), (1, 5), (5, 6), (6, 9)];
-    close(&run_in_pieces(op.as_ref(), &pieces, args), &want, 1e-5);
+    close(
+        &run_in_pieces(op.as_ref(), CacheKind::Recurrent, &pieces, args),
+        &want,
+        1e-5,
+    );
 }

@@ -5,7 +5,7 @@ use lmspec_spec::ops::{lookup, Layout as ValueInfo};
 use mlx_rs::Array;
 
 use super::{Ctx, Op, Param, Weights};
-use crate::cache::CreateState;
+use crate::cache::{CacheKind, CreateState};
 
 /// The config of op `kind` with the `given` parameters (the rest take
 /// their schema defaults, as the expander gives them).
@@ -54,6 +54,37 @@ pub(super) fn run(op: &dyn Op, inputs: &[&Array], offset: i32) -> Vec<f32> {
         .expect("forward");
     y.eval().expect("eval");
     y.as_slice::<f32>().to_vec()
+}
+
+/// Runs `op` over positions `[a, b)` of each bound, one call per bound,
+/// through one slot of `kind`; the outputs concatenated.
+pub(super) fn run_in_pieces(
+    op: &dyn Op,
+    kind: CacheKind,
+    bounds: &[(usize, usize)],
+    args: impl Fn(usize, usize) -> Vec<Array>,
+) -> Vec<f32> {
+    let mut slot = kind.create(Default::default());
+    let mut got = Vec::new();
+    for &(a, b) in bounds {
+        let xs = args(a, b);
+        let refs: Vec<&Array> = xs.iter().collect();
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let y = op.forward(&refs, &mut ctx).expect("forward");
+        y.eval().expect("eval");
+        got.extend_from_slice(y.as_slice::<f32>());
+    }
+    got
+}
+
+/// `[1, b - a, w]` rows a..b of a `[T, w]` table.
+pub(super) fn rows(v: &[f32], w: usize, a: usize, b: usize) -> Array {
+    Array::from_slice(&v[a * w..b * w], &[1, (b - a) as i32, w as i32])
 }
 
 pub(super) fn close(a: &[f32], b: &[f64], tol: f64) {

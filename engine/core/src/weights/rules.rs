@@ -341,6 +341,32 @@ impl RuleValue for Vec<i64> {
     }
 }
 
+/// Replaces every tensor matching `pattern` whose scale tensor (`scale`
+/// filled with its captures) exists by `f(tensor, scale)`; the scale
+/// tensors go (the `fp8` and `ternary` rules).
+fn with_scales<T: RuleValue>(
+    tensors: &mut IndexMap<String, T>,
+    pattern: &str,
+    scale: &str,
+    f: impl Fn(&T, &T) -> Result<T, String>,
+) -> Result<(), String> {
+    let (wp, sp) = (Pattern::parse(pattern)?, Pattern::parse(scale)?);
+    let pairs: Vec<(String, String)> = tensors
+        .keys()
+        .filter_map(|k| {
+            let caps = wp.matches(k)?;
+            let s = sp.fill(&caps).ok()?;
+            tensors.contains_key(&s).then(|| (k.clone(), s))
+        })
+        .collect();
+    for (k, s) in pairs {
+        let sc = tensors.shift_remove(&s).expect("listed above");
+        let d = f(&tensors[&k], &sc).map_err(|e| format!("{e} ('{k}')"))?;
+        tensors.insert(k, d);
+    }
+    Ok(())
+}
+
 /// Whether a rule's `if_shape` condition (an expression of `shape`) holds
 /// for a tensor of shape `dims`; no condition holds.
 fn shape_holds(cond: Option<&str>, dims: &[i64]) -> Result<bool, String> {
@@ -544,43 +570,11 @@ pub fn apply<T: RuleValue>(
                 pattern,
                 scale,
                 block,
-            } => {
-                let (wp, sp) = (Pattern::parse(pattern)?, Pattern::parse(scale)?);
-                let pairs: Vec<(String, String)> = tensors
-                    .keys()
-                    .filter_map(|k| {
-                        let caps = wp.matches(k)?;
-                        let s = sp.fill(&caps).ok()?;
-                        tensors.contains_key(&s).then(|| (k.clone(), s))
-                    })
-                    .collect();
-                for (k, s) in pairs {
-                    let sc = tensors.shift_remove(&s).expect("listed above");
-                    let w = &tensors[&k];
-                    let d = w
-                        .fp8_dequantized(&sc, *block)
-                        .map_err(|e| format!("{e} ('{k}')"))?;
-                    tensors.insert(k, d);
-                }
-            }
+            } => with_scales(&mut tensors, pattern, scale, |w, sc| {
+                w.fp8_dequantized(sc, *block)
+            })?,
             RawRule::Ternary { pattern, scale } => {
-                let (wp, sp) = (Pattern::parse(pattern)?, Pattern::parse(scale)?);
-                let pairs: Vec<(String, String)> = tensors
-                    .keys()
-                    .filter_map(|k| {
-                        let caps = wp.matches(k)?;
-                        let s = sp.fill(&caps).ok()?;
-                        tensors.contains_key(&s).then(|| (k.clone(), s))
-                    })
-                    .collect();
-                for (k, s) in pairs {
-                    let sc = tensors.shift_remove(&s).expect("listed above");
-                    let w = &tensors[&k];
-                    let d = w
-                        .ternary_unpacked(&sc)
-                        .map_err(|e| format!("{e} ('{k}')"))?;
-                    tensors.insert(k, d);
-                }
+                with_scales(&mut tensors, pattern, scale, |w, sc| w.ternary_unpacked(sc))?
             }
             RawRule::Add {
                 pattern,
