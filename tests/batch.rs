@@ -137,7 +137,8 @@ macro_rules! batch_cases {
 // carried values, KV-shared layers); M-RoPE
 // (qwen2_vl: per-row positions on every axis); attention within local
 // chunks and block-sparse heads at each row's own positions (llama4,
-// phi3small); n-gram hashes over each row's earlier ids (longcat_flash_ngram).
+// phi3small); n-gram hashes over each row's earlier ids (longcat_flash_ngram);
+// token shifts and the wkv7 state, layer 0's values carried (rwkv7).
 batch_cases!(
     llama,
     qwen3,
@@ -170,7 +171,8 @@ batch_cases!(
     qwen2_vl,
     llama4,
     phi3small,
-    longcat_flash_ngram
+    longcat_flash_ngram,
+    rwkv7
 );
 
 #[test]

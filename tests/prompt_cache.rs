@@ -22,7 +22,7 @@ struct Case {
     kv_group: i32,
 }
 
-const CASES: [Case; 5] = [
+const CASES: [Case; 6] = [
     // Standard KV.
     Case {
         golden: "llama",
@@ -54,6 +54,13 @@ const CASES: [Case; 5] = [
     // Convolution and recurrent state.
     Case {
         golden: "mamba2",
+        max_kv_size: None,
+        kv_bits: None,
+        kv_group: 64,
+    },
+    // Token-shift rows and the wkv7 state, three slots a layer.
+    Case {
+        golden: "rwkv7",
         max_kv_size: None,
         kv_bits: None,
         kv_group: 64,
@@ -223,7 +230,7 @@ fn saved_caches_continue_like_the_original_in_both_engines() {
         python(&args);
         let (mut from_mlx, _) = m.load_cache(&mlx_file).expect("mlx-lm's file loads");
         // mlx-lm records positions only in key/value caches.
-        let recorded = if case.golden == "mamba2" {
+        let recorded = if matches!(case.golden, "mamba2" | "rwkv7") {
             0
         } else {
             PROMPT.len()
