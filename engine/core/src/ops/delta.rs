@@ -14,7 +14,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 /// Added to the squared length before q and k are normalised.
 const NORM_EPS: f32 = 1e-6;
@@ -134,12 +133,7 @@ impl Op for GatedDeltaOp {
         } else {
             [bsz, hv, 1, 1]
         };
-        let mut state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("gated_delta: wrong cache slot")),
-            None => None,
-        }
-        .map_or_else(
+        let mut state = ctx.recurrent_state("gated_delta")?.map_or_else(
             || mlx_rs::ops::zeros_dtype(&[bsz, hv, dv, dk], Dtype::Float32),
             Ok,
         )?;
@@ -158,14 +152,7 @@ impl Op for GatedDeltaOp {
             let y = mlx_rs::ops::multiply(&state, qt.expand_dims(-2)?)?.sum_axis(-1, false)?;
             ys.push(y.as_dtype(q.dtype())?);
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = Some(state);
-            *offset += t;
-        }
+        ctx.store_recurrent(Some(state), t);
         mlx_rs::ops::stack(&ys, 1)?.reshape(&[bsz, t, hv * dv])
     }
 }

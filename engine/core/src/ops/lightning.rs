@@ -9,7 +9,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 impl Build for Lightning {
     fn build(&self, inputs: &[Layout], _w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -39,12 +38,7 @@ impl Op for LightningOp {
         let (b, h, t, dk) = (s[0], s[1], s[2], s[3]);
         let dv = v.shape()[3];
         let q = mlx_rs::ops::multiply(q, Array::from_f32(self.scale).as_dtype(q.dtype())?)?;
-        let mut state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("lightning: wrong cache slot")),
-            None => None,
-        }
-        .map_or_else(
+        let mut state = ctx.recurrent_state("lightning")?.map_or_else(
             || mlx_rs::ops::zeros_dtype(&[b, h, dk, dv], Dtype::Float32),
             Ok,
         )?;
@@ -59,14 +53,7 @@ impl Op for LightningOp {
             state = mlx_rs::ops::add(mlx_rs::ops::multiply(&state, &self.decay)?, &update)?;
             ys.push(mlx_rs::ops::matmul(&qt, &state)?.as_dtype(v.dtype())?);
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = Some(state);
-            *offset += t;
-        }
+        ctx.store_recurrent(Some(state), t);
         mlx_rs::ops::concatenate(&ys, 2)
     }
 }

@@ -67,6 +67,32 @@ pub struct Ctx<'a> {
     pub cache: Option<&'a mut CacheState>,
 }
 
+impl Ctx<'_> {
+    /// A recurrent op's state from its cache slot: none before the first
+    /// call or without a cache; a slot of another kind is an error naming
+    /// `op`.
+    pub fn recurrent_state(&self, op: &str) -> Result<Option<Array>, Exception> {
+        match self.cache.as_deref() {
+            Some(CacheState::Recurrent { state, .. }) => Ok(state.clone()),
+            Some(_) => Err(Exception::custom(format!("{op}: wrong cache slot"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a recurrent op's state after a call of `t` positions (when
+    /// the op has a cache slot).
+    pub fn store_recurrent(&mut self, state: Option<Array>, t: i32) {
+        if let Some(CacheState::Recurrent {
+            state: slot,
+            offset,
+        }) = self.cache.as_deref_mut()
+        {
+            *slot = state;
+            *offset += t;
+        }
+    }
+}
+
 /// A built op, ready to run on the hot path.
 pub trait Op: Debug + Send {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception>;

@@ -11,7 +11,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 impl Build for RgLru {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -38,11 +37,7 @@ impl Op for RgLruOp {
         let a = mlx_rs::ops::exp(&log_a)?;
         let a2 = mlx_rs::ops::exp(mlx_rs::ops::multiply(&log_a, Array::from_f32(2.0))?)?;
         let mut mult = mlx_rs::ops::sqrt(mlx_rs::ops::subtract(Array::from_f32(1.0), &a2)?)?;
-        let state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("rg_lru: wrong cache slot")),
-            None => None,
-        };
+        let state = ctx.recurrent_state("rg_lru")?;
         if state.is_none() {
             // A sequence's first position enters unscaled.
             let first = mlx_rs::ops::ones_like(
@@ -62,14 +57,7 @@ impl Op for RgLruOp {
             h = mlx_rs::ops::add(mlx_rs::ops::multiply(&at(&a, i)?, &h)?, &at(&xn, i)?)?;
             ys.push(h.as_dtype(x.dtype())?);
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = Some(h);
-            *offset += t;
-        }
+        ctx.store_recurrent(Some(h), t);
         mlx_rs::ops::stack(&ys, 1)
     }
 }

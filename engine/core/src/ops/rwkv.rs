@@ -131,12 +131,7 @@ impl Op for Wkv7Op {
         let neg_kk = mlx_rs::ops::negative(&kk)?;
         let kk_iclr = mlx_rs::ops::multiply(&kk, &iclr)?;
 
-        let mut state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("wkv7: wrong cache slot")),
-            None => None,
-        }
-        .map_or_else(
+        let mut state = ctx.recurrent_state("wkv7")?.map_or_else(
             || mlx_rs::ops::zeros_dtype(&[bsz, h, d, d], Dtype::Float32),
             Ok,
         )?;
@@ -158,14 +153,7 @@ impl Op for Wkv7Op {
             state = next;
             ys.push(y.as_dtype(dtype)?);
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = Some(state);
-            *offset += t;
-        }
+        ctx.store_recurrent(Some(state), t);
         // [B, T, H, D]: per-head LayerNorm with its [H, D] gain and bias,
         // plus the bonus Σ(r k' r_k) v.
         let y = mlx_rs::ops::stack(&ys, 1)?;

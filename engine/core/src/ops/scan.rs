@@ -10,7 +10,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 impl Build for SelectiveScan {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -45,12 +44,9 @@ impl Op for SelectiveScanOp {
         let (c, n) = (self.channels, self.state);
         // softplus(v) = logaddexp(v, 0)
         let dt = mlx_rs::ops::logaddexp(dt, Array::from_f32(0.0))?;
-        let mut state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("selective_scan: wrong cache slot")),
-            None => None,
-        }
-        .map_or_else(|| mlx_rs::ops::zeros_dtype(&[b, c, n], Dtype::Float32), Ok)?;
+        let mut state = ctx
+            .recurrent_state("selective_scan")?
+            .map_or_else(|| mlx_rs::ops::zeros_dtype(&[b, c, n], Dtype::Float32), Ok)?;
         let at = |v: &Array, i: i32| v.try_index(&[(..).index_op(), i.index_op()][..]);
         let mut ys = Vec::with_capacity(t as usize);
         for i in 0..t {
@@ -68,14 +64,7 @@ impl Op for SelectiveScanOp {
             let y = mlx_rs::ops::add(&y, mlx_rs::ops::multiply(&self.d, &xt)?)?;
             ys.push(y.as_dtype(x.dtype())?);
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = Some(state);
-            *offset += t;
-        }
+        ctx.store_recurrent(Some(state), t);
         mlx_rs::ops::stack(&ys, 1)
     }
 }

@@ -11,7 +11,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 /// Positions per quadratic block.
 const CHUNK: i32 = 256;
@@ -154,11 +153,7 @@ impl Op for SsmOp {
         let dt = mlx_rs::ops::clip(&dt, (self.dt_min, self.dt_max))?;
         let dta = mlx_rs::ops::multiply(&dt, &self.a)?;
         let dtx = mlx_rs::ops::multiply(dt.expand_dims(-1)?, &xh)?;
-        let mut state = match ctx.cache.as_deref() {
-            Some(CacheState::Recurrent { state, .. }) => state.clone(),
-            Some(_) => return Err(Exception::custom("ssm: wrong cache slot")),
-            None => None,
-        };
+        let mut state = ctx.recurrent_state("ssm")?;
         let mut ys = Vec::new();
         let mut start = 0;
         while start < t {
@@ -174,14 +169,7 @@ impl Op for SsmOp {
             state = Some(new);
             start = end;
         }
-        if let Some(CacheState::Recurrent {
-            state: slot,
-            offset,
-        }) = ctx.cache.as_deref_mut()
-        {
-            *slot = state;
-            *offset += t;
-        }
+        ctx.store_recurrent(state, t);
         let y = mlx_rs::ops::concatenate(&ys, 1)?;
         let skip = mlx_rs::ops::multiply(&xh, self.d.reshape(&[h, 1])?)?;
         mlx_rs::ops::add(&y, &skip)?.reshape(&[b, t, h * p])
