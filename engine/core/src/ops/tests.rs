@@ -797,39 +797,22 @@ fn ssm_matches_the_recurrence_across_chunks_and_decode_steps() {
         ValueInfo::flat(h as i64),
     ];
     let op = build("ssm", &given, &infos, weights());
-    let part = |v: &[f32], w: usize, a: usize, b: usize| {
-        Array::from_slice(&v[a * w..b * w], &[1, (b - a) as i32, w as i32])
-    };
     // Whole sequence without a cache: two chunks (256 + 4 positions).
     let args = |a, b| {
-        [
-            part(&x, h * p, a, b),
-            part(&bm, g * n, a, b),
-            part(&cm, g * n, a, b),
-            part(&dt_raw, h, a, b),
+        vec![
+            rows(&x, h * p, a, b),
+            rows(&bm, g * n, a, b),
+            rows(&cm, g * n, a, b),
+            rows(&dt_raw, h, a, b),
         ]
     };
     let whole = args(0, t);
     let refs: Vec<&Array> = whole.iter().collect();
     close(&run(op.as_ref(), &refs, 0), &want, 1e-4);
     // Prefill of 257 positions, then one at a time through the state slot.
-    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
-    let mut got = Vec::new();
     let mut bounds = vec![(0, 257)];
     bounds.extend((257..t).map(|s| (s, s + 1)));
-    for (a, b) in bounds {
-        let xs = args(a, b);
-        let refs: Vec<&Array> = xs.iter().collect();
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let y = op.forward(&refs, &mut ctx).expect("forward");
-        y.eval().expect("eval");
-        got.extend_from_slice(y.as_slice::<f32>());
-    }
+    let got = run_in_pieces(op.as_ref(), CacheKind::Recurrent, &bounds, args);
     close(&got, &want, 1e-4);
 }
 
