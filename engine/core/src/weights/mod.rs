@@ -409,18 +409,19 @@ impl Quantization {
         // A module's own entry may leave group_size or bits out: MLX's
         // `to_quantized` then takes the affine mode's defaults (group 64,
         // 4 bits), not the block's (mlx-lm's rwkv7 writes `{"bits": 8}`).
-        let field = |key: &str, v: &serde_json::Map<String, serde_json::Value>, name: &str| match v
-            .get(name)
-        {
-            None if !key.is_empty() => Ok(if name == "bits" { 4 } else { 64 }),
+        let field = |key: &str,
+                     v: &serde_json::Map<String, serde_json::Value>,
+                     name: &str,
+                     default: i64| match v.get(name) {
+            None if !key.is_empty() => Ok(default),
             x => x
                 .and_then(|x| x.as_i64())
                 .ok_or_else(|| err(key, &format!("needs integer {name}"))),
         };
         let pair =
             |key: &str, v: &serde_json::Map<String, serde_json::Value>| -> Result<(i32, i32)> {
-                let g = field(key, v, "group_size")?;
-                let b = field(key, v, "bits")?;
+                let g = field(key, v, "group_size", 64)?;
+                let b = field(key, v, "bits", 4)?;
                 if let Some(mode) = v.get("mode").and_then(|m| m.as_str()) {
                     if mode != "affine" {
                         return Err(err(
