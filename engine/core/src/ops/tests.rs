@@ -895,26 +895,14 @@ fn gated_delta_matches_the_recurrence_whole_and_step_by_step() {
             (&a, hv),
             (&b, hv),
         ]
-        .map(|(s, w)| Array::from_slice(&s[x * w..y * w], &[1, (y - x) as i32, w as i32]))
+        .map(|(s, w)| rows(s, w, x, y))
+        .to_vec()
     };
     let whole = args(0, t);
     let refs: Vec<&Array> = whole.iter().collect();
     close(&run(op.as_ref(), &refs, 0), &want, 1e-5);
-    let mut slot = crate::cache::CacheKind::Recurrent.create(Default::default());
-    let mut got = Vec::new();
-    for (x, y) in [(0, 4), (4, 5), (5, 6), (6, 7)] {
-        let part = args(x, y);
-        let refs: Vec<&Array> = part.iter().collect();
-        let mut ctx = Ctx {
-            offset: x as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let y = op.forward(&refs, &mut ctx).expect("forward");
-        y.eval().expect("eval");
-        got.extend_from_slice(y.as_slice::<f32>());
-    }
+    let pieces = [(0, 4), (4, 5), (5, 6), (6, 7)];
+    let got = run_in_pieces(op.as_ref(), CacheKind::Recurrent, &pieces, args);
     close(&got, &want, 1e-5);
 }
 
