@@ -9,7 +9,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::Array;
 
 use super::{mlx_err, Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 impl Build for ShortConv {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -42,16 +41,7 @@ impl Op for ShortConvOp {
         let t = x.shape()[1];
         let k = self.kernel;
         // [B, K - 1 + T, D]: the previous rows (zeros at the start) first.
-        let all = match ctx.cache.as_deref_mut() {
-            Some(CacheState::Conv(state)) => state.extend(x)?,
-            Some(_) => return Err(Exception::custom("short_conv: wrong cache slot")),
-            None if k > 1 => {
-                let s = x.shape();
-                let zeros = mlx_rs::ops::zeros_dtype(&[s[0], k - 1, s[2]], x.dtype())?;
-                mlx_rs::ops::concatenate(&[&zeros, x], 1)?
-            }
-            None => x.clone(),
-        };
+        let all = ctx.with_earlier_rows("short_conv", x, k - 1)?;
         let mut out: Option<Array> = None;
         for j in 0..k {
             let window = all.try_index(&[(..).index_op(), (j..j + t).index_op()][..])?;

@@ -9,7 +9,6 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype};
 
 use super::{mlx_err, Build, Ctx, Op, Param, Weights};
-use crate::cache::CacheState;
 
 impl Build for Embedding {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
@@ -108,21 +107,13 @@ struct NgramOp {
 impl Op for NgramOp {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let ids = inputs[0];
-        let s = ids.shape().to_vec();
-        let (b, t) = (s[0], s[1]);
+        let t = ids.shape()[1];
         // [B, earlier + T] int64: the ids of earlier calls (zeros before the
         // sequence) then this call's. The state holds the last `keep` ids as
         // [B, keep], the layout of mlx-lm's ArraysCache (which holds fewer
         // while the sequence is shorter: zeros stand for the missing ones).
         let current_ids = ids.as_dtype(Dtype::Int64)?;
-        let all = match ctx.cache.as_deref_mut() {
-            Some(CacheState::Conv(state)) => state.extend(&current_ids)?,
-            Some(_) => return Err(Exception::custom("ngram_embedding: wrong cache slot")),
-            None => {
-                let zeros = mlx_rs::ops::zeros_dtype(&[b, self.keep], Dtype::Int64)?;
-                mlx_rs::ops::concatenate(&[&zeros, &current_ids], 1)?
-            }
-        };
+        let all = ctx.with_earlier_rows("ngram_embedding", &current_ids, self.keep)?;
         // The id `back` positions before each of this call's.
         let end = all.shape()[1];
         let earlier = |back: i32| all.try_index((.., end - t - back..end - back));

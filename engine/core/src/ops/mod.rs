@@ -8,7 +8,7 @@ use lmspec_spec::ops::{Layout, OpConfig, OpError};
 use mlx_rs::error::Exception;
 use mlx_rs::Array;
 
-use crate::cache::CacheState;
+use crate::cache::{CacheState, ConvState};
 pub use crate::weights::{Param, Weights};
 pub(crate) use linear::apply as linear_apply;
 
@@ -76,6 +76,29 @@ impl Ctx<'_> {
             Some(CacheState::Recurrent { state, .. }) => Ok(state.clone()),
             Some(_) => Err(Exception::custom(format!("{op}: wrong cache slot"))),
             None => Ok(None),
+        }
+    }
+
+    /// `x` `[B, T, ...]` with the `keep` rows before it in front (axis 1):
+    /// a convolution slot's remembered rows, which it then updates, or
+    /// zeros without a cache; a slot of another kind is an error naming
+    /// `op`.
+    pub fn with_earlier_rows(
+        &mut self,
+        op: &str,
+        x: &Array,
+        keep: i32,
+    ) -> Result<Array, Exception> {
+        match self.cache.as_deref_mut() {
+            Some(CacheState::Conv(state)) => state.extend(x),
+            Some(_) => Err(Exception::custom(format!("{op}: wrong cache slot"))),
+            None if keep == 0 => Ok(x.clone()),
+            None => ConvState {
+                keep,
+                rows: None,
+                offset: 0,
+            }
+            .extend(x),
         }
     }
 

@@ -12,7 +12,6 @@ use mlx_rs::ops::indexing::{ArrayIndex, TryIndexOp};
 use mlx_rs::{Array, Dtype};
 
 use super::{Build, Ctx, Op, Weights};
-use crate::cache::CacheState;
 
 /// The decay is exp(DECAY_RATE · sigmoid(w)): -e^(-1/2), to six places as
 /// the reference writes it.
@@ -25,15 +24,7 @@ impl Op for TokenShift {
         let x = inputs[0];
         let t = x.shape()[1];
         // [B, 1 + T, D]: the previous row (zeros at the start) first.
-        let all = match ctx.cache.as_deref_mut() {
-            Some(CacheState::Conv(state)) => state.extend(x)?,
-            Some(_) => return Err(Exception::custom("token_shift: wrong cache slot")),
-            None => {
-                let s = x.shape();
-                let zeros = mlx_rs::ops::zeros_dtype(&[s[0], 1, s[2]], x.dtype())?;
-                mlx_rs::ops::concatenate(&[&zeros, x], 1)?
-            }
-        };
+        let all = ctx.with_earlier_rows("token_shift", x, 1)?;
         all.try_index(&[(..).index_op(), (..t).index_op()][..])
     }
 }
