@@ -34,7 +34,6 @@ mod norm;
 mod option_tests;
 mod rglru;
 pub mod rope;
-mod rwkv;
 mod scan;
 #[cfg(test)]
 mod scan_tests;
@@ -52,6 +51,7 @@ mod vision;
 mod vision_tests;
 #[cfg(test)]
 mod window_tests;
+mod wkv;
 
 /// Per-call state handed to a running op.
 #[derive(Debug)]

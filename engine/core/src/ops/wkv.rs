@@ -157,5 +157,5 @@ impl Op for Wkv7Op {
 }
 
 #[cfg(test)]
-#[path = "rwkv_tests.rs"]
+#[path = "wkv_tests.rs"]
 mod tests;
