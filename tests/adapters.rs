@@ -702,3 +702,38 @@ fn a_tensor_split_by_the_rules_takes_no_adapter() {
         "{e}"
     );
 }
+
+/// A rotated (Hadamard-packed) linear layer takes a LoRA adapter on its
+/// unrotated input, and no DoRA; fusing into it is a named error, not a
+/// silently wrong weight.
+#[test]
+fn rotated_weights_take_lora_but_are_not_fused_into() {
+    let _g = mlx_lock();
+    let base = goldens().join("prism_hadamard_qwen35").join("model");
+    let with = |dora: bool| {
+        let mut o = opts();
+        let config = AdapterConfig {
+            rank: 2,
+            num_layers: -1,
+            kind: if dora {
+                AdapterKind::Dora
+            } else {
+                AdapterKind::Lora
+            },
+            ..AdapterConfig::default()
+        };
+        o.adapter = Some(AdapterSource::New { config, seed: 1 });
+        Model::load(&base, &o)
+    };
+    let e = with(true).expect_err("no DoRA on a rotated weight");
+    assert!(e.to_string().contains("stored rotated"), "{e}");
+    let model = with(false).expect("LoRA on rotated weights");
+    let a = model.adapter.as_ref().expect("adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let e = adapter::fuse::fuse_into(&base, a, &tmp.path().join("fused"), false)
+        .expect_err("no fuse into a rotated weight");
+    assert!(
+        e.to_string().contains("is stored rotated") && e.to_string().contains("in_proj_qkv"),
+        "{e}"
+    );
+}

@@ -509,3 +509,75 @@ fn rotating_cache_under_local_chunks_names_the_node() {
     assert!(msg.starts_with("layers.0.attn"), "{msg}");
     assert!(msg.contains("max_kv_size"), "{msg}");
 }
+
+/// A Hadamard pack's manifest that disagrees with its tensors, or a pack
+/// quantized otherwise: errors naming the file and the module.
+#[test]
+fn a_hadamard_manifest_that_disagrees_with_the_checkpoint_names_the_module() {
+    let lib = crate::support::library();
+    let record = |c: &mut serde_json::Value, path: &str| -> serde_json::Value {
+        let modules = c["modules"].as_array().expect("modules").clone();
+        modules
+            .into_iter()
+            .find(|m| m["path"] == path)
+            .expect("a record")
+    };
+    // A rotated module marked as not rotated (block 0).
+    let qkv = "model.layers.0.linear_attn.in_proj_qkv";
+    let (_m, model) = model_copy("prism_hadamard_qwen35", |c| {
+        let mut r = record(c, qkv);
+        r["block"] = 0.into();
+        let modules = c["modules"].as_array_mut().expect("modules");
+        modules.retain(|m| m["path"] != qkv);
+        modules.push(r);
+    });
+    let (file, msg) = weights_error(&model, &lib, None);
+    assert!(file.ends_with("model.safetensors"), "{file:?}");
+    assert!(
+        msg.contains(&format!(
+            "'language_model.{qkv}.signs' exists but its record's block is 0"
+        )),
+        "{msg}"
+    );
+    // A block that does not divide the module's width.
+    let (_m, model) = model_copy("prism_hadamard_qwen35", |c| {
+        for m in c["modules"].as_array_mut().expect("modules") {
+            if m["path"] == qkv {
+                m["block"] = 384.into();
+            }
+        }
+    });
+    let (_, msg) = weights_error(&model, &lib, None);
+    assert!(
+        msg.contains("a block of 384 does not fit 512 signs") && msg.contains(qkv),
+        "{msg}"
+    );
+    // A record for a module the checkpoint does not rotate.
+    let (_m, model) = model_copy("prism_hadamard_qwen35", |c| {
+        for m in c["modules"].as_array_mut().expect("modules") {
+            if m["path"] == "model.layers.0.linear_attn.out_proj" {
+                m["block"] = 128.into();
+            }
+        }
+    });
+    let (_, msg) = weights_error(&model, &lib, None);
+    assert!(
+        msg.contains("rotates 'language_model.model.layers.0.linear_attn.out_proj.signs' in blocks of 128 but the checkpoint has no such tensor"),
+        "{msg}"
+    );
+    // Another quantization than the packs' 2-bit, group 128 affine.
+    let (_m, model) = model_copy("prism_hadamard_qwen35", |c| {
+        c["quantization"]["bits"] = 4.into();
+    });
+    let _guard = mlx_lock();
+    match crate::support::load_model(&model, &lib, None).expect_err("refused") {
+        Error::Config { key, msg, .. } => {
+            assert_eq!(key, "quantization");
+            assert!(
+                msg.contains("is not supported by spec 'prism_hadamard_qwen35'"),
+                "{msg}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+}

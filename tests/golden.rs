@@ -220,6 +220,7 @@ golden_cases!(
     plamo2_hf,
     plamo3,
     plamo3_short_window,
+    prism_hadamard_qwen35,
     qwen,
     qwen2,
     qwen2_5_vl,

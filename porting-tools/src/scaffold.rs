@@ -88,8 +88,11 @@ fn evaluate(
     let mut matched = 0usize;
     for node in &g.nodes {
         for req in &node.resolved.weights {
-            needed += 1;
             let name = req.tensor();
+            if req.optional && !have.contains_key(&name) {
+                continue;
+            }
+            needed += 1;
             let scales = format!("{}.scales", req.module);
             match have.get(&name) {
                 None => fit.missing.push(name),
@@ -97,7 +100,7 @@ fn evaluate(
                     matched += 1;
                     used.extend([name, scales, format!("{}.biases", req.module)]);
                 }
-                Some(shape) if *shape == req.shape => {
+                Some(shape) if req.fits(shape) => {
                     matched += 1;
                     used.insert(name);
                 }

@@ -37,7 +37,7 @@ struct Step {
 /// Groups of `linear` nodes to run as one projection, keyed by the first
 /// member (in node order): nodes that read the same value, each without a
 /// cache slot, with weights of one kind — all dense of one dtype, or all
-/// quantized alike — and all with or all without a bias. Members are
+/// quantized alike — and all with or all without a bias, none rotated. Members are
 /// listed in node order.
 fn fusion_groups(
     graph: &Graph,
@@ -53,8 +53,12 @@ fn fusion_groups(
                 .op
                 .as_projection()
                 .is_some_and(|l| l.shard == lmspec_spec::ops::Shard::In);
+        // A checkpoint's optional tensors (a rotation) make a projection
+        // its own.
+        let required = node.resolved.weights.iter().filter(|r| !r.optional);
         if node.op.as_projection().is_none()
             || reduced
+            || weights[k].len() != required.count()
             || adapted.contains_key(&k)
             || node.inputs.len() != 1
             || node.resolved.state.is_some()

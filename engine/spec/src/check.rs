@@ -585,6 +585,25 @@ fn check_rules(spec: &Spec) -> Result<()> {
                 }
                 ("ternary", vec![pattern])
             }
+            RawRule::Hadamard {
+                pattern,
+                manifest,
+                block,
+                when,
+            } => {
+                let bad = |m: String| Error::spec(&rule.file, "weights.rules", "hadamard", m);
+                Pattern::parse(pattern).map_err(bad)?;
+                literal_or_expr(manifest, Ty::List).map_err(|m| bad(format!("manifest: {m}")))?;
+                if let Some(w) = when {
+                    literal_or_expr(w, Ty::Bool).map_err(|m| bad(format!("when: {m}")))?;
+                }
+                if block.is_empty() {
+                    return Err(bad(
+                        "block: the name of the records' block field is empty".into()
+                    ));
+                }
+                ("hadamard", vec![pattern])
+            }
             RawRule::Add {
                 pattern,
                 value,

@@ -361,6 +361,20 @@ pub enum RawRule {
     /// weight, worth v − 1, times the scale tensor (`weight_scale`, one
     /// value), in the scale's dtype; the scale tensors go.
     Ternary { pattern: String, scale: String },
+    /// Lay out the sign vectors of blockwise Hadamard-rotated weights:
+    /// every matching tensor `[in]` (each value +1 or -1) becomes
+    /// `[in / block, block]`, the ops' mark of a rotated input (or, on an
+    /// embedding, output). The block comes from the manifest, a list of
+    /// records (`manifest`, a config expression): the record whose fields
+    /// named like the pattern's captures equal them, its field `block`.
+    /// A record with a block above 0 needs its tensor; 0 means none.
+    /// With `when` (a bool expression), only when it holds.
+    Hadamard {
+        pattern: String,
+        manifest: serde_yaml::Value,
+        block: String,
+        when: Option<serde_yaml::Value>,
+    },
     /// Add a constant to matching floating-point tensors (zero-centred
     /// `(1 + w)` norms stored as `w`), for tensors whose shape satisfies
     /// `if_shape`.
@@ -404,6 +418,8 @@ struct RuleRepr {
     #[serde(default)]
     ternary: Option<TernaryRepr>,
     #[serde(default)]
+    hadamard: Option<HadamardRepr>,
+    #[serde(default)]
     add: Option<AddRepr>,
 }
 
@@ -438,6 +454,17 @@ struct TernaryRepr {
     #[serde(rename = "match")]
     pattern: String,
     scale: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HadamardRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    manifest: serde_yaml::Value,
+    block: String,
+    #[serde(default)]
+    when: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -611,6 +638,14 @@ impl TryFrom<RuleRepr> for RawRule {
                 scale: x.scale,
             });
         }
+        if let Some(x) = r.hadamard {
+            rules.push(RawRule::Hadamard {
+                pattern: x.pattern,
+                manifest: x.manifest,
+                block: x.block,
+                when: x.when,
+            });
+        }
         if let Some(x) = r.add {
             rules.push(RawRule::Add {
                 pattern: x.pattern,
@@ -622,7 +657,7 @@ impl TryFrom<RuleRepr> for RawRule {
         match (rules.pop(), rules.is_empty()) {
             (Some(rule), true) => Ok(rule),
             _ => Err(
-                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, fp8, ternary, add".into(),
+                "a rule is a map with exactly one of: drop, rename, tie, skip_if_present, transpose, stack, reshape, repeat, l2_normalize, moveaxis, split, fp8, ternary, hadamard, add".into(),
             ),
         }
     }

@@ -89,7 +89,9 @@ pub fn dump(graph: &Graph, explain: bool) -> String {
         if explain {
             out.push_str(&format!("  # {}: {}", n.file.display(), n.origin));
         }
-        for w in &n.resolved.weights {
+        // Optional tensors (a rotation's signs) are left out: a checkpoint
+        // that has them is the exception.
+        for w in n.resolved.weights.iter().filter(|w| !w.optional) {
             out.push_str(&format!("\n    {} {:?}", w.tensor(), w.shape));
         }
         if let Some(c) = n.resolved.state {

@@ -221,6 +221,7 @@ dump_tests!(
     plamo2_hf,
     plamo3,
     plamo3_short_window,
+    prism_hadamard_qwen35,
     qwen,
     qwen2,
     qwen2_5_vl,

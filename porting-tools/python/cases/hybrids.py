@@ -6,6 +6,7 @@ attention layers by layer_types, MoE + shared MLP, granite multipliers)."""
 import numpy as np
 
 Q35 = "language_model.model"
+PRISM = "prism_hadamard_qwen35"
 
 
 def _only(*types):
@@ -21,7 +22,7 @@ def _qwen3_5_taps(mg):
     """qwen3_5 nests the text model under language_model: its own rows."""
     L = f"{Q35}.layers.{{i}}"
 
-    def T(*args, applies=_only("qwen3_5", "qwen3_5_moe"), **kw):
+    def T(*args, applies=_only("qwen3_5", "qwen3_5_moe", PRISM), **kw):
         return mg.Tap(*args, applies=applies, **kw)
     return [
         T(f"{Q35}.embed_tokens", "embed"),
@@ -146,6 +147,98 @@ def _granitemoehybrid_taps(mg):
     ]
 
 
+def _hadamard_matrix(block):
+    """MLX's normalised Walsh-Hadamard transform of size `block`, as a
+    float64 matrix (the transform of the identity's rows; symmetric)."""
+    import mlx.core as mx
+    eye = mx.eye(block, dtype=mx.float32)
+    return np.array(mx.hadamard_transform(eye, scale=1 / np.sqrt(block))).astype(np.float64)
+
+
+def _fix_for_hadamard_packs(mg):
+    """Random weights for mlx-lm's Hadamard packs (prism_hadamard_qwen35):
+    the packed modules' 2-bit words drawn at random, scales and biases in
+    float16 (as the packs store them) spread like the float weights, signs
+    +1 or -1. And the reference math of the tap checks (`_dense`) with a
+    rotated module's rotation folded into its weight: y = W H (s * x), so
+    each row w becomes s * (H w) blockwise (H symmetric)."""
+    from mlx_lm.models import prism_hadamard_qwen35 as prism
+
+    randomize, dense = mg.randomize_parameters, mg._dense
+
+    def randomize_packs(model, seed):
+        randomize(model, seed)
+        packed = [m for _, m in model.named_modules()
+                  if isinstance(m, prism.HadamardQuantizedLinear)]
+        if not packed:
+            return
+        mx = mg.mx
+        mx.random.seed(seed + 1)
+        for m in packed:
+            lo, hi = (mx.random.randint(0, 1 << 16, m.weight.shape).astype(mx.uint32)
+                      for _ in range(2))
+            m.weight = lo + (hi << 16)
+            scale = mg.WEIGHT_STD * (0.6 + 0.1 * mx.random.normal(m.scales.shape))
+            m.scales = scale.astype(mx.float16)
+            shift = -1.5 * scale + 0.1 * mg.WEIGHT_STD * mx.random.normal(m.scales.shape)
+            m.biases = shift.astype(mx.float16)
+            if m.block:
+                m.signs = mx.where(mx.random.normal(m.signs.shape) > 0, 1.0, -1.0)
+        mx.eval(model.parameters())
+
+    def dense_rotated(module):
+        w = dense(module)
+        block = getattr(module, "block", 0)
+        if not block:
+            return w
+        rows, width = w.shape
+        h = _hadamard_matrix(block)
+        folded = (w.reshape(rows, width // block, block) @ h).reshape(rows, width)
+        return folded * np.array(module["signs"]).astype(np.float64)
+
+    mg.randomize_parameters = randomize_packs
+    mg._dense = dense_rotated
+
+
+def register_hadamard_packs(mg):
+    _fix_for_hadamard_packs(mg)
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {PRISM}
+    # The text model's keys under text_config (mlx-lm reads the pack's own
+    # keys from the top level only when text_config is there).
+    mg.TYPE_UNUSED_BASE_KEYS[PRISM] = list(mg.BASE_CONFIG)
+    L = "model.layers"
+    # 512 wide (a rotation block of 512 needs it): a DeltaNet layer, then
+    # attention (mlx-lm's qwen3_5 needs one). Packed with a rotation of 512:
+    # the tied embedding and head, and every projection that reads the
+    # hidden state; packed without one (block 0): the projections of
+    # narrower inputs (128 wide: 4 value heads and 4 attention heads of 32).
+    rotated = [f"{L}.0.linear_attn.in_proj_qkv", f"{L}.0.linear_attn.in_proj_z",
+               f"{L}.0.linear_attn.in_proj_b", f"{L}.0.linear_attn.in_proj_a",
+               f"{L}.1.self_attn.q_proj", f"{L}.1.self_attn.k_proj",
+               f"{L}.1.self_attn.v_proj"]
+    rotated += [f"{L}.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj")]
+    plain = [f"{L}.0.linear_attn.out_proj", f"{L}.1.self_attn.o_proj",
+             f"{L}.0.mlp.down_proj", f"{L}.1.mlp.down_proj"]
+    record = {"embedding": False, "dtype": "float16"}
+    modules = ([{**record, "path": "model.embed_tokens", "block": 512, "embedding": True}]
+               + [{**record, "path": p, "block": 512} for p in rotated]
+               + [{**record, "path": p, "block": 0} for p in plain])
+    mg.TYPE_DEFAULTS[PRISM] = {
+        "text_config": {
+            **mg.BASE_CONFIG, **mg.TYPE_DEFAULTS["qwen3_5"], "model_type": "qwen3_5_text",
+            "hidden_size": 512, "intermediate_size": 128, "num_hidden_layers": 2,
+            "head_dim": 32, "linear_value_head_dim": 32, "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-6,
+        },
+        "schema_version": 2, "tensor_namespace": "mlx-vlm-qwen3_5",
+        "gdn_activation_layout": "grouped",
+        "quantization": {"bits": 2, "group_size": 128, "mode": "affine"},
+        "modules": modules,
+    }
+    mg.CASES += [{"name": "prism_hadamard_qwen35", "model_type": PRISM, "config": {},
+                  "seed": 0}]
+
+
 def _insert_before(mg, module, rows):
     k = next(k for k, row in enumerate(mg.TAPS) if row.module == module)
     mg.TAPS[k:k] = rows
@@ -253,3 +346,4 @@ def register(mg):
     mg.SCALED_RESIDUAL_TYPES = mg.SCALED_RESIDUAL_TYPES | {"falcon_h1", "granitemoehybrid"}
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"granitemoehybrid"}
     _wrap_routing_stats(mg)
+    register_hadamard_packs(mg)

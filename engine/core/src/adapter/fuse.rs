@@ -58,6 +58,15 @@ pub fn fuse_into(base: &Path, adapter: &Attached, out: &Path, dequantize: bool) 
             file: ckpt.file.clone(),
             msg: format!("fuse: no tensor '{name}' in the base"),
         })?;
+        if tensors.contains_key(&format!("{}.signs", slot.module)) {
+            return Err(Error::Weights {
+                file: ckpt.file.clone(),
+                msg: format!(
+                    "fuse: '{}' is stored rotated (it has Hadamard signs); fusing an adapter into a rotated weight is not supported",
+                    slot.module
+                ),
+            });
+        }
         let scales = tensors.get(&format!("{}.scales", slot.module));
         let biases = tensors.get(&format!("{}.biases", slot.module));
         let fail = |e: mlx_rs::error::Exception| Error::Weights {

@@ -18,6 +18,8 @@ use crate::ops::{Ctx, Op, Param, Weights};
 #[derive(Debug)]
 struct Adapted {
     weight: Param,
+    /// A rotated checkpoint's rotation of the base product's input.
+    rotation: Option<crate::ops::Rotation>,
     bias: Option<Array>,
     /// DoRA: the dense weight `[out, in]`.
     dense: Option<Array>,
@@ -45,6 +47,18 @@ pub(crate) fn build_adapted(
         None => None,
     };
     let weight = w.take("weight")?;
+    // A rotated weight multiplies the rotated input; the low-rank update
+    // reads the input as it comes.
+    let rotation = crate::ops::Rotation::take(&mut w)?;
+    if rotation.is_some() && slot.tensors().m.is_some() {
+        return Err(OpError::new(
+            "signs",
+            format!(
+                "adapter {}: DoRA needs the weight in the input's basis, and this one is stored rotated (Hadamard signs)",
+                slot.module
+            ),
+        ));
+    }
     let dense = match slot.tensors().m {
         Some(_) => Some(
             weight
@@ -59,6 +73,7 @@ pub(crate) fn build_adapted(
     };
     Ok(Box::new(Adapted {
         weight,
+        rotation,
         bias,
         dense,
         slot,
@@ -74,8 +89,12 @@ fn dropout(x: &Array, p: f32) -> Result<Array, Exception> {
 impl Op for Adapted {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let x = inputs[0];
+        let base = |x: &Array| match &self.rotation {
+            Some(r) => crate::ops::linear_apply(&self.weight, self.bias.as_ref(), &r.forward(x)?),
+            None => crate::ops::linear_apply(&self.weight, self.bias.as_ref(), x),
+        };
         if !self.slot.enabled() {
-            return crate::ops::linear_apply(&self.weight, self.bias.as_ref(), x);
+            return base(x);
         }
         let t = self.slot.tensors();
         let xd = if self.slot.training() && self.slot.dropout > 0.0 {
@@ -100,10 +119,7 @@ impl Op for Adapted {
                     None => Ok(out),
                 }
             }
-            _ => {
-                let y = crate::ops::linear_apply(&self.weight, self.bias.as_ref(), x)?;
-                ops::add(&y, &z)
-            }
+            _ => ops::add(&base(x)?, &z),
         }
     }
 }

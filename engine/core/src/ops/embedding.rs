@@ -8,12 +8,14 @@ use mlx_rs::error::Exception;
 use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{Array, Dtype};
 
+use super::linear::Rotation;
 use super::{mlx_err, Build, Ctx, Op, Param, Weights};
 
 impl Build for Embedding {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         Ok(Box::new(EmbeddingOp {
             table: w.take("weight")?,
+            rotation: Rotation::take(&mut w)?,
         }))
     }
 }
@@ -21,11 +23,17 @@ impl Build for Embedding {
 #[derive(Debug)]
 struct EmbeddingOp {
     table: Param,
+    /// A rotated table's rotation, undone on the rows looked up.
+    rotation: Option<Rotation>,
 }
 
 impl Op for EmbeddingOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        rows(&self.table, inputs[0])
+        let rows = rows(&self.table, inputs[0])?;
+        match &self.rotation {
+            Some(r) => r.inverse(&rows),
+            None => Ok(rows),
+        }
     }
 }
 

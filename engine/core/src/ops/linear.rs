@@ -22,12 +22,19 @@ impl Build for Linear {
             Param::Dense(w) => Param::Dense(w.t()),
             q => q,
         };
+        let rotation = Rotation::take(&mut w)?;
         let batched = match &weight {
             Param::Dense(wt) => Some(wt.expand_dims(0).map_err(mlx_err("weight"))?),
             Param::Quantized { .. } => None,
         };
         let activations = crate::cpu_kernels::build_activations();
         let reduce = crate::distributed::build_group().filter(|_| self.shard == Shard::In);
+        if rotation.is_some() && reduce.is_some() {
+            return Err(OpError::new(
+                "signs",
+                "a rotated weight mixes all its input features: its input cannot be split across ranks",
+            ));
+        }
         let tied = match &weight {
             Param::Quantized {
                 w,
@@ -42,6 +49,7 @@ impl Build for Linear {
         };
         Ok(Box::new(LinearOp {
             weight,
+            rotation,
             batched,
             bias,
             activations,
@@ -55,6 +63,8 @@ impl Build for Linear {
 struct LinearOp {
     /// Dense weights are kept transposed, `[in, out]`.
     weight: Param,
+    /// The rotation of the input a rotated checkpoint's weight expects.
+    rotation: Option<Rotation>,
     /// A dense weight as `[1, in, out]`: one sequence's `[1, T, in]` times
     /// it is one `Matmul` primitive; times the 2-D weight, MLX's `matmul`
     /// records a `Flatten` and an `Unflatten` around it as well (two of
@@ -239,11 +249,15 @@ pub(crate) fn dequantized_product(
 impl Op for LinearOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
         let Some(group) = &self.reduce else {
+            let rotated = match &self.rotation {
+                Some(r) => Some(r.forward(inputs[0])?),
+                None => None,
+            };
             return apply_with(
                 &self.weight,
                 self.batched.as_ref(),
                 self.bias.as_ref(),
-                inputs[0],
+                rotated.as_ref().unwrap_or(inputs[0]),
                 self.activations,
                 self.tied,
             );
@@ -260,6 +274,71 @@ impl Op for LinearOp {
             Some(b) => mlx_rs::ops::add(&partial, b),
             None => Ok(partial),
         }
+    }
+}
+
+/// A blockwise Hadamard rotation of the last axis, as rotated checkpoints
+/// store their weights: `forward` multiplies by the signs, then transforms
+/// each block of `block` features (a Walsh-Hadamard transform scaled by
+/// 1/sqrt(block)); `inverse` transforms, then multiplies by the signs. Both
+/// in float32, the result in the input's dtype.
+#[derive(Debug)]
+pub(crate) struct Rotation {
+    /// `[n]`, float32.
+    signs: Array,
+    block: i32,
+}
+
+impl Rotation {
+    /// The node's rotation, if its checkpoint stores one: the `signs`
+    /// tensor laid out `[n / block, block]` (the `hadamard` weight rule).
+    pub(crate) fn take(w: &mut Weights) -> Result<Option<Rotation>, OpError> {
+        let signs = match w.take_opt("signs") {
+            None => return Ok(None),
+            Some(Param::Dense(s)) => s,
+            Some(Param::Quantized { .. }) => {
+                return Err(OpError::new("signs", "rotation signs cannot be quantized"))
+            }
+        };
+        let &[_, block] = signs.shape() else {
+            return Err(OpError::new(
+                "signs",
+                format!(
+                    "signs of shape {:?}: expected them laid out [n / block, block] by the `hadamard` weight rule",
+                    signs.shape()
+                ),
+            ));
+        };
+        let flat = signs
+            .reshape(&[-1])
+            .and_then(|s| s.as_dtype(mlx_rs::Dtype::Float32))
+            .map_err(mlx_err("signs"))?;
+        Ok(Some(Rotation { signs: flat, block }))
+    }
+
+    pub(crate) fn forward(&self, x: &Array) -> Result<Array, Exception> {
+        self.rotate(x, false)
+    }
+
+    pub(crate) fn inverse(&self, x: &Array) -> Result<Array, Exception> {
+        self.rotate(x, true)
+    }
+
+    fn rotate(&self, x: &Array, inverse: bool) -> Result<Array, Exception> {
+        let shape = x.shape().to_vec();
+        let mut y = x.as_dtype(mlx_rs::Dtype::Float32)?;
+        if !inverse {
+            y = mlx_rs::ops::multiply(&y, &self.signs)?;
+        }
+        let scale = (1.0 / f64::from(self.block).sqrt()) as f32;
+        y = y
+            .reshape(&[-1, self.block])?
+            .hadamard_transform(scale)?
+            .reshape(&shape)?;
+        if inverse {
+            y = mlx_rs::ops::multiply(&y, &self.signs)?;
+        }
+        y.as_dtype(x.dtype())
     }
 }
 

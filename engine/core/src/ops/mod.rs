@@ -11,6 +11,7 @@ use mlx_rs::Array;
 use crate::cache::{CacheState, ConvState};
 pub use crate::weights::{Param, Weights};
 pub(crate) use linear::apply as linear_apply;
+pub(crate) use linear::Rotation;
 
 mod attention;
 mod conv;

@@ -1026,3 +1026,106 @@ fn the_dequantized_product_equals_the_quantized_matmul() {
         assert!(diff < 1e-4, "{bits} bits, {out} outputs: {diff}");
     }
 }
+
+/// `x` rotated blockwise as Hadamard-rotated checkpoints store it, in f64:
+/// forward `H (s * x)`, inverse `s * (H x)`, per block of `b` features,
+/// with `H[i][j] = (-1)^popcount(i & j) / sqrt(b)` (the Walsh-Hadamard
+/// transform in its natural order, as `mx.hadamard_transform`).
+fn rotated(x: &[f64], signs: &[f64], b: usize, inverse: bool) -> Vec<f64> {
+    let h = |i: usize, j: usize| {
+        let sign = if (i & j).count_ones() % 2 == 0 {
+            1.0
+        } else {
+            -1.0
+        };
+        sign / (b as f64).sqrt()
+    };
+    let n = signs.len();
+    x.chunks(n)
+        .flat_map(|row| {
+            let pre: Vec<f64> = (0..n)
+                .map(|k| if inverse { row[k] } else { row[k] * signs[k] })
+                .collect();
+            (0..n)
+                .map(|k| {
+                    let (blk, i) = (k / b, k % b);
+                    let y: f64 = (0..b).map(|j| h(i, j) * pre[blk * b + j]).sum();
+                    if inverse {
+                        y * signs[k]
+                    } else {
+                        y
+                    }
+                })
+                .collect::<Vec<f64>>()
+        })
+        .collect()
+}
+
+#[test]
+fn rotated_weights_rotate_the_linear_input_and_the_embedding_rows_back() {
+    // 8 features in blocks of 4; signs laid out [2, 4] (the rule's work).
+    let (n, b, out) = (8usize, 4usize, 3usize);
+    let signs: Vec<f32> = (0..n)
+        .map(|k| if noise(n, 5)[k] > 0.0 { 1.0 } else { -1.0 })
+        .collect();
+    let s64: Vec<f64> = signs.iter().map(|&v| f64::from(v)).collect();
+    let signs_param = || Param::Dense(Array::from_slice(&signs, &[(n / b) as i32, b as i32]));
+    let w = noise(out * n, 6);
+    let xs = noise(2 * n, 7);
+    let linear = [
+        ("weight", Value::Str("p".into())),
+        ("out", Value::Int(out as i64)),
+    ];
+    let dense = || Param::Dense(Array::from_slice(&w, &[out as i32, n as i32]));
+    let op = build(
+        "linear",
+        &linear,
+        &[ValueInfo::flat(n as i64)],
+        vec![dense(), signs_param()],
+    );
+    let x = Array::from_slice(&xs, &[1, 2, n as i32]);
+    let x64: Vec<f64> = xs.iter().map(|&v| f64::from(v)).collect();
+    let r = rotated(&x64, &s64, b, false);
+    let w64 = |o: usize, k: usize| f64::from(w[o * n + k]);
+    let want: Vec<f64> = r
+        .chunks(n)
+        .flat_map(|row| (0..out).map(move |o| (0..n).map(|k| w64(o, k) * row[k]).sum()))
+        .collect();
+    close(&run(op.as_ref(), &[&x], 0), &want, 1e-5);
+
+    // The embedding undoes the rotation on the rows it looks up.
+    let table = noise(3 * n, 8);
+    let given = [
+        ("weight", Value::Str("e".into())),
+        ("vocab", Value::Int(3)),
+        ("dim", Value::Int(n as i64)),
+    ];
+    let t = Param::Dense(Array::from_slice(&table, &[3, n as i32]));
+    let op = build(
+        "embedding",
+        &given,
+        &[ValueInfo::flat(1)],
+        vec![t, signs_param()],
+    );
+    let ids = Array::from_slice(&[2i32, 0], &[1, 2]);
+    let picked: Vec<f64> = [2usize, 0]
+        .iter()
+        .flat_map(|&r| table[r * n..(r + 1) * n].iter().map(|&v| f64::from(v)))
+        .collect();
+    close(
+        &run(op.as_ref(), &[&ids], 0),
+        &rotated(&picked, &s64, b, true),
+        1e-6,
+    );
+
+    // Signs not laid out by the rule are refused when built.
+    let op = parse("linear", &linear);
+    let flat_signs = Param::Dense(Array::from_slice(&signs, &[n as i32]));
+    let e = super::build(
+        &op,
+        &[ValueInfo::flat(n as i64)],
+        Weights::new(vec![("weight", dense()), ("signs", flat_signs)]),
+    )
+    .expect_err("refused");
+    assert!(e.to_string().contains("laid out [n / block, block]"), "{e}");
+}

@@ -512,8 +512,19 @@ pub fn bind(
     let mut missing: Vec<String> = Vec::new();
     let mut out = Vec::with_capacity(graph.nodes.len());
     for node in &graph.nodes {
+        let reqs = &node.resolved.weights;
+        if reqs.windows(2).any(|w| w[0].optional && !w[1].optional) {
+            return Err(Error::Weights {
+                file: file.to_path_buf(),
+                msg: format!(
+                    "node {}: the {} op lists an optional tensor before a required one",
+                    node.path,
+                    node.op.name()
+                ),
+            });
+        }
         let mut params = Vec::new();
-        for req in &node.resolved.weights {
+        for req in reqs {
             let at = || {
                 format!(
                     "node {} (field {} of {} in {})",
@@ -525,6 +536,9 @@ pub fn bind(
             };
             match find(req, tensors, quant, &mut used, rank, files) {
                 Ok(Some(p)) => params.push(p),
+                // Params pair with the fields in order: an absent optional
+                // tensor is only ever among the last.
+                Ok(None) if req.optional => {}
                 Ok(None) => missing.push(format!("{} needed by {}", req.tensor(), at())),
                 Err(msg) => {
                     return Err(Error::Weights {
@@ -781,7 +795,7 @@ fn find_whole(
             }))
         }
         _ => {
-            if shape_of(w) != req.shape {
+            if !req.fits(&shape_of(w)) {
                 return Err(format!(
                     "shape mismatch: checkpoint has {:?}, spec expects {:?}",
                     shape_of(w),

@@ -56,6 +56,26 @@ pub trait RuleValue: Clone {
     /// BitNet's ternary bytes `[out / 4, in]` unpacked to `[out, in]` and
     /// scaled (the `ternary` rule).
     fn ternary_unpacked(&self, scale: &Self) -> Result<Self, String>;
+    /// A blockwise Hadamard rotation's signs `[in]` laid out
+    /// `[in / block, block]` (the `hadamard` rule); arrays check their
+    /// values too.
+    fn hadamard_signs(&self, block: i64) -> Result<Self, String> {
+        self.reshaped(&signs_layout(&self.dims(), block)?)
+    }
+}
+
+/// The layout `[in / block, block]` of `in` rotation signs, if the block
+/// fits: a power of two, 2 or more, dividing `in`.
+fn signs_layout(dims: &[i64], block: i64) -> Result<Vec<i64>, String> {
+    match dims {
+        [n] if block >= 2 && block & (block - 1) == 0 && n % block == 0 => {
+            Ok(vec![n / block, block])
+        }
+        [n] => Err(format!(
+            "a block of {block} does not fit {n} signs (it must be a power of two, 2 or more, dividing them)"
+        )),
+        d => Err(format!("expected a vector of signs, got shape {d:?}")),
+    }
 }
 
 /// The start of each block of `sizes` along an axis of `size`.
@@ -246,6 +266,20 @@ impl RuleValue for Array {
         go().map_err(|e| format!("ternary: {e}"))
     }
 
+    fn hadamard_signs(&self, block: i64) -> Result<Array, String> {
+        let layout = signs_layout(&self.dims(), block)?;
+        if !self.dtype().is_float() {
+            return Err(format!("signs must be floats, got {:?}", self.dtype()));
+        }
+        let unit =
+            || -> mlx_rs::error::Result<Array> { self.abs()?.eq(Array::from_f32(1.0))?.all(None) };
+        let unit = unit().map_err(|e| e.to_string())?;
+        match unit.try_item_exact::<bool>().map_err(|e| e.to_string())? {
+            true => self.reshaped(&layout),
+            false => Err("signs must all be +1 or -1".into()),
+        }
+    }
+
     fn plus(&self, value: f64) -> Result<Array, String> {
         let dtype = self.dtype();
         if !dtype.is_float() {
@@ -363,6 +397,77 @@ fn with_scales<T: RuleValue>(
         let sc = tensors.shift_remove(&s).expect("listed above");
         let d = f(&tensors[&k], &sc).map_err(|e| format!("{e} ('{k}')"))?;
         tensors.insert(k, d);
+    }
+    Ok(())
+}
+
+/// The `hadamard` rule: each record of `manifest` names a module by the
+/// pattern's captures (its fields of those names) and gives its block
+/// (field `field`); every tensor the pattern matches is laid out by its
+/// record's block, and every record with a block above 0 needs its tensor.
+fn hadamard<T: RuleValue>(
+    tensors: &mut IndexMap<String, T>,
+    pattern: &str,
+    manifest: &Value,
+    field: &str,
+) -> Result<(), String> {
+    let p = Pattern::parse(pattern)?;
+    let Value::List(records) = manifest else {
+        return Err(format!(
+            "hadamard: the manifest is {} {manifest}, expected a list of records",
+            manifest.type_name()
+        ));
+    };
+    let mut blocks: IndexMap<String, i64> = IndexMap::new();
+    for (k, record) in records.iter().enumerate() {
+        let bad = |m: String| format!("hadamard: manifest record {k}: {m}");
+        let Value::Map(record) = record else {
+            return Err(bad(format!("expected a map, got {}", record.type_name())));
+        };
+        let mut caps = IndexMap::new();
+        for c in p.captures() {
+            match record.get(&c) {
+                Some(Value::Str(s)) => caps.insert(c, s.clone()),
+                _ => return Err(bad(format!("needs a string field '{c}'"))),
+            };
+        }
+        let block = match record.get(field) {
+            Some(Value::Int(b)) if *b >= 0 => *b,
+            other => {
+                return Err(bad(format!(
+                    "field '{field}' must be an int of 0 or more, got {}",
+                    other.map_or("nothing".to_string(), |v| v.to_string())
+                )))
+            }
+        };
+        let name = p.fill(&caps).map_err(bad)?;
+        if blocks.insert(name.clone(), block).is_some() {
+            return Err(bad(format!("a second record for '{name}'")));
+        }
+    }
+    for (name, v) in tensors.iter_mut() {
+        if p.matches(name).is_none() {
+            continue;
+        }
+        *v = match blocks.get(name) {
+            None => return Err(format!("hadamard: '{name}' has no record in the manifest")),
+            Some(0) => {
+                return Err(format!(
+                    "hadamard: '{name}' exists but its record's block is 0 (no rotation)"
+                ))
+            }
+            Some(&b) => v
+                .hadamard_signs(b)
+                .map_err(|e| format!("hadamard: {e} ('{name}')"))?,
+        };
+    }
+    if let Some((name, b)) = blocks
+        .iter()
+        .find(|(name, b)| **b > 0 && !tensors.contains_key(*name))
+    {
+        return Err(format!(
+            "hadamard: the manifest rotates '{name}' in blocks of {b} but the checkpoint has no such tensor"
+        ));
     }
     Ok(())
 }
@@ -575,6 +680,21 @@ pub fn apply<T: RuleValue>(
             })?,
             RawRule::Ternary { pattern, scale } => {
                 with_scales(&mut tensors, pattern, scale, |w, sc| w.ternary_unpacked(sc))?
+            }
+            RawRule::Hadamard {
+                pattern,
+                manifest,
+                block,
+                when,
+            } => {
+                if let Some(w) = when {
+                    if !truthy(w)? {
+                        continue;
+                    }
+                }
+                let records = eval(manifest, Ty::List, None)
+                    .map_err(|e| format!("hadamard: manifest: {e}"))?;
+                hadamard(&mut tensors, pattern, &records, block)?
             }
             RawRule::Add {
                 pattern,
@@ -1144,6 +1264,81 @@ mod tests {
         );
         let e = apply(&[&rule], t, &no_eval).unwrap_err();
         assert!(e.contains("one floating-point value"), "{e}");
+    }
+
+    #[test]
+    fn hadamard_signs_take_their_block_from_the_manifest() {
+        let rule = |manifest: &str| RawRule::Hadamard {
+            pattern: "lm.{path*}.signs".into(),
+            manifest: serde_yaml::from_str(manifest).expect("yaml"),
+            block: "block".into(),
+            when: None,
+        };
+        let manifest = "[{path: a.x, block: 2}, {path: b, block: 0}, {path: c, block: 4}]";
+        let signs = |v: &[f32]| Array::from_slice(v, &[v.len() as i32]);
+        let tensors = |extra: &[(&str, Array)]| {
+            let mut t: IndexMap<String, Array> = IndexMap::new();
+            t.insert("lm.a.x.signs".into(), signs(&[1.0, -1.0, -1.0, 1.0]));
+            t.insert("lm.c.signs".into(), signs(&[-1.0; 8]));
+            t.insert("lm.a.x.weight".into(), signs(&[0.5; 4]));
+            for (k, v) in extra {
+                t.insert(k.to_string(), v.clone());
+            }
+            t
+        };
+        let out = apply(&[&rule(manifest)], tensors(&[]), &no_eval)
+            .expect("applies")
+            .tensors;
+        let a = &out["lm.a.x.signs"];
+        assert_eq!(a.shape(), &[2, 2]);
+        assert_eq!(a.as_slice::<f32>(), &[1.0, -1.0, -1.0, 1.0]);
+        assert_eq!(out["lm.c.signs"].shape(), &[2, 4]);
+        assert_eq!(out["lm.a.x.weight"].shape(), &[4]);
+        // The header pass lays the shapes out the same way.
+        let shapes = IndexMap::from([
+            ("lm.a.x.signs".to_string(), vec![4i64]),
+            ("lm.c.signs".to_string(), vec![8i64]),
+        ]);
+        let out = apply(&[&rule(manifest)], shapes, &no_eval).expect("applies");
+        assert_eq!(out.tensors["lm.c.signs"], vec![2, 4]);
+        // What the rule refuses, each naming the tensor or the record.
+        let refused = |manifest: &str, t: IndexMap<String, Array>, want: &str| {
+            let e = apply(&[&rule(manifest)], t, &no_eval).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        let mut bad = tensors(&[]);
+        bad.insert("lm.a.x.signs".into(), signs(&[1.0, 0.5, 1.0, 1.0]));
+        refused(manifest, bad, "+1 or -1 ('lm.a.x.signs')");
+        let stray = tensors(&[("lm.d.signs", signs(&[1.0; 2]))]);
+        refused(manifest, stray, "'lm.d.signs' has no record");
+        let zero = tensors(&[("lm.b.signs", signs(&[1.0; 2]))]);
+        refused(
+            manifest,
+            zero,
+            "'lm.b.signs' exists but its record's block is 0",
+        );
+        let mut missing = tensors(&[]);
+        missing.shift_remove("lm.c.signs");
+        refused(manifest, missing, "rotates 'lm.c.signs' in blocks of 4");
+        let uneven = "[{path: a.x, block: 3}, {path: c, block: 4}]";
+        refused(uneven, tensors(&[]), "a block of 3 does not fit 4 signs");
+        refused(
+            "[{name: a.x, block: 2}]",
+            tensors(&[]),
+            "record 0: needs a string field 'path'",
+        );
+        let twice = "[{path: c, block: 4}, {path: c, block: 8}, {path: a.x, block: 2}]";
+        refused(
+            twice,
+            tensors(&[]),
+            "record 1: a second record for 'lm.c.signs'",
+        );
+        refused(
+            "[{path: c, block: -4}]",
+            tensors(&[]),
+            "field 'block' must be an int of 0 or more",
+        );
+        refused("modules", tensors(&[]), "expected a list of records");
     }
 
     #[test]

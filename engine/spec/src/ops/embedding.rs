@@ -3,9 +3,9 @@
 use super::{op, Layout, OpError, Resolved, StateKind, WeightName, WeightReq};
 
 op! {
-    /// Looks up token ids [B, T] in a table, giving [B, T, dim].
+    /// Looks up token ids [B, T] in a table, giving [B, T, dim]. A table stored rotated (a `signs` tensor beside it, laid out `[dim / b, b]` by the `hadamard` weight rule) has its rows rotated back: in float32, a Hadamard transform over each block of b features scaled by 1/sqrt(b), times the signs, then in the rows' dtype.
     "embedding" (1..=1) => Embedding {
-        weight: WeightName, "module holding `weight` [vocab, dim]";
+        weight: WeightName, "module holding `weight` [vocab, dim] (and, when rotated, `signs`)";
         vocab: i64, "rows of the table";
         dim: i64, "width of a row";
     }
@@ -123,8 +123,9 @@ impl Embedding {
             "weight",
             vec![self.vocab, self.dim],
         );
+        let signs = WeightReq::rotation_signs(self.weight.under(scope), self.dim);
         Ok(Resolved {
-            weights: vec![w],
+            weights: vec![w, signs],
             ..Resolved::pure(Layout::flat(self.dim))
         })
     }

@@ -20,9 +20,9 @@ choice! {
 }
 
 op! {
-    /// Affine projection of the last axis; quantized when the checkpoint is.
+    /// Affine projection of the last axis; quantized when the checkpoint is. A weight stored rotated (a `signs` tensor beside it, laid out `[in / b, b]` by the `hadamard` weight rule) rotates its input first: in float32, times the signs, a Hadamard transform over each block of b features scaled by 1/sqrt(b), then in the input's dtype.
     "linear" (1..=1) => Linear {
-        weight: WeightName, "module holding `weight` [out, in] (and `bias` [out])";
+        weight: WeightName, "module holding `weight` [out, in] (and `bias` [out]; when rotated, `signs`)";
         out: i64, "output features";
         bias: bool = false, "whether the module has a bias";
         shard: Shard = Shard::None, "tensor parallelism: none (replicated), out (each rank a slice of the output features) or in (each rank a slice of the input features, the partial products summed across ranks)";
@@ -55,10 +55,13 @@ impl Linear {
         let mut weights = vec![weight];
         if self.bias {
             weights.push(
-                WeightReq::dense("bias", module, "bias", vec![self.out])
+                WeightReq::dense("bias", module.clone(), "bias", vec![self.out])
                     .sharded_or_copied(self.shard == Shard::Out, 0),
             );
         }
+        // Every rank holds the whole rotation (one that splits the input
+        // features across ranks refuses it when built).
+        weights.push(WeightReq::rotation_signs(module, input));
         Ok(Resolved {
             weights,
             ..Resolved::pure(Layout::flat(self.out))

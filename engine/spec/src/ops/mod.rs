@@ -234,11 +234,26 @@ pub struct WeightReq {
     /// Whether `shape` holds the whole axis (each rank then holds an even
     /// share of it) rather than one rank's share.
     pub shard_whole: bool,
+    /// Whether a checkpoint may leave it out (a tensor only some
+    /// checkpoints carry); an op lists its optional tensors last.
+    pub optional: bool,
+    /// Whether any shape holding `shape`'s number of elements will do (the
+    /// op reads what the layout means).
+    pub any_layout: bool,
 }
 
 impl WeightReq {
     pub fn tensor(&self) -> String {
         format!("{}.{}", self.module, self.suffix)
+    }
+
+    /// Whether a tensor of this shape fits (its own shape, or with
+    /// `any_layout` any shape of as many elements).
+    pub fn fits(&self, shape: &[i64]) -> bool {
+        match self.any_layout {
+            true => shape.iter().product::<i64>() == self.shape.iter().product::<i64>(),
+            false => shape == self.shape.as_slice(),
+        }
     }
 
     /// A dense (never quantized) tensor.
@@ -257,6 +272,19 @@ impl WeightReq {
             shard_axis: None,
             shard_copies: false,
             shard_whole: false,
+            optional: false,
+            any_layout: false,
+        }
+    }
+
+    /// The signs of a blockwise Hadamard rotation of `width` features,
+    /// `module.signs`, which only rotated checkpoints carry: laid out
+    /// `[width / block, block]` by the `hadamard` weight rule.
+    pub fn rotation_signs(module: String, width: i64) -> WeightReq {
+        WeightReq {
+            optional: true,
+            any_layout: true,
+            ..WeightReq::dense("signs", module, "signs", vec![width])
         }
     }
 
