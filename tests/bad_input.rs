@@ -581,3 +581,34 @@ fn a_hadamard_manifest_that_disagrees_with_the_checkpoint_names_the_module() {
         other => panic!("{other}"),
     }
 }
+
+/// An attention node's fourth input must be an index_topk node's keep
+/// mask; the indexer's inputs must fit one another.
+#[test]
+fn attention_keep_masks_come_from_index_topk_nodes() {
+    let model = |k_heads: &str, keep_from: &str| {
+        format!(
+            "model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n    q: {{op: split_heads, in: embed, heads: 4}}\n    kk: {{op: slice, in: embed, size: 16}}\n    k: {{op: split_heads, in: kk, heads: {k_heads}}}\n    w: {{op: slice, in: embed, size: 4}}\n    keep: {{op: index_topk, in: [q, k, w], topk: 2, scale: 1.0}}\n    attn: {{op: attention, in: [q, q, q, {keep_from}], scale: 0.25}}\n    out: {{op: merge_heads, in: attn}}\n  output: out\n"
+        )
+    };
+    // The nodes' widths follow the config, so the errors name it too.
+    let error = |text: String| {
+        let text = format!("{LLAMA_LIKE}{text}");
+        let (_d, lib) = library_with(&[("bad", &text)]);
+        let (_m, model) = model_copy("llama", |_| {});
+        let _guard = mlx_lock();
+        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
+        e.to_string()
+    };
+    let msg = error(model("1", "q"));
+    assert!(
+        msg.contains("bad.yaml: model.nodes.attn: in: the fourth input is a keep mask"),
+        "{msg}"
+    );
+    // Index keys of another size than the queries'.
+    let msg = error(model("2", "keep"));
+    assert!(
+        msg.contains("model.nodes.keep: in: k must be one head of q's size 16, got 2 of 8"),
+        "{msg}"
+    );
+}

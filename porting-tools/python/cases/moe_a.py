@@ -80,6 +80,7 @@ def _per_expert_hf(mg):
 
 
 def register(mg):
+    register_sparse_attention(mg)
     # Keys of BASE_CONFIG these types do not read.
     mg.TYPE_UNUSED_BASE_KEYS.update({
         "deepseek": ["tie_word_embeddings"],
@@ -177,3 +178,29 @@ def register(mg):
     at = next(k for k, t in enumerate(mg.TAPS) if t.module == "model.layers.{i}.mlp.shared_experts")
     mg.TAPS.insert(at + 1, mg.Tap("model.layers.{i}.mlp.coefficient", "layers.{i}.mlp.coef"))
     _wrap_moe_reference(mg)
+
+
+def register_sparse_attention(mg):
+    """DeepSeek-V3.2's sparse attention (deepseek_v32, glm_moe_dsa): the
+    deepseek_v3 case with a lightning indexer of 4 heads of 16 (its first 8
+    features roped) keeping 5 keys per query, so that every query past the
+    fifth position attends to 5 of its keys. Routing as deepseek_v3's."""
+    indexer = {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 5}
+    mg.TYPE_DEFAULTS["deepseek_v32"] = {**mg.TYPE_DEFAULTS["deepseek_v3"], **indexer,
+                                        "indexer_rope_interleave": False}
+    # glm_moe_dsa: rope_theta inside rope_parameters, the indexer's rope on
+    # interleaved pairs (its default).
+    mg.TYPE_UNUSED_BASE_KEYS["glm_moe_dsa"] = ["rope_theta"]
+    mg.TYPE_DEFAULTS["glm_moe_dsa"] = {
+        **mg.TYPE_DEFAULTS["deepseek_v3"], **indexer, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    for t in ("deepseek_v32", "glm_moe_dsa"):
+        _ROUTES_AS[t] = "deepseek_v3"
+    mg.NON_LINEAR_ROUTER_TYPES = mg.NON_LINEAR_ROUTER_TYPES | {"deepseek_v32", "glm_moe_dsa"}
+    mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | {"deepseek_v32", "glm_moe_dsa"}
+    mg.CASES += [
+        mg._derived("deepseek_v3", "deepseek_v32", model_type="deepseek_v32"),
+        mg._derived("deepseek_v3", "glm_moe_dsa", model_type="glm_moe_dsa"),
+    ]

@@ -77,9 +77,9 @@ impl Op for AttentionOp {
             return self.config.attend(inputs, ctx, self.sinks.as_ref());
         };
         let q = regroup(inputs[0], hkv, true)?;
-        let out = self
-            .config
-            .attend(&[&q, inputs[1], inputs[2]], ctx, self.sinks.as_ref())?;
+        let mut regrouped = vec![&q];
+        regrouped.extend_from_slice(&inputs[1..]);
+        let out = self.config.attend(&regrouped, ctx, self.sinks.as_ref())?;
         regroup(&out, hkv, false)
     }
 }
@@ -169,6 +169,11 @@ impl Attend for Attention {
         if let Some(n) = self.kv_out {
             crate::cache::shared::publish(n, &mask, &kv);
         }
+        // An index_topk node's keep mask (a scalar: every key kept).
+        let mask = match inputs.get(3) {
+            Some(keep) if keep.ndim() > 0 => with_keep(mask, keep, &kv, t)?,
+            _ => mask,
+        };
         attend_over(q, mask, kv, ctx, scale, softcap, sinks)
     }
 }
@@ -301,10 +306,7 @@ fn with_spans(mask: Mask, kv: &KvView, t: i32) -> Result<Mask, Exception> {
     let Some(spans) = crate::inputs::span_mask(t)? else {
         return Ok(mask);
     };
-    let s = match kv {
-        KvView::Dense(k, _) => k.shape()[2],
-        KvView::Quantized { keys, .. } => keys[0].shape()[2],
-    };
+    let s = keys_len(kv);
     let spans = match s - t {
         0 => spans,
         past => mlx_rs::ops::concatenate(
@@ -319,6 +321,25 @@ fn with_spans(mask: Mask, kv: &KvView, t: i32) -> Result<Mask, Exception> {
         Mask::None => return Ok(Mask::None),
         Mask::Causal => mlx_rs::ops::logical_or(causal_mask(t, s - t, None), &spans)?,
         Mask::Array(a) => mlx_rs::ops::logical_or(&a, &spans)?,
+    }))
+}
+
+/// How many keys `kv` holds.
+fn keys_len(kv: &KvView) -> i32 {
+    match kv {
+        KvView::Dense(k, _) => k.shape()[2],
+        KvView::Quantized { keys, .. } => keys[0].shape()[2],
+    }
+}
+
+/// `mask` restricted to the keys an `index_topk` node keeps (`keep`,
+/// `[B, 1, t, S]`).
+fn with_keep(mask: Mask, keep: &Array, kv: &KvView, t: i32) -> Result<Mask, Exception> {
+    let s = keys_len(kv);
+    Ok(Mask::Array(match mask {
+        Mask::None => keep.clone(),
+        Mask::Causal => mlx_rs::ops::logical_and(keep, causal_mask(t, s - t, None))?,
+        Mask::Array(a) => mlx_rs::ops::logical_and(keep, &a)?,
     }))
 }
 

@@ -22,6 +22,7 @@ mod delta;
 mod elementwise;
 mod embedding;
 mod heads;
+mod index;
 mod learned;
 mod lightning;
 mod linear;
@@ -158,6 +159,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::Rope(c) => c.build(inputs, w),
         OpConfig::PositionScale(c) => Ok(Box::new(c.clone())),
         OpConfig::Attention(c) => c.build(inputs, w),
+        OpConfig::IndexTopk(c) => Ok(Box::new(c.clone())),
         OpConfig::Moe(c) => c.build(inputs, w),
         OpConfig::ShortConv(c) => c.build(inputs, w),
         OpConfig::TokenShift(c) => Ok(Box::new(c.clone())),

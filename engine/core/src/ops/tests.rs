@@ -1129,3 +1129,107 @@ fn rotated_weights_rotate_the_linear_input_and_the_embedding_rows_back() {
     .expect_err("refused");
     assert!(e.to_string().contains("laid out [n / block, block]"), "{e}");
 }
+
+/// The keys each query keeps, in f64: query i (at position `offset + i`)
+/// scores each key j it sees by Σ_h relu(q_h,i · k_j) · w_i,h · scale and
+/// keeps the `topk` best (every key it sees while they are no more).
+#[allow(clippy::too_many_arguments)]
+fn reference_keep(
+    q: &[f32],
+    keys: &[f32],
+    w: &[f32],
+    (h, t, d): (usize, usize, usize),
+    s: usize,
+    offset: usize,
+    topk: usize,
+    scale: f64,
+) -> Vec<Vec<usize>> {
+    (0..t)
+        .map(|i| {
+            let seen = offset + i + 1;
+            let mut scored: Vec<(f64, usize)> = (0..seen)
+                .map(|j| {
+                    let score: f64 = (0..h)
+                        .map(|hh| {
+                            let dot: f64 = (0..d)
+                                .map(|x| {
+                                    f64::from(q[(hh * t + i) * d + x]) * f64::from(keys[j * d + x])
+                                })
+                                .sum();
+                            dot.max(0.0) * f64::from(w[i * h + hh]) * scale
+                        })
+                        .sum();
+                    (score, j)
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut kept: Vec<usize> = scored.iter().take(topk).map(|&(_, j)| j).collect();
+            kept.sort_unstable();
+            assert!(s >= seen);
+            kept
+        })
+        .collect()
+}
+
+#[test]
+fn index_topk_keeps_each_querys_best_scored_keys_through_its_cache() {
+    let (h, d, topk, scale) = (3usize, 8usize, 4usize, 0.3f64);
+    let total = 10;
+    let qs = noise(h * total * d, 11);
+    let ks = noise(total * d, 12);
+    let ws = noise(total * h, 13);
+    let given = [
+        ("topk", Value::Int(topk as i64)),
+        ("scale", Value::Float(scale)),
+    ];
+    let inputs = [
+        ValueInfo {
+            dim: d as i64,
+            heads: Some(h as i64),
+        },
+        ValueInfo {
+            dim: d as i64,
+            heads: Some(1),
+        },
+        ValueInfo::flat(h as i64),
+    ];
+    let op = build("index_topk", &given, &inputs, vec![]);
+    let mut slot = CacheKind::Kv.create(Default::default());
+    // A prompt of 7 positions, then three single steps.
+    for (a, b) in [(0usize, 7usize), (7, 8), (8, 9), (9, 10)] {
+        let t = b - a;
+        // q [1, H, t, D] from the [H, total, D] table; k [1, 1, t, D]; w [1, t, H].
+        let q: Vec<f32> = (0..h)
+            .flat_map(|hh| {
+                qs[(hh * total + a) * d..(hh * total + b) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let qa = Array::from_slice(&q, &[1, h as i32, t as i32, d as i32]);
+        let ka = Array::from_slice(&ks[a * d..b * d], &[1, 1, t as i32, d as i32]);
+        let wa = rows(&ws, h, a, b);
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let keep = op.forward(&[&qa, &ka, &wa], &mut ctx).expect("forward");
+        keep.eval().expect("eval");
+        let want = reference_keep(&q, &ks, &ws[a * h..b * h], (h, t, d), b, a, topk, scale);
+        if b <= topk {
+            assert_eq!(keep.ndim(), 0, "every key kept while there are {b}");
+            continue;
+        }
+        assert_eq!(keep.shape(), &[1, 1, t as i32, b as i32]);
+        let flags = keep.as_slice::<bool>();
+        for (i, kept) in want.iter().enumerate() {
+            // Keys after the query may be marked too while it sees fewer
+            // than topk; attention masks them.
+            let seen = a + i + 1;
+            let got: Vec<usize> = (0..seen).filter(|&j| flags[i * b + j]).collect();
+            assert_eq!(&got, kept, "query {} of piece {a}..{b}", a + i);
+        }
+    }
+}

@@ -12,8 +12,8 @@ choice! {
 }
 
 op! {
-    /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache. With `kv_from`, over [q] alone and another attention node's keys and values.
-    "attention" (1..=3) => Attention {
+    /// softmax(scale · q kᵀ + mask) v over inputs [q, k, v] ([B, H, T, D]); keeps a KV cache. With `kv_from`, over [q] alone and another attention node's keys and values. A fourth input, an `index_topk` node's keep mask, restricts each query to the keys it keeps.
+    "attention" (1..=4) => Attention {
         scale: f64, "multiplier of q·k (usually head_dim ** -0.5)";
         causal: bool = true, "mask future positions";
         window: Option<Positive<i64>> = None, "attend to at most this many most recent positions (sliding window; its cache keeps only those); non-causal: to keys less than this many positions away on either side";
@@ -90,10 +90,18 @@ impl Attention {
                 ))
             }
             (None, 3) => {}
+            (None, 4) => {
+                if inputs[3] != KEEP_MASK {
+                    return Err(OpError::new(
+                        "in",
+                        "the fourth input is a keep mask: an index_topk node's output",
+                    ));
+                }
+            }
             (None, n) => {
                 return Err(OpError::new(
                     "in",
-                    format!("{n} input(s): attention takes [q, k, v] (or [q] with kv_from)"),
+                    format!("{n} input(s): attention takes [q, k, v] (or [q] with kv_from, or [q, k, v, keep])"),
                 ))
             }
         }
@@ -204,6 +212,51 @@ impl Attention {
                 dim: dv,
                 heads: Some(hq),
             })
+        })
+    }
+}
+
+op! {
+    /// The keys each query keeps, as DeepSeek-V3.2's lightning indexer picks them: over inputs [q [B, H, T, D], k [B, 1, T, D], w [B, T, H]] and every key so far (the node keeps its own key cache), the score of key j for query i is Σ_h relu(q_h,i · k_j) · w_i,h · scale (the heads summed in order; future keys of a multi-token call score -inf), and each query keeps the `topk` keys MLX's argpartition puts last. Gives the keep mask [B, 1, T, S] an attention node takes as its fourth input; while there are `topk` keys or fewer, a true scalar (every key kept).
+    "index_topk" (3..=3) => IndexTopk {
+        topk: Positive<i64>, "keys each query keeps";
+        scale: f64, "factor on the head weights w (mlx-lm: heads ** -0.5 · head_dim ** -0.5)";
+    }
+}
+
+/// The layout that stands for a keep mask (`index_topk`'s output, an
+/// attention node's fourth input): one "head" of width 0.
+pub const KEEP_MASK: Layout = Layout {
+    dim: 0,
+    heads: Some(1),
+};
+
+impl IndexTopk {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (hq, dq) = expect_heads(inputs, 0)?;
+        let (hk, dk) = expect_heads(inputs, 1)?;
+        let w = super::expect_flat(inputs, 2)?;
+        if hk != 1 || dk != dq {
+            return Err(OpError::new(
+                "in",
+                format!("k must be one head of q's size {dq}, got {hk} of {dk}"),
+            ));
+        }
+        if w != hq {
+            return Err(OpError::new(
+                "in",
+                format!("w has {w} weights per position, q has {hq} heads"),
+            ));
+        }
+        if !self.scale.is_finite() {
+            return Err(OpError::new(
+                "scale",
+                format!("{} is not finite", self.scale),
+            ));
+        }
+        Ok(Resolved {
+            state: Some(StateKind::Kv),
+            ..Resolved::pure(KEEP_MASK)
         })
     }
 }

@@ -29,7 +29,7 @@ mod slice;
 mod ssm;
 mod vision;
 
-pub use attention::{Attention, Gqa};
+pub use attention::{Attention, Gqa, IndexTopk, KEEP_MASK};
 pub use conv::{ShortConv, TokenShift};
 pub use deepstack::{AddFeatures, Keep, Kept};
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, MaskTokens, Mul, Scale, Softcap};
@@ -142,6 +142,7 @@ registry!(
     Rope,
     PositionScale,
     Attention,
+    IndexTopk,
     Moe,
     ShortConv,
     TokenShift,
