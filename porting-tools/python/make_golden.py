@@ -1179,11 +1179,12 @@ def recording_calls(modules):
             del _CALL_LOGS[id(module)]
 
 
-def forward_with_taps(model, tokens, taps):
+def forward_with_taps(model, tokens, taps, dtypes=None):
     """The cache-free forward over ``tokens``, with the bound taps captured.
 
     Returns (logits [L, V] float32, {tap name: float32 array with batch axis})
-    with the taps in the order of ``taps``.
+    with the taps in the order of ``taps``. ``dtypes``, a dict, if given,
+    gets each tap's own dtype (before the float32 copy).
     """
     modules = {}
     for tap in taps:
@@ -1206,6 +1207,8 @@ def forward_with_taps(model, tokens, taps):
                 if rest:
                     raise RuntimeError(f"tap {tap.name}: residual module called twice")
                 value = x + r
+            if dtypes is not None:
+                dtypes[tap.name] = str(value.dtype).replace("mlx.core.", "")
             values[tap.name] = TAP_TRANSFORMS[tap.row.transform](value).astype(mx.float32)
     mx.eval(logits, *values.values())
     logits = np.array(logits[0].astype(mx.float32))
@@ -2132,7 +2135,8 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
 
     logits = forward_logits(model, tokens)
     taps = bind_taps(model, model_type=model_type, config=config)
-    tap_logits, tap_values = forward_with_taps(model, tokens, taps)
+    tap_dtypes = {}
+    tap_logits, tap_values = forward_with_taps(model, tokens, taps, tap_dtypes)
     if not np.array_equal(tap_logits, logits):
         raise RuntimeError(f"{name}: the tapped forward gives different logits")
     if tuple(tap_values) != tuple(t.name for t in taps):
@@ -2236,6 +2240,10 @@ def make_case(name, out_dir, seed=0, model_type=None, overrides=None, quant=None
         "mlx_lm_version": mlx_lm.__version__,
         "seed": seed,
         "dtype": "float32" if model_dir is None else main_dtype(model),
+        # Half-precision activations (a float16 embedding output) hold the
+        # case to that precision's level, whatever the weights' dtype.
+        **({"activation_dtype": half} if (half := next(
+            (d for d in ("float16", "bfloat16") if d in tap_dtypes.values()), None)) else {}),
         "quantization": config.get("quantization"),
         "prompt_len": prompt_len,
         "prefill_split": split,

@@ -103,16 +103,12 @@ impl Golden {
         }
     }
 
-    /// The tolerance the case is held to.
+    /// The tolerance the case is held to: by its weights (quantized, or
+    /// their dtype), or looser where its activations are half precision
+    /// (`activation_dtype`: one rounding of a half-precision value apart is
+    /// already ~1e-3, e.g. a float16 embedding output on another backend).
     pub fn tolerance(&self) -> Tolerance {
-        if self.meta.get("quantization").is_some_and(|q| !q.is_null()) {
-            return Tolerance::Quantized;
-        }
-        match self.meta.get("dtype").and_then(|d| d.as_str()) {
-            Some("bfloat16") => Tolerance::Bf16,
-            Some("float16") => Tolerance::F16,
-            _ => Tolerance::F32,
-        }
+        tolerance_of(&self.meta)
     }
 
     /// Where the prefill-then-decode run splits the tokens: the prompt's
@@ -228,4 +224,55 @@ pub fn run(case: &Path, opts: &LoadOptions) -> Result<Report> {
         greedy,
         expected_greedy: g.greedy,
     })
+}
+
+/// The tolerance of a case's `meta.json` (see [`Golden::tolerance`]).
+fn tolerance_of(meta: &serde_json::Value) -> Tolerance {
+    let half = |key: &str| match meta.get(key).and_then(|d| d.as_str()) {
+        Some("bfloat16") => Some(Tolerance::Bf16),
+        Some("float16") => Some(Tolerance::F16),
+        _ => None,
+    };
+    let weights = match meta.get("quantization").is_some_and(|q| !q.is_null()) {
+        true => Tolerance::Quantized,
+        false => half("dtype").unwrap_or(Tolerance::F32),
+    };
+    match half("activation_dtype") {
+        Some(h) if h.max_rel() > weights.max_rel() => h,
+        _ => weights,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_activations_loosen_the_level_of_the_weights() {
+        let level = |meta: serde_json::Value| tolerance_of(&meta);
+        assert_eq!(
+            level(serde_json::json!({"dtype": "float32"})),
+            Tolerance::F32
+        );
+        assert_eq!(
+            level(serde_json::json!({"dtype": "bfloat16"})),
+            Tolerance::Bf16
+        );
+        let q = serde_json::json!({"bits": 2, "group_size": 128});
+        assert_eq!(
+            level(serde_json::json!({"dtype": "float32", "quantization": q})),
+            Tolerance::Quantized
+        );
+        assert_eq!(
+            level(
+                serde_json::json!({"dtype": "float32", "quantization": q, "activation_dtype": "float16"})
+            ),
+            Tolerance::F16
+        );
+        // Never tighter than the weights' own level.
+        assert_eq!(
+            level(serde_json::json!({"dtype": "bfloat16", "activation_dtype": "float16"})),
+            Tolerance::Bf16
+        );
+    }
 }
