@@ -138,7 +138,9 @@ macro_rules! batch_cases {
 // (qwen2_vl: per-row positions on every axis); attention within local
 // chunks and block-sparse heads at each row's own positions (llama4,
 // phi3small); n-gram hashes over each row's earlier ids (longcat_flash_ngram);
-// token shifts and the wkv7 state, layer 0's values carried (rwkv7).
+// token shifts and the wkv7 state, layer 0's values carried (rwkv7); the
+// sparse attention's key choice among each row's own keys (deepseek_v32);
+// Hadamard-rotated packed weights (prism_hadamard_qwen35).
 batch_cases!(
     llama,
     qwen3,
@@ -172,7 +174,9 @@ batch_cases!(
     llama4,
     phi3small,
     longcat_flash_ngram,
-    rwkv7
+    rwkv7,
+    deepseek_v32,
+    prism_hadamard_qwen35
 );
 
 #[test]

@@ -49,10 +49,24 @@ impl Op for IndexTopk {
             for h in 1..heads {
                 acc = ops::add(&acc, &scores.try_index((.., h..h + 1))?)?;
             }
-            let visible = causal_mask(t, s - t, None);
-            ops::select(&visible, &acc, Array::from_f32(f32::NEG_INFINITY))?
+            acc
         } else {
             scores.sum_axis(1, true)?
+        };
+        // Future keys of a multi-token call, and a batch's padding (its key
+        // mask), score -inf: a row keeps its own keys only.
+        let causal = (t > 1).then(|| causal_mask(t, s - t, None));
+        let padding = match ctx.key_mask {
+            Some(keys) => Some(keys.reshape(&[keys.shape()[0], 1, 1, keys.shape()[1]])?),
+            None => None,
+        };
+        let visible = match (causal, padding) {
+            (Some(c), Some(p)) => Some(ops::logical_and(&c, &p)?),
+            (c, p) => c.or(p),
+        };
+        let summed = match visible {
+            Some(v) => ops::select(&v, &summed, Array::from_f32(f32::NEG_INFINITY))?,
+            None => summed,
         };
         let order = ops::argpartition_axis(&summed, -topk, -1)?;
         let chosen = order.try_index((.., .., .., s - topk..))?;

@@ -217,7 +217,7 @@ impl Attention {
 }
 
 op! {
-    /// The keys each query keeps, as DeepSeek-V3.2's lightning indexer picks them: over inputs [q [B, H, T, D], k [B, 1, T, D], w [B, T, H]] and every key so far (the node keeps its own key cache), the score of key j for query i is Σ_h relu(q_h,i · k_j) · w_i,h · scale (the heads summed in order; future keys of a multi-token call score -inf), and each query keeps the `topk` keys MLX's argpartition puts last. Gives the keep mask [B, 1, T, S] an attention node takes as its fourth input; while there are `topk` keys or fewer, a true scalar (every key kept).
+    /// The keys each query keeps, as DeepSeek-V3.2's lightning indexer picks them: over inputs [q [B, H, T, D], k [B, 1, T, D], w [B, T, H]] and every key so far (the node keeps its own key cache), the score of key j for query i is Σ_h relu(q_h,i · k_j) · w_i,h · scale (the heads summed in order; future keys of a multi-token call, and a batch's padding, score -inf), and each query keeps the `topk` keys MLX's argpartition puts last. Gives the keep mask [B, 1, T, S] an attention node takes as its fourth input; while there are `topk` keys or fewer, a true scalar (every key kept).
     "index_topk" (3..=3) => IndexTopk {
         topk: Positive<i64>, "keys each query keeps";
         scale: f64, "factor on the head weights w (mlx-lm: heads ** -0.5 · head_dim ** -0.5)";
