@@ -1130,26 +1130,22 @@ fn rotated_weights_rotate_the_linear_input_and_the_embedding_rows_back() {
     assert!(e.to_string().contains("laid out [n / block, block]"), "{e}");
 }
 
-/// The keys each query keeps, in f64: query i (at position `offset + i`)
-/// scores each key j it sees by Σ_h relu(q_h,i · k_j) · w_i,h · scale and
-/// keeps the `topk` best (every key it sees while they are no more).
-#[allow(clippy::too_many_arguments)]
-fn reference_keep(
+/// Each query's scores of the keys it sees, in f64: query i (at position
+/// `offset + i`) scores key j <= offset + i by Σ_h relu(q_h,i · k_j) ·
+/// w_i,h · scale.
+fn reference_scores(
     q: &[f32],
     keys: &[f32],
     w: &[f32],
     (h, t, d): (usize, usize, usize),
-    s: usize,
     offset: usize,
-    topk: usize,
     scale: f64,
-) -> Vec<Vec<usize>> {
+) -> Vec<Vec<f64>> {
     (0..t)
         .map(|i| {
-            let seen = offset + i + 1;
-            let mut scored: Vec<(f64, usize)> = (0..seen)
+            (0..offset + i + 1)
                 .map(|j| {
-                    let score: f64 = (0..h)
+                    (0..h)
                         .map(|hh| {
                             let dot: f64 = (0..d)
                                 .map(|x| {
@@ -1158,17 +1154,38 @@ fn reference_keep(
                                 .sum();
                             dot.max(0.0) * f64::from(w[i * h + hh]) * scale
                         })
-                        .sum();
-                    (score, j)
+                        .sum()
                 })
-                .collect();
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let mut kept: Vec<usize> = scored.iter().take(topk).map(|&(_, j)| j).collect();
-            kept.sort_unstable();
-            assert!(s >= seen);
-            kept
+                .collect()
         })
         .collect()
+}
+
+/// Checks a keep mask `[1, 1, t, s]` against each query's scores: it keeps
+/// `topk` of the keys the query sees (all of them while they are no more),
+/// none scoring below one it leaves (ties may go either way).
+fn check_keep(keep: &Array, scores: &[Vec<f64>], s: usize, topk: usize, what: &str) {
+    let flags = keep.as_slice::<bool>();
+    for (i, row) in scores.iter().enumerate() {
+        let (mut kept, mut left) = (Vec::new(), Vec::new());
+        for (j, &v) in row.iter().enumerate() {
+            match flags[i * s + j] {
+                true => kept.push(v),
+                false => left.push(v),
+            }
+        }
+        assert_eq!(
+            kept.len(),
+            topk.min(row.len()),
+            "{what}: query {i} keeps {kept:?}"
+        );
+        let low = kept.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = left.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            low >= high - 1e-6,
+            "{what}: query {i} keeps {kept:?}, leaves {left:?}"
+        );
+    }
 }
 
 #[test]
@@ -1217,19 +1234,77 @@ fn index_topk_keeps_each_querys_best_scored_keys_through_its_cache() {
         };
         let keep = op.forward(&[&qa, &ka, &wa], &mut ctx).expect("forward");
         keep.eval().expect("eval");
-        let want = reference_keep(&q, &ks, &ws[a * h..b * h], (h, t, d), b, a, topk, scale);
         if b <= topk {
             assert_eq!(keep.ndim(), 0, "every key kept while there are {b}");
             continue;
         }
         assert_eq!(keep.shape(), &[1, 1, t as i32, b as i32]);
-        let flags = keep.as_slice::<bool>();
-        for (i, kept) in want.iter().enumerate() {
-            // Keys after the query may be marked too while it sees fewer
-            // than topk; attention masks them.
-            let seen = a + i + 1;
-            let got: Vec<usize> = (0..seen).filter(|&j| flags[i * b + j]).collect();
-            assert_eq!(&got, kept, "query {} of piece {a}..{b}", a + i);
+        let scores = reference_scores(&q, &ks, &ws[a * h..b * h], (h, t, d), a, scale);
+        check_keep(&keep, &scores, b, topk, &format!("piece {a}..{b}"));
+    }
+}
+
+#[test]
+fn index_topk_reads_its_keys_back_from_a_quantized_cache() {
+    // Head width 32 (one group of 32 per row): after the prompt the slot is
+    // quantized to 8 bits, as `--kv-bits 8` does; the steps then score the
+    // keys as the quantized cache gives them back (dequantized).
+    let (h, d, topk, scale) = (2usize, 32usize, 3usize, 0.5f64);
+    let total = 9;
+    let qs = noise(h * total * d, 21);
+    let ks = noise(total * d, 22);
+    let ws = noise(total * h, 23);
+    let given = [
+        ("topk", Value::Int(topk as i64)),
+        ("scale", Value::Float(scale)),
+    ];
+    let inputs = [
+        ValueInfo {
+            dim: d as i64,
+            heads: Some(h as i64),
+        },
+        ValueInfo {
+            dim: d as i64,
+            heads: Some(1),
+        },
+        ValueInfo::flat(h as i64),
+    ];
+    let op = build("index_topk", &given, &inputs, vec![]);
+    let keys = Array::from_slice(&ks, &[total as i32, d as i32]);
+    let (w, sc, bi) = mlx_rs::ops::quantize(&keys, 32, 8).expect("quantize");
+    let deq = mlx_rs::ops::dequantize(&w, &sc, &bi, 32, 8).expect("dequantize");
+    deq.eval().expect("eval");
+    let ks_deq = deq.as_slice::<f32>().to_vec();
+    let mut slot = CacheKind::Kv.create(Default::default());
+    for (a, b) in [(0usize, 6usize), (6, 7), (7, 8), (8, 9)] {
+        if a == 6 {
+            let crate::cache::CacheState::Kv(kv) = &slot else {
+                panic!("a KV slot")
+            };
+            slot = crate::cache::CacheState::Quantized(kv.to_quantized(32, 8).expect("quantize"));
         }
+        let t = b - a;
+        let q: Vec<f32> = (0..h)
+            .flat_map(|hh| {
+                qs[(hh * total + a) * d..(hh * total + b) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let qa = Array::from_slice(&q, &[1, h as i32, t as i32, d as i32]);
+        let ka = Array::from_slice(&ks[a * d..b * d], &[1, 1, t as i32, d as i32]);
+        let wa = rows(&ws, h, a, b);
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let keep = op.forward(&[&qa, &ka, &wa], &mut ctx).expect("forward");
+        keep.eval().expect("eval");
+        assert_eq!(keep.shape(), &[1, 1, t as i32, b as i32]);
+        let seen = if a < 6 { &ks } else { &ks_deq };
+        let scores = reference_scores(&q, seen, &ws[a * h..b * h], (h, t, d), a, scale);
+        check_keep(&keep, &scores, b, topk, &format!("piece {a}..{b}"));
     }
 }
