@@ -612,3 +612,34 @@ fn attention_keep_masks_come_from_index_topk_nodes() {
         "{msg}"
     );
 }
+
+/// AltUp's streams that do not fill the value, a sparsity outside (0, 1)
+/// and an `outside` row past the table: errors naming the node and field.
+#[test]
+fn altup_streams_sparsity_and_outside_rows_are_checked_at_the_node() {
+    let error = |nodes: &str| {
+        let text = format!(
+            "{LLAMA_LIKE}model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n{nodes}"
+        );
+        let (_d, lib) = library_with(&[("bad", &text)]);
+        let (_m, model) = model_copy("llama", |_| {});
+        let _guard = mlx_lock();
+        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
+        e.to_string()
+    };
+    let msg = error("    pred: {op: altup_predict, in: embed, weight: altup, streams: 3, dim: 16}\n  output: pred\n");
+    assert!(
+        msg.contains("model.nodes.pred: in: the streams are 64 wide; 3 streams of 16 are 48"),
+        "{msg}"
+    );
+    let msg = error("    cut: {op: gelu_topk, in: embed, sparsity: 1.5}\n  output: cut\n");
+    assert!(
+        msg.contains("model.nodes.cut: sparsity: 1.5 is not between 0 and 1"),
+        "{msg}"
+    );
+    let msg = error("    pl: {op: embedding, in: tokens, weight: model.embed_tokens, vocab: 256, dim: 64, outside: 300}\n  output: pl\n");
+    assert!(
+        msg.contains("model.nodes.pl: outside: row 300 is not one of the table's 256"),
+        "{msg}"
+    );
+}

@@ -140,7 +140,8 @@ macro_rules! batch_cases {
 // phi3small); n-gram hashes over each row's earlier ids (longcat_flash_ngram);
 // token shifts and the wkv7 state, layer 0's values carried (rwkv7); the
 // sparse attention's key choice among each row's own keys (deepseek_v32);
-// Hadamard-rotated packed weights (prism_hadamard_qwen35).
+// Hadamard-rotated packed weights (prism_hadamard_qwen35); AltUp streams
+// beside per-layer inputs and KV-shared layers (gemma3n).
 batch_cases!(
     llama,
     qwen3,
@@ -176,7 +177,8 @@ batch_cases!(
     longcat_flash_ngram,
     rwkv7,
     deepseek_v32,
-    prism_hadamard_qwen35
+    prism_hadamard_qwen35,
+    gemma3n
 );
 
 #[test]

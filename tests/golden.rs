@@ -98,6 +98,7 @@ golden_cases!(
     gemma,
     gemma2,
     gemma3,
+    gemma3n,
     gemma3_text,
     gemma3_text_untied,
     gemma3_untied,

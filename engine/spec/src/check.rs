@@ -434,6 +434,12 @@ fn check_rules(spec: &Spec) -> Result<()> {
     for rule in &spec.rules {
         let (field, patterns): (&str, Vec<&str>) = match &rule.item {
             RawRule::Drop(p) => ("drop", vec![p]),
+            RawRule::DropWhen { pattern, when } => {
+                literal_or_expr(when, Ty::Bool).map_err(|m| {
+                    Error::spec(&rule.file, "weights.rules", "drop", format!("when: {m}"))
+                })?;
+                ("drop", vec![pattern])
+            }
             RawRule::Rename { from, to } => ("rename", vec![from, to]),
             RawRule::Tie { target, source, .. } => ("tie", vec![target, source]),
             RawRule::SkipIfPresent(p) => ("skip_if_present", vec![p]),

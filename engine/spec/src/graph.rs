@@ -103,7 +103,8 @@ impl Graph {
             .iter()
             .filter(|n| n.inputs.first() == Some(&Src::Tokens))
             .filter_map(|n| match &n.op {
-                OpConfig::Embedding(e) => Some(e.vocab),
+                // A table that sends ids past it to a row takes any id.
+                OpConfig::Embedding(e) if e.outside.is_none() => Some(e.vocab),
                 _ => None,
             })
             .min()

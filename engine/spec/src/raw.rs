@@ -276,6 +276,12 @@ pub struct RawWeights {
 pub enum RawRule {
     /// Drop tensors whose name matches the pattern.
     Drop(String),
+    /// Drop the tensors matching the pattern for which `when` (a bool
+    /// expression that sees the layer index of the name's `{i}`) holds.
+    DropWhen {
+        pattern: String,
+        when: serde_yaml::Value,
+    },
     /// Rename matching tensors; captures like `{i}` carry over.
     Rename { from: String, to: String },
     /// Make `target` an alias of `source` (all its tensors), dropping any
@@ -392,7 +398,7 @@ pub enum RawRule {
 #[serde(deny_unknown_fields)]
 struct RuleRepr {
     #[serde(default)]
-    drop: Option<String>,
+    drop: Option<DropRepr>,
     #[serde(default)]
     rename: Option<RenameRepr>,
     #[serde(default)]
@@ -454,6 +460,21 @@ struct TernaryRepr {
     #[serde(rename = "match")]
     pattern: String,
     scale: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DropRepr {
+    Pattern(String),
+    When(DropWhenRepr),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropWhenRepr {
+    #[serde(rename = "match")]
+    pattern: String,
+    when: serde_yaml::Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -557,8 +578,13 @@ impl TryFrom<RuleRepr> for RawRule {
 
     fn try_from(r: RuleRepr) -> Result<RawRule, String> {
         let mut rules = Vec::new();
-        if let Some(p) = r.drop {
-            rules.push(RawRule::Drop(p));
+        match r.drop {
+            Some(DropRepr::Pattern(p)) => rules.push(RawRule::Drop(p)),
+            Some(DropRepr::When(x)) => rules.push(RawRule::DropWhen {
+                pattern: x.pattern,
+                when: x.when,
+            }),
+            None => {}
         }
         if let Some(x) = r.rename {
             rules.push(RawRule::Rename {

@@ -99,6 +99,7 @@ dump_tests!(
     gemma,
     gemma2,
     gemma3,
+    gemma3n,
     gemma3_text,
     gemma3_text_untied,
     gemma3_untied,

@@ -14,7 +14,7 @@ are what the cases check.
 
 # Types whose layer stack is not one pass of llama's layers.
 OWN_LAYOUT = {"nanbeige", "hunyuan", "talkie", "afm7", "iquestloopcoder", "gemma4_text",
-              "gemma4", "gemma4_unified"}
+              "gemma4", "gemma4_unified", "gemma3n"}
 
 TYPE_DEFAULTS = {
     "nanbeige": {"head_dim": 16},
@@ -96,7 +96,26 @@ def gemma4_to_hf(weights, config):
     return dict(sorted(out.items()))
 
 
+def _fix_mlx_lm_gemma3n():
+    """mlx-lm's gemma3n shares keys and values only through a cache: called
+    without one, its KV-shared layers compute their own from the
+    projections they keep (which generation never uses). The generator
+    gives every call a fresh cache, so that the references follow the
+    shared keys and values as generation does."""
+    from mlx_lm.models import gemma3n
+
+    call = gemma3n.Model.__call__
+
+    def with_cache(self, inputs, cache=None, input_embeddings=None):
+        if cache is None:
+            cache = self.make_cache()
+        return call(self, inputs, cache=cache, input_embeddings=input_embeddings)
+
+    gemma3n.Model.__call__ = with_cache
+
+
 def register(mg):
+    _fix_mlx_lm_gemma3n()
     mg.TYPE_DEFAULTS.update(TYPE_DEFAULTS)
     mg.CASES += CASES
     # gemma4: gemma4_text's case under text_config, saved in Hugging Face's
@@ -110,6 +129,30 @@ def register(mg):
     mg.TYPE_UNUSED_BASE_KEYS["gemma4_unified"] = list(mg.BASE_CONFIG)
     mg.CASES.append({"name": "gemma4_unified", "model_type": "gemma4_unified", "seed": 0,
                      "hf_layout": "gemma4", "config": {"vocab_size": 256, "text_config": text}})
+    # gemma3n: 4 AltUp streams of 32; layers sliding, full, sliding, then
+    # two KV-shared ones (sliding: layer 2's keys, full: layer 1's);
+    # activation sparsity on the first two layers; per-layer MLP widths; a
+    # per-layer table of 200 rows for a vocabulary of 256 (ids past it look
+    # up row 0). The window (12) is the prompt's length: mlx-lm's KV-shared
+    # sliding layers read their source's rotating cache, which a longer
+    # prefill has already cut to the window (its cached and uncached
+    # logits then differ); the greedy continuation runs past it.
+    mg.TYPE_UNUSED_BASE_KEYS["gemma3n"] = list(mg.BASE_CONFIG)
+    g3n = {
+        "model_type": "gemma3n_text", "hidden_size": 32, "num_hidden_layers": 5,
+        "intermediate_size": [32, 48, 32, 32, 32], "num_attention_heads": 4, "head_dim": 16,
+        "rms_norm_eps": 1e-6, "vocab_size": 256, "num_key_value_heads": 2,
+        "num_kv_shared_layers": 2, "vocab_size_per_layer_input": 200, "sliding_window": 12,
+        "max_position_embeddings": 512, "rope_local_base_freq": 10000.0, "rope_theta": 1000000.0,
+        "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                        "sliding_attention", "full_attention"],
+        "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0, 0.0],
+        "hidden_size_per_layer_input": 8, "altup_num_inputs": 4, "altup_coef_clip": 120.0,
+        "altup_correct_scale": True, "altup_active_idx": 0, "laurel_rank": 8,
+    }
+    mg.CASES.append({"name": "gemma3n", "model_type": "gemma3n", "seed": 0,
+                     "config": {"text_config": g3n}})
     mg.LLAMA_MATH_EXCLUDED = mg.LLAMA_MATH_EXCLUDED | OWN_LAYOUT
 
     def one_pass_only(row):

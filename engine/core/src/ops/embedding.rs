@@ -16,6 +16,7 @@ impl Build for Embedding {
         Ok(Box::new(EmbeddingOp {
             table: w.take("weight")?,
             rotation: Rotation::take(&mut w)?,
+            outside: self.outside.map(|o| (self.vocab as i32, o as i32)),
         }))
     }
 }
@@ -25,11 +26,20 @@ struct EmbeddingOp {
     table: Param,
     /// A rotated table's rotation, undone on the rows looked up.
     rotation: Option<Rotation>,
+    /// (vocab, row): ids of vocab or more look up that row.
+    outside: Option<(i32, i32)>,
 }
 
 impl Op for EmbeddingOp {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
-        let rows = rows(&self.table, inputs[0])?;
+        let ids = match self.outside {
+            Some((vocab, row)) => {
+                let inside = inputs[0].lt(Array::from_int(vocab))?;
+                mlx_rs::ops::select(&inside, inputs[0], Array::from_int(row))?
+            }
+            None => inputs[0].clone(),
+        };
+        let rows = rows(&self.table, &ids)?;
         match &self.rotation {
             Some(r) => r.inverse(&rows),
             None => Ok(rows),

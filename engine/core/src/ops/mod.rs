@@ -13,6 +13,9 @@ pub use crate::weights::{Param, Weights};
 pub(crate) use linear::apply as linear_apply;
 pub(crate) use linear::Rotation;
 
+mod altup;
+#[cfg(test)]
+mod altup_tests;
 mod attention;
 mod conv;
 mod deepstack;
@@ -167,6 +170,11 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::SelectiveScan(c) => c.build(inputs, w),
         OpConfig::GatedDelta(c) => c.build(inputs, w),
         OpConfig::Wkv7(c) => c.build(inputs, w),
+        OpConfig::AltupPredict(c) => c.build(inputs, w),
+        OpConfig::AltupCorrect(c) => c.build(inputs, w),
+        OpConfig::GeluTopk(c) => c.build(inputs, w),
+        OpConfig::MatchRms(c) => Ok(Box::new(c.clone())),
+        OpConfig::MeanHeads(c) => Ok(Box::new(c.clone())),
         OpConfig::Lightning(c) => c.build(inputs, w),
         OpConfig::RgLru(c) => c.build(inputs, w),
         OpConfig::Patchify(c) => c.build(inputs, w),

@@ -721,6 +721,28 @@ pub fn apply<T: RuleValue>(
                     break;
                 }
             }
+            RawRule::DropWhen { pattern, when } => {
+                let p = Pattern::parse(pattern)?;
+                let mut kept = IndexMap::with_capacity(tensors.len());
+                for (k, v) in tensors {
+                    let dropped = match p.matches(&k) {
+                        Some(caps) => match eval(when, Ty::Bool, layer_of(&caps))? {
+                            Value::Bool(b) => b,
+                            other => {
+                                return Err(format!(
+                                    "drop: when gave {} {other} for '{k}', expected a bool",
+                                    other.type_name()
+                                ))
+                            }
+                        },
+                        None => false,
+                    };
+                    if !dropped {
+                        kept.insert(k, v);
+                    }
+                }
+                tensors = kept;
+            }
             RawRule::Drop(p) => {
                 let p = Pattern::parse(p)?;
                 tensors.retain(|k, _| p.matches(k).is_none());
@@ -1264,6 +1286,36 @@ mod tests {
         );
         let e = apply(&[&rule], t, &no_eval).unwrap_err();
         assert!(e.contains("one floating-point value"), "{e}");
+    }
+
+    #[test]
+    fn a_conditional_drop_sees_the_layer_of_each_name() {
+        // Drop layers 2 and up (i >= 2), keep the rest and other names.
+        let rule = RawRule::DropWhen {
+            pattern: "l.{i}.k.weight".into(),
+            when: serde_yaml::Value::String("i >= 2".into()),
+        };
+        let names = [
+            "l.0.k.weight",
+            "l.1.k.weight",
+            "l.2.k.weight",
+            "l.3.k.weight",
+            "l.3.q.weight",
+        ];
+        let shapes: IndexMap<String, Vec<i64>> =
+            names.iter().map(|n| (n.to_string(), vec![2])).collect();
+        let out = apply(&[&rule], shapes.clone(), &layer_eval).expect("applies");
+        let kept: Vec<&str> = out.tensors.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["l.0.k.weight", "l.1.k.weight", "l.3.q.weight"]);
+        let not_bool = RawRule::DropWhen {
+            pattern: "l.{i}.k.weight".into(),
+            when: serde_yaml::Value::String("i + 1".into()),
+        };
+        let e = apply(&[&not_bool], shapes, &layer_eval).unwrap_err();
+        assert!(
+            e.contains("expected a bool") && e.contains("l.0.k.weight"),
+            "{e}"
+        );
     }
 
     #[test]

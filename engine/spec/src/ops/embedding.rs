@@ -8,6 +8,7 @@ op! {
         weight: WeightName, "module holding `weight` [vocab, dim] (and, when rotated, `signs`)";
         vocab: i64, "rows of the table";
         dim: i64, "width of a row";
+        outside: Option<i64> = None, "ids of vocab or more look this row up instead (Gemma 3n's per-layer inputs: 0); null: every id must be a row";
     }
 }
 
@@ -123,6 +124,12 @@ impl Embedding {
             "weight",
             vec![self.vocab, self.dim],
         );
+        if let Some(o) = self.outside.filter(|o| !(0..self.vocab).contains(o)) {
+            return Err(OpError::new(
+                "outside",
+                format!("row {o} is not one of the table's {}", self.vocab),
+            ));
+        }
         let signs = WeightReq::rotation_signs(self.weight.under(scope), self.dim);
         Ok(Resolved {
             weights: vec![w, signs],

@@ -14,6 +14,7 @@ pub use crate::schema::{
     param_name, OpSchema, ParamDef, ParamKind, ParamType, Positive, WeightName,
 };
 
+mod altup;
 mod attention;
 mod conv;
 mod deepstack;
@@ -29,6 +30,7 @@ mod slice;
 mod ssm;
 mod vision;
 
+pub use altup::{AltupCorrect, AltupPredict, GeluTopk, MatchRms, MeanHeads};
 pub use attention::{Attention, Gqa, IndexTopk, KEEP_MASK};
 pub use conv::{ShortConv, TokenShift};
 pub use deepstack::{AddFeatures, Keep, Kept};
@@ -152,6 +154,11 @@ registry!(
     Lightning,
     RgLru,
     Wkv7,
+    AltupPredict,
+    AltupCorrect,
+    GeluTopk,
+    MatchRms,
+    MeanHeads,
     Patchify,
     Mrope,
     MergePatches,
