@@ -1188,32 +1188,50 @@ fn check_keep(keep: &Array, scores: &[Vec<f64>], s: usize, topk: usize, what: &s
     }
 }
 
-#[test]
-fn index_topk_keeps_each_querys_best_scored_keys_through_its_cache() {
-    let (h, d, topk, scale) = (3usize, 8usize, 4usize, 0.3f64);
-    let total = 10;
-    let qs = noise(h * total * d, 11);
-    let ks = noise(total * d, 12);
-    let ws = noise(total * h, 13);
+/// Runs an `index_topk` node of `h` heads of `d` over `pieces` of random
+/// queries, keys and weights through one cache slot (quantized to 8 bits,
+/// group 32, before the piece starting at `quantize_at`), checking each
+/// piece's keep mask against the scores of the keys as the slot holds
+/// them.
+fn index_pieces(
+    (h, d, topk, scale): (usize, usize, usize, f64),
+    pieces: &[(usize, usize)],
+    quantize_at: Option<usize>,
+    seed: u64,
+) {
+    let total = pieces.last().expect("pieces").1;
+    let qs = noise(h * total * d, seed);
+    let ks = noise(total * d, seed + 1);
+    let ws = noise(total * h, seed + 2);
     let given = [
         ("topk", Value::Int(topk as i64)),
         ("scale", Value::Float(scale)),
     ];
-    let inputs = [
-        ValueInfo {
-            dim: d as i64,
-            heads: Some(h as i64),
-        },
-        ValueInfo {
-            dim: d as i64,
-            heads: Some(1),
-        },
-        ValueInfo::flat(h as i64),
-    ];
-    let op = build("index_topk", &given, &inputs, vec![]);
+    let heads = |n: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(n as i64),
+    };
+    let op = build(
+        "index_topk",
+        &given,
+        &[heads(h), heads(1), ValueInfo::flat(h as i64)],
+        vec![],
+    );
+    // The keys as an 8-bit cache gives them back.
+    let keys = Array::from_slice(&ks, &[total as i32, d as i32]);
+    let (w, sc, bi) = mlx_rs::ops::quantize(&keys, 32, 8).expect("quantize");
+    let deq = mlx_rs::ops::dequantize(&w, &sc, &bi, 32, 8).expect("dequantize");
+    deq.eval().expect("eval");
+    let ks_deq = deq.as_slice::<f32>().to_vec();
     let mut slot = CacheKind::Kv.create(Default::default());
-    // A prompt of 7 positions, then three single steps.
-    for (a, b) in [(0usize, 7usize), (7, 8), (8, 9), (9, 10)] {
+    for &(a, b) in pieces {
+        let quantized = quantize_at.is_some_and(|q| a >= q);
+        if quantize_at == Some(a) {
+            let crate::cache::CacheState::Kv(kv) = &slot else {
+                panic!("a KV slot")
+            };
+            slot = crate::cache::CacheState::Quantized(kv.to_quantized(32, 8).expect("quantize"));
+        }
         let t = b - a;
         // q [1, H, t, D] from the [H, total, D] table; k [1, 1, t, D]; w [1, t, H].
         let q: Vec<f32> = (0..h)
@@ -1239,72 +1257,31 @@ fn index_topk_keeps_each_querys_best_scored_keys_through_its_cache() {
             continue;
         }
         assert_eq!(keep.shape(), &[1, 1, t as i32, b as i32]);
-        let scores = reference_scores(&q, &ks, &ws[a * h..b * h], (h, t, d), a, scale);
+        let seen = if quantized { &ks_deq } else { &ks };
+        let scores = reference_scores(&q, seen, &ws[a * h..b * h], (h, t, d), a, scale);
         check_keep(&keep, &scores, b, topk, &format!("piece {a}..{b}"));
     }
 }
 
 #[test]
+fn index_topk_keeps_each_querys_best_scored_keys_through_its_cache() {
+    // A prompt of 7 positions, then three single steps.
+    index_pieces(
+        (3, 32, 4, 0.3),
+        &[(0, 7), (7, 8), (8, 9), (9, 10)],
+        None,
+        11,
+    );
+}
+
+#[test]
 fn index_topk_reads_its_keys_back_from_a_quantized_cache() {
-    // Head width 32 (one group of 32 per row): after the prompt the slot is
-    // quantized to 8 bits, as `--kv-bits 8` does; the steps then score the
-    // keys as the quantized cache gives them back (dequantized).
-    let (h, d, topk, scale) = (2usize, 32usize, 3usize, 0.5f64);
-    let total = 9;
-    let qs = noise(h * total * d, 21);
-    let ks = noise(total * d, 22);
-    let ws = noise(total * h, 23);
-    let given = [
-        ("topk", Value::Int(topk as i64)),
-        ("scale", Value::Float(scale)),
-    ];
-    let inputs = [
-        ValueInfo {
-            dim: d as i64,
-            heads: Some(h as i64),
-        },
-        ValueInfo {
-            dim: d as i64,
-            heads: Some(1),
-        },
-        ValueInfo::flat(h as i64),
-    ];
-    let op = build("index_topk", &given, &inputs, vec![]);
-    let keys = Array::from_slice(&ks, &[total as i32, d as i32]);
-    let (w, sc, bi) = mlx_rs::ops::quantize(&keys, 32, 8).expect("quantize");
-    let deq = mlx_rs::ops::dequantize(&w, &sc, &bi, 32, 8).expect("dequantize");
-    deq.eval().expect("eval");
-    let ks_deq = deq.as_slice::<f32>().to_vec();
-    let mut slot = CacheKind::Kv.create(Default::default());
-    for (a, b) in [(0usize, 6usize), (6, 7), (7, 8), (8, 9)] {
-        if a == 6 {
-            let crate::cache::CacheState::Kv(kv) = &slot else {
-                panic!("a KV slot")
-            };
-            slot = crate::cache::CacheState::Quantized(kv.to_quantized(32, 8).expect("quantize"));
-        }
-        let t = b - a;
-        let q: Vec<f32> = (0..h)
-            .flat_map(|hh| {
-                qs[(hh * total + a) * d..(hh * total + b) * d]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        let qa = Array::from_slice(&q, &[1, h as i32, t as i32, d as i32]);
-        let ka = Array::from_slice(&ks[a * d..b * d], &[1, 1, t as i32, d as i32]);
-        let wa = rows(&ws, h, a, b);
-        let mut ctx = Ctx {
-            offset: a as i32,
-            key_mask: None,
-            positions: None,
-            cache: Some(&mut slot),
-        };
-        let keep = op.forward(&[&qa, &ka, &wa], &mut ctx).expect("forward");
-        keep.eval().expect("eval");
-        assert_eq!(keep.shape(), &[1, 1, t as i32, b as i32]);
-        let seen = if a < 6 { &ks } else { &ks_deq };
-        let scores = reference_scores(&q, seen, &ws[a * h..b * h], (h, t, d), a, scale);
-        check_keep(&keep, &scores, b, topk, &format!("piece {a}..{b}"));
-    }
+    // After the prompt the slot is quantized to 8 bits (group 32), as
+    // `--kv-bits 8` does; the steps score the keys it gives back.
+    index_pieces(
+        (2, 32, 3, 0.5),
+        &[(0, 6), (6, 7), (7, 8), (8, 9)],
+        Some(6),
+        21,
+    );
 }
