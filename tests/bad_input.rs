@@ -643,3 +643,29 @@ fn altup_streams_sparsity_and_outside_rows_are_checked_at_the_node() {
         "{msg}"
     );
 }
+
+/// A block indexer whose key is not one head of the queries' size, or
+/// whose local blocks are negative: errors naming the node and field.
+#[test]
+fn block_indexer_inputs_and_local_blocks_are_checked_at_the_node() {
+    let error = |keep: &str| {
+        let text = format!(
+            "{LLAMA_LIKE}model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n    q: {{op: split_heads, in: embed, heads: 4}}\n    kk: {{op: slice, in: embed, size: 16}}\n    k: {{op: split_heads, in: kk, heads: 1}}\n    k2: {{op: split_heads, in: embed, heads: 4}}\n    keep: {keep}\n  output: keep\n"
+        );
+        let (_d, lib) = library_with(&[("bad", &text)]);
+        let (_m, model) = model_copy("llama", |_| {});
+        let _guard = mlx_lock();
+        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
+        e.to_string()
+    };
+    let msg = error("{op: block_topk, in: [q, k2], block_size: 2, topk: 2}");
+    assert!(
+        msg.contains("model.nodes.keep: in: k must be one head of q's size 16, got 4 of 16"),
+        "{msg}"
+    );
+    let msg = error("{op: block_topk, in: [q, k], block_size: 2, topk: 2, local: -1}");
+    assert!(
+        msg.contains("model.nodes.keep: local: -1 is not 0 or more"),
+        "{msg}"
+    );
+}

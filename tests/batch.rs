@@ -141,7 +141,8 @@ macro_rules! batch_cases {
 // token shifts and the wkv7 state, layer 0's values carried (rwkv7); the
 // sparse attention's key choice among each row's own keys (deepseek_v32);
 // Hadamard-rotated packed weights (prism_hadamard_qwen35); AltUp streams
-// beside per-layer inputs and KV-shared layers (gemma3n).
+// beside per-layer inputs and KV-shared layers (gemma3n); key blocks
+// chosen per index head among each row's own keys (minimax_m3_vl).
 batch_cases!(
     llama,
     qwen3,
@@ -178,7 +179,8 @@ batch_cases!(
     rwkv7,
     deepseek_v32,
     prism_hadamard_qwen35,
-    gemma3n
+    gemma3n,
+    minimax_m3_vl
 );
 
 #[test]

@@ -181,6 +181,7 @@ golden_cases!(
     minicpm3,
     minimax,
     minimax_m2,
+    minimax_m3_vl,
     ministral3,
     mistral,
     mistral3,

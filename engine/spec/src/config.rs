@@ -19,6 +19,7 @@ pub static CHOICES: &[(&str, &[&str])] = &[
     ("group_fill", crate::ops::GroupFill::SPELLINGS),
     ("gqa", crate::ops::Gqa::SPELLINGS),
     ("moe_shard", crate::ops::MoeShard::SPELLINGS),
+    ("glu", crate::ops::ExpertGlu::SPELLINGS),
 ];
 
 /// Value types of config bindings and op parameters.

@@ -182,6 +182,7 @@ dump_tests!(
     minicpm3,
     minimax,
     minimax_m2,
+    minimax_m3_vl,
     ministral3,
     mistral,
     mistral3,

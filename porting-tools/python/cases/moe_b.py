@@ -155,6 +155,7 @@ def _uncompile_bailing_aggregate():
 
 
 def register(mg):
+    register_minimax_m3(mg)
     _patch_reference(mg)
     _uncompile_bailing_aggregate()
     Tap = mg.Tap
@@ -310,3 +311,31 @@ def register(mg):
         mg._derived("granitemoe", "granitemoe_q4", {"intermediate_size": 64},
                     quantize={"bits": 4, "group_size": 32}, seed=0),
     ]
+
+
+def register_minimax_m3(mg):
+    """minimax_m3_vl (the text model of the VLM, keys under text_config): 3
+    layers, the first dense, then MoE (4 gpt-oss SwiGLU experts, top-2 by
+    sigmoid + correction bias, renormalised, x 2, plus a shared expert);
+    block-sparse attention on layers 1 and 2: an indexer of 2 heads of 16
+    (each serving 2 of the 4 query heads) over blocks of 2 keys, keeping
+    the local block and the best other one, so that past the fourth
+    position every query attends to 2 of its blocks."""
+    mg.TYPE_UNUSED_BASE_KEYS["minimax_m3_vl"] = list(mg.BASE_CONFIG)
+    text = {
+        "hidden_size": 64, "intermediate_size": 32, "dense_intermediate_size": 64,
+        "shared_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 3, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "head_dim": 16, "partial_rotary_factor": 0.5, "vocab_size": 256,
+        "tie_word_embeddings": False, "routed_scaling_factor": 2.0, "use_qk_norm": True,
+        "use_gemma_norm": True, "swiglu_limit": 7.0,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "sparse_attention_config": {
+            "sparse_num_index_heads": 2, "sparse_index_dim": 16, "sparse_block_size": 2,
+            "sparse_topk_blocks": 2, "sparse_local_block": 1,
+            "sparse_attention_freq": [0, 1, 1],
+        },
+    }
+    mg.CASES += [{"name": "minimax_m3_vl", "model_type": "minimax_m3_vl", "seed": 0,
+                  "config": {"text_config": text}}]

@@ -104,7 +104,8 @@ impl Op for Activation {
 /// form of the same function.
 pub(crate) fn build_glu(c: &Glu) -> Box<dyn Op> {
     use crate::cpu_kernels::Activations;
-    if c.r#fn == Act::GeluApprox && c.limit.is_none() {
+    if c.r#fn == Act::GeluApprox && c.limit.is_none() && c.glu == lmspec_spec::ops::ExpertGlu::Plain
+    {
         match crate::cpu_kernels::build_activations() {
             Activations::Int8 => return Box::new(GegluKernel(Activations::Int8)),
             Activations::Int16 => return Box::new(GegluKernel(Activations::Int16)),
@@ -135,6 +136,10 @@ impl Op for GegluKernel {
 
 impl Op for Glu {
     fn forward(&self, inputs: &[&Array], _ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
+        if self.glu == lmspec_spec::ops::ExpertGlu::Oai {
+            let limit = self.limit.map(|l| l.0 as f32);
+            return super::moe::oai_glu(inputs[0], inputs[1], limit);
+        }
         match (self.r#fn, self.limit) {
             (act, Some(l)) => super::moe::clamped_glu(act, inputs[0], inputs[1], Some(l.0 as f32)),
             // One fused kernel, as mlx-lm's compiled `swiglu`.

@@ -163,6 +163,7 @@ pub fn build(op: &OpConfig, inputs: &[Layout], w: Weights) -> Result<Box<dyn Op>
         OpConfig::PositionScale(c) => Ok(Box::new(c.clone())),
         OpConfig::Attention(c) => c.build(inputs, w),
         OpConfig::IndexTopk(c) => Ok(Box::new(c.clone())),
+        OpConfig::BlockTopk(c) => Ok(Box::new(c.clone())),
         OpConfig::Moe(c) => c.build(inputs, w),
         OpConfig::ShortConv(c) => c.build(inputs, w),
         OpConfig::TokenShift(c) => Ok(Box::new(c.clone())),

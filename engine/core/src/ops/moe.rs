@@ -341,7 +341,7 @@ pub(crate) fn clamped_glu(
 
 /// gpt-oss's SwiGLU: `g = min(gate, limit)`, `u = clip(up, ±limit)`,
 /// `(u + 1) * g * sigmoid(1.702 g)`.
-fn oai_glu(gate: &Array, up: &Array, limit: Option<f32>) -> Result<Array, Exception> {
+pub(crate) fn oai_glu(gate: &Array, up: &Array, limit: Option<f32>) -> Result<Array, Exception> {
     let (g, u) = match limit {
         Some(l) => (
             mlx_rs::ops::minimum(gate, Array::from_f32(l).as_dtype(gate.dtype())?)?,

@@ -1285,3 +1285,168 @@ fn index_topk_reads_its_keys_back_from_a_quantized_cache() {
         21,
     );
 }
+
+#[test]
+fn block_topk_keeps_each_querys_best_blocks_and_its_local_ones() {
+    // 2 index heads of 8, each serving 2 query heads; blocks of 3 keys,
+    // 2 kept per query (the local one among them); a prompt of 8, then 3
+    // single steps (the last block shorter until filled).
+    let (h, d, block, topk, local, repeat) = (2usize, 8usize, 3usize, 2usize, 1usize, 2usize);
+    let pieces = [(0usize, 8usize), (8, 9), (9, 10), (10, 11)];
+    let total = 11;
+    let qs = noise(h * total * d, 71);
+    let ks = noise(total * d, 72);
+    let given = [
+        ("block_size", Value::Int(block as i64)),
+        ("topk", Value::Int(topk as i64)),
+        ("local", Value::Int(local as i64)),
+        ("repeat", Value::Int(repeat as i64)),
+    ];
+    let heads = |n: usize| ValueInfo {
+        dim: d as i64,
+        heads: Some(n as i64),
+    };
+    let op = build("block_topk", &given, &[heads(h), heads(1)], vec![]);
+    let mut slot = CacheKind::Kv.create(Default::default());
+    for (a, b) in pieces {
+        let t = b - a;
+        let q: Vec<f32> = (0..h)
+            .flat_map(|hh| {
+                qs[(hh * total + a) * d..(hh * total + b) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let qa = Array::from_slice(&q, &[1, h as i32, t as i32, d as i32]);
+        let ka = Array::from_slice(&ks[a * d..b * d], &[1, 1, t as i32, d as i32]);
+        let mut ctx = Ctx {
+            offset: a as i32,
+            key_mask: None,
+            positions: None,
+            cache: Some(&mut slot),
+        };
+        let keep = op.forward(&[&qa, &ka], &mut ctx).expect("forward");
+        keep.eval().expect("eval");
+        let blocks = b.div_ceil(block);
+        if topk >= blocks {
+            assert_eq!(keep.ndim(), 0, "every block kept while there are {blocks}");
+            continue;
+        }
+        assert_eq!(keep.shape(), &[1, (h * repeat) as i32, t as i32, b as i32]);
+        let flags = keep.as_slice::<bool>();
+        for hh in 0..h {
+            for i in 0..t {
+                let p = a + i;
+                let score = |j: usize| -> f64 {
+                    (0..d)
+                        .map(|x| f64::from(q[(hh * t + i) * d + x]) * f64::from(ks[j * d + x]))
+                        .sum()
+                };
+                let own = p / block;
+                let is_local = |bl: usize| bl <= own && bl + local > own;
+                // The local blocks, then the best others by their best seen key.
+                let mut others: Vec<(f64, usize)> = (0..=own)
+                    .filter(|&bl| !is_local(bl))
+                    .map(|bl| {
+                        let best = (bl * block..((bl + 1) * block).min(p + 1))
+                            .map(score)
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        (best, bl)
+                    })
+                    .collect();
+                others.sort_by(|x, y| y.0.total_cmp(&x.0));
+                let mut chosen: Vec<usize> = (0..=own).filter(|&bl| is_local(bl)).collect();
+                chosen.extend(
+                    others
+                        .iter()
+                        .take(topk.saturating_sub(chosen.len()))
+                        .map(|o| o.1),
+                );
+                let want: Vec<usize> = (0..=p).filter(|j| chosen.contains(&(j / block))).collect();
+                for r in 0..repeat {
+                    let head = hh * repeat + r;
+                    let got: Vec<usize> =
+                        (0..b).filter(|&j| flags[(head * t + i) * b + j]).collect();
+                    assert_eq!(got, want, "head {head}, position {p}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_oai_glu_clips_the_gate_from_above_and_the_up_both_ways() {
+    // (clip(up, ±l) + 1) · g · sigmoid(1.702 g), g = min(gate, l).
+    let gate = [-2.0f32, 0.5, 3.0, 9.0];
+    let up = [-9.0f32, 0.25, -0.5, 8.0];
+    let limit = 7.0;
+    let op = build(
+        "glu",
+        &[
+            ("fn", Value::Str("silu".into())),
+            ("glu", Value::Str("oai".into())),
+            ("limit", Value::Float(limit)),
+        ],
+        &[ValueInfo::flat(4), ValueInfo::flat(4)],
+        vec![],
+    );
+    let g = Array::from_slice(&gate, &[1, 1, 4]);
+    let u = Array::from_slice(&up, &[1, 1, 4]);
+    let want: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| {
+            let g = f64::from(g).min(limit);
+            let u = f64::from(u).clamp(-limit, limit);
+            (u + 1.0) * g / (1.0 + (-1.702 * g).exp())
+        })
+        .collect();
+    close(&run(op.as_ref(), &[&g, &u], 0), &want, 1e-5);
+}
+
+#[test]
+fn block_topk_cuts_a_padded_rows_blocks_from_its_first_key() {
+    // A batch row behind 2 slots of padding keeps the keys the same
+    // sequence keeps alone (blocks of 2 counted from its first key).
+    let d = 4usize;
+    let given = [
+        ("block_size", Value::Int(2)),
+        ("topk", Value::Int(2)),
+        ("local", Value::Int(1)),
+    ];
+    let one = ValueInfo {
+        dim: d as i64,
+        heads: Some(1),
+    };
+    let op = build("block_topk", &given, &[one, one], vec![]);
+    let ks = noise(7 * d, 5);
+    let q = Array::from_slice(&noise(d, 6), &[1, 1, 1, d as i32]);
+    let keep = |keys: &Array, offset: i32, mask: Option<&Array>| {
+        let mut ctx = Ctx {
+            offset,
+            key_mask: mask,
+            positions: None,
+            cache: None,
+        };
+        let k = op.forward(&[&q, keys], &mut ctx).expect("forward");
+        k.eval().expect("eval");
+        k.as_slice::<bool>().to_vec()
+    };
+    let alone = keep(
+        &Array::from_slice(&ks[2 * d..], &[1, 1, 5, d as i32]),
+        4,
+        None,
+    );
+    let mask = Array::from_slice(&[false, false, true, true, true, true, true], &[1, 7]);
+    let padded = keep(
+        &Array::from_slice(&ks, &[1, 1, 7, d as i32]),
+        6,
+        Some(&mask),
+    );
+    assert_eq!(
+        &padded[2..],
+        &alone[..],
+        "padded {padded:?}, alone {alone:?}"
+    );
+    assert_eq!(&padded[..2], &[false, false]);
+}

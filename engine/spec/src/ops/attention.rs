@@ -260,3 +260,36 @@ impl IndexTopk {
         })
     }
 }
+
+op! {
+    /// The key blocks each query keeps, as MiniMax M3's block indexer picks them: over inputs [q [B, H, T, D], k [B, 1, T, D]] and every key so far (the node keeps its own key cache), key j scores q_h,i · k_j in float32 (future keys -inf); a block of `block_size` consecutive keys (the last may be shorter) scores its best key; the `local` most recent blocks up to the query's own always win; each index head keeps its `topk` best blocks (MLX's argpartition), the future keys in them masked again, and serves `repeat` consecutive query heads. Gives the keep mask [B, H·repeat, T, S] an attention node takes as its fourth input; while there are `topk` blocks or fewer, a true scalar.
+    "block_topk" (2..=2) => BlockTopk {
+        block_size: Positive<i64>, "keys per block";
+        topk: Positive<i64>, "blocks each query keeps";
+        local: i64 = 1, "the most recent blocks (the query's own among them) kept whatever they score";
+        repeat: Positive<i64> = Positive(1), "query heads each index head serves";
+    }
+}
+
+impl BlockTopk {
+    pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
+        let (_, dq) = expect_heads(inputs, 0)?;
+        let (hk, dk) = expect_heads(inputs, 1)?;
+        if hk != 1 || dk != dq {
+            return Err(OpError::new(
+                "in",
+                format!("k must be one head of q's size {dq}, got {hk} of {dk}"),
+            ));
+        }
+        if self.local < 0 {
+            return Err(OpError::new(
+                "local",
+                format!("{} is not 0 or more", self.local),
+            ));
+        }
+        Ok(Resolved {
+            state: Some(StateKind::Kv),
+            ..Resolved::pure(KEEP_MASK)
+        })
+    }
+}

@@ -93,6 +93,7 @@ op! {
     "glu" (2..=2) => Glu {
         r#fn: Act, "activation function";
         limit: Option<Positive<f64>> = None, "clamped GLU: min(fn(gate), limit) * clip(up, -limit, limit) (null: none)";
+        glu: super::ExpertGlu = super::ExpertGlu::Plain, "plain: fn(gate) * up; oai: gpt-oss's (clip(up, ±limit) + 1) · g · sigmoid(1.702 g), g = min(gate, limit) (fn unused)";
     } layout: same_layout
 }
 

@@ -31,7 +31,7 @@ mod ssm;
 mod vision;
 
 pub use altup::{AltupCorrect, AltupPredict, GeluTopk, MatchRms, MeanHeads};
-pub use attention::{Attention, Gqa, IndexTopk, KEEP_MASK};
+pub use attention::{Attention, BlockTopk, Gqa, IndexTopk, KEEP_MASK};
 pub use conv::{ShortConv, TokenShift};
 pub use deepstack::{AddFeatures, Keep, Kept};
 pub use elementwise::{Act, Activation, Add, Clamp, Glu, MaskTokens, Mul, Scale, Softcap};
@@ -145,6 +145,7 @@ registry!(
     PositionScale,
     Attention,
     IndexTopk,
+    BlockTopk,
     Moe,
     ShortConv,
     TokenShift,
