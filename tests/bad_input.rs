@@ -592,14 +592,7 @@ fn attention_keep_masks_come_from_index_topk_nodes() {
         )
     };
     // The nodes' widths follow the config, so the errors name it too.
-    let error = |text: String| {
-        let text = format!("{LLAMA_LIKE}{text}");
-        let (_d, lib) = library_with(&[("bad", &text)]);
-        let (_m, model) = model_copy("llama", |_| {});
-        let _guard = mlx_lock();
-        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
-        e.to_string()
-    };
+    let error = |text: String| llama_load_error(&text);
     let msg = error(model("1", "q"));
     assert!(
         msg.contains("bad.yaml: model.nodes.attn: in: the fourth input is a keep mask"),
@@ -618,14 +611,9 @@ fn attention_keep_masks_come_from_index_topk_nodes() {
 #[test]
 fn altup_streams_sparsity_and_outside_rows_are_checked_at_the_node() {
     let error = |nodes: &str| {
-        let text = format!(
-            "{LLAMA_LIKE}model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n{nodes}"
-        );
-        let (_d, lib) = library_with(&[("bad", &text)]);
-        let (_m, model) = model_copy("llama", |_| {});
-        let _guard = mlx_lock();
-        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
-        e.to_string()
+        llama_load_error(&format!(
+            "model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n{nodes}"
+        ))
     };
     let msg = error("    pred: {op: altup_predict, in: embed, weight: altup, streams: 3, dim: 16}\n  output: pred\n");
     assert!(
@@ -649,14 +637,9 @@ fn altup_streams_sparsity_and_outside_rows_are_checked_at_the_node() {
 #[test]
 fn block_indexer_inputs_and_local_blocks_are_checked_at_the_node() {
     let error = |keep: &str| {
-        let text = format!(
-            "{LLAMA_LIKE}model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n    q: {{op: split_heads, in: embed, heads: 4}}\n    kk: {{op: slice, in: embed, size: 16}}\n    k: {{op: split_heads, in: kk, heads: 1}}\n    k2: {{op: split_heads, in: embed, heads: 4}}\n    keep: {keep}\n  output: keep\n"
-        );
-        let (_d, lib) = library_with(&[("bad", &text)]);
-        let (_m, model) = model_copy("llama", |_| {});
-        let _guard = mlx_lock();
-        let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
-        e.to_string()
+        llama_load_error(&format!(
+            "model:\n  nodes:\n    embed: {{op: embedding, in: tokens, weight: model.embed_tokens, vocab: vocab_size, dim: hidden_size}}\n    q: {{op: split_heads, in: embed, heads: 4}}\n    kk: {{op: slice, in: embed, size: 16}}\n    k: {{op: split_heads, in: kk, heads: 1}}\n    k2: {{op: split_heads, in: embed, heads: 4}}\n    keep: {keep}\n  output: keep\n"
+        ))
     };
     let msg = error("{op: block_topk, in: [q, k2], block_size: 2, topk: 2}");
     assert!(
@@ -668,4 +651,16 @@ fn block_indexer_inputs_and_local_blocks_are_checked_at_the_node() {
         msg.contains("model.nodes.keep: local: -1 is not 0 or more"),
         "{msg}"
     );
+}
+
+/// The error (as text) of loading the llama golden model with a spec `bad`
+/// that extends llama by `extra` (nodes whose widths follow the config,
+/// so the error names the config too).
+fn llama_load_error(extra: &str) -> String {
+    let text = format!("{LLAMA_LIKE}{extra}");
+    let (_d, lib) = library_with(&[("bad", &text)]);
+    let (_m, model) = model_copy("llama", |_| {});
+    let _guard = mlx_lock();
+    let e = crate::support::load_model(&model, &lib, Some("bad")).expect_err("refused");
+    e.to_string()
 }

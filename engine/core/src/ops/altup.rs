@@ -24,14 +24,11 @@ struct Router {
 }
 
 impl Router {
-    #[allow(clippy::too_many_arguments)]
+    /// The router of an op's weights and settings (streams, stream width,
+    /// active stream, coefficient clip, norm epsilon).
     fn take(
         w: &mut Weights,
-        streams: i64,
-        dim: i64,
-        active: i64,
-        clip: Option<f64>,
-        eps: f64,
+        (streams, dim, active, clip, eps): (i64, i64, i64, Option<f64>, f64),
     ) -> Result<Router, OpError> {
         let norm = w.dense("router_norm")?;
         // As linear layers hold them: a dense weight transposed.
@@ -85,15 +82,14 @@ impl Router {
 
 impl Build for AltupPredict {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let r = Router::take(
-            &mut w,
+        let settings = (
             self.streams,
             self.dim,
             self.active,
             self.coef_clip,
             self.eps,
-        )?;
-        Ok(Box::new(PredictOp(r)))
+        );
+        Ok(Box::new(PredictOp(Router::take(&mut w, settings)?)))
     }
 }
 
@@ -118,15 +114,14 @@ impl Op for PredictOp {
 
 impl Build for AltupCorrect {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let r = Router::take(
-            &mut w,
+        let settings = (
             self.streams,
             self.dim,
             self.active,
             self.coef_clip,
             self.eps,
-        )?;
-        Ok(Box::new(CorrectOp(r)))
+        );
+        Ok(Box::new(CorrectOp(Router::take(&mut w, settings)?)))
     }
 }
 
