@@ -345,7 +345,7 @@ fn with_keep(mask: Mask, keep: &Array, kv: &KvView, t: i32) -> Result<Mask, Exce
 
 /// `mask` restricted to the keys a `[B, S]` key mask allows (true = a real
 /// token); the result is `[B, 1, t, S]` and broadcasts over heads.
-fn with_key_mask(mask: Mask, keys: &Array, t: i32) -> Result<Mask, Exception> {
+pub(super) fn with_key_mask(mask: Mask, keys: &Array, t: i32) -> Result<Mask, Exception> {
     let s = keys.shape();
     let keys = keys.reshape(&[s[0], 1, 1, s[1]])?;
     Ok(Mask::Array(match mask {

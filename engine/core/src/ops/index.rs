@@ -8,7 +8,7 @@ use mlx_rs::ops::indexing::TryIndexOp;
 use mlx_rs::{ops, Array};
 
 use super::{Ctx, Op};
-use crate::cache::{causal_mask, KvView};
+use crate::cache::{causal_mask, KvView, Mask};
 
 impl Op for IndexTopk {
     fn forward(&self, inputs: &[&Array], ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
@@ -72,17 +72,18 @@ fn index_keys(k: &Array, ctx: &mut Ctx<'_>) -> Result<Array, Exception> {
 }
 
 /// The keys `t` queries may score among `s`: none in their future (a
-/// multi-token call) and none of a batch's padding (its key mask); `None`:
-/// every one.
+/// multi-token call) and none of a batch's padding (its key mask, as
+/// attention applies it); `None`: every one.
 fn visible(t: i32, s: i32, ctx: &Ctx<'_>) -> Result<Option<Array>, Exception> {
-    let causal = (t > 1).then(|| causal_mask(t, s - t, None));
-    let padding = match ctx.key_mask {
-        Some(keys) => Some(keys.reshape(&[keys.shape()[0], 1, 1, keys.shape()[1]])?),
-        None => None,
+    let causal = if t > 1 { Mask::Causal } else { Mask::None };
+    let mask = match ctx.key_mask {
+        Some(keys) => super::attention::with_key_mask(causal, keys, t)?,
+        None => causal,
     };
-    Ok(match (causal, padding) {
-        (Some(c), Some(p)) => Some(ops::logical_and(&c, &p)?),
-        (c, p) => c.or(p),
+    Ok(match mask {
+        Mask::None => None,
+        Mask::Causal => Some(causal_mask(t, s - t, None)),
+        Mask::Array(a) => Some(a),
     })
 }
 

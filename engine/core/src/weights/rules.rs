@@ -567,12 +567,16 @@ pub fn apply<T: RuleValue>(
     mut tensors: IndexMap<String, T>,
     eval: RuleEval<'_>,
 ) -> Result<Applied<T>, String> {
-    let truthy = |w: &serde_yaml::Value| match eval(w, Ty::Bool, None)? {
-        Value::Bool(b) => Ok(b),
-        other => Err(format!(
-            "condition gave {} {other}, expected a bool",
-            other.type_name()
-        )),
+    // A rule's condition (none holds), at a tensor's layer when given.
+    let holds = |w: Option<&serde_yaml::Value>, layer: Option<i64>| match w {
+        None => Ok(true),
+        Some(w) => match eval(w, Ty::Bool, layer)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!(
+                "condition gave {} {other}, expected a bool",
+                other.type_name()
+            )),
+        },
     };
     let mut ties = Vec::new();
     let mut renames = Vec::new();
@@ -603,10 +607,8 @@ pub fn apply<T: RuleValue>(
                 eps,
                 when,
             } => {
-                if let Some(w) = when {
-                    if !truthy(w)? {
-                        continue;
-                    }
+                if !holds(when.as_ref(), None)? {
+                    continue;
                 }
                 rewrite(&mut tensors, pattern, "l2_normalize", |v, _| {
                     v.l2_normalized(axis_index(*axis, v.dims().len())?, *eps)
@@ -687,10 +689,8 @@ pub fn apply<T: RuleValue>(
                 block,
                 when,
             } => {
-                if let Some(w) = when {
-                    if !truthy(w)? {
-                        continue;
-                    }
+                if !holds(when.as_ref(), None)? {
+                    continue;
                 }
                 let records = eval(manifest, Ty::List, None)
                     .map_err(|e| format!("hadamard: manifest: {e}"))?;
@@ -726,15 +726,8 @@ pub fn apply<T: RuleValue>(
                 let mut kept = IndexMap::with_capacity(tensors.len());
                 for (k, v) in tensors {
                     let dropped = match p.matches(&k) {
-                        Some(caps) => match eval(when, Ty::Bool, layer_of(&caps))? {
-                            Value::Bool(b) => b,
-                            other => {
-                                return Err(format!(
-                                    "drop: when gave {} {other} for '{k}', expected a bool",
-                                    other.type_name()
-                                ))
-                            }
-                        },
+                        Some(caps) => holds(Some(when), layer_of(&caps))
+                            .map_err(|e| format!("drop: {e} ('{k}')"))?,
                         None => false,
                     };
                     if !dropped {
@@ -783,10 +776,8 @@ pub fn apply<T: RuleValue>(
                 when,
                 if_missing,
             } => {
-                if let Some(w) = when {
-                    if !truthy(w)? {
-                        continue;
-                    }
+                if !holds(when.as_ref(), None)? {
+                    continue;
                 }
                 let tprefix = format!("{target}.");
                 let sprefix = format!("{source}.");

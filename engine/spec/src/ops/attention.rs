@@ -224,24 +224,39 @@ op! {
     }
 }
 
-/// The layout that stands for a keep mask (`index_topk`'s output, an
-/// attention node's fourth input): one "head" of width 0.
+/// The layout that stands for a keep mask (an `index_topk` or
+/// `block_topk` node's output, an attention node's fourth input): one
+/// "head" of width 0.
 pub const KEEP_MASK: Layout = Layout {
     dim: 0,
     heads: Some(1),
 };
 
+/// An indexer's queries [B, H, T, D] and one key head of their size: H.
+fn index_queries(inputs: &[Layout]) -> Result<i64, OpError> {
+    let (hq, dq) = expect_heads(inputs, 0)?;
+    let (hk, dk) = expect_heads(inputs, 1)?;
+    if hk != 1 || dk != dq {
+        return Err(OpError::new(
+            "in",
+            format!("k must be one head of q's size {dq}, got {hk} of {dk}"),
+        ));
+    }
+    Ok(hq)
+}
+
+/// An indexer's result: a keep mask, and its own key cache.
+fn keep_mask() -> Resolved {
+    Resolved {
+        state: Some(StateKind::Kv),
+        ..Resolved::pure(KEEP_MASK)
+    }
+}
+
 impl IndexTopk {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        let (hq, dq) = expect_heads(inputs, 0)?;
-        let (hk, dk) = expect_heads(inputs, 1)?;
+        let hq = index_queries(inputs)?;
         let w = super::expect_flat(inputs, 2)?;
-        if hk != 1 || dk != dq {
-            return Err(OpError::new(
-                "in",
-                format!("k must be one head of q's size {dq}, got {hk} of {dk}"),
-            ));
-        }
         if w != hq {
             return Err(OpError::new(
                 "in",
@@ -254,10 +269,7 @@ impl IndexTopk {
                 format!("{} is not finite", self.scale),
             ));
         }
-        Ok(Resolved {
-            state: Some(StateKind::Kv),
-            ..Resolved::pure(KEEP_MASK)
-        })
+        Ok(keep_mask())
     }
 }
 
@@ -273,23 +285,13 @@ op! {
 
 impl BlockTopk {
     pub fn resolve(&self, _scope: &str, inputs: &[Layout]) -> Result<Resolved, OpError> {
-        let (_, dq) = expect_heads(inputs, 0)?;
-        let (hk, dk) = expect_heads(inputs, 1)?;
-        if hk != 1 || dk != dq {
-            return Err(OpError::new(
-                "in",
-                format!("k must be one head of q's size {dq}, got {hk} of {dk}"),
-            ));
-        }
+        index_queries(inputs)?;
         if self.local < 0 {
             return Err(OpError::new(
                 "local",
                 format!("{} is not 0 or more", self.local),
             ));
         }
-        Ok(Resolved {
-            state: Some(StateKind::Kv),
-            ..Resolved::pure(KEEP_MASK)
-        })
+        Ok(keep_mask())
     }
 }
