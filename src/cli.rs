@@ -1556,7 +1556,33 @@ fn doctor(specs: &Option<PathBuf>) -> Result<ExitCode> {
         Some(p) => println!("default model:  missing ({})", p.display()),
         None => println!("default model:  missing (run the setup: make setup)"),
     }
-    Ok(if binding {
+    // lmspec's GPU kernels against the ops they replace, on a GPU.
+    let mut kernels_ok = true;
+    if runtime::default_device() == "gpu" {
+        match lmspec::engine::gpu_kernels::check() {
+            Ok((rows, notes)) => {
+                for n in notes {
+                    println!("mlx rope:       gpu against cpu, {n}");
+                }
+                for r in rows {
+                    let ok = r.max_rel <= r.bound;
+                    kernels_ok &= ok;
+                    println!(
+                        "gpu kernel:     {:<44} max_rel {:.2e} (bound {:.0e}) {}",
+                        r.case,
+                        r.max_rel,
+                        r.bound,
+                        if ok { "ok" } else { "FAILED" }
+                    );
+                }
+            }
+            Err(e) => {
+                kernels_ok = false;
+                println!("gpu kernel:     failed: {e}");
+            }
+        }
+    }
+    Ok(if binding && kernels_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -15,6 +15,7 @@ mod golden;
 mod hostile;
 mod hub;
 mod hub_server;
+mod kernel_groups;
 mod parallel;
 mod port;
 mod prompt_cache;

@@ -573,6 +573,12 @@ impl Model {
     pub fn tap_names(&self) -> Vec<String> {
         self.plan.tap_names().map(str::to_string).collect()
     }
+
+    /// The plan's GPU kernel groups (see [`crate::gpu_kernels`]), each as
+    /// its ops and whether a kernel runs it: `rms_norm+linear+linear: kernel`.
+    pub fn kernel_groups(&self) -> Vec<String> {
+        self.plan.kernel_groups()
+    }
 }
 
 #[cfg(test)]

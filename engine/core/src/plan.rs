@@ -1,7 +1,7 @@
 //! The execution plan: ops built with their weights, inputs resolved to
 //! value slots, cache slots assigned, and values freed after their last use.
 //! Running it touches no strings and no spec data.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use indexmap::IndexMap;
 use mlx_rs::Array;
@@ -34,6 +34,28 @@ struct Step {
     free: Vec<usize>,
 }
 
+/// Nodes one GPU kernel runs for a single row ([`crate::kernel_groups`]):
+/// the kernel where it applies, else the member steps as the graph lists
+/// them.
+#[derive(Debug)]
+struct Group {
+    kernel: Option<crate::gpu_kernels::ProjKernel>,
+    /// Slots of the row the kernel reads and of the residual it adds.
+    row: usize,
+    residual: Option<usize>,
+    /// Slots of the kernel's outputs.
+    outs: Vec<usize>,
+    members: Vec<Step>,
+    /// Slots whose last reader is in this group.
+    free: Vec<usize>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    One(Step),
+    Group(Group),
+}
+
 /// Groups of `linear` nodes to run as one projection, keyed by the first
 /// member (in node order): nodes that read the same value, each without a
 /// cache slot, with weights of one kind — all dense of one dtype, or all
@@ -43,9 +65,13 @@ fn fusion_groups(
     graph: &Graph,
     weights: &[Vec<Param>],
     adapted: &Adapted,
+    grouped: &HashSet<usize>,
 ) -> HashMap<usize, Vec<usize>> {
     let mut by_input: IndexMap<(Src, String), Vec<usize>> = IndexMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
+        if grouped.contains(&k) {
+            continue;
+        }
         // A projection whose partial products are summed across ranks
         // runs alone.
         let reduced = crate::distributed::build_group().is_some()
@@ -202,10 +228,22 @@ pub fn op_times() -> OpTimes {
     OP_TIMES.with_borrow(|m| m.clone())
 }
 
+/// The state of one [`Plan::run`].
+struct Run<'a, 'c> {
+    values: &'a mut Vec<Option<Array>>,
+    wanted: &'a HashMap<usize, Vec<&'a str>>,
+    captured: &'a mut IndexMap<String, Array>,
+    cache: &'a mut ModelCache,
+    offset: i32,
+    key_mask: Option<&'c Array>,
+    positions: Option<&'c crate::batch::Positions>,
+    profiling: bool,
+}
+
 /// A runnable model body.
 #[derive(Debug)]
 pub struct Plan {
-    steps: Vec<Step>,
+    steps: Vec<Entry>,
     slots: usize,
     output: usize,
     cache_kinds: Vec<CacheKind>,
@@ -225,6 +263,181 @@ fn slot(s: Src) -> usize {
     }
 }
 
+/// Cache slots assigned so far: each stateful op's kind and node path.
+#[derive(Default)]
+struct Caches {
+    kinds: Vec<CacheKind>,
+    paths: Vec<String>,
+}
+
+/// Builds node `k`'s step from its weights (`params`), writing to `outs`
+/// (cut at `split` for a fused projection).
+fn build_step(
+    graph: &Graph,
+    k: usize,
+    params: Vec<Param>,
+    outs: Vec<usize>,
+    split: Vec<i32>,
+    adapted: &Adapted,
+    caches: &mut Caches,
+) -> Result<Step> {
+    let node = &graph.nodes[k];
+    let infos: Vec<_> = node
+        .inputs
+        .iter()
+        .map(|s| match s {
+            Src::Tokens => Layout::flat(1),
+            Src::Node(j) => graph.nodes[*j].resolved.out,
+        })
+        .collect();
+    let fields = node.resolved.weights.iter().map(|r| r.field);
+    let items: Vec<_> = fields.zip(params).collect();
+    let built = match adapted.get(&k) {
+        None => crate::ops::build(&node.op, &infos, Weights::new(items)),
+        // A linear layer runs as the adapted linear op.
+        Some(slots) if matches!(node.op, lmspec_spec::ops::OpConfig::Linear(_)) => {
+            crate::adapter::build_adapted(&node.op, &infos, Weights::new(items), slots[0].1.clone())
+        }
+        // Other ops take their adapters with their weights.
+        Some(slots) => {
+            let mut per_weight = vec![None; items.len()];
+            for (w, slot) in slots {
+                if let Some(p) = per_weight.get_mut(*w) {
+                    *p = Some(slot.clone());
+                }
+            }
+            let built =
+                crate::ops::build(&node.op, &infos, Weights::with_adapters(items, per_weight));
+            let unapplied = slots.iter().find(|(_, s)| !s.applied());
+            if let (Ok(_), Some((_, s))) = (&built, unapplied) {
+                return Err(Error::spec(
+                    &node.file,
+                    &node.origin,
+                    "weight",
+                    format!(
+                        "adapter {}: the {} op does not apply adapters (at {})",
+                        s.module,
+                        node.op.name(),
+                        node.path
+                    ),
+                ));
+            }
+            built
+        }
+    };
+    let op = built.map_err(|e| {
+        Error::spec(
+            &node.file,
+            &node.origin,
+            e.field,
+            format!("{} (at {})", e.msg, node.path),
+        )
+    })?;
+    let cache = node.resolved.state.map(|kind| {
+        caches.kinds.push(kind);
+        caches.paths.push(node.path.clone());
+        caches.kinds.len() - 1
+    });
+    Ok(Step {
+        op,
+        kind: node.op.name(),
+        inputs: node.inputs.iter().map(|s| slot(*s)).collect(),
+        outs,
+        split,
+        cache,
+        free: Vec::new(),
+    })
+}
+
+/// The kernel for a group: its projections' weights (row-major, evaluated)
+/// and its norm's scale; `None` where the kernels do not take them.
+fn group_kernel(
+    g: &crate::kernel_groups::KernelGroup,
+    graph: &Graph,
+    weights: &[Vec<Param>],
+) -> Option<crate::gpu_kernels::ProjKernel> {
+    let norm = match g.norm {
+        Some(m) => {
+            let lmspec_spec::ops::OpConfig::RmsNorm(c) = &graph.nodes[m].op else {
+                return None;
+            };
+            let Some(Param::Dense(w)) = weights[m].first() else {
+                return None;
+            };
+            let scale = crate::ops::rms_scale(c, w.clone()).ok()?;
+            scale.eval().ok()?;
+            Some((scale, c.eps as f32))
+        }
+        None => None,
+    };
+    let ws: Vec<Param> = g
+        .projs
+        .iter()
+        .map(|&p| weights[p].first().cloned())
+        .collect::<Option<_>>()?;
+    for w in &ws {
+        let a = first_array(w);
+        a.eval().ok()?;
+        if !crate::cpu_kernels::row_contiguous(a) {
+            return None;
+        }
+    }
+    let forms: Vec<crate::gpu_kernels::OutForm> = g
+        .forms
+        .iter()
+        .map(|&(split, rope)| out_form(graph, split, rope))
+        .collect::<Option<_>>()?;
+    crate::gpu_kernels::ProjKernel::new(norm, &ws, g.epilogue, &forms)
+}
+
+/// How a split group's output leaves the kernel: split into the heads of
+/// node `split`, rotated as node `rope` rotates.
+fn out_form(
+    graph: &Graph,
+    split: Option<usize>,
+    rope: Option<usize>,
+) -> Option<crate::gpu_kernels::OutForm> {
+    use lmspec_spec::ops::{OpConfig, RopeScaling};
+    let Some(s) = split else {
+        return Some(Default::default());
+    };
+    let layout = graph.nodes[s].resolved.out;
+    let heads = layout.heads? as i32;
+    let head_dim = layout.dim as i32;
+    let rope = match rope {
+        None => None,
+        Some(r) => {
+            let OpConfig::Rope(c) = &graph.nodes[r].op else {
+                return None;
+            };
+            let dims = c.rotated_dims(&[layout]).ok()?;
+            let (log2_base, scale, freqs) = match c.variant(dims).ok()? {
+                RopeScaling::Base { base, scale } => (Some(base.log2()), scale, None),
+                RopeScaling::Freqs {
+                    freqs,
+                    input_scale: 1.0,
+                } => (
+                    None,
+                    1.0,
+                    Some(Array::from_slice(&freqs, &[freqs.len() as i32])),
+                ),
+                _ => return None,
+            };
+            Some(crate::gpu_kernels::RopeForm {
+                dims: dims as i32,
+                traditional: c.traditional,
+                log2_base,
+                scale,
+                freqs,
+            })
+        }
+    };
+    Some(crate::gpu_kernels::OutForm {
+        heads: Some((heads, head_dim)),
+        rope,
+    })
+}
+
 impl Plan {
     /// Builds the plan. With `fuse`, `linear` nodes that read the same
     /// value and hold weights of one kind (see [`fusable`]) run as one
@@ -241,13 +454,19 @@ impl Plan {
         fuse: bool,
         adapted: &Adapted,
     ) -> Result<Plan> {
+        let kernel_groups = if crate::gpu_kernels::grouping() {
+            crate::kernel_groups::kernel_groups(graph, &weights, adapted)
+        } else {
+            Vec::new()
+        };
+        let grouped: HashSet<usize> = kernel_groups.iter().flat_map(|g| g.members()).collect();
         let groups = if fuse {
-            fusion_groups(graph, &weights, adapted)
+            fusion_groups(graph, &weights, adapted, &grouped)
         } else {
             HashMap::new()
         };
         // Members after the first run inside the first one's step.
-        let merged: std::collections::HashSet<usize> = groups
+        let merged: HashSet<usize> = groups
             .values()
             .flat_map(|members| members[1..].iter().copied())
             .collect();
@@ -273,21 +492,41 @@ impl Plan {
             crate::weights::to_huge_pages(&mut weights)?;
         }
         let mut steps = Vec::with_capacity(graph.nodes.len());
-        let mut cache_kinds = Vec::new();
-        let mut cache_paths = Vec::new();
-        for (k, (node, own)) in graph.nodes.iter().zip(weights.iter_mut()).enumerate() {
+        let mut caches = Caches::default();
+        for k in 0..graph.nodes.len() {
             if merged.contains(&k) {
                 continue;
             }
-            let infos: Vec<_> = node
-                .inputs
-                .iter()
-                .map(|s| match s {
-                    Src::Tokens => Layout::flat(1),
-                    Src::Node(j) => graph.nodes[*j].resolved.out,
-                })
-                .collect();
-            let (params, outs, split) = match groups.get(&k) {
+            if grouped.contains(&k) {
+                if let Some(g) = kernel_groups.iter().find(|g| g.members()[0] == k) {
+                    let kernel = crate::gpu_kernels::enabled()
+                        .then(|| group_kernel(g, graph, &weights))
+                        .flatten();
+                    let mut members = Vec::new();
+                    for m in g.members() {
+                        let params = std::mem::take(&mut weights[m]);
+                        members.push(build_step(
+                            graph,
+                            m,
+                            params,
+                            vec![m + 1],
+                            Vec::new(),
+                            adapted,
+                            &mut caches,
+                        )?);
+                    }
+                    steps.push(Entry::Group(Group {
+                        kernel,
+                        row: slot(g.row),
+                        residual: g.residual.map(slot),
+                        outs: g.outputs().iter().map(|&m| m + 1).collect(),
+                        members,
+                        free: Vec::new(),
+                    }));
+                }
+                continue;
+            }
+            let (outs, split) = match groups.get(&k) {
                 Some(members) => {
                     let mut split = Vec::new();
                     let mut at = 0;
@@ -295,90 +534,38 @@ impl Plan {
                         at += graph.nodes[m].resolved.out.dim as i32;
                         split.push(at);
                     }
-                    (
-                        std::mem::take(own),
-                        members.iter().map(|&m| m + 1).collect(),
-                        split,
-                    )
+                    (members.iter().map(|&m| m + 1).collect(), split)
                 }
-                None => (std::mem::take(own), vec![k + 1], Vec::new()),
+                None => (vec![k + 1], Vec::new()),
             };
-            let fields = node.resolved.weights.iter().map(|r| r.field);
-            let items: Vec<_> = fields.zip(params).collect();
-            let built = match adapted.get(&k) {
-                None => crate::ops::build(&node.op, &infos, Weights::new(items)),
-                // A linear layer runs as the adapted linear op.
-                Some(slots) if matches!(node.op, lmspec_spec::ops::OpConfig::Linear(_)) => {
-                    crate::adapter::build_adapted(
-                        &node.op,
-                        &infos,
-                        Weights::new(items),
-                        slots[0].1.clone(),
-                    )
-                }
-                // Other ops take their adapters with their weights.
-                Some(slots) => {
-                    let mut per_weight = vec![None; items.len()];
-                    for (w, slot) in slots {
-                        if let Some(p) = per_weight.get_mut(*w) {
-                            *p = Some(slot.clone());
-                        }
-                    }
-                    let built = crate::ops::build(
-                        &node.op,
-                        &infos,
-                        Weights::with_adapters(items, per_weight),
-                    );
-                    let unapplied = slots.iter().find(|(_, s)| !s.applied());
-                    if let (Ok(_), Some((_, s))) = (&built, unapplied) {
-                        return Err(Error::spec(
-                            &node.file,
-                            &node.origin,
-                            "weight",
-                            format!(
-                                "adapter {}: the {} op does not apply adapters (at {})",
-                                s.module,
-                                node.op.name(),
-                                node.path
-                            ),
-                        ));
-                    }
-                    built
-                }
-            };
-            let op = built.map_err(|e| {
-                Error::spec(
-                    &node.file,
-                    &node.origin,
-                    e.field,
-                    format!("{} (at {})", e.msg, node.path),
-                )
-            })?;
-            let cache = node.resolved.state.map(|kind| {
-                cache_kinds.push(kind);
-                cache_paths.push(node.path.clone());
-                cache_kinds.len() - 1
-            });
-            steps.push(Step {
-                op,
-                kind: node.op.name(),
-                inputs: node.inputs.iter().map(|s| slot(*s)).collect(),
+            let params = std::mem::take(&mut weights[k]);
+            steps.push(Entry::One(build_step(
+                graph,
+                k,
+                params,
                 outs,
                 split,
-                cache,
-                free: Vec::new(),
-            });
+                adapted,
+                &mut caches,
+            )?));
         }
         let output = slot(graph.output);
         let mut last_use: HashMap<usize, usize> = HashMap::new();
-        for (k, step) in steps.iter().enumerate() {
-            for &i in &step.inputs {
+        for (k, entry) in steps.iter().enumerate() {
+            let members = match entry {
+                Entry::One(step) => std::slice::from_ref(step),
+                Entry::Group(g) => &g.members[..],
+            };
+            for &i in members.iter().flat_map(|m| &m.inputs) {
                 last_use.insert(i, k);
             }
         }
         for (s, k) in last_use {
             if s != output {
-                steps[k].free.push(s);
+                match &mut steps[k] {
+                    Entry::One(step) => step.free.push(s),
+                    Entry::Group(g) => g.free.push(s),
+                }
             }
         }
         let mut taps = IndexMap::new();
@@ -391,11 +578,81 @@ impl Plan {
             slots: graph.nodes.len() + 1,
             steps,
             output,
-            cache_kinds,
-            cache_paths,
+            cache_kinds: caches.kinds,
+            cache_paths: caches.paths,
             taps,
             parts_as_slices: crate::runtime::default_device() != "cpu",
         })
+    }
+
+    /// Runs one step, storing its value (or parts) and freeing the values
+    /// it read last.
+    fn run_step(&self, step: &Step, run: &mut Run<'_, '_>) -> Result<()> {
+        let inputs: Vec<&Array> = step
+            .inputs
+            .iter()
+            .map(|&i| {
+                run.values[i]
+                    .as_ref()
+                    .expect("plan orders producers before readers")
+            })
+            .collect();
+        let mut ctx = Ctx {
+            offset: run.offset,
+            key_mask: run.key_mask,
+            positions: run.positions,
+            cache: step.cache.map(|c| &mut run.cache.slots[c]),
+        };
+        let started = run.profiling.then(std::time::Instant::now);
+        // An op with a cache may refuse its state (a rotating cache
+        // under attention that needs every position): say which node.
+        let y = step
+            .op
+            .forward(&inputs, &mut ctx)
+            .map_err(|e| match step.cache {
+                Some(c) => Error::Usage(format!("{}: {e}", self.cache_paths[c])),
+                None => e.into(),
+            })?;
+        if let Some(t) = started {
+            OP_TIMES.with_borrow_mut(|m| *m.by_op.entry(step.kind).or_default() += t.elapsed());
+        }
+        let parts = if step.split.is_empty() {
+            vec![y]
+        } else {
+            parts_of(&y, &step.split, self.parts_as_slices)?
+        };
+        for (&out, y) in step.outs.iter().zip(parts) {
+            if let Some(names) = run.wanted.get(&out) {
+                for n in names {
+                    run.captured.insert(n.to_string(), y.clone());
+                }
+            }
+            run.values[out] = Some(y);
+        }
+        for &f in &step.free {
+            run.values[f] = None;
+        }
+        Ok(())
+    }
+
+    /// The kernel groups of this plan, each as its nodes' op names and
+    /// whether it has a GPU kernel (`rms_norm+linear+linear+linear: kernel`).
+    pub fn kernel_groups(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Group(g) => Some(format!(
+                    "{}: {}",
+                    g.members
+                        .iter()
+                        .map(|m| m.kind)
+                        .collect::<Vec<_>>()
+                        .join("+"),
+                    if g.kernel.is_some() { "kernel" } else { "ops" }
+                )),
+                Entry::One(_) => None,
+            })
+            .collect()
     }
 
     pub fn cache_kinds(&self) -> &[CacheKind] {
@@ -447,50 +704,49 @@ impl Plan {
         if profiling {
             OP_TIMES.with_borrow_mut(|m| m.forwards += 1);
         }
-        for step in &self.steps {
-            let inputs: Vec<&Array> = step
-                .inputs
-                .iter()
-                .map(|&i| {
-                    values[i]
-                        .as_ref()
-                        .expect("plan orders producers before readers")
-                })
-                .collect();
-            let mut ctx = Ctx {
-                offset,
-                key_mask,
-                positions,
-                cache: step.cache.map(|c| &mut cache.slots[c]),
-            };
-            let started = profiling.then(std::time::Instant::now);
-            // An op with a cache may refuse its state (a rotating cache
-            // under attention that needs every position): say which node.
-            let y = step
-                .op
-                .forward(&inputs, &mut ctx)
-                .map_err(|e| match step.cache {
-                    Some(c) => Error::Usage(format!("{}: {e}", self.cache_paths[c])),
-                    None => e.into(),
-                })?;
-            if let Some(t) = started {
-                OP_TIMES.with_borrow_mut(|m| *m.by_op.entry(step.kind).or_default() += t.elapsed());
-            }
-            let parts = if step.split.is_empty() {
-                vec![y]
-            } else {
-                parts_of(&y, &step.split, self.parts_as_slices)?
-            };
-            for (&out, y) in step.outs.iter().zip(parts) {
-                if let Some(names) = wanted.get(&out) {
-                    for n in names {
-                        captured.insert(n.to_string(), y.clone());
+        let mut run = Run {
+            values: &mut values,
+            wanted: &wanted,
+            captured: &mut captured,
+            cache,
+            offset,
+            key_mask,
+            positions,
+            profiling,
+        };
+        for entry in &self.steps {
+            match entry {
+                Entry::One(step) => self.run_step(step, &mut run)?,
+                Entry::Group(g) => {
+                    // The kernel's outputs, unless a tap asks for the
+                    // values inside the group or the kernel does not apply.
+                    let fused = match (&g.kernel, wanted.is_empty()) {
+                        (Some(kernel), true) => {
+                            let x = run.values[g.row]
+                                .as_ref()
+                                .expect("plan orders producers before readers");
+                            let r = g.residual.and_then(|r| run.values[r].as_ref());
+                            let position = positions.is_none().then_some(offset);
+                            kernel.apply(x, r, position)?
+                        }
+                        _ => None,
+                    };
+                    match fused {
+                        Some(ys) => {
+                            for (&out, y) in g.outs.iter().zip(ys) {
+                                run.values[out] = Some(y);
+                            }
+                        }
+                        None => {
+                            for step in &g.members {
+                                self.run_step(step, &mut run)?;
+                            }
+                        }
+                    }
+                    for &f in &g.free {
+                        run.values[f] = None;
                     }
                 }
-                values[out] = Some(y);
-            }
-            for &f in &step.free {
-                values[f] = None;
             }
         }
         cache.offset += t;

@@ -10,8 +10,10 @@ use mlx_rs::Array;
 
 use crate::cache::{CacheState, ConvState};
 pub use crate::weights::{Param, Weights};
+pub(crate) use elementwise::activate;
 pub(crate) use linear::apply as linear_apply;
 pub(crate) use linear::Rotation;
+pub(crate) use norm::rms_scale;
 
 mod altup;
 #[cfg(test)]

@@ -15,6 +15,12 @@ fn with_offset(weight: Array, offset: f64) -> Result<Array, OpError> {
     mlx_rs::ops::add(&weight, Array::from_f32(offset as f32)).map_err(mlx_err("offset"))
 }
 
+/// The scale an `rms_norm` node applies to its normalised input: its
+/// weight plus the offset.
+pub(crate) fn rms_scale(c: &RmsNorm, weight: Array) -> Result<Array, OpError> {
+    with_offset(weight, c.offset)
+}
+
 impl Build for RmsNorm {
     fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
         let weight = match self.weight {
