@@ -162,9 +162,14 @@ pub fn while_differentiating<T>(f: impl FnOnce() -> T) -> T {
 /// Whether ops should use these kernels now: the default device is the
 /// CPU, they are not switched off, and no gradient is being traced.
 pub fn enabled() -> bool {
-    !switched_off()
-        && !DIFFERENTIATING.with(|c| c.get())
-        && crate::runtime::default_device() == "cpu"
+    !switched_off() && !differentiating() && crate::runtime::default_device() == "cpu"
+}
+
+/// Whether a forward that will be differentiated is running (see
+/// [`while_differentiating`]): lmspec's own kernels, CPU or GPU, have no
+/// vector-Jacobian products.
+pub fn differentiating() -> bool {
+    DIFFERENTIATING.with(|c| c.get())
 }
 
 /// Which quantized widths the product and dequantization take (MLX's affine

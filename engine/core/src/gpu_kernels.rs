@@ -17,7 +17,8 @@
 //! each product is summed in float32 and rounded, and the epilogue rounds as
 //! the unfused ops do: only the order of the float32 sums differs.
 //!
-//! Environment: `LMSPEC_GPU_KERNELS=off` runs the ops as listed;
+//! Environment: `LMSPEC_GPU_KERNELS` = `auto` (default: models of up to
+//! [`AUTO_MAX_BYTES`] of weights), `on`, `off` (the ops as listed);
 //! `LMSPEC_KERNEL_DUMP=1` prints each kernel's source as it is made.
 use std::ffi::CString;
 use std::fmt::Write as _;
@@ -27,18 +28,42 @@ use mlx_rs::{Array, Dtype};
 
 use crate::weights::Param;
 
-/// Whether the plan should form kernel groups: the default device is a GPU
-/// and `LMSPEC_GPU_KERNELS` is not `off`.
-pub fn enabled() -> bool {
-    std::env::var("LMSPEC_GPU_KERNELS").map_or(true, |v| v != "off")
-        && crate::runtime::default_device() == "gpu"
+/// Weights above which `LMSPEC_GPU_KERNELS=auto` (the default) leaves a
+/// model to MLX's own kernels. A step of a smaller model is bound by the
+/// host's encoding, which the kernels cut (a 1B llama: 1.06x–1.30x, H100,
+/// docs/benchmarks.md); a larger one's by the weights' bandwidth, where
+/// MLX's matrix-vector kernels read at 84% of it on an 8B llama and these
+/// kernels read slower (the 1B bf16 steps waited on the GPU).
+pub const AUTO_MAX_BYTES: u64 = 4 << 30;
+
+/// Whether a plan over `weight_bytes` of weights runs kernel groups through
+/// these kernels: on a GPU, by `LMSPEC_GPU_KERNELS` — `on` always, `off`
+/// never, `auto` or unset up to [`AUTO_MAX_BYTES`].
+pub fn enabled(weight_bytes: u64) -> bool {
+    let setting = std::env::var("LMSPEC_GPU_KERNELS").ok();
+    policy(
+        setting.as_deref(),
+        crate::runtime::default_device() == "gpu",
+        weight_bytes,
+    )
 }
 
-/// Whether the plan should form kernel groups: on a GPU (see [`enabled`]),
-/// or anywhere with `LMSPEC_GPU_KERNELS=groups` (the groups then run their
-/// ops as listed: how the CPU tests check the grouping).
-pub fn grouping() -> bool {
-    enabled() || FORCED.get() || std::env::var("LMSPEC_GPU_KERNELS").is_ok_and(|v| v == "groups")
+/// [`enabled`] for a setting, a device and a model size.
+fn policy(setting: Option<&str>, gpu: bool, weight_bytes: u64) -> bool {
+    gpu && match setting {
+        Some("off") => false,
+        Some("on") => true,
+        _ => weight_bytes <= AUTO_MAX_BYTES,
+    }
+}
+
+/// Whether the plan should form kernel groups: where [`enabled`], or
+/// anywhere under `LMSPEC_GPU_KERNELS=groups` or [`with_grouping`] (the
+/// groups then run their ops as listed: how the CPU tests check them).
+pub fn grouping(weight_bytes: u64) -> bool {
+    enabled(weight_bytes)
+        || FORCED.get()
+        || std::env::var("LMSPEC_GPU_KERNELS").is_ok_and(|v| v == "groups")
 }
 
 thread_local! {
@@ -323,7 +348,8 @@ impl ProjKernel {
 
     /// The kernel's outputs for row `x` (and `residual`) at `position`, or
     /// `None` when it does not apply (more than one row, another dtype, a
-    /// residual of another shape, a RoPE without one position).
+    /// residual of another shape, a RoPE without one position, a forward
+    /// being differentiated).
     pub fn apply(
         &self,
         x: &Array,
@@ -331,7 +357,12 @@ impl ProjKernel {
         position: Option<i32>,
     ) -> Result<Option<Vec<Array>>, Exception> {
         let k = x.shape().last().copied().unwrap_or(0);
-        if k != self.features || x.size() != k as usize || x.dtype() != self.dtype {
+        let one_row = x.ndim() >= 1 && x.size() == k as usize;
+        if k != self.features || !one_row || x.dtype() != self.dtype {
+            return Ok(None);
+        }
+        // A traced gradient needs the ops (the kernel has no VJP).
+        if crate::cpu_kernels::differentiating() {
             return Ok(None);
         }
         let heads_fit = x.ndim() == 3 || self.heads.iter().all(Option::is_none);
@@ -761,6 +792,18 @@ impl Handle {
     }
 }
 
+/// `max |got - want| / max |want|`, in float32.
+fn relative_error(got: &Array, want: &Array) -> Result<f32, Exception> {
+    let (g, w) = (
+        got.as_dtype(Dtype::Float32)?,
+        want.as_dtype(Dtype::Float32)?,
+    );
+    let diff = mlx_rs::ops::abs(mlx_rs::ops::subtract(&g, &w)?)?.max(None)?;
+    let scale = mlx_rs::ops::abs(&w)?.max(None)?;
+    mlx_rs::transforms::eval([&diff, &scale])?;
+    Ok(diff.as_slice::<f32>()[0] / scale.as_slice::<f32>()[0].max(1e-30))
+}
+
 /// One [`check`] case: what ran and how far the kernel was from the ops.
 #[derive(Debug, Clone)]
 pub struct CheckRow {
@@ -937,18 +980,10 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
                                 };
                                 let on_gpu = f(&y)?;
                                 let on_cpu = mlx_rs::with_stream(&cpu, || f(&y))?;
-                                let (a, b) = (
-                                    on_gpu.as_dtype(Dtype::Float32)?,
-                                    on_cpu.as_dtype(Dtype::Float32)?,
-                                );
-                                let d =
-                                    mlx_rs::ops::abs(mlx_rs::ops::subtract(&a, &b)?)?.max(None)?;
-                                let m = mlx_rs::ops::abs(&b)?.max(None)?;
-                                mlx_rs::transforms::eval([&d, &m])?;
                                 mlx_rope.push(format!(
                                     "{dtype:?} {} rope of output {i}: {:.2e}",
                                     ["", "base", "freqs, pairs", "partial"][roped as usize],
-                                    d.as_slice::<f32>()[0] / m.as_slice::<f32>()[0].max(1e-30)
+                                    relative_error(&on_gpu, &on_cpu)?
                                 ));
                                 on_cpu
                             }
@@ -969,11 +1004,7 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
             let mut max_rel = 0f32;
             let mut each = Vec::new();
             for (g, w) in got.iter().zip(&want) {
-                let (g, w) = (g.as_dtype(Dtype::Float32)?, w.as_dtype(Dtype::Float32)?);
-                let diff = mlx_rs::ops::abs(mlx_rs::ops::subtract(&g, &w)?)?.max(None)?;
-                let scale = mlx_rs::ops::abs(&w)?.max(None)?;
-                mlx_rs::transforms::eval([&diff, &scale])?;
-                let rel = diff.as_slice::<f32>()[0] / scale.as_slice::<f32>()[0].max(1e-30);
+                let rel = relative_error(g, w)?;
                 each.push(format!("{rel:.1e}"));
                 // A NaN fails the case (`f32::max` would drop it).
                 max_rel = if rel.is_nan() || max_rel.is_nan() {
@@ -1009,6 +1040,19 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_leaves_large_models_to_mlx() {
+        let gib = 1u64 << 30;
+        for setting in [None, Some("auto"), Some("groups")] {
+            assert!(policy(setting, true, 2 * gib));
+            assert!(!policy(setting, true, 16 * gib));
+        }
+        assert!(policy(Some("on"), true, 16 * gib));
+        assert!(!policy(Some("off"), true, gib));
+        // Never on a CPU.
+        assert!(!policy(Some("on"), false, gib));
+    }
 
     #[test]
     fn rows_per_warp_follows_the_outputs() {

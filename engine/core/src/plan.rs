@@ -454,7 +454,18 @@ impl Plan {
         fuse: bool,
         adapted: &Adapted,
     ) -> Result<Plan> {
-        let kernel_groups = if crate::gpu_kernels::grouping() {
+        let weight_bytes: u64 = weights
+            .iter()
+            .flatten()
+            .map(|p| match p {
+                Param::Dense(a) => a.nbytes(),
+                Param::Quantized {
+                    w, scales, biases, ..
+                } => w.nbytes() + scales.nbytes() + biases.nbytes(),
+            } as u64)
+            .sum();
+        let kernels_on = crate::gpu_kernels::enabled(weight_bytes);
+        let kernel_groups = if crate::gpu_kernels::grouping(weight_bytes) {
             crate::kernel_groups::kernel_groups(graph, &weights, adapted)
         } else {
             Vec::new()
@@ -499,7 +510,7 @@ impl Plan {
             }
             if grouped.contains(&k) {
                 if let Some(g) = kernel_groups.iter().find(|g| g.members()[0] == k) {
-                    let kernel = crate::gpu_kernels::enabled()
+                    let kernel = kernels_on
                         .then(|| group_kernel(g, graph, &weights))
                         .flatten();
                     let mut members = Vec::new();
