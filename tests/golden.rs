@@ -36,7 +36,7 @@ macro_rules! golden_cases {
                 }
             )+
         }
-        const CASES: &[&str] = &[$(golden_cases!(@dir $case $($dir)?)),+];
+        pub(crate) const CASES: &[&str] = &[$(golden_cases!(@dir $case $($dir)?)),+];
     };
     (@dir $case:ident $dir:literal) => { $dir };
     (@dir $case:ident) => { stringify!($case) };

@@ -83,3 +83,17 @@ fn grouped_decoding_equals_ungrouped() {
         assert_eq!(decode(&grouped), decode(&plain), "{case}");
     }
 }
+
+#[test]
+fn every_golden_case_passes_with_groups() {
+    let _g = mlx_lock();
+    let lib = library();
+    for case in crate::golden::CASES {
+        let dir = goldens().join(case);
+        let r = gpu_kernels::with_grouping(|| {
+            lmspec::port::golden::run(&dir, &crate::support::opts(&lib, None))
+        })
+        .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        assert!(r.passed(), "{case} with kernel groups:\n{r:?}");
+    }
+}
