@@ -459,6 +459,41 @@ fn device_variable_is_checked() {
     );
 }
 
+/// `LMSPEC_GPU_KERNELS` takes `auto`, `on`, `off` or `groups`; another
+/// value is refused before the model loads.
+#[test]
+fn gpu_kernels_variable_is_checked() {
+    let _guard = mlx_lock();
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lmspec"))
+            .args([
+                "logits",
+                "--model",
+                "goldens/llama/model",
+                "--tokens",
+                "1,2",
+            ])
+            .env("LMSPEC_GPU_KERNELS", value)
+            .current_dir(root())
+            .output()
+            .expect("lmspec runs")
+    };
+    // On the CPU, `groups` forms the groups and runs their ops.
+    let out = run("groups");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("yes");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("LMSPEC_GPU_KERNELS=yes: expected auto, on, off, groups"),
+        "{err}"
+    );
+}
+
 /// `lmspec bench` with a prompt and continuation longer than the model's
 /// context says so before it runs.
 #[test]

@@ -48,6 +48,9 @@ pub fn enabled(weight_bytes: u64) -> bool {
     )
 }
 
+/// The values `LMSPEC_GPU_KERNELS` takes.
+pub const SETTINGS: [&str; 4] = ["auto", "on", "off", "groups"];
+
 /// [`enabled`] for a setting, a device and a model size.
 fn policy(setting: Option<&str>, gpu: bool, weight_bytes: u64) -> bool {
     gpu && match setting {
