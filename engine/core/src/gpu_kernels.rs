@@ -150,6 +150,20 @@ pub fn input_features(p: &Param) -> Option<i32> {
 /// The most input features a kernel stages (float32 in shared memory).
 const MAX_FEATURES: i32 = 48 * 1024;
 
+/// What a weight must share with the others of one kernel: its
+/// representation (dense dtype, or bits and group size), input features and
+/// activations' dtype; `None` where the kernels do not take it.
+pub fn weight_kind(p: &Param) -> Option<String> {
+    let k = input_features(p)?;
+    let d = act_dtype(p)?;
+    Some(match p {
+        Param::Dense(a) => format!("dense {:?} {k} {d:?}", a.dtype()),
+        Param::Quantized {
+            group_size, bits, ..
+        } => format!("q{bits}/{group_size} {k} {d:?}"),
+    })
+}
+
 /// Output rows of a 2-D weight.
 pub fn output_rows(p: &Param) -> i32 {
     match p {
@@ -215,19 +229,8 @@ impl ProjKernel {
         let first = weights.first()?;
         let features = input_features(first)?;
         let dtype = act_dtype(first)?;
-        let kind = |p: &Param| match p {
-            Param::Dense(w) => format!("d{:?}", w.dtype()),
-            Param::Quantized {
-                scales,
-                group_size,
-                bits,
-                ..
-            } => format!("q{bits}/{group_size}{:?}", scales.dtype()),
-        };
-        if weights
-            .iter()
-            .any(|p| input_features(p) != Some(features) || kind(p) != kind(first))
-        {
+        let kind = weight_kind(first);
+        if weights.iter().any(|p| weight_kind(p) != kind) {
             return None;
         }
         let rows: Vec<i32> = weights.iter().map(output_rows).collect();
@@ -857,24 +860,19 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
     for (dtype, bits, epilogue, n, roped) in cases {
         for norm in [true, false] {
             let k = 512;
-            let out: Vec<i32> = (0..n as i32).map(|i| 256 + 128 * (i % 2)).collect();
             let out: Vec<i32> = match epilogue {
                 Epilogue::Glu(_) => vec![384, 384],
-                _ => out,
+                _ => (0..n as i32).map(|i| 256 + 128 * (i % 2)).collect(),
             };
             let x = normal(&[1, 1, k], dtype)?;
             let nw = mlx_rs::ops::add(&normal(&[k], Dtype::Float32)?, Array::from_f32(1.0))?
                 .as_dtype(dtype)?;
             let mut params = Vec::new();
-            let mut dense = Vec::new();
             for &o in &out {
                 let w = multiply(&normal(&[o, k], Dtype::Float32)?, Array::from_f32(0.05))?
                     .as_dtype(dtype)?;
                 match bits {
-                    None => {
-                        dense.push(w.clone());
-                        params.push(Param::Dense(w));
-                    }
+                    None => params.push(Param::Dense(w)),
                     Some(b) => {
                         let (q, s, bi) = quantize(&w, 64, b)?;
                         params.push(Param::Quantized {
@@ -946,9 +944,9 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
                 x.clone()
             };
             let mut ys = Vec::new();
-            for (i, p) in params.iter().enumerate() {
+            for p in &params {
                 ys.push(match p {
-                    Param::Dense(_) => matmul(&h, dense[i].t())?,
+                    Param::Dense(w) => matmul(&h, w.t())?,
                     Param::Quantized {
                         w,
                         scales,

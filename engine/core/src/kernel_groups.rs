@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use lmspec_spec::ops::{Act, ExpertGlu, OpConfig, RopeScaling};
 use lmspec_spec::{Graph, Src};
 
-use crate::gpu_kernels::{act_dtype, input_features, Epilogue, GluAct};
+use crate::gpu_kernels::{weight_kind, Epilogue, GluAct};
 use crate::plan::Adapted;
 use crate::weights::Param;
 
@@ -64,17 +64,11 @@ impl KernelGroup {
     }
 }
 
-/// What a projection's weights must share with the others of its kernel.
+/// What a projection's weights must share with the others of its kernel:
+/// one weight (no bias or rotation) of a kind the kernels take.
 fn kind(p: &[Param]) -> Option<String> {
     let [w] = p else { return None };
-    let k = input_features(w)?;
-    let d = act_dtype(w)?;
-    Some(match w {
-        Param::Dense(a) => format!("dense {:?} {k} {d:?}", a.dtype()),
-        Param::Quantized {
-            group_size, bits, ..
-        } => format!("q{bits}/{group_size} {k} {d:?}"),
-    })
+    weight_kind(w)
 }
 
 /// The kernel groups of a graph. Nodes with adapters, caches or extra

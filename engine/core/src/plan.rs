@@ -457,12 +457,8 @@ impl Plan {
         let weight_bytes: u64 = weights
             .iter()
             .flatten()
-            .map(|p| match p {
-                Param::Dense(a) => a.nbytes(),
-                Param::Quantized {
-                    w, scales, biases, ..
-                } => w.nbytes() + scales.nbytes() + biases.nbytes(),
-            } as u64)
+            .flat_map(Param::arrays)
+            .map(|a| a.nbytes() as u64)
             .sum();
         let kernels_on = crate::gpu_kernels::enabled(weight_bytes);
         let kernel_groups = if crate::gpu_kernels::grouping(weight_bytes) {
@@ -471,6 +467,9 @@ impl Plan {
             Vec::new()
         };
         let grouped: HashSet<usize> = kernel_groups.iter().flat_map(|g| g.members()).collect();
+        // Each group by its first member, where its step goes.
+        let group_at: HashMap<usize, &crate::kernel_groups::KernelGroup> =
+            kernel_groups.iter().map(|g| (g.members()[0], g)).collect();
         let groups = if fuse {
             fusion_groups(graph, &weights, adapted, &grouped)
         } else {
@@ -509,7 +508,7 @@ impl Plan {
                 continue;
             }
             if grouped.contains(&k) {
-                if let Some(g) = kernel_groups.iter().find(|g| g.members()[0] == k) {
+                if let Some(g) = group_at.get(&k) {
                     let kernel = kernels_on
                         .then(|| group_kernel(g, graph, &weights))
                         .flatten();

@@ -80,18 +80,26 @@ impl Router {
     }
 }
 
-impl Build for AltupPredict {
-    fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let settings = (
-            self.streams,
-            self.dim,
-            self.active,
-            self.coef_clip,
-            self.eps,
-        );
-        Ok(Box::new(PredictOp(Router::take(&mut w, settings)?)))
-    }
+/// Both AltUp ops take the same settings and weights: the router.
+macro_rules! build_with_router {
+    ($config:ty, $op:ident) => {
+        impl Build for $config {
+            fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
+                let settings = (
+                    self.streams,
+                    self.dim,
+                    self.active,
+                    self.coef_clip,
+                    self.eps,
+                );
+                Ok(Box::new($op(Router::take(&mut w, settings)?)))
+            }
+        }
+    };
 }
+
+build_with_router!(AltupPredict, PredictOp);
+build_with_router!(AltupCorrect, CorrectOp);
 
 #[derive(Debug)]
 struct PredictOp(Router);
@@ -109,19 +117,6 @@ impl Op for PredictOp {
         let streams = r.streams_of(&x.as_dtype(Dtype::Float32)?)?;
         let mixed = ops::add(&ops::matmul(&coefs, &streams)?, &streams)?;
         mixed.reshape(x.shape())?.as_dtype(x.dtype())
-    }
-}
-
-impl Build for AltupCorrect {
-    fn build(&self, _inputs: &[Layout], mut w: Weights) -> Result<Box<dyn Op>, OpError> {
-        let settings = (
-            self.streams,
-            self.dim,
-            self.active,
-            self.coef_clip,
-            self.eps,
-        );
-        Ok(Box::new(CorrectOp(Router::take(&mut w, settings)?)))
     }
 }
 
