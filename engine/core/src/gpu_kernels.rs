@@ -30,10 +30,11 @@ use crate::weights::Param;
 
 /// Weights above which `LMSPEC_GPU_KERNELS=auto` (the default) leaves a
 /// model to MLX's own kernels. A step of a smaller model is bound by the
-/// host's encoding, which the kernels cut (a 1B llama: 1.06x–1.30x, H100,
-/// docs/benchmarks.md); a larger one's by the weights' bandwidth, where
-/// MLX's matrix-vector kernels read at 84% of it on an 8B llama and these
-/// kernels read slower (the 1B bf16 steps waited on the GPU).
+/// host's encoding, which the kernels cut (a 1B-parameter model:
+/// 1.06x–1.30x, H100, docs/benchmarks.md); a larger one's by the weights'
+/// bandwidth, where MLX's matrix-vector kernels read at 84% of it on an
+/// 8B-parameter model and these kernels read slower (the 1B bf16 steps
+/// waited on the GPU).
 pub const AUTO_MAX_BYTES: u64 = 4 << 30;
 
 /// Whether a plan over `weight_bytes` of weights runs kernel groups through
