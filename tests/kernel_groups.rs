@@ -62,7 +62,10 @@ fn a_llama_layer_is_four_groups() {
         "rms_norm+linear+linear+linear+split_heads+split_heads+split_heads+rope+rope: ";
     assert_eq!(count(attention_in), layers, "{groups:?}");
     assert_eq!(count("rms_norm+linear+linear+glu: "), layers, "{groups:?}");
-    assert_eq!(count("linear+add: "), 2 * layers, "{groups:?}");
+    // The output projection with the heads merged before it, and the
+    // down projection, each with its residual.
+    assert_eq!(count("merge_heads+linear+add: "), layers, "{groups:?}");
+    assert_eq!(count("linear+add: "), layers, "{groups:?}");
     // The final norm and the (untied) head.
     assert_eq!(count("rms_norm+linear: "), 1, "{groups:?}");
     assert_eq!(groups.len(), 4 * layers + 1, "{groups:?}");

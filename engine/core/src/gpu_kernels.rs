@@ -17,8 +17,9 @@
 //! each product is summed in float32 and rounded, and the epilogue rounds as
 //! the unfused ops do: only the order of the float32 sums differs.
 //!
-//! Environment: `LMSPEC_GPU_KERNELS` = `auto` (default: models of up to
-//! [`AUTO_MAX_BYTES`] of weights), `on`, `off` (the ops as listed);
+//! Environment: `LMSPEC_GPU_KERNELS` = `auto` (the default) or `on` (the
+//! kernels on a GPU), `off` (the ops as listed), `groups` (groups formed on
+//! any device, running their ops);
 //! `LMSPEC_KERNEL_DUMP=1` prints each kernel's source as it is made.
 use std::ffi::CString;
 use std::fmt::Write as _;
@@ -28,46 +29,33 @@ use mlx_rs::{Array, Dtype};
 
 use crate::weights::Param;
 
-/// Weights above which `LMSPEC_GPU_KERNELS=auto` (the default) leaves a
-/// model to MLX's own kernels. A step of a smaller model is bound by the
-/// host's encoding, which the kernels cut (a 1B-parameter model:
-/// 1.06x–1.30x, H100, docs/benchmarks.md); a larger one's by the weights'
-/// bandwidth, where MLX's matrix-vector kernels read at 84% of it on an
-/// 8B-parameter model and these kernels read slower (the 1B bf16 steps
-/// waited on the GPU).
-pub const AUTO_MAX_BYTES: u64 = 4 << 30;
-
-/// Whether a plan over `weight_bytes` of weights runs kernel groups through
-/// these kernels: on a GPU, by `LMSPEC_GPU_KERNELS` — `on` always, `off`
-/// never, `auto` or unset up to [`AUTO_MAX_BYTES`].
-pub fn enabled(weight_bytes: u64) -> bool {
+/// Whether a plan runs kernel groups through these kernels: on a GPU,
+/// unless `LMSPEC_GPU_KERNELS=off`. `auto` (the default) and `on` agree
+/// for every model size: a 1B-parameter model's step is bound by the
+/// host's encoding, which the kernels cut, and an 8B-parameter model's by
+/// the weights' bandwidth, where the kernels read as fast as MLX's
+/// matrix-vector kernels (H100: 1.02x–1.05x; docs/benchmarks.md).
+pub fn enabled() -> bool {
     let setting = std::env::var("LMSPEC_GPU_KERNELS").ok();
     policy(
         setting.as_deref(),
         crate::runtime::default_device() == "gpu",
-        weight_bytes,
     )
 }
 
 /// The values `LMSPEC_GPU_KERNELS` takes.
 pub const SETTINGS: [&str; 4] = ["auto", "on", "off", "groups"];
 
-/// [`enabled`] for a setting, a device and a model size.
-fn policy(setting: Option<&str>, gpu: bool, weight_bytes: u64) -> bool {
-    gpu && match setting {
-        Some("off") => false,
-        Some("on") => true,
-        _ => weight_bytes <= AUTO_MAX_BYTES,
-    }
+/// [`enabled`] for a setting and a device.
+fn policy(setting: Option<&str>, gpu: bool) -> bool {
+    gpu && setting != Some("off")
 }
 
 /// Whether the plan should form kernel groups: where [`enabled`], or
 /// anywhere under `LMSPEC_GPU_KERNELS=groups` or [`with_grouping`] (the
 /// groups then run their ops as listed: how the CPU tests check them).
-pub fn grouping(weight_bytes: u64) -> bool {
-    enabled(weight_bytes)
-        || FORCED.get()
-        || std::env::var("LMSPEC_GPU_KERNELS").is_ok_and(|v| v == "groups")
+pub fn grouping() -> bool {
+    enabled() || FORCED.get() || std::env::var("LMSPEC_GPU_KERNELS").is_ok_and(|v| v == "groups")
 }
 
 thread_local! {
@@ -213,6 +201,9 @@ pub struct ProjKernel {
     features: i32,
     /// Threads in all (blocks of `WARPS` warps).
     threads: i32,
+    /// Whether the row comes as heads, `[B, H, 1, D]` (a `merge_heads` the
+    /// kernel stands for).
+    heads_row: bool,
 }
 
 const WARPS: i32 = 8;
@@ -336,7 +327,11 @@ impl ProjKernel {
         if std::env::var_os("LMSPEC_KERNEL_DUMP").is_some() {
             eprintln!("{name} inputs {inputs:?}\n{source}");
         }
-        let handle = Handle::new(&name, &inputs, &outputs, &source, features * 4)?;
+        let header = match first {
+            Param::Dense(_) => DENSE_ROWS,
+            Param::Quantized { .. } => QUANT_ROWS,
+        };
+        let handle = Handle::new(&name, &inputs, &outputs, &source, header, features * 4)?;
         Some(ProjKernel {
             handle,
             constants,
@@ -350,7 +345,16 @@ impl ProjKernel {
             dtype,
             features,
             threads: blocks * WARPS * 32,
+            heads_row: false,
         })
+    }
+
+    /// The same kernel reading its row as heads, `[B, H, 1, D]`: for one
+    /// position that layout is the merged row's, so the kernel stands for
+    /// the `merge_heads` too.
+    pub fn reading_heads(mut self) -> ProjKernel {
+        self.heads_row = true;
+        self
     }
 
     /// The kernel's outputs for row `x` (and `residual`) at `position`, or
@@ -363,7 +367,10 @@ impl ProjKernel {
         residual: Option<&Array>,
         position: Option<i32>,
     ) -> Result<Option<Vec<Array>>, Exception> {
-        let k = x.shape().last().copied().unwrap_or(0);
+        let k = match x.shape() {
+            [_, h, _, d] if self.heads_row => h * d,
+            s => s.last().copied().unwrap_or(0),
+        };
         let one_row = x.ndim() >= 1 && x.size() == k as usize;
         if k != self.features || !one_row || x.dtype() != self.dtype {
             return Ok(None);
@@ -376,7 +383,14 @@ impl ProjKernel {
         if !heads_fit || (self.roped && position.is_none()) {
             return Ok(None);
         }
-        let lead = &x.shape()[..x.ndim() - 1];
+        let lead: Vec<i32> = if self.heads_row {
+            match x.shape() {
+                [b, _, 1, _] => vec![*b, 1],
+                _ => return Ok(None),
+            }
+        } else {
+            x.shape()[..x.ndim() - 1].to_vec()
+        };
         let off;
         let mut inputs: Vec<&Array> = vec![x];
         if self.epilogue == Epilogue::Residual {
@@ -437,9 +451,11 @@ fn cuda_type(d: Dtype) -> &'static str {
     }
 }
 
-/// Device functions every kernel shares: rows `row + r * step` (r < R) of
-/// a dense or quantized weight times the staged row, summed over the warp.
-const HEADER: &str = r#"
+/// The device function of dense weights: rows `row + r * step` (r < R)
+/// times the staged row, summed over the warp. A kernel's header holds only
+/// the functions it calls: MLX rebuilds and hashes the whole source on every
+/// call, so its length is host time per step.
+const DENSE_ROWS: &str = r#"
 template <typename T, int K, int R>
 __device__ __forceinline__ void lm_dense_rows(
     const T* w, int row, int step, const float* xs, int lane, float* acc) {
@@ -464,7 +480,10 @@ __device__ __forceinline__ void lm_dense_rows(
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
 }
+"#;
 
+/// The device function of MLX affine-quantized weights, as [`DENSE_ROWS`].
+const QUANT_ROWS: &str = r#"
 template <typename T, int K, int R, int BITS, int GROUP>
 __device__ __forceinline__ void lm_quant_rows(
     const uint32_t* w, const T* s, const T* b, int row, int step, const float* xs,
@@ -724,11 +743,12 @@ impl Handle {
         inputs: &[String],
         outputs: &[String],
         source: &str,
+        header: &str,
         shared: i32,
     ) -> Option<Handle> {
         let name = CString::new(name).ok()?;
         let source = CString::new(source).ok()?;
-        let header = CString::new(HEADER).ok()?;
+        let header = CString::new(header).ok()?;
         let ins = strings(inputs)?;
         let outs = strings(outputs)?;
         // SAFETY: every argument is live for the call; MLX copies the
@@ -840,7 +860,10 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
     let mut rows = Vec::new();
     // RoPE cases: 0 none; 1 q and k rotated by a base, v split into heads;
     // 2 frequencies, interleaved pairs; 3 half the features, scaled positions.
-    let cases: [(Dtype, Option<i32>, Epilogue, usize, u8); 14] = [
+    // Rows of 512 features, but for the last two: an 8B llama's gated unit
+    // and down projection (a row of 14336 floats is over 48 KB of shared
+    // memory).
+    let cases: [(Dtype, Option<i32>, Epilogue, usize, u8); 16] = [
         (Dtype::Bfloat16, None, Epilogue::Split, 3, 0),
         (Dtype::Float16, None, Epilogue::Glu(GluAct::Silu), 2, 0),
         (Dtype::Float32, None, Epilogue::Residual, 1, 0),
@@ -855,15 +878,19 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
         (Dtype::Float32, None, Epilogue::Split, 3, 3),
         (Dtype::Float32, None, Epilogue::Split, 3, 1),
         (Dtype::Bfloat16, None, Epilogue::Split, 3, 3),
+        (Dtype::Bfloat16, None, Epilogue::Glu(GluAct::Silu), 2, 0),
+        (Dtype::Bfloat16, None, Epilogue::Residual, 1, 0),
     ];
     let position = 37;
     let mut mlx_rope = Vec::new();
-    for (dtype, bits, epilogue, n, roped) in cases {
+    for (i, (dtype, bits, epilogue, n, roped)) in cases.into_iter().enumerate() {
+        let wide = i + 2 >= cases.len();
         for norm in [true, false] {
-            let k = 512;
-            let out: Vec<i32> = match epilogue {
-                Epilogue::Glu(_) => vec![384, 384],
-                _ => (0..n as i32).map(|i| 256 + 128 * (i % 2)).collect(),
+            let (k, out): (i32, Vec<i32>) = match epilogue {
+                Epilogue::Glu(_) if wide => (4096, vec![14336, 14336]),
+                Epilogue::Glu(_) => (512, vec![384, 384]),
+                _ if wide => (14336, vec![4096]),
+                _ => (512, (0..n as i32).map(|i| 256 + 128 * (i % 2)).collect()),
             };
             let x = normal(&[1, 1, k], dtype)?;
             let nw = mlx_rs::ops::add(&normal(&[k], Dtype::Float32)?, Array::from_f32(1.0))?
@@ -935,9 +962,23 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
             let kernel =
                 ProjKernel::new(norm.then(|| (nw.clone(), 1e-5)), &params, epilogue, &forms)
                     .ok_or_else(|| Exception::custom("gpu kernel check: a case was refused"))?;
-            let got = kernel
+            let did_not_apply = || Exception::custom("gpu kernel check: the kernel did not apply");
+            let mut got = kernel
                 .apply(&x, Some(&res), Some(position))?
-                .ok_or_else(|| Exception::custom("gpu kernel check: the kernel did not apply"))?;
+                .ok_or_else(did_not_apply)?;
+            // A residual projection also reads its row as heads (the
+            // `merge_heads` before it), compared with the same ops.
+            if epilogue == Epilogue::Residual && !norm {
+                let heads = ProjKernel::new(None, &params, epilogue, &forms)
+                    .ok_or_else(|| Exception::custom("gpu kernel check: a case was refused"))?
+                    .reading_heads();
+                let x4 = x.reshape(&[1, k / 64, 1, 64])?;
+                got.extend(
+                    heads
+                        .apply(&x4, Some(&res), None)?
+                        .ok_or_else(did_not_apply)?,
+                );
+            }
             // The ops the kernel stands for.
             let h = if norm {
                 mlx_rs::fast::rms_norm(&x, Some(&nw), 1e-5)?
@@ -994,7 +1035,8 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
                     split
                 }
                 Epilogue::Split => ys,
-                Epilogue::Residual => vec![add(&res, &ys[0])?],
+                Epilogue::Residual if norm => vec![add(&res, &ys[0])?],
+                Epilogue::Residual => vec![add(&res, &ys[0])?; 2],
                 Epilogue::Glu(GluAct::Silu) => {
                     vec![multiply(multiply(&ys[0], sigmoid(&ys[0])?)?, &ys[1])?]
                 }
@@ -1022,8 +1064,13 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
             };
             rows.push(CheckRow {
                 case: format!(
-                    "{dtype:?} {} {epilogue:?} x{n}{}{}",
+                    "{dtype:?} {} {epilogue:?} x{n}{}{}{}",
                     bits.map_or("dense".to_string(), |b| format!("q{b}/64")),
+                    if wide {
+                        format!(" {k}->{}", out[0])
+                    } else {
+                        String::new()
+                    },
                     ["", " +rope", " +rope(freqs, pairs)", " +rope(partial)"][roped as usize],
                     if norm { " +rms_norm" } else { "" }
                 ) + &if roped > 0 {
@@ -1044,16 +1091,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_leaves_large_models_to_mlx() {
-        let gib = 1u64 << 30;
-        for setting in [None, Some("auto"), Some("groups")] {
-            assert!(policy(setting, true, 2 * gib));
-            assert!(!policy(setting, true, 16 * gib));
+    fn kernels_run_on_a_gpu_unless_off() {
+        for setting in [None, Some("auto"), Some("on"), Some("groups")] {
+            assert!(policy(setting, true));
+            // Never on a CPU.
+            assert!(!policy(setting, false));
         }
-        assert!(policy(Some("on"), true, 16 * gib));
-        assert!(!policy(Some("off"), true, gib));
-        // Never on a CPU.
-        assert!(!policy(Some("on"), false, gib));
+        assert!(!policy(Some("off"), true));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Runs of graph nodes that one GPU kernel ([`ProjKernel`]) computes for a
 //! single row: an RMSNorm and the projections that read it, two projections
 //! and the gated unit over them, or a projection and the residual add after
-//! it. Found by the node kinds and weights alone (no model names), so every
+//! it (with the `merge_heads` before it). Found by the node kinds and weights alone (no model names), so every
 //! spec that lays out these patterns gets them.
 use std::collections::HashSet;
 
@@ -24,6 +24,9 @@ pub(crate) struct KernelGroup {
     pub forms: Vec<(Option<usize>, Option<usize>)>,
     /// The `glu` or `add` node after the projections.
     pub tail: Option<usize>,
+    /// A `merge_heads` that only the projection reads: the kernel reads its
+    /// input, heads first (for one position the layouts agree).
+    pub merge: Option<usize>,
     pub epilogue: Epilogue,
     /// The value the kernel reads (the norm's input, or the projections').
     pub row: Src,
@@ -39,6 +42,7 @@ impl KernelGroup {
             .iter()
             .chain(&self.projs)
             .chain(&self.tail)
+            .chain(&self.merge)
             .copied()
             .chain(
                 self.forms
@@ -131,6 +135,7 @@ pub(crate) fn kernel_groups(
                 projs: vec![a, b],
                 forms: Vec::new(),
                 tail: Some(g),
+                merge: None,
                 epilogue: Epilogue::Glu(act),
                 row: graph.nodes[a].inputs[0],
                 residual: None,
@@ -156,13 +161,25 @@ pub(crate) fn kernel_groups(
                 && graph.nodes[p].resolved.out == node.resolved.out
             {
                 taken.extend([p, t]);
+                let row = graph.nodes[p].inputs[0];
+                let merge = match row {
+                    Src::Node(h)
+                        if matches!(graph.nodes[h].op, OpConfig::MergeHeads(_))
+                            && private(h, p) =>
+                    {
+                        taken.insert(h);
+                        Some(h)
+                    }
+                    _ => None,
+                };
                 groups.push(KernelGroup {
                     norm: None,
                     projs: vec![p],
                     forms: Vec::new(),
                     tail: Some(t),
+                    merge,
                     epilogue: Epilogue::Residual,
-                    row: graph.nodes[p].inputs[0],
+                    row: merge.map_or(row, |h| graph.nodes[h].inputs[0]),
                     residual: Some(other),
                 });
                 break;
@@ -211,6 +228,7 @@ pub(crate) fn kernel_groups(
                     .collect(),
                 projs: rs,
                 tail: None,
+                merge: None,
                 epilogue: Epilogue::Split,
                 row: node.inputs[0],
                 residual: None,
@@ -240,6 +258,7 @@ pub(crate) fn kernel_groups(
                     .collect(),
                 projs,
                 tail: None,
+                merge: None,
                 epilogue: Epilogue::Split,
                 row,
                 residual: None,

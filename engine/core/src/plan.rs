@@ -387,7 +387,11 @@ fn group_kernel(
         .iter()
         .map(|&(split, rope)| out_form(graph, split, rope))
         .collect::<Option<_>>()?;
-    crate::gpu_kernels::ProjKernel::new(norm, &ws, g.epilogue, &forms)
+    let kernel = crate::gpu_kernels::ProjKernel::new(norm, &ws, g.epilogue, &forms)?;
+    Some(match g.merge {
+        Some(_) => kernel.reading_heads(),
+        None => kernel,
+    })
 }
 
 /// How a split group's output leaves the kernel: split into the heads of
@@ -454,14 +458,8 @@ impl Plan {
         fuse: bool,
         adapted: &Adapted,
     ) -> Result<Plan> {
-        let weight_bytes: u64 = weights
-            .iter()
-            .flatten()
-            .flat_map(Param::arrays)
-            .map(|a| a.nbytes() as u64)
-            .sum();
-        let kernels_on = crate::gpu_kernels::enabled(weight_bytes);
-        let kernel_groups = if crate::gpu_kernels::grouping(weight_bytes) {
+        let kernels_on = crate::gpu_kernels::enabled();
+        let kernel_groups = if crate::gpu_kernels::grouping() {
             crate::kernel_groups::kernel_groups(graph, &weights, adapted)
         } else {
             Vec::new()

@@ -35,16 +35,6 @@ pub enum Param {
 }
 
 impl Param {
-    /// Its arrays: the dense one, or the packed weight, scales and biases.
-    pub fn arrays(&self) -> Vec<&Array> {
-        match self {
-            Param::Dense(a) => vec![a],
-            Param::Quantized {
-                w, scales, biases, ..
-            } => vec![w, scales, biases],
-        }
-    }
-
     /// The dense array, or a dequantized copy.
     pub fn dense(&self) -> Result<Array, Exception> {
         match self {
