@@ -1,8 +1,9 @@
 //! Runs of graph nodes that one GPU kernel ([`ProjKernel`]) computes for a
 //! single row: an RMSNorm and the projections that read it, two projections
 //! and the gated unit over them, or a projection and the residual add after
-//! it (with the `merge_heads` before it). Found by the node kinds and weights alone (no model names), so every
-//! spec that lays out these patterns gets them.
+//! it (with the `merge_heads` before it). Found by the node kinds and weights
+//! alone (no model names), so every spec that lays out these patterns gets
+//! them.
 use std::collections::HashSet;
 
 use lmspec_spec::ops::{Act, ExpertGlu, OpConfig, RopeScaling};
@@ -162,10 +163,13 @@ pub(crate) fn kernel_groups(
             {
                 taken.extend([p, t]);
                 let row = graph.nodes[p].inputs[0];
-                let merge = match row {
-                    Src::Node(h)
+                // The group runs where its first member stands: a merge
+                // joins it where the residual is ready by then.
+                let merge = match (row, other) {
+                    (Src::Node(h), Src::Node(r))
                         if matches!(graph.nodes[h].op, OpConfig::MergeHeads(_))
-                            && private(h, p) =>
+                            && private(h, p)
+                            && r < h =>
                     {
                         taken.insert(h);
                         Some(h)
@@ -299,4 +303,64 @@ fn heads_after(
         _ => false,
     });
     (Some(s), rope)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use lmspec_spec::{expand_for, SpecLibrary};
+
+    use super::*;
+
+    /// The groups of a tiny graph: `heads` and `merged` before the output
+    /// projection `o`, and the residual `r` added to it placed at `r_at`
+    /// (`first`: before the heads; `between`: after the merge).
+    fn groups_with_residual(r_at: &str) -> Vec<String> {
+        let r = "    r: {op: scale, in: x, factor: 2.0}\n";
+        let text = format!(
+            "spec_version: 1\nname: order\nmodel_types: [order]\nmodel:\n  inputs: [tokens]\n  nodes:\n    \
+             x: {{op: embedding, in: tokens, weight: emb, vocab: 10, dim: 8}}\n{}    \
+             heads: {{op: split_heads, in: x, heads: 2}}\n    \
+             merged: {{op: merge_heads, in: heads}}\n{}    \
+             o: {{op: linear, in: merged, weight: o, out: 8}}\n    \
+             sum: {{op: add, in: [o, r]}}\n  output: sum\n",
+            if r_at == "first" { r } else { "" },
+            if r_at == "between" { r } else { "" },
+        );
+        let lib = SpecLibrary::embedded().expect("library");
+        let spec = lib.load_text(&text, Path::new("order.yaml")).expect("spec");
+        let (_, graph) =
+            expand_for(&spec, &serde_json::json!({}), Path::new("config.json")).expect("expand");
+        let weights: Vec<Vec<Param>> = graph
+            .nodes
+            .iter()
+            .map(|n| match n.op {
+                OpConfig::Linear(_) => {
+                    vec![Param::Dense(
+                        mlx_rs::ops::zeros::<f32>(&[8, 8]).expect("zeros"),
+                    )]
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        kernel_groups(&graph, &weights, &Adapted::default())
+            .iter()
+            .map(|g| {
+                g.members()
+                    .iter()
+                    .map(|&m| graph.nodes[m].op.name())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_merge_joins_where_the_residual_is_ready_first() {
+        assert_eq!(groups_with_residual("first"), ["merge_heads+linear+add"]);
+        // The group runs where its first member stands: a residual made
+        // after the merge keeps the merge out.
+        assert_eq!(groups_with_residual("between"), ["linear+add"]);
+    }
 }
