@@ -1025,9 +1025,6 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
     if let Some(group) = lmspec::engine::distributed::Group::from_env()? {
         opts = opts.with_parallel(group);
     }
-    // How quantized products on the CPU treat activations: `float` (MLX's
-    // numerics), `int8` (llama.cpp's) or `int16` (float32's within a bound;
-    // the default for quantized weights: see `LoadOptions::activations`).
     // Where lmspec's GPU kernels run (read by the plan; checked here).
     if let Ok(v) = std::env::var("LMSPEC_GPU_KERNELS") {
         if !lmspec::engine::gpu_kernels::SETTINGS.contains(&v.as_str()) {
@@ -1037,6 +1034,9 @@ pub(crate) fn load_options(specs: &Option<PathBuf>, weights: WeightPlan) -> Resu
             );
         }
     }
+    // How quantized products on the CPU treat activations: `float` (MLX's
+    // numerics), `int8` (llama.cpp's) or `int16` (float32's within a bound;
+    // the default for quantized weights: see `LoadOptions::activations`).
     if let Ok(a) = std::env::var("LMSPEC_ACTIVATIONS") {
         let a = lmspec::engine::cpu_kernels::Activations::parse(&a).ok_or_else(|| {
             anyhow!("LMSPEC_ACTIVATIONS={a}: expected `float`, `int8` or `int16`")
