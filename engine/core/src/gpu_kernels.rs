@@ -860,9 +860,9 @@ pub fn check() -> Result<(Vec<CheckRow>, Vec<String>), Exception> {
     let mut rows = Vec::new();
     // RoPE cases: 0 none; 1 q and k rotated by a base, v split into heads;
     // 2 frequencies, interleaved pairs; 3 half the features, scaled positions.
-    // Rows of 512 features, but for the last two: an 8B llama's gated unit
-    // and down projection (a row of 14336 floats is over 48 KB of shared
-    // memory).
+    // Rows of 512 features, but for the last two: the gated unit and down
+    // projection of an 8B-parameter decoder (4096 and 14336 features; a row
+    // of 14336 floats is over 48 KB of shared memory).
     let cases: [(Dtype, Option<i32>, Epilogue, usize, u8); 16] = [
         (Dtype::Bfloat16, None, Epilogue::Split, 3, 0),
         (Dtype::Float16, None, Epilogue::Glu(GluAct::Silu), 2, 0),
